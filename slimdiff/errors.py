@@ -1,0 +1,8 @@
+"""The one exception type the CLI turns into a single error line and a non-zero exit."""
+
+
+class SlimDiffError(Exception):
+    """A user-facing error: bad input, a missing file, an unsupported model.
+
+    The message is complete on its own; the CLI prints it as one line without a traceback.
+    """

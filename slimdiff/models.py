@@ -1,0 +1,326 @@
+"""Model loading and the map of compressible modules.
+
+Every model is a diffusers ``StableDiffusionPipeline`` (or a bare ``UNet2DConditionModel``). Sources:
+
+* ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
+* ``builtin:sd15-shape`` — the exact SD v1.5 UNet / text encoder / VAE configurations with seeded random
+  weights, for export and latency work at real scale. CLIP's BPE vocabulary is not available offline, so its
+  tokenizer is the project's own character-level one; the text embedding table keeps CLIP's 49,408 rows.
+* a local diffusers folder (a pipeline folder with ``unet/``, or a UNet folder with ``config.json``);
+* a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
+
+Nothing here reaches for a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SlimDiffError
+
+BUILTINS = ("builtin:tiny", "builtin:sd15-shape")
+ASSETS = Path(__file__).parent / "assets"
+
+# ----------------------------------------------------------------------------------------------------------
+# The project's own tokenizer: byte-level characters, no merges. Every word becomes its characters, which is
+# all a randomly initialised text encoder needs; real models bring their own tokenizer.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible byte → printable-character map (so every UTF-8 string tokenizes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def builtin_tokenizer():
+    """A ``CLIPTokenizer`` over 514 tokens (256 bytes, their end-of-word forms, BOS, EOS)."""
+    from transformers import CLIPTokenizer
+
+    folder = ASSETS / "char_tokenizer"
+    if not (folder / "vocab.json").exists():  # written once, deterministic content
+        folder.mkdir(parents=True, exist_ok=True)
+        alphabet = _byte_alphabet()
+        vocab = {c: i for i, c in enumerate(alphabet)}
+        vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+        vocab["<|startoftext|>"] = len(vocab)
+        vocab["<|endoftext|>"] = len(vocab)
+        _atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        _atomic_write_text(folder / "merges.txt", "#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in configurations
+# ----------------------------------------------------------------------------------------------------------
+
+# BOS/EOS ids of the character tokenizer; CLIP's pooled output is read at the EOS position.
+_CHAR_TOKEN_IDS = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **_CHAR_TOKEN_IDS,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+# SD-1.x block structure at toy width: two cross-attention levels with 2 heads of width 16 and 32, GEGLU FFNs.
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
+)
+TINY_TEXT = dict(
+    vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64, **_CHAR_TOKEN_IDS,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
+    block_out_channels=(16, 32), norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+)
+
+
+def _seeded(seed: int, build):
+    """Build a module with weights drawn from a fixed seed, without touching the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_builtin(name: str):
+    """Return a ``StableDiffusionPipeline`` for one of :data:`BUILTINS` (seeded random weights, eval mode)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if name == "builtin:tiny":
+        unet_cfg, text_cfg, vae_cfg = TINY_UNET, TINY_TEXT, TINY_VAE
+    elif name == "builtin:sd15-shape":
+        unet_cfg, text_cfg, vae_cfg = SD15_UNET, SD15_TEXT, SD15_VAE
+    else:
+        raise SlimDiffError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
+    unet = _seeded(0, lambda: UNet2DConditionModel(**unet_cfg))
+    text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
+    vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=builtin_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for m in (unet, text_encoder, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
+    """Load a text-to-image pipeline from a built-in name, a local diffusers folder or a ``.safetensors`` file."""
+    from diffusers import StableDiffusionPipeline
+
+    if source in BUILTINS:
+        pipe = build_builtin(source)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    if source.startswith("builtin:"):
+        raise SlimDiffError(f"unknown built-in model {source!r}; choose one of {', '.join(BUILTINS)}")
+    path = Path(source)
+    if not path.exists():
+        raise SlimDiffError(f"model path {source!r} does not exist")
+    try:
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise SlimDiffError(f"{source!r}: only .safetensors checkpoints are accepted (no pickle files)")
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
+            )
+        elif (path / "model_index.json").exists():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None,
+                requires_safety_checker=False, use_safetensors=True,
+            )
+        else:
+            raise SlimDiffError(
+                f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
+                "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
+            )
+    except SlimDiffError:
+        raise
+    except Exception as exc:  # diffusers raises many types; the user needs one line
+        raise SlimDiffError(f"could not load a Stable Diffusion pipeline from {source!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.eval().requires_grad_(False)
+    return pipe
+
+
+def load_unet(source: str, dtype: torch.dtype = torch.float32):
+    """Load only a UNet: a built-in, a pipeline folder, a UNet folder or a ``.safetensors`` checkpoint."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(source)
+    if not source.startswith("builtin:") and path.is_dir() and not (path / "model_index.json").exists():
+        config = path / "config.json"
+        if not config.exists():
+            raise SlimDiffError(f"{source!r} has neither model_index.json nor config.json")
+        try:
+            cls_name = json.loads(config.read_text()).get("_class_name")
+        except json.JSONDecodeError as exc:
+            raise SlimDiffError(f"{config}: not valid JSON ({exc})") from exc
+        if cls_name != "UNet2DConditionModel":
+            raise SlimDiffError(f"{source!r} holds a {cls_name}, not a UNet2DConditionModel")
+        unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+        return unet.eval().requires_grad_(False)
+    return load_pipeline(source, dtype).unet
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compressible modules of a UNet
+# ----------------------------------------------------------------------------------------------------------
+
+FFN, QK, VO = "ffn", "qk", "vo"
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """One functional group of one transformer block: the unit that gets a rank.
+
+    ``name`` is ``<block path>.ff`` / ``.attn1.qk`` / ``.attn1.vo`` / ``.attn2.qk`` / ``.attn2.vo``.
+    ``width`` is what the rank counts: FFN inner neurons, or the per-head width of an attention group.
+    ``unit_params`` is the parameter count removed when the rank drops by one (exact, biases included).
+    """
+
+    name: str
+    kind: str  # FFN | QK | VO
+    block: str  # path of the BasicTransformerBlock
+    attn: str | None  # "attn1" / "attn2" for attention groups
+    width: int
+    heads: int
+    unit_params: int
+
+    @property
+    def params(self) -> int:
+        return self.width * self.unit_params
+
+
+def _linear(module: nn.Module, where: str) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise SlimDiffError(f"{where}: expected a Linear layer, found {type(module).__name__}")
+    return module
+
+
+def _row_cost(lin: nn.Linear) -> int:
+    return lin.in_features + (1 if lin.bias is not None else 0)
+
+
+def _ffn_site(path: str, ff: nn.Module) -> ModuleSite:
+    from diffusers.models.activations import GEGLU, GELU
+
+    act = ff.net[0] if hasattr(ff, "net") else None
+    if not isinstance(act, (GEGLU, GELU)):
+        raise SlimDiffError(
+            f"{path}.ff: feed-forward activation {type(act).__name__} is not supported (GEGLU or GELU only)"
+        )
+    proj = _linear(act.proj, f"{path}.ff.net.0.proj")
+    down = _linear(ff.net[2], f"{path}.ff.net.2")
+    gated = isinstance(act, GEGLU)
+    inner = proj.out_features // 2 if gated else proj.out_features
+    if down.in_features != inner:
+        raise SlimDiffError(f"{path}.ff: projection width {inner} does not match down-projection {down.in_features}")
+    unit = (2 if gated else 1) * _row_cost(proj) + down.out_features
+    return ModuleSite(f"{path}.ff", FFN, path, None, inner, 1, unit)
+
+
+def _attention_sites(path: str, name: str, attn: nn.Module) -> list[ModuleSite]:
+    where = f"{path}.{name}"
+    unsupported = [
+        flag for flag, bad in (
+            ("qk_norm", getattr(attn, "norm_q", None) is not None),
+            ("added_kv_proj", getattr(attn, "add_k_proj", None) is not None),
+            ("group_norm", getattr(attn, "group_norm", None) is not None),
+            ("spatial_norm", getattr(attn, "spatial_norm", None) is not None),
+            ("kv_heads", getattr(attn, "is_cross_attention", False) is None),
+        ) if bad
+    ]
+    if unsupported:
+        raise SlimDiffError(f"{where}: attention with {', '.join(unsupported)} is not supported")
+    q = _linear(attn.to_q, f"{where}.to_q")
+    k = _linear(attn.to_k, f"{where}.to_k")
+    v = _linear(attn.to_v, f"{where}.to_v")
+    o = _linear(attn.to_out[0], f"{where}.to_out.0")
+    heads = attn.heads
+    if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
+        raise SlimDiffError(f"{where}: projections of widths {q.out_features}/{k.out_features}/"
+                            f"{v.out_features} do not split into {heads} equal heads")
+    qk = ModuleSite(f"{where}.qk", QK, path, name, q.out_features // heads, heads,
+                    heads * (_row_cost(q) + _row_cost(k)))
+    vo = ModuleSite(f"{where}.vo", VO, path, name, v.out_features // heads, heads,
+                    heads * (_row_cost(v) + o.out_features))
+    return [qk, vo]
+
+
+def transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``BasicTransformerBlock`` of the model, in forward order, with its dotted path."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    blocks = [(n, m) for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+    if not blocks:
+        raise SlimDiffError(f"{type(unet).__name__} has no BasicTransformerBlock: nothing to slim")
+    return blocks
+
+
+def module_sites(unet: nn.Module) -> list[ModuleSite]:
+    """The allocation pool: FFN, QK and VO groups of every transformer block (self and cross attention)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise SlimDiffError(f"expected a UNet2DConditionModel, got {type(unet).__name__}")
+    sites: list[ModuleSite] = []
+    for path, block in transformer_blocks(unet):
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name, None)
+            if attn is not None:
+                sites.extend(_attention_sites(path, name, attn))
+        if getattr(block, "ff", None) is None:
+            raise SlimDiffError(f"{path}: transformer block without a feed-forward is not supported")
+        sites.append(_ffn_site(path, block.ff))
+    return sites
+
+
+def compressible_params(sites: list[ModuleSite]) -> int:
+    return sum(s.params for s in sites)
+
