@@ -1,3 +1,31 @@
-"""slimdiff: training-free slimming of Stable-Diffusion UNets, shipped as optimized inference engines."""
+"""slimdiff: training-free slimming of Stable-Diffusion UNets, shipped as optimized inference engines.
+
+The pipeline, one module per stage::
+
+    slimset    (A) choose calibration prompts          calibrate (B) hooked sampling → float64 moments
+    analyze    (C) TRQ, timestep weights, scores       decompose (D) closed-form FFN / QK / VO factors
+    allocate   (E) ranks under one global budget       rebuild   (F) smaller Linears + attention processor
+    export / runtime / bench                           ONNX, TensorRT, ORT, AOTInductor; serving; latency
+
+Public names are imported lazily so ``import slimdiff`` stays cheap.
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "SlimConfig": "slim", "SlimReport": "slim", "slim_unet": "slim",
+    "CalibrationConfig": "calibrate", "Statistics": "calibrate", "calibrate": "calibrate",
+    "slim_pipeline": "api", "collect_statistics": "api", "choose_prompts": "api",
+    "load_pipeline": "models", "load_unet": "models",
+    "save_slim": "serialization", "load_slim": "serialization", "SlimUNet2DConditionModel": "serialization",
+    "RankPlan": "plan", "SlimDiffError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")

@@ -151,9 +151,21 @@ def build_builtin(name: str):
 
 
 def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
-    """Load a text-to-image pipeline from a built-in name, a local diffusers folder or a ``.safetensors`` file."""
+    """Load a text-to-image pipeline from a built-in name, a local diffusers folder or a ``.safetensors`` file.
+
+    A slim UNet folder loads the pipeline it was slimmed from (recorded in its plan) with the slim UNet in it.
+    """
     from diffusers import StableDiffusionPipeline
 
+    from .serialization import is_slim_folder, load_plan, load_slim
+
+    if not source.startswith("builtin:") and is_slim_folder(source):
+        base = load_plan(source).info.get("source_model")
+        if not base:
+            raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
+        pipe = load_pipeline(base, dtype)
+        pipe.unet = load_slim(source, dtype=dtype)
+        return pipe
     if source in BUILTINS:
         pipe = build_builtin(source)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

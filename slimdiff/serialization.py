@@ -44,13 +44,19 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def save_slim(unet: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``unet`` (already slimmed to ``plan``) to ``out``; the folder appears complete or not at all."""
+def save_slim(unet: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False,
+              extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``unet`` (already slimmed to ``plan``) to ``out``; the folder appears complete or not at all.
+
+    ``extra_files`` (name → text) are written alongside, e.g. a JSON report.
+    """
     out = Path(out)
     tmp = atomic_output_dir(out, overwrite)
     try:
         unet.save_pretrained(tmp, safe_serialization=True)
         (tmp / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         commit_output_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

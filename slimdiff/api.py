@@ -1,0 +1,68 @@
+"""One call from a pipeline to a slim pipeline: SlimSet → calibration → slimming.
+
+    import slimdiff
+    pipe = slimdiff.load_pipeline("builtin:tiny")
+    report = slimdiff.slim_pipeline(pipe, slimdiff.SlimConfig(budget=0.4))
+    slimdiff.save_slim(pipe.unet, report.plan, "out/slim-unet")
+
+Calibration is a callback the user owns: pass ``loop=my_loop`` where ``my_loop(prompts, seeds)`` runs any
+sampling with ``pipe.unet`` (other schedulers, img2img, ControlNet…); the hooks collect what it visits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
+from .errors import SlimDiffError
+from .prompts import read_prompts
+from .slim import SlimConfig, SlimReport, slim_unet
+from .slimset import SlimSet, clip_text_embedder, select_slimset
+
+
+def choose_prompts(pipe, pool: Sequence[str] | None = None, num_prompts: int = 500) -> SlimSet:
+    """SlimSet selection from a prompt pool (default: the packaged COCO captions) with the pipeline's CLIP."""
+    pool = list(pool) if pool is not None else read_prompts()
+    if num_prompts < 1:
+        raise SlimDiffError(f"number of calibration prompts must be positive, got {num_prompts}")
+    if num_prompts >= len(pool):
+        return SlimSet(pool, list(range(len(pool))))
+    return select_slimset(pool, clip_text_embedder(pipe)(pool), num_prompts)
+
+
+def collect_statistics(
+    pipe,
+    prompts: Sequence[str] | None = None,
+    num_prompts: int = 500,
+    out: str | os.PathLike | None = None,
+    calibration: CalibrationConfig = CalibrationConfig(),
+    loop: BatchLoop | None = None,
+    progress: bool = True,
+) -> Statistics:
+    """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given."""
+    slimset = choose_prompts(pipe, prompts, num_prompts)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
+    return calibrate(pipe, slimset.prompts, out, calibration, loop, progress)
+
+
+def slim_pipeline(
+    pipe,
+    config: SlimConfig = SlimConfig(),
+    *,
+    stats: Statistics | str | os.PathLike | None = None,
+    prompts: Sequence[str] | None = None,
+    num_prompts: int = 500,
+    calibration: CalibrationConfig = CalibrationConfig(),
+    loop: BatchLoop | None = None,
+    progress: bool = True,
+) -> SlimReport:
+    """Slim ``pipe.unet`` in place. Uses ``stats`` if given (object or directory), else calibrates first."""
+    if stats is None:
+        stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress)
+    elif not isinstance(stats, Statistics):
+        stats = Statistics.load(stats)
+    return slim_unet(pipe.unet, stats, config, progress)

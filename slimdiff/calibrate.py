@@ -1,0 +1,465 @@
+"""Stage B — calibration: run the real sampling loop with hooks and collect float64 second moments.
+
+Two passes (method.md §4), so SD-1.5 fits in memory:
+
+* **pass 1** (the first ``pass1_prompts`` prompts) records, per FFN and timestep, only the scalars the TRQ
+  needs — E‖h‖² and E‖W_D h‖² — and how often the UNet is called at each timestep per sampling run;
+* **pass 2** (all prompts) accumulates per-timestep moments of every attention input and per-head Grams of
+  every attention output (small: C×C and H×d×d), the text-token moment of cross-attention, and, for the
+  FFNs, directly the fidelity-weighted moment Σ̄ = Σ_t w_t Σ_t with w from pass 1 (one I×I matrix each).
+
+Both CFG branches are in the batch and count with equal weight. A statistics directory is resumable:
+accumulators are checkpointed atomically every few prompt batches, and a restarted run skips finished
+batches. Every prompt has its own seeded generator and accumulation order is fixed, so a resumed run ends
+with statistics bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .analyze import timestep_weights, trq_from_energies
+from .errors import SlimDiffError
+from .models import FFN, module_sites, transformer_blocks
+
+STATS_FORMAT = "slimdiff-stats/1"
+MANIFEST = "manifest.json"
+
+# A batch loop runs the sampler on some prompts with one seed each; the hooks do the rest.
+BatchLoop = Callable[[Sequence[str], Sequence[int]], None]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the calibration trajectories are sampled and how timesteps are weighted for the FFN moments.
+
+    ``weighting``: ``"trq"`` (w ∝ prior·ρ^γ, the method), ``"uniform"`` (activation-aware without timestep
+    weighting) or ``"single"`` (only the visited step nearest the middle of the trajectory — an ablation).
+    """
+
+    steps: int = 25
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    batch_size: int = 1
+    pass1_prompts: int = 64
+    checkpoint_every: int = 8
+    weighting: str = "trq"
+    gamma: float = 1.0
+    prior: str = "uniform"  # or "early": log-decreasing emphasis on early (high-noise) steps
+
+    def __post_init__(self):
+        if self.weighting not in ("trq", "uniform", "single"):
+            raise SlimDiffError(f"unknown timestep weighting {self.weighting!r} (trq, uniform, single)")
+        if self.prior not in ("uniform", "early"):
+            raise SlimDiffError(f"unknown timestep prior {self.prior!r} (uniform, early)")
+        if self.steps < 1 or self.batch_size < 1 or self.pass1_prompts < 1 or self.checkpoint_every < 1:
+            raise SlimDiffError("steps, batch size, pass-1 prompts and checkpoint interval must be positive")
+
+
+def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
+    """The default calibration loop: the pipeline's own text-to-image sampling, stopping at latents."""
+
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        device = pipe.unet.device
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        # Latents drawn on the CPU per prompt make a prompt's trajectory independent of batching and device.
+        unet_cfg = pipe.unet.config
+        h = (config.height or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+        w = (config.width or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+        latents = torch.cat([torch.randn((1, unet_cfg.in_channels, h, w), generator=g) for g in gens])
+        pipe(list(prompts), num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+             latents=latents.to(device=device, dtype=pipe.unet.dtype), output_type="latent",
+             height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
+
+    return run
+
+
+def model_fingerprint(unet) -> str:
+    """sha256 of the UNet config and of every weight the statistics describe (stats are model-specific)."""
+    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    params = dict(unet.named_parameters())
+    for site in module_sites(unet):
+        prefix = site.block + (".ff" if site.kind == FFN else f".{site.attn}")
+        for name in sorted(n for n in params if n.startswith(prefix + ".")):
+            digest.update(name.encode())
+            digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Float64 sums keyed by name; per-timestep entries are rows of a (T, ...) tensor."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, value: torch.Tensor, shape_t: int | None = None, t: int | None = None) -> None:
+        if key not in self.sums:
+            shape = value.shape if shape_t is None else (shape_t, *value.shape)
+            self.sums[key] = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        if t is None:
+            self.sums[key] += value
+        else:
+            self.sums[key][t] += value
+
+
+def _moment(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x
+
+
+def _energy(x: torch.Tensor) -> torch.Tensor:
+    return x.double().pow(2).sum()
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class _Collector:
+    """Registers the hooks of one pass on a UNet and accumulates into an :class:`_Accumulator`."""
+
+    def __init__(self, unet, mode: str, timesteps: list[int] | None, ffn_weights: dict | None, visits: list[int] | None):
+        self.unet, self.mode = unet, mode
+        self.timesteps = list(timesteps or [])
+        self.index = {t: i for i, t in enumerate(self.timesteps)}
+        self.ffn_weights, self.visits = ffn_weights, visits
+        self.acc = _Accumulator(unet.device)
+        self.calls: dict[int, int] = {}
+        self.seq: dict[str, int] = {}  # tokens per sample seen by each attention (for MAC costs)
+        self.t: int | None = None
+
+    # The current timestep is read once per UNet call; every module hook uses it.
+    def _unet_pre(self, _module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = int(torch.as_tensor(t).flatten()[0])
+        if self.mode == "pass1" and t not in self.index:
+            self.index[t] = len(self.timesteps)
+            self.timesteps.append(t)
+        if t not in self.index:
+            raise SlimDiffError(f"calibration visited timestep {t}, which pass 1 never saw: "
+                                "both passes must run the same schedule")
+        self.t = self.index[t]
+        self.calls[t] = self.calls.get(t, 0) + 1
+
+    @property
+    def T(self) -> int:
+        # pass 1 discovers timesteps as it goes; allocate generously and trim when saving
+        return 1024 if self.mode == "pass1" else len(self.timesteps)
+
+    def _ffn_down_pre(self, key: str, down: torch.nn.Linear):
+        def hook(_m, args):
+            h = args[0]
+            n = _tokens(h)
+            self.acc.add(f"{key}.h_energy", _energy(h), self.T, self.t)
+            self.acc.add(f"{key}.hout_energy", _energy(torch.nn.functional.linear(h, down.weight)), self.T, self.t)
+            self.acc.add(f"{key}.tokens", torch.tensor(float(n)), self.T, self.t)
+            if self.mode == "pass2":
+                w = self.ffn_weights[key][self.t] / self.visits[self.t]
+                self.acc.add(f"{key}.moment", w * _moment(h))
+                self.acc.add(f"{key}.moment_norm", torch.tensor(float(w * n)))
+
+        return hook
+
+    def _attn_pre(self, key: str):
+        def hook(_m, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            self.seq[key] = x.shape[-2]
+            self.acc.add(f"{key}.in", _moment(x), self.T, self.t)
+            self.acc.add(f"{key}.in_tokens", torch.tensor(float(_tokens(x))), self.T, self.t)
+            if ctx is not None:  # text tokens do not depend on t: one moment per module
+                self.seq[f"{key}.ctx"] = ctx.shape[-2]
+                self.acc.add(f"{key}.ctx", _moment(ctx))
+                self.acc.add(f"{key}.ctx_tokens", torch.tensor(float(_tokens(ctx))))
+
+        return hook
+
+    def _attn_out_pre(self, key: str, heads: int):
+        def hook(_m, args):
+            z = args[0].reshape(-1, heads, args[0].shape[-1] // heads).double()
+            self.acc.add(f"{key}.z_gram", torch.einsum("nhd,nhe->hde", z, z), self.T, self.t)
+            self.acc.add(f"{key}.z_tokens", torch.tensor(float(z.shape[0])), self.T, self.t)
+
+        return hook
+
+    def _residual_pre(self, key: str):
+        def hook(_m, args):
+            self.acc.add(f"{key}.res_energy", _energy(args[0]), self.T, self.t)
+            self.acc.add(f"{key}.res_tokens", torch.tensor(float(_tokens(args[0]))), self.T, self.t)
+
+        return hook
+
+    def _update_post(self, key: str):
+        def hook(_m, _args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            self.acc.add(f"{key}.upd_energy", _energy(out), self.T, self.t)
+
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator["_Collector"]:
+        handles = [self.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True)]
+        for path, block in transformer_blocks(self.unet):
+            down = block.ff.net[2]
+            handles.append(down.register_forward_pre_hook(self._ffn_down_pre(f"{path}.ff", down)))
+            if self.mode == "pass1":
+                continue
+            for sub, norm in (("attn1", "norm1"), ("attn2", "norm2"), ("ff", "norm3")):
+                mod = getattr(block, sub, None)
+                if mod is None:
+                    continue
+                key = f"{path}.{sub}"
+                handles.append(getattr(block, norm).register_forward_pre_hook(self._residual_pre(key)))
+                handles.append(mod.register_forward_hook(self._update_post(key)))
+                if sub != "ff":
+                    handles.append(mod.register_forward_pre_hook(self._attn_pre(key), with_kwargs=True))
+                    handles.append(mod.to_out[0].register_forward_pre_hook(self._attn_out_pre(key, mod.heads)))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        n = len(self.timesteps)
+        state = {k: (v[:n] if self.mode == "pass1" and v.ndim and v.shape[0] == 1024 else v).cpu()
+                 for k, v in self.acc.sums.items()}
+        state.update({f"{k}.seq": torch.tensor(float(v), dtype=torch.float64) for k, v in self.seq.items()})
+        return state
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            if k.endswith(".seq"):
+                self.seq[k[: -len(".seq")]] = int(v)
+                continue
+            if self.mode == "pass1":  # re-pad to the growable size
+                padded = torch.zeros((1024, *v.shape[1:]), dtype=torch.float64)
+                padded[: v.shape[0]] = v
+                v = padded
+            self.acc.sums[k] = v.to(self.acc.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The resumable two-pass driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _prior(n: int, kind: str) -> torch.Tensor:
+    if kind == "uniform":
+        return torch.ones(n, dtype=torch.float64)
+    # early steps come first in sampling order; their errors pass through more later updates
+    return torch.log(torch.arange(n, 0, -1, dtype=torch.float64) + 1.0)
+
+
+def ffn_timestep_weights(pass1: dict[str, torch.Tensor], unet, config: CalibrationConfig) -> dict[str, torch.Tensor]:
+    """w_{m,t} for every FFN from the pass-1 scalars, following ``config.weighting``."""
+    weights = {}
+    for path, block in transformer_blocks(unet):
+        key = f"{path}.ff"
+        down = block.ff.net[2].weight
+        tokens = pass1[f"{key}.tokens"]
+        rho = trq_from_energies(pass1[f"{key}.hout_energy"] / tokens, pass1[f"{key}.h_energy"] / tokens,
+                                down.double().pow(2).sum().cpu(), down.shape[1])
+        n = rho.shape[0]
+        if config.weighting == "trq":
+            w = timestep_weights(rho, gamma=config.gamma, prior=_prior(n, config.prior))
+        elif config.weighting == "uniform":
+            w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        else:
+            w = torch.zeros(n, dtype=torch.float64)
+            w[n // 2] = 1.0
+        weights[key] = w
+    return weights
+
+
+@dataclass
+class Statistics:
+    """Everything calibration measured; input of analysis and decomposition."""
+
+    tensors: dict[str, torch.Tensor]  # pass-2 sums, plus "pass1.<key>" scalars
+    timesteps: list[int]
+    visits: list[int]
+    ffn_weights: dict[str, torch.Tensor]
+    fingerprint: str
+    config: CalibrationConfig
+    num_prompts: int
+
+    def check_model(self, unet) -> None:
+        if model_fingerprint(unet) != self.fingerprint:
+            raise SlimDiffError("these statistics were collected from a different model "
+                                "(fingerprint mismatch): calibrate this model first")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Statistics":
+        folder = Path(folder)
+        manifest = _read_manifest(folder)
+        if manifest is None:
+            raise SlimDiffError(f"{str(folder)!r} is not a statistics directory (no {MANIFEST})")
+        if not manifest.get("complete"):
+            raise SlimDiffError(f"statistics in {str(folder)!r} are incomplete: rerun `slimdiff calibrate` "
+                                "with the same arguments to resume")
+        try:
+            pass1 = load_file(str(folder / manifest["pass1"]["file"]))
+            pass2 = load_file(str(folder / manifest["pass2"]["file"]))
+            weights = load_file(str(folder / "ffn_weights.safetensors"))
+        except Exception as exc:
+            raise SlimDiffError(f"corrupt statistics directory {str(folder)!r}: {exc}") from exc
+        tensors = dict(pass2)
+        tensors.update({f"pass1.{k}": v for k, v in pass1.items()})
+        return cls(tensors, manifest["timesteps"], manifest["visits"], weights, manifest["fingerprint"],
+                   CalibrationConfig(**manifest["config"]), manifest["num_prompts"])
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SlimDiffError(f"corrupt statistics manifest {str(path)!r}: {exc}") from exc
+    if manifest.get("format") != STATS_FORMAT:
+        raise SlimDiffError(f"{str(path)!r} is not a slimdiff statistics manifest")
+    return manifest
+
+
+def _atomic_json(path: Path, body: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _Checkpointer:
+    """Writes accumulators then the manifest that points at them; a crash between leaves the old pair valid."""
+
+    def __init__(self, folder: Path | None, manifest: dict):
+        self.folder, self.manifest = folder, manifest
+
+    def save(self, stage: str, tensors: dict[str, torch.Tensor], batches_done: int, **extra) -> None:
+        if self.folder is None:
+            return
+        name = f"{stage}-{batches_done:06d}.safetensors"
+        tmp = self.folder / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.folder / name)
+        old = self.manifest.get(stage, {}).get("file")
+        self.manifest[stage] = {"file": name, "batches_done": batches_done}
+        self.manifest.update(extra)
+        _atomic_json(self.folder / MANIFEST, self.manifest)
+        if old and old != name:
+            (self.folder / old).unlink(missing_ok=True)
+
+
+def calibrate(
+    pipe,
+    prompts: Sequence[str],
+    out: str | os.PathLike | None = None,
+    config: CalibrationConfig = CalibrationConfig(),
+    loop: BatchLoop | None = None,
+    progress: bool = True,
+    on_batch: Callable[[str, int], None] | None = None,
+) -> Statistics:
+    """Collect calibration statistics for ``pipe.unet`` over ``prompts``; resumable when ``out`` is given.
+
+    ``loop(prompts, seeds)`` runs sampling for one batch (default: :func:`pipeline_loop`); replace it to
+    calibrate on your own trajectories. ``on_batch(stage, batches_done)`` is called after each batch.
+    """
+    if not prompts:
+        raise SlimDiffError("no calibration prompts")
+    unet = pipe.unet
+    loop = loop or pipeline_loop(pipe, config)
+    folder = Path(out) if out is not None else None
+    fingerprint = model_fingerprint(unet)
+    prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    fresh = {"format": STATS_FORMAT, "fingerprint": fingerprint, "config": asdict(config),
+             "num_prompts": len(prompts), "prompts_sha256": prompt_sha, "complete": False}
+    manifest = _resume_manifest(folder, fresh) if folder is not None else None
+    if manifest is None:
+        manifest = fresh
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            _atomic_json(folder / MANIFEST, manifest)
+    ckpt = _Checkpointer(folder, manifest)
+    seeds = [config.seed + i for i in range(len(prompts))]
+    batches = [list(range(i, min(i + config.batch_size, len(prompts)))) for i in range(0, len(prompts), config.batch_size)]
+    n1 = -(-min(config.pass1_prompts, len(prompts)) // config.batch_size)
+
+    pass1 = _run_pass(unet, "pass1", batches[:n1], prompts, seeds, loop, manifest, ckpt, folder, config,
+                      None, None, None, progress, on_batch)
+    timesteps, visits = manifest["timesteps"], manifest["visits"]
+    weights = ffn_timestep_weights(pass1, unet, config)
+    if folder is not None:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "ffn_weights.safetensors"))
+    pass2 = _run_pass(unet, "pass2", batches, prompts, seeds, loop, manifest, ckpt, folder, config,
+                      timesteps, weights, visits, progress, on_batch)
+    manifest["complete"] = True
+    if folder is not None:
+        _atomic_json(folder / MANIFEST, manifest)
+    tensors = dict(pass2)
+    tensors.update({f"pass1.{k}": v for k, v in pass1.items()})
+    return Statistics(tensors, timesteps, visits, weights, fingerprint, config, len(prompts))
+
+
+def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        if folder.exists() and any(folder.iterdir()):
+            raise SlimDiffError(f"{str(folder)!r} exists and is not a statistics directory")
+        return None
+    if manifest["fingerprint"] != fresh["fingerprint"]:
+        raise SlimDiffError(f"statistics in {str(folder)!r} belong to a different model; use another --out")
+    for key in ("config", "num_prompts", "prompts_sha256"):
+        if manifest[key] != fresh[key]:
+            raise SlimDiffError(f"statistics in {str(folder)!r} were collected with different {key.replace('_', ' ')}; "
+                                "use another --out or the same arguments")
+    return manifest
+
+
+def _run_pass(unet, stage, batches, prompts, seeds, loop, manifest, ckpt, folder, config,
+              timesteps, weights, visits, progress, on_batch) -> dict[str, torch.Tensor]:
+    done = manifest.get(stage, {}).get("batches_done", 0)
+    collector = _Collector(unet, stage, manifest.get("timesteps") if stage == "pass1" else timesteps,
+                           weights, visits)
+    if done:
+        collector.load_state(load_file(str(folder / manifest[stage]["file"])))
+    if done >= len(batches):
+        return collector.state()
+    desc = "calibration pass 1/2 (timestep weights)" if stage == "pass1" else "calibration pass 2/2 (moments)"
+    bar = tqdm(total=sum(len(b) for b in batches), initial=sum(len(b) for b in batches[:done]),
+               desc=desc, unit="prompt", disable=not progress)
+    with torch.no_grad(), collector.attached():
+        for i in range(done, len(batches)):
+            loop([prompts[j] for j in batches[i]], [seeds[j] for j in batches[i]])
+            bar.update(len(batches[i]))
+            extra = {}
+            if stage == "pass1":
+                if i == 0:  # UNet calls per timestep in one sampling run
+                    manifest["visits"] = [collector.calls[t] for t in collector.timesteps]
+                extra = {"timesteps": collector.timesteps, "visits": manifest["visits"]}
+            if (i + 1) % config.checkpoint_every == 0 or i + 1 == len(batches):
+                ckpt.save(stage, collector.state(), i + 1, **extra)
+            if on_batch is not None:
+                on_batch(stage, i + 1)
+    bar.close()
+    if stage == "pass1":
+        manifest["timesteps"] = collector.timesteps
+    return collector.state()

@@ -1,0 +1,187 @@
+"""``slimdiff`` command line: calibrate, slim, inspect.
+
+Every user error ends as one line on stderr and exit status 2; outputs are written to a temporary path and
+renamed into place, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import SlimDiffError
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="builtin:tiny, builtin:sd15-shape, a diffusers pipeline folder or a .safetensors checkpoint")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=None,
+                   help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
+                        "(default: the packaged COCO val2017 captions)")
+    p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
+    p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")
+    p.add_argument("--weighting", default="trq", choices=["trq", "uniform", "single"],
+                   help="timestep weighting of the statistics (default trq)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _calibration_config(args):
+    from .calibrate import CalibrationConfig
+
+    return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
+                             width=args.resolution, seed=args.seed, batch_size=args.batch_size,
+                             pass1_prompts=args.pass1_prompts, weighting=args.weighting)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
+    return name
+
+
+def _load(args):
+    import torch
+
+    from .models import load_pipeline
+
+    device = _device(args.device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    return load_pipeline(args.model, dtype).to(device)
+
+
+def cmd_calibrate(args) -> None:
+    from .api import collect_statistics
+    from .prompts import read_prompts
+
+    start = time.perf_counter()
+    pool = read_prompts(args.prompts)
+    pipe = _load(args)
+    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, _calibration_config(args))
+    print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out} "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+def _slim_config(args):
+    from .slim import SlimConfig, parse_budget
+
+    return SlimConfig(budget=parse_budget(args.budget), budget_unit=args.budget_unit, allocator=args.allocator,
+                      temperature=args.temperature, r_min=args.r_min, align=args.align,
+                      exclude=tuple(args.exclude or ()))
+
+
+def cmd_slim(args) -> None:
+    from .api import collect_statistics
+    from .calibrate import Statistics
+    from .prompts import read_prompts
+    from .serialization import save_slim
+
+    start = time.perf_counter()
+    config = _slim_config(args)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SlimDiffError(f"output {str(out)!r} already exists (use --force to replace it)")
+    pipe = _load(args)
+    if args.stats:
+        stats = Statistics.load(args.stats)
+    else:
+        stats = collect_statistics(pipe, read_prompts(args.prompts), args.num_prompts, None, _calibration_config(args))
+    from .slim import slim_unet
+
+    report = slim_unet(pipe.unet, stats, config)
+    source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
+    report.plan.info["source_model"] = source
+    summary = report.summary()
+    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    save_slim(pipe.unet, report.plan, out, overwrite=args.force, extra_files={
+        "slim_report.json": json.dumps({**summary, "relative_errors": report.relative_errors,
+                                        "scores": report.scores}, indent=1)})
+    _print_summary(summary, out)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    before, after = summary["params_before"], summary["params_after"]
+    print(f"slim UNet written to {out}")
+    print(f"  parameters: {before / 1e6:.3f} M → {after / 1e6:.3f} M (removed {(before - after) / 1e6:.3f} M, "
+          f"{100 * (before - after) / before:.1f} %)")
+    for kind, removed in sorted(summary["removed_by_kind"].items()):
+        print(f"    {kind:<10} removed {removed / 1e6:.3f} M")
+    print(f"  wall time: {summary['wall_seconds']:.1f} s")
+
+
+def cmd_inspect(args) -> None:
+    from .serialization import load_plan
+
+    plan = load_plan(args.dir)
+    rows = [(name, e.kind, e.width, e.rank, (e.rank * e.unit_params)) for name, e in plan.modules.items()]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'module':<{width}}  {'type':<4}  {'width':>6}  {'rank':>6}  {'params kept':>12}")
+    for name, kind, w, r, kept in rows:
+        print(f"{name:<{width}}  {kind:<4}  {w:>6}  {r:>6}  {kept:>12,}")
+    print(f"compressible parameters: {plan.compressible_params:,}; removed {plan.params_removed:,} "
+          f"({100 * plan.params_removed / plan.compressible_params:.1f} %)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free slimming of diffusion UNets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("calibrate", help="collect calibration statistics (resumable)")
+    _add_model(p)
+    _add_calibration(p)
+    p.add_argument("--out", required=True, help="statistics directory (rerun to resume)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("slim", help="slim a UNet to a budget and save it as a diffusers folder")
+    _add_model(p)
+    _add_calibration(p)
+    p.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
+    p.add_argument("--budget", required=True,
+                   help="fraction of the compressible mass (0.4) or an amount to remove (100M)")
+    p.add_argument("--budget-unit", default="params", choices=["params", "macs"])
+    p.add_argument("--allocator", default="softmax", choices=["softmax", "greedy", "uniform"])
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--r-min", type=int, default=8)
+    p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
+    p.add_argument("--exclude", nargs="*", help="module fragments or kinds (ffn, qk, vo, attn1, attn2) to keep")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_slim)
+
+    p = sub.add_parser("inspect", help="print the rank plan of a slim folder")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SlimDiffError as exc:
+        print(f"slimdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Prompt files: ``.txt`` (one per line), ``.csv``/``.tsv`` with a prompt column, COCO captions JSON.
+
+The packaged default pool is the first caption of each MS-COCO val2017 image (4,958 unique captions,
+CC BY 4.0 per COCO's terms of use) — evaluation prompts should come from other files (PartiPrompts,
+DrawBench, COCO-30k in ``shared/data``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from .errors import SlimDiffError
+
+DEFAULT_POOL = Path(__file__).parent / "assets" / "prompts" / "coco_val2017_captions.txt"
+_PROMPT_COLUMNS = ("prompt", "caption", "text", "caption_1")
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _from_table(path: Path, delimiter: str) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        columns = {c.lower().strip(): c for c in (reader.fieldnames or [])}
+        column = next((columns[c] for c in _PROMPT_COLUMNS if c in columns), None)
+        if column is None:
+            raise SlimDiffError(f"{path}: no prompt column (looked for {', '.join(_PROMPT_COLUMNS)})")
+        return [row[column] or "" for row in reader]
+
+
+def _from_coco(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        annotations = sorted(data["annotations"], key=lambda a: (a["image_id"], a["id"]))
+        return [a["caption"] for a in annotations]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SlimDiffError(f"{path}: not a COCO captions JSON file ({exc})") from exc
+
+
+def read_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """Read, clean and de-duplicate prompts (order kept). ``None`` reads the packaged COCO pool."""
+    path = Path(path) if path is not None else DEFAULT_POOL
+    if not path.is_file():
+        raise SlimDiffError(f"prompt file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raw = _from_coco(path)
+    elif suffix in (".csv", ".tsv"):
+        raw = _from_table(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raw = path.read_text(encoding="utf-8").splitlines()
+    seen: set[str] = set()
+    prompts = []
+    for text in map(_clean, raw):
+        if text and text not in seen:
+            seen.add(text)
+            prompts.append(text)
+    if not prompts:
+        raise SlimDiffError(f"prompt file {str(path)!r} contains no prompts")
+    return prompts[:limit] if limit else prompts

@@ -1,0 +1,95 @@
+"""Stage A — SlimSet: pick calibration prompts that cover the text-embedding space (method.md §3).
+
+Embed the pool, find its geometric median (Weiszfeld), drop the 1 % of prompts farthest from it (FPS would
+otherwise spend its first picks on junk captions), then farthest-point sample in cosine distance starting
+from the prompt nearest the median. Deterministic: no randomness anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import SlimDiffError
+
+Embedder = Callable[[Sequence[str]], torch.Tensor]
+
+
+def clip_text_embedder(pipe, batch_size: int = 64) -> Embedder:
+    """The pipeline's own CLIP text tower: pooled (EOS) output, L2-normalised, float32."""
+
+    @torch.no_grad()
+    def embed(prompts: Sequence[str]) -> torch.Tensor:
+        out = []
+        device = pipe.text_encoder.device
+        for i in range(0, len(prompts), batch_size):
+            ids = pipe.tokenizer(list(prompts[i:i + batch_size]), padding="max_length", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            pooled = pipe.text_encoder(ids.to(device)).pooler_output.float()
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(out)
+
+    return embed
+
+
+def geometric_median(points: torch.Tensor, eta: float = 1e-8, tol: float = 1e-7, max_iter: int = 500) -> torch.Tensor:
+    """Weiszfeld iterations from the mean: z ← Σ e_i/max(‖e_i−z‖,η) / Σ 1/max(‖e_i−z‖,η)."""
+    x = points.double()
+    z = x.mean(0)
+    for _ in range(max_iter):
+        inv = 1.0 / (x - z).norm(dim=1).clamp_min(eta)
+        z_next = (inv[:, None] * x).sum(0) / inv.sum()
+        if (z_next - z).norm() < tol:
+            return z_next
+        z = z_next
+    return z
+
+
+def farthest_point_sampling(points: torch.Tensor, k: int, start: int) -> list[int]:
+    """Greedy max–min selection in cosine distance 1 − eᵢᵀeⱼ (rows assumed unit-norm); ties → lowest index."""
+    x = points.double()
+    chosen = [start]
+    nearest = 1.0 - x @ x[start]
+    nearest[start] = -1.0
+    for _ in range(k - 1):
+        nxt = int(torch.argmax(nearest))
+        chosen.append(nxt)
+        nearest = torch.minimum(nearest, 1.0 - x @ x[nxt])
+        nearest[chosen] = -1.0
+    return chosen
+
+
+@dataclass(frozen=True)
+class SlimSet:
+    prompts: list[str]
+    indices: list[int]  # positions in the pool the prompts were chosen from
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps({"sha256": self.sha256, "indices": self.indices, "prompts": self.prompts}, indent=1)
+
+
+def select_slimset(pool: Sequence[str], embeddings: torch.Tensor, k: int, outlier_fraction: float = 0.01) -> SlimSet:
+    """Median-seeded farthest-point sampling of ``k`` prompts from ``pool`` (embeddings: unit rows, one per prompt)."""
+    if len(pool) != len(embeddings):
+        raise SlimDiffError("prompt pool and embeddings differ in length")
+    if k >= len(pool):  # nothing to choose: keep the pool in its order
+        return SlimSet(list(pool), list(range(len(pool))))
+    median = geometric_median(embeddings)
+    dist = (embeddings.double() - median).norm(dim=1)
+    keep = torch.arange(len(pool))
+    if outlier_fraction > 0:
+        cut = torch.quantile(dist, 1.0 - outlier_fraction)
+        kept = keep[dist <= cut]
+        keep = kept if len(kept) >= k else keep
+    sub = embeddings[keep]
+    start = int(torch.argmin(dist[keep]))
+    picked = [int(keep[i]) for i in farthest_point_sampling(sub, k, start)]
+    return SlimSet([pool[i] for i in picked], picked)
