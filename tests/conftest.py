@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_pipe():
+    """A fresh built-in tiny pipeline (tests may slim its UNet in place)."""
+    from slimdiff.models import build_builtin
+
+    return build_builtin("builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_stats():
+    """Calibration statistics of builtin:tiny over a few prompts and steps (shared, read-only)."""
+    from slimdiff.calibrate import CalibrationConfig, calibrate
+    from slimdiff.models import build_builtin
+    from slimdiff.prompts import read_prompts
+
+    pipe = build_builtin("builtin:tiny")
+    config = CalibrationConfig(steps=4, pass1_prompts=2, batch_size=2)
+    return calibrate(pipe, read_prompts(limit=6), None, config, progress=False)
