@@ -39,7 +39,7 @@ class SlimConfig:
     beta: float = 1.0  # propagation exponent in the module score
     ffn_selector: str = "cholesky"  # cholesky | leverage | output | magnitude | random
     ffn_correction: bool = True
-    qk_method: str = "whiten"  # whiten | cr | weight_svd
+    qk_method: str = "whitened_svd"  # whitened_svd | cr | weight_svd (data-free)
     vo_statistic: str = "output"  # output (attention-output Gram) | value (value-input Gram) | none (data-free)
     ridge_ffn: float = 1e-4
     ridge_qk: float = 1e-6
@@ -56,7 +56,7 @@ class SlimConfig:
             raise SlimDiffError(f"unknown allocator {self.allocator!r} (softmax, greedy, uniform)")
         if self.ffn_selector not in ("cholesky", "leverage", "output", "magnitude", "random"):
             raise SlimDiffError(f"unknown FFN selector {self.ffn_selector!r}")
-        if self.qk_method not in ("whiten", "cr", "weight_svd"):
+        if self.qk_method not in ("whitened_svd", "cr", "weight_svd"):
             raise SlimDiffError(f"unknown QK method {self.qk_method!r}")
         if self.vo_statistic not in ("output", "value", "none"):
             raise SlimDiffError(f"unknown VO statistic {self.vo_statistic!r}")
@@ -192,13 +192,9 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
     attn = getattr(block, site.attn)
     a = f"{p}.{site.attn}"
     if site.kind == QK:
-        if config.qk_method == "weight_svd":
-            res = decompose.qk_decompose(_w(attn.to_q), _w(attn.to_k), None, None, site.heads, rank,
-                                         selector="weight_svd")
-        else:
-            res = decompose.qk_decompose(_w(attn.to_q), _w(attn.to_k), analysis.inputs["sigma_x"],
-                                         analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
-                                         selector="svd" if config.qk_method == "whiten" else "cr")
+        res = decompose.qk_decompose(_w(attn.to_q), _w(attn.to_k), analysis.inputs["sigma_x"],
+                                     analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
+                                     selector=config.qk_method, q_bias=_b(attn.to_q), k_bias=_b(attn.to_k))
         return SiteResult({f"{a}.to_q.weight": res.q_weight, f"{a}.to_k.weight": res.k_weight},
                           float(res.relative_error), res.error_curve)
     v, o = _w(attn.to_v), _w(attn.to_out[0])
@@ -208,7 +204,7 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
         gram = decompose.value_gram(v, analysis.inputs["sigma_v"], site.heads)
     else:
         gram = None
-    res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo)
+    res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(attn.to_v))
     tensors = {f"{a}.to_v.weight": res.v_weight, f"{a}.to_out.0.weight": res.o_weight}
     if attn.to_out[0].bias is not None:
         tensors[f"{a}.to_out.0.bias"] = _b(attn.to_out[0])

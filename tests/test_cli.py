@@ -1,0 +1,68 @@
+"""End-to-end CLI: the main job on builtin:tiny, and every bad input ending in one error line."""
+
+import json
+
+import pytest
+import torch
+
+from slimdiff.cli import main
+from slimdiff.models import build_builtin
+
+FAST = ["--num-prompts", "4", "--steps", "3", "--pass1-prompts", "2"]
+
+
+def _fails(capsys, argv, match):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("slimdiff: error:") and match in err[0], err
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "stats"
+    assert main(["calibrate", "--model", "builtin:tiny", *FAST, "--out", str(out)]) == 0
+    return out
+
+
+def test_slim_inspect_and_budget(stats_dir, tmp_path, capsys):
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", "builtin:tiny", "--stats", str(stats_dir), "--budget", "0.4",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "slim_report.json").read_text())
+    plan = json.loads((out / "slimdiff_plan.json").read_text())
+    compressible = sum(m["width"] * m["unit_params"] for m in plan["modules"].values())
+    removed = report["params_removed"]
+    step = max(8 * m["unit_params"] for m in plan["modules"].values())
+    assert abs(removed - 0.4 * compressible) <= step
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.ff" in table and f"removed {removed:,}" in table
+
+
+def test_bad_inputs(stats_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    slim = ["slim", "--stats", str(stats_dir), "--out", str(out)]
+    _fails(capsys, [*slim, "--model", str(tmp_path / "missing"), "--budget", "0.4"], "does not exist")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    _fails(capsys, [*slim, "--model", str(tmp_path / "vae"), "--budget", "0.4"], "not a diffusers pipeline")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "0"], "budget")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "-3"], "budget")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "100M"], "budget")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "lots"], "budget")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    _fails(capsys, ["slim", "--model", "builtin:tiny", "--prompts", str(empty), "--budget", "0.4",
+                    "--out", str(out)], "no prompts")
+    _fails(capsys, ["calibrate", "--model", "builtin:tiny", "--prompts", str(empty), "--out", str(tmp_path / "s")],
+           "no prompts")
+    other = tmp_path / "other-tiny"
+    pipe = build_builtin("builtin:tiny")
+    with torch.no_grad():
+        pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.weight.mul_(1.5)
+    pipe.save_pretrained(other)
+    _fails(capsys, [*slim, "--model", str(other), "--budget", "0.4"], "different model")
+    _fails(capsys, ["inspect", str(tmp_path)], "not a slim UNet folder")
+    assert not out.exists() and not (tmp_path / "s").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial outputs
