@@ -1,0 +1,88 @@
+"""Tensor-core-friendly head widths: zero-pad per-head q·k and v widths of slim attentions.
+
+Fused attention kernels (TensorRT's MHA, flash / memory-efficient SDPA) want head widths that are multiples
+of 8 and, for flash kernels, the same width for q·k and v. Zero padding keeps results exact:
+
+* extra zero columns in q and k add ``0·0`` to every logit, and the softmax scale stays the module's original
+  ``attn.scale`` (``SlimAttnProcessor`` passes it explicitly), so the attention weights are unchanged;
+* extra zero columns in v give zero output columns, and the matching zero input columns of ``to_out[0]``
+  drop them again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SlimDiffError
+from ..rebuild import SlimAttnProcessor
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pad_rows(linear: nn.Linear, heads: int, width: int) -> nn.Linear:
+    """``linear`` with its output split into ``heads`` blocks, each zero-padded to ``width`` rows."""
+    old = linear.out_features // heads
+    new = nn.Linear(linear.in_features, heads * width, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        w = torch.zeros(heads, width, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+        w[:, :old] = linear.weight.view(heads, old, -1)
+        new.weight.copy_(w.view(heads * width, -1))
+        if linear.bias is not None:
+            b = torch.zeros(heads, width, device=linear.bias.device, dtype=linear.bias.dtype)
+            b[:, :old] = linear.bias.view(heads, old)
+            new.bias.copy_(b.view(-1))
+    return new.requires_grad_(False)
+
+
+def _pad_columns(linear: nn.Linear, heads: int, width: int) -> nn.Linear:
+    """``linear`` with its input split into ``heads`` blocks, each zero-padded to ``width`` columns."""
+    old = linear.in_features // heads
+    new = nn.Linear(heads * width, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        w = torch.zeros(linear.out_features, heads, width, device=linear.weight.device, dtype=linear.weight.dtype)
+        w[:, :, :old] = linear.weight.view(linear.out_features, heads, old)
+        new.weight.copy_(w.view(linear.out_features, -1))
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new.requires_grad_(False)
+
+
+def align_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = True) -> dict[str, tuple]:
+    """Zero-pad, in place, every attention's per-head q·k and v widths up to a multiple of ``multiple``
+    (and, with ``equal_qk_v``, both up to the wider of the two). Outputs are unchanged.
+
+    Returns ``{attention path: ((qk, v) before, (qk, v) after)}`` for the attentions that changed.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    if multiple < 1:
+        raise SlimDiffError(f"head-width multiple must be positive, got {multiple}")
+    changed = {}
+    for path, attn in model.named_modules():
+        if not isinstance(attn, Attention):
+            continue
+        heads = attn.heads
+        qk, v = attn.to_q.out_features // heads, attn.to_v.out_features // heads
+        new_qk, new_v = _round_up(qk, multiple), _round_up(v, multiple)
+        if equal_qk_v:
+            new_qk = new_v = max(new_qk, new_v)
+        if (new_qk, new_v) == (qk, v):
+            continue
+        if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
+            raise SlimDiffError(f"{path}: cannot pad an attention with group/spatial norm (VAE-style attention)")
+        if not isinstance(attn.processor, SlimAttnProcessor):
+            # The stock processors infer the softmax scale from the (padded) width; ours keeps attn.scale.
+            attn.set_processor(SlimAttnProcessor())
+        if new_qk != qk:
+            attn.to_q = _pad_rows(attn.to_q, heads, new_qk)
+            attn.to_k = _pad_rows(attn.to_k, heads, new_qk)
+        if new_v != v:
+            attn.to_v = _pad_rows(attn.to_v, heads, new_v)
+            attn.to_out[0] = _pad_columns(attn.to_out[0], heads, new_v)
+        changed[path] = ((qk, v), (new_qk, new_v))
+    return changed

@@ -1,0 +1,130 @@
+"""The three exportable components as plain ``forward(*tensors) -> tensor`` modules, with their I/O specs.
+
+Exporters and engines only ever see these wrappers: fixed positional inputs, one output, no dicts, so the
+same wrapper serves ``torch.onnx.export``, ``torch.export`` and the PyTorch reference in parity checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import SlimDiffError
+
+MODEL_DTYPE = "model"  # an input whose dtype follows the exported precision (fp32 / fp16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple  # ints (fixed) and axis names from ``shapes.AXES``
+    dtype: str  # MODEL_DTYPE, "float32" or "int64"
+    high: int = 0  # exclusive upper bound of random int64 inputs (token ids); random floats otherwise
+
+
+@dataclass
+class Component:
+    name: str  # unet | text_encoder | vae_decoder
+    module: nn.Module
+    inputs: list[TensorSpec]
+    output: str  # the one output's name; its shape is read off the exported graph
+    clip: dict[str, int] = field(default_factory=dict)  # axis caps (the text encoder's positions)
+    attention_modules: int = 0  # SDPA calls per forward: what a fused export must turn into Attention ops
+
+    def torch_dtype(self, spec: TensorSpec, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if spec.dtype == MODEL_DTYPE else getattr(torch, spec.dtype)
+
+    def random_inputs(self, values: dict[str, int], model_dtype: torch.dtype, seed: int,
+                      device: str | torch.device = "cpu") -> list[torch.Tensor]:
+        """Seeded random inputs with axis sizes ``values``: N(0,1) latents/embeddings, timesteps in [0, 1000),
+        token ids in range."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for spec in self.inputs:
+            shape = tuple(d if isinstance(d, int) else min(values[d], self.clip.get(d, 1 << 30)) for d in spec.dims)
+            if spec.dtype == "int64":
+                t = torch.randint(0, spec.high, shape, generator=gen)
+            elif spec.name == "timestep":
+                t = torch.rand(shape, generator=gen) * 999
+            else:
+                t = torch.randn(shape, generator=gen)
+            out.append(t.to(device=device, dtype=self.torch_dtype(spec, model_dtype)))
+        return out
+
+
+class _UNet(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        # SD 1.x conditions on the last hidden state; the pooled output is unused.
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class _VaeDecoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def count_attention(module: nn.Module) -> int:
+    from diffusers.models.attention_processor import Attention
+
+    return sum(isinstance(m, Attention) for m in module.modules())
+
+
+def unet_component(unet) -> Component:
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise SlimDiffError(f"expected a UNet2DConditionModel, got {type(unet).__name__}")
+    cfg = unet.config
+    if cfg.get("addition_embed_type") or cfg.get("class_embed_type") or cfg.get("time_cond_proj_dim"):
+        raise SlimDiffError("UNets with added/class/timestep-condition embeddings (SDXL, LCM) are not supported yet")
+    return Component(
+        "unet", _UNet(unet).eval(),
+        inputs=[
+            TensorSpec("sample", ("batch", cfg.in_channels, "height", "width"), MODEL_DTYPE),
+            # float32 even in fp16 engines: diffusers computes the sinusoidal embedding in float32 anyway.
+            TensorSpec("timestep", ("batch",), "float32"),
+            TensorSpec("encoder_hidden_states", ("batch", "text_len", cfg.cross_attention_dim), MODEL_DTYPE),
+        ],
+        output="out_sample",
+        attention_modules=count_attention(unet),
+    )
+
+
+def text_encoder_component(text_encoder) -> Component:
+    cfg = text_encoder.config
+    return Component(
+        "text_encoder", _TextEncoder(text_encoder).eval(),
+        inputs=[TensorSpec("input_ids", ("batch", "text_len"), "int64", high=cfg.vocab_size)],
+        output="last_hidden_state",
+        clip={"text_len": cfg.max_position_embeddings},
+        attention_modules=cfg.num_hidden_layers,
+    )
+
+
+def vae_decoder_component(vae) -> Component:
+    cfg = vae.config
+    return Component(
+        "vae_decoder", _VaeDecoder(vae).eval(),
+        inputs=[TensorSpec("latent_sample", ("batch", cfg.latent_channels, "height", "width"), MODEL_DTYPE)],
+        output="sample",
+        attention_modules=count_attention(vae.decoder),
+    )

@@ -1,0 +1,257 @@
+"""ONNX export of dense and slim UNets, the text encoder and the VAE decoder.
+
+* torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``). At **opset 23** (default) every SDPA
+  becomes one native ``Attention`` op — including slim attentions whose q·k and v head widths differ, with
+  the original softmax ``scale`` as an attribute — and group norm / GELU become ``GroupNormalization`` /
+  ``Gelu``. At **opset 18** (fallback for TensorRT before 10.14) attention is decomposed into
+  MatMul-Softmax-MatMul, which TensorRT's MHA fusion recognises.
+* Dynamic batch, latent height/width (multiples of 8) and token axes; their min/opt/max go to a JSON sidecar
+  ``<file>.onnx.json`` together with op counts, hashes and the parity result.
+* Graphs over 2 GB keep their weights in ``<file>.onnx.data`` (external data).
+* Cleanup with onnxslim (no hand-written graph passes).
+* A parity check against PyTorch with ONNX Runtime after every export: fp32 must be within
+  :data:`FP32_TOLERANCE` (relative to the output's largest magnitude); fp16 error is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SlimDiffError
+from .meta import read_json, sha256_files, status, write_json_atomic
+from .modules import MODEL_DTYPE, Component
+from .shapes import AXES, Profile, Range, union
+
+DEFAULT_OPSET = 23  # native Attention / GroupNormalization / Gelu
+FALLBACK_OPSET = 18  # decomposed attention for TensorRT < 10.14
+OPSETS = (DEFAULT_OPSET, FALLBACK_OPSET)
+FUSED_OPS = ("Attention", "GroupNormalization", "Gelu")
+FP32_TOLERANCE = 1e-4
+SIDECAR_FORMAT = "slimdiff-onnx/1"
+# Protobuf refuses messages of 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_BYTES = 2**31 - 2**27
+
+
+def sidecar_path(onnx_path: Path) -> Path:
+    return Path(onnx_path).with_name(Path(onnx_path).name + ".json")
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The graph file and, when present, its external-data file."""
+    onnx_path = Path(onnx_path)
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return [onnx_path, data] if data.exists() else [onnx_path]
+
+
+def _axis_ranges(component: Component, full: Profile, multiples: dict[str, int]) -> dict[str, dict]:
+    """The axes ``component`` uses, clipped to what it accepts, with the multiple each must be."""
+    used = {d for spec in component.inputs for d in spec.dims if isinstance(d, str)}
+    out = {}
+    for axis in AXES:
+        if axis not in used:
+            continue
+        r = full.axis(axis)
+        cap = component.clip.get(axis)
+        if cap is not None:
+            if r.min > cap:
+                raise SlimDiffError(f"{component.name}: {axis} range {r} starts above its limit {cap}")
+            r = Range(r.min, min(r.opt, cap), min(r.max, cap))
+        out[axis] = {"min": r.min, "opt": r.opt, "max": r.max, "multiple": multiples.get(axis, 1)}
+    return out
+
+
+def _dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
+    from torch.export import Dim
+
+    dims = {}
+    for axis, r in axes.items():
+        if r["min"] == r["max"]:
+            dims[axis] = None  # static axis
+        elif r["multiple"] > 1:
+            m = r["multiple"]
+            dims[axis] = m * Dim(f"{axis}_{m}", min=r["min"] // m, max=r["max"] // m)
+        else:
+            dims[axis] = Dim(axis, min=r["min"], max=r["max"])
+    return {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str) and dims[d] is not None}
+            for spec in component.inputs}
+
+
+def example_values(axes: dict[str, dict]) -> dict[str, int]:
+    """Tracing sizes: ``opt``, but never 1 on a dynamic axis (torch.export would specialise a size-1 axis)."""
+    return {a: (min(2, r["max"]) if r["opt"] == 1 else r["opt"]) for a, r in axes.items()}
+
+
+def parity_shapes(axes: dict[str, dict]) -> list[dict[str, int]]:
+    """The shapes the parity check runs: opt, and min when it differs (two shapes through one graph)."""
+    opt = {a: r["opt"] for a, r in axes.items()}
+    low = {a: r["min"] for a, r in axes.items()}
+    return [opt] if low == opt else [opt, low]
+
+
+def op_counts(model) -> dict[str, int]:
+    counts = Counter(n.op_type for n in model.graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _value_info(value) -> dict:
+    import onnx
+
+    t = value.type.tensor_type
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+            "dims": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+
+def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *, opset: int = DEFAULT_OPSET,
+                dtype: torch.dtype = torch.float32, multiples: dict[str, int] | None = None,
+                parity_device: str = "cpu", extra: dict | None = None) -> dict:
+    """Export ``component`` to ``out_path`` (+ ``.data`` when large) and write its sidecar; return the sidecar.
+
+    ``profiles`` are kept for TensorRT; the graph's dynamic ranges cover all of them. ``multiples`` says what
+    latent height/width must be divisible by (default 8). ``extra`` is merged into the sidecar (rank plan,
+    variant). Raises :class:`SlimDiffError` when the export fails or fp32 parity is out of tolerance.
+    """
+    import onnx
+    import onnxslim
+
+    if opset not in OPSETS:
+        raise SlimDiffError(f"opset {opset} is not supported: use {DEFAULT_OPSET} (fused ops) "
+                            f"or {FALLBACK_OPSET} (decomposed attention, older TensorRT)")
+    if dtype not in (torch.float32, torch.float16):
+        raise SlimDiffError(f"ONNX export supports float32 and float16, not {dtype}")
+    out_path = Path(out_path)
+    multiples = {"height": 8, "width": 8, **(multiples or {})}
+    axes = _axis_ranges(component, union(profiles), multiples)
+    for a in ("height", "width"):
+        if a in axes and any(axes[a][k] % axes[a]["multiple"] for k in ("min", "opt", "max")):
+            raise SlimDiffError(f"{component.name}: latent {a} {axes[a]} must be multiples of {axes[a]['multiple']}")
+    reference = component.module
+    device = next(reference.parameters()).device
+    module = copy.deepcopy(reference).to(dtype) if dtype != torch.float32 else reference
+    example = component.random_inputs(example_values(axes), dtype, seed=0, device=device)
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    raw = out_path.with_name(f".{out_path.stem}.raw.onnx")
+
+    status(f"exporting {component.name} to ONNX (opset {opset}, {str(dtype).removeprefix('torch.')}, "
+           f"{n_bytes / 2**20:.0f} MiB of weights)")
+    t0 = time.perf_counter()
+    try:
+        program = torch.onnx.export(
+            module, tuple(example), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes=_dynamic_shapes(component, axes),
+            input_names=[s.name for s in component.inputs], output_names=[component.output],
+        )
+        large = n_bytes > EXTERNAL_DATA_BYTES
+        program.save(str(raw), external_data=large)
+        del program
+        # Given a ModelProto (not a path) onnxslim returns the cleaned graph without printing its table.
+        slim = onnxslim.slim(onnx.load(str(raw)))
+        onnx.save_model(slim, str(out_path), save_as_external_data=large, all_tensors_to_one_file=True,
+                        location=out_path.name + ".data", size_threshold=1024)
+        del slim
+    except SlimDiffError:
+        raise
+    except Exception as exc:  # the exporter raises many types; the user gets the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimDiffError(f"ONNX export of {component.name} at opset {opset} failed: {first}") from exc
+    finally:
+        for p in (raw, raw.with_name(raw.name + ".data")):
+            p.unlink(missing_ok=True)
+        if module is not reference:
+            del module
+    seconds = time.perf_counter() - t0
+
+    graph = onnx.load(str(out_path), load_external_data=False)
+    counts = op_counts(graph)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "component": component.name,
+        "file": out_path.name,
+        "files": [p.name for p in onnx_files(out_path)],
+        "external_data": len(onnx_files(out_path)) > 1,
+        "opset": opset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "inputs": [_value_info(v) for v in graph.graph.input],
+        "outputs": [_value_info(v) for v in graph.graph.output],
+        "axes": axes,
+        "profiles": [p.to_json() for p in profiles],
+        "ops": {"total": sum(counts.values()), **counts},
+        "attention_modules": component.attention_modules,
+        "fused": {op: counts.get(op, 0) for op in FUSED_OPS},
+        "parameters": sum(p.numel() for p in reference.parameters()),
+        "export_seconds": round(seconds, 1),
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxslim": onnxslim.__version__},
+        **(extra or {}),
+    }
+    if opset >= 23 and counts.get("Attention", 0) < component.attention_modules:
+        status(f"note: only {counts.get('Attention', 0)} of {component.attention_modules} attentions "
+               "became fused Attention ops")
+    sidecar["sha256"] = sha256_files(onnx_files(out_path))
+    sidecar["parity"] = check_parity(out_path, component, axes, dtype, device=parity_device)
+    write_json_atomic(sidecar_path(out_path), sidecar)
+    status(f"{component.name}: {sidecar['ops']['total']} ONNX nodes, fused {sidecar['fused']}, "
+           f"parity max abs error {sidecar['parity']['max_abs_error']:.2e} "
+           f"(relative {sidecar['parity']['max_rel_error']:.2e}) in {seconds:.0f} s")
+    return sidecar
+
+
+def check_parity(onnx_path: Path, component: Component, axes: dict[str, dict], dtype: torch.dtype,
+                 *, device: str = "cpu", seed: int = 1) -> dict:
+    """Run the graph with ONNX Runtime and ``component.module`` (the fp32 PyTorch reference) on seeded random
+    inputs at :func:`parity_shapes`; raise when fp32 is off by more than :data:`FP32_TOLERANCE` relative."""
+    from .ort import make_session
+
+    session = make_session(onnx_path, device=device)
+    reference = component.module
+    ref_device = next(reference.parameters()).device
+    ref_dtype = next(reference.parameters()).dtype
+    worst_abs = worst_rel = 0.0
+    shapes = parity_shapes(axes)
+    for i, values in enumerate(shapes):
+        feeds = component.random_inputs(values, dtype, seed=seed + i)
+        with torch.no_grad():
+            ref_inputs = [t.to(ref_device, ref_dtype) if spec.dtype == MODEL_DTYPE else t.to(ref_device)
+                          for t, spec in zip(feeds, component.inputs)]
+            ref = reference(*ref_inputs).float().cpu().numpy()
+        try:
+            got = session.run(None, {s.name: t.numpy() for s, t in zip(component.inputs, feeds)})[0]
+        except Exception as exc:
+            raise SlimDiffError(f"ONNX Runtime could not run {Path(onnx_path).name} at {values}: "
+                                f"{str(exc).strip().splitlines()[0]}") from exc
+        if got.shape != ref.shape:
+            raise SlimDiffError(f"{component.name}: ONNX output shape {got.shape} != PyTorch {ref.shape} at {values}")
+        err = float(np.abs(got.astype(np.float64) - ref).max())
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / max(float(np.abs(ref).max()), 1e-12))
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else None
+    result = {"provider": session.get_providers()[0], "shapes": shapes, "max_abs_error": worst_abs,
+              "max_rel_error": worst_rel, "tolerance": tolerance}
+    if tolerance is not None and worst_rel > tolerance:
+        raise SlimDiffError(f"{component.name}: ONNX Runtime output differs from PyTorch by {worst_rel:.2e} "
+                            f"(relative; tolerance {tolerance:.0e}) — the export is wrong")
+    return result
+
+
+def load_sidecar(onnx_path: Path, verify_hash: bool = True) -> dict:
+    """The sidecar of an exported graph, checked against the files it describes."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise SlimDiffError(f"ONNX file {str(onnx_path)!r} is missing")
+    body = read_json(sidecar_path(onnx_path), "ONNX sidecar", SIDECAR_FORMAT)
+    files = [onnx_path.with_name(n) for n in body.get("files", [onnx_path.name])]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise SlimDiffError(f"ONNX export {str(onnx_path)!r} is incomplete: {', '.join(missing)} missing")
+    if verify_hash and sha256_files(files) != body.get("sha256"):
+        raise SlimDiffError(f"ONNX file {str(onnx_path)!r} does not match its sidecar (changed or corrupt); "
+                            "export it again")
+    return body
+
+
+def profiles_of(sidecar: dict) -> list[Profile]:
+    return [Profile.from_json(p) for p in sidecar["profiles"]]
