@@ -52,37 +52,44 @@ def _pad_columns(linear: nn.Linear, heads: int, width: int) -> nn.Linear:
     return new.requires_grad_(False)
 
 
-def align_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = True) -> dict[str, tuple]:
-    """Zero-pad, in place, every attention's per-head q·k and v widths up to a multiple of ``multiple``
-    (and, with ``equal_qk_v``, both up to the wider of the two). Outputs are unchanged.
-
-    Returns ``{attention path: ((qk, v) before, (qk, v) after)}`` for the attentions that changed.
-    """
+def planned_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = True) -> dict[str, tuple]:
+    """``{attention path: ((qk, v) now, (qk, v) aligned)}`` for every attention that needs padding."""
     from diffusers.models.attention_processor import Attention
 
     if multiple < 1:
         raise SlimDiffError(f"head-width multiple must be positive, got {multiple}")
-    changed = {}
+    plan = {}
     for path, attn in model.named_modules():
         if not isinstance(attn, Attention):
             continue
-        heads = attn.heads
-        qk, v = attn.to_q.out_features // heads, attn.to_v.out_features // heads
+        qk, v = attn.to_q.out_features // attn.heads, attn.to_v.out_features // attn.heads
         new_qk, new_v = _round_up(qk, multiple), _round_up(v, multiple)
         if equal_qk_v:
             new_qk = new_v = max(new_qk, new_v)
-        if (new_qk, new_v) == (qk, v):
-            continue
+        if (new_qk, new_v) != (qk, v):
+            plan[path] = ((qk, v), (new_qk, new_v))
+    return plan
+
+
+def align_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = True) -> dict[str, tuple]:
+    """Zero-pad, in place, every attention's per-head q·k and v widths up to a multiple of ``multiple``
+    (and, with ``equal_qk_v``, both up to the wider of the two). Outputs are unchanged.
+
+    Returns :func:`planned_head_widths` — the attentions that changed, with their widths before and after.
+    """
+    plan = planned_head_widths(model, multiple, equal_qk_v)
+    for path, ((qk, v), (new_qk, new_v)) in plan.items():
+        attn = model.get_submodule(path)
         if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
             raise SlimDiffError(f"{path}: cannot pad an attention with group/spatial norm (VAE-style attention)")
         if not isinstance(attn.processor, SlimAttnProcessor):
             # The stock processors infer the softmax scale from the (padded) width; ours keeps attn.scale.
             attn.set_processor(SlimAttnProcessor())
+        heads = attn.heads
         if new_qk != qk:
             attn.to_q = _pad_rows(attn.to_q, heads, new_qk)
             attn.to_k = _pad_rows(attn.to_k, heads, new_qk)
         if new_v != v:
             attn.to_v = _pad_rows(attn.to_v, heads, new_v)
             attn.to_out[0] = _pad_columns(attn.to_out[0], heads, new_v)
-        changed[path] = ((qk, v), (new_qk, new_v))
-    return changed
+    return plan

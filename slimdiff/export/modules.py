@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
+from .shapes import AXES, Profile, Range
 
 MODEL_DTYPE = "model"  # an input whose dtype follows the exported precision (fp32 / fp16)
 
@@ -128,3 +129,53 @@ def vae_decoder_component(vae) -> Component:
         output="sample",
         attention_modules=count_attention(vae.decoder),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Axis ranges of one component, and how torch.export sees them
+# ----------------------------------------------------------------------------------------------------------
+
+
+def component_axes(component: Component, full: Profile, multiples: dict[str, int]) -> dict[str, dict]:
+    """The axes ``component`` uses, clipped to what it accepts, with the multiple each must be."""
+    used = {d for spec in component.inputs for d in spec.dims if isinstance(d, str)}
+    out = {}
+    for axis in AXES:
+        if axis not in used:
+            continue
+        r = full.axis(axis)
+        cap = component.clip.get(axis)
+        if cap is not None:
+            if r.min > cap:
+                raise SlimDiffError(f"{component.name}: {axis} range {r} starts above its limit {cap}")
+            r = Range(r.min, min(r.opt, cap), min(r.max, cap))
+        out[axis] = {"min": r.min, "opt": r.opt, "max": r.max, "multiple": multiples.get(axis, 1)}
+    return out
+
+
+def torch_dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
+    from torch.export import Dim
+
+    dims = {}
+    for axis, r in axes.items():
+        if r["min"] == r["max"]:
+            dims[axis] = None  # static axis
+        elif r["multiple"] > 1:
+            m = r["multiple"]
+            dims[axis] = m * Dim(f"{axis}_{m}", min=r["min"] // m, max=r["max"] // m)
+        else:
+            dims[axis] = Dim(axis, min=r["min"], max=r["max"])
+    return {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str) and dims[d] is not None}
+            for spec in component.inputs}
+
+
+def example_values(axes: dict[str, dict]) -> dict[str, int]:
+    """Tracing sizes: ``opt``, but never 1 on a dynamic axis (torch.export would specialise a size-1 axis)."""
+    return {a: (min(2, r["max"]) if r["opt"] == 1 else r["opt"]) for a, r in axes.items()}
+
+
+def parity_shapes(axes: dict[str, dict]) -> list[dict[str, int]]:
+    """The shapes the parity check runs: opt, and min when it differs (two shapes through one graph)."""
+    opt = {a: r["opt"] for a, r in axes.items()}
+    low = {a: r["min"] for a, r in axes.items()}
+    return [opt] if low == opt else [opt, low]

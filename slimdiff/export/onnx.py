@@ -25,8 +25,8 @@ import torch
 
 from ..errors import SlimDiffError
 from .meta import read_json, sha256_files, status, write_json_atomic
-from .modules import MODEL_DTYPE, Component
-from .shapes import AXES, Profile, Range, union
+from .modules import MODEL_DTYPE, Component, component_axes, example_values, parity_shapes, torch_dynamic_shapes
+from .shapes import Profile, union
 
 DEFAULT_OPSET = 23  # native Attention / GroupNormalization / Gelu
 FALLBACK_OPSET = 18  # decomposed attention for TensorRT < 10.14
@@ -47,51 +47,6 @@ def onnx_files(onnx_path: Path) -> list[Path]:
     onnx_path = Path(onnx_path)
     data = onnx_path.with_name(onnx_path.name + ".data")
     return [onnx_path, data] if data.exists() else [onnx_path]
-
-
-def _axis_ranges(component: Component, full: Profile, multiples: dict[str, int]) -> dict[str, dict]:
-    """The axes ``component`` uses, clipped to what it accepts, with the multiple each must be."""
-    used = {d for spec in component.inputs for d in spec.dims if isinstance(d, str)}
-    out = {}
-    for axis in AXES:
-        if axis not in used:
-            continue
-        r = full.axis(axis)
-        cap = component.clip.get(axis)
-        if cap is not None:
-            if r.min > cap:
-                raise SlimDiffError(f"{component.name}: {axis} range {r} starts above its limit {cap}")
-            r = Range(r.min, min(r.opt, cap), min(r.max, cap))
-        out[axis] = {"min": r.min, "opt": r.opt, "max": r.max, "multiple": multiples.get(axis, 1)}
-    return out
-
-
-def _dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
-    from torch.export import Dim
-
-    dims = {}
-    for axis, r in axes.items():
-        if r["min"] == r["max"]:
-            dims[axis] = None  # static axis
-        elif r["multiple"] > 1:
-            m = r["multiple"]
-            dims[axis] = m * Dim(f"{axis}_{m}", min=r["min"] // m, max=r["max"] // m)
-        else:
-            dims[axis] = Dim(axis, min=r["min"], max=r["max"])
-    return {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str) and dims[d] is not None}
-            for spec in component.inputs}
-
-
-def example_values(axes: dict[str, dict]) -> dict[str, int]:
-    """Tracing sizes: ``opt``, but never 1 on a dynamic axis (torch.export would specialise a size-1 axis)."""
-    return {a: (min(2, r["max"]) if r["opt"] == 1 else r["opt"]) for a, r in axes.items()}
-
-
-def parity_shapes(axes: dict[str, dict]) -> list[dict[str, int]]:
-    """The shapes the parity check runs: opt, and min when it differs (two shapes through one graph)."""
-    opt = {a: r["opt"] for a, r in axes.items()}
-    low = {a: r["min"] for a, r in axes.items()}
-    return [opt] if low == opt else [opt, low]
 
 
 def op_counts(model) -> dict[str, int]:
@@ -126,7 +81,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         raise SlimDiffError(f"ONNX export supports float32 and float16, not {dtype}")
     out_path = Path(out_path)
     multiples = {"height": 8, "width": 8, **(multiples or {})}
-    axes = _axis_ranges(component, union(profiles), multiples)
+    axes = component_axes(component, union(profiles), multiples)
     for a in ("height", "width"):
         if a in axes and any(axes[a][k] % axes[a]["multiple"] for k in ("min", "opt", "max")):
             raise SlimDiffError(f"{component.name}: latent {a} {axes[a]} must be multiples of {axes[a]['multiple']}")
@@ -143,7 +98,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
     try:
         program = torch.onnx.export(
             module, tuple(example), dynamo=True, opset_version=opset, verbose=False,
-            dynamic_shapes=_dynamic_shapes(component, axes),
+            dynamic_shapes=torch_dynamic_shapes(component, axes),
             input_names=[s.name for s in component.inputs], output_names=[component.output],
         )
         large = n_bytes > EXTERNAL_DATA_BYTES
@@ -179,6 +134,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         "inputs": [_value_info(v) for v in graph.graph.input],
         "outputs": [_value_info(v) for v in graph.graph.output],
         "axes": axes,
+        "input_axes": {spec.name: list(spec.dims) for spec in component.inputs},
         "profiles": [p.to_json() for p in profiles],
         "ops": {"total": sum(counts.values()), **counts},
         "attention_modules": component.attention_modules,

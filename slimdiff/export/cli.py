@@ -1,0 +1,285 @@
+"""``slimdiff-export``: build deployable engines of a dense model and its slim version, and verify them.
+
+    slimdiff-export --model builtin:tiny --engine ort --out engines/
+
+Given a dense model (built-in, diffusers folder, ``.safetensors``) it builds the dense engine, slims the UNet
+(calibration flags as in ``slimdiff slim``; default budget 40 % of the compressible parameters) and builds the
+slim engine; ``--slim-only`` skips the dense one. Given a slim folder (``slimdiff slim`` output) it builds the
+slim engine only. Each engine is then loaded through :mod:`slimdiff.runtime` and compared with the PyTorch
+UNet on random inputs; a table (engine, file, size, parameters, max abs error, load time) ends the run.
+
+Output layout (written to a temporary sibling and renamed into place only when everything succeeded)::
+
+    OUT/export.json                          the command, versions and the table
+    OUT/{dense,slim}/unet.onnx[.data]        ONNX export (trt / ort) + unet.onnx.json sidecar
+    OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SlimDiffError
+from .meta import status, write_json_atomic
+
+DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
+FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _add_calibration  # the same calibration flags as `slimdiff slim`
+
+    p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="dense model (builtin:tiny, builtin:sd15-shape, a diffusers folder, a .safetensors file) "
+                        "or a slim folder written by `slimdiff slim`")
+    p.add_argument("--engine", required=True, choices=["trt", "ort", "aoti"],
+                   help="TensorRT (NVIDIA GPU), ONNX Runtime (CPU/CUDA) or AOTInductor")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--slim-only", action="store_true", help="skip the dense engine")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; trt needs cuda)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="fp16", action="store_true", default=None,
+                           help="FP16 engine (default on GPU)")
+    precision.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 engine (default on CPU)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset: 23 = native fused Attention/GroupNormalization (default), "
+                        "18 = decomposed attention for TensorRT < 10.14 (chosen automatically there)")
+    shapes = p.add_argument_group("shapes", "MIN:OPT:MAX or N; several comma-separated ranges give several "
+                                            "TensorRT profiles (flags with one range apply to all)")
+    shapes.add_argument("--batch", default=None, help="UNet batch; guidance doubles it (default 1:2:4)")
+    shapes.add_argument("--height", default=None,
+                        help="image height in pixels, latent multiples of 8 (default: half to 1.5x the model's)")
+    shapes.add_argument("--width", default=None, help="image width in pixels (default as --height)")
+    shapes.add_argument("--text-len", default=None, help="tokens of the text embedding (default 77:77:154)")
+    slim = p.add_argument_group("slimming (dense models)")
+    slim.add_argument("--budget", default=DEFAULT_BUDGET,
+                      help="fraction of the compressible parameters to remove (0.4) or an amount (100M)")
+    slim.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
+    _add_calibration(slim)
+    trt = p.add_argument_group("TensorRT")
+    trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
+    trt.add_argument("--timing-cache", default=None,
+                     help="timing cache file, reused across builds (default: ~/.cache/slimdiff/tensorrt/)")
+    trt.add_argument("--no-cuda-graphs", action="store_true", help="verify without CUDA graphs")
+    return p
+
+
+def _device(args) -> str:
+    import torch
+
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise SlimDiffError(f"--device must be cpu or cuda, not {args.device!r}")
+    return args.device
+
+
+def _load_model(source: str):
+    """``(pipeline or None, dense UNet or None, slim UNet or None, plan or None)``."""
+    from ..models import load_pipeline
+    from ..serialization import is_slim_folder, load_plan, load_slim
+
+    if is_slim_folder(source):
+        return None, None, load_slim(source), load_plan(source)
+    try:
+        pipe = load_pipeline(source)
+    except SlimDiffError as exc:
+        raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
+                            f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
+    return pipe, pipe.unet, None, None
+
+
+def _slim_dense_model(pipe, args):
+    """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
+    from ..api import slim_pipeline
+    from ..cli import _calibration_config
+    from ..prompts import read_prompts
+    from ..slim import SlimConfig, parse_budget
+
+    prompts = None if args.stats else read_prompts(args.prompts)
+    report = slim_pipeline(pipe, SlimConfig(budget=parse_budget(args.budget)), stats=args.stats,
+                           prompts=prompts, num_prompts=args.num_prompts, calibration=_calibration_config(args))
+    return report.plan
+
+
+def _needs_aligned_heads(engine: str, device: str) -> bool:
+    """TensorRT's fused MHA and CUDA flash kernels want head widths that are equal multiples of 8;
+    ONNX Runtime and Inductor on the CPU take any width, so padding there would only cost time."""
+    return engine == "trt" or device.startswith("cuda")
+
+
+def _aligned(unet):
+    """``unet`` with aligned head widths (padded copy only when something needs padding) and what changed."""
+    from .align import align_head_widths, planned_head_widths
+
+    if not planned_head_widths(unet):
+        return unet, {}
+    padded = copy.deepcopy(unet)  # the caller's UNet stays as it is (it may be slimmed next)
+    return padded, align_head_widths(padded)
+
+
+def _verify(folder: Path, unet, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
+    """Load the engine via the runtime and compare it with the PyTorch UNet on seeded random inputs."""
+    import torch
+
+    from ..runtime import EngineUNet
+    from .modules import unet_component
+
+    engine = EngineUNet.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
+    inputs = unet_component(unet).random_inputs(values, torch.float32, seed=seed, device=device)
+    with torch.no_grad():
+        ref = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0].float()
+        got = engine(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0].float()
+    err = (got - ref).abs().max().item()
+    return {"max_abs_error": err, "max_rel_error": err / max(ref.abs().max().item(), 1e-12),
+            "load_seconds": engine.load_seconds, "shape": values}
+
+
+def _build_variant(args, variant: str, unet, plan, folder: Path, profiles, kind: str, device: str, dtype, opset,
+                   multiple: int) -> dict:
+    import torch
+
+    from .engines import build_engine
+    from .modules import component_axes, unet_component
+    from .onnx import export_onnx
+    from .shapes import union
+
+    folder.mkdir()
+    unet = unet.to(device).eval()
+    if next(unet.parameters()).dtype != torch.float32:
+        unet = unet.float()  # the PyTorch reference and the export source stay float32; fp16 is cast per export
+    params = sum(p.numel() for p in unet.parameters())
+    target, changed = _aligned(unet) if _needs_aligned_heads(kind, device) else (unet, {})
+    component = unet_component(target)
+    extra = {"variant": variant, "unet_config": dict(unet.config), "parameters": params,
+             "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
+             "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}
+    multiples = {"height": multiple, "width": multiple}
+    profile_json = [p.to_json() for p in profiles]
+    onnx_path = sidecar = None
+    if kind in ("trt", "ort"):
+        onnx_path = folder / "unet.onnx"
+        ort_cuda = device.startswith("cuda") and _ort_has_cuda()
+        sidecar = export_onnx(component, profiles, onnx_path, opset=opset, dtype=dtype, multiples=multiples,
+                              parity_device=device if ort_cuda else "cpu", extra={"variant": variant})
+        axes = sidecar["axes"]
+    else:
+        axes = component_axes(component, union(profiles), multiples)
+    trt_options = {"opt_level": args.trt_opt_level,
+                   "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
+    meta = build_engine(kind, component, folder, axes=axes, profiles=profile_json, dtype=dtype, device=device,
+                        onnx_path=onnx_path, sidecar=sidecar, extra=extra, trt_options=trt_options)
+    status(f"verifying the {variant} {kind} engine against PyTorch")
+    check = _verify(folder, unet, device, {a: r["opt"] for a, r in axes.items()}, not args.no_cuda_graphs)
+    if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
+        raise SlimDiffError(f"the {variant} {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
+                            f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
+    return {"engine": kind, "variant": variant, "file": f"{variant}/{meta['file']}", "size_bytes": meta["size_bytes"],
+            "parameters": params, "dtype": meta["dtype"], "opset": sidecar["opset"] if sidecar else None,
+            "fused_ops": sidecar["fused"] if sidecar else None, **check}
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("engine", "variant", "file", "size", "parameters", "max abs error", "load time")
+    body = [(r["engine"], r["variant"], r["file"], f"{r['size_bytes'] / 2**20:.1f} MiB", f"{r['parameters']:,}",
+             f"{r['max_abs_error']:.2e}", f"{r['load_seconds']:.2f} s") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (head, *body)]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    from ..serialization import atomic_output_dir, commit_output_dir
+    from .onnx import DEFAULT_OPSET, OPSETS
+    from .shapes import default_flags, latent_multiple, parse_profiles
+
+    start = time.perf_counter()
+    opset = args.opset
+    if args.engine == "trt":
+        from .trt import opset_for_tensorrt, require_tensorrt
+
+        trt = require_tensorrt()  # before any slow work: one line naming ort/aoti when it is missing
+        opset = opset or opset_for_tensorrt(trt.__version__)
+    opset = opset or DEFAULT_OPSET
+    if opset not in OPSETS:
+        raise SlimDiffError(f"--opset {opset} is not supported: use 23 (fused) or 18 (decomposed attention)")
+    device = _device(args)
+    if args.engine == "trt" and not device.startswith("cuda"):
+        raise SlimDiffError("TensorRT engines need --device cuda")
+    fp16 = args.fp16 if args.fp16 is not None else device.startswith("cuda")
+    dtype = torch.float16 if fp16 else torch.float32
+    out = Path(args.out)
+    tmp = atomic_output_dir(out, overwrite=args.force)
+    try:
+        pipe, dense, slim, plan = _load_model(args.model)
+        if pipe is not None:
+            pipe.to(device)  # calibration runs the whole pipeline on the export device
+        reference = dense if dense is not None else slim
+        vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
+        multiple = latent_multiple(reference.config)
+        defaults = default_flags(reference.config, vae_scale)
+        profiles = parse_profiles(args.batch or defaults["batch"], args.height or defaults["height"],
+                                  args.width or defaults["width"], args.text_len or defaults["text_len"],
+                                  vae_scale=vae_scale, multiple=multiple)
+        status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
+        build = dict(profiles=profiles, kind=args.engine, device=device, dtype=dtype, opset=opset, multiple=multiple)
+        rows = []
+        if dense is not None and not args.slim_only:
+            rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
+        if slim is None:
+            status(f"slimming the UNet (budget {args.budget})")
+            plan = _slim_dense_model(pipe, args)
+            slim = pipe.unet
+        rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
+        print(format_table(rows))
+        if len(rows) == 2:
+            dense_p, slim_p = rows[0]["parameters"], rows[1]["parameters"]
+            print(f"slim UNet: {slim_p:,} of {dense_p:,} parameters ({100 * (1 - slim_p / dense_p):.1f} % fewer)")
+        write_json_atomic(tmp / "export.json", {
+            "format": "slimdiff-export/1", "model": args.model, "engine": args.engine, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "opset": opset if args.engine != "aoti" else None,
+            "profiles": [p.to_json() for p in profiles], "rows": rows, "argv": sys.argv[1:],
+            "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
+        commit_output_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    status(f"engines written to {out} in {time.perf_counter() - start:.0f} s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except SlimDiffError as exc:
+        print(f"slimdiff-export: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimdiff-export: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
