@@ -43,10 +43,10 @@ def collect_statistics(
 ) -> Statistics:
     """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given."""
     slimset = choose_prompts(pipe, prompts, num_prompts)
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
+    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress)
+    if out is not None:  # provenance of the prompt choice (calibration itself keeps prompts.txt)
         (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
-    return calibrate(pipe, slimset.prompts, out, calibration, loop, progress)
+    return stats
 
 
 def slim_pipeline(

@@ -384,8 +384,11 @@ def calibrate(
     """
     if not prompts:
         raise SlimDiffError("no calibration prompts")
-    unet = pipe.unet
-    loop = loop or pipeline_loop(pipe, config)
+    unet = getattr(pipe, "unet", pipe)  # a pipeline, or a bare UNet driven by the caller's loop
+    if loop is None:
+        if unet is pipe:
+            raise SlimDiffError("calibrating a bare UNet needs a sampling loop (loop=...)")
+        loop = pipeline_loop(pipe, config)
     folder = Path(out) if out is not None else None
     fingerprint = model_fingerprint(unet)
     prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
@@ -422,7 +425,7 @@ def calibrate(
 def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
     manifest = _read_manifest(folder)
     if manifest is None:
-        if folder.exists() and any(folder.iterdir()):
+        if folder.exists() and any(p.name != "slimset.json" for p in folder.iterdir()):
             raise SlimDiffError(f"{str(folder)!r} exists and is not a statistics directory")
         return None
     if manifest["fingerprint"] != fresh["fingerprint"]:

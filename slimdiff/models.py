@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,22 +177,8 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
     if not path.exists():
         raise SlimDiffError(f"model path {source!r} does not exist")
     try:
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise SlimDiffError(f"{source!r}: only .safetensors checkpoints are accepted (no pickle files)")
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
-            )
-        elif (path / "model_index.json").exists():
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None,
-                requires_safety_checker=False, use_safetensors=True,
-            )
-        else:
-            raise SlimDiffError(
-                f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
-                "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
-            )
+        with _quiet_loading():
+            pipe = _load_local_pipeline(path, source, dtype)
     except SlimDiffError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one line
@@ -198,6 +186,39 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval().requires_grad_(False)
     return pipe
+
+
+@contextmanager
+def _quiet_loading():
+    """Loading bars and API-deprecation chatter would bury the one line a user needs on failure."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SlimDiffError(f"{source!r}: only .safetensors checkpoints are accepted (no pickle files)")
+        return StableDiffusionPipeline.from_single_file(
+            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
+        )
+    if (path / "model_index.json").exists():
+        return StableDiffusionPipeline.from_pretrained(
+            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None,
+            requires_safety_checker=False, use_safetensors=True,
+        )
+    raise SlimDiffError(
+        f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
+        "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
+    )
 
 
 def load_unet(source: str, dtype: torch.dtype = torch.float32):

@@ -62,6 +62,7 @@ def test_bad_inputs(stats_dir, tmp_path, capsys):
     with torch.no_grad():
         pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q.weight.mul_(1.5)
     pipe.save_pretrained(other)
+    capsys.readouterr()
     _fails(capsys, [*slim, "--model", str(other), "--budget", "0.4"], "different model")
     _fails(capsys, ["inspect", str(tmp_path)], "not a slim UNet folder")
     assert not out.exists() and not (tmp_path / "s").exists()
