@@ -1,0 +1,152 @@
+"""``slimdiff bench``: dense vs slim UNet latency on one or more engines, with a report folder.
+
+Wiring into the main CLI::
+
+    from .bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)            # registers "bench" with set_defaults(func=run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import SlimDiffError
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SlimDiffError(f"{what}: {text!r} is not a comma-separated list of numbers") from None
+    if not values:
+        raise SlimDiffError(f"{what}: no value given")
+    return values
+
+
+def _ints(text: str, what: str) -> list[int]:
+    values = _floats(text, what)
+    if any(v != int(v) for v in values):
+        raise SlimDiffError(f"{what}: {text!r} must be whole numbers")
+    return [int(v) for v in values]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .engines import names
+
+    p.add_argument("--model", required=True,
+                   help="builtin:tiny, builtin:sd15-shape, a diffusers pipeline folder or a .safetensors checkpoint")
+    p.add_argument("--engines", default="eager", help=f"comma-separated, from {','.join(names())} (default eager)")
+    p.add_argument("--budgets", default="0,0.4",
+                   help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4)")
+    p.add_argument("--batch", default="1,2", help="UNet batch sizes (default 1,2); even sizes also run end to end "
+                                                  "with batch/2 images under classifier-free guidance")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    p.add_argument("--iters", type=int, default=20, help="timed UNet calls (default 20)")
+    p.add_argument("--steps", type=int, default=25, help="end-to-end sampling steps (default 25)")
+    p.add_argument("--e2e-runs", type=int, default=3, help="timed end-to-end runs after one warm-up (default 3)")
+    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end pipeline runs")
+    p.add_argument("--guidance", type=float, default=7.5)
+    calib = p.add_mutually_exclusive_group()
+    calib.add_argument("--stats", default=None, help="calibration statistics folder: slim models are real")
+    calib.add_argument("--calib-prompts", type=int, default=None,
+                       help="calibrate this many SlimSet prompts first (real slim models and errors); 0 = "
+                            "synthetic plans (uniform scores, seeded weights: latency only). Default: 8 for "
+                            "builtin:tiny, 0 otherwise")
+    p.add_argument("--calib-steps", type=int, default=10, help="sampling steps per calibration prompt (default 10)")
+    p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
+    p.add_argument("--r-min", type=int, default=8)
+    p.add_argument("--allocator", default="softmax", choices=["softmax", "greedy", "uniform"])
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode (default max-autotune on cuda, default on cpu)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds; engine builds that would end later are skipped and reported")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="report folder (report.json, report.md, PNG plots)")
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
+    p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` on the main CLI's sub-parsers; the handler is ``args.func = run``."""
+    p = subparsers.add_parser("bench", help="latency of dense vs slim UNets on eager/compile/ort/aoti/trt engines")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args):
+    from .engines import parse_engines
+    from .harness import BenchConfig
+
+    calib = args.calib_prompts
+    if calib is None:
+        calib = 0 if args.stats or args.model != "builtin:tiny" else 8
+    return BenchConfig(
+        model=args.model, engines=parse_engines(args.engines), budgets=_floats(args.budgets, "--budgets"),
+        batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,
+        warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,
+        guidance=args.guidance, stats=args.stats, calib_prompts=calib, calib_steps=args.calib_steps,
+        align=args.align, r_min=args.r_min, allocator=args.allocator, seed=args.seed,
+        compile_mode=args.compile_mode, deadline_s=args.deadline,
+        command=_command_line(),
+    )
+
+
+def _command_line() -> str:
+    import shlex
+    from pathlib import Path
+
+    program = "python -m slimdiff.bench" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
+
+
+def run(args) -> None:
+    """Run the benchmark the parsed ``args`` describe; print the table; write the report when ``--out``."""
+    from pathlib import Path
+
+    from .harness import run_bench
+    from .report import console_table, validate_report, write_report
+
+    config = config_from_args(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise SlimDiffError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    if args.out and Path(args.out).exists() and not args.force:
+        raise SlimDiffError(f"output {args.out!r} already exists (use --force to replace it)")
+    report = run_bench(config)
+    validate_report(report)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        model = report["model"]
+        print(f"{model['source']} ({model['weights']} weights, {model['dtype']}, {model['resolution']}² px) on "
+              f"{report['environment']['device'].get('name')}; slim models: {model['plan_source']}")
+        print(console_table(report))
+    if args.out:
+        write_report(report, args.out, overwrite=args.force)
+        print(f"report written to {args.out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="slimdiff bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except SlimDiffError as exc:
+        print(f"slimdiff bench: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

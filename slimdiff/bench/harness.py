@@ -1,0 +1,434 @@
+"""The latency benchmark: dense vs slim UNets on the same engines, UNet-only and end-to-end.
+
+For every engine that can run here, every budget (0 = dense) and every UNet batch size it measures the UNet
+call (warm-ups, then timed calls: median and p90), the error of the engine's output against the dense eager
+model on the same inputs, MACs and parameters (``torch.utils.flop_counter``), the ideal speed-up (dense MACs /
+slim MACs) and the measured/ideal ratio, peak memory and engine file size. At even UNet batch sizes it also
+runs the whole pipeline (``batch/2`` images with classifier-free guidance, so the UNet sees the same shape)
+and splits its latency into time inside and outside the UNet.
+
+Cells are run in priority order — eager first, then the other engines budget by budget in the order given —
+and a ``deadline_s`` skips (and reports) the cells that would not finish in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SlimDiffError
+from . import engines as engine_registry
+from .env import device_info, git_commit, library_versions, machine_info, weights_kind
+from .macs import count_macs, counter_notes, meta_unet
+from .plans import SYNTHETIC, SlimModel, make_models
+from .timing import CallTimer, PeakMemory, is_cuda, time_calls, wall_clock
+
+SCHEMA = "slimdiff-bench/1"
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    engines: list[str] = field(default_factory=lambda: ["eager"])
+    budgets: list[float] = field(default_factory=lambda: [0.0, 0.4])
+    batches: list[int] = field(default_factory=lambda: [1, 2])
+    resolution: int | None = None  # image pixels; None: the model's default
+    device: str | None = None  # None: cuda when available
+    dtype: str | None = None  # float16 | float32 | bfloat16; None: float16 on cuda, float32 on cpu
+    warmup: int = 3
+    iters: int = 20
+    e2e: bool = True
+    e2e_steps: int = 25
+    e2e_runs: int = 3
+    guidance: float = 7.5
+    stats: str | None = None  # calibration statistics directory (real slimming)
+    calib_prompts: int = 0  # > 0: calibrate this many SlimSet prompts first (real slimming)
+    calib_steps: int = 10
+    align: int = 8
+    r_min: int = 8
+    allocator: str = "softmax"
+    seed: int = 0
+    compile_mode: str | None = None
+    deadline_s: float | None = None
+    #: engine → seconds a first build is assumed to need (before one was observed) for the deadline check.
+    build_estimates_s: dict[str, float] = field(default_factory=dict)
+    workdir: str | None = None
+    prompt: str = DEFAULT_PROMPT
+    command: str | None = None  # how the run was started, for the report (default: sys.argv)
+
+    def __post_init__(self):
+        if not self.budgets or any(b < 0 for b in self.budgets):
+            raise SlimDiffError("budgets must be ≥ 0 (0 = dense)")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise SlimDiffError("batch sizes must be positive")
+        if self.warmup < 0 or self.iters < 1 or self.e2e_runs < 1 or self.e2e_steps < 1:
+            raise SlimDiffError("warm-up must be ≥ 0; timed calls, end-to-end runs and steps ≥ 1")
+        if self.stats and self.calib_prompts:
+            raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
+
+
+def _resolve_device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if is_cuda(name) and not torch.cuda.is_available():
+        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
+    return name
+
+
+def _resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None:
+        return torch.float16 if is_cuda(device) else torch.float32
+    try:
+        dtype = getattr(torch, name)
+    except AttributeError:
+        dtype = None
+    if dtype not in (torch.float16, torch.float32, torch.bfloat16):
+        raise SlimDiffError(f"dtype must be float16, bfloat16 or float32, got {name!r}")
+    return dtype
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
+    if out.shape != ref.shape:
+        raise SlimDiffError(f"engine output shape {tuple(out.shape)} differs from the reference {tuple(ref.shape)}")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class _Inputs:
+    """Fixed UNet inputs per batch size: seeded latents, a mid-schedule timestep, real text embeddings."""
+
+    def __init__(self, pipe, latent: tuple[int, int], device: str, dtype: torch.dtype, prompt: str, seed: int):
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(prompt, device, 1, False)[0].to(dtype)
+        self.embeds, self.latent, self.device, self.dtype, self.seed = embeds, latent, device, dtype, seed
+        self.channels = pipe.unet.config.in_channels
+
+    def get(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        sample = torch.randn(batch, self.channels, *self.latent, generator=gen)
+        timestep = torch.full((batch,), 500.0, dtype=torch.float32)
+        return (sample.to(self.device, self.dtype), timestep.to(self.device),
+                self.embeds.expand(batch, -1, -1).contiguous())
+
+
+@contextlib.contextmanager
+def _engine_in_pipeline(pipe, run, timer: CallTimer):
+    """Route the pipeline's UNet calls to ``run`` (timed), leaving the module object — and so the pipeline's
+    config, dtype and device bookkeeping — in place."""
+    unet = pipe.unet
+    timed = timer.wrap(run)
+
+    def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
+        extra = [k for k, v in kwargs.items() if v is not None]
+        if args or extra:
+            raise SlimDiffError(f"the benchmark UNet takes (sample, timestep, encoder_hidden_states) only; "
+                                f"the pipeline also passed {extra or 'positional arguments'}")
+        t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1)
+        out = timed(sample, t.expand(sample.shape[0]).contiguous(), encoder_hidden_states)
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+    unet.forward = forward
+    try:
+        yield
+    finally:
+        del unet.forward  # the instance attribute shadowed the class's forward
+
+
+def _file_bytes(files: list[Path]) -> int | None:
+    return sum(Path(f).stat().st_size for f in files) if files else None
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
+class Bench:
+    def __init__(self, config: BenchConfig, log=None):
+        self.cfg = config
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.t0 = time.perf_counter()
+        self.observed_build: dict[str, float] = {}
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _deadline_reason(self, engine: str) -> str | None:
+        if self.cfg.deadline_s is None:
+            return None
+        need = self.observed_build.get(engine, self.cfg.build_estimates_s.get(engine, 0.0))
+        left = self.cfg.deadline_s - self.elapsed()
+        if left <= 0 or need > left:
+            return (f"not run: the suite's {self.cfg.deadline_s:.0f} s deadline leaves {max(left, 0):.0f} s, "
+                    f"this engine needs ~{need:.0f} s per model")
+        return None
+
+    def _load(self):
+        from ..models import load_pipeline
+
+        self.log(f"loading {self.cfg.model} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
+        pipe = load_pipeline(self.cfg.model, self.dtype).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _statistics(self, pipe):
+        if self.cfg.stats:
+            from ..calibrate import Statistics
+
+            return Statistics.load(self.cfg.stats), f"statistics from {self.cfg.stats}"
+        if self.cfg.calib_prompts > 0:
+            from ..api import collect_statistics
+            from ..calibrate import CalibrationConfig
+
+            self.log(f"calibrating on {self.cfg.calib_prompts} SlimSet prompts × {self.cfg.calib_steps} steps")
+            res = self.resolution
+            stats = collect_statistics(pipe, None, self.cfg.calib_prompts, None, CalibrationConfig(
+                steps=self.cfg.calib_steps, height=res, width=res, seed=self.cfg.seed,
+                pass1_prompts=min(64, self.cfg.calib_prompts)), progress=False)
+            return stats, (f"calibrated here: {self.cfg.calib_prompts} SlimSet prompts × {self.cfg.calib_steps} "
+                           f"steps at {res}², CFG {self.cfg.guidance}")
+        return None, None
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        engines = {name: engine_registry.create(name, compile_mode=cfg.compile_mode) for name in cfg.engines}
+        pipe = self._load()
+        factor = pipe.vae_scale_factor
+        self.resolution = cfg.resolution or pipe.unet.config.sample_size * factor
+        # Every down-sampling level halves the latent; skip connections need it to divide evenly.
+        multiple = factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+        if self.resolution % multiple:
+            raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")
+        latent = (self.resolution // factor, self.resolution // factor)
+        stats, stats_note = self._statistics(pipe)
+        slim_config = None
+        if stats is not None:
+            from ..slim import SlimConfig
+
+            slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
+        self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
+        models = make_models(pipe.unet, cfg.budgets, stats=stats, slim_config=slim_config, seed=cfg.seed,
+                             align=cfg.align, r_min=cfg.r_min)
+        inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
+        dense_params = sum(p.numel() for p in pipe.unet.parameters())
+
+        model_entries = []
+        for m in models:
+            macs = {str(b): count_macs(meta_unet(pipe.unet.config, m.plan), b, latent).to_dict() for b in cfg.batches}
+            params = sum(p.numel() for p in m.unet.parameters())
+            model_entries.append({
+                "budget": m.budget, "source": m.source, "params": params, "params_removed": dense_params - params,
+                "removed_by_kind": m.plan.removed_by_kind() if m.plan else {},
+                "compressible_params": m.plan.compressible_params if m.plan else None,
+                "ranks": {n: e.rank for n, e in m.plan.modules.items()} if m.plan else None,
+                "macs": macs, "plan_info": {k: v for k, v in (m.plan.info if m.plan else {}).items()
+                                            if k in ("source", "scores", "budget", "budget_resolved", "align",
+                                                     "r_min", "slim_config", "num_prompts")},
+            })
+
+        # Dense eager references: UNet outputs on the fixed inputs, and images for end-to-end errors.
+        dense_run = engine_registry.create("eager").build(pipe.unet, cfg.batches, latent, 0, Path()).run
+        refs = {}
+        with torch.no_grad():
+            for b in cfg.batches:
+                refs[b] = dense_run(*inputs.get(b)).float().cpu()
+        e2e_ref = {b // 2: self._pipeline(pipe, dense_run, b // 2, CallTimer(self.device))
+                   for b in cfg.batches if cfg.e2e and b % 2 == 0}
+
+        engine_entries, results = {}, []
+        for name, engine in engines.items():
+            reason = engine.unavailable(self.device)
+            engine_entries[name] = {"description": engine.description,
+                                    "status": "skipped" if reason else "ok", "reason": reason}
+            if reason:
+                self.log(f"engine {name}: skipped — {reason}")
+        workroot = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
+        workroot.mkdir(parents=True, exist_ok=True)
+        try:
+            order = [n for n in engines if n == "eager"] + [n for n in engines if n != "eager"]
+            jobs = []  # (engine, model index); eager first, then budget-major for the other engines
+            jobs += [(n, i) for n in order if n == "eager" for i in range(len(models))]
+            jobs += [(n, i) for i in range(len(models)) for n in order if n != "eager"]
+            for name, index in jobs:
+                engine, model = engines[name], models[index]
+                if engine_entries[name]["status"] != "ok":
+                    continue
+                results.extend(self._run_engine_model(name, engine, model, index, pipe, inputs, latent, refs,
+                                                      e2e_ref, workroot / f"{name}-{index}"))
+        finally:
+            if not cfg.workdir:
+                shutil.rmtree(workroot, ignore_errors=True)
+
+        _speedups(results, model_entries)
+        return {
+            "schema": SCHEMA,
+            "created": started,
+            "wall_seconds": round(self.elapsed(), 1),
+            "command": cfg.command or " ".join(sys.argv),
+            "config": {k: v for k, v in asdict(cfg).items() if k != "build_estimates_s"},
+            "model": {
+                "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
+                "resolution": self.resolution, "latent": list(latent), "dense_params": dense_params,
+                "plan_source": "calibrated" if stats is not None else SYNTHETIC,
+                "plan_note": stats_note or ("synthetic plans: the real allocator on uniform scores (no calibration "
+                                            "statistics) and seeded random values in the resized layers — latency "
+                                            "is real, outputs and errors of slim models are not meaningful"),
+            },
+            "environment": {"machine": machine_info(), "device": device_info(self.device),
+                            "libraries": library_versions(), "git": git_commit()},
+            "mac_counter": counter_notes(),
+            "models": model_entries,
+            "engines": engine_entries,
+            "results": results,
+        }
+
+    def _weights_kind(self) -> str:
+        from ..serialization import is_slim_folder, load_plan
+
+        source = self.cfg.model
+        if not source.startswith("builtin:") and is_slim_folder(source):
+            source = load_plan(source).info.get("source_model", source)
+        return weights_kind(source)
+
+    def _run_engine_model(self, name, engine, model: SlimModel, index, pipe, inputs, latent, refs, e2e_ref,
+                          workdir: Path) -> list[dict]:
+        cfg = self.cfg
+        cells = []
+        for batches in [cfg.batches]:  # one engine per model serves every batch size
+            base = {"engine": name, "budget": model.budget}
+            reason = self._deadline_reason(name)
+            if reason:
+                self.log(f"{name} budget {model.budget:g}: {reason}")
+                cells += [{**base, "batch": b, "status": "skipped", "reason": reason} for b in batches]
+                continue
+            started = time.perf_counter()
+            try:
+                cells += self._build_and_measure(name, engine, model, batches, pipe, inputs, latent, refs, e2e_ref,
+                                                 workdir / "-".join(map(str, batches)))
+            except Exception as exc:  # one engine failing must not lose the others' results
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.log(f"{name} budget {model.budget:g}: failed — {first}")
+                cells += [{**base, "batch": b, "status": "failed", "reason": f"{type(exc).__name__}: {first}"}
+                          for b in batches]
+            finally:
+                _free(self.device)
+            took = time.perf_counter() - started
+            self.observed_build[name] = max(self.observed_build.get(name, 0.0), took)
+        return cells
+
+    def _build_and_measure(self, name, engine, model: SlimModel, batches, pipe, inputs, latent, refs, e2e_ref,
+                           workdir: Path) -> list[dict]:
+        cfg = self.cfg
+        workdir.mkdir(parents=True, exist_ok=True)
+        weights_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+        memory = PeakMemory(self.device).start()
+        t_build = time.perf_counter()
+        built = engine.build(model.unet, batches, latent, inputs.embeds.shape[1], workdir)
+        build_s = time.perf_counter() - t_build
+        cells = []
+        for b in batches:
+            sample, timestep, context = inputs.get(b)
+            with torch.no_grad(), wall_clock(self.device) as first:
+                out = built.run(sample, timestep, context).float().cpu()  # lazy engines compile here
+            timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
+            eager_err = None
+            if name != "eager":
+                with torch.no_grad():
+                    eager = model.unet.forward(sample, timestep, encoder_hidden_states=context,
+                                               return_dict=False)[0].float().cpu()
+                eager_err = _rel_err(out, eager)
+            cell = {
+                "engine": name, "budget": model.budget, "batch": b, "status": "ok",
+                "unet": timing.to_dict(), "build_s": round(build_s, 3), "first_call_ms": round(first[0], 3),
+                "error_vs_dense": _rel_err(out, refs[b]) if model.meaningful_outputs or model.budget == 0 else None,
+                "error_vs_eager": eager_err,
+                "engine_file_bytes": _file_bytes(built.files), "weights_bytes": weights_bytes,
+                "engine_info": built.info,
+            }
+            if cfg.e2e and b % 2 == 0:
+                cell["e2e"] = self._e2e(pipe, built.run, b // 2, model, e2e_ref)
+            cell["memory"] = memory.read()
+            if is_cuda(self.device):
+                cell["clocks_after"] = device_info(self.device).get("clocks")
+            self.log(f"{name:>8} budget {model.budget:<4g} batch {b}: median {timing.median_ms:8.2f} ms "
+                     f"(p90 {timing.p90_ms:.2f})")
+            cells.append(cell)
+        return cells
+
+    def _pipeline(self, pipe, run, images: int, timer: CallTimer) -> torch.Tensor:
+        """One text-to-image run (seeded latents, decoded images) with the UNet calls routed to ``run``."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with _engine_in_pipeline(pipe, run, timer), torch.no_grad():
+            out = pipe([cfg.prompt] * images, num_inference_steps=cfg.e2e_steps, guidance_scale=cfg.guidance,
+                       height=self.resolution, width=self.resolution, generator=gen, output_type="np").images
+        return torch.from_numpy(out).float()
+
+    def _e2e(self, pipe, run, images: int, model: SlimModel, e2e_ref: dict) -> dict:
+        cfg = self.cfg
+        totals, inside, calls, last = [], [], [], None
+        for i in range(cfg.e2e_runs + 1):  # the first run warms up (allocations, lazy compilation)
+            timer = CallTimer(self.device)
+            with wall_clock(self.device) as wall:
+                last = self._pipeline(pipe, run, images, timer)
+            if i:
+                totals.append(wall[0])
+                inside.append(timer.total_ms())
+                calls.append(timer.calls)
+        meaningful = model.meaningful_outputs or model.budget == 0
+        error = _rel_err(last, e2e_ref[images]) if meaningful else None
+        total, unet_ms = _median(totals), _median(inside)
+        return {"images": images, "steps": cfg.e2e_steps, "guidance": cfg.guidance, "runs": cfg.e2e_runs,
+                "total_ms": total, "unet_ms": unet_ms, "outside_unet_ms": total - unet_ms,
+                "unet_calls": calls[-1], "image_error_vs_dense": error,
+                "unet_timing": "cuda-events (summed, unsynchronised)" if is_cuda(self.device) else "perf_counter"}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+def _speedups(results: list[dict], models: list[dict]) -> None:
+    """Fill speed-up (dense latency / slim latency, same engine and batch), ideal speed-up (dense MACs / slim
+    MACs) and measured/ideal into every measured slim cell."""
+    macs = {(m["budget"], int(b)): v["total"] for m in models for b, v in m["macs"].items()}
+    dense = {(r["engine"], r["batch"]): r for r in results if r["budget"] == 0 and r["status"] == "ok"}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        ideal = macs[(0.0, r["batch"])] / macs[(r["budget"], r["batch"])] if (0.0, r["batch"]) in macs else None
+        base = dense.get((r["engine"], r["batch"]))
+        speedup = base["unet"]["median_ms"] / r["unet"]["median_ms"] if base else None
+        r["ideal_speedup"] = ideal
+        r["speedup"] = speedup
+        r["measured_over_ideal"] = speedup / ideal if speedup and ideal else None
+        # The share of the ideal *gain* realised: 1 when the MAC reduction turns fully into time saved.
+        r["gain_realised"] = (speedup - 1) / (ideal - 1) if speedup and ideal and ideal > 1 else None
+        if base and r.get("e2e") and base.get("e2e"):
+            r["e2e"]["speedup"] = base["e2e"]["total_ms"] / r["e2e"]["total_ms"]
+
+
+def run_bench(config: BenchConfig, log=None) -> dict:
+    return Bench(config, log).run()

@@ -1,0 +1,162 @@
+"""Slim UNets for benchmarking: real ones from calibration statistics, or shape-true ones without any.
+
+Latency depends on shapes, not values, so at SD-1.5 scale a benchmark needs no calibration: a *synthetic*
+plan runs the project's real allocator (:func:`slimdiff.allocate.allocate`) on uniform scores — every module
+loses the same fraction of its width, rounded to the alignment grid — and the resized Linears are filled with
+seeded random values. Such a model's outputs mean nothing; reports say so and show no error for it.
+
+With calibration statistics the model is slimmed by the real driver (:func:`slimdiff.slim.slim_unet`), and
+its error against the dense model is meaningful.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..errors import SlimDiffError
+from ..models import FFN, QK, ModuleSite, module_sites
+from ..plan import RankPlan
+from ..rebuild import apply_plan_shapes, load_slim_weights
+
+SYNTHETIC = "synthetic"
+CALIBRATED = "calibrated"
+
+
+@dataclass
+class SlimModel:
+    """A UNet to benchmark: the dense original (``budget == 0``) or a slim copy, with its provenance."""
+
+    unet: nn.Module
+    budget: float
+    plan: RankPlan | None
+    source: str  # "dense" | SYNTHETIC | CALIBRATED
+    info: dict = field(default_factory=dict)
+
+    @property
+    def meaningful_outputs(self) -> bool:
+        return self.source != SYNTHETIC
+
+
+def resolve_budget(budget: float, sites: list[ModuleSite]) -> float:
+    """A fraction (< 1) of the compressible parameter mass, or an absolute number of parameters."""
+    total = sum(s.params for s in sites)
+    return budget * total if budget < 1 else float(budget)
+
+
+def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int = 8) -> RankPlan:
+    """Ranks from the real allocator on uniform scores (no statistics): one removal fraction everywhere."""
+    from .. import allocate as alloc
+
+    sites = module_sites(unet)
+    items = [alloc.AllocationItem(s.name, s.width, float(s.unit_params), 0.0) for s in sites]
+    amount = resolve_budget(budget, sites)
+    try:
+        ranks = alloc.allocate(items, amount, temperature=math.inf, r_min=r_min, align=align, method="softmax")
+    except ValueError as exc:
+        raise SlimDiffError(f"cannot remove {budget} of the compressible parameters: {exc}") from exc
+    return RankPlan.from_ranks(sites, ranks, info={
+        "source": SYNTHETIC, "scores": "uniform (no calibration statistics)", "budget": budget,
+        "budget_resolved": amount, "align": align, "r_min": r_min})
+
+
+def _site_linears(unet: nn.Module, site: ModuleSite) -> list[nn.Linear]:
+    block = unet.get_submodule(site.block)
+    if site.kind == FFN:
+        return [block.ff.net[0].proj, block.ff.net[2]]
+    attn = getattr(block, site.attn)
+    return [attn.to_q, attn.to_k] if site.kind == QK else [attn.to_v, attn.to_out[0]]
+
+
+@torch.no_grad()
+def seeded_slim_copy(unet: nn.Module, plan: RankPlan, seed: int = 0) -> nn.Module:
+    """A copy of ``unet`` with ``plan``'s shapes; every resized Linear drawn from ``seed`` (PyTorch's default
+    Linear initialisation, U(±1/√fan_in)), the rest of the weights shared in value with the original."""
+    slim = apply_plan_shapes(copy.deepcopy(unet), plan)
+    gen = torch.Generator().manual_seed(seed)
+    for site in module_sites(slim):  # sites of the slim model: widths are the new ranks
+        if plan.modules[site.name].rank == plan.modules[site.name].width:
+            continue
+        for lin in _site_linears(slim, site):
+            bound = 1.0 / math.sqrt(lin.in_features)
+            for p in (lin.weight, lin.bias):
+                if p is not None:
+                    p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound)
+    slim.slim_plan = plan
+    return slim.eval().requires_grad_(False)
+
+
+def calibrated_slim_copy(unet: nn.Module, stats, config) -> tuple[nn.Module, RankPlan, object]:
+    """``slim_unet`` on a copy of ``unet`` (the dense model stays intact for comparison)."""
+    from ..slim import slim_unet
+
+    slim = copy.deepcopy(unet)
+    report = slim_unet(slim, stats, config, progress=False)
+    report.plan.info["source"] = CALIBRATED
+    return slim.eval().requires_grad_(False), report.plan, report
+
+
+def calibrated_items(unet: nn.Module, stats, config) -> list:
+    """Allocation items with the driver's module scores and closed-form error curves (for the latency
+    allocator), computed exactly as :func:`slimdiff.slim.slim_unet` does for its greedy allocator."""
+    from .. import allocate as alloc
+    from .. import analyze
+    from ..slim import analyze_sites, decompose_site
+
+    stats.check_model(unet)
+    sites = module_sites(unet)
+    analyses = analyze_sites(unet, stats, sites)
+    rho = torch.stack([analyses[s.name].rho for s in sites])
+    w = torch.stack([analyses[s.name].weights for s in sites])
+    prop = torch.stack([analyses[s.name].propagation for s in sites])
+    scores = analyze.module_scores(rho, w, prop, beta=config.beta)
+    return [alloc.AllocationItem(s.name, s.width, float(s.unit_params), float(scores[i]),
+                                 decompose_site(unet, analyses[s.name], s.width, config).error_curve)
+            for i, s in enumerate(sites)]
+
+
+@torch.no_grad()
+def calibrated_copy_from_ranks(unet: nn.Module, stats, ranks: dict[str, int], config,
+                               info: dict | None = None) -> tuple[nn.Module, RankPlan]:
+    """Decompose every site of ``unet`` at the given ranks (closed form, as the driver does) into a copy."""
+    from ..slim import analyze_sites, decompose_site
+
+    stats.check_model(unet)
+    sites = module_sites(unet)
+    plan = RankPlan.from_ranks(sites, ranks, info={"source": CALIBRATED, **(info or {})})
+    todo = [s for s in sites if plan.modules[s.name].rank < s.width]
+    analyses = analyze_sites(unet, stats, todo)
+    tensors = {}
+    for s in todo:
+        tensors.update(decompose_site(unet, analyses[s.name], ranks[s.name], config).tensors)
+    slim = apply_plan_shapes(copy.deepcopy(unet), plan)
+    dtype = next(unet.parameters()).dtype
+    load_slim_weights(slim, {k: v.to(dtype) for k, v in tensors.items()})
+    slim.slim_plan = plan
+    return slim.eval().requires_grad_(False), plan
+
+
+def make_models(unet: nn.Module, budgets: list[float], *, stats=None, slim_config=None, seed: int = 0,
+                align: int = 8, r_min: int = 8) -> list[SlimModel]:
+    """The dense model (budget 0) and one slim copy per positive budget: calibrated when ``stats`` are given,
+    synthetic (uniform scores, seeded weights) otherwise."""
+    models = []
+    for budget in budgets:
+        if budget < 0:
+            raise SlimDiffError(f"budgets must be ≥ 0 (0 = dense), got {budget}")
+        if budget == 0:
+            models.append(SlimModel(unet, 0.0, None, "dense"))
+        elif stats is not None:
+            if slim_config is None:
+                raise SlimDiffError("calibrated slim models need a SlimConfig")
+            config = replace(slim_config, budget=budget)
+            slim, plan, report = calibrated_slim_copy(unet, stats, config)
+            models.append(SlimModel(slim, budget, plan, CALIBRATED, {"relative_errors": report.relative_errors}))
+        else:
+            plan = synthetic_plan(unet, budget, align=align, r_min=r_min)
+            models.append(SlimModel(seeded_slim_copy(unet, plan, seed), budget, plan, SYNTHETIC))
+    return models
