@@ -1,0 +1,176 @@
+"""``slimdiff eval``: quality of a slim model against its dense model, from identical seeds.
+
+    slimdiff eval --model DENSE --slim SLIM [--prompts FILE] --num N --steps S --out DIR
+
+Writes ``DIR/report.json``, ``DIR/report.md`` and ``DIR/grid.png`` (dense row over slim row, same seeds per
+column); with ``--save-images`` or ``--fid-real`` also ``DIR/images/{dense,slim}/NNNNN.png``. The folder is
+built under a temporary name and renamed into place, so it appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import SlimDiffError
+
+# The proxy's own evaluation (python -m slimdiff.proxy.evaluate) draws held-out prompts with this seed.
+HELDOUT_PROMPT_SEED = 12345
+PROXY_GUIDANCE = 5.0  # the guidance the proxy model is trained and evaluated for
+SD_GUIDANCE = 7.5
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="compare a slim model with its dense model (fidelity, noise error, "
+                                           "adherence, optional CLIP/FID)")
+    p.add_argument("--model", required=True, help="dense model: built-in name, pipeline folder or .safetensors")
+    p.add_argument("--slim", required=True,
+                   help="slim UNet folder from `slimdiff slim`, or any other pipeline to compare against the dense one")
+    p.add_argument("--prompts", default=None,
+                   help="prompt file (.txt, .csv/.tsv, COCO JSON); default for the proxy model: its held-out prompts")
+    p.add_argument("--num", type=int, default=32, help="number of prompts (first N of the file; default 32)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"CFG scale (default {PROXY_GUIDANCE} for the proxy model, {SD_GUIDANCE} otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call (default 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--grid", type=int, default=8, help="columns of the PNG grid (default 8)")
+    p.add_argument("--adherence", choices=("auto", "on", "off"), default="auto",
+                   help="prompt adherence with the proxy analyzer (auto: only for the proxy model)")
+    p.add_argument("--save-images", action="store_true", help="also write every image as a PNG")
+    p.add_argument("--clip-model", default=None, help="open_clip architecture for CLIP score, e.g. ViT-L-14")
+    p.add_argument("--clip-weights", default=None, help="local open_clip checkpoint for --clip-model")
+    p.add_argument("--fid-real", default=None, help="folder of real images for FID (clean-fid or torch-fidelity)")
+    p.add_argument("--fid-weights", default=None, help="local Inception weights for torch-fidelity")
+    p.add_argument("--out", required=True, help="report folder (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
+    p.set_defaults(func=run)
+    return p
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
+    return name
+
+
+def _load_slim(source: str, dense_unet, dtype, device):
+    """The UNet to compare: a slim folder's UNet, or the UNet of any other pipeline (dense baselines)."""
+    from ..models import load_pipeline
+    from ..serialization import is_slim_folder, load_plan, load_slim
+
+    if not source.startswith("builtin:") and is_slim_folder(source):
+        unet, made_from = load_slim(source, dtype=dtype), load_plan(source).info.get("source_model")
+    else:
+        unet, made_from = load_pipeline(source, dtype).unet, None
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
+        if unet.config[key] != dense_unet.config[key]:
+            raise SlimDiffError(f"--slim {source!r} is not comparable with the dense model: its UNet has "
+                                f"{key}={unet.config[key]}, the dense one {dense_unet.config[key]}")
+    return unet.to(device).eval(), made_from
+
+
+def _prompts(args, proxy: bool) -> list[str]:
+    from ..prompts import read_prompts
+
+    if args.num < 1:
+        raise SlimDiffError(f"--num must be positive, got {args.num}")
+    if args.prompts:
+        return read_prompts(args.prompts, limit=args.num)
+    if proxy:
+        from ..proxy.shapes import heldout_prompts
+
+        return heldout_prompts(args.num, seed=HELDOUT_PROMPT_SEED)
+    raise SlimDiffError("--prompts is required for models other than the proxy (e.g. ../shared/data/PartiPrompts.tsv)")
+
+
+def evaluate_to(args, folder: Path) -> dict:
+    """Run the evaluation described by ``args`` and write the report files into ``folder``."""
+    import torch
+
+    from ..models import load_pipeline
+    from . import optional
+    from .evaluate import EvalSettings, adherence, compare, is_proxy, model_label, unet_cost
+    from .metrics import fidelity, noise_error_summary
+    from .report import eval_markdown, save_grid, save_images, write_json
+
+    start = time.perf_counter()
+    device = _device(args.device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dense = load_pipeline(args.model, dtype).to(device)
+    slim_unet, made_from = _load_slim(args.slim, dense.unet, dtype, device)
+    proxy = is_proxy(args.model)
+    if args.adherence == "on" and not proxy:
+        print("note: --adherence on with a model that is not the proxy: the analyzer reads shapes only")
+    prompts = _prompts(args, proxy)
+    settings = EvalSettings(steps=args.steps, seed=args.seed, size=args.resolution, batch_size=args.batch_size,
+                            guidance=args.guidance if args.guidance is not None else
+                            (PROXY_GUIDANCE if proxy else SD_GUIDANCE))
+    comp = compare(dense, {"slim": slim_unet}, prompts, settings)
+    images = {"dense": comp.dense, "slim": comp.slims["slim"]}
+
+    metrics = {"noise_prediction_error": noise_error_summary(comp.noise_errors["slim"], comp.timesteps),
+               "fidelity": fidelity(comp.dense, comp.slims["slim"]),
+               "lpips": optional.lpips_distance(comp.dense, {"slim": comp.slims["slim"]}, device)}
+    if args.adherence == "on" or (args.adherence == "auto" and proxy):
+        metrics["adherence"] = {name: adherence(imgs, prompts) for name, imgs in images.items()}
+        metrics["adherence"]["delta_points"] = 100 * (metrics["adherence"]["slim"]["score"]
+                                                      - metrics["adherence"]["dense"]["score"])
+    else:
+        metrics["adherence"] = optional.skipped("only for the proxy model (its analyzer reads shape scenes); "
+                                                "use --adherence on to force")
+    metrics["clip_score"] = optional.clip_score(images, prompts, args.clip_model, args.clip_weights, device)
+    if args.save_images or args.fid_real:
+        for name, imgs in images.items():
+            save_images(folder / "images" / name, imgs)
+    metrics["fid"] = optional.fid({n: folder / "images" / n for n in images}, args.fid_real, args.fid_weights,
+                                  device)
+
+    tokens = dense.tokenizer.model_max_length
+    report = {
+        "format": "slimdiff-quality/1",
+        "label": model_label(args.model),
+        "dense": {"source": args.model, **unet_cost(dense.unet, tokens)},
+        "slim": {"source": args.slim, "made_from": made_from, **unet_cost(slim_unet, tokens)},
+        "settings": {"prompts_file": args.prompts, "num_prompts": len(prompts), "steps": settings.steps,
+                     "guidance": settings.guidance, "seeds": f"{settings.seed}..{settings.seed + len(prompts) - 1}",
+                     "size": comp.dense.shape[1], "scheduler": type(dense.scheduler).__name__, "device": device,
+                     "dtype": str(dtype).removeprefix("torch."), "unet_calls_per_image": len(comp.timesteps)},
+        "metrics": metrics,
+        "prompts": prompts,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json(folder / "report.json", report)
+    (folder / "report.md").write_text(eval_markdown(report), encoding="utf-8")
+    save_grid(folder / "grid.png", [("dense", comp.dense), ("slim", comp.slims["slim"])], args.grid)
+    return report
+
+
+def run(args) -> None:
+    from ..serialization import atomic_output_dir, commit_output_dir
+
+    out = Path(args.out)
+    tmp = atomic_output_dir(out, args.force)
+    try:
+        report = evaluate_to(args, tmp)
+        commit_output_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    m = report["metrics"]
+    print(f"quality report written to {out} ({report['label']})")
+    print(f"  noise-prediction error (mean over steps): {m['noise_prediction_error']['mean']:.4f}")
+    print(f"  PSNR {m['fidelity']['psnr_db']['mean']:.2f} dB, SSIM {m['fidelity']['ssim']['mean']:.4f}")
+    if "skipped" not in m["adherence"]:
+        print(f"  adherence dense {m['adherence']['dense']['score']:.3f}, slim {m['adherence']['slim']['score']:.3f}")
+    for name in ("lpips", "clip_score", "fid", "adherence"):
+        if "skipped" in m[name]:
+            print(f"  {name}: skipped ({m[name]['skipped']})")
+

@@ -1,0 +1,116 @@
+"""Dense-vs-slim comparison from identical seeds: images, noise-prediction errors, adherence and costs.
+
+:func:`compare` samples the dense pipeline once (with every slim UNet probed along its trajectory) and then
+each slim pipeline; the metric helpers turn a :class:`Comparison` into report sections. Used by
+``slimdiff eval`` (one slim model) and by ``bench/ablation.py`` (many).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import SlimDiffError
+from .sampling import NoiseErrorProbe, generate, with_unet
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Sampling for evaluation; image ``i`` uses seed ``seed + i``."""
+
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    size: int | None = None  # pixels; default: the model's native size
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise SlimDiffError("steps and batch size must be positive")
+
+
+@dataclass
+class Comparison:
+    prompts: list[str]
+    seeds: list[int]
+    timesteps: list[int]  # timestep of every UNet call of one sampling run (PNDM repeats one)
+    dense: np.ndarray  # (N, H, W, 3) in [0, 1]
+    slims: dict[str, np.ndarray]
+    noise_errors: dict[str, np.ndarray]  # name → (N, calls)
+    seconds: float
+
+
+def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], settings: EvalSettings,
+            progress: bool = True) -> Comparison:
+    """Sample dense and slim images from identical seeds; probe every slim UNet along the dense trajectory."""
+    start = time.perf_counter()
+    prompts = list(prompts)
+    if not prompts:
+        raise SlimDiffError("no evaluation prompts")
+    seeds = [settings.seed + i for i in range(len(prompts))]
+    kw = dict(steps=settings.steps, guidance=settings.guidance, size=settings.size, batch_size=settings.batch_size)
+    probe = NoiseErrorProbe(pipe.unet, slims)
+    dense = generate(pipe, prompts, seeds, probe=probe, desc="dense sampling + slim noise errors" if progress else None,
+                     **kw)
+    images = {name: generate(with_unet(pipe, unet), prompts, seeds, desc=f"slim sampling: {name}" if progress else None,
+                             **kw) for name, unet in slims.items()}
+    return Comparison(prompts, seeds, probe.timesteps, dense, images, probe.errors(), time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the model is, and what it costs
+# ----------------------------------------------------------------------------------------------------------
+
+RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape")
+
+
+def is_proxy(source: str) -> bool:
+    """The project's proxy model: ``builtin:proxy`` or a pipeline folder written by ``slimdiff.proxy.train``."""
+    if source == "builtin:proxy":
+        return True
+    return not source.startswith("builtin:") and (Path(source) / "proxy_training.json").is_file()
+
+
+def model_label(source: str) -> str:
+    """How results of this model must be labelled in a report."""
+    if is_proxy(source):
+        return "proxy model (trained in-house on procedural shape scenes)"
+    if source in RANDOM_BUILTINS:
+        return "seeded random weights (no trained model: numbers exercise the harness only)"
+    return "user-supplied weights"
+
+
+def unet_cost(unet: torch.nn.Module, text_tokens: int = 77) -> dict:
+    """Parameters and MACs of one UNet call (batch 1, native latent size), counted on the meta device."""
+    params = sum(p.numel() for p in unet.parameters())
+    try:
+        from ..bench.macs import count_macs, meta_unet
+    except ImportError as exc:
+        return {"params": params, "macs": None, "macs_skipped": f"slimdiff.bench.macs is not importable ({exc})"}
+    count = count_macs(meta_unet(unet.config, getattr(unet, "slim_plan", None)), text_tokens=text_tokens)
+    return {"params": params, "macs": count.total, "macs_transformer": count.transformer}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt adherence (proxy model only)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def adherence(images: np.ndarray, prompts: Sequence[str]) -> dict:
+    """Fraction of prompt attributes the proxy analyzer finds in the images (shape prompts only)."""
+    from ..proxy.analyzer import attribute_accuracy
+    from ..proxy.shapes import parse_caption
+
+    for p in prompts:
+        try:
+            parse_caption(p)
+        except ValueError as exc:
+            raise SlimDiffError(f"adherence needs shape-scene prompts of the proxy vocabulary; {p!r} is not one "
+                                f"({exc})") from exc
+    score, per_kind = attribute_accuracy(list(images), list(prompts))
+    return {"score": float(score), "per_kind": per_kind}

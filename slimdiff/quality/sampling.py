@@ -1,0 +1,137 @@
+"""Seeded sampling of dense and slim pipelines, and the noise-prediction error along the dense trajectory.
+
+Every image ``i`` is the prompt ``prompts[i]`` sampled from the initial latent drawn by a CPU generator seeded
+with ``seeds[i]`` (the convention of :mod:`slimdiff.proxy.evaluate`), so images do not depend on batching or
+device and a dense and a slim image of the same index differ only through the UNet.
+
+:class:`NoiseErrorProbe` hooks the dense UNet while the dense pipeline samples: every dense call is repeated
+with each slim UNet on *exactly the same inputs* (latent, timestep, text states), and the relative error of the
+slim noise prediction is recorded per image and per call. The slim model never steers the trajectory, so the
+error of step k isolates the slim UNet from the accumulated drift of its own sampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import SlimDiffError
+
+
+def image_size(pipe) -> int:
+    """Pixel size the pipeline samples at by default (the UNet's sample size × the VAE factor)."""
+    size = pipe.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return size * pipe.vae_scale_factor
+
+
+def with_unet(pipe, unet):
+    """A pipeline of the same class sharing every component of ``pipe`` except the UNet."""
+    kwargs = {**pipe.components, "unet": unet}
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        kwargs["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", False))
+    out = type(pipe)(**kwargs)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def _prediction(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+class NoiseErrorProbe:
+    """Records ‖ε_slim − ε_dense‖ / ‖ε_dense‖ per image and UNet call while attached to the dense UNet.
+
+    With classifier-free guidance the UNet batch is ``[unconditional; conditional]``; both rows of an image
+    enter its error together (the norm is over everything the UNet predicts for that image at that step).
+    """
+
+    def __init__(self, dense_unet: torch.nn.Module, slims: dict[str, torch.nn.Module]):
+        if not slims:
+            raise SlimDiffError("no slim model to compare against the dense one")
+        if any(unet is dense_unet for unet in slims.values()):  # its hook would call itself forever
+            raise SlimDiffError("a slim model is the dense UNet object itself: pass a copy to compare it")
+        self.dense_unet, self.slims = dense_unet, slims
+        self.batches: dict[str, list[np.ndarray]] = {name: [] for name in slims}
+        self.timesteps: list[int] | None = None
+        self._images = 0
+        self._calls: dict[str, list[np.ndarray]] = {}
+        self._steps: list[int] = []
+
+    def _hook(self, _module, args, kwargs, output):
+        dense = _prediction(output).detach()
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self._steps.append(int(torch.as_tensor(t).flatten()[0]))
+        rows = dense.shape[0]
+        if rows % self._images:
+            raise SlimDiffError(f"UNet batch of {rows} rows does not split into {self._images} images")
+        # diffusers stacks the CFG branches as [uncond; cond]: row r belongs to image r % images
+        dense64 = dense.double().reshape(rows // self._images, self._images, -1)
+        den = dense64.pow(2).sum(dim=(0, 2))
+        for name, unet in self.slims.items():
+            slim = _prediction(unet(*args, **kwargs)).detach().double()
+            num = (slim.reshape_as(dense64) - dense64).pow(2).sum(dim=(0, 2))
+            self._calls[name].append((num / den.clamp_min(1e-300)).sqrt().cpu().numpy())
+
+    @contextmanager
+    def batch(self, images: int) -> Iterator[None]:
+        """Attach the hook for one pipeline call over ``images`` images."""
+        self._images, self._steps = images, []
+        self._calls = {name: [] for name in self.slims}
+        handle = self.dense_unet.register_forward_hook(self._hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if self.timesteps is None:
+            self.timesteps = self._steps
+        elif self._steps != self.timesteps:
+            raise SlimDiffError("pipeline calls visited different timesteps: the schedule must be fixed")
+        for name, calls in self._calls.items():
+            self.batches[name].append(np.stack(calls, axis=1))
+
+    def errors(self) -> dict[str, np.ndarray]:
+        """(images, UNet calls) relative errors for every slim model."""
+        if self.timesteps is None:
+            raise SlimDiffError("the probe has seen no sampling run")
+        return {name: np.concatenate(parts, axis=0) for name, parts in self.batches.items()}
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+             size: int | None = None, batch_size: int = 8, probe: NoiseErrorProbe | None = None,
+             desc: str | None = None) -> np.ndarray:
+    """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
+
+    With ``probe``, the probe's hook runs on every call of ``pipe.unet`` (which must be the probe's dense UNet).
+    """
+    if len(prompts) != len(seeds) or not prompts:
+        raise SlimDiffError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    if probe is not None and probe.dense_unet is not pipe.unet:
+        raise SlimDiffError("the noise-error probe must be attached to the pipeline's own (dense) UNet")
+    size = size or image_size(pipe)
+    if size % pipe.vae_scale_factor:
+        raise SlimDiffError(f"image size {size} is not a multiple of the VAE factor {pipe.vae_scale_factor}")
+    latent = size // pipe.vae_scale_factor
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    out = []
+    for k in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
+        chunk_p, chunk_s = list(prompts[k:k + batch_size]), seeds[k:k + batch_size]
+        latents = torch.stack([
+            torch.randn((unet.config.in_channels, latent, latent), generator=torch.Generator("cpu").manual_seed(int(s)))
+            for s in chunk_s]).to(device=device, dtype=dtype)
+        call = lambda: pipe(chunk_p, height=size, width=size, num_inference_steps=steps,  # noqa: E731
+                            guidance_scale=guidance, latents=latents, output_type="np").images
+        if probe is None:
+            images = call()
+        else:
+            with probe.batch(len(chunk_p)):
+                images = call()
+        out.append(np.asarray(images, dtype=np.float32))
+    return np.concatenate(out, axis=0)
