@@ -84,7 +84,9 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
         apply_plan_shapes(unet, plan)
-        state = load_file(str(weights), device=str(device))
+        # safetensors slices one buffer, so tensors can start unaligned and BLAS then takes another code
+        # path; fresh allocations make a loaded UNet compute bit-identically to the one that was saved.
+        state = {k: v.clone() for k, v in load_file(str(weights), device=str(device)).items()}
         unet.load_state_dict(state, strict=True, assign=True)
     except SlimDiffError as exc:
         raise SlimDiffError(f"corrupt slim folder {str(path)!r}: {exc}") from exc
