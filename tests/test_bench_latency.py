@@ -1,0 +1,134 @@
+"""Latency table model and the latency-budget allocator, on synthetic tables (no timing is asserted)."""
+
+import math
+
+import pytest
+import torch
+
+from slimdiff.allocate import AllocationItem
+from slimdiff.bench.latency_table import (TABLE_FORMAT, LatencyModel, latency_budget_ranks, load_table, proxy_items,
+                                          rank_grid, save_table, separability, site_geometry)
+from slimdiff.bench.timing import summarize
+from slimdiff.errors import SlimDiffError
+from slimdiff.models import FFN, module_sites
+
+LATENT = (16, 16)
+
+
+def _table(unet, ffn_ms_per_unit, attn_ms_per_unit, other_ms=10.0, untied_penalty=0.0):
+    """A table whose sub-layer latencies are linear in width: ffn a·r, attention b·(r_qk + r_vo) (+ a
+    penalty when they differ); the dense UNet = their sum over sites + ``other_ms``."""
+    geo = site_geometry(unet, LATENT)
+    groups, dense = {}, other_ms
+    for s in module_sites(unet):
+        g = geo[s.name]
+        if s.kind == FFN:
+            grid = rank_grid(s.width, 16, 6)
+            a = ffn_ms_per_unit(g)
+            curve = {"ffn": {"ranks": grid, "ms": [a * r for r in grid]}}
+            dense += a * s.width
+        elif s.kind == "qk":
+            grid = rank_grid(s.width, 8, 6)
+            b = attn_ms_per_unit(g)
+            ms = [[b * (q + v) + (untied_penalty if q != v else 0.0) for v in grid] for q in grid]
+            curve = {"attention": {"ranks": grid, "ms": ms}}
+            dense += 2 * b * s.width
+        else:
+            continue
+        groups.setdefault(g.key, {"key": g.key, "kind": g.kind, "curves": curve, "sites": []})
+    return {"format": TABLE_FORMAT, "latent": list(LATENT), "text_len": 77, "batch": 1, "engine": "eager",
+            "dense_unet_ms": dense, "groups": list(groups.values())}
+
+
+def test_prediction_is_exact_for_a_linear_table(tiny_pipe):
+    unet = tiny_pipe.unet
+    table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 2e-3 * g.tokens)
+    model = LatencyModel(table, unet)
+    sites = module_sites(unet)
+    assert model.predict_ms({}) == pytest.approx(table["dense_unet_ms"])
+    geo = site_geometry(unet, LATENT)
+    ranks = {s.name: s.width // 2 for s in sites}
+    saved = sum((s.width - s.width // 2) * (1e-3 if s.kind == FFN else 2e-3) * geo[s.name].tokens for s in sites)
+    assert model.predict_ms(ranks) == pytest.approx(table["dense_unet_ms"] - saved)
+
+
+@pytest.mark.parametrize("target", [1.1, 1.3, 1.6])
+def test_latency_allocator_meets_its_target_with_little_slack(tiny_pipe, target):
+    unet = tiny_pipe.unet
+    table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 4e-3 * g.tokens)
+    model = LatencyModel(table, unet)
+    ranks, info = latency_budget_ranks(proxy_items(unet), model, target)
+    assert model.predict_speedup(ranks) >= target
+    assert info["predicted_speedup"] == pytest.approx(model.predict_speedup(ranks))
+    sites = {s.name: s for s in module_sites(unet)}
+    assert all(8 <= r <= sites[n].width and (r % 8 == 0 or r == sites[n].width) for n, r in ranks.items())
+    # Little slack: undoing the single largest one-step saving falls short of the target.
+    biggest = max(model.saving_ms(n, r) - model.saving_ms(n, min(sites[n].width, r + 8))
+                  for n, r in ranks.items() if r < sites[n].width)
+    assert model.dense_ms / (model.predict_ms(ranks) + biggest) < target * (1 + 1e-9) or biggest == 0
+
+
+def test_latency_allocator_cuts_where_time_is_not_where_parameters_are(tiny_pipe):
+    unet = tiny_pipe.unet
+    # Only the high-resolution attention costs time: an allocator on latency must cut it first.
+    top = max(g.tokens for g in site_geometry(unet, LATENT).values())
+    table = _table(unet, lambda g: 1e-6, lambda g: 1e-2 if g.tokens == top else 1e-6)
+    model = LatencyModel(table, unet)
+    ranks, _ = latency_budget_ranks(proxy_items(unet), model, 1.05)
+    geo = site_geometry(unet, LATENT)
+    sites = module_sites(unet)
+    cut_top = [ranks[s.name] < s.width for s in sites if s.kind != FFN and geo[s.name].tokens == top]
+    untouched_ffn = [ranks[s.name] == s.width for s in sites if s.kind == FFN]
+    assert any(cut_top) and all(untouched_ffn)
+
+
+def test_error_curves_steer_the_latency_allocator(tiny_pipe):
+    unet = tiny_pipe.unet
+    table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 1e-3 * g.tokens)
+    model = LatencyModel(table, unet)
+    sites = module_sites(unet)
+    # FFNs lose nothing when cut, attention loses a lot: the allocator takes the time from the FFNs.
+    items = [AllocationItem(s.name, s.width, 1.0, 0.0,
+                            torch.linspace(1.0, 0.0, s.width + 1, dtype=torch.float64) ** (8 if s.kind == FFN else 1))
+             for s in sites]
+    ranks, _ = latency_budget_ranks(items, model, 1.05)
+    ffn_cut = sum(s.width - ranks[s.name] for s in sites if s.kind == FFN)
+    attn_cut = sum(s.width - ranks[s.name] for s in sites if s.kind != FFN)
+    assert ffn_cut > 0 and attn_cut == 0
+
+
+def test_unreachable_target_raises(tiny_pipe):
+    unet = tiny_pipe.unet
+    table = _table(unet, lambda g: 1e-6, lambda g: 1e-6, other_ms=100.0)
+    with pytest.raises(SlimDiffError, match="out of reach"):
+        latency_budget_ranks(proxy_items(unet), LatencyModel(table, unet), 1.5)
+    with pytest.raises(SlimDiffError):
+        latency_budget_ranks(proxy_items(unet), LatencyModel(table, unet), 0.9)
+
+
+def test_separability_reports_untied_width_penalties(tiny_pipe):
+    unet = tiny_pipe.unet
+    assert max(separability(_table(unet, lambda g: 1e-3, lambda g: 1e-3)).values()) == pytest.approx(0, abs=1e-12)
+    assert min(separability(_table(unet, lambda g: 1e-3, lambda g: 1e-3, untied_penalty=5.0)).values()) > 0
+
+
+def test_table_save_load_round_trip_and_validation(tiny_pipe, tmp_path):
+    table = _table(tiny_pipe.unet, lambda g: 1e-3, lambda g: 1e-3)
+    path = save_table(table, tmp_path / "t.json")
+    assert load_table(path) == table
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(SlimDiffError):
+        load_table(tmp_path / "bad.json")
+
+
+def test_rank_grid_keeps_ends_and_alignment():
+    assert rank_grid(40, 8, 10) == [8, 16, 24, 32, 40]
+    grid = rank_grid(5120, 64, 9)
+    assert len(grid) == 9 and grid[0] == 64 and grid[-1] == 5120 and all(r % 64 == 0 for r in grid)
+    assert rank_grid(42, 8, 10)[-1] == 42
+
+
+def test_timing_summary_uses_observed_values():
+    t = summarize([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0], 3, "perf_counter")
+    assert (t.median_ms, t.p90_ms, t.min_ms, t.max_ms, t.n) == (5.5, 9.0, 1.0, 10.0, 10)
+    assert math.isclose(t.mean_ms, 5.5)

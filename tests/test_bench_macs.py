@@ -1,0 +1,81 @@
+"""MAC counting: the flop counter sees attention products on every path, and slim counts follow the plan."""
+
+import torch
+
+from slimdiff.bench.latency_table import site_geometry
+from slimdiff.bench.macs import count_macs, meta_unet
+from slimdiff.bench.plans import seeded_slim_copy, synthetic_plan
+from slimdiff.models import FFN, QK, module_sites
+from slimdiff.plan import RankPlan
+
+LATENT = (16, 16)
+
+
+def _expected_reduction(unet, plan, batch):
+    """MACs removed per UNet call, from the plan and each site's token counts (bias adds are not MACs)."""
+    geo = site_geometry(unet, LATENT)
+    total = 0
+    for s in module_sites(unet):
+        g, cut = geo[s.name], plan.modules[s.name].width - plan.modules[s.name].rank
+        if s.kind == FFN:  # GEGLU: content and gate rows (2C) + one down-projection column (C), per token
+            total += cut * 3 * g.channels * g.tokens
+        elif s.kind == QK:  # q and k projections + QKᵀ
+            total += s.heads * cut * (g.channels * g.tokens + g.context_dim * g.context_tokens
+                                      + g.tokens * g.context_tokens)
+        else:  # v and output projections + AV
+            total += s.heads * cut * (g.context_dim * g.context_tokens + g.channels * g.tokens
+                                      + g.tokens * g.context_tokens)
+    return batch * total
+
+
+def test_slim_macs_are_lower_than_dense_by_exactly_what_the_plan_removes(tiny_pipe):
+    unet = tiny_pipe.unet
+    plan = synthetic_plan(unet, 0.4)
+    dense = count_macs(meta_unet(unet.config), 2, LATENT)
+    slim = count_macs(meta_unet(unet.config, plan), 2, LATENT)
+    assert slim.total < dense.total
+    assert dense.total - slim.total == _expected_reduction(unet, plan, 2)
+    assert dense.other == slim.other  # convolutions, time embedding, proj_in/out untouched
+    assert dense.params - slim.params == plan.params_removed
+
+
+def test_cpu_counting_matches_meta_counting_including_sdpa(tiny_pipe):
+    unet = tiny_pipe.unet
+    # q·k width ≠ v width: CPU SDPA takes its math path for these, its fused kernel for the dense ones.
+    sites = module_sites(unet)
+    ranks = {s.name: (8 if s.kind == QK else s.width) for s in sites}
+    plan = RankPlan.from_ranks(sites, ranks)
+    for model, shapes in ((unet, None), (seeded_slim_copy(unet, plan), plan)):
+        on_cpu = count_macs(model, 1, LATENT)
+        on_meta = count_macs(meta_unet(unet.config, shapes), 1, LATENT)
+        assert on_cpu == on_meta
+        assert on_cpu.attn1_products > 0 and on_cpu.attn2_products > 0
+
+
+def test_attention_products_follow_the_token_counts(tiny_pipe):
+    unet = tiny_pipe.unet
+    geo = site_geometry(unet, LATENT)
+    count = count_macs(meta_unet(unet.config), 1, LATENT)
+    expected = {"attn1": 0, "attn2": 0}
+    for s in module_sites(unet):
+        if s.kind != FFN:  # QKᵀ counts q·k width, AV counts v width
+            g = geo[s.name]
+            expected[s.attn] += s.heads * s.width * g.tokens * g.context_tokens
+    assert count.attn1_products == expected["attn1"]
+    assert count.attn2_products == expected["attn2"]
+
+
+def test_seeded_slim_copy_has_plan_shapes_finite_outputs_and_leaves_the_original(tiny_pipe):
+    unet = tiny_pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    plan = synthetic_plan(unet, 0.4)
+    slim = seeded_slim_copy(unet, plan, seed=3)
+    again = seeded_slim_copy(unet, plan, seed=3)
+    assert sum(p.numel() for p in unet.parameters()) - sum(p.numel() for p in slim.parameters()) == \
+        plan.params_removed
+    x, e = torch.randn(1, 4, *LATENT), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        out = slim(x, 10, encoder_hidden_states=e).sample
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, again(x, 10, encoder_hidden_states=e).sample)  # seeded: reproducible
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())

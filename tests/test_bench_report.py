@@ -1,0 +1,91 @@
+"""Benchmark harness and report: schema, skipped and failed engines are reported with reasons, files written."""
+
+import copy
+import json
+
+import pytest
+
+from slimdiff.bench import engines
+from slimdiff.bench.harness import BenchConfig, run_bench
+from slimdiff.bench.report import console_table, validate_report, write_report
+from slimdiff.errors import SlimDiffError
+
+
+class _BrokenEngine(engines.Engine):
+    name = "broken-test"
+    description = "an engine whose build always fails (test only)"
+
+    def build(self, unet, batches, latent, text_len, workdir):
+        raise RuntimeError("no kernel for this shape")
+
+
+@pytest.fixture(scope="module")
+def report():
+    engines.register(_BrokenEngine)
+    config = BenchConfig(model="builtin:tiny", engines=["eager", "trt", "broken-test"], budgets=[0.0, 0.4],
+                         batches=[2], device="cpu", warmup=1, iters=2, e2e_steps=2, e2e_runs=1)
+    return run_bench(config, log=lambda msg: None)
+
+
+def test_report_follows_the_schema_and_round_trips(report, tmp_path):
+    validate_report(report)
+    out = write_report(report, tmp_path / "rep")
+    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "latency_vs_removed.png", "speedup.png"}
+    validate_report(json.loads((out / "report.json").read_text()))
+    assert "| eager | 0.4 | 2 |" in (out / "report.md").read_text()
+    assert not list(tmp_path.glob(".rep.partial-*"))  # written to a temporary folder, then renamed
+
+
+def test_engine_that_cannot_run_is_listed_as_skipped_with_its_reason(report):
+    trt = report["engines"]["trt"]
+    assert trt["status"] == "skipped" and "CUDA" in trt["reason"]
+    assert not [r for r in report["results"] if r["engine"] == "trt"]
+    assert "trt      skipped:" in console_table(report)
+
+
+def test_engine_that_fails_is_reported_per_cell_and_others_still_run(report):
+    broken = [r for r in report["results"] if r["engine"] == "broken-test"]
+    assert {r["budget"] for r in broken} == {0.0, 0.4}
+    assert all(r["status"] == "failed" and "no kernel for this shape" in r["reason"] for r in broken)
+    eager = [r for r in report["results"] if r["engine"] == "eager"]
+    assert [r["status"] for r in eager] == ["ok", "ok"]
+
+
+def test_report_labels_seeded_weights_and_synthetic_plans(report):
+    assert report["model"]["weights"] == "seeded-random"
+    assert report["model"]["plan_source"] == "synthetic"
+    slim = next(r for r in report["results"] if r["engine"] == "eager" and r["budget"] == 0.4)
+    dense = next(r for r in report["results"] if r["engine"] == "eager" and r["budget"] == 0.0)
+    # A seeded re-initialisation says nothing about quality: no error is reported for it.
+    assert slim["error_vs_dense"] is None and slim["e2e"]["image_error_vs_dense"] is None
+    assert dense["error_vs_dense"] == 0.0
+    assert slim["ideal_speedup"] > 1.0  # the slim model does fewer MACs
+    assert slim["e2e"]["unet_calls"] >= 2 and slim["e2e"]["outside_unet_ms"] >= 0
+
+
+def test_environment_names_versions_and_commit(report):
+    env = report["environment"]
+    assert env["libraries"]["torch"] and env["libraries"]["diffusers"]
+    assert "commit" in env["git"] and env["device"]["type"] == "cpu"
+
+
+@pytest.mark.parametrize("breakage", ["missing-key", "skipped-without-reason", "unlisted-engine", "bad-weights"])
+def test_schema_violations_are_rejected(report, breakage):
+    bad = copy.deepcopy(report)
+    if breakage == "missing-key":
+        del bad["results"][0]["unet"]
+    elif breakage == "skipped-without-reason":
+        bad["engines"]["trt"]["reason"] = None
+    elif breakage == "unlisted-engine":
+        del bad["engines"]["trt"]
+    else:
+        bad["model"]["weights"] = "unknown"
+    with pytest.raises(SlimDiffError):
+        validate_report(bad)
+
+
+def test_existing_output_is_not_overwritten_without_force(report, tmp_path):
+    write_report(report, tmp_path / "rep")
+    with pytest.raises(SlimDiffError, match="already exists"):
+        write_report(report, tmp_path / "rep")
+    write_report(report, tmp_path / "rep", overwrite=True)
