@@ -1,4 +1,4 @@
-"""``slimdiff`` command line: calibrate, slim, inspect.
+"""``slimdiff`` command line: calibrate, slim, inspect, bench, eval.
 
 Every user error ends as one line on stderr and exit status 2; outputs are written to a temporary path and
 renamed into place, so a failed run leaves nothing half-written.
@@ -90,6 +90,7 @@ def cmd_slim(args) -> None:
     from .calibrate import Statistics
     from .prompts import read_prompts
     from .serialization import save_slim
+    from .slim import check_budget, slim_unet
 
     start = time.perf_counter()
     config = _slim_config(args)
@@ -97,12 +98,11 @@ def cmd_slim(args) -> None:
     if out.exists() and not args.force:
         raise SlimDiffError(f"output {str(out)!r} already exists (use --force to replace it)")
     pipe = _load(args)
+    check_budget(pipe.unet, config)  # before a calibration that could take hours
     if args.stats:
         stats = Statistics.load(args.stats)
     else:
         stats = collect_statistics(pipe, read_prompts(args.prompts), args.num_prompts, None, _calibration_config(args))
-    from .slim import slim_unet
-
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the rank plan of a slim folder")
     p.add_argument("dir")
     p.set_defaults(func=cmd_inspect)
+
+    from .bench.cli import add_parser as add_bench_parser
+    from .quality.cli import add_parser as add_eval_parser
+
+    add_bench_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

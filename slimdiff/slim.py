@@ -238,6 +238,19 @@ def _excluded(site: ModuleSite, patterns: tuple[str, ...]) -> bool:
     return any(p == site.kind or p in site.name for p in patterns)
 
 
+def check_budget(unet, config: SlimConfig) -> None:
+    """Refuse a parameter budget the pool cannot give (a MAC budget needs statistics, so it is checked later)."""
+    if config.budget_unit != "params":
+        return
+    pool = [s for s in module_sites(unet) if not _excluded(s, config.exclude)]
+    total = sum(s.params for s in pool)
+    removable = sum(s.unit_params * (s.width - min(config.r_min, s.width)) for s in pool)
+    budget = config.budget * total if config.budget < 1 else config.budget
+    if budget >= removable:
+        raise SlimDiffError(f"budget of {budget:,.0f} parameters is not below the {removable:,} the compressible "
+                            f"modules can give up (of {total:,}) with r_min={config.r_min}")
+
+
 @dataclass
 class SlimReport:
     plan: RankPlan
