@@ -47,8 +47,9 @@ def save_grid(path: Path, rows: Sequence[tuple[str, np.ndarray]], columns: int) 
     h, w = rows[0][1].shape[1:3]
     scale = min(1.0, GRID_THUMB / max(h, w))
     th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    label_w = 8 + 6 * max(len(label) for label, _ in rows)  # PIL's default bitmap font is ~6 px per character
     pad = 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + int(max(measure.textlength(label) for label, _ in rows))
     grid = Image.new("RGB", (label_w + columns * (tw + pad) + pad, len(rows) * (th + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for r, (label, images) in enumerate(rows):

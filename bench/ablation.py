@@ -1,0 +1,352 @@
+"""Ablation table (issue 6): SlimDiff as designed vs its baselines at 0.2 / 0.4 / 0.6 of the compressible mass.
+
+    python bench/ablation.py                         # the proxy model → bench/results/quality-<date>/
+    python bench/ablation.py --model builtin:tiny    # dry run on seeded random weights → …-builtin-tiny/
+
+Variants (method.md §12), all through the same rebuild path and attention processor:
+
+* ``slimdiff`` — as designed: TRQ timestep weights, softmax allocation, Cholesky FFN selection with correction,
+  whitened-SVD QK, attention-output Gram VO;
+* ``weight_svd`` — data-free: SVD of W_QᵀW_K and W_O W_V per head, FFN neurons by weight magnitude, no
+  correction; same ranks as SlimDiff (the allocation is reused so only the decomposition differs);
+* ``no_tw`` — activation-aware without timestep weighting (statistics aggregated with uniform weights);
+* ``single_t`` — statistics of the single mid-trajectory step only;
+* ``uniform_alloc`` — the same keep-ratio for every module (softmax temperature ∞);
+* ``random_ffn`` — random FFN neurons (with the least-squares down-projection correction) at SlimDiff's ranks;
+* ``modegpt`` — MoDeGPT's selectors: ridge-leverage FFN, CR query–key, value-input VO.
+
+``--sweep`` adds SlimDiff variants at budget 0.4 that probe why it wins or loses (allocation temperature, greedy
+error-curve allocation, propagation exponent, ridges, budgets in MACs).
+
+Per variant: noise-prediction error of the slim UNet along the dense trajectory (mean over held-out prompts and
+steps), PSNR/SSIM to the dense images from the same seeds, prompt adherence (proxy model), UNet parameters and
+MACs per call. Writes ``ablation.json``, ``ablation.md``, ``grid.png`` and ``npe_per_step.png``; the folder is
+built under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimdiff.api import choose_prompts
+from slimdiff.calibrate import CalibrationConfig, calibrate
+from slimdiff.errors import SlimDiffError
+from slimdiff.models import load_pipeline
+from slimdiff.quality import EvalSettings, adherence, compare, fidelity, noise_error_summary
+from slimdiff.quality.evaluate import is_proxy, model_label, unet_cost
+from slimdiff.quality.report import markdown_table, save_grid, write_json
+from slimdiff.serialization import atomic_output_dir, commit_output_dir
+from slimdiff.slim import SlimConfig, slim_unet
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY = ROOT / "slimdiff" / "assets" / "proxy"
+HELDOUT_PROMPT_SEED = 12345  # as slimdiff.proxy.evaluate and `slimdiff eval` on the proxy
+CALIBRATION_POOL_SEED = 777  # train-split captions for SlimSet selection; never the held-out compositions
+
+# name → (calibration weighting, SlimConfig overrides, what it is)
+VARIANTS = {
+    "slimdiff": ("trq", {}, "SlimDiff as designed"),
+    "weight_svd": ("trq", dict(qk_method="weight_svd", vo_statistic="none", ffn_selector="magnitude",
+                               ffn_correction=False), "plain weight SVD, data-free (same ranks)"),
+    "no_tw": ("uniform", {}, "activation-aware, no timestep weighting"),
+    "single_t": ("single", {}, "single-timestep statistics"),
+    "uniform_alloc": ("trq", dict(allocator="uniform"), "uniform rank allocation"),
+    "random_ffn": ("trq", dict(ffn_selector="random"), "random FFN neurons (with correction)"),
+    "modegpt": ("trq", dict(ffn_selector="leverage", qk_method="cr", vo_statistic="value"),
+                "MoDeGPT selectors (leverage / CR / value)"),
+}
+SWEEP_BUDGET = 0.4
+SWEEP = {
+    "slimdiff_T0.02": ("trq", dict(temperature=0.02), "SlimDiff, temperature 0.02"),
+    "slimdiff_T0.5": ("trq", dict(temperature=0.5), "SlimDiff, temperature 0.5"),
+    "slimdiff_greedy": ("trq", dict(allocator="greedy"), "SlimDiff, greedy error-curve allocation"),
+    "slimdiff_beta0": ("trq", dict(beta=0.0), "SlimDiff, no propagation factor (β = 0)"),
+    "slimdiff_ridge_x100": ("trq", dict(ridge_ffn=1e-2, ridge_qk=1e-4, ridge_vo=1e-2), "SlimDiff, ridges ×100"),
+    "slimdiff_ridge_/100": ("trq", dict(ridge_ffn=1e-6, ridge_qk=1e-8, ridge_vo=1e-6), "SlimDiff, ridges ÷100"),
+}
+TARGETS = {  # what the project steers to (issue 6)
+    "adherence_within_points_at_0.4": 2.0,
+    "npe_ratio_vs_weight_svd": 0.5,
+    "npe_ratio_vs_uniform_alloc": 0.8,
+}
+
+
+def _prompts(source: str, pipe, n_calib: int, n_eval: int) -> tuple[list[str], list[str], str]:
+    """Calibration SlimSet and evaluation prompts; disjoint by construction."""
+    if is_proxy(source):
+        from slimdiff.proxy.shapes import ShapesDataset, heldout_prompts
+
+        ds = ShapesDataset(max(2000, 8 * n_calib), seed=CALIBRATION_POOL_SEED, split="train")
+        pool = list(dict.fromkeys(ds.scene(i).caption for i in range(len(ds))))
+        evals = heldout_prompts(n_eval, seed=HELDOUT_PROMPT_SEED)
+        where = (f"SlimSet of {n_calib} from {len(pool)} unique train-split captions (seed {CALIBRATION_POOL_SEED}); "
+                 f"evaluation: {n_eval} held-out-composition prompts (seed {HELDOUT_PROMPT_SEED})")
+    else:
+        from slimdiff.prompts import read_prompts
+
+        all_ = read_prompts()
+        pool, evals = all_[:1000], all_[-n_eval:]
+        where = (f"SlimSet of {n_calib} from the first 1000 packaged COCO val2017 captions; evaluation: the last "
+                 f"{n_eval} captions of that file")
+    return choose_prompts(pipe, pool, n_calib).prompts, evals, where
+
+
+def _slim(pipe, stats, config: SlimConfig):
+    unet = copy.deepcopy(pipe.unet)
+    report = slim_unet(unet, stats, config, progress=False)
+    return unet, report
+
+
+def _by_kind(values: dict[str, float]) -> dict[str, float]:
+    """Mean over modules, grouped like ``RankPlan.removed_by_kind`` (ffn, qk-self, qk-cross, vo-self, vo-cross)."""
+    groups: dict[str, list[float]] = {}
+    for name, v in values.items():
+        kind = name.rsplit(".", 1)[-1]
+        key = "ffn" if kind == "ff" else f"{kind}-{'cross' if '.attn2.' in name else 'self'}"
+        groups.setdefault(key, []).append(v)
+    return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
+
+def run(args) -> Path:
+    start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    source = args.model
+    pipe = load_pipeline(source)
+    proxy = is_proxy(source)
+    guidance = args.guidance if args.guidance is not None else (5.0 if proxy else 7.5)
+    date = datetime.date.today().isoformat()
+    slug = "" if proxy else "-" + source.replace("builtin:", "builtin-").replace("/", "-").strip("-")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"quality-{date}{slug}"
+    tmp = atomic_output_dir(out, args.force)
+    try:
+        _run(args, pipe, source, proxy, guidance, tmp, start)
+        commit_output_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> None:
+    calib_prompts, eval_prompts, prompt_note = _prompts(source, pipe, args.calib_prompts, args.eval_prompts)
+    variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants}
+    sweep = SWEEP if args.sweep else {}
+    timings: dict[str, float] = {}
+
+    stats = {}
+    for weighting in sorted({w for w, _, _ in [*variants.values(), *sweep.values()]}):
+        t0 = time.perf_counter()
+        cfg = CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0, batch_size=args.calib_batch,
+                                pass1_prompts=args.pass1_prompts, weighting=weighting)
+        stats[weighting] = calibrate(pipe, calib_prompts, None, cfg, progress=True)
+        timings[f"calibration_{weighting}_s"] = round(time.perf_counter() - t0, 1)
+        print(f"calibrated ({weighting}) in {timings[f'calibration_{weighting}_s']} s", flush=True)
+
+    t0 = time.perf_counter()
+    models, rows = {}, {}
+    jobs = [(name, b, spec) for b in args.budgets for name, spec in variants.items()]
+    jobs += [(name, SWEEP_BUDGET, spec) for name, spec in sweep.items()]
+    for name, budget, (weighting, overrides, title) in jobs:
+        config = SlimConfig(budget=budget, **overrides)
+        unet, rep = _slim(pipe, stats[weighting], config)
+        key = f"{name}@{budget}"
+        models[key] = unet
+        plan = rep.plan
+        rows[key] = {"variant": name, "title": title, "budget": budget, "weighting": weighting,
+                     "slim_config": {k: v for k, v in asdict(config).items() if k in overrides or k == "budget"},
+                     "ranks": {n: e.rank for n, e in plan.modules.items()},
+                     "removed_fraction": plan.params_removed / plan.compressible_params,
+                     "removed_by_kind": plan.removed_by_kind(),
+                     "decomposition_error_by_kind": _by_kind(rep.relative_errors),
+                     **unet_cost(unet, pipe.tokenizer.model_max_length)}
+    timings["slimming_s"] = round(time.perf_counter() - t0, 1)
+    for key, row in rows.items():  # which baselines share SlimDiff's rank plan (isolating the decomposition)
+        ref = rows.get(f"slimdiff@{row['budget']}")
+        row["same_ranks_as_slimdiff"] = ref is not None and ref["ranks"] == row["ranks"]
+
+    t0 = time.perf_counter()
+    settings = EvalSettings(steps=args.steps, guidance=guidance, seed=0, batch_size=args.eval_batch)
+    comp = compare(pipe, models, eval_prompts, settings)
+    timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
+
+    dense = {"source": source, **unet_cost(pipe.unet, pipe.tokenizer.model_max_length)}
+    if proxy:
+        dense["adherence"] = adherence(comp.dense, eval_prompts)
+    for key, row in rows.items():
+        npe = noise_error_summary(comp.noise_errors[key], comp.timesteps)
+        fid_ = fidelity(comp.dense, comp.slims[key])
+        row.update(npe=npe["mean"], npe_first_half=npe["first_half"], npe_second_half=npe["second_half"],
+                   npe_per_step=npe["per_step"], psnr_db=fid_["psnr_db"]["mean"], ssim=fid_["ssim"]["mean"],
+                   macs_reduction=1 - row["macs"] / dense["macs"] if row.get("macs") and dense.get("macs") else None)
+        if proxy:
+            a = adherence(comp.slims[key], eval_prompts)
+            row.update(adherence=a["score"], adherence_per_kind=a["per_kind"],
+                       adherence_delta_points=100 * (a["score"] - dense["adherence"]["score"]))
+
+    body = {
+        "format": "slimdiff-ablation/1",
+        "label": model_label(source),
+        "model": source,
+        "settings": {"budgets": args.budgets, "budget_unit": "params (fraction of compressible mass)",
+                     "calibration_prompts": len(calib_prompts), "pass1_prompts": min(args.pass1_prompts, len(calib_prompts)),
+                     "eval_prompts": len(eval_prompts), "steps": args.steps, "unet_calls_per_image": len(comp.timesteps),
+                     "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
+                     "size": int(comp.dense.shape[1]), "seeds": f"0..{len(eval_prompts) - 1}",
+                     "threads": args.threads, "prompts": prompt_note, "sweep_budget": SWEEP_BUDGET if sweep else None,
+                     "torch": torch.__version__},
+        "targets": TARGETS,
+        "dense": dense,
+        "rows": rows,
+        "target_checks": _targets(rows, proxy),
+        "timesteps": comp.timesteps,
+        "calibration_prompts": calib_prompts,
+        "eval_prompts": eval_prompts,
+        "timings": {**timings, "total_s": round(time.perf_counter() - start, 1)},
+    }
+    write_json(folder / "ablation.json", body)
+    (folder / "ablation.md").write_text(_markdown(body), encoding="utf-8")
+    mid = SWEEP_BUDGET if SWEEP_BUDGET in args.budgets else args.budgets[len(args.budgets) // 2]
+    grid_rows = [("dense", comp.dense)]
+    grid_rows += [(k, comp.slims[k]) for k in (f"slimdiff@{b}" for b in args.budgets) if k in comp.slims]
+    grid_rows += [(k, comp.slims[k]) for k in (f"{n}@{mid}" for n in variants if n != "slimdiff") if k in comp.slims]
+    save_grid(folder / "grid.png", grid_rows, args.grid)
+    _plot(folder / "npe_per_step.png", body, mid)
+
+
+def _targets(rows: dict, proxy: bool) -> dict:
+    checks = {}
+    ref = rows.get(f"slimdiff@{SWEEP_BUDGET}")
+    if proxy and ref is not None:
+        limit = TARGETS["adherence_within_points_at_0.4"]
+        d = ref["adherence_delta_points"]
+        checks["adherence@0.4"] = {"value": d, "target": f">= -{limit} points", "met": d >= -limit}
+    for key, row in rows.items():
+        if row["variant"] != "slimdiff":
+            continue
+        for base, target in (("weight_svd", "npe_ratio_vs_weight_svd"), ("uniform_alloc", "npe_ratio_vs_uniform_alloc")):
+            other = rows.get(f"{base}@{row['budget']}")
+            if other is None:
+                continue
+            ratio = row["npe"] / other["npe"]
+            checks[f"npe slimdiff/{base}@{row['budget']}"] = {"value": ratio, "target": f"<= {TARGETS[target]}",
+                                                             "met": ratio <= TARGETS[target]}
+    return checks
+
+
+def _row_cells(row: dict, proxy: bool) -> list:
+    cells = [row["budget"], row["variant"], f"{row['params'] / 1e6:.3f}", f"{100 * row['removed_fraction']:.1f}",
+             f"{row['macs'] / 1e6:.2f}" if row.get("macs") else None,
+             f"{100 * row['macs_reduction']:.1f}" if row.get("macs_reduction") is not None else None,
+             row["npe"], f"{row['npe_first_half']:.4g} / {row['npe_second_half']:.4g}", row["psnr_db"], row["ssim"]]
+    if proxy:
+        cells += [row["adherence"], f"{row['adherence_delta_points']:+.2f}"]
+    return cells
+
+
+def _markdown(body: dict) -> str:
+    proxy = "adherence" in body["dense"]
+    st, dense = body["settings"], body["dense"]
+    lines = ["# Ablation: SlimDiff vs baselines", "", f"**Model:** `{body['model']}` — {body['label']}", ""]
+    if not proxy:
+        lines += ["> **Dry run on seeded random weights.** These numbers exercise the harness; they say nothing "
+                  "about generation quality and must not be cited as results.", ""]
+    lines += ["Settings: " + "; ".join(f"{k} = {v}" for k, v in st.items() if v is not None), ""]
+    lines += [f"Dense UNet: {dense['params'] / 1e6:.3f} M parameters, "
+              + (f"{dense['macs'] / 1e6:.2f} M MACs per call (batch 1)" if dense.get("macs") else "MACs n/a")
+              + (f", adherence {dense['adherence']['score']:.4f} on the evaluation prompts" if proxy else ""), ""]
+    header = ["budget", "variant", "UNet params (M)", "removed % of compressible", "MACs/call (M)", "MACs −%",
+              "noise-pred. error", "NPE 1st / 2nd half of steps", "PSNR (dB)", "SSIM"]
+    if proxy:
+        header += ["adherence", "Δ adherence (points)"]
+    main = [r for r in body["rows"].values() if r["variant"] in VARIANTS]
+    sweep = [r for r in body["rows"].values() if r["variant"] not in VARIANTS]
+    lines += ["## Main table", "", markdown_table(header, [_row_cells(r, proxy) for r in main]), ""]
+    lines += ["Variants: " + "; ".join(f"`{k}` = {v[2]}" for k, v in VARIANTS.items()) + ".", ""]
+    lines += ["## Targets", "", markdown_table(["check", "measured", "target", "met"],
+                                                [[k, v["value"], v["target"], "yes" if v["met"] else "**no**"]
+                                                 for k, v in body["target_checks"].items()]), ""]
+    if sweep:
+        lines += [f"## Sweep around SlimDiff at budget {st['sweep_budget']}", "",
+                  markdown_table(header, [_row_cells(r, proxy) for r in sweep]), ""]
+    kinds = sorted({k for r in body["rows"].values() for k in r["removed_by_kind"]})
+    lines += ["## Diagnostics: parameters removed and calibration-set decomposition error, by module kind", "",
+              markdown_table(["budget", "variant", "same ranks as slimdiff", *[f"removed {k}" for k in kinds],
+                              *[f"rel. err {k}" for k in kinds]],
+                             [[r["budget"], r["variant"], "yes" if r["same_ranks_as_slimdiff"] else "no",
+                               *[r["removed_by_kind"].get(k, 0) for k in kinds],
+                               *[r["decomposition_error_by_kind"].get(k) for k in kinds]]
+                              for r in body["rows"].values()]), ""]
+    lines += ["`grid.png`: dense, SlimDiff at each budget, then every baseline at the middle budget; each column "
+              "is one evaluation prompt and seed. `npe_per_step.png`: noise-prediction error per UNet call.", ""]
+    lines += ["Timings (s): " + ", ".join(f"{k} = {v}" for k, v in body["timings"].items()), ""]
+    return "\n".join(lines)
+
+
+def _plot(path: Path, body: dict, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, row in body["rows"].items():
+        if row["budget"] == budget and row["variant"] in VARIANTS:
+            ax.plot(row["npe_per_step"], marker="o", ms=3, label=row["variant"],
+                    lw=2.5 if row["variant"] == "slimdiff" else 1.2)
+    ts = body["timesteps"]
+    ax.set_xticks(range(0, len(ts), max(1, len(ts) // 10)))
+    ax.set_xticklabels([ts[i] for i in range(0, len(ts), max(1, len(ts) // 10))])
+    ax.set_xlabel("timestep of the UNet call (sampling order)")
+    ax.set_ylabel("‖ε_slim − ε_dense‖ / ‖ε_dense‖")
+    ax.set_yscale("log")
+    ax.set_title(f"Noise-prediction error along the dense trajectory, budget {budget} ({body['label'].split(' (')[0]})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(PROXY), help="default: the proxy model in slimdiff/assets/proxy")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="subset of variants (default: all)")
+    ap.add_argument("--sweep", action="store_true", help=f"add SlimDiff sweeps at budget {SWEEP_BUDGET}")
+    ap.add_argument("--calib-prompts", type=int, default=64)
+    ap.add_argument("--pass1-prompts", type=int, default=16, help="prompts of the timestep-weight pass")
+    ap.add_argument("--calib-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps, calibration and evaluation")
+    ap.add_argument("--guidance", type=float, default=None, help="default 5.0 for the proxy, 7.5 otherwise")
+    ap.add_argument("--eval-prompts", type=int, default=32)
+    ap.add_argument("--eval-batch", type=int, default=16)
+    ap.add_argument("--grid", type=int, default=8, help="columns of grid.png")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="default: bench/results/quality-<date>[-<model>]")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.model.startswith("builtin:") and not Path(args.model).exists():
+        print(f"ablation: error: model {args.model!r} does not exist (train the proxy, or pass --model builtin:tiny "
+              "for a dry run)", file=sys.stderr)
+        return 2
+    try:
+        out = run(args)
+    except SlimDiffError as exc:
+        print(f"ablation: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ablation written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
