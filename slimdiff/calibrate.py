@@ -104,20 +104,25 @@ def model_fingerprint(unet) -> str:
 
 
 class _Accumulator:
-    """Float64 sums keyed by name; per-timestep entries are rows of a (T, ...) tensor."""
+    """Float64 sums keyed by name; per-timestep entries are rows of a (T, ...) tensor that grows as pass 1
+    discovers timesteps."""
 
     def __init__(self, device):
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, key: str, value: torch.Tensor, shape_t: int | None = None, t: int | None = None) -> None:
+    def add(self, key: str, value: torch.Tensor, t: int | None = None) -> None:
         if key not in self.sums:
-            shape = value.shape if shape_t is None else (shape_t, *value.shape)
+            shape = value.shape if t is None else (t + 1, *value.shape)
             self.sums[key] = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        total = self.sums[key]
         if t is None:
-            self.sums[key] += value
-        else:
-            self.sums[key][t] += value
+            total += value
+            return
+        if t >= total.shape[0]:
+            grow = total.new_zeros((t + 1 - total.shape[0], *total.shape[1:]))
+            total = self.sums[key] = torch.cat([total, grow])
+        total[t] += value
 
 
 def _moment(x: torch.Tensor) -> torch.Tensor:
@@ -159,18 +164,13 @@ class _Collector:
         self.t = self.index[t]
         self.calls[t] = self.calls.get(t, 0) + 1
 
-    @property
-    def T(self) -> int:
-        # pass 1 discovers timesteps as it goes; allocate generously and trim when saving
-        return 1024 if self.mode == "pass1" else len(self.timesteps)
-
     def _ffn_down_pre(self, key: str, down: torch.nn.Linear):
         def hook(_m, args):
             h = args[0]
             n = _tokens(h)
-            self.acc.add(f"{key}.h_energy", _energy(h), self.T, self.t)
-            self.acc.add(f"{key}.hout_energy", _energy(torch.nn.functional.linear(h, down.weight)), self.T, self.t)
-            self.acc.add(f"{key}.tokens", torch.tensor(float(n)), self.T, self.t)
+            self.acc.add(f"{key}.h_energy", _energy(h), self.t)
+            self.acc.add(f"{key}.hout_energy", _energy(torch.nn.functional.linear(h, down.weight)), self.t)
+            self.acc.add(f"{key}.tokens", torch.tensor(float(n)), self.t)
             if self.mode == "pass2":
                 w = self.ffn_weights[key][self.t] / self.visits[self.t]
                 self.acc.add(f"{key}.moment", w * _moment(h))
@@ -183,8 +183,8 @@ class _Collector:
             x = kwargs.get("hidden_states", args[0] if args else None)
             ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
             self.seq[key] = x.shape[-2]
-            self.acc.add(f"{key}.in", _moment(x), self.T, self.t)
-            self.acc.add(f"{key}.in_tokens", torch.tensor(float(_tokens(x))), self.T, self.t)
+            self.acc.add(f"{key}.in", _moment(x), self.t)
+            self.acc.add(f"{key}.in_tokens", torch.tensor(float(_tokens(x))), self.t)
             if ctx is not None:  # text tokens do not depend on t: one moment per module
                 self.seq[f"{key}.ctx"] = ctx.shape[-2]
                 self.acc.add(f"{key}.ctx", _moment(ctx))
@@ -195,22 +195,22 @@ class _Collector:
     def _attn_out_pre(self, key: str, heads: int):
         def hook(_m, args):
             z = args[0].reshape(-1, heads, args[0].shape[-1] // heads).double()
-            self.acc.add(f"{key}.z_gram", torch.einsum("nhd,nhe->hde", z, z), self.T, self.t)
-            self.acc.add(f"{key}.z_tokens", torch.tensor(float(z.shape[0])), self.T, self.t)
+            self.acc.add(f"{key}.z_gram", torch.einsum("nhd,nhe->hde", z, z), self.t)
+            self.acc.add(f"{key}.z_tokens", torch.tensor(float(z.shape[0])), self.t)
 
         return hook
 
     def _residual_pre(self, key: str):
         def hook(_m, args):
-            self.acc.add(f"{key}.res_energy", _energy(args[0]), self.T, self.t)
-            self.acc.add(f"{key}.res_tokens", torch.tensor(float(_tokens(args[0]))), self.T, self.t)
+            self.acc.add(f"{key}.res_energy", _energy(args[0]), self.t)
+            self.acc.add(f"{key}.res_tokens", torch.tensor(float(_tokens(args[0]))), self.t)
 
         return hook
 
     def _update_post(self, key: str):
         def hook(_m, _args, out):
             out = out[0] if isinstance(out, tuple) else out
-            self.acc.add(f"{key}.upd_energy", _energy(out), self.T, self.t)
+            self.acc.add(f"{key}.upd_energy", _energy(out), self.t)
 
         return hook
 
@@ -239,9 +239,7 @@ class _Collector:
                 h.remove()
 
     def state(self) -> dict[str, torch.Tensor]:
-        n = len(self.timesteps)
-        state = {k: (v[:n] if self.mode == "pass1" and v.ndim and v.shape[0] == 1024 else v).cpu()
-                 for k, v in self.acc.sums.items()}
+        state = {k: v.cpu() for k, v in self.acc.sums.items()}
         state.update({f"{k}.seq": torch.tensor(float(v), dtype=torch.float64) for k, v in self.seq.items()})
         return state
 
@@ -250,10 +248,6 @@ class _Collector:
             if k.endswith(".seq"):
                 self.seq[k[: -len(".seq")]] = int(v)
                 continue
-            if self.mode == "pass1":  # re-pad to the growable size
-                padded = torch.zeros((1024, *v.shape[1:]), dtype=torch.float64)
-                padded[: v.shape[0]] = v
-                v = padded
             self.acc.sums[k] = v.to(self.acc.device)
 
 
