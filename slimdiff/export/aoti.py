@@ -39,7 +39,7 @@ def build_aoti_engine(component: Component, axes: dict[str, dict], package_path:
     if next(module.parameters()).dtype != dtype or next(module.parameters()).device != torch.device(device):
         module = copy.deepcopy(module).to(device=device, dtype=dtype)
     example = component.random_inputs(example_values(axes), dtype, seed=0, device=device)
-    tmp = package_path.with_name(f".{package_path.name}.tmp{os.getpid()}")
+    tmp = package_path.with_name(f".{package_path.stem}.tmp{os.getpid()}.pt2")  # inductor wants *.pt2
     status(f"compiling {component.name} with AOTInductor for {device} (minutes on a small CPU)")
     t0 = time.perf_counter()
     try:

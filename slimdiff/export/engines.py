@@ -8,6 +8,7 @@ kind-specific runtime facts (TensorRT version and GPU, ONNX Runtime provider, to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
     ``component`` directly with torch.export. ``extra`` (variant, rank plan, UNet config) goes into the
     metadata as is.
     """
+    if kind not in ENGINE_KINDS:
+        raise SlimDiffError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
     folder = Path(folder)
     target = folder / ENGINE_FILE[kind].format(name=component.name)
     source = None
@@ -49,12 +52,10 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
         from .ort import build_ort_engine
 
         runtime = build_ort_engine(onnx_path, target, device=device)
-    elif kind == "aoti":
+    else:
         from .aoti import build_aoti_engine
 
         runtime = build_aoti_engine(component, axes, target, device=device, dtype=dtype)
-    else:
-        raise SlimDiffError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
     files = runtime.pop("files")
     meta = {
         "format": ENGINE_FORMAT,
@@ -75,6 +76,7 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
         "runtime": runtime,
         **(extra or {}),
     }
+    meta = json.loads(json.dumps(meta))  # what readers of the file get (tuples become lists)
     write_json_atomic(engine_meta_path(folder, component.name), meta)
     return meta
 
@@ -83,7 +85,7 @@ def load_engine_meta(path: Path, component: str = "unet") -> tuple[dict, Path]:
     """``(metadata, folder)`` from an engine folder or its ``.engine.json``; every listed file must exist."""
     path = Path(path)
     meta_file = path if path.suffix == ".json" else engine_meta_path(path, component)
-    if path.is_dir() and not meta_file.is_file():
+    if meta_file is not path and not meta_file.is_file():
         raise SlimDiffError(f"{str(path)!r} is not an engine folder (no {meta_file.name}); "
                             "build one with slimdiff-export")
     meta = read_json(meta_file, "engine metadata", ENGINE_FORMAT)

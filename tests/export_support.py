@@ -1,0 +1,56 @@
+"""Shared helpers for the export / engine / runtime tests: structurally real slim UNets without calibration,
+the tiny model's shape profiles, and ONNX exports cached for the whole test session (each costs ~20 s)."""
+
+from __future__ import annotations
+
+import torch
+
+from slimdiff.export.modules import unet_component
+from slimdiff.export.onnx import export_onnx
+from slimdiff.export.shapes import parse_profiles
+from slimdiff.models import load_unet, module_sites
+from slimdiff.plan import RankPlan
+from slimdiff.rebuild import apply_plan_shapes
+
+# builtin:tiny: VAE scale 2, latent 16x16 -> images 16..48 px = latent 8..24, two shapes per axis at least.
+TINY_FLAGS = dict(batch="1:2:4", height="16:32:48", width="16:32:48", text_len="77:77:154")
+
+
+def tiny_profiles(**overrides):
+    return parse_profiles(**{**TINY_FLAGS, **overrides}, vae_scale=2, multiple=8)
+
+
+def default_ranks(sites) -> dict[str, int]:
+    """q·k at half width, v at three quarters (multiples of 8, at least 8): q·k and v widths differ."""
+    ranks = {}
+    for s in sites:
+        frac = 0.75 if s.kind == "vo" else 0.5
+        ranks[s.name] = max(8, int(s.width * frac) // 8 * 8)
+    return ranks
+
+
+def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None):
+    """builtin:tiny's UNet resized to a rank plan and re-initialised N(0, 0.02): a real slim structure."""
+    unet = load_unet("builtin:tiny")
+    sites = module_sites(unet)
+    plan = RankPlan.from_ranks(sites, ranks if ranks is not None else default_ranks(sites))
+    apply_plan_shapes(unet, plan)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return unet.eval(), plan
+
+
+_CACHE: dict = {}
+
+
+def cached_export(tmp_path_factory, variant: str, opset: int = 23):
+    """``(onnx path, sidecar, unet)`` for ``variant`` in {dense, slim}, exported once per session."""
+    key = (variant, opset)
+    if key not in _CACHE:
+        unet = load_unet("builtin:tiny") if variant == "dense" else slim_tiny_unet()[0]
+        path = tmp_path_factory.mktemp(f"{variant}{opset}") / "unet.onnx"
+        sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
+        _CACHE[key] = (path, sidecar, unet)
+    return _CACHE[key]

@@ -1,0 +1,268 @@
+"""Engines: ONNX Runtime (built and run here), AOTInductor (compiled and run here), TensorRT (everything it
+consumes is tested here; the build itself needs `tensorrt` and a GPU and skips without them)."""
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from export_support import cached_export, slim_tiny_unet, tiny_profiles
+from slimdiff.errors import SlimDiffError
+from slimdiff.export import trt as trtmod
+from slimdiff.export.aoti import check_aoti_environment, device_info
+from slimdiff.export.engines import build_engine, engine_meta_path, load_engine_meta
+from slimdiff.export.modules import component_axes, unet_component
+from slimdiff.export.onnx import FUSED_OPS
+from slimdiff.export.shapes import union
+from slimdiff.runtime import EngineUNet
+
+
+def _profiles_json(profiles):
+    return [p.to_json() for p in profiles]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return cached_export(tmp_path_factory, "dense")
+
+
+@pytest.fixture(scope="module")
+def slim(tmp_path_factory):
+    return cached_export(tmp_path_factory, "slim")
+
+
+def _reference(unet, batch, h, w, tokens, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, h, w, generator=gen).to(device)
+    t = (torch.rand(batch, generator=gen) * 999).to(device)
+    e = torch.randn(batch, tokens, 64, generator=gen).to(device)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+    return (x, t, e), ref
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_ort_engine_saves_optimized_model_and_metadata(slim, tmp_path):
+    path, sidecar, unet = slim
+    component = unet_component(unet)
+    meta = build_engine("ort", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+                        dtype=torch.float32, device="cpu", onnx_path=path, sidecar=sidecar,
+                        extra={"unet_config": dict(unet.config), "variant": "slim"})
+    assert (tmp_path / "unet.ort.onnx").is_file() and meta["file"] == "unet.ort.onnx"
+    assert meta["runtime"]["provider"] == "CPUExecutionProvider"
+    assert meta["source_onnx"]["sha256"] == sidecar["sha256"]
+    assert meta["size_bytes"] == (tmp_path / "unet.ort.onnx").stat().st_size
+    on_disk, folder = load_engine_meta(tmp_path)
+    assert on_disk == json.loads(engine_meta_path(tmp_path).read_text()) and folder == tmp_path
+    optimized = onnx.load(str(tmp_path / "unet.ort.onnx"))
+    assert sum(n.op_type == "Attention" for n in optimized.graph.node) == 14  # ORT kept the fused attention
+    engine = EngineUNet.from_folder(tmp_path)
+    for shape, seed in (((2, 16, 16, 77), 0), ((1, 8, 24, 154), 1)):
+        inputs, ref = _reference(unet, *shape, seed=seed)
+        got = engine(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_corrupt_and_missing_engine_files(dense, tmp_path):
+    path, sidecar, unet = dense
+    build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+                 dtype=torch.float32, device="cpu", onnx_path=path, sidecar=sidecar,
+                 extra={"unet_config": dict(unet.config)})
+    engine_file = tmp_path / "unet.ort.onnx"
+    engine_file.write_bytes(b"\x08\x01garbage" * 100)
+    with pytest.raises(SlimDiffError, match="cannot load"):
+        EngineUNet.from_folder(tmp_path)
+    engine_file.unlink()
+    with pytest.raises(SlimDiffError, match="incomplete: unet.ort.onnx missing"):
+        EngineUNet.from_folder(tmp_path)
+    engine_meta_path(tmp_path).write_text("{\"format\": \"something-else\"}")
+    with pytest.raises(SlimDiffError, match="expected 'slimdiff-engine/1'"):
+        EngineUNet.from_folder(tmp_path)
+    with pytest.raises(SlimDiffError, match="not an engine folder"):
+        EngineUNet.from_folder(tmp_path / "nowhere")
+
+
+def test_engine_kind_must_be_known(dense, tmp_path):
+    path, sidecar, unet = dense
+    with pytest.raises(SlimDiffError, match="unknown engine 'tvm'"):
+        build_engine("tvm", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=[], dtype=torch.float32,
+                     device="cpu", onnx_path=path, sidecar=sidecar)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AOTInductor
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_aoti_engine_compiles_and_matches_eager(tmp_path):
+    unet, plan = slim_tiny_unet(seed=4)
+    component = unet_component(unet)
+    profiles = tiny_profiles()
+    axes = component_axes(component, union(profiles), {"height": 8, "width": 8})
+    meta = build_engine("aoti", component, tmp_path, axes=axes, profiles=_profiles_json(profiles),
+                        dtype=torch.float32, device="cpu",
+                        extra={"unet_config": dict(unet.config), "rank_plan": json.loads(plan.to_json())})
+    assert meta["file"] == "unet.pt2" and meta["source_onnx"] is None
+    assert meta["runtime"]["torch_version"] == torch.__version__ and meta["runtime"]["device"] == "cpu"
+    # Loaded through the runtime: torch._inductor.aoti_load_package, no diffusers module involved.
+    engine = EngineUNet.from_folder(tmp_path)
+    assert engine.rank_plan.modules == plan.modules
+    for shape, seed in (((2, 16, 16, 77), 0), ((3, 24, 8, 100), 1)):
+        inputs, ref = _reference(unet, *shape, seed=seed)
+        got = engine(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    # The compiled package runs shapes past its range without complaint; the runtime refuses them.
+    inputs, _ = _reference(unet, 8, 16, 16, 77, seed=2)
+    with pytest.raises(SlimDiffError, match="outside this engine's shapes"):
+        engine(*inputs[:2], encoder_hidden_states=inputs[2])
+
+
+def test_aoti_package_for_another_torch_is_refused(tmp_path):
+    here = device_info("cpu")
+    check_aoti_environment(here, here, tmp_path / "unet.pt2")
+    with pytest.raises(SlimDiffError, match="torch_version '1.0.0'"):
+        check_aoti_environment({**here, "torch_version": "1.0.0"}, here, tmp_path / "unet.pt2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TensorRT: what the builder consumes, tested without TensorRT
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_one_optimization_profile_per_requested_range(dense):
+    _, sidecar, _ = dense
+    profiles = tiny_profiles(batch="1:1:2,2:4:4", height="32,16:32:48", width="32,16:32:48")
+    body = {**sidecar, "profiles": _profiles_json(profiles)}
+    out = trtmod.optimization_profiles(body)
+    assert len(out) == 2
+    assert out[0]["sample"] == ((1, 4, 16, 16), (1, 4, 16, 16), (2, 4, 16, 16))
+    assert out[1]["sample"] == ((2, 4, 8, 8), (4, 4, 16, 16), (4, 4, 24, 24))
+    assert out[0]["timestep"] == ((1,), (1,), (2,))
+    assert out[1]["encoder_hidden_states"] == ((2, 77, 64), (4, 77, 64), (4, 154, 64))
+    names = {"sample", "timestep", "encoder_hidden_states"}
+    assert all(set(p) == names for p in out)
+    shapes = {"sample": (4, 4, 24, 8), "timestep": (4,), "encoder_hidden_states": (4, 100, 64)}
+    assert trtmod.profile_for_shapes(out, shapes) == 1
+    assert trtmod.profile_for_shapes(out, {**shapes, "sample": (1, 4, 16, 16), "timestep": (1,),
+                                           "encoder_hidden_states": (1, 77, 64)}) == 0
+    assert trtmod.profile_for_shapes(out, {**shapes, "encoder_hidden_states": (4, 155, 64)}) == -1
+
+
+def test_profiles_clip_axes_a_component_caps():
+    sidecar = {"axes": {"batch": {"min": 1, "opt": 2, "max": 4}, "text_len": {"min": 1, "opt": 77, "max": 77}},
+               "input_axes": {"input_ids": ["batch", "text_len"]},
+               "profiles": _profiles_json(tiny_profiles(text_len="1:77:154"))}
+    assert trtmod.optimization_profiles(sidecar) == [{"input_ids": ((1, 1), (2, 77), (4, 77))}]
+
+
+def test_graph_trt_would_parse(dense):
+    path, sidecar, _ = dense
+    graph = onnx.load(str(path), load_external_data=False)
+    assert graph.opset_import[0].version == 23
+    assert [i.name for i in graph.graph.input] == list(sidecar["input_axes"])
+    for value in graph.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        assert len(dims) == len(sidecar["input_axes"][value.name])
+        assert all((isinstance(a, int) and d.dim_value == a) or (isinstance(a, str) and d.dim_param)
+                   for d, a in zip(dims, sidecar["input_axes"][value.name]))
+    assert all(sidecar["fused"][op] > 0 for op in FUSED_OPS)
+    onnx.checker.check_model(graph)
+
+
+def test_opset_follows_the_tensorrt_version():
+    assert trtmod.opset_for_tensorrt("10.13.3.9") == 18
+    assert trtmod.opset_for_tensorrt("10.14.1") == 23
+    assert trtmod.opset_for_tensorrt("11.0.0") == 23
+    with pytest.raises(SlimDiffError):
+        trtmod.parse_version("unknown")
+
+
+ENV = {"tensorrt_version": "10.14.1.48", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+def test_engine_metadata_must_match_the_running_tensorrt_and_gpu(tmp_path):
+    trtmod.check_environment(ENV, dict(ENV), tmp_path / "unet.plan")
+    with pytest.raises(SlimDiffError, match=r"tensorrt version '10.14.1.48' \(here: '10.15.0'\)"):
+        trtmod.check_environment(ENV, {**ENV, "tensorrt_version": "10.15.0"}, tmp_path / "unet.plan")
+    with pytest.raises(SlimDiffError, match=r"compute capability '9.0' \(here: '8.9'\).*rebuild"):
+        trtmod.check_environment(ENV, {**ENV, "gpu_name": "NVIDIA L4", "compute_capability": "8.9"},
+                                 tmp_path / "unet.plan")
+
+
+def test_trt_engine_metadata_contents_and_mismatch_on_load(slim, tmp_path, monkeypatch):
+    """The metadata written around a TensorRT build, with the builder replaced by a stub that writes bytes:
+    everything except TensorRT's own build and deserialization runs for real."""
+    path, sidecar, unet = slim
+    _, plan = slim_tiny_unet()
+
+    def fake_build(onnx_path, sidecar_, engine_path, **options):
+        engine_path.write_bytes(b"serialized engine")
+        return {**ENV, "builder_optimization_level": options["opt_level"], "strongly_typed": True,
+                "tensor_profiles": [{n: [list(s) for s in v] for n, v in p.items()}
+                                    for p in trtmod.optimization_profiles(sidecar_)],
+                "files": [engine_path.name]}
+
+    monkeypatch.setattr(trtmod, "build_trt_engine", fake_build)
+    meta = build_engine("trt", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+                        dtype=torch.float16, device="cuda", onnx_path=path, sidecar=sidecar,
+                        extra={"unet_config": dict(unet.config), "rank_plan": json.loads(plan.to_json())},
+                        trt_options={"opt_level": 4})
+    on_disk, _ = load_engine_meta(tmp_path)
+    assert on_disk == meta and meta["file"] == "unet.plan" and meta["dtype"] == "float16"
+    assert meta["source_onnx"] == {"file": "unet.onnx", "sha256": sidecar["sha256"], "opset": 23}
+    assert {k: meta["runtime"][k] for k in ENV} == ENV and meta["runtime"]["builder_optimization_level"] == 4
+    assert meta["profiles"] == sidecar["profiles"]
+    assert meta["rank_plan"]["modules"] == json.loads(plan.to_json())["modules"]
+    assert [i["dtype"] for i in meta["inputs"]] == ["float16", "float32", "float16"]
+
+    # Loading: an engine built elsewhere is refused before TensorRT touches it.
+    monkeypatch.setattr(trtmod, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(trtmod, "current_environment", lambda: {**ENV, "tensorrt_version": "11.0.0"})
+    with pytest.raises(SlimDiffError, match="was built for tensorrt version"):
+        trtmod.load_trt_engine(tmp_path / "unet.plan", meta["runtime"])
+
+
+def test_missing_tensorrt_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(trtmod, "tensorrt_available", lambda: False)
+    with pytest.raises(SlimDiffError) as info:
+        trtmod.require_tensorrt()
+    message = str(info.value)
+    assert "TensorRT is not installed" in message and "--engine ort" in message and "--engine aoti" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TensorRT for real (needs tensorrt and a GPU)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_trt_fp16_engine_builds_and_matches(tmp_path):
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    from slimdiff.export.align import align_head_widths
+    from slimdiff.export.onnx import export_onnx
+
+    unet, _ = slim_tiny_unet(seed=5)
+    align_head_widths(unet)
+    unet = unet.cuda()
+    component = unet_component(unet)
+    sidecar = export_onnx(component, tiny_profiles(), tmp_path / "unet.onnx", dtype=torch.float16)
+    build_engine("trt", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"], dtype=torch.float16,
+                 device="cuda", onnx_path=tmp_path / "unet.onnx", sidecar=sidecar,
+                 extra={"unet_config": dict(unet.config)},
+                 trt_options={"opt_level": 0, "timing_cache": tmp_path / "timing.cache"})
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    engine = EngineUNet.from_folder(tmp_path, device="cuda")
+    # The repeated shape replays the CUDA graph captured on its first call.
+    for shape, seed in (((2, 16, 16, 77), 0), ((2, 16, 16, 77), 1), ((1, 24, 8, 100), 2)):
+        inputs, ref = _reference(unet, *shape, seed=seed, device="cuda")
+        got = engine(*inputs[:2], encoder_hidden_states=inputs[2]).sample.float()
+        assert torch.isfinite(got).all()
+        assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
