@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (report.json, report.md, PNG plots)")
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    p.add_argument("--macs-only", action="store_true",
+                   help="only count parameters, MACs and ideal speed-ups of synthetic plans (meta device, no "
+                        "weights, no timing; seconds even for SD-1.5 on a CPU)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -107,9 +110,68 @@ def _command_line() -> str:
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
+def _unet_config(source: str) -> dict:
+    """The UNet config of a model source without loading any weights."""
+    from pathlib import Path
+
+    from ..models import SD15_UNET, TINY_UNET
+
+    builtin = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET}
+    if source in builtin:
+        return dict(builtin[source])
+    for candidate in (Path(source) / "unet" / "config.json", Path(source) / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise SlimDiffError(f"{candidate}: not valid JSON ({exc})") from exc
+    raise SlimDiffError(f"--macs-only needs a built-in model or a diffusers folder with a UNet config; "
+                        f"found none at {source!r}")
+
+
+def run_macs_only(args) -> None:
+    from .macs import counter_notes, ideal_table
+
+    config = _unet_config(args.model)
+    if args.resolution is None:
+        size = config["sample_size"]
+        latent = (size, size) if isinstance(size, int) else tuple(size)
+    else:
+        factor = 8 if args.model != "builtin:tiny" else 2  # SD VAEs downsample by 8; the tiny VAE by 2
+        latent = (args.resolution // factor, args.resolution // factor)
+    rows = ideal_table(config, _floats(args.budgets, "--budgets"), _ints(args.batch, "--batch"), latent,
+                       align=args.align, r_min=args.r_min)
+    body = {"schema": "slimdiff-macs/1", "model": args.model, "latent": list(latent), "align": args.align,
+            "r_min": args.r_min, "plans": "synthetic: the real allocator on uniform scores",
+            "mac_counter": counter_notes(), "rows": rows}
+    if args.json:
+        print(json.dumps(body, indent=1))
+    else:
+        print(f"{args.model}, latent {latent[0]}×{latent[1]}, synthetic plans (uniform scores), align {args.align}")
+        print(f"{'budget':>6} {'batch':>5} {'params M':>9} {'removed M':>9} {'GMAC':>9} {'FFN':>7} {'self proj':>9} "
+              f"{'self QK/AV':>10} {'cross':>7} {'other':>8} {'ideal ×':>8}")
+        for r in rows:
+            m = r["macs"]
+            print(f"{r['budget']:>6g} {r['batch']:>5} {r['params'] / 1e6:>9.2f} {r['params_removed'] / 1e6:>9.2f} "
+                  f"{m['total'] / 1e9:>9.2f} {m['ffn'] / 1e9:>7.2f} {m['attn1_proj'] / 1e9:>9.2f} "
+                  f"{m['attn1_products'] / 1e9:>10.2f} {(m['attn2_proj'] + m['attn2_products']) / 1e9:>7.2f} "
+                  f"{m['other'] / 1e9:>8.2f} {r['ideal_speedup']:>8.3f}")
+    if args.out:
+        from pathlib import Path
+
+        from ..serialization import atomic_output_dir, commit_output_dir
+
+        tmp = atomic_output_dir(Path(args.out), args.force)
+        (tmp / "macs.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
+        commit_output_dir(tmp, Path(args.out))
+
+
 def run(args) -> None:
     """Run the benchmark the parsed ``args`` describe; print the table; write the report when ``--out``."""
     from pathlib import Path
+
+    if args.macs_only:
+        return run_macs_only(args)
 
     from .harness import run_bench
     from .report import console_table, validate_report, write_report

@@ -83,9 +83,12 @@ class CompileEngine(Engine):
         mark_step = cuda and mode in ("max-autotune", "reduce-overhead")
 
         def run(sample, timestep, context):
-            if mark_step:  # CUDA-graph outputs are reused; mark each call as a new inference step
-                torch.compiler.cudagraph_mark_step_begin()
-            return compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+            if not mark_step:
+                return compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+            # CUDA graphs replay into the same output memory: mark each call as a new step and hand out a
+            # copy, since schedulers may keep a model output across calls (as the engine runtime does).
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0].clone()
 
         return Built(run, info={"mode": mode, "dynamic": False})
 

@@ -208,99 +208,117 @@ class Bench:
         return None, None
 
     # -- the run ------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def prepare(self) -> None:
+        """Load the pipeline, calibrate if asked, build the models, count MACs, compute dense references."""
         cfg = self.cfg
-        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        engines = {name: engine_registry.create(name, compile_mode=cfg.compile_mode) for name in cfg.engines}
-        pipe = self._load()
+        self.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.environment_at_start = {"machine": machine_info(), "device": device_info(self.device),
+                                     "libraries": library_versions(), "git": git_commit()}
+        self.pipe = pipe = self._load()
         factor = pipe.vae_scale_factor
         self.resolution = cfg.resolution or pipe.unet.config.sample_size * factor
         # Every down-sampling level halves the latent; skip connections need it to divide evenly.
         multiple = factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
         if self.resolution % multiple:
             raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")
-        latent = (self.resolution // factor, self.resolution // factor)
-        stats, stats_note = self._statistics(pipe)
-        slim_config = None
-        if stats is not None:
+        self.latent = latent = (self.resolution // factor, self.resolution // factor)
+        self.stats, self.stats_note = self._statistics(pipe)
+        self.slim_config = None
+        if self.stats is not None:
             from ..slim import SlimConfig
 
-            slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
+            self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
         self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
-        models = make_models(pipe.unet, cfg.budgets, stats=stats, slim_config=slim_config, seed=cfg.seed,
-                             align=cfg.align, r_min=cfg.r_min)
-        inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
-        dense_params = sum(p.numel() for p in pipe.unet.parameters())
-
-        model_entries = []
-        for m in models:
-            macs = {str(b): count_macs(meta_unet(pipe.unet.config, m.plan), b, latent).to_dict() for b in cfg.batches}
-            params = sum(p.numel() for p in m.unet.parameters())
-            model_entries.append({
-                "budget": m.budget, "source": m.source, "params": params, "params_removed": dense_params - params,
-                "removed_by_kind": m.plan.removed_by_kind() if m.plan else {},
-                "compressible_params": m.plan.compressible_params if m.plan else None,
-                "ranks": {n: e.rank for n, e in m.plan.modules.items()} if m.plan else None,
-                "macs": macs, "plan_info": {k: v for k, v in (m.plan.info if m.plan else {}).items()
-                                            if k in ("source", "scores", "budget", "budget_resolved", "align",
-                                                     "r_min", "slim_config", "num_prompts")},
-            })
+        self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
+                                  seed=cfg.seed, align=cfg.align, r_min=cfg.r_min)
+        self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
+        self.dense_params = sum(p.numel() for p in pipe.unet.parameters())
+        self.model_entries = [self._model_entry(m) for m in self.models]
 
         # Dense eager references: UNet outputs on the fixed inputs, and images for end-to-end errors.
         dense_run = engine_registry.create("eager").build(pipe.unet, cfg.batches, latent, 0, Path()).run
-        refs = {}
+        self.refs = {}
         with torch.no_grad():
             for b in cfg.batches:
-                refs[b] = dense_run(*inputs.get(b)).float().cpu()
-        e2e_ref = {b // 2: self._pipeline(pipe, dense_run, b // 2, CallTimer(self.device))
-                   for b in cfg.batches if cfg.e2e and b % 2 == 0}
+                self.refs[b] = dense_run(*self.inputs.get(b)).float().cpu()
+        self.e2e_ref = {b // 2: self._pipeline(pipe, dense_run, b // 2, CallTimer(self.device))
+                        for b in cfg.batches if cfg.e2e and b % 2 == 0}
+        self.engine_entries: dict[str, dict] = {}
+        self.results: list[dict] = []
 
-        engine_entries, results = {}, []
+    def _model_entry(self, m: SlimModel) -> dict:
+        macs = {str(b): count_macs(meta_unet(self.pipe.unet.config, m.plan), b, self.latent).to_dict()
+                for b in self.cfg.batches}
+        params = sum(p.numel() for p in m.unet.parameters())
+        info = m.plan.info if m.plan else {}
+        return {
+            "budget": m.budget, "source": m.source, "params": params, "params_removed": self.dense_params - params,
+            "removed_by_kind": m.plan.removed_by_kind() if m.plan else {},
+            "compressible_params": m.plan.compressible_params if m.plan else None,
+            "ranks": {n: e.rank for n, e in m.plan.modules.items()} if m.plan else None,
+            "macs": macs, "plan_info": {k: v for k, v in info.items() if k in (
+                "source", "scores", "budget", "budget_resolved", "align", "r_min", "slim_config", "num_prompts")},
+        }
+
+    def run_engines(self, names: list[str], order: list[tuple[str, float]] | None = None) -> None:
+        """Measure ``names`` on every model. Default order: eager first, then the other engines budget by
+        budget in the order the budgets were given; ``order`` lists (engine, budget) jobs by priority instead
+        (jobs it leaves out run after it, in the default order)."""
+        engines = {n: engine_registry.create(n, compile_mode=self.cfg.compile_mode) for n in names}
         for name, engine in engines.items():
             reason = engine.unavailable(self.device)
-            engine_entries[name] = {"description": engine.description,
-                                    "status": "skipped" if reason else "ok", "reason": reason}
+            self.engine_entries[name] = {"description": engine.description,
+                                         "status": "skipped" if reason else "ok", "reason": reason}
             if reason:
                 self.log(f"engine {name}: skipped — {reason}")
-        workroot = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
+        index = {m.budget: i for i, m in enumerate(self.models)}
+        default = [(n, i) for n in engines if n == "eager" for i in range(len(self.models))]
+        default += [(n, i) for i in range(len(self.models)) for n in engines if n != "eager"]
+        jobs = [(n, index[b]) for n, b in (order or []) if n in engines and b in index]
+        jobs += [j for j in default if j not in jobs]
+        workroot = Path(self.cfg.workdir) if self.cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
         workroot.mkdir(parents=True, exist_ok=True)
         try:
-            order = [n for n in engines if n == "eager"] + [n for n in engines if n != "eager"]
-            jobs = []  # (engine, model index); eager first, then budget-major for the other engines
-            jobs += [(n, i) for n in order if n == "eager" for i in range(len(models))]
-            jobs += [(n, i) for i in range(len(models)) for n in order if n != "eager"]
-            for name, index in jobs:
-                engine, model = engines[name], models[index]
-                if engine_entries[name]["status"] != "ok":
-                    continue
-                results.extend(self._run_engine_model(name, engine, model, index, pipe, inputs, latent, refs,
-                                                      e2e_ref, workroot / f"{name}-{index}"))
+            for name, i in jobs:
+                if self.engine_entries[name]["status"] == "ok":
+                    self.results.extend(self._run_engine_model(name, engines[name], self.models[i],
+                                                               workroot / f"{name}-{i}"))
         finally:
-            if not cfg.workdir:
+            if not self.cfg.workdir:
                 shutil.rmtree(workroot, ignore_errors=True)
 
-        _speedups(results, model_entries)
+    def report(self) -> dict:
+        cfg = self.cfg
+        _speedups(self.results, self.model_entries)
+        environment = dict(self.environment_at_start)
+        if is_cuda(self.device):
+            environment["clocks_at_end"] = device_info(self.device).get("clocks")
         return {
             "schema": SCHEMA,
-            "created": started,
+            "created": self.started,
             "wall_seconds": round(self.elapsed(), 1),
             "command": cfg.command or " ".join(sys.argv),
             "config": {k: v for k, v in asdict(cfg).items() if k != "build_estimates_s"},
             "model": {
                 "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
-                "resolution": self.resolution, "latent": list(latent), "dense_params": dense_params,
-                "plan_source": "calibrated" if stats is not None else SYNTHETIC,
-                "plan_note": stats_note or ("synthetic plans: the real allocator on uniform scores (no calibration "
-                                            "statistics) and seeded random values in the resized layers — latency "
-                                            "is real, outputs and errors of slim models are not meaningful"),
+                "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
+                "plan_source": "calibrated" if self.stats is not None else SYNTHETIC,
+                "plan_note": self.stats_note or (
+                    "synthetic plans: the real allocator on uniform scores (no calibration statistics) and seeded "
+                    "random values in the resized layers — latency is real, outputs and errors of slim models are "
+                    "not meaningful"),
             },
-            "environment": {"machine": machine_info(), "device": device_info(self.device),
-                            "libraries": library_versions(), "git": git_commit()},
+            "environment": environment,
             "mac_counter": counter_notes(),
-            "models": model_entries,
-            "engines": engine_entries,
-            "results": results,
+            "models": self.model_entries,
+            "engines": self.engine_entries,
+            "results": self.results,
         }
+
+    def run(self) -> dict:
+        self.prepare()
+        self.run_engines(self.cfg.engines)
+        return self.report()
 
     def _weights_kind(self) -> str:
         from ..serialization import is_slim_folder, load_plan
@@ -310,8 +328,7 @@ class Bench:
             source = load_plan(source).info.get("source_model", source)
         return weights_kind(source)
 
-    def _run_engine_model(self, name, engine, model: SlimModel, index, pipe, inputs, latent, refs, e2e_ref,
-                          workdir: Path) -> list[dict]:
+    def _run_engine_model(self, name, engine, model: SlimModel, workdir: Path) -> list[dict]:
         cfg = self.cfg
         cells = []
         for batches in [cfg.batches]:  # one engine per model serves every batch size
@@ -323,8 +340,7 @@ class Bench:
                 continue
             started = time.perf_counter()
             try:
-                cells += self._build_and_measure(name, engine, model, batches, pipe, inputs, latent, refs, e2e_ref,
-                                                 workdir / "-".join(map(str, batches)))
+                cells += self._build_and_measure(name, engine, model, batches, workdir / "-".join(map(str, batches)))
             except Exception as exc:  # one engine failing must not lose the others' results
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 self.log(f"{name} budget {model.budget:g}: failed — {first}")
@@ -336,14 +352,13 @@ class Bench:
             self.observed_build[name] = max(self.observed_build.get(name, 0.0), took)
         return cells
 
-    def _build_and_measure(self, name, engine, model: SlimModel, batches, pipe, inputs, latent, refs, e2e_ref,
-                           workdir: Path) -> list[dict]:
-        cfg = self.cfg
+    def _build_and_measure(self, name, engine, model: SlimModel, batches, workdir: Path) -> list[dict]:
+        cfg, pipe, inputs, refs = self.cfg, self.pipe, self.inputs, self.refs
         workdir.mkdir(parents=True, exist_ok=True)
         weights_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
         memory = PeakMemory(self.device).start()
         t_build = time.perf_counter()
-        built = engine.build(model.unet, batches, latent, inputs.embeds.shape[1], workdir)
+        built = engine.build(model.unet, batches, self.latent, inputs.embeds.shape[1], workdir)
         build_s = time.perf_counter() - t_build
         cells = []
         for b in batches:
@@ -366,7 +381,7 @@ class Bench:
                 "engine_info": built.info,
             }
             if cfg.e2e and b % 2 == 0:
-                cell["e2e"] = self._e2e(pipe, built.run, b // 2, model, e2e_ref)
+                cell["e2e"] = self._e2e(pipe, built.run, b // 2, model)
             cell["memory"] = memory.read()
             if is_cuda(self.device):
                 cell["clocks_after"] = device_info(self.device).get("clocks")
@@ -384,7 +399,7 @@ class Bench:
                        height=self.resolution, width=self.resolution, generator=gen, output_type="np").images
         return torch.from_numpy(out).float()
 
-    def _e2e(self, pipe, run, images: int, model: SlimModel, e2e_ref: dict) -> dict:
+    def _e2e(self, pipe, run, images: int, model: SlimModel) -> dict:
         cfg = self.cfg
         totals, inside, calls, last = [], [], [], None
         for i in range(cfg.e2e_runs + 1):  # the first run warms up (allocations, lazy compilation)
@@ -396,7 +411,7 @@ class Bench:
                 inside.append(timer.total_ms())
                 calls.append(timer.calls)
         meaningful = model.meaningful_outputs or model.budget == 0
-        error = _rel_err(last, e2e_ref[images]) if meaningful else None
+        error = _rel_err(last, self.e2e_ref[images]) if meaningful else None
         total, unet_ms = _median(totals), _median(inside)
         return {"images": images, "steps": cfg.e2e_steps, "guidance": cfg.guidance, "runs": cfg.e2e_runs,
                 "total_ms": total, "unet_ms": unet_ms, "outside_unet_ms": total - unet_ms,

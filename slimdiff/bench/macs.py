@@ -129,3 +129,23 @@ def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text
     params = sum(p.numel() for p in unet.parameters())
     return MacCount(total=counter.get_total_flops() // 2, **{k: v // 2 for k, v in groups.items()},
                     params=params, batch=batch, latent=(h, w))
+
+
+def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: tuple[int, int], *,
+                align: int = 8, r_min: int = 8) -> list[dict]:
+    """Parameters, MACs and ideal speed-up (dense MACs / slim MACs) of synthetic plans (the real allocator on
+    uniform scores) at each budget — shapes only, nothing is run but a meta-device forward."""
+    from .plans import synthetic_plan
+
+    dense_unet = meta_unet(config)
+    rows = []
+    for budget in budgets:
+        plan = synthetic_plan(dense_unet, budget, align=align, r_min=r_min) if budget > 0 else None
+        unet = meta_unet(config, plan)
+        for batch in batches:
+            dense, slim = count_macs(dense_unet, batch, latent), count_macs(unet, batch, latent)
+            rows.append({"budget": budget, "batch": batch, "params": slim.params,
+                         "params_removed": dense.params - slim.params, "macs": slim.to_dict(),
+                         "ideal_speedup": dense.total / slim.total,
+                         "removed_by_kind": plan.removed_by_kind() if plan else {}})
+    return rows

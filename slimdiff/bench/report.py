@@ -150,7 +150,7 @@ def console_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict, plots: list[str]) -> str:
+def markdown(report: dict, plots: list[str], extra: str = "") -> str:
     env, model = report["environment"], report["model"]
     dev = env["device"]
     git = env["git"]
@@ -192,7 +192,7 @@ def markdown(report: dict, plots: list[str]) -> str:
                      f"{c['attn2_products'] / 1e9:.2f} | {c['other'] / 1e9:.2f} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,8 +268,10 @@ def plot_speedups(report: dict, path: Path) -> bool:
     return True
 
 
-def write_report(report: dict, out: str | Path, overwrite: bool = False, extra_files: dict | None = None) -> Path:
-    """Validate, then write ``report.json``, ``report.md`` and the plots into ``out`` (appearing whole)."""
+def write_report(report: dict, out: str | Path, overwrite: bool = False, extra_files: dict | None = None,
+                 extra_markdown: str = "") -> Path:
+    """Validate, then write ``report.json``, ``report.md`` (with ``extra_markdown`` appended), the plots and
+    ``extra_files`` (name → text) into ``out``, which appears whole or not at all."""
     validate_report(report)
     out = Path(out)
     tmp = atomic_output_dir(out, overwrite)
@@ -280,7 +282,7 @@ def write_report(report: dict, out: str | Path, overwrite: bool = False, extra_f
         if plot_speedups(report, tmp / "speedup.png"):
             plots.append("speedup.png")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-        (tmp / "report.md").write_text(markdown(report, plots), encoding="utf-8")
+        (tmp / "report.md").write_text(markdown(report, plots, extra_markdown), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         commit_output_dir(tmp, out)
