@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up slimdiff on a fresh machine and run its main job on the embedded default model.
+# Set up slimdiff on a fresh machine and run its main job on the embedded default model:
+# slim builtin:tiny, export dense and slim UNets to ONNX Runtime engines, verify them against PyTorch,
+# then measure dense vs slim latency on the eager and ONNX Runtime engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0          # the CPU wheel; GPU machines may keep their own torch
 python -m pip install -q -e '.[test]'
-slimdiff slim --model builtin:tiny --budget 0.4 --num-prompts 16 --steps 10 --out out/tiny-slim --force
-slimdiff inspect out/tiny-slim | tail -n 3
+slimdiff-export --model builtin:tiny --engine ort --out out/tiny-ort --force --num-prompts 8 --steps 8
+slimdiff bench --model builtin:tiny --engines eager,ort --budgets 0,0.4 --out out/tiny-bench --force
