@@ -1,0 +1,135 @@
+"""``slimdiff-export`` end to end (in-process ``main``), and its answers to bad input: one error line, a
+non-zero exit, nothing half-written."""
+
+import importlib.util
+import json
+
+import pytest
+
+from export_support import slim_tiny_unet
+from slimdiff.errors import SlimDiffError
+from slimdiff.export import cli
+from slimdiff.runtime import EngineUNet
+from slimdiff.serialization import save_slim
+
+FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
+
+
+def _nothing_written(out):
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("slimdiff-export: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_dense_model_gives_dense_and_slim_engines_verified(tmp_path, capsys):
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), *FAST_CALIBRATION])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    table = captured.out.splitlines()
+    assert table[0].split()[:3] == ["engine", "variant", "file"]
+    assert [line.split()[:3] for line in table[2:4]] == [["ort", "dense", "dense/unet.ort.onnx"],
+                                                       ["ort", "slim", "slim/unet.ort.onnx"]]
+    assert "fewer)" in table[4]
+    summary = json.loads((out / "export.json").read_text())
+    dense, slim = summary["rows"]
+    assert slim["parameters"] < dense["parameters"]
+    assert dense["max_rel_error"] <= 1e-4 and slim["max_rel_error"] <= 1e-4
+    assert slim["fused_ops"]["Attention"] == 14 and summary["opset"] == 23
+    engine = EngineUNet.from_folder(out / "slim")
+    assert engine.rank_plan is not None and engine.rank_plan.params_removed > 0
+    assert not list(tmp_path.glob(".*partial*"))  # the temporary folder was renamed, not left
+
+
+def test_slim_folder_gives_slim_engine_and_force_replaces_output(tmp_path, capsys):
+    unet, plan = slim_tiny_unet(seed=6)
+    save_slim(unet, plan, tmp_path / "slim-unet")
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    rc = cli.main(["--model", str(tmp_path / "slim-unet"), "--engine", "ort", "--out", str(out), "--force",
+                   "--batch", "1:2:2", "--text-len", "77"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert not (out / "stale.txt").exists() and not (out / "dense").exists()
+    rows = json.loads((out / "export.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["slim"]
+    meta = json.loads((out / "slim" / "unet.engine.json").read_text())
+    assert meta["rank_plan"]["modules"] == json.loads(plan.to_json())["modules"]
+    assert meta["axes"]["batch"] == {"min": 1, "opt": 2, "max": 2, "multiple": 1}
+    assert meta["axes"]["text_len"] == {"min": 77, "opt": 77, "max": 77, "multiple": 1}
+
+
+def test_existing_output_is_refused_without_force(tmp_path, capsys):
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out)])
+    assert rc == 2
+    assert "already exists (use --force" in _one_error_line(capsys.readouterr().err)
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_trt_without_tensorrt_is_one_line_naming_the_alternatives(tmp_path, capsys):
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "trt", "--out", str(out)])
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert rc == 2 and err.strip() == line  # nothing else was started
+    assert "TensorRT is not installed" in line and "--engine ort" in line and "--engine aoti" in line
+    assert _nothing_written(out)
+
+
+def test_model_that_is_neither_dense_nor_slim(tmp_path, capsys):
+    junk = tmp_path / "some-folder"
+    junk.mkdir()
+    (junk / "weights.bin").write_bytes(b"\x00" * 64)
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", str(junk), "--engine", "ort", "--out", str(out)])
+    assert rc == 2
+    assert "is neither a dense model" in _one_error_line(capsys.readouterr().err)
+    assert _nothing_written(out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--height", "40"], "multiples of 16 pixels"),  # builtin:tiny: VAE scale 2 x latent multiple 8
+    (["--batch", "1:2:4,1:1:1", "--height", "16,32,48"], "different numbers of ranges"),
+    (["--batch", "4:2:1"], "min <= opt <= max"),
+    (["--opset", "17"], "--opset 17 is not supported"),
+])
+def test_bad_shape_and_opset_flags(tmp_path, capsys, flags, message):
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--slim-only", *flags])
+    assert rc == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert _nothing_written(out)
+
+
+def test_failure_midway_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    def fail_after_writing(args, variant, unet, plan, folder, **kwargs):
+        folder.mkdir()
+        (folder / "unet.onnx").write_bytes(b"half an export")
+        raise SlimDiffError("simulated failure while building the engine")
+
+    monkeypatch.setattr(cli, "_build_variant", fail_after_writing)
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out)])
+    assert rc == 2
+    assert "simulated failure" in _one_error_line(capsys.readouterr().err)
+    assert _nothing_written(out)
+
+
+def test_table_formatting():
+    rows = [{"engine": "ort", "variant": "dense", "file": "dense/unet.ort.onnx", "size_bytes": 3 * 2**20,
+             "parameters": 1234567, "max_abs_error": 1.5e-6, "load_seconds": 0.123}]
+    lines = cli.format_table(rows).splitlines()
+    assert lines[0].split() == ["engine", "variant", "file", "size", "parameters", "max", "abs", "error", "load",
+                                "time"]
+    assert lines[2].split() == ["ort", "dense", "dense/unet.ort.onnx", "3.0", "MiB", "1,234,567", "1.50e-06",
+                                "0.12", "s"]
