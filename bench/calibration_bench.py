@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--pass1-prompts", type=int, default=64)
     p.add_argument("--target-prompts", type=int, default=500)
     p.add_argument("--target-steps", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="JSON file (default: $OUT/calibration.json if $OUT is set, "
                                                "else stdout only)")
     return p.parse_args(argv)
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     from slimdiff.models import load_pipeline
     from slimdiff.prompts import read_prompts
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         print("calibration_bench: no CUDA device here", file=sys.stderr)

@@ -95,7 +95,9 @@ class CompileEngine(Engine):
 
 class ExportedEngine(Engine):
     """An engine from :mod:`slimdiff.export` (ONNX Runtime, TensorRT, AOTInductor) served through
-    :class:`slimdiff.runtime.EngineUNet`: one engine per model whose batch range covers the batches asked for."""
+    :class:`slimdiff.runtime.EngineUNet`, built the way ``slimdiff-export`` builds it: from a float32 source,
+    head widths zero-padded for fused attention on CUDA and for TensorRT, one engine per model whose batch range
+    covers the batches asked for."""
 
     kind = ""
 
@@ -107,46 +109,60 @@ class ExportedEngine(Engine):
             return f"slimdiff.export / slimdiff.runtime cannot be imported here: {exc}"
         return None
 
-    def _profile(self, batches, latent, text_len):
-        from ..export.shapes import Profile, Range
-
-        return Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
-                       Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
-
     def build(self, unet, batches, latent, text_len, workdir):
+        import copy
+        import json
+
+        from ..export.align import align_head_widths, planned_head_widths
         from ..export.engines import build_engine
         from ..export.modules import component_axes, unet_component
         from ..export.onnx import export_onnx
+        from ..export.shapes import Profile, Range, latent_multiple
         from ..runtime import EngineUNet
 
         param = next(unet.parameters())
-        device = str(param.device)
-        component = unet_component(unet)
-        profiles = [self._profile(batches, latent, text_len)]
-        extra = {"unet_config": dict(unet.config)}
+        device, dtype = str(param.device), param.dtype
+        source = unet if dtype == torch.float32 else copy.deepcopy(unet).float()
+        changed = {}
+        if (self.kind == "trt" or is_cuda(device)) and planned_head_widths(source):
+            source = copy.deepcopy(source) if source is unet else source
+            changed = align_head_widths(source)
+        component = unet_component(source)
+        multiple = latent_multiple(unet.config)
+        multiples = {"height": multiple, "width": multiple}
+        profile = Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
+                          Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
         plan = getattr(unet, "slim_plan", None)
-        if plan is not None:
-            import json
-
-            extra["rank_plan"] = json.loads(plan.to_json())
-        onnx_path = sidecar = None
+        extra = {"variant": "slim" if plan is not None else "dense", "unet_config": dict(unet.config),
+                 "parameters": sum(p.numel() for p in unet.parameters()),
+                 "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
+                 "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}
+        onnx_path, opset = None, None
         if self.kind in ("ort", "trt"):
-            onnx_path = Path(workdir) / "unet.onnx"
-            sidecar = export_onnx(component, profiles, onnx_path, dtype=param.dtype, opset=self._opset())
+            onnx_path, opset = Path(workdir) / "unet.onnx", self._opset()
+            sidecar = export_onnx(component, [profile], onnx_path, opset=opset, dtype=dtype, multiples=multiples,
+                                  parity_device=device if self._ort_cuda(device) else "cpu")
             axes = sidecar["axes"]
         else:
-            axes = component_axes(component, profiles[0], {"height": 8, "width": 8})
-        meta = build_engine(self.kind, component, Path(workdir), axes=axes, profiles=[p.to_json() for p in profiles],
-                            dtype=param.dtype, device=device, onnx_path=onnx_path, sidecar=sidecar, extra=extra)
+            axes = component_axes(component, profile, multiples)
+        meta = build_engine(self.kind, component, Path(workdir), axes=axes, profiles=[profile.to_json()],
+                            dtype=dtype, device=device, onnx_path=onnx_path, extra=extra)
         engine = EngineUNet.from_folder(workdir, device=device)
-        files = [Path(workdir) / f for f in meta["files"]]
-        return Built(_torch_runner(engine.forward), files=files,
-                     info={"runtime": meta.get("runtime"), "onnx_opset": sidecar["opset"] if sidecar else None})
+        del source, component
+        return Built(_torch_runner(engine.forward), files=[Path(workdir) / f for f in meta["files"]],
+                     info={"runtime": meta.get("runtime"), "onnx_opset": opset, "head_alignment": extra["head_alignment"],
+                           "load_s": engine.load_seconds})
 
     def _opset(self) -> int:
         from ..export.onnx import DEFAULT_OPSET
 
         return DEFAULT_OPSET
+
+    @staticmethod
+    def _ort_cuda(device: str) -> bool:
+        import onnxruntime as ort
+
+        return is_cuda(device) and "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 class OrtEngine(ExportedEngine):

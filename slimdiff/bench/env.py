@@ -120,8 +120,10 @@ def device_info(device: str | torch.device) -> dict:
 
 
 def machine_info() -> dict:
+    # The load average tells how much a CPU timing was shared with other work (shared dev machines, CI).
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"hostname": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
-            "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes(),
+            "cpu_count": os.cpu_count(), "memory_bytes": _memory_bytes(), "load_average_1_5_15m": load,
             "cuda_available": torch.cuda.is_available(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
 

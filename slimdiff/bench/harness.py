@@ -247,8 +247,8 @@ class Bench:
         self.results: list[dict] = []
 
     def _model_entry(self, m: SlimModel) -> dict:
-        macs = {str(b): count_macs(meta_unet(self.pipe.unet.config, m.plan), b, self.latent).to_dict()
-                for b in self.cfg.batches}
+        shapes = meta_unet(self.pipe.unet.config, m.plan)
+        macs = {str(b): count_macs(shapes, b, self.latent).to_dict() for b in self.cfg.batches}
         params = sum(p.numel() for p in m.unet.parameters())
         info = m.plan.info if m.plan else {}
         return {

@@ -161,7 +161,9 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
         f"- created {report['created']}, {report['wall_seconds']} s; command `{report['command']}`",
         f"- device: **{dev.get('name')}** ({dev['type']}, {dev.get('torch_threads')} torch threads)"
         + (f"; clocks at start SM {clocks.get('sm_mhz')} / max {clocks.get('sm_max_mhz')} MHz" if clocks else ""),
-        f"- machine: {env['machine']['cpu']} × {env['machine']['cpu_count']}, {env['machine']['platform']}",
+        f"- machine: {env['machine']['cpu']} × {env['machine']['cpu_count']}, {env['machine']['platform']}"
+        + (f"; load average at start {env['machine']['load_average_1_5_15m'][0]:.2f}"
+           if env["machine"].get("load_average_1_5_15m") else ""),
         f"- libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
         f"- git: {git.get('commit')}{' (with uncommitted changes)' if git.get('dirty') else ''}",
         f"- weights: **{model['weights']}**; dtype {model['dtype']}; {model['resolution']}² px "
