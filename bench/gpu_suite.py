@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     import torch
 
     from slimdiff.bench.harness import Bench, BenchConfig
-    from slimdiff.bench.latency_table import LatencyModel, measure_latency_table, save_table, separability
+    from slimdiff.bench.latency_table import LatencyModel, measure_latency_table, separability
     from slimdiff.bench.report import write_report
     from slimdiff.bench.studies import alignment_sweep, compare_allocators
     from slimdiff.errors import SlimDiffError

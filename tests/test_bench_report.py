@@ -89,3 +89,25 @@ def test_existing_output_is_not_overwritten_without_force(report, tmp_path):
     with pytest.raises(SlimDiffError, match="already exists"):
         write_report(report, tmp_path / "rep")
     write_report(report, tmp_path / "rep", overwrite=True)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from slimdiff.bench.cli import main
+
+    out = tmp_path / "rep"
+    for argv in (["--engines", "nope"], ["--budgets", "0,abc"], ["--batch", "1.5"]):
+        assert main(["--model", "builtin:tiny", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("slimdiff bench: error:")
+    assert not out.exists()
+
+
+def test_macs_only_reports_ideal_speedups_without_running_a_model(tmp_path, capsys):
+    from slimdiff.bench.cli import main
+
+    assert main(["--model", "builtin:tiny", "--budgets", "0,0.4", "--batch", "1", "--macs-only",
+                 "--out", str(tmp_path / "m")]) == 0
+    body = json.loads((tmp_path / "m" / "macs.json").read_text())
+    dense, slim = body["rows"]
+    assert dense["ideal_speedup"] == 1.0 and slim["ideal_speedup"] > 1.0
+    assert slim["params_removed"] > 0 and slim["macs"]["total"] < dense["macs"]["total"]

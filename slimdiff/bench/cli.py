@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (report.json, report.md, PNG plots)")
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    p.add_argument("--latency-table", default=None, metavar="JSON",
+                   help="only measure the per-module latency table (FFN / self- / cross-attention at each level and "
+                        "width, eager, first --batch size) on this device and save it: the latency-budget "
+                        "allocator's input")
     p.add_argument("--macs-only", action="store_true",
                    help="only count parameters, MACs and ideal speed-ups of synthetic plans (meta device, no "
                         "weights, no timing; seconds even for SD-1.5 on a CPU)")
@@ -166,12 +170,41 @@ def run_macs_only(args) -> None:
         commit_output_dir(tmp, Path(args.out))
 
 
+def run_latency_table(args) -> None:
+    import torch
+
+    from .harness import _resolve_device, _resolve_dtype
+    from .latency_table import measure_latency_table, save_table, separability
+    from ..models import load_pipeline
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args.model, dtype).to(device)
+    factor = pipe.vae_scale_factor
+    size = (args.resolution or pipe.unet.config.sample_size * factor) // factor
+    batch = _ints(args.batch, "--batch")[0]
+    table = measure_latency_table(pipe.unet, (size, size), batch, device=device, dtype=dtype, align=args.align,
+                                  warmup=args.warmup, iters=args.iters,
+                                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    table["model"] = args.model
+    save_table(table, args.latency_table)
+    worst = max(separability(table).values(), default=0.0)
+    print(f"latency table of {args.model} ({table['dtype']}, batch {batch}, latent {size}×{size}) on "
+          f"{table['device'].get('name')}: {len(table['groups'])} module groups, dense UNet "
+          f"{table['dense_unet_ms']:.2f} ms; written to {args.latency_table}")
+    print(f"largest gap between measured attention latency and an additive q·k + v model: {100 * worst:.0f} %")
+
+
 def run(args) -> None:
     """Run the benchmark the parsed ``args`` describe; print the table; write the report when ``--out``."""
     from pathlib import Path
 
     if args.macs_only:
         return run_macs_only(args)
+    if args.latency_table:
+        return run_latency_table(args)
 
     from .harness import run_bench
     from .report import console_table, validate_report, write_report

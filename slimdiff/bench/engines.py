@@ -150,7 +150,8 @@ class ExportedEngine(Engine):
         engine = EngineUNet.from_folder(workdir, device=device)
         del source, component
         return Built(_torch_runner(engine.forward), files=[Path(workdir) / f for f in meta["files"]],
-                     info={"runtime": meta.get("runtime"), "onnx_opset": opset, "head_alignment": extra["head_alignment"],
+                     info={"runtime": meta.get("runtime"), "onnx_opset": opset,
+                           "head_alignment": extra["head_alignment"],
                            "load_s": engine.load_seconds})
 
     def _opset(self) -> int:

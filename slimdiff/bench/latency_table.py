@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import SlimDiffError
 from ..models import FFN, QK, VO, ModuleSite, module_sites
-from .timing import is_cuda, time_calls
+from .timing import time_calls
 
 TABLE_FORMAT = "slimdiff-latency-table/1"
 
@@ -365,7 +365,7 @@ def latency_budget_ranks(items: list, model: LatencyModel, target_speedup: float
 
     Returns ``(ranks, info)``; raises :class:`SlimDiffError` when even the smallest ranks miss the target.
     """
-    from ..allocate import AllocationItem, allocate
+    from ..allocate import allocate
 
     if target_speedup <= 1:
         raise SlimDiffError(f"target speed-up must exceed 1, got {target_speedup}")

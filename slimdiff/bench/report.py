@@ -111,9 +111,10 @@ def results_table(report: dict) -> str:
         m = models.get(r["budget"], {})
         macs = m.get("macs", {}).get(str(r["batch"]), {}).get("total")
         if r["status"] != "ok":
+            empty = " |" * 9  # ideal … e2e speed-up: nothing was measured
             rows.append(f"| {r['engine']} | {r['budget']:g} | {r['batch']} | {_f(m.get('params', 0) / 1e6, '.2f')} | "
-                        f"{_f(m.get('params_removed', 0) / 1e6, '.2f')} | {_f(macs and macs / 1e9, '.2f')} | | | | | | | | | "
-                        f"| {r['status']}: {r['reason']} |")
+                        f"{_f(m.get('params_removed', 0) / 1e6, '.2f')} | {_f(macs and macs / 1e9, '.2f')} |{empty} "
+                        f"{r['status']}: {r['reason']} |")
             continue
         e2e = r.get("e2e") or {}
         rows.append(
@@ -164,7 +165,7 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
         f"- machine: {env['machine']['cpu']} × {env['machine']['cpu_count']}, {env['machine']['platform']}"
         + (f"; load average at start {env['machine']['load_average_1_5_15m'][0]:.2f}"
            if env["machine"].get("load_average_1_5_15m") else ""),
-        f"- libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
+        "- libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
         f"- git: {git.get('commit')}{' (with uncommitted changes)' if git.get('dirty') else ''}",
         f"- weights: **{model['weights']}**; dtype {model['dtype']}; {model['resolution']}² px "
         f"(latent {model['latent'][0]}×{model['latent'][1]}); dense UNet {model['dense_params'] / 1e6:.2f} M params",
