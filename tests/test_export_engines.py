@@ -13,7 +13,7 @@ from slimdiff.export import trt as trtmod
 from slimdiff.export.aoti import check_aoti_environment, device_info
 from slimdiff.export.engines import build_engine, engine_meta_path, load_engine_meta
 from slimdiff.export.modules import component_axes, unet_component
-from slimdiff.export.onnx import FUSED_OPS
+from slimdiff.export.onnx import FUSED_OPS, sidecar_path
 from slimdiff.export.shapes import union
 from slimdiff.runtime import EngineUNet
 
@@ -51,7 +51,7 @@ def test_ort_engine_saves_optimized_model_and_metadata(slim, tmp_path):
     path, sidecar, unet = slim
     component = unet_component(unet)
     meta = build_engine("ort", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
-                        dtype=torch.float32, device="cpu", onnx_path=path, sidecar=sidecar,
+                        dtype=torch.float32, device="cpu", onnx_path=path,
                         extra={"unet_config": dict(unet.config), "variant": "slim"})
     assert (tmp_path / "unet.ort.onnx").is_file() and meta["file"] == "unet.ort.onnx"
     assert meta["runtime"]["provider"] == "CPUExecutionProvider"
@@ -71,7 +71,7 @@ def test_ort_engine_saves_optimized_model_and_metadata(slim, tmp_path):
 def test_corrupt_and_missing_engine_files(dense, tmp_path):
     path, sidecar, unet = dense
     build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
-                 dtype=torch.float32, device="cpu", onnx_path=path, sidecar=sidecar,
+                 dtype=torch.float32, device="cpu", onnx_path=path,
                  extra={"unet_config": dict(unet.config)})
     engine_file = tmp_path / "unet.ort.onnx"
     engine_file.write_bytes(b"\x08\x01garbage" * 100)
@@ -87,11 +87,44 @@ def test_corrupt_and_missing_engine_files(dense, tmp_path):
         EngineUNet.from_folder(tmp_path / "nowhere")
 
 
+def test_external_data_path_exports_builds_and_runs(tmp_path, monkeypatch):
+    """The >2 GB path (weights in unet.onnx.data, ORT's optimized weights in unet.ort.onnx.data), forced on the
+    tiny model by lowering the threshold; builtin:sd15-shape exercises it for real in the benchmark script."""
+    from slimdiff.export import onnx as onnxmod
+
+    monkeypatch.setattr(onnxmod, "EXTERNAL_DATA_BYTES", 0)
+    unet, _ = slim_tiny_unet(seed=7)
+    sidecar = onnxmod.export_onnx(unet_component(unet), tiny_profiles(), tmp_path / "unet.onnx")
+    assert sidecar["external_data"] and sidecar["files"] == ["unet.onnx", "unet.onnx.data"]
+    assert "onnxslim skipped" in sidecar["cleanup"] and sidecar["parity"]["max_rel_error"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+    meta = build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+                        dtype=torch.float32, device="cpu", onnx_path=tmp_path / "unet.onnx",
+                        extra={"unet_config": dict(unet.config)})
+    assert meta["files"] == ["unet.ort.onnx", "unet.ort.onnx.data"]
+    inputs, ref = _reference(unet, 2, 16, 16, 77, seed=0)
+    got = EngineUNet.from_folder(tmp_path)(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_engine_is_not_built_from_a_changed_onnx_file(dense, tmp_path):
+    path, _, unet = dense
+    copy = tmp_path / "src" / "unet.onnx"
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes() + b"\0")
+    sidecar_path(copy).write_text(sidecar_path(path).read_text())
+    with pytest.raises(SlimDiffError, match="does not match its sidecar"):
+        build_engine("ort", unet_component(unet), tmp_path, axes={}, profiles=[], dtype=torch.float32,
+                     device="cpu", onnx_path=copy)
+    assert not (tmp_path / "unet.ort.onnx").exists()
+
+
 def test_engine_kind_must_be_known(dense, tmp_path):
     path, sidecar, unet = dense
     with pytest.raises(SlimDiffError, match="unknown engine 'tvm'"):
         build_engine("tvm", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=[], dtype=torch.float32,
-                     device="cpu", onnx_path=path, sidecar=sidecar)
+                     device="cpu", onnx_path=path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +243,7 @@ def test_trt_engine_metadata_contents_and_mismatch_on_load(slim, tmp_path, monke
 
     monkeypatch.setattr(trtmod, "build_trt_engine", fake_build)
     meta = build_engine("trt", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
-                        dtype=torch.float16, device="cuda", onnx_path=path, sidecar=sidecar,
+                        dtype=torch.float16, device="cuda", onnx_path=path,
                         extra={"unet_config": dict(unet.config), "rank_plan": json.loads(plan.to_json())},
                         trt_options={"opt_level": 4})
     on_disk, _ = load_engine_meta(tmp_path)
@@ -255,7 +288,7 @@ def test_trt_fp16_engine_builds_and_matches(tmp_path):
     component = unet_component(unet)
     sidecar = export_onnx(component, tiny_profiles(), tmp_path / "unet.onnx", dtype=torch.float16)
     build_engine("trt", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"], dtype=torch.float16,
-                 device="cuda", onnx_path=tmp_path / "unet.onnx", sidecar=sidecar,
+                 device="cuda", onnx_path=tmp_path / "unet.onnx",
                  extra={"unet_config": dict(unet.config)},
                  trt_options={"opt_level": 0, "timing_cache": tmp_path / "timing.cache"})
     assert (tmp_path / "timing.cache").stat().st_size > 0

@@ -21,7 +21,7 @@ def dense_engine(tmp_path_factory):
     path, sidecar, unet = cached_export(tmp_path_factory, "dense")
     folder = tmp_path_factory.mktemp("dense_ort")
     build_engine("ort", unet_component(unet), folder, axes=sidecar["axes"], profiles=sidecar["profiles"],
-                 dtype=torch.float32, device="cpu", onnx_path=path, sidecar=sidecar,
+                 dtype=torch.float32, device="cpu", onnx_path=path,
                  extra={"unet_config": dict(unet.config), "variant": "dense"})
     return folder, unet
 

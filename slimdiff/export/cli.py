@@ -180,7 +180,7 @@ def _build_variant(args, variant: str, unet, plan, folder: Path, profiles, kind:
     trt_options = {"opt_level": args.trt_opt_level,
                    "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
     meta = build_engine(kind, component, folder, axes=axes, profiles=profile_json, dtype=dtype, device=device,
-                        onnx_path=onnx_path, sidecar=sidecar, extra=extra, trt_options=trt_options)
+                        onnx_path=onnx_path, extra=extra, trt_options=trt_options)
     status(f"verifying the {variant} {kind} engine against PyTorch")
     check = _verify(folder, unet, device, {a: r["opt"] for a, r in axes.items()}, not args.no_cuda_graphs)
     if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
@@ -258,7 +258,7 @@ def run(args) -> list[dict]:
         write_json_atomic(tmp / "export.json", {
             "format": "slimdiff-export/1", "model": args.model, "engine": args.engine, "device": device,
             "dtype": str(dtype).removeprefix("torch."), "opset": opset if args.engine != "aoti" else None,
-            "profiles": [p.to_json() for p in profiles], "rows": rows, "argv": sys.argv[1:],
+            "profiles": [p.to_json() for p in profiles], "rows": rows, "arguments": vars(args),
             "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
         commit_output_dir(tmp, out)
     finally:

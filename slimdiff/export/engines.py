@@ -16,6 +16,7 @@ import torch
 from ..errors import SlimDiffError
 from .meta import files_size, read_json, write_json_atomic
 from .modules import Component
+from .onnx import load_sidecar
 
 ENGINE_FORMAT = "slimdiff-engine/1"
 ENGINE_KINDS = ("trt", "ort", "aoti")
@@ -27,22 +28,23 @@ def engine_meta_path(folder: Path, component: str = "unet") -> Path:
 
 
 def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, profiles: list[dict],
-                 dtype: torch.dtype, device: str, onnx_path: Path | None = None, sidecar: dict | None = None,
-                 extra: dict | None = None, trt_options: dict | None = None) -> dict:
+                 dtype: torch.dtype, device: str, onnx_path: Path | None = None, extra: dict | None = None,
+                 trt_options: dict | None = None) -> dict:
     """Build one engine into ``folder`` and write its metadata; returns the metadata.
 
-    ``trt`` and ``ort`` start from an exported ONNX graph (``onnx_path`` + ``sidecar``); ``aoti`` compiles
-    ``component`` directly with torch.export. ``extra`` (variant, rank plan, UNet config) goes into the
+    ``trt`` and ``ort`` start from an exported ONNX graph (``onnx_path``, checked against its sidecar first);
+    ``aoti`` compiles ``component`` directly with torch.export. ``extra`` (variant, rank plan, UNet config) goes into the
     metadata as is.
     """
     if kind not in ENGINE_KINDS:
         raise SlimDiffError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
     folder = Path(folder)
     target = folder / ENGINE_FILE[kind].format(name=component.name)
-    source = None
+    source = sidecar = None
     if kind in ("trt", "ort"):
-        if onnx_path is None or sidecar is None:
+        if onnx_path is None:
             raise SlimDiffError(f"a {kind} engine is built from an ONNX export")
+        sidecar = load_sidecar(onnx_path)
         source = {"file": str(Path(onnx_path).name), "sha256": sidecar["sha256"], "opset": sidecar["opset"]}
     if kind == "trt":
         from .trt import build_trt_engine

@@ -101,22 +101,24 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
             dynamic_shapes=torch_dynamic_shapes(component, axes),
             input_names=[s.name for s in component.inputs], output_names=[component.output],
         )
-        large = n_bytes > EXTERNAL_DATA_BYTES
-        program.save(str(raw), external_data=large)
+        if n_bytes > EXTERNAL_DATA_BYTES:
+            # Weights go to unet.onnx.data. onnxslim is skipped here: it sizes the whole model as one protobuf
+            # message, which fails past 2 GB; the exporter's own optimizer (folding, dead code) has run.
+            program.save(str(out_path), external_data=True)
+            cleanup = "torch.onnx optimizer (onnxslim skipped: over 2 GB)"
+        else:
+            program.save(str(raw))
+            # Given a ModelProto (not a path) onnxslim returns the cleaned graph without printing its table.
+            onnx.save_model(onnxslim.slim(onnx.load(str(raw))), str(out_path))
+            cleanup = "torch.onnx optimizer + onnxslim"
         del program
-        # Given a ModelProto (not a path) onnxslim returns the cleaned graph without printing its table.
-        slim = onnxslim.slim(onnx.load(str(raw)))
-        onnx.save_model(slim, str(out_path), save_as_external_data=large, all_tensors_to_one_file=True,
-                        location=out_path.name + ".data", size_threshold=1024)
-        del slim
     except SlimDiffError:
         raise
     except Exception as exc:  # the exporter raises many types; the user gets the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SlimDiffError(f"ONNX export of {component.name} at opset {opset} failed: {first}") from exc
     finally:
-        for p in (raw, raw.with_name(raw.name + ".data")):
-            p.unlink(missing_ok=True)
+        raw.unlink(missing_ok=True)
         if module is not reference:
             del module
     seconds = time.perf_counter() - t0
@@ -130,6 +132,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         "files": [p.name for p in onnx_files(out_path)],
         "external_data": len(onnx_files(out_path)) > 1,
         "opset": opset,
+        "cleanup": cleanup,
         "dtype": str(dtype).removeprefix("torch."),
         "inputs": [_value_info(v) for v in graph.graph.input],
         "outputs": [_value_info(v) for v in graph.graph.output],
