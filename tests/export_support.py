@@ -13,7 +13,7 @@ from slimdiff.plan import RankPlan
 from slimdiff.rebuild import apply_plan_shapes
 
 # builtin:tiny: VAE scale 2, latent 16x16 -> images 16..48 px = latent 8..24, two shapes per axis at least.
-TINY_FLAGS = dict(batch="1:2:4", height="16:32:48", width="16:32:48", text_len="77:77:154")
+TINY_FLAGS = {"batch": "1:2:4", "height": "16:32:48", "width": "16:32:48", "text_len": "77:77:154"}
 
 
 def tiny_profiles(**overrides):

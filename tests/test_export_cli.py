@@ -5,8 +5,8 @@ import importlib.util
 import json
 
 import pytest
-
 from export_support import slim_tiny_unet
+
 from slimdiff.errors import SlimDiffError
 from slimdiff.export import cli
 from slimdiff.runtime import EngineUNet

@@ -6,8 +6,8 @@ import json
 import onnx
 import pytest
 import torch
-
 from export_support import cached_export, slim_tiny_unet, tiny_profiles
+
 from slimdiff.errors import SlimDiffError
 from slimdiff.export import trt as trtmod
 from slimdiff.export.aoti import check_aoti_environment, device_info

@@ -9,12 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from export_support import cached_export, slim_tiny_unet, tiny_profiles
+
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.align import align_head_widths, planned_head_widths
 from slimdiff.export.modules import (
-    count_attention, text_encoder_component, unet_component, vae_decoder_component,
+    count_attention,
+    text_encoder_component,
+    unet_component,
+    vae_decoder_component,
 )
 from slimdiff.export.onnx import check_parity, export_onnx, load_sidecar, sidecar_path
 from slimdiff.models import load_pipeline, load_unet

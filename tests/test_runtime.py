@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from export_support import cached_export
+
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.engines import build_engine
 from slimdiff.export.modules import unet_component

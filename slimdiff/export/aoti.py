@@ -77,4 +77,4 @@ def load_aoti_package(path: Path, runtime_meta: dict, device: str):
         return torch._inductor.aoti_load_package(str(path))
     except Exception as exc:  # a damaged zip or .so surfaces as assorted errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SlimDiffError(f"AOTInductor package {str(path)!r} is corrupt: {first}") from None
+        raise SlimDiffError(f"AOTInductor package {str(path)!r} is corrupt: {first}") from exc

@@ -242,7 +242,8 @@ def run(args) -> list[dict]:
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
                                   vae_scale=vae_scale, multiple=multiple)
         status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
-        build = dict(profiles=profiles, kind=args.engine, device=device, dtype=dtype, opset=opset, multiple=multiple)
+        build = {"profiles": profiles, "kind": args.engine, "device": device, "dtype": dtype, "opset": opset,
+                 "multiple": multiple}
         rows = []
         if dense is not None and not args.slim_only:
             rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))

@@ -25,7 +25,14 @@ import torch
 
 from ..errors import SlimDiffError
 from .meta import read_json, sha256_files, status, write_json_atomic
-from .modules import MODEL_DTYPE, Component, component_axes, example_values, parity_shapes, torch_dynamic_shapes
+from .modules import (
+    MODEL_DTYPE,
+    Component,
+    component_axes,
+    example_values,
+    parity_shapes,
+    torch_dynamic_shapes,
+)
 from .shapes import Profile, union
 
 DEFAULT_OPSET = 23  # native Attention / GroupNormalization / Gelu
@@ -151,7 +158,12 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         status(f"note: only {counts.get('Attention', 0)} of {component.attention_modules} attentions "
                "became fused Attention ops")
     sidecar["sha256"] = sha256_files(onnx_files(out_path))
-    sidecar["parity"] = check_parity(out_path, component, axes, dtype, device=parity_device)
+    try:
+        sidecar["parity"] = check_parity(out_path, component, axes, dtype, device=parity_device)
+    except SlimDiffError:
+        for p in onnx_files(out_path):  # a graph that failed its check is not left behind
+            p.unlink()
+        raise
     write_json_atomic(sidecar_path(out_path), sidecar)
     status(f"{component.name}: {sidecar['ops']['total']} ONNX nodes, fused {sidecar['fused']}, "
            f"parity max abs error {sidecar['parity']['max_abs_error']:.2e} "
@@ -196,7 +208,7 @@ def check_parity(onnx_path: Path, component: Component, axes: dict[str, dict], d
     return result
 
 
-def load_sidecar(onnx_path: Path, verify_hash: bool = True) -> dict:
+def load_sidecar(onnx_path: Path) -> dict:
     """The sidecar of an exported graph, checked against the files it describes."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -206,11 +218,7 @@ def load_sidecar(onnx_path: Path, verify_hash: bool = True) -> dict:
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise SlimDiffError(f"ONNX export {str(onnx_path)!r} is incomplete: {', '.join(missing)} missing")
-    if verify_hash and sha256_files(files) != body.get("sha256"):
+    if sha256_files(files) != body.get("sha256"):
         raise SlimDiffError(f"ONNX file {str(onnx_path)!r} does not match its sidecar (changed or corrupt); "
                             "export it again")
     return body
-
-
-def profiles_of(sidecar: dict) -> list[Profile]:
-    return [Profile.from_json(p) for p in sidecar["profiles"]]

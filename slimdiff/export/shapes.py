@@ -31,7 +31,7 @@ class Range:
             raise SlimDiffError(f"shape range {self.min}:{self.opt}:{self.max} must satisfy 1 <= min <= opt <= max")
 
     @classmethod
-    def parse(cls, text: str, what: str) -> "Range":
+    def parse(cls, text: str, what: str) -> Range:
         """``"N"`` (static) or ``"MIN:OPT:MAX"``."""
         parts = text.strip().split(":")
         try:
@@ -73,7 +73,7 @@ class Profile:
         return {a: self.axis(a).to_list() for a in AXES}
 
     @classmethod
-    def from_json(cls, body: dict) -> "Profile":
+    def from_json(cls, body: dict) -> Profile:
         try:
             return cls(*(Range(*body[a]) for a in AXES))
         except (KeyError, TypeError) as exc:

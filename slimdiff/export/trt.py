@@ -35,7 +35,7 @@ NO_TENSORRT = ("TensorRT is not installed here (it needs an NVIDIA GPU and `pip 
                "use --engine ort or --engine aoti instead")
 #: The first TensorRT whose ONNX parser accepts the opset-23 ``Attention`` op.
 ATTENTION_OP_MIN_VERSION = (10, 14)
-OPT_LEVELS = range(0, 6)
+OPT_LEVELS = range(6)
 ENV_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
 
 
