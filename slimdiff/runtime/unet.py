@@ -44,7 +44,7 @@ class EngineUNet(torch.nn.Module):
         self.load_seconds = 0.0
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str | None = None, cuda_graphs: bool = True) -> "EngineUNet":
+    def from_folder(cls, folder: str | Path, device: str | None = None, cuda_graphs: bool = True) -> EngineUNet:
         """Load the UNet engine of an engine folder (as written by ``slimdiff-export``); ``device`` defaults to
         the one it was built for. ``cuda_graphs`` applies to TensorRT engines."""
         t0 = time.perf_counter()
