@@ -274,7 +274,7 @@ class Bench:
         index = {m.budget: i for i, m in enumerate(self.models)}
         default = [(n, i) for n in engines if n == "eager" for i in range(len(self.models))]
         default += [(n, i) for i in range(len(self.models)) for n in engines if n != "eager"]
-        jobs = [(n, index[b]) for n, b in (order or []) if n in engines and b in index]
+        jobs = list(dict.fromkeys((n, index[b]) for n, b in (order or []) if n in engines and b in index))
         jobs += [j for j in default if j not in jobs]
         workroot = Path(self.cfg.workdir) if self.cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
         workroot.mkdir(parents=True, exist_ok=True)
