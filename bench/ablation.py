@@ -44,7 +44,7 @@ from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import load_pipeline
 from slimdiff.quality import EvalSettings, adherence, compare, fidelity, noise_error_summary
-from slimdiff.quality.evaluate import is_proxy, model_label, unet_cost
+from slimdiff.quality.evaluate import is_proxy, model_label, paired_delta, unet_cost
 from slimdiff.quality.report import markdown_table, save_grid, write_json
 from slimdiff.serialization import atomic_output_dir, commit_output_dir
 from slimdiff.slim import SlimConfig, slim_unet
@@ -206,8 +206,10 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
                    macs_reduction=1 - row["macs"] / dense["macs"] if row.get("macs") and dense.get("macs") else None)
         if proxy:
             a = adherence(comp.slims[key], eval_prompts)
-            row.update(adherence=a["score"], adherence_per_kind=a["per_kind"],
-                       adherence_delta_points=100 * (a["score"] - dense["adherence"]["score"]))
+            delta = paired_delta(dense["adherence"], a)
+            row.update(adherence=a["score"], adherence_per_kind=a["per_kind"], adherence_delta_points=delta["points"],
+                       adherence_delta_stderr=delta["stderr_points"], adherence_images_better=delta["images_better"],
+                       adherence_images_worse=delta["images_worse"])
 
     body = {
         "format": "slimdiff-ablation/1",
@@ -245,8 +247,8 @@ def _targets(rows: dict, proxy: bool) -> dict:
     if proxy and ref is not None:
         limit = TARGETS["adherence_within_points_at_0.4"]
         d = ref["adherence_delta_points"]
-        checks[f"adherence slimdiff − dense, points @{TARGET_BUDGET}"] = {"value": d, "target": f">= -{limit}",
-                                                                          "met": d >= -limit}
+        checks[f"adherence slimdiff − dense, points @{TARGET_BUDGET}"] = {
+            "value": d, "target": f">= -{limit} (paired s.e. {ref['adherence_delta_stderr']:.2f})", "met": d >= -limit}
     for key, row in rows.items():
         if row["variant"] != "slimdiff":
             continue
@@ -266,7 +268,8 @@ def _row_cells(row: dict, proxy: bool) -> list:
              f"{100 * row['macs_reduction']:.1f}" if row.get("macs_reduction") is not None else None,
              row["npe"], f"{row['npe_first_half']:.4g} / {row['npe_second_half']:.4g}", row["psnr_db"], row["ssim"]]
     if proxy:
-        cells += [row["adherence"], f"{row['adherence_delta_points']:+.2f}"]
+        se = row["adherence_delta_stderr"]
+        cells += [row["adherence"], f"{row['adherence_delta_points']:+.2f}" + (f" ± {se:.2f}" if se is not None else "")]
     return cells
 
 
@@ -284,7 +287,7 @@ def _markdown(body: dict) -> str:
     header = ["budget", "variant", "UNet params (M)", "removed % of compressible", "MACs/call (M)", "MACs −%",
               "noise-pred. error", "NPE 1st / 2nd half of steps", "PSNR (dB)", "SSIM"]
     if proxy:
-        header += ["adherence", "Δ adherence (points)"]
+        header += ["adherence", "Δ adherence (points ± paired s.e.)"]
     main = [r for r in body["rows"].values() if r["variant"] in VARIANTS]
     sweep = [r for r in body["rows"].values() if r["variant"] not in VARIANTS]
     lines += ["## Main table", "", markdown_table(header, [_row_cells(r, proxy) for r in main]), ""]

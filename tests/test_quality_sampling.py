@@ -9,7 +9,7 @@ import torch
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import module_sites
 from slimdiff.quality import EvalSettings, adherence, compare
-from slimdiff.quality.evaluate import is_proxy, model_label
+from slimdiff.quality.evaluate import is_proxy, model_label, paired_delta
 from slimdiff.quality.sampling import NoiseErrorProbe, generate
 from slimdiff.rebuild import load_slim_weights
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site
@@ -76,6 +76,11 @@ def test_adherence_of_ground_truth_renders_and_bad_prompts():
     assert good["score"] >= 0.95
     shuffled = adherence(images, [s.caption for s in scenes[1:] + scenes[:1]])
     assert shuffled["score"] < good["score"] - 0.2
+    delta = paired_delta(good, shuffled)
+    assert delta["points"] == pytest.approx(100 * (shuffled["score"] - good["score"]))
+    assert delta["images_worse"] > 12 and delta["stderr_points"] > 0
+    blank = adherence(np.ones_like(images), [s.caption for s in scenes])  # nothing to find on white images
+    assert blank["score"] == 0 and paired_delta(good, blank)["images_worse"] == sum(f > 0 for f in good["found"])
     with pytest.raises(SlimDiffError, match="shape-scene prompts"):
         adherence(images[:1], ["a photo of a cat"])
 

@@ -98,7 +98,7 @@ def evaluate_to(args, folder: Path) -> dict:
 
     from ..models import load_pipeline
     from . import optional
-    from .evaluate import EvalSettings, adherence, compare, is_proxy, model_label, unet_cost
+    from .evaluate import EvalSettings, adherence, compare, is_proxy, model_label, paired_delta, unet_cost
     from .metrics import fidelity, noise_error_summary
     from .report import eval_markdown, save_grid, save_images, write_json
 
@@ -122,8 +122,9 @@ def evaluate_to(args, folder: Path) -> dict:
                "lpips": optional.lpips_distance(comp.dense, {"slim": comp.slims["slim"]}, device)}
     if args.adherence == "on" or (args.adherence == "auto" and proxy):
         metrics["adherence"] = {name: adherence(imgs, prompts) for name, imgs in images.items()}
-        metrics["adherence"]["delta_points"] = 100 * (metrics["adherence"]["slim"]["score"]
-                                                      - metrics["adherence"]["dense"]["score"])
+        delta = paired_delta(metrics["adherence"]["dense"], metrics["adherence"]["slim"])
+        metrics["adherence"]["delta_points"] = delta["points"]
+        metrics["adherence"]["delta"] = delta
     else:
         metrics["adherence"] = optional.skipped("only for the proxy model (its analyzer reads shape scenes); "
                                                 "use --adherence on to force")

@@ -102,8 +102,12 @@ def unet_cost(unet: torch.nn.Module, text_tokens: int = 77) -> dict:
 
 
 def adherence(images: np.ndarray, prompts: Sequence[str]) -> dict:
-    """Fraction of prompt attributes the proxy analyzer finds in the images (shape prompts only)."""
-    from ..proxy.analyzer import attribute_accuracy
+    """Fraction of prompt attributes the proxy analyzer finds in the images (shape prompts only).
+
+    ``found`` / ``total`` per image are kept so that two models scored on the same prompts and seeds can be
+    compared image by image (:func:`paired_delta`).
+    """
+    from ..proxy.analyzer import analyze, score
     from ..proxy.shapes import parse_caption
 
     for p in prompts:
@@ -112,5 +116,22 @@ def adherence(images: np.ndarray, prompts: Sequence[str]) -> dict:
         except ValueError as exc:
             raise SlimDiffError(f"adherence needs shape-scene prompts of the proxy vocabulary; {p!r} is not one "
                                 f"({exc})") from exc
-    score, per_kind = attribute_accuracy(list(images), list(prompts))
-    return {"score": float(score), "per_kind": per_kind}
+    found, total, per_kind = [], [], {}
+    for img, prompt in zip(images, prompts):
+        f, t, detail = score(prompt, analyze(img))
+        found.append(f)
+        total.append(t)
+        for k, v in detail.items():
+            per_kind.setdefault(k.split(".")[-1], []).append(v)
+    return {"score": sum(found) / max(sum(total), 1), "per_kind": {k: float(np.mean(v)) for k, v in per_kind.items()},
+            "found": found, "total": total}
+
+
+def paired_delta(dense: dict, slim: dict) -> dict:
+    """Adherence difference slim − dense in points, with the standard error of the per-image paired differences."""
+    if dense["total"] != slim["total"]:
+        raise SlimDiffError("adherence results were not computed on the same prompts")
+    t = np.asarray(dense["total"], dtype=np.float64)
+    d = 100 * (np.asarray(slim["found"]) - np.asarray(dense["found"])) / t.mean()
+    return {"points": 100 * (slim["score"] - dense["score"]), "stderr_points": float(d.std(ddof=1) / np.sqrt(len(d)))
+            if len(d) > 1 else None, "images_better": int((d > 0).sum()), "images_worse": int((d < 0).sum())}

@@ -103,8 +103,9 @@ def eval_markdown(report: dict) -> str:
         if "skipped" in v:
             rows.append([title, f"skipped: {v['skipped']}"])
         elif key == "adherence":
+            se = v["delta"]["stderr_points"]
             rows.append([title, f"dense {v['dense']['score']:.4f}, slim {v['slim']['score']:.4f} "
-                                f"(Δ {v['delta_points']:+.2f} points)"])
+                                f"(Δ {v['delta_points']:+.2f} points" + (f" ± {se:.2f} s.e., paired)" if se is not None else ")")])
         elif key == "lpips":
             rows.append([f"{title} ({v['backbone']})", v["slim"]["mean"]])
         elif key == "clip_score":
