@@ -103,6 +103,14 @@ def _prompts(source: str, pipe, n_calib: int, n_eval: int) -> tuple[list[str], l
     return choose_prompts(pipe, pool, n_calib).prompts, evals, where
 
 
+def _timestep_weight_summary(stats) -> dict:
+    """How far the FFN timestep weights are from uniform: effective number of steps 1/Σw² and max·T."""
+    w = torch.stack([v / v.sum() for v in stats.ffn_weights.values()])
+    n = w.shape[1]
+    return {"steps": n, "effective_steps_mean": float((1 / w.pow(2).sum(1)).mean()),
+            "max_weight_times_steps_mean": float((w.max(1).values * n).mean())}
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout that produced a report, with ``+dirty`` when this script differs from it."""
     import subprocess
@@ -167,6 +175,8 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         timings[f"calibration_{weighting}_s"] = round(time.perf_counter() - t0, 1)
         print(f"calibrated ({weighting}) in {timings[f'calibration_{weighting}_s']} s", flush=True)
 
+    weights_summary = {w: _timestep_weight_summary(st) for w, st in stats.items()}
+
     t0 = time.perf_counter()
     models, rows = {}, {}
     jobs = [(name, b, spec) for b in args.budgets for name, spec in variants.items()]
@@ -226,6 +236,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         "dense": dense,
         "rows": rows,
         "target_checks": _targets(rows, proxy),
+        "ffn_timestep_weights": weights_summary,
         "timesteps": comp.timesteps,
         "calibration_prompts": calib_prompts,
         "eval_prompts": eval_prompts,
@@ -312,6 +323,11 @@ def _markdown(body: dict) -> str:
         lines += ["Module scores that drive the softmax allocation (spectral score × propagation, mean by kind):", "",
                   markdown_table(["statistics", *kinds], [[r["weighting"], *[r["score_by_kind"].get(k) for k in kinds]]
                                                           for r in scored]), ""]
+    tw = body["ffn_timestep_weights"]
+    lines += ["FFN timestep weights (1/Σw² = effective number of steps; max·T = 1 for uniform weights):", "",
+              markdown_table(["statistics", "steps T", "effective steps (mean over FFNs)", "max weight × T (mean)"],
+                             [[k, v["steps"], v["effective_steps_mean"], v["max_weight_times_steps_mean"]]
+                              for k, v in tw.items()]), ""]
     lines += ["`grid.png`: dense, SlimDiff at each budget, then every baseline at the middle budget; each column "
               "is one evaluation prompt and seed. `npe_per_step.png`: noise-prediction error per UNet call.", ""]
     lines += ["Timings (s): " + ", ".join(f"{k} = {v}" for k, v in body["timings"].items()), ""]
