@@ -20,6 +20,7 @@ is tested without a GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -113,7 +114,9 @@ def default_timing_cache(env: dict) -> Path:
     return root / f"timing-trt{env['tensorrt_version']}-sm{env['compute_capability'].replace('.', '')}.cache"
 
 
+@functools.cache
 def _logger(trt):
+    """One process-wide logger: TensorRT objects keep a raw pointer to it, so it must outlive them all."""
     return trt.Logger(trt.Logger.WARNING)
 
 
