@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The GPU suite: everything a session with a GPU runs, in one command that ends in under 9 minutes on an H100.
 
-    # on the device machine (the GPU image has torch 2.11 + CUDA 13 but no diffusers: carry its wheel,
-    # fetched here first with `bash bench/gpu_wheels.sh`):
+    # on the device machine (the GPU image has torch 2.11 + CUDA 13 but no diffusers): first, here,
+    # `bash bench/gpu_wheels.sh` (puts the diffusers wheel in the git-ignored .whl/), then run with carry [".whl"]:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
-    PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py 2>&1 | tee $OUT/suite.log
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py 2>&1 | tee $OUT/suite.log
 
     # anywhere, to exercise every code path on builtin:tiny on the CPU (numbers meaningless):
     python bench/gpu_suite.py --dry-run --out /tmp/suite-dry
