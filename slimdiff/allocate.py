@@ -90,11 +90,12 @@ def allocate(
     if method == "greedy":
         return _greedy(items, grids, budget, temperature)
     fractions = _softmax_fractions(items, grids, budget, temperature)
+    targets = {item.name: item.width * (1.0 - fractions[item.name]) for item in items}
     ranks = {}
     for item in items:
-        aligned = align * math.ceil(item.width * (1.0 - fractions[item.name]) / align - 1e-9)
+        aligned = align * math.ceil(targets[item.name] / align - 1e-9)
         ranks[item.name] = min(item.width, max(grids[item.name][0], aligned))
-    return _repair(items, grids, ranks, budget)
+    return _repair(items, grids, ranks, budget, targets)
 
 
 def _rank_grid(item: AllocationItem, r_min: int, align: int) -> list[int]:
@@ -141,29 +142,35 @@ def _softmax_fractions(
 
 
 def _repair(
-    items: list[AllocationItem], grids: dict[str, list[int]], ranks: dict[str, int], budget: float
+    items: list[AllocationItem], grids: dict[str, list[int]], ranks: dict[str, int], budget: float,
+    targets: dict[str, float],
 ) -> dict[str, int]:
     """Move one grid step at a time until the removed cost is within one step of the budget.
 
-    Short of the budget: shrink the least important module that can still shrink. Past it: restore width to the
-    most important module that lost some. Each move heads towards the budget, so the loop terminates.
+    Short of the budget: shrink the module furthest above its target width (relative to its width), the least
+    important first among equals. Past it: restore the module furthest below its target, the most important
+    first. Spreading the steps this way keeps rounding from stripping one module to its floor when scores tie.
+    Each move heads towards the budget, so the loop terminates.
     """
     position = {item.name: grids[item.name].index(ranks[item.name]) for item in items}
-    by_importance = sorted(range(len(items)), key=lambda i: items[i].score)  # stable: ties keep input order
     removed = removed_cost(items, ranks)
+
+    def excess(i: int) -> float:
+        item = items[i]
+        return (ranks[item.name] - targets[item.name]) / item.width
+
     while True:
         gap = budget - removed
         if gap == 0:
             return ranks
         # A feasible budget (0 < B < removable mass) guarantees a candidate: short of B some module is above its
         # floor, past B some module is below its full width.
+        direction = -1 if gap > 0 else 1
+        movable = [i for i in range(len(items)) if 0 <= position[items[i].name] + direction < len(grids[items[i].name])]
         if gap > 0:
-            order, direction = by_importance, -1
+            item = items[max(movable, key=lambda i: (excess(i), -items[i].score, -i))]
         else:
-            order, direction = reversed(by_importance), 1
-        item = next(
-            items[i] for i in order if 0 <= position[items[i].name] + direction < len(grids[items[i].name])
-        )
+            item = items[min(movable, key=lambda i: (excess(i), -items[i].score, i))]
         grid, here = grids[item.name], position[item.name]
         step = item.unit_cost * abs(grid[here + direction] - grid[here])
         if step >= 2 * abs(gap):  # the step would land further from the budget than we are
