@@ -3,6 +3,8 @@
 Every model is a diffusers ``StableDiffusionPipeline`` (or a bare ``UNet2DConditionModel``). Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
+* ``builtin:proxy`` — the project's own small text-to-image model, trained from scratch on procedural shape
+  scenes (``slimdiff/proxy``); real, trained weights, so quality can be measured in-house.
 * ``builtin:sd15-shape`` — the exact SD v1.5 UNet / text encoder / VAE configurations with seeded random
   weights, for export and latency work at real scale. CLIP's BPE vocabulary is not available offline, so its
   tokenizer is the project's own character-level one; the text embedding table keeps CLIP's 49,408 rows.
@@ -26,7 +28,7 @@ from torch import nn
 
 from .errors import SlimDiffError
 
-BUILTINS = ("builtin:tiny", "builtin:sd15-shape")
+BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,6 +170,12 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
         pipe = load_pipeline(base, dtype)
         pipe.unet = load_slim(source, dtype=dtype)
         return pipe
+    if source == "builtin:proxy":
+        folder = ASSETS / "proxy"
+        if not (folder / "model_index.json").is_file():
+            raise SlimDiffError("the proxy model's weights are not in this checkout "
+                                "(train them with `python -m slimdiff.proxy.train`)")
+        return load_pipeline(str(folder), dtype)
     if source in BUILTINS:
         pipe = build_builtin(source)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
