@@ -22,7 +22,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def _add_calibration(p: argparse.ArgumentParser) -> None:
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None,
                    help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
                         "(default: the packaged COCO val2017 captions)")
@@ -37,7 +37,7 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _calibration_config(args):
+def calibration_config_from_args(args):
     from .calibrate import CalibrationConfig
 
     return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
@@ -72,7 +72,7 @@ def cmd_calibrate(args) -> None:
     start = time.perf_counter()
     pool = read_prompts(args.prompts)
     pipe = _load(args)
-    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, _calibration_config(args))
+    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args))
     print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
 
@@ -102,7 +102,7 @@ def cmd_slim(args) -> None:
     if args.stats:
         stats = Statistics.load(args.stats)
     else:
-        stats = collect_statistics(pipe, read_prompts(args.prompts), args.num_prompts, None, _calibration_config(args))
+        stats = collect_statistics(pipe, read_prompts(args.prompts), args.num_prompts, None, calibration_config_from_args(args))
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
@@ -143,13 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="collect calibration statistics (resumable)")
     _add_model(p)
-    _add_calibration(p)
+    add_calibration_arguments(p)
     p.add_argument("--out", required=True, help="statistics directory (rerun to resume)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("slim", help="slim a UNet to a budget and save it as a diffusers folder")
     _add_model(p)
-    _add_calibration(p)
+    add_calibration_arguments(p)
     p.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
     p.add_argument("--budget", required=True,
                    help="fraction of the compressible mass (0.4) or an amount to remove (100M)")
@@ -175,18 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(prog: str, func, args) -> int:
+    """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
-    args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        func(args)
     except SlimDiffError as exc:
-        print(f"slimdiff: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("slimdiff: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command("slimdiff", args.func, args)
 
 
 if __name__ == "__main__":

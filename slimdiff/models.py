@@ -159,8 +159,6 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
 
     A slim UNet folder loads the pipeline it was slimmed from (recorded in its plan) with the slim UNet in it.
     """
-    from diffusers import StableDiffusionPipeline
-
     from .serialization import is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SlimDiffError
-from .models import FFN, QK, VO, ModuleSite, module_sites
+from .models import FFN, QK, ModuleSite, module_sites
 from .plan import RankPlan
 
 

@@ -16,7 +16,7 @@ from . import allocate as alloc
 from . import analyze, decompose
 from .calibrate import CalibrationConfig, Statistics, _prior
 from .errors import SlimDiffError
-from .models import FFN, QK, VO, ModuleSite, module_sites
+from .models import FFN, QK, ModuleSite, module_sites
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes, load_slim_weights
 

@@ -233,15 +233,8 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
+    from ..cli import run_command
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="slimdiff bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except SlimDiffError as exc:
-        print(f"slimdiff bench: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("slimdiff bench", run, parser.parse_args(argv))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -34,7 +33,7 @@ FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _add_calibration  # the same calibration flags as `slimdiff slim`
+    from ..cli import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     slim.add_argument("--budget", default=DEFAULT_BUDGET,
                       help="fraction of the compressible parameters to remove (0.4) or an amount (100M)")
     slim.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
-    _add_calibration(slim)
+    add_calibration_arguments(slim)
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
     trt.add_argument("--timing-cache", default=None,
@@ -104,13 +103,13 @@ def _load_model(source: str):
 def _slim_dense_model(pipe, args):
     """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
     from ..api import slim_pipeline
-    from ..cli import _calibration_config
+    from ..cli import calibration_config_from_args
     from ..prompts import read_prompts
     from ..slim import SlimConfig, parse_budget
 
     prompts = None if args.stats else read_prompts(args.prompts)
     report = slim_pipeline(pipe, SlimConfig(budget=parse_budget(args.budget)), stats=args.stats,
-                           prompts=prompts, num_prompts=args.num_prompts, calibration=_calibration_config(args))
+                           prompts=prompts, num_prompts=args.num_prompts, calibration=calibration_config_from_args(args))
     return report.plan
 
 
@@ -269,17 +268,9 @@ def run(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except SlimDiffError as exc:
-        print(f"slimdiff-export: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("slimdiff-export: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    from ..cli import run_command
+
+    return run_command("slimdiff-export", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
