@@ -59,7 +59,7 @@ def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linea
     )
 
 
-def _resize_site(unet: nn.Module, site: ModuleSite, rank: int) -> None:
+def resize_site(unet: nn.Module, site: ModuleSite, rank: int) -> None:
     block = unet.get_submodule(site.block)
     if site.kind == FFN:
         act, down = block.ff.net[0], block.ff.net[2]
@@ -89,7 +89,7 @@ def apply_plan_shapes(unet: nn.Module, plan: RankPlan) -> nn.Module:
         if site is None or site.width != entry.width or site.kind != entry.kind:
             raise SlimDiffError(f"the rank plan does not match this UNet at {name!r}")
         if entry.rank < site.width:
-            _resize_site(unet, site, entry.rank)
+            resize_site(unet, site, entry.rank)
     return unet
 
 

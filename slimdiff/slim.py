@@ -266,12 +266,11 @@ class SlimReport:
                 "removed_by_kind": self.plan.removed_by_kind(), "seconds": round(self.seconds, 2)}
 
 
-def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progress: bool = True) -> SlimReport:
-    """Slim ``unet`` in place to ``config.budget`` using calibration ``stats``; returns the plan and a report."""
-    start = time.perf_counter()
+def allocation_items(unet, stats: Statistics, config: SlimConfig, with_curves: bool = False,
+                     progress: bool = True) -> tuple[list[alloc.AllocationItem], dict[str, SiteAnalysis]]:
+    """The allocation pool (sites not excluded) with module scores, costs and, optionally, error curves."""
     stats.check_model(unet)
-    sites = module_sites(unet)
-    pool = [s for s in sites if not _excluded(s, config.exclude)]
+    pool = [s for s in module_sites(unet) if not _excluded(s, config.exclude)]
     if not pool:
         raise SlimDiffError("every module is excluded: nothing to slim")
     analyses = analyze_sites(unet, stats, pool)
@@ -279,30 +278,32 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
     w = torch.stack([analyses[s.name].weights for s in pool])
     prop = torch.stack([analyses[s.name].propagation for s in pool])
     scores = analyze.module_scores(rho, w, prop, beta=config.beta)
-
-    cost = {s.name: (s.unit_params if config.budget_unit == "params" else unit_macs(unet, s, stats)) for s in pool}
-    total = sum(cost[s.name] * s.width for s in pool)
-    budget = config.budget * total if config.budget < 1 else config.budget
     curves = {}
-    if config.allocator == "greedy":
+    if with_curves:
         for s in tqdm(pool, desc="error curves", disable=not progress):
             curves[s.name] = decompose_site(unet, analyses[s.name], s.width, config).error_curve
-    items = [alloc.AllocationItem(s.name, s.width, cost[s.name], float(scores[i]), curves.get(s.name))
+    items = [alloc.AllocationItem(s.name, s.width,
+                                  s.unit_params if config.budget_unit == "params" else unit_macs(unet, s, stats),
+                                  float(scores[i]), curves.get(s.name))
              for i, s in enumerate(pool)]
-    try:
-        ranks = alloc.allocate(items, budget, temperature=float("inf") if config.allocator == "uniform"
-                               else config.temperature, r_min=config.r_min, align=config.align,
-                               method="greedy" if config.allocator == "greedy" else "softmax")
-    except ValueError as exc:
-        raise SlimDiffError(f"cannot meet the budget: {exc}") from exc
+    return items, analyses
 
+
+def apply_ranks(unet, stats: Statistics, ranks: dict[str, int], config: SlimConfig, info: dict | None = None,
+                analyses: dict[str, SiteAnalysis] | None = None, progress: bool = True) -> SlimReport:
+    """Decompose every site at its rank (sites not named keep full width) and rebuild ``unet`` in place."""
+    start = time.perf_counter()
+    sites = module_sites(unet)
     plan = RankPlan.from_ranks(sites, ranks, info={
         "slim_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "calibration": asdict(stats.config), "num_prompts": stats.num_prompts,
-        "budget_resolved": budget, "budget_total": total,
+        "calibration": asdict(stats.config), "num_prompts": stats.num_prompts, **(info or {}),
     })
+    todo = [s for s in sites if plan.modules[s.name].rank < s.width]
+    if analyses is None:
+        stats.check_model(unet)
+        analyses = analyze_sites(unet, stats, todo)
     tensors, errors = {}, {}
-    for s in tqdm([s for s in pool if ranks[s.name] < s.width], desc="decomposing", disable=not progress):
+    for s in tqdm(todo, desc="decomposing", disable=not progress):
         result = decompose_site(unet, analyses[s.name], ranks[s.name], config)
         tensors.update(result.tensors)
         errors[s.name] = result.relative_error
@@ -315,5 +316,24 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
         raise SlimDiffError(f"internal error: rebuilt model removed {before - after} parameters, plan says "
                             f"{plan.params_removed}")
     unet.slim_plan = plan
-    return SlimReport(plan, before, after, errors, {s.name: float(scores[i]) for i, s in enumerate(pool)},
-                      time.perf_counter() - start)
+    return SlimReport(plan, before, after, errors, {}, time.perf_counter() - start)
+
+
+def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progress: bool = True) -> SlimReport:
+    """Slim ``unet`` in place to ``config.budget`` using calibration ``stats``; returns the plan and a report."""
+    start = time.perf_counter()
+    items, analyses = allocation_items(unet, stats, config, with_curves=config.allocator == "greedy",
+                                       progress=progress)
+    total = sum(item.unit_cost * item.width for item in items)
+    budget = config.budget * total if config.budget < 1 else config.budget
+    try:
+        ranks = alloc.allocate(items, budget, temperature=float("inf") if config.allocator == "uniform"
+                               else config.temperature, r_min=config.r_min, align=config.align,
+                               method="greedy" if config.allocator == "greedy" else "softmax")
+    except ValueError as exc:
+        raise SlimDiffError(f"cannot meet the budget: {exc}") from exc
+    report = apply_ranks(unet, stats, ranks, config, {"budget_resolved": budget, "budget_total": total},
+                         analyses, progress)
+    report.scores = {item.name: item.score for item in items}
+    report.seconds = time.perf_counter() - start
+    return report

@@ -128,7 +128,7 @@ def rank_grid(width: int, align: int, max_points: int) -> list[int]:
 def _resized_module(meta_unet: nn.Module, site: ModuleSite, ranks: dict[str, int], device, dtype) -> nn.Module:
     """A real-device copy of the sub-layer that holds ``site`` (FFN or attention), with the given ranks of its
     groups applied by the rebuild code, filled with small random values."""
-    from ..rebuild import _resize_site
+    from ..rebuild import resize_site
 
     holder = nn.Module()
     sub = "ff" if site.kind == FFN else site.attn
@@ -137,7 +137,7 @@ def _resized_module(meta_unet: nn.Module, site: ModuleSite, ranks: dict[str, int
     for group in module_sites_of_block(meta_unet, site):
         rank = ranks.get(group.kind, group.width)
         if rank < group.width:
-            _resize_site(holder, replace(group, block="block"), rank)
+            resize_site(holder, replace(group, block="block"), rank)
     module = getattr(block, sub).to_empty(device=device)
     with torch.no_grad():
         for p in module.parameters():

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import SlimDiffError
 from ..models import FFN, QK, ModuleSite, module_sites
 from ..plan import RankPlan
-from ..rebuild import apply_plan_shapes, load_slim_weights
+from ..rebuild import apply_plan_shapes
 
 SYNTHETIC = "synthetic"
 CALIBRATED = "calibrated"
@@ -102,42 +102,22 @@ def calibrated_slim_copy(unet: nn.Module, stats, config) -> tuple[nn.Module, Ran
 
 def calibrated_items(unet: nn.Module, stats, config) -> list:
     """Allocation items with the driver's module scores and closed-form error curves (for the latency
-    allocator), computed exactly as :func:`slimdiff.slim.slim_unet` does for its greedy allocator."""
-    from .. import allocate as alloc
-    from .. import analyze
-    from ..slim import analyze_sites, decompose_site
+    allocator), in parameter units."""
+    from ..slim import allocation_items
 
-    stats.check_model(unet)
-    sites = module_sites(unet)
-    analyses = analyze_sites(unet, stats, sites)
-    rho = torch.stack([analyses[s.name].rho for s in sites])
-    w = torch.stack([analyses[s.name].weights for s in sites])
-    prop = torch.stack([analyses[s.name].propagation for s in sites])
-    scores = analyze.module_scores(rho, w, prop, beta=config.beta)
-    return [alloc.AllocationItem(s.name, s.width, float(s.unit_params), float(scores[i]),
-                                 decompose_site(unet, analyses[s.name], s.width, config).error_curve)
-            for i, s in enumerate(sites)]
+    return allocation_items(unet, stats, replace(config, budget_unit="params"), with_curves=True,
+                            progress=False)[0]
 
 
 @torch.no_grad()
 def calibrated_copy_from_ranks(unet: nn.Module, stats, ranks: dict[str, int], config,
                                info: dict | None = None) -> tuple[nn.Module, RankPlan]:
     """Decompose every site of ``unet`` at the given ranks (closed form, as the driver does) into a copy."""
-    from ..slim import analyze_sites, decompose_site
+    from ..slim import apply_ranks
 
-    stats.check_model(unet)
-    sites = module_sites(unet)
-    plan = RankPlan.from_ranks(sites, ranks, info={"source": CALIBRATED, **(info or {})})
-    todo = [s for s in sites if plan.modules[s.name].rank < s.width]
-    analyses = analyze_sites(unet, stats, todo)
-    tensors = {}
-    for s in todo:
-        tensors.update(decompose_site(unet, analyses[s.name], ranks[s.name], config).tensors)
-    slim = apply_plan_shapes(copy.deepcopy(unet), plan)
-    dtype = next(unet.parameters()).dtype
-    load_slim_weights(slim, {k: v.to(dtype) for k, v in tensors.items()})
-    slim.slim_plan = plan
-    return slim.eval().requires_grad_(False), plan
+    slim = copy.deepcopy(unet)
+    report = apply_ranks(slim, stats, ranks, config, {"source": CALIBRATED, **(info or {})}, progress=False)
+    return slim.eval().requires_grad_(False), report.plan
 
 
 def make_models(unet: nn.Module, budgets: list[float], *, stats=None, slim_config=None, seed: int = 0,
