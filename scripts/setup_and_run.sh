@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0          # the CPU wheel; GPU machines may keep their own torch
 python -m pip install -q -e '.[test]'
 slimdiff-export --model builtin:tiny --engine ort --out out/tiny-ort --force --num-prompts 8 --steps 8
-slimdiff bench --model builtin:tiny --engines eager,ort --budgets 0,0.4 --out out/tiny-bench --force
+slimdiff bench --model builtin:tiny --engines eager,ort --budgets 0,0.4 --threads 1 --out out/tiny-bench --force
