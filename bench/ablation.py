@@ -111,6 +111,19 @@ def _timestep_weight_summary(stats) -> dict:
             "max_weight_times_steps_mean": float((w.max(1).values * n).mean())}
 
 
+def _weights_sha256(source: str) -> str | None:
+    """sha256 of a pipeline folder's UNet weights: which trained proxy a table belongs to."""
+    import hashlib
+
+    files = sorted((Path(source) / "unet").glob("*.safetensors")) if not source.startswith("builtin:") else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout that produced a report, with ``+dirty`` when this script differs from it."""
     import subprocess
@@ -225,6 +238,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         "format": "slimdiff-ablation/1",
         "label": model_label(source),
         "model": source,
+        "unet_weights_sha256": _weights_sha256(source),
         "settings": {"budgets": args.budgets, "budget_unit": "params (fraction of compressible mass)",
                      "calibration_prompts": len(calib_prompts), "pass1_prompts": min(args.pass1_prompts, len(calib_prompts)),
                      "eval_prompts": len(eval_prompts), "steps": args.steps, "unet_calls_per_image": len(comp.timesteps),
@@ -287,7 +301,9 @@ def _row_cells(row: dict, proxy: bool) -> list:
 def _markdown(body: dict) -> str:
     proxy = "adherence" in body["dense"]
     st, dense = body["settings"], body["dense"]
-    lines = ["# Ablation: SlimDiff vs baselines", "", f"**Model:** `{body['model']}` — {body['label']}", ""]
+    lines = ["# Ablation: SlimDiff vs baselines", "", f"**Model:** `{body['model']}` — {body['label']}"
+             + (f" (UNet weights sha256 `{body['unet_weights_sha256'][:16]}…`)" if body["unet_weights_sha256"] else ""),
+             ""]
     if not proxy:
         lines += ["> **Dry run on seeded random weights.** These numbers exercise the harness; they say nothing "
                   "about generation quality and must not be cited as results.", ""]
