@@ -8,7 +8,9 @@ An SD-1.x-shaped ``StableDiffusionPipeline`` on the procedural shape scenes of :
 3. the training set's latents are encoded once (posterior means);
 4. UNet (``UNet2DConditionModel``: CrossAttnDownBlock2D / CrossAttnUpBlock2D, GEGLU, several heads) and a small
    ``CLIPTextModel`` trained jointly with the DDPM noise-prediction loss (SD's scaled-linear betas, Min-SNR-5
-   weighting), 10 % caption dropout (empty prompt) for classifier-free guidance, EMA weights;
+   weighting), 10 % caption dropout (empty prompt) for classifier-free guidance, EMA weights. Phase 2
+   continues from phase 1's EMA weights with a fresh optimizer, a lower peak LR and a new cosine schedule
+   (``--resume-from FOLDER`` runs phase 2 alone on a folder saved by a phase-1-only run, ``--unet-steps2 0``);
 5. the EMA pipeline (PNDM scheduler, as SD-1.x) is written with ``save_pretrained(safe_serialization=True)``
    into a temporary folder next to ``--out`` and renamed into place.
 
@@ -67,6 +69,10 @@ class ProxyConfig:
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 200
+    # phase 2: the EMA weights of phase 1 trained on with a fresh optimizer, a lower peak LR and a new cosine
+    unet_steps2: int = 3000
+    unet_lr2: float = 2e-4
+    warmup2: int = 100
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
@@ -81,8 +87,9 @@ TINY = dict(  # for tests: seconds on a CPU
     text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64,
     vae_channels=(8, 16, 16), vae_groups=4, unet_channels=(32, 32, 64), unet_heads=(2, 2, 2), unet_groups=8,
     vae_steps=30, vae_batch=8, n_latents=256, unet_steps=40, unet_batch=8, warmup=5, eval_prompts=0,
+    unet_steps2=0,
 )
-SMOKE = dict(vae_steps=40, n_latents=512, unet_steps=60, warmup=10, eval_prompts=4)
+SMOKE = dict(vae_steps=40, n_latents=512, unet_steps=60, warmup=10, eval_prompts=4, unet_steps2=20, warmup2=5)
 
 # ------------------------------------------------------------------------------------------------------------
 # Model construction
@@ -183,8 +190,12 @@ def encode_dataset(vae, tokenizer, cfg: ProxyConfig, device, log):
     return lat, torch.cat(ids)
 
 
-def train_unet(unet, text, latents, input_ids, scaling, tokenizer, cfg: ProxyConfig, device, log):
+def train_unet(unet, text, latents, input_ids, scaling, tokenizer, cfg: ProxyConfig, device, log, phase: int = 1):
+    """Joint UNet + text-encoder training; ends with the EMA weights copied into the models."""
     from diffusers import DDPMScheduler
+
+    steps, peak, warmup = (cfg.unet_steps, cfg.unet_lr, cfg.warmup) if phase == 1 else (
+        cfg.unet_steps2, cfg.unet_lr2, cfg.warmup2)
 
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     acp = sched.alphas_cumprod.to(device)
@@ -192,17 +203,17 @@ def train_unet(unet, text, latents, input_ids, scaling, tokenizer, cfg: ProxyCon
     uncond = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                        return_tensors="pt").input_ids.to(device)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + phase)
     latents, input_ids = latents.to(device), input_ids.to(device)
     unet.train()
     text.train()
     losses = []
     t0 = time.time()
-    for step in range(cfg.unet_steps):
-        prog = step / max(cfg.unet_steps, 1)
-        lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+    for step in range(steps):
+        prog = step / max(steps, 1)
+        lr = peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, latents.shape[0], (cfg.unet_batch,), generator=gen).to(device)
@@ -226,10 +237,10 @@ def train_unet(unet, text, latents, input_ids, scaling, tokenizer, cfg: ProxyCon
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - decay)
         losses.append(loss.item())
-        if step % 100 == 0 or step == cfg.unet_steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             el = time.time() - t0
-            eta = el / (step + 1) * (cfg.unet_steps - step - 1)
-            log(f"unet step {step}/{cfg.unet_steps} loss {np.mean(losses[-100:]):.4f} lr {lr:.2e} "
+            eta = el / (step + 1) * (steps - step - 1)
+            log(f"unet phase {phase} step {step}/{steps} loss {np.mean(losses[-100:]):.4f} lr {lr:.2e} "
                 f"({el / (step + 1):.2f}s/step, eta {eta / 60:.1f} min)")
     with torch.no_grad():
         for e, p in zip(ema, params):
@@ -290,18 +301,23 @@ def save_pipeline_atomic(pipe, out, extra: dict | None = None) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: ProxyConfig, out, device: str = "cpu", work=None, quiet: bool = False, threads: int | None = 1) -> dict:
-    """Run every stage and write the pipeline to ``out``. Returns a summary dict (also saved in the folder)."""
+def train(cfg: ProxyConfig, out, device: str = "cpu", work=None, quiet: bool = False, threads: int | None = 1,
+          resume_from=None) -> dict:
+    """Run every stage and write the pipeline to ``out``. Returns a summary dict (also saved in the folder).
+
+    ``resume_from``: a pipeline folder written by a phase-1-only run (``unet_steps2=0``); its weights are loaded
+    and only phase 2 runs. With the same seed and latents this equals the one-command run.
+    """
     prev_threads = torch.get_num_threads()
     if threads and device == "cpu":
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, out, device, work, quiet)
+        return _train(cfg, out, device, work, quiet, resume_from)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train(cfg: ProxyConfig, out, device, work, quiet) -> dict:
+def _train(cfg: ProxyConfig, out, device, work, quiet, resume_from=None) -> dict:
     from .tokenizer import build_tokenizer
 
     log = _Log(quiet)
@@ -311,6 +327,15 @@ def _train(cfg: ProxyConfig, out, device, work, quiet) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(work / "tokenizer")
     text, vae, unet = build_models(cfg, tokenizer)
+    if resume_from is not None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src = Path(resume_from)
+        text = CLIPTextModel.from_pretrained(src / "text_encoder")
+        vae = AutoencoderKL.from_pretrained(src / "vae")
+        unet = UNet2DConditionModel.from_pretrained(src / "unet")
+        log(f"resuming from {src}: phase 2 only")
     text, vae, unet = text.to(device), vae.to(device), unet.to(device)
     log(f"params: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, "
         f"text {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M, "
@@ -319,7 +344,9 @@ def _train(cfg: ProxyConfig, out, device, work, quiet) -> dict:
 
     vae_ckpt, lat_ckpt = work / "vae.pt", work / "latents.pt"
     t = time.time()
-    if vae_ckpt.exists():
+    if resume_from is not None:
+        vae.eval()
+    elif vae_ckpt.exists():
         vae.load_state_dict(torch.load(vae_ckpt, map_location=device))
         vae.eval()
         log("VAE loaded from the work dir")
@@ -344,10 +371,20 @@ def _train(cfg: ProxyConfig, out, device, work, quiet) -> dict:
     log(f"latents {tuple(lat.shape)}, std {std:.3f} → scaling_factor {scaling:.4f}")
 
     t = time.time()
-    unet_losses = train_unet(unet, text, lat, ids, scaling, tokenizer, cfg, device, log)
-    summary["unet_seconds"] = time.time() - t
-    summary["unet_first_loss"] = float(np.mean(unet_losses[:20]))
-    summary["unet_final_loss"] = float(np.mean(unet_losses[-100:]))
+    if resume_from is None:
+        unet_losses = train_unet(unet, text, lat, ids, scaling, tokenizer, cfg, device, log, phase=1)
+        summary["unet_seconds"] = time.time() - t
+        summary["unet_first_loss"] = float(np.mean(unet_losses[:20]))
+        summary["unet_final_loss"] = float(np.mean(unet_losses[-100:]))
+    else:
+        summary["resumed_from"] = json.loads((Path(resume_from) / "proxy_training.json").read_text()) if (
+            Path(resume_from) / "proxy_training.json").exists() else str(resume_from)
+    if cfg.unet_steps2:
+        t = time.time()
+        unet_losses = train_unet(unet, text, lat, ids, scaling, tokenizer, cfg, device, log, phase=2)
+        summary["unet2_seconds"] = time.time() - t
+        summary["unet2_first_loss"] = float(np.mean(unet_losses[:20]))
+        summary["unet2_final_loss"] = float(np.mean(unet_losses[-100:]))
     summary["train_seconds"] = time.time() - t_start
 
     pipe = assemble_pipeline(text.cpu(), vae.cpu(), unet.cpu(), tokenizer)
@@ -377,15 +414,18 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="stage cache folder (default: a temp folder keyed by config)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
-    for name in ("vae_steps", "unet_steps", "unet_batch", "n_latents", "eval_prompts"):
+    ap.add_argument("--resume-from", default=None,
+                    help="pipeline folder of a phase-1-only run (--unet-steps2 0): run phase 2 on it")
+    for name in ("vae_steps", "unet_steps", "unet_steps2", "unet_batch", "n_latents", "eval_prompts"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     args = ap.parse_args(argv)
     over = {"full": {}, "smoke": SMOKE, "tiny": TINY}[args.preset]
     cfg = ProxyConfig(**over, seed=args.seed)
-    for name in ("vae_steps", "unet_steps", "unet_batch", "n_latents", "eval_prompts"):
+    for name in ("vae_steps", "unet_steps", "unet_steps2", "unet_batch", "n_latents", "eval_prompts"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    summary = train(cfg, args.out, device=args.device, work=args.work, threads=args.threads)
+    summary = train(cfg, args.out, device=args.device, work=args.work, threads=args.threads,
+                    resume_from=args.resume_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return 0
 
