@@ -1,6 +1,6 @@
 """Ablation table (issue 6): SlimDiff as designed vs its baselines at 0.2 / 0.4 / 0.6 of the compressible mass.
 
-    python bench/ablation.py                         # the proxy model → bench/results/quality-<date>/
+    python bench/ablation.py                         # builtin:proxy → bench/results/quality-<date>/
     python bench/ablation.py --model builtin:tiny    # dry run on seeded random weights → …-builtin-tiny/
 
 Variants (method.md §12), all through the same rebuild path and attention processor:
@@ -115,7 +115,8 @@ def _weights_sha256(source: str) -> str | None:
     """sha256 of a pipeline folder's UNet weights: which trained proxy a table belongs to."""
     import hashlib
 
-    files = sorted((Path(source) / "unet").glob("*.safetensors")) if not source.startswith("builtin:") else []
+    folder = PROXY if source == "builtin:proxy" else None if source.startswith("builtin:") else Path(source)
+    files = sorted((folder / "unet").glob("*.safetensors")) if folder is not None else []
     if not files:
         return None
     digest = hashlib.sha256()
@@ -377,7 +378,7 @@ def _plot(path: Path, body: dict, budget: float) -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(PROXY), help="default: the proxy model in slimdiff/assets/proxy")
+    ap.add_argument("--model", default="builtin:proxy", help="default: builtin:proxy (slimdiff/assets/proxy)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="subset of variants (default: all)")
     ap.add_argument("--sweep", action="store_true", help=f"add SlimDiff sweeps at budget {SWEEP_BUDGET}")
