@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,34 +47,47 @@ from slimdiff.quality import EvalSettings, adherence, compare, fidelity, noise_e
 from slimdiff.quality.evaluate import is_proxy, model_label, paired_delta, unet_cost
 from slimdiff.quality.report import markdown_table, save_grid, write_json
 from slimdiff.serialization import atomic_output_dir, commit_output_dir
-from slimdiff.slim import SlimConfig, slim_unet
+from slimdiff.slim import SlimConfig, allocation_items, apply_ranks, slim_unet
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "slimdiff" / "assets" / "proxy"
 HELDOUT_PROMPT_SEED = 12345  # as slimdiff.proxy.evaluate and `slimdiff eval` on the proxy
 CALIBRATION_POOL_SEED = 777  # train-split captions for SlimSet selection; never the held-out compositions
 
-# name → (calibration weighting, SlimConfig overrides, what it is)
+
+
+@dataclass(frozen=True)
+class Variant:
+    weighting: str  # calibration statistics: trq | uniform | single
+    overrides: dict  # SlimConfig fields that differ from SlimDiff's defaults
+    title: str
+    slimdiff_ranks: bool = False  # decompose at SlimDiff's ranks instead of allocating (isolates the statistics)
+
+
 VARIANTS = {
-    "slimdiff": ("trq", {}, "SlimDiff as designed"),
-    "weight_svd": ("trq", dict(qk_method="weight_svd", vo_statistic="none", ffn_selector="magnitude",
-                               ffn_correction=False), "plain weight SVD, data-free (same ranks)"),
-    "no_tw": ("uniform", {}, "activation-aware, no timestep weighting"),
-    "single_t": ("single", {}, "single-timestep statistics"),
-    "uniform_alloc": ("trq", dict(allocator="uniform"), "uniform rank allocation"),
-    "random_ffn": ("trq", dict(ffn_selector="random"), "random FFN neurons (with correction)"),
-    "modegpt": ("trq", dict(ffn_selector="leverage", qk_method="cr", vo_statistic="value"),
-                "MoDeGPT selectors (leverage / CR / value)"),
+    "slimdiff": Variant("trq", {}, "SlimDiff as designed"),
+    "weight_svd": Variant("trq", dict(qk_method="weight_svd", vo_statistic="none", ffn_selector="magnitude",
+                                      ffn_correction=False), "plain weight SVD, data-free (same ranks)"),
+    "no_tw": Variant("uniform", {}, "activation-aware, no timestep weighting"),
+    "single_t": Variant("single", {}, "single-timestep statistics"),
+    "uniform_alloc": Variant("trq", dict(allocator="uniform"), "uniform rank allocation"),
+    "random_ffn": Variant("trq", dict(ffn_selector="random"), "random FFN neurons (with correction)"),
+    "modegpt": Variant("trq", dict(ffn_selector="leverage", qk_method="cr", vo_statistic="value"),
+                       "MoDeGPT selectors (leverage / CR / value)"),
 }
 TARGET_BUDGET = 0.4  # the adherence target is stated at this budget; the sweep runs there too
 SWEEP_BUDGET = TARGET_BUDGET
+# Investigation variants: the two "_ranks" ones run at every budget (they separate what the statistics change in
+# the decompositions from what they change in the allocation); the others at SWEEP_BUDGET.
 SWEEP = {
-    "slimdiff_T0.02": ("trq", dict(temperature=0.02), "SlimDiff, temperature 0.02"),
-    "slimdiff_T0.5": ("trq", dict(temperature=0.5), "SlimDiff, temperature 0.5"),
-    "slimdiff_greedy": ("trq", dict(allocator="greedy"), "SlimDiff, greedy error-curve allocation"),
-    "slimdiff_beta0": ("trq", dict(beta=0.0), "SlimDiff, no propagation factor (β = 0)"),
-    "slimdiff_ridge_x100": ("trq", dict(ridge_ffn=1e-2, ridge_qk=1e-4, ridge_vo=1e-2), "SlimDiff, ridges ×100"),
-    "slimdiff_ridge_/100": ("trq", dict(ridge_ffn=1e-6, ridge_qk=1e-8, ridge_vo=1e-6), "SlimDiff, ridges ÷100"),
+    "no_tw_ranks": Variant("uniform", {}, "no timestep weighting, at SlimDiff's ranks", slimdiff_ranks=True),
+    "single_t_ranks": Variant("single", {}, "single-timestep statistics, at SlimDiff's ranks", slimdiff_ranks=True),
+    "slimdiff_T0.02": Variant("trq", dict(temperature=0.02), "SlimDiff, temperature 0.02"),
+    "slimdiff_T0.5": Variant("trq", dict(temperature=0.5), "SlimDiff, temperature 0.5"),
+    "slimdiff_greedy": Variant("trq", dict(allocator="greedy"), "SlimDiff, greedy error-curve allocation"),
+    "slimdiff_beta0": Variant("trq", dict(beta=0.0), "SlimDiff, no propagation factor (β = 0)"),
+    "slimdiff_ridge_x100": Variant("trq", dict(ridge_ffn=1e-2, ridge_qk=1e-4, ridge_vo=1e-2), "SlimDiff, ridges ×100"),
+    "slimdiff_ridge_/100": Variant("trq", dict(ridge_ffn=1e-6, ridge_qk=1e-8, ridge_vo=1e-6), "SlimDiff, ridges ÷100"),
 }
 TARGETS = {  # what the project steers to (issue 6)
     "adherence_within_points_at_0.4": 2.0,
@@ -101,6 +114,25 @@ def _prompts(source: str, pipe, n_calib: int, n_eval: int) -> tuple[list[str], l
         where = (f"SlimSet of {n_calib} from the first 1000 packaged COCO val2017 captions; evaluation: the last "
                  f"{n_eval} captions of that file")
     return choose_prompts(pipe, pool, n_calib).prompts, evals, where
+
+
+def _module_diagnostics(unet, stats) -> dict:
+    """Per module, with the TRQ statistics: what the softmax allocator sees (score = f(ρ̄, propagation)) next to
+    what the greedy allocator sees (the closed-form error curve), e.g. the relative error at half the width."""
+    items, analyses = allocation_items(unet, stats, SlimConfig(), with_curves=True, progress=False)
+    out = {}
+    for item in items:
+        a = analyses[item.name]
+        curve = item.error_curve
+        out[item.name] = {"kind": a.site.kind, "width": item.width, "params": item.width * item.unit_cost,
+                          "score": item.score, "trq_weighted": float((a.weights * a.rho).sum()),
+                          "propagation_weighted": float((a.weights * a.propagation).sum()),
+                          "error_at_half_width": float(curve[item.width // 2])}
+    scores = np.array([m["score"] for m in out.values()])
+    errors = np.array([m["error_at_half_width"] for m in out.values()])
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731  (no ties expected among float scores)
+    spearman = float(np.corrcoef(rank(scores), rank(errors))[0, 1]) if len(out) > 2 else None
+    return {"per_module": out, "spearman_score_vs_error_at_half_width": spearman}
 
 
 def _timestep_weight_summary(stats) -> dict:
@@ -139,12 +171,6 @@ def _git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def _slim(pipe, stats, config: SlimConfig):
-    unet = copy.deepcopy(pipe.unet)
-    report = slim_unet(unet, stats, config, progress=False)
-    return unet, report
-
-
 def _by_kind(values: dict[str, float]) -> dict[str, float]:
     """Mean over modules, grouped like ``RankPlan.removed_by_kind`` (ffn, qk-self, qk-cross, vo-self, vo-cross)."""
     groups: dict[str, list[float]] = {}
@@ -181,7 +207,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
     timings: dict[str, float] = {}
 
     stats = {}
-    for weighting in sorted({w for w, _, _ in [*variants.values(), *sweep.values()]}):
+    for weighting in sorted({v.weighting for v in [*variants.values(), *sweep.values()]}):
         t0 = time.perf_counter()
         cfg = CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0, batch_size=args.calib_batch,
                                 pass1_prompts=args.pass1_prompts, weighting=weighting)
@@ -190,24 +216,31 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         print(f"calibrated ({weighting}) in {timings[f'calibration_{weighting}_s']} s", flush=True)
 
     weights_summary = {w: _timestep_weight_summary(st) for w, st in stats.items()}
+    modules = _module_diagnostics(pipe.unet, stats["trq"]) if "trq" in stats else {}
 
     t0 = time.perf_counter()
     models, rows = {}, {}
-    jobs = [(name, b, spec) for b in args.budgets for name, spec in variants.items()]
-    jobs += [(name, SWEEP_BUDGET, spec) for name, spec in sweep.items()]
-    for name, budget, (weighting, overrides, title) in jobs:
-        config = SlimConfig(budget=budget, **overrides)
-        unet, rep = _slim(pipe, stats[weighting], config)
+    jobs = [(name, b, v) for b in args.budgets for name, v in variants.items()]  # slimdiff first: others reuse its ranks
+    jobs += [(name, b, v) for name, v in sweep.items() for b in (args.budgets if v.slimdiff_ranks else [SWEEP_BUDGET])
+             if not v.slimdiff_ranks or "slimdiff" in variants]
+    for name, budget, v in jobs:
+        config = SlimConfig(budget=budget, **v.overrides)
+        unet = copy.deepcopy(pipe.unet)
+        if v.slimdiff_ranks:
+            rep = apply_ranks(unet, stats[v.weighting], rows[f"slimdiff@{budget}"]["ranks"], config, progress=False)
+        else:
+            rep = slim_unet(unet, stats[v.weighting], config, progress=False)
         key = f"{name}@{budget}"
         models[key] = unet
         plan = rep.plan
-        rows[key] = {"variant": name, "title": title, "budget": budget, "weighting": weighting,
-                     "slim_config": {k: v for k, v in asdict(config).items() if k in overrides or k == "budget"},
+        rows[key] = {"variant": name, "title": v.title, "budget": budget, "weighting": v.weighting,
+                     "slim_config": {k: x for k, x in asdict(config).items() if k in v.overrides or k == "budget"},
                      "ranks": {n: e.rank for n, e in plan.modules.items()},
                      "removed_fraction": plan.params_removed / plan.compressible_params,
                      "removed_by_kind": plan.removed_by_kind(),
                      "decomposition_error_by_kind": _by_kind(rep.relative_errors),
                      "score_by_kind": _by_kind(rep.scores),
+                     "decomposition_errors": rep.relative_errors, "scores": rep.scores,
                      **unet_cost(unet, pipe.tokenizer.model_max_length)}
     timings["slimming_s"] = round(time.perf_counter() - t0, 1)
     for key, row in rows.items():  # which baselines share SlimDiff's rank plan (isolating the decomposition)
@@ -252,6 +285,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         "rows": rows,
         "target_checks": _targets(rows, proxy),
         "ffn_timestep_weights": weights_summary,
+        "modules": modules,
         "timesteps": comp.timesteps,
         "calibration_prompts": calib_prompts,
         "eval_prompts": eval_prompts,
@@ -319,13 +353,16 @@ def _markdown(body: dict) -> str:
     main = [r for r in body["rows"].values() if r["variant"] in VARIANTS]
     sweep = [r for r in body["rows"].values() if r["variant"] not in VARIANTS]
     lines += ["## Main table", "", markdown_table(header, [_row_cells(r, proxy) for r in main]), ""]
-    lines += ["Variants: " + "; ".join(f"`{k}` = {v[2]}" for k, v in VARIANTS.items()) + ".", ""]
+    lines += ["Variants: " + "; ".join(f"`{k}` = {v.title}" for k, v in VARIANTS.items()) + ".", ""]
     lines += ["## Targets", "", markdown_table(["check", "measured", "target", "met"],
                                                 [[k, v["value"], v["target"], "yes" if v["met"] else "**no**"]
                                                  for k, v in body["target_checks"].items()]), ""]
     if sweep:
-        lines += [f"## Sweep around SlimDiff at budget {st['sweep_budget']}", "",
-                  markdown_table(header, [_row_cells(r, proxy) for r in sweep]), ""]
+        lines += ["## Investigation variants", "",
+                  "`*_ranks`: the statistics of that ablation decomposed at SlimDiff's own ranks (every budget); the "
+                  f"others change one SlimDiff setting at budget {st['sweep_budget']}.", "",
+                  markdown_table(header, [_row_cells(r, proxy) for r in sweep]), "",
+                  "; ".join(f"`{k}` = {v.title}" for k, v in SWEEP.items()) + ".", ""]
     kinds = sorted({k for r in body["rows"].values() for k in r["removed_by_kind"]})
     lines += ["## Diagnostics: parameters removed and calibration-set decomposition error, by module kind", "",
               markdown_table(["budget", "variant", "same ranks as slimdiff", *[f"removed {k}" for k in kinds],
@@ -340,6 +377,20 @@ def _markdown(body: dict) -> str:
         lines += ["Module scores that drive the softmax allocation (spectral score × propagation, mean by kind):", "",
                   markdown_table(["statistics", *kinds], [[r["weighting"], *[r["score_by_kind"].get(k) for k in kinds]]
                                                           for r in scored]), ""]
+    mods = body["modules"]
+    if mods:
+        cols = [k for k in (f"slimdiff@{TARGET_BUDGET}", f"uniform_alloc@{TARGET_BUDGET}",
+                            f"slimdiff_greedy@{TARGET_BUDGET}", f"no_tw@{TARGET_BUDGET}") if k in body["rows"]]
+        lines += [f"### Per module (TRQ statistics): allocator inputs and ranks at budget {TARGET_BUDGET}", "",
+                  f"Spearman correlation between the module score and the closed-form relative error at half "
+                  f"width: {mods['spearman_score_vs_error_at_half_width']:.3f} (a score that tracked sensitivity "
+                  "would correlate positively).", "",
+                  markdown_table(["module", "kind", "width", "params", "score", "ρ̄ (TRQ)", "propagation",
+                                  "rel. err at width/2", *[f"rank {c.split('@')[0]}" for c in cols]],
+                                 [[n.replace(".transformer_blocks.0", ""), m["kind"], m["width"], m["params"],
+                                   m["score"], m["trq_weighted"], m["propagation_weighted"], m["error_at_half_width"],
+                                   *[body["rows"][c]["ranks"][n] for c in cols]]
+                                  for n, m in mods["per_module"].items()]), ""]
     tw = body["ffn_timestep_weights"]
     lines += ["FFN timestep weights (1/Σw² = effective number of steps; max·T = 1 for uniform weights):", "",
               markdown_table(["statistics", "steps T", "effective steps (mean over FFNs)", "max weight × T (mean)"],
