@@ -45,7 +45,7 @@ def calibration_config_from_args(args):
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting)
 
 
-def _device(name: str | None) -> str:
+def resolve_device(name: str | None) -> str:
     import torch
 
     if name is None:
@@ -60,7 +60,7 @@ def _load(args):
 
     from .models import load_pipeline
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     return load_pipeline(args.model, dtype).to(device)
 

@@ -37,7 +37,7 @@ ASSETS = Path(__file__).parent / "assets"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """GPT-2/CLIP's reversible byte → printable-character map (so every UTF-8 string tokenizes)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = printable[:], 0
@@ -55,7 +55,7 @@ def builtin_tokenizer():
     folder = ASSETS / "char_tokenizer"
     if not (folder / "vocab.json").exists():  # written once, deterministic content
         folder.mkdir(parents=True, exist_ok=True)
-        alphabet = _byte_alphabet()
+        alphabet = byte_alphabet()
         vocab = {c: i for i, c in enumerate(alphabet)}
         vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
         vocab["<|startoftext|>"] = len(vocab)

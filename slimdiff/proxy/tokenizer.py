@@ -12,20 +12,11 @@ import json
 import os
 from pathlib import Path
 
+from ..models import byte_alphabet
 from .shapes import VOCABULARY
 
 MODEL_MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _byte_alphabet() -> list[str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
 
 
 def _chain(word: str) -> list[tuple[str, str]]:
@@ -64,7 +55,7 @@ def build_vocab(words=VOCABULARY) -> tuple[dict, list]:
             break
     else:  # pragma: no cover
         raise RuntimeError("no merge order makes every word one token")
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     vocab = {c: i for i, c in enumerate(alphabet)}
     vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
     for a, b in merges:

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..cli import resolve_device
 from ..errors import SlimDiffError
 
 # The proxy's own evaluation (python -m slimdiff.proxy.evaluate) draws held-out prompts with this seed.
@@ -50,16 +51,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.set_defaults(func=run)
     return p
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
-    return name
 
 
 def _load_slim(source: str, dense_unet, dtype, device):
@@ -103,7 +94,7 @@ def evaluate_to(args, folder: Path) -> dict:
     from .report import eval_markdown, save_grid, save_images, write_json
 
     start = time.perf_counter()
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     dense = load_pipeline(args.model, dtype).to(device)
     slim_unet, made_from = _load_slim(args.slim, dense.unet, dtype, device)
