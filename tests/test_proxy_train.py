@@ -66,3 +66,32 @@ def test_tiny_training_loss_decreases_and_folder_loads(tmp_path):
         assert (out / "model_index.json").exists()
     finally:
         torch.set_num_threads(prev)
+
+
+def test_shipped_proxy_folder_loads_and_has_sd_structure():
+    import pytest
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.activations import GEGLU
+
+    from slimdiff.proxy import PROXY_DIR
+
+    if not (PROXY_DIR / "model_index.json").exists():
+        pytest.skip("no trained proxy weights in slimdiff/assets/proxy")
+    total = sum(f.stat().st_size for f in PROXY_DIR.rglob("*") if f.is_file())
+    assert total <= 40e6
+    assert not list(PROXY_DIR.rglob("*.bin")) and list(PROXY_DIR.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(PROXY_DIR))
+    ptok.check_tokenizer(pipe.tokenizer)
+    unet = pipe.unet
+    assert "CrossAttnDownBlock2D" in unet.config.down_block_types
+    assert "CrossAttnUpBlock2D" in unet.config.up_block_types
+    assert unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    for name, m in unet.named_modules():
+        if name.endswith("attn2"):
+            assert m.heads >= 2 and m.inner_dim // m.heads >= 16, name
+    assert any(isinstance(m, GEGLU) for m in unet.modules())
+    assert pipe.vae_scale_factor * unet.config.sample_size == 64
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a large red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images[0]
+    assert img.shape == (64, 64, 3)
