@@ -183,6 +183,7 @@ def _by_kind(values: dict[str, float]) -> dict[str, float]:
 
 def run(args) -> Path:
     start = time.perf_counter()
+    args.git_commit = _git_commit()  # at the start: the code that runs, not what is committed meanwhile
     torch.set_num_threads(args.threads)
     source = args.model
     pipe = load_pipeline(source)
@@ -279,7 +280,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
                      "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
                      "size": int(comp.dense.shape[1]), "seeds": f"0..{len(eval_prompts) - 1}",
                      "threads": args.threads, "prompts": prompt_note, "sweep_budget": SWEEP_BUDGET if sweep else None,
-                     "torch": torch.__version__, "git_commit": _git_commit()},
+                     "torch": torch.__version__, "git_commit": args.git_commit},
         "targets": TARGETS,
         "dense": dense,
         "rows": rows,
