@@ -186,7 +186,11 @@ def run(args) -> Path:
     args.git_commit = _git_commit()  # at the start: the code that runs, not what is committed meanwhile
     torch.set_num_threads(args.threads)
     source = args.model
+    # hashed around the load: the table must name the weights it measured, even if the folder is replaced later
+    args.weights_sha256 = _weights_sha256(source)
     pipe = load_pipeline(source)
+    if _weights_sha256(source) != args.weights_sha256:
+        raise SlimDiffError(f"the weights of {source!r} changed while loading; run again")
     proxy = is_proxy(source)
     guidance = args.guidance if args.guidance is not None else (5.0 if proxy else 7.5)
     date = datetime.date.today().isoformat()
@@ -273,7 +277,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         "format": "slimdiff-ablation/1",
         "label": model_label(source),
         "model": source,
-        "unet_weights_sha256": _weights_sha256(source),
+        "unet_weights_sha256": args.weights_sha256,
         "settings": {"budgets": args.budgets, "budget_unit": "params (fraction of compressible mass)",
                      "calibration_prompts": len(calib_prompts), "pass1_prompts": min(args.pass1_prompts, len(calib_prompts)),
                      "eval_prompts": len(eval_prompts), "steps": args.steps, "unet_calls_per_image": len(comp.timesteps),
