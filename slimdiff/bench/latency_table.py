@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import SlimDiffError
 from ..models import FFN, QK, VO, ModuleSite, module_sites
-from .timing import time_calls
+from .timing import cuda_graphed, is_cuda, time_calls
 
 TABLE_FORMAT = "slimdiff-latency-table/1"
 
@@ -156,6 +156,7 @@ def _time_module(fn, device, warmup: int, iters: int) -> float:
     with torch.no_grad():
         for _ in range(max(1, warmup)):
             fn()
+    fn = cuda_graphed(fn, device)
     probe = time_calls(fn, device, 0, 3).median_ms
     repeat = max(1, min(50, math.ceil(1.0 / max(probe, 1e-3))))
 
@@ -170,7 +171,7 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
                           dtype=torch.float32, align: int = 8, max_points: int = 8, warmup: int = 3,
                           iters: int = 20, text_len: int = 77, ffn_align: int | None = None, log=None) -> dict:
     """Measure the table for ``unet``'s architecture on ``device``/``dtype`` at UNet batch ``batch`` (eager
-    PyTorch). ``ffn_align`` (default ``8 * align``) spaces the FFN widths, which are 32× wider than heads."""
+    PyTorch, each call replayed from a CUDA graph on a GPU). ``ffn_align`` (default ``8 * align``) spaces the FFN widths, which are 32× wider than heads."""
     from .macs import meta_unet
 
     log = log or (lambda msg: None)
@@ -213,7 +214,8 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
     from .env import device_info
 
     return {"format": TABLE_FORMAT, "device": device_info(device), "dtype": str(dtype).removeprefix("torch."),
-            "batch": batch, "latent": list(latent), "text_len": text_len, "engine": "eager",
+            "batch": batch, "latent": list(latent), "text_len": text_len,
+            "engine": "cudagraph" if is_cuda(device) else "eager",
             "dense_unet_ms": dense, "groups": list(groups.values())}
 
 
@@ -223,7 +225,8 @@ def _dense_unet_ms(unet, latent, batch, device, dtype, warmup, iters, text_len) 
     sample = torch.randn(batch, cfg.in_channels, *latent, generator=gen).to(device, dtype)
     ctx = torch.randn(batch, text_len, cfg.cross_attention_dim, generator=gen).to(device, dtype)
     t = torch.full((batch,), 500.0, device=device)
-    return time_calls(lambda: unet(sample, t, encoder_hidden_states=ctx), device, warmup, iters).median_ms
+    run = cuda_graphed(lambda: unet(sample, t, encoder_hidden_states=ctx), device)
+    return time_calls(run, device, warmup, iters).median_ms
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..plan import RankPlan
 from .latency_table import LatencyModel, latency_budget_ranks, predicted_error, proxy_items
 from .macs import count_macs, meta_unet
 from .plans import seeded_slim_copy, synthetic_plan
-from .timing import is_cuda, time_calls
+from .timing import cuda_graphed, is_cuda, time_calls
 
 
 def unet_inputs(unet, latent, batch: int, device, dtype, text_len: int = 77, seed: int = 0):
@@ -35,8 +35,10 @@ def unet_inputs(unet, latent, batch: int, device, dtype, text_len: int = 77, see
 
 
 def eager_ms(unet, inputs, device, warmup: int, iters: int) -> dict:
+    """UNet latency, eager PyTorch replayed from a CUDA graph on a GPU (launch cost would hide width)."""
     sample, t, ctx = inputs
-    return time_calls(lambda: unet(sample, t, encoder_hidden_states=ctx), device, warmup, iters).to_dict()
+    run = cuda_graphed(lambda: unet(sample, t, encoder_hidden_states=ctx), device)
+    return time_calls(run, device, warmup, iters).to_dict()
 
 
 def _widths(unet) -> dict[str, list[int]]:
