@@ -5,8 +5,10 @@
 
 Variants (method.md §12), all through the same rebuild path and attention processor:
 
-* ``slimdiff`` — as designed: TRQ timestep weights, softmax allocation, Cholesky FFN selection with correction,
-  whitened-SVD QK, attention-output Gram VO;
+* ``slimdiff`` — slimdiff's defaults: TRQ timestep weights, greedy allocation on the closed-form error curves,
+  Cholesky FFN selection with correction, whitened-SVD QK, attention-output Gram VO;
+* ``softmax_alloc`` — the same with the paper's entropic softmax allocation (method.md §7, ε = 0.1), which was
+  the default until it lost to uniform allocation in this ablation;
 * ``weight_svd`` — data-free: SVD of W_QᵀW_K and W_O W_V per head, FFN neurons by weight magnitude, no
   correction; same ranks as SlimDiff (the allocation is reused so only the decomposition differs);
 * ``no_tw`` — activation-aware without timestep weighting (statistics aggregated with uniform weights);
@@ -15,8 +17,8 @@ Variants (method.md §12), all through the same rebuild path and attention proce
 * ``random_ffn`` — random FFN neurons (with the least-squares down-projection correction) at SlimDiff's ranks;
 * ``modegpt`` — MoDeGPT's selectors: ridge-leverage FFN, CR query–key, value-input VO.
 
-``--sweep`` adds SlimDiff variants at budget 0.4 that probe why it wins or loses (allocation temperature, greedy
-error-curve allocation, propagation exponent, ridges, budgets in MACs).
+``--sweep`` adds SlimDiff variants at budget 0.4 that probe why it wins or loses (softmax temperature, greedy
+weighting, propagation exponent, ridges).
 
 Per variant: noise-prediction error of the slim UNet along the dense trajectory (mean over held-out prompts and
 steps), PSNR/SSIM to the dense images from the same seeds, prompt adherence (proxy model), UNet parameters and
@@ -65,7 +67,8 @@ class Variant:
 
 
 VARIANTS = {
-    "slimdiff": Variant("trq", {}, "SlimDiff as designed"),
+    "slimdiff": Variant("trq", {}, "SlimDiff (defaults: greedy error-curve allocation)"),
+    "softmax_alloc": Variant("trq", dict(allocator="softmax"), "entropic softmax allocation (method §7, ε = 0.1)"),
     "weight_svd": Variant("trq", dict(qk_method="weight_svd", vo_statistic="none", ffn_selector="magnitude",
                                       ffn_correction=False), "plain weight SVD, data-free (same ranks)"),
     "no_tw": Variant("uniform", {}, "activation-aware, no timestep weighting"),
@@ -82,9 +85,10 @@ SWEEP_BUDGET = TARGET_BUDGET
 SWEEP = {
     "no_tw_ranks": Variant("uniform", {}, "no timestep weighting, at SlimDiff's ranks", slimdiff_ranks=True),
     "single_t_ranks": Variant("single", {}, "single-timestep statistics, at SlimDiff's ranks", slimdiff_ranks=True),
-    "slimdiff_T0.02": Variant("trq", dict(temperature=0.02), "SlimDiff, temperature 0.02"),
-    "slimdiff_T0.5": Variant("trq", dict(temperature=0.5), "SlimDiff, temperature 0.5"),
-    "slimdiff_greedy": Variant("trq", dict(allocator="greedy"), "SlimDiff, greedy error-curve allocation"),
+    "softmax_T0.02": Variant("trq", dict(allocator="softmax", temperature=0.02), "softmax allocation, ε = 0.02"),
+    "softmax_T0.5": Variant("trq", dict(allocator="softmax", temperature=0.5), "softmax allocation, ε = 0.5"),
+    "greedy_unweighted": Variant("trq", dict(temperature=float("inf")),
+                                 "greedy allocation on unweighted error curves (ε = ∞: scores ignored)"),
     "slimdiff_beta0": Variant("trq", dict(beta=0.0), "SlimDiff, no propagation factor (β = 0)"),
     "slimdiff_ridge_x100": Variant("trq", dict(ridge_ffn=1e-2, ridge_qk=1e-4, ridge_vo=1e-2), "SlimDiff, ridges ×100"),
     "slimdiff_ridge_/100": Variant("trq", dict(ridge_ffn=1e-6, ridge_qk=1e-8, ridge_vo=1e-6), "SlimDiff, ridges ÷100"),
@@ -385,7 +389,7 @@ def _markdown(body: dict) -> str:
     mods = body["modules"]
     if mods:
         cols = [k for k in (f"slimdiff@{TARGET_BUDGET}", f"uniform_alloc@{TARGET_BUDGET}",
-                            f"slimdiff_greedy@{TARGET_BUDGET}", f"no_tw@{TARGET_BUDGET}") if k in body["rows"]]
+                            f"softmax_alloc@{TARGET_BUDGET}", f"no_tw@{TARGET_BUDGET}") if k in body["rows"]]
         lines += [f"### Per module (TRQ statistics): allocator inputs and ranks at budget {TARGET_BUDGET}", "",
                   f"Spearman correlation between the module score and the closed-form relative error at half "
                   f"width: {mods['spearman_score_vs_error_at_half_width']:.3f} (a score that tracked sensitivity "

@@ -32,7 +32,9 @@ class SlimConfig:
 
     budget: float = 0.4
     budget_unit: str = "params"  # or "macs"
-    allocator: str = "softmax"  # softmax (entropic, §7) | greedy (error curves) | uniform
+    # greedy on the closed-form error curves (method.md §7's alternative) is the default: in the proxy ablation
+    # the entropic softmax on TRQ × propagation scores lost to uniform allocation (bench/results/quality-*).
+    allocator: str = "greedy"  # greedy (error curves) | softmax (entropic, §7) | uniform
     temperature: float = 0.1
     r_min: int = 8
     align: int = 8
