@@ -80,9 +80,14 @@ def cmd_calibrate(args) -> None:
 def _slim_config(args):
     from .slim import SlimConfig, parse_budget
 
-    return SlimConfig(budget=parse_budget(args.budget), budget_unit=args.budget_unit, allocator=args.allocator,
+    if (args.budget is None) == (args.speedup is None):
+        raise SlimDiffError("give either --budget (parameters or MACs to remove) or --speedup with --latency-table")
+    if args.speedup is not None and args.latency_table is None:
+        raise SlimDiffError("--speedup needs --latency-table (measure one with `slimdiff bench --latency-table`)")
+    budget = {} if args.budget is None else {"budget": parse_budget(args.budget)}
+    return SlimConfig(**budget, budget_unit=args.budget_unit, allocator=args.allocator,
                       temperature=args.temperature, r_min=args.r_min, align=args.align,
-                      exclude=tuple(args.exclude or ()))
+                      exclude=tuple(args.exclude or ()), speedup=args.speedup, latency_table=args.latency_table)
 
 
 def cmd_slim(args) -> None:
@@ -151,8 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     add_calibration_arguments(p)
     p.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
-    p.add_argument("--budget", required=True,
+    p.add_argument("--budget", default=None,
                    help="fraction of the compressible mass (0.4) or an amount to remove (100M)")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="instead of --budget: the UNet speed-up to reach (e.g. 1.1), predicted from --latency-table")
+    p.add_argument("--latency-table", default=None, metavar="JSON",
+                   help="per-module latency table measured on the target GPU (`slimdiff bench --latency-table`)")
     p.add_argument("--budget-unit", default="params", choices=["params", "macs"])
     p.add_argument("--allocator", default="greedy", choices=["greedy", "softmax", "uniform"],
                    help="greedy on the closed-form error curves (default), the entropic softmax of the paper, "

@@ -28,6 +28,9 @@ class SlimConfig:
     ``budget``: below 1, a fraction of the compressible mass (parameters or MACs, per ``budget_unit``);
     from 1 up, an absolute amount to remove (e.g. ``100e6`` parameters).
     ``exclude``: module-name fragments or kinds (``ffn``/``qk``/``vo``/``attn1``/``attn2``) left untouched.
+    ``speedup`` with ``latency_table`` (a JSON table from ``slimdiff bench --latency-table``, measured on the
+    deployment GPU): a latency budget instead — the least predicted error whose table-predicted UNet speed-up
+    reaches ``speedup``; ``budget`` and ``budget_unit`` are then unused.
     """
 
     budget: float = 0.4
@@ -48,6 +51,8 @@ class SlimConfig:
     ridge_vo: float = 1e-4
     exclude: tuple[str, ...] = ()
     seed: int = 0  # only the random selector uses it
+    speedup: float | None = None
+    latency_table: str | None = None
 
     def __post_init__(self):
         if self.budget <= 0:
@@ -62,6 +67,10 @@ class SlimConfig:
             raise SlimDiffError(f"unknown QK method {self.qk_method!r}")
         if self.vo_statistic not in ("output", "value", "none"):
             raise SlimDiffError(f"unknown VO statistic {self.vo_statistic!r}")
+        if (self.speedup is None) != (self.latency_table is None):
+            raise SlimDiffError("a latency budget needs both a target speed-up and a latency table")
+        if self.speedup is not None and not self.speedup > 1:
+            raise SlimDiffError(f"target speed-up must exceed 1, got {self.speedup}")
 
 
 def parse_budget(text: str) -> float:
@@ -240,8 +249,18 @@ def _excluded(site: ModuleSite, patterns: tuple[str, ...]) -> bool:
     return any(p == site.kind or p in site.name for p in patterns)
 
 
+def _latency_model(unet, config: SlimConfig):
+    from .bench.latency_table import LatencyModel, load_table
+
+    return LatencyModel(load_table(config.latency_table), unet)
+
+
 def check_budget(unet, config: SlimConfig) -> None:
-    """Refuse a parameter budget the pool cannot give (a MAC budget needs statistics, so it is checked later)."""
+    """Refuse a parameter budget the pool cannot give, or a latency table of another architecture, before a
+    calibration that can take hours (a MAC budget needs statistics, so it is checked later)."""
+    if config.speedup is not None:
+        _latency_model(unet, config)
+        return
     if config.budget_unit != "params":
         return
     pool = [s for s in module_sites(unet) if not _excluded(s, config.exclude)]
@@ -324,18 +343,26 @@ def apply_ranks(unet, stats: Statistics, ranks: dict[str, int], config: SlimConf
 def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progress: bool = True) -> SlimReport:
     """Slim ``unet`` in place to ``config.budget`` using calibration ``stats``; returns the plan and a report."""
     start = time.perf_counter()
-    items, analyses = allocation_items(unet, stats, config, with_curves=config.allocator == "greedy",
+    latency = config.speedup is not None
+    items, analyses = allocation_items(unet, stats, config, with_curves=config.allocator == "greedy" or latency,
                                        progress=progress)
     total = sum(item.unit_cost * item.width for item in items)
-    budget = config.budget * total if config.budget < 1 else config.budget
-    try:
-        ranks = alloc.allocate(items, budget, temperature=float("inf") if config.allocator == "uniform"
-                               else config.temperature, r_min=config.r_min, align=config.align,
-                               method="greedy" if config.allocator == "greedy" else "softmax")
-    except ValueError as exc:
-        raise SlimDiffError(f"cannot meet the budget: {exc}") from exc
-    report = apply_ranks(unet, stats, ranks, config, {"budget_resolved": budget, "budget_total": total},
-                         analyses, progress)
+    if latency:
+        from .bench.latency_table import latency_budget_ranks
+
+        ranks, info = latency_budget_ranks(items, _latency_model(unet, config), config.speedup, r_min=config.r_min,
+                                           align=config.align, temperature=config.temperature)
+        info = {"latency_budget": info, "latency_table": str(config.latency_table)}
+    else:
+        budget = config.budget * total if config.budget < 1 else config.budget
+        try:
+            ranks = alloc.allocate(items, budget, temperature=float("inf") if config.allocator == "uniform"
+                                   else config.temperature, r_min=config.r_min, align=config.align,
+                                   method="greedy" if config.allocator == "greedy" else "softmax")
+        except ValueError as exc:
+            raise SlimDiffError(f"cannot meet the budget: {exc}") from exc
+        info = {"budget_resolved": budget, "budget_total": total}
+    report = apply_ranks(unet, stats, ranks, config, info, analyses, progress)
     report.scores = {item.name: item.score for item in items}
     report.seconds = time.perf_counter() - start
     return report

@@ -132,3 +132,40 @@ def test_timing_summary_uses_observed_values():
     t = summarize([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0], 3, "perf_counter")
     assert (t.median_ms, t.p90_ms, t.min_ms, t.max_ms, t.n) == (5.5, 9.0, 1.0, 10.0, 10)
     assert math.isclose(t.mean_ms, 5.5)
+
+
+def test_slim_unet_with_a_latency_budget(tiny_pipe, tiny_stats, tmp_path):
+    from slimdiff.plan import RankPlan
+    from slimdiff.slim import SlimConfig, check_budget, slim_unet
+
+    unet = tiny_pipe.unet
+    table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 4e-3 * g.tokens)
+    path = save_table(table, tmp_path / "table.json")
+    model = LatencyModel(table, unet)  # of the dense architecture, before slimming in place
+    config = SlimConfig(speedup=1.3, latency_table=str(path))
+    check_budget(unet, config)
+    before = sum(p.numel() for p in unet.parameters())
+    report = slim_unet(unet, tiny_stats, config, progress=False)
+    ranks = {n: e.rank for n, e in report.plan.modules.items()}
+    assert model.predict_speedup(ranks) >= 1.3
+    assert report.plan.info["latency_budget"]["predicted_speedup"] == pytest.approx(model.predict_speedup(ranks))
+    assert before - sum(p.numel() for p in unet.parameters()) == report.plan.params_removed > 0
+    assert isinstance(RankPlan.from_json(report.plan.to_json()), RankPlan)
+    with pytest.raises(SlimDiffError, match="out of reach"):
+        slim_unet(build_builtin_unet(), tiny_stats, SlimConfig(speedup=50.0, latency_table=str(path)),
+                  progress=False)
+
+
+def test_latency_budget_configuration_errors(tmp_path):
+    from slimdiff.slim import SlimConfig
+
+    with pytest.raises(SlimDiffError, match="both"):
+        SlimConfig(speedup=1.2)
+    with pytest.raises(SlimDiffError, match="exceed 1"):
+        SlimConfig(speedup=0.9, latency_table="t.json")
+
+
+def build_builtin_unet():
+    from slimdiff.models import build_builtin
+
+    return build_builtin("builtin:tiny").unet

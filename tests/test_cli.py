@@ -51,6 +51,11 @@ def test_bad_inputs(stats_dir, tmp_path, capsys):
     _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "-3"], "budget")
     _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "100M"], "budget")
     _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "lots"], "budget")
+    _fails(capsys, [*slim, "--model", "builtin:tiny"], "either --budget")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "0.4", "--speedup", "1.2"], "either --budget")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--speedup", "1.2"], "needs --latency-table")
+    _fails(capsys, [*slim, "--model", "builtin:tiny", "--speedup", "1.2", "--latency-table",
+                    str(tmp_path / "none.json")], "cannot read latency table")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     _fails(capsys, ["slim", "--model", "builtin:tiny", "--prompts", str(empty), "--budget", "0.4",
