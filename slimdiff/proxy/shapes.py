@@ -17,7 +17,7 @@ Sample ``i`` of a split with seed ``s`` depends only on ``(s, i, split)``: any n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -252,6 +252,85 @@ class ShapesDataset:
         """Images ``(count, 64, 64, 3)`` uint8, captions, scenes for indices ``start .. start+count-1``."""
         scenes = [self.scene(i) for i in range(start, start + count)]
         return np.stack([render(s) for s in scenes]), [s.caption for s in scenes], scenes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Horizontal-flip augmentation
+# ------------------------------------------------------------------------------------------------------------
+
+_HFLIP = {"left of": "right of", "right of": "left of"}
+
+
+def flip_scene(scene: Scene) -> Scene:
+    """The scene mirrored left-right, i.e. what ``render(scene)[:, ::-1]`` shows (to within a pixel of PIL's
+    rasterisation of fractional centres).
+
+    Centres move to ``x → 64 − x`` (a box over pixels ``cx − h .. cx + h − 1`` lands on the same span of the
+    mirrored image); "left of" ↔ "right of"; "above" / "below" are unchanged. Every shape is left-right symmetric
+    (the triangle's apex sits over the middle of its base), so shape, colour and size are unchanged.
+    """
+    objs = tuple(replace(o, cx=float(IMAGE_SIZE - o.cx)) for o in scene.objects)
+    return Scene(objs, _HFLIP.get(scene.relation, scene.relation), scene.background, scene.background_rgb)
+
+
+@lru_cache(maxsize=None)
+def flip_caption(caption: str) -> str:
+    """Caption of the mirrored scene: "left of" ↔ "right of" (one-object and vertical captions unchanged)."""
+    a = parse_caption(caption)
+    if a["relation"] not in _HFLIP:
+        return caption
+    left, _, right = caption.partition(f" {a['relation']} ")
+    return f"{left} {_HFLIP[a['relation']]} {right}"
+
+
+def flip_allowed(scene: Scene) -> bool:
+    """True when the mirrored scene may be used for training: its composition is not a held-out one.
+
+    Mirroring "A left of B" gives "A right of B", the composition "B left of A", which may be held out even
+    though "A left of B" is not; those mirrors are dropped so that no held-out composition reaches training.
+    """
+    return len(scene.objects) == 1 or flip_scene(scene).composition not in heldout_compositions()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bulk rendering (multiprocessing)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def render_range(job) -> tuple:
+    """``job = (seed, start, count, split, p_single)`` → ``(images (count, 64, 64, 3) uint8, captions,
+    flip_ok (count,) bool)``. A top-level function so that a process pool can run it."""
+    seed, start, count, split, p_single = job
+    scenes = [sample_scene(seed, i, split, p_single) for i in range(start, start + count)]
+    imgs = np.stack([render(s) for s in scenes])
+    return imgs, [s.caption for s in scenes], np.array([flip_allowed(s) for s in scenes], dtype=bool)
+
+
+def render_jobs(n: int, seed: int = 0, split: str = "train", p_single: float = P_SINGLE, chunk: int = 2048):
+    return [(seed, s, min(chunk, n - s), split, p_single) for s in range(0, n, chunk)]
+
+
+def concat_rendered(parts) -> tuple:
+    parts = list(parts)
+    return (np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]],
+            np.concatenate([p[2] for p in parts]))
+
+
+def render_parallel(n: int, seed: int = 0, split: str = "train", p_single: float = P_SINGLE,
+                    processes: int | None = None, chunk: int = 2048) -> tuple:
+    """Samples ``0 .. n-1`` of ``split`` rendered by a fork-based process pool (identical to a serial render).
+
+    Returns ``(images (n, 64, 64, 3) uint8, captions, flip_ok (n,) bool)``.
+    """
+    import multiprocessing as mp
+    import os
+
+    jobs = render_jobs(n, seed, split, p_single, chunk)
+    processes = processes or max(1, (os.cpu_count() or 1) - 1)
+    if processes <= 1 or len(jobs) <= 1:
+        return concat_rendered(map(render_range, jobs))
+    with mp.get_context("fork").Pool(min(processes, len(jobs))) as pool:
+        return concat_rendered(pool.map(render_range, jobs))
 
 
 def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
