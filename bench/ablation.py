@@ -103,10 +103,9 @@ TARGETS = {  # what the project steers to (issue 6)
 def _prompts(source: str, pipe, n_calib: int, n_eval: int) -> tuple[list[str], list[str], str]:
     """Calibration SlimSet and evaluation prompts; disjoint by construction."""
     if is_proxy(source):
-        from slimdiff.proxy.shapes import ShapesDataset, heldout_prompts
+        from slimdiff.proxy.shapes import heldout_prompts, train_captions
 
-        ds = ShapesDataset(max(2000, 8 * n_calib), seed=CALIBRATION_POOL_SEED, split="train")
-        pool = list(dict.fromkeys(ds.scene(i).caption for i in range(len(ds))))
+        pool = train_captions(max(2000, 8 * n_calib), seed=CALIBRATION_POOL_SEED)
         evals = heldout_prompts(n_eval, seed=HELDOUT_PROMPT_SEED)
         where = (f"SlimSet of {n_calib} from {len(pool)} unique train-split captions (seed {CALIBRATION_POOL_SEED}); "
                  f"evaluation: {n_eval} held-out-composition prompts (seed {HELDOUT_PROMPT_SEED})")

@@ -70,7 +70,7 @@ def cmd_calibrate(args) -> None:
     from .prompts import read_prompts
 
     start = time.perf_counter()
-    pool = read_prompts(args.prompts)
+    pool = read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
     stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args))
     print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out} "
@@ -107,7 +107,7 @@ def cmd_slim(args) -> None:
     if args.stats:
         stats = Statistics.load(args.stats)
     else:
-        stats = collect_statistics(pipe, read_prompts(args.prompts), args.num_prompts, None, calibration_config_from_args(args))
+        stats = collect_statistics(pipe, read_prompts(args.prompts, model=args.model), args.num_prompts, None, calibration_config_from_args(args))
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source

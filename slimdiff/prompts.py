@@ -41,8 +41,14 @@ def _from_coco(path: Path) -> list[str]:
         raise SlimDiffError(f"{path}: not a COCO captions JSON file ({exc})") from exc
 
 
-def read_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
-    """Read, clean and de-duplicate prompts (order kept). ``None`` reads the packaged COCO pool."""
+def read_prompts(path: str | Path | None = None, limit: int | None = None, model: str | None = None) -> list[str]:
+    """Read, clean and de-duplicate prompts (order kept). ``None`` reads the model's default pool: the proxy
+    model's training captions for ``builtin:proxy``, the packaged COCO captions otherwise."""
+    if path is None and model == "builtin:proxy":
+        from .proxy.shapes import train_captions
+
+        prompts = train_captions()
+        return prompts[:limit] if limit else prompts
     path = Path(path) if path is not None else DEFAULT_POOL
     if not path.is_file():
         raise SlimDiffError(f"prompt file {str(path)!r} does not exist")

@@ -197,10 +197,12 @@ class Bench:
         if self.cfg.calib_prompts > 0:
             from ..api import collect_statistics
             from ..calibrate import CalibrationConfig
+            from ..prompts import read_prompts
 
             self.log(f"calibrating on {self.cfg.calib_prompts} SlimSet prompts × {self.cfg.calib_steps} steps")
             res = self.resolution
-            stats = collect_statistics(pipe, None, self.cfg.calib_prompts, None, CalibrationConfig(
+            pool = read_prompts(model=self.cfg.model)
+            stats = collect_statistics(pipe, pool, self.cfg.calib_prompts, None, CalibrationConfig(
                 steps=self.cfg.calib_steps, height=res, width=res, seed=self.cfg.seed,
                 pass1_prompts=min(64, self.cfg.calib_prompts)), progress=False)
             return stats, (f"calibrated here: {self.cfg.calib_prompts} SlimSet prompts × {self.cfg.calib_steps} "

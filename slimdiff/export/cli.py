@@ -107,7 +107,7 @@ def _slim_dense_model(pipe, args):
     from ..prompts import read_prompts
     from ..slim import SlimConfig, parse_budget
 
-    prompts = None if args.stats else read_prompts(args.prompts)
+    prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
     report = slim_pipeline(pipe, SlimConfig(budget=parse_budget(args.budget)), stats=args.stats,
                            prompts=prompts, num_prompts=args.num_prompts, calibration=calibration_config_from_args(args))
     return report.plan

@@ -336,6 +336,13 @@ def render_parallel(n: int, seed: int = 0, split: str = "train", p_single: float
         return concat_rendered(pool.map(render_range, jobs))
 
 
+def train_captions(n_scenes: int = 2000, seed: int = 777) -> list[str]:
+    """Distinct captions of the first ``n_scenes`` training scenes (never a held-out composition): the proxy's
+    own calibration pool — its closed vocabulary cannot read COCO captions."""
+    ds = ShapesDataset(n_scenes, seed=seed, split="train")
+    return list(dict.fromkeys(ds.scene(i).caption for i in range(len(ds))))
+
+
 def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     """``n`` captions of held-out compositions (random sizes and phrasing), deterministic in ``seed``."""
     return [sample_scene(seed, i, "heldout").caption for i in range(n)]
