@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up slimdiff on a fresh machine and run its main job on the embedded default model:
-# slim builtin:tiny, export dense and slim UNets to ONNX Runtime engines, verify them against PyTorch,
-# then measure dense vs slim latency on the eager and ONNX Runtime engines.
+# slim builtin:proxy (the project's trained proxy model), export dense and slim UNets to ONNX Runtime engines,
+# verify them against PyTorch, then measure dense vs slim latency and error on the eager and ONNX Runtime engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0          # the CPU wheel; GPU machines may keep their own torch
 python -m pip install -q -e '.[test]'
-slimdiff-export --model builtin:tiny --engine ort --out out/tiny-ort --force --num-prompts 8 --steps 8
-slimdiff bench --model builtin:tiny --engines eager,ort --budgets 0,0.4 --threads 1 --out out/tiny-bench --force
+slimdiff-export --model builtin:proxy --engine ort --out out/proxy-ort --force --num-prompts 8 --steps 8
+slimdiff bench --model builtin:proxy --engines eager,ort --budgets 0,0.4 --threads 1 --out out/proxy-bench --force

@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     calib.add_argument("--calib-prompts", type=int, default=None,
                        help="calibrate this many SlimSet prompts first (real slim models and errors); 0 = "
                             "synthetic plans (uniform scores, seeded weights: latency only). Default: 8 for "
-                            "builtin:tiny, 0 otherwise")
+                            "builtin:tiny and builtin:proxy, 0 otherwise")
     p.add_argument("--calib-steps", type=int, default=10, help="sampling steps per calibration prompt (default 10)")
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--r-min", type=int, default=8)
@@ -94,7 +94,7 @@ def config_from_args(args):
 
     calib = args.calib_prompts
     if calib is None:
-        calib = 0 if args.stats or args.model != "builtin:tiny" else 8
+        calib = 0 if args.stats or args.model not in ("builtin:tiny", "builtin:proxy") else 8
     return BenchConfig(
         model=args.model, engines=parse_engines(args.engines), budgets=_floats(args.budgets, "--budgets"),
         batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,

@@ -129,5 +129,8 @@ def machine_info() -> dict:
 
 
 def weights_kind(model: str) -> str:
-    """'seeded-random' for built-in models (no trained weights exist offline), 'real' for loaded checkpoints."""
+    """'seeded-random' for the shape-only built-ins, 'trained-proxy' for the project's own trained proxy model,
+    'real' for loaded checkpoints."""
+    if model == "builtin:proxy":
+        return "trained-proxy"
     return "seeded-random" if model.startswith("builtin:") else "real"

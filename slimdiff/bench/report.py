@@ -35,7 +35,7 @@ _TIMING = {"median_ms": (int, float), "p90_ms": (int, float), "mean_ms": (int, f
 _E2E = {"images": (int,), "steps": (int,), "total_ms": (int, float), "unet_ms": (int, float),
         "outside_unet_ms": (int, float), "unet_calls": (int,)}
 STATUSES = ("ok", "skipped", "failed")
-WEIGHTS = ("seeded-random", "real")
+WEIGHTS = ("seeded-random", "trained-proxy", "real")
 
 
 def _check(obj, table: dict, where: str) -> None:
