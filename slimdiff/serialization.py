@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -44,23 +46,32 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+@contextmanager
+def atomic_output(out: str | os.PathLike, overwrite: bool = False,
+                  extra_files: dict[str, str] | None = None) -> Iterator[Path]:
+    """``with atomic_output(out) as tmp:`` write into ``tmp``; on success ``extra_files`` (name → text) are
+    added and ``tmp`` becomes ``out`` whole, on failure nothing is left behind."""
+    out = Path(out)
+    tmp = atomic_output_dir(out, overwrite)
+    try:
+        yield tmp
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        commit_output_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_slim(unet: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False,
               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``unet`` (already slimmed to ``plan``) to ``out``; the folder appears complete or not at all.
 
     ``extra_files`` (name → text) are written alongside, e.g. a JSON report.
     """
-    out = Path(out)
-    tmp = atomic_output_dir(out, overwrite)
-    try:
+    with atomic_output(out, overwrite, extra_files) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         (tmp / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        commit_output_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def load_plan(path: str | os.PathLike) -> RankPlan:

@@ -4,11 +4,10 @@ temporary folder and renamed into place whole."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import SlimDiffError
-from ..serialization import atomic_output_dir, commit_output_dir
+from ..serialization import atomic_output
 from .harness import SCHEMA
 
 #: The paper's "up to 35 % acceleration", read both ways: 1.35× throughput, or 35 % less latency (1/0.65).
@@ -277,8 +276,7 @@ def write_report(report: dict, out: str | Path, overwrite: bool = False, extra_f
     ``extra_files`` (name → text) into ``out``, which appears whole or not at all."""
     validate_report(report)
     out = Path(out)
-    tmp = atomic_output_dir(out, overwrite)
-    try:
+    with atomic_output(out, overwrite, extra_files) as tmp:
         plots = []
         if plot_latency_vs_removed(report, tmp / "latency_vs_removed.png"):
             plots.append("latency_vs_removed.png")
@@ -286,9 +284,4 @@ def write_report(report: dict, out: str | Path, overwrite: bool = False, extra_f
             plots.append("speedup.png")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
         (tmp / "report.md").write_text(markdown(report, plots, extra_markdown), encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        commit_output_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
