@@ -25,3 +25,19 @@ def tiny_stats():
     pipe = build_builtin("builtin:tiny")
     config = CalibrationConfig(steps=4, pass1_prompts=2, batch_size=2)
     return calibrate(pipe, read_prompts(limit=6), None, config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """The tiny dense UNet exported to ONNX once per session: (ONNX path, sidecar, UNet)."""
+    from export_support import cached_export
+
+    return cached_export(tmp_path_factory, "dense")
+
+
+@pytest.fixture(scope="module")
+def slim(tmp_path_factory):
+    """The tiny slim UNet exported to ONNX once per session: (ONNX path, sidecar, UNet)."""
+    from export_support import cached_export
+
+    return cached_export(tmp_path_factory, "slim")

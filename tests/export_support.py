@@ -54,3 +54,4 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
         sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
         _CACHE[key] = (path, sidecar, unet)
     return _CACHE[key]
+

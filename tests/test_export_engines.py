@@ -6,7 +6,7 @@ import json
 import onnx
 import pytest
 import torch
-from export_support import cached_export, slim_tiny_unet, tiny_profiles
+from export_support import slim_tiny_unet, tiny_profiles
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.export import trt as trtmod
@@ -20,16 +20,6 @@ from slimdiff.runtime import EngineUNet
 
 def _profiles_json(profiles):
     return [p.to_json() for p in profiles]
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    return cached_export(tmp_path_factory, "dense")
-
-
-@pytest.fixture(scope="module")
-def slim(tmp_path_factory):
-    return cached_export(tmp_path_factory, "slim")
 
 
 def _reference(unet, batch, h, w, tokens, seed, device="cpu"):

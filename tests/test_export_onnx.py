@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_support import cached_export, slim_tiny_unet, tiny_profiles
+from export_support import slim_tiny_unet, tiny_profiles
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.align import align_head_widths, planned_head_widths
@@ -22,16 +22,6 @@ from slimdiff.export.modules import (
 from slimdiff.export.onnx import check_parity, export_onnx, load_sidecar, sidecar_path
 from slimdiff.models import load_pipeline, load_unet
 from slimdiff.rebuild import SlimAttnProcessor
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    return cached_export(tmp_path_factory, "dense")
-
-
-@pytest.fixture(scope="module")
-def slim(tmp_path_factory):
-    return cached_export(tmp_path_factory, "slim")
 
 
 def _ops(path):
