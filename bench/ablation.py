@@ -5,8 +5,8 @@
 
 Variants (method.md §12), all through the same rebuild path and attention processor:
 
-* ``slimdiff`` — slimdiff's defaults: TRQ timestep weights, greedy allocation on the closed-form error curves,
-  Cholesky FFN selection with correction, whitened-SVD QK, attention-output Gram VO;
+* ``slimdiff`` — slimdiff's defaults: TRQ timestep weights, greedy allocation on the closed-form error curves
+  (unweighted by module scores), Cholesky FFN selection with correction, whitened-SVD QK, attention-output Gram VO;
 * ``softmax_alloc`` — the same with the paper's entropic softmax allocation (method.md §7, ε = 0.1), which was
   the default until it lost to uniform allocation in this ablation;
 * ``weight_svd`` — data-free: SVD of W_QᵀW_K and W_O W_V per head, FFN neurons by weight magnitude, no
@@ -17,8 +17,8 @@ Variants (method.md §12), all through the same rebuild path and attention proce
 * ``random_ffn`` — random FFN neurons (with the least-squares down-projection correction) at SlimDiff's ranks;
 * ``modegpt`` — MoDeGPT's selectors: ridge-leverage FFN, CR query–key, value-input VO.
 
-``--sweep`` adds SlimDiff variants at budget 0.4 that probe why it wins or loses (softmax temperature, greedy
-weighting, propagation exponent, ridges).
+``--sweep [NAME ...]`` adds SlimDiff variants (most at budget 0.4) that probe why it wins or loses (softmax
+temperature, greedy weighting, propagation exponent, ridges).
 
 Per variant: noise-prediction error of the slim UNet along the dense trajectory (mean over held-out prompts and
 steps), PSNR/SSIM to the dense images from the same seeds, prompt adherence (proxy model), UNet parameters and
@@ -64,10 +64,11 @@ class Variant:
     overrides: dict  # SlimConfig fields that differ from SlimDiff's defaults
     title: str
     slimdiff_ranks: bool = False  # decompose at SlimDiff's ranks instead of allocating (isolates the statistics)
+    every_budget: bool = False  # a sweep variant measured at every budget, not only at SWEEP_BUDGET
 
 
 VARIANTS = {
-    "slimdiff": Variant("trq", {}, "SlimDiff (defaults: greedy error-curve allocation)"),
+    "slimdiff": Variant("trq", {}, "SlimDiff (defaults: greedy allocation on the error curves)"),
     "softmax_alloc": Variant("trq", dict(allocator="softmax"), "entropic softmax allocation (method §7, ε = 0.1)"),
     "weight_svd": Variant("trq", dict(qk_method="weight_svd", vo_statistic="none", ffn_selector="magnitude",
                                       ffn_correction=False), "plain weight SVD, data-free (same ranks)"),
@@ -87,8 +88,8 @@ SWEEP = {
     "single_t_ranks": Variant("single", {}, "single-timestep statistics, at SlimDiff's ranks", slimdiff_ranks=True),
     "softmax_T0.02": Variant("trq", dict(allocator="softmax", temperature=0.02), "softmax allocation, ε = 0.02"),
     "softmax_T0.5": Variant("trq", dict(allocator="softmax", temperature=0.5), "softmax allocation, ε = 0.5"),
-    "greedy_unweighted": Variant("trq", dict(temperature=float("inf")),
-                                 "greedy allocation on unweighted error curves (ε = ∞: scores ignored)"),
+    "greedy_weighted": Variant("trq", dict(temperature=0.1),
+                               "greedy allocation with error increases weighted by exp(score/0.1)", every_budget=True),
     "slimdiff_beta0": Variant("trq", dict(beta=0.0), "SlimDiff, no propagation factor (β = 0)"),
     "slimdiff_ridge_x100": Variant("trq", dict(ridge_ffn=1e-2, ridge_qk=1e-4, ridge_vo=1e-2), "SlimDiff, ridges ×100"),
     "slimdiff_ridge_/100": Variant("trq", dict(ridge_ffn=1e-6, ridge_qk=1e-8, ridge_vo=1e-6), "SlimDiff, ridges ÷100"),
@@ -211,7 +212,7 @@ def run(args) -> Path:
 def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> None:
     calib_prompts, eval_prompts, prompt_note = _prompts(source, pipe, args.calib_prompts, args.eval_prompts)
     variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants}
-    sweep = SWEEP if args.sweep else {}
+    sweep = {} if args.sweep is None else {k: v for k, v in SWEEP.items() if not args.sweep or k in args.sweep}
     timings: dict[str, float] = {}
 
     stats = {}
@@ -229,7 +230,8 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
     t0 = time.perf_counter()
     models, rows = {}, {}
     jobs = [(name, b, v) for b in args.budgets for name, v in variants.items()]  # slimdiff first: others reuse its ranks
-    jobs += [(name, b, v) for name, v in sweep.items() for b in (args.budgets if v.slimdiff_ranks else [SWEEP_BUDGET])
+    jobs += [(name, b, v) for name, v in sweep.items()
+             for b in (args.budgets if v.slimdiff_ranks or v.every_budget else [SWEEP_BUDGET])
              if not v.slimdiff_ranks or "slimdiff" in variants]
     for name, budget, v in jobs:
         config = SlimConfig(budget=budget, **v.overrides)
@@ -368,7 +370,8 @@ def _markdown(body: dict) -> str:
     if sweep:
         lines += ["## Investigation variants", "",
                   "`*_ranks`: the statistics of that ablation decomposed at SlimDiff's own ranks (every budget); the "
-                  f"others change one SlimDiff setting at budget {st['sweep_budget']}.", "",
+                  f"others change one SlimDiff setting (at budget {st['sweep_budget']}, `greedy_weighted` at every "
+                  "budget).", "",
                   markdown_table(header, [_row_cells(r, proxy) for r in sweep]), "",
                   "; ".join(f"`{k}` = {v.title}" for k, v in SWEEP.items()) + ".", ""]
     kinds = sorted({k for r in body["rows"].values() for k in r["removed_by_kind"]})
@@ -440,7 +443,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="builtin:proxy", help="default: builtin:proxy (slimdiff/assets/proxy)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="subset of variants (default: all)")
-    ap.add_argument("--sweep", action="store_true", help=f"add SlimDiff sweeps at budget {SWEEP_BUDGET}")
+    ap.add_argument("--sweep", nargs="*", choices=list(SWEEP), default=None,
+                    help=f"add investigation variants (all, or those named; most at budget {SWEEP_BUDGET})")
     ap.add_argument("--calib-prompts", type=int, default=64)
     ap.add_argument("--pass1-prompts", type=int, default=16, help="prompts of the timestep-weight pass")
     ap.add_argument("--calib-batch", type=int, default=8)

@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", default="greedy", choices=["greedy", "softmax", "uniform"],
                    help="greedy on the closed-form error curves (default), the entropic softmax of the paper, "
                         "or one keep-ratio for all")
-    p.add_argument("--temperature", type=float, default=0.1,
-                   help="ε: how strongly module scores weigh (softmax: the entropy temperature; greedy: error "
-                        "increases weighted by exp(score/ε))")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="ε: how strongly module scores weigh (softmax: the entropy temperature, default 0.1; "
+                        "greedy: error increases weighted by exp(score/ε), default ∞ = error curves alone)")
     p.add_argument("--r-min", type=int, default=8)
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--exclude", nargs="*", help="module fragments or kinds (ffn, qk, vo, attn1, attn2) to keep")

@@ -6,6 +6,7 @@ This is the only module that knows both the diffusers module layout and the pure
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -38,7 +39,9 @@ class SlimConfig:
     # greedy on the closed-form error curves (method.md §7's alternative) is the default: in the proxy ablation
     # the entropic softmax on TRQ × propagation scores lost to uniform allocation (bench/results/quality-*).
     allocator: str = "greedy"  # greedy (error curves) | softmax (entropic, §7) | uniform
-    temperature: float = 0.1
+    # ε: None picks per allocator — 0.1 for the softmax (method.md §7), ∞ for greedy (error curves alone: in the
+    # proxy ablation weighting them by the module scores raised the error 1.4–2.6× at every budget).
+    temperature: float | None = None
     r_min: int = 8
     align: int = 8
     beta: float = 1.0  # propagation exponent in the module score
@@ -54,6 +57,14 @@ class SlimConfig:
     speedup: float | None = None
     latency_table: str | None = None
 
+    def resolved_temperature(self) -> float:
+        """The ε the allocator runs with (uniform allocation is the softmax at ε = ∞)."""
+        if self.allocator == "uniform":
+            return math.inf
+        if self.temperature is not None:
+            return self.temperature
+        return 0.1 if self.allocator == "softmax" else math.inf
+
     def __post_init__(self):
         if self.budget <= 0:
             raise SlimDiffError(f"budget must be positive, got {self.budget}")
@@ -67,6 +78,8 @@ class SlimConfig:
             raise SlimDiffError(f"unknown QK method {self.qk_method!r}")
         if self.vo_statistic not in ("output", "value", "none"):
             raise SlimDiffError(f"unknown VO statistic {self.vo_statistic!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise SlimDiffError(f"temperature must be positive, got {self.temperature}")
         if (self.speedup is None) != (self.latency_table is None):
             raise SlimDiffError("a latency budget needs both a target speed-up and a latency table")
         if self.speedup is not None and not self.speedup > 1:
@@ -351,13 +364,13 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
         from .bench.latency_table import latency_budget_ranks
 
         ranks, info = latency_budget_ranks(items, _latency_model(unet, config), config.speedup, r_min=config.r_min,
-                                           align=config.align, temperature=config.temperature)
+                                           align=config.align, temperature=config.resolved_temperature())
         info = {"latency_budget": info, "latency_table": str(config.latency_table)}
     else:
         budget = config.budget * total if config.budget < 1 else config.budget
         try:
-            ranks = alloc.allocate(items, budget, temperature=float("inf") if config.allocator == "uniform"
-                                   else config.temperature, r_min=config.r_min, align=config.align,
+            ranks = alloc.allocate(items, budget, temperature=config.resolved_temperature(), r_min=config.r_min,
+                                   align=config.align,
                                    method="greedy" if config.allocator == "greedy" else "softmax")
         except ValueError as exc:
             raise SlimDiffError(f"cannot meet the budget: {exc}") from exc

@@ -70,3 +70,14 @@ def test_budget_beyond_the_compressible_mass_is_refused(tiny_stats):
         slim_unet(unet, tiny_stats, SlimConfig(budget=10e6), progress=False)
     with pytest.raises(SlimDiffError, match="budget"):
         slim_unet(unet, tiny_stats, SlimConfig(budget=0.999), progress=False)
+
+
+def test_temperature_defaults_per_allocator():
+    import math
+
+    assert SlimConfig(allocator="softmax").resolved_temperature() == 0.1
+    assert SlimConfig(allocator="greedy").resolved_temperature() == math.inf
+    assert SlimConfig(allocator="uniform", temperature=0.3).resolved_temperature() == math.inf
+    assert SlimConfig(allocator="greedy", temperature=0.2).resolved_temperature() == 0.2
+    with pytest.raises(SlimDiffError, match="temperature"):
+        SlimConfig(temperature=0.0)
