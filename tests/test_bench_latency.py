@@ -151,9 +151,11 @@ def test_slim_unet_with_a_latency_budget(tiny_pipe, tiny_stats, tmp_path):
     assert report.plan.info["latency_budget"]["predicted_speedup"] == pytest.approx(model.predict_speedup(ranks))
     assert before - sum(p.numel() for p in unet.parameters()) == report.plan.params_removed > 0
     assert isinstance(RankPlan.from_json(report.plan.to_json()), RankPlan)
+    unreachable = SlimConfig(speedup=50.0, latency_table=str(path))
     with pytest.raises(SlimDiffError, match="out of reach"):
-        slim_unet(build_builtin_unet(), tiny_stats, SlimConfig(speedup=50.0, latency_table=str(path)),
-                  progress=False)
+        check_budget(build_builtin_unet(), unreachable)  # before calibration
+    with pytest.raises(SlimDiffError, match="out of reach"):
+        slim_unet(build_builtin_unet(), tiny_stats, unreachable, progress=False)
 
 
 def test_latency_budget_configuration_errors(tmp_path):
