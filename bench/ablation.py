@@ -10,7 +10,9 @@ Variants (method.md §12), all through the same rebuild path and attention proce
 * ``softmax_alloc`` — the same with the paper's entropic softmax allocation (method.md §7, ε = 0.1), which was
   the default until it lost to uniform allocation in this ablation;
 * ``weight_svd`` — data-free: SVD of W_QᵀW_K and W_O W_V per head, FFN neurons by weight magnitude, no
-  correction; same ranks as SlimDiff (the allocation is reused so only the decomposition differs);
+  correction; allocated by the same greedy rule on its own data-free error curves (with the softmax allocator,
+  whose scores come from the calibration statistics, it got SlimDiff's ranks; ``same ranks as slimdiff`` in the
+  diagnostics table says which);
 * ``no_tw`` — activation-aware without timestep weighting (statistics aggregated with uniform weights);
 * ``single_t`` — statistics of the single mid-trajectory step only;
 * ``uniform_alloc`` — the same keep-ratio for every module (softmax temperature ∞);
@@ -71,7 +73,7 @@ VARIANTS = {
     "slimdiff": Variant("trq", {}, "SlimDiff (defaults: greedy allocation on the error curves)"),
     "softmax_alloc": Variant("trq", dict(allocator="softmax"), "entropic softmax allocation (method §7, ε = 0.1)"),
     "weight_svd": Variant("trq", dict(qk_method="weight_svd", vo_statistic="none", ffn_selector="magnitude",
-                                      ffn_correction=False), "plain weight SVD, data-free (same ranks)"),
+                                      ffn_correction=False), "plain weight SVD, data-free (its own allocation)"),
     "no_tw": Variant("uniform", {}, "activation-aware, no timestep weighting"),
     "single_t": Variant("single", {}, "single-timestep statistics"),
     "uniform_alloc": Variant("trq", dict(allocator="uniform"), "uniform rank allocation"),
