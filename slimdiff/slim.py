@@ -272,7 +272,7 @@ def check_budget(unet, config: SlimConfig) -> None:
     """Refuse a parameter budget the pool cannot give, or a latency table of another architecture, before a
     calibration that can take hours (a MAC budget needs statistics, so it is checked later)."""
     if config.speedup is not None:
-        from .bench.latency_table import proxy_items, latency_budget_ranks
+        from .bench.latency_table import latency_budget_ranks, proxy_items
 
         # Whether the target is reachable depends on the table alone (every module at its floor), not on the
         # error curves that calibration would bring.
