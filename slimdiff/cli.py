@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .devices import resolve_device
 from .errors import SlimDiffError
 
 
@@ -43,16 +44,6 @@ def calibration_config_from_args(args):
     return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
                              width=args.resolution, seed=args.seed, batch_size=args.batch_size,
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting)
-
-
-def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
-    return name
 
 
 def _load(args):

@@ -173,13 +173,14 @@ def run_macs_only(args) -> None:
 def run_latency_table(args) -> None:
     import torch
 
-    from .harness import _resolve_device, _resolve_dtype
+    from ..devices import resolve_device
+    from .harness import _resolve_dtype
     from .latency_table import measure_latency_table, save_table, separability
     from ..models import load_pipeline
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype).to(device)
     factor = pipe.vae_scale_factor

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import SlimDiffError
 from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
@@ -75,14 +76,6 @@ class BenchConfig:
             raise SlimDiffError("warm-up must be ≥ 0; timed calls, end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
-
-
-def _resolve_device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if is_cuda(name) and not torch.cuda.is_available():
-        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
-    return name
 
 
 def _resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -162,7 +155,7 @@ class Bench:
     def __init__(self, config: BenchConfig, log=None):
         self.cfg = config
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
         self.t0 = time.perf_counter()
         self.observed_build: dict[str, float] = {}

@@ -7,9 +7,19 @@
 * :mod:`.cli` — ``slimdiff eval``.
 """
 
-from .evaluate import Comparison, EvalSettings, adherence, compare
-from .metrics import fidelity, noise_error_summary, psnr, ssim
-from .sampling import NoiseErrorProbe, generate
+# Public names are imported lazily: the ``slimdiff`` parser imports ``quality.cli``, which must not pull in
+# torch, scikit-image or the sampling code just to list its flags.
+_EXPORTS = {
+    "Comparison": "evaluate", "EvalSettings": "evaluate", "adherence": "evaluate", "compare": "evaluate",
+    "fidelity": "metrics", "noise_error_summary": "metrics", "psnr": "metrics", "ssim": "metrics",
+    "NoiseErrorProbe": "sampling", "generate": "sampling",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["Comparison", "EvalSettings", "NoiseErrorProbe", "adherence", "compare", "fidelity", "generate",
-           "noise_error_summary", "psnr", "ssim"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..cli import resolve_device
+from ..devices import resolve_device
 from ..errors import SlimDiffError
 
 # The proxy's own evaluation (python -m slimdiff.proxy.evaluate) draws held-out prompts with this seed.
