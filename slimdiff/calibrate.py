@@ -30,7 +30,19 @@ from tqdm.auto import tqdm
 
 from .analyze import timestep_weights, trq_from_energies
 from .errors import SlimDiffError
-from .models import FFN, module_sites, transformer_blocks
+from .families import (
+    ATTENTION,
+    FFN,
+    AttentionStatistics,
+    FFNEnergies,
+    FFNStatistics,
+    ResidualEnergies,
+    family_for,
+    module_sites,
+    site_linears,
+    transformer_blocks,
+)
+from .families.base import SEQ, seq_key
 
 STATS_FORMAT = "slimdiff-stats/1"
 MANIFEST = "manifest.json"
@@ -69,21 +81,9 @@ class CalibrationConfig:
 
 
 def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
-    """The default calibration loop: the pipeline's own text-to-image sampling, stopping at latents."""
-
-    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-        device = pipe.unet.device
-        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        # Latents drawn on the CPU per prompt make a prompt's trajectory independent of batching and device.
-        unet_cfg = pipe.unet.config
-        h = (config.height or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-        w = (config.width or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-        latents = torch.cat([torch.randn((1, unet_cfg.in_channels, h, w), generator=g) for g in gens])
-        pipe(list(prompts), num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-             latents=latents.to(device=device, dtype=pipe.unet.dtype), output_type="latent",
-             height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
-
-    return run
+    """The default calibration loop: the pipeline's own text-to-image sampling (its family's), stopping at
+    latents."""
+    return family_for(pipe).calibration_loop(pipe, config)
 
 
 def model_fingerprint(unet) -> str:
@@ -91,8 +91,7 @@ def model_fingerprint(unet) -> str:
     digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
     params = dict(unet.named_parameters())
     for site in module_sites(unet):
-        prefix = site.block + (".ff" if site.kind == FFN else f".{site.attn}")
-        for name in sorted(n for n in params if n.startswith(prefix + ".")):
+        for name in sorted(n for n in params if n.startswith(site.sublayer_path + ".")):
             digest.update(name.encode())
             digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -139,22 +138,23 @@ def _tokens(x: torch.Tensor) -> int:
 
 
 class _Collector:
-    """Registers the hooks of one pass on a UNet and accumulates into an :class:`_Accumulator`."""
+    """Registers the hooks of one pass on a denoiser (at the points its block adapters name) and accumulates
+    into an :class:`_Accumulator`, under the keys of the statistics schema."""
 
     def __init__(self, unet, mode: str, timesteps: list[int] | None, ffn_weights: dict | None, visits: list[int] | None):
         self.unet, self.mode = unet, mode
+        self.family = family_for(unet)
         self.timesteps = list(timesteps or [])
         self.index = {t: i for i, t in enumerate(self.timesteps)}
         self.ffn_weights, self.visits = ffn_weights, visits
         self.acc = _Accumulator(unet.device)
         self.calls: dict[int, int] = {}
-        self.seq: dict[str, int] = {}  # tokens per sample seen by each attention (for MAC costs)
+        self.seq: dict[str, int] = {}  # tokens per sample seen by each attention (for MAC costs), by storage key
         self.t: int | None = None
 
-    # The current timestep is read once per UNet call; every module hook uses it.
+    # The current timestep is read once per denoiser call; every module hook uses it.
     def _unet_pre(self, _module, args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = int(torch.as_tensor(t).flatten()[0])
+        t = int(torch.as_tensor(self.family.timestep(args, kwargs)).flatten()[0])
         if self.mode == "pass1" and t not in self.index:
             self.index[t] = len(self.timesteps)
             self.timesteps.append(t)
@@ -164,74 +164,72 @@ class _Collector:
         self.t = self.index[t]
         self.calls[t] = self.calls.get(t, 0) + 1
 
-    def _ffn_down_pre(self, key: str, down: torch.nn.Linear):
+    def _ffn_hidden_pre(self, path: str, down: torch.nn.Linear):
         def hook(_m, args):
             h = args[0]
             n = _tokens(h)
-            self.acc.add(f"{key}.h_energy", _energy(h), self.t)
-            self.acc.add(f"{key}.hout_energy", _energy(torch.nn.functional.linear(h, down.weight)), self.t)
-            self.acc.add(f"{key}.tokens", torch.tensor(float(n)), self.t)
+            self.acc.add(FFNStatistics.key(path, "h_energy"), _energy(h), self.t)
+            self.acc.add(FFNStatistics.key(path, "hout_energy"),
+                         _energy(torch.nn.functional.linear(h, down.weight)), self.t)
+            self.acc.add(FFNStatistics.key(path, "tokens"), torch.tensor(float(n)), self.t)
             if self.mode == "pass2":
-                w = self.ffn_weights[key][self.t] / self.visits[self.t]
-                self.acc.add(f"{key}.moment", w * _moment(h))
-                self.acc.add(f"{key}.moment_norm", torch.tensor(float(w * n)))
+                w = self.ffn_weights[path][self.t] / self.visits[self.t]
+                self.acc.add(FFNStatistics.key(path, "moment"), w * _moment(h))
+                self.acc.add(FFNStatistics.key(path, "moment_norm"), torch.tensor(float(w * n)))
 
         return hook
 
-    def _attn_pre(self, key: str):
+    def _attn_pre(self, path: str, read_inputs):
         def hook(_m, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-            self.seq[key] = x.shape[-2]
-            self.acc.add(f"{key}.in", _moment(x), self.t)
-            self.acc.add(f"{key}.in_tokens", torch.tensor(float(_tokens(x))), self.t)
+            x, ctx = read_inputs(args, kwargs)
+            self.seq[seq_key(path)] = x.shape[-2]
+            self.acc.add(AttentionStatistics.key(path, "inputs"), _moment(x), self.t)
+            self.acc.add(AttentionStatistics.key(path, "input_tokens"), torch.tensor(float(_tokens(x))), self.t)
             if ctx is not None:  # text tokens do not depend on t: one moment per module
-                self.seq[f"{key}.ctx"] = ctx.shape[-2]
-                self.acc.add(f"{key}.ctx", _moment(ctx))
-                self.acc.add(f"{key}.ctx_tokens", torch.tensor(float(_tokens(ctx))))
+                self.seq[seq_key(path, context=True)] = ctx.shape[-2]
+                self.acc.add(AttentionStatistics.key(path, "context"), _moment(ctx))
+                self.acc.add(AttentionStatistics.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
 
         return hook
 
-    def _attn_out_pre(self, key: str, heads: int):
+    def _attn_out_pre(self, path: str, heads: int):
         def hook(_m, args):
             z = args[0].reshape(-1, heads, args[0].shape[-1] // heads).double()
-            self.acc.add(f"{key}.z_gram", torch.einsum("nhd,nhe->hde", z, z), self.t)
-            self.acc.add(f"{key}.z_tokens", torch.tensor(float(z.shape[0])), self.t)
+            self.acc.add(AttentionStatistics.key(path, "z_gram"), torch.einsum("nhd,nhe->hde", z, z), self.t)
+            self.acc.add(AttentionStatistics.key(path, "z_tokens"), torch.tensor(float(z.shape[0])), self.t)
 
         return hook
 
-    def _residual_pre(self, key: str):
+    def _residual_pre(self, path: str):
         def hook(_m, args):
-            self.acc.add(f"{key}.res_energy", _energy(args[0]), self.t)
-            self.acc.add(f"{key}.res_tokens", torch.tensor(float(_tokens(args[0]))), self.t)
+            self.acc.add(ResidualEnergies.key(path, "res_energy"), _energy(args[0]), self.t)
+            self.acc.add(ResidualEnergies.key(path, "res_tokens"), torch.tensor(float(_tokens(args[0]))), self.t)
 
         return hook
 
-    def _update_post(self, key: str):
+    def _update_post(self, path: str):
         def hook(_m, _args, out):
             out = out[0] if isinstance(out, tuple) else out
-            self.acc.add(f"{key}.upd_energy", _energy(out), self.t)
+            self.acc.add(ResidualEnergies.key(path, "upd_energy"), _energy(out), self.t)
 
         return hook
 
     @contextmanager
     def attached(self) -> Iterator["_Collector"]:
         handles = [self.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True)]
-        for path, block in transformer_blocks(self.unet):
-            down = block.ff.net[2]
-            handles.append(down.register_forward_pre_hook(self._ffn_down_pre(f"{path}.ff", down)))
-            if self.mode == "pass1":
-                continue
-            for sub, norm in (("attn1", "norm1"), ("attn2", "norm2"), ("ff", "norm3")):
-                mod = getattr(block, sub, None)
-                if mod is None:
+        for path, block, adapter in transformer_blocks(self.unet):
+            for tap in adapter.taps(block):
+                sub = f"{path}.{tap.sublayer}"
+                if tap.kind == FFN:
+                    handles.append(tap.hidden.register_forward_pre_hook(self._ffn_hidden_pre(sub, tap.hidden)))
+                if self.mode == "pass1":
                     continue
-                key = f"{path}.{sub}"
-                handles.append(getattr(block, norm).register_forward_pre_hook(self._residual_pre(key)))
-                handles.append(mod.register_forward_hook(self._update_post(key)))
-                if sub != "ff":
-                    handles.append(mod.register_forward_pre_hook(self._attn_pre(key), with_kwargs=True))
-                    handles.append(mod.to_out[0].register_forward_pre_hook(self._attn_out_pre(key, mod.heads)))
+                handles.append(tap.residual.register_forward_pre_hook(self._residual_pre(sub)))
+                handles.append(tap.update.register_forward_hook(self._update_post(sub)))
+                if tap.kind == ATTENTION:
+                    handles.append(tap.attention.register_forward_pre_hook(self._attn_pre(sub, tap.read_inputs),
+                                                                           with_kwargs=True))
+                    handles.append(tap.head_output.register_forward_pre_hook(self._attn_out_pre(sub, tap.heads)))
         try:
             yield self
         finally:
@@ -240,13 +238,13 @@ class _Collector:
 
     def state(self) -> dict[str, torch.Tensor]:
         state = {k: v.cpu() for k, v in self.acc.sums.items()}
-        state.update({f"{k}.seq": torch.tensor(float(v), dtype=torch.float64) for k, v in self.seq.items()})
+        state.update({k: torch.tensor(float(v), dtype=torch.float64) for k, v in self.seq.items()})
         return state
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for k, v in tensors.items():
-            if k.endswith(".seq"):
-                self.seq[k[: -len(".seq")]] = int(v)
+            if k.endswith("." + SEQ):
+                self.seq[k] = int(v)
                 continue
             self.acc.sums[k] = v.to(self.acc.device)
 
@@ -266,11 +264,13 @@ def _prior(n: int, kind: str) -> torch.Tensor:
 def ffn_timestep_weights(pass1: dict[str, torch.Tensor], unet, config: CalibrationConfig) -> dict[str, torch.Tensor]:
     """w_{m,t} for every FFN from the pass-1 scalars, following ``config.weighting``."""
     weights = {}
-    for path, block in transformer_blocks(unet):
-        key = f"{path}.ff"
-        down = block.ff.net[2].weight
-        tokens = pass1[f"{key}.tokens"]
-        rho = trq_from_energies(pass1[f"{key}.hout_energy"] / tokens, pass1[f"{key}.h_energy"] / tokens,
+    for site in module_sites(unet):
+        if site.kind != FFN:
+            continue
+        down = site_linears(unet, site).down.weight
+        energies = FFNEnergies.read(pass1, site.sublayer_path)
+        tokens = energies.tokens
+        rho = trq_from_energies(energies.hout_energy / tokens, energies.h_energy / tokens,
                                 down.double().pow(2).sum().cpu(), down.shape[1])
         n = rho.shape[0]
         if config.weighting == "trq":
@@ -280,7 +280,7 @@ def ffn_timestep_weights(pass1: dict[str, torch.Tensor], unet, config: Calibrati
         else:
             w = torch.zeros(n, dtype=torch.float64)
             w[n // 2] = 1.0
-        weights[key] = w
+        weights[site.sublayer_path] = w
     return weights
 
 
@@ -295,6 +295,14 @@ class Statistics:
     fingerprint: str
     config: CalibrationConfig
     num_prompts: int
+
+    def ffn(self, sublayer_path: str) -> FFNStatistics:
+        """The typed pass-2 statistics of the FFN at ``sublayer_path`` (a site's ``sublayer_path``)."""
+        return FFNStatistics.read(self.tensors, sublayer_path)
+
+    def attention(self, sublayer_path: str) -> AttentionStatistics:
+        """The typed pass-2 statistics of the attention at ``sublayer_path``."""
+        return AttentionStatistics.read(self.tensors, sublayer_path)
 
     def check_model(self, unet) -> None:
         if model_fingerprint(unet) != self.fingerprint:

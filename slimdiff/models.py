@@ -1,4 +1,4 @@
-"""Model loading and the map of compressible modules.
+"""Model loading (the map of compressible modules lives in :mod:`slimdiff.families`).
 
 Every model is a diffusers ``StableDiffusionPipeline`` (or a bare ``UNet2DConditionModel``). Sources:
 
@@ -20,13 +20,14 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import SlimDiffError
+
+# The map of compressible modules moved to the block adapters; these names stay importable from here.
+from .families import FFN, QK, VO, ModuleSite, module_sites  # noqa: F401
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy")
 ASSETS = Path(__file__).parent / "assets"
@@ -245,121 +246,3 @@ def load_unet(source: str, dtype: torch.dtype = torch.float32):
         unet = UNet2DConditionModel.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
         return unet.eval().requires_grad_(False)
     return load_pipeline(source, dtype).unet
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The compressible modules of a UNet
-# ----------------------------------------------------------------------------------------------------------
-
-FFN, QK, VO = "ffn", "qk", "vo"
-
-
-@dataclass(frozen=True)
-class ModuleSite:
-    """One functional group of one transformer block: the unit that gets a rank.
-
-    ``name`` is ``<block path>.ff`` / ``.attn1.qk`` / ``.attn1.vo`` / ``.attn2.qk`` / ``.attn2.vo``.
-    ``width`` is what the rank counts: FFN inner neurons, or the per-head width of an attention group.
-    ``unit_params`` is the parameter count removed when the rank drops by one (exact, biases included).
-    """
-
-    name: str
-    kind: str  # FFN | QK | VO
-    block: str  # path of the BasicTransformerBlock
-    attn: str | None  # "attn1" / "attn2" for attention groups
-    width: int
-    heads: int
-    unit_params: int
-
-    @property
-    def params(self) -> int:
-        return self.width * self.unit_params
-
-
-def _linear(module: nn.Module, where: str) -> nn.Linear:
-    if not isinstance(module, nn.Linear):
-        raise SlimDiffError(f"{where}: expected a Linear layer, found {type(module).__name__}")
-    return module
-
-
-def _row_cost(lin: nn.Linear) -> int:
-    return lin.in_features + (1 if lin.bias is not None else 0)
-
-
-def _ffn_site(path: str, ff: nn.Module) -> ModuleSite:
-    from diffusers.models.activations import GEGLU, GELU
-
-    act = ff.net[0] if hasattr(ff, "net") else None
-    if not isinstance(act, (GEGLU, GELU)):
-        raise SlimDiffError(
-            f"{path}.ff: feed-forward activation {type(act).__name__} is not supported (GEGLU or GELU only)"
-        )
-    proj = _linear(act.proj, f"{path}.ff.net.0.proj")
-    down = _linear(ff.net[2], f"{path}.ff.net.2")
-    gated = isinstance(act, GEGLU)
-    inner = proj.out_features // 2 if gated else proj.out_features
-    if down.in_features != inner:
-        raise SlimDiffError(f"{path}.ff: projection width {inner} does not match down-projection {down.in_features}")
-    unit = (2 if gated else 1) * _row_cost(proj) + down.out_features
-    return ModuleSite(f"{path}.ff", FFN, path, None, inner, 1, unit)
-
-
-def _attention_sites(path: str, name: str, attn: nn.Module) -> list[ModuleSite]:
-    where = f"{path}.{name}"
-    unsupported = [
-        flag for flag, bad in (
-            ("qk_norm", getattr(attn, "norm_q", None) is not None),
-            ("added_kv_proj", getattr(attn, "add_k_proj", None) is not None),
-            ("group_norm", getattr(attn, "group_norm", None) is not None),
-            ("spatial_norm", getattr(attn, "spatial_norm", None) is not None),
-            ("kv_heads", getattr(attn, "is_cross_attention", False) is None),
-        ) if bad
-    ]
-    if unsupported:
-        raise SlimDiffError(f"{where}: attention with {', '.join(unsupported)} is not supported")
-    q = _linear(attn.to_q, f"{where}.to_q")
-    k = _linear(attn.to_k, f"{where}.to_k")
-    v = _linear(attn.to_v, f"{where}.to_v")
-    o = _linear(attn.to_out[0], f"{where}.to_out.0")
-    heads = attn.heads
-    if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
-        raise SlimDiffError(f"{where}: projections of widths {q.out_features}/{k.out_features}/"
-                            f"{v.out_features} do not split into {heads} equal heads")
-    qk = ModuleSite(f"{where}.qk", QK, path, name, q.out_features // heads, heads,
-                    heads * (_row_cost(q) + _row_cost(k)))
-    vo = ModuleSite(f"{where}.vo", VO, path, name, v.out_features // heads, heads,
-                    heads * (_row_cost(v) + o.out_features))
-    return [qk, vo]
-
-
-def transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every ``BasicTransformerBlock`` of the model, in forward order, with its dotted path."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    blocks = [(n, m) for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
-    if not blocks:
-        raise SlimDiffError(f"{type(unet).__name__} has no BasicTransformerBlock: nothing to slim")
-    return blocks
-
-
-def module_sites(unet: nn.Module) -> list[ModuleSite]:
-    """The allocation pool: FFN, QK and VO groups of every transformer block (self and cross attention)."""
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(unet, UNet2DConditionModel):
-        raise SlimDiffError(f"expected a UNet2DConditionModel, got {type(unet).__name__}")
-    sites: list[ModuleSite] = []
-    for path, block in transformer_blocks(unet):
-        for name in ("attn1", "attn2"):
-            attn = getattr(block, name, None)
-            if attn is not None:
-                sites.extend(_attention_sites(path, name, attn))
-        if getattr(block, "ff", None) is None:
-            raise SlimDiffError(f"{path}: transformer block without a feed-forward is not supported")
-        sites.append(_ffn_site(path, block.ff))
-    return sites
-
-
-def compressible_params(sites: list[ModuleSite]) -> int:
-    return sum(s.params for s in sites)
-

@@ -1,7 +1,8 @@
-"""The slimming driver: statistics → scores → ranks → closed-form factors → a smaller UNet, in place.
+"""The slimming driver: statistics → scores → ranks → closed-form factors → a smaller denoiser, in place.
 
-This is the only module that knows both the diffusers module layout and the pure linear algebra of
-:mod:`slimdiff.analyze`, :mod:`slimdiff.decompose` and :mod:`slimdiff.allocate`.
+It joins the model's layout — reached only through the block adapters of :mod:`slimdiff.families` (sites,
+their Linears, typed statistics) — to the pure linear algebra of :mod:`slimdiff.analyze`,
+:mod:`slimdiff.decompose` and :mod:`slimdiff.allocate`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from . import allocate as alloc
 from . import analyze, decompose
 from .calibrate import CalibrationConfig, Statistics, _prior
 from .errors import SlimDiffError
-from .models import FFN, QK, ModuleSite, module_sites
+from .families import FFN, QK, FFNLinears, ModuleSite, QKLinears, VOLinears, module_sites, site_adapter, site_linears
+from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes, load_slim_weights
 
@@ -29,7 +31,7 @@ class SlimConfig:
     ``budget``: below 1, a fraction of the compressible mass (parameters or MACs, per ``budget_unit``);
     from 1 up, an absolute amount to remove (e.g. ``100e6`` parameters).
     ``exclude``: module-name fragments or kinds (``ffn``/``qk``/``vo``/``attn1``/``attn2``) left untouched.
-    ``speedup`` with ``latency_table`` (a JSON table from ``slimdiff bench --latency-table``, measured on the
+    ``speedup`` with ``latency_table`` (a JSON table measured by ``bench --latency-table`` on the
     deployment GPU): a latency budget instead — the least predicted error whose table-predicted UNet speed-up
     reaches ``speedup``; ``budget`` and ``budget_unit`` are then unused.
     """
@@ -113,12 +115,6 @@ class SiteAnalysis:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # aggregated moments for the decomposition
 
 
-def _per_token(stats: Statistics, key: str, tokens_key: str) -> torch.Tensor:
-    """(T, ...) sums → per-token means."""
-    sums, tokens = stats.tensors[key], stats.tensors[tokens_key]
-    return sums / tokens.reshape(-1, *([1] * (sums.ndim - 1)))
-
-
 def _weights(rho: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:
     n = rho.shape[-1]
     if config.weighting == "uniform":
@@ -137,27 +133,23 @@ def _weighted(per_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def analyze_sites(unet, stats: Statistics, sites: list[ModuleSite]) -> dict[str, SiteAnalysis]:
     """TRQ per timestep, fidelity weights, propagation and aggregated moments for every site."""
     out = {}
-    t = stats.tensors
     for site in sites:
-        block = unet.get_submodule(site.block)
-        sub = "ff" if site.kind == FFN else site.attn
-        prefix = f"{site.block}.{sub}"
-        prop = t[f"{prefix}.upd_energy"] / t[f"{prefix}.res_energy"]
+        lin = site_linears(unet, site)
         if site.kind == FFN:
-            down = block.ff.net[2].weight.detach().double().cpu()
-            tok = t[f"{prefix}.tokens"]
-            rho = analyze.trq_from_energies(t[f"{prefix}.hout_energy"] / tok, t[f"{prefix}.h_energy"] / tok,
+            ffn = stats.ffn(site.sublayer_path)
+            prop = ffn.residual.propagation
+            down = _w(lin.down)
+            rho = analyze.trq_from_energies(ffn.hout_energy / ffn.tokens, ffn.h_energy / ffn.tokens,
                                             down.pow(2).sum(), down.shape[1])
-            weights = stats.ffn_weights[prefix]
-            inputs = {"moment": t[f"{prefix}.moment"] / t[f"{prefix}.moment_norm"]}
+            weights = stats.ffn_weights[site.sublayer_path]
+            inputs = {"moment": ffn.hidden_moment}
         else:
-            attn = getattr(block, site.attn)
-            sigma_x = _per_token(stats, f"{prefix}.in", f"{prefix}.in_tokens")
-            ctx_key = f"{prefix}.ctx"
-            sigma_y_static = t[ctx_key] / t[f"{ctx_key}_tokens"] if ctx_key in t else None
+            attn = stats.attention(site.sublayer_path)
+            prop = attn.residual.propagation
+            sigma_x = attn.input_moments
+            sigma_y_static = attn.context_moment  # None for self-attention
             if site.kind == QK:
-                q = attn.to_q.weight.detach().double().cpu()
-                k = attn.to_k.weight.detach().double().cpu()
+                q, k = _w(lin.q), _w(lin.k)
                 rho = torch.stack([
                     analyze.trq_qk(q, k, sx, sx if sigma_y_static is None else sigma_y_static, site.heads)
                     for sx in sigma_x])
@@ -165,8 +157,8 @@ def analyze_sites(unet, stats: Statistics, sites: list[ModuleSite]) -> dict[str,
                 agg_x = _weighted(sigma_x, weights)
                 inputs = {"sigma_x": agg_x, "sigma_y": agg_x if sigma_y_static is None else sigma_y_static}
             else:
-                o = attn.to_out[0].weight.detach().double().cpu()
-                grams = _per_token(stats, f"{prefix}.z_gram", f"{prefix}.z_tokens")
+                o = _w(lin.out)
+                grams = attn.output_grams
                 rho = torch.stack([analyze.trq_vo(o, g, site.heads) for g in grams])
                 weights = _weights(rho, stats.config)
                 inputs = {"gram_z": _weighted(grams, weights),
@@ -198,40 +190,41 @@ class SiteResult:
 def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) -> SiteResult:
     """Closed-form factors of one site at ``rank``; tensors cover every parameter of each resized Linear."""
     site = analysis.site
-    block = unet.get_submodule(site.block)
-    p = site.block
-    if site.kind == FFN:
-        proj, down = block.ff.net[0].proj, block.ff.net[2]
+    lin = site_linears(unet, site)
+
+    def name(role: str, tensor: str) -> str:  # state-dict name of a parameter of one of the site's Linears
+        return f"{site.block}.{lin.names[role]}.{tensor}"
+
+    if isinstance(lin, FFNLinears):
         res = decompose.ffn_decompose(
-            _w(proj), _b(proj), _w(down), analysis.inputs["moment"], rank,
-            gated=proj.out_features == 2 * site.width, ridge=config.ridge_ffn, selector=config.ffn_selector,
+            _w(lin.proj), _b(lin.proj), _w(lin.down), analysis.inputs["moment"], rank,
+            gated=lin.gated, ridge=config.ridge_ffn, selector=config.ffn_selector,
             correct_down=config.ffn_correction, generator=torch.Generator().manual_seed(config.seed),
         )
-        tensors = {f"{p}.ff.net.0.proj.weight": res.proj_weight, f"{p}.ff.net.2.weight": res.down_weight}
+        tensors = {name("proj", "weight"): res.proj_weight, name("down", "weight"): res.down_weight}
         if res.proj_bias is not None:
-            tensors[f"{p}.ff.net.0.proj.bias"] = res.proj_bias
-        if down.bias is not None:
-            tensors[f"{p}.ff.net.2.bias"] = _b(down)
+            tensors[name("proj", "bias")] = res.proj_bias
+        if lin.down.bias is not None:
+            tensors[name("down", "bias")] = _b(lin.down)
         return SiteResult(tensors, float(res.relative_error), res.error_curve)
-    attn = getattr(block, site.attn)
-    a = f"{p}.{site.attn}"
-    if site.kind == QK:
-        res = decompose.qk_decompose(_w(attn.to_q), _w(attn.to_k), analysis.inputs["sigma_x"],
+    if isinstance(lin, QKLinears):
+        res = decompose.qk_decompose(_w(lin.q), _w(lin.k), analysis.inputs["sigma_x"],
                                      analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
-                                     selector=config.qk_method, q_bias=_b(attn.to_q), k_bias=_b(attn.to_k))
-        return SiteResult({f"{a}.to_q.weight": res.q_weight, f"{a}.to_k.weight": res.k_weight},
+                                     selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k))
+        return SiteResult({name("q", "weight"): res.q_weight, name("k", "weight"): res.k_weight},
                           float(res.relative_error), res.error_curve)
-    v, o = _w(attn.to_v), _w(attn.to_out[0])
+    assert isinstance(lin, VOLinears)
+    v, o = _w(lin.v), _w(lin.out)
     if config.vo_statistic == "output":
         gram = analysis.inputs["gram_z"]
     elif config.vo_statistic == "value":
         gram = decompose.value_gram(v, analysis.inputs["sigma_v"], site.heads)
     else:
         gram = None
-    res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(attn.to_v))
-    tensors = {f"{a}.to_v.weight": res.v_weight, f"{a}.to_out.0.weight": res.o_weight}
-    if attn.to_out[0].bias is not None:
-        tensors[f"{a}.to_out.0.bias"] = _b(attn.to_out[0])
+    res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(lin.v))
+    tensors = {name("v", "weight"): res.v_weight, name("out", "weight"): res.o_weight}
+    if lin.out.bias is not None:
+        tensors[name("out", "bias")] = _b(lin.out)
     return SiteResult(tensors, float(res.relative_error), res.error_curve)
 
 
@@ -241,30 +234,22 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
 
 
 def unit_macs(unet, site: ModuleSite, stats: Statistics) -> int:
-    """MACs per sample per UNet call removed when the site's rank drops by one (linears + attention products)."""
-    block = unet.get_submodule(site.block)
-    t = stats.tensors
-    if site.kind == FFN:
-        seq = int(t[f"{site.block}.attn1.seq"])
-        return site.unit_params * seq
-    attn = getattr(block, site.attn)
-    key = f"{site.block}.{site.attn}"
-    lq = int(t[f"{key}.seq"])
-    lk = int(t[f"{key}.ctx.seq"]) if f"{key}.ctx.seq" in t else lq
-    if site.kind == QK:
-        per_head = attn.to_q.in_features * lq + attn.to_k.in_features * lk + lq * lk
-    else:
-        per_head = attn.to_v.in_features * lk + attn.to_out[0].out_features * lq + lq * lk
-    return site.heads * per_head
+    """MACs per sample per denoiser call removed when the site's rank drops by one (linears + attention
+    products), priced by the site's block adapter from the token counts calibration saw."""
+    block, adapter = site_adapter(unet, site)
+
+    def tokens(sublayer: str) -> tuple[int, int]:
+        attn = stats.attention(f"{site.block}.{sublayer}")
+        return attn.seq, attn.key_tokens
+
+    return adapter.unit_macs(block, site, tokens)
 
 
 def _excluded(site: ModuleSite, patterns: tuple[str, ...]) -> bool:
     return any(p == site.kind or p in site.name for p in patterns)
 
 
-def _latency_model(unet, config: SlimConfig):
-    from .bench.latency_table import LatencyModel, load_table
-
+def _latency_model(unet, config: SlimConfig) -> LatencyModel:
     return LatencyModel(load_table(config.latency_table), unet)
 
 
@@ -272,8 +257,6 @@ def check_budget(unet, config: SlimConfig) -> None:
     """Refuse a parameter budget the pool cannot give, or a latency table of another architecture, before a
     calibration that can take hours (a MAC budget needs statistics, so it is checked later)."""
     if config.speedup is not None:
-        from .bench.latency_table import latency_budget_ranks, proxy_items
-
         # Whether the target is reachable depends on the table alone (every module at its floor), not on the
         # error curves that calibration would bring.
         latency_budget_ranks(proxy_items(unet), _latency_model(unet, config), config.speedup, r_min=config.r_min,
@@ -366,8 +349,6 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
                                        progress=progress)
     total = sum(item.unit_cost * item.width for item in items)
     if latency:
-        from .bench.latency_table import latency_budget_ranks
-
         ranks, info = latency_budget_ranks(items, _latency_model(unet, config), config.speedup, r_min=config.r_min,
                                            align=config.align, temperature=config.resolved_temperature())
         info = {"latency_budget": info, "latency_table": str(config.latency_table)}

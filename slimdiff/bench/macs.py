@@ -21,6 +21,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..families import CROSS, FFN, family_for, module_sites
 from ..plan import RankPlan
 
 # Ops that compute attention products (as opposed to projections) when they run inside an Attention module.
@@ -63,7 +64,8 @@ def counter_notes() -> dict:
 
 @dataclass(frozen=True)
 class MacCount:
-    """MACs of one UNet call at a given batch and latent size, total and by where they are spent."""
+    """MACs of one UNet call at a given batch and latent size, total and by where they are spent (``attn1``:
+    self-attention, ``attn2``: cross-attention, as in the SD block layout and the report format)."""
 
     total: int
     ffn: int
@@ -109,23 +111,23 @@ def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text
         size = unet.config.sample_size
         latent = (size, size) if isinstance(size, int) else tuple(size)
     h, w = latent
-    dev = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
-    cfg = unet.config
-    sample = torch.zeros(batch, cfg.in_channels, h, w, device=dev, dtype=dtype)
-    context = torch.zeros(batch, text_tokens, cfg.cross_attention_dim, device=dev, dtype=dtype)
-    timestep = torch.zeros(batch, device=dev, dtype=torch.long)
+    param = next(unet.parameters())
+    call = family_for(unet).dummy_call(unet.config, batch, (h, w), text_tokens, device=param.device,
+                                       dtype=param.dtype)
+    # Which MacCount group each FFN / attention sub-layer feeds (self-attention: attn1, cross: attn2).
+    group_of = {s.sublayer_path: "ffn" if s.kind == FFN else ("attn2" if s.attention == CROSS else "attn1")
+                for s in module_sites(unet)}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
-        unet(sample, timestep, encoder_hidden_states=context)
+        unet(**call)
     groups = dict(ffn=0, attn1_proj=0, attn1_products=0, attn2_proj=0, attn2_products=0)
     for name, ops in counter.get_flop_counts().items():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "ff":
+        group = group_of.get(name.partition(".")[2])  # counter names are "<root class>.<module path>"
+        if group == "ffn":
             groups["ffn"] += sum(ops.values())
-        elif leaf in ("attn1", "attn2"):
+        elif group is not None:
             products = sum(v for op, v in ops.items() if str(op) in _SDPA_OPS)
-            groups[f"{leaf}_products"] += products
-            groups[f"{leaf}_proj"] += sum(ops.values()) - products
+            groups[f"{group}_products"] += products
+            groups[f"{group}_proj"] += sum(ops.values()) - products
     params = sum(p.numel() for p in unet.parameters())
     return MacCount(total=counter.get_total_flops() // 2, **{k: v // 2 for k, v in groups.items()},
                     params=params, batch=batch, latent=(h, w))

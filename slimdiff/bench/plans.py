@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..models import FFN, QK, ModuleSite, module_sites
+from ..families import ModuleSite, module_sites, site_linears
 from ..plan import RankPlan
 from ..rebuild import apply_plan_shapes
 
@@ -64,14 +64,6 @@ def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int
         "budget_resolved": amount, "align": align, "r_min": r_min})
 
 
-def _site_linears(unet: nn.Module, site: ModuleSite) -> list[nn.Linear]:
-    block = unet.get_submodule(site.block)
-    if site.kind == FFN:
-        return [block.ff.net[0].proj, block.ff.net[2]]
-    attn = getattr(block, site.attn)
-    return [attn.to_q, attn.to_k] if site.kind == QK else [attn.to_v, attn.to_out[0]]
-
-
 @torch.no_grad()
 def seeded_slim_copy(unet: nn.Module, plan: RankPlan, seed: int = 0) -> nn.Module:
     """A copy of ``unet`` with ``plan``'s shapes; every resized Linear drawn from ``seed`` (PyTorch's default
@@ -81,7 +73,7 @@ def seeded_slim_copy(unet: nn.Module, plan: RankPlan, seed: int = 0) -> nn.Modul
     for site in module_sites(slim):  # sites of the slim model: widths are the new ranks
         if plan.modules[site.name].rank == plan.modules[site.name].width:
             continue
-        for lin in _site_linears(slim, site):
+        for lin in site_linears(slim, site).modules().values():
             bound = 1.0 / math.sqrt(lin.in_features)
             for p in (lin.weight, lin.bias):
                 if p is not None:

@@ -1,0 +1,448 @@
+"""The model-family seam: what slimdiff needs to know about a model, behind two registries.
+
+Two things change independently when a new model arrives, so there is one registry per axis:
+
+* **Block adapters** (:data:`BLOCKS`), keyed by transformer-block class (diffusers' ``BasicTransformerBlock``
+  today; ``JointTransformerBlock`` or the FLUX blocks later). A :class:`BlockAdapter` knows a block's
+  compressible sites (FFN, per-head Q·K and V·O of each attention), reads and replaces their Linear layers,
+  names the hook points calibration observes (:class:`SublayerTaps`), and counts the MACs a unit of rank costs.
+* **Denoiser families** (:data:`FAMILIES`), keyed by pipeline or denoiser class (SD-1.x/2.x UNets, SDXL,
+  PixArt…). A :class:`DenoiserFamily` knows the denoiser's call signature and extra inputs, dummy inputs for
+  counting and export, the pipeline's own calibration loop and its text towers.
+
+Registration follows ModelOpt's plugin registry::
+
+    @BLOCKS.register({BasicTransformerBlock: "BasicTransformerBlock"})
+    class BasicTransformerBlockAdapter(BlockAdapter): ...
+
+The statistics calibration collects are typed records (:class:`FFNStatistics`, :class:`AttentionStatistics`)
+whose storage keys are composed in one place (:func:`stat_key`), so the writer (calibration hooks) and the
+reader (the slimming driver) cannot drift apart. The math (analyze / decompose / allocate) never imports this
+package; only the stages that touch a real model do.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from ..errors import SlimDiffError
+
+# Kinds of compressible site: what a rank counts and which closed form rebuilds it.
+FFN, QK, VO = "ffn", "qk", "vo"
+# Which tokens an attention's keys and values come from.
+SELF, CROSS = "self", "cross"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sites: the units that get a rank
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """One functional group of one transformer block: the unit that gets a rank.
+
+    ``name`` is ``<block path>.<sublayer>`` for an FFN and ``<block path>.<sublayer>.qk`` / ``.vo`` for the two
+    groups of an attention. ``sublayer`` is the attribute path of the FFN or attention inside its block (its
+    statistics are stored under ``<block>.<sublayer>``); ``attn`` repeats it for attention sites (None for an
+    FFN) and ``attention`` says whether that attention is self- or cross-attention.
+    ``width`` is what the rank counts: FFN inner neurons, or the per-head width of an attention group.
+    ``unit_params`` is the parameter count removed when the rank drops by one (exact, biases included).
+    """
+
+    name: str
+    kind: str  # FFN | QK | VO
+    block: str  # path of the transformer block in the denoiser
+    attn: str | None  # attention sub-layer of the block ("attn1", "attn2") for QK/VO sites
+    width: int
+    heads: int
+    unit_params: int
+    sublayer: str = "ff"
+    attention: str | None = None  # SELF | CROSS for QK/VO sites
+
+    @property
+    def params(self) -> int:
+        return self.width * self.unit_params
+
+    @property
+    def sublayer_path(self) -> str:
+        """Path of the FFN / attention module in the denoiser (and the prefix of its statistics)."""
+        return f"{self.block}.{self.sublayer}"
+
+
+@dataclass(frozen=True)
+class FFNLinears:
+    """The two Linears of an FFN site: ``proj`` (the up projection, content and gate rows stacked when
+    ``gated``) and ``down``. ``names`` maps each role to its module path inside the block."""
+
+    proj: nn.Linear
+    down: nn.Linear
+    gated: bool
+    names: dict[str, str]
+
+    def modules(self) -> dict[str, nn.Linear]:
+        return {"proj": self.proj, "down": self.down}
+
+    def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each role at inner width ``rank``."""
+        return {"proj": (self.proj.in_features, (2 if self.gated else 1) * rank),
+                "down": (rank, self.down.out_features)}
+
+
+@dataclass(frozen=True)
+class QKLinears:
+    """Query and key projections of one attention (per-head widths shrink together)."""
+
+    q: nn.Linear
+    k: nn.Linear
+    names: dict[str, str]
+
+    def modules(self) -> dict[str, nn.Linear]:
+        return {"q": self.q, "k": self.k}
+
+    def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
+        return {"q": (self.q.in_features, heads * rank), "k": (self.k.in_features, heads * rank)}
+
+
+@dataclass(frozen=True)
+class VOLinears:
+    """Value projection and output projection of one attention (``out``'s input columns follow ``v``'s rows)."""
+
+    v: nn.Linear
+    out: nn.Linear
+    names: dict[str, str]
+
+    def modules(self) -> dict[str, nn.Linear]:
+        return {"v": self.v, "out": self.out}
+
+    def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
+        return {"v": (self.v.in_features, heads * rank), "out": (heads * rank, self.out.out_features)}
+
+
+SiteLinears = FFNLinears | QKLinears | VOLinears
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hook points
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hidden_and_context(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The query-side tokens and the key/value-side context of a diffusers ``Attention`` call."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return x, ctx
+
+
+@dataclass(frozen=True)
+class SublayerTaps:
+    """Where calibration observes one FFN or attention sub-layer of a block.
+
+    * ``residual``: its forward *input* (first positional argument) is the residual stream entering the
+      sub-layer; ``update``: its forward *output* (first element if a tuple) is what the sub-layer adds to it.
+    * FFN: ``hidden`` is the down projection; its input is the hidden activation h of the FFN.
+    * attention: ``attention`` is called with the query tokens and the context (``read_inputs`` extracts both
+      from its arguments; context None = self-attention); ``head_output``'s input holds the ``heads``
+      concatenated per-head outputs z.
+    """
+
+    sublayer: str  # attribute path inside the block: statistics live under "<block>.<sublayer>"
+    kind: str  # FFN, or "attention"
+    residual: nn.Module
+    update: nn.Module
+    hidden: nn.Linear | None = None
+    attention: nn.Module | None = None
+    head_output: nn.Linear | None = None
+    heads: int = 1
+    read_inputs: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] = hidden_and_context
+
+
+ATTENTION = "attention"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The statistics schema: typed records, one key composer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def stat_key(sublayer_path: str, name: str) -> str:
+    """The storage key of one statistic of one sub-layer (the on-disk format of ``slimdiff-stats/1``)."""
+    return f"{sublayer_path}.{name}"
+
+
+def _stored(name: str, per_timestep: bool, optional: bool = False):
+    """A record field stored under ``<sublayer>.<name>``; ``per_timestep``: a (T, ...) tensor."""
+    return field(metadata={"key": name, "per_timestep": per_timestep, "optional": optional})
+
+
+class _Record:
+    """Reading a typed record back from the flat tensor dict of a statistics directory."""
+
+    @classmethod
+    def key(cls, sublayer_path: str, field_name: str) -> str:
+        """Where the record field ``field_name`` of one sub-layer is stored (the writer's side)."""
+        stored = {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
+        return stat_key(sublayer_path, stored[field_name])
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], sublayer_path: str, **extra):
+        values = dict(extra)
+        for f in fields(cls):
+            if "key" not in f.metadata:
+                continue
+            key = stat_key(sublayer_path, f.metadata["key"])
+            if key in tensors:
+                values[f.name] = tensors[key]
+            elif f.metadata["optional"]:
+                values[f.name] = None
+            else:
+                raise SlimDiffError(f"statistics have no {key!r}: they were collected for another model "
+                                    "or by an older slimdiff")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class FFNEnergies(_Record):
+    """Pass-1 scalars of one FFN, per timestep: Σ‖h‖², Σ‖W_D h‖² and the token count (for the TRQ)."""
+
+    h_energy: torch.Tensor = _stored("h_energy", True)
+    hout_energy: torch.Tensor = _stored("hout_energy", True)
+    tokens: torch.Tensor = _stored("tokens", True)
+
+
+@dataclass(frozen=True)
+class ResidualEnergies(_Record):
+    """Per timestep: energy of the residual stream entering a sub-layer and of the update it adds."""
+
+    res_energy: torch.Tensor = _stored("res_energy", True)
+    res_tokens: torch.Tensor = _stored("res_tokens", True)
+    upd_energy: torch.Tensor = _stored("upd_energy", True)
+
+    @property
+    def propagation(self) -> torch.Tensor:
+        """Relative update energy per timestep (the propagation factor of the module score)."""
+        return self.upd_energy / self.res_energy
+
+
+@dataclass(frozen=True)
+class FFNStatistics(_Record):
+    """Pass-2 statistics of one FFN: its energies, the fidelity-weighted hidden moment Σ̄ (unnormalised, with
+    its normaliser) and its residual energies."""
+
+    h_energy: torch.Tensor = _stored("h_energy", True)
+    hout_energy: torch.Tensor = _stored("hout_energy", True)
+    tokens: torch.Tensor = _stored("tokens", True)
+    moment: torch.Tensor = _stored("moment", False)
+    moment_norm: torch.Tensor = _stored("moment_norm", False)
+    residual: ResidualEnergies | None = None
+
+    @classmethod
+    def read(cls, tensors, sublayer_path, **extra):
+        return super().read(tensors, sublayer_path, residual=ResidualEnergies.read(tensors, sublayer_path), **extra)
+
+    @property
+    def hidden_moment(self) -> torch.Tensor:
+        return self.moment / self.moment_norm
+
+
+@dataclass(frozen=True)
+class AttentionStatistics(_Record):
+    """Pass-2 statistics of one attention: per-timestep input moments Σx and per-head Grams of its outputs z,
+    the context moment Σy (cross-attention; text tokens do not depend on t), token counts per sample (``seq``,
+    ``context_seq``) and its residual energies."""
+
+    inputs: torch.Tensor = _stored("in", True)
+    input_tokens: torch.Tensor = _stored("in_tokens", True)
+    z_gram: torch.Tensor = _stored("z_gram", True)
+    z_tokens: torch.Tensor = _stored("z_tokens", True)
+    context: torch.Tensor | None = _stored("ctx", False, optional=True)
+    context_tokens: torch.Tensor | None = _stored("ctx_tokens", False, optional=True)
+    seq: int = 0
+    context_seq: int | None = None
+    residual: ResidualEnergies | None = None
+
+    @classmethod
+    def read(cls, tensors, sublayer_path, **extra):
+        if seq_key(sublayer_path) not in tensors:
+            raise SlimDiffError(f"statistics have no {seq_key(sublayer_path)!r}: they were collected for another "
+                                "model or by an older slimdiff")
+        ctx_seq = tensors.get(seq_key(sublayer_path, context=True))
+        return super().read(tensors, sublayer_path, residual=ResidualEnergies.read(tensors, sublayer_path),
+                            seq=int(tensors[seq_key(sublayer_path)]),
+                            context_seq=int(ctx_seq) if ctx_seq is not None else None, **extra)
+
+    @property
+    def input_moments(self) -> torch.Tensor:
+        """(T, C, C) per-token input moment per timestep."""
+        return _per_token(self.inputs, self.input_tokens)
+
+    @property
+    def output_grams(self) -> torch.Tensor:
+        """(T, H, d, d) per-token Gram of each head's output per timestep."""
+        return _per_token(self.z_gram, self.z_tokens)
+
+    @property
+    def context_moment(self) -> torch.Tensor | None:
+        return None if self.context is None else self.context / self.context_tokens
+
+    @property
+    def key_tokens(self) -> int:
+        """Key/value tokens per sample: the context's for cross-attention, the query's for self-attention."""
+        return self.seq if self.context_seq is None else self.context_seq
+
+
+# Tokens per sample seen by an attention (and by its context) are stored as "<key>.seq" scalars.
+SEQ = "seq"
+
+
+def seq_key(sublayer_path: str, context: bool = False) -> str:
+    """Storage key of the tokens per sample of an attention's queries (or, ``context``, of its keys/values)."""
+    return stat_key(stat_key(sublayer_path, "ctx") if context else sublayer_path, SEQ)
+
+
+def _per_token(sums: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return sums / tokens.reshape(-1, *([1] * (sums.ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two adapter contracts
+# ----------------------------------------------------------------------------------------------------------
+
+
+class BlockAdapter(ABC):
+    """Everything slimdiff needs to know about one transformer-block class (stateless; one instance per class).
+
+    A new block type (e.g. SD3's ``JointTransformerBlock``) is one subclass registered in :data:`BLOCKS`:
+    :meth:`sites` lists and validates its compressible groups, :meth:`linears` / :meth:`set_linear` read and
+    replace their weights, :meth:`taps` names the hook points of each sub-layer, :meth:`unit_macs` prices a
+    unit of rank, and :meth:`prepare_attention` makes an attention compute with independent q·k / v widths.
+    """
+
+    @abstractmethod
+    def sites(self, path: str, block: nn.Module) -> list[ModuleSite]:
+        """The block's compressible sites in forward order; a :class:`SlimDiffError` naming the module for any
+        sub-layer slimdiff cannot slim (better than a wrong result)."""
+
+    @abstractmethod
+    def linears(self, block: nn.Module, site: ModuleSite) -> SiteLinears:
+        """The Linears of ``site`` inside ``block`` (roles and module paths)."""
+
+    @abstractmethod
+    def set_linear(self, block: nn.Module, site: ModuleSite, role: str, linear: nn.Linear) -> None:
+        """Replace the Linear playing ``role`` (a key of ``linears(...).names``) of ``site``."""
+
+    @abstractmethod
+    def prepare_attention(self, block: nn.Module, site: ModuleSite) -> None:
+        """Make ``site``'s attention compute correctly once its q·k and v head widths differ from the original
+        (keeping the original softmax scale)."""
+
+    @abstractmethod
+    def taps(self, block: nn.Module) -> list[SublayerTaps]:
+        """Hook points of every FFN and attention sub-layer of the block, in forward order."""
+
+    @abstractmethod
+    def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
+        """MACs per sample per denoiser call removed when ``site``'s rank drops by one. ``tokens(sublayer)``
+        gives (query tokens, key/value tokens) per sample seen by an attention sub-layer of this block."""
+
+
+class TextTower(NamedTuple):
+    """A text encoder of a pipeline with its tokenizer (unpacks as ``tokenizer, encoder``)."""
+
+    tokenizer: Any
+    encoder: nn.Module
+
+
+class DenoiserFamily(ABC):
+    """Everything slimdiff needs to know about one kind of denoiser and its pipeline.
+
+    Registered in :data:`FAMILIES` under the pipeline and denoiser classes it serves; :meth:`accepts` refines
+    the match where one class serves several families (SD and SDXL both use ``UNet2DConditionModel``).
+    """
+
+    name: str  # short family name recorded in plans and reports ("sd", "sdxl", ...)
+
+    def accepts(self, obj: Any) -> bool:
+        """Whether this family serves ``obj`` (a pipeline or a denoiser of a registered class)."""
+        return True
+
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """The denoiser of ``pipe`` (``pipe.unet`` for UNet pipelines, ``pipe.transformer`` for DiTs)."""
+        return pipe.unet
+
+    @abstractmethod
+    def build(self, config: dict) -> nn.Module:
+        """The dense denoiser of ``config`` (uninitialised; build under ``torch.device("meta")`` when only
+        shapes are needed: MAC counts, geometry)."""
+
+    @abstractmethod
+    def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
+
+    @abstractmethod
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        """Keyword arguments of one denoiser call on zeros of the given sizes, for a denoiser of ``config``
+        (MAC counting, geometry, timing; the family's extra conditioning inputs included; any device, meta
+        too): ``denoiser(**call)``."""
+
+    @abstractmethod
+    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        """``loop(prompts, seeds)``: the pipeline's own sampling for one batch of prompts, one seeded
+        generator per prompt (``config``: a :class:`slimdiff.calibrate.CalibrationConfig`)."""
+
+    @abstractmethod
+    def text_towers(self, pipe: Any) -> list[TextTower]:
+        """The pipeline's text encoders with their tokenizers, in the pipeline's order."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registries
+# ----------------------------------------------------------------------------------------------------------
+
+A = TypeVar("A")
+
+
+class Registry(Generic[A]):
+    """Adapters keyed by class, ModelOpt-style: ``REGISTRY.register({SomeClass: "name"})(AdapterClass)``.
+
+    Lookup walks the object's MRO (the most specific registered class wins); among adapters registered for
+    the same class, the latest registered one whose ``accepts(obj)`` holds wins.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self._by_type: dict[type, list[tuple[str, A]]] = {}
+
+    def register(self, mapping: dict[type, str]) -> Callable[[type], type]:
+        def decorate(adapter_cls: type) -> type:
+            adapter = adapter_cls()
+            for cls, name in mapping.items():
+                self._by_type.setdefault(cls, []).append((name, adapter))
+            return adapter_cls
+
+        return decorate
+
+    def registered(self) -> dict[type, list[str]]:
+        return {cls: [name for name, _ in entries] for cls, entries in self._by_type.items()}
+
+    def _candidates(self, obj: Any) -> Iterator[A]:
+        for cls in type(obj).__mro__:
+            for _, adapter in reversed(self._by_type.get(cls, [])):
+                if getattr(adapter, "accepts", lambda o: True)(obj):
+                    yield adapter
+
+    def get(self, obj: Any) -> A | None:
+        return next(self._candidates(obj), None)
+
+    def supported(self) -> str:
+        return ", ".join(sorted({cls.__name__ for cls in self._by_type}))
+
+
+BLOCKS: Registry[BlockAdapter] = Registry("transformer block")
+FAMILIES: Registry[DenoiserFamily] = Registry("model family")

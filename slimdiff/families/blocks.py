@@ -1,0 +1,203 @@
+"""Block adapter for diffusers' ``BasicTransformerBlock`` (SD-1.x, SD-2.x and SDXL UNets; PixArt's DiT later).
+
+Layout it knows: ``attn1`` (self-attention, after ``norm1``), optional ``attn2`` (cross-attention, after
+``norm2``), and ``ff`` (after ``norm3``) = ``net[0]`` (GEGLU or GELU activation holding the up projection
+``proj``) → dropout → ``net[2]`` (down projection). Each diffusers ``Attention`` has ``to_q``, ``to_k``,
+``to_v`` and ``to_out[0]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU, GELU
+from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
+
+from ..errors import SlimDiffError
+from .base import (
+    ATTENTION,
+    BLOCKS,
+    CROSS,
+    FFN,
+    QK,
+    SELF,
+    VO,
+    BlockAdapter,
+    FFNLinears,
+    ModuleSite,
+    QKLinears,
+    SiteLinears,
+    SublayerTaps,
+    VOLinears,
+)
+
+
+class SlimAttnProcessor:
+    """Attention with independent per-head q·k and v widths and the original softmax scale.
+
+    A slim attention has per-head q·k width ``r_qk`` and value width ``r_vo`` that may differ from each other and
+    from the original head width ``d_h``. The stock diffusers processor infers one head width from the key
+    projection, applies it to the value as well, and lets SDPA use ``1/sqrt(width)``; the compressed logits
+    approximate the *original* unscaled logits, so the original ``1/sqrt(d_h)`` must be kept: this processor
+    reshapes q/k and v separately and passes ``scale=attn.scale`` (set by diffusers from the original width).
+    With uncompressed weights it computes exactly what ``AttnProcessor2_0`` computes.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        if hidden_states.ndim != 3:
+            raise SlimDiffError("SlimAttnProcessor expects (batch, tokens, channels) inputs")
+        residual = hidden_states
+        batch, tokens, _ = hidden_states.shape
+        if encoder_hidden_states is None:
+            context = hidden_states
+        else:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+        heads = attn.heads
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        v = attn.to_v(context)
+        q = q.view(batch, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+        k = k.view(batch, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+        v = v.view(batch, -1, heads, v.shape[-1] // heads).transpose(1, 2)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _linear(module: nn.Module, where: str) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise SlimDiffError(f"{where}: expected a Linear layer, found {type(module).__name__}")
+    return module
+
+
+def _row_cost(lin: nn.Linear) -> int:
+    return lin.in_features + (1 if lin.bias is not None else 0)
+
+
+# (attention attribute, the norm in front of it, self or cross)
+_ATTENTIONS = (("attn1", "norm1", SELF), ("attn2", "norm2", CROSS))
+_FFN, _FFN_NORM = "ff", "norm3"
+
+
+@BLOCKS.register({BasicTransformerBlock: "BasicTransformerBlock"})
+class BasicTransformerBlockAdapter(BlockAdapter):
+    """Sites: ``<block>.attn1.qk`` / ``.attn1.vo`` / ``.attn2.qk`` / ``.attn2.vo`` / ``.ff``."""
+
+    # --- sites ------------------------------------------------------------------------------------------
+
+    def sites(self, path: str, block: nn.Module) -> list[ModuleSite]:
+        sites: list[ModuleSite] = []
+        for name, _norm, role in _ATTENTIONS:
+            attn = getattr(block, name, None)
+            if attn is not None:
+                sites.extend(self._attention_sites(path, name, role, attn))
+        if getattr(block, _FFN, None) is None:
+            raise SlimDiffError(f"{path}: transformer block without a feed-forward is not supported")
+        sites.append(self._ffn_site(path, block.ff))
+        return sites
+
+    @staticmethod
+    def _ffn_site(path: str, ff: nn.Module) -> ModuleSite:
+        act = ff.net[0] if hasattr(ff, "net") else None
+        if not isinstance(act, (GEGLU, GELU)):
+            raise SlimDiffError(
+                f"{path}.ff: feed-forward activation {type(act).__name__} is not supported (GEGLU or GELU only)"
+            )
+        proj = _linear(act.proj, f"{path}.ff.net.0.proj")
+        down = _linear(ff.net[2], f"{path}.ff.net.2")
+        gated = isinstance(act, GEGLU)
+        inner = proj.out_features // 2 if gated else proj.out_features
+        if down.in_features != inner:
+            raise SlimDiffError(f"{path}.ff: projection width {inner} does not match down-projection {down.in_features}")
+        unit = (2 if gated else 1) * _row_cost(proj) + down.out_features
+        return ModuleSite(f"{path}.ff", FFN, path, None, inner, 1, unit, sublayer=_FFN)
+
+    @staticmethod
+    def _attention_sites(path: str, name: str, role: str, attn: nn.Module) -> list[ModuleSite]:
+        where = f"{path}.{name}"
+        unsupported = [
+            flag for flag, bad in (
+                ("qk_norm", getattr(attn, "norm_q", None) is not None),
+                ("added_kv_proj", getattr(attn, "add_k_proj", None) is not None),
+                ("group_norm", getattr(attn, "group_norm", None) is not None),
+                ("spatial_norm", getattr(attn, "spatial_norm", None) is not None),
+                ("kv_heads", getattr(attn, "is_cross_attention", False) is None),
+            ) if bad
+        ]
+        if unsupported:
+            raise SlimDiffError(f"{where}: attention with {', '.join(unsupported)} is not supported")
+        q = _linear(attn.to_q, f"{where}.to_q")
+        k = _linear(attn.to_k, f"{where}.to_k")
+        v = _linear(attn.to_v, f"{where}.to_v")
+        o = _linear(attn.to_out[0], f"{where}.to_out.0")
+        heads = attn.heads
+        if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
+            raise SlimDiffError(f"{where}: projections of widths {q.out_features}/{k.out_features}/"
+                                f"{v.out_features} do not split into {heads} equal heads")
+        qk = ModuleSite(f"{where}.qk", QK, path, name, q.out_features // heads, heads,
+                        heads * (_row_cost(q) + _row_cost(k)), sublayer=name, attention=role)
+        vo = ModuleSite(f"{where}.vo", VO, path, name, v.out_features // heads, heads,
+                        heads * (_row_cost(v) + o.out_features), sublayer=name, attention=role)
+        return [qk, vo]
+
+    # --- weights ----------------------------------------------------------------------------------------
+
+    def linears(self, block: nn.Module, site: ModuleSite) -> SiteLinears:
+        if site.kind == FFN:
+            proj, down = block.ff.net[0].proj, block.ff.net[2]
+            return FFNLinears(proj, down, proj.out_features == 2 * site.width,
+                              {"proj": "ff.net.0.proj", "down": "ff.net.2"})
+        attn = getattr(block, site.attn)
+        a = site.attn
+        if site.kind == QK:
+            return QKLinears(attn.to_q, attn.to_k, {"q": f"{a}.to_q", "k": f"{a}.to_k"})
+        return VOLinears(attn.to_v, attn.to_out[0], {"v": f"{a}.to_v", "out": f"{a}.to_out.0"})
+
+    def set_linear(self, block: nn.Module, site: ModuleSite, role: str, linear: nn.Linear) -> None:
+        if site.kind == FFN:
+            if role == "proj":
+                block.ff.net[0].proj = linear
+            else:
+                block.ff.net[2] = linear
+            return
+        attn = getattr(block, site.attn)
+        if role == "out":
+            attn.to_out[0] = linear
+        else:
+            setattr(attn, f"to_{role}", linear)
+
+    def prepare_attention(self, block: nn.Module, site: ModuleSite) -> None:
+        getattr(block, site.attn).set_processor(SlimAttnProcessor())
+
+    # --- hooks and costs --------------------------------------------------------------------------------
+
+    def taps(self, block: nn.Module) -> list[SublayerTaps]:
+        taps = []
+        for name, norm, _role in _ATTENTIONS:
+            attn = getattr(block, name, None)
+            if attn is not None:
+                taps.append(SublayerTaps(name, ATTENTION, residual=getattr(block, norm), update=attn,
+                                         attention=attn, head_output=attn.to_out[0], heads=attn.heads))
+        taps.append(SublayerTaps(_FFN, FFN, residual=getattr(block, _FFN_NORM), update=block.ff,
+                                 hidden=block.ff.net[2]))
+        return taps
+
+    def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
+        if site.kind == FFN:  # the FFN runs on the block's tokens, the query tokens of its self-attention
+            return site.unit_params * tokens("attn1")[0]
+        attn = getattr(block, site.attn)
+        lq, lk = tokens(site.attn)
+        if site.kind == QK:
+            per_head = attn.to_q.in_features * lq + attn.to_k.in_features * lk + lq * lk
+        else:
+            per_head = attn.to_v.in_features * lk + attn.to_out[0].out_features * lq + lq * lk
+        return site.heads * per_head
+

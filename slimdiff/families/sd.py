@@ -1,0 +1,59 @@
+"""The SD-1.x / SD-2.x family: ``StableDiffusionPipeline`` and its ``UNet2DConditionModel`` (no added
+conditioning: SDXL's ``text_time`` embeddings belong to the SDXL family)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+
+from .base import FAMILIES, DenoiserFamily, TextTower
+
+
+def _unet_of(obj: Any):
+    return obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
+
+
+@FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd"})
+class StableDiffusionFamily(DenoiserFamily):
+    """``unet(sample, timestep, encoder_hidden_states)``; one CLIP text tower; the pipeline's own sampler."""
+
+    name = "sd"
+
+    def accepts(self, obj: Any) -> bool:
+        unet = _unet_of(obj)
+        return unet is not None and unet.config.get("addition_embed_type") is None
+
+    def build(self, config: dict) -> nn.Module:
+        return UNet2DConditionModel.from_config(dict(config))
+
+    def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return kwargs.get("timestep", args[1] if len(args) > 1 else None)
+
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        h, w = latent
+        return {"sample": torch.zeros(batch, config["in_channels"], h, w, device=device, dtype=dtype),
+                "timestep": torch.zeros(batch, device=device, dtype=torch.long),
+                "encoder_hidden_states": torch.zeros(batch, text_tokens, config["cross_attention_dim"],
+                                                     device=device, dtype=dtype)}
+
+    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+            device = pipe.unet.device
+            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+            # Latents drawn on the CPU per prompt make a prompt's trajectory independent of batching and device.
+            unet_cfg = pipe.unet.config
+            h = (config.height or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+            w = (config.width or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+            latents = torch.cat([torch.randn((1, unet_cfg.in_channels, h, w), generator=g) for g in gens])
+            pipe(list(prompts), num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                 latents=latents.to(device=device, dtype=pipe.unet.dtype), output_type="latent",
+                 height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
+
+        return run
+
+    def text_towers(self, pipe: Any) -> list[TextTower]:
+        return [TextTower(pipe.tokenizer, pipe.text_encoder)]
