@@ -17,7 +17,8 @@ _EXPORTS = {
     "CalibrationConfig": "calibrate", "Statistics": "calibrate", "calibrate": "calibrate",
     "slim_pipeline": "api", "collect_statistics": "api", "choose_prompts": "api",
     "load_pipeline": "models", "load_unet": "models",
-    "save_slim": "serialization", "load_slim": "serialization", "SlimUNet2DConditionModel": "serialization",
+    "save_slim": "serialization", "load_slim": "serialization", "save_slim_pipeline": "serialization",
+    "SlimUNet2DConditionModel": "slim_models",
     "RankPlan": "plan", "SlimDiffError": "errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -91,8 +91,9 @@ def cmd_slim(args) -> None:
     start = time.perf_counter()
     config = _slim_config(args)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SlimDiffError(f"output {str(out)!r} already exists (use --force to replace it)")
+    for folder in (out, args.save_pipeline):
+        if folder is not None and Path(folder).exists() and not args.force:
+            raise SlimDiffError(f"output {str(folder)!r} already exists (use --force to replace it)")
     pipe = _load(args)
     check_budget(pipe.unet, config)  # before a calibration that could take hours
     if args.stats:
@@ -107,6 +108,12 @@ def cmd_slim(args) -> None:
     save_slim(pipe.unet, report.plan, out, overwrite=args.force, extra_files={
         "slim_report.json": json.dumps({**summary, "relative_errors": report.relative_errors,
                                         "scores": report.scores}, indent=1)})
+    if args.save_pipeline is not None:
+        from .serialization import save_slim_pipeline
+
+        save_slim_pipeline(pipe, report.plan, args.save_pipeline, overwrite=args.force)
+        print(f"slim pipeline written to {args.save_pipeline} (diffusers: DiffusionPipeline.from_pretrained, "
+              "after `from slimdiff import SlimUNet2DConditionModel`)")
     _print_summary(summary, out)
 
 
@@ -164,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--exclude", nargs="*", help="module fragments or kinds (ffn, qk, vo, attn1, attn2) to keep")
     p.add_argument("--out", required=True)
+    p.add_argument("--save-pipeline", metavar="DIR",
+                   help="also write the whole pipeline with the slim UNet as a diffusers pipeline folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_slim)
 

@@ -1,11 +1,17 @@
-"""Save and load slim UNets as ordinary diffusers folders: ``config.json`` + safetensors + the rank plan.
+"""Save and load slim UNets as diffusers folders, and whole slim pipelines.
 
-Loading builds the original architecture from ``config.json`` on the meta device, gives it the plan's
-shapes, then assigns the saved tensors — so no weights are materialised twice and nothing is unpickled.
+A slim UNet folder is what ``SlimUNet2DConditionModel.save_pretrained`` writes — ``config.json`` (class
+``SlimUNet2DConditionModel``, the dense architecture plus ``rank_plan``) and safetensors — plus
+``slimdiff_plan.json``, the same plan for people and tools. Folders of earlier slimdiff versions (a
+``UNet2DConditionModel`` config and the plan only in ``slimdiff_plan.json``) still load.
+
+Loading builds the architecture from ``config.json`` on the meta device, gives it the plan's shapes, then
+assigns the saved tensors — so no weights are materialised twice and nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -21,10 +27,19 @@ from .rebuild import apply_plan_shapes
 
 PLAN_FILE = "slimdiff_plan.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+SLIM_CLASS = "SlimUNet2DConditionModel"
+
+
+def _config(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def is_slim_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / PLAN_FILE).is_file()
+    path = Path(path)
+    return (path / PLAN_FILE).is_file() or (_config(path) or {}).get("_class_name") == SLIM_CLASS
 
 
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Path:
@@ -62,28 +77,60 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _slim_model(unet: torch.nn.Module, plan: RankPlan):
+    from .slim_models import SlimUNet2DConditionModel
+
+    if isinstance(unet, SlimUNet2DConditionModel) and unet.slim_plan.modules == plan.modules:
+        return unet
+    return SlimUNet2DConditionModel.from_slim(unet, plan)
+
+
 def save_slim(unet: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False,
               extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``unet`` (already slimmed to ``plan``) to ``out``; the folder appears complete or not at all.
-
-    ``extra_files`` (name → text) are written alongside, e.g. a JSON report.
+    """Write ``unet`` (already slimmed to ``plan``) to ``out`` as a ``SlimUNet2DConditionModel`` folder; the
+    folder appears complete or not at all. ``extra_files`` (name → text) are written alongside, e.g. a report.
     """
+    slim = _slim_model(unet, plan)
     with atomic_output(out, overwrite, extra_files) as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
+        slim.save_pretrained(tmp, safe_serialization=True)
         (tmp / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
     return Path(out)
 
 
+def save_slim_pipeline(pipe, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``pipe`` with its slim UNet as a diffusers pipeline folder whose ``model_index.json`` names
+    ``SlimUNet2DConditionModel``: ``DiffusionPipeline.from_pretrained(out)`` loads it in any program that has
+    imported the class (``from slimdiff import SlimUNet2DConditionModel``). ``pipe.unet`` is left as it was."""
+    unet = pipe.unet
+    slim = _slim_model(unet, plan)
+    try:
+        pipe.unet = slim
+        with atomic_output(out, overwrite) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "unet" / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
+    finally:
+        pipe.unet = unet
+    return Path(out)
+
+
 def load_plan(path: str | os.PathLike) -> RankPlan:
-    plan_file = Path(path) / PLAN_FILE
-    if not plan_file.is_file():
-        raise SlimDiffError(f"{str(path)!r} is not a slim UNet folder (no {PLAN_FILE})")
-    return RankPlan.from_json(plan_file.read_text(encoding="utf-8"))
+    """The rank plan of a slim UNet folder (``slimdiff_plan.json``, else the plan in its ``config.json``)."""
+    path = Path(path)
+    plan_file = path / PLAN_FILE
+    if plan_file.is_file():
+        return RankPlan.from_json(plan_file.read_text(encoding="utf-8"))
+    config = _config(path) or {}
+    if config.get("_class_name") == SLIM_CLASS and "rank_plan" in config:
+        return RankPlan.from_dict(config["rank_plan"])
+    raise SlimDiffError(f"{str(path)!r} is not a slim UNet folder (no {PLAN_FILE})")
 
 
 def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a slim UNet folder written by :func:`save_slim`; returns a ``UNet2DConditionModel`` in eval mode."""
+    """Load a slim UNet folder written by :func:`save_slim` (or by an earlier slimdiff); returns a
+    ``SlimUNet2DConditionModel`` in eval mode."""
     from diffusers import UNet2DConditionModel
+
+    from .slim_models import SlimUNet2DConditionModel
 
     path = Path(path)
     plan = load_plan(path)
@@ -92,9 +139,14 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         raise SlimDiffError(f"slim folder {str(path)!r} is incomplete (needs config.json and {WEIGHTS_FILE})")
     try:
         config = UNet2DConditionModel.load_config(str(path))
+        native = config.get("_class_name") == SLIM_CLASS
+        if native and RankPlan.from_dict(config.get("rank_plan") or {}).modules != plan.modules:
+            raise SlimDiffError(f"its {PLAN_FILE} and config.json hold different rank plans")
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
-        apply_plan_shapes(unet, plan)
+            if native:
+                unet = SlimUNet2DConditionModel.from_config(config)
+            else:
+                unet = apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
         # safetensors slices one buffer, so tensors can start unaligned and BLAS then takes another code
         # path; fresh allocations make a loaded UNet compute bit-identically to the one that was saved.
         state = {k: v.clone() for k, v in load_file(str(weights), device=str(device)).items()}
@@ -103,13 +155,9 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         raise SlimDiffError(f"corrupt slim folder {str(path)!r}: {exc}") from exc
     except Exception as exc:  # safetensors/diffusers/torch raise assorted types on damaged files
         raise SlimDiffError(f"corrupt slim folder {str(path)!r}: {exc}") from exc
-    unet.slim_plan = plan
-    return unet.to(dtype=dtype).eval().requires_grad_(False)
-
-
-class SlimUNet2DConditionModel:
-    """``SlimUNet2DConditionModel.from_pretrained(folder)`` — the diffusers-style entry point to :func:`load_slim`."""
-
-    @staticmethod
-    def from_pretrained(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str = "cpu"):
-        return load_slim(path, dtype=torch_dtype or torch.float32, device=device)
+    if not native:
+        unet = SlimUNet2DConditionModel.from_slim(unet, plan)
+    unet.slim_plan = plan  # with its provenance (slimdiff_plan.json may carry more than the config)
+    if unet.dtype != dtype:
+        unet = unet.to(dtype=dtype)
+    return unet.eval().requires_grad_(False)

@@ -72,3 +72,17 @@ def test_bad_inputs(stats_dir, tmp_path, capsys):
     _fails(capsys, ["inspect", str(tmp_path)], "not a slim UNet folder")
     assert not out.exists() and not (tmp_path / "s").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial outputs
+
+
+def test_slim_writes_a_diffusers_pipeline_folder(stats_dir, tmp_path, capsys):
+    out, pipe_dir = tmp_path / "slim", tmp_path / "pipe"
+    pipe_dir.mkdir()
+    argv = ["slim", "--model", "builtin:tiny", "--stats", str(stats_dir), "--budget", "0.3", "--out", str(out),
+            "--save-pipeline", str(pipe_dir)]
+    _fails(capsys, argv, "already exists")  # refused before any work
+    assert not out.exists()
+    assert main([*argv, "--force"]) == 0
+    index = json.loads((pipe_dir / "model_index.json").read_text())
+    assert index["unet"] == ["slimdiff.slim_models", "SlimUNet2DConditionModel"]
+    config = json.loads((pipe_dir / "unet" / "config.json").read_text())
+    assert config["rank_plan"] == json.loads((out / "slimdiff_plan.json").read_text())

@@ -1,0 +1,254 @@
+"""One conformance suite for every model family (diffusers' ``ModelTesterMixin`` pattern).
+
+:class:`FamilyConformance` holds the checks; each family's test class only says how to build a tiny seeded
+pipeline of that family. A new family adds one such class (and its adapter), nothing else:
+
+* full rank reproduces the model; the closed-form error of each site kind equals the error measured directly
+  on the calibration moments with the rebuilt weights; the plan's parameter count is exact;
+* save → load is bit-identical (slimdiff's loader and diffusers' ``from_pretrained``); a slim pipeline folder
+  loads with ``DiffusionPipeline.from_pretrained`` and makes the same image as the in-memory slim pipeline;
+* the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimdiff.calibrate import CalibrationConfig, calibrate
+from slimdiff.decompose import ffn_measured_error, qk_measured_error, regularise, vo_measured_error
+from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
+from slimdiff.models import TINY_TEXT, TINY_UNET, TINY_VAE, _seeded, builtin_tokenizer
+from slimdiff.rebuild import load_slim_weights
+from slimdiff.serialization import load_slim, save_slim, save_slim_pipeline
+from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
+
+PROMPTS = ["a red cube on a table", "two blue spheres", "a green pyramid at night"]
+
+
+def _pipeline(unet_config: dict, scheduler_cls: str = "PNDMScheduler", **scheduler_kwargs):
+    """A StableDiffusionPipeline around a seeded UNet of ``unet_config`` with builtin:tiny's text tower and VAE."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = _seeded(0, lambda: UNet2DConditionModel(**unet_config))
+    text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT)))
+    vae = _seeded(2, lambda: AutoencoderKL(**TINY_VAE))
+    scheduler = getattr(diffusers, scheduler_cls)(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, set_alpha_to_one=False, **scheduler_kwargs)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=builtin_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (unet, text_encoder, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+class FamilyConformance:
+    """The checks every family passes. Subclasses set ``family`` and implement :meth:`make_pipeline`."""
+
+    family: str
+    budget = 0.3
+    image_px: int  # image size for sampling and export (latent = image / 2 with the tiny VAE)
+
+    def make_pipeline(self):
+        raise NotImplementedError
+
+    def call_inputs(self, unet, batch: int = 2) -> dict:
+        """Seeded random keyword inputs of one denoiser call (the family's own input layout)."""
+        call = family_for(unet).dummy_call(unet.config, batch, (self.image_px // 2,) * 2, 77)
+        gen = torch.Generator().manual_seed(7)
+        drawn = lambda t: torch.randn(t.shape, generator=gen) if t.is_floating_point() else t  # noqa: E731
+        call = {k: ({n: drawn(v) for n, v in a.items()} if isinstance(a, dict) else drawn(a)) for k, a in call.items()}
+        return {**call, "timestep": torch.full_like(call["timestep"], 421)}  # a timestep inside the schedule
+
+    # --- shared, expensive state (once per family) -----------------------------------------------------
+
+    @pytest.fixture(scope="class")
+    def calibrated(self):
+        pipe = self.make_pipeline()
+        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1,
+                                   height=self.image_px, width=self.image_px)
+        return pipe, calibrate(pipe, PROMPTS, None, config, progress=False)
+
+    @pytest.fixture(scope="class")
+    def slimmed(self, calibrated):
+        pipe, stats = calibrated
+        unet = copy.deepcopy(pipe.unet)
+        report = slim_unet(unet, stats, SlimConfig(budget=self.budget), progress=False)
+        return unet, report
+
+    # --- checks -------------------------------------------------------------------------------------------
+
+    def test_family_and_sites(self, calibrated):
+        pipe, _ = calibrated
+        assert family_for(pipe).name == family_for(pipe.unet).name == self.family
+        sites = module_sites(pipe.unet)
+        assert {s.kind for s in sites} == {FFN, QK, VO}
+        assert {s.attention for s in sites if s.kind != FFN} == {SELF, CROSS}
+
+    def test_full_rank_reproduces_the_model(self, calibrated):
+        pipe, stats = calibrated
+        unet = copy.deepcopy(pipe.unet)
+        call = self.call_inputs(unet)
+        ref = unet(**call).sample
+        sites = module_sites(unet)
+        analyses = analyze_sites(unet, stats, sites)
+        tensors = {}
+        for s in sites:
+            result = decompose_site(unet, analyses[s.name], s.width, SlimConfig())
+            assert result.relative_error < 1e-9, s.name
+            tensors.update(result.tensors)
+        load_slim_weights(unet, {k: v.float() for k, v in tensors.items()})
+        assert torch.allclose(unet(**call).sample, ref, atol=5e-5, rtol=0)
+
+    def test_closed_form_error_equals_measured(self, calibrated):
+        pipe, stats = calibrated
+        unet = pipe.unet
+        config = SlimConfig(vo_statistic="value", ridge_qk=1e-9, ridge_vo=1e-9)
+        sites = module_sites(unet)
+        picked = [next(s for s in sites if s.kind == FFN),
+                  next(s for s in sites if s.kind == QK and s.attention == CROSS),
+                  next(s for s in sites if s.kind == VO and s.attention == SELF)]
+        analyses = analyze_sites(unet, stats, picked)
+        as64 = lambda t: t.detach().double()  # noqa: E731
+        for site in picked:
+            rank = max(1, site.width // 2)
+            result = decompose_site(unet, analyses[site.name], rank, config)
+            lin = site_linears(unet, site)
+            new = {role: result.tensors[f"{site.block}.{path}.weight"] for role, path in lin.names.items()}
+            inputs = analyses[site.name].inputs
+            if site.kind == FFN:
+                moment = regularise(inputs["moment"], config.ridge_ffn)
+                content = new["proj"][:rank] if lin.gated else new["proj"]
+                dense = as64(lin.proj.weight)[:site.width]
+                keep = torch.tensor([int((dense == row).all(1).nonzero()[0]) for row in content])
+                down = as64(lin.down.weight)
+                measured = ffn_measured_error(down, moment, keep, new["down"])
+                total = float(torch.einsum("ci,ij,cj->", down, moment, down))
+                assert abs(measured / total - result.relative_error) < 1e-6 * max(1.0, result.relative_error)
+                continue
+            if site.kind == QK:
+                q, k = as64(lin.q.weight), as64(lin.k.weight)
+                args = (inputs["sigma_x"], inputs["sigma_y"], site.heads)
+                measured = qk_measured_error(q, k, new["q"], new["k"], *args)
+                total = qk_measured_error(q, k, q[:site.heads] * 0, k[:site.heads] * 0, *args)
+            else:
+                v, o = as64(lin.v.weight), as64(lin.out.weight)
+                measured = vo_measured_error(v, o, new["v"], new["out"], inputs["sigma_v"], site.heads)
+                total = vo_measured_error(v, o, v[:site.heads] * 0, o[:, :site.heads] * 0, inputs["sigma_v"],
+                                          site.heads)
+            assert 0 < result.relative_error < 1, site.name
+            assert abs(measured / total - result.relative_error) < 1e-5, site.name
+
+    def test_plan_parameter_count_is_exact(self, calibrated, slimmed):
+        from slimdiff.slim_models import SlimUNet2DConditionModel
+
+        pipe, _ = calibrated
+        unet, report = slimmed
+        plan = report.plan
+        dense = sum(p.numel() for p in pipe.unet.parameters())
+        slim = sum(p.numel() for p in unet.parameters())
+        assert dense - slim == plan.params_removed > 0
+        assert plan.params_removed == sum((e.width - e.rank) * e.unit_params for e in plan.modules.values())
+        with torch.device("meta"):
+            from_config = SlimUNet2DConditionModel.from_config({**pipe.unet.config, "rank_plan": plan.to_dict()})
+        assert sum(p.numel() for p in from_config.parameters()) == slim
+
+    def test_save_load_is_bit_identical(self, slimmed, tmp_path):
+        from diffusers import UNet2DConditionModel
+
+        from slimdiff.slim_models import SlimUNet2DConditionModel
+
+        unet, report = slimmed
+        call = self.call_inputs(unet)
+        ref = unet(**call).sample
+        save_slim(unet, report.plan, tmp_path / "slim")
+        loaded = load_slim(tmp_path / "slim")
+        assert isinstance(loaded, SlimUNet2DConditionModel) and loaded.slim_plan.modules == report.plan.modules
+        assert torch.equal(loaded(**call).sample, ref)
+        native = SlimUNet2DConditionModel.from_pretrained(tmp_path / "slim")
+        assert torch.equal(native(**call).sample, ref)
+        native.save_pretrained(tmp_path / "again")
+        assert torch.equal(SlimUNet2DConditionModel.from_pretrained(tmp_path / "again")(**call).sample, ref)
+        with pytest.raises(Exception):  # the dense class cannot take slim shapes
+            UNet2DConditionModel.from_pretrained(tmp_path / "slim")
+
+    def test_export_parity(self, slimmed, tmp_path):
+        from slimdiff.export.modules import unet_component
+        from slimdiff.export.onnx import FP32_TOLERANCE, export_onnx
+        from slimdiff.export.shapes import parse_profiles
+
+        unet, _ = slimmed
+        profiles = parse_profiles(batch="1:2:2", height=str(self.image_px), width=str(self.image_px), text_len="77",
+                                  vae_scale=2, multiple=8)
+        sidecar = export_onnx(unet_component(unet), profiles, tmp_path / "unet.onnx")
+        assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE
+
+    def test_pipeline_image_with_the_slim_denoiser(self, calibrated, slimmed, tmp_path):
+        from diffusers import DiffusionPipeline
+
+        from slimdiff.slim_models import SlimUNet2DConditionModel
+
+        pipe, _ = calibrated
+        unet, report = slimmed
+        slim_pipe = type(pipe)(**{**pipe.components, "unet": unet})
+        slim_pipe.set_progress_bar_config(disable=True)
+        save_slim_pipeline(slim_pipe, report.plan, tmp_path / "pipe")
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+        assert isinstance(loaded.unet, SlimUNet2DConditionModel)
+        loaded.set_progress_bar_config(disable=True)
+        run = lambda p: p(PROMPTS[0], num_inference_steps=2, height=self.image_px, width=self.image_px,  # noqa: E731
+                          generator=torch.Generator().manual_seed(0), output_type="np").images
+        image = run(loaded)
+        assert image.shape == (1, self.image_px, self.image_px, 3) and image.std() > 0
+        assert (image == run(slim_pipe)).all()
+        assert not (image == run(pipe)).all()  # the dense pipeline draws another image
+
+
+class TestSD1(FamilyConformance):
+    """SD-1.x: builtin:tiny's layout (GEGLU, conv projections, ε-prediction)."""
+
+    family = "sd"
+    image_px = 32
+
+    def make_pipeline(self):
+        return _pipeline(TINY_UNET, skip_prk_steps=True)
+
+
+class TestSD2(FamilyConformance):
+    """SD-2.x: v-prediction, linear projections, upcast attention, per-level head counts."""
+
+    family = "sd"
+    image_px = 16
+
+    def make_pipeline(self):
+        config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
+                      attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+        return _pipeline(config, "DDIMScheduler", prediction_type="v_prediction")
+
+
+class TestSDXLStack(FamilyConformance):
+    """An SDXL-style stack: two transformer layers per attention at the deep level, 64-wide heads (no added
+    conditioning: the SDXL pipeline family brings that)."""
+
+    family = "sd"
+    image_px = 16
+
+    def make_pipeline(self):
+        config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                      norm_num_groups=32, attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2),
+                      use_linear_projection=True)
+        pipe = _pipeline(config, skip_prk_steps=True)
+        heads = {s.width for s in module_sites(pipe.unet) if s.kind != FFN}
+        assert heads == {64}, heads
+        return pipe
