@@ -8,6 +8,12 @@ Every model is a diffusers ``StableDiffusionPipeline`` (or a bare ``UNet2DCondit
 * ``builtin:sd15-shape`` — the exact SD v1.5 UNet / text encoder / VAE configurations with seeded random
   weights, for export and latency work at real scale. CLIP's BPE vocabulary is not available offline, so its
   tokenizer is the project's own character-level one; the text embedding table keeps CLIP's 49,408 rows.
+* ``builtin:tiny-xl`` — a small ``StableDiffusionXLPipeline`` (two text encoders, the second with a projection;
+  ``addition_embed_type="text_time"``; ``transformer_layers_per_block=(1, 1, 2)``) with seeded random weights.
+* ``builtin:sdxl-shape`` — the exact public SDXL-base 1.0 UNet / CLIP-L + OpenCLIP-bigG text encoders / VAE
+  configurations with seeded random weights (about 10 GB in float32), for export and latency work at real
+  scale; tokenizers are the character-level one, as for ``sd15-shape``. Where only shapes matter (MAC counts)
+  build it on the meta device: ``build_builtin("builtin:sdxl-shape", device="meta")`` allocates nothing.
 * a local diffusers folder (a pipeline folder with ``unet/``, or a UNet folder with ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
 
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -29,7 +35,7 @@ from .errors import SlimDiffError
 # The map of compressible modules moved to the block adapters; these names stay importable from here.
 from .families import FFN, QK, VO, ModuleSite, module_sites  # noqa: F401
 
-BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy")
+BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,6 +120,47 @@ TINY_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
 )
 
+# SDXL-base 1.0 as published (unet/, text_encoder/, text_encoder_2/, vae/ config.json). diffusers' historical
+# ``attention_head_dim`` holds the number of heads per level here: 5/10/20 heads of width 64.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, norm_num_groups=32,
+    # micro-conditioning: pooled text (1280) + six size/crop numbers embedded at 256 each = 2816
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT = dict(  # CLIP ViT-L/14; SDXL reads its penultimate hidden state
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **_CHAR_TOKEN_IDS,
+)
+SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14 with its text projection (the pooled 1280-vector)
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, **_CHAR_TOKEN_IDS,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+# SDXL's structure at toy width: no attention at the first level, a deeper stack at the last, heads of
+# width 16 everywhere (as SDXL's are all 64 wide), linear projections, text_time added conditioning.
+TINY_XL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+    cross_attention_dim=64, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+)
+TINY_XL_TEXT = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
+TINY_XL_TEXT_2 = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32, hidden_act="gelu")
+
+#: The UNet configuration of each seeded built-in (what shape-only tools need without building anything).
+BUILTIN_UNET_CONFIGS = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET,
+                        "builtin:tiny-xl": TINY_XL_UNET, "builtin:sdxl-shape": SDXL_UNET}
+XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
+
 
 def _seeded(seed: int, build):
     """Build a module with weights drawn from a fixed seed, without touching the global RNG state."""
@@ -122,8 +169,11 @@ def _seeded(seed: int, build):
         return build()
 
 
-def build_builtin(name: str):
-    """Return a ``StableDiffusionPipeline`` for one of :data:`BUILTINS` (seeded random weights, eval mode)."""
+def build_builtin(name: str, device: str | torch.device | None = None):
+    """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline``
+    for :data:`XL_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
+    if name in XL_BUILTINS:
+        return _build_xl_builtin(name, device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -133,9 +183,10 @@ def build_builtin(name: str):
         unet_cfg, text_cfg, vae_cfg = SD15_UNET, SD15_TEXT, SD15_VAE
     else:
         raise SlimDiffError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
-    unet = _seeded(0, lambda: UNet2DConditionModel(**unet_cfg))
-    text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
-    vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    with _build_device(device):
+        unet = _seeded(0, lambda: UNet2DConditionModel(**unet_cfg))
+        text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
+        vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
@@ -146,6 +197,42 @@ def build_builtin(name: str):
     )
     pipe.set_progress_bar_config(disable=True)
     for m in (unet, text_encoder, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+def _build_device(device):
+    """Construct on ``device`` (``meta``: no memory); ``None`` keeps torch's default."""
+    return torch.device(device) if device is not None else nullcontext()
+
+
+def _build_xl_builtin(name: str, device):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if name == "builtin:tiny-xl":
+        unet_cfg, text_cfg, text2_cfg, vae_cfg = TINY_XL_UNET, TINY_XL_TEXT, TINY_XL_TEXT_2, TINY_VAE
+    else:
+        unet_cfg, text_cfg, text2_cfg, vae_cfg = SDXL_UNET, SDXL_TEXT, SDXL_TEXT_2, SDXL_VAE
+    with _build_device(device):
+        unet = _seeded(0, lambda: UNet2DConditionModel(**unet_cfg))
+        text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
+        text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg)))
+        vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    # SDXL-base's scheduler_config.json
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
+        use_karras_sigmas=False,
+    )
+    tokenizer = builtin_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for m in (unet, text_encoder, text_encoder_2, vae):
         m.eval().requires_grad_(False)
     return pipe
 
@@ -218,6 +305,12 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype):
             str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
         )
     if (path / "model_index.json").exists():
+        if _pipeline_family(path, source) == "sdxl":
+            from diffusers import StableDiffusionXLPipeline
+
+            return StableDiffusionXLPipeline.from_pretrained(
+                str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True, add_watermarker=False,
+            )
         return StableDiffusionPipeline.from_pretrained(
             str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None,
             requires_safety_checker=False, use_safetensors=True,
@@ -226,6 +319,30 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype):
         f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
         "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
     )
+
+
+def _pipeline_family(path: Path, source: str) -> str:
+    """``"sdxl"`` for an SDXL base folder (text-to-image or img2img class: both load as the text-to-image
+    pipeline), ``"sd"`` otherwise; one line for SDXL folders slimdiff cannot calibrate."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
+    cls_name = str(index.get("_class_name", ""))
+    if not cls_name.startswith("StableDiffusionXL"):
+        return "sd"
+
+    def present(component: str) -> bool:
+        entry = index.get(component)
+        return isinstance(entry, list) and entry[0] is not None and (path / component).is_dir()
+
+    if index.get("requires_aesthetics_score") or not present("text_encoder"):
+        raise SlimDiffError(f"{source!r} is an SDXL refiner ({cls_name}: only text_encoder_2, aesthetic-score "
+                            "time ids); slimdiff calibrates text-to-image base models: pass the SDXL base folder")
+    if not present("text_encoder_2"):
+        raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
+                            "needed): the folder is incomplete")
+    return "sdxl"
 
 
 def load_unet(source: str, dtype: torch.dtype = torch.float32):

@@ -15,25 +15,35 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import SlimDiffError
+from .families import family_for
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 
 
 def clip_text_embedder(pipe, batch_size: int = 64) -> Embedder:
-    """The pipeline's own CLIP text tower: pooled (EOS) output, L2-normalised, float32."""
+    """The pipeline's own CLIP text towers: each tower's pooled (EOS) output L2-normalised, float32; with two
+    towers (SDXL) both side by side, normalised again, so cosine similarity is the mean of the towers'."""
+    towers = family_for(pipe).text_towers(pipe)
 
     @torch.no_grad()
     def embed(prompts: Sequence[str]) -> torch.Tensor:
         out = []
-        device = pipe.text_encoder.device
         for i in range(0, len(prompts), batch_size):
-            ids = pipe.tokenizer(list(prompts[i:i + batch_size]), padding="max_length", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            pooled = pipe.text_encoder(ids.to(device)).pooler_output.float()
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+            chunk = list(prompts[i:i + batch_size])
+            parts = [torch.nn.functional.normalize(_pooled(t.tokenizer, t.encoder, chunk), dim=-1) for t in towers]
+            out.append(parts[0] if len(parts) == 1 else torch.nn.functional.normalize(torch.cat(parts, -1), dim=-1))
         return torch.cat(out)
 
     return embed
+
+
+def _pooled(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    out = encoder(ids.to(encoder.device))
+    # CLIPTextModel: pooler_output (EOS state); CLIPTextModelWithProjection: text_embeds (projected EOS state)
+    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    return pooled.float().cpu()
 
 
 def geometric_median(points: torch.Tensor, eta: float = 1e-8, tol: float = 1e-7, max_iter: int = 500) -> torch.Tensor:

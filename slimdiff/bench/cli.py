@@ -38,8 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="builtin:tiny, builtin:sd15-shape, a diffusers pipeline folder or a .safetensors checkpoint")
     p.add_argument("--engines", default="eager", help=f"comma-separated, from {','.join(names())} (default eager)")
-    p.add_argument("--budgets", default="0,0.4",
-                   help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4)")
+    p.add_argument("--budgets", default=None,
+                   help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4; with "
+                        "--macs-only 0,0.2,0.4,0.6)")
+    p.add_argument("--budget-unit", default="params", choices=["params", "macs"],
+                   help="with --macs-only: budgets are fractions of the compressible parameters (default) or of "
+                        "the transformer-block MACs at the resolution")
     p.add_argument("--batch", default="1,2", help="UNet batch sizes (default 1,2); even sizes also run end to end "
                                                   "with batch/2 images under classifier-free guidance")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
@@ -96,7 +100,7 @@ def config_from_args(args):
     if calib is None:
         calib = 0 if args.stats or args.model not in ("builtin:tiny", "builtin:proxy") else 8
     return BenchConfig(
-        model=args.model, engines=parse_engines(args.engines), budgets=_floats(args.budgets, "--budgets"),
+        model=args.model, engines=parse_engines(args.engines), budgets=_floats(args.budgets or "0,0.4", "--budgets"),
         batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,
         warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,
         guidance=args.guidance, stats=args.stats, calib_prompts=calib, calib_steps=args.calib_steps,
@@ -118,11 +122,10 @@ def _unet_config(source: str) -> dict:
     """The UNet config of a model source without loading any weights."""
     from pathlib import Path
 
-    from ..models import SD15_UNET, TINY_UNET
+    from ..models import BUILTIN_UNET_CONFIGS
 
-    builtin = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET}
-    if source in builtin:
-        return dict(builtin[source])
+    if source in BUILTIN_UNET_CONFIGS:
+        return dict(BUILTIN_UNET_CONFIGS[source])
     for candidate in (Path(source) / "unet" / "config.json", Path(source) / "config.json"):
         if candidate.is_file():
             try:
@@ -141,17 +144,29 @@ def run_macs_only(args) -> None:
         size = config["sample_size"]
         latent = (size, size) if isinstance(size, int) else tuple(size)
     else:
-        factor = 8 if args.model != "builtin:tiny" else 2  # SD VAEs downsample by 8; the tiny VAE by 2
+        # SD VAEs downsample by 8; the tiny VAEs by 2
+        factor = 2 if args.model in ("builtin:tiny", "builtin:tiny-xl") else 8
         latent = (args.resolution // factor, args.resolution // factor)
-    rows = ideal_table(config, _floats(args.budgets, "--budgets"), _ints(args.batch, "--batch"), latent,
-                       align=args.align, r_min=args.r_min)
+    budgets = _floats(args.budgets or "0,0.2,0.4,0.6", "--budgets")
+    rows = ideal_table(config, budgets, _ints(args.batch, "--batch"), latent,
+                       align=args.align, r_min=args.r_min, unit=args.budget_unit)
+    dense = next((r["macs"] for r in rows if r["budget"] == 0), None)
+    share = dense["transformer"] / dense["total"] if dense else None
+    unit = "transformer-block MACs" if args.budget_unit == "macs" else "compressible parameters"
     body = {"schema": "slimdiff-macs/1", "model": args.model, "latent": list(latent), "align": args.align,
-            "r_min": args.r_min, "plans": "synthetic: the real allocator on uniform scores",
+            "r_min": args.r_min, "plans": f"synthetic: the real allocator on uniform scores; budgets are "
+                                          f"fractions of the {unit}",
+            "budget_unit": args.budget_unit, "transformer_share": share,
+            "weights": "shapes only (meta device): no weights are built or read",
             "mac_counter": counter_notes(), "rows": rows}
     if args.json:
         print(json.dumps(body, indent=1))
     else:
-        print(f"{args.model}, latent {latent[0]}×{latent[1]}, synthetic plans (uniform scores), align {args.align}")
+        print(f"{args.model}, latent {latent[0]}×{latent[1]}, synthetic plans (uniform scores), budgets = "
+              f"fractions of the {unit}, align {args.align}; shapes only (meta device)")
+        if share is not None:
+            print(f"transformer blocks (FFN + self- and cross-attention): {100 * share:.1f} % of the dense UNet's "
+                  f"{dense['total'] / 1e9:.1f} GMAC per call at batch {rows[0]['batch']}")
         print(f"{'budget':>6} {'batch':>5} {'params M':>9} {'removed M':>9} {'GMAC':>9} {'FFN':>7} {'self proj':>9} "
               f"{'self QK/AV':>10} {'cross':>7} {'other':>8} {'ideal ×':>8}")
         for r in rows:
@@ -204,6 +219,8 @@ def run(args) -> None:
 
     if args.macs_only:
         return run_macs_only(args)
+    if args.budget_unit != "params":
+        raise SlimDiffError("--budget-unit macs applies to --macs-only (timed runs budget parameters)")
     if args.latency_table:
         return run_latency_table(args)
 

@@ -64,6 +64,38 @@ def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int
         "budget_resolved": amount, "align": align, "r_min": r_min})
 
 
+def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, int], text_len: int = 77, *,
+                         align: int = 8, r_min: int = 8) -> RankPlan:
+    """Ranks that remove ``fraction`` of the transformer-block MACs of one denoiser call at ``latent`` (uniform
+    scores: every module loses the same share of its width — the plan the ideal speed-up
+    1 / (1 − share · fraction) assumes). Each site is priced by its block adapter (MACs per sample removed per
+    rank: projections and attention products) with the token counts of a meta-device forward at ``latent``."""
+    from .. import allocate as alloc
+    from ..families import site_adapter
+    from ..latency import site_geometry
+
+    if not 0 < fraction < 1:
+        raise SlimDiffError(f"the fraction of transformer MACs to remove must be in (0, 1), got {fraction}")
+    sites = module_sites(unet)
+    geometry = site_geometry(unet, latent, text_len)
+    tokens = {f"{s.block}.{s.attn}": (geometry[s.name].tokens, geometry[s.name].context_tokens)
+              for s in sites if s.attn}
+    items = []
+    for s in sites:
+        block, adapter = site_adapter(unet, s)
+        cost = adapter.unit_macs(block, s, lambda sublayer, b=s.block: tokens[f"{b}.{sublayer}"])
+        items.append(alloc.AllocationItem(s.name, s.width, float(cost), 0.0))
+    amount = fraction * sum(item.unit_cost * item.width for item in items)
+    try:
+        ranks = alloc.allocate(items, amount, temperature=math.inf, r_min=r_min, align=align, method="softmax")
+    except ValueError as exc:
+        raise SlimDiffError(f"cannot remove {fraction} of the transformer MACs: {exc}") from exc
+    return RankPlan.from_ranks(sites, ranks, info={
+        "source": SYNTHETIC, "scores": "uniform (no calibration statistics)", "budget": fraction,
+        "budget_unit": "transformer MACs", "latent": list(latent), "text_len": text_len,
+        "budget_resolved": amount, "align": align, "r_min": r_min})
+
+
 @torch.no_grad()
 def seeded_slim_copy(unet: nn.Module, plan: RankPlan, seed: int = 0) -> nn.Module:
     """A copy of ``unet`` with ``plan``'s shapes; every resized Linear drawn from ``seed`` (PyTorch's default

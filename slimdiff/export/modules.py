@@ -12,17 +12,15 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
+from ..families import MODEL_DTYPE, family_for
 from .shapes import AXES, Profile, Range
-
-MODEL_DTYPE = "model"  # an input whose dtype follows the exported precision (fp32 / fp16)
-
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dims: tuple  # ints (fixed) and axis names from ``shapes.AXES``
     dtype: str  # MODEL_DTYPE, "float32" or "int64"
-    high: int = 0  # exclusive upper bound of random int64 inputs (token ids); random floats otherwise
+    high: float = 0  # exclusive upper bound of random draws: int64 token ids, or uniform floats; N(0,1) when 0
 
 
 @dataclass
@@ -49,6 +47,8 @@ class Component:
                 t = torch.randint(0, spec.high, shape, generator=gen)
             elif spec.name == "timestep":
                 t = torch.rand(shape, generator=gen) * 999
+            elif spec.high:
+                t = torch.rand(shape, generator=gen) * spec.high
             else:
                 t = torch.randn(shape, generator=gen)
             out.append(t.to(device=device, dtype=self.torch_dtype(spec, model_dtype)))
@@ -62,6 +62,14 @@ class _UNet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _UNetTextTime(_UNet):
+    """SDXL's call: the pooled text embedding and micro-conditioning ids as two more positional inputs."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
 
 
 class _TextEncoder(nn.Module):
@@ -83,6 +91,10 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+# The exported call for each set of extra conditioning inputs a family declares.
+_WRAPPERS = {(): _UNet, ("text_embeds", "time_ids"): _UNetTextTime}
+
+
 def count_attention(module: nn.Module) -> int:
     from diffusers.models.attention_processor import Attention
 
@@ -95,15 +107,24 @@ def unet_component(unet) -> Component:
     if not isinstance(unet, UNet2DConditionModel):
         raise SlimDiffError(f"expected a UNet2DConditionModel, got {type(unet).__name__}")
     cfg = unet.config
-    if cfg.get("addition_embed_type") or cfg.get("class_embed_type") or cfg.get("time_cond_proj_dim"):
-        raise SlimDiffError("UNets with added/class/timestep-condition embeddings (SDXL, LCM) are not supported yet")
+    unsupported = [f"{key}={cfg.get(key)!r}" for key in ("class_embed_type", "num_class_embeds", "time_cond_proj_dim")
+                   if cfg.get(key)]
+    if unsupported:
+        raise SlimDiffError(f"UNets with {', '.join(unsupported)} (class labels, LCM guidance embeddings) cannot be "
+                            "exported yet")
+    conditions = family_for(unet).condition_inputs(cfg)
+    names = tuple(c.name for c in conditions)
+    if names not in _WRAPPERS:
+        raise SlimDiffError(f"no export wrapper for a UNet called with added_cond_kwargs {list(names)}")
+    wrapper = _WRAPPERS[names]
     return Component(
-        "unet", _UNet(unet).eval(),
+        "unet", wrapper(unet).eval(),
         inputs=[
             TensorSpec("sample", ("batch", cfg.in_channels, "height", "width"), MODEL_DTYPE),
             # float32 even in fp16 engines: diffusers computes the sinusoidal embedding in float32 anyway.
             TensorSpec("timestep", ("batch",), "float32"),
             TensorSpec("encoder_hidden_states", ("batch", "text_len", cfg.cross_attention_dim), MODEL_DTYPE),
+            *(TensorSpec(c.name, c.dims, c.dtype, high=c.high) for c in conditions),
         ],
         output="out_sample",
         attention_modules=count_attention(unet),

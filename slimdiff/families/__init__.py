@@ -17,6 +17,7 @@ from .base import (
     ATTENTION,
     BLOCKS,
     CROSS,
+    MODEL_DTYPE,
     FAMILIES,
     FFN,
     QK,
@@ -24,6 +25,7 @@ from .base import (
     VO,
     AttentionStatistics,
     BlockAdapter,
+    ConditionInput,
     DenoiserFamily,
     FFNEnergies,
     FFNLinears,
@@ -38,7 +40,7 @@ from .base import (
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".sd")
+_BUILTIN = (".blocks", ".sd", ".sdxl")
 _loaded = False
 
 
@@ -108,8 +110,8 @@ def site_linears(denoiser: nn.Module, site: ModuleSite):
 
 
 __all__ = [
-    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "QK", "SELF", "VO", "AttentionStatistics", "BlockAdapter",
-    "DenoiserFamily", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
+    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "VO", "AttentionStatistics",
+    "BlockAdapter", "ConditionInput", "DenoiserFamily", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
     "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

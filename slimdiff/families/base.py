@@ -352,10 +352,29 @@ class BlockAdapter(ABC):
 
 
 class TextTower(NamedTuple):
-    """A text encoder of a pipeline with its tokenizer (unpacks as ``tokenizer, encoder``)."""
+    """A text encoder of a pipeline with its tokenizer (unpacks as ``tokenizer, encoder``); SlimSet embeds
+    prompts with every tower's pooled output."""
 
     tokenizer: Any
     encoder: nn.Module
+
+
+MODEL_DTYPE = "model"  # a tensor whose dtype follows the denoiser's precision (fp32 / fp16)
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """A conditioning tensor the pipeline passes beyond (sample, timestep, encoder_hidden_states) — an
+    ``added_cond_kwargs`` entry of that name — and an input of that name in exported graphs and engines.
+
+    ``dims`` holds fixed sizes and the axis name ``"batch"``; ``dtype`` is :data:`MODEL_DTYPE` or a torch dtype
+    name. Parity checks draw it from U[0, ``high``) when ``high`` is set, from N(0, 1) otherwise.
+    """
+
+    name: str
+    dims: tuple
+    dtype: str
+    high: float = 0.0
 
 
 class DenoiserFamily(ABC):
@@ -399,6 +418,11 @@ class DenoiserFamily(ABC):
     @abstractmethod
     def text_towers(self, pipe: Any) -> list[TextTower]:
         """The pipeline's text encoders with their tokenizers, in the pipeline's order."""
+
+    def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
+        """The extra conditioning inputs of the denoiser call (SDXL: ``text_embeds``, ``time_ids``), in the
+        order exported graphs take them after (sample, timestep, encoder_hidden_states)."""
+        return ()
 
 
 # ----------------------------------------------------------------------------------------------------------

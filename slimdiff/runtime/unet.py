@@ -9,8 +9,11 @@ precision and the output back to the caller's, so a float32 pipeline can drive a
 the engine's bound buffers (and TensorRT's execution context) are shared. For concurrent throughput, load
 one ``EngineUNet`` per thread — each has its own session / execution context, stream and buffers.
 
+SDXL engines take the pipeline's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) as two more inputs.
+
 Not supported by engines (a clear error, never a silent wrong result): ControlNet residuals, attention
-masks, ``cross_attention_kwargs`` (LoRA scale), class labels, timestep conditioning and added conditions.
+masks, ``cross_attention_kwargs`` (LoRA scale), class labels, timestep conditioning and added conditions the
+engine was not exported with (IP-Adapter image embeddings).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -79,6 +83,13 @@ class EngineUNet(torch.nn.Module):
         return self._config["sample_size"]
 
     @property
+    def add_embedding(self):
+        """What ``StableDiffusionXLPipeline`` reads to check its micro-conditioning: the input width of the
+        added-condition embedding (``add_embedding.linear_1.in_features``); ``None`` without one."""
+        width = self._config.get("projection_class_embeddings_input_dim")
+        return SimpleNamespace(linear_1=SimpleNamespace(in_features=width)) if width else None
+
+    @property
     def engine(self) -> str:
         return self.meta["engine"]
 
@@ -123,8 +134,12 @@ class EngineUNet(torch.nn.Module):
                 down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict: bool = True):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+        conditions = self.meta["inputs"][3:]  # what the engine was exported with beyond the SD call
+        added = dict(added_cond_kwargs or {})
         extras = {"class_labels": class_labels, "timestep_cond": timestep_cond, "attention_mask": attention_mask,
-                  "cross_attention_kwargs": cross_attention_kwargs or None, "added_cond_kwargs": added_cond_kwargs or None,
+                  "cross_attention_kwargs": cross_attention_kwargs or None,
+                  "added_cond_kwargs": {k: v for k, v in added.items() if k not in {c["name"] for c in conditions}}
+                  or None,
                   "down_block_additional_residuals": down_block_additional_residuals,
                   "mid_block_additional_residual": mid_block_additional_residual,
                   "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
@@ -149,6 +164,8 @@ class EngineUNet(torch.nn.Module):
             raise SlimDiffError(f"got {t.numel()} timesteps for a batch of {batch}")
         inputs = [sample.to(self.device, self.dtype).contiguous(), t.contiguous(),
                   encoder_hidden_states.to(self.device, self.dtype).contiguous()]
+        for spec in conditions:
+            inputs.append(self._condition(spec, added.get(spec["name"]), batch))
         out_shape = (batch, self._config["out_channels"], height, width)
         with self._lock:
             out = self.backend.run(inputs, out_shape)
@@ -156,10 +173,23 @@ class EngineUNet(torch.nn.Module):
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
+    def _condition(self, spec: dict, value, batch: int) -> torch.Tensor:
+        """One ``added_cond_kwargs`` tensor, checked against the engine's input and cast to its dtype."""
+        expected = tuple(batch if d == "batch" else d for d in spec["dims"])
+        if value is None:
+            raise SlimDiffError(f"this engine needs added_cond_kwargs[{spec['name']!r}] of shape {expected} "
+                                "(an SDXL UNet: call it as StableDiffusionXLPipeline does)")
+        if tuple(value.shape) != expected:
+            raise SlimDiffError(f"added_cond_kwargs[{spec['name']!r}] has shape {tuple(value.shape)}; this engine "
+                                f"takes {expected}")
+        return value.to(self.device, getattr(torch, spec["dtype"])).contiguous()
+
+
 def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs: bool = True) -> EngineUNet:
     """Replace ``pipe.unet`` with the UNet engine in ``folder``; returns it."""
     unet = EngineUNet.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
-    expected = {k: pipe.unet.config[k] for k in ("in_channels", "cross_attention_dim") if k in pipe.unet.config}
+    expected = {k: pipe.unet.config.get(k) for k in ("in_channels", "cross_attention_dim", "addition_embed_type",
+                                                       "projection_class_embeddings_input_dim")}
     found = {k: unet.config.get(k) for k in expected}
     if expected != found:
         raise SlimDiffError(f"engine in {str(folder)!r} was built for a UNet with {found}, the pipeline has {expected}")

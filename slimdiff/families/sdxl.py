@@ -1,0 +1,66 @@
+"""The SDXL family: ``StableDiffusionXLPipeline`` and its ``UNet2DConditionModel`` with
+``addition_embed_type="text_time"``.
+
+Beyond SD's call, every step passes ``added_cond_kwargs = {"text_embeds": pooled, "time_ids": micro}``: the
+pooled, projected output of the second text encoder (1280 wide in SDXL-base) and six micro-conditioning numbers
+(original size, crop top-left, target size). The UNet embeds each time id sinusoidally
+(``addition_time_embed_dim`` wide) and feeds ``[text_embeds, embedded time ids]`` —
+``projection_class_embeddings_input_dim`` wide — through ``add_embedding`` into the timestep embedding. The
+prompt embedding is both encoders' penultimate hidden states side by side (768 + 1280 = 2048 in SDXL-base).
+The pipeline's own loop (SD's calibration loop drives it unchanged) computes all of it, with guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+from ..errors import SlimDiffError
+from .base import FAMILIES, MODEL_DTYPE, ConditionInput, TextTower
+from .sd import StableDiffusionFamily, _unet_of
+
+#: Micro-conditioning numbers per sample in a base model: (original h, w, crop top, left, target h, w).
+BASE_TIME_IDS = 6
+
+
+@FAMILIES.register({StableDiffusionXLPipeline: "sdxl", UNet2DConditionModel: "sdxl"})
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SD's call plus ``added_cond_kwargs`` (``text_embeds``, ``time_ids``); two text towers."""
+
+    name = "sdxl"
+
+    def accepts(self, obj: Any) -> bool:
+        unet = _unet_of(obj)
+        return unet is not None and unet.config.get("addition_embed_type") == "text_time"
+
+    def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
+        return (
+            ConditionInput("text_embeds", ("batch", pooled_width(config)), MODEL_DTYPE),
+            # float32 even in fp16 engines, as the timestep: pixel sizes such as 1024 go through a sinusoidal
+            # embedding that diffusers computes in float32. Parity checks draw sizes below 1024 px.
+            ConditionInput("time_ids", ("batch", BASE_TIME_IDS), "float32", high=1024.0),
+        )
+
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        call = super().dummy_call(config, batch, latent, text_tokens, device=device, dtype=dtype)
+        call["added_cond_kwargs"] = {
+            c.name: torch.zeros(tuple(batch if d == "batch" else d for d in c.dims), device=device,
+                                dtype=dtype if c.dtype == MODEL_DTYPE else getattr(torch, c.dtype))
+            for c in self.condition_inputs(config)}
+        return call
+
+    def text_towers(self, pipe: Any) -> list[TextTower]:
+        return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
+
+
+def pooled_width(config: Any) -> int:
+    """Width of ``text_embeds``: what ``add_embedding`` takes minus the embedded time ids."""
+    width = config["projection_class_embeddings_input_dim"] - BASE_TIME_IDS * config["addition_time_embed_dim"]
+    if width <= 0:
+        raise SlimDiffError(f"UNet config: projection_class_embeddings_input_dim "
+                            f"{config['projection_class_embeddings_input_dim']} leaves no room for "
+                            f"{BASE_TIME_IDS} time ids of width {config['addition_time_embed_dim']}")
+    return width
