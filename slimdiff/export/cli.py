@@ -137,10 +137,13 @@ def _verify(folder: Path, unet, device: str, values: dict, cuda_graphs: bool, se
     from .modules import unet_component
 
     engine = EngineUNet.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
-    inputs = unet_component(unet).random_inputs(values, torch.float32, seed=seed, device=device)
+    component = unet_component(unet)
+    inputs = component.random_inputs(values, torch.float32, seed=seed, device=device)
+    added = {spec.name: t for spec, t in zip(component.inputs[3:], inputs[3:])}  # SDXL: text_embeds, time_ids
     with torch.no_grad():
-        ref = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0].float()
-        got = engine(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0].float()
+        ref = component.module(*inputs).float()
+        got = engine(inputs[0], inputs[1], encoder_hidden_states=inputs[2], added_cond_kwargs=added or None,
+                     return_dict=False)[0].float()
     err = (got - ref).abs().max().item()
     return {"max_abs_error": err, "max_rel_error": err / max(ref.abs().max().item(), 1e-12),
             "load_seconds": engine.load_seconds, "shape": values}

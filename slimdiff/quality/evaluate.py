@@ -66,7 +66,7 @@ def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], set
 # What the model is, and what it costs
 # ----------------------------------------------------------------------------------------------------------
 
-RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape")
+RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:tiny-xl", "builtin:sdxl-shape")
 
 
 def is_proxy(source: str) -> bool:
