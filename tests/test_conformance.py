@@ -252,3 +252,16 @@ class TestSDXLStack(FamilyConformance):
         heads = {s.width for s in module_sites(pipe.unet) if s.kind != FFN}
         assert heads == {64}, heads
         return pipe
+
+
+class TestSDXLPipeline(FamilyConformance):
+    """SDXL: builtin:tiny-xl — StableDiffusionXLPipeline with two text encoders, pooled text embeddings and
+    micro-conditioning time ids (``added_cond_kwargs``), a (1, 1, 2) transformer stack, 16-wide heads."""
+
+    family = "sdxl"
+    image_px = 32
+
+    def make_pipeline(self):
+        from slimdiff.models import build_builtin
+
+        return build_builtin("builtin:tiny-xl")

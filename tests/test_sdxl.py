@@ -18,8 +18,8 @@ from slimdiff.export.modules import unet_component
 from slimdiff.export.onnx import export_onnx
 from slimdiff.export.shapes import parse_profiles
 from slimdiff.export.trt import optimization_profiles
-from slimdiff.families.denoisers import denoiser_family
-from slimdiff.models import build_builtin, load_pipeline, module_sites, transformer_blocks
+from slimdiff.families import family_for, transformer_blocks
+from slimdiff.models import build_builtin, load_pipeline, module_sites
 from slimdiff.runtime import EngineUNet, use_engine
 from slimdiff.slim import SlimConfig, slim_unet
 from slimdiff.slimset import clip_text_embedder
@@ -45,7 +45,7 @@ def test_sdxl_folder_loads_as_the_xl_pipeline_and_bad_folders_fail_in_one_line(x
 
     pipe = load_pipeline(str(xl_folder))
     assert type(pipe) is StableDiffusionXLPipeline and pipe.text_encoder_2 is not None
-    assert denoiser_family(pipe).name == "sdxl"
+    assert family_for(pipe).name == family_for(pipe.unet).name == "sdxl"
     reference = build_builtin("builtin:tiny-xl")
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), reference.unet.state_dict().values()))
 
@@ -78,8 +78,8 @@ def test_calibration_runs_the_xl_loop_and_slims_with_slimset_on_both_towers():
     assert calls and all(c["text_embeds"].shape == (4, 32) and c["time_ids"].shape == (4, 6) for c in calls)
     assert calls[0]["time_ids"][0].tolist() == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
     assert len(stats.timesteps) == 2 and stats.visits == [1, 1]
-    deep = [p for p, _ in transformer_blocks(pipe.unet) if p.endswith("transformer_blocks.1")]
-    assert deep and all(f"{p}.attn2.ctx" in stats.tensors for p in deep)  # the (1, 1, 2) stack is calibrated
+    deep = [p for p, _, _ in transformer_blocks(pipe.unet) if p.endswith("transformer_blocks.1")]
+    assert deep and all(stats.attention(f"{p}.attn2").context_seq == 77 for p in deep)  # the (1, 1, 2) stack is calibrated
 
     # SlimSet: both text towers, each normalised, so neither dominates the cosine distance
     embed = clip_text_embedder(pipe)(PROMPTS)
@@ -127,16 +127,17 @@ def test_onnx_export_takes_text_embeds_and_time_ids_and_the_engine_drives_the_xl
     assert isinstance(engine, EngineUNet)
 
 
-def test_unsupported_added_conditions_are_refused_in_one_line():
+def test_unsupported_conditions_are_refused_in_one_line():
     from diffusers import UNet2DConditionModel
 
     from slimdiff.models import TINY_UNET
 
-    lcm = UNet2DConditionModel(**TINY_UNET, time_cond_proj_dim=32)
-    with pytest.raises(SlimDiffError, match="time_cond_proj_dim"):
-        unet_component(lcm)
+    with pytest.raises(SlimDiffError, match="time_cond_proj_dim"):  # LCM's guidance embedding
+        unet_component(UNet2DConditionModel(**TINY_UNET, time_cond_proj_dim=32))
     with pytest.raises(SlimDiffError, match="class_embed_type"):
-        denoiser_family({**TINY_UNET, "class_embed_type": "timestep"})
+        unet_component(UNet2DConditionModel(**TINY_UNET, class_embed_type="timestep"))
+    with pytest.raises(SlimDiffError, match="addition_embed_type='text'"):
+        family_for(UNet2DConditionModel(**TINY_UNET, addition_embed_type="text", encoder_hid_dim=64))
 
 
 def test_sdxl_shape_is_the_public_sdxl_base_on_the_meta_device():
@@ -145,8 +146,8 @@ def test_sdxl_shape_is_the_public_sdxl_base_on_the_meta_device():
     assert next(unet.parameters()).device.type == "meta"
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     blocks = transformer_blocks(unet)
-    assert len(blocks) == 70 and {b.attn1.heads * 64 for _, b in blocks} == {640, 1280}  # 64-wide heads
-    assert sum(p.numel() for _, b in blocks for p in b.parameters()) == 2_185_401_600
+    assert len(blocks) == 70 and {b.attn1.heads * 64 for _, b, _ in blocks} == {640, 1280}  # 64-wide heads
+    assert sum(p.numel() for _, b, _ in blocks for p in b.parameters()) == 2_185_401_600
     assert sum(p.numel() for p in pipe.text_encoder_2.parameters()) == 694_659_840  # OpenCLIP bigG + projection
     dense = count_macs(unet, 1, (128, 128))  # 1024² images
     assert round(dense.total / 1e9, 1) == 3380.6 and 0.745 < dense.transformer / dense.total < 0.755
