@@ -19,7 +19,8 @@ from .errors import SlimDiffError
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="builtin:tiny, builtin:sd15-shape, a diffusers pipeline folder or a .safetensors checkpoint")
+                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
+                        "folder (SD or SDXL) or a .safetensors checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 

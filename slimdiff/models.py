@@ -1,6 +1,7 @@
 """Model loading (the map of compressible modules lives in :mod:`slimdiff.families`).
 
-Every model is a diffusers ``StableDiffusionPipeline`` (or a bare ``UNet2DConditionModel``). Sources:
+Every model is a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or a bare
+``UNet2DConditionModel``). Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
 * ``builtin:proxy`` — the project's own small text-to-image model, trained from scratch on procedural shape
@@ -11,9 +12,9 @@ Every model is a diffusers ``StableDiffusionPipeline`` (or a bare ``UNet2DCondit
 * ``builtin:tiny-xl`` — a small ``StableDiffusionXLPipeline`` (two text encoders, the second with a projection;
   ``addition_embed_type="text_time"``; ``transformer_layers_per_block=(1, 1, 2)``) with seeded random weights.
 * ``builtin:sdxl-shape`` — the exact public SDXL-base 1.0 UNet / CLIP-L + OpenCLIP-bigG text encoders / VAE
-  configurations with seeded random weights (about 10 GB in float32), for export and latency work at real
-  scale; tokenizers are the character-level one, as for ``sd15-shape``. Where only shapes matter (MAC counts)
-  build it on the meta device: ``build_builtin("builtin:sdxl-shape", device="meta")`` allocates nothing.
+  configurations with seeded random weights (about 14 GB in float32, 10 GB of it the UNet), for export and
+  latency work at real scale; tokenizers are the character-level one, as for ``sd15-shape``. Where only shapes
+  matter (MAC counts) build it on the meta device: ``build_builtin("builtin:sdxl-shape", device="meta")``.
 * a local diffusers folder (a pipeline folder with ``unet/``, or a UNet folder with ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
 

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .engines import names
 
     p.add_argument("--model", required=True,
-                   help="builtin:tiny, builtin:sd15-shape, a diffusers pipeline folder or a .safetensors checkpoint")
+                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
+                        "folder or a .safetensors checkpoint")
     p.add_argument("--engines", default="eager", help=f"comma-separated, from {','.join(names())} (default eager)")
     p.add_argument("--budgets", default=None,
                    help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4; with "

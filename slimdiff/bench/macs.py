@@ -134,15 +134,22 @@ def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text
 
 
 def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: tuple[int, int], *,
-                align: int = 8, r_min: int = 8) -> list[dict]:
+                align: int = 8, r_min: int = 8, unit: str = "params") -> list[dict]:
     """Parameters, MACs and ideal speed-up (dense MACs / slim MACs) of synthetic plans (the real allocator on
-    uniform scores) at each budget — shapes only, nothing is run but a meta-device forward."""
-    from .plans import synthetic_plan
+    uniform scores) at each budget — shapes only, nothing is run but a meta-device forward. ``unit``: budgets
+    are fractions of the compressible parameters (``params``) or of the transformer-block MACs at ``latent``
+    (``macs``)."""
+    from .plans import synthetic_plan, transformer_mac_plan
 
     dense_unet = meta_unet(config)
     rows = []
     for budget in budgets:
-        plan = synthetic_plan(dense_unet, budget, align=align, r_min=r_min) if budget > 0 else None
+        if budget <= 0:
+            plan = None
+        elif unit == "macs":
+            plan = transformer_mac_plan(dense_unet, budget, latent, align=align, r_min=r_min)
+        else:
+            plan = synthetic_plan(dense_unet, budget, align=align, r_min=r_min)
         unet = meta_unet(config, plan)
         for batch in batches:
             dense, slim = count_macs(dense_unet, batch, latent), count_macs(unet, batch, latent)

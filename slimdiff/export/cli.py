@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="dense model (builtin:tiny, builtin:sd15-shape, a diffusers folder, a .safetensors file) "
-                        "or a slim folder written by `slimdiff slim`")
+                   help="dense model (builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a "
+                        "diffusers folder, a .safetensors file) or a slim folder written by `slimdiff slim`")
     p.add_argument("--engine", required=True, choices=["trt", "ort", "aoti"],
                    help="TensorRT (NVIDIA GPU), ONNX Runtime (CPU/CUDA) or AOTInductor")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
