@@ -13,8 +13,9 @@ from slimdiff.models import build_builtin, load_pipeline
 from slimdiff.runtime import use_engine
 
 FAST = ["--num-prompts", "2", "--steps", "2", "--pass1-prompts", "1", "--budget", "0.4"]
-# one static shape (batch 2 = one image with guidance, 32 px, 77 tokens): the cheapest engine to build
-SHAPES = ["--batch", "2", "--height", "32", "--width", "32", "--text-len", "77", "--device", "cpu", "--fp32"]
+# One static shape (batch 2 = one image with guidance, latent 16², 77 tokens): the cheapest engine to build. A slim
+# folder alone does not say its VAE's scale, so pixel flags are read at SD's 8 (128 px = latent 16 = tiny-xl's 32 px).
+SHAPES = ["--batch", "2", "--height", "128", "--width", "128", "--text-len", "77", "--device", "cpu", "--fp32"]
 
 
 @pytest.fixture(scope="module")
