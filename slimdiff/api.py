@@ -12,11 +12,12 @@ sampling with ``pipe.unet`` (other schedulers, img2img, ControlNet…); the hook
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
-from .errors import SlimDiffError
+from .errors import SlimDiffError, SlimDiffWarning
 from .prompts import read_prompts
 from .slim import SlimConfig, SlimReport, slim_unet
 from .slimset import SlimSet, clip_text_embedder, select_slimset
@@ -28,6 +29,9 @@ def choose_prompts(pipe, pool: Sequence[str] | None = None, num_prompts: int = 5
     if num_prompts < 1:
         raise SlimDiffError(f"number of calibration prompts must be positive, got {num_prompts}")
     if num_prompts >= len(pool):
+        if num_prompts > len(pool):
+            warnings.warn(f"the prompt pool has {len(pool)} distinct prompts, fewer than the {num_prompts} asked for "
+                          f"(--num-prompts): calibrating on all {len(pool)}", SlimDiffWarning, stacklevel=2)
         return SlimSet(pool, list(range(len(pool))))
     return select_slimset(pool, clip_text_embedder(pipe)(pool), num_prompts)
 

@@ -325,6 +325,10 @@ class Statistics:
             raise SlimDiffError(f"corrupt statistics directory {str(folder)!r}: {exc}") from exc
         tensors = dict(pass2)
         tensors.update({f"pass1.{k}": v for k, v in pass1.items()})
+        bad = next((k for k, v in {**tensors, **weights}.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:  # e.g. an fp16 overflow during calibration; the factors would all be NaN
+            raise SlimDiffError(f"statistics in {str(folder)!r} hold NaN or Inf values (first in {bad}): "
+                                "calibrate again (in float32 if it ran in float16)")
         return cls(tensors, manifest["timesteps"], manifest["visits"], weights, manifest["fingerprint"],
                    CalibrationConfig(**manifest["config"]), manifest["num_prompts"])
 

@@ -58,9 +58,11 @@ def _load(args):
 
 def cmd_calibrate(args) -> None:
     from .api import collect_statistics
+    from .checks import check_resumable_dir
     from .prompts import read_prompts
 
     start = time.perf_counter()
+    check_resumable_dir(args.out)
     pool = read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
     stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args))
@@ -84,22 +86,22 @@ def _slim_config(args):
 def cmd_slim(args) -> None:
     from .api import collect_statistics
     from .calibrate import Statistics
+    from .checks import check_output_dir
     from .prompts import read_prompts
     from .serialization import save_slim
     from .slim import check_budget, slim_unet
 
     start = time.perf_counter()
     config = _slim_config(args)
-    out = Path(args.out)
-    for folder in (out, args.save_pipeline):
-        if folder is not None and Path(folder).exists() and not args.force:
-            raise SlimDiffError(f"output {str(folder)!r} already exists (use --force to replace it)")
+    out = check_output_dir(args.out, args.force)
+    if args.save_pipeline is not None:
+        check_output_dir(args.save_pipeline, args.force)
+    stats = Statistics.load(args.stats) if args.stats else None
+    prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
     check_budget(pipe.unet, config)  # before a calibration that could take hours
-    if args.stats:
-        stats = Statistics.load(args.stats)
-    else:
-        stats = collect_statistics(pipe, read_prompts(args.prompts, model=args.model), args.num_prompts, None, calibration_config_from_args(args))
+    if stats is None:
+        stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration_config_from_args(args))
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
@@ -128,9 +130,11 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_inspect(args) -> None:
+    from .checks import verify_slim_folder
     from .serialization import load_plan
 
     plan = load_plan(args.dir)
+    verify_slim_folder(args.dir)  # the plan alone would print fine over a truncated weights file
     rows = [(name, e.kind, e.width, e.rank, (e.rank * e.unit_params)) for name, e in plan.modules.items()]
     width = max(len(r[0]) for r in rows)
     print(f"{'module':<{width}}  {'type':<4}  {'width':>6}  {'rank':>6}  {'params kept':>12}")
@@ -190,12 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(prog: str, func, args) -> int:
     """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
+    from .console import Terminated, one_line_warnings, sigterm_as_interrupt
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
     try:
-        func(args)
+        with sigterm_as_interrupt(), one_line_warnings(prog):
+            func(args)
     except SlimDiffError as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (disk full, permissions): no traceback, outputs cleaned up
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

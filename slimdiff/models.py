@@ -213,7 +213,9 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype):
 
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise SlimDiffError(f"{source!r}: only .safetensors checkpoints are accepted (no pickle files)")
+            from .single_file import unsupported_file_message
+
+            raise SlimDiffError(unsupported_file_message(source))
         return StableDiffusionPipeline.from_single_file(
             str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
         )

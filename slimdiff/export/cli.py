@@ -100,16 +100,29 @@ def _load_model(source: str):
     return pipe, pipe.unet, None, None
 
 
-def _slim_dense_model(pipe, args):
+def _slimming_inputs(pipe, args):
+    """Budget, statistics and prompts of the slimming step, checked before any engine is built:
+    ``(SlimConfig, Statistics or None, prompts or None)``."""
+    from ..calibrate import Statistics
+    from ..prompts import read_prompts
+    from ..slim import SlimConfig, check_budget, parse_budget
+
+    config = SlimConfig(budget=parse_budget(args.budget))
+    check_budget(pipe.unet, config)
+    stats = Statistics.load(args.stats) if args.stats else None
+    if stats is not None:
+        stats.check_model(pipe.unet)
+    return config, stats, None if stats is not None else read_prompts(args.prompts, model=args.model)
+
+
+def _slim_dense_model(pipe, args, inputs):
     """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
     from ..api import slim_pipeline
     from ..cli import calibration_config_from_args
-    from ..prompts import read_prompts
-    from ..slim import SlimConfig, parse_budget
 
-    prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
-    report = slim_pipeline(pipe, SlimConfig(budget=parse_budget(args.budget)), stats=args.stats,
-                           prompts=prompts, num_prompts=args.num_prompts, calibration=calibration_config_from_args(args))
+    config, stats, prompts = inputs
+    report = slim_pipeline(pipe, config, stats=stats, prompts=prompts, num_prompts=args.num_prompts,
+                           calibration=calibration_config_from_args(args))
     return report.plan
 
 
@@ -231,6 +244,7 @@ def run(args) -> list[dict]:
     tmp = atomic_output_dir(out, overwrite=args.force)
     try:
         pipe, dense, slim, plan = _load_model(args.model)
+        slimming = _slimming_inputs(pipe, args) if slim is None else None
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
@@ -248,7 +262,7 @@ def run(args) -> list[dict]:
             rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
         if slim is None:
             status(f"slimming the UNet (budget {args.budget})")
-            plan = _slim_dense_model(pipe, args)
+            plan = _slim_dense_model(pipe, args, slimming)
             slim = pipe.unet
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
         print(format_table(rows))
