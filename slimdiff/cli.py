@@ -21,6 +21,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="builtin:tiny, builtin:sd15-shape, a diffusers pipeline folder or a .safetensors checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
+                        "(default: the shipped SD-1.x / SD-2.x configuration matching the checkpoint)")
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +56,7 @@ def _load(args):
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return load_pipeline(args.model, dtype).to(device)
+    return load_pipeline(args.model, dtype, args.config).to(device)
 
 
 def cmd_calibrate(args) -> None:

@@ -155,8 +155,11 @@ def build_builtin(name: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
+def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str | None = None):
     """Load a text-to-image pipeline from a built-in name, a local diffusers folder or a ``.safetensors`` file.
+
+    ``config``: for an original-layout ``.safetensors`` checkpoint, a diffusers folder holding its configuration
+    (default: the shipped configuration that matches the checkpoint, :mod:`slimdiff.single_file`).
 
     A slim UNet folder loads the pipeline it was slimmed from (recorded in its plan) with the slim UNet in it.
     """
@@ -185,7 +188,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
         raise SlimDiffError(f"model path {source!r} does not exist")
     try:
         with _quiet_loading():
-            pipe = _load_local_pipeline(path, source, dtype)
+            pipe = _load_local_pipeline(path, source, dtype, config)
     except SlimDiffError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one line
@@ -208,17 +211,15 @@ def _quiet_loading():
         yield
 
 
-def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype):
+def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: str | None = None):
     from diffusers import StableDiffusionPipeline
 
     if path.is_file():
-        if path.suffix != ".safetensors":
-            from .single_file import unsupported_file_message
+        from .single_file import load_single_file, unsupported_file_message
 
+        if path.suffix != ".safetensors":
             raise SlimDiffError(unsupported_file_message(source))
-        return StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
-        )
+        return load_single_file(path, dtype, config)
     if (path / "model_index.json").exists():
         return StableDiffusionPipeline.from_pretrained(
             str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None,
