@@ -24,6 +24,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
                         "(default: the shipped SD-1.x / SD-2.x configuration matching the checkpoint)")
+    p.add_argument("--variant", default=None,
+                   help="weight variant of a pipeline folder, e.g. fp16 (default: the plain files, or the only "
+                        "variant present)")
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +59,7 @@ def _load(args):
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return load_pipeline(args.model, dtype, args.config).to(device)
+    return load_pipeline(args.model, dtype, args.config, args.variant).to(device)
 
 
 def cmd_calibrate(args) -> None:
@@ -110,6 +113,7 @@ def cmd_slim(args) -> None:
     report.plan.info["source_model"] = source
     summary = report.summary()
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    pipe.unet.to(_save_dtype(args))
     save_slim(pipe.unet, report.plan, out, overwrite=args.force, extra_files={
         "slim_report.json": json.dumps({**summary, "relative_errors": report.relative_errors,
                                         "scores": report.scores}, indent=1)})
@@ -120,6 +124,16 @@ def cmd_slim(args) -> None:
         print(f"slim pipeline written to {args.save_pipeline} (diffusers: DiffusionPipeline.from_pretrained, "
               "after `from slimdiff import SlimUNet2DConditionModel`)")
     _print_summary(summary, out)
+
+
+def _save_dtype(args):
+    import torch
+
+    from .sources import source_unet_dtype
+
+    if args.save_dtype == "source":
+        return source_unet_dtype(args.model, args.variant)
+    return getattr(torch, args.save_dtype)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -181,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-pipeline", metavar="DIR",
                    help="also write the whole pipeline with the slim UNet as a diffusers pipeline folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--save-dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
+                   help="dtype of the saved slim UNet (default: the dtype the source model's UNet is stored in)")
     p.set_defaults(func=cmd_slim)
 
     p = sub.add_parser("inspect", help="print the rank plan of a slim folder")

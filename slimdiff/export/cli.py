@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT (NVIDIA GPU), ONNX Runtime (CPU/CUDA) or AOTInductor")
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration")
+    p.add_argument("--variant", default=None, help="weight variant of a pipeline folder, e.g. fp16")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--slim-only", action="store_true", help="skip the dense engine")
@@ -87,7 +88,7 @@ def _device(args) -> str:
     return args.device
 
 
-def _load_model(source: str, config: str | None = None):
+def _load_model(source: str, config: str | None = None, variant: str | None = None):
     """``(pipeline or None, dense UNet or None, slim UNet or None, plan or None)``."""
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
@@ -95,7 +96,7 @@ def _load_model(source: str, config: str | None = None):
     if is_slim_folder(source):
         return None, None, load_slim(source), load_plan(source)
     try:
-        pipe = load_pipeline(source, config=config)
+        pipe = load_pipeline(source, config=config, variant=variant)
     except SlimDiffError as exc:
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
@@ -245,7 +246,7 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     tmp = atomic_output_dir(out, overwrite=args.force)
     try:
-        pipe, dense, slim, plan = _load_model(args.model, args.config)
+        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant)
         slimming = _slimming_inputs(pipe, args) if slim is None else None
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
