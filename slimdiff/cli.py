@@ -52,6 +52,15 @@ def calibration_config_from_args(args):
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting)
 
 
+def calibration_clock(prog: str, pipe, pool_size: int, args):
+    """On a CPU, the callback that says how long calibration will take (measured on the first prompts)."""
+    from .estimate import CalibrationClock
+
+    if pipe.unet.device.type != "cpu":
+        return None
+    return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size)
+
+
 def _load(args):
     import torch
 
@@ -71,7 +80,8 @@ def cmd_calibrate(args) -> None:
     check_resumable_dir(args.out)
     pool = read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
-    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args))
+    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args),
+                               on_batch=calibration_clock("slimdiff", pipe, len(pool), args))
     print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
 
@@ -107,7 +117,8 @@ def cmd_slim(args) -> None:
     pipe = _load(args)
     check_budget(pipe.unet, config)  # before a calibration that could take hours
     if stats is None:
-        stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration_config_from_args(args))
+        stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration_config_from_args(args),
+                                   on_batch=calibration_clock("slimdiff", pipe, len(prompts), args))
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source

@@ -121,11 +121,12 @@ def _slimming_inputs(pipe, args):
 def _slim_dense_model(pipe, args, inputs):
     """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
     from ..api import slim_pipeline
-    from ..cli import calibration_config_from_args
+    from ..cli import calibration_clock, calibration_config_from_args
 
     config, stats, prompts = inputs
+    clock = calibration_clock("slimdiff-export", pipe, len(prompts), args) if stats is None else None
     report = slim_pipeline(pipe, config, stats=stats, prompts=prompts, num_prompts=args.num_prompts,
-                           calibration=calibration_config_from_args(args))
+                           calibration=calibration_config_from_args(args), on_batch=clock)
     return report.plan
 
 
