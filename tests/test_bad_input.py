@@ -287,3 +287,17 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     assert [line for line in err.splitlines() if "slimdiff-export:" in line] == ["slimdiff-export: terminated (SIGTERM)"]
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content", [None, "{not json"], ids=["no-engine-metadata", "corrupt-engine-metadata"])
+def test_use_engine_on_a_folder_that_holds_no_engine(tmp_path, content):
+    from slimdiff.runtime import use_engine
+
+    pipe = build_builtin("builtin:tiny")
+    if content is not None:
+        (tmp_path / "unet.engine.json").write_text(content)
+    before = _snapshot(tmp_path)
+    with pytest.raises(SlimDiffError) as info:
+        use_engine(pipe, tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    assert _snapshot(tmp_path) == before and type(pipe.unet).__name__ == "UNet2DConditionModel"
