@@ -77,8 +77,11 @@ def _open_clip(text_state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
            "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
     names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
-    for key, value in text_state.items():
-        key = key.removeprefix("text_model.")
+    for raw, value in text_state.items():
+        key = raw.removeprefix("text_model.")
+        if key == "text_projection.weight":  # OpenCLIP multiplies by its projection from the right
+            out[prefix + "text_projection"] = value.T
+            continue
         if key in top:
             out[prefix + top[key]] = value
             continue
@@ -87,7 +90,7 @@ def _open_clip(text_state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
         block = f"{prefix}transformer.resblocks.{layer}."
         if module.startswith("self_attn.") and module.endswith(("q_proj", "k_proj", "v_proj")):
             if module.endswith("q_proj"):
-                parts = [text_state[f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                parts = [text_state[raw.replace("q_proj", f"{p}_proj")] for p in "qkv"]
                 out[f"{block}attn.in_proj_{kind}"] = torch.cat(parts)
             continue
         out[f"{block}{names[module]}.{kind}"] = value
@@ -95,8 +98,9 @@ def _open_clip(text_state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 
 
 def to_original_layout(pipe, text_layout: str = "clip") -> dict[str, torch.Tensor]:
-    """UNet, VAE and text encoder of ``pipe`` under original keys; ``text_layout``: ``clip`` (SD-1.x) or
-    ``open_clip`` (SD-2.x). VAE attention projections become 1×1 convolutions, as in the original files."""
+    """UNet, VAE and text encoder(s) of ``pipe`` under original keys; ``text_layout``: ``clip`` (SD-1.x),
+    ``open_clip`` (SD-2.x) or ``sdxl`` (CLIP and OpenCLIP under ``conditioner.embedders``). VAE attention
+    projections become 1×1 convolutions, as in the original files."""
     state = {}
     for key, value in pipe.unet.state_dict().items():
         state["model.diffusion_model." + unet_key(key, pipe.unet.config)] = value
@@ -109,6 +113,10 @@ def to_original_layout(pipe, text_layout: str = "clip") -> dict[str, torch.Tenso
     if text_layout == "clip":
         state.update({"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
                       for k, v in text.items()})
+    elif text_layout == "sdxl":
+        state.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+                      for k, v in text.items()})
+        state.update(_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     else:
         state.update(_open_clip(text, "cond_stage_model.model."))
     return {k: v.detach().clone().contiguous() for k, v in state.items()}

@@ -18,8 +18,8 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _assert_same_weights(loaded, source):
-    for name in ("unet", "vae", "text_encoder"):
+def _assert_same_weights(loaded, source, names=("unet", "vae", "text_encoder")):
+    for name in names:
         got, want = getattr(loaded, name).state_dict(), getattr(source, name).state_dict()
         assert got.keys() == want.keys(), name
         different = [k for k in want if not torch.equal(got[k].float(), want[k].float())]
@@ -62,6 +62,40 @@ def test_sd2_v_prediction_checkpoint_loads_with_a_config_folder(tmp_path):
     _assert_same_weights(loaded, source)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     assert loaded.unet.config.use_linear_projection
+
+
+def _tiny_sdxl():
+    """SDXL's structure at toy width (two text towers of different widths, as CLIP-L and OpenCLIP-bigG are)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from slimdiff.models import builtin_tokenizer
+
+    torch.manual_seed(6)
+    unet = UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        cross_attention_dim=80, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=48 + 6 * 8)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**TINY_VAE), unet=unet, scheduler=EulerDiscreteScheduler(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, "hidden_size": 32, "intermediate_size": 64})),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**{
+            **TINY_TEXT, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48, "hidden_act": "gelu"})),
+        tokenizer=builtin_tokenizer(), tokenizer_2=builtin_tokenizer())
+
+
+def test_sdxl_checkpoint_loads_with_a_config_folder(tmp_path):
+    source = _tiny_sdxl()
+    source.save_pretrained(tmp_path / "config")
+    state = to_original_layout(source, "sdxl")
+    assert detect_family({k: tuple(v.shape) for k, v in state.items()}, "x") == "sdxl"
+    save_file(state, str(tmp_path / "tiny-xl.safetensors"))
+    loaded = load_pipeline(str(tmp_path / "tiny-xl.safetensors"), config=str(tmp_path / "config"))
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    _assert_same_weights(loaded, source, ("unet", "vae", "text_encoder", "text_encoder_2"))
 
 
 def _original_shapes(unet_config, text_config, text_key):
