@@ -7,14 +7,17 @@ from slimdiff.cli import main
 
 
 def test_estimate_counts_what_is_left_of_both_passes(monkeypatch):
-    now = iter([100.0, 112.0, 113.0, 200.0, 260.0])  # start, pass-1 batch 1, 2, pass-2 batch 1, 2
+    # start, pass-1 batches 1-3, pass-2 batches 1-3 (the first batch of each pass is a warm-up and not measured)
+    now = iter([100.0, 150.0, 162.0, 163.0, 300.0, 387.0, 388.0])
     monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(now))
     out = io.StringIO()
     clock = estimate.CalibrationClock("slimdiff", num_prompts=500, pass1_prompts=64, batch_size=2, stream=out)
-    clock("pass1", 1)  # 12 s for a batch of 2: 31 pass-1 + 250 pass-2 batches left → 3372 s
-    clock("pass1", 2)
-    clock("pass2", 1)  # 87 s per batch: 249 batches left
-    clock("pass2", 2)
+    clock("pass1", 1)
+    clock("pass1", 2)  # 12 s for a batch of 2: 30 pass-1 + 250 pass-2 batches left → 3360 s
+    clock("pass1", 3)
+    clock("pass2", 1)
+    clock("pass2", 2)  # 87 s per batch: 248 batches left
+    clock("pass2", 3)
     lines = out.getvalue().splitlines()
     assert lines == [
         "slimdiff: calibration runs at 6.0 s per prompt on this CPU: about 56 min left for 64 + 500 prompts "
