@@ -89,7 +89,7 @@ def _sd_scheduler(**overrides) -> dict:
 
 
 def _shipped() -> dict[str, list[ShippedConfig]]:
-    from .models import SD15_UNET, SD15_VAE, SD15_TEXT, TINY_TEXT, TINY_UNET, TINY_VAE
+    from .models import SD15_TEXT, SD15_UNET, SD15_VAE, TINY_TEXT, TINY_UNET, TINY_VAE
 
     sd15_text = {**SD15_TEXT, **_CLIP_TOKEN_IDS, "pad_token_id": 49407}
     # stabilityai/stable-diffusion-2-1 (768 px, v-prediction): the SD-2.x checkpoints most users have.

@@ -23,7 +23,7 @@ from slimdiff.bench import cli as bench_cli
 from slimdiff.errors import SlimDiffError
 from slimdiff.export import cli as export_cli
 from slimdiff.models import build_builtin
-from slimdiff.serialization import PLAN_FILE, WEIGHTS_FILE
+from slimdiff.serialization import WEIGHTS_FILE
 
 FAST = ["--num-prompts", "3", "--steps", "2", "--pass1-prompts", "1", "--device", "cpu"]
 
