@@ -12,11 +12,12 @@ sampling with ``pipe.unet`` (other schedulers, img2img, ControlNet…); the hook
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
-from .errors import SlimDiffError
+from .errors import SlimDiffError, SlimDiffWarning
 from .prompts import read_prompts
 from .slim import SlimConfig, SlimReport, slim_unet
 from .slimset import SlimSet, clip_text_embedder, select_slimset
@@ -28,6 +29,9 @@ def choose_prompts(pipe, pool: Sequence[str] | None = None, num_prompts: int = 5
     if num_prompts < 1:
         raise SlimDiffError(f"number of calibration prompts must be positive, got {num_prompts}")
     if num_prompts >= len(pool):
+        if num_prompts > len(pool):
+            warnings.warn(f"the prompt pool has {len(pool)} distinct prompts, fewer than the {num_prompts} asked for "
+                          f"(--num-prompts): calibrating on all {len(pool)}", SlimDiffWarning, stacklevel=2)
         return SlimSet(pool, list(range(len(pool))))
     return select_slimset(pool, clip_text_embedder(pipe)(pool), num_prompts)
 
@@ -40,10 +44,12 @@ def collect_statistics(
     calibration: CalibrationConfig = CalibrationConfig(),
     loop: BatchLoop | None = None,
     progress: bool = True,
+    on_batch: Callable[[str, int], None] | None = None,
 ) -> Statistics:
-    """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given."""
+    """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given.
+    ``on_batch(stage, batches_done)`` is called after each calibration batch."""
     slimset = choose_prompts(pipe, prompts, num_prompts)
-    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress)
+    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch)
     if out is not None:  # provenance of the prompt choice (calibration itself keeps prompts.txt)
         (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
     return stats
@@ -59,10 +65,11 @@ def slim_pipeline(
     calibration: CalibrationConfig = CalibrationConfig(),
     loop: BatchLoop | None = None,
     progress: bool = True,
+    on_batch: Callable[[str, int], None] | None = None,
 ) -> SlimReport:
     """Slim ``pipe.unet`` in place. Uses ``stats`` if given (object or directory), else calibrates first."""
     if stats is None:
-        stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress)
+        stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress, on_batch)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
     return slim_unet(pipe.unet, stats, config, progress)

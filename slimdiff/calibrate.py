@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import fingerprint
 from .analyze import timestep_weights, trq_from_energies
 from .errors import SlimDiffError
 from .families import (
@@ -87,14 +88,12 @@ def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
 
 
 def model_fingerprint(unet) -> str:
-    """sha256 of the UNet config and of every weight the statistics describe (stats are model-specific)."""
-    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-    params = dict(unet.named_parameters())
+    """Stable sha256 of the UNet's architecture and of every weight the statistics describe (stats are
+    model-specific); the same in every process (:mod:`slimdiff.fingerprint`)."""
+    names = set()
     for site in module_sites(unet):
-        for name in sorted(n for n in params if n.startswith(site.sublayer_path + ".")):
-            digest.update(name.encode())
-            digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        names.update(n for n, _ in unet.named_parameters() if n.startswith(site.sublayer_path + "."))
+    return fingerprint.model_fingerprint(unet, names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,6 +325,10 @@ class Statistics:
             raise SlimDiffError(f"corrupt statistics directory {str(folder)!r}: {exc}") from exc
         tensors = dict(pass2)
         tensors.update({f"pass1.{k}": v for k, v in pass1.items()})
+        bad = next((k for k, v in {**tensors, **weights}.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:  # e.g. an fp16 overflow during calibration; the factors would all be NaN
+            raise SlimDiffError(f"statistics in {str(folder)!r} hold NaN or Inf values (first in {bad}): "
+                                "calibrate again (in float32 if it ran in float16)")
         return cls(tensors, manifest["timesteps"], manifest["visits"], weights, manifest["fingerprint"],
                    CalibrationConfig(**manifest["config"]), manifest["num_prompts"])
 

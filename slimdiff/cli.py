@@ -22,6 +22,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
                         "folder (SD or SDXL) or a .safetensors checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
+                        "(default: the shipped SD-1.x / SD-2.x configuration matching the checkpoint)")
+    p.add_argument("--variant", default=None,
+                   help="weight variant of a pipeline folder, e.g. fp16 (default: the plain files, or the only "
+                        "variant present)")
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +53,15 @@ def calibration_config_from_args(args):
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting)
 
 
+def calibration_clock(prog: str, pipe, pool_size: int, args):
+    """On a CPU, the callback that says how long calibration will take (measured on the first prompts)."""
+    from .estimate import CalibrationClock
+
+    if pipe.unet.device.type != "cpu":
+        return None
+    return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size)
+
+
 def _load(args):
     import torch
 
@@ -54,17 +69,20 @@ def _load(args):
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return load_pipeline(args.model, dtype).to(device)
+    return load_pipeline(args.model, dtype, args.config, args.variant).to(device)
 
 
 def cmd_calibrate(args) -> None:
     from .api import collect_statistics
+    from .checks import check_resumable_dir
     from .prompts import read_prompts
 
     start = time.perf_counter()
+    check_resumable_dir(args.out)
     pool = read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
-    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args))
+    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args),
+                               on_batch=calibration_clock("slimdiff", pipe, len(pool), args))
     print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
 
@@ -85,27 +103,29 @@ def _slim_config(args):
 def cmd_slim(args) -> None:
     from .api import collect_statistics
     from .calibrate import Statistics
+    from .checks import check_output_dir
     from .prompts import read_prompts
     from .serialization import save_slim
     from .slim import check_budget, slim_unet
 
     start = time.perf_counter()
     config = _slim_config(args)
-    out = Path(args.out)
-    for folder in (out, args.save_pipeline):
-        if folder is not None and Path(folder).exists() and not args.force:
-            raise SlimDiffError(f"output {str(folder)!r} already exists (use --force to replace it)")
+    out = check_output_dir(args.out, args.force)
+    if args.save_pipeline is not None:
+        check_output_dir(args.save_pipeline, args.force)
+    stats = Statistics.load(args.stats) if args.stats else None
+    prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
     check_budget(pipe.unet, config)  # before a calibration that could take hours
-    if args.stats:
-        stats = Statistics.load(args.stats)
-    else:
-        stats = collect_statistics(pipe, read_prompts(args.prompts, model=args.model), args.num_prompts, None, calibration_config_from_args(args))
+    if stats is None:
+        stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration_config_from_args(args),
+                                   on_batch=calibration_clock("slimdiff", pipe, len(prompts), args))
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
     summary = report.summary()
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    pipe.unet.to(_save_dtype(args))
     save_slim(pipe.unet, report.plan, out, overwrite=args.force, extra_files={
         "slim_report.json": json.dumps({**summary, "relative_errors": report.relative_errors,
                                         "scores": report.scores}, indent=1)})
@@ -116,6 +136,16 @@ def cmd_slim(args) -> None:
         print(f"slim pipeline written to {args.save_pipeline} (diffusers: DiffusionPipeline.from_pretrained, "
               "after `from slimdiff import SlimUNet2DConditionModel`)")
     _print_summary(summary, out)
+
+
+def _save_dtype(args):
+    import torch
+
+    from .sources import source_unet_dtype
+
+    if args.save_dtype == "source":
+        return source_unet_dtype(args.model, args.variant)
+    return getattr(torch, args.save_dtype)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -129,9 +159,11 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_inspect(args) -> None:
+    from .checks import verify_slim_folder
     from .serialization import load_plan
 
     plan = load_plan(args.dir)
+    verify_slim_folder(args.dir)  # the plan alone would print fine over a truncated weights file
     rows = [(name, e.kind, e.width, e.rank, (e.rank * e.unit_params)) for name, e in plan.modules.items()]
     width = max(len(r[0]) for r in rows)
     print(f"{'module':<{width}}  {'type':<4}  {'width':>6}  {'rank':>6}  {'params kept':>12}")
@@ -175,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-pipeline", metavar="DIR",
                    help="also write the whole pipeline with the slim UNet as a diffusers pipeline folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--save-dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
+                   help="dtype of the saved slim UNet (default: the dtype the source model's UNet is stored in)")
     p.set_defaults(func=cmd_slim)
 
     p = sub.add_parser("inspect", help="print the rank plan of a slim folder")
@@ -191,12 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(prog: str, func, args) -> int:
     """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
+    from .console import Terminated, one_line_warnings, sigterm_as_interrupt
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
     try:
-        func(args)
+        with sigterm_as_interrupt(), one_line_warnings(prog):
+            func(args)
     except SlimDiffError as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (disk full, permissions): no traceback, outputs cleaned up
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

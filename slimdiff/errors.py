@@ -6,3 +6,10 @@ class SlimDiffError(Exception):
 
     The message is complete on its own; the CLI prints it as one line without a traceback.
     """
+
+
+class SlimDiffWarning(UserWarning):
+    """Something the user should know that does not stop the run (e.g. fewer prompts than asked for).
+
+    The CLI prints it as one ``warning:`` line; API users see an ordinary Python warning.
+    """

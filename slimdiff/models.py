@@ -243,8 +243,14 @@ def _build_xl_builtin(name: str, device):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
+def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str | None = None,
+                  variant: str | None = None):
     """Load a text-to-image pipeline from a built-in name, a local diffusers folder or a ``.safetensors`` file.
+
+    ``config``: for an original-layout ``.safetensors`` checkpoint, a diffusers folder holding its configuration
+    (default: the shipped configuration that matches the checkpoint, :mod:`slimdiff.single_file`).
+    ``variant``: the weight variant of a pipeline folder (``fp16``); default: the plain files, or the only
+    variant present when there are none (:mod:`slimdiff.sources`).
 
     A slim UNet folder loads the pipeline it was slimmed from (recorded in its plan) with the slim UNet in it.
     """
@@ -273,7 +279,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32):
         raise SlimDiffError(f"model path {source!r} does not exist")
     try:
         with _quiet_loading():
-            pipe = _load_local_pipeline(path, source, dtype)
+            pipe = _load_local_pipeline(path, source, dtype, config, variant)
     except SlimDiffError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one line
@@ -296,25 +302,31 @@ def _quiet_loading():
         yield
 
 
-def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype):
+def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: str | None = None,
+                         variant: str | None = None):
     from diffusers import StableDiffusionPipeline
 
     if path.is_file():
+        from .single_file import load_single_file, unsupported_file_message
+
         if path.suffix != ".safetensors":
-            raise SlimDiffError(f"{source!r}: only .safetensors checkpoints are accepted (no pickle files)")
-        return StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None
-        )
+            raise SlimDiffError(unsupported_file_message(source))
+        return load_single_file(path, dtype, config)
     if (path / "model_index.json").exists():
+        from .sources import choose_variant
+
+        chosen = choose_variant(path, variant)
         if _pipeline_family(path, source) == "sdxl":
             from diffusers import StableDiffusionXLPipeline
 
             return StableDiffusionXLPipeline.from_pretrained(
                 str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True, add_watermarker=False,
+                variant=chosen,
             )
+        # The safety checker and its feature extractor play no part in slimming: not loaded, even when present.
         return StableDiffusionPipeline.from_pretrained(
-            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None,
-            requires_safety_checker=False, use_safetensors=True,
+            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, use_safetensors=True, variant=chosen,
         )
     raise SlimDiffError(
         f"{source!r} is not a diffusers pipeline folder (no model_index.json); "

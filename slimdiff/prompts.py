@@ -53,12 +53,16 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None, model
     if not path.is_file():
         raise SlimDiffError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        raw = _from_coco(path)
-    elif suffix in (".csv", ".tsv"):
-        raw = _from_table(path, "\t" if suffix == ".tsv" else ",")
-    else:
-        raw = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if suffix == ".json":
+            raw = _from_coco(path)
+        elif suffix in (".csv", ".tsv"):
+            raw = _from_table(path, "\t" if suffix == ".tsv" else ",")
+        else:
+            raw = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SlimDiffError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                            f"offset {exc.start}); save it as UTF-8") from None
     seen: set[str] = set()
     prompts = []
     for text in map(_clean, raw):

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file
 
+from .checks import check_output_dir
 from .errors import SlimDiffError
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes
@@ -44,9 +45,7 @@ def is_slim_folder(path: str | os.PathLike) -> bool:
 
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Path:
     """A fresh temporary sibling of ``out``; pair with :func:`commit_output_dir` to publish it whole."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlimDiffError(f"output {str(out)!r} already exists (use --force to replace it)")
+    out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from . import allocate as alloc
 from . import analyze, decompose
 from .calibrate import CalibrationConfig, Statistics, _prior
+from .checks import check_budget_range
 from .errors import SlimDiffError
 from .families import FFN, QK, FFNLinears, ModuleSite, QKLinears, VOLinears, module_sites, site_adapter, site_linears
 from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items
@@ -266,11 +267,8 @@ def check_budget(unet, config: SlimConfig) -> None:
         return
     pool = [s for s in module_sites(unet) if not _excluded(s, config.exclude)]
     total = sum(s.params for s in pool)
-    removable = sum(s.unit_params * (s.width - min(config.r_min, s.width)) for s in pool)
     budget = config.budget * total if config.budget < 1 else config.budget
-    if budget >= removable:
-        raise SlimDiffError(f"budget of {budget:,.0f} parameters is not below the {removable:,} the compressible "
-                            f"modules can give up (of {total:,}) with r_min={config.r_min}")
+    check_budget_range(budget, [(s.width, s.unit_params) for s in pool], config.r_min, config.align)
 
 
 @dataclass
@@ -354,6 +352,8 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
         info = {"latency_budget": info, "latency_table": str(config.latency_table)}
     else:
         budget = config.budget * total if config.budget < 1 else config.budget
+        check_budget_range(budget, [(item.width, item.unit_cost) for item in items], config.r_min, config.align,
+                           unit=config.budget_unit.replace("params", "parameters").replace("macs", "MACs"))
         try:
             ranks = alloc.allocate(items, budget, temperature=config.resolved_temperature(), r_min=config.r_min,
                                    align=config.align,

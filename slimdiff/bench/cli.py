@@ -216,8 +216,12 @@ def run_latency_table(args) -> None:
 
 def run(args) -> None:
     """Run the benchmark the parsed ``args`` describe; print the table; write the report when ``--out``."""
-    from pathlib import Path
+    from ..checks import check_output_dir, check_output_file
 
+    if args.out:  # before any measurement: a report that cannot be written would waste the run
+        check_output_dir(args.out, args.force)
+    if args.latency_table:
+        check_output_file(args.latency_table)
     if args.macs_only:
         return run_macs_only(args)
     if args.budget_unit != "params":
@@ -235,8 +239,6 @@ def run(args) -> None:
         if args.threads < 1:
             raise SlimDiffError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    if args.out and Path(args.out).exists() and not args.force:
-        raise SlimDiffError(f"output {args.out!r} already exists (use --force to replace it)")
     report = run_bench(config)
     validate_report(report)
     if args.json:

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "diffusers folder, a .safetensors file) or a slim folder written by `slimdiff slim`")
     p.add_argument("--engine", required=True, choices=["trt", "ort", "aoti"],
                    help="TensorRT (NVIDIA GPU), ONNX Runtime (CPU/CUDA) or AOTInductor")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration")
+    p.add_argument("--variant", default=None, help="weight variant of a pipeline folder, e.g. fp16")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--slim-only", action="store_true", help="skip the dense engine")
@@ -85,7 +88,7 @@ def _device(args) -> str:
     return args.device
 
 
-def _load_model(source: str):
+def _load_model(source: str, config: str | None = None, variant: str | None = None):
     """``(pipeline or None, dense UNet or None, slim UNet or None, plan or None)``."""
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
@@ -93,23 +96,37 @@ def _load_model(source: str):
     if is_slim_folder(source):
         return None, None, load_slim(source), load_plan(source)
     try:
-        pipe = load_pipeline(source)
+        pipe = load_pipeline(source, config=config, variant=variant)
     except SlimDiffError as exc:
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
     return pipe, pipe.unet, None, None
 
 
-def _slim_dense_model(pipe, args):
+def _slimming_inputs(pipe, args):
+    """Budget, statistics and prompts of the slimming step, checked before any engine is built:
+    ``(SlimConfig, Statistics or None, prompts or None)``."""
+    from ..calibrate import Statistics
+    from ..prompts import read_prompts
+    from ..slim import SlimConfig, check_budget, parse_budget
+
+    config = SlimConfig(budget=parse_budget(args.budget))
+    check_budget(pipe.unet, config)
+    stats = Statistics.load(args.stats) if args.stats else None
+    if stats is not None:
+        stats.check_model(pipe.unet)
+    return config, stats, None if stats is not None else read_prompts(args.prompts, model=args.model)
+
+
+def _slim_dense_model(pipe, args, inputs):
     """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
     from ..api import slim_pipeline
-    from ..cli import calibration_config_from_args
-    from ..prompts import read_prompts
-    from ..slim import SlimConfig, parse_budget
+    from ..cli import calibration_clock, calibration_config_from_args
 
-    prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
-    report = slim_pipeline(pipe, SlimConfig(budget=parse_budget(args.budget)), stats=args.stats,
-                           prompts=prompts, num_prompts=args.num_prompts, calibration=calibration_config_from_args(args))
+    config, stats, prompts = inputs
+    clock = calibration_clock("slimdiff-export", pipe, len(prompts), args) if stats is None else None
+    report = slim_pipeline(pipe, config, stats=stats, prompts=prompts, num_prompts=args.num_prompts,
+                           calibration=calibration_config_from_args(args), on_batch=clock)
     return report.plan
 
 
@@ -233,7 +250,8 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     tmp = atomic_output_dir(out, overwrite=args.force)
     try:
-        pipe, dense, slim, plan = _load_model(args.model)
+        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant)
+        slimming = _slimming_inputs(pipe, args) if slim is None else None
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
@@ -251,7 +269,7 @@ def run(args) -> list[dict]:
             rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
         if slim is None:
             status(f"slimming the UNet (budget {args.budget})")
-            plan = _slim_dense_model(pipe, args)
+            plan = _slim_dense_model(pipe, args, slimming)
             slim = pipe.unet
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
         print(format_table(rows))

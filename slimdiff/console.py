@@ -1,0 +1,55 @@
+"""How a command ends and talks: SIGTERM handled like Ctrl-C, warnings as single lines.
+
+A job scheduler cancels with SIGTERM; Python's default handler would end the process without running any
+``finally`` block, so a half-written ``.OUT.partial-PID`` folder would stay behind. Turned into an exception,
+SIGTERM unwinds the stack like Ctrl-C does and every cleanup runs.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import SlimDiffWarning
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """:class:`SlimDiffWarning` printed as ``prog: warning: message`` (one line) on stderr."""
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SlimDiffWarning):
+                print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", SlimDiffWarning)
+        yield

@@ -1,0 +1,55 @@
+"""How long calibration will take, measured on the first prompts and said once, before the long part.
+
+The defaults (500 prompts × 25 steps, two passes) suit a GPU; on a laptop CPU even builtin:tiny takes tens of
+minutes, and a progress bar of the current pass does not tell the total. The commands pass
+:class:`CalibrationClock` as calibration's ``on_batch`` callback when they run on a CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class CalibrationClock:
+    """``on_batch(stage, batches_done)`` callback: after the first batch of each pass, one line with the measured
+    seconds per prompt and the expected time left for the whole calibration."""
+
+    def __init__(self, prog: str, num_prompts: int, pass1_prompts: int, batch_size: int = 1, stream=None):
+        self.prog, self.batch_size = prog, batch_size
+        self.batches = {"pass1": -(-min(pass1_prompts, num_prompts) // batch_size),
+                        "pass2": -(-num_prompts // batch_size)}
+        self.prompts = {"pass1": min(pass1_prompts, num_prompts), "pass2": num_prompts}
+        self.stream = stream if stream is not None else sys.stderr
+        self.started = time.perf_counter()
+        self.said: set[str] = set()
+        self.seen: set[str] = set()
+
+    def __call__(self, stage: str, batches_done: int) -> None:
+        now = time.perf_counter()
+        # The first batch of a run pays one-time costs (first kernel choices, allocations): when the pass has
+        # batches to spare, the second one is measured instead.
+        warming = stage not in self.seen and self.batches[stage] - batches_done >= 2
+        self.seen.add(stage)
+        if stage not in self.said and not warming:
+            self.said.add(stage)
+            per_batch = now - self.started
+            left = self.batches[stage] - batches_done
+            if stage == "pass1":  # pass 2 costs at least as much per prompt (it accumulates more moments)
+                left += self.batches["pass2"]
+            per_prompt = per_batch / self.batch_size
+            what = ("calibration" if stage == "pass1" else "calibration pass 2")
+            tqdm.write(f"{self.prog}: {what} runs at {per_prompt:.1f} s per prompt on this CPU: about "
+                       f"{_duration(per_batch * left)} left for {self.prompts['pass1']} + {self.prompts['pass2']} "
+                       "prompts (shorter: fewer --num-prompts, --pass1-prompts or --steps)", file=self.stream)
+        self.started = now

@@ -1,0 +1,79 @@
+"""What a model folder holds on disk: which weight variant to load, and the dtype its UNet was stored in.
+
+Pipeline folders as downloaded from a hub often carry only variant files (``diffusion_pytorch_model.fp16.
+safetensors``, ``model.fp16.safetensors``); diffusers loads them only when asked for the variant by name. A folder
+with exactly one variant and no plain files is loaded as that variant without being asked. The dtype the UNet
+was stored in is what a slim UNet is saved in by default, so an fp16 model does not come back twice its size.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import SlimDiffError
+
+UNET_WEIGHTS = "diffusion_pytorch_model"
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def available_variants(folder: Path) -> list[str]:
+    """Variant names of the UNet's safetensors files in a pipeline folder (``fp16``, ``bf16``...)."""
+    pattern = re.compile(rf"{UNET_WEIGHTS}\.([\w-]+)\.safetensors$")
+    return sorted({m[1] for p in (folder / "unet").glob(f"{UNET_WEIGHTS}.*.safetensors") if (m := pattern.match(p.name))})
+
+
+def choose_variant(folder: str | Path, requested: str | None) -> str | None:
+    """The variant to load from a pipeline folder: ``requested`` if its files exist, else the only one present
+    when there are no plain weight files, else ``None`` (the plain files)."""
+    folder = Path(folder)
+    variants = available_variants(folder)
+    plain = (folder / "unet" / f"{UNET_WEIGHTS}.safetensors").is_file()
+    if requested is not None:
+        if requested not in variants:
+            have = ", ".join(variants) or "none"
+            raise SlimDiffError(f"--variant {requested}: {str(folder)!r} has no unet/{UNET_WEIGHTS}.{requested}"
+                                f".safetensors (variants present: {have})")
+        return requested
+    if plain:
+        return None
+    if len(variants) == 1:
+        return variants[0]
+    if variants:
+        raise SlimDiffError(f"{str(folder)!r} has only variant weight files ({', '.join(variants)}): "
+                            "choose one with --variant")
+    pickles = sorted(p.name for p in (folder / "unet").glob("*.bin"))
+    found = f" (found {', '.join(pickles)}: pickle files are not loaded)" if pickles else ""
+    raise SlimDiffError(f"{str(folder)!r} has no unet/{UNET_WEIGHTS}.safetensors{found}")
+
+
+def stored_dtype(weights: str | Path, prefix: str = "") -> torch.dtype | None:
+    """The floating-point dtype of the first tensor under ``prefix`` in a safetensors file (header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        for name in handle.keys():
+            if name.startswith(prefix):
+                dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
+def source_unet_dtype(source: str, variant: str | None = None) -> torch.dtype:
+    """The dtype a model source stores its UNet in (built-ins: float32)."""
+    from .serialization import WEIGHTS_FILE, is_slim_folder
+
+    path = Path(source)
+    if source.startswith("builtin:") or not path.exists():
+        return torch.float32
+    if path.is_file():
+        found = stored_dtype(path, "model.diffusion_model.")
+    elif is_slim_folder(path):
+        found = stored_dtype(path / WEIGHTS_FILE)
+    else:
+        chosen = choose_variant(path, variant)
+        found = stored_dtype(path / "unet" / (f"{UNET_WEIGHTS}.{chosen}.safetensors" if chosen else f"{UNET_WEIGHTS}.safetensors"))
+    return found or torch.float32

@@ -1,0 +1,61 @@
+"""Pipeline folders as hubs ship them: fp16 variant files only, safety checker and feature extractor folders."""
+
+import json
+
+import pytest
+import torch
+
+from slimdiff.cli import main
+from slimdiff.models import build_builtin, load_pipeline
+from slimdiff.sources import choose_variant, stored_dtype
+
+FAST = ["--num-prompts", "2", "--steps", "2", "--pass1-prompts", "1", "--budget", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def fp16_folder(tmp_path_factory):
+    """builtin:tiny saved in fp16 as variant files only, with a safety checker and feature extractor listed."""
+    folder = tmp_path_factory.mktemp("hub") / "tiny-fp16"
+    build_builtin("builtin:tiny").to(torch.float16).save_pretrained(folder, variant="fp16")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for name in ("safety_checker", "feature_extractor"):  # unusable on purpose: loading them would fail
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text("{broken")
+    assert not list(folder.rglob("diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def test_variant_is_found_and_extras_are_ignored(fp16_folder):
+    assert choose_variant(fp16_folder, None) == "fp16"
+    pipe = load_pipeline(str(fp16_folder))
+    assert pipe.unet.dtype == torch.float32 and pipe.safety_checker is None and pipe.feature_extractor is None
+    reference = build_builtin("builtin:tiny").unet.to(torch.float16).state_dict()
+    assert all(torch.equal(v.half(), reference[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_slim_unet_keeps_the_source_dtype(fp16_folder, tmp_path, capsys):
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", str(fp16_folder), "--variant", "fp16", *FAST, "--out", str(out)]) == 0
+    assert stored_dtype(out / "diffusion_pytorch_model.safetensors") == torch.float16
+    out32 = tmp_path / "slim32"
+    assert main(["slim", "--model", str(fp16_folder), "--save-dtype", "float32", *FAST, "--out", str(out32)]) == 0
+    assert stored_dtype(out32 / "diffusion_pytorch_model.safetensors") == torch.float32
+    half, full = ((o / "diffusion_pytorch_model.safetensors").stat().st_size for o in (out, out32))
+    assert half < 0.6 * full
+
+
+def test_missing_or_ambiguous_variants_are_one_line(fp16_folder, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(fp16_folder), "--variant", "bf16", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--variant bf16" in err[0] and "variants present: fp16" in err[0]
+    (fp16_folder / "unet" / "diffusion_pytorch_model.bf16.safetensors").write_bytes(b"")
+    try:
+        assert main(["calibrate", "--model", str(fp16_folder), "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "choose one with --variant" in err[0] and "bf16, fp16" in err[0]
+    finally:
+        (fp16_folder / "unet" / "diffusion_pytorch_model.bf16.safetensors").unlink()
+    assert not (tmp_path / "s").exists()
