@@ -172,19 +172,18 @@ def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str,
     return meta
 
 
-def add_pipeline_model(repo: Path, pipe, unet_meta: dict, *, instances: int) -> None:
+def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: int) -> None:
     """The python-backend ``pipeline`` model and what its loop needs: tokenizer, scheduler, the text encoder's
-    and VAE's configs, the UNet engine's metadata (its config and shapes)."""
-    if type(pipe).__name__ not in PIPELINE_CLASSES:
-        raise SlimDiffError(f"the Triton pipeline model runs {', '.join(PIPELINE_CLASSES)}; this model is a "
-                            f"{type(pipe).__name__}")
+    and VAE's configs, and the metadata of the three engine models (names, dtypes, shapes, the UNet config)."""
+    check_pipeline(pipe)
     version = Path(repo) / PIPELINE / "1"
     version.mkdir(parents=True)
     pipe.tokenizer.save_pretrained(version / "tokenizer")
     pipe.scheduler.save_pretrained(version / "scheduler")
     pipe.text_encoder.config.save_pretrained(version / "text_encoder")
     pipe.vae.save_config(version / "vae")
-    (version / "unet.engine.json").write_text(json.dumps(unet_meta, indent=1), encoding="utf-8")
+    for name, meta in metas.items():
+        (version / f"{name}.engine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
     write_config(Path(repo) / PIPELINE / "config.pbtxt", pipeline_config(instances=instances))
 
@@ -199,12 +198,14 @@ def check_pipeline(pipe) -> None:
 
 def write_repository(repo: Path, pipe, unet_folder: Path, component_folders: dict[str, Path], mode: str, *,
                      dynamic_batching: bool = True, pipeline_instances: int = 2) -> None:
-    """Fill the (new, empty) folder ``repo`` with the three engine models and the pipeline model."""
+    """Fill the (new, empty) folder ``repo`` with the three engine models and the pipeline model.
+    ``component_folders`` maps ``text_encoder`` and ``vae_decoder`` to their engine folders."""
     check_pipeline(pipe)
-    unet_meta = add_engine_model(repo, "unet", unet_folder, "unet", mode, dynamic_batching=dynamic_batching)
+    metas = {"unet": add_engine_model(repo, "unet", unet_folder, "unet", mode, dynamic_batching=dynamic_batching)}
     for component, folder in component_folders.items():
-        add_engine_model(repo, component, folder, component, mode, dynamic_batching=dynamic_batching)
-    add_pipeline_model(repo, pipe, unet_meta, instances=pipeline_instances)
+        metas[component] = add_engine_model(repo, component, folder, component, mode,
+                                            dynamic_batching=dynamic_batching)
+    add_pipeline_model(repo, pipe, metas, instances=pipeline_instances)
     status(f"Triton repository: {', '.join(sorted(p.name for p in Path(repo).iterdir()))} ({mode} engines)")
 
 
@@ -260,7 +261,7 @@ def local_server(repo: Path, *, timeout_s: float = 120.0, log: Path | None = Non
     command = [str(server), "--model-repository", str(Path(repo).resolve()), "--backend-directory", str(backends),
                "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address", "127.0.0.1",
                "--grpc-port", str(grpc), "--allow-metrics", "false", "--exit-on-error", "true",
-               "--strict-readiness", "true"]
+               "--strict-readiness", "true", "--exit-timeout-secs", "5"]
     log = Path(log) if log else work / "tritonserver.log"
     log_file = open(log, "w")
     proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
