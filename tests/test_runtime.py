@@ -141,7 +141,7 @@ def test_pipeline_image_with_engine_unet_matches_pytorch(dense_engine):
 
 
 def test_engine_metadata_records_signature_and_fingerprint(dense_engine):
-    from slimdiff.engines import config_fingerprint, load_engine_meta
+    from slimdiff.engines import architecture_fingerprint, config_fingerprint, load_engine_meta
 
     folder, unet = dense_engine
     meta, _ = load_engine_meta(folder)
@@ -152,6 +152,9 @@ def test_engine_metadata_records_signature_and_fingerprint(dense_engine):
     # Bookkeeping keys do not count: a config read back from JSON in another process fingerprints the same.
     assert config_fingerprint({**unet.config, "_name_or_path": "elsewhere", "_use_default_values": ["b", "a"]}) \
         == meta["config_fingerprint"]
+    # A slim UNet's config carries its rank plan; its engine still belongs to the dense pipeline.
+    assert architecture_fingerprint({**unet.config, "rank_plan": {"modules": {}}}) == meta["config_fingerprint"]
+    assert config_fingerprint({**unet.config, "cross_attention_dim": 32}) != meta["config_fingerprint"]
 
 
 def test_use_engine_refuses_an_engine_built_for_another_unet(dense_engine):

@@ -16,6 +16,7 @@ from .base import (
     Backend,
     Runner,
     TritonModel,
+    architecture_fingerprint,
     build_engine,
     config_fingerprint,
     engine_meta_path,
@@ -28,6 +29,6 @@ from .base import (
 )
 
 __all__ = [
-    "ENGINE_FORMAT", "Backend", "Runner", "TritonModel", "build_engine", "config_fingerprint", "engine_meta_path",
+    "ENGINE_FORMAT", "Backend", "Runner", "TritonModel", "architecture_fingerprint", "build_engine", "config_fingerprint", "engine_meta_path",
     "get", "input_signature", "load_engine_meta", "names", "open_engine", "register",
 ]

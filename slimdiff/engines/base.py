@@ -142,11 +142,21 @@ def engine_meta_path(folder: Path, component: str = "unet") -> Path:
     return Path(folder) / f"{component}.engine.json"
 
 
+#: Config keys a slim UNet adds to its dense architecture: a slim engine belongs to the dense pipeline it drops into.
+SLIM_CONFIG_KEYS = ("rank_plan",)
+
+
 def config_fingerprint(config) -> str:
     """sha256 of a model config without its bookkeeping keys (those starting with ``_``: ``_name_or_path``,
     ``_diffusers_version``, ``_use_default_values`` whose order changes between processes)."""
     body = {str(k): v for k, v in dict(config).items() if not str(k).startswith("_")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def architecture_fingerprint(unet_config) -> str:
+    """The fingerprint an engine and a pipeline's UNet are matched by: the dense architecture's config (a slim
+    UNet's rank plan left out)."""
+    return config_fingerprint({k: v for k, v in dict(unet_config).items() if k not in SLIM_CONFIG_KEYS})
 
 
 def input_signature(component: Component) -> list[dict]:
@@ -199,7 +209,7 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
         **(extra or {}),
     }
     if "unet_config" in meta:  # what use_engine compares with the pipeline's UNet
-        meta["config_fingerprint"] = config_fingerprint(meta["unet_config"])
+        meta["config_fingerprint"] = architecture_fingerprint(meta["unet_config"])
     meta = json.loads(json.dumps(meta))  # what readers of the file get (tuples become lists)
     runner = backend.polygraphy_runner(meta, folder) if backend.from_onnx else None
     if runner is not None:

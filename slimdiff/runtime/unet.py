@@ -162,7 +162,8 @@ def _describe_signature(signature) -> str:
 def check_engine_belongs(pipe_unet, meta: dict, folder: Path) -> None:
     """Refuse an engine whose input signature or UNet config fingerprint differs from the pipeline's UNet:
     one line naming both sides (and the first differing config keys)."""
-    from ..engines import config_fingerprint, input_signature
+    from ..engines import architecture_fingerprint, input_signature
+    from ..engines.base import SLIM_CONFIG_KEYS
     from ..export.modules import unet_component
 
     if isinstance(pipe_unet, EngineUNet):
@@ -174,10 +175,11 @@ def check_engine_belongs(pipe_unet, meta: dict, folder: Path) -> None:
     if found != expected:
         problems.append(f"inputs {_describe_signature(found)} (the pipeline's UNet takes "
                         f"{_describe_signature(expected)})")
-    fingerprint = config_fingerprint(pipe_unet.config)
+    fingerprint = architecture_fingerprint(pipe_unet.config)
     if meta.get("config_fingerprint") != fingerprint:
         engine_cfg = meta.get("unet_config", {})
-        keys = [k for k in sorted(set(engine_cfg) | set(pipe_unet.config)) if not k.startswith("_")
+        keys = [k for k in sorted(set(engine_cfg) | set(pipe_unet.config))
+                if not k.startswith("_") and k not in SLIM_CONFIG_KEYS
                 and json.dumps(engine_cfg.get(k), default=str) != json.dumps(pipe_unet.config.get(k), default=str)]
         differing = "; ".join(f"{k} {engine_cfg.get(k)!r} vs {pipe_unet.config.get(k)!r}" for k in keys[:3])
         problems.append(f"UNet config fingerprint {str(meta.get('config_fingerprint'))[:12]} (the pipeline's is "
