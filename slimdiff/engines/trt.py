@@ -323,10 +323,11 @@ class TrtBackend(Backend):
     file_pattern = "{name}.plan"
 
     def unavailable(self, device):
+        on_cuda = str(device).startswith("cuda")
         if not tensorrt_available():
-            return NO_TENSORRT
-        if not str(device).startswith("cuda"):
-            return "TensorRT engines need --device cuda"
+            return NO_TENSORRT + ("" if on_cuda else f"; it also needs a CUDA device, and this run is on {device}")
+        if not on_cuda:
+            return f"TensorRT engines need a CUDA device (--device cuda); this run is on {device}"
         return None
 
     def onnx_opset(self):
