@@ -24,7 +24,8 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(slimdiff.__path__, prefix
 
 # extra → (the package it installs, "module:function" that needs it, words the one-line error must contain)
 LAZY_EXTRAS = {
-    "trt": ("tensorrt", "slimdiff.export.trt:require_tensorrt", "slimdiff[trt]"),
+    "trt": ("tensorrt", "slimdiff.engines.trt:require_tensorrt", "slimdiff[trt]"),
+    "serve": ("tritonclient", "slimdiff.engines.triton:_pb", "slimdiff[serve]"),
 }
 
 

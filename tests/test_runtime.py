@@ -8,8 +8,8 @@ import pytest
 import torch
 from export_support import cached_export
 
+from slimdiff.engines import build_engine
 from slimdiff.errors import SlimDiffError
-from slimdiff.export.engines import build_engine
 from slimdiff.export.modules import unet_component
 from slimdiff.models import load_pipeline
 from slimdiff.runtime import EngineUNet, use_engine
@@ -58,10 +58,10 @@ def test_buffers_are_reused_for_a_shape_and_rebound_for_a_new_one(dense_engine):
     engine = EngineUNet.from_folder(folder)
     x1, t1, e1 = _inputs(2, 16, 16, 77, seed=1)
     a = engine(x1, t1, encoder_hidden_states=e1).sample
-    buffers = [b.data_ptr() for b in engine.backend._inputs] + [engine.backend._output.data_ptr()]
+    buffers = [b.data_ptr() for b in engine.runner._inputs] + [engine.runner._output.data_ptr()]
     x, t, e = _inputs(2, 16, 16, 77, seed=2)
     b = engine(x, t, encoder_hidden_states=e).sample
-    assert [b_.data_ptr() for b_ in engine.backend._inputs] + [engine.backend._output.data_ptr()] == buffers
+    assert [b_.data_ptr() for b_ in engine.runner._inputs] + [engine.runner._output.data_ptr()] == buffers
     assert not torch.equal(a, b)  # the returned output is a copy, not the shared buffer
     x2, t2, e2 = _inputs(3, 24, 8, 100, seed=3)
     c = engine(x2, t2, encoder_hidden_states=e2).sample
@@ -133,3 +133,65 @@ def test_pipeline_image_with_engine_unet_matches_pytorch(dense_engine):
     assert image.shape == reference.shape == (32, 32, 3)
     assert np.abs(image - reference).max() < 1e-3
     assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engines know what they belong to: input signature and UNet config fingerprint
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_engine_metadata_records_signature_and_fingerprint(dense_engine):
+    from slimdiff.engines import architecture_fingerprint, config_fingerprint, load_engine_meta
+
+    folder, unet = dense_engine
+    meta, _ = load_engine_meta(folder)
+    assert meta["signature"] == [{"name": "sample", "dtype": "model", "rank": 4},
+                                 {"name": "timestep", "dtype": "float32", "rank": 1},
+                                 {"name": "encoder_hidden_states", "dtype": "model", "rank": 3}]
+    assert meta["config_fingerprint"] == config_fingerprint(unet.config)
+    # Bookkeeping keys do not count: a config read back from JSON in another process fingerprints the same.
+    assert config_fingerprint({**unet.config, "_name_or_path": "elsewhere", "_use_default_values": ["b", "a"]}) \
+        == meta["config_fingerprint"]
+    # A slim UNet's config carries its rank plan; its engine still belongs to the dense pipeline.
+    assert architecture_fingerprint({**unet.config, "rank_plan": {"modules": {}}}) == meta["config_fingerprint"]
+    assert config_fingerprint({**unet.config, "cross_attention_dim": 32}) != meta["config_fingerprint"]
+
+
+def test_use_engine_refuses_an_engine_built_for_another_unet(dense_engine):
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    folder, unet = dense_engine
+    other = UNet2DConditionModel(**{**{k: v for k, v in unet.config.items() if not k.startswith("_")},
+                                    "cross_attention_dim": 32})
+    pipe = SimpleNamespace(unet=other)
+    with pytest.raises(SlimDiffError) as info:
+        use_engine(pipe, folder)
+    message = str(info.value)
+    assert "not built for this pipeline's UNet" in message and "cross_attention_dim 64 vs 32" in message
+    assert "check_model=False" in message and "\n" not in message and pipe.unet is other
+    # The explicit override: the user knows better.
+    assert use_engine(pipe, folder, check_model=False) is pipe.unet and isinstance(pipe.unet, EngineUNet)
+
+
+def test_use_engine_refuses_an_engine_with_another_input_signature(dense_engine, tmp_path):
+    import shutil
+
+    from slimdiff.engines import engine_meta_path
+
+    folder, unet = dense_engine
+    foreign = tmp_path / "foreign"
+    shutil.copytree(folder, foreign)
+    meta = json.loads(engine_meta_path(foreign).read_text())
+    # What an SDXL engine declares: two more inputs than an SD-1.x pipeline's UNet takes.
+    meta["signature"] += [{"name": "text_embeds", "dtype": "model", "rank": 2},
+                          {"name": "time_ids", "dtype": "model", "rank": 2}]
+    engine_meta_path(foreign).write_text(json.dumps(meta))
+    pipe = load_pipeline("builtin:tiny")
+    with pytest.raises(SlimDiffError, match=r"inputs sample .*time_ids \(model, rank 2\) \(the pipeline's UNet "
+                                            r"takes sample \(model, rank 4\), timestep"):
+        use_engine(pipe, foreign)
+    # An engine used as the pipeline's UNet already is compared by its own signature.
+    use_engine(pipe, folder)
+    use_engine(pipe, folder)

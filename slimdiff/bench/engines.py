@@ -122,117 +122,41 @@ class CompileEngine(Engine):
 
 
 class ExportedEngine(Engine):
-    """An engine from :mod:`slimdiff.export` (ONNX Runtime, TensorRT, AOTInductor) served through
-    :class:`slimdiff.runtime.EngineUNet`, built the way ``slimdiff-export`` builds it: from a float32 source,
-    head widths zero-padded for fused attention on CUDA and for TensorRT, one engine per model whose batch range
-    covers the batches asked for."""
+    """An engine backend of :mod:`slimdiff.engines` (ONNX Runtime, TensorRT, AOTInductor...), built through the
+    same path as ``slimdiff-export`` (:func:`slimdiff.engines.build.build_unet_engine`) and served through
+    :class:`slimdiff.runtime.EngineUNet`: one engine per model whose batch range covers the batches asked for."""
 
     kind = ""
 
     def unavailable(self, device):
-        try:
-            from ..export.engines import build_engine  # noqa: F401
-            from ..runtime import EngineUNet  # noqa: F401
-        except ImportError as exc:
-            return f"slimdiff.export / slimdiff.runtime cannot be imported here: {exc}"
-        return None
+        from .. import engines
+
+        return engines.get(self.kind).unavailable(device)
 
     def build(self, unet, batches, latent, text_len, workdir):
-        import copy
-        import json
-
-        from ..export.align import align_head_widths, planned_head_widths
-        from ..export.engines import build_engine
-        from ..export.modules import component_axes, unet_component
-        from ..export.onnx import export_onnx
+        from ..engines.build import build_unet_engine
         from ..export.shapes import Profile, Range, latent_multiple
         from ..runtime import EngineUNet
 
         param = next(unet.parameters())
         device, dtype = str(param.device), param.dtype
-        source = unet if dtype == torch.float32 else copy.deepcopy(unet).float()
-        changed = {}
-        if (self.kind == "trt" or is_cuda(device)) and planned_head_widths(source):
-            source = copy.deepcopy(source) if source is unet else source
-            changed = align_head_widths(source)
-        component = unet_component(source)
-        multiple = latent_multiple(unet.config)
-        multiples = {"height": multiple, "width": multiple}
         profile = Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
                           Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
-        plan = getattr(unet, "slim_plan", None)
-        extra = {"variant": "slim" if plan is not None else "dense", "unet_config": dict(unet.config),
-                 "parameters": sum(p.numel() for p in unet.parameters()),
-                 "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
-                 "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}
-        onnx_path, opset = None, None
-        if self.kind in ("ort", "trt"):
-            onnx_path, opset = Path(workdir) / "unet.onnx", self._opset()
-            sidecar = export_onnx(component, [profile], onnx_path, opset=opset, dtype=dtype, multiples=multiples,
-                                  parity_device=device if self._ort_cuda(device) else "cpu")
-            axes = sidecar["axes"]
-        else:
-            axes = component_axes(component, profile, multiples)
-        meta = build_engine(self.kind, component, Path(workdir), axes=axes, profiles=[profile.to_json()],
-                            dtype=dtype, device=device, onnx_path=onnx_path, extra=extra)
+        meta, sidecar = build_unet_engine(unet, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
+                                          device=device, multiple=latent_multiple(unet.config),
+                                          plan=getattr(unet, "slim_plan", None))
         engine = EngineUNet.from_folder(workdir, device=device)
-        del source, component
         return Built(_torch_runner(engine.forward), files=[Path(workdir) / f for f in meta["files"]],
-                     info={"runtime": meta.get("runtime"), "onnx_opset": opset,
-                           "head_alignment": extra["head_alignment"],
-                           "load_s": engine.load_seconds})
-
-    def _opset(self) -> int:
-        from ..export.onnx import DEFAULT_OPSET
-
-        return DEFAULT_OPSET
-
-    @staticmethod
-    def _ort_cuda(device: str) -> bool:
-        import onnxruntime as ort
-
-        return is_cuda(device) and "CUDAExecutionProvider" in ort.get_available_providers()
+                     info={"runtime": meta.get("runtime"), "onnx_opset": sidecar["opset"] if sidecar else None,
+                           "head_alignment": meta["head_alignment"], "load_s": engine.load_seconds})
 
 
-class OrtEngine(ExportedEngine):
-    name = kind = "ort"
-    description = "ONNX Runtime (opset-23 export, saved optimized graph)"
+def exported_engine(kind: str) -> type[Engine]:
+    """The benchmark engine for backend ``kind`` of :mod:`slimdiff.engines`."""
+    from .. import engines
 
-    def unavailable(self, device):
-        reason = super().unavailable(device)
-        if reason:
-            return reason
-        import onnxruntime as ort
-
-        wanted = "CUDAExecutionProvider" if is_cuda(device) else "CPUExecutionProvider"
-        if wanted not in ort.get_available_providers():
-            return (f"onnxruntime {ort.__version__} here has no {wanted} "
-                    f"(available: {', '.join(ort.get_available_providers())})")
-        return None
-
-
-class AotiEngine(ExportedEngine):
-    name = kind = "aoti"
-    description = "AOTInductor package (torch.export + ahead-of-time Inductor)"
-
-
-class TrtEngine(ExportedEngine):
-    name = kind = "trt"
-    description = "TensorRT FP16 engine from the ONNX export"
-
-    def unavailable(self, device):
-        if not is_cuda(device):
-            return "TensorRT needs a CUDA device; this run is on the CPU"
-        if importlib.util.find_spec("tensorrt") is None:
-            return "TensorRT is not installed here (the tensorrt Python package cannot be imported)"
-        return super().unavailable(device)
-
-    def _opset(self) -> int:
-        import tensorrt
-
-        from ..export.trt import opset_for_tensorrt
-
-        return opset_for_tensorrt(tensorrt.__version__)
+    return type(f"Exported_{kind}", (ExportedEngine,),
+                {"name": kind, "kind": kind, "description": engines.get(kind).description})
 
 
 _REGISTRY: dict[str, type[Engine]] = {}
@@ -267,5 +191,13 @@ def parse_engines(text: str) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-for _engine in (EagerEngine, CudaGraphEngine, CompileEngine, OrtEngine, AotiEngine, TrtEngine):
-    register(_engine)
+def _register_builtin() -> None:
+    from .. import engines
+
+    for engine in (EagerEngine, CudaGraphEngine, CompileEngine):
+        register(engine)
+    for kind in engines.names():  # every engine backend is benchmarkable, with no code here
+        register(exported_engine(kind))
+
+
+_register_builtin()

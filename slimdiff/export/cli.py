@@ -13,13 +13,14 @@ Output layout (written to a temporary sibling and renamed into place only when e
     OUT/export.json                          the command, versions and the table
     OUT/{dense,slim}/unet.onnx[.data]        ONNX export (trt / ort) + unet.onnx.json sidecar
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
+    OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim UNet
+
+``--triton-repo DIR`` also writes a Triton Inference Server model repository (see :mod:`slimdiff.engines.triton`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import shutil
 import sys
 import time
@@ -33,6 +34,7 @@ FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import engines
     from ..cli import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="dense model (builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a "
                         "diffusers folder, a .safetensors file) or a slim folder written by `slimdiff slim`")
-    p.add_argument("--engine", required=True, choices=["trt", "ort", "aoti"],
-                   help="TensorRT (NVIDIA GPU), ONNX Runtime (CPU/CUDA) or AOTInductor")
+    p.add_argument("--engine", required=True, choices=engines.names(),
+                   help="; ".join(f"{n}: {engines.get(n).description}" for n in engines.names()))
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration")
     p.add_argument("--variant", default=None, help="weight variant of a pipeline folder, e.g. fp16")
@@ -68,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of the compressible parameters to remove (0.4) or an amount (100M)")
     slim.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
     add_calibration_arguments(slim)
+    triton = p.add_argument_group("Triton Inference Server")
+    triton.add_argument("--triton-repo", default=None, metavar="DIR",
+                        help="also write a Triton model repository to DIR: the slim UNet, text encoder and VAE decoder "
+                             "engines and a python-backend pipeline model (prompt in, image out)")
+    triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
+                        help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
+                             "run by slimdiff in Triton's python backend (CPU-only servers)")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--trt-opt-level", type=int, default=3, help="builder optimization level 0..5 (default 3)")
     trt.add_argument("--timing-cache", default=None,
@@ -130,22 +139,6 @@ def _slim_dense_model(pipe, args, inputs):
     return report.plan
 
 
-def _needs_aligned_heads(engine: str, device: str) -> bool:
-    """TensorRT's fused MHA and CUDA flash kernels want head widths that are equal multiples of 8;
-    ONNX Runtime and Inductor on the CPU take any width, so padding there would only cost time."""
-    return engine == "trt" or device.startswith("cuda")
-
-
-def _aligned(unet):
-    """``unet`` with aligned head widths (padded copy only when something needs padding) and what changed."""
-    from .align import align_head_widths, planned_head_widths
-
-    if not planned_head_widths(unet):
-        return unet, {}
-    padded = copy.deepcopy(unet)  # the caller's UNet stays as it is (it may be slimmed next)
-    return padded, align_head_widths(padded)
-
-
 def _verify(folder: Path, unet, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
     """Load the engine via the runtime and compare it with the PyTorch UNet on seeded random inputs."""
     import torch
@@ -170,50 +163,41 @@ def _build_variant(args, variant: str, unet, plan, folder: Path, profiles, kind:
                    multiple: int) -> dict:
     import torch
 
-    from .engines import build_engine
-    from .modules import component_axes, unet_component
-    from .onnx import export_onnx
-    from .shapes import union
+    from ..engines.build import build_unet_engine
 
     folder.mkdir()
     unet = unet.to(device).eval()
     if next(unet.parameters()).dtype != torch.float32:
         unet = unet.float()  # the PyTorch reference and the export source stay float32; fp16 is cast per export
-    params = sum(p.numel() for p in unet.parameters())
-    target, changed = _aligned(unet) if _needs_aligned_heads(kind, device) else (unet, {})
-    component = unet_component(target)
-    extra = {"variant": variant, "unet_config": dict(unet.config), "parameters": params,
-             "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
-             "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}
-    multiples = {"height": multiple, "width": multiple}
-    profile_json = [p.to_json() for p in profiles]
-    onnx_path = sidecar = None
-    if kind in ("trt", "ort"):
-        onnx_path = folder / "unet.onnx"
-        ort_cuda = device.startswith("cuda") and _ort_has_cuda()
-        sidecar = export_onnx(component, profiles, onnx_path, opset=opset, dtype=dtype, multiples=multiples,
-                              parity_device=device if ort_cuda else "cpu", extra={"variant": variant})
-        axes = sidecar["axes"]
-    else:
-        axes = component_axes(component, union(profiles), multiples)
-    trt_options = {"opt_level": args.trt_opt_level,
-                   "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
-    meta = build_engine(kind, component, folder, axes=axes, profiles=profile_json, dtype=dtype, device=device,
-                        onnx_path=onnx_path, extra=extra, trt_options=trt_options)
+    options = ({"opt_level": args.trt_opt_level, "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
+               if kind == "trt" else {})
+    meta, sidecar = build_unet_engine(unet, kind, folder, profiles=profiles, dtype=dtype, device=device,
+                                      multiple=multiple, opset=opset, variant=variant, plan=plan, options=options)
     status(f"verifying the {variant} {kind} engine against PyTorch")
-    check = _verify(folder, unet, device, {a: r["opt"] for a, r in axes.items()}, not args.no_cuda_graphs)
+    check = _verify(folder, unet, device, {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs)
     if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
         raise SlimDiffError(f"the {variant} {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
                             f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
     return {"engine": kind, "variant": variant, "file": f"{variant}/{meta['file']}", "size_bytes": meta["size_bytes"],
-            "parameters": params, "dtype": meta["dtype"], "opset": sidecar["opset"] if sidecar else None,
+            "parameters": meta["parameters"], "dtype": meta["dtype"], "opset": sidecar["opset"] if sidecar else None,
             "fused_ops": sidecar["fused"] if sidecar else None, **check}
 
 
-def _ort_has_cuda() -> bool:
-    import onnxruntime as ort
+def _write_triton_repository(args, pipe, out: Path, repo: Path, *, profiles, kind: str, device: str, dtype, opset,
+                             multiple: int) -> None:
+    """Engines of the text encoder and VAE decoder (``OUT/text_encoder``, ``OUT/vae_decoder``), then the
+    repository serving them with the slim UNet engine."""
+    from ..engines.build import build_component_engine
+    from ..engines.triton import write_repository
+    from .modules import text_encoder_component, vae_decoder_component
 
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    folders = {}
+    for component in (text_encoder_component(pipe.text_encoder), vae_decoder_component(pipe.vae)):
+        folders[component.name] = out / component.name
+        folders[component.name].mkdir()
+        build_component_engine(component, kind, folders[component.name], profiles=profiles, dtype=dtype,
+                               device=device, multiple=multiple, opset=opset)
+    write_repository(repo, pipe, out / "slim", folders, args.triton_mode)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -228,30 +212,34 @@ def format_table(rows: list[dict]) -> str:
 def run(args) -> list[dict]:
     import torch
 
+    from .. import engines
     from ..serialization import atomic_output_dir, commit_output_dir
-    from .onnx import DEFAULT_OPSET, OPSETS
+    from .onnx import OPSETS
     from .shapes import default_flags, latent_multiple, parse_profiles
 
     start = time.perf_counter()
-    opset = args.opset
-    if args.engine == "trt":
-        from .trt import opset_for_tensorrt, require_tensorrt
-
-        trt = require_tensorrt()  # before any slow work: one line naming ort/aoti when it is missing
-        opset = opset or opset_for_tensorrt(trt.__version__)
-    opset = opset or DEFAULT_OPSET
+    backend = engines.get(args.engine)
+    device = _device(args)
+    backend.require(device)  # before any slow work: one line naming the alternatives
+    opset = args.opset or backend.onnx_opset()
     if opset not in OPSETS:
         raise SlimDiffError(f"--opset {opset} is not supported: use 23 (fused) or 18 (decomposed attention)")
-    device = _device(args)
-    if args.engine == "trt" and not device.startswith("cuda"):
-        raise SlimDiffError("TensorRT engines need --device cuda")
     fp16 = args.fp16 if args.fp16 is not None else device.startswith("cuda")
     dtype = torch.float16 if fp16 else torch.float32
+    if args.triton_repo:
+        from ..engines.triton import check_mode
+
+        check_mode(args.engine, args.triton_mode)
     out = Path(args.out)
     tmp = atomic_output_dir(out, overwrite=args.force)
+    repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force) if args.triton_repo else None
     try:
         pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant)
         slimming = _slimming_inputs(pipe, args) if slim is None else None
+        if repo_tmp is not None:
+            from ..engines.triton import check_pipeline
+
+            check_pipeline(pipe)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
@@ -272,6 +260,8 @@ def run(args) -> list[dict]:
             plan = _slim_dense_model(pipe, args, slimming)
             slim = pipe.unet
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
+        if repo_tmp is not None:
+            _write_triton_repository(args, pipe, tmp, repo_tmp, **build)
         print(format_table(rows))
         if len(rows) == 2:
             dense_p, slim_p = rows[0]["parameters"], rows[1]["parameters"]
@@ -282,8 +272,12 @@ def run(args) -> list[dict]:
             "profiles": [p.to_json() for p in profiles], "rows": rows, "arguments": vars(args),
             "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
         commit_output_dir(tmp, out)
+        if repo_tmp is not None:
+            commit_output_dir(repo_tmp, Path(args.triton_repo))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if repo_tmp is not None:
+            shutil.rmtree(repo_tmp, ignore_errors=True)
     status(f"engines written to {out} in {time.perf_counter() - start:.0f} s")
     return rows
 

@@ -23,9 +23,9 @@ from ..errors import SlimDiffError
 def check(out: Path, batch: str = "1:1:2", side: str = "256:512:512", text_len: str = "77") -> dict:
     import torch
 
+    from ..engines import build_engine
     from ..models import load_unet
     from ..runtime import EngineUNet
-    from .engines import build_engine
     from .modules import unet_component
     from .onnx import export_onnx
     from .shapes import parse_profiles

@@ -26,20 +26,19 @@ from types import SimpleNamespace
 
 import torch
 
+from ..engines import load_engine_meta, open_engine
 from ..errors import SlimDiffError
-from ..export.engines import load_engine_meta
 from ..export.shapes import Profile
-from .backends import open_backend
 
 
 class EngineUNet(torch.nn.Module):
-    def __init__(self, backend, meta: dict, folder: Path):
+    def __init__(self, runner, meta: dict, folder: Path):
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
         if meta.get("component") != "unet" or "unet_config" not in meta:
             raise SlimDiffError(f"engine in {str(folder)!r} is a {meta.get('component')!r} engine, not a UNet")
-        self.backend = backend
+        self.runner = runner
         self.meta = meta
         self.folder = Path(folder)
         self._config = FrozenDict(meta["unet_config"])
@@ -53,7 +52,7 @@ class EngineUNet(torch.nn.Module):
         the one it was built for. ``cuda_graphs`` applies to TensorRT engines."""
         t0 = time.perf_counter()
         meta, folder = load_engine_meta(Path(folder), "unet")
-        unet = cls(open_backend(meta, folder, device, cuda_graphs=cuda_graphs), meta, folder)
+        unet = cls(open_engine(meta, folder, device, cuda_graphs=cuda_graphs), meta, folder)
         unet.load_seconds = time.perf_counter() - t0
         return unet
 
@@ -64,11 +63,11 @@ class EngineUNet(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backend.dtype
+        return self.runner.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.backend.device
+        return self.runner.device
 
     @property
     def in_channels(self) -> int:
@@ -168,7 +167,7 @@ class EngineUNet(torch.nn.Module):
             inputs.append(self._condition(spec, added.get(spec["name"]), batch))
         out_shape = (batch, self._config["out_channels"], height, width)
         with self._lock:
-            out = self.backend.run(inputs, out_shape)
+            out = self.runner.run(inputs, out_shape)
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
@@ -185,13 +184,49 @@ class EngineUNet(torch.nn.Module):
         return value.to(self.device, getattr(torch, spec["dtype"])).contiguous()
 
 
-def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs: bool = True) -> EngineUNet:
-    """Replace ``pipe.unet`` with the UNet engine in ``folder``; returns it."""
+def _describe_signature(signature) -> str:
+    return ", ".join(f"{i['name']} ({i['dtype']}, rank {i['rank']})" for i in signature) if signature else "none recorded"
+
+
+def check_engine_belongs(pipe_unet, meta: dict, folder: Path) -> None:
+    """Refuse an engine whose input signature or UNet config fingerprint differs from the pipeline's UNet:
+    one line naming both sides (and the first differing config keys)."""
+    from ..engines import architecture_fingerprint, input_signature
+    from ..engines.base import SLIM_CONFIG_KEYS
+    from ..export.modules import unet_component
+
+    if isinstance(pipe_unet, EngineUNet):
+        expected = pipe_unet.meta.get("signature")
+    else:
+        expected = input_signature(unet_component(pipe_unet))
+    found = meta.get("signature")
+    problems = []
+    if found != expected:
+        problems.append(f"inputs {_describe_signature(found)} (the pipeline's UNet takes "
+                        f"{_describe_signature(expected)})")
+    fingerprint = architecture_fingerprint(pipe_unet.config)
+    if meta.get("config_fingerprint") != fingerprint:
+        engine_cfg = meta.get("unet_config", {})
+        keys = [k for k in sorted(set(engine_cfg) | set(pipe_unet.config))
+                if not k.startswith("_") and k not in SLIM_CONFIG_KEYS
+                and json.dumps(engine_cfg.get(k), default=str) != json.dumps(pipe_unet.config.get(k), default=str)]
+        differing = "; ".join(f"{k} {engine_cfg.get(k)!r} vs {pipe_unet.config.get(k)!r}" for k in keys[:3])
+        problems.append(f"UNet config fingerprint {str(meta.get('config_fingerprint'))[:12]} (the pipeline's is "
+                        f"{fingerprint[:12]}{': ' + differing if differing else ''})")
+    if problems:
+        raise SlimDiffError(f"engine in {str(folder)!r} was not built for this pipeline's UNet: " + "; ".join(problems)
+                            + " — rebuild it from this model, or pass check_model=False if you know it fits")
+
+
+def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs: bool = True,
+               check_model: bool = True) -> EngineUNet:
+    """Replace ``pipe.unet`` with the UNet engine in ``folder``; returns it.
+
+    The engine must have been built for this pipeline's UNet: same input signature (names, dtypes, ranks) and
+    same config fingerprint. ``check_model=False`` skips that check, for users who know the engine fits."""
+    meta, folder = load_engine_meta(Path(folder), "unet")
+    if check_model:
+        check_engine_belongs(pipe.unet, meta, folder)
     unet = EngineUNet.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
-    expected = {k: pipe.unet.config.get(k) for k in ("in_channels", "cross_attention_dim", "addition_embed_type",
-                                                       "projection_class_embeddings_input_dim")}
-    found = {k: unet.config.get(k) for k in expected}
-    if expected != found:
-        raise SlimDiffError(f"engine in {str(folder)!r} was built for a UNet with {found}, the pipeline has {expected}")
     pipe.unet = unet
     return unet

@@ -1,4 +1,4 @@
-"""AOTInductor engines: ``torch.export`` with dynamic batch / latent size / tokens, compiled ahead of time
+"""AOTInductor backend: ``torch.export`` with dynamic batch / latent size / tokens, compiled ahead of time
 with ``torch._inductor.aoti_compile_and_package`` into one ``.pt2`` file.
 
 The package holds compiled kernels and weights; :func:`load_aoti_package` runs it through
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import SlimDiffError
-from .meta import status
-from .modules import Component, example_values, torch_dynamic_shapes
+from ..export.meta import status
+from ..export.modules import Component, example_values, torch_dynamic_shapes
+from .base import Backend, register
 
 
 def device_info(device: str) -> dict:
@@ -78,3 +79,36 @@ def load_aoti_package(path: Path, runtime_meta: dict, device: str):
     except Exception as exc:  # a damaged zip or .so surfaces as assorted errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SlimDiffError(f"AOTInductor package {str(path)!r} is corrupt: {first}") from exc
+
+
+class AotiRunner:
+    """An AOTInductor package. Its outputs come from PyTorch's caching allocator, which already recycles
+    device memory between calls, so no buffers are kept here."""
+
+    def __init__(self, meta: dict, folder: Path, device: str):
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, meta["dtype"])
+        self.fn = load_aoti_package(Path(folder) / meta["file"], meta["runtime"], device)
+
+    def run(self, inputs: list[torch.Tensor], out_shape: tuple) -> torch.Tensor:
+        out = self.fn(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+@register
+class AotiBackend(Backend):
+    name = "aoti"
+    description = "AOTInductor package (torch.export + ahead-of-time Inductor)"
+    file_pattern = "{name}.pt2"
+    from_onnx = False
+
+    def unavailable(self, device):
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            return "AOTInductor for cuda needs a CUDA build of torch and a GPU; use --device cpu"
+        return None
+
+    def build(self, component, target, *, onnx_path, sidecar, axes, dtype, device, options):
+        return build_aoti_engine(component, axes, target, device=device, dtype=dtype)
+
+    def open(self, meta, folder, device, **options):
+        return AotiRunner(meta, folder, device)

@@ -1,4 +1,4 @@
-"""Engines: ONNX Runtime (built and run here), AOTInductor (compiled and run here), TensorRT (everything it
+"""Engine backends: ONNX Runtime (built and run here), AOTInductor (compiled and run here), TensorRT (everything it
 consumes is tested here; the build itself needs `tensorrt` and a GPU and skips without them)."""
 
 import json
@@ -8,10 +8,10 @@ import pytest
 import torch
 from export_support import slim_tiny_unet, tiny_profiles
 
+from slimdiff.engines import build_engine, engine_meta_path, load_engine_meta
+from slimdiff.engines import trt as trtmod
+from slimdiff.engines.aoti import check_aoti_environment, device_info
 from slimdiff.errors import SlimDiffError
-from slimdiff.export import trt as trtmod
-from slimdiff.export.aoti import check_aoti_environment, device_info
-from slimdiff.export.engines import build_engine, engine_meta_path, load_engine_meta
 from slimdiff.export.modules import component_axes, unet_component
 from slimdiff.export.onnx import FUSED_OPS, sidecar_path
 from slimdiff.export.shapes import union
@@ -45,6 +45,8 @@ def test_ort_engine_saves_optimized_model_and_metadata(slim, tmp_path):
                         extra={"unet_config": dict(unet.config), "variant": "slim"})
     assert (tmp_path / "unet.ort.onnx").is_file() and meta["file"] == "unet.ort.onnx"
     assert meta["runtime"]["provider"] == "CPUExecutionProvider"
+    # Polygraphy's Comparator ran the engine against its source graph after the build.
+    assert meta["parity_vs_onnx"]["runner"] == "ort-engine-cpu" and meta["parity_vs_onnx"]["max_rel_error"] <= 1e-4
     assert meta["source_onnx"]["sha256"] == sidecar["sha256"]
     assert meta["size_bytes"] == (tmp_path / "unet.ort.onnx").stat().st_size
     on_disk, folder = load_engine_meta(tmp_path)
@@ -232,10 +234,11 @@ def test_trt_engine_metadata_contents_and_mismatch_on_load(slim, tmp_path, monke
                 "files": [engine_path.name]}
 
     monkeypatch.setattr(trtmod, "build_trt_engine", fake_build)
+    monkeypatch.setattr(trtmod.TrtBackend, "polygraphy_runner", lambda self, meta, folder: None)  # needs a GPU
     meta = build_engine("trt", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
                         dtype=torch.float16, device="cuda", onnx_path=path,
                         extra={"unet_config": dict(unet.config), "rank_plan": json.loads(plan.to_json())},
-                        trt_options={"opt_level": 4})
+                        options={"opt_level": 4})
     on_disk, _ = load_engine_meta(tmp_path)
     assert on_disk == meta and meta["file"] == "unet.plan" and meta["dtype"] == "float16"
     assert meta["source_onnx"] == {"file": "unet.onnx", "sha256": sidecar["sha256"], "opset": 23}
@@ -280,7 +283,7 @@ def test_trt_fp16_engine_builds_and_matches(tmp_path):
     build_engine("trt", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"], dtype=torch.float16,
                  device="cuda", onnx_path=tmp_path / "unet.onnx",
                  extra={"unet_config": dict(unet.config)},
-                 trt_options={"opt_level": 0, "timing_cache": tmp_path / "timing.cache"})
+                 options={"opt_level": 0, "timing_cache": tmp_path / "timing.cache"})
     assert (tmp_path / "timing.cache").stat().st_size > 0
     engine = EngineUNet.from_folder(tmp_path, device="cuda")
     # The repeated shape replays the CUDA graph captured on its first call.
@@ -289,3 +292,85 @@ def test_trt_fp16_engine_builds_and_matches(tmp_path):
         got = engine(*inputs[:2], encoder_hidden_states=inputs[2]).sample.float()
         assert torch.isfinite(got).all()
         assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry: one interface, export / runtime / bench all go through it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_registry_lists_the_backends_and_bench_serves_each_of_them():
+    from slimdiff import engines
+    from slimdiff.bench import engines as bench_engines
+
+    assert {"ort", "trt", "aoti"} <= set(engines.names())
+    assert set(engines.names()) <= set(bench_engines.names())
+    assert engines.get("trt").triton_model({}).platform == "tensorrt_plan"
+    assert engines.get("ort").triton_model({}).backend == "onnxruntime"
+    assert engines.get("aoti").triton_model({}) is None and not engines.get("aoti").from_onnx
+    with pytest.raises(SlimDiffError, match="unknown engine 'tvm'; choose one of"):
+        engines.get("tvm")
+
+
+def test_a_new_backend_is_one_class(dense, tmp_path, monkeypatch):
+    """A backend registered from outside the package is built, described, loaded and run like the built-in ones."""
+    from slimdiff.engines import base
+    from slimdiff.engines.ort import OrtBackend, OrtRunner
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    calls = []
+
+    @base.register
+    class PlainOnnx(OrtBackend):
+        name = "plain-onnx"
+        file_pattern = "{name}.plain.onnx"
+
+        def build(self, component, target, *, onnx_path, sidecar, **rest):
+            calls.append("build")
+            target.write_bytes(onnx_path.read_bytes())
+            return {"files": [target.name], "copied_from": onnx_path.name}
+
+        def open(self, meta, folder, device, **options):
+            calls.append("open")
+            return OrtRunner(meta, folder, device)
+
+    path, sidecar, unet = dense
+    meta = build_engine("plain-onnx", unet_component(unet), tmp_path, axes=sidecar["axes"],
+                        profiles=sidecar["profiles"], dtype=torch.float32, device="cpu", onnx_path=path,
+                        extra={"unet_config": dict(unet.config)})
+    assert meta["file"] == "unet.plain.onnx" and meta["runtime"] == {"copied_from": "unet.onnx"}
+    inputs, ref = _reference(unet, 2, 16, 16, 77, seed=0)
+    got = EngineUNet.from_folder(tmp_path)(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() and calls == ["build", "open"]
+
+
+def test_unknown_engine_kind_in_metadata_names_the_known_ones(dense, tmp_path):
+    path, sidecar, unet = dense
+    build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+                 dtype=torch.float32, device="cpu", onnx_path=path)
+    meta = json.loads(engine_meta_path(tmp_path).read_text())
+    engine_meta_path(tmp_path).write_text(json.dumps({**meta, "engine": "tvm"}))
+    with pytest.raises(SlimDiffError, match=r"unknown engine 'tvm' \(known: .*ort"):
+        load_engine_meta(tmp_path)
+
+
+def test_tensorrt_build_is_polygraphys_loader_chain(dense, tmp_path):
+    """The loaders TensorRT builds through, inspected before they run (they need TensorRT only when called)."""
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+
+    path, sidecar, _ = dense
+    profiles = trtmod.optimization_profiles({**sidecar, "profiles": _profiles_json(
+        tiny_profiles(batch="1:1:2,2:4:4", height="32,16:32:48", width="32,16:32:48"))})
+    loader = trtmod.engine_loader(path, profiles, tmp_path / "unet.plan", opt_level=4,
+                                  timing_cache=tmp_path / "timing.cache", strongly_typed=True)
+    assert isinstance(loader, SaveEngine) and loader.path == str(tmp_path / "unet.plan")
+    build = loader._engine
+    assert isinstance(build, EngineFromNetwork) and build.timing_cache_path == str(tmp_path / "timing.cache")
+    assert isinstance(build._network, NetworkFromOnnxPath) and build._network.path == str(path)
+    assert build._network.strongly_typed
+    config = build._config
+    assert isinstance(config, CreateConfig) and config.builder_optimization_level == 4
+    assert config.timing_cache_path == str(tmp_path / "timing.cache")  # loaded before the build
+    assert [{n: tuple(shapes) for n, shapes in p.items()} for p in config.profiles] == profiles
+    assert config.profiles[1]["sample"].max == (4, 4, 24, 24)

@@ -1,0 +1,249 @@
+"""The engine backend interface, its registry, and the engine metadata file every backend writes.
+
+A backend is one class in one file (:mod:`.ort`, :mod:`.trt`, :mod:`.aoti`), registered by name with
+:func:`register` — in the spirit of Polygraphy's per-backend loader/runner folders. It knows how to
+
+* **build** an engine for one exported component into a folder (from the ONNX export, or from the module),
+  returning the runtime facts recorded in the metadata (versions, GPU, provider, files);
+* **open** a built engine as a :class:`Runner` (``run(inputs, out_shape) -> Tensor`` on torch tensors);
+* **describe** itself: its engine file name, why it cannot run on a device here, the ONNX opset it wants;
+* say how **Triton** serves it (:meth:`Backend.triton_model`), which :mod:`slimdiff.engines.triton` turns into
+  a ``config.pbtxt``.
+
+Export (``slimdiff-export``), the runtime (``EngineUNet``), the benchmark and the Triton repository all go
+through :func:`get` / :func:`build_engine` / :func:`open_engine`; adding a backend is one more file.
+
+An engine folder holds ``<component>.engine.json`` (format :data:`ENGINE_FORMAT`) beside the engine file(s):
+the engine kind, files, precision, the shape axes and profiles it accepts, its inputs and input signature, the
+UNet config a pipeline needs (``pipe.unet.config``) with its fingerprint, the rank plan for slim models, the
+source ONNX hash, the backend's runtime facts, and — for backends Polygraphy can run — the engine's agreement
+with its source graph (:mod:`.compare`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+
+from ..errors import SlimDiffError
+from ..export.meta import files_size, read_json, write_json_atomic
+from ..export.modules import Component
+from ..export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, load_sidecar
+
+ENGINE_FORMAT = "slimdiff-engine/1"
+
+
+class Runner(Protocol):
+    """A loaded engine. ``inputs`` are on ``device`` in the engine's dtypes, in the order of the metadata's
+    ``inputs``; ``out_shape`` lets a runner bind its output buffer ahead (None: the engine allocates it). The
+    returned tensor belongs to the caller. Runners are not thread-safe on their own."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def run(self, inputs: list[torch.Tensor], out_shape: tuple | None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """How Triton Inference Server serves an engine: ``platform`` or ``backend`` of its ``config.pbtxt`` and the
+    name Triton looks for in the version folder (the engine's first file is copied under that name, the
+    others keep theirs: ONNX external data is referenced by file name)."""
+
+    model_file: str
+    platform: str = ""
+    backend: str = ""
+
+
+class Backend:
+    """One engine kind. Subclasses set the class attributes and implement :meth:`build` and :meth:`open`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: The engine file, ``{name}`` being the component (unet, text_encoder, vae_decoder).
+    file_pattern: ClassVar[str] = ""
+    #: Built from the component's ONNX export (else from the PyTorch module itself).
+    from_onnx: ClassVar[bool] = True
+
+    def unavailable(self, device: str) -> str | None:
+        """Why engines of this kind cannot be built or run on ``device`` here; None when they can."""
+        return None
+
+    def require(self, device: str) -> None:
+        """Raise the one-line reason when this backend cannot work on ``device`` (before any slow work)."""
+        reason = self.unavailable(device)
+        if reason:
+            raise SlimDiffError(reason)
+
+    def onnx_opset(self) -> int:
+        """The ONNX opset this backend's parser takes best."""
+        return DEFAULT_OPSET
+
+    def needs_aligned_heads(self, device: str) -> bool:
+        """Whether attention head widths must be zero-padded to equal multiples of 8 (fused-attention kernels
+        on CUDA want them; CPU kernels take any width, where padding would only cost time)."""
+        return str(device).startswith("cuda")
+
+    def engine_file(self, component: str) -> str:
+        return self.file_pattern.format(name=component)
+
+    def build(self, component: Component, target: Path, *, onnx_path: Path | None, sidecar: dict | None,
+              axes: dict, dtype: torch.dtype, device: str, options: dict) -> dict:
+        """Build the engine file ``target``; return the runtime facts, with ``files`` (``target``'s name first)."""
+        raise NotImplementedError
+
+    def open(self, meta: dict, folder: Path, device: str, **options) -> Runner:
+        """A runner for the engine described by ``meta`` in ``folder`` (refusing one built for another runtime)."""
+        raise NotImplementedError
+
+    def polygraphy_runner(self, meta: dict, folder: Path):
+        """A Polygraphy runner over the built engine (compared with its source ONNX after a build); None when
+        Polygraphy has none for this backend."""
+        return None
+
+    def triton_model(self, meta: dict) -> TritonModel | None:
+        """How Triton serves this engine natively; None when only the python backend can."""
+        return None
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend available by its ``name`` to export, runtime, bench and Triton."""
+    if not cls.name or not cls.file_pattern:
+        raise SlimDiffError(f"backend {cls.__name__} needs a name and a file pattern")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SlimDiffError(f"unknown engine {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metadata: build, read, open
+# ----------------------------------------------------------------------------------------------------------
+
+
+def engine_meta_path(folder: Path, component: str = "unet") -> Path:
+    return Path(folder) / f"{component}.engine.json"
+
+
+#: Config keys a slim UNet adds to its dense architecture: a slim engine belongs to the dense pipeline it drops into.
+SLIM_CONFIG_KEYS = ("rank_plan",)
+
+
+def config_fingerprint(config) -> str:
+    """sha256 of a model config without its bookkeeping keys (those starting with ``_``: ``_name_or_path``,
+    ``_diffusers_version``, ``_use_default_values`` whose order changes between processes)."""
+    body = {str(k): v for k, v in dict(config).items() if not str(k).startswith("_")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def architecture_fingerprint(unet_config) -> str:
+    """The fingerprint an engine and a pipeline's UNet are matched by: the dense architecture's config (a slim
+    UNet's rank plan left out)."""
+    return config_fingerprint({k: v for k, v in dict(unet_config).items() if k not in SLIM_CONFIG_KEYS})
+
+
+def input_signature(component: Component) -> list[dict]:
+    """What a caller must feed, in order: names, dtypes (``model`` = the engine's floating precision) and ranks.
+    An engine and a pipeline agree when their signatures are equal."""
+    return [{"name": s.name, "dtype": s.dtype, "rank": len(s.dims)} for s in component.inputs]
+
+
+def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, profiles: list[dict],
+                 dtype: torch.dtype, device: str, onnx_path: Path | None = None, extra: dict | None = None,
+                 options: dict | None = None) -> dict:
+    """Build one engine into ``folder`` with backend ``kind`` and write its metadata; returns the metadata.
+
+    Backends built from ONNX take ``onnx_path`` (checked against its sidecar first); the others compile
+    ``component`` directly. ``extra`` (variant, rank plan, UNet config) goes into the metadata as is, with the
+    UNet config's fingerprint; ``options`` are the backend's own (TensorRT: ``opt_level``, ``timing_cache``, ``workspace_gib``).
+    """
+    backend = get(kind)
+    folder = Path(folder)
+    target = folder / backend.engine_file(component.name)
+    source = sidecar = None
+    if backend.from_onnx:
+        if onnx_path is None:
+            raise SlimDiffError(f"a {kind} engine is built from an ONNX export")
+        sidecar = load_sidecar(onnx_path)
+        source = {"file": str(Path(onnx_path).name), "sha256": sidecar["sha256"], "opset": sidecar["opset"]}
+    runtime = backend.build(component, target, onnx_path=onnx_path, sidecar=sidecar, axes=axes, dtype=dtype,
+                            device=device, options=options or {})
+    files = runtime.pop("files")
+    meta = {
+        "format": ENGINE_FORMAT,
+        "engine": kind,
+        "component": component.name,
+        "file": files[0],
+        "files": files,
+        "size_bytes": files_size([folder / f for f in files]),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "inputs": [{"name": s.name, "dims": list(s.dims),
+                    "dtype": s.dtype if s.dtype != "model" else str(dtype).removeprefix("torch.")}
+                   for s in component.inputs],
+        "signature": input_signature(component),
+        "output": component.output,
+        # The output's dims as the ONNX graph declares them (ints, or names for dynamic axes).
+        "output_dims": sidecar["outputs"][0]["dims"] if sidecar else None,
+        "axes": axes,
+        "profiles": profiles,
+        "source_onnx": source,
+        "runtime": runtime,
+        **(extra or {}),
+    }
+    if "unet_config" in meta:  # what use_engine compares with the pipeline's UNet
+        meta["config_fingerprint"] = architecture_fingerprint(meta["unet_config"])
+    meta = json.loads(json.dumps(meta))  # what readers of the file get (tuples become lists)
+    runner = backend.polygraphy_runner(meta, folder) if backend.from_onnx else None
+    if runner is not None:
+        from .compare import compare_with_onnx
+
+        check = compare_with_onnx(runner, onnx_path, component, {a: r["opt"] for a, r in axes.items()}, dtype)
+        meta["parity_vs_onnx"] = check
+        if dtype == torch.float32 and check["max_rel_error"] > FP32_TOLERANCE:
+            for f in files:  # an engine that disagrees with its own source graph is not left behind
+                (folder / f).unlink(missing_ok=True)
+            raise SlimDiffError(f"the {kind} engine of {component.name} differs from its ONNX graph by "
+                                f"{check['max_rel_error']:.2e} (relative; tolerance {FP32_TOLERANCE:.0e})")
+    write_json_atomic(engine_meta_path(folder, component.name), meta)
+    return meta
+
+
+def load_engine_meta(path: Path, component: str = "unet") -> tuple[dict, Path]:
+    """``(metadata, folder)`` from an engine folder or its ``.engine.json``; every listed file must exist."""
+    path = Path(path)
+    meta_file = path if path.suffix == ".json" else engine_meta_path(path, component)
+    if meta_file is not path and not meta_file.is_file():
+        raise SlimDiffError(f"{str(path)!r} is not an engine folder (no {meta_file.name}); "
+                            "build one with slimdiff-export")
+    meta = read_json(meta_file, "engine metadata", ENGINE_FORMAT)
+    folder = meta_file.parent
+    if meta.get("engine") not in _REGISTRY:
+        raise SlimDiffError(f"engine metadata {str(meta_file)!r} names unknown engine {meta.get('engine')!r} "
+                            f"(known: {', '.join(_REGISTRY)})")
+    missing = [f for f in meta.get("files", []) if not (folder / f).is_file()]
+    if missing or not meta.get("files"):
+        raise SlimDiffError(f"engine in {str(folder)!r} is incomplete: {', '.join(missing) or 'no files listed'} missing")
+    return meta, folder
+
+
+def open_engine(meta: dict, folder: Path, device: str | None = None, **options) -> Runner:
+    """The runner for an engine's metadata; ``device`` defaults to the one it was built for."""
+    return get(meta["engine"]).open(meta, Path(folder), device or meta.get("device", "cpu"), **options)

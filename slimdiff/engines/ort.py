@@ -1,0 +1,169 @@
+"""ONNX Runtime backend: sessions on the CPU or CUDA execution provider, with the optimized graph saved.
+
+The "engine" is ONNX Runtime's own optimized graph (``<name>.ort.onnx``), written next to the engine
+metadata by a session that optimizes the portable export once; loading it later skips graph optimization.
+ONNX Runtime's transformer fusion script (``onnxruntime.transformers.optimizer``) is deliberately not used: it
+crashes on these opset-23 graphs, which already carry native fused ``Attention`` ops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SlimDiffError
+from .base import Backend, TritonModel, register
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def has_cuda() -> bool:
+    """Whether this ONNX Runtime has the CUDA execution provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def providers_for(device: str) -> list:
+    """The execution providers for ``device`` (``cpu``, ``cuda``, ``cuda:N``), or the one-line reason why not."""
+    OrtBackend().require(device)
+    if str(device).startswith("cuda"):
+        index = int(str(device).split(":")[1]) if ":" in str(device) else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return PROVIDERS["cpu"]
+
+
+def make_session(model_path: Path, *, device: str = "cpu", optimized_out: Path | None = None,
+                 already_optimized: bool = False):
+    """An ``InferenceSession`` for ``model_path``; with ``optimized_out`` ONNX Runtime also writes its optimized
+    graph there (weights as external data when the source has them)."""
+    import onnxruntime as ort
+
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise SlimDiffError(f"ONNX file {str(model_path)!r} is missing")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+    if already_optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    else:
+        # EXTENDED, not ALL: ALL adds CPU-layout (NCHWc) rewrites that tie the saved graph to this CPU.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if optimized_out is not None:
+        options.optimized_model_filepath = str(optimized_out)
+        if model_path.with_name(model_path.name + ".data").exists():
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             Path(optimized_out).name + ".data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers_for(device))
+    except SlimDiffError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types for damaged graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimDiffError(f"ONNX Runtime cannot load {str(model_path)!r}: {first}") from exc
+
+
+def build_ort_engine(onnx_path: Path, engine_path: Path, *, device: str = "cpu") -> dict:
+    """Optimize ``onnx_path`` for ``device`` and save the result as ``engine_path``; returns runtime metadata."""
+    import onnxruntime as ort
+
+    session = make_session(onnx_path, device=device, optimized_out=engine_path)
+    if not Path(engine_path).is_file():
+        raise SlimDiffError(f"ONNX Runtime did not write its optimized model to {str(engine_path)!r}")
+    data = Path(engine_path).with_name(Path(engine_path).name + ".data")
+    return {
+        "onnxruntime_version": ort.__version__,
+        "provider": session.get_providers()[0],
+        "device": str(device),
+        "files": [Path(engine_path).name] + ([data.name] if data.exists() else []),
+    }
+
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+class OrtRunner:
+    """ONNX Runtime on CPU or CUDA through an I/O binding: inputs are copied into buffers that stay bound
+    across calls of the same shapes, and the engine writes straight into a bound output buffer."""
+
+    def __init__(self, meta: dict, folder: Path, device: str):
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, meta["dtype"])
+        self.session = make_session(Path(folder) / meta["file"], device=device, already_optimized=True)
+        self.names = [i["name"] for i in meta["inputs"]]
+        self.output_name = meta["output"]
+        self._key = None
+
+    def _bind(self, key, inputs, out_shape):
+        kind = self.device.type
+        index = self.device.index or 0
+        self._inputs = [torch.empty_like(t) for t in inputs]
+        binding = self.session.io_binding()
+        for name, buf in zip(self.names, self._inputs):
+            binding.bind_input(name, kind, index, _NUMPY[buf.dtype], tuple(buf.shape), buf.data_ptr())
+        if out_shape is None:  # the caller does not know the output shape: ONNX Runtime allocates it
+            self._output = None
+            binding.bind_output(self.output_name, kind, index)
+        else:
+            self._output = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+            binding.bind_output(self.output_name, kind, index, _NUMPY[self.dtype], tuple(out_shape),
+                                self._output.data_ptr())
+        self._binding, self._key = binding, key
+
+    def run(self, inputs: list[torch.Tensor], out_shape: tuple | None) -> torch.Tensor:
+        key = (tuple(tuple(t.shape) for t in inputs), out_shape)
+        if key != self._key:
+            self._bind(key, inputs, out_shape)
+        for buf, t in zip(self._inputs, inputs):
+            buf.copy_(t)
+        if self.device.type == "cuda":
+            # ONNX Runtime runs on its own CUDA stream: torch's copies must land first.
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(self._binding)
+        if self.device.type == "cuda":
+            self._binding.synchronize_outputs()
+        if self._output is None:
+            return torch.from_numpy(self._binding.copy_outputs_to_cpu()[0]).to(self.device)
+        # A copy: schedulers such as PNDM keep earlier outputs, and the bound buffer is rewritten next call.
+        return self._output.clone()
+
+
+@register
+class OrtBackend(Backend):
+    name = "ort"
+    description = "ONNX Runtime (opset-23 export, saved optimized graph; CPU or CUDA)"
+    file_pattern = "{name}.ort.onnx"
+
+    def unavailable(self, device):
+        import onnxruntime as ort
+
+        kind = str(device).split(":")[0]
+        if kind not in PROVIDERS:
+            return f"ONNX Runtime engines run on cpu or cuda, not {device!r}"
+        if PROVIDERS[kind][0] not in ort.get_available_providers():
+            return (f"onnxruntime {ort.__version__} here has no {PROVIDERS[kind][0]} (install onnxruntime-gpu for "
+                    f"cuda); available: {', '.join(ort.get_available_providers())}")
+        return None
+
+    def build(self, component, target, *, onnx_path, sidecar, axes, dtype, device, options):
+        return build_ort_engine(onnx_path, target, device=device)
+
+    def open(self, meta, folder, device, **options):
+        return OrtRunner(meta, folder, device)
+
+    def polygraphy_runner(self, meta, folder):
+        import onnxruntime as ort
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        provider = "cuda" if str(meta["device"]).startswith("cuda") else "cpu"
+        return OnnxrtRunner(SessionFromOnnx(str(Path(folder) / meta["file"]), providers=[provider],
+                                            graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                            name=f"ort-engine-{provider}")
+
+    def triton_model(self, meta):
+        # The saved optimized graph (EXTENDED level: portable between machines), its weights file kept by name.
+        return TritonModel(model_file="model.onnx", backend="onnxruntime")

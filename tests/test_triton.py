@@ -1,0 +1,165 @@
+"""The Triton model repository: configurations read back through Triton's own protobuf schema, and a repository
+written by ``slimdiff-export --triton-repo`` served by a real ``tritonserver`` (the one bundled in the
+nvidia-pytriton wheel: python backend only, on the CPU, loopback, free ports, stopped by the test)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimdiff.engines import build_engine, engine_meta_path
+from slimdiff.errors import SlimDiffError
+from slimdiff.export.modules import unet_component
+
+pytest.importorskip("tritonclient.grpc")
+
+
+@pytest.fixture(scope="module")
+def ort_engine(dense, tmp_path_factory):
+    path, sidecar, unet = dense
+    folder = tmp_path_factory.mktemp("ort_engine")
+    build_engine("ort", unet_component(unet), folder, axes=sidecar["axes"], profiles=sidecar["profiles"],
+                 dtype=torch.float32, device="cpu", onnx_path=path, extra={"unet_config": dict(unet.config)})
+    return folder
+
+
+def _inputs(config):
+    return {t.name: t for t in config.input}
+
+
+def test_onnxruntime_config_reads_back_with_batching_shapes_and_files(ort_engine, tmp_path):
+    from slimdiff.engines import triton
+
+    meta = triton.add_engine_model(tmp_path, "unet", ort_engine, "unet", "native")
+    config = triton.read_config(tmp_path / "unet" / "config.pbtxt")
+    pb, _ = triton._pb()
+    assert config.name == "unet" and config.backend == "onnxruntime" and config.platform == ""
+    assert config.default_model_filename == "model.onnx" and (tmp_path / "unet" / "1" / "model.onnx").is_file()
+    assert config.max_batch_size == 4 and config.HasField("dynamic_batching")
+    inputs = _inputs(config)
+    assert list(inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert list(inputs["sample"].dims) == [4, -1, -1] and inputs["sample"].data_type == pb.TYPE_FP32
+    # The timestep is one number per batch item: declared [1] to Triton, reshaped to [] for the engine.
+    assert list(inputs["timestep"].dims) == [1] and inputs["timestep"].HasField("reshape")
+    assert list(inputs["timestep"].reshape.shape) == []
+    assert list(inputs["encoder_hidden_states"].dims) == [-1, 64]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("out_sample", [4, -1, -1])]
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert json.loads((tmp_path / "unet" / "engine.json").read_text()) == meta
+
+
+def test_tensorrt_config_names_the_plan_fp16_and_the_gpu(ort_engine, tmp_path):
+    """A TensorRT engine's configuration, from metadata as a TensorRT build writes it (no TensorRT here)."""
+    from slimdiff.engines import triton
+
+    meta = json.loads(engine_meta_path(ort_engine).read_text())
+    meta.update(engine="trt", device="cuda", dtype="float16", file="unet.plan", files=["unet.plan"],
+                inputs=[{**i, "dtype": "float16" if i["dtype"] == "float32" and i["name"] != "timestep" else i["dtype"]}
+                        for i in meta["inputs"]])
+    folder = tmp_path / "trt"
+    folder.mkdir()
+    (folder / "unet.plan").write_bytes(b"serialized engine")
+    engine_meta_path(folder).write_text(json.dumps(meta))
+    triton.add_engine_model(tmp_path / "repo", "unet", folder, "unet", "native", dynamic_batching=False)
+    config = triton.read_config(tmp_path / "repo" / "unet" / "config.pbtxt")
+    pb, _ = triton._pb()
+    assert config.platform == "tensorrt_plan" and config.backend == "" and config.default_model_filename == "model.plan"
+    assert (tmp_path / "repo" / "unet" / "1" / "model.plan").read_bytes() == b"serialized engine"
+    assert [t.data_type for t in config.input] == [pb.TYPE_FP16, pb.TYPE_FP32, pb.TYPE_FP16]
+    assert config.output[0].data_type == pb.TYPE_FP16 and not config.HasField("dynamic_batching")
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+
+
+def test_bad_repository_requests_fail_early(tmp_path):
+    from slimdiff.engines import triton
+
+    with pytest.raises(SlimDiffError, match="no native backend for aoti|built from ONNX"):
+        triton.check_mode("aoti", "native")
+    with pytest.raises(SlimDiffError, match="mode must be one of native, python"):
+        triton.check_mode("ort", "grpc")
+    with pytest.raises(SlimDiffError, match="needs the whole pipeline"):
+        triton.check_pipeline(None)
+    (tmp_path / "config.pbtxt").write_text("name: \"unet\"\nmax_batch_size: four\n")
+    with pytest.raises(SlimDiffError, match="not a valid Triton model configuration"):
+        triton.read_config(tmp_path / "config.pbtxt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real tritonserver
+# ---------------------------------------------------------------------------------------------------------
+
+FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
+PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
+
+
+@pytest.fixture(scope="module")
+def served_repository(tmp_path_factory):
+    """``slimdiff-export --triton-repo`` (python mode) on builtin:tiny, served by the bundled tritonserver."""
+    pytest.importorskip("pytriton")
+    from slimdiff.engines.triton import local_server
+    from slimdiff.export import cli
+
+    root = tmp_path_factory.mktemp("triton")
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(root / "engines"), "--slim-only",
+                   "--triton-repo", str(root / "repo"), "--triton-mode", "python", *FAST_CALIBRATION])
+    assert rc == 0
+    with local_server(root / "repo", timeout_s=180, log=root / "tritonserver.log") as urls:
+        yield root, urls
+
+
+def _served_image(url, prompt, seed, steps=4):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url, network_timeout=120)
+    inputs = []
+    for name, value, dtype in (("prompt", np.array([prompt], dtype=object), "BYTES"),
+                               ("seed", np.array([seed], dtype=np.int64), "INT64"),
+                               ("steps", np.array([steps], dtype=np.int32), "INT32")):
+        tensor = httpclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return client.infer("pipeline", inputs).as_numpy("image")
+
+
+def test_served_pipeline_gives_the_in_process_image(served_repository):
+    from slimdiff.models import load_pipeline
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, urls = served_repository
+    repo = root / "repo"
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "unet", "vae_decoder"]
+    in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
+    diffusers_pipe = load_pipeline("builtin:tiny")  # PyTorch text encoder and VAE, the slim UNet engine
+    use_engine(diffusers_pipe, root / "engines" / "slim")
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    for prompt, seed in PROMPTS:
+        served = _served_image(urls["http"], prompt, seed)
+        assert served.shape == (32, 32, 3) and served.dtype == np.uint8
+        # Same engines, same diffusers loop, run in this process: the very same image.
+        assert np.array_equal(served, generate(in_process, prompt, seed=seed, steps=4))
+        # diffusers' own pipeline with its PyTorch text encoder and VAE: equal up to float rounding.
+        reference = generate(diffusers_pipe, prompt, seed=seed, steps=4)
+        assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1
+        assert served.std() > 1  # an image with content, not a flat fill
+    assert not np.array_equal(_served_image(urls["http"], *PROMPTS[0]), _served_image(urls["http"], PROMPTS[0][0], 4))
+
+
+def test_served_engine_model_batches_and_reports_errors(served_repository):
+    import tritonclient.http as httpclient
+
+    _, urls = served_repository
+    client = httpclient.InferenceServerClient(urls["http"], network_timeout=60)
+    gen = np.random.default_rng(0)
+    ids = gen.integers(0, 100, size=(3, 77)).astype(np.int64)
+    tensor = httpclient.InferInput("input_ids", list(ids.shape), "INT64")
+    tensor.set_data_from_numpy(ids)
+    out = client.infer("text_encoder", [tensor]).as_numpy("last_hidden_state")
+    assert out.shape == (3, 77, 64) and np.isfinite(out).all()
+    # A request the engine cannot take is answered with an error, and the server keeps serving.
+    bad = httpclient.InferInput("input_ids", [1, 77], "INT64")
+    bad.set_data_from_numpy(np.full((1, 77), 10**9, dtype=np.int64))
+    with pytest.raises(Exception, match="text_encoder|index|out of|Gather"):
+        client.infer("text_encoder", [bad])
+    assert client.is_server_ready()
