@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
+from .distributed import Group
 from .errors import SlimDiffError
 from .prompts import read_prompts
 from .slim import SlimConfig, SlimReport, slim_unet
@@ -40,11 +41,13 @@ def collect_statistics(
     calibration: CalibrationConfig = CalibrationConfig(),
     loop: BatchLoop | None = None,
     progress: bool = True,
-) -> Statistics:
-    """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given."""
+    group: Group = Group(),
+) -> Statistics | None:
+    """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given.
+    Under torch.distributed (``group``) rank 0 returns the statistics, the other ranks None."""
     slimset = choose_prompts(pipe, prompts, num_prompts)
-    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress)
-    if out is not None:  # provenance of the prompt choice (calibration itself keeps prompts.txt)
+    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, group=group)
+    if out is not None and stats is not None:  # provenance of the prompt choice (calibration keeps prompts.txt)
         (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
     return stats
 
