@@ -8,10 +8,12 @@ Two passes (method.md §4), so SD-1.5 fits in memory:
   every attention output (small: C×C and H×d×d), the text-token moment of cross-attention, and, for the
   FFNs, directly the fidelity-weighted moment Σ̄ = Σ_t w_t Σ_t with w from pass 1 (one I×I matrix each).
 
-Both CFG branches are in the batch and count with equal weight. A statistics directory is resumable:
-accumulators are checkpointed atomically every few prompt batches, and a restarted run skips finished
-batches. Every prompt has its own seeded generator and accumulation order is fixed, so a resumed run ends
-with statistics bit-identical to an uninterrupted one.
+Both CFG branches are in the batch and count with equal weight. Prompts are summed in fixed chunks of
+``checkpoint_every`` batches, each chunk from zero, and the chunk sums are added in chunk order: the totals are
+checkpointed atomically after each chunk, and a restarted run skips finished chunks. Every prompt has its own
+seeded generator and the summation tree is fixed, so a resumed run — or one whose chunks were dealt over
+torchrun processes (:mod:`slimdiff.distributed`) — ends with statistics bit-identical to an uninterrupted
+single-process one.
 """
 
 from __future__ import annotations

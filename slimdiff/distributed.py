@@ -133,11 +133,14 @@ def _header(tensors: dict[str, torch.Tensor]) -> dict:
 @contextmanager
 def process_group(device: str) -> Iterator[Group]:
     """The torchrun process group for calibrating on ``device`` (NCCL for CUDA, gloo for CPU), torn down after;
-    a single-process :class:`Group` when not launched by torchrun."""
+    the caller's group if torch.distributed is already initialized; a single process when not under torchrun."""
+    cuda = torch.device(device).type == "cuda"
+    if dist.is_initialized():
+        yield Group(rank=dist.get_rank(), size=dist.get_world_size(), device=device if cuda else "cpu")
+        return
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         yield Group(device=device)
         return
-    cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=CHUNK_TIMEOUT)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slimdiff.calibrate import CalibrationConfig, Statistics, calibrate
+from slimdiff.errors import SlimDiffError
 from slimdiff.models import build_builtin
 from slimdiff.prompts import read_prompts
 
@@ -83,7 +84,7 @@ def test_killed_rank_resumes_to_identical_statistics(tmp_path):
     killed = _torchrun(*worker, "--kill-rank", "1", "--kill-seed", "3",
                        "--kill-when-exists", str(out / "chunks" / "pass2-000002.safetensors"))
     assert killed.returncode != 0, killed.stdout
-    with pytest.raises(Exception, match="incomplete"):
+    with pytest.raises(SlimDiffError, match="incomplete"):
         Statistics.load(out)
     resumed = _torchrun(*worker)
     assert resumed.returncode == 0, resumed.stdout
