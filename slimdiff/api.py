@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
+from .distributed import Group
 from .errors import SlimDiffError, SlimDiffWarning
 from .prompts import read_prompts
 from .slim import SlimConfig, SlimReport, slim_unet
@@ -45,12 +46,14 @@ def collect_statistics(
     loop: BatchLoop | None = None,
     progress: bool = True,
     on_batch: Callable[[str, int], None] | None = None,
-) -> Statistics:
+    group: Group = Group(),
+) -> Statistics | None:
     """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given.
-    ``on_batch(stage, batches_done)`` is called after each calibration batch."""
+    ``on_batch(stage, batches_done)`` is called after each calibration batch. Under torch.distributed
+    (``group``) rank 0 returns the statistics, the other ranks None."""
     slimset = choose_prompts(pipe, prompts, num_prompts)
-    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch)
-    if out is not None:  # provenance of the prompt choice (calibration itself keeps prompts.txt)
+    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch, group=group)
+    if out is not None and stats is not None:  # provenance of the prompt choice (calibration keeps prompts.txt)
         (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
     return stats
 

@@ -8,10 +8,12 @@ Two passes (method.md §4), so SD-1.5 fits in memory:
   every attention output (small: C×C and H×d×d), the text-token moment of cross-attention, and, for the
   FFNs, directly the fidelity-weighted moment Σ̄ = Σ_t w_t Σ_t with w from pass 1 (one I×I matrix each).
 
-Both CFG branches are in the batch and count with equal weight. A statistics directory is resumable:
-accumulators are checkpointed atomically every few prompt batches, and a restarted run skips finished
-batches. Every prompt has its own seeded generator and accumulation order is fixed, so a resumed run ends
-with statistics bit-identical to an uninterrupted one.
+Both CFG branches are in the batch and count with equal weight. Prompts are summed in fixed chunks of
+``checkpoint_every`` batches, each chunk from zero, and the chunk sums are added in chunk order: the totals are
+checkpointed atomically after each chunk, and a restarted run skips finished chunks. Every prompt has its own
+seeded generator and the summation tree is fixed, so a resumed run — or one whose chunks were dealt over
+torchrun processes (:mod:`slimdiff.distributed`) — ends with statistics bit-identical to an uninterrupted
+single-process one.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import fingerprint
 from .analyze import timestep_weights, trq_from_energies
+from .distributed import Group
 from .errors import SlimDiffError
 from .families import (
     ATTENTION,
@@ -381,11 +386,18 @@ def calibrate(
     loop: BatchLoop | None = None,
     progress: bool = True,
     on_batch: Callable[[str, int], None] | None = None,
-) -> Statistics:
+    group: Group = Group(),
+) -> Statistics | None:
     """Collect calibration statistics for ``pipe.unet`` over ``prompts``; resumable when ``out`` is given.
 
     ``loop(prompts, seeds)`` runs sampling for one batch (default: :func:`pipeline_loop`); replace it to
-    calibrate on your own trajectories. ``on_batch(stage, batches_done)`` is called after each batch.
+    calibrate on your own trajectories. ``on_batch(stage, batches_done)`` is called once a batch's sums are
+    checkpointed. ``group``: the processes calibrating together (:func:`slimdiff.distributed.process_group`);
+    rank 0 returns the statistics and writes ``out``, the other ranks return None.
+
+    Prompts are summed in chunks of ``config.checkpoint_every`` batches, each chunk from zero, and the chunk
+    sums are added in chunk order. Float64 addition is not associative, so this fixed tree is what makes the
+    result independent of how many processes share the chunks (round-robin) and of where a run resumed.
     """
     if not prompts:
         raise SlimDiffError("no calibration prompts")
@@ -399,29 +411,48 @@ def calibrate(
     prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     fresh = {"format": STATS_FORMAT, "fingerprint": fingerprint, "config": asdict(config),
              "num_prompts": len(prompts), "prompts_sha256": prompt_sha, "complete": False}
-    manifest = _resume_manifest(folder, fresh) if folder is not None else None
-    if manifest is None:
-        manifest = fresh
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
-            _atomic_json(folder / MANIFEST, manifest)
-    ckpt = _Checkpointer(folder, manifest)
-    seeds = [config.seed + i for i in range(len(prompts))]
+    run_id = json.dumps(fresh, sort_keys=True)
+    group.check_same("model, prompts and calibration arguments", run_id)
+    manifest = None
+    if group.is_leader:
+        manifest = _resume_manifest(folder, fresh) if folder is not None else None
+        if manifest is None:
+            manifest = fresh
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+                _atomic_json(folder / MANIFEST, manifest)
+    manifest = group.broadcast_json(manifest)  # every rank resumes where rank 0's checkpoint says
+    chunks_dir = None
+    if folder is not None and group.size > 1:
+        chunks_dir = folder / "chunks"
+        chunks_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(unet, prompts, [config.seed + i for i in range(len(prompts))], loop, config, group,
+               _Checkpointer(folder, manifest) if group.is_leader else None, chunks_dir,
+               hashlib.sha256(run_id.encode()).hexdigest(), progress, on_batch)
     batches = [list(range(i, min(i + config.batch_size, len(prompts)))) for i in range(0, len(prompts), config.batch_size)]
     n1 = -(-min(config.pass1_prompts, len(prompts)) // config.batch_size)
 
-    pass1 = _run_pass(unet, "pass1", batches[:n1], prompts, seeds, loop, manifest, ckpt, folder, config,
-                      None, None, None, progress, on_batch)
-    timesteps, visits = manifest["timesteps"], manifest["visits"]
-    weights = ffn_timestep_weights(pass1, unet, config)
-    if folder is not None:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "ffn_weights.safetensors"))
-    pass2 = _run_pass(unet, "pass2", batches, prompts, seeds, loop, manifest, ckpt, folder, config,
-                      timesteps, weights, visits, progress, on_batch)
-    manifest["complete"] = True
-    if folder is not None:
-        _atomic_json(folder / MANIFEST, manifest)
+    pass1, trajectory = run.one_pass("pass1", batches[:n1], manifest, None, None, None)
+    # Pass 2 needs the pass-1 totals of all ranks: rank 0 derives the timestep weights and shares them.
+    weights = None
+    if group.is_leader:
+        weights = ffn_timestep_weights(pass1, unet, config)
+        if folder is not None:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "ffn_weights.safetensors"))
+    trajectory = group.broadcast_json(trajectory)
+    weights = group.broadcast_tensors(weights)
+    timesteps, visits = trajectory["timesteps"], trajectory["visits"]
+    pass2, _ = run.one_pass("pass2", batches, manifest, timesteps, weights, visits)
+    if group.is_leader:
+        manifest["complete"] = True
+        if folder is not None:
+            _atomic_json(folder / MANIFEST, manifest)
+    group.barrier()
+    if chunks_dir is not None:
+        shutil.rmtree(chunks_dir, ignore_errors=True)  # every chunk is in the totals now
+    if not group.is_leader:
+        return None
     tensors = dict(pass2)
     tensors.update({f"pass1.{k}": v for k, v in pass1.items()})
     return Statistics(tensors, timesteps, visits, weights, fingerprint, config, len(prompts))
@@ -442,32 +473,97 @@ def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
     return manifest
 
 
-def _run_pass(unet, stage, batches, prompts, seeds, loop, manifest, ckpt, folder, config,
-              timesteps, weights, visits, progress, on_batch) -> dict[str, torch.Tensor]:
-    done = manifest.get(stage, {}).get("batches_done", 0)
-    collector = _Collector(unet, stage, manifest.get("timesteps") if stage == "pass1" else timesteps,
-                           weights, visits)
-    if done:
-        collector.load_state(load_file(str(folder / manifest[stage]["file"])))
-    if done >= len(batches):
-        return collector.state()
-    desc = "calibration pass 1/2 (timestep weights)" if stage == "pass1" else "calibration pass 2/2 (moments)"
-    bar = tqdm(total=sum(len(b) for b in batches), initial=sum(len(b) for b in batches[:done]),
-               desc=desc, unit="prompt", disable=not progress)
-    with torch.no_grad(), collector.attached():
-        for i in range(done, len(batches)):
-            loop([prompts[j] for j in batches[i]], [seeds[j] for j in batches[i]])
-            bar.update(len(batches[i]))
-            extra = {}
-            if stage == "pass1":
-                if i == 0:  # UNet calls per timestep in one sampling run
-                    manifest["visits"] = [collector.calls[t] for t in collector.timesteps]
-                extra = {"timesteps": collector.timesteps, "visits": manifest["visits"]}
-            if (i + 1) % config.checkpoint_every == 0 or i + 1 == len(batches):
-                ckpt.save(stage, collector.state(), i + 1, **extra)
-            if on_batch is not None:
-                on_batch(stage, i + 1)
-    bar.close()
-    if stage == "pass1":
-        manifest["timesteps"] = collector.timesteps
-    return collector.state()
+def _fold(total: dict[str, torch.Tensor] | None, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``total += part``, key by key. ``.seq`` entries are tokens per sample (constants), the rest are sums."""
+    if total is None:
+        return {k: v.clone() for k, v in part.items()}
+    for key, value in part.items():
+        if key in total and not key.endswith(".seq"):
+            total[key] += value
+        else:
+            total[key] = value.clone()
+    return total
+
+
+class _Run:
+    """One calibration's passes: chunks of batches dealt round-robin over the ranks, rank 0 folding each
+    round's chunk sums in chunk order and checkpointing the total; a rank keeps a finished chunk on disk
+    until the round's total is checkpointed, so a killed rank's restart loses at most its current chunk."""
+
+    def __init__(self, unet, prompts, seeds, loop, config, group, ckpt, chunks_dir, run_id, progress, on_batch):
+        self.unet, self.prompts, self.seeds, self.loop, self.config = unet, prompts, seeds, loop, config
+        self.group, self.ckpt, self.chunks_dir, self.run_id = group, ckpt, chunks_dir, run_id
+        self.progress, self.on_batch = progress, on_batch
+
+    def one_pass(self, stage, batches, manifest, timesteps, weights, visits):
+        """The pass's totals and, for pass 1, the trajectory ``{"timesteps", "visits"}`` (None off rank 0)."""
+        size, rank = self.group.size, self.group.rank
+        chunks = [batches[i:i + self.config.checkpoint_every]
+                  for i in range(0, len(batches), self.config.checkpoint_every)]
+        ends = [chunk[-1][-1] + 1 for chunk in chunks]  # prompts done once a chunk is folded
+        batch_ends = [sum(len(c) for c in chunks[:i + 1]) for i in range(len(chunks))]
+        done = sum(1 for e in batch_ends if e <= manifest.get(stage, {}).get("batches_done", 0))
+        total, trajectory = None, None
+        if self.group.is_leader and done:
+            total = load_file(str(self.ckpt.folder / manifest[stage]["file"]))
+        if stage == "pass1" and done:
+            trajectory = {"timesteps": manifest["timesteps"], "visits": manifest["visits"]}
+        desc = "calibration pass 1/2 (timestep weights)" if stage == "pass1" else "calibration pass 2/2 (moments)"
+        bar = tqdm(total=ends[-1], initial=ends[done - 1] if done else 0, desc=desc, unit="prompt",
+                   disable=not (self.progress and self.group.is_leader))
+        for first in range(done, len(chunks), size):
+            mine = first + rank
+            last = min(first + size, len(chunks))
+            part = self._chunk(stage, mine, chunks[mine], timesteps, weights, visits) if mine < last else None
+            if self.group.is_leader:
+                for index in range(first, last):
+                    sums, meta = part if index == mine else self.group.recv(index - first)
+                    if stage == "pass1":
+                        if trajectory is None:
+                            trajectory = meta
+                        elif meta["timesteps"] != trajectory["timesteps"]:
+                            raise SlimDiffError("calibration prompts visited different timesteps: "
+                                                "every sampling run must follow the same schedule")
+                    total = _fold(total, sums)
+                self.ckpt.save(stage, total, batch_ends[last - 1], **(trajectory if stage == "pass1" else {}))
+                bar.update(ends[last - 1] - (ends[first - 1] if first else 0))
+            elif part is not None:
+                self.group.send(*part, dst=0)
+            self.group.barrier()  # rank 0's checkpoint holds this round: finished chunks may go
+            if part is not None:
+                if self.chunks_dir is not None:
+                    self._chunk_path(stage, mine).unlink(missing_ok=True)
+                if self.on_batch is not None:
+                    for b in range(batch_ends[mine] - len(chunks[mine]), batch_ends[mine]):
+                        self.on_batch(stage, b + 1)
+        bar.close()
+        return total, trajectory
+
+    def _chunk_path(self, stage: str, index: int) -> Path:
+        return self.chunks_dir / f"{stage}-{index:06d}.safetensors"
+
+    def _chunk(self, stage, index, batches, timesteps, weights, visits) -> tuple[dict[str, torch.Tensor], dict]:
+        """The sums of one chunk, started from zero, and its trajectory: from disk if this rank finished it
+        before a restart, else sampled (and kept on disk until folded, when other ranks share the run)."""
+        path = self._chunk_path(stage, index) if self.chunks_dir is not None else None
+        if path is not None and path.is_file():
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+                if header.get("run") == self.run_id:
+                    return {k: f.get_tensor(k) for k in f.keys()}, json.loads(header["meta"])
+        collector = _Collector(self.unet, stage, timesteps, weights, visits)
+        meta: dict = {}
+        with torch.no_grad(), collector.attached():
+            for i, batch in enumerate(batches):
+                self.loop([self.prompts[j] for j in batch], [self.seeds[j] for j in batch])
+                if stage == "pass1" and i == 0:  # UNet calls per timestep in one sampling run
+                    meta["visits"] = [collector.calls[t] for t in collector.timesteps]
+        if stage == "pass1":
+            meta["timesteps"] = collector.timesteps
+        sums = collector.state()
+        if path is not None:
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.contiguous() for k, v in sums.items()}, str(tmp),
+                      metadata={"run": self.run_id, "meta": json.dumps(meta)})
+            os.replace(tmp, path)
+        return sums, meta

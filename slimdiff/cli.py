@@ -43,6 +43,9 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", default="trq", choices=["trq", "uniform", "single"],
                    help="timestep weighting of the statistics (default trq)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=8, metavar="BATCHES",
+                   help="batches per chunk (default 8): the unit of checkpoints, of the work dealt to torchrun "
+                        "processes and of the fixed summation order — changing it changes the last bits")
 
 
 def calibration_config_from_args(args):
@@ -50,7 +53,8 @@ def calibration_config_from_args(args):
 
     return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
                              width=args.resolution, seed=args.seed, batch_size=args.batch_size,
-                             pass1_prompts=args.pass1_prompts, weighting=args.weighting)
+                             pass1_prompts=args.pass1_prompts, weighting=args.weighting,
+                             checkpoint_every=args.checkpoint_every)
 
 
 def calibration_clock(prog: str, pipe, pool_size: int, args):
@@ -75,16 +79,23 @@ def _load(args):
 def cmd_calibrate(args) -> None:
     from .api import collect_statistics
     from .checks import check_resumable_dir
+    from .distributed import process_group, rank_device
     from .prompts import read_prompts
 
     start = time.perf_counter()
     check_resumable_dir(args.out)
+    config = calibration_config_from_args(args)
     pool = read_prompts(args.prompts, model=args.model)
-    pipe = _load(args)
-    stats = collect_statistics(pipe, pool, args.num_prompts, args.out, calibration_config_from_args(args),
-                               on_batch=calibration_clock("slimdiff", pipe, len(pool), args))
-    print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out} "
-          f"in {time.perf_counter() - start:.1f} s")
+    # Under torchrun every rank loads the model on its own device and samples its share of the prompts.
+    args.device = rank_device(resolve_device(args.device))
+    with process_group(args.device) as group:
+        pipe = _load(args)
+        clock = calibration_clock("slimdiff", pipe, len(pool), args) if group.is_leader else None
+        stats = collect_statistics(pipe, pool, args.num_prompts, args.out, config, on_batch=clock, group=group)
+    if stats is not None:
+        ranks = f" by {group.size} processes" if group.size > 1 else ""
+        print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out}"
+              f"{ranks} in {time.perf_counter() - start:.1f} s")
 
 
 def _slim_config(args):
