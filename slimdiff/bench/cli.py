@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-steps", type=int, default=10, help="sampling steps per calibration prompt (default 10)")
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--r-min", type=int, default=8)
-    p.add_argument("--allocator", default="softmax", choices=["softmax", "greedy", "uniform"])
+    p.add_argument("--allocator", default="greedy", choices=["greedy", "softmax", "uniform"],
+                   help="rank allocator of calibrated slim models (default greedy, as `slimdiff slim`)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (default max-autotune on cuda, default on cpu)")
     p.add_argument("--deadline", type=float, default=None,

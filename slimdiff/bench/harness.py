@@ -1,7 +1,10 @@
 """The latency benchmark: dense vs slim UNets on the same engines, UNet-only and end-to-end.
 
 For every engine that can run here, every budget (0 = dense) and every UNet batch size it measures the UNet
-call (warm-ups, then timed calls: median and p90), the error of the engine's output against the dense eager
+call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the same
+engine (alternating calls in one process, same inputs, same threads), its speed-up the ratio of medians with a
+paired-bootstrap confidence interval, and the cell marked *noisy* when that interval is wide or the speed-up
+beats the ideal by more than a few percent (:mod:`.timing`) — the error of the engine's output against the dense eager
 model on the same inputs, MACs and parameters (``torch.utils.flop_counter``), the ideal speed-up (dense MACs /
 slim MACs) and the measured/ideal ratio, peak memory and engine file size. At even UNet batch sizes it also
 runs the whole pipeline (``batch/2`` images with classifier-free guidance, so the UNet sees the same shape)
@@ -31,7 +34,8 @@ from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
 from .macs import count_macs, counter_notes, meta_unet
 from .plans import SYNTHETIC, SlimModel, make_models
-from .timing import CallTimer, PeakMemory, is_cuda, time_calls, wall_clock
+from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, PeakMemory, clock_name, is_cuda,
+                     judge_speedup, speedup_interval, summarize, time_calls, time_interleaved, wall_clock)
 
 SCHEMA = "slimdiff-bench/1"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -47,7 +51,9 @@ class BenchConfig:
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # float16 | float32 | bfloat16; None: float16 on cuda, float32 on cpu
     warmup: int = 3
-    iters: int = 20
+    iters: int = 20  # timed calls of a dense cell; timed dense/slim pairs of a slim cell
+    noisy_max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH
+    noisy_over_ideal: float = NOISY_OVER_IDEAL
     e2e: bool = True
     e2e_steps: int = 25
     e2e_runs: int = 3
@@ -57,7 +63,7 @@ class BenchConfig:
     calib_steps: int = 10
     align: int = 8
     r_min: int = 8
-    allocator: str = "softmax"
+    allocator: str = "greedy"  # as SlimConfig: the softmax lost to uniform allocation in the proxy ablation
     seed: int = 0
     compile_mode: str | None = None
     deadline_s: float | None = None
@@ -72,8 +78,9 @@ class BenchConfig:
             raise SlimDiffError("budgets must be ≥ 0 (0 = dense)")
         if not self.batches or any(b < 1 for b in self.batches):
             raise SlimDiffError("batch sizes must be positive")
-        if self.warmup < 0 or self.iters < 1 or self.e2e_runs < 1 or self.e2e_steps < 1:
-            raise SlimDiffError("warm-up must be ≥ 0; timed calls, end-to-end runs and steps ≥ 1")
+        if self.warmup < 0 or self.iters < 2 or self.e2e_runs < 1 or self.e2e_steps < 1:
+            raise SlimDiffError("warm-up must be ≥ 0, timed calls ≥ 2 (a speed-up interval needs pairs), "
+                                "end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
 
@@ -159,6 +166,8 @@ class Bench:
         self.dtype = _resolve_dtype(config.dtype, self.device)
         self.t0 = time.perf_counter()
         self.observed_build: dict[str, float] = {}
+        #: engine → the dense model's runner on it, kept while that engine's slim models are timed against it.
+        self.dense_runs: dict[str, object] = {}
 
     # -- helpers -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -271,20 +280,34 @@ class Bench:
         default += [(n, i) for i in range(len(self.models)) for n in engines if n != "eager"]
         jobs = list(dict.fromkeys((n, index[b]) for n, b in (order or []) if n in engines and b in index))
         jobs += [j for j in default if j not in jobs]
+        # A slim model is timed against the dense model on the same engine, so the dense job moves up to just
+        # before the first slim job of its engine.
+        dense = index.get(0.0)
+        if dense is not None:
+            for n in engines:
+                first = next((k for k, (m, _) in enumerate(jobs) if m == n), None)
+                if first is not None and (n, dense) in jobs:
+                    jobs.remove((n, dense))
+                    jobs.insert(first, (n, dense))
+        last_job = {n: k for k, (n, _) in enumerate(jobs)}
         workroot = Path(self.cfg.workdir) if self.cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
         workroot.mkdir(parents=True, exist_ok=True)
         try:
-            for name, i in jobs:
+            for k, (name, i) in enumerate(jobs):
                 if self.engine_entries[name]["status"] == "ok":
                     self.results.extend(self._run_engine_model(name, engines[name], self.models[i],
                                                                workroot / f"{name}-{i}"))
+                if last_job[name] == k:
+                    self.dense_runs.pop(name, None)
+                    _free(self.device)
         finally:
+            self.dense_runs.clear()
             if not self.cfg.workdir:
                 shutil.rmtree(workroot, ignore_errors=True)
 
     def report(self) -> dict:
         cfg = self.cfg
-        _speedups(self.results, self.model_entries)
+        _speedups(self.results, self.model_entries, cfg.noisy_max_relative_width, cfg.noisy_over_ideal)
         environment = dict(self.environment_at_start)
         if is_cuda(self.device):
             environment["clocks_at_end"] = device_info(self.device).get("clocks")
@@ -294,6 +317,7 @@ class Bench:
             "wall_seconds": round(self.elapsed(), 1),
             "command": cfg.command or " ".join(sys.argv),
             "config": {k: v for k, v in asdict(cfg).items() if k != "build_estimates_s"},
+            "timing_method": TIMING_METHOD,
             "model": {
                 "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
                 "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
@@ -355,12 +379,23 @@ class Bench:
         t_build = time.perf_counter()
         built = engine.build(model.unet, batches, self.latent, inputs.embeds.shape[1], workdir)
         build_s = time.perf_counter() - t_build
+        dense_run = self.dense_runs.get(name) if model.budget > 0 else None
         cells = []
         for b in batches:
             sample, timestep, context = inputs.get(b)
             with torch.no_grad(), wall_clock(self.device) as first:
                 out = built.run(sample, timestep, context).float().cpu()  # lazy engines compile here
-            timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
+            paired = None
+            if dense_run is None:
+                timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
+            else:
+                dense_ms, slim_ms = time_interleaved(lambda: dense_run(sample, timestep, context),
+                                                     lambda: built.run(sample, timestep, context), self.device,
+                                                     cfg.warmup, cfg.iters)
+                timing = summarize(slim_ms, cfg.warmup, clock_name(self.device))
+                paired = {"dense_unet": summarize(dense_ms, cfg.warmup, clock_name(self.device)).to_dict(),
+                          "interval": speedup_interval(dense_ms, slim_ms, seed=cfg.seed),
+                          "dense_ms": [round(v, 4) for v in dense_ms], "slim_ms": [round(v, 4) for v in slim_ms]}
             eager_err = None
             if name != "eager":
                 with torch.no_grad():
@@ -374,15 +409,22 @@ class Bench:
                 "error_vs_eager": eager_err,
                 "engine_file_bytes": _file_bytes(built.files), "weights_bytes": weights_bytes,
                 "engine_info": built.info,
+                "interleaved": paired,
             }
             if cfg.e2e and b % 2 == 0:
                 cell["e2e"] = self._e2e(pipe, built.run, b // 2, model)
             cell["memory"] = memory.read()
             if is_cuda(self.device):
                 cell["clocks_after"] = device_info(self.device).get("clocks")
+            against = "" if paired is None else (
+                f"; dense interleaved {paired['dense_unet']['median_ms']:.2f} ms → "
+                f"{paired['interval']['speedup']:.3f}× [{paired['interval']['low']:.3f}, "
+                f"{paired['interval']['high']:.3f}]")
             self.log(f"{name:>8} budget {model.budget:<4g} batch {b}: median {timing.median_ms:8.2f} ms "
-                     f"(p90 {timing.p90_ms:.2f})")
+                     f"(p90 {timing.p90_ms:.2f}){against}")
             cells.append(cell)
+        if model.budget == 0:
+            self.dense_runs[name] = built.run
         return cells
 
     def _pipeline(self, pipe, run, images: int, timer: CallTimer) -> torch.Tensor:
@@ -407,10 +449,11 @@ class Bench:
                 calls.append(timer.calls)
         meaningful = model.meaningful_outputs or model.budget == 0
         error = _rel_err(last, self.e2e_ref[images]) if meaningful else None
+        psnr = _psnr_db(last, self.e2e_ref[images]) if meaningful else None
         total, unet_ms = _median(totals), _median(inside)
         return {"images": images, "steps": cfg.e2e_steps, "guidance": cfg.guidance, "runs": cfg.e2e_runs,
                 "total_ms": total, "unet_ms": unet_ms, "outside_unet_ms": total - unet_ms,
-                "unet_calls": calls[-1], "image_error_vs_dense": error,
+                "unet_calls": calls[-1], "image_error_vs_dense": error, "image_psnr_db_vs_dense": psnr,
                 "unet_timing": "cuda-events (summed, unsynchronised)" if is_cuda(self.device) else "perf_counter"}
 
 
@@ -420,9 +463,26 @@ def _median(values: list[float]) -> float:
     return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
-def _speedups(results: list[dict], models: list[dict]) -> None:
-    """Fill speed-up (dense latency / slim latency, same engine and batch), ideal speed-up (dense MACs / slim
-    MACs) and measured/ideal into every measured slim cell."""
+def _psnr_db(images: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean PSNR (dB) of images in [0, 1] against the dense model's images of the same seeds, each capped at
+    100 dB as ``slimdiff eval`` caps identical pairs."""
+    mse = (images.double() - ref.double()).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).clamp_max(100.0).mean())
+
+
+TIMING_METHOD = (
+    "slim and dense timed interleaved (alternating calls AB BA AB …, one process, same inputs and threads); "
+    "speed-up = median(dense) / median(slim) with a seeded paired-bootstrap percentile interval; a cell is noisy "
+    "when the interval is wider than the stated fraction of the speed-up or the speed-up exceeds the ideal "
+    "(MAC ratio) by more than the stated margin")
+
+
+def _speedups(results: list[dict], models: list[dict], max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH,
+              over_ideal: float = NOISY_OVER_IDEAL) -> None:
+    """Fill speed-up (interleaved ratio of medians, same engine and batch) with its interval and verdict, ideal
+    speed-up (dense MACs / slim MACs) and measured/ideal into every measured cell. A slim cell without an
+    interleaved dense partner gets no speed-up: medians from different moments of a shared machine are not a
+    ratio anyone should read."""
     macs = {(m["budget"], int(b)): v["total"] for m in models for b, v in m["macs"].items()}
     dense = {(r["engine"], r["batch"]): r for r in results if r["budget"] == 0 and r["status"] == "ok"}
     for r in results:
@@ -430,7 +490,16 @@ def _speedups(results: list[dict], models: list[dict]) -> None:
             continue
         ideal = macs[(0.0, r["batch"])] / macs[(r["budget"], r["batch"])] if (0.0, r["batch"]) in macs else None
         base = dense.get((r["engine"], r["batch"]))
-        speedup = base["unet"]["median_ms"] / r["unet"]["median_ms"] if base else None
+        interval = (r.get("interleaved") or {}).get("interval")
+        if r["budget"] == 0:
+            speedup, r["speedup_status"], r["noisy_reasons"] = 1.0, "reference", []
+        elif interval is None:
+            speedup, r["speedup_status"] = None, "not-measured"
+            r["noisy_reasons"] = ["no dense model was timed alongside it on this engine"]
+        else:
+            speedup = interval["speedup"]
+            r["noisy_reasons"] = judge_speedup(interval, ideal, max_relative_width, over_ideal)
+            r["speedup_status"] = "noisy" if r["noisy_reasons"] else "measured"
         r["ideal_speedup"] = ideal
         r["speedup"] = speedup
         r["measured_over_ideal"] = speedup / ideal if speedup and ideal else None
