@@ -57,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=32, help="prompts evaluated per chunk (progress is logged per chunk)")
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="start no evaluation chunk after this many minutes; report the prompts done")
+    p.add_argument("--stats", default=None, help="calibration statistics folder: reused when complete, else "
+                                                  "written (calibration resumes there)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
     calib, evals, prompt_note = _prompts(args.model, pipe, args.calib_prompts, args.eval_prompts)
     timings = {}
     t0 = time.perf_counter()
-    stats = calibrate(pipe, calib, None, CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0,
+    stats = calibrate(pipe, calib, args.stats, CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0,
                                                          batch_size=8, pass1_prompts=16), progress=True)
     timings["calibration_s"] = round(time.perf_counter() - t0, 1)
     config = SlimConfig(budget=fraction, budget_unit="macs")
@@ -97,11 +102,30 @@ def main(argv=None) -> int:
     rep = slim_unet(slim, stats, config, progress=False)
     dense_cost, slim_cost = unet_cost(pipe.unet), unet_cost(slim)
     t0 = time.perf_counter()
-    comp = compare(pipe, {"slim": slim}, evals, EvalSettings(steps=args.steps, guidance=guidance, seed=0,
-                                                             batch_size=args.eval_batch))
+    dense_images, slim_images, noise, timesteps = [], [], [], None
+    for first in range(0, len(evals), args.chunk):
+        if args.deadline_min is not None and time.perf_counter() - start > 60 * args.deadline_min:
+            print(f"deadline: stopping after {first} evaluation prompts", flush=True)
+            break
+        chunk = evals[first:first + args.chunk]
+        # Seeds continue across chunks (prompt i always gets seed i), as one compare() over every prompt would.
+        comp = compare(pipe, {"slim": slim}, chunk, EvalSettings(steps=args.steps, guidance=guidance, seed=first,
+                                                                 batch_size=args.eval_batch), progress=False)
+        dense_images.append(comp.dense)
+        slim_images.append(comp.slims["slim"])
+        noise.append(comp.noise_errors["slim"])
+        timesteps = comp.timesteps
+        if proxy:
+            done = evals[:first + len(chunk)]
+            d = paired_delta(adherence(np.concatenate(dense_images), done),
+                             adherence(np.concatenate(slim_images), done))
+            print(f"{len(done)} prompts, {time.perf_counter() - t0:.0f} s: adherence slim − dense "
+                  f"{d['points']:+.2f} ± {d['stderr_points']:.2f} points", flush=True)
     timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
-    npe = noise_error_summary(comp.noise_errors["slim"], comp.timesteps)
-    fid = fidelity(comp.dense, comp.slims["slim"])
+    evals = evals[:sum(len(x) for x in dense_images)]
+    dense_all, slim_all = np.concatenate(dense_images), np.concatenate(slim_images)
+    npe = noise_error_summary(np.concatenate(noise), timesteps)
+    fid = fidelity(dense_all, slim_all)
     row = {"removed_transformer_mac_fraction":
            1 - slim_cost["macs_transformer"] / dense_cost["macs_transformer"],
            "removed_unet_mac_fraction": 1 - slim_cost["macs"] / dense_cost["macs"],
@@ -112,7 +136,7 @@ def main(argv=None) -> int:
     bar = {"psnr_mean_db": {"value": fid["psnr_db"]["mean"], "target": f">= {BAR_PSNR_DB}",
                             "met": fid["psnr_db"]["mean"] >= BAR_PSNR_DB}}
     if proxy:
-        dense_a, slim_a = adherence(comp.dense, evals), adherence(comp.slims["slim"], evals)
+        dense_a, slim_a = adherence(dense_all, evals), adherence(slim_all, evals)
         delta = paired_delta(dense_a, slim_a)
         row.update(adherence_dense=dense_a["score"], adherence_slim=slim_a["score"],
                    adherence_delta_points=delta["points"], adherence_delta_stderr=delta["stderr_points"],
@@ -127,11 +151,11 @@ def main(argv=None) -> int:
             "budget_fraction_of_compressible_macs": fraction,
             "settings": {"calibration_prompts": len(calib), "steps": args.steps, "guidance": guidance,
                          "eval_prompts": len(evals), "seeds": f"0..{len(evals) - 1}", "threads": args.threads,
-                         "scheduler": type(pipe.scheduler).__name__, "size": int(comp.dense.shape[1]),
+                         "scheduler": type(pipe.scheduler).__name__, "size": int(dense_all.shape[1]),
                          "prompts": prompt_note, "torch": torch.__version__},
             "dense": dense_cost, "slim_cost": slim_cost, "result": row, "bar": bar,
             "bar_met": all(c["met"] for c in bar.values()),
-            "npe_per_step": npe["per_step"], "timesteps": comp.timesteps,
+            "npe_per_step": npe["per_step"], "timesteps": timesteps,
             "timings": {**timings, "total_s": round(time.perf_counter() - start, 1)}}
     cells = [[f"{100 * fraction:.1f}", f"{100 * row['removed_transformer_mac_fraction']:.1f}", row["npe"],
               fid["psnr_db"]["mean"], fid["ssim"]["mean"]]]
@@ -152,7 +176,7 @@ def main(argv=None) -> int:
     with atomic_output(out, args.force) as tmp:
         write_json(tmp / "quality_bar.json", body)
         (tmp / "quality_bar.md").write_text("\n".join(md), encoding="utf-8")
-        save_grid(tmp / "grid.png", [("dense", comp.dense), ("slim", comp.slims["slim"])], 8)
+        save_grid(tmp / "grid.png", [("dense", dense_all[:8]), ("slim", slim_all[:8])], 8)
     print("\n".join(md))
     return 0
 

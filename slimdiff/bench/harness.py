@@ -63,6 +63,9 @@ class BenchConfig:
     calib_steps: int = 10
     align: int = 8
     r_min: int = 8
+    #: zero-pad every slim attention's per-head q·k and v widths to one multiple of this (exact: see
+    #: slimdiff.export.align) — equal widths keep SDPA on its flash kernel; None leaves the widths as planned.
+    pad_heads: int | None = None
     allocator: str = "greedy"  # as SlimConfig: the softmax lost to uniform allocation in the proxy ablation
     seed: int = 0
     compile_mode: str | None = None
@@ -83,6 +86,8 @@ class BenchConfig:
                                 "end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
+        if self.pad_heads is not None and self.pad_heads < 1:
+            raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
 
 
 def _resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -235,6 +240,8 @@ class Bench:
         self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
         self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
                                   seed=cfg.seed, align=cfg.align, r_min=cfg.r_min)
+        if cfg.pad_heads:
+            self._pad_heads(self.models)
         self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
         self.dense_params = sum(p.numel() for p in pipe.unet.parameters())
         self.model_entries = [self._model_entry(m) for m in self.models]
@@ -250,6 +257,27 @@ class Bench:
         self.engine_entries: dict[str, dict] = {}
         self.results: list[dict] = []
 
+    def _pad_heads(self, models: list[SlimModel]) -> None:
+        from ..export.align import align_head_widths
+
+        for m in models:
+            if m.budget > 0:
+                changed = align_head_widths(m.unet, multiple=self.cfg.pad_heads, equal_qk_v=True)
+                m.info["head_padding"] = {k: [list(a), list(b)] for k, (a, b) in changed.items()}
+
+    def add_models(self, models: list[SlimModel]) -> None:
+        """Measure these slim models too (after :meth:`prepare`): plans made outside the budget list, e.g. a
+        fraction of the transformer MACs or a latency budget. Each needs its own ``budget`` key (a float)."""
+        known = {m.budget for m in self.models}
+        for m in models:
+            if m.budget <= 0 or m.budget in known:
+                raise SlimDiffError(f"model key {m.budget} must be positive and not already measured")
+            known.add(m.budget)
+        if self.cfg.pad_heads:
+            self._pad_heads(models)
+        self.models.extend(models)
+        self.model_entries.extend(self._model_entry(m) for m in models)
+
     def _model_entry(self, m: SlimModel) -> dict:
         shapes = meta_unet(self.pipe.unet.config, m.plan)
         macs = {str(b): count_macs(shapes, b, self.latent).to_dict() for b in self.cfg.batches}
@@ -260,14 +288,18 @@ class Bench:
             "removed_by_kind": m.plan.removed_by_kind() if m.plan else {},
             "compressible_params": m.plan.compressible_params if m.plan else None,
             "ranks": {n: e.rank for n, e in m.plan.modules.items()} if m.plan else None,
-            "macs": macs, "plan_info": {k: v for k, v in info.items() if k in (
+            "macs": macs, "label": m.info.get("label"), "head_padding": m.info.get("head_padding"),
+            "plan_info": {k: v for k, v in info.items() if k in (
                 "source", "scores", "budget", "budget_resolved", "align", "r_min", "slim_config", "num_prompts")},
         }
 
-    def run_engines(self, names: list[str], order: list[tuple[str, float]] | None = None) -> None:
-        """Measure ``names`` on every model. Default order: eager first, then the other engines budget by
-        budget in the order the budgets were given; ``order`` lists (engine, budget) jobs by priority instead
-        (jobs it leaves out run after it, in the default order)."""
+    def run_engines(self, names: list[str], order: list[tuple[str, float]] | None = None,
+                    budgets: list[float] | None = None, keep_dense: bool = False) -> None:
+        """Measure ``names`` on every model (``budgets``: on these only). Default order: eager first, then the
+        other engines budget by budget in the order the budgets were given; ``order`` lists (engine, budget)
+        jobs by priority instead (jobs it leaves out run after it, in the default order). ``keep_dense`` keeps
+        each engine's dense model loaded after the call, so that a later call times new slim models against
+        it without measuring it again (:meth:`release_dense` frees them)."""
         engines = {n: engine_registry.create(n, compile_mode=self.cfg.compile_mode) for n in names}
         for name, engine in engines.items():
             reason = engine.unavailable(self.device)
@@ -276,19 +308,22 @@ class Bench:
             if reason:
                 self.log(f"engine {name}: skipped — {reason}")
         index = {m.budget: i for i, m in enumerate(self.models)}
-        default = [(n, i) for n in engines if n == "eager" for i in range(len(self.models))]
-        default += [(n, i) for i in range(len(self.models)) for n in engines if n != "eager"]
-        jobs = list(dict.fromkeys((n, index[b]) for n, b in (order or []) if n in engines and b in index))
+        chosen = [i for i, m in enumerate(self.models) if budgets is None or m.budget in budgets]
+        default = [(n, i) for n in engines if n == "eager" for i in chosen]
+        default += [(n, i) for i in chosen for n in engines if n != "eager"]
+        jobs = list(dict.fromkeys((n, index[b]) for n, b in (order or []) if n in engines and b in index
+                                  and index[b] in chosen))
         jobs += [j for j in default if j not in jobs]
         # A slim model is timed against the dense model on the same engine, so the dense job moves up to just
         # before the first slim job of its engine.
         dense = index.get(0.0)
         if dense is not None:
             for n in engines:
-                first = next((k for k, (m, _) in enumerate(jobs) if m == n), None)
-                if first is not None and (n, dense) in jobs:
+                if (n, dense) in jobs:
                     jobs.remove((n, dense))
-                    jobs.insert(first, (n, dense))
+                first = next((k for k, (m, _) in enumerate(jobs) if m == n), None)
+                if n not in self.dense_runs and (first is not None or dense in chosen):
+                    jobs.insert(len(jobs) if first is None else first, (n, dense))
         last_job = {n: k for k, (n, _) in enumerate(jobs)}
         workroot = Path(self.cfg.workdir) if self.cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
         workroot.mkdir(parents=True, exist_ok=True)
@@ -297,13 +332,19 @@ class Bench:
                 if self.engine_entries[name]["status"] == "ok":
                     self.results.extend(self._run_engine_model(name, engines[name], self.models[i],
                                                                workroot / f"{name}-{i}"))
-                if last_job[name] == k:
+                if last_job[name] == k and not keep_dense:
                     self.dense_runs.pop(name, None)
                     _free(self.device)
         finally:
-            self.dense_runs.clear()
+            if not keep_dense:
+                self.release_dense()
             if not self.cfg.workdir:
                 shutil.rmtree(workroot, ignore_errors=True)
+
+    def release_dense(self) -> None:
+        """Free the dense models kept by ``run_engines(keep_dense=True)``."""
+        self.dense_runs.clear()
+        _free(self.device)
 
     def report(self) -> dict:
         cfg = self.cfg
