@@ -317,7 +317,8 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
         return out
 
     est = args.compile_estimate
-    suite.phase("p1a_headline_mac_plans", "headline: transformer-MAC plans on the timed engines", 30, headline_mac_plans)
+    suite.phase("p1a_headline_mac_plans", "headline: transformer-MAC plans on the timed engines", 30,
+                headline_mac_plans)
     if suite.body["phases"]["p1a_headline_mac_plans"]["status"] != "ok":
         return  # without the headline model nothing else is worth the device time
     suite.phase("p2_latency_table", "per-module latency table and predicted ceiling", 40, latency_table)

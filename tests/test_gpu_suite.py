@@ -96,3 +96,25 @@ def test_bench_pad_heads_gives_equal_widths_and_the_same_outputs():
         out = slim.unet(sample, timestep, encoder_hidden_states=context).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert bench.model_entries[1]["head_padding"] == slim.info["head_padding"]
+
+
+def test_sdxl_style_unets_are_benchmarked_with_their_added_conditions_bound():
+    from diffusers import UNet2DConditionModel
+
+    from slimdiff.bench.harness import WithAddedConditions
+    from slimdiff.bench.studies import _attention_tokens
+    from slimdiff.models import TINY_UNET
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                                   "projection_class_embeddings_input_dim": 32 + 6 * 8}).eval()
+    assert WithAddedConditions.needed(unet)
+    runnable = WithAddedConditions(unet, resolution=32)
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        out = runnable(sample, torch.full((2,), 500.0), encoder_hidden_states=context, return_dict=False)[0]
+        with pytest.raises(Exception):  # the bare UNet cannot be called the way the engines call it
+            unet(sample, torch.full((2,), 500.0), encoder_hidden_states=context)
+    assert out.shape == sample.shape and runnable.config is unet.config
+    tokens = _attention_tokens(unet, (16, 16))
+    assert tokens and all(k == q or k == 77 for q, k in tokens.values())

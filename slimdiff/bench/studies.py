@@ -286,10 +286,15 @@ def _attention_tokens(unet, latent, text_len: int = 77) -> dict[str, tuple[int, 
                 found[path] = (lq, ctx.shape[1] if ctx is not None else lq)
             handles.append(m.register_forward_pre_hook(record, with_kwargs=True))
     cfg = meta.config
+    extra = {}
+    if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text embeddings + size ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled, device="meta"),
+                                      "time_ids": torch.empty(1, 6, device="meta")}
     try:
         with torch.no_grad():
             meta(torch.empty(1, cfg.in_channels, *latent, device="meta"), torch.tensor([500.0], device="meta"),
-                 encoder_hidden_states=torch.empty(1, text_len, cfg.cross_attention_dim, device="meta"))
+                 encoder_hidden_states=torch.empty(1, text_len, cfg.cross_attention_dim, device="meta"), **extra)
     finally:
         for h in handles:
             h.remove()
