@@ -63,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--stats", default=None, help="calibration statistics folder: reused when complete, else "
                                                   "written (calibration resumes there)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--range", default=None, metavar="FIRST:END",
+                   help="evaluate only held-out prompts FIRST..END-1 (seeds = their indices) and save the raw "
+                        "arrays to --out/part.npz: parts run in parallel processes and are joined with --merge")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                   help="folders written with --range that together cover prompts 0..N-1: report on their union")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     return p.parse_args(argv)
@@ -103,11 +108,22 @@ def main(argv=None) -> int:
     dense_cost, slim_cost = unet_cost(pipe.unet), unet_cost(slim)
     t0 = time.perf_counter()
     dense_images, slim_images, noise, timesteps = [], [], [], None
-    for first in range(0, len(evals), args.chunk):
+    lo, hi = (int(x) for x in args.range.split(":")) if args.range else (0, len(evals))
+    if args.merge:
+        parts = sorted((np.load(Path(d) / "part.npz") for d in args.merge), key=lambda z: int(z["first"]))
+        if [int(z["first"]) for z in parts] != [0, *[int(z["end"]) for z in parts[:-1]]]:
+            raise SystemExit("quality_bar: the merged parts must cover prompts 0..N-1 without gaps or overlap")
+        for z in parts:
+            dense_images.append(z["dense"])
+            slim_images.append(z["slim"])
+            noise.append(z["noise"])
+            timesteps = [int(t) for t in z["timesteps"]]
+        lo, hi = 0, 0  # nothing left to evaluate here
+    for first in range(lo, hi, args.chunk):
         if args.deadline_min is not None and time.perf_counter() - start > 60 * args.deadline_min:
             print(f"deadline: stopping after {first} evaluation prompts", flush=True)
             break
-        chunk = evals[first:first + args.chunk]
+        chunk = evals[first:min(first + args.chunk, hi)]
         # Seeds continue across chunks (prompt i always gets seed i), as one compare() over every prompt would.
         comp = compare(pipe, {"slim": slim}, chunk, EvalSettings(steps=args.steps, guidance=guidance, seed=first,
                                                                  batch_size=args.eval_batch), progress=False)
@@ -116,14 +132,20 @@ def main(argv=None) -> int:
         noise.append(comp.noise_errors["slim"])
         timesteps = comp.timesteps
         if proxy:
-            done = evals[:first + len(chunk)]
+            done = evals[lo:first + len(chunk)]
             d = paired_delta(adherence(np.concatenate(dense_images), done),
                              adherence(np.concatenate(slim_images), done))
             print(f"{len(done)} prompts, {time.perf_counter() - t0:.0f} s: adherence slim − dense "
                   f"{d['points']:+.2f} ± {d['stderr_points']:.2f} points", flush=True)
     timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
-    evals = evals[:sum(len(x) for x in dense_images)]
     dense_all, slim_all = np.concatenate(dense_images), np.concatenate(slim_images)
+    if args.range:
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out / "part.npz", dense=dense_all, slim=slim_all, noise=np.concatenate(noise),
+                            timesteps=np.asarray(timesteps), first=lo, end=lo + len(dense_all))
+        print(f"prompts {lo}..{lo + len(dense_all) - 1} saved to {out / 'part.npz'}")
+        return 0
+    evals = evals[:len(dense_all)]
     npe = noise_error_summary(np.concatenate(noise), timesteps)
     fid = fidelity(dense_all, slim_all)
     row = {"removed_transformer_mac_fraction":
@@ -156,6 +178,7 @@ def main(argv=None) -> int:
             "dense": dense_cost, "slim_cost": slim_cost, "result": row, "bar": bar,
             "bar_met": all(c["met"] for c in bar.values()),
             "npe_per_step": npe["per_step"], "timesteps": timesteps,
+            "evaluated_in_parts": args.merge,
             "timings": {**timings, "total_s": round(time.perf_counter() - start, 1)}}
     cells = [[f"{100 * fraction:.1f}", f"{100 * row['removed_transformer_mac_fraction']:.1f}", row["npe"],
               fid["psnr_db"]["mean"], fid["ssim"]["mean"]]]
