@@ -1,33 +1,39 @@
 #!/usr/bin/env python3
-"""The GPU suite: everything a session with a GPU runs, in one command that ends in under 9 minutes on an H100.
+"""The GPU suite (issue 12 §2): SDXL at 1024² first, deadline-driven, one call of at most ~8 minutes.
 
-    # on the device machine (the GPU image has torch 2.11 + CUDA 13 but no diffusers): first, here,
+    # on the device machine (the GPU image has torch + CUDA but no diffusers): first, here,
     # `bash bench/gpu_wheels.sh` (puts the diffusers wheel in the git-ignored .whl/), then run with carry [".whl"]:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
     set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/gpu_suite.py 2>&1 | tee $OUT/suite.log
 
-    # anywhere, to exercise every code path on builtin:tiny on the CPU (numbers meaningless):
+    # anywhere, every phase on tiny models on the CPU in about a minute (numbers meaningless):
     python bench/gpu_suite.py --dry-run --out /tmp/suite-dry
 
-What it measures on ``builtin:sd15-shape`` (SD-1.5 shapes, seeded random weights — stated in every output) in
-fp16 at 512²: dense and slim at 0.2/0.4/0.6 of the compressible mass (synthetic plans: the real allocator on
-uniform scores), UNet batch 1 and 2 (batch 2 also end to end: 1 image, 25 steps, CFG), on eager (SDPA),
-eager replayed from CUDA graphs, torch.compile (reduce-overhead: Inductor + CUDA graphs), AOTInductor and
-TensorRT when importable; then the per-module latency table, the alignment sweep and the parameter- vs
-latency-budget allocator comparison (eager replayed from CUDA graphs: plain eager is bound by kernel launches
-on an H100 — 39 ms for the dense UNet at batch 1 and *slower* slim models in the first GPU run — so it cannot
-see width).
+Phases, in priority order (each is skipped, with its reason, when the deadline leaves it too little time; the
+partial report — ``suite.json`` — is rewritten after every phase, so a killed run still leaves what it measured):
 
-Order and time: eager and CUDA-graph results, the table and the two studies come first (about three
-minutes); then the compiled engines by priority — compile dense, compile 0.4, compile 0.6, AOTInductor dense,
-AOTInductor 0.4, then the other budgets — each started only if the ``--deadline`` (default 420 s after start) leaves the time it needs
-(its first build is assumed to take ``--compile-estimate``/``--aoti-estimate`` seconds, later ones what the
-first took). A hard stop (``--hard-limit``, default 500 s) interrupts a build still running then, which is
-reported as failed. Skipped and failed jobs are listed with their reasons.
+1. **Headline.** ``builtin:sdxl-shape`` (seeded random weights, exact SDXL-base shapes; ``builtin:sd15-shape``
+   at 512² until the SDXL model exists in the checkout — the report says which ran), fp16, 1024², UNet batch 2
+   (classifier-free guidance) and 1: dense vs slim, slim timed *interleaved* with dense (speed-up = ratio of
+   medians with a bootstrap interval; noisy cells flagged), on ``cudagraph`` (eager replayed from CUDA graphs) —
+   plans removing 40 % and 60 % of the transformer-block MACs (synthetic: the real allocator on uniform scores)
+   and then latency-budget plans at ``--speedup`` 1.3 and 1.5 (the table of phase 2 predicts them); then on
+   ``compile`` (Inductor, reduce-overhead) in the order dense, 1.5×, 60 %, 40 %, 1.3×. Ideal (MAC ratio) next
+   to measured.
+2. **Latency table** of the headline model at its resolution, batch 2 (committed so ``slimdiff slim --speedup``
+   works on this GPU), with its predicted ceiling (every module at its smallest rank); it runs between the
+   cudagraph MAC plans and the latency-budget plans that need it.
+3. **Attention kernels** per slim head shape of the 60 % plan: the SDPA backend PyTorch dispatches to at native
+   widths (q·k width ≠ v width leaves the flash kernel) and zero-padded to equal widths / 64-buckets, SDPA
+   latency of each (interleaved), and the largest output difference (exactness check).
+4. **Compiled SD-1.5**: ``builtin:sd15-shape`` fp16 512² batch 2, dense vs 0.4 on compile and AOTInductor.
+5. **Calibration on CUDA**: a measured subset of calibration on the headline model and on SD-1.5, extrapolated to
+   500 prompts × 25 steps, with peak GPU and host memory.
 
-Output (under ``$OUT/suite`` when ``$OUT`` is set, else ``--out``): report.json, report.md, the two PNG plots,
-latency_table.json and suite.json — six files, within the device tool's limit of eight.
+Output (``$OUT/suite`` when ``$OUT`` is set, else ``--out``): report.md (headline tables and every phase),
+report.json (the headline benchmark, schema ``slimdiff-bench/1``), suite.json (every phase; rewritten after each),
+latency_table.json, speedup.png and latency_vs_removed.png — six files, within the device tool's limit of eight.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -43,6 +50,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
 T0 = time.perf_counter()
+MAC_FRACTIONS = (0.4, 0.6)  # of the transformer-block MACs (issue 12 §2.1)
+SPEEDUPS = (1.3, 1.5)  # latency-budget plans
+CALIBRATION_TARGET = (500, 25)  # prompts × steps the measured subset is extrapolated to
 
 
 class HardStop(Exception):
@@ -57,36 +67,91 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="report folder (default: $OUT/suite, else bench-out/gpu-suite)")
     p.add_argument("--dry-run", action="store_true",
-                   help="builtin:tiny on the CPU with few iterations: every code path, meaningless numbers")
-    p.add_argument("--model", default=None, help="default builtin:sd15-shape (builtin:tiny with --dry-run)")
+                   help="tiny models on the CPU, few iterations: every phase and code path, meaningless numbers")
+    p.add_argument("--model", default=None,
+                   help="headline model (default builtin:sdxl-shape when it exists, else builtin:sd15-shape; "
+                        "builtin:tiny-xl or builtin:tiny with --dry-run)")
     p.add_argument("--device", default=None, help="default cuda (cpu with --dry-run)")
     p.add_argument("--deadline", type=float, default=None,
-                   help="no compiled-engine build starts later than this (s; default 420, 900 with --dry-run)")
+                   help="seconds after start by which every phase must have ended (default 450; 600 dry run)")
     p.add_argument("--hard-limit", type=float, default=None,
-                   help="interrupt whatever runs at this time (s; default 500, 1000 with --dry-run)")
-    p.add_argument("--compile-estimate", type=float, default=90.0, help="assumed seconds of a first compile")
-    p.add_argument("--aoti-estimate", type=float, default=120.0, help="assumed seconds of a first AOTI build")
-    p.add_argument("--engines", default="eager,cudagraph,compile,aoti,trt")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 with --dry-run, steadier on a shared CPU)")
+                   help="interrupt whatever runs at this time (s; default 480; 900 dry run)")
+    p.add_argument("--compile-estimate", type=float, default=120.0,
+                   help="assumed seconds of a first compile of the headline model")
+    p.add_argument("--engines", default=None,
+                   help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
+    p.add_argument("--skip", default="", help="comma-separated phases to leave out (1-5), e.g. 4,5")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
+
+
+def _default_model(dry: bool) -> str:
+    from slimdiff.models import BUILTINS
+
+    for name in (("builtin:tiny-xl", "builtin:tiny") if dry else ("builtin:sdxl-shape", "builtin:sd15-shape")):
+        if name in BUILTINS:
+            return name
+    raise RuntimeError("no built-in model for the suite")
+
+
+class Suite:
+    """Phases with a shared deadline; ``suite.json`` is rewritten after each one."""
+
+    def __init__(self, args, out: Path):
+        self.args, self.out = args, out
+        self.body: dict = {"schema": "slimdiff-gpu-suite/2", "dry_run": args.dry_run, "phases": {},
+                           "command": " ".join(["python3 bench/gpu_suite.py", *sys.argv[1:]])}
+        self.tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.args.deadline - (time.perf_counter() - T0)
+
+    def phase(self, key: str, title: str, need_s: float, fn) -> None:
+        """Run ``fn`` as a phase if the deadline leaves ``need_s`` seconds; record ok / skipped / failed."""
+        entry = {"title": title}
+        self.body["phases"][key] = entry
+        if key[1] in self.args.skip_phases:  # "p3_…" is phase 3
+            entry.update(status="skipped", reason="left out with --skip")
+        elif self.left() < need_s:
+            entry.update(status="skipped", reason=f"the deadline leaves {max(self.left(), 0):.0f} s; this phase "
+                                                  f"needs ~{need_s:.0f} s")
+        else:
+            started = time.perf_counter()
+            try:
+                entry["result"] = fn()
+                entry["status"] = "ok"
+            except HardStop as exc:
+                entry.update(status="failed", reason=str(exc))
+                self.save()
+                raise
+            except Exception as exc:  # noqa: BLE001 — a failed phase is reported; the others still run
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                entry.update(status="failed", reason=f"{type(exc).__name__}: {first}")
+            entry["seconds"] = round(time.perf_counter() - started, 1)
+        _log(f"phase {key}: {entry['status']}" + (f" — {entry['reason']}" if entry.get("reason") else ""))
+        self.save()
+
+    def save(self) -> None:
+        """The partial report: written to a temporary name and renamed, so a reader never sees half a file."""
+        self.body["wall_s"] = round(time.perf_counter() - T0, 1)
+        path = self.tmp / "suite.json"
+        part = path.with_suffix(".json.part")
+        part.write_text(json.dumps(self.body, indent=1, default=str), encoding="utf-8")
+        os.replace(part, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from slimdiff.bench.harness import Bench, BenchConfig
-    from slimdiff.bench.latency_table import LatencyModel, measure_latency_table, separability
-    from slimdiff.bench.report import write_report
-    from slimdiff.bench.studies import alignment_sweep, compare_allocators
     from slimdiff.errors import SlimDiffError
 
     dry = args.dry_run
-    # A CPU dry run compiles slowly (minutes per model on two cores); it has no 9-minute budget to keep.
-    args.deadline = args.deadline or (900.0 if dry else 420.0)
-    args.hard_limit = args.hard_limit or (1000.0 if dry else 500.0)
+    args.deadline = args.deadline or (600.0 if dry else 450.0)
+    args.hard_limit = args.hard_limit or (900.0 if dry else 480.0)
+    args.skip_phases = {s.strip() for s in args.skip.split(",") if s.strip()}
     threads = args.threads or (1 if dry else None)
     if threads:
         torch.set_num_threads(threads)
@@ -96,97 +161,26 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "suite" if os.environ.get("OUT")
                                            else Path("bench-out") / "gpu-suite")
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    budgets = [0.0, 0.4, 0.2, 0.6]  # the order is the priority of the compiled engines
-    config = BenchConfig(
-        model=args.model or ("builtin:tiny" if dry else "builtin:sd15-shape"), engines=engines, budgets=budgets,
-        batches=[2, 1], resolution=None if dry else 512, device=device, dtype=None if dry else "float16",
-        warmup=1 if dry else 3, iters=3 if dry else 20, e2e_steps=3 if dry else 25, e2e_runs=1 if dry else 3,
-        deadline_s=args.deadline,
-        build_estimates_s={"compile": args.compile_estimate, "aoti": args.aoti_estimate, "trt": 240.0},
-        command=" ".join(["python3 bench/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
-    )
-    # A build still running at the hard limit is interrupted: the harness records it as failed and skips
-    # the rest, so the reports are still written in time.
+    if out.exists() and not (args.force or os.environ.get("OUT")):
+        print(f"gpu_suite: error: {out} exists (use --force)", file=sys.stderr)
+        return 2
+    suite = Suite(args, out)
+
     def stop(signum, frame):
         raise HardStop(f"interrupted at the suite's {args.hard_limit:.0f} s hard limit")
 
     signal.signal(signal.SIGALRM, stop)
     signal.alarm(max(1, int(args.hard_limit - (time.perf_counter() - T0))))
-    suite: dict = {"dry_run": dry, "phases": {}}
-    table = None
+    state: dict = {}
     try:
-        bench = Bench(config, log=_log)
-        bench.t0 = T0  # deadlines count from the start of this process
-        phase = time.perf_counter()
-        bench.prepare()
-        first = [e for e in ("eager", "cudagraph") if e in engines]
-        bench.run_engines(first)
-        suite["phases"]["eager_s"] = round(time.perf_counter() - phase, 1)
-
-        unet, latent, dtype = bench.pipe.unet, bench.latent, bench.dtype
-        reference = "cudagraph" if "cudagraph" in first and device.startswith("cuda") else "eager"
-        suite["studies_engine"] = reference
-        n = dict(warmup=1 if dry else 3, iters=3 if dry else 20)
-
-        def latency_table():
-            nonlocal table
-            table = measure_latency_table(unet, latent, batch=2, device=device, dtype=dtype, align=8,
-                                          max_points=4 if dry else 6, log=_log, **n)
-            suite["latency_table_separability"] = separability(table)
-            model = LatencyModel(table, unet, latent)
-            suite["latency_table_check"] = [
-                {"budget": m.budget,
-                 "predicted_ms": model.predict_ms({k: e.rank for k, e in m.plan.modules.items()})
-                 if m.plan else model.dense_ms,
-                 "measured_ms": next((r["unet"]["median_ms"] for r in bench.results if r["engine"] == reference
-                                      and r["budget"] == m.budget and r["batch"] == 2 and r["status"] == "ok"),
-                                     None)}
-                for m in bench.models]
-
-        def alignment():
-            suite["alignment"] = alignment_sweep(unet, latent, 0.4, batch=2, device=device, log=_log, **n)
-
-        def allocators():
-            if table is None:
-                raise RuntimeError("no latency table")
-            suite["allocators"] = compare_allocators(unet, table, latent, 0.4, batch=2, device=device, log=_log,
-                                                     **n)
-
-        # A study that fails is recorded as failed; the engines and the reports still run.
-        for name, study in (("latency_table", latency_table), ("alignment", alignment),
-                            ("allocators", allocators)):
-            phase = time.perf_counter()
-            try:
-                study()
-            except HardStop:
-                raise
-            except Exception as exc:  # noqa: BLE001 — reported, never hidden
-                suite.setdefault("failed_studies", {})[name] = f"{type(exc).__name__}: {exc}"
-                _log(f"study {name} failed: {type(exc).__name__}: {exc}")
-            suite["phases"][f"{name}_s"] = round(time.perf_counter() - phase, 1)
-
-        phase = time.perf_counter()
-        order = [("compile", 0.0), ("compile", 0.4), ("compile", 0.6), ("aoti", 0.0), ("aoti", 0.4),
-                 ("trt", 0.0), ("trt", 0.4)]
-        if dry:  # exercise the slim model through every engine first: that is where a dry run finds bugs
-            order = [("compile", 0.4), ("aoti", 0.4), ("trt", 0.4)] + order
-        bench.run_engines([e for e in engines if e not in first], order=order)
-        suite["phases"]["compiled_engines_s"] = round(time.perf_counter() - phase, 1)
+        run_phases(suite, state, args, device, dry)
     except HardStop as exc:
-        # Reached only when the stop lands outside a measured job (jobs catch it themselves).
-        suite["interrupted"] = str(exc)
+        suite.body["interrupted"] = str(exc)
         _log(str(exc))
     finally:
         signal.alarm(0)
-    report = bench.report()
-    suite["wall_s"] = round(time.perf_counter() - T0, 1)
-    files = {"suite.json": json.dumps(suite, indent=1, default=str)}
-    if table is not None:
-        files["latency_table.json"] = json.dumps(table, indent=1)
     try:
-        write_report(report, out, overwrite=args.force or bool(os.environ.get("OUT")), extra_files=files,
-                     extra_markdown=suite_markdown(suite))
+        write_outputs(suite, state, out, args)
     except SlimDiffError as exc:
         print(f"gpu_suite: error: {exc}", file=sys.stderr)
         return 2
@@ -195,51 +189,329 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ms(t) -> str:
-    return "–" if not t else f"{t['median_ms']:.2f}"
+def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
+    from slimdiff.bench.harness import Bench, BenchConfig
+    from slimdiff.bench.plans import SYNTHETIC, SlimModel, seeded_slim_copy
+
+    model = args.model or _default_model(dry)
+    sdxl = "xl" in model
+    engines = [e.strip() for e in (args.engines or ("eager,compile" if dry else "cudagraph,compile")).split(",")
+               if e.strip()]
+    timed = [e for e in engines if e != "compile"]
+    n = dict(warmup=1 if dry else 3, iters=3 if dry else 20)
+    resolution = None if dry else (1024 if sdxl else 512)
+    suite.body["headline"] = {"model": model, "engines": engines, "resolution": resolution or "model default",
+                              "dtype": "float32" if dry else "float16", "batches": [2, 1],
+                              "note": None if sdxl or dry else "builtin:sdxl-shape is not in this checkout: the "
+                              "headline ran on SD-1.5 shapes at 512²"}
+    config = BenchConfig(model=model, engines=engines, budgets=[0.0], batches=[2, 1], resolution=resolution,
+                         device=device, dtype=None if dry else "float16", e2e=False, deadline_s=args.deadline,
+                         build_estimates_s={"compile": args.compile_estimate}, command=suite.body["command"], **n)
+    bench = Bench(config, log=_log)
+    bench.t0 = T0  # deadlines count from the start of this process
+    state["bench"] = bench
+    labels: dict[float, str] = {}
+
+    def add_plan(plan, label: str, info: dict) -> float:
+        key = round(plan.params_removed / plan.compressible_params, 6)
+        while key in labels or key == 0:
+            key += 1e-6  # distinct plans with equal parameter fractions still get distinct keys
+        labels[key] = label
+        slim = seeded_slim_copy(bench.pipe.unet, plan, 0)
+        bench.add_models([SlimModel(slim, key, plan, SYNTHETIC, {"label": label, **info})])
+        return key
+
+    def headline_mac_plans():
+        from slimdiff.bench.studies import transformer_mac_plan
+
+        bench.prepare()
+        result = {}
+        for fraction in MAC_FRACTIONS:
+            plan, got = transformer_mac_plan(bench.pipe.unet, fraction, bench.latent, batch=2)
+            key = add_plan(plan, f"transformer MACs −{100 * fraction:.0f} %", {"transformer_macs_removed": got})
+            result[labels[key]] = {"key": key, "transformer_macs_removed": got}
+        bench.run_engines(timed, keep_dense=True)
+        return result
+
+    def latency_table():
+        from slimdiff.bench.latency_table import LatencyModel, measure_latency_table, separability
+
+        unet = bench.pipe.unet
+        table = measure_latency_table(unet, bench.latent, batch=2, device=device, dtype=bench.dtype, align=8,
+                                      max_points=4 if dry else 6, log=_log, **n)
+        table["model"] = model
+        state["table"] = table
+        latency = LatencyModel(table, unet, bench.latent)
+        floor = {s.name: min(s.width, 8) for s in _sites(unet)}
+        checks = []
+        for m in bench.models:
+            measured = next((r["unet"]["median_ms"] for r in bench.results if r["engine"] == timed[0]
+                             and r["budget"] == m.budget and r["batch"] == 2 and r["status"] == "ok"), None)
+            ranks = {k: e.rank for k, e in m.plan.modules.items()} if m.plan else None
+            checks.append({"plan": labels.get(m.budget, "dense"), "measured_ms": measured,
+                           "predicted_ms": latency.predict_ms(ranks) if ranks else latency.dense_ms})
+        return {"dense_ms": latency.dense_ms, "predicted_ceiling": latency.predict_speedup(floor),
+                "ceiling_means": "every compressible module at its smallest rank (8), the rest of the UNet as is",
+                "separability": separability(table), "predicted_vs_measured": checks}
+
+    def latency_plans():
+        from slimdiff.bench.latency_table import LatencyModel, latency_budget_ranks, proxy_items
+        from slimdiff.plan import RankPlan
+
+        if "table" not in state:
+            raise RuntimeError("no latency table (phase 2 did not run)")
+        unet = bench.pipe.unet
+        latency = LatencyModel(state["table"], unet, bench.latent)
+        result, before = {}, len(bench.models)
+        for target in SPEEDUPS:
+            try:
+                ranks, info = latency_budget_ranks(proxy_items(unet), latency, target, r_min=8, align=8)
+            except Exception as exc:  # noqa: BLE001 — an unreachable target is a finding, not a crash
+                result[f"--speedup {target}"] = {"status": "unreachable", "reason": str(exc)}
+                continue
+            plan = RankPlan.from_ranks(_sites(unet), ranks, info={"source": SYNTHETIC, **info})
+            key = add_plan(plan, f"--speedup {target}", {"latency_plan": info})
+            result[labels[key]] = {"key": key, "predicted_speedup": info["predicted_speedup"]}
+        bench.run_engines(timed, budgets=[m.budget for m in bench.models[before:]], keep_dense=True)
+        return result
+
+    def compiled_headline():
+        if "compile" not in engines:
+            return {"note": "compile not among --engines"}
+        by_label = {v: k for k, v in labels.items()}
+        wanted = ["dense", "--speedup 1.5", "transformer MACs −60 %", "transformer MACs −40 %", "--speedup 1.3"]
+        order = [("compile", 0.0 if w == "dense" else by_label[w]) for w in wanted if w == "dense" or w in by_label]
+        bench.release_dense()  # the timed engines are done: free their dense models before compiling
+        bench.run_engines(["compile"], order=order)
+        return {"order": wanted}
+
+    def attention_kernels():
+        from slimdiff.bench.studies import attention_backend_study
+
+        by_label = {v: k for k, v in labels.items()}
+        key = by_label.get("transformer MACs −60 %")
+        slim = next(m.unet for m in bench.models if m.budget == key) if key else seeded_slim_copy(
+            bench.pipe.unet, _mac_plan(bench, 0.6), 0)
+        return {"plan": "transformer MACs −60 %", "shapes": attention_backend_study(
+            slim, bench.latent, batch=2, device=device, log=_log, **n)}
+
+    def compiled_sd15():
+        sd15 = "builtin:tiny" if dry else "builtin:sd15-shape"
+        cfg = BenchConfig(model=sd15, engines=["compile", "aoti"], budgets=[0.0, 0.4], batches=[2],
+                          resolution=None if dry else 512, device=device, dtype=None if dry else "float16",
+                          e2e=False, deadline_s=args.deadline,
+                          build_estimates_s={"compile": 60.0, "aoti": 120.0}, command=suite.body["command"], **n)
+        sd = Bench(cfg, log=_log)
+        sd.t0 = T0
+        state["sd15"] = sd
+        sd.prepare()
+        sd.run_engines(["compile", "aoti"], order=[("compile", 0.0), ("compile", 0.4), ("aoti", 0.0),
+                                                   ("aoti", 0.4)])
+        report = sd.report()
+        return {"model": sd15, "results": [_cell_summary(r) for r in report["results"]]}
+
+    def calibration():
+        out = {}
+        for name in dict.fromkeys([model, "builtin:tiny" if dry else "builtin:sd15-shape"]):
+            out[name] = _calibration_subset(name, device, dry)
+        return out
+
+    est = args.compile_estimate
+    suite.phase("p1a_headline_mac_plans", "headline: transformer-MAC plans on the timed engines", 30,
+                headline_mac_plans)
+    if suite.body["phases"]["p1a_headline_mac_plans"]["status"] != "ok":
+        return  # without the headline model nothing else is worth the device time
+    suite.phase("p2_latency_table", "per-module latency table and predicted ceiling", 40, latency_table)
+    suite.phase("p1b_latency_plans", "headline: latency-budget plans (--speedup 1.3 / 1.5)", 20, latency_plans)
+    # The compiled headline may take what is left except a reserve for the short phases after it.
+    reserve = 90.0
+    deadline = args.deadline
+    bench.cfg.deadline_s = deadline - reserve
+    suite.phase("p1c_compiled_headline", "headline: dense vs slim on torch.compile (reduce-overhead)",
+                est + reserve, compiled_headline)
+    bench.cfg.deadline_s = deadline
+    suite.phase("p3_attention_kernels", "SDPA backend per slim head shape, zero-padding", 20, attention_kernels)
+    suite.phase("p4_compiled_sd15", "compiled SD-1.5 slim and AOTInductor, dense vs 0.4", 150, compiled_sd15)
+    suite.phase("p5_calibration", "calibration on CUDA, extrapolated to 500 × 25", 60, calibration)
 
 
-def suite_markdown(suite: dict) -> str:
-    engine = suite.get("studies_engine", "eager")
-    lines = ["", f"## GPU suite studies ({engine}, UNet batch 2)", ""]
-    if suite.get("interrupted"):
-        lines += [f"**Interrupted:** {suite['interrupted']}", ""]
-    for name, reason in suite.get("failed_studies", {}).items():
-        lines += [f"**Study {name} failed:** {reason}", ""]
-    if suite.get("latency_table_check"):
-        lines += ["### Latency table: predicted vs measured UNet latency", "",
-                  "| budget | predicted ms | measured ms |", "|---|---|---|"]
-        for c in suite["latency_table_check"]:
-            lines.append(f"| {c['budget']:g} | {c['predicted_ms']:.2f} | "
-                         f"{'–' if c['measured_ms'] is None else format(c['measured_ms'], '.2f')} |")
-        worst = max(suite.get("latency_table_separability", {}).values(), default=None)
-        if worst is not None:
-            lines += ["", f"Largest gap between a measured attention latency and an additive q·k + v model: "
-                          f"{100 * worst:.0f} % (why the table keeps a 2-D grid)."]
-    if suite.get("alignment"):
-        a = suite["alignment"]
-        lines += ["", f"### Alignment sweep at {a['budget']:g} of the compressible mass "
-                      f"(dense {_ms(a['dense'])} ms)", "",
-                  "| variant | params removed (M) | stored params removed (M) | GMAC | median ms | p90 ms | speed-up "
-                  "| head widths (q·k, v) | FFN widths |", "|---|---|---|---|---|---|---|---|---|"]
-        for v in a["variants"]:
-            lines.append(f"| {v['variant']} | {v['params_removed'] / 1e6:.2f} | {v['stored_params_removed'] / 1e6:.2f}"
-                         f" | {v['gmac']:.1f} | {_ms(v['unet'])} | {v['unet']['p90_ms']:.2f} | {v['speedup']:.3f} | "
-                         f"{v['head_widths_qk_v']} | {v['ffn_widths']} |")
-    if suite.get("allocators"):
-        c = suite["allocators"]
-        lines += ["", f"### Parameter budget vs latency budget (target = the parameter plan's measured "
-                      f"{c['target_speedup']:.3f}×; error: {c['error_proxy']})", "",
-                  "| allocator | params removed (M) | predicted error | predicted × | measured ms | measured × |",
+def _sites(unet):
+    from slimdiff.models import module_sites
+
+    return module_sites(unet)
+
+
+def _mac_plan(bench, fraction):
+    from slimdiff.bench.studies import transformer_mac_plan
+
+    return transformer_mac_plan(bench.pipe.unet, fraction, bench.latent, batch=2)[0]
+
+
+def _cell_summary(r: dict) -> dict:
+    keep = ("engine", "budget", "batch", "status", "reason", "speedup", "ideal_speedup", "speedup_status",
+            "noisy_reasons", "build_s")
+    cell = {k: r[k] for k in keep if k in r}
+    if r["status"] == "ok":
+        cell["median_ms"] = r["unet"]["median_ms"]
+        if r.get("interleaved"):
+            cell["dense_median_ms"] = r["interleaved"]["dense_unet"]["median_ms"]
+            cell["interval"] = [r["interleaved"]["interval"]["low"], r["interleaved"]["interval"]["high"]]
+    return cell
+
+
+def _calibration_subset(model: str, device: str, dry: bool) -> dict:
+    """Calibrate a few prompts (pass 1 and pass 2), time both passes, extrapolate to 500 × 25."""
+    import torch
+
+    from slimdiff.calibrate import CalibrationConfig, calibrate
+    from slimdiff.models import load_pipeline
+    from slimdiff.prompts import read_prompts
+
+    cuda = device.startswith("cuda")
+    prompts, steps = (2, 2) if dry else (8, 25)
+    pipe = load_pipeline(model, torch.float32 if dry else torch.float16).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    config = CalibrationConfig(steps=steps, batch_size=1 if dry else 4, pass1_prompts=prompts)
+    marks: dict[str, list[float]] = {"pass1": [], "pass2": []}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_batch(stage: str, done: int) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        marks[stage].append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    calibrate(pipe, read_prompts(limit=prompts), None, config, progress=False, on_batch=on_batch)
+    pass1 = marks["pass1"][-1] - t0
+    pass2 = marks["pass2"][-1] - marks["pass1"][-1]
+    target_prompts, target_steps = CALIBRATION_TARGET
+    # Pass 1 runs on min(64, N) prompts, pass 2 on all N; costs scale per prompt-step.
+    projected = (pass1 / (prompts * steps) * min(64, target_prompts)
+                 + pass2 / (prompts * steps) * target_prompts) * target_steps
+    result = {"measured_prompts": prompts, "steps": steps, "pass1_s": round(pass1, 2), "pass2_s": round(pass2, 2),
+              "projected_500x25_s": round(projected, 1), "projected_500x25_gpu_min": round(projected / 60, 2),
+              "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+              "peak_host_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+              "target_minutes": 30 if "xl" in model else 10}
+    del pipe
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def write_outputs(suite: Suite, state: dict, out: Path, args) -> None:
+    from slimdiff.bench.report import markdown, plot_latency_vs_removed, plot_speedups, validate_report
+    from slimdiff.serialization import commit_output_dir
+
+    bench = state.get("bench")
+    report = None
+    if bench is not None and hasattr(bench, "engine_entries"):
+        for name in bench.cfg.engines:  # an engine whose phase never ran is listed with the reason
+            bench.engine_entries.setdefault(name, {"description": name, "status": "skipped",
+                                                   "reason": "its suite phase did not run (see the phase table)"})
+        report = bench.report()
+        validate_report(report)
+        suite.body["headline"]["cells"] = [_cell_summary(r) for r in report["results"]]
+    suite.save()
+    tmp = suite.tmp
+    plots = []
+    if report is not None:
+        if plot_latency_vs_removed(report, tmp / "latency_vs_removed.png"):
+            plots.append("latency_vs_removed.png")
+        if plot_speedups(report, tmp / "speedup.png"):
+            plots.append("speedup.png")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    if state.get("table"):
+        (tmp / "latency_table.json").write_text(json.dumps(state["table"], indent=1), encoding="utf-8")
+    text = suite_markdown(suite.body, report)
+    if report is not None:
+        text = markdown(report, plots, text)
+    (tmp / "report.md").write_text(text, encoding="utf-8")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    commit_output_dir(tmp, out)
+
+
+def _f(v, fmt=".2f", missing="–"):
+    return missing if v is None else format(v, fmt)
+
+
+def suite_markdown(body: dict, report: dict | None) -> str:
+    head = body.get("headline", {})
+    lines = ["", "## GPU suite (issue 12 §2)", ""]
+    if body.get("dry_run"):
+        lines += ["> **Dry run** (tiny models, CPU, a few iterations): every phase and code path ran; the numbers "
+                  "mean nothing.", ""]
+    if head.get("note"):
+        lines += [f"**Note:** {head['note']}", ""]
+    if body.get("interrupted"):
+        lines += [f"**Interrupted:** {body['interrupted']}", ""]
+    lines += ["| phase | status | seconds | reason |", "|---|---|---|---|"]
+    for key, p in body["phases"].items():
+        lines.append(f"| {key}: {p['title']} | {p['status']} | {p.get('seconds', '–')} | {p.get('reason', '')} |")
+    if report is not None:
+        labels = {m["budget"]: m.get("label") or ("dense" if m["budget"] == 0 else f"{m['budget']:g}")
+                  for m in report["models"]}
+        lines += ["", "### Headline: dense vs slim (interleaved; speed-up with 95 % interval)", "",
+                  "| engine | batch | plan | dense ms | slim ms | speed-up [95 % CI] | ideal | status |",
+                  "|---|---|---|---|---|---|---|---|"]
+        from slimdiff.bench.report import speedup_text
+
+        for r in sorted(report["results"], key=lambda r: (r["engine"], r["batch"], r["budget"])):
+            if r["budget"] == 0:
+                continue
+            if r["status"] != "ok":
+                lines.append(f"| {r['engine']} | {r['batch']} | {labels[r['budget']]} | | | | | {r['status']}: "
+                             f"{r['reason']} |")
+                continue
+            paired = r.get("interleaved") or {}
+            lines.append(f"| {r['engine']} | {r['batch']} | {labels[r['budget']]} | "
+                         f"{_f(paired.get('dense_unet', {}).get('median_ms'))} | {r['unet']['median_ms']:.2f} | "
+                         f"{speedup_text(r)} | {_f(r['ideal_speedup'], '.3f')} | {r['speedup_status']} |")
+    table = body["phases"].get("p2_latency_table", {}).get("result")
+    if table:
+        lines += ["", f"### Latency table: dense {table['dense_ms']:.2f} ms, predicted ceiling "
+                      f"{table['predicted_ceiling']:.3f}× ({table['ceiling_means']})", "",
+                  "| plan | predicted ms | measured ms |", "|---|---|---|"]
+        for c in table["predicted_vs_measured"]:
+            lines.append(f"| {c['plan']} | {_f(c['predicted_ms'])} | {_f(c['measured_ms'])} |")
+    attn = body["phases"].get("p3_attention_kernels", {}).get("result")
+    if attn:
+        lines += ["", f"### Attention kernels per slim head shape ({attn['plan']})", "",
+                  "| heads | q·k | v | tokens q→k | modules | native backend | padded to | padded backend | "
+                  "padding speed-up [95 % CI] | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in attn["shapes"]:
+            for p in s["padded"] or [None]:
+                pad, backend, gain, diff = "–", "–", "–", "–"
+                if p is not None:
+                    iv = p["speedup_of_padding"]
+                    pad, backend, diff = p["width"], p["backend"], f"{p['max_abs_diff']:.2e}"
+                    gain = f"{iv['speedup']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]"
+                lines.append(f"| {s['heads']} | {s['qk_width']} | {s['v_width']} | {s['query_tokens']}→"
+                             f"{s['key_tokens']} | {s['modules']} | {s['native']['backend']} | {pad} | {backend} | "
+                             f"{gain} | {diff} |")
+    sd = body["phases"].get("p4_compiled_sd15", {}).get("result")
+    if sd:
+        lines += ["", f"### Compiled {sd['model']} (batch 2)", "",
+                  "| engine | budget | dense ms | slim ms | speed-up | status |", "|---|---|---|---|---|---|"]
+        for c in sd["results"]:
+            lines.append(f"| {c['engine']} | {c['budget']:g} | {_f(c.get('dense_median_ms'))} | "
+                         f"{_f(c.get('median_ms'))} | {_f(c.get('speedup'), '.3f')}"
+                         f"{' [' + ', '.join(f'{x:.3f}' for x in c['interval']) + ']' if c.get('interval') else ''}"
+                         f" | {c.get('speedup_status') or c['status']} |")
+    cal = body["phases"].get("p5_calibration", {}).get("result")
+    if cal:
+        lines += ["", "### Calibration, measured subset extrapolated to 500 prompts × 25 steps", "",
+                  "| model | measured | projected GPU-min | target | peak GPU GiB | peak host GiB |",
                   "|---|---|---|---|---|---|"]
-        for name in ("param_allocator", "latency_allocator"):
-            e = c.get(name)
-            if e:
-                lines.append(f"| {name.split('_')[0]} | {e['params_removed'] / 1e6:.2f} | {e['predicted_error']:.3f} | "
-                             f"{e['predicted_speedup']:.3f} | {_ms(e['unet'])} | {e['measured_speedup']:.3f} |")
-        if c.get("note"):
-            lines += ["", f"Note: {c['note']}"]
-    lines += ["", "Phase times (s): " + ", ".join(f"{k} {v}" for k, v in suite.get("phases", {}).items())]
+        for name, c in cal.items():
+            gpu = c["peak_gpu_bytes"]
+            lines.append(f"| {name} | {c['measured_prompts']} × {c['steps']} | {c['projected_500x25_gpu_min']} | "
+                         f"≤ {c['target_minutes']} | {_f(gpu and gpu / 2**30)} | "
+                         f"{c['peak_host_rss_bytes'] / 2**30:.2f} |")
     return "\n".join(lines) + "\n"
 
 

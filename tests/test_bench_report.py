@@ -111,3 +111,41 @@ def test_macs_only_reports_ideal_speedups_without_running_a_model(tmp_path, caps
     dense, slim = body["rows"]
     assert dense["ideal_speedup"] == 1.0 and slim["ideal_speedup"] > 1.0
     assert slim["params_removed"] > 0 and slim["macs"]["total"] < dense["macs"]["total"]
+
+
+def test_slim_cells_are_timed_interleaved_with_the_dense_model(report):
+    slim = next(r for r in report["results"] if r["engine"] == "eager" and r["budget"] == 0.4)
+    paired = slim["interleaved"]
+    assert len(paired["dense_ms"]) == len(paired["slim_ms"]) == report["config"]["iters"]
+    assert slim["speedup"] == paired["interval"]["speedup"]
+    assert paired["interval"]["low"] <= slim["speedup"] <= paired["interval"]["high"]
+    assert slim["speedup_status"] in ("measured", "noisy")
+    assert (slim["speedup_status"] == "noisy") == bool(slim["noisy_reasons"])
+    dense = next(r for r in report["results"] if r["engine"] == "eager" and r["budget"] == 0.0)
+    assert dense["speedup_status"] == "reference" and dense["interleaved"] is None
+    table = console_table(report)
+    assert "[95% CI]" in table and "How to read this" in table
+
+
+def test_a_slim_speedup_is_never_printed_without_its_interval_or_verdict(report):
+    bad = copy.deepcopy(report)
+    slim = next(r for r in bad["results"] if r["engine"] == "eager" and r["budget"] == 0.4)
+    slim["interleaved"] = None
+    with pytest.raises(SlimDiffError, match="interleaved"):
+        validate_report(bad)
+    original = next(r for r in report["results"] if r["engine"] == "eager" and r["budget"] == 0.4)
+    slim["interleaved"], slim["speedup_status"], slim["noisy_reasons"] = original["interleaved"], "noisy", []
+    with pytest.raises(SlimDiffError, match="noisy without a reason"):
+        validate_report(bad)
+
+
+def test_the_dense_model_is_measured_first_when_the_order_puts_a_slim_model_first():
+    from slimdiff.bench.harness import Bench
+
+    bench = Bench(BenchConfig(model="builtin:tiny", engines=["eager"], budgets=[0.0, 0.4], batches=[1],
+                              device="cpu", warmup=0, iters=2, e2e=False), log=lambda msg: None)
+    bench.prepare()
+    bench.run_engines(["eager"], order=[("eager", 0.4)])
+    assert [r["budget"] for r in bench.results] == [0.0, 0.4]
+    assert bench.results[1]["interleaved"] is not None
+    assert not bench.dense_runs  # released after the engine's last job

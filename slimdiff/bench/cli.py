@@ -65,7 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-steps", type=int, default=10, help="sampling steps per calibration prompt (default 10)")
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--r-min", type=int, default=8)
-    p.add_argument("--allocator", default="softmax", choices=["softmax", "greedy", "uniform"])
+    p.add_argument("--pad-heads", type=int, default=None, metavar="MULTIPLE",
+                   help="zero-pad slim attention heads to equal q·k and v widths, a multiple of this (exact; "
+                        "unequal widths push SDPA off its flash kernel)")
+    p.add_argument("--allocator", default="greedy", choices=["greedy", "softmax", "uniform"],
+                   help="rank allocator of calibrated slim models (default greedy, as `slimdiff slim`)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (default max-autotune on cuda, default on cpu)")
     p.add_argument("--deadline", type=float, default=None,
@@ -105,7 +109,7 @@ def config_from_args(args):
         batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,
         warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,
         guidance=args.guidance, stats=args.stats, calib_prompts=calib, calib_steps=args.calib_steps,
-        align=args.align, r_min=args.r_min, allocator=args.allocator, seed=args.seed,
+        align=args.align, r_min=args.r_min, pad_heads=args.pad_heads, allocator=args.allocator, seed=args.seed,
         compile_mode=args.compile_mode, deadline_s=args.deadline,
         command=_command_line(),
     )

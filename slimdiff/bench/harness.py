@@ -1,11 +1,14 @@
 """The latency benchmark: dense vs slim UNets on the same engines, UNet-only and end-to-end.
 
 For every engine that can run here, every budget (0 = dense) and every UNet batch size it measures the UNet
-call (warm-ups, then timed calls: median and p90), the error of the engine's output against the dense eager
-model on the same inputs, MACs and parameters (``torch.utils.flop_counter``), the ideal speed-up (dense MACs /
-slim MACs) and the measured/ideal ratio, peak memory and engine file size. At even UNet batch sizes it also
-runs the whole pipeline (``batch/2`` images with classifier-free guidance, so the UNet sees the same shape)
-and splits its latency into time inside and outside the UNet.
+call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the same
+engine (alternating calls in one process, same inputs, same threads), its speed-up the ratio of medians with a
+paired-bootstrap confidence interval, and the cell marked *noisy* when that interval is wide or the speed-up
+beats the ideal by more than a few percent (:mod:`.timing`) — the error of the engine's output against the
+dense eager model on the same inputs, MACs and parameters (``torch.utils.flop_counter``), the ideal speed-up
+(dense MACs / slim MACs) and the measured/ideal ratio, peak memory and engine file size. At even UNet batch
+sizes it also runs the whole pipeline (``batch/2`` images with classifier-free guidance, so the UNet sees the
+same shape) and splits its latency into time inside and outside the UNet.
 
 Cells are run in priority order — eager first, then the other engines budget by budget in the order given —
 and a ``deadline_s`` skips (and reports) the cells that would not finish in time.
@@ -31,7 +34,8 @@ from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
 from .macs import count_macs, counter_notes, meta_unet
 from .plans import SYNTHETIC, SlimModel, make_models
-from .timing import CallTimer, PeakMemory, is_cuda, time_calls, wall_clock
+from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, PeakMemory, clock_name, is_cuda,
+                     judge_speedup, speedup_interval, summarize, time_calls, time_interleaved, wall_clock)
 
 SCHEMA = "slimdiff-bench/1"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -47,7 +51,9 @@ class BenchConfig:
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # float16 | float32 | bfloat16; None: float16 on cuda, float32 on cpu
     warmup: int = 3
-    iters: int = 20
+    iters: int = 20  # timed calls of a dense cell; timed dense/slim pairs of a slim cell
+    noisy_max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH
+    noisy_over_ideal: float = NOISY_OVER_IDEAL
     e2e: bool = True
     e2e_steps: int = 25
     e2e_runs: int = 3
@@ -57,7 +63,10 @@ class BenchConfig:
     calib_steps: int = 10
     align: int = 8
     r_min: int = 8
-    allocator: str = "softmax"
+    #: zero-pad every slim attention's per-head q·k and v widths to one multiple of this (exact: see
+    #: slimdiff.export.align) — equal widths keep SDPA on its flash kernel; None leaves the widths as planned.
+    pad_heads: int | None = None
+    allocator: str = "greedy"  # as SlimConfig: the softmax lost to uniform allocation in the proxy ablation
     seed: int = 0
     compile_mode: str | None = None
     deadline_s: float | None = None
@@ -72,10 +81,13 @@ class BenchConfig:
             raise SlimDiffError("budgets must be ≥ 0 (0 = dense)")
         if not self.batches or any(b < 1 for b in self.batches):
             raise SlimDiffError("batch sizes must be positive")
-        if self.warmup < 0 or self.iters < 1 or self.e2e_runs < 1 or self.e2e_steps < 1:
-            raise SlimDiffError("warm-up must be ≥ 0; timed calls, end-to-end runs and steps ≥ 1")
+        if self.warmup < 0 or self.iters < 2 or self.e2e_runs < 1 or self.e2e_steps < 1:
+            raise SlimDiffError("warm-up must be ≥ 0, timed calls ≥ 2 (a speed-up interval needs pairs), "
+                                "end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
+        if self.pad_heads is not None and self.pad_heads < 1:
+            raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
 
 
 def _resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -102,7 +114,9 @@ class _Inputs:
 
     def __init__(self, pipe, latent: tuple[int, int], device: str, dtype: torch.dtype, prompt: str, seed: int):
         with torch.no_grad():
-            embeds = pipe.encode_prompt(prompt, device, 1, False)[0].to(dtype)
+            # keywords: SDXL's encode_prompt takes a second prompt in the second position
+            embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0].to(dtype)
         self.embeds, self.latent, self.device, self.dtype, self.seed = embeds, latent, device, dtype, seed
         self.channels = pipe.unet.config.in_channels
 
@@ -112,6 +126,38 @@ class _Inputs:
         timestep = torch.full((batch,), 500.0, dtype=torch.float32)
         return (sample.to(self.device, self.dtype), timestep.to(self.device),
                 self.embeds.expand(batch, -1, -1).contiguous())
+
+
+class WithAddedConditions(torch.nn.Module):
+    """A UNet that needs ``added_cond_kwargs`` (SDXL: pooled text embeddings and size/crop ids), callable as
+    the benchmark engines call a UNet — ``(sample, timestep, encoder_hidden_states)`` — with fixed seeded
+    conditions expanded to the batch. Latency depends on their shapes, not their values."""
+
+    def __init__(self, unet: torch.nn.Module, resolution: int, seed: int = 0):
+        super().__init__()
+        self.unet = unet
+        cfg = unet.config
+        param = next(unet.parameters())
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        gen = torch.Generator().manual_seed(seed)
+        self.text_embeds = torch.randn(1, pooled, generator=gen).to(param.device, param.dtype)
+        # original size, crop top-left, target size — what the SDXL pipeline passes for an uncropped image
+        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                     device=param.device, dtype=param.dtype)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @staticmethod
+    def needed(unet: torch.nn.Module) -> bool:
+        return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        b = sample.shape[0]
+        added = {"text_embeds": self.text_embeds.expand(b, -1), "time_ids": self.time_ids.expand(b, -1)}
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=return_dict)
 
 
 @contextlib.contextmanager
@@ -159,6 +205,8 @@ class Bench:
         self.dtype = _resolve_dtype(config.dtype, self.device)
         self.t0 = time.perf_counter()
         self.observed_build: dict[str, float] = {}
+        #: engine → the dense model's runner on it, kept while that engine's slim models are timed against it.
+        self.dense_runs: dict[str, object] = {}
 
     # -- helpers -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -226,20 +274,54 @@ class Bench:
         self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
         self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
                                   seed=cfg.seed, align=cfg.align, r_min=cfg.r_min)
+        if cfg.pad_heads:
+            self._pad_heads(self.models)
         self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
         self.dense_params = sum(p.numel() for p in pipe.unet.parameters())
         self.model_entries = [self._model_entry(m) for m in self.models]
 
         # Dense eager references: UNet outputs on the fixed inputs, and images for end-to-end errors.
-        dense_run = engine_registry.create("eager").build(pipe.unet, cfg.batches, latent, 0, Path()).run
+        dense_run = engine_registry.create("eager").build(self.runnable(pipe.unet), cfg.batches, latent, 0,
+                                                          Path()).run
         self.refs = {}
         with torch.no_grad():
             for b in cfg.batches:
                 self.refs[b] = dense_run(*self.inputs.get(b)).float().cpu()
+        # End-to-end runs route the pipeline's UNet calls through (sample, timestep, context) runners, which
+        # cannot carry SDXL's added conditions: UNet-only for such models.
+        self.e2e = cfg.e2e and not WithAddedConditions.needed(pipe.unet)
+        if cfg.e2e and not self.e2e:
+            self.log("end-to-end runs skipped: this UNet takes added conditions (SDXL); UNet-only timing")
         self.e2e_ref = {b // 2: self._pipeline(pipe, dense_run, b // 2, CallTimer(self.device))
-                        for b in cfg.batches if cfg.e2e and b % 2 == 0}
+                        for b in cfg.batches if self.e2e and b % 2 == 0}
         self.engine_entries: dict[str, dict] = {}
         self.results: list[dict] = []
+
+    def runnable(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """``unet`` as the engines call it: SDXL-style UNets get their added conditions bound (end-to-end
+        pipeline runs pass their own, so the harness disables them for such models)."""
+        return WithAddedConditions(unet, self.resolution, self.cfg.seed) if WithAddedConditions.needed(unet) else unet
+
+    def _pad_heads(self, models: list[SlimModel]) -> None:
+        from ..export.align import align_head_widths
+
+        for m in models:
+            if m.budget > 0:
+                changed = align_head_widths(m.unet, multiple=self.cfg.pad_heads, equal_qk_v=True)
+                m.info["head_padding"] = {k: [list(a), list(b)] for k, (a, b) in changed.items()}
+
+    def add_models(self, models: list[SlimModel]) -> None:
+        """Measure these slim models too (after :meth:`prepare`): plans made outside the budget list, e.g. a
+        fraction of the transformer MACs or a latency budget. Each needs its own ``budget`` key (a float)."""
+        known = {m.budget for m in self.models}
+        for m in models:
+            if m.budget <= 0 or m.budget in known:
+                raise SlimDiffError(f"model key {m.budget} must be positive and not already measured")
+            known.add(m.budget)
+        if self.cfg.pad_heads:
+            self._pad_heads(models)
+        self.models.extend(models)
+        self.model_entries.extend(self._model_entry(m) for m in models)
 
     def _model_entry(self, m: SlimModel) -> dict:
         shapes = meta_unet(self.pipe.unet.config, m.plan)
@@ -251,14 +333,18 @@ class Bench:
             "removed_by_kind": m.plan.removed_by_kind() if m.plan else {},
             "compressible_params": m.plan.compressible_params if m.plan else None,
             "ranks": {n: e.rank for n, e in m.plan.modules.items()} if m.plan else None,
-            "macs": macs, "plan_info": {k: v for k, v in info.items() if k in (
+            "macs": macs, "label": m.info.get("label"), "head_padding": m.info.get("head_padding"),
+            "plan_info": {k: v for k, v in info.items() if k in (
                 "source", "scores", "budget", "budget_resolved", "align", "r_min", "slim_config", "num_prompts")},
         }
 
-    def run_engines(self, names: list[str], order: list[tuple[str, float]] | None = None) -> None:
-        """Measure ``names`` on every model. Default order: eager first, then the other engines budget by
-        budget in the order the budgets were given; ``order`` lists (engine, budget) jobs by priority instead
-        (jobs it leaves out run after it, in the default order)."""
+    def run_engines(self, names: list[str], order: list[tuple[str, float]] | None = None,
+                    budgets: list[float] | None = None, keep_dense: bool = False) -> None:
+        """Measure ``names`` on every model (``budgets``: on these only). Default order: eager first, then the
+        other engines budget by budget in the order the budgets were given; ``order`` lists (engine, budget)
+        jobs by priority instead (jobs it leaves out run after it, in the default order). ``keep_dense`` keeps
+        each engine's dense model loaded after the call, so that a later call times new slim models against
+        it without measuring it again (:meth:`release_dense` frees them)."""
         engines = {n: engine_registry.create(n, compile_mode=self.cfg.compile_mode) for n in names}
         for name, engine in engines.items():
             reason = engine.unavailable(self.device)
@@ -267,24 +353,47 @@ class Bench:
             if reason:
                 self.log(f"engine {name}: skipped — {reason}")
         index = {m.budget: i for i, m in enumerate(self.models)}
-        default = [(n, i) for n in engines if n == "eager" for i in range(len(self.models))]
-        default += [(n, i) for i in range(len(self.models)) for n in engines if n != "eager"]
-        jobs = list(dict.fromkeys((n, index[b]) for n, b in (order or []) if n in engines and b in index))
+        chosen = [i for i, m in enumerate(self.models) if budgets is None or m.budget in budgets]
+        default = [(n, i) for n in engines if n == "eager" for i in chosen]
+        default += [(n, i) for i in chosen for n in engines if n != "eager"]
+        jobs = list(dict.fromkeys((n, index[b]) for n, b in (order or []) if n in engines and b in index
+                                  and index[b] in chosen))
         jobs += [j for j in default if j not in jobs]
+        # A slim model is timed against the dense model on the same engine, so the dense job moves up to just
+        # before the first slim job of its engine.
+        dense = index.get(0.0)
+        if dense is not None:
+            for n in engines:
+                if (n, dense) in jobs:
+                    jobs.remove((n, dense))
+                first = next((k for k, (m, _) in enumerate(jobs) if m == n), None)
+                if n not in self.dense_runs and (first is not None or dense in chosen):
+                    jobs.insert(len(jobs) if first is None else first, (n, dense))
+        last_job = {n: k for k, (n, _) in enumerate(jobs)}
         workroot = Path(self.cfg.workdir) if self.cfg.workdir else Path(tempfile.mkdtemp(prefix="slimdiff-bench-"))
         workroot.mkdir(parents=True, exist_ok=True)
         try:
-            for name, i in jobs:
+            for k, (name, i) in enumerate(jobs):
                 if self.engine_entries[name]["status"] == "ok":
                     self.results.extend(self._run_engine_model(name, engines[name], self.models[i],
                                                                workroot / f"{name}-{i}"))
+                if last_job[name] == k and not keep_dense:
+                    self.dense_runs.pop(name, None)
+                    _free(self.device)
         finally:
+            if not keep_dense:
+                self.release_dense()
             if not self.cfg.workdir:
                 shutil.rmtree(workroot, ignore_errors=True)
 
+    def release_dense(self) -> None:
+        """Free the dense models kept by ``run_engines(keep_dense=True)``."""
+        self.dense_runs.clear()
+        _free(self.device)
+
     def report(self) -> dict:
         cfg = self.cfg
-        _speedups(self.results, self.model_entries)
+        _speedups(self.results, self.model_entries, cfg.noisy_max_relative_width, cfg.noisy_over_ideal)
         environment = dict(self.environment_at_start)
         if is_cuda(self.device):
             environment["clocks_at_end"] = device_info(self.device).get("clocks")
@@ -294,6 +403,7 @@ class Bench:
             "wall_seconds": round(self.elapsed(), 1),
             "command": cfg.command or " ".join(sys.argv),
             "config": {k: v for k, v in asdict(cfg).items() if k != "build_estimates_s"},
+            "timing_method": TIMING_METHOD,
             "model": {
                 "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
                 "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
@@ -353,18 +463,29 @@ class Bench:
         weights_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
         memory = PeakMemory(self.device).start()
         t_build = time.perf_counter()
-        built = engine.build(model.unet, batches, self.latent, inputs.embeds.shape[1], workdir)
+        built = engine.build(self.runnable(model.unet), batches, self.latent, inputs.embeds.shape[1], workdir)
         build_s = time.perf_counter() - t_build
+        dense_run = self.dense_runs.get(name) if model.budget > 0 else None
         cells = []
         for b in batches:
             sample, timestep, context = inputs.get(b)
             with torch.no_grad(), wall_clock(self.device) as first:
                 out = built.run(sample, timestep, context).float().cpu()  # lazy engines compile here
-            timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
+            paired = None
+            if dense_run is None:
+                timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
+            else:
+                dense_ms, slim_ms = time_interleaved(lambda: dense_run(sample, timestep, context),
+                                                     lambda: built.run(sample, timestep, context), self.device,
+                                                     cfg.warmup, cfg.iters)
+                timing = summarize(slim_ms, cfg.warmup, clock_name(self.device))
+                paired = {"dense_unet": summarize(dense_ms, cfg.warmup, clock_name(self.device)).to_dict(),
+                          "interval": speedup_interval(dense_ms, slim_ms, seed=cfg.seed),
+                          "dense_ms": [round(v, 4) for v in dense_ms], "slim_ms": [round(v, 4) for v in slim_ms]}
             eager_err = None
             if name != "eager":
                 with torch.no_grad():
-                    eager = model.unet.forward(sample, timestep, encoder_hidden_states=context,
+                    eager = self.runnable(model.unet)(sample, timestep, encoder_hidden_states=context,
                                                return_dict=False)[0].float().cpu()
                 eager_err = _rel_err(out, eager)
             cell = {
@@ -374,15 +495,22 @@ class Bench:
                 "error_vs_eager": eager_err,
                 "engine_file_bytes": _file_bytes(built.files), "weights_bytes": weights_bytes,
                 "engine_info": built.info,
+                "interleaved": paired,
             }
-            if cfg.e2e and b % 2 == 0:
+            if self.e2e and b % 2 == 0:
                 cell["e2e"] = self._e2e(pipe, built.run, b // 2, model)
             cell["memory"] = memory.read()
             if is_cuda(self.device):
                 cell["clocks_after"] = device_info(self.device).get("clocks")
+            against = "" if paired is None else (
+                f"; dense interleaved {paired['dense_unet']['median_ms']:.2f} ms → "
+                f"{paired['interval']['speedup']:.3f}× [{paired['interval']['low']:.3f}, "
+                f"{paired['interval']['high']:.3f}]")
             self.log(f"{name:>8} budget {model.budget:<4g} batch {b}: median {timing.median_ms:8.2f} ms "
-                     f"(p90 {timing.p90_ms:.2f})")
+                     f"(p90 {timing.p90_ms:.2f}){against}")
             cells.append(cell)
+        if model.budget == 0:
+            self.dense_runs[name] = built.run
         return cells
 
     def _pipeline(self, pipe, run, images: int, timer: CallTimer) -> torch.Tensor:
@@ -407,10 +535,11 @@ class Bench:
                 calls.append(timer.calls)
         meaningful = model.meaningful_outputs or model.budget == 0
         error = _rel_err(last, self.e2e_ref[images]) if meaningful else None
+        psnr = _psnr_db(last, self.e2e_ref[images]) if meaningful else None
         total, unet_ms = _median(totals), _median(inside)
         return {"images": images, "steps": cfg.e2e_steps, "guidance": cfg.guidance, "runs": cfg.e2e_runs,
                 "total_ms": total, "unet_ms": unet_ms, "outside_unet_ms": total - unet_ms,
-                "unet_calls": calls[-1], "image_error_vs_dense": error,
+                "unet_calls": calls[-1], "image_error_vs_dense": error, "image_psnr_db_vs_dense": psnr,
                 "unet_timing": "cuda-events (summed, unsynchronised)" if is_cuda(self.device) else "perf_counter"}
 
 
@@ -420,9 +549,26 @@ def _median(values: list[float]) -> float:
     return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
-def _speedups(results: list[dict], models: list[dict]) -> None:
-    """Fill speed-up (dense latency / slim latency, same engine and batch), ideal speed-up (dense MACs / slim
-    MACs) and measured/ideal into every measured slim cell."""
+def _psnr_db(images: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean PSNR (dB) of images in [0, 1] against the dense model's images of the same seeds, each capped at
+    100 dB as ``slimdiff eval`` caps identical pairs."""
+    mse = (images.double() - ref.double()).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).clamp_max(100.0).mean())
+
+
+TIMING_METHOD = (
+    "slim and dense timed interleaved (alternating calls AB BA AB …, one process, same inputs and threads); "
+    "speed-up = median(dense) / median(slim) with a seeded paired-bootstrap percentile interval; a cell is noisy "
+    "when the interval is wider than the stated fraction of the speed-up or the speed-up exceeds the ideal "
+    "(MAC ratio) by more than the stated margin")
+
+
+def _speedups(results: list[dict], models: list[dict], max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH,
+              over_ideal: float = NOISY_OVER_IDEAL) -> None:
+    """Fill speed-up (interleaved ratio of medians, same engine and batch) with its interval and verdict, ideal
+    speed-up (dense MACs / slim MACs) and measured/ideal into every measured cell. A slim cell without an
+    interleaved dense partner gets no speed-up: medians from different moments of a shared machine are not a
+    ratio anyone should read."""
     macs = {(m["budget"], int(b)): v["total"] for m in models for b, v in m["macs"].items()}
     dense = {(r["engine"], r["batch"]): r for r in results if r["budget"] == 0 and r["status"] == "ok"}
     for r in results:
@@ -430,7 +576,16 @@ def _speedups(results: list[dict], models: list[dict]) -> None:
             continue
         ideal = macs[(0.0, r["batch"])] / macs[(r["budget"], r["batch"])] if (0.0, r["batch"]) in macs else None
         base = dense.get((r["engine"], r["batch"]))
-        speedup = base["unet"]["median_ms"] / r["unet"]["median_ms"] if base else None
+        interval = (r.get("interleaved") or {}).get("interval")
+        if r["budget"] == 0:
+            speedup, r["speedup_status"], r["noisy_reasons"] = 1.0, "reference", []
+        elif interval is None:
+            speedup, r["speedup_status"] = None, "not-measured"
+            r["noisy_reasons"] = ["no dense model was timed alongside it on this engine"]
+        else:
+            speedup = interval["speedup"]
+            r["noisy_reasons"] = judge_speedup(interval, ideal, max_relative_width, over_ideal)
+            r["speedup_status"] = "noisy" if r["noisy_reasons"] else "measured"
         r["ideal_speedup"] = ideal
         r["speedup"] = speedup
         r["measured_over_ideal"] = speedup / ideal if speedup and ideal else None

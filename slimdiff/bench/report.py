@@ -28,7 +28,8 @@ _OK_RESULT = {"unet": (dict,), "build_s": (int, float), "first_call_ms": (int, f
               "error_vs_dense": (float, type(None)), "error_vs_eager": (float, type(None)),
               "engine_file_bytes": (int, type(None)), "weights_bytes": (int,), "memory": (dict,),
               "speedup": (float, type(None)), "ideal_speedup": (float, type(None)),
-              "measured_over_ideal": (float, type(None))}
+              "measured_over_ideal": (float, type(None)), "speedup_status": (str,), "noisy_reasons": (list,)}
+SPEEDUP_STATUSES = ("reference", "measured", "noisy", "not-measured")
 _TIMING = {"median_ms": (int, float), "p90_ms": (int, float), "mean_ms": (int, float), "n": (int,),
            "warmup": (int,), "clock": (str,)}
 _E2E = {"images": (int,), "steps": (int,), "total_ms": (int, float), "unet_ms": (int, float),
@@ -83,6 +84,12 @@ def validate_report(report: dict) -> None:
             continue
         _check(r, _OK_RESULT, where)
         _check(r["unet"], _TIMING, f"{where}.unet")
+        if r["speedup_status"] not in SPEEDUP_STATUSES:
+            raise SlimDiffError(f"report: {where}.speedup_status must be one of {SPEEDUP_STATUSES}")
+        if r["speedup_status"] in ("measured", "noisy") and not (r.get("interleaved") or {}).get("interval"):
+            raise SlimDiffError(f"report: {where} has a speed-up without the interleaved timing it comes from")
+        if r["speedup_status"] == "noisy" and not r["noisy_reasons"]:
+            raise SlimDiffError(f"report: {where} is noisy without a reason")
         if r.get("e2e") is not None:
             _check(r["e2e"], _E2E, f"{where}.e2e")
 
@@ -100,37 +107,62 @@ def _mb(n) -> str:
     return "–" if n is None else f"{n / 2**20:.1f}"
 
 
+def speedup_text(r: dict) -> str:
+    """A cell's speed-up as it may be read: with its interval, and flagged when it is noise."""
+    status = r.get("speedup_status")
+    if status == "reference":
+        return "1 (dense)"
+    interval = (r.get("interleaved") or {}).get("interval")
+    if status == "not-measured" or interval is None:
+        return "–"
+    text = f"{interval['speedup']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+    return f"noisy ({text})" if status == "noisy" else text
+
+
+def _dense_ms(r: dict) -> float | None:
+    """The dense latency the cell's speed-up is relative to: its interleaved partner, or its own (dense)."""
+    paired = r.get("interleaved")
+    if paired:
+        return paired["dense_unet"]["median_ms"]
+    return r["unet"]["median_ms"] if r["budget"] == 0 else None
+
+
 def results_table(report: dict) -> str:
     """One row per measured or skipped cell (Markdown)."""
     models = {m["budget"]: m for m in report["models"]}
-    head = ("| engine | budget | batch | params (M) | removed (M) | GMAC | ideal × | median ms | p90 ms | speed-up × "
-            "| measured/ideal | err vs dense | e2e ms | outside UNet ms | e2e × | status |")
+    head = ("| engine | budget | batch | params (M) | removed (M) | GMAC | ideal × | dense ms (interleaved) | "
+            "median ms | p90 ms | speed-up × [95 % CI] | measured/ideal | err vs dense | e2e ms | outside UNet ms "
+            "| image PSNR dB vs dense | status |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(report["results"], key=lambda r: (r["engine"], r["batch"], r["budget"])):
         m = models.get(r["budget"], {})
         macs = m.get("macs", {}).get(str(r["batch"]), {}).get("total")
         if r["status"] != "ok":
-            empty = " |" * 9  # ideal … e2e speed-up: nothing was measured
+            empty = " |" * 11  # ideal … image PSNR: nothing was measured
             rows.append(f"| {r['engine']} | {r['budget']:g} | {r['batch']} | {_f(m.get('params', 0) / 1e6, '.2f')} | "
                         f"{_f(m.get('params_removed', 0) / 1e6, '.2f')} | {_f(macs and macs / 1e9, '.2f')} |{empty} "
                         f"{r['status']}: {r['reason']} |")
             continue
         e2e = r.get("e2e") or {}
+        noisy = "; ".join(r.get("noisy_reasons") or []) if r.get("speedup_status") == "noisy" else ""
         rows.append(
             f"| {r['engine']} | {r['budget']:g} | {r['batch']} | {m['params'] / 1e6:.2f} | "
             f"{m['params_removed'] / 1e6:.2f} | {_f(macs and macs / 1e9, '.2f')} | {_f(r['ideal_speedup'], '.3f')} | "
-            f"{r['unet']['median_ms']:.2f} | {r['unet']['p90_ms']:.2f} | {_f(r['speedup'], '.3f')} | "
-            f"{_f(r['measured_over_ideal'], '.3f')} | {_f(r['error_vs_dense'], '.2e', 'n/a')} | "
-            f"{_f(e2e.get('total_ms'), '.1f')} | {_f(e2e.get('outside_unet_ms'), '.1f')} | "
-            f"{_f(e2e.get('speedup'), '.3f')} | ok |")
+            f"{_f(_dense_ms(r), '.2f')} | {r['unet']['median_ms']:.2f} | {r['unet']['p90_ms']:.2f} | "
+            f"{speedup_text(r)} | {_f(r['measured_over_ideal'], '.3f') if not noisy else '–'} | "
+            f"{_f(r['error_vs_dense'], '.2e', 'n/a')} | {_f(e2e.get('total_ms'), '.1f')} | "
+            f"{_f(e2e.get('outside_unet_ms'), '.1f')} | {_f(e2e.get('image_psnr_db_vs_dense'), '.1f', 'n/a')} | "
+            f"{'noisy: ' + noisy if noisy else 'ok'} |")
     return "\n".join(rows)
 
 
 def console_table(report: dict) -> str:
-    """The short table the CLI prints: dense vs slim latency and error, per engine and batch."""
-    lines = [f"{'engine':<8} {'budget':>6} {'batch':>5} {'params M':>9} {'GMAC':>8} {'median ms':>10} "
-             f"{'p90 ms':>8} {'speed-up':>8} {'ideal':>6} {'err vs dense':>12} {'e2e ms':>8} {'img err':>9}"]
+    """The short table the CLI prints: dense vs slim latency (interleaved), speed-up with its interval, error."""
+    lines = [f"{'engine':<8} {'budget':>6} {'batch':>5} {'params M':>9} {'GMAC':>8} {'dense ms':>9} {'slim ms':>9} "
+             f"{'speed-up [95% CI]':>30} {'ideal':>6} {'err vs dense':>12} {'e2e ms':>8} {'img err':>9} "
+             f"{'img PSNR':>8}"]
     models = {m["budget"]: m for m in report["models"]}
+    noisy = []
     for r in sorted(report["results"], key=lambda r: (r["engine"], r["batch"], r["budget"])):
         m = models[r["budget"]]
         macs = m["macs"][str(r["batch"])]["total"] / 1e9
@@ -138,16 +170,40 @@ def console_table(report: dict) -> str:
             lines.append(f"{r['engine']:<8} {r['budget']:>6g} {r['batch']:>5} {m['params'] / 1e6:>9.3f} "
                          f"{macs:>8.3f}  {r['status']}: {r['reason']}")
             continue
+        if r.get("speedup_status") == "noisy":
+            noisy.append(f"  {r['engine']} {r['budget']:g} batch {r['batch']}: " + "; ".join(r["noisy_reasons"]))
         e2e = r.get("e2e") or {}
+        slim_ms = _f(r["unet"]["median_ms"], ">9.3f") if r["budget"] else "–"
         lines.append(
             f"{r['engine']:<8} {r['budget']:>6g} {r['batch']:>5} {m['params'] / 1e6:>9.3f} {macs:>8.3f} "
-            f"{r['unet']['median_ms']:>10.3f} {r['unet']['p90_ms']:>8.3f} {_f(r['speedup'], '>8.3f'):>8} "
+            f"{_f(_dense_ms(r), '>9.3f'):>9} {slim_ms:>9} {speedup_text(r):>30} "
             f"{_f(r['ideal_speedup'], '>6.3f'):>6} {_f(r['error_vs_dense'], '>12.3e', 'n/a'):>12} "
-            f"{_f(e2e.get('total_ms'), '>8.1f'):>8} {_f(e2e.get('image_error_vs_dense'), '>9.2e', 'n/a'):>9}")
+            f"{_f(e2e.get('total_ms'), '>8.1f'):>8} {_f(e2e.get('image_error_vs_dense'), '>9.2e', 'n/a'):>9} "
+            f"{_f(e2e.get('image_psnr_db_vs_dense'), '>8.1f', 'n/a'):>8}")
     for name, e in report["engines"].items():
         if e["status"] == "skipped":
             lines.append(f"{name:<8} skipped: {e['reason']}")
+    lines += ["", LEGEND.format(pairs=report["config"]["iters"], steps=report["config"]["e2e_steps"])]
+    if noisy:
+        lines += ["noisy cells (their speed-up is load on this machine, not the model — do not read it as a "
+                  "result):"] + noisy
     return "\n".join(lines)
+
+
+#: How to read the CLI table (printed under it), for someone who has never seen the method.
+LEGEND = (
+    "How to read this: slim and dense run interleaved ({pairs} alternating pairs, one process, same inputs); "
+    "speed-up = median dense ms / median slim ms\n"
+    "with a 95 % bootstrap interval; ideal = dense MACs / slim MACs (what a compute-bound engine could gain). "
+    "'noisy' = the interval is too wide or the\n"
+    "speed-up beats the ideal: load on this machine, not a result. err vs dense = relative L2 error of one UNet "
+    "output (fixed input) against the dense UNet.\n"
+    "img err / img PSNR = the decoded images of a full {steps}-step sampling run (same prompt and seed) against "
+    "the dense model's: the UNet's small\n"
+    "per-step errors compound along the trajectory, so they are larger than 'err vs dense' without the image "
+    "having lost its content. For quality\n"
+    "on many held-out prompts (PSNR/SSIM, prompt adherence) run `slimdiff eval`; the project's bar for deep "
+    "plans is PSNR >= 25 dB at adherence within 2 points.")
 
 
 def markdown(report: dict, plots: list[str], extra: str = "") -> str:
@@ -180,8 +236,11 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
     for name, e in report["engines"].items():
         lines.append(f"| {name} | {e['status']} | {e['reason'] or e['description']} |")
     lines += ["", "## UNet latency per call, dense vs slim", "",
-              "Speed-up = dense latency / slim latency on the same engine and batch; ideal = dense MACs / slim "
-              "MACs; measured/ideal = speed-up / ideal. End-to-end: batch/2 images, "
+              f"{report.get('timing_method', '')}. Speed-up = median dense latency / median slim latency on the "
+              "same engine and batch, timed interleaved; ideal = dense MACs / slim MACs; measured/ideal = "
+              "speed-up / ideal (not given for noisy cells). Image PSNR: the decoded images of a full sampling run "
+              "against the dense model's from the same seed (errors compound over the steps; quality is `slimdiff "
+              "eval`'s job). End-to-end: batch/2 images, "
               f"{report['config']['e2e_steps']} steps, CFG {report['config']['guidance']} (UNet batch = batch).",
               "", results_table(report), "", "## Where the MACs are (per UNet call, batch 1 where measured)", "",
               "| budget | total G | FFN G | self-attn proj G | self-attn QKᵀ+AV G | cross-attn proj G | "
@@ -237,7 +296,8 @@ def plot_speedups(report: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [r for r in report["results"] if r["status"] == "ok" and r["budget"] > 0 and r.get("speedup")]
+    cells = [r for r in report["results"] if r["status"] == "ok" and r["budget"] > 0 and r.get("speedup")
+             and r.get("interleaved")]
     if not cells:
         return False
     budgets = sorted({r["budget"] for r in cells})
@@ -245,21 +305,29 @@ def plot_speedups(report: dict, path: Path) -> bool:
     width = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(budgets) * max(1, len(keys) / 3)), 4.5))
     for k, (engine, batch) in enumerate(keys):
-        xs, ys, ideal = [], [], []
+        xs, ys, ideal, errs, noisy = [], [], [], [[], []], []
         for i, b in enumerate(budgets):
             r = next((r for r in cells if (r["engine"], r["batch"], r["budget"]) == (engine, batch, b)), None)
             if r:
+                interval = r["interleaved"]["interval"]
                 xs.append(i - 0.4 + width * (k + 0.5))
                 ys.append(r["speedup"])
                 ideal.append(r["ideal_speedup"])
-        ax.bar(xs, ys, width, label=f"{engine}, batch {batch}")
+                errs[0].append(r["speedup"] - interval["low"])
+                errs[1].append(interval["high"] - r["speedup"])
+                noisy.append(r["speedup_status"] == "noisy")
+        bars = ax.bar(xs, ys, width, yerr=errs, capsize=3, label=f"{engine}, batch {batch}")
+        for bar, flag in zip(bars, noisy):  # noise is drawn hollow: visible, not a result
+            if flag:
+                bar.set_fill(False)
+                bar.set_hatch("//")
         ax.scatter(xs, ideal, marker="_", s=200, color="black", zorder=3,
                    label="ideal (MAC ratio)" if k == 0 else None)
     for (label, value), style in zip(PAPER_READINGS.items(), ("--", ":")):
         ax.axhline(value, linestyle=style, color="tab:red", linewidth=1, label=f"paper, {label}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(budgets)), [f"{b:g} of compressible" for b in budgets])
-    ax.set_ylabel("UNet speed-up over dense (same engine)")
+    ax.set_ylabel("UNet speed-up over dense (same engine, interleaved;\n95 % CI; hatched = noisy)")
     ax.set_title(f"{report['model']['source']} ({report['model']['weights']} weights) on "
                  f"{report['environment']['device'].get('name')}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)

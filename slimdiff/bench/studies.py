@@ -14,6 +14,7 @@ are passed: latency is real, the error of a synthetic plan is the stated proxy (
 from __future__ import annotations
 
 import gc
+import statistics
 
 import torch
 from torch import nn
@@ -152,3 +153,149 @@ def compare_allocators(unet, table: dict, latent, budget: float = 0.4, *, items=
     log(f"allocators at {target:.3f}×: params removed {out['param_allocator']['params_removed'] / 1e6:.1f} M "
         f"(parameter budget) vs {out['latency_allocator']['params_removed'] / 1e6:.1f} M (latency budget)")
     return out
+
+
+def transformer_mac_plan(unet, fraction: float, latent, *, batch: int = 1, align: int = 8, r_min: int = 8,
+                         tolerance: float = 0.005) -> tuple[RankPlan, float]:
+    """A synthetic plan (uniform scores) removing ``fraction`` of the transformer-block MACs — FFN, attention
+    projections and products, as :class:`MacCount` counts them — found by bisection on the parameter budget;
+    returns the plan and the fraction it actually removes (alignment rounds it)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction of transformer MACs must be in (0, 1), got {fraction}")
+    dense = count_macs(meta_unet(unet.config), batch, latent).transformer
+
+    def removed(budget: float) -> tuple[RankPlan, float]:
+        plan = synthetic_plan(unet, budget, align=align, r_min=r_min)
+        return plan, 1 - count_macs(meta_unet(unet.config, plan), batch, latent).transformer / dense
+
+    sites = module_sites(unet)
+    # The largest parameter fraction the allocator can remove: every module at its floor.
+    hi = (sum(s.unit_params * (s.width - min(r_min, s.width)) for s in sites) / sum(s.params for s in sites)
+          * (1 - 1e-6))
+    lo = 0.0
+    best = removed(hi)
+    if best[1] < fraction:
+        raise ValueError(f"at most {best[1]:.3f} of the transformer MACs can go with r_min={r_min}")
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        plan, got = removed(mid)
+        if got >= fraction:
+            hi, best = mid, (plan, got)
+        else:
+            lo = mid
+        if best[1] - fraction <= tolerance:
+            break
+    return best
+
+
+# Which SDPA kernel runs: the aten op each backend dispatches to (CPU and CUDA names).
+SDPA_BACKEND_OPS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> str:
+    """The SDPA backend PyTorch's dispatcher picks for these tensors (read from the profiler's op names)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.scaled_dot_product_attention(q, k, v, scale=scale)
+    names = {e.key for e in prof.key_averages()}
+    found = [label for op, label in SDPA_BACKEND_OPS.items() if op in names]
+    return found[0] if found else "math"  # the math path is plain bmm/softmax ops under the composite
+
+
+def _pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def attention_backend_study(unet, latent, *, batch: int = 2, device="cpu", warmup: int = 3, iters: int = 20,
+                            buckets=(64,), seed: int = 0, log=None) -> list[dict]:
+    """Per distinct slim head shape of ``unet`` (q·k width, v width, query/key tokens, heads): the SDPA backend
+    at native widths and with q·k and v zero-padded to one width (the wider, and the next multiple of each of
+    ``buckets``), the SDPA latency of each (interleaved with native) and the largest output difference of the
+    padded call against the native one (exact in exact arithmetic: zero columns add nothing to a logit, and the
+    softmax scale stays the native 1/√(q·k width); the extra v columns are zeros that the output projection
+    drops)."""
+    from diffusers.models.attention_processor import Attention
+
+    from .timing import speedup_interval, time_interleaved
+
+    log = log or (lambda msg: None)
+    dtype = next(unet.parameters()).dtype
+    geometry = _attention_tokens(unet, latent)
+    shapes = {}
+    for path, m in unet.named_modules():
+        if isinstance(m, Attention) and path in geometry:
+            qk, v = m.to_q.out_features // m.heads, m.to_v.out_features // m.heads
+            shapes.setdefault((m.heads, qk, v, *geometry[path]), []).append(path)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for (heads, qk, v, lq, lk), paths in sorted(shapes.items()):
+        q = torch.randn(batch, heads, lq, qk, generator=gen).to(device, dtype)
+        k = torch.randn(batch, heads, lk, qk, generator=gen).to(device, dtype)
+        val = torch.randn(batch, heads, lk, v, generator=gen).to(device, dtype)
+        scale = qk ** -0.5
+        native = {"backend": sdpa_backend(q, k, val, scale)}
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, val, scale=scale)
+        row = {"heads": heads, "qk_width": qk, "v_width": v, "query_tokens": lq, "key_tokens": lk,
+               "modules": len(paths), "native": native, "padded": []}
+        widths = sorted({max(qk, v), *(-(-max(qk, v) // b) * b for b in buckets)})
+        for width in widths:
+            if width == qk == v:
+                continue
+            qp, kp, vp = _pad_heads(q, width), _pad_heads(k, width), _pad_heads(val, width)
+            out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale)[..., :v]
+            native_ms, padded_ms = time_interleaved(
+                lambda: torch.nn.functional.scaled_dot_product_attention(q, k, val, scale=scale),
+                lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale),
+                device, warmup, max(iters, 2))
+            interval = speedup_interval(native_ms, padded_ms, seed=seed)
+            row["padded"].append({"width": width, "backend": sdpa_backend(qp, kp, vp, scale),
+                                  "max_abs_diff": float((out - ref).abs().max()),
+                                  "native_ms": statistics.median(native_ms),
+                                  "padded_ms": statistics.median(padded_ms),
+                                  "speedup_of_padding": interval})
+        log(f"attention {heads}×({qk},{v}) {lq}→{lk}: {native['backend']}; padded: "
+            + ", ".join(f"{p['width']} {p['backend']} {p['speedup_of_padding']['speedup']:.2f}×"
+                        for p in row["padded"]))
+        rows.append(row)
+    return rows
+
+
+def _attention_tokens(unet, latent, text_len: int = 77) -> dict[str, tuple[int, int]]:
+    """Query and key token counts of every attention of ``unet`` at ``latent`` (one meta-device forward)."""
+    from diffusers.models.attention_processor import Attention
+
+    from .macs import meta_unet as _meta
+
+    meta = _meta(unet.config)
+    found: dict[str, tuple[int, int]] = {}
+    handles = []
+    for path, m in meta.named_modules():
+        if isinstance(m, Attention):
+            def record(module, args, kwargs, path=path):
+                x = args[0] if args else kwargs["hidden_states"]
+                ctx = kwargs.get("encoder_hidden_states")
+                lq = x.shape[1] if x.ndim == 3 else x.shape[2] * x.shape[3]
+                found[path] = (lq, ctx.shape[1] if ctx is not None else lq)
+            handles.append(m.register_forward_pre_hook(record, with_kwargs=True))
+    cfg = meta.config
+    extra = {}
+    if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text embeddings + size ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.empty(1, pooled, device="meta"),
+                                      "time_ids": torch.empty(1, 6, device="meta")}
+    try:
+        with torch.no_grad():
+            meta(torch.empty(1, cfg.in_channels, *latent, device="meta"), torch.tensor([500.0], device="meta"),
+                 encoder_hidden_states=torch.empty(1, text_len, cfg.cross_attention_dim, device="meta"), **extra)
+    finally:
+        for h in handles:
+            h.remove()
+    return found

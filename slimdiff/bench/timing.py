@@ -1,8 +1,15 @@
-"""Latency statistics of one callable: CUDA events on a GPU, ``time.perf_counter`` on the CPU.
+"""Latency statistics: CUDA events on a GPU, ``time.perf_counter`` on the CPU, and speed-ups that can't lie.
 
 Each timed call is synchronised on its own (a latency, not a throughput): on a GPU the events bracket the
 call on the current stream and the end event is waited for before the next call starts, so the GPU time of
 a launch-bound call includes its gaps.
+
+A speed-up is measured by :func:`time_interleaved` — dense and slim called in alternation in one process, on
+the same inputs and threads, so that a load change on a shared machine (or a GPU clock change) hits both — and
+reported by :func:`speedup_interval` as the ratio of medians with a seeded paired-bootstrap confidence interval.
+:func:`judge_speedup` calls a cell *noisy* when that interval is wide or the speed-up beats the ideal (the MAC
+ratio) by more than a few percent: such a number is contention, not the model, and must not be printed as a
+result.
 """
 
 from __future__ import annotations
@@ -14,11 +21,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..errors import SlimDiffError
 
 MIN_WARMUP, MIN_ITERS = 3, 20  # the issue's floor for UNet-only timing
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 4000
+#: A speed-up whose interval is wider than this fraction of itself is too uncertain to report as a result.
+NOISY_MAX_RELATIVE_WIDTH = 0.10
+#: MACs bound a compute-bound speed-up: one this far above the ideal (MAC ratio) is contention, not the model.
+NOISY_OVER_IDEAL = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,24 @@ def summarize(samples_ms: list[float], warmup: int, clock: str) -> Timing:
                   len(ordered), warmup, clock)
 
 
+def clock_name(device: str | torch.device) -> str:
+    return "cuda-events" if is_cuda(device) else "perf_counter"
+
+
+def _timed_call(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds of one synchronised call."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_calls(fn: Callable[[], object], device: str | torch.device, warmup: int = MIN_WARMUP,
                iters: int = MIN_ITERS) -> Timing:
     """Run ``fn`` ``warmup`` times untimed, then ``iters`` times timed; return median/p90/mean/min/max in ms."""
@@ -63,20 +95,73 @@ def time_calls(fn: Callable[[], object], device: str | torch.device, warmup: int
             fn()
         if cuda:
             torch.cuda.synchronize(device)
-        samples = []
-        for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
+        samples = [_timed_call(fn, cuda) for _ in range(iters)]
+    return summarize(samples, warmup, clock_name(device))
+
+
+def time_interleaved(fn_a: Callable[[], object], fn_b: Callable[[], object], device: str | torch.device,
+                     warmup: int = MIN_WARMUP, pairs: int = MIN_ITERS) -> tuple[list[float], list[float]]:
+    """``pairs`` timed calls of each of ``fn_a`` and ``fn_b``, alternating in one loop; samples in ms, paired.
+
+    The order within a pair alternates (AB, BA, AB, …) so that neither callable always runs second — after the
+    other has warmed or evicted the caches — and a load change during the loop falls on both equally.
+    """
+    if warmup < 0 or pairs < 2:
+        raise SlimDiffError(f"warm-up must be ≥ 0 and timed pairs ≥ 2 (got {warmup}, {pairs})")
+    cuda = is_cuda(device)
+    a_ms, b_ms = [], []
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn_a()
+            fn_b()
+        if cuda:
+            torch.cuda.synchronize(device)
+        for i in range(pairs):
+            if i % 2 == 0:
+                a_ms.append(_timed_call(fn_a, cuda))
+                b_ms.append(_timed_call(fn_b, cuda))
             else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize(samples, warmup, "cuda-events" if cuda else "perf_counter")
+                b_ms.append(_timed_call(fn_b, cuda))
+                a_ms.append(_timed_call(fn_a, cuda))
+    return a_ms, b_ms
+
+
+def speedup_interval(dense_ms: list[float], slim_ms: list[float], confidence: float = CONFIDENCE,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Speed-up = median(dense) / median(slim) with a paired-bootstrap percentile interval.
+
+    Pairs (one dense and one slim call timed back to back) are resampled together, so the interval keeps what
+    interleaving bought: load that slowed both calls of a pair cancels in the ratio. Seeded: the same samples
+    always give the same interval.
+    """
+    dense, slim = np.asarray(dense_ms, dtype=np.float64), np.asarray(slim_ms, dtype=np.float64)
+    if dense.shape != slim.shape or dense.ndim != 1 or len(dense) < 2:
+        raise SlimDiffError(f"need two equally long lists of ≥ 2 paired samples, got {len(dense)} and {len(slim)}")
+    if not 0 < confidence < 1 or resamples < 1:
+        raise SlimDiffError(f"confidence must be in (0, 1) and resamples ≥ 1 (got {confidence}, {resamples})")
+    if (dense <= 0).any() or (slim <= 0).any():
+        raise SlimDiffError("latency samples must be positive")
+    index = np.random.default_rng(seed).integers(0, len(dense), size=(resamples, len(dense)))
+    ratios = np.median(dense[index], axis=1) / np.median(slim[index], axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail])
+    return {"speedup": float(np.median(dense) / np.median(slim)), "low": float(low), "high": float(high),
+            "confidence": confidence, "pairs": len(dense), "resamples": resamples, "seed": seed,
+            "method": "ratio of medians; paired bootstrap, percentile interval"}
+
+
+def judge_speedup(interval: dict, ideal: float | None, max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH,
+                  over_ideal: float = NOISY_OVER_IDEAL) -> list[str]:
+    """Why a measured speed-up is noise rather than a result (empty when it can be reported)."""
+    reasons = []
+    width = (interval["high"] - interval["low"]) / interval["speedup"]
+    if width > max_relative_width:
+        reasons.append(f"interval {interval['low']:.3f}–{interval['high']:.3f} is {100 * width:.0f} % of the "
+                       f"speed-up (limit {100 * max_relative_width:.0f} %)")
+    if ideal is not None and interval["speedup"] > ideal * (1 + over_ideal):
+        reasons.append(f"{interval['speedup']:.3f}× exceeds the ideal {ideal:.3f}× (MAC ratio) by more than "
+                       f"{100 * over_ideal:.0f} %")
+    return reasons
 
 
 def cuda_graphed(fn: Callable[[], object], device: str | torch.device) -> Callable[[], object]:
