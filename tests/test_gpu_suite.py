@@ -42,7 +42,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     slim = [r for r in report["results"] if r["budget"] > 0 and r["status"] == "ok"]
     assert slim and all(r["interleaved"]["interval"]["pairs"] >= 2 for r in slim)
     assert {r["batch"] for r in slim} == {1, 2}
-    assert phases["p2_latency_table"]["result"]["predicted_ceiling"] > 1
+    assert phases["p2_latency_table"]["result"]["predicted_ceiling"] > 0  # a value, not a speed claim: CPU timing
     shapes = phases["p3_attention_kernels"]["result"]["shapes"]
     assert shapes and all(p["max_abs_diff"] < 1e-4 for s in shapes for p in s["padded"])
     calibration = phases["p5_calibration"]["result"]
