@@ -13,11 +13,11 @@ from slimdiff.bench.macs import count_macs, meta_unet
 from slimdiff.bench.plans import transformer_mac_plan
 from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.errors import SlimDiffError
-from slimdiff.export.engines import build_engine
+from slimdiff.engines import build_engine
 from slimdiff.export.modules import unet_component
 from slimdiff.export.onnx import export_onnx
 from slimdiff.export.shapes import parse_profiles
-from slimdiff.export.trt import optimization_profiles
+from slimdiff.engines.trt import optimization_profiles
 from slimdiff.families import family_for, transformer_blocks
 from slimdiff.models import build_builtin, load_pipeline, module_sites
 from slimdiff.runtime import EngineUNet, use_engine

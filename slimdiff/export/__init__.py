@@ -7,12 +7,19 @@
 Engines are built by the backends of :mod:`slimdiff.engines` and served by :mod:`slimdiff.runtime`.
 """
 
-from .align import align_head_widths
-from .modules import text_encoder_component, unet_component, vae_decoder_component
-from .onnx import DEFAULT_OPSET, FALLBACK_OPSET, export_onnx, load_sidecar
-from .shapes import Profile, Range, parse_profiles
+# Imported lazily: `slimdiff-export --help` builds its parser from this package and must not pull in torch's
+# exporter, onnx or diffusers to list its flags.
+_EXPORTS = {
+    "align_head_widths": "align", "text_encoder_component": "modules", "unet_component": "modules",
+    "vae_decoder_component": "modules", "DEFAULT_OPSET": "onnx", "FALLBACK_OPSET": "onnx", "export_onnx": "onnx",
+    "load_sidecar": "onnx", "Profile": "shapes", "Range": "shapes", "parse_profiles": "shapes",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DEFAULT_OPSET", "FALLBACK_OPSET", "Profile", "Range", "align_head_widths", "export_onnx", "load_sidecar",
-    "parse_profiles", "text_encoder_component", "unet_component", "vae_decoder_component",
-]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
