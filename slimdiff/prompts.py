@@ -15,6 +15,9 @@ from pathlib import Path
 from .errors import SlimDiffError
 
 DEFAULT_POOL = Path(__file__).parent / "assets" / "prompts" / "coco_val2017_captions.txt"
+# The proxy model's closed vocabulary cannot read COCO captions: it calibrates on its own training captions,
+# shipped as a file so that prompt reading never imports the proxy package.
+PROXY_POOL = Path(__file__).parent / "assets" / "proxy" / "calibration_prompts.txt"
 _PROMPT_COLUMNS = ("prompt", "caption", "text", "caption_1")
 
 
@@ -44,12 +47,9 @@ def _from_coco(path: Path) -> list[str]:
 def read_prompts(path: str | Path | None = None, limit: int | None = None, model: str | None = None) -> list[str]:
     """Read, clean and de-duplicate prompts (order kept). ``None`` reads the model's default pool: the proxy
     model's training captions for ``builtin:proxy``, the packaged COCO captions otherwise."""
-    if path is None and model == "builtin:proxy":
-        from .proxy.shapes import train_captions
-
-        prompts = train_captions()
-        return prompts[:limit] if limit else prompts
-    path = Path(path) if path is not None else DEFAULT_POOL
+    if path is None:
+        path = PROXY_POOL if model == "builtin:proxy" else DEFAULT_POOL
+    path = Path(path)
     if not path.is_file():
         raise SlimDiffError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()

@@ -45,3 +45,9 @@ def test_shared_prompt_sets_parse():
         pytest.skip("shared/data not present beside the checkout")
     assert len(read_prompts(shared / "drawbench.csv")) == 200
     assert len(read_prompts(shared / "PartiPrompts.tsv")) > 1500
+
+
+def test_the_shipped_proxy_pool_is_the_proxy_training_captions():
+    from slimdiff.proxy.shapes import train_captions
+
+    assert read_prompts(model="builtin:proxy") == train_captions()
