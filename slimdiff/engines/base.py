@@ -22,7 +22,6 @@ with its source graph (:mod:`.compare`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..errors import SlimDiffError
 from ..export.meta import files_size, read_json, write_json_atomic
 from ..export.modules import Component
 from ..export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, load_sidecar
+from ..fingerprint import config_fingerprint
 
 ENGINE_FORMAT = "slimdiff-engine/1"
 
@@ -144,13 +144,6 @@ def engine_meta_path(folder: Path, component: str = "unet") -> Path:
 
 #: Config keys a slim UNet adds to its dense architecture: a slim engine belongs to the dense pipeline it drops into.
 SLIM_CONFIG_KEYS = ("rank_plan",)
-
-
-def config_fingerprint(config) -> str:
-    """sha256 of a model config without its bookkeeping keys (those starting with ``_``: ``_name_or_path``,
-    ``_diffusers_version``, ``_use_default_values`` whose order changes between processes)."""
-    body = {str(k): v for k, v in dict(config).items() if not str(k).startswith("_")}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def architecture_fingerprint(unet_config) -> str:
