@@ -474,11 +474,11 @@ def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
 
 
 def _fold(total: dict[str, torch.Tensor] | None, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``total += part``, key by key. ``.seq`` entries are tokens per sample (constants), the rest are sums."""
+    """``total += part``, key by key. ``<key>.seq`` entries are tokens per sample (constants), the rest sums."""
     if total is None:
         return {k: v.clone() for k, v in part.items()}
     for key, value in part.items():
-        if key in total and not key.endswith(".seq"):
+        if key in total and not key.endswith("." + SEQ):
             total[key] += value
         else:
             total[key] = value.clone()
