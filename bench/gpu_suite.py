@@ -222,12 +222,14 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
         return key
 
     def headline_mac_plans():
-        from slimdiff.bench.studies import transformer_mac_plan
+        from slimdiff.bench.plans import transformer_mac_plan
+        from slimdiff.bench.studies import transformer_macs_removed
 
         bench.prepare()
         result = {}
         for fraction in MAC_FRACTIONS:
-            plan, got = transformer_mac_plan(bench.pipe.unet, fraction, bench.latent, batch=2)
+            plan = transformer_mac_plan(bench.pipe.unet, fraction, bench.latent)
+            got = transformer_macs_removed(bench.pipe.unet, plan, bench.latent, batch=2)
             key = add_plan(plan, f"transformer MACs −{100 * fraction:.0f} %", {"transformer_macs_removed": got})
             result[labels[key]] = {"key": key, "transformer_macs_removed": got}
         bench.run_engines(timed, keep_dense=True)
@@ -342,9 +344,9 @@ def _sites(unet):
 
 
 def _mac_plan(bench, fraction):
-    from slimdiff.bench.studies import transformer_mac_plan
+    from slimdiff.bench.plans import transformer_mac_plan
 
-    return transformer_mac_plan(bench.pipe.unet, fraction, bench.latent, batch=2)[0]
+    return transformer_mac_plan(bench.pipe.unet, fraction, bench.latent)
 
 
 def _cell_summary(r: dict) -> dict:

@@ -116,25 +116,3 @@ def verify_weights_file(path: str | os.PathLike, expected: dict[str, tuple[int, 
     if wrong:
         raise SlimDiffError(f"weights file {str(path)!r} does not match its plan: {len(wrong)} tensors have other "
                             f"shapes, e.g. {wrong[0]}")
-
-
-def verify_slim_folder(path: str | os.PathLike) -> None:
-    """The weights of a slim UNet folder against the shapes its config and rank plan imply (no data read)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from .rebuild import apply_plan_shapes
-    from .serialization import SLIM_CLASS, WEIGHTS_FILE, load_plan
-    from .slim_models import SlimUNet2DConditionModel
-
-    path = Path(path)
-    plan = load_plan(path)
-    if not (path / "config.json").is_file():
-        raise SlimDiffError(f"slim folder {str(path)!r} is incomplete (no config.json)")
-    config = UNet2DConditionModel.load_config(str(path))
-    with torch.device("meta"):  # the skeleton load_slim builds, without any weights
-        if config.get("_class_name") == SLIM_CLASS:
-            unet = SlimUNet2DConditionModel.from_config(config)
-        else:
-            unet = apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
-    verify_weights_file(path / WEIGHTS_FILE, {k: tuple(v.shape) for k, v in unet.state_dict().items()})

@@ -1,4 +1,5 @@
-"""How a command ends and talks: SIGTERM handled like Ctrl-C, warnings as single lines.
+"""How a command ends and talks: user errors as one line and an exit status, SIGTERM handled like Ctrl-C,
+warnings as single lines.
 
 A job scheduler cancels with SIGTERM; Python's default handler would end the process without running any
 ``finally`` block, so a half-written ``.OUT.partial-PID`` folder would stay behind. Turned into an exception,
@@ -7,6 +8,7 @@ SIGTERM unwinds the stack like Ctrl-C does and every cleanup runs.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -14,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import SlimDiffWarning
+from .errors import SlimDiffError, SlimDiffWarning
 
 
 class Terminated(KeyboardInterrupt):
@@ -53,3 +55,25 @@ def one_line_warnings(prog: str) -> Iterator[None]:
         warnings.showwarning = show
         warnings.simplefilter("always", SlimDiffWarning)
         yield
+
+
+def run_command(prog: str, func, args) -> int:
+    """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
+    try:
+        with sigterm_as_interrupt(), one_line_warnings(prog):
+            func(args)
+    except SlimDiffError as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (disk full, permissions): no traceback, outputs cleaned up
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file
 
-from .checks import check_output_dir
+from .checks import check_output_dir, verify_weights_file
 from .errors import SlimDiffError
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes
@@ -160,3 +160,22 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     if unet.dtype != dtype:
         unet = unet.to(dtype=dtype)
     return unet.eval().requires_grad_(False)
+
+
+def verify_slim_folder(path: str | os.PathLike) -> None:
+    """The weights of a slim UNet folder against the shapes its config and rank plan imply (no data read)."""
+    from diffusers import UNet2DConditionModel
+
+    from .slim_models import SlimUNet2DConditionModel
+
+    path = Path(path)
+    plan = load_plan(path)
+    if not (path / "config.json").is_file():
+        raise SlimDiffError(f"slim folder {str(path)!r} is incomplete (no config.json)")
+    config = UNet2DConditionModel.load_config(str(path))
+    with torch.device("meta"):  # the skeleton load_slim builds, without any weights
+        if config.get("_class_name") == SLIM_CLASS:
+            unet = SlimUNet2DConditionModel.from_config(config)
+        else:
+            unet = apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
+    verify_weights_file(path / WEIGHTS_FILE, {k: tuple(v.shape) for k, v in unet.state_dict().items()})

@@ -6,11 +6,19 @@ that config gives every compressible Linear the plan's width, so diffusers' own 
 ``["slimdiff.slim_models", "SlimUNet2DConditionModel"]`` loads with ``DiffusionPipeline.from_pretrained`` once
 this module is imported (``from slimdiff import SlimUNet2DConditionModel`` does it): diffusers resolves a
 component's library from the modules the program has imported, never by importing one a folder names.
+
+The dense class must not read a slim folder as if it were dense. diffusers' loader does not compare a config's
+``_class_name`` with the class loading it, and a dense skeleton would only fail later at the first resized
+weight, with a shape mismatch that says nothing of slimdiff. The one config entry it checks before any weight is
+``quantization_config``, so a slim folder's config carries :data:`DENSE_LOADER_STOP`: a ``quant_method`` that
+names slimdiff, which ``UNet2DConditionModel.from_pretrained`` refuses with that name in its message. This class
+removes the entry when it reads a config and writes it back when it saves one.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (diffusers finds the loader base here)
@@ -19,6 +27,9 @@ from diffusers.configuration_utils import register_to_config
 from .errors import SlimDiffError
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes
+
+DENSE_LOADER_STOP = {"quant_method": "slimdiff: this folder holds a UNet slimmed by slimdiff; load it with "
+                                     "slimdiff.SlimUNet2DConditionModel.from_pretrained"}
 
 
 def _with_plan_parameter(init):
@@ -44,6 +55,19 @@ class SlimUNet2DConditionModel(UNet2DConditionModel):
         super().__init__(*args, **kwargs)
         self.slim_plan = RankPlan.from_dict(rank_plan)
         apply_plan_shapes(self, self.slim_plan)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if config.get("quantization_config") == DENSE_LOADER_STOP:
+            del config["quantization_config"]
+        return loaded
+
+    def to_json_string(self) -> str:
+        config = json.loads(super().to_json_string())
+        config["quantization_config"] = DENSE_LOADER_STOP
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_slim(cls, unet: UNet2DConditionModel, plan: RankPlan) -> "SlimUNet2DConditionModel":

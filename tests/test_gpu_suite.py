@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slimdiff.bench.report import validate_report
+from slimdiff.errors import SlimDiffError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +53,12 @@ def test_dry_run_writes_a_complete_report(tmp_path):
 
 
 def test_transformer_mac_plan_removes_the_asked_fraction(tiny_pipe):
-    from slimdiff.bench.studies import transformer_mac_plan
+    from slimdiff.bench.plans import transformer_mac_plan
+    from slimdiff.bench.studies import transformer_macs_removed
 
-    plan, got = transformer_mac_plan(tiny_pipe.unet, 0.4, (16, 16))
-    assert 0.4 <= got <= 0.45
-    with pytest.raises(ValueError):
+    plan = transformer_mac_plan(tiny_pipe.unet, 0.4, (16, 16))
+    assert abs(transformer_macs_removed(tiny_pipe.unet, plan, (16, 16), batch=2) - 0.4) < 0.05
+    with pytest.raises(SlimDiffError):
         transformer_mac_plan(tiny_pipe.unet, 0.999, (16, 16))
 
 

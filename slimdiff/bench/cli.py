@@ -258,7 +258,7 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import run_command
+    from ..console import run_command
 
     parser = argparse.ArgumentParser(prog="slimdiff bench", description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -155,37 +155,11 @@ def compare_allocators(unet, table: dict, latent, budget: float = 0.4, *, items=
     return out
 
 
-def transformer_mac_plan(unet, fraction: float, latent, *, batch: int = 1, align: int = 8, r_min: int = 8,
-                         tolerance: float = 0.005) -> tuple[RankPlan, float]:
-    """A synthetic plan (uniform scores) removing ``fraction`` of the transformer-block MACs — FFN, attention
-    projections and products, as :class:`MacCount` counts them — found by bisection on the parameter budget;
-    returns the plan and the fraction it actually removes (alignment rounds it)."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction of transformer MACs must be in (0, 1), got {fraction}")
+def transformer_macs_removed(unet, plan: RankPlan, latent, *, batch: int = 1) -> float:
+    """The fraction of ``unet``'s transformer-block MACs that ``plan`` removes, counted by :class:`MacCount`
+    (what :func:`~slimdiff.bench.plans.transformer_mac_plan` asked for, after alignment rounded it)."""
     dense = count_macs(meta_unet(unet.config), batch, latent).transformer
-
-    def removed(budget: float) -> tuple[RankPlan, float]:
-        plan = synthetic_plan(unet, budget, align=align, r_min=r_min)
-        return plan, 1 - count_macs(meta_unet(unet.config, plan), batch, latent).transformer / dense
-
-    sites = module_sites(unet)
-    # The largest parameter fraction the allocator can remove: every module at its floor.
-    hi = (sum(s.unit_params * (s.width - min(r_min, s.width)) for s in sites) / sum(s.params for s in sites)
-          * (1 - 1e-6))
-    lo = 0.0
-    best = removed(hi)
-    if best[1] < fraction:
-        raise ValueError(f"at most {best[1]:.3f} of the transformer MACs can go with r_min={r_min}")
-    for _ in range(20):
-        mid = 0.5 * (lo + hi)
-        plan, got = removed(mid)
-        if got >= fraction:
-            hi, best = mid, (plan, got)
-        else:
-            lo = mid
-        if best[1] - fraction <= tolerance:
-            break
-    return best
+    return 1 - count_macs(meta_unet(unet.config, plan), batch, latent).transformer / dense
 
 
 # Which SDPA kernel runs: the aten op each backend dispatches to (CPU and CUDA names).

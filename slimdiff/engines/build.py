@@ -16,9 +16,9 @@ import torch
 from ..export.align import align_head_widths, planned_head_widths
 from ..export.modules import Component, component_axes, unet_component
 from ..export.onnx import export_onnx
+from ..export.ort_session import has_cuda
 from ..export.shapes import Profile, union
 from .base import build_engine, get
-from .ort import has_cuda
 
 
 def aligned(unet) -> tuple[torch.nn.Module, dict]:

@@ -14,57 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import SlimDiffError
+from ..export.ort_session import make_session, ort_unavailable
 from .base import Backend, TritonModel, register
-
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def has_cuda() -> bool:
-    """Whether this ONNX Runtime has the CUDA execution provider (onnxruntime-gpu)."""
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def providers_for(device: str) -> list:
-    """The execution providers for ``device`` (``cpu``, ``cuda``, ``cuda:N``), or the one-line reason why not."""
-    OrtBackend().require(device)
-    if str(device).startswith("cuda"):
-        index = int(str(device).split(":")[1]) if ":" in str(device) else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    return PROVIDERS["cpu"]
-
-
-def make_session(model_path: Path, *, device: str = "cpu", optimized_out: Path | None = None,
-                 already_optimized: bool = False):
-    """An ``InferenceSession`` for ``model_path``; with ``optimized_out`` ONNX Runtime also writes its optimized
-    graph there (weights as external data when the source has them)."""
-    import onnxruntime as ort
-
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise SlimDiffError(f"ONNX file {str(model_path)!r} is missing")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
-    if already_optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    else:
-        # EXTENDED, not ALL: ALL adds CPU-layout (NCHWc) rewrites that tie the saved graph to this CPU.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    if optimized_out is not None:
-        options.optimized_model_filepath = str(optimized_out)
-        if model_path.with_name(model_path.name + ".data").exists():
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             Path(optimized_out).name + ".data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                             "1024")
-    try:
-        return ort.InferenceSession(str(model_path), options, providers=providers_for(device))
-    except SlimDiffError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types for damaged graphs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SlimDiffError(f"ONNX Runtime cannot load {str(model_path)!r}: {first}") from exc
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, *, device: str = "cpu") -> dict:
@@ -139,15 +90,7 @@ class OrtBackend(Backend):
     file_pattern = "{name}.ort.onnx"
 
     def unavailable(self, device):
-        import onnxruntime as ort
-
-        kind = str(device).split(":")[0]
-        if kind not in PROVIDERS:
-            return f"ONNX Runtime engines run on cpu or cuda, not {device!r}"
-        if PROVIDERS[kind][0] not in ort.get_available_providers():
-            return (f"onnxruntime {ort.__version__} here has no {PROVIDERS[kind][0]} (install onnxruntime-gpu for "
-                    f"cuda); available: {', '.join(ort.get_available_providers())}")
-        return None
+        return ort_unavailable(device)
 
     def build(self, component, target, *, onnx_path, sidecar, axes, dtype, device, options):
         return build_ort_engine(onnx_path, target, device=device)

@@ -35,7 +35,7 @@ FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import engines
-    from ..cli import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
+    from ..cli.arguments import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,7 +130,7 @@ def _slimming_inputs(pipe, args):
 def _slim_dense_model(pipe, args, inputs):
     """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
     from ..api import slim_pipeline
-    from ..cli import calibration_clock, calibration_config_from_args
+    from ..cli.arguments import calibration_clock, calibration_config_from_args
 
     config, stats, prompts = inputs
     clock = calibration_clock("slimdiff-export", pipe, len(prompts), args) if stats is None else None
@@ -283,7 +283,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import run_command
+    from ..console import run_command
 
     return run_command("slimdiff-export", run, build_parser().parse_args(argv))
 

@@ -33,6 +33,7 @@ from .modules import (
     parity_shapes,
     torch_dynamic_shapes,
 )
+from .ort_session import make_session
 from .shapes import Profile, union
 
 DEFAULT_OPSET = 23  # native Attention / GroupNormalization / Gelu
@@ -175,8 +176,6 @@ def check_parity(onnx_path: Path, component: Component, axes: dict[str, dict], d
                  *, device: str = "cpu", seed: int = 1) -> dict:
     """Run the graph with ONNX Runtime and ``component.module`` (the fp32 PyTorch reference) on seeded random
     inputs at :func:`parity_shapes`; raise when fp32 is off by more than :data:`FP32_TOLERANCE` relative."""
-    from ..engines.ort import make_session
-
     session = make_session(onnx_path, device=device)
     reference = component.module
     ref_device = next(reference.parameters()).device

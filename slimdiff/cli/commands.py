@@ -8,68 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-from .devices import resolve_device
-from .errors import SlimDiffError
-
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
-                        "folder (SD or SDXL) or a .safetensors checkpoint")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--config", default=None, metavar="DIR",
-                   help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
-                        "(default: the shipped SD-1.x / SD-2.x configuration matching the checkpoint)")
-    p.add_argument("--variant", default=None,
-                   help="weight variant of a pipeline folder, e.g. fp16 (default: the plain files, or the only "
-                        "variant present)")
-
-
-def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default=None,
-                   help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
-                        "(default: the packaged COCO val2017 captions)")
-    p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
-    p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")
-    p.add_argument("--weighting", default="trq", choices=["trq", "uniform", "single"],
-                   help="timestep weighting of the statistics (default trq)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=8, metavar="BATCHES",
-                   help="batches per chunk (default 8): the unit of checkpoints, of the work dealt to torchrun "
-                        "processes and of the fixed summation order — changing it changes the last bits")
-
-
-def calibration_config_from_args(args):
-    from .calibrate import CalibrationConfig
-
-    return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
-                             width=args.resolution, seed=args.seed, batch_size=args.batch_size,
-                             pass1_prompts=args.pass1_prompts, weighting=args.weighting,
-                             checkpoint_every=args.checkpoint_every)
-
-
-def calibration_clock(prog: str, pipe, pool_size: int, args):
-    """On a CPU, the callback that says how long calibration will take (measured on the first prompts)."""
-    from .estimate import CalibrationClock
-
-    if pipe.unet.device.type != "cpu":
-        return None
-    return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size)
+from ..console import run_command
+from ..devices import resolve_device
+from ..errors import SlimDiffError
+from .arguments import (
+    add_calibration_arguments,
+    add_model_arguments,
+    calibration_clock,
+    calibration_config_from_args,
+)
 
 
 def _load(args):
     import torch
 
-    from .models import load_pipeline
+    from ..models import load_pipeline
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -77,10 +33,10 @@ def _load(args):
 
 
 def cmd_calibrate(args) -> None:
-    from .api import collect_statistics
-    from .checks import check_resumable_dir
-    from .distributed import process_group, rank_device
-    from .prompts import read_prompts
+    from ..api import collect_statistics
+    from ..checks import check_resumable_dir
+    from ..distributed import process_group, rank_device
+    from ..prompts import read_prompts
 
     start = time.perf_counter()
     check_resumable_dir(args.out)
@@ -99,7 +55,7 @@ def cmd_calibrate(args) -> None:
 
 
 def _slim_config(args):
-    from .slim import SlimConfig, parse_budget
+    from ..slim import SlimConfig, parse_budget
 
     if (args.budget is None) == (args.speedup is None):
         raise SlimDiffError("give either --budget (parameters or MACs to remove) or --speedup with --latency-table")
@@ -112,12 +68,12 @@ def _slim_config(args):
 
 
 def cmd_slim(args) -> None:
-    from .api import collect_statistics
-    from .calibrate import Statistics
-    from .checks import check_output_dir
-    from .prompts import read_prompts
-    from .serialization import save_slim
-    from .slim import check_budget, slim_unet
+    from ..api import collect_statistics
+    from ..calibrate import Statistics
+    from ..checks import check_output_dir
+    from ..prompts import read_prompts
+    from ..serialization import save_slim
+    from ..slim import check_budget, slim_unet
 
     start = time.perf_counter()
     config = _slim_config(args)
@@ -141,7 +97,7 @@ def cmd_slim(args) -> None:
         "slim_report.json": json.dumps({**summary, "relative_errors": report.relative_errors,
                                         "scores": report.scores}, indent=1)})
     if args.save_pipeline is not None:
-        from .serialization import save_slim_pipeline
+        from ..serialization import save_slim_pipeline
 
         save_slim_pipeline(pipe, report.plan, args.save_pipeline, overwrite=args.force)
         print(f"slim pipeline written to {args.save_pipeline} (diffusers: DiffusionPipeline.from_pretrained, "
@@ -152,7 +108,7 @@ def cmd_slim(args) -> None:
 def _save_dtype(args):
     import torch
 
-    from .sources import source_unet_dtype
+    from ..sources import source_unet_dtype
 
     if args.save_dtype == "source":
         return source_unet_dtype(args.model, args.variant)
@@ -170,8 +126,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .checks import verify_slim_folder
-    from .serialization import load_plan
+    from ..serialization import load_plan, verify_slim_folder
 
     plan = load_plan(args.dir)
     verify_slim_folder(args.dir)  # the plan alone would print fine over a truncated weights file
@@ -189,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics (resumable)")
-    _add_model(p)
+    add_model_arguments(p)
     add_calibration_arguments(p)
     p.add_argument("--out", required=True, help="statistics directory (rerun to resume)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("slim", help="slim a UNet to a budget and save it as a diffusers folder")
-    _add_model(p)
+    add_model_arguments(p)
     add_calibration_arguments(p)
     p.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
     p.add_argument("--budget", default=None,
@@ -226,42 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_inspect)
 
-    from .bench.cli import add_parser as add_bench_parser
-    from .quality.cli import add_parser as add_eval_parser
+    from ..bench.cli import add_parser as add_bench_parser
+    from ..quality.cli import add_parser as add_eval_parser
 
     add_bench_parser(sub)
     add_eval_parser(sub)
     return parser
 
 
-def run_command(prog: str, func, args) -> int:
-    """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
-    from .console import Terminated, one_line_warnings, sigterm_as_interrupt
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
-    try:
-        with sigterm_as_interrupt(), one_line_warnings(prog):
-            func(args)
-    except SlimDiffError as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the file system refused (disk full, permissions): no traceback, outputs cleaned up
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("slimdiff", args.func, args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

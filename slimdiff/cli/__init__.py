@@ -1,0 +1,6 @@
+"""The ``slimdiff`` command (``slimdiff.cli.main``); ``slimdiff-export``'s lives in :mod:`slimdiff.export.cli`,
+``slimdiff bench``'s in :mod:`slimdiff.bench.cli` and ``slimdiff eval``'s in :mod:`slimdiff.quality.cli`."""
+
+from .commands import build_parser, main
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,54 @@
+"""The flags that several commands share: the model to load, and how to calibrate it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
+                        "folder (SD or SDXL) or a .safetensors checkpoint")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
+                        "(default: the shipped SD-1.x / SD-2.x configuration matching the checkpoint)")
+    p.add_argument("--variant", default=None,
+                   help="weight variant of a pipeline folder, e.g. fp16 (default: the plain files, or the only "
+                        "variant present)")
+
+
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=None,
+                   help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
+                        "(default: the packaged COCO val2017 captions)")
+    p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
+    p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")
+    p.add_argument("--weighting", default="trq", choices=["trq", "uniform", "single"],
+                   help="timestep weighting of the statistics (default trq)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=8, metavar="BATCHES",
+                   help="batches per chunk (default 8): the unit of checkpoints, of the work dealt to torchrun "
+                        "processes and of the fixed summation order — changing it changes the last bits")
+
+
+def calibration_config_from_args(args):
+    from ..calibrate import CalibrationConfig
+
+    return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
+                             width=args.resolution, seed=args.seed, batch_size=args.batch_size,
+                             pass1_prompts=args.pass1_prompts, weighting=args.weighting,
+                             checkpoint_every=args.checkpoint_every)
+
+
+def calibration_clock(prog: str, pipe, pool_size: int, args):
+    """On a CPU, the callback that says how long calibration will take (measured on the first prompts)."""
+    from ..estimate import CalibrationClock
+
+    if pipe.unet.device.type != "cpu":
+        return None
+    return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size)
