@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     from slimdiff.bench.env import device_info, git_commit, library_versions, machine_info, weights_kind
     from slimdiff.calibrate import CalibrationConfig, calibrate
     from slimdiff.errors import SlimDiffError
+    from slimdiff.export.meta import write_json_atomic
     from slimdiff.models import load_pipeline
     from slimdiff.prompts import read_prompts
 
@@ -136,11 +137,8 @@ def main(argv=None) -> int:
     print(text)
     out = args.out or (str(Path(os.environ["OUT"]) / "calibration.json") if os.environ.get("OUT") else None)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out), result)
     return 0
 
 

@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     from slimdiff.bench.env import git_commit, library_versions, machine_info, weights_kind
+    from slimdiff.export.meta import write_json_atomic
 
     layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",")]
     runs: dict[str, list[dict]] = {f"{p}x{t}": [] for p, t in layouts}
@@ -147,11 +148,8 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(args.out), result)
     return 0
 
 

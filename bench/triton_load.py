@@ -54,22 +54,11 @@ def configure(repo: Path, out: Path, *, dynamic_batching: bool, pipeline_instanc
     return out
 
 
-def request(client, prompt: str, seed: int, steps: int) -> np.ndarray:
-    import tritonclient.http as httpclient
-
-    inputs = []
-    for name, value, dtype in (("prompt", np.array([prompt], dtype=object), "BYTES"),
-                               ("seed", np.array([seed], dtype=np.int64), "INT64"),
-                               ("steps", np.array([steps], dtype=np.int32), "INT32")):
-        tensor = httpclient.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return client.infer("pipeline", inputs).as_numpy("image")
-
-
 def run_load(url: str, jobs: list[tuple[str, int]], clients: int, steps: int) -> tuple[list[dict], float]:
     """Each client sends its share of ``jobs`` one after another; returns per-request records and wall time."""
     import tritonclient.http as httpclient
+
+    from slimdiff.engines.triton import request_image
 
     records: list[dict] = []
     lock = threading.Lock()
@@ -79,7 +68,7 @@ def run_load(url: str, jobs: list[tuple[str, int]], clients: int, steps: int) ->
         for prompt, seed in jobs[index::clients]:
             t0 = time.perf_counter()
             try:
-                image, error = request(client, prompt, seed, steps), None
+                image, error = request_image(client, prompt, seed, steps), None
             except Exception as exc:  # counted and reported, never hidden
                 image, error = None, f"{type(exc).__name__}: {exc}"
             with lock:
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tritonclient.http as httpclient
 
-    from slimdiff.engines.triton import local_server
+    from slimdiff.engines.triton import local_server, request_image
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
 
     out = Path(args.out)
@@ -149,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 served = configure(repo, work / f"repo-{name}-{round_index}", dynamic_batching=dynamic,
                                    pipeline_instances=args.clients)
                 with local_server(served, timeout_s=300) as urls:
-                    request(httpclient.InferenceServerClient(urls["http"], network_timeout=600), "warm-up", 0,
+                    request_image(httpclient.InferenceServerClient(urls["http"], network_timeout=600), "warm-up", 0,
                             args.steps)  # every model's first call (session warm-up) is not a measured request
                     records, wall = run_load(urls["http"], jobs, args.clients, args.steps)
                     stats = batching_stats(urls["http"])

@@ -111,15 +111,9 @@ def served_repository(tmp_path_factory):
 def _served_image(url, prompt, seed, steps=4):
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(url, network_timeout=120)
-    inputs = []
-    for name, value, dtype in (("prompt", np.array([prompt], dtype=object), "BYTES"),
-                               ("seed", np.array([seed], dtype=np.int64), "INT64"),
-                               ("steps", np.array([steps], dtype=np.int32), "INT32")):
-        tensor = httpclient.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return client.infer("pipeline", inputs).as_numpy("image")
+    from slimdiff.engines.triton import request_image
+
+    return request_image(httpclient.InferenceServerClient(url, network_timeout=120), prompt, seed, steps)
 
 
 def test_served_pipeline_gives_the_in_process_image(served_repository):

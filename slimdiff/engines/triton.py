@@ -135,6 +135,22 @@ def pipeline_config(*, instances: int):
     return config
 
 
+def request_image(client, prompt: str, seed: int, steps: int):
+    """Ask the repository's ``pipeline`` model for one image (``uint8`` H×W×3) through a ``tritonclient.http``
+    ``InferenceServerClient``; the optional inputs it leaves out take the model's defaults."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    inputs = []
+    for name, value, dtype in (("prompt", np.array([prompt], dtype=object), "BYTES"),
+                               ("seed", np.array([seed], dtype=np.int64), "INT64"),
+                               ("steps", np.array([steps], dtype=np.int32), "INT32")):
+        tensor = httpclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return client.infer(PIPELINE, inputs).as_numpy("image")
+
+
 def write_config(path: Path, config) -> None:
     _, text_format = _pb()
     Path(path).write_text(text_format.MessageToString(config), encoding="utf-8")
