@@ -24,138 +24,41 @@ Nothing here reaches for a model hub.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from .configs import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SD_SCHEDULER,
+    SDXL_SCHEDULER,
+    SDXL_TEXT,
+    SDXL_TEXT_2,
+    SDXL_UNET,
+    SDXL_VAE,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_XL_TEXT,
+    TINY_XL_TEXT_2,
+    TINY_XL_UNET,
+)
 from .errors import SlimDiffError
 
 # The map of compressible modules moved to the block adapters; these names stay importable from here.
 from .families import FFN, QK, VO, ModuleSite, module_sites  # noqa: F401
+from .tokenization import builtin_tokenizer
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
-# The project's own tokenizer: byte-level characters, no merges. Every word becomes its characters, which is
-# all a randomly initialised text encoder needs; real models bring their own tokenizer.
+# Built-in models (their configurations are in :mod:`slimdiff.configs`)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def byte_alphabet() -> list[str]:
-    """GPT-2/CLIP's reversible byte → printable-character map (so every UTF-8 string tokenizes)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
-def builtin_tokenizer():
-    """A ``CLIPTokenizer`` over 514 tokens (256 bytes, their end-of-word forms, BOS, EOS)."""
-    from transformers import CLIPTokenizer
-
-    folder = ASSETS / "char_tokenizer"
-    if not (folder / "vocab.json").exists():  # written once, deterministic content
-        folder.mkdir(parents=True, exist_ok=True)
-        alphabet = byte_alphabet()
-        vocab = {c: i for i, c in enumerate(alphabet)}
-        vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-        vocab["<|startoftext|>"] = len(vocab)
-        vocab["<|endoftext|>"] = len(vocab)
-        _atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-        _atomic_write_text(folder / "merges.txt", "#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Built-in configurations
-# ----------------------------------------------------------------------------------------------------------
-
-# BOS/EOS ids of the character tokenizer; CLIP's pooled output is read at the EOS position.
-_CHAR_TOKEN_IDS = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-SD15_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **_CHAR_TOKEN_IDS,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)
-
-# SD-1.x block structure at toy width: two cross-attention levels with 2 heads of width 16 and 32, GEGLU FFNs.
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
-)
-TINY_TEXT = dict(
-    vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64, **_CHAR_TOKEN_IDS,
-)
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
-    block_out_channels=(16, 32), norm_num_groups=8,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-)
-
-# SDXL-base 1.0 as published (unet/, text_encoder/, text_encoder_2/, vae/ config.json). diffusers' historical
-# ``attention_head_dim`` holds the number of heads per level here: 5/10/20 heads of width 64.
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    cross_attention_dim=2048, norm_num_groups=32,
-    # micro-conditioning: pooled text (1280) + six size/crop numbers embedded at 256 each = 2816
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-SDXL_TEXT = dict(  # CLIP ViT-L/14; SDXL reads its penultimate hidden state
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **_CHAR_TOKEN_IDS,
-)
-SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14 with its text projection (the pooled 1280-vector)
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, **_CHAR_TOKEN_IDS,
-)
-SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-
-# SDXL's structure at toy width: no attention at the first level, a deeper stack at the last, heads of
-# width 16 everywhere (as SDXL's are all 64 wide), linear projections, text_time added conditioning.
-TINY_XL_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-    cross_attention_dim=64, norm_num_groups=8,
-    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-)
-TINY_XL_TEXT = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
-TINY_XL_TEXT_2 = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32, hidden_act="gelu")
 
 #: The UNet configuration of each seeded built-in (what shape-only tools need without building anything).
 BUILTIN_UNET_CONFIGS = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET,
@@ -188,10 +91,7 @@ def build_builtin(name: str, device: str | torch.device | None = None):
         unet = _seeded(0, lambda: UNet2DConditionModel(**unet_cfg))
         text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
         vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+    scheduler = PNDMScheduler.from_config(SD_SCHEDULER)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=builtin_tokenizer(), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -220,12 +120,7 @@ def _build_xl_builtin(name: str, device):
         text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
         text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg)))
         vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
-    # SDXL-base's scheduler_config.json
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading", interpolation_type="linear", prediction_type="epsilon",
-        use_karras_sigmas=False,
-    )
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     tokenizer = builtin_tokenizer()
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,

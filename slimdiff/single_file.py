@@ -8,13 +8,13 @@ to a temporary diffusers folder, and diffusers is handed that folder with ``loca
 DIR`` (a diffusers pipeline folder: ``model_index.json`` and component configs, weights not needed) replaces
 the shipped configuration for checkpoints the project has none for.
 
-Text encoders with CLIP's 49,408-token vocabulary get CLIP's byte-pair tokenizer, built from the vocabulary
-file in ``assets/clip_bpe`` (MIT, see its NOTICE); the project's own tiny models use its character tokenizer.
+Shipped: SD-1.5, SD-2.1 (768 px, v-prediction) and SDXL-base 1.0 (:mod:`slimdiff.configs`), plus
+``builtin:tiny``. Text encoders with CLIP's 49,408-token vocabulary get CLIP's byte-pair tokenizer
+(:func:`slimdiff.tokenization.clip_bpe_tokenizer`); the project's own tiny models use its character tokenizer.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import tempfile
 import warnings
@@ -23,7 +23,27 @@ from pathlib import Path
 
 import torch
 
+from .configs import (
+    CLIP_TOKEN_IDS,
+    CLIP_VOCAB_SIZE,
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SD21_TEXT,
+    SD21_UNET,
+    SD21_VAE,
+    SD_SCHEDULER,
+    SDXL_SCHEDULER,
+    SDXL_TEXT,
+    SDXL_TEXT_2,
+    SDXL_UNET,
+    SDXL_VAE,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+)
 from .errors import SlimDiffError, SlimDiffWarning
+from .tokenization import builtin_tokenizer, clip_bpe_tokenizer
 
 ACCEPTED_MODELS = ("a built-in name (builtin:tiny, builtin:proxy, builtin:sd15-shape), a diffusers pipeline folder "
                    "(with model_index.json), an original-layout .safetensors checkpoint, or a slim folder written "
@@ -55,9 +75,6 @@ def unsupported_file_message(source: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 UNET_PREFIX = "model.diffusion_model."
-CLIP_BPE = Path(__file__).parent / "assets" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
-CLIP_VOCAB_SIZE = 49408
-_CLIP_TOKEN_IDS = dict(bos_token_id=49406, eos_token_id=49407)
 
 # The text-encoder token embedding of each layout: (family, key).
 _TEXT_EMBEDDINGS = {
@@ -65,7 +82,8 @@ _TEXT_EMBEDDINGS = {
     "sd2": "cond_stage_model.model.token_embedding.weight",
     "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
 }
-_SDXL_SECOND_TOWER = "conditioner.embedders.1.model.positional_embedding"
+_SDXL_SECOND_TOWER = "conditioner.embedders.1.model.positional_embedding"  # (77, width)
+_SDXL_FIRST_TOWER = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
 FAMILY_NAMES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL"}
 
 
@@ -77,35 +95,35 @@ class ShippedConfig:
     unet: dict
     text: dict
     vae: dict
-    scheduler: dict
+    scheduler: dict  # scheduler_config.json form, ``_class_name`` included
     pad_token: str = "<|endoftext|>"
+    text_2: dict | None = None  # SDXL's second text encoder (a CLIPTextModelWithProjection)
+    pad_token_2: str = "!"  # OpenCLIP pads with "!" (token 0)
     notes: str = ""  # an assumption the user should hear about when this configuration is chosen
 
+    @property
+    def pipeline_class(self) -> str:
+        return "StableDiffusionPipeline" if self.text_2 is None else "StableDiffusionXLPipeline"
 
-def _sd_scheduler(**overrides) -> dict:
-    return {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-            "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1,
-            "set_alpha_to_one": False, **overrides}
+
+def _clip_tokenized(text: dict, pad_token_id: int) -> dict:
+    """A text-encoder configuration read through CLIP's BPE tokenizer (the shape constants keep the character
+    tokenizer's ids, which the seeded built-ins use)."""
+    return {**text, **CLIP_TOKEN_IDS, "pad_token_id": pad_token_id}
 
 
 def _shipped() -> dict[str, list[ShippedConfig]]:
-    from .models import SD15_TEXT, SD15_UNET, SD15_VAE, TINY_TEXT, TINY_UNET, TINY_VAE
-
-    sd15_text = {**SD15_TEXT, **_CLIP_TOKEN_IDS, "pad_token_id": 49407}
-    # stabilityai/stable-diffusion-2-1 (768 px, v-prediction): the SD-2.x checkpoints most users have.
-    sd21_unet = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                     use_linear_projection=True, upcast_attention=True)
-    sd21_text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-                     pad_token_id=1, **_CLIP_TOKEN_IDS)
     return {
-        "sd1": [ShippedConfig("SD-1.5", SD15_UNET, sd15_text, SD15_VAE, _sd_scheduler()),
-                ShippedConfig("builtin:tiny", TINY_UNET, TINY_TEXT, TINY_VAE, _sd_scheduler())],
-        "sd2": [ShippedConfig("SD-2.1 (768 px, v-prediction)", sd21_unet, sd21_text, dict(SD15_VAE, sample_size=768),
-                              _sd_scheduler(prediction_type="v_prediction"), pad_token="!",
+        "sd1": [ShippedConfig("SD-1.5", SD15_UNET, _clip_tokenized(SD15_TEXT, 49407), SD15_VAE, SD_SCHEDULER),
+                ShippedConfig("builtin:tiny", TINY_UNET, TINY_TEXT, TINY_VAE, SD_SCHEDULER)],
+        "sd2": [ShippedConfig("SD-2.1 (768 px, v-prediction)", SD21_UNET, SD21_TEXT, SD21_VAE,
+                              {**SD_SCHEDULER, "prediction_type": "v_prediction"}, pad_token="!",
                               notes="SD-2.x checkpoints are read as v-prediction models (SD-2.0-v, 2.1); an "
                                     "epsilon model (SD-2.x base, 512 px) needs --config")],
-        "sdxl": [],
+        # SDXL-base 1.0: CLIP ViT-L pads with <|endoftext|>, OpenCLIP bigG with "!" (as its tokenizer_2 does).
+        # (builtin:tiny-xl is not among them: its two text encoders are equally wide, see check_sdxl_text_towers.)
+        "sdxl": [ShippedConfig("SDXL-base 1.0", SDXL_UNET, _clip_tokenized(SDXL_TEXT, 49407), SDXL_VAE,
+                               SDXL_SCHEDULER, text_2=_clip_tokenized(SDXL_TEXT_2, 0))],
     }
 
 
@@ -147,23 +165,55 @@ def detect_family(shapes: dict[str, tuple[int, ...]], source: str) -> str:
                         "conditioner.embedders.*)")
 
 
+def check_sdxl_text_towers(shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse SDXL checkpoints whose two text encoders are equally wide: diffusers' single-file loader gives each
+    text encoder the tower whose position embedding is as wide as it is, so it would silently load the first
+    tower into both (SDXL's are 768 and 1280 wide)."""
+    first, second = shapes[_SDXL_FIRST_TOWER][-1], shapes[_SDXL_SECOND_TOWER][-1]
+    if first == second:
+        raise SlimDiffError(f"{source!r}: both SDXL text encoders are {first} wide, and diffusers' single-file "
+                            "loader tells them apart by width only (it would load the first into both); load "
+                            "this model from a diffusers pipeline folder instead")
+
+
 def _cross_attention_dim(shapes: dict[str, tuple[int, ...]]) -> int | None:
     keys = sorted(k for k in shapes if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
     return shapes[keys[0]][1] if keys else None
 
 
 def _probe(shapes: dict[str, tuple[int, ...]], family: str) -> dict:
-    """The few numbers that tell family members apart."""
+    """The few numbers that tell family members apart (SDXL-base and its distilled cousins differ in depth only)."""
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", (None,))
     vocab, hidden = shapes[_TEXT_EMBEDDINGS[family]]
-    return {"UNet width": conv_in[0], "cross-attention width": _cross_attention_dim(shapes),
-            "text vocabulary": vocab, "text width": hidden}
+    # every transformer block has one self-attention query projection, under the same name in both layouts
+    blocks = sum(1 for k in shapes if k.startswith(UNET_PREFIX) and k.endswith(".attn1.to_q.weight"))
+    found = {"UNet width": conv_in[0], "UNet transformer blocks": blocks,
+             "cross-attention width": _cross_attention_dim(shapes), "text vocabulary": vocab, "text width": hidden}
+    if family == "sdxl":
+        found["second text width"] = shapes[_SDXL_SECOND_TOWER][-1]
+    return found
+
+
+def _transformer_blocks(unet: dict) -> int:
+    """How many transformer blocks diffusers' ``UNet2DConditionModel(**unet)`` has."""
+    levels = len(unet["down_block_types"])
+    depth = unet.get("transformer_layers_per_block", 1)
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * levels
+    layers, up_depth = unet["layers_per_block"], depth[::-1]
+    down = sum(layers * d for kind, d in zip(unet["down_block_types"], depth) if kind.startswith("CrossAttn"))
+    up = sum((layers + 1) * d for kind, d in zip(unet["up_block_types"], up_depth) if kind.startswith("CrossAttn"))
+    mid = depth[-1] if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn" else 0
+    return down + mid + up
 
 
 def _expected_probe(config: ShippedConfig) -> dict:
-    return {"UNet width": config.unet["block_out_channels"][0],
-            "cross-attention width": config.unet["cross_attention_dim"],
-            "text vocabulary": config.text["vocab_size"], "text width": config.text["hidden_size"]}
+    expected = {"UNet width": config.unet["block_out_channels"][0],
+                "UNet transformer blocks": _transformer_blocks(config.unet),
+                "cross-attention width": config.unet["cross_attention_dim"],
+                "text vocabulary": config.text["vocab_size"], "text width": config.text["hidden_size"]}
+    if config.text_2 is not None:
+        expected["second text width"] = config.text_2["hidden_size"]
+    return expected
 
 
 def choose_config(shapes: dict[str, tuple[int, ...]], family: str, source: str) -> ShippedConfig:
@@ -185,45 +235,34 @@ def choose_config(shapes: dict[str, tuple[int, ...]], family: str, source: str) 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _clip_bpe_tokenizer(pad_token: str):
-    """CLIP's tokenizer (the vocabulary of openai/clip-vit-large-patch14) from the shipped BPE merges."""
-    from transformers import CLIPTokenizer
-
-    from .models import byte_alphabet
-
-    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
-    # CLIP's own cut: the vocabulary is 256 bytes, their end-of-word forms, 48,894 merges and 2 special tokens
-    merges = lines[1: CLIP_VOCAB_SIZE - 2 * 256 - 2 + 1]
-    alphabet = byte_alphabet()
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *("".join(m.split()) for m in merges),
-              "<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77,
-                             pad_token=pad_token)
-
-
 def _tokenizer_for(text: dict, pad_token: str):
-    from .models import builtin_tokenizer
-
     if text["vocab_size"] == CLIP_VOCAB_SIZE:
-        return _clip_bpe_tokenizer(pad_token)
+        return clip_bpe_tokenizer(pad_token)
     return builtin_tokenizer()
 
 
 def write_config_folder(config: ShippedConfig, folder: Path) -> Path:
-    """A diffusers ``StableDiffusionPipeline`` folder with every config and the tokenizer, no weights."""
+    """A diffusers pipeline folder (``StableDiffusionPipeline`` or, with a second text encoder,
+    ``StableDiffusionXLPipeline``) with every config and the tokenizers, no weights."""
     import diffusers
     from transformers import CLIPTextConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     scheduler = dict(config.scheduler)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+    # component folder → (class, text config, pad token); SDXL's second tower is read through its projection
+    text_encoders = {"text_encoder": ("CLIPTextModel", config.text, config.pad_token)}
+    if config.text_2 is not None:
+        text_encoders["text_encoder_2"] = ("CLIPTextModelWithProjection", config.text_2, config.pad_token_2)
+    index = {"_class_name": config.pipeline_class, "_diffusers_version": diffusers.__version__,
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}
+             "scheduler": ["diffusers", scheduler["_class_name"]]}
+    for name, (cls, _, _) in text_encoders.items():
+        index[name] = ["transformers", cls]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    if config.text_2 is None:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    else:
+        index["force_zeros_for_empty_prompt"] = True  # SDXL-base's model_index.json
     components = {"unet": {"_class_name": "UNet2DConditionModel", **config.unet},
                   "vae": {"_class_name": "AutoencoderKL", **config.vae}}
     (folder / "model_index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
@@ -232,8 +271,9 @@ def write_config_folder(config: ShippedConfig, folder: Path) -> Path:
         (folder / name / "config.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1), encoding="utf-8")
-    CLIPTextConfig(**config.text).save_pretrained(folder / "text_encoder")
-    _tokenizer_for(config.text, config.pad_token).save_pretrained(folder / "tokenizer")
+    for name, (_, text, pad_token) in text_encoders.items():
+        CLIPTextConfig(**text).save_pretrained(folder / name)
+        _tokenizer_for(text, pad_token).save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
     return folder
 
 
@@ -256,10 +296,14 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, confi
     path = Path(path)
     shapes = read_header(path)
     family = detect_family(shapes, str(path))
+    if family == "sdxl":
+        check_sdxl_text_towers(shapes, str(path))
     cls = _pipeline_class(family)
-    kwargs = dict(torch_dtype=dtype, local_files_only=True, safety_checker=None)
-    if family != "sdxl":
-        kwargs["requires_safety_checker"] = False
+    kwargs = dict(torch_dtype=dtype, local_files_only=True)
+    if family == "sdxl":  # as SDXL pipeline folders load (slimdiff.models): no invisible watermark on images
+        kwargs["add_watermarker"] = False
+    else:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         if config is not None:
             if not (Path(config) / "model_index.json").is_file():

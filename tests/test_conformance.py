@@ -18,12 +18,14 @@ import pytest
 import torch
 
 from slimdiff.calibrate import CalibrationConfig, calibrate
+from slimdiff.configs import TINY_TEXT, TINY_UNET, TINY_VAE
 from slimdiff.decompose import ffn_measured_error, qk_measured_error, regularise, vo_measured_error
 from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
-from slimdiff.models import TINY_TEXT, TINY_UNET, TINY_VAE, _seeded, builtin_tokenizer
+from slimdiff.models import _seeded
 from slimdiff.rebuild import load_slim_weights
 from slimdiff.serialization import load_slim, save_slim, save_slim_pipeline
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
+from slimdiff.tokenization import builtin_tokenizer
 
 PROMPTS = ["a red cube on a table", "two blue spheres", "a green pyramid at night"]
 

@@ -108,7 +108,7 @@ def test_sdxl_style_unets_are_benchmarked_with_their_added_conditions_bound():
 
     from slimdiff.bench.harness import WithAddedConditions
     from slimdiff.bench.studies import _attention_tokens
-    from slimdiff.models import TINY_UNET
+    from slimdiff.configs import TINY_UNET
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**TINY_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,

@@ -83,7 +83,7 @@ def test_user_errors(tmp_path):
     assert not (tmp_path / "a").exists()
     from diffusers import UNet2DConditionModel
 
-    from slimdiff.models import TINY_UNET
+    from slimdiff.configs import TINY_UNET
     from slimdiff.quality.cli import _load_slim
 
     other = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 32})

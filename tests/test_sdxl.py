@@ -130,7 +130,7 @@ def test_onnx_export_takes_text_embeds_and_time_ids_and_the_engine_drives_the_xl
 def test_unsupported_conditions_are_refused_in_one_line():
     from diffusers import UNet2DConditionModel
 
-    from slimdiff.models import TINY_UNET
+    from slimdiff.configs import TINY_UNET
 
     with pytest.raises(SlimDiffError, match="time_cond_proj_dim"):  # LCM's guidance embedding
         unet_component(UNet2DConditionModel(**TINY_UNET, time_cond_proj_dim=32))

@@ -1,16 +1,36 @@
 """Original-layout single-file checkpoints load offline, with exactly the weights they were made from."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from original_layout import to_original_layout, unet_key
+from original_layout import to_original_layout
 from safetensors.torch import save_file
 
+from slimdiff import single_file
 from slimdiff.cli import main
+from slimdiff.configs import (
+    SDXL_SCHEDULER,
+    TINY_TEXT,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_XL_TEXT,
+    TINY_XL_TEXT_2,
+    TINY_XL_UNET,
+)
 from slimdiff.errors import SlimDiffError
-from slimdiff.models import TINY_TEXT, TINY_UNET, TINY_VAE, build_builtin, load_pipeline
-from slimdiff.single_file import UNET_PREFIX, _clip_bpe_tokenizer, _shipped, choose_config, detect_family
+from slimdiff.models import build_builtin, load_pipeline
+from slimdiff.single_file import (
+    UNET_PREFIX,
+    ShippedConfig,
+    _shipped,
+    check_sdxl_text_towers,
+    choose_config,
+    detect_family,
+    write_config_folder,
+)
+from slimdiff.tokenization import builtin_tokenizer, clip_bpe_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +50,6 @@ def _tiny_sd2():
     """builtin:tiny restyled as SD-2.x: linear projections in the transformers, GELU text encoder (OpenCLIP)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from slimdiff.models import builtin_tokenizer
 
     torch.manual_seed(5)
     return StableDiffusionPipeline(
@@ -64,27 +82,49 @@ def test_sd2_v_prediction_checkpoint_loads_with_a_config_folder(tmp_path):
     assert loaded.unet.config.use_linear_projection
 
 
+# builtin:tiny-xl with a wider second text encoder: diffusers' single-file loader tells SDXL's two text encoders
+# apart by width (768 and 1280 in SDXL-base), and builtin:tiny-xl's are equally wide (32).
+TINY_XL_WIDE = ShippedConfig(
+    "tiny-xl, second text encoder 48 wide",
+    unet=dict(TINY_XL_UNET, cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=48 + 6 * 8),
+    text=TINY_XL_TEXT, vae=TINY_VAE, scheduler=SDXL_SCHEDULER,
+    text_2=dict(TINY_XL_TEXT_2, hidden_size=48, intermediate_size=96, projection_dim=48))
+
+
 def _tiny_sdxl():
-    """SDXL's structure at toy width (two text towers of different widths, as CLIP-L and OpenCLIP-bigG are)."""
+    """A StableDiffusionXLPipeline of :data:`TINY_XL_WIDE`'s configuration, seeded weights."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from slimdiff.models import builtin_tokenizer
-
     torch.manual_seed(6)
-    unet = UNet2DConditionModel(
-        sample_size=16, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        cross_attention_dim=80, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=48 + 6 * 8)
     return StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**TINY_VAE), unet=unet, scheduler=EulerDiscreteScheduler(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, "hidden_size": 32, "intermediate_size": 64})),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**{
-            **TINY_TEXT, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48, "hidden_act": "gelu"})),
-        tokenizer=builtin_tokenizer(), tokenizer_2=builtin_tokenizer())
+        vae=AutoencoderKL(**TINY_XL_WIDE.vae), unet=UNet2DConditionModel(**TINY_XL_WIDE.unet),
+        scheduler=EulerDiscreteScheduler.from_config(TINY_XL_WIDE.scheduler),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_XL_WIDE.text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TINY_XL_WIDE.text_2)),
+        tokenizer=builtin_tokenizer(), tokenizer_2=builtin_tokenizer(), add_watermarker=False)
+
+
+@pytest.fixture
+def tiny_xl_shipped(monkeypatch):
+    """:data:`TINY_XL_WIDE` shipped next to SDXL-base, so a tiny checkpoint takes the path a real one takes."""
+    shipped = single_file._shipped
+    monkeypatch.setattr(single_file, "_shipped", lambda: {**shipped(), "sdxl": [*shipped()["sdxl"], TINY_XL_WIDE]})
+
+
+def test_sdxl_checkpoint_loads_offline_with_the_shipped_configuration(tmp_path, tiny_xl_shipped):
+    source = _tiny_sdxl()
+    save_file(to_original_layout(source, "sdxl"), str(tmp_path / "tiny-xl.safetensors"))
+    loaded = load_pipeline(str(tmp_path / "tiny-xl.safetensors"))
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    _assert_same_weights(loaded, source, ("unet", "vae", "text_encoder", "text_encoder_2"))
+    assert type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
+    settings = {k: v for k, v in SDXL_SCHEDULER.items() if k != "_class_name"}
+    assert {k: loaded.scheduler.config[k] for k in settings} == settings
+    for name in ("tokenizer", "tokenizer_2"):
+        assert getattr(loaded, name)("a cat").input_ids == getattr(source, name)("a cat").input_ids
+    assert loaded.config.force_zeros_for_empty_prompt
 
 
 def test_sdxl_checkpoint_loads_with_a_config_folder(tmp_path):
@@ -98,39 +138,68 @@ def test_sdxl_checkpoint_loads_with_a_config_folder(tmp_path):
     _assert_same_weights(loaded, source, ("unet", "vae", "text_encoder", "text_encoder_2"))
 
 
-def _original_shapes(unet_config, text_config, text_key):
-    """Header shapes of a full-size checkpoint, from models built on the meta device (no memory, no time)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _header_from_folder(folder, layout):
+    """The header shapes of a full-size original-layout checkpoint of the configuration in ``folder``, from
+    models built on the meta device (no memory, little time)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-        text = CLIPTextModel(CLIPTextConfig(**text_config))
-    shapes = {UNET_PREFIX + unet_key(k, unet.config): tuple(v.shape) for k, v in unet.state_dict().items()}
-    vocab, width = text.get_input_embeddings().weight.shape
-    return shapes | {text_key: (vocab, width)}
+        parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        if (folder / "text_encoder_2").is_dir():
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    return {k: tuple(v.shape) for k, v in to_original_layout(SimpleNamespace(**parts), layout).items()}
 
 
-@pytest.mark.parametrize("family, expected", [("sd1", "SD-1.5"), ("sd2", "SD-2.1 (768 px, v-prediction)")])
-def test_full_size_checkpoints_find_their_shipped_configuration(family, expected):
+@pytest.mark.parametrize("family, layout, expected", [
+    ("sd1", "clip", "SD-1.5"), ("sd2", "open_clip", "SD-2.1 (768 px, v-prediction)"),
+    ("sdxl", "sdxl", "SDXL-base 1.0")])
+def test_full_size_checkpoints_find_their_shipped_configuration(tmp_path, family, layout, expected):
     shipped = {c.name: c for configs in _shipped().values() for c in configs}[expected]
-    key = {"sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-           "sd2": "cond_stage_model.model.token_embedding.weight"}[family]
-    shapes = _original_shapes(shipped.unet, shipped.text, key)
+    shapes = _header_from_folder(write_config_folder(shipped, tmp_path / "pipeline"), layout)
     assert detect_family(shapes, "ckpt") == family
     assert choose_config(shapes, family, "ckpt").name == expected
+    if family == "sdxl":  # SDXL-base's UNet: 2.57 G parameters, 70 transformer blocks
+        assert sum(torch.Size(s).numel() for k, s in shapes.items() if k.startswith(UNET_PREFIX)) == 2_567_463_684
+        assert sum(k.endswith(".attn1.to_q.weight") for k in shapes) == 70
+        check_sdxl_text_towers(shapes, "ckpt")
+
+
+def test_sdxl_base_configuration_folder(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    folder = write_config_folder(_shipped()["sdxl"][0], tmp_path / "pipeline")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    components = {name for name, entry in index.items() if isinstance(entry, list)}
+    assert components == {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+    assert all((folder / name).is_dir() for name in components)
+    scheduler = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    assert (scheduler.config.timestep_spacing, scheduler.config.steps_offset) == ("leading", 1)
+    ids = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" in CLIP's vocabulary
+    for name, pad in (("tokenizer", 49407), ("tokenizer_2", 0)):  # CLIP-L pads with EOS, OpenCLIP-bigG with "!"
+        tokenizer = CLIPTokenizer.from_pretrained(folder / name)
+        assert tokenizer("a photo of a cat", padding="max_length", max_length=9).input_ids == ids + [pad, pad]
+    text_2 = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+    assert (text_2.hidden_size, text_2.projection_dim, text_2.eos_token_id) == (1280, 1280, 49407)
 
 
 def test_clip_tokenizer_is_clips():
-    tokenizer = _clip_bpe_tokenizer("<|endoftext|>")
+    tokenizer = clip_bpe_tokenizer("<|endoftext|>")
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_cli_slims_a_single_file_checkpoint(tmp_path, capsys):
-    source = build_builtin("builtin:tiny")
-    ckpt = tmp_path / "tiny.safetensors"
-    save_file(to_original_layout(source), str(ckpt))
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_cli_slims_a_single_file_checkpoint(tmp_path, capsys, tiny_xl_shipped, family):
+    source, layout = (build_builtin("builtin:tiny"), "clip") if family == "sd1" else (_tiny_sdxl(), "sdxl")
+    ckpt = tmp_path / f"tiny-{family}.safetensors"
+    save_file(to_original_layout(source, layout), str(ckpt))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cube\na blue ball\n")
     out = tmp_path / "slim"
@@ -167,8 +236,14 @@ def test_checkpoints_that_cannot_be_loaded_say_why(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_sdxl_checkpoint_needs_a_config_folder_until_one_is_shipped():
-    with pytest.raises(SlimDiffError, match="matches none"):
-        choose_config({UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3),
-                       "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (1, 1)},
-                      "sdxl", "x")
+def test_sdxl_checkpoints_the_shipped_configurations_do_not_fit_say_why(tmp_path, capsys):
+    out = ["--budget", "0.3", "--out", str(tmp_path / "never")]
+    # builtin:tiny-xl's two text encoders are equally wide: diffusers would load the first into both
+    save_file(to_original_layout(build_builtin("builtin:tiny-xl"), "sdxl"), str(tmp_path / "same-width.safetensors"))
+    _fails(["slim", "--model", str(tmp_path / "same-width.safetensors"), *out], capsys, "both SDXL text encoders")
+    assert not (tmp_path / "never").exists()
+    # SDXL-base's widths without the 10th block of its six 10-deep stacks (distilled SDXL models are shallower)
+    shapes = _header_from_folder(write_config_folder(_shipped()["sdxl"][0], tmp_path / "pipeline"), "sdxl")
+    shallower = {k: s for k, s in shapes.items() if ".transformer_blocks.9." not in k}
+    with pytest.raises(SlimDiffError, match="UNet transformer blocks 64,.*SDXL-base 1.0"):
+        choose_config(shallower, "sdxl", "x")

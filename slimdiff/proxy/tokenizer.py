@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..models import byte_alphabet
+from ..tokenization import byte_alphabet
 from .shapes import VOCABULARY
 
 MODEL_MAX_LENGTH = 77

@@ -1,0 +1,105 @@
+"""The architecture configurations the project ships, as diffusers / transformers config dictionaries.
+
+Plain data, no model construction: :mod:`slimdiff.models` builds the seeded built-ins from them and
+:mod:`slimdiff.single_file` writes them as the configuration folder of original-layout checkpoints.
+Scheduler dictionaries are in ``scheduler_config.json`` form (``_class_name`` included).
+"""
+
+from __future__ import annotations
+
+# CLIP's BPE vocabulary (openai/clip-vit-large-patch14, also OpenCLIP's) and its BOS/EOS ids.
+CLIP_VOCAB_SIZE = 49408
+CLIP_TOKEN_IDS = dict(bos_token_id=49406, eos_token_id=49407)
+
+# BOS/EOS ids of the character tokenizer; CLIP's pooled output is read at the EOS position.
+_CHAR_TOKEN_IDS = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **_CHAR_TOKEN_IDS,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+# stabilityai/stable-diffusion-2-1 (768 px, v-prediction): the SD-2.x checkpoints most users have.
+SD21_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 use_linear_projection=True, upcast_attention=True)
+SD21_TEXT = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                 pad_token_id=1, **CLIP_TOKEN_IDS)
+SD21_VAE = dict(SD15_VAE, sample_size=768)
+
+# SD-1.x block structure at toy width: two cross-attention levels with 2 heads of width 16 and 32, GEGLU FFNs.
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=2, norm_num_groups=8,
+)
+TINY_TEXT = dict(
+    vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64, **_CHAR_TOKEN_IDS,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
+    block_out_channels=(16, 32), norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+)
+
+# SDXL-base 1.0 as published (unet/, text_encoder/, text_encoder_2/, vae/ config.json). diffusers' historical
+# ``attention_head_dim`` holds the number of heads per level here: 5/10/20 heads of width 64.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, norm_num_groups=32,
+    # micro-conditioning: pooled text (1280) + six size/crop numbers embedded at 256 each = 2816
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_TEXT = dict(  # CLIP ViT-L/14; SDXL reads its penultimate hidden state
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **_CHAR_TOKEN_IDS,
+)
+SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14 with its text projection (the pooled 1280-vector)
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, **_CHAR_TOKEN_IDS,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+# SDXL's structure at toy width: no attention at the first level, a deeper stack at the last, heads of
+# width 16 everywhere (as SDXL's are all 64 wide), linear projections, text_time added conditioning.
+TINY_XL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+    cross_attention_dim=64, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+)
+TINY_XL_TEXT = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
+TINY_XL_TEXT_2 = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32, hidden_act="gelu")
+
+# SD-1.x's scheduler_config.json (runwayml/stable-diffusion-v1-5); SD-2.1 v-prediction overrides prediction_type.
+SD_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "skip_prk_steps": True,
+                "steps_offset": 1, "set_alpha_to_one": False}
+# SDXL-base 1.0's scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), the keys
+# EulerDiscreteScheduler reads (the file also carries DDIM/PNDM keys it ignores).
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                  "timestep_spacing": "leading", "interpolation_type": "linear", "prediction_type": "epsilon",
+                  "use_karras_sigmas": False}
