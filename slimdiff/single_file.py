@@ -83,7 +83,6 @@ _TEXT_EMBEDDINGS = {
     "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
 }
 _SDXL_SECOND_TOWER = "conditioner.embedders.1.model.positional_embedding"  # (77, width)
-_SDXL_FIRST_TOWER = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
 FAMILY_NAMES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL"}
 
 
@@ -169,7 +168,7 @@ def check_sdxl_text_towers(shapes: dict[str, tuple[int, ...]], source: str) -> N
     """Refuse SDXL checkpoints whose two text encoders are equally wide: diffusers' single-file loader gives each
     text encoder the tower whose position embedding is as wide as it is, so it would silently load the first
     tower into both (SDXL's are 768 and 1280 wide)."""
-    first, second = shapes[_SDXL_FIRST_TOWER][-1], shapes[_SDXL_SECOND_TOWER][-1]
+    first, second = shapes[_TEXT_EMBEDDINGS["sdxl"]][-1], shapes[_SDXL_SECOND_TOWER][-1]
     if first == second:
         raise SlimDiffError(f"{source!r}: both SDXL text encoders are {first} wide, and diffusers' single-file "
                             "loader tells them apart by width only (it would load the first into both); load "
