@@ -7,8 +7,9 @@ Every model is a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPip
 * ``builtin:proxy`` — the project's own small text-to-image model, trained from scratch on procedural shape
   scenes (``slimdiff/proxy``); real, trained weights, so quality can be measured in-house.
 * ``builtin:sd15-shape`` — the exact SD v1.5 UNet / text encoder / VAE configurations with seeded random
-  weights, for export and latency work at real scale. CLIP's BPE vocabulary is not available offline, so its
-  tokenizer is the project's own character-level one; the text embedding table keeps CLIP's 49,408 rows.
+  weights, for export and latency work at real scale. Its tokenizer is the project's own character-level one
+  (token ids only have to be valid for random weights; single-file checkpoints get CLIP's BPE tokenizer from
+  ``assets/clip_bpe``); the text embedding table keeps CLIP's 49,408 rows.
 * ``builtin:tiny-xl`` — a small ``StableDiffusionXLPipeline`` (two text encoders, the second with a projection;
   ``addition_embed_type="text_time"``; ``transformer_layers_per_block=(1, 1, 2)``) with seeded random weights.
 * ``builtin:sdxl-shape`` — the exact public SDXL-base 1.0 UNet / CLIP-L + OpenCLIP-bigG text encoders / VAE
