@@ -29,9 +29,9 @@ def default_ranks(sites) -> dict[str, int]:
     return ranks
 
 
-def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None):
-    """builtin:tiny's UNet resized to a rank plan and re-initialised N(0, 0.02): a real slim structure."""
-    unet = load_unet("builtin:tiny")
+def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None, model: str = "builtin:tiny"):
+    """``model``'s UNet resized to a rank plan and re-initialised N(0, 0.02): a real slim structure."""
+    unet = load_unet(model)
     sites = module_sites(unet)
     plan = RankPlan.from_ranks(sites, ranks if ranks is not None else default_ranks(sites))
     apply_plan_shapes(unet, plan)

@@ -126,8 +126,12 @@ def test_engine_kind_must_be_known(dense, tmp_path):
 
 @pytest.mark.slow
 def test_aoti_engine_compiles_and_matches_eager(tmp_path):
-    unet, plan = slim_tiny_unet(seed=4)
+    """The suite's one AOTInductor compile (its slowest build) takes the richest call there is: a slim SDXL-style
+    UNet whose engine also takes ``text_embeds`` and ``time_ids``."""
+    unet, plan = slim_tiny_unet(seed=4, model="builtin:tiny-xl")
     component = unet_component(unet)
+    conditions = [spec.name for spec in component.inputs[3:]]
+    assert conditions == ["text_embeds", "time_ids"]
     profiles = tiny_profiles()
     axes = component_axes(component, union(profiles), {"height": 8, "width": 8})
     meta = build_engine("aoti", component, tmp_path, axes=axes, profiles=_profiles_json(profiles),
@@ -138,14 +142,20 @@ def test_aoti_engine_compiles_and_matches_eager(tmp_path):
     # Loaded through the runtime: torch._inductor.aoti_load_package, no diffusers module involved.
     engine = EngineUNet.from_folder(tmp_path)
     assert engine.rank_plan.modules == plan.modules
-    for shape, seed in (((2, 16, 16, 77), 0), ((3, 24, 8, 100), 1)):
-        inputs, ref = _reference(unet, *shape, seed=seed)
-        got = engine(*inputs[:2], encoder_hidden_states=inputs[2]).sample
-        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+    def call(model, values, seed):
+        sample, timestep, text, *extra = component.random_inputs(values, torch.float32, seed)
+        with torch.no_grad():
+            return model(sample, timestep, encoder_hidden_states=text,
+                         added_cond_kwargs=dict(zip(conditions, extra))).sample
+
+    for values, seed in (({"batch": 2, "height": 16, "width": 16, "text_len": 77}, 0),
+                         ({"batch": 3, "height": 24, "width": 8, "text_len": 100}, 1)):
+        ref = call(unet, values, seed)
+        assert (call(engine, values, seed) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     # The compiled package runs shapes past its range without complaint; the runtime refuses them.
-    inputs, _ = _reference(unet, 8, 16, 16, 77, seed=2)
     with pytest.raises(SlimDiffError, match="outside this engine's shapes"):
-        engine(*inputs[:2], encoder_hidden_states=inputs[2])
+        call(engine, {"batch": 8, "height": 16, "width": 16, "text_len": 77}, 2)
 
 
 def test_aoti_package_for_another_torch_is_refused(tmp_path):
