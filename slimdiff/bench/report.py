@@ -203,7 +203,9 @@ LEGEND = (
     "per-step errors compound along the trajectory, so they are larger than 'err vs dense' without the image "
     "having lost its content. For quality\n"
     "on many held-out prompts (PSNR/SSIM, prompt adherence) run `slimdiff eval`; the project's bar for deep "
-    "plans is PSNR >= 25 dB at adherence within 2 points.")
+    "plans is PSNR >= 25 dB at adherence within 2 points.\n"
+    "A model of a few GMAC per call (builtin:proxy, builtin:tiny) is bound by per-operation overhead on a CPU, not "
+    "by its MACs: expect speed-ups near 1 there whatever the ideal; the gains are at SD-1.5 / SDXL sizes.")
 
 
 def markdown(report: dict, plots: list[str], extra: str = "") -> str:
