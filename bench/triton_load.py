@@ -29,7 +29,7 @@ import numpy as np
 
 
 def build_repository(model: str, work: Path, calibration: list[str]) -> Path:
-    from slimdiff.export import cli
+    from slimdiff.cli import export as cli
 
     rc = cli.main(["--model", model, "--engine", "ort", "--device", "cpu", "--out", str(work / "engines"),
                    "--slim-only", "--triton-repo", str(work / "repo"), "--triton-mode", "python", *calibration])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from slimdiff import cli
 from slimdiff.bench import cli as bench_cli
 from slimdiff.errors import SlimDiffError
-from slimdiff.export import cli as export_cli
+from slimdiff.cli import export as export_cli
 from slimdiff.models import build_builtin
 from slimdiff.serialization import WEIGHTS_FILE
 
@@ -273,7 +273,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     """A scheduler's cancel (SIGTERM) during calibration: exit 143, one line, no partial output folder."""
     out = tmp_path / "engines"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "slimdiff.export.cli", "--model", "builtin:tiny", "--engine", "ort",
+    proc = subprocess.Popen([sys.executable, "-m", "slimdiff.cli.export", "--model", "builtin:tiny", "--engine", "ort",
                              "--slim-only", "--num-prompts", "400", "--steps", "20", "--out", str(out)],
                             env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

@@ -8,7 +8,7 @@ import pytest
 from export_support import slim_tiny_unet
 
 from slimdiff.errors import SlimDiffError
-from slimdiff.export import cli
+from slimdiff.cli import export as cli
 from slimdiff.runtime import EngineUNet
 from slimdiff.serialization import save_slim
 

@@ -30,7 +30,7 @@ LAZY_EXTRAS = {
 
 
 def test_the_walk_finds_the_whole_package():
-    assert {"slimdiff.cli", "slimdiff.calibrate", "slimdiff.export.cli", "slimdiff.quality.metrics"} <= set(MODULES)
+    assert {"slimdiff.cli", "slimdiff.calibrate", "slimdiff.cli.export", "slimdiff.quality.metrics"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -54,7 +54,7 @@ def test_building_the_parsers_imports_no_heavy_module():
     # The parser of every command is built for `slimdiff --help`; the quality metrics and export stacks load
     # only when their command runs.
     code = ("import sys; from slimdiff.cli import build_parser; build_parser(); "
-            "from slimdiff.export.cli import build_parser as b; b(); "
+            "from slimdiff.cli.export import build_parser as b; b(); "
             "heavy = [m for m in ('skimage', 'onnxruntime', 'onnx', 'diffusers', 'transformers') if m in sys.modules]; "
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimdiff.cli import main
-from slimdiff.export.cli import main as export_main
+from slimdiff.cli.export import main as export_main
 from slimdiff.models import build_builtin, load_pipeline
 from slimdiff.runtime import use_engine
 

@@ -98,7 +98,7 @@ def served_repository(tmp_path_factory):
     """``slimdiff-export --triton-repo`` (python mode) on builtin:tiny, served by the bundled tritonserver."""
     pytest.importorskip("pytriton")
     from slimdiff.engines.triton import local_server
-    from slimdiff.export import cli
+    from slimdiff.cli import export as cli
 
     root = tmp_path_factory.mktemp("triton")
     rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(root / "engines"), "--slim-only",

@@ -2,12 +2,14 @@
 
 * :mod:`.onnx` — opset-23 fused graphs (opset-18 fallback), dynamic shapes, sidecar JSON, parity check.
 * :mod:`.align` — zero-padding head widths to multiples of 8 for fused-attention kernels.
-* :mod:`.cli` — ``slimdiff-export``.
+* :mod:`.ort_session` — the ONNX Runtime sessions the parity check and the ``ort`` backend share.
+
+``slimdiff-export`` (:mod:`slimdiff.cli.export`) drives export and engine builds.
 
 Engines are built by the backends of :mod:`slimdiff.engines` and served by :mod:`slimdiff.runtime`.
 """
 
-# Imported lazily: `slimdiff-export --help` builds its parser from this package and must not pull in torch's
+# Imported lazily: `slimdiff-export --help` imports this package and must not pull in torch's
 # exporter, onnx or diffusers to list its flags.
 _EXPORTS = {
     "align_head_widths": "align", "text_encoder_component": "modules", "unet_component": "modules",

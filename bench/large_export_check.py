@@ -1,7 +1,7 @@
 """The >2 GB export path at real scale: ``builtin:sd15-shape`` (SD-1.5 UNet shapes, 3.4 GB in fp32) to ONNX
 with external data, ONNX Runtime parity, and an ONNX Runtime engine built from it.
 
-    python -m slimdiff.export.large_check --out /tmp/sd15-check [--keep]
+    python bench/large_export_check.py --out /tmp/sd15-check [--keep]
 
 Too slow for the test suite on a 2-core CPU (export alone takes minutes and ~16 GB of memory), so it is a
 benchmark: it prints one JSON line with the timings, sizes and parity errors, and exits non-zero on failure.
@@ -17,18 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import SlimDiffError
+from slimdiff.errors import SlimDiffError
 
 
 def check(out: Path, batch: str = "1:1:2", side: str = "256:512:512", text_len: str = "77") -> dict:
     import torch
 
-    from ..engines import build_engine
-    from ..models import load_unet
-    from ..runtime import EngineUNet
-    from .modules import unet_component
-    from .onnx import export_onnx
-    from .shapes import parse_profiles
+    from slimdiff.engines import build_engine
+    from slimdiff.models import load_unet
+    from slimdiff.runtime import EngineUNet
+    from slimdiff.export.modules import unet_component
+    from slimdiff.export.onnx import export_onnx
+    from slimdiff.export.shapes import parse_profiles
 
     timings = {}
     t0 = time.perf_counter()
@@ -62,18 +62,18 @@ def check(out: Path, batch: str = "1:1:2", side: str = "256:512:512", text_len: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m slimdiff.export.large_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/large_export_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="work folder (must not exist)")
     p.add_argument("--keep", action="store_true", help="keep the exported files")
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists():
-        print(f"large_check: error: {str(out)!r} already exists", file=sys.stderr)
+        print(f"large_export_check: error: {str(out)!r} already exists", file=sys.stderr)
         return 2
     try:
         result = check(out)
     except SlimDiffError as exc:
-        print(f"large_check: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"large_export_check: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     finally:
         if not args.keep and out.exists():

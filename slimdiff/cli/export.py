@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from ..errors import SlimDiffError
-from .meta import status, write_json_atomic
+from ..export.meta import status, write_json_atomic
 
 DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
 FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
@@ -35,7 +35,7 @@ FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import engines
-    from ..cli.arguments import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
+    from .arguments import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,7 +130,7 @@ def _slimming_inputs(pipe, args):
 def _slim_dense_model(pipe, args, inputs):
     """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
     from ..api import slim_pipeline
-    from ..cli.arguments import calibration_clock, calibration_config_from_args
+    from .arguments import calibration_clock, calibration_config_from_args
 
     config, stats, prompts = inputs
     clock = calibration_clock("slimdiff-export", pipe, len(prompts), args) if stats is None else None
@@ -144,7 +144,7 @@ def _verify(folder: Path, unet, device: str, values: dict, cuda_graphs: bool, se
     import torch
 
     from ..runtime import EngineUNet
-    from .modules import unet_component
+    from ..export.modules import unet_component
 
     engine = EngineUNet.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     component = unet_component(unet)
@@ -189,7 +189,7 @@ def _write_triton_repository(args, pipe, out: Path, repo: Path, *, profiles, kin
     repository serving them with the slim UNet engine."""
     from ..engines.build import build_component_engine
     from ..engines.triton import write_repository
-    from .modules import text_encoder_component, vae_decoder_component
+    from ..export.modules import text_encoder_component, vae_decoder_component
 
     folders = {}
     for component in (text_encoder_component(pipe.text_encoder), vae_decoder_component(pipe.vae)):
@@ -214,8 +214,8 @@ def run(args) -> list[dict]:
 
     from .. import engines
     from ..serialization import atomic_output_dir, commit_output_dir
-    from .onnx import OPSETS
-    from .shapes import default_flags, latent_multiple, parse_profiles
+    from ..export.onnx import OPSETS
+    from ..export.shapes import default_flags, latent_multiple, parse_profiles
 
     start = time.perf_counter()
     backend = engines.get(args.engine)
