@@ -153,10 +153,11 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     from .serialization import is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
-        base = load_plan(source).info.get("source_model")
+        info = load_plan(source).info
+        base = info.get("source_model")
         if not base:
             raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
-        pipe = load_pipeline(base, dtype)
+        pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"))
         pipe.unet = load_slim(source, dtype=dtype)
         return pipe
     if source == "builtin:proxy":

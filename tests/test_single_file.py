@@ -82,6 +82,24 @@ def test_sd2_v_prediction_checkpoint_loads_with_a_config_folder(tmp_path):
     assert loaded.unet.config.use_linear_projection
 
 
+
+def test_a_slim_folder_reopens_its_source_with_the_config_it_was_slimmed_with(tmp_path, capsys):
+    source = _tiny_sd2()  # no shipped configuration matches it: only --config can open the checkpoint
+    source.save_pretrained(tmp_path / "config")
+    ckpt = tmp_path / "tiny-v2.safetensors"
+    save_file(to_original_layout(source, "open_clip"), str(ckpt))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", str(ckpt), "--config", str(tmp_path / "config"), "--prompts", str(prompts),
+                 "--num-prompts", "2", "--steps", "2", "--pass1-prompts", "1", "--budget", "0.3",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    info = json.loads((out / "slimdiff_plan.json").read_text())["info"]
+    assert info["source_config"] == str((tmp_path / "config").resolve())
+    reopened = load_pipeline(str(out))  # the slim UNet in the pipeline its checkpoint + config make
+    assert reopened.scheduler.config.prediction_type == "v_prediction"
+    assert reopened.unet.slim_plan.params_removed > 0
+
 # builtin:tiny-xl with a wider second text encoder: diffusers' single-file loader tells SDXL's two text encoders
 # apart by width (768 and 1280 in SDXL-base), and builtin:tiny-xl's are equally wide (32).
 TINY_XL_WIDE = ShippedConfig(

@@ -40,6 +40,9 @@ def test_slim_unet_keeps_the_source_dtype(fp16_folder, tmp_path, capsys):
     out = tmp_path / "slim"
     assert main(["slim", "--model", str(fp16_folder), "--variant", "fp16", *FAST, "--out", str(out)]) == 0
     assert stored_dtype(out / "diffusion_pytorch_model.safetensors") == torch.float16
+    # The slim folder records how its source was opened, and reopens its pipeline the same way.
+    assert json.loads((out / "slimdiff_plan.json").read_text())["info"]["source_variant"] == "fp16"
+    assert load_pipeline(str(out), torch.float16).unet.slim_plan.params_removed > 0
     out32 = tmp_path / "slim32"
     assert main(["slim", "--model", str(fp16_folder), "--save-dtype", "float32", *FAST, "--out", str(out32)]) == 0
     assert stored_dtype(out32 / "diffusion_pytorch_model.safetensors") == torch.float32

@@ -90,6 +90,11 @@ def cmd_slim(args) -> None:
     report = slim_unet(pipe.unet, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
+    # What it takes to load the source again (a slim folder reopens its pipeline from these).
+    if args.config is not None:
+        report.plan.info["source_config"] = str(Path(args.config).resolve())
+    if args.variant is not None:
+        report.plan.info["source_variant"] = args.variant
     summary = report.summary()
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     pipe.unet.to(_save_dtype(args))
