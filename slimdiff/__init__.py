@@ -12,6 +12,8 @@ Public names are imported lazily so ``import slimdiff`` stays cheap.
 
 __version__ = "0.1.0"
 
+from .lazy import lazy_attributes
+
 _EXPORTS = {
     "SlimConfig": "slim", "SlimReport": "slim", "slim_unet": "slim",
     "CalibrationConfig": "calibrate", "Statistics": "calibrate", "calibrate": "calibrate",
@@ -22,11 +24,4 @@ _EXPORTS = {
     "RankPlan": "plan", "SlimDiffError": "errors",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -9,6 +9,8 @@
 Engines are built by the backends of :mod:`slimdiff.engines` and served by :mod:`slimdiff.runtime`.
 """
 
+from ..lazy import lazy_attributes
+
 # Imported lazily: `slimdiff-export --help` imports this package and must not pull in torch's
 # exporter, onnx or diffusers to list its flags.
 _EXPORTS = {
@@ -17,11 +19,4 @@ _EXPORTS = {
     "load_sidecar": "onnx", "Profile": "shapes", "Range": "shapes", "parse_profiles": "shapes",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

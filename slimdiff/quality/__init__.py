@@ -7,6 +7,8 @@
 * :mod:`.cli` — ``slimdiff eval``.
 """
 
+from ..lazy import lazy_attributes
+
 # Public names are imported lazily: the ``slimdiff`` parser imports ``quality.cli``, which must not pull in
 # torch, scikit-image or the sampling code just to list its flags.
 _EXPORTS = {
@@ -15,11 +17,4 @@ _EXPORTS = {
     "NoiseErrorProbe": "sampling", "generate": "sampling",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
