@@ -4,7 +4,9 @@
 # verify them against PyTorch, then measure dense vs slim latency and error on the eager and ONNX Runtime engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q torch==2.13.0          # the CPU wheel; GPU machines may keep their own torch
-python -m pip install -q -e '.[test]'
+# --no-compile: pip would byte-compile every module of every wheel (most never imported); Python compiles the
+# ones a program imports on first use.
+python -m pip install -q --no-compile torch==2.13.0          # the CPU wheel; GPU machines may keep their own torch
+python -m pip install -q --no-compile -e '.[test]'
 slimdiff-export --model builtin:proxy --engine ort --out out/proxy-ort --force --num-prompts 8 --steps 8
 slimdiff bench --model builtin:proxy --engines eager,ort --budgets 0,0.4 --threads 1 --out out/proxy-bench --force

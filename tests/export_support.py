@@ -3,10 +3,13 @@ the tiny model's shape profiles, and ONNX exports cached for the whole test sess
 
 from __future__ import annotations
 
+import os
+
 import torch
+from filelock import FileLock
 
 from slimdiff.export.modules import unet_component
-from slimdiff.export.onnx import export_onnx
+from slimdiff.export.onnx import export_onnx, load_sidecar, sidecar_path
 from slimdiff.export.shapes import parse_profiles
 from slimdiff.models import load_unet, module_sites
 from slimdiff.plan import RankPlan
@@ -46,12 +49,23 @@ _CACHE: dict = {}
 
 
 def cached_export(tmp_path_factory, variant: str, opset: int = 23):
-    """``(onnx path, sidecar, unet)`` for ``variant`` in {dense, slim}, exported once per session."""
+    """``(onnx path, sidecar, unet)`` for ``variant`` in {dense, slim}, exported once per test run: pytest-xdist
+    workers share their base folder's parent, so the first worker to need a variant exports it (under a file lock)
+    and the others read its files. The UNets are seeded, so every worker's copy is the exported one."""
     key = (variant, opset)
     if key not in _CACHE:
         unet = load_unet("builtin:tiny") if variant == "dense" else slim_tiny_unet()[0]
-        path = tmp_path_factory.mktemp(f"{variant}{opset}") / "unet.onnx"
-        sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
+        shared = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            shared = shared.parent
+        folder = shared / f"export-{variant}{opset}"
+        path = folder / "unet.onnx"
+        with FileLock(str(folder) + ".lock"):
+            if sidecar_path(path).is_file():
+                sidecar = load_sidecar(path)
+            else:
+                folder.mkdir(exist_ok=True)
+                sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
         _CACHE[key] = (path, sidecar, unet)
     return _CACHE[key]
 
