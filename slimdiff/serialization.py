@@ -124,6 +124,19 @@ def load_plan(path: str | os.PathLike) -> RankPlan:
     raise SlimDiffError(f"{str(path)!r} is not a slim UNet folder (no {PLAN_FILE})")
 
 
+def _meta_skeleton(config: dict, plan: RankPlan):
+    """The slim UNet of ``config`` and ``plan`` on the meta device (shapes, no weights): a native slim config
+    builds the slim class; an older folder's dense config gets the plan's shapes."""
+    from diffusers import UNet2DConditionModel
+
+    from .slim_models import SlimUNet2DConditionModel
+
+    with torch.device("meta"):
+        if config.get("_class_name") == SLIM_CLASS:
+            return SlimUNet2DConditionModel.from_config(config)
+        return apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
+
+
 def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a slim UNet folder written by :func:`save_slim` (or by an earlier slimdiff); returns a
     ``SlimUNet2DConditionModel`` in eval mode."""
@@ -141,11 +154,7 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         native = config.get("_class_name") == SLIM_CLASS
         if native and RankPlan.from_dict(config.get("rank_plan") or {}).modules != plan.modules:
             raise SlimDiffError(f"its {PLAN_FILE} and config.json hold different rank plans")
-        with torch.device("meta"):
-            if native:
-                unet = SlimUNet2DConditionModel.from_config(config)
-            else:
-                unet = apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
+        unet = _meta_skeleton(config, plan)
         # safetensors slices one buffer, so tensors can start unaligned and BLAS then takes another code
         # path; fresh allocations make a loaded UNet compute bit-identically to the one that was saved.
         state = {k: v.clone() for k, v in load_file(str(weights), device=str(device)).items()}
@@ -166,16 +175,9 @@ def verify_slim_folder(path: str | os.PathLike) -> None:
     """The weights of a slim UNet folder against the shapes its config and rank plan imply (no data read)."""
     from diffusers import UNet2DConditionModel
 
-    from .slim_models import SlimUNet2DConditionModel
-
     path = Path(path)
     plan = load_plan(path)
     if not (path / "config.json").is_file():
         raise SlimDiffError(f"slim folder {str(path)!r} is incomplete (no config.json)")
-    config = UNet2DConditionModel.load_config(str(path))
-    with torch.device("meta"):  # the skeleton load_slim builds, without any weights
-        if config.get("_class_name") == SLIM_CLASS:
-            unet = SlimUNet2DConditionModel.from_config(config)
-        else:
-            unet = apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
+    unet = _meta_skeleton(UNet2DConditionModel.load_config(str(path)), plan)  # the one load_slim fills
     verify_weights_file(path / WEIGHTS_FILE, {k: tuple(v.shape) for k, v in unet.state_dict().items()})

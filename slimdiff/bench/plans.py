@@ -48,20 +48,28 @@ def resolve_budget(budget: float, sites: list[ModuleSite]) -> float:
     return budget * total if budget < 1 else float(budget)
 
 
+def _uniform_plan(sites, items, amount: float, what: str, *, align: int, r_min: int, info: dict) -> RankPlan:
+    """The real allocator on uniform scores (every module loses the same share of its width, priced by each
+    item's unit cost) removing ``amount``; ``what`` names the budget in the error."""
+    from .. import allocate as alloc
+
+    try:
+        ranks = alloc.allocate(items, amount, temperature=math.inf, r_min=r_min, align=align, method="softmax")
+    except ValueError as exc:
+        raise SlimDiffError(f"cannot remove {what}: {exc}") from exc
+    return RankPlan.from_ranks(sites, ranks, info={
+        "source": SYNTHETIC, "scores": "uniform (no calibration statistics)", **info,
+        "budget_resolved": amount, "align": align, "r_min": r_min})
+
+
 def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int = 8) -> RankPlan:
     """Ranks from the real allocator on uniform scores (no statistics): one removal fraction everywhere."""
     from .. import allocate as alloc
 
     sites = module_sites(unet)
     items = [alloc.AllocationItem(s.name, s.width, float(s.unit_params), 0.0) for s in sites]
-    amount = resolve_budget(budget, sites)
-    try:
-        ranks = alloc.allocate(items, amount, temperature=math.inf, r_min=r_min, align=align, method="softmax")
-    except ValueError as exc:
-        raise SlimDiffError(f"cannot remove {budget} of the compressible parameters: {exc}") from exc
-    return RankPlan.from_ranks(sites, ranks, info={
-        "source": SYNTHETIC, "scores": "uniform (no calibration statistics)", "budget": budget,
-        "budget_resolved": amount, "align": align, "r_min": r_min})
+    return _uniform_plan(sites, items, resolve_budget(budget, sites), f"{budget} of the compressible parameters",
+                         align=align, r_min=r_min, info={"budget": budget})
 
 
 def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, int], text_len: int = 77, *,
@@ -86,14 +94,9 @@ def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, in
         cost = adapter.unit_macs(block, s, lambda sublayer, b=s.block: tokens[f"{b}.{sublayer}"])
         items.append(alloc.AllocationItem(s.name, s.width, float(cost), 0.0))
     amount = fraction * sum(item.unit_cost * item.width for item in items)
-    try:
-        ranks = alloc.allocate(items, amount, temperature=math.inf, r_min=r_min, align=align, method="softmax")
-    except ValueError as exc:
-        raise SlimDiffError(f"cannot remove {fraction} of the transformer MACs: {exc}") from exc
-    return RankPlan.from_ranks(sites, ranks, info={
-        "source": SYNTHETIC, "scores": "uniform (no calibration statistics)", "budget": fraction,
-        "budget_unit": "transformer MACs", "latent": list(latent), "text_len": text_len,
-        "budget_resolved": amount, "align": align, "r_min": r_min})
+    return _uniform_plan(sites, items, amount, f"{fraction} of the transformer MACs", align=align, r_min=r_min,
+                         info={"budget": fraction, "budget_unit": "transformer MACs", "latent": list(latent),
+                               "text_len": text_len})
 
 
 @torch.no_grad()
