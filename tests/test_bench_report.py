@@ -149,3 +149,21 @@ def test_the_dense_model_is_measured_first_when_the_order_puts_a_slim_model_firs
     assert [r["budget"] for r in bench.results] == [0.0, 0.4]
     assert bench.results[1]["interleaved"] is not None
     assert not bench.dense_runs  # released after the engine's last job
+
+
+def test_timed_budgets_in_transformer_macs_use_the_plans_the_mac_table_prices(tmp_path):
+    from slimdiff.bench.macs import ideal_table
+
+    config = BenchConfig(model="builtin:tiny", engines=["eager"], budgets=[0.0, 0.5], budget_unit="macs",
+                         batches=[1], device="cpu", warmup=0, iters=2, e2e=False)
+    timed = run_bench(config, log=lambda msg: None)
+    validate_report(timed)
+    assert "transformer-block MACs" in timed["model"]["budget_unit"]
+    dense, slim = (m["macs"]["1"] for m in timed["models"])
+    removed = 1 - slim["transformer"] / dense["transformer"]
+    assert abs(removed - 0.5) < 0.1 and slim["other"] == dense["other"]
+    from slimdiff.models import BUILTIN_UNET_CONFIGS
+
+    table = ideal_table(dict(BUILTIN_UNET_CONFIGS["builtin:tiny"]), [0.0, 0.5], [1], tuple(timed["model"]["latent"]),
+                        unit="macs")
+    assert [r["macs"]["total"] for r in table] == [dense["total"], slim["total"]]

@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4; with "
                         "--macs-only 0,0.2,0.4,0.6)")
     p.add_argument("--budget-unit", default="params", choices=["params", "macs"],
-                   help="with --macs-only: budgets are fractions of the compressible parameters (default) or of "
-                        "the transformer-block MACs at the resolution")
+                   help="budgets are fractions of the compressible parameters (default) or of the transformer-block "
+                        "MACs of one UNet call at the resolution (the share the ideal speed-up is computed from)")
     p.add_argument("--batch", default="1,2", help="UNet batch sizes (default 1,2); even sizes also run end to end "
                                                   "with batch/2 images under classifier-free guidance")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
@@ -106,6 +106,7 @@ def config_from_args(args):
         calib = 0 if args.stats or args.model not in ("builtin:tiny", "builtin:proxy") else 8
     return BenchConfig(
         model=args.model, engines=parse_engines(args.engines), budgets=_floats(args.budgets or "0,0.4", "--budgets"),
+        budget_unit=args.budget_unit,
         batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,
         warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,
         guidance=args.guidance, stats=args.stats, calib_prompts=calib, calib_steps=args.calib_steps,
@@ -228,8 +229,6 @@ def run(args) -> None:
         check_output_file(args.latency_table)
     if args.macs_only:
         return run_macs_only(args)
-    if args.budget_unit != "params":
-        raise SlimDiffError("--budget-unit macs applies to --macs-only (timed runs budget parameters)")
     if args.latency_table:
         return run_latency_table(args)
 
@@ -250,7 +249,8 @@ def run(args) -> None:
     else:
         model = report["model"]
         print(f"{model['source']} ({model['weights']} weights, {model['dtype']}, {model['resolution']}² px) on "
-              f"{report['environment']['device'].get('name')}; slim models: {model['plan_source']}")
+              f"{report['environment']['device'].get('name')}; slim models: {model['plan_source']}; budget = "
+              f"{model['budget_unit']}")
         print(console_table(report))
     if args.out:
         write_report(report, args.out, overwrite=args.force)

@@ -38,6 +38,8 @@ from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, Peak
                      judge_speedup, speedup_interval, summarize, time_calls, time_interleaved, wall_clock)
 
 SCHEMA = "slimdiff-bench/1"
+BUDGET_UNITS = {"params": "fraction of the compressible parameters removed",
+                "macs": "fraction of the transformer-block MACs of one UNet call removed"}
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 
@@ -46,6 +48,9 @@ class BenchConfig:
     model: str
     engines: list[str] = field(default_factory=lambda: ["eager"])
     budgets: list[float] = field(default_factory=lambda: [0.0, 0.4])
+    #: budgets are fractions of the compressible parameters (params) or of the transformer-block MACs of one
+    #: UNet call at the benchmark's resolution (macs: the share the ideal speed-up is computed from)
+    budget_unit: str = "params"
     batches: list[int] = field(default_factory=lambda: [1, 2])
     resolution: int | None = None  # image pixels; None: the model's default
     device: str | None = None  # None: cuda when available
@@ -86,6 +91,8 @@ class BenchConfig:
                                 "end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
+        if self.budget_unit not in ("params", "macs"):
+            raise SlimDiffError(f"budget unit must be params or macs, got {self.budget_unit!r}")
         if self.pad_heads is not None and self.pad_heads < 1:
             raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
 
@@ -272,11 +279,12 @@ class Bench:
 
             self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
         self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
+        self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
         self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
-                                  seed=cfg.seed, align=cfg.align, r_min=cfg.r_min)
+                                  seed=cfg.seed, align=cfg.align, r_min=cfg.r_min, unit=cfg.budget_unit,
+                                  latent=latent, text_len=self.inputs.embeds.shape[1])
         if cfg.pad_heads:
             self._pad_heads(self.models)
-        self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
         self.dense_params = sum(p.numel() for p in pipe.unet.parameters())
         self.model_entries = [self._model_entry(m) for m in self.models]
 
@@ -335,7 +343,8 @@ class Bench:
             "ranks": {n: e.rank for n, e in m.plan.modules.items()} if m.plan else None,
             "macs": macs, "label": m.info.get("label"), "head_padding": m.info.get("head_padding"),
             "plan_info": {k: v for k, v in info.items() if k in (
-                "source", "scores", "budget", "budget_resolved", "align", "r_min", "slim_config", "num_prompts")},
+                "source", "scores", "budget", "budget_unit", "budget_resolved", "align", "r_min", "slim_config",
+                "num_prompts")},
         }
 
     def run_engines(self, names: list[str], order: list[tuple[str, float]] | None = None,
@@ -407,6 +416,7 @@ class Bench:
             "model": {
                 "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
                 "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
+                "budget_unit": BUDGET_UNITS[cfg.budget_unit],
                 "plan_source": "calibrated" if self.stats is not None else SYNTHETIC,
                 "plan_note": self.stats_note or (
                     "synthetic plans: the real allocator on uniform scores (no calibration statistics) and seeded "

@@ -99,11 +99,26 @@ def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, in
                                "text_len": text_len})
 
 
+def _copy_except_resized(unet: nn.Module, plan: RankPlan) -> nn.Module:
+    """A deep copy of ``unet`` in which the Linears ``plan`` resizes hold empty placeholder weights: they are
+    replaced right after, and copying them first would double an SDXL UNet's memory (10 GB in fp32) for nothing."""
+    memo: dict[int, object] = {}
+    for site in module_sites(unet):
+        entry = plan.modules.get(site.name)
+        if entry is None or entry.rank >= entry.width:
+            continue
+        for lin in site_linears(unet, site).modules().values():
+            for p in (lin.weight, lin.bias):
+                if p is not None:
+                    memo[id(p)] = nn.Parameter(torch.empty(0, device=p.device, dtype=p.dtype), requires_grad=False)
+    return copy.deepcopy(unet, memo)
+
+
 @torch.no_grad()
 def seeded_slim_copy(unet: nn.Module, plan: RankPlan, seed: int = 0) -> nn.Module:
     """A copy of ``unet`` with ``plan``'s shapes; every resized Linear drawn from ``seed`` (PyTorch's default
     Linear initialisation, U(±1/√fan_in)), the rest of the weights shared in value with the original."""
-    slim = apply_plan_shapes(copy.deepcopy(unet), plan)
+    slim = apply_plan_shapes(_copy_except_resized(unet, plan), plan)
     gen = torch.Generator().manual_seed(seed)
     for site in module_sites(slim):  # sites of the slim model: widths are the new ranks
         if plan.modules[site.name].rank == plan.modules[site.name].width:
@@ -148,9 +163,15 @@ def calibrated_copy_from_ranks(unet: nn.Module, stats, ranks: dict[str, int], co
 
 
 def make_models(unet: nn.Module, budgets: list[float], *, stats=None, slim_config=None, seed: int = 0,
-                align: int = 8, r_min: int = 8) -> list[SlimModel]:
+                align: int = 8, r_min: int = 8, unit: str = "params", latent: tuple[int, int] | None = None,
+                text_len: int = 77) -> list[SlimModel]:
     """The dense model (budget 0) and one slim copy per positive budget: calibrated when ``stats`` are given,
-    synthetic (uniform scores, seeded weights) otherwise."""
+    synthetic (uniform scores, seeded weights) otherwise. ``unit``: budgets are fractions of the compressible
+    parameters (``params``) or of the transformer-block MACs of one call at ``latent`` (``macs``)."""
+    if unit not in ("params", "macs"):
+        raise SlimDiffError(f"budget unit must be params or macs, got {unit!r}")
+    if unit == "macs" and stats is None and latent is None:
+        raise SlimDiffError("MAC budgets need the latent size the MACs are counted at")
     models = []
     for budget in budgets:
         if budget < 0:
@@ -160,10 +181,11 @@ def make_models(unet: nn.Module, budgets: list[float], *, stats=None, slim_confi
         elif stats is not None:
             if slim_config is None:
                 raise SlimDiffError("calibrated slim models need a SlimConfig")
-            config = replace(slim_config, budget=budget)
+            config = replace(slim_config, budget=budget, budget_unit=unit)
             slim, plan, report = calibrated_slim_copy(unet, stats, config)
             models.append(SlimModel(slim, budget, plan, CALIBRATED, {"relative_errors": report.relative_errors}))
         else:
-            plan = synthetic_plan(unet, budget, align=align, r_min=r_min)
+            plan = (transformer_mac_plan(unet, budget, latent, text_len, align=align, r_min=r_min) if unit == "macs"
+                    else synthetic_plan(unet, budget, align=align, r_min=r_min))
             models.append(SlimModel(seeded_slim_copy(unet, plan, seed), budget, plan, SYNTHETIC))
     return models

@@ -18,7 +18,7 @@ _TOP = {"schema": (str,), "created": (str,), "wall_seconds": (int, float), "comm
         "model": (dict,), "environment": (dict,), "mac_counter": (dict,), "models": (list,), "engines": (dict,),
         "results": (list,)}
 _MODEL = {"source": (str,), "weights": (str,), "dtype": (str,), "resolution": (int,), "latent": (list,),
-          "dense_params": (int,), "plan_source": (str,), "plan_note": (str,)}
+          "dense_params": (int,), "plan_source": (str,), "plan_note": (str,), "budget_unit": (str,)}
 _ENV = {"machine": (dict,), "device": (dict,), "libraries": (dict,), "git": (dict,)}
 _MODEL_ENTRY = {"budget": (int, float), "source": (str,), "params": (int,), "params_removed": (int,),
                 "removed_by_kind": (dict,), "macs": (dict,)}
@@ -227,6 +227,7 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
         f"- weights: **{model['weights']}**; dtype {model['dtype']}; {model['resolution']}² px "
         f"(latent {model['latent'][0]}×{model['latent'][1]}); dense UNet {model['dense_params'] / 1e6:.2f} M params",
         f"- slim models: **{model['plan_source']}** — {model['plan_note']}",
+        f"- budget = {model.get('budget_unit', 'fraction of the compressible parameters removed')}",
         f"- MACs: {report['mac_counter']['tool']}"
         + (f"; {report['mac_counter']['cpu_sdpa_patch']}" if report["mac_counter"].get("cpu_sdpa_patch") else ""),
         "",
@@ -328,7 +329,8 @@ def plot_speedups(report: dict, path: Path) -> bool:
     for (label, value), style in zip(PAPER_READINGS.items(), ("--", ":")):
         ax.axhline(value, linestyle=style, color="tab:red", linewidth=1, label=f"paper, {label}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(budgets)), [f"{b:g} of compressible" for b in budgets])
+    of = "of transformer MACs" if "MACs" in report["model"].get("budget_unit", "") else "of compressible"
+    ax.set_xticks(range(len(budgets)), [f"{b:g} {of}" for b in budgets])
     ax.set_ylabel("UNet speed-up over dense (same engine, interleaved;\n95 % CI; hatched = noisy)")
     ax.set_title(f"{report['model']['source']} ({report['model']['weights']} weights) on "
                  f"{report['environment']['device'].get('name')}", fontsize=9)
