@@ -2,8 +2,8 @@
 
 For every engine that can run here, every budget (0 = dense) and every UNet batch size it measures the UNet
 call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the same
-engine (alternating calls in one process, same inputs, same threads), its speed-up the ratio of medians with a
-paired-bootstrap confidence interval, and the cell marked *noisy* when that interval is wide or the speed-up
+engine (alternating calls in one process, same inputs, same threads), its speed-up the median of the per-pair
+ratios dense/slim with a bootstrap confidence interval, and the cell marked *noisy* when that interval is wide or the speed-up
 beats the ideal by more than a few percent (:mod:`.timing`) — the error of the engine's output against the
 dense eager model on the same inputs, MACs and parameters (``torch.utils.flop_counter``), the ideal speed-up
 (dense MACs / slim MACs) and the measured/ideal ratio, peak memory and engine file size. At even UNet batch
@@ -280,6 +280,16 @@ class Bench:
             self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
         self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
         self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
+        # End-to-end runs route the pipeline's UNet calls through (sample, timestep, context) runners, which
+        # cannot carry SDXL's added conditions: UNet-only for such models.
+        self.e2e = cfg.e2e and not WithAddedConditions.needed(pipe.unet)
+        if cfg.e2e and not self.e2e:
+            self.log("end-to-end runs skipped: this UNet takes added conditions (SDXL); UNet-only timing")
+        if not self.e2e:  # UNet-only from here: SDXL's text encoders and VAE hold 3.6 GB in fp32
+            for name in ("text_encoder", "text_encoder_2", "vae"):
+                if getattr(pipe, name, None) is not None:
+                    setattr(pipe, name, None)
+            _free(self.device)
         self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
                                   seed=cfg.seed, align=cfg.align, r_min=cfg.r_min, unit=cfg.budget_unit,
                                   latent=latent, text_len=self.inputs.embeds.shape[1])
@@ -295,11 +305,6 @@ class Bench:
         with torch.no_grad():
             for b in cfg.batches:
                 self.refs[b] = dense_run(*self.inputs.get(b)).float().cpu()
-        # End-to-end runs route the pipeline's UNet calls through (sample, timestep, context) runners, which
-        # cannot carry SDXL's added conditions: UNet-only for such models.
-        self.e2e = cfg.e2e and not WithAddedConditions.needed(pipe.unet)
-        if cfg.e2e and not self.e2e:
-            self.log("end-to-end runs skipped: this UNet takes added conditions (SDXL); UNet-only timing")
         self.e2e_ref = {b // 2: self._pipeline(pipe, dense_run, b // 2, CallTimer(self.device))
                         for b in cfg.batches if self.e2e and b % 2 == 0}
         self.engine_entries: dict[str, dict] = {}
@@ -568,14 +573,14 @@ def _psnr_db(images: torch.Tensor, ref: torch.Tensor) -> float:
 
 TIMING_METHOD = (
     "slim and dense timed interleaved (alternating calls AB BA AB …, one process, same inputs and threads); "
-    "speed-up = median(dense) / median(slim) with a seeded paired-bootstrap percentile interval; a cell is noisy "
+    "speed-up = median over pairs of dense/slim with a seeded bootstrap percentile interval; a cell is noisy "
     "when the interval is wider than the stated fraction of the speed-up or the speed-up exceeds the ideal "
     "(MAC ratio) by more than the stated margin")
 
 
 def _speedups(results: list[dict], models: list[dict], max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH,
               over_ideal: float = NOISY_OVER_IDEAL) -> None:
-    """Fill speed-up (interleaved ratio of medians, same engine and batch) with its interval and verdict, ideal
+    """Fill speed-up (median of interleaved pair ratios, same engine and batch) with its interval and verdict, ideal
     speed-up (dense MACs / slim MACs) and measured/ideal into every measured cell. A slim cell without an
     interleaved dense partner gets no speed-up: medians from different moments of a shared machine are not a
     ratio anyone should read."""

@@ -193,7 +193,7 @@ def console_table(report: dict) -> str:
 #: How to read the CLI table (printed under it), for someone who has never seen the method.
 LEGEND = (
     "How to read this: slim and dense run interleaved ({pairs} alternating pairs, one process, same inputs); "
-    "speed-up = median dense ms / median slim ms\n"
+    "speed-up = median over pairs of dense ms / slim ms\n"
     "with a 95 % bootstrap interval; ideal = dense MACs / slim MACs (what a compute-bound engine could gain). "
     "'noisy' = the interval is too wide or the\n"
     "speed-up beats the ideal: load on this machine, not a result. err vs dense = relative L2 error of one UNet "
