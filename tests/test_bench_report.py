@@ -167,3 +167,15 @@ def test_timed_budgets_in_transformer_macs_use_the_plans_the_mac_table_prices(tm
     table = ideal_table(dict(BUILTIN_UNET_CONFIGS["builtin:tiny"]), [0.0, 0.5], [1], tuple(timed["model"]["latent"]),
                         unit="macs")
     assert [r["macs"]["total"] for r in table] == [dense["total"], slim["total"]]
+
+
+def test_a_cell_timed_on_a_busy_machine_is_noisy(monkeypatch):
+    import slimdiff.bench.harness as harness
+
+    cpus = harness.machine_info()["cpu_count"]
+    monkeypatch.setattr(harness, "load_average", lambda: cpus + 1.5)
+    config = BenchConfig(model="builtin:tiny", engines=["eager"], budgets=[0.0, 0.4], batches=[1], device="cpu",
+                         warmup=0, iters=2, e2e=False)
+    slim = next(r for r in run_bench(config, log=lambda msg: None)["results"] if r["budget"] > 0)
+    assert slim["load_average"] == [cpus + 1.5, cpus + 1.5]
+    assert slim["speedup_status"] == "noisy" and any("busy" in reason for reason in slim["noisy_reasons"])

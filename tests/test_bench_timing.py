@@ -96,3 +96,12 @@ def test_interleaving_alternates_the_order_within_pairs():
     a_ms, b_ms = time_interleaved(lambda: calls.append("a"), lambda: calls.append("b"), "cpu", warmup=1, pairs=4)
     assert len(a_ms) == len(b_ms) == 4
     assert "".join(calls) == "ab" + "ab" + "ba" + "ab" + "ba"  # warm-up, then AB BA AB BA
+
+
+def test_noisy_when_the_machine_was_busy():
+    tight = {"speedup": 1.2, "low": 1.19, "high": 1.21}
+    reasons = judge_speedup(tight, ideal=1.3, load=2.4, cpus=2)
+    assert len(reasons) == 1 and "busy" in reasons[0] and "2.4 on 2 CPUs" in reasons[0]
+    # The benchmark's own thread beside one other job on a 2-CPU machine: every thread had a core.
+    assert judge_speedup(tight, ideal=1.3, load=1.9, cpus=2) == []
+    assert judge_speedup(tight, ideal=1.3, load=None, cpus=2) == []

@@ -35,7 +35,8 @@ from .env import device_info, git_commit, library_versions, machine_info, weight
 from .macs import count_macs, counter_notes, meta_unet
 from .plans import SYNTHETIC, SlimModel, make_models
 from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, PeakMemory, clock_name, is_cuda,
-                     judge_speedup, speedup_interval, summarize, time_calls, time_interleaved, wall_clock)
+                     judge_speedup, load_average, speedup_interval, summarize, time_calls, time_interleaved,
+                     wall_clock)
 
 SCHEMA = "slimdiff-bench/1"
 BUDGET_UNITS = {"params": "fraction of the compressible parameters removed",
@@ -407,7 +408,8 @@ class Bench:
 
     def report(self) -> dict:
         cfg = self.cfg
-        _speedups(self.results, self.model_entries, cfg.noisy_max_relative_width, cfg.noisy_over_ideal)
+        _speedups(self.results, self.model_entries, cfg.noisy_max_relative_width, cfg.noisy_over_ideal,
+                  cpus=self.environment_at_start["machine"].get("cpu_count"))
         environment = dict(self.environment_at_start)
         if is_cuda(self.device):
             environment["clocks_at_end"] = device_info(self.device).get("clocks")
@@ -486,7 +488,7 @@ class Bench:
             sample, timestep, context = inputs.get(b)
             with torch.no_grad(), wall_clock(self.device) as first:
                 out = built.run(sample, timestep, context).float().cpu()  # lazy engines compile here
-            paired = None
+            paired, load_before = None, load_average()
             if dense_run is None:
                 timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
             else:
@@ -511,6 +513,7 @@ class Bench:
                 "engine_file_bytes": _file_bytes(built.files), "weights_bytes": weights_bytes,
                 "engine_info": built.info,
                 "interleaved": paired,
+                "load_average": [load_before, load_average()],  # 1-minute, before and after the timed calls
             }
             if self.e2e and b % 2 == 0:
                 cell["e2e"] = self._e2e(pipe, built.run, b // 2, model)
@@ -579,7 +582,7 @@ TIMING_METHOD = (
 
 
 def _speedups(results: list[dict], models: list[dict], max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH,
-              over_ideal: float = NOISY_OVER_IDEAL) -> None:
+              over_ideal: float = NOISY_OVER_IDEAL, cpus: int | None = None) -> None:
     """Fill speed-up (median of interleaved pair ratios, same engine and batch) with its interval and verdict, ideal
     speed-up (dense MACs / slim MACs) and measured/ideal into every measured cell. A slim cell without an
     interleaved dense partner gets no speed-up: medians from different moments of a shared machine are not a
@@ -599,7 +602,9 @@ def _speedups(results: list[dict], models: list[dict], max_relative_width: float
             r["noisy_reasons"] = ["no dense model was timed alongside it on this engine"]
         else:
             speedup = interval["speedup"]
-            r["noisy_reasons"] = judge_speedup(interval, ideal, max_relative_width, over_ideal)
+            loads = [v for v in r.get("load_average") or [] if v is not None]
+            r["noisy_reasons"] = judge_speedup(interval, ideal, max_relative_width, over_ideal,
+                                               load=max(loads, default=None), cpus=cpus)
             r["speedup_status"] = "noisy" if r["noisy_reasons"] else "measured"
         r["ideal_speedup"] = ideal
         r["speedup"] = speedup

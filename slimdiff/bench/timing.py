@@ -15,6 +15,7 @@ result.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -159,10 +160,25 @@ def speedup_interval(dense_ms: list[float], slim_ms: list[float], confidence: fl
             "method": SPEEDUP_METHOD}
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable threads, this process's included); None where unknown."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def judge_speedup(interval: dict, ideal: float | None, max_relative_width: float = NOISY_MAX_RELATIVE_WIDTH,
-                  over_ideal: float = NOISY_OVER_IDEAL) -> list[str]:
-    """Why a measured speed-up is noise rather than a result (empty when it can be reported)."""
+                  over_ideal: float = NOISY_OVER_IDEAL, load: float | None = None,
+                  cpus: int | None = None) -> list[str]:
+    """Why a measured speed-up is noise rather than a result (empty when it can be reported).
+
+    ``load``: the highest 1-minute load average seen around the measurement, on a machine of ``cpus`` CPUs. More
+    runnable threads than CPUs means other work took turns on the cores the benchmark ran on; the pair ratios
+    cancel a load both calls of a pair meet, not one that slows the larger model more (on the shared VM the one
+    main-job run begun at load 2.4 on 2 CPUs gave the proxy cell 0.973 [0.961, 0.979], three runs at load 1.1
+    gave 1.002–1.035)."""
     reasons = []
+    if load is not None and cpus and load > cpus:
+        reasons.append(f"the machine was busy: load average {load:.1f} on {cpus} CPUs around the measurement "
+                       f"(other work shared the cores)")
     width = (interval["high"] - interval["low"]) / interval["speedup"]
     if width > max_relative_width:
         reasons.append(f"interval {interval['low']:.3f}–{interval['high']:.3f} is {100 * width:.0f} % of the "
