@@ -15,8 +15,8 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
 
 1. **Headline.** ``builtin:sdxl-shape`` (seeded random weights, exact SDXL-base shapes; ``builtin:sd15-shape``
    at 512² until the SDXL model exists in the checkout — the report says which ran), fp16, 1024², UNet batch 2
-   (classifier-free guidance) and 1: dense vs slim, slim timed *interleaved* with dense (speed-up = ratio of
-   medians with a bootstrap interval; noisy cells flagged), on ``cudagraph`` (eager replayed from CUDA graphs) —
+   (classifier-free guidance) and 1: dense vs slim, slim timed *interleaved* with dense (speed-up = median of
+   the pair ratios with a bootstrap interval; noisy cells flagged), on ``cudagraph`` (eager replayed from CUDA graphs) —
    plans removing 40 % and 60 % of the transformer-block MACs (synthetic: the real allocator on uniform scores)
    and then latency-budget plans at ``--speedup`` 1.3 and 1.5 (the table of phase 2 predicts them); then on
    ``compile`` (Inductor, reduce-overhead) in the order dense, 1.5×, 60 %, 40 %, 1.3×. Ideal (MAC ratio) next

@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocator", default="greedy", choices=["greedy", "softmax", "uniform"],
                    help="rank allocator of calibrated slim models (default greedy, as `slimdiff slim`)")
     p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode (default max-autotune on cuda, default on cpu)")
+                   help="torch.compile mode (default reduce-overhead on cuda, default on cpu)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds; engine builds that would end later are skipped and reported")
     p.add_argument("--threads", type=int, default=None,
