@@ -124,35 +124,15 @@ def _command_line() -> str:
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 
-def _unet_config(source: str) -> dict:
-    """The UNet config of a model source without loading any weights."""
-    from pathlib import Path
-
-    from ..models import BUILTIN_UNET_CONFIGS
-
-    if source in BUILTIN_UNET_CONFIGS:
-        return dict(BUILTIN_UNET_CONFIGS[source])
-    for candidate in (Path(source) / "unet" / "config.json", Path(source) / "config.json"):
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except json.JSONDecodeError as exc:
-                raise SlimDiffError(f"{candidate}: not valid JSON ({exc})") from exc
-    raise SlimDiffError(f"--macs-only needs a built-in model or a diffusers folder with a UNet config; "
-                        f"found none at {source!r}")
-
-
 def run_macs_only(args) -> None:
     from .macs import counter_notes, ideal_table
+    from .memory import latent_size, unet_config
 
-    config = _unet_config(args.model)
-    if args.resolution is None:
-        size = config["sample_size"]
-        latent = (size, size) if isinstance(size, int) else tuple(size)
-    else:
-        # SD VAEs downsample by 8; the tiny VAEs by 2
-        factor = 2 if args.model in ("builtin:tiny", "builtin:tiny-xl") else 8
-        latent = (args.resolution // factor, args.resolution // factor)
+    config = unet_config(args.model)
+    if config is None:
+        raise SlimDiffError(f"--macs-only needs a built-in model or a diffusers folder with a UNet config; "
+                            f"found none at {args.model!r}")
+    latent = latent_size(args.model, config, args.resolution)
     budgets = _floats(args.budgets or "0,0.2,0.4,0.6", "--budgets")
     rows = ideal_table(config, budgets, _ints(args.batch, "--batch"), latent,
                        align=args.align, r_min=args.r_min, unit=args.budget_unit)

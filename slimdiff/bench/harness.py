@@ -33,6 +33,7 @@ from ..errors import SlimDiffError
 from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
 from .macs import count_macs, counter_notes, meta_unet
+from .memory import check_fits
 from .plans import SYNTHETIC, SlimModel, make_models
 from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, PeakMemory, clock_name, is_cuda,
                      judge_speedup, load_average, speedup_interval, summarize, time_calls, time_interleaved,
@@ -265,6 +266,8 @@ class Bench:
         self.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.environment_at_start = {"machine": machine_info(), "device": device_info(self.device),
                                      "libraries": library_versions(), "git": git_commit()}
+        check_fits(cfg.model, cfg.budgets, cfg.budget_unit, cfg.resolution, self.device, self.dtype, align=cfg.align,
+                   r_min=cfg.r_min)
         self.pipe = pipe = self._load()
         factor = pipe.vae_scale_factor
         self.resolution = cfg.resolution or pipe.unet.config.sample_size * factor

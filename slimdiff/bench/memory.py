@@ -1,0 +1,103 @@
+"""Will a benchmark fit in memory? The dense UNet and its slim copies, sized on the meta device before loading.
+
+A benchmark keeps the dense UNet and one slim copy per budget in memory at once (each slim model is timed
+interleaved with the dense one). At SDXL size in fp32 that is 10.3 GB for the dense UNet and 5–7 GB per slim
+copy: on a machine that cannot hold them the run would be killed minutes into loading, with no message. The
+check below counts only those weights — a lower bound (text encoders, VAE and activations come on top) — so it
+never refuses a run that could fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import SlimDiffError
+
+
+def unet_config(source: str) -> dict | None:
+    """The UNet config of a built-in model or a diffusers folder, read without loading any weights; None for
+    sources whose config is only known after loading (single-file checkpoints)."""
+    from ..models import BUILTIN_UNET_CONFIGS
+
+    if source in BUILTIN_UNET_CONFIGS:
+        return dict(BUILTIN_UNET_CONFIGS[source])
+    for candidate in (Path(source) / "unet" / "config.json", Path(source) / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError as exc:
+                raise SlimDiffError(f"{candidate}: not valid JSON ({exc})") from exc
+    return None
+
+
+def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int, int]:
+    """The latent a UNet call sees at ``resolution`` pixels (None: the config's sample size)."""
+    if resolution is None:
+        size = config["sample_size"]
+        return (size, size) if isinstance(size, int) else tuple(size)
+    factor = 2 if source in ("builtin:tiny", "builtin:tiny-xl") else 8  # the tiny VAEs downsample by 2
+    return resolution // factor, resolution // factor
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a new allocation can get now: free GPU memory, or the kernel's MemAvailable; None when unknown."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def unet_params(config: dict, budgets: list[float], unit: str, latent: tuple[int, int], text_len: int = 77, *,
+                align: int = 8, r_min: int = 8) -> list[int]:
+    """Parameters of the dense UNet (budget 0) and of the synthetic slim plan at every other budget — what
+    calibrated plans of the same budget hold too, up to the allocator's rounding."""
+    from .macs import meta_unet
+    from .plans import synthetic_plan, transformer_mac_plan
+
+    dense = meta_unet(config)
+    total = sum(p.numel() for p in dense.parameters())
+    counts = []
+    for budget in budgets:
+        if budget <= 0:
+            counts.append(total)
+            continue
+        plan = (transformer_mac_plan(dense, budget, latent, text_len, align=align, r_min=r_min) if unit == "macs"
+                else synthetic_plan(dense, budget, align=align, r_min=r_min))
+        counts.append(total - plan.params_removed)
+    return counts
+
+
+def check_fits(source: str, budgets: list[float], unit: str, resolution: int | None, device: str,
+               dtype: torch.dtype, *, align: int = 8, r_min: int = 8) -> None:
+    """Refuse, before anything loads, a benchmark whose dense and slim UNet weights alone exceed the memory
+    available on ``device``."""
+    from ..serialization import is_slim_folder
+
+    if not source.startswith("builtin:") and is_slim_folder(source):
+        return
+    config = unet_config(source)
+    available = available_bytes(device)
+    if config is None or available is None:
+        return
+    latent = latent_size(source, config, resolution)
+    if 0.0 not in budgets:
+        budgets = [0.0, *budgets]  # slim models are timed against the dense one: it is always loaded
+    size = torch.empty((), dtype=dtype).element_size()
+    sizes = [n * size for n in unet_params(config, budgets, unit, latent, align=align, r_min=r_min)]
+    need = sum(sizes)
+    if need > available:
+        where = "GPU" if torch.device(device).type == "cuda" else "host"
+        copies = " + ".join(f"{s / 1e9:.1f}" for s in sizes[1:])
+        raise SlimDiffError(
+            f"{source} needs at least {need / 1e9:.1f} GB of {where} memory for the dense UNet "
+            f"({sizes[0] / 1e9:.1f} GB, {str(dtype).removeprefix('torch.')}) and its {len(sizes) - 1} slim copies "
+            f"({copies} GB), held at once; {available / 1e9:.1f} GB are available — time fewer --budgets per run "
+            f"(each run times its slim models against its own dense copy) or use a smaller --dtype")
