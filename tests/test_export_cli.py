@@ -5,12 +5,13 @@ import importlib.util
 import json
 
 import pytest
+import torch
 from export_support import slim_tiny_unet
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.cli import export as cli
 from slimdiff.runtime import EngineUNet
-from slimdiff.serialization import save_slim
+from slimdiff.serialization import load_plan, load_slim, save_slim, verify_slim_folder
 
 FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
 
@@ -25,13 +26,24 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """``slimdiff-export`` of builtin:tiny to ORT (dense and slim engines, the slim UNet folder) and its stdout."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("export") / "engines"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), *FAST_CALIBRATION])
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue()
+
+
 @pytest.mark.slow
-def test_dense_model_gives_dense_and_slim_engines_verified(tmp_path, capsys):
-    out = tmp_path / "engines"
-    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), *FAST_CALIBRATION])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    table = captured.out.splitlines()
+def test_dense_model_gives_dense_and_slim_engines_verified(tiny_export):
+    out, printed = tiny_export
+    table = printed.splitlines()
     assert table[0].split()[:3] == ["engine", "variant", "file"]
     assert [line.split()[:3] for line in table[2:4]] == [["ort", "dense", "dense/unet.ort.onnx"],
                                                        ["ort", "slim", "slim/unet.ort.onnx"]]
@@ -43,7 +55,45 @@ def test_dense_model_gives_dense_and_slim_engines_verified(tmp_path, capsys):
     assert slim["fused_ops"]["Attention"] == 14 and summary["opset"] == 23
     engine = EngineUNet.from_folder(out / "slim")
     assert engine.rank_plan is not None and engine.rank_plan.params_removed > 0
-    assert not list(tmp_path.glob(".*partial*"))  # the temporary folder was renamed, not left
+    assert not list(out.parent.glob(".*partial*"))  # the temporary folder was renamed, not left
+    # the slim UNet the engine was built from, loadable by diffusers' conventions and equal to the engine
+    assert summary["dense_model"] == "builtin:tiny" and summary["slim_model"] == "slim-unet"
+    verify_slim_folder(out / "slim-unet")
+    slim_unet = load_slim(out / "slim-unet")
+    assert load_plan(out / "slim-unet").info["source_model"] == "builtin:tiny"
+    assert sum(p.numel() for p in slim_unet.parameters()) == slim["parameters"]
+    sample, t, context = torch.randn(1, 4, 16, 16), torch.full((1,), 500.0), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        ours = slim_unet(sample, t, encoder_hidden_states=context).sample
+        theirs = engine(sample, t, encoder_hidden_states=context).sample
+    assert (ours - theirs).norm() / ours.norm() < 1e-4
+
+
+def test_bench_times_the_exported_models_and_engines_without_rebuilding(tiny_export, monkeypatch):
+    import slimdiff.engines.build as build
+
+    from slimdiff.bench.harness import BenchConfig, run_bench
+
+    out, _ = tiny_export
+
+    def no_builds(*args, **kwargs):
+        raise AssertionError("an engine was built again")
+
+    monkeypatch.setattr(build, "build_unet_engine", no_builds)
+    report = run_bench(BenchConfig(model=str(out), engines=["eager", "ort"], budgets=[0.0], batches=[1],
+                                   device="cpu", warmup=0, iters=2, e2e=False), log=lambda msg: None)
+    rows = json.loads((out / "export.json").read_text())["rows"]
+    dense, slim = report["models"]
+    assert dense["params"] == rows[0]["parameters"] and slim["params"] == rows[1]["parameters"]
+    assert report["model"]["plan_source"] == "calibrated" and report["model"]["weights"] == "seeded-random"
+    cells = {(r["engine"], r["budget"]): r for r in report["results"]}
+    assert all(r["status"] == "ok" for r in cells.values()), cells
+    assert cells[("ort", 0.0)]["engine_info"]["prebuilt"] == str(out / "dense")
+    assert cells[("ort", slim["budget"])]["engine_info"]["prebuilt"] == str(out / "slim")
+    assert cells[("ort", slim["budget"])]["error_vs_eager"] < 1e-4  # the engine runs the slim folder's model
+    assert cells[("ort", slim["budget"])]["interleaved"] is not None
+    with pytest.raises(SlimDiffError, match="leave out budgets"):
+        run_bench(BenchConfig(model=str(out), budgets=[0.0, 0.4], device="cpu"), log=lambda msg: None)
 
 
 def test_slim_folder_gives_slim_engine_and_force_replaces_output(tmp_path, capsys):

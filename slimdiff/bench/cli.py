@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True,
                    help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
-                        "folder or a .safetensors checkpoint")
+                        "folder, a .safetensors checkpoint, or a slimdiff-export folder (its dense source, slim UNet "
+                        "and engines are timed as they are: nothing is calibrated or built again)")
     p.add_argument("--engines", default="eager", help=f"comma-separated, from {','.join(names())} (default eager)")
     p.add_argument("--budgets", default=None,
                    help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4; with "
@@ -101,11 +102,18 @@ def config_from_args(args):
     from .engines import parse_engines
     from .harness import BenchConfig
 
+    from .harness import read_export
+
+    exported = read_export(args.model) is not None
+    if exported and (args.budgets or args.stats or args.calib_prompts):
+        raise SlimDiffError("an export folder brings its dense and slim models: leave out --budgets, --stats and "
+                            "--calib-prompts")
     calib = args.calib_prompts
     if calib is None:
-        calib = 0 if args.stats or args.model not in ("builtin:tiny", "builtin:proxy") else 8
+        calib = 0 if args.stats or exported or args.model not in ("builtin:tiny", "builtin:proxy") else 8
+    budgets = [0.0] if exported else _floats(args.budgets or "0,0.4", "--budgets")
     return BenchConfig(
-        model=args.model, engines=parse_engines(args.engines), budgets=_floats(args.budgets or "0,0.4", "--budgets"),
+        model=args.model, engines=parse_engines(args.engines), budgets=budgets,
         budget_unit=args.budget_unit,
         batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,
         warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,

@@ -45,6 +45,10 @@ class Engine:
         """An engine for ``unet`` that accepts every batch size in ``batches`` at one latent size."""
         raise NotImplementedError
 
+    def open(self, folder: Path, device: str) -> Built:
+        """An engine built earlier into ``folder`` (by ``slimdiff-export``), without building it again."""
+        raise SlimDiffError(f"{self.name} engines are not built into folders; nothing to open in {folder}")
+
 
 def _torch_runner(forward) -> Runner:
     def run(sample, timestep, context):
@@ -149,6 +153,17 @@ class ExportedEngine(Engine):
         return Built(_torch_runner(engine.forward), files=[Path(workdir) / f for f in meta["files"]],
                      info={"runtime": meta.get("runtime"), "onnx_opset": sidecar["opset"] if sidecar else None,
                            "head_alignment": meta["head_alignment"], "load_s": engine.load_seconds})
+
+    def open(self, folder, device):
+        from ..runtime import EngineUNet
+
+        engine = EngineUNet.from_folder(folder, device=device)
+        meta = engine.meta
+        if meta["engine"] != self.kind:
+            raise SlimDiffError(f"{folder} holds a {meta['engine']} engine, not {self.kind}")
+        return Built(_torch_runner(engine.forward), files=[Path(folder) / f for f in meta["files"]],
+                     info={"prebuilt": str(folder), "runtime": meta.get("runtime"),
+                           "head_alignment": meta.get("head_alignment"), "load_s": engine.load_seconds})
 
 
 def exported_engine(kind: str) -> type[Engine]:

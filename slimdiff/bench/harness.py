@@ -34,7 +34,7 @@ from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
 from .macs import count_macs, counter_notes, meta_unet
 from .memory import check_fits
-from .plans import SYNTHETIC, SlimModel, make_models
+from .plans import CALIBRATED, SYNTHETIC, SlimModel, make_models
 from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, PeakMemory, clock_name, is_cuda,
                      judge_speedup, load_average, speedup_interval, summarize, time_calls, time_interleaved,
                      wall_clock)
@@ -97,6 +97,29 @@ class BenchConfig:
             raise SlimDiffError(f"budget unit must be params or macs, got {self.budget_unit!r}")
         if self.pad_heads is not None and self.pad_heads < 1:
             raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
+
+
+EXPORT_FORMAT = "slimdiff-export/1"
+
+
+def read_export(source: str) -> dict | None:
+    """The ``export.json`` of a ``slimdiff-export`` folder — its dense source, slim UNet folder and engines are
+    what the benchmark then times, nothing rebuilt — or None for any other model source."""
+    import json
+
+    path = Path(source) / "export.json"
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SlimDiffError(f"{path}: not valid JSON ({exc})") from None
+    if body.get("format") != EXPORT_FORMAT:
+        raise SlimDiffError(f"{path}: not a {EXPORT_FORMAT} file (format {body.get('format')!r})")
+    if not body.get("dense_model") or not body.get("slim_model"):
+        raise SlimDiffError(f"{source}: this export holds no dense source or no slim UNet folder to time (made from "
+                            f"a slim folder, or by an older slimdiff-export); export from the dense model again")
+    return body
 
 
 def _resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -216,6 +239,9 @@ class Bench:
         self.observed_build: dict[str, float] = {}
         #: engine → the dense model's runner on it, kept while that engine's slim models are timed against it.
         self.dense_runs: dict[str, object] = {}
+        self.export = read_export(config.model)
+        if self.export is not None and config.budgets != [0.0]:
+            raise SlimDiffError("an export folder brings its dense and slim models: leave out budgets")
 
     # -- helpers -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -234,12 +260,18 @@ class Bench:
     def _load(self):
         from ..models import load_pipeline
 
-        self.log(f"loading {self.cfg.model} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
-        pipe = load_pipeline(self.cfg.model, self.dtype).to(self.device)
+        source, options = self.cfg.model, {}
+        if self.export is not None:
+            source = self.export["dense_model"]
+            options = {k: self.export["arguments"].get(k) for k in ("config", "variant")}
+        self.log(f"loading {source} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
+        pipe = load_pipeline(source, self.dtype, **options).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def _statistics(self, pipe):
+        if self.export is not None:
+            return None, f"the slim UNet and the engines of the export folder {self.cfg.model} (slimdiff-export)"
         if self.cfg.stats:
             from ..calibrate import Statistics
 
@@ -294,9 +326,12 @@ class Bench:
                 if getattr(pipe, name, None) is not None:
                     setattr(pipe, name, None)
             _free(self.device)
-        self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
-                                  seed=cfg.seed, align=cfg.align, r_min=cfg.r_min, unit=cfg.budget_unit,
-                                  latent=latent, text_len=self.inputs.embeds.shape[1])
+        if self.export is not None:
+            self.models = self._exported_models(pipe.unet)
+        else:
+            self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
+                                      seed=cfg.seed, align=cfg.align, r_min=cfg.r_min, unit=cfg.budget_unit,
+                                      latent=latent, text_len=self.inputs.embeds.shape[1])
         if cfg.pad_heads:
             self._pad_heads(self.models)
         self.dense_params = sum(p.numel() for p in pipe.unet.parameters())
@@ -313,6 +348,21 @@ class Bench:
                         for b in cfg.batches if self.e2e and b % 2 == 0}
         self.engine_entries: dict[str, dict] = {}
         self.results: list[dict] = []
+
+    def _exported_models(self, dense: torch.nn.Module) -> list[SlimModel]:
+        """The export's dense model and its slim UNet folder, each with its engine folder for the export's engine
+        kind; the slim model's key is the fraction of the compressible parameters its plan removed."""
+        from ..serialization import load_plan, load_slim
+
+        root, kind = Path(self.cfg.model), self.export["engine"]
+        slim_folder = root / self.export["slim_model"]  # relative to the export, or absolute
+        plan = load_plan(slim_folder)
+        slim = load_slim(slim_folder, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
+        budget = round(plan.params_removed / plan.compressible_params, 4)
+        dense_engine = {kind: root / "dense"} if (root / "dense").is_dir() else {}
+        return [SlimModel(dense, 0.0, None, "dense", {"engine_folders": dense_engine}),
+                SlimModel(slim, budget, plan, CALIBRATED, {"engine_folders": {kind: root / "slim"},
+                                                           "label": f"exported slim ({slim_folder})"})]
 
     def runnable(self, unet: torch.nn.Module) -> torch.nn.Module:
         """``unet`` as the engines call it: SDXL-style UNets get their added conditions bound (end-to-end
@@ -427,7 +477,7 @@ class Bench:
                 "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
                 "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
                 "budget_unit": BUDGET_UNITS[cfg.budget_unit],
-                "plan_source": "calibrated" if self.stats is not None else SYNTHETIC,
+                "plan_source": "calibrated" if self.stats is not None or self.export is not None else SYNTHETIC,
                 "plan_note": self.stats_note or (
                     "synthetic plans: the real allocator on uniform scores (no calibration statistics) and seeded "
                     "random values in the resized layers — latency is real, outputs and errors of slim models are "
@@ -448,7 +498,7 @@ class Bench:
     def _weights_kind(self) -> str:
         from ..serialization import is_slim_folder, load_plan
 
-        source = self.cfg.model
+        source = self.export["dense_model"] if self.export is not None else self.cfg.model
         if not source.startswith("builtin:") and is_slim_folder(source):
             source = load_plan(source).info.get("source_model", source)
         return weights_kind(source)
@@ -483,7 +533,9 @@ class Bench:
         weights_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
         memory = PeakMemory(self.device).start()
         t_build = time.perf_counter()
-        built = engine.build(self.runnable(model.unet), batches, self.latent, inputs.embeds.shape[1], workdir)
+        prebuilt = model.info.get("engine_folders", {}).get(name)
+        built = (engine.open(prebuilt, self.device) if prebuilt is not None else
+                 engine.build(self.runnable(model.unet), batches, self.latent, inputs.embeds.shape[1], workdir))
         build_s = time.perf_counter() - t_build
         dense_run = self.dense_runs.get(name) if model.budget > 0 else None
         cells = []

@@ -11,6 +11,8 @@ UNet on random inputs; a table (engine, file, size, parameters, max abs error, l
 Output layout (written to a temporary sibling and renamed into place only when everything succeeded)::
 
     OUT/export.json                          the command, versions and the table
+    OUT/slim-unet/                           the slim UNet the engine was built from (as `slimdiff slim` writes it;
+                                             only when the export slimmed a dense model)
     OUT/{dense,slim}/unet.onnx[.data]        ONNX export (trt / ort) + unet.onnx.json sidecar
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
     OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim UNet
@@ -139,6 +141,26 @@ def _slim_dense_model(pipe, args, inputs):
     return report.plan
 
 
+def _source(model: str) -> str:
+    return model if model.startswith("builtin:") else str(Path(model).resolve())
+
+
+def _save_slim_unet(unet, plan, folder: Path, args) -> None:
+    """The slim UNet as ``slimdiff slim`` saves it (diffusers-loadable, reopening its source pipeline, in the dtype
+    the source stores its UNet in): users get the model their engine was built from, and ``slimdiff bench`` can
+    time both. Called after the engine build, the last user of the module."""
+    from ..serialization import save_slim
+    from ..sources import source_unet_dtype
+
+    unet.to("cpu", source_unet_dtype(args.model, args.variant))
+    plan.info["source_model"] = _source(args.model)
+    if args.config is not None:
+        plan.info["source_config"] = str(Path(args.config).resolve())
+    if args.variant is not None:
+        plan.info["source_variant"] = args.variant
+    save_slim(unet, plan, folder)
+
+
 def _verify(folder: Path, unet, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
     """Load the engine via the runtime and compare it with the PyTorch UNet on seeded random inputs."""
     import torch
@@ -255,11 +277,14 @@ def run(args) -> list[dict]:
         rows = []
         if dense is not None and not args.slim_only:
             rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
+        slim_folder = Path(args.model).resolve()
         if slim is None:
             status(f"slimming the UNet (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming)
-            slim = pipe.unet
+            slim, slim_folder = pipe.unet, tmp / "slim-unet"
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
+        if slim_folder == tmp / "slim-unet":
+            _save_slim_unet(slim, plan, slim_folder, args)
         if repo_tmp is not None:
             _write_triton_repository(args, pipe, tmp, repo_tmp, **build)
         print(format_table(rows))
@@ -268,6 +293,9 @@ def run(args) -> list[dict]:
             print(f"slim UNet: {slim_p:,} of {dense_p:,} parameters ({100 * (1 - slim_p / dense_p):.1f} % fewer)")
         write_json_atomic(tmp / "export.json", {
             "format": "slimdiff-export/1", "model": args.model, "engine": args.engine, "device": device,
+            # what `slimdiff bench --model OUT` times: the dense source, and the slim UNet beside its engine
+            "dense_model": None if dense is None else _source(args.model),
+            "slim_model": "slim-unet" if slim_folder == tmp / "slim-unet" else str(slim_folder),
             "dtype": str(dtype).removeprefix("torch."), "opset": opset if args.engine != "aoti" else None,
             "profiles": [p.to_json() for p in profiles], "rows": rows, "arguments": vars(args),
             "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
