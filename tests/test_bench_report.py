@@ -179,3 +179,21 @@ def test_a_cell_timed_on_a_busy_machine_is_noisy(monkeypatch):
     slim = next(r for r in run_bench(config, log=lambda msg: None)["results"] if r["budget"] > 0)
     assert slim["load_average"] == [cpus + 1.5, cpus + 1.5]
     assert slim["speedup_status"] == "noisy" and any("busy" in reason for reason in slim["noisy_reasons"])
+
+
+def test_export_folders_the_bench_cannot_time_are_refused_in_one_line(tmp_path, capsys):
+    from slimdiff.bench.cli import main
+
+    old = tmp_path / "old-export"
+    old.mkdir()
+    (old / "export.json").write_text(json.dumps({"format": "slimdiff-export/1", "model": "builtin:tiny",
+                                                 "engine": "ort"}))
+    assert main(["--model", str(old), "--device", "cpu"]) == 2
+    assert "holds no dense source or no slim UNet folder" in capsys.readouterr().err
+    (old / "export.json").write_text(json.dumps({"format": "slimdiff-export/1", "dense_model": "builtin:tiny",
+                                                 "slim_model": "slim-unet", "engine": "ort"}))
+    assert main(["--model", str(old), "--device", "cpu", "--budgets", "0,0.4"]) == 2
+    assert "leave out --budgets" in capsys.readouterr().err
+    (old / "export.json").write_text("{")
+    assert main(["--model", str(old), "--device", "cpu"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
