@@ -129,8 +129,8 @@ def markdown(body: dict) -> str:
             lo, hi = min(r["per_process"]), max(r["per_process"])
             for w, c in r["windows"].items():
                 lines.append(f"| {condition} | {name} | {r['pooled']:.4f} | {lo:.4f}–{hi:.4f} | {w} pairs | "
-                             f"{100 * c['coverage']:.0f} % of {c['windows']} | {100 * c['median_relative_width']:.1f} % "
-                             f"| {100 * c['reportable']:.0f} % |")
+                             f"{100 * c['coverage']:.0f} % of {c['windows']} | "
+                             f"{100 * c['median_relative_width']:.1f} % | {100 * c['reportable']:.0f} % |")
     return "\n".join(lines) + "\n"
 
 

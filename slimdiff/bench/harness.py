@@ -3,10 +3,11 @@
 For every engine that can run here, every budget (0 = dense) and every UNet batch size it measures the UNet
 call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the same
 engine (alternating calls in one process, same inputs, same threads), its speed-up the median of the per-pair
-ratios dense/slim with a bootstrap confidence interval, and the cell marked *noisy* when that interval is wide or the speed-up
-beats the ideal by more than a few percent (:mod:`.timing`) — the error of the engine's output against the
-dense eager model on the same inputs, MACs and parameters (``torch.utils.flop_counter``), the ideal speed-up
-(dense MACs / slim MACs) and the measured/ideal ratio, peak memory and engine file size. At even UNet batch
+ratios dense/slim with a bootstrap confidence interval, and the cell marked *noisy* when that interval is wide,
+the speed-up beats the ideal by more than a few percent or the machine was busy (:mod:`.timing`) — the error
+of the engine's output against the dense eager model on the same inputs, MACs and parameters
+(``torch.utils.flop_counter``), the ideal speed-up (dense MACs / slim MACs) and the measured/ideal ratio, peak
+memory and engine file size. At even UNet batch
 sizes it also runs the whole pipeline (``batch/2`` images with classifier-free guidance, so the UNet sees the
 same shape) and splits its latency into time inside and outside the UNet.
 
@@ -314,7 +315,8 @@ class Bench:
             from ..slim import SlimConfig
 
             self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
-        self.log(f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
+        self.log(f"opening the slim UNet of {cfg.model}" if self.export is not None else
+                 f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
         self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
         # End-to-end runs route the pipeline's UNet calls through (sample, timestep, context) runners, which
         # cannot carry SDXL's added conditions: UNet-only for such models.
