@@ -29,7 +29,8 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
    latency of each (interleaved), and the largest output difference (exactness check).
 4. **Compiled SD-1.5**: ``builtin:sd15-shape`` fp16 512² batch 2, dense vs 0.4 on compile and AOTInductor.
 5. **Calibration on CUDA**: a measured subset of calibration on the headline model and on SD-1.5, extrapolated to
-   500 prompts × 25 steps, with peak GPU and host memory.
+   500 prompts × 25 steps, with peak GPU and host memory (SDXL samples 10 steps: its float64 statistics over 25
+   timesteps are 58.5 GB, held twice on the host while chunks fold; their size per step count is reported).
 
 Output (``$OUT/suite`` when ``$OUT`` is set, else ``--out``): report.md (headline tables and every phase),
 report.json (the headline benchmark, schema ``slimdiff-bench/1``), suite.json (every phase; rewritten after each),
@@ -370,7 +371,11 @@ def _calibration_subset(model: str, device: str, dry: bool) -> dict:
     from slimdiff.prompts import read_prompts
 
     cuda = device.startswith("cuda")
-    prompts, steps = (2, 2) if dry else (8, 25)
+    from slimdiff.calibrate import statistics_bytes
+
+    # SDXL's float64 statistics over 25 timesteps are 58.5 GB (the host holds twice that while folding chunks):
+    # the measured subset samples 10 steps; time is extrapolated per prompt-step, memory is stated per step count.
+    prompts, steps = (2, 2) if dry else (8, 10 if "xl" in model else 25)
     pipe = load_pipeline(model, torch.float32 if dry else torch.float16).to(device)
     pipe.set_progress_bar_config(disable=True)
     config = CalibrationConfig(steps=steps, batch_size=1 if dry else 4, pass1_prompts=prompts)
@@ -395,7 +400,9 @@ def _calibration_subset(model: str, device: str, dry: bool) -> dict:
               "projected_500x25_s": round(projected, 1), "projected_500x25_gpu_min": round(projected / 60, 2),
               "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
               "peak_host_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-              "target_minutes": 30 if "xl" in model else 10}
+              "target_minutes": 30 if "xl" in model else 10,
+              "statistics_bytes": {str(n): sum(statistics_bytes(pipe.unet, n).values())
+                                   for n in sorted({steps, CALIBRATION_TARGET[1]})}}
     del pipe
     if cuda:
         torch.cuda.empty_cache()

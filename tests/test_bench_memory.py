@@ -8,6 +8,7 @@ import torch
 from slimdiff.bench import harness, memory
 from slimdiff.bench.harness import BenchConfig, run_bench
 from slimdiff.bench.plans import make_models
+from slimdiff.devices import available_memory_bytes
 from slimdiff.errors import SlimDiffError
 
 
@@ -24,7 +25,7 @@ def test_sizes_match_the_models_the_benchmark_builds(tiny_pipe, unit):
 def test_a_benchmark_that_cannot_fit_is_refused_before_anything_loads(monkeypatch):
     config = memory.unet_config("builtin:tiny")
     dense, slim = memory.unet_params(config, [0.0, 0.4], "params", memory.latent_size("builtin:tiny", config, None))
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * (dense + slim) - 1)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 4 * (dense + slim) - 1)
 
     def no_loading(self):
         raise AssertionError("the pipeline was loaded before the memory check refused the run")
@@ -48,4 +49,4 @@ def test_sources_without_a_readable_config_are_not_checked(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="no /proc/meminfo on this system")
 def test_available_host_memory_is_read():
-    assert memory.available_bytes("cpu") > 0
+    assert available_memory_bytes("cpu") > 0

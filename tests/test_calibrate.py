@@ -67,3 +67,32 @@ def test_stats_from_another_model_are_refused(tmp_path, tiny_stats):
         calibrate(other, prompts, tmp_path / "s", CONFIG, progress=False)
     with pytest.raises(SlimDiffError, match="different"):
         calibrate(build_builtin("builtin:tiny"), prompts[:1], tmp_path / "s", CONFIG, progress=False)
+
+
+def test_statistics_size_is_known_before_calibrating(tiny_stats):
+    from slimdiff.calibrate import statistics_bytes
+    from slimdiff.models import load_unet
+
+    predicted = statistics_bytes(load_unet("builtin:tiny"), len(tiny_stats.timesteps))
+    held = sum(t.numel() * t.element_size() for k, t in tiny_stats.tensors.items()
+               if not k.startswith("pass1.") and k.endswith((".in", ".ctx", ".z_gram", ".moment")))
+    assert sum(predicted.values()) == held
+
+
+def test_a_calibration_whose_statistics_cannot_be_held_is_refused_before_the_first_prompt(monkeypatch):
+    import slimdiff.devices as devices
+    from slimdiff.calibrate import CalibrationConfig, calibrate, statistics_bytes
+    from slimdiff.models import build_builtin
+
+    pipe = build_builtin("builtin:tiny")
+    need = sum(statistics_bytes(pipe.unet, 4).values())
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 2 * need - 1)
+
+    def loop(prompts, seeds):
+        raise AssertionError("a prompt was sampled before the memory check")
+
+    with pytest.raises(SlimDiffError, match=r"over 4 timesteps .* need .* GB of host memory.* fewer --steps"):
+        calibrate(pipe, ["a cat"], None, CalibrationConfig(steps=4), loop=loop, progress=False)
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 2 * need)
+    with pytest.raises(AssertionError, match="a prompt was sampled"):
+        calibrate(pipe, ["a cat"], None, CalibrationConfig(steps=4), loop=loop, progress=False)

@@ -34,3 +34,18 @@ def test_cpu_calibration_says_how_long_it_will_take(tmp_path, capsys):
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "per prompt on this CPU" in line]
     assert len(said) == 2 and said[0].startswith("slimdiff: calibration runs at") and "for 1 + 2 prompts" in said[0]
+
+
+def test_a_chunk_reported_at_once_is_timed_over_all_its_batches(monkeypatch):
+    # calibration reports the 8 batches of a chunk together after the chunk: 80 s per chunk = 10 s per batch
+    now = iter([0.0, 100.0, 180.0])
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(now))
+    out = io.StringIO()
+    clock = estimate.CalibrationClock("slimdiff", num_prompts=32, pass1_prompts=32, chunk_batches=8, stream=out)
+    for done in range(1, 9):  # first chunk: warm-up, not measured
+        clock("pass1", done)
+    for done in range(9, 17):
+        clock("pass1", done)
+    assert out.getvalue().splitlines() == [
+        "slimdiff: calibration runs at 10.0 s per prompt on this CPU: about 8 min left for 32 + 32 prompts "
+        "(shorter: fewer --num-prompts, --pass1-prompts or --steps)"]

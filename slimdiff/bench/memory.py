@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import available_memory_bytes
 from ..errors import SlimDiffError
 
 
@@ -40,19 +41,6 @@ def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int,
         return (size, size) if isinstance(size, int) else tuple(size)
     factor = 2 if source in ("builtin:tiny", "builtin:tiny-xl") else 8  # the tiny VAEs downsample by 2
     return resolution // factor, resolution // factor
-
-
-def available_bytes(device: str) -> int | None:
-    """Memory a new allocation can get now: free GPU memory, or the kernel's MemAvailable; None when unknown."""
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def unet_params(config: dict, budgets: list[float], unit: str, latent: tuple[int, int], text_len: int = 77, *,
@@ -84,7 +72,7 @@ def check_fits(source: str, budgets: list[float], unit: str, resolution: int | N
     if not source.startswith("builtin:") and is_slim_folder(source):
         return
     config = unet_config(source)
-    available = available_bytes(device)
+    available = available_memory_bytes(device)
     if config is None or available is None:
         return
     latent = latent_size(source, config, resolution)

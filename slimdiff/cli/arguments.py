@@ -51,4 +51,5 @@ def calibration_clock(prog: str, pipe, pool_size: int, args):
 
     if pipe.unet.device.type != "cpu":
         return None
-    return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size)
+    return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size,
+                            chunk_batches=args.checkpoint_every)

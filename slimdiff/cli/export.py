@@ -152,7 +152,11 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
     from ..serialization import save_slim
     from ..sources import source_unet_dtype
 
-    unet.to("cpu", source_unet_dtype(args.model, args.variant))
+    dtype, param = source_unet_dtype(args.model, args.variant), next(unet.parameters())
+    if param.device.type != "cpu":
+        unet.to("cpu")
+    if param.dtype != dtype:  # a dtype argument alone makes diffusers warn about fp32-pinned modules
+        unet.to(dtype)
     plan.info["source_model"] = _source(args.model)
     if args.config is not None:
         plan.info["source_config"] = str(Path(args.config).resolve())
