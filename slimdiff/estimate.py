@@ -58,6 +58,8 @@ class CalibrationClock:
             left = self.batches[stage] - end
             if stage == "pass1":  # pass 2 costs at least as much per prompt (it accumulates more moments)
                 left += self.batches["pass2"]
+            if left == 0:  # the whole pass was one chunk: nothing left to foretell
+                return
             per_prompt = per_batch / self.batch_size
             what = ("calibration" if stage == "pass1" else "calibration pass 2")
             tqdm.write(f"{self.prog}: {what} runs at {per_prompt:.1f} s per prompt on this CPU: about "
