@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --no-compile torch==2.13.0          # the CPU wheel; GPU machines may keep their own torch
 python -m pip install -q --no-compile -e '.[test]'
 slimdiff-export --model builtin:proxy --engine ort --out out/proxy-ort --force --num-prompts 8 --steps 8
-slimdiff bench --model out/proxy-ort --engines eager,ort --threads 1 --out out/proxy-bench --force
+slimdiff bench --model out/proxy-ort --engines eager,ort --threads 1 --e2e-runs 2 --out out/proxy-bench --force

@@ -77,9 +77,11 @@ def _run(args, seed, check=True):
     return result
 
 
-@pytest.mark.parametrize("model", ["builtin:tiny", "sparse-folder"])
-def test_calibrate_resume_slim_in_separate_processes(model, sparse_config_pipeline, tmp_path):
-    model = str(sparse_config_pipeline) if model == "sparse-folder" else model
+def test_calibrate_resume_slim_in_separate_processes(sparse_config_pipeline, tmp_path):
+    # A pipeline folder whose UNet config is sparse: the case where diffusers' bookkeeping keys (their order
+    # changes per process) once broke the fingerprint. The same three processes on builtin:tiny repeated this
+    # path at 45–90 s of CI time; built-in configs are plain dicts in code.
+    model = str(sparse_config_pipeline)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue ball\na green cone\n")
     stats, out = tmp_path / "stats", tmp_path / "slim"
