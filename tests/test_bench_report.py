@@ -190,4 +190,4 @@ def test_export_folders_the_bench_cannot_time_are_refused_in_one_line(tmp_path, 
     assert "leave out --budgets" in capsys.readouterr().err
     (old / "export.json").write_text("{")
     assert main(["--model", str(old), "--device", "cpu"]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    assert "is corrupt" in capsys.readouterr().err

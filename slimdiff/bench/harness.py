@@ -100,23 +100,15 @@ class BenchConfig:
             raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
 
 
-EXPORT_FORMAT = "slimdiff-export/1"
-
-
 def read_export(source: str) -> dict | None:
     """The ``export.json`` of a ``slimdiff-export`` folder — its dense source, slim UNet folder and engines are
     what the benchmark then times, nothing rebuilt — or None for any other model source."""
-    import json
+    from ..export.meta import EXPORT_FORMAT, read_json
 
     path = Path(source) / "export.json"
     if not path.is_file():
         return None
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SlimDiffError(f"{path}: not valid JSON ({exc})") from None
-    if body.get("format") != EXPORT_FORMAT:
-        raise SlimDiffError(f"{path}: not a {EXPORT_FORMAT} file (format {body.get('format')!r})")
+    body = read_json(path, "export metadata", EXPORT_FORMAT)
     if not body.get("dense_model") or not body.get("slim_model"):
         raise SlimDiffError(f"{source}: this export holds no dense source or no slim UNet folder to time (made from "
                             f"a slim folder, or by an older slimdiff-export); export from the dense model again")

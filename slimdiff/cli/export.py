@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from ..errors import SlimDiffError
-from ..export.meta import status, write_json_atomic
+from ..export.meta import EXPORT_FORMAT, status, write_json_atomic
 
 DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
 FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
@@ -296,7 +296,7 @@ def run(args) -> list[dict]:
             dense_p, slim_p = rows[0]["parameters"], rows[1]["parameters"]
             print(f"slim UNet: {slim_p:,} of {dense_p:,} parameters ({100 * (1 - slim_p / dense_p):.1f} % fewer)")
         write_json_atomic(tmp / "export.json", {
-            "format": "slimdiff-export/1", "model": args.model, "engine": args.engine, "device": device,
+            "format": EXPORT_FORMAT, "model": args.model, "engine": args.engine, "device": device,
             # what `slimdiff bench --model OUT` times: the dense source, and the slim UNet beside its engine
             "dense_model": None if dense is None else _source(args.model),
             "slim_model": "slim-unet" if slim_folder == tmp / "slim-unet" else str(slim_folder),

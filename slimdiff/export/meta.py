@@ -28,6 +28,10 @@ def write_bytes_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+#: ``export.json`` of a ``slimdiff-export`` folder (read back by ``slimdiff bench --model OUT``).
+EXPORT_FORMAT = "slimdiff-export/1"
+
+
 def read_json(path: Path, what: str, expected_format: str) -> dict:
     path = Path(path)
     if not path.is_file():
