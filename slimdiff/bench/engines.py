@@ -140,21 +140,21 @@ class ExportedEngine(Engine):
     def build(self, unet, batches, latent, text_len, workdir):
         from ..engines.build import build_unet_engine
         from ..export.shapes import Profile, Range, latent_multiple
-        from ..runtime import EngineUNet
 
         param = next(unet.parameters())
         device, dtype = str(param.device), param.dtype
         profile = Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
                           Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
-        meta, sidecar = build_unet_engine(unet, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
+        _, sidecar = build_unet_engine(unet, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
                                           device=device, multiple=latent_multiple(unet.config),
                                           plan=getattr(unet, "slim_plan", None))
-        engine = EngineUNet.from_folder(workdir, device=device)
-        return Built(_torch_runner(engine.forward), files=[Path(workdir) / f for f in meta["files"]],
-                     info={"runtime": meta.get("runtime"), "onnx_opset": sidecar["opset"] if sidecar else None,
-                           "head_alignment": meta["head_alignment"], "load_s": engine.load_seconds})
+        return self._opened(workdir, device, onnx_opset=sidecar["opset"] if sidecar else None)
 
     def open(self, folder, device):
+        return self._opened(folder, device, prebuilt=str(folder))
+
+    def _opened(self, folder, device, **info) -> Built:
+        """The engine in ``folder``, loaded through the runtime as a pipeline would, with its facts."""
         from ..runtime import EngineUNet
 
         engine = EngineUNet.from_folder(folder, device=device)
@@ -162,8 +162,8 @@ class ExportedEngine(Engine):
         if meta["engine"] != self.kind:
             raise SlimDiffError(f"{folder} holds a {meta['engine']} engine, not {self.kind}")
         return Built(_torch_runner(engine.forward), files=[Path(folder) / f for f in meta["files"]],
-                     info={"prebuilt": str(folder), "runtime": meta.get("runtime"),
-                           "head_alignment": meta.get("head_alignment"), "load_s": engine.load_seconds})
+                     info={**info, "runtime": meta.get("runtime"), "head_alignment": meta.get("head_alignment"),
+                           "load_s": engine.load_seconds})
 
 
 def exported_engine(kind: str) -> type[Engine]:
