@@ -46,6 +46,7 @@ import torch
 from slimdiff.api import choose_prompts
 from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.errors import SlimDiffError
+from slimdiff.families import FFN, module_sites
 from slimdiff.models import load_pipeline
 from slimdiff.quality import EvalSettings, adherence, compare, fidelity, noise_error_summary
 from slimdiff.quality.evaluate import is_proxy, model_label, paired_delta, unet_cost
@@ -141,9 +142,10 @@ def _module_diagnostics(unet, stats) -> dict:
     return {"per_module": out, "spearman_score_vs_error_at_half_width": spearman}
 
 
-def _timestep_weight_summary(stats) -> dict:
+def _timestep_weight_summary(unet, stats) -> dict:
     """How far the FFN timestep weights are from uniform: effective number of steps 1/Σw² and max·T."""
-    w = torch.stack([v / v.sum() for v in stats.ffn_weights.values()])
+    ffns = [site.name for site in module_sites(unet) if site.kind == FFN]
+    w = torch.stack([stats.timestep_weights[name] / stats.timestep_weights[name].sum() for name in ffns])
     n = w.shape[1]
     return {"steps": n, "effective_steps_mean": float((1 / w.pow(2).sum(1)).mean()),
             "max_weight_times_steps_mean": float((w.max(1).values * n).mean())}
@@ -226,7 +228,7 @@ def _run(args, pipe, source, proxy, guidance, folder: Path, start: float) -> Non
         timings[f"calibration_{weighting}_s"] = round(time.perf_counter() - t0, 1)
         print(f"calibrated ({weighting}) in {timings[f'calibration_{weighting}_s']} s", flush=True)
 
-    weights_summary = {w: _timestep_weight_summary(st) for w, st in stats.items()}
+    weights_summary = {w: _timestep_weight_summary(pipe.unet, st) for w, st in stats.items()}
     modules = _module_diagnostics(pipe.unet, stats["trq"]) if "trq" in stats else {}
 
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import argparse
 import torch
 
 from slimdiff.calibrate import CalibrationConfig, calibrate
+from slimdiff.families import QK, module_sites
 from slimdiff.models import load_pipeline
 from slimdiff.proxy import PROXY_DIR
 from slimdiff.proxy.shapes import ShapesDataset
@@ -34,17 +35,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model)
     ds = ShapesDataset(args.prompts, seed=777, split="train")
-    config = CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, pass1_prompts=4, batch_size=8)
+    # uniform weighting: the Q·K input moment of a self-attention is then its input pooled over all timesteps
+    config = CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, pass1_prompts=4, batch_size=8,
+                               weighting="uniform")
     stats = calibrate(pipe, [ds.scene(i).caption for i in range(args.prompts)], None, config, progress=False)
-    t = stats.tensors
     print(f"{'block':<45} {'input':>6} {'width':>6} {'rank99%':>8} {'rank99.9%':>10}")
-    for key in sorted(k for k in t if k.endswith((".attn1.in", ".attn2.ctx"))):
-        block = key.rsplit(".", 2)[0]
-        if key.endswith(".in"):  # per-timestep sums: pool all timesteps
-            moment, name = t[key].sum(0) / t[key + "_tokens"].sum(), "self"
-        else:
-            moment, name = t[key] / t[key + "_tokens"], "text"
-        print(f"{block:<45} {name:>6} {moment.shape[0]:>6} {effective_rank(moment, 0.99):>8} "
+    for site in sorted((s for s in module_sites(pipe.unet) if s.kind == QK), key=lambda s: s.sublayer_path):
+        attn = stats.attention(site.sublayer_path)
+        moment, name = (attn.qk_input_moment, "self") if attn.context is None else (attn.context_moment, "text")
+        print(f"{site.block:<45} {name:>6} {moment.shape[0]:>6} {effective_rank(moment, 0.99):>8} "
               f"{effective_rank(moment, 0.999):>10}")
 
 

@@ -67,7 +67,7 @@ def worker(args) -> int:
         seconds = time.perf_counter() - start  # calibrate ends with a barrier: every rank is done
     if stats is not None:
         digest = hashlib.sha256()
-        for name, tensors in (("tensors", stats.tensors), ("weights", stats.ffn_weights)):
+        for name, tensors in (("tensors", stats.tensors), ("weights", stats.timestep_weights)):
             for key in sorted(tensors):
                 digest.update(f"{name}:{key}".encode())
                 digest.update(tensors[key].contiguous().numpy().tobytes())

@@ -37,22 +37,23 @@ def trq_from_energies(output_energy, input_energy, weight_fro2, in_dim: int) -> 
     return (_as64(output_energy) / _as64(input_energy)) / (_as64(weight_fro2) / in_dim)
 
 
-def trq_qk(q_weight: Tensor, k_weight: Tensor, sigma_x: Tensor, sigma_y: Tensor, heads: int) -> Tensor:
+def trq_qk(q_weight: Tensor, k_weight: Tensor, gram_q: Tensor, gram_k: Tensor, trace_x, trace_y,
+           heads: int) -> Tensor:
     """Head-averaged bilinear TRQ of the logit forms M_j = W_Q^jᵀ W_K^j (method.md §5.1, Type II).
 
-    ρ_j = [tr(M_jᵀ Σ_x M_j Σ_y) / (trΣ_x trΣ_y)] / [‖M_j‖_F² / (C_x C_y)], computed through the head Grams
-    G_q = W_Q^j Σ_x W_Q^jᵀ and G_k = W_K^j Σ_y W_K^jᵀ as tr(G_q G_k), never forming a C_x × C_y matrix.
-    q_weight (H·d_h, C_x), k_weight (H·d_h, C_y); sigma_x (..., C_x, C_x), sigma_y (..., C_y, C_y) broadcast
-    against each other (a constant text moment with per-timestep query moments) → (...).
+    ρ_j = [tr(M_jᵀ Σ_x M_j Σ_y) / (trΣ_x trΣ_y)] / [‖M_j‖_F² / (C_x C_y)]. The numerator is tr(G_q G_k) with the
+    head Grams G_q = W_Q^j Σ_x W_Q^jᵀ = E[q_j q_jᵀ] and G_k = W_K^j Σ_y W_K^jᵀ, so calibration keeps d×d Grams of
+    the projected tokens per timestep and never a C_x × C_y (or even C × C) matrix per timestep.
+    q_weight (H·d_h, C_x), k_weight (H·d_h, C_y); gram_q (..., H, d_h, d_h) and gram_k broadcast against it (a
+    constant text-key Gram with per-timestep query Grams); trace_x = trΣ_x, trace_y = trΣ_y broadcast likewise
+    (...) → (...).
     """
     wq = _as64(q_weight).reshape(heads, -1, q_weight.shape[1])
     wk = _as64(k_weight).reshape(heads, -1, k_weight.shape[1])
-    sigma_x, sigma_y = _as64(sigma_x).to(wq.device), _as64(sigma_y).to(wq.device)
-    gram_q = torch.einsum("hac,...cd,hbd->...hab", wq, sigma_x, wq)
-    gram_k = torch.einsum("hac,...cd,hbd->...hab", wk, sigma_y, wk)
+    gram_q, gram_k = _as64(gram_q).to(wq.device), _as64(gram_k).to(wq.device)
     logit_energy = (gram_q * gram_k).sum((-2, -1))  # tr(G_q G_k), both symmetric
     weight_energy = ((wq @ wq.mT) * (wk @ wk.mT)).sum((-2, -1))  # ‖M_j‖_F²
-    traces = sigma_x.diagonal(dim1=-2, dim2=-1).sum(-1) * sigma_y.diagonal(dim1=-2, dim2=-1).sum(-1)
+    traces = _as64(trace_x).to(wq.device) * _as64(trace_y).to(wq.device)
     rho = (logit_energy / traces[..., None]) / (weight_energy / (wq.shape[2] * wk.shape[2]))
     return rho.mean(-1)
 

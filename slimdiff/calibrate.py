@@ -1,19 +1,23 @@
 """Stage B — calibration: run the real sampling loop with hooks and collect float64 second moments.
 
-Two passes (method.md §4), so SD-1.5 fits in memory:
+Two passes (method.md §4), so SDXL's statistics fit in host memory:
 
-* **pass 1** (the first ``pass1_prompts`` prompts) records, per FFN and timestep, only the scalars the TRQ
-  needs — E‖h‖² and E‖W_D h‖² — and how often the UNet is called at each timestep per sampling run;
-* **pass 2** (all prompts) accumulates per-timestep moments of every attention input and per-head Grams of
-  every attention output (small: C×C and H×d×d), the text-token moment of cross-attention, and, for the
-  FFNs, directly the fidelity-weighted moment Σ̄ = Σ_t w_t Σ_t with w from pass 1 (one I×I matrix each).
+* **pass 1** (the first ``pass1_prompts`` prompts) records, per timestep, only what the TRQ of every site needs
+  — for each FFN the scalars E‖h‖² and E‖W_D h‖², for each attention the per-head Grams of its queries, keys
+  and head outputs (H×d×d) and E‖x‖² — and how often the UNet is called at each timestep per sampling run. The
+  timestep fidelity weights of every site follow;
+* **pass 2** (all prompts) collects the same per-timestep quantities again (for the module scores) and
+  accumulates every input moment the decompositions need directly fidelity-weighted, Σ̄ = Σ_t w_t Σ_t with w from
+  pass 1: one I×I matrix per FFN, one C×C per attention and site (Q·K; V·O of a self-attention), and the
+  timestep-free text moment of each cross-attention. Nothing C×C is kept per timestep.
 
 Both CFG branches are in the batch and count with equal weight. Prompts are summed in fixed chunks of
 ``checkpoint_every`` batches, each chunk from zero, and the chunk sums are added in chunk order: the totals are
 checkpointed atomically after each chunk, and a restarted run skips finished chunks. Every prompt has its own
 seeded generator and the summation tree is fixed, so a resumed run — or one whose chunks were dealt over
 torchrun processes (:mod:`slimdiff.distributed`) — ends with statistics bit-identical to an uninterrupted
-single-process one.
+single-process one. A chunk's sums stay on the UNet's device and are folded into the host total one tensor at
+a time, so on a GPU the host holds the statistics once.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import fingerprint
-from .analyze import timestep_weights, trq_from_energies
+from .analyze import timestep_weights, trq_from_energies, trq_qk, trq_vo
 from .distributed import Group
 from .errors import SlimDiffError
 from .families import (
@@ -41,6 +45,8 @@ from .families import (
     CROSS,
     FFN,
     QK,
+    VO,
+    AttentionGrams,
     AttentionStatistics,
     FFNEnergies,
     FFNStatistics,
@@ -52,7 +58,8 @@ from .families import (
 )
 from .families.base import SEQ, seq_key
 
-STATS_FORMAT = "slimdiff-stats/1"
+STATS_FORMAT = "slimdiff-stats/2"
+WEIGHTS_FILE = "timestep_weights.safetensors"
 MANIFEST = "manifest.json"
 
 # A batch loop runs the sampler on some prompts with one seed each; the hooks do the rest.
@@ -61,7 +68,7 @@ BatchLoop = Callable[[Sequence[str], Sequence[int]], None]
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How the calibration trajectories are sampled and how timesteps are weighted for the FFN moments.
+    """How the calibration trajectories are sampled and how timesteps are weighted (every site's moments).
 
     ``weighting``: ``"trq"`` (w ∝ prior·ρ^γ, the method), ``"uniform"`` (activation-aware without timestep
     weighting) or ``"single"`` (only the visited step nearest the middle of the trajectory — an ablation).
@@ -143,16 +150,24 @@ def _tokens(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+def _head_gram(y: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H, d, d) token-summed Gram of each head's slice of ``y`` (..., H·d), in float64."""
+    y = y.reshape(-1, heads, y.shape[-1] // heads).double()
+    return torch.einsum("nhd,nhe->hde", y, y)
+
+
 class _Collector:
     """Registers the hooks of one pass on a denoiser (at the points its block adapters name) and accumulates
-    into an :class:`_Accumulator`, under the keys of the statistics schema."""
+    into an :class:`_Accumulator`, under the keys of the statistics schema. ``weights``: pass 2's timestep
+    weights per site name."""
 
-    def __init__(self, unet, mode: str, timesteps: list[int] | None, ffn_weights: dict | None, visits: list[int] | None):
+    def __init__(self, unet, mode: str, timesteps: list[int] | None, weights: dict | None, visits: list[int] | None):
         self.unet, self.mode = unet, mode
         self.family = family_for(unet)
         self.timesteps = list(timesteps or [])
         self.index = {t: i for i, t in enumerate(self.timesteps)}
-        self.ffn_weights, self.visits = ffn_weights, visits
+        self.weights, self.visits = weights, visits
+        self.site_names = {(site.sublayer_path, site.kind): site.name for site in module_sites(unet)}
         self.acc = _Accumulator(unet.device)
         self.calls: dict[int, int] = {}
         self.seq: dict[str, int] = {}  # tokens per sample seen by each attention (for MAC costs), by storage key
@@ -170,6 +185,10 @@ class _Collector:
         self.t = self.index[t]
         self.calls[t] = self.calls.get(t, 0) + 1
 
+    def _step_weight(self, path: str, kind: str) -> float:
+        """w_{m,t} / visits_t: the weight of one denoiser call's sums in a site's weighted moment."""
+        return float(self.weights[self.site_names[path, kind]][self.t]) / self.visits[self.t]
+
     def _ffn_hidden_pre(self, path: str, down: torch.nn.Linear):
         def hook(_m, args):
             h = args[0]
@@ -179,30 +198,50 @@ class _Collector:
                          _energy(torch.nn.functional.linear(h, down.weight)), self.t)
             self.acc.add(FFNStatistics.key(path, "tokens"), torch.tensor(float(n)), self.t)
             if self.mode == "pass2":
-                w = self.ffn_weights[path][self.t] / self.visits[self.t]
+                w = self._step_weight(path, FFN)
                 self.acc.add(FFNStatistics.key(path, "moment"), w * _moment(h))
                 self.acc.add(FFNStatistics.key(path, "moment_norm"), torch.tensor(float(w * n)))
 
         return hook
 
-    def _attn_pre(self, path: str, read_inputs):
+    def _attn_pre(self, path: str, tap):
         def hook(_m, args, kwargs):
-            x, ctx = read_inputs(args, kwargs)
+            x, ctx = tap.read_inputs(args, kwargs)
+            n = _tokens(x)
             self.seq[seq_key(path)] = x.shape[-2]
-            self.acc.add(AttentionStatistics.key(path, "inputs"), _moment(x), self.t)
-            self.acc.add(AttentionStatistics.key(path, "input_tokens"), torch.tensor(float(_tokens(x))), self.t)
-            if ctx is not None:  # text tokens do not depend on t: one moment per module
+            grams = AttentionGrams
+            # projections in the model's dtype (what the model computes), their Grams in float64
+            self.acc.add(grams.key(path, "q_gram"), _head_gram(torch.nn.functional.linear(x, tap.query.weight),
+                                                              tap.heads), self.t)
+            self.acc.add(grams.key(path, "input_energy"), _energy(x), self.t)
+            self.acc.add(grams.key(path, "input_tokens"), torch.tensor(float(n)), self.t)
+            keys = torch.nn.functional.linear(x if ctx is None else ctx, tap.key.weight)
+            if ctx is None:
+                self.acc.add(grams.key(path, "k_gram"), _head_gram(keys, tap.heads), self.t)
+            else:  # text tokens do not depend on t: one of each per module
                 self.seq[seq_key(path, context=True)] = ctx.shape[-2]
+                self.acc.add(grams.key(path, "k_gram"), _head_gram(keys, tap.heads))
+                self.acc.add(grams.key(path, "context_energy"), _energy(ctx))
+                self.acc.add(grams.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
+            if self.mode != "pass2":
+                return
+            moment = _moment(x)
+            w = self._step_weight(path, QK)
+            self.acc.add(AttentionStatistics.key(path, "qk_moment"), w * moment)
+            self.acc.add(AttentionStatistics.key(path, "qk_moment_norm"), torch.tensor(float(w * n)))
+            if ctx is None:
+                w = self._step_weight(path, VO)
+                self.acc.add(AttentionStatistics.key(path, "vo_moment"), w * moment)
+                self.acc.add(AttentionStatistics.key(path, "vo_moment_norm"), torch.tensor(float(w * n)))
+            else:
                 self.acc.add(AttentionStatistics.key(path, "context"), _moment(ctx))
-                self.acc.add(AttentionStatistics.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
 
         return hook
 
     def _attn_out_pre(self, path: str, heads: int):
         def hook(_m, args):
-            z = args[0].reshape(-1, heads, args[0].shape[-1] // heads).double()
-            self.acc.add(AttentionStatistics.key(path, "z_gram"), torch.einsum("nhd,nhe->hde", z, z), self.t)
-            self.acc.add(AttentionStatistics.key(path, "z_tokens"), torch.tensor(float(z.shape[0])), self.t)
+            self.acc.add(AttentionGrams.key(path, "z_gram"), _head_gram(args[0], heads), self.t)
+            self.acc.add(AttentionGrams.key(path, "z_tokens"), torch.tensor(float(_tokens(args[0]))), self.t)
 
         return hook
 
@@ -228,14 +267,12 @@ class _Collector:
                 sub = f"{path}.{tap.sublayer}"
                 if tap.kind == FFN:
                     handles.append(tap.hidden.register_forward_pre_hook(self._ffn_hidden_pre(sub, tap.hidden)))
-                if self.mode == "pass1":
-                    continue
-                handles.append(tap.residual.register_forward_pre_hook(self._residual_pre(sub)))
-                handles.append(tap.update.register_forward_hook(self._update_post(sub)))
                 if tap.kind == ATTENTION:
-                    handles.append(tap.attention.register_forward_pre_hook(self._attn_pre(sub, tap.read_inputs),
-                                                                           with_kwargs=True))
+                    handles.append(tap.attention.register_forward_pre_hook(self._attn_pre(sub, tap), with_kwargs=True))
                     handles.append(tap.head_output.register_forward_pre_hook(self._attn_out_pre(sub, tap.heads)))
+                if self.mode == "pass2":  # the propagation factor of the module scores
+                    handles.append(tap.residual.register_forward_pre_hook(self._residual_pre(sub)))
+                    handles.append(tap.update.register_forward_hook(self._update_post(sub)))
         try:
             yield self
         finally:
@@ -243,16 +280,10 @@ class _Collector:
                 h.remove()
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = {k: v.cpu() for k, v in self.acc.sums.items()}
+        """The sums, where they were accumulated (the caller folds them into the host total one by one)."""
+        state = dict(self.acc.sums)
         state.update({k: torch.tensor(float(v), dtype=torch.float64) for k, v in self.seq.items()})
         return state
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for k, v in tensors.items():
-            if k.endswith("." + SEQ):
-                self.seq[k] = int(v)
-                continue
-            self.acc.sums[k] = v.to(self.acc.device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,37 +298,51 @@ def _prior(n: int, kind: str) -> torch.Tensor:
     return torch.log(torch.arange(n, 0, -1, dtype=torch.float64) + 1.0)
 
 
-def ffn_timestep_weights(pass1: dict[str, torch.Tensor], unet, config: CalibrationConfig) -> dict[str, torch.Tensor]:
-    """w_{m,t} for every FFN from the pass-1 scalars, following ``config.weighting``."""
-    weights = {}
-    for site in module_sites(unet):
-        if site.kind != FFN:
-            continue
-        down = site_linears(unet, site).down.weight
-        energies = FFNEnergies.read(pass1, site.sublayer_path)
-        tokens = energies.tokens
-        rho = trq_from_energies(energies.hout_energy / tokens, energies.h_energy / tokens,
-                                down.double().pow(2).sum().cpu(), down.shape[1])
-        n = rho.shape[0]
-        if config.weighting == "trq":
-            w = timestep_weights(rho, gamma=config.gamma, prior=_prior(n, config.prior))
-        elif config.weighting == "uniform":
-            w = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        else:
-            w = torch.zeros(n, dtype=torch.float64)
-            w[n // 2] = 1.0
-        weights[site.sublayer_path] = w
-    return weights
+def _cpu64(module: torch.nn.Linear) -> torch.Tensor:
+    return module.weight.detach().double().cpu()
+
+
+def site_trq(unet, site, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """ρ_{m,t} of one site at every timestep (method.md §5.1), from the per-timestep statistics in ``tensors``
+    (pass 1's, or pass 2's over every prompt)."""
+    lin = site_linears(unet, site)
+    if site.kind == FFN:
+        energies = FFNEnergies.read(tensors, site.sublayer_path)
+        down = _cpu64(lin.down)
+        return trq_from_energies(energies.hout_energy / energies.tokens, energies.h_energy / energies.tokens,
+                                 down.pow(2).sum(), down.shape[1])
+    grams = AttentionGrams.read(tensors, site.sublayer_path)
+    if site.kind == QK:
+        return trq_qk(_cpu64(lin.q), _cpu64(lin.k), grams.query_grams, grams.key_grams, grams.input_traces,
+                      grams.key_input_traces, site.heads)
+    return trq_vo(_cpu64(lin.out), grams.output_grams, site.heads)
+
+
+def fidelity_weights(rho: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:
+    """w_{m,t} over one site's timesteps, following ``config.weighting``."""
+    n = rho.shape[-1]
+    if config.weighting == "uniform":
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    if config.weighting == "single":
+        w = torch.zeros(n, dtype=torch.float64)
+        w[n // 2] = 1.0
+        return w
+    return timestep_weights(rho, gamma=config.gamma, prior=_prior(n, config.prior))
+
+
+def site_timestep_weights(pass1: dict[str, torch.Tensor], unet, config: CalibrationConfig) -> dict[str, torch.Tensor]:
+    """w_{m,t} for every site (by site name) from the pass-1 statistics."""
+    return {site.name: fidelity_weights(site_trq(unet, site, pass1), config) for site in module_sites(unet)}
 
 
 @dataclass
 class Statistics:
     """Everything calibration measured; input of analysis and decomposition."""
 
-    tensors: dict[str, torch.Tensor]  # pass-2 sums, plus "pass1.<key>" scalars
+    tensors: dict[str, torch.Tensor]  # pass-2 sums, plus "pass1.<key>" statistics
     timesteps: list[int]
     visits: list[int]
-    ffn_weights: dict[str, torch.Tensor]
+    timestep_weights: dict[str, torch.Tensor]  # w_{m,t} by site name, from pass 1
     fingerprint: str
     config: CalibrationConfig
     num_prompts: int
@@ -327,7 +372,7 @@ class Statistics:
         try:
             pass1 = load_file(str(folder / manifest["pass1"]["file"]))
             pass2 = load_file(str(folder / manifest["pass2"]["file"]))
-            weights = load_file(str(folder / "ffn_weights.safetensors"))
+            weights = load_file(str(folder / WEIGHTS_FILE))
         except Exception as exc:
             raise SlimDiffError(f"corrupt statistics directory {str(folder)!r}: {exc}") from exc
         tensors = dict(pass2)
@@ -349,6 +394,9 @@ def _read_manifest(folder: Path) -> dict | None:
     except json.JSONDecodeError as exc:
         raise SlimDiffError(f"corrupt statistics manifest {str(path)!r}: {exc}") from exc
     if manifest.get("format") != STATS_FORMAT:
+        if str(manifest.get("format", "")).startswith("slimdiff-stats/"):
+            raise SlimDiffError(f"statistics in {str(folder)!r} were collected by another slimdiff version "
+                                f"(format {manifest['format']}, this one reads {STATS_FORMAT}): calibrate again")
         raise SlimDiffError(f"{str(path)!r} is not a slimdiff statistics manifest")
     return manifest
 
@@ -381,36 +429,43 @@ class _Checkpointer:
 
 
 def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
-    """Bytes of the float64 moments a calibration of ``unet`` over ``timesteps`` distinct timesteps holds (the
-    scalars beside them are negligible): per-timestep attention input moments (C×C per attention) and output Grams
-    (H×d×d), the text-token moment of each cross-attention, and one I×I moment per FFN. The per-timestep parts
-    dominate at SDXL size (C = 1280 for 60 of its 70 blocks)."""
-    sizes = {"attention_inputs_per_timestep": 0, "attention_output_grams_per_timestep": 0, "text_moments": 0,
-             "ffn_moments": 0}
+    """Bytes of the float64 statistics a calibration of ``unet`` over ``timesteps`` distinct timesteps holds (the
+    scalars beside them are negligible): per-timestep per-head Grams of each attention's queries, keys (self-
+    attention; a cross-attention's text keys have one) and head outputs (H×d×d), the timestep-weighted input
+    moments of each attention (C×C for Q·K, once more for V·O of a self-attention), the text-token moment of each
+    cross-attention, and one I×I moment per FFN."""
+    sizes = {"attention_grams_per_timestep": 0, "attention_moments": 0, "text_moments": 0, "ffn_moments": 0}
     for site in module_sites(unet):
         lin = site_linears(unet, site)
         if site.kind == FFN:
             sizes["ffn_moments"] += lin.down.in_features ** 2
         elif site.kind == QK:
-            sizes["attention_inputs_per_timestep"] += timesteps * lin.q.in_features ** 2
+            gram = site.heads * (lin.q.out_features // site.heads) ** 2
+            sizes["attention_moments"] += lin.q.in_features ** 2
             if site.attention == CROSS:
+                sizes["attention_grams_per_timestep"] += timesteps * gram + gram
                 sizes["text_moments"] += lin.k.in_features ** 2
+            else:
+                sizes["attention_grams_per_timestep"] += 2 * timesteps * gram
         else:
-            width = lin.out.in_features // site.heads
-            sizes["attention_output_grams_per_timestep"] += timesteps * site.heads * width * width
+            sizes["attention_grams_per_timestep"] += timesteps * site.heads * (lin.out.in_features // site.heads) ** 2
+            if site.attention != CROSS:
+                sizes["attention_moments"] += lin.v.in_features ** 2
     return {k: 8 * v for k, v in sizes.items()}
 
 
-def check_statistics_fit(unet, timesteps: int) -> None:
+def check_statistics_fit(unet, timesteps: int, processes: int = 1) -> None:
     """Refuse, before the first prompt, a calibration whose statistics cannot be held. They accumulate on the
-    UNet's device; the host holds the running total and a copy of the chunk being folded into it — twice their
-    size (on a CPU run that includes the accumulators themselves)."""
+    UNet's device; the host holds the running total, and a chunk's sums are folded into it one tensor at a
+    time — so the host holds them once on a single GPU, twice when the accumulators are on the host too (a CPU
+    run) or when another process's chunk arrives whole (torchrun)."""
     from .devices import available_memory_bytes
 
     sizes = statistics_bytes(unet, timesteps)
     need = sum(sizes.values())
     device = str(next(unet.parameters()).device)
-    needs = {"cpu": 2 * need} if device == "cpu" else {device: need, "cpu": 2 * need}
+    host = 2 * need if device == "cpu" or processes > 1 else need
+    needs = {"cpu": host} if device == "cpu" else {device: need, "cpu": host}
     for where, amount in needs.items():
         available = available_memory_bytes(where)
         if available is not None and amount > available:
@@ -450,7 +505,7 @@ def calibrate(
         if unet is pipe:
             raise SlimDiffError("calibrating a bare UNet needs a sampling loop (loop=...)")
         loop = pipeline_loop(pipe, config)
-    check_statistics_fit(unet, config.steps)
+    check_statistics_fit(unet, config.steps, group.size)
     folder = Path(out) if out is not None else None
     fingerprint = model_fingerprint(unet)
     prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
@@ -482,9 +537,9 @@ def calibrate(
     # Pass 2 needs the pass-1 totals of all ranks: rank 0 derives the timestep weights and shares them.
     weights = None
     if group.is_leader:
-        weights = ffn_timestep_weights(pass1, unet, config)
+        weights = site_timestep_weights(pass1, unet, config)
         if folder is not None:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "ffn_weights.safetensors"))
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
     trajectory = group.broadcast_json(trajectory)
     weights = group.broadcast_tensors(weights)
     timesteps, visits = trajectory["timesteps"], trajectory["visits"]
@@ -519,14 +574,14 @@ def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
 
 
 def _fold(total: dict[str, torch.Tensor] | None, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``total += part``, key by key. ``<key>.seq`` entries are tokens per sample (constants), the rest sums."""
-    if total is None:
-        return {k: v.clone() for k, v in part.items()}
+    """``total += part`` on the host, key by key, so a chunk on the GPU crosses over one tensor at a time.
+    ``<key>.seq`` entries are tokens per sample (constants), the rest sums."""
+    total = {} if total is None else total
     for key, value in part.items():
         if key in total and not key.endswith("." + SEQ):
-            total[key] += value
+            total[key] += value.cpu()
         else:
-            total[key] = value.clone()
+            total[key] = value.to("cpu", copy=True)
     return total
 
 
@@ -570,12 +625,14 @@ class _Run:
                             raise SlimDiffError("calibration prompts visited different timesteps: "
                                                 "every sampling run must follow the same schedule")
                     total = _fold(total, sums)
+                    sums = None
                 self.ckpt.save(stage, total, batch_ends[last - 1], **(trajectory if stage == "pass1" else {}))
                 bar.update(ends[last - 1] - (ends[first - 1] if first else 0))
             elif part is not None:
                 self.group.send(*part, dst=0)
             self.group.barrier()  # rank 0's checkpoint holds this round: finished chunks may go
             if part is not None:
+                part = None  # the device sums are in the total: free them before the next chunk accumulates
                 if self.chunks_dir is not None:
                     self._chunk_path(stage, mine).unlink(missing_ok=True)
                 if self.on_batch is not None:
@@ -608,7 +665,7 @@ class _Run:
         sums = collector.state()
         if path is not None:
             tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in sums.items()}, str(tmp),
+            save_file({k: v.cpu().contiguous() for k, v in sums.items()}, str(tmp),
                       metadata={"run": self.run_id, "meta": json.dumps(meta)})
             os.replace(tmp, path)
         return sums, meta

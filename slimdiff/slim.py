@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import allocate as alloc
 from . import analyze, decompose
-from .calibrate import CalibrationConfig, Statistics, _prior
+from .calibrate import Statistics, site_trq
 from .checks import check_budget_range
 from .errors import SlimDiffError
 from .families import FFN, QK, FFNLinears, ModuleSite, QKLinears, VOLinears, module_sites, site_adapter, site_linears
@@ -116,54 +116,28 @@ class SiteAnalysis:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # aggregated moments for the decomposition
 
 
-def _weights(rho: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:
-    n = rho.shape[-1]
-    if config.weighting == "uniform":
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if config.weighting == "single":
-        w = torch.zeros(n, dtype=torch.float64)
-        w[n // 2] = 1.0
-        return w
-    return analyze.timestep_weights(rho, gamma=config.gamma, prior=_prior(n, config.prior))
-
-
 def _weighted(per_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("t,t...->...", w, per_t)
 
 
 def analyze_sites(unet, stats: Statistics, sites: list[ModuleSite]) -> dict[str, SiteAnalysis]:
-    """TRQ per timestep, fidelity weights, propagation and aggregated moments for every site."""
+    """TRQ per timestep (over every prompt), fidelity weights (from pass 1), propagation and the timestep-weighted
+    moments each site's decomposition reads."""
     out = {}
     for site in sites:
-        lin = site_linears(unet, site)
+        rho = site_trq(unet, site, stats.tensors)
+        weights = stats.timestep_weights[site.name]
         if site.kind == FFN:
             ffn = stats.ffn(site.sublayer_path)
-            prop = ffn.residual.propagation
-            down = _w(lin.down)
-            rho = analyze.trq_from_energies(ffn.hout_energy / ffn.tokens, ffn.h_energy / ffn.tokens,
-                                            down.pow(2).sum(), down.shape[1])
-            weights = stats.ffn_weights[site.sublayer_path]
-            inputs = {"moment": ffn.hidden_moment}
+            prop, inputs = ffn.residual.propagation, {"moment": ffn.hidden_moment}
         else:
             attn = stats.attention(site.sublayer_path)
             prop = attn.residual.propagation
-            sigma_x = attn.input_moments
-            sigma_y_static = attn.context_moment  # None for self-attention
             if site.kind == QK:
-                q, k = _w(lin.q), _w(lin.k)
-                rho = torch.stack([
-                    analyze.trq_qk(q, k, sx, sx if sigma_y_static is None else sigma_y_static, site.heads)
-                    for sx in sigma_x])
-                weights = _weights(rho, stats.config)
-                agg_x = _weighted(sigma_x, weights)
-                inputs = {"sigma_x": agg_x, "sigma_y": agg_x if sigma_y_static is None else sigma_y_static}
+                sigma_x = attn.qk_input_moment
+                inputs = {"sigma_x": sigma_x, "sigma_y": sigma_x if attn.context is None else attn.context_moment}
             else:
-                o = _w(lin.out)
-                grams = attn.output_grams
-                rho = torch.stack([analyze.trq_vo(o, g, site.heads) for g in grams])
-                weights = _weights(rho, stats.config)
-                inputs = {"gram_z": _weighted(grams, weights),
-                          "sigma_v": _weighted(sigma_x, weights) if sigma_y_static is None else sigma_y_static}
+                inputs = {"gram_z": _weighted(attn.grams.output_grams, weights), "sigma_v": attn.vo_input_moment}
         out[site.name] = SiteAnalysis(site, rho, weights, prop, inputs)
     return out
 

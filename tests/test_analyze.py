@@ -53,28 +53,43 @@ def test_trq_lies_between_the_extreme_eigenvalue_bounds():
 HEADS, HEAD_DIM, CX, CY = 2, 3, 6, 5
 
 
+def _trq_qk_from_moments(q_w, k_w, sigma_x, sigma_y):
+    """trq_qk on the head Grams W^j Σ W^jᵀ and traces of full moments (what the Grams of projected tokens are)."""
+    def grams(w, sigma):
+        w = w.reshape(HEADS, HEAD_DIM, -1)
+        return torch.einsum("hac,...cd,hbd->...hab", w, sigma, w)
+
+    trace = lambda sigma: sigma.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    return trq_qk(q_w, k_w, grams(q_w, sigma_x), grams(k_w, sigma_y), trace(sigma_x), trace(sigma_y), HEADS)
+
+
 def test_trq_qk_matches_the_bilinear_definition_per_head():
     q_w, k_w = _randn(HEADS * HEAD_DIM, CX, seed=5), _randn(HEADS * HEAD_DIM, CY, seed=6)
-    sigma_x, sigma_y = _anisotropic_moment(CX, seed=7), _anisotropic_moment(CY, seed=8)
+    x, y = _randn(50, CX, seed=7) * torch.linspace(0.1, 3.0, CX, dtype=F64), _randn(30, CY, seed=8)
+    sigma_x, sigma_y = _moment(x), _moment(y)
     expected = []
     for j in range(HEADS):
         m = q_w[j * HEAD_DIM:(j + 1) * HEAD_DIM].T @ k_w[j * HEAD_DIM:(j + 1) * HEAD_DIM]
         numerator = torch.trace(m.T @ sigma_x @ m @ sigma_y) / (torch.trace(sigma_x) * torch.trace(sigma_y))
         expected.append(numerator / (m.square().sum() / (CX * CY)))
-    assert float(trq_qk(q_w, k_w, sigma_x, sigma_y, HEADS)) == pytest.approx(float(sum(expected) / HEADS), rel=1e-12)
+    # as calibration computes it: Grams of the projected tokens (per head), traces as mean squared norms
+    q, k = (x @ q_w.T).reshape(-1, HEADS, HEAD_DIM), (y @ k_w.T).reshape(-1, HEADS, HEAD_DIM)
+    gram_q, gram_k = torch.einsum("nha,nhb->hab", q, q) / 50, torch.einsum("nha,nhb->hab", k, k) / 30
+    rho = trq_qk(q_w, k_w, gram_q, gram_k, x.square().sum(1).mean(), y.square().sum(1).mean(), HEADS)
+    assert float(rho) == pytest.approx(float(sum(expected) / HEADS), rel=1e-12)
 
 
 def test_trq_qk_is_one_for_isotropic_inputs_scale_invariant_and_vectorised():
     q_w, k_w = _randn(HEADS * HEAD_DIM, CX, seed=9), _randn(HEADS * HEAD_DIM, CY, seed=10)
     eye_x, eye_y = torch.eye(CX, dtype=F64), torch.eye(CY, dtype=F64)
-    assert float(trq_qk(q_w, k_w, 2.0 * eye_x, 0.3 * eye_y, HEADS)) == pytest.approx(1.0, rel=1e-12)
+    assert float(_trq_qk_from_moments(q_w, k_w, 2.0 * eye_x, 0.3 * eye_y)) == pytest.approx(1.0, rel=1e-12)
     sigma_x = torch.stack([_anisotropic_moment(CX, seed=11 + t) for t in range(4)])
     sigma_y = _anisotropic_moment(CY, seed=20)
-    rho = trq_qk(q_w, k_w, sigma_x, sigma_y, HEADS)  # per-timestep queries against constant text keys
+    rho = _trq_qk_from_moments(q_w, k_w, sigma_x, sigma_y)  # per-timestep queries against constant text keys
     assert rho.shape == (4,)
-    torch.testing.assert_close(trq_qk(3 * q_w, 0.5 * k_w, 7 * sigma_x, 0.1 * sigma_y, HEADS), rho)
+    torch.testing.assert_close(_trq_qk_from_moments(3 * q_w, 0.5 * k_w, 7 * sigma_x, 0.1 * sigma_y), rho)
     for t in range(4):
-        assert float(rho[t]) == pytest.approx(float(trq_qk(q_w, k_w, sigma_x[t], sigma_y, HEADS)), rel=1e-12)
+        assert float(rho[t]) == pytest.approx(float(_trq_qk_from_moments(q_w, k_w, sigma_x[t], sigma_y)), rel=1e-12)
 
 
 def test_trq_vo_is_the_head_average_of_trq_of_each_output_slice():

@@ -65,8 +65,8 @@ def _poison_statistics(stats: Path) -> None:
     manifest = json.loads((stats / "manifest.json").read_text())
     tensors_file = stats / manifest["pass2"]["file"]
     tensors = load_file(str(tensors_file))
-    key = sorted(k for k in tensors if k.endswith(".in"))[0]
-    tensors[key][0, 0, 0] = float("nan")
+    key = sorted(k for k in tensors if k.endswith(".q_gram"))[0]
+    tensors[key][0, 0, 0, 0] = float("nan")
     save_file(tensors, str(tensors_file))
 
 

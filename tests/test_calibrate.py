@@ -46,13 +46,77 @@ def test_statistics_content(tiny_stats):
     # both CFG branches: 2 samples × 16×16 tokens per call, 6 prompts, each timestep visited `visits` times
     tokens = stats.tensors[f"{key}.attn1.in_tokens"]
     assert torch.equal(tokens, torch.tensor([2 * 256 * 6 * v for v in stats.visits], dtype=torch.float64))
-    for w in stats.ffn_weights.values():
+    # every site has weights over the timesteps (FFN, and both groups of each attention)
+    assert {f"{key}.ff", f"{key}.attn1.qk", f"{key}.attn1.vo", f"{key}.attn2.qk"} <= set(stats.timestep_weights)
+    for w in stats.timestep_weights.values():
         assert w.shape == (T,) and torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64))
     moment = stats.tensors[f"{key}.ff.moment"] / stats.tensors[f"{key}.ff.moment_norm"]
     assert torch.allclose(moment, moment.T) and torch.linalg.eigvalsh(moment).min() > -1e-9
     ctx = stats.tensors[f"{key}.attn2.ctx"]
     assert ctx.shape == (64, 64) and f"{key}.attn1.ctx" not in stats.tensors
+    # per timestep only head-sized Grams; the C×C input moments are weighted over timesteps, one per site
     assert stats.tensors[f"{key}.attn2.z_gram"].shape == (T, 2, 16, 16)
+    assert stats.tensors[f"{key}.attn1.q_gram"].shape == stats.tensors[f"{key}.attn1.k_gram"].shape == (T, 2, 16, 16)
+    assert stats.tensors[f"{key}.attn2.k_gram"].shape == (2, 16, 16)  # text keys: one for all timesteps
+    assert stats.tensors[f"{key}.attn1.qk_moment"].shape == stats.tensors[f"{key}.attn1.vo_moment"].shape == (32, 32)
+    assert f"{key}.attn2.vo_moment" not in stats.tensors  # a cross-attention's values come from the text moment
+
+
+def test_attention_trq_from_grams_equals_the_trq_of_per_timestep_moments():
+    """The Grams calibration keeps per timestep give the same ρ_t as the C×C moments they replace."""
+    from slimdiff.analyze import trq_qk
+    from slimdiff.calibrate import site_trq
+    from slimdiff.families import QK, module_sites, site_linears, transformer_blocks
+
+    pipe = build_builtin("builtin:tiny")
+    unet = pipe.unet
+    config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1)
+    moments: dict = {}
+
+    path, block, adapter = transformer_blocks(unet)[0]
+    taps = {tap.sublayer: tap for tap in adapter.taps(block)}
+
+    def record(sublayer):
+        def hook(_m, args, kwargs):
+            x, ctx = taps[sublayer].read_inputs(args, kwargs)
+            t = int(torch.as_tensor(unet_timestep[0]).flatten()[0])
+            entry = moments.setdefault((sublayer, t), [0, 0, 0, 0])
+            x64 = x.reshape(-1, x.shape[-1]).double()
+            entry[0] += x64.T @ x64
+            entry[1] += x64.shape[0]
+            if ctx is not None:
+                c64 = ctx.reshape(-1, ctx.shape[-1]).double()
+                entry[2] += c64.T @ c64
+                entry[3] += c64.shape[0]
+        return hook
+
+    unet_timestep = [None]
+    handles = [unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: unet_timestep.__setitem__(0, kwargs.get("timestep", args[1] if len(args) > 1 else None)),
+        with_kwargs=True)]
+    handles += [taps[name].attention.register_forward_pre_hook(record(name), with_kwargs=True) for name in ("attn1", "attn2")]
+    try:
+        stats = calibrate(pipe, read_prompts(limit=1), None, config, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for site in (s for s in module_sites(unet) if s.kind == QK and s.block == path):
+        lin = site_linears(unet, site)
+        wq, wk = lin.q.weight.detach().double(), lin.k.weight.detach().double()
+        per_t = []
+        for t in stats.timesteps:
+            sx, nx, sy, ny = moments[(site.attn, t)]
+            sigma_x = sx / nx
+            sigma_y = sy / ny if ny else sigma_x
+
+            def grams(w, sigma):
+                w = w.reshape(site.heads, -1, w.shape[1])
+                return torch.einsum("hac,cd,hbd->hab", w, sigma, w)
+
+            per_t.append(trq_qk(wq, wk, grams(wq, sigma_x), grams(wk, sigma_y), sigma_x.trace(), sigma_y.trace(),
+                                site.heads))
+        # pass 2 saw the prompt once more: the same trajectory, so the same ratios
+        torch.testing.assert_close(site_trq(unet, site, stats.tensors), torch.stack(per_t), rtol=1e-5, atol=0)
 
 
 def test_stats_from_another_model_are_refused(tmp_path, tiny_stats):
@@ -75,7 +139,8 @@ def test_statistics_size_is_known_before_calibrating(tiny_stats):
 
     predicted = statistics_bytes(load_unet("builtin:tiny"), len(tiny_stats.timesteps))
     held = sum(t.numel() * t.element_size() for k, t in tiny_stats.tensors.items()
-               if not k.startswith("pass1.") and k.endswith((".in", ".ctx", ".z_gram", ".moment")))
+               if not k.startswith("pass1.") and k.endswith((".q_gram", ".k_gram", ".z_gram", "_moment", ".ctx",
+                                                             ".moment")))
     assert sum(predicted.values()) == held
 
 

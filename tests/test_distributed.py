@@ -54,11 +54,11 @@ def _single_process(prompts, config) -> Statistics:
 
 def _assert_identical(got: Statistics, want: Statistics) -> None:
     assert got.timesteps == want.timesteps and got.visits == want.visits
-    assert set(got.tensors) == set(want.tensors) and set(got.ffn_weights) == set(want.ffn_weights)
+    assert set(got.tensors) == set(want.tensors) and set(got.timestep_weights) == set(want.timestep_weights)
     for key, value in want.tensors.items():
         assert torch.equal(got.tensors[key], value), key
-    for key, value in want.ffn_weights.items():
-        assert torch.equal(got.ffn_weights[key], value), key
+    for key, value in want.timestep_weights.items():
+        assert torch.equal(got.timestep_weights[key], value), key
 
 
 def test_torchrun_calibrate_matches_one_process(tmp_path):

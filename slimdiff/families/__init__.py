@@ -23,6 +23,7 @@ from .base import (
     QK,
     SELF,
     VO,
+    AttentionGrams,
     AttentionStatistics,
     BlockAdapter,
     ConditionInput,
@@ -110,7 +111,7 @@ def site_linears(denoiser: nn.Module, site: ModuleSite):
 
 
 __all__ = [
-    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "VO", "AttentionStatistics",
+    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter", "ConditionInput", "DenoiserFamily", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
     "site_adapter", "site_linears", "stat_key", "transformer_blocks",

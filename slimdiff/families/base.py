@@ -148,7 +148,8 @@ class SublayerTaps:
     * FFN: ``hidden`` is the down projection; its input is the hidden activation h of the FFN.
     * attention: ``attention`` is called with the query tokens and the context (``read_inputs`` extracts both
       from its arguments; context None = self-attention); ``head_output``'s input holds the ``heads``
-      concatenated per-head outputs z.
+      concatenated per-head outputs z; ``query`` and ``key`` are the projections whose per-head Grams the TRQ
+      of its Q·K site reads (calibration applies their weights to the inputs it already sees).
     """
 
     sublayer: str  # attribute path inside the block: statistics live under "<block>.<sublayer>"
@@ -158,6 +159,8 @@ class SublayerTaps:
     hidden: nn.Linear | None = None
     attention: nn.Module | None = None
     head_output: nn.Linear | None = None
+    query: nn.Linear | None = None
+    key: nn.Linear | None = None
     heads: int = 1
     read_inputs: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] = hidden_and_context
 
@@ -171,7 +174,7 @@ ATTENTION = "attention"
 
 
 def stat_key(sublayer_path: str, name: str) -> str:
-    """The storage key of one statistic of one sub-layer (the on-disk format of ``slimdiff-stats/1``)."""
+    """The storage key of one statistic of one sub-layer (the on-disk format of ``slimdiff-stats/2``)."""
     return f"{sublayer_path}.{name}"
 
 
@@ -251,17 +254,66 @@ class FFNStatistics(_Record):
 
 
 @dataclass(frozen=True)
-class AttentionStatistics(_Record):
-    """Pass-2 statistics of one attention: per-timestep input moments Σx and per-head Grams of its outputs z,
-    the context moment Σy (cross-attention; text tokens do not depend on t), token counts per sample (``seq``,
-    ``context_seq``) and its residual energies."""
+class AttentionGrams(_Record):
+    """Per-timestep statistics of one attention that the TRQ reads, small enough to keep for every timestep:
+    per-head Grams of its queries q = W_Q x and keys k = W_K y (biases left out, as in the TRQ's operator), of
+    its head outputs z (the input of the output projection), and Σ‖x‖². The key side of a cross-attention
+    is text, which does not depend on t: one key Gram and one Σ‖y‖² for all timesteps. Collected in both
+    passes: pass 1's give the timestep weights, pass 2's (every prompt) the module scores."""
 
-    inputs: torch.Tensor = _stored("in", True)
+    q_gram: torch.Tensor = _stored("q_gram", True)
+    k_gram: torch.Tensor = _stored("k_gram", True)  # (H, d, d) for a cross-attention
+    input_energy: torch.Tensor = _stored("in_energy", True)
     input_tokens: torch.Tensor = _stored("in_tokens", True)
     z_gram: torch.Tensor = _stored("z_gram", True)
     z_tokens: torch.Tensor = _stored("z_tokens", True)
-    context: torch.Tensor | None = _stored("ctx", False, optional=True)
+    context_energy: torch.Tensor | None = _stored("ctx_energy", False, optional=True)
     context_tokens: torch.Tensor | None = _stored("ctx_tokens", False, optional=True)
+
+    @property
+    def cross(self) -> bool:
+        return self.context_energy is not None
+
+    @property
+    def query_grams(self) -> torch.Tensor:
+        """(T, H, d, d) per-token Gram of each head's queries per timestep."""
+        return _per_token(self.q_gram, self.input_tokens)
+
+    @property
+    def key_grams(self) -> torch.Tensor:
+        """(T, H, d, d) per-token Gram of each head's keys per timestep; (H, d, d) for a cross-attention."""
+        return self.k_gram / self.context_tokens if self.cross else _per_token(self.k_gram, self.input_tokens)
+
+    @property
+    def input_traces(self) -> torch.Tensor:
+        """(T,) E‖x‖² per token of the query-side input."""
+        return self.input_energy / self.input_tokens
+
+    @property
+    def key_input_traces(self) -> torch.Tensor:
+        """E‖y‖² per token of the key-side input: (T,) for self-attention, a scalar for cross-attention."""
+        return self.context_energy / self.context_tokens if self.cross else self.input_traces
+
+    @property
+    def output_grams(self) -> torch.Tensor:
+        """(T, H, d, d) per-token Gram of each head's output per timestep."""
+        return _per_token(self.z_gram, self.z_tokens)
+
+
+@dataclass(frozen=True)
+class AttentionStatistics(_Record):
+    """Pass-2 statistics of one attention: its per-timestep Grams (:class:`AttentionGrams`), the input moments the
+    decompositions need, already fidelity-weighted over timesteps (Σ̄x = Σ_t w_t Σx_t with the Q·K site's weights
+    from pass 1 and, for a self-attention, once more with the V·O site's weights, as the FFNs' moment — one C×C
+    matrix each instead of one per timestep), the context moment Σy of a cross-attention (text tokens do not
+    depend on t), token counts per sample (``seq``, ``context_seq``) and its residual energies."""
+
+    qk_moment: torch.Tensor = _stored("qk_moment", False)
+    qk_moment_norm: torch.Tensor = _stored("qk_moment_norm", False)
+    vo_moment: torch.Tensor | None = _stored("vo_moment", False, optional=True)
+    vo_moment_norm: torch.Tensor | None = _stored("vo_moment_norm", False, optional=True)
+    context: torch.Tensor | None = _stored("ctx", False, optional=True)
+    grams: AttentionGrams | None = None
     seq: int = 0
     context_seq: int | None = None
     residual: ResidualEnergies | None = None
@@ -272,23 +324,25 @@ class AttentionStatistics(_Record):
             raise SlimDiffError(f"statistics have no {seq_key(sublayer_path)!r}: they were collected for another "
                                 "model or by an older slimdiff")
         ctx_seq = tensors.get(seq_key(sublayer_path, context=True))
-        return super().read(tensors, sublayer_path, residual=ResidualEnergies.read(tensors, sublayer_path),
+        return super().read(tensors, sublayer_path, grams=AttentionGrams.read(tensors, sublayer_path),
+                            residual=ResidualEnergies.read(tensors, sublayer_path),
                             seq=int(tensors[seq_key(sublayer_path)]),
                             context_seq=int(ctx_seq) if ctx_seq is not None else None, **extra)
 
     @property
-    def input_moments(self) -> torch.Tensor:
-        """(T, C, C) per-token input moment per timestep."""
-        return _per_token(self.inputs, self.input_tokens)
+    def qk_input_moment(self) -> torch.Tensor:
+        """Σ̄x weighted with the Q·K site's timestep weights (per token)."""
+        return self.qk_moment / self.qk_moment_norm
 
     @property
-    def output_grams(self) -> torch.Tensor:
-        """(T, H, d, d) per-token Gram of each head's output per timestep."""
-        return _per_token(self.z_gram, self.z_tokens)
+    def vo_input_moment(self) -> torch.Tensor:
+        """The value-side input moment weighted with the V·O site's timestep weights: Σ̄x of a self-attention,
+        the (timestep-free) text moment of a cross-attention."""
+        return self.context_moment if self.context is not None else self.vo_moment / self.vo_moment_norm
 
     @property
     def context_moment(self) -> torch.Tensor | None:
-        return None if self.context is None else self.context / self.context_tokens
+        return None if self.context is None else self.context / self.grams.context_tokens
 
     @property
     def key_tokens(self) -> int:

@@ -185,7 +185,8 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             attn = getattr(block, name, None)
             if attn is not None:
                 taps.append(SublayerTaps(name, ATTENTION, residual=getattr(block, norm), update=attn,
-                                         attention=attn, head_output=attn.to_out[0], heads=attn.heads))
+                                         attention=attn, head_output=attn.to_out[0], query=attn.to_q,
+                                         key=attn.to_k, heads=attn.heads))
         taps.append(SublayerTaps(_FFN, FFN, residual=getattr(block, _FFN_NORM), update=block.ff,
                                  hidden=block.ff.net[2]))
         return taps
