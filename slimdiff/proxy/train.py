@@ -537,7 +537,7 @@ def _train(cfg: ProxyConfig, out, device, work, quiet, resume_from=None) -> dict
     if resume_from is not None:
         vae.eval()
     elif vae_ckpt.exists():
-        vae.load_state_dict(torch.load(vae_ckpt, map_location=device))
+        vae.load_state_dict(torch.load(vae_ckpt, map_location=device, weights_only=True))
         vae.eval()
         log("VAE loaded from the work dir")
     else:
@@ -549,7 +549,7 @@ def _train(cfg: ProxyConfig, out, device, work, quiet, resume_from=None) -> dict
 
     t = time.time()
     if lat_ckpt.exists():
-        lat, ids = torch.load(lat_ckpt)
+        lat, ids = torch.load(lat_ckpt, weights_only=True)
     else:
         lat, ids = encode_dataset(vae, tokenizer, cfg, device, log)
         torch.save((lat, ids), lat_ckpt)
