@@ -187,7 +187,7 @@ def test_export_folders_the_bench_cannot_time_are_refused_in_one_line(tmp_path, 
     (old / "export.json").write_text(json.dumps({"format": "slimdiff-export/1", "dense_model": "builtin:tiny",
                                                  "slim_model": "slim-unet", "engine": "ort"}))
     assert main(["--model", str(old), "--device", "cpu", "--budgets", "0,0.4"]) == 2
-    assert "leave out --budgets" in capsys.readouterr().err
+    assert "leave out budgets, statistics" in capsys.readouterr().err
     (old / "export.json").write_text("{")
     assert main(["--model", str(old), "--device", "cpu"]) == 2
     assert "is corrupt" in capsys.readouterr().err

@@ -100,18 +100,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args):
     from .engines import parse_engines
-    from .harness import BenchConfig
+    from .harness import BenchConfig, is_export_folder
 
-    from .harness import read_export
-
-    exported = read_export(args.model) is not None
-    if exported and (args.budgets or args.stats or args.calib_prompts):
-        raise SlimDiffError("an export folder brings its dense and slim models: leave out --budgets, --stats and "
-                            "--calib-prompts")
+    exported = is_export_folder(args.model)  # its own models: no budgets, no calibration by default
     calib = args.calib_prompts
     if calib is None:
         calib = 0 if args.stats or exported or args.model not in ("builtin:tiny", "builtin:proxy") else 8
-    budgets = [0.0] if exported else _floats(args.budgets or "0,0.4", "--budgets")
+    budgets = _floats(args.budgets or ("0" if exported else "0,0.4"), "--budgets")
     return BenchConfig(
         model=args.model, engines=parse_engines(args.engines), budgets=budgets,
         budget_unit=args.budget_unit,

@@ -94,10 +94,18 @@ class BenchConfig:
                                 "end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
+        if is_export_folder(self.model) and (self.budgets != [0.0] or self.stats or self.calib_prompts):
+            raise SlimDiffError("an export folder brings its dense and slim models: leave out budgets, statistics "
+                                "and calibration prompts (--budgets, --stats, --calib-prompts)")
         if self.budget_unit not in ("params", "macs"):
             raise SlimDiffError(f"budget unit must be params or macs, got {self.budget_unit!r}")
         if self.pad_heads is not None and self.pad_heads < 1:
             raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
+
+
+def is_export_folder(source: str) -> bool:
+    """Whether ``source`` is a ``slimdiff-export`` folder (read by :func:`read_export`)."""
+    return (Path(source) / "export.json").is_file()
 
 
 def read_export(source: str) -> dict | None:
@@ -105,10 +113,9 @@ def read_export(source: str) -> dict | None:
     what the benchmark then times, nothing rebuilt — or None for any other model source."""
     from ..export.meta import EXPORT_FORMAT, read_json
 
-    path = Path(source) / "export.json"
-    if not path.is_file():
+    if not is_export_folder(source):
         return None
-    body = read_json(path, "export metadata", EXPORT_FORMAT)
+    body = read_json(Path(source) / "export.json", "export metadata", EXPORT_FORMAT)
     if not body.get("dense_model") or not body.get("slim_model"):
         raise SlimDiffError(f"{source}: this export holds no dense source or no slim UNet folder to time (made from "
                             f"a slim folder, or by an older slimdiff-export); export from the dense model again")
@@ -233,8 +240,6 @@ class Bench:
         #: engine → the dense model's runner on it, kept while that engine's slim models are timed against it.
         self.dense_runs: dict[str, object] = {}
         self.export = read_export(config.model)
-        if self.export is not None and config.budgets != [0.0]:
-            raise SlimDiffError("an export folder brings its dense and slim models: leave out budgets")
 
     # -- helpers -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
