@@ -45,12 +45,14 @@ from .families import (
     CROSS,
     FFN,
     QK,
+    TEXT_CONTEXT,
     VO,
     AttentionGrams,
     AttentionStatistics,
     FFNEnergies,
     FFNStatistics,
     ResidualEnergies,
+    TextContextMoment,
     family_for,
     module_sites,
     site_linears,
@@ -172,6 +174,9 @@ class _Collector:
         self.calls: dict[int, int] = {}
         self.seq: dict[str, int] = {}  # tokens per sample seen by each attention (for MAC costs), by storage key
         self.t: int | None = None
+        self.call_context: torch.Tensor | None = None  # the text context of the current denoiser call
+        self.context_summed = False  # whether its moment is in the shared sum yet
+        self.context_shared: dict[str, bool] = {}  # per cross-attention: reads the call's context unchanged
 
     # The current timestep is read once per denoiser call; every module hook uses it.
     def _unet_pre(self, _module, args, kwargs):
@@ -184,6 +189,7 @@ class _Collector:
                                 "both passes must run the same schedule")
         self.t = self.index[t]
         self.calls[t] = self.calls.get(t, 0) + 1
+        self.call_context, self.context_summed = self.family.text_context(args, kwargs), False
 
     def _step_weight(self, path: str, kind: str) -> float:
         """w_{m,t} / visits_t: the weight of one denoiser call's sums in a site's weighted moment."""
@@ -234,9 +240,23 @@ class _Collector:
                 self.acc.add(AttentionStatistics.key(path, "vo_moment"), w * moment)
                 self.acc.add(AttentionStatistics.key(path, "vo_moment_norm"), torch.tensor(float(w * n)))
             else:
-                self.acc.add(AttentionStatistics.key(path, "context"), _moment(ctx))
+                self._context_moment(path, ctx)
 
         return hook
+
+    def _context_moment(self, path: str, ctx: torch.Tensor) -> None:
+        """Sum the text-context moment of a cross-attention: once per call for all that read the call's context
+        (the same tensor), else its own."""
+        shared = ctx is self.call_context
+        if self.context_shared.setdefault(path, shared) != shared:
+            raise SlimDiffError(f"{path} read the denoiser's text context in some calls and not in others: "
+                                "calibration cannot share its text moment")
+        if not shared:
+            self.acc.add(AttentionStatistics.key(path, "context"), _moment(ctx))
+        elif not self.context_summed:
+            self.acc.add(TextContextMoment.key(TEXT_CONTEXT, "moment"), _moment(ctx))
+            self.acc.add(TextContextMoment.key(TEXT_CONTEXT, "tokens"), torch.tensor(float(_tokens(ctx))))
+            self.context_summed = True
 
     def _attn_out_pre(self, path: str, heads: int):
         def hook(_m, args):
@@ -432,9 +452,11 @@ def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
     """Bytes of the float64 statistics a calibration of ``unet`` over ``timesteps`` distinct timesteps holds (the
     scalars beside them are negligible): per-timestep per-head Grams of each attention's queries, keys (self-
     attention; a cross-attention's text keys have one) and head outputs (H×d×d), the timestep-weighted input
-    moments of each attention (C×C for Q·K, once more for V·O of a self-attention), the text-token moment of each
-    cross-attention, and one I×I moment per FFN."""
+    moments of each attention (C×C for Q·K, once more for V·O of a self-attention), one moment of the text
+    context the cross-attentions share, and one I×I moment per FFN. (A family whose cross-attentions each read
+    a context of their own would hold one text moment per cross-attention: more than counted here.)"""
     sizes = {"attention_grams_per_timestep": 0, "attention_moments": 0, "text_moments": 0, "ffn_moments": 0}
+    text_widths: set[int] = set()  # the cross-attentions share the moment of the denoiser's text context
     for site in module_sites(unet):
         lin = site_linears(unet, site)
         if site.kind == FFN:
@@ -444,13 +466,14 @@ def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
             sizes["attention_moments"] += lin.q.in_features ** 2
             if site.attention == CROSS:
                 sizes["attention_grams_per_timestep"] += timesteps * gram + gram
-                sizes["text_moments"] += lin.k.in_features ** 2
+                text_widths.add(lin.k.in_features)
             else:
                 sizes["attention_grams_per_timestep"] += 2 * timesteps * gram
         else:
             sizes["attention_grams_per_timestep"] += timesteps * site.heads * (lin.out.in_features // site.heads) ** 2
             if site.attention != CROSS:
                 sizes["attention_moments"] += lin.v.in_features ** 2
+    sizes["text_moments"] = sum(width ** 2 for width in text_widths)
     return {k: 8 * v for k, v in sizes.items()}
 
 

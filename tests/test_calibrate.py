@@ -52,8 +52,12 @@ def test_statistics_content(tiny_stats):
         assert w.shape == (T,) and torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64))
     moment = stats.tensors[f"{key}.ff.moment"] / stats.tensors[f"{key}.ff.moment_norm"]
     assert torch.allclose(moment, moment.T) and torch.linalg.eigvalsh(moment).min() > -1e-9
-    ctx = stats.tensors[f"{key}.attn2.ctx"]
-    assert ctx.shape == (64, 64) and f"{key}.attn1.ctx" not in stats.tensors
+    # every cross-attention reads the UNet's text context unchanged: one moment for all of them
+    assert stats.tensors["text_context.moment"].shape == (64, 64)
+    assert not [k for k in stats.tensors if k.endswith(".ctx")]
+    cross = stats.attention(f"{key}.attn2")
+    assert torch.allclose(cross.context_moment, stats.tensors["text_context.moment"] / stats.tensors["text_context.tokens"])
+    assert cross.context_norm == stats.tensors[f"{key}.attn2.ctx_tokens"]  # each read the context once per call
     # per timestep only head-sized Grams; the C×C input moments are weighted over timesteps, one per site
     assert stats.tensors[f"{key}.attn2.z_gram"].shape == (T, 2, 16, 16)
     assert stats.tensors[f"{key}.attn1.q_gram"].shape == stats.tensors[f"{key}.attn1.k_gram"].shape == (T, 2, 16, 16)
@@ -133,15 +137,27 @@ def test_stats_from_another_model_are_refused(tmp_path, tiny_stats):
         calibrate(build_builtin("builtin:tiny"), prompts[:1], tmp_path / "s", CONFIG, progress=False)
 
 
+def _held_bytes(stats) -> int:
+    return sum(t.numel() * t.element_size() for k, t in stats.tensors.items()
+               if not k.startswith("pass1.") and k.endswith((".q_gram", ".k_gram", ".z_gram", "_moment", ".ctx",
+                                                             ".moment")))
+
+
 def test_statistics_size_is_known_before_calibrating(tiny_stats):
     from slimdiff.calibrate import statistics_bytes
     from slimdiff.models import load_unet
 
     predicted = statistics_bytes(load_unet("builtin:tiny"), len(tiny_stats.timesteps))
-    held = sum(t.numel() * t.element_size() for k, t in tiny_stats.tensors.items()
-               if not k.startswith("pass1.") and k.endswith((".q_gram", ".k_gram", ".z_gram", "_moment", ".ctx",
-                                                             ".moment")))
-    assert sum(predicted.values()) == held
+    assert sum(predicted.values()) == _held_bytes(tiny_stats)
+
+
+def test_sdxl_statistics_size_is_known_and_its_cross_attentions_share_the_text_moment():
+    from slimdiff.calibrate import statistics_bytes
+
+    pipe = build_builtin("builtin:tiny-xl")
+    stats = calibrate(pipe, read_prompts(limit=1), None, CONFIG, progress=False)
+    assert "text_context.moment" in stats.tensors and not [k for k in stats.tensors if k.endswith(".ctx")]
+    assert sum(statistics_bytes(pipe.unet, len(stats.timesteps)).values()) == _held_bytes(stats)
 
 
 def test_a_calibration_whose_statistics_cannot_be_held_is_refused_before_the_first_prompt(monkeypatch):
@@ -161,3 +177,22 @@ def test_a_calibration_whose_statistics_cannot_be_held_is_refused_before_the_fir
     monkeypatch.setattr(devices, "available_memory_bytes", lambda device: 2 * need)
     with pytest.raises(AssertionError, match="a prompt was sampled"):
         calibrate(pipe, ["a cat"], None, CalibrationConfig(steps=4), loop=loop, progress=False)
+
+
+def test_cross_attentions_reading_their_own_context_keep_their_own_moment(monkeypatch):
+    """The shared text moment is a storage saving, not an approximation: a family whose cross-attentions do not
+    read the call's context tensor keeps one per attention, with the same values."""
+    from slimdiff.families import CROSS, QK, module_sites
+    from slimdiff.families.sd import StableDiffusionFamily
+
+    prompts = read_prompts(limit=2)
+    shared = calibrate(build_builtin("builtin:tiny"), prompts, None, CONFIG, progress=False)
+    monkeypatch.setattr(StableDiffusionFamily, "text_context", lambda self, args, kwargs: None)
+    own = calibrate(build_builtin("builtin:tiny"), prompts, None, CONFIG, progress=False)
+    assert "text_context.moment" in shared.tensors and "text_context.moment" not in own.tensors
+    crosses = [s for s in module_sites(build_builtin("builtin:tiny").unet) if s.kind == QK and s.attention == CROSS]
+    assert crosses
+    for site in crosses:
+        assert f"{site.sublayer_path}.ctx" in own.tensors
+        torch.testing.assert_close(own.attention(site.sublayer_path).context_moment,
+                                   shared.attention(site.sublayer_path).context_moment, rtol=1e-12, atol=0)

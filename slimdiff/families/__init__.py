@@ -22,6 +22,7 @@ from .base import (
     FFN,
     QK,
     SELF,
+    TEXT_CONTEXT,
     VO,
     AttentionGrams,
     AttentionStatistics,
@@ -35,6 +36,7 @@ from .base import (
     QKLinears,
     ResidualEnergies,
     SublayerTaps,
+    TextContextMoment,
     TextTower,
     VOLinears,
     stat_key,
@@ -111,8 +113,8 @@ def site_linears(denoiser: nn.Module, site: ModuleSite):
 
 
 __all__ = [
-    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "VO", "AttentionGrams", "AttentionStatistics",
+    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter", "ConditionInput", "DenoiserFamily", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
-    "SublayerTaps", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
+    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
     "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

@@ -24,7 +24,7 @@ package; only the stages that touch a real model do.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar
 
 import torch
@@ -300,19 +300,34 @@ class AttentionGrams(_Record):
         return _per_token(self.z_gram, self.z_tokens)
 
 
+# The denoiser's own text context (what :meth:`DenoiserFamily.text_context` returns) is stored under this prefix.
+TEXT_CONTEXT = "text_context"
+
+
+@dataclass(frozen=True)
+class TextContextMoment(_Record):
+    """The token moment of the text context a denoiser call passes to its cross-attentions, summed once per
+    call — shared by every cross-attention that reads that tensor unchanged."""
+
+    moment: torch.Tensor = _stored("moment", False)
+    tokens: torch.Tensor = _stored("tokens", False)
+
+
 @dataclass(frozen=True)
 class AttentionStatistics(_Record):
     """Pass-2 statistics of one attention: its per-timestep Grams (:class:`AttentionGrams`), the input moments the
     decompositions need, already fidelity-weighted over timesteps (Σ̄x = Σ_t w_t Σx_t with the Q·K site's weights
     from pass 1 and, for a self-attention, once more with the V·O site's weights, as the FFNs' moment — one C×C
     matrix each instead of one per timestep), the context moment Σy of a cross-attention (text tokens do not
-    depend on t), token counts per sample (``seq``, ``context_seq``) and its residual energies."""
+    depend on t; its own, or the denoiser's shared :class:`TextContextMoment`), token counts per sample (``seq``,
+    ``context_seq``) and its residual energies."""
 
     qk_moment: torch.Tensor = _stored("qk_moment", False)
     qk_moment_norm: torch.Tensor = _stored("qk_moment_norm", False)
     vo_moment: torch.Tensor | None = _stored("vo_moment", False, optional=True)
     vo_moment_norm: torch.Tensor | None = _stored("vo_moment_norm", False, optional=True)
     context: torch.Tensor | None = _stored("ctx", False, optional=True)
+    context_norm: torch.Tensor | None = None  # the tokens ``context`` sums over
     grams: AttentionGrams | None = None
     seq: int = 0
     context_seq: int | None = None
@@ -324,10 +339,16 @@ class AttentionStatistics(_Record):
             raise SlimDiffError(f"statistics have no {seq_key(sublayer_path)!r}: they were collected for another "
                                 "model or by an older slimdiff")
         ctx_seq = tensors.get(seq_key(sublayer_path, context=True))
-        return super().read(tensors, sublayer_path, grams=AttentionGrams.read(tensors, sublayer_path),
-                            residual=ResidualEnergies.read(tensors, sublayer_path),
-                            seq=int(tensors[seq_key(sublayer_path)]),
-                            context_seq=int(ctx_seq) if ctx_seq is not None else None, **extra)
+        grams = AttentionGrams.read(tensors, sublayer_path)
+        stats = super().read(tensors, sublayer_path, grams=grams, residual=ResidualEnergies.read(tensors, sublayer_path),
+                             seq=int(tensors[seq_key(sublayer_path)]),
+                             context_seq=int(ctx_seq) if ctx_seq is not None else None, **extra)
+        if not grams.cross:
+            return stats
+        if stats.context is not None:
+            return replace(stats, context_norm=grams.context_tokens)
+        shared = TextContextMoment.read(tensors, TEXT_CONTEXT)
+        return replace(stats, context=shared.moment, context_norm=shared.tokens)
 
     @property
     def qk_input_moment(self) -> torch.Tensor:
@@ -342,7 +363,7 @@ class AttentionStatistics(_Record):
 
     @property
     def context_moment(self) -> torch.Tensor | None:
-        return None if self.context is None else self.context / self.grams.context_tokens
+        return None if self.context is None else self.context / self.context_norm
 
     @property
     def key_tokens(self) -> int:
@@ -456,6 +477,12 @@ class DenoiserFamily(ABC):
     @abstractmethod
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
+
+    @abstractmethod
+    def text_context(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The text tokens one denoiser call passes on to its cross-attentions. Calibration keeps a single
+        moment of them for every cross-attention that reads this very tensor (all of them in SD and SDXL
+        UNets: 70 identical 2048×2048 moments in SDXL otherwise)."""
 
     @abstractmethod
     def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,

@@ -32,6 +32,9 @@ class StableDiffusionFamily(DenoiserFamily):
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         return kwargs.get("timestep", args[1] if len(args) > 1 else None)
 
+    def text_context(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        return kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+
     def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         h, w = latent
