@@ -196,3 +196,13 @@ def test_cross_attentions_reading_their_own_context_keep_their_own_moment(monkey
         assert f"{site.sublayer_path}.ctx" in own.tensors
         torch.testing.assert_close(own.attention(site.sublayer_path).context_moment,
                                    shared.attention(site.sublayer_path).context_moment, rtol=1e-12, atol=0)
+
+
+def test_statistics_of_another_format_version_are_refused_with_what_to_do(tmp_path):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "slimdiff-stats/1", "complete": True}))
+    with pytest.raises(SlimDiffError, match=r"another slimdiff version \(format slimdiff-stats/1.*calibrate again"):
+        Statistics.load(tmp_path)
+    with pytest.raises(SlimDiffError, match="another slimdiff version"):  # and a resume into it
+        calibrate(build_builtin("builtin:tiny"), ["a cat"], tmp_path, CONFIG, progress=False)
