@@ -9,7 +9,8 @@ Two passes (method.md §4), so SDXL's statistics fit in host memory:
 * **pass 2** (all prompts) collects the same per-timestep quantities again (for the module scores) and
   accumulates every input moment the decompositions need directly fidelity-weighted, Σ̄ = Σ_t w_t Σ_t with w from
   pass 1: one I×I matrix per FFN, one C×C per attention and site (Q·K; V·O of a self-attention), and the
-  timestep-free text moment of each cross-attention. Nothing C×C is kept per timestep.
+  timestep-free moment of the text context (one for all the cross-attentions that read the denoiser's own).
+  Nothing C×C is kept per timestep.
 
 Both CFG branches are in the batch and count with equal weight. Prompts are summed in fixed chunks of
 ``checkpoint_every`` batches, each chunk from zero, and the chunk sums are added in chunk order: the totals are
@@ -215,20 +216,19 @@ class _Collector:
             x, ctx = tap.read_inputs(args, kwargs)
             n = _tokens(x)
             self.seq[seq_key(path)] = x.shape[-2]
-            grams = AttentionGrams
             # projections in the model's dtype (what the model computes), their Grams in float64
-            self.acc.add(grams.key(path, "q_gram"), _head_gram(torch.nn.functional.linear(x, tap.query.weight),
-                                                              tap.heads), self.t)
-            self.acc.add(grams.key(path, "input_energy"), _energy(x), self.t)
-            self.acc.add(grams.key(path, "input_tokens"), torch.tensor(float(n)), self.t)
+            queries = torch.nn.functional.linear(x, tap.query.weight)
+            self.acc.add(AttentionGrams.key(path, "q_gram"), _head_gram(queries, tap.heads), self.t)
+            self.acc.add(AttentionGrams.key(path, "input_energy"), _energy(x), self.t)
+            self.acc.add(AttentionGrams.key(path, "input_tokens"), torch.tensor(float(n)), self.t)
             keys = torch.nn.functional.linear(x if ctx is None else ctx, tap.key.weight)
             if ctx is None:
-                self.acc.add(grams.key(path, "k_gram"), _head_gram(keys, tap.heads), self.t)
+                self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads), self.t)
             else:  # text tokens do not depend on t: one of each per module
                 self.seq[seq_key(path, context=True)] = ctx.shape[-2]
-                self.acc.add(grams.key(path, "k_gram"), _head_gram(keys, tap.heads))
-                self.acc.add(grams.key(path, "context_energy"), _energy(ctx))
-                self.acc.add(grams.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
+                self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads))
+                self.acc.add(AttentionGrams.key(path, "context_energy"), _energy(ctx))
+                self.acc.add(AttentionGrams.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
             if self.mode != "pass2":
                 return
             moment = _moment(x)
