@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 
 import torch
+from diffusers import UNet2DConditionModel
 from filelock import FileLock
 
+from slimdiff.configs import TINY_UNET, TINY_XL_UNET
 from slimdiff.export.modules import unet_component
 from slimdiff.export.onnx import export_onnx, load_sidecar, sidecar_path
 from slimdiff.export.shapes import parse_profiles
@@ -32,9 +34,30 @@ def default_ranks(sites) -> dict[str, int]:
     return ranks
 
 
-def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None, model: str = "builtin:tiny"):
-    """``model``'s UNet resized to a rank plan and re-initialised N(0, 0.02): a real slim structure."""
-    unet = load_unet(model)
+# builtin:tiny and builtin:tiny-xl at two levels instead of three, for the tests of one export or compile path: the
+# time torch.export, the ONNX exporter and Inductor take grows with the graph, not with the widths. Each keeps its
+# family's call (tiny-xl: text_embeds and time_ids), attention heads of two widths (16 and 32 in tiny, 16 in
+# tiny-xl), a downsampling and an upsampling (non-square latents through both), in 4 transformer blocks instead of
+# 7 (tiny) or 11 (tiny-xl).
+TWO_LEVEL_UNET = dict(TINY_UNET, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TWO_LEVEL_XL_UNET = dict(TINY_XL_UNET, block_out_channels=(32, 64), attention_head_dim=(2, 4),
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1))
+
+
+def seeded_unet(config: dict, seed: int = 0):
+    """A UNet2DConditionModel of ``config`` with torch's default initialisation from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**config).eval().requires_grad_(False)
+
+
+def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None, model: str = "builtin:tiny",
+                   config: dict | None = None):
+    """``model``'s UNet (or a UNet2DConditionModel of ``config``) resized to a rank plan and re-initialised
+    N(0, 0.02): a real slim structure."""
+    unet = seeded_unet(config) if config is not None else load_unet(model)
     sites = module_sites(unet)
     plan = RankPlan.from_ranks(sites, ranks if ranks is not None else default_ranks(sites))
     apply_plan_shapes(unet, plan)
@@ -48,6 +71,12 @@ def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None, model: st
 _CACHE: dict = {}
 
 
+def _shared_folder(tmp_path_factory):
+    """The folder every pytest-xdist worker of this run sees (their base folders' parent)."""
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+
+
 def cached_export(tmp_path_factory, variant: str, opset: int = 23):
     """``(onnx path, sidecar, unet)`` for ``variant`` in {dense, slim}, exported once per test run: pytest-xdist
     workers share their base folder's parent, so the first worker to need a variant exports it (under a file lock)
@@ -55,10 +84,7 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
     key = (variant, opset)
     if key not in _CACHE:
         unet = load_unet("builtin:tiny") if variant == "dense" else slim_tiny_unet()[0]
-        shared = tmp_path_factory.getbasetemp()
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            shared = shared.parent
-        folder = shared / f"export-{variant}{opset}"
+        folder = _shared_folder(tmp_path_factory) / f"export-{variant}{opset}"
         path = folder / "unet.onnx"
         with FileLock(str(folder) + ".lock"):
             if sidecar_path(path).is_file():
@@ -68,4 +94,3 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
                 sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
         _CACHE[key] = (path, sidecar, unet)
     return _CACHE[key]
-

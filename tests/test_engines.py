@@ -6,7 +6,7 @@ import json
 import onnx
 import pytest
 import torch
-from export_support import slim_tiny_unet, tiny_profiles
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, slim_tiny_unet, tiny_profiles
 
 from slimdiff.engines import build_engine, engine_meta_path, load_engine_meta
 from slimdiff.engines import trt as trtmod
@@ -81,11 +81,12 @@ def test_corrupt_and_missing_engine_files(dense, tmp_path):
 
 def test_external_data_path_exports_builds_and_runs(tmp_path, monkeypatch):
     """The >2 GB path (weights in unet.onnx.data, ORT's optimized weights in unet.ort.onnx.data), forced on the
-    tiny model by lowering the threshold; builtin:sd15-shape exercises it for real in the benchmark script."""
+    two-level tiny model by lowering the threshold; builtin:sd15-shape exercises it for real in the benchmark
+    script."""
     from slimdiff.export import onnx as onnxmod
 
     monkeypatch.setattr(onnxmod, "EXTERNAL_DATA_BYTES", 0)
-    unet, _ = slim_tiny_unet(seed=7)
+    unet, _ = slim_tiny_unet(seed=7, config=TWO_LEVEL_UNET)
     sidecar = onnxmod.export_onnx(unet_component(unet), tiny_profiles(), tmp_path / "unet.onnx")
     assert sidecar["external_data"] and sidecar["files"] == ["unet.onnx", "unet.onnx.data"]
     assert "onnxslim skipped" in sidecar["cleanup"] and sidecar["parity"]["max_rel_error"] <= 1e-4
@@ -127,8 +128,9 @@ def test_engine_kind_must_be_known(dense, tmp_path):
 @pytest.mark.slow
 def test_aoti_engine_compiles_and_matches_eager(tmp_path):
     """The suite's one AOTInductor compile (its slowest build) takes the richest call there is: a slim SDXL-style
-    UNet whose engine also takes ``text_embeds`` and ``time_ids``."""
-    unet, plan = slim_tiny_unet(seed=4, model="builtin:tiny-xl")
+    UNet whose engine also takes ``text_embeds`` and ``time_ids`` (tiny-xl's blocks at two levels: the compile
+    time follows the graph's size)."""
+    unet, plan = slim_tiny_unet(seed=4, config=TWO_LEVEL_XL_UNET)
     component = unet_component(unet)
     conditions = [spec.name for spec in component.inputs[3:]]
     assert conditions == ["text_embeds", "time_ids"]
