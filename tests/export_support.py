@@ -1,8 +1,11 @@
 """Shared helpers for the export / engine / runtime tests: structurally real slim UNets without calibration,
-the tiny model's shape profiles, and ONNX exports cached for the whole test session (each costs ~20 s)."""
+the tiny model's shape profiles, and ONNX exports and one ``slimdiff-export`` run cached for the whole test
+session (an export costs ~20 s, the command ~2 min)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import torch
@@ -94,3 +97,32 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
                 sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
         _CACHE[key] = (path, sidecar, unet)
     return _CACHE[key]
+
+
+
+# The calibration of the command-line exports: the fewest prompts and steps that still slim the model.
+FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
+
+
+def cached_cli_export(tmp_path_factory):
+    """``(root, stdout)`` of one ``slimdiff-export`` run per test run: builtin:tiny to ONNX Runtime, dense and slim
+    engines in ``root/engines``, and a python-mode Triton repository in ``root/repo``. The command-line tests and
+    the Triton tests read the same run (the first worker to need it runs it under a file lock); nobody may change
+    its files."""
+    if "cli" not in _CACHE:
+        from slimdiff.cli import export as cli
+
+        root = _shared_folder(tmp_path_factory) / "slimdiff-export-tiny"
+        printed = root / "stdout.txt"
+        with FileLock(str(root) + ".lock"):
+            if not printed.is_file():
+                root.mkdir(exist_ok=True)
+                stdout, stderr = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(root / "engines"),
+                                   "--triton-repo", str(root / "repo"), "--triton-mode", "python",
+                                   *FAST_CALIBRATION])
+                assert rc == 0, stderr.getvalue()
+                printed.write_text(stdout.getvalue())  # written last: its presence says the run finished
+        _CACHE["cli"] = (root, printed.read_text())
+    return _CACHE["cli"]

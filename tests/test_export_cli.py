@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from export_support import slim_tiny_unet
+from export_support import cached_cli_export, slim_tiny_unet
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.cli import export as cli
 from slimdiff.runtime import EngineUNet
 from slimdiff.serialization import load_plan, load_slim, save_slim, verify_slim_folder
-
-FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
 
 
 def _nothing_written(out):
@@ -28,16 +26,10 @@ def _one_error_line(stderr: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    """``slimdiff-export`` of builtin:tiny to ORT (dense and slim engines, the slim UNet folder) and its stdout."""
-    import contextlib
-    import io
-
-    out = tmp_path_factory.mktemp("export") / "engines"
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), *FAST_CALIBRATION])
-    assert rc == 0, stderr.getvalue()
-    return out, stdout.getvalue()
+    """``slimdiff-export`` of builtin:tiny to ORT (dense and slim engines, the slim UNet folder) and its stdout;
+    the same run also writes the Triton repository test_triton.py serves."""
+    root, printed = cached_cli_export(tmp_path_factory)
+    return root / "engines", printed
 
 
 @pytest.mark.slow

@@ -6,22 +6,26 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from export_support import cached_cli_export
 
-from slimdiff.engines import build_engine, engine_meta_path
+from slimdiff.engines import engine_meta_path
 from slimdiff.errors import SlimDiffError
-from slimdiff.export.modules import unet_component
 
 pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
-def ort_engine(dense, tmp_path_factory):
-    path, sidecar, unet = dense
-    folder = tmp_path_factory.mktemp("ort_engine")
-    build_engine("ort", unet_component(unet), folder, axes=sidecar["axes"], profiles=sidecar["profiles"],
-                 dtype=torch.float32, device="cpu", onnx_path=path, extra={"unet_config": dict(unet.config)})
-    return folder
+def exported(tmp_path_factory):
+    """The test run's ``slimdiff-export --triton-repo`` (python mode) of builtin:tiny: ORT engines of the dense and
+    the slim UNet in ``root/engines``, the repository in ``root/repo``."""
+    root, _ = cached_cli_export(tmp_path_factory)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ort_engine(exported):
+    """The dense UNet's ONNX Runtime engine folder, as slimdiff-export built it."""
+    return exported / "engines" / "dense"
 
 
 def _inputs(config):
@@ -89,23 +93,18 @@ def test_bad_repository_requests_fail_early(tmp_path):
 # A real tritonserver
 # ---------------------------------------------------------------------------------------------------------
 
-FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
 PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
 
 
 @pytest.fixture(scope="module")
-def served_repository(tmp_path_factory):
-    """``slimdiff-export --triton-repo`` (python mode) on builtin:tiny, served by the bundled tritonserver."""
+def served_repository(exported, tmp_path_factory):
+    """The exported repository served by the bundled tritonserver."""
     pytest.importorskip("pytriton")
     from slimdiff.engines.triton import local_server
-    from slimdiff.cli import export as cli
 
-    root = tmp_path_factory.mktemp("triton")
-    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(root / "engines"), "--slim-only",
-                   "--triton-repo", str(root / "repo"), "--triton-mode", "python", *FAST_CALIBRATION])
-    assert rc == 0
-    with local_server(root / "repo", timeout_s=180, log=root / "tritonserver.log") as urls:
-        yield root, urls
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with local_server(exported / "repo", timeout_s=180, log=log) as urls:
+        yield exported, urls
 
 
 def _served_image(url, prompt, seed, steps=4):
