@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from export_support import cached_cli_export, slim_tiny_unet
+from export_support import TWO_LEVEL_UNET, cached_cli_export, slim_tiny_unet
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.cli import export as cli
@@ -89,7 +89,7 @@ def test_bench_times_the_exported_models_and_engines_without_rebuilding(tiny_exp
 
 
 def test_slim_folder_gives_slim_engine_and_force_replaces_output(tmp_path, capsys):
-    unet, plan = slim_tiny_unet(seed=6)
+    unet, plan = slim_tiny_unet(seed=6, config=TWO_LEVEL_UNET)  # two levels: the export's time follows the graph
     save_slim(unet, plan, tmp_path / "slim-unet")
     out = tmp_path / "engines"
     out.mkdir()

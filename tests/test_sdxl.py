@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from export_support import TWO_LEVEL_XL_UNET, seeded_unet
 
 from slimdiff.bench.macs import count_macs, meta_unet
 from slimdiff.bench.plans import transformer_mac_plan
@@ -95,7 +96,11 @@ def test_calibration_runs_the_xl_loop_and_slims_with_slimset_on_both_towers():
 
 
 def test_onnx_export_takes_text_embeds_and_time_ids_and_the_engine_drives_the_xl_pipeline(tmp_path):
+    # tiny-xl's UNet at two levels (the export's time follows the graph): the whole tiny-xl UNet is exported in
+    # test_conformance.py (TestSDXLPipeline) and drives this pipeline as an engine in test_sdxl_cli.py.
     pipe = build_builtin("builtin:tiny-xl")
+    pipe = type(pipe)(**{**pipe.components, "unet": seeded_unet(TWO_LEVEL_XL_UNET)})
+    pipe.set_progress_bar_config(disable=True)
     profiles = parse_profiles("1:2:4", "16:32:48", "16:32:48", "77", vae_scale=2, multiple=8)
     component = unet_component(pipe.unet)
     sidecar = export_onnx(component, profiles, tmp_path / "unet.onnx")
