@@ -99,8 +99,7 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
     return _CACHE[key]
 
 
-
-# The calibration of the command-line exports: the fewest prompts and steps that still slim the model.
+# Calibration of the command-line export: a few prompts and steps, enough to slim the tiny model.
 FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"]
 
 
