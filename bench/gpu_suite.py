@@ -29,8 +29,8 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
    latency of each (interleaved), and the largest output difference (exactness check).
 4. **Compiled SD-1.5**: ``builtin:sd15-shape`` fp16 512² batch 2, dense vs 0.4 on compile and AOTInductor.
 5. **Calibration on CUDA**: a measured subset of calibration on the headline model and on SD-1.5, extrapolated to
-   500 prompts × 25 steps, with peak GPU and host memory (SDXL samples 10 steps: its float64 statistics over 25
-   timesteps are 58.5 GB, held twice on the host while chunks fold; their size per step count is reported).
+   500 prompts × 25 steps, with peak GPU and host memory (SDXL samples 10 steps to spend less device time: its
+   float64 statistics are 17.8 GB there and 21.0 GB over 25 timesteps, held once on the host; both are reported).
 
 Output (``$OUT/suite`` when ``$OUT`` is set, else ``--out``): report.md (headline tables and every phase),
 report.json (the headline benchmark, schema ``slimdiff-bench/1``), suite.json (every phase; rewritten after each),
