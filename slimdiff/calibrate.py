@@ -318,7 +318,8 @@ def _prior(n: int, kind: str) -> torch.Tensor:
     return torch.log(torch.arange(n, 0, -1, dtype=torch.float64) + 1.0)
 
 
-def _cpu64(module: torch.nn.Linear) -> torch.Tensor:
+def weight64(module: torch.nn.Linear) -> torch.Tensor:
+    """A Linear's weight as a float64 CPU tensor (what the TRQs and the closed-form factors compute with)."""
     return module.weight.detach().double().cpu()
 
 
@@ -328,14 +329,14 @@ def site_trq(unet, site, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     lin = site_linears(unet, site)
     if site.kind == FFN:
         energies = FFNEnergies.read(tensors, site.sublayer_path)
-        down = _cpu64(lin.down)
+        down = weight64(lin.down)
         return trq_from_energies(energies.hout_energy / energies.tokens, energies.h_energy / energies.tokens,
                                  down.pow(2).sum(), down.shape[1])
     grams = AttentionGrams.read(tensors, site.sublayer_path)
     if site.kind == QK:
-        return trq_qk(_cpu64(lin.q), _cpu64(lin.k), grams.query_grams, grams.key_grams, grams.input_traces,
+        return trq_qk(weight64(lin.q), weight64(lin.k), grams.query_grams, grams.key_grams, grams.input_traces,
                       grams.key_input_traces, site.heads)
-    return trq_vo(_cpu64(lin.out), grams.output_grams, site.heads)
+    return trq_vo(weight64(lin.out), grams.output_grams, site.heads)
 
 
 def fidelity_weights(rho: torch.Tensor, config: CalibrationConfig) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import allocate as alloc
 from . import analyze, decompose
-from .calibrate import Statistics, site_trq
+from .calibrate import Statistics, site_trq, weight64
 from .checks import check_budget_range
 from .errors import SlimDiffError
 from .families import FFN, QK, FFNLinears, ModuleSite, QKLinears, VOLinears, module_sites, site_adapter, site_linears
@@ -147,10 +147,6 @@ def analyze_sites(unet, stats: Statistics, sites: list[ModuleSite]) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _w(module: torch.nn.Linear) -> torch.Tensor:
-    return module.weight.detach().double().cpu()
-
-
 def _b(module: torch.nn.Linear) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach().double().cpu()
 
@@ -172,7 +168,7 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
 
     if isinstance(lin, FFNLinears):
         res = decompose.ffn_decompose(
-            _w(lin.proj), _b(lin.proj), _w(lin.down), analysis.inputs["moment"], rank,
+            weight64(lin.proj), _b(lin.proj), weight64(lin.down), analysis.inputs["moment"], rank,
             gated=lin.gated, ridge=config.ridge_ffn, selector=config.ffn_selector,
             correct_down=config.ffn_correction, generator=torch.Generator().manual_seed(config.seed),
         )
@@ -183,13 +179,13 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
             tensors[name("down", "bias")] = _b(lin.down)
         return SiteResult(tensors, float(res.relative_error), res.error_curve)
     if isinstance(lin, QKLinears):
-        res = decompose.qk_decompose(_w(lin.q), _w(lin.k), analysis.inputs["sigma_x"],
+        res = decompose.qk_decompose(weight64(lin.q), weight64(lin.k), analysis.inputs["sigma_x"],
                                      analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
                                      selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k))
         return SiteResult({name("q", "weight"): res.q_weight, name("k", "weight"): res.k_weight},
                           float(res.relative_error), res.error_curve)
     assert isinstance(lin, VOLinears)
-    v, o = _w(lin.v), _w(lin.out)
+    v, o = weight64(lin.v), weight64(lin.out)
     if config.vo_statistic == "output":
         gram = analysis.inputs["gram_z"]
     elif config.vo_statistic == "value":
