@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
 from .distributed import Group
 from .errors import SlimDiffError, SlimDiffWarning
+from .families import family_for
 from .prompts import read_prompts
 from .slim import SlimConfig, SlimReport, slim_unet
 from .slimset import SlimSet, clip_text_embedder, select_slimset
@@ -70,9 +71,10 @@ def slim_pipeline(
     progress: bool = True,
     on_batch: Callable[[str, int], None] | None = None,
 ) -> SlimReport:
-    """Slim ``pipe.unet`` in place. Uses ``stats`` if given (object or directory), else calibrates first."""
+    """Slim the pipeline's denoiser (``pipe.unet``, ``pipe.transformer``) in place. Uses ``stats`` if given (object
+    or directory), else calibrates first."""
     if stats is None:
         stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress, on_batch)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
-    return slim_unet(pipe.unet, stats, config, progress)
+    return slim_unet(family_for(pipe).denoiser(pipe), stats, config, progress)

@@ -178,6 +178,7 @@ class _Collector:
         self.call_context: torch.Tensor | None = None  # the text context of the current denoiser call
         self.context_summed = False  # whether its moment is in the shared sum yet
         self.context_shared: dict[str, bool] = {}  # per cross-attention: reads the call's context unchanged
+        self.gates: dict[str, torch.Tensor] = {}  # per gated sub-layer: its gate in the current block call
 
     # The current timestep is read once per denoiser call; every module hook uses it.
     def _unet_pre(self, _module, args, kwargs):
@@ -213,7 +214,13 @@ class _Collector:
 
     def _attn_pre(self, path: str, tap):
         def hook(_m, args, kwargs):
-            x, ctx = tap.read_inputs(args, kwargs)
+            x, call_ctx = tap.read_inputs(args, kwargs)
+            keep, ctx = tap.context_keep(args, kwargs), call_ctx
+            if keep is not None:
+                if ctx is None:
+                    raise SlimDiffError(f"{path}: a masked self-attention cannot be calibrated (only the context "
+                                        "tokens of a cross-attention may be masked)")
+                ctx = ctx[keep]  # padding the attention never reads stays out of the context's statistics
             n = _tokens(x)
             self.seq[seq_key(path)] = x.shape[-2]
             # projections in the model's dtype (what the model computes), their Grams in float64
@@ -225,7 +232,7 @@ class _Collector:
             if ctx is None:
                 self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads), self.t)
             else:  # text tokens do not depend on t: one of each per module
-                self.seq[seq_key(path, context=True)] = ctx.shape[-2]
+                self.seq[seq_key(path, context=True)] = call_ctx.shape[-2]
                 self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads))
                 self.acc.add(AttentionGrams.key(path, "context_energy"), _energy(ctx))
                 self.acc.add(AttentionGrams.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
@@ -234,20 +241,22 @@ class _Collector:
             moment = _moment(x)
             w = self._step_weight(path, QK)
             self.acc.add(AttentionStatistics.key(path, "qk_moment"), w * moment)
+            self.acc.add(AttentionStatistics.key(path, "qk_sum"), w * x.reshape(-1, x.shape[-1]).double().sum(0))
             self.acc.add(AttentionStatistics.key(path, "qk_moment_norm"), torch.tensor(float(w * n)))
             if ctx is None:
                 w = self._step_weight(path, VO)
                 self.acc.add(AttentionStatistics.key(path, "vo_moment"), w * moment)
                 self.acc.add(AttentionStatistics.key(path, "vo_moment_norm"), torch.tensor(float(w * n)))
             else:
-                self._context_moment(path, ctx)
+                self._context_moment(path, call_ctx, ctx)
 
         return hook
 
-    def _context_moment(self, path: str, ctx: torch.Tensor) -> None:
-        """Sum the text-context moment of a cross-attention: once per call for all that read the call's context
-        (the same tensor), else its own."""
-        shared = ctx is self.call_context
+    def _context_moment(self, path: str, call_ctx: torch.Tensor, ctx: torch.Tensor) -> None:
+        """Sum the text-context moment of a cross-attention (``ctx``: the tokens it attends to of ``call_ctx``,
+        what it was called with): once per call for all that read the call's context (the same tensor), else its
+        own."""
+        shared = call_ctx is self.call_context
         if self.context_shared.setdefault(path, shared) != shared:
             raise SlimDiffError(f"{path} read the denoiser's text context in some calls and not in others: "
                                 "calibration cannot share its text moment")
@@ -261,6 +270,8 @@ class _Collector:
     def _attn_out_pre(self, path: str, heads: int):
         def hook(_m, args):
             self.acc.add(AttentionGrams.key(path, "z_gram"), _head_gram(args[0], heads), self.t)
+            self.acc.add(AttentionGrams.key(path, "z_sum"), args[0].reshape(-1, args[0].shape[-1]).double().sum(0),
+                         self.t)
             self.acc.add(AttentionGrams.key(path, "z_tokens"), torch.tensor(float(_tokens(args[0]))), self.t)
 
         return hook
@@ -272,10 +283,18 @@ class _Collector:
 
         return hook
 
-    def _update_post(self, path: str):
+    def _update_post(self, path: str, gated: bool):
         def hook(_m, _args, out):
             out = out[0] if isinstance(out, tuple) else out
+            if gated:  # what the block adds to the residual stream is the gated output
+                out = out * self.gates.pop(path)
             self.acc.add(ResidualEnergies.key(path, "upd_energy"), _energy(out), self.t)
+
+        return hook
+
+    def _block_pre(self, gates: dict[str, Callable]):
+        def hook(_m, args, kwargs):
+            self.gates.update({path: gate(args, kwargs) for path, gate in gates.items()})
 
         return hook
 
@@ -283,7 +302,11 @@ class _Collector:
     def attached(self) -> Iterator["_Collector"]:
         handles = [self.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True)]
         for path, block, adapter in transformer_blocks(self.unet):
-            for tap in adapter.taps(block):
+            taps = adapter.taps(block)
+            gates = {f"{path}.{tap.sublayer}": tap.gate for tap in taps if tap.gate is not None}
+            if gates and self.mode == "pass2":
+                handles.append(block.register_forward_pre_hook(self._block_pre(gates), with_kwargs=True))
+            for tap in taps:
                 sub = f"{path}.{tap.sublayer}"
                 if tap.kind == FFN:
                     handles.append(tap.hidden.register_forward_pre_hook(self._ffn_hidden_pre(sub, tap.hidden)))
@@ -292,7 +315,7 @@ class _Collector:
                     handles.append(tap.head_output.register_forward_pre_hook(self._attn_out_pre(sub, tap.heads)))
                 if self.mode == "pass2":  # the propagation factor of the module scores
                     handles.append(tap.residual.register_forward_pre_hook(self._residual_pre(sub)))
-                    handles.append(tap.update.register_forward_hook(self._update_post(sub)))
+                    handles.append(tap.update.register_forward_hook(self._update_post(sub, tap.gate is not None)))
         try:
             yield self
         finally:
@@ -454,10 +477,11 @@ def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
     scalars beside them are negligible): per-timestep per-head Grams of each attention's queries, keys (self-
     attention; a cross-attention's text keys have one) and head outputs (H×d×d), the timestep-weighted input
     moments of each attention (C×C for Q·K, once more for V·O of a self-attention), one moment of the text
-    context the cross-attentions share, and one I×I moment per FFN. (A family whose cross-attentions each read
-    a context of their own would hold one text moment per cross-attention: more than counted here.)"""
+    context the cross-attentions share (one per cross-attention in a family whose cross-attentions read a
+    projection of it, PixArt), and one I×I moment per FFN."""
     sizes = {"attention_grams_per_timestep": 0, "attention_moments": 0, "text_moments": 0, "ffn_moments": 0}
-    text_widths: set[int] = set()  # the cross-attentions share the moment of the denoiser's text context
+    shared = family_for(unet).shares_text_context  # one moment of the denoiser's text context for all
+    text_widths: set[int] = set()
     for site in module_sites(unet):
         lin = site_linears(unet, site)
         if site.kind == FFN:
@@ -468,13 +492,16 @@ def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
             if site.attention == CROSS:
                 sizes["attention_grams_per_timestep"] += timesteps * gram + gram
                 text_widths.add(lin.k.in_features)
+                if not shared:
+                    sizes["text_moments"] += lin.k.in_features ** 2
             else:
                 sizes["attention_grams_per_timestep"] += 2 * timesteps * gram
         else:
             sizes["attention_grams_per_timestep"] += timesteps * site.heads * (lin.out.in_features // site.heads) ** 2
             if site.attention != CROSS:
                 sizes["attention_moments"] += lin.v.in_features ** 2
-    sizes["text_moments"] = sum(width ** 2 for width in text_widths)
+    if shared:
+        sizes["text_moments"] = sum(width ** 2 for width in text_widths)
     return {k: 8 * v for k, v in sizes.items()}
 
 
@@ -524,10 +551,11 @@ def calibrate(
     """
     if not prompts:
         raise SlimDiffError("no calibration prompts")
-    unet = getattr(pipe, "unet", pipe)  # a pipeline, or a bare UNet driven by the caller's loop
+    # a pipeline, or a bare denoiser driven by the caller's loop
+    unet = pipe if isinstance(pipe, torch.nn.Module) else family_for(pipe).denoiser(pipe)
     if loop is None:
         if unet is pipe:
-            raise SlimDiffError("calibrating a bare UNet needs a sampling loop (loop=...)")
+            raise SlimDiffError("calibrating a bare denoiser needs a sampling loop (loop=...)")
         loop = pipeline_loop(pipe, config)
     check_statistics_fit(unet, config.steps, group.size)
     folder = Path(out) if out is not None else None

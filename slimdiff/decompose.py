@@ -17,7 +17,7 @@ whatever statistic they are given, so tests and logs can check the closed forms.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -96,13 +96,18 @@ def _check_rank(rank: int, width: int, what: str) -> None:
         raise ValueError(f"{what} rank must lie in [1, {width}], got {rank}")
 
 
-def _check_no_bias(bias: Tensor | None, name: str) -> None:
-    # The factorisations mix the rows of a head, which a bias cannot follow; SD's q/k/v have none.
-    if bias is not None:
-        raise ValueError(
-            f"{name} has a bias; query/key/value projections with biases are not supported "
-            "(Stable Diffusion's have none)"
-        )
+def with_bias_coordinate(weight: Tensor, bias: Tensor, moment: Tensor | None,
+                         mean: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A Linear with a bias as one without, on inputs with a constant-1 coordinate appended (method.md §6.2):
+    [W | b] (out, C+1) and the second moment of [x; 1] from E[xxᵀ] and E[x], ((C+1)×(C+1); None stays None)."""
+    augmented = torch.cat([weight, bias.to(weight)[:, None]], 1)
+    if moment is None:
+        return augmented, None
+    if mean is None:
+        raise ValueError("a projection with a bias needs the mean of its inputs beside their second moment")
+    mean = mean.to(moment)
+    top = torch.cat([moment, mean[:, None]], 1)
+    return augmented, torch.cat([top, torch.cat([mean, mean.new_ones(1)])[None]], 0)
 
 
 def _split_heads(weight: Tensor, heads: int, name: str) -> Tensor:
@@ -345,6 +350,8 @@ class QKDecomposition:
     error: float
     relative_error: float
     error_curve: Tensor
+    q_bias: Tensor | None = None  # (H·r,) when the original query projection had a bias
+    k_bias: Tensor | None = None  # zeros (H·r,) when the original key projection had a bias
 
 
 def qk_decompose(
@@ -359,6 +366,7 @@ def qk_decompose(
     selector: str = "whitened_svd",
     q_bias: Tensor | None = None,
     k_bias: Tensor | None = None,
+    mean_x: Tensor | None = None,
 ) -> QKDecomposition:
     """Per-head rank-``rank`` approximation of the logit form ``x ᵀ W_Q^jᵀ W_K^j y`` (method.md §6.2).
 
@@ -372,12 +380,21 @@ def qk_decompose(
                        ‖G_q^½[:, i]‖·‖G_k^½[:, i]‖ = (G_q,ii·G_k,ii)^½ and slice the rows unmixed;
         "weight_svd"   data-free baseline, the truncated SVD of M_j: the whitened SVD with Σ_x = Σ_y = I, which
                        is exact (up to the ridge) because W^j = L·Q with orthonormal Q. sigma_x/sigma_y are ignored.
-    q_bias/k_bias: pass the modules' biases; any bias raises ValueError.
+    q_bias/k_bias: the modules' biases (SD's have none; PixArt's do). The key bias adds q·b_K to every logit of a
+        query alike, which the softmax cancels: it is dropped exactly (``k_bias`` of the result is zeros). The query
+        bias adds b_Qᵀ W_K y, which depends on the key: it is carried by a constant-1 input coordinate
+        (:func:`with_bias_coordinate`), so ``mean_x`` = E[x] is needed beside ``sigma_x``; the new query bias is
+        the last column of the new augmented rows.
     """
     if selector not in QK_SELECTORS:
         raise ValueError(f"unknown QK selector {selector!r}; choose one of {QK_SELECTORS}")
-    _check_no_bias(q_bias, "to_q")
-    _check_no_bias(k_bias, "to_k")
+    if q_bias is not None:
+        in_x = q_weight.shape[1]
+        q_weight, sigma_x = with_bias_coordinate(q_weight, q_bias, None if selector == "weight_svd" else sigma_x,
+                                                 mean_x)
+        out = qk_decompose(q_weight, k_weight, sigma_x, sigma_y, heads, rank, ridge=ridge, selector=selector)
+        return replace(out, q_weight=out.q_weight[:, :in_x].contiguous(), q_bias=out.q_weight[:, in_x].contiguous(),
+                       k_bias=None if k_bias is None else out.k_weight.new_zeros(out.k_weight.shape[0]))
     if q_weight.shape[0] != k_weight.shape[0]:
         raise ValueError(f"query {tuple(q_weight.shape)} and key {tuple(k_weight.shape)} widths differ")
     if selector == "weight_svd":
@@ -428,6 +445,7 @@ def qk_decompose(
         error=error,
         relative_error=error / total if total > 0 else 0.0,
         error_curve=curve.cpu(),
+        k_bias=None if k_bias is None else k_weight.new_zeros(heads * rank),
     )
 
 
@@ -462,7 +480,7 @@ class VODecomposition:
     """Value/output projections with per-head width r (out of d_h), all H heads kept.
 
     v_weight: (H·r, C_y), head j in rows [j·r, (j+1)·r); o_weight: (C_out, H·r), head j in columns
-        [j·r, (j+1)·r); ``to_out.0``'s bias is unchanged.
+        [j·r, (j+1)·r); ``to_out.0``'s bias is unchanged unless a value bias was folded into it (``o_bias``).
     singular_values: (H, d_h) singular values of W_O^j L_z per head, descending.
     error: Σ_j E‖W_O^j z^j − Ŵ_O^j ẑ^j‖² on the ridged Gram (per query token, cross-head terms ignored as in
         MoDeGPT); relative_error: error / Σ_j E‖W_O^j z^j‖².
@@ -475,6 +493,8 @@ class VODecomposition:
     error: float
     relative_error: float
     error_curve: Tensor
+    v_bias: Tensor | None = None  # zeros (H·r,) when the original value projection had a bias
+    o_bias: Tensor | None = None  # the output bias with the value bias folded in (when ``to_v`` had one)
 
 
 def value_gram(v_weight: Tensor, sigma_y: Tensor | None, heads: int) -> Tensor:
@@ -497,6 +517,7 @@ def vo_decompose(
     *,
     ridge: float = 1e-4,
     v_bias: Tensor | None = None,
+    o_bias: Tensor | None = None,
 ) -> VODecomposition:
     """Per-head rank-``rank`` whitening SVD of the value–output pair (method.md §6.3).
 
@@ -504,9 +525,15 @@ def vo_decompose(
     z (the input of ``to_out.0``), or ``value_gram(...)`` for MoDeGPT's statistic, or None for G = I (data-free:
     SVD of W_O^j alone). With G + ridge·tr(G)/d_h·I = L Lᵀ and W_O^j L = U diag(σ) Vᵀ the new head is
     Ŵ_V^j = V_rᵀ L⁻¹ W_V^j and Ŵ_O^j = W_O^j L V_r; because attention is linear in the values, ẑ^j = V_rᵀL⁻¹ z^j.
-    v_bias: pass ``to_v``'s bias; any bias raises ValueError.
+    v_bias, o_bias: the biases of ``to_v`` and ``to_out.0``. Each query's attention weights sum to one, so a value
+    bias reaches the output as the constant W_O b_V: it is folded into the output bias exactly (``o_bias`` of the
+    result) and the new value bias is zeros.
     """
-    _check_no_bias(v_bias, "to_v")
+    folded = None
+    if v_bias is not None:
+        if o_bias is None:
+            raise ValueError("to_v has a bias but to_out.0 has none to fold it into")
+        folded = (o_bias.to(torch.float64) + o_weight.to(torch.float64) @ v_bias.to(torch.float64)).to(o_bias)
     device = gram.device if gram is not None else v_weight.device
     wv = _split_heads(v_weight.to(device=device, dtype=torch.float64), heads, "to_v")
     head_dim = wv.shape[1]
@@ -537,6 +564,8 @@ def vo_decompose(
         error=error,
         relative_error=error / total if total > 0 else 0.0,
         error_curve=curve.cpu(),
+        v_bias=None if v_bias is None else v_weight.new_zeros(heads * rank),
+        o_bias=folded,
     )
 
 

@@ -133,11 +133,20 @@ def analyze_sites(unet, stats: Statistics, sites: list[ModuleSite]) -> dict[str,
         else:
             attn = stats.attention(site.sublayer_path)
             prop = attn.residual.propagation
+            lin = site_linears(unet, site)
             if site.kind == QK:
                 sigma_x = attn.qk_input_moment
                 inputs = {"sigma_x": sigma_x, "sigma_y": sigma_x if attn.context is None else attn.context_moment}
+                if lin.q.bias is not None:  # the query bias rides on a constant-1 coordinate: E[x] is needed
+                    if attn.qk_input_mean is None:
+                        raise SlimDiffError(f"statistics lack the input mean of {site.sublayer_path}, whose query "
+                                            "projection has a bias: calibrate again")
+                    inputs["mean_x"] = attn.qk_input_mean
             else:
-                inputs = {"gram_z": _weighted(attn.grams.output_grams, weights), "sigma_v": attn.vo_input_moment}
+                # a value bias is folded into the output bias: the factors act on z less that bias
+                grams = (attn.grams.output_grams if lin.v.bias is None
+                         else attn.grams.output_grams_less(_b(lin.v)))
+                inputs = {"gram_z": _weighted(grams, weights), "sigma_v": attn.vo_input_moment}
         out[site.name] = SiteAnalysis(site, rho, weights, prop, inputs)
     return out
 
@@ -181,9 +190,12 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
     if isinstance(lin, QKLinears):
         res = decompose.qk_decompose(weight64(lin.q), weight64(lin.k), analysis.inputs["sigma_x"],
                                      analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
-                                     selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k))
-        return SiteResult({name("q", "weight"): res.q_weight, name("k", "weight"): res.k_weight},
-                          float(res.relative_error), res.error_curve)
+                                     selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k),
+                                     mean_x=analysis.inputs.get("mean_x"))
+        tensors = {name("q", "weight"): res.q_weight, name("k", "weight"): res.k_weight}
+        tensors.update({name(role, "bias"): bias for role, bias in (("q", res.q_bias), ("k", res.k_bias))
+                        if bias is not None})
+        return SiteResult(tensors, float(res.relative_error), res.error_curve)
     assert isinstance(lin, VOLinears)
     v, o = weight64(lin.v), weight64(lin.out)
     if config.vo_statistic == "output":
@@ -192,10 +204,13 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
         gram = decompose.value_gram(v, analysis.inputs["sigma_v"], site.heads)
     else:
         gram = None
-    res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(lin.v))
+    res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(lin.v),
+                                 o_bias=_b(lin.out))
     tensors = {name("v", "weight"): res.v_weight, name("out", "weight"): res.o_weight}
+    if res.v_bias is not None:
+        tensors[name("v", "bias")] = res.v_bias
     if lin.out.bias is not None:
-        tensors[name("out", "bias")] = _b(lin.out)
+        tensors[name("out", "bias")] = _b(lin.out) if res.o_bias is None else res.o_bias
     return SiteResult(tensors, float(res.relative_error), res.error_curve)
 
 

@@ -301,9 +301,39 @@ def test_qk_weight_svd_is_the_truncated_svd_of_each_head_product():
     assert _rel(out.error, tail) < 1e-9
 
 
-def test_qk_rejects_biases_and_bad_ranks():
+def _biased_attention_weights(q_w, q_b, k_w, k_b, x, y, heads=HEADS):
+    """(H, Nx, Ny) softmax attention weights of projections with biases (unscaled logits)."""
+    q = (x @ q_w.T + q_b).reshape(x.shape[0], heads, -1).transpose(0, 1)
+    k = (y @ k_w.T + k_b).reshape(y.shape[0], heads, -1).transpose(0, 1)
+    return torch.softmax(q @ k.mT, dim=-1)
+
+
+@pytest.mark.parametrize("selector", ["whitened_svd", "cr"])
+def test_qk_with_biases_keeps_the_attention_weights_and_its_error_is_that_of_the_key_dependent_logits(selector):
+    q_w, k_w, x, y = _qk(seed=4)
+    gen = _rng(5)
+    q_b, k_b = _randn(HEADS * HEAD_DIM, gen=gen), _randn(HEADS * HEAD_DIM, gen=gen)
+    x = x + 0.7  # uncentred query inputs: the query bias's logit term b_Qᵀ W_K y needs E[x] to be placed
+    full = qk_decompose(q_w, k_w, _moment(x), _moment(y), HEADS, HEAD_DIM, ridge=0.0, selector=selector,
+                        q_bias=q_b, k_bias=k_b, mean_x=x.mean(0))
+    assert torch.equal(full.k_bias, torch.zeros(HEADS * HEAD_DIM, dtype=F64))  # the softmax cancels q·b_K
+    torch.testing.assert_close(_biased_attention_weights(full.q_weight, full.q_bias, full.k_weight, full.k_bias, x, y),
+                               _biased_attention_weights(q_w, q_b, k_w, k_b, x, y))
+    # Lower ranks: the closed-form error is the MSE of the logits' key-dependent part, (W_Q x + b_Q)ᵀ W_K y.
+    dense = _head_logits(torch.cat([q_w, q_b[:, None]], 1), k_w, torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1), y)
+    for rank in range(1, HEAD_DIM):
+        out = qk_decompose(q_w, k_w, _moment(x), _moment(y), HEADS, rank, ridge=0.0, selector=selector,
+                           q_bias=q_b, k_bias=k_b, mean_x=x.mean(0))
+        assert out.q_bias.shape == out.k_bias.shape == (HEADS * rank,) and out.q_weight.shape == (HEADS * rank, CX)
+        approx = _head_logits(torch.cat([out.q_weight, out.q_bias[:, None]], 1), out.k_weight,
+                              torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1), y)
+        measured = (dense - approx).square().mean((1, 2)).sum()
+        assert _rel(out.error, float(measured)) < 1e-6
+
+
+def test_qk_rejects_bad_ranks_and_a_query_bias_without_the_input_mean():
     q_w, k_w, x, y = _qk()
-    with pytest.raises(ValueError, match="bias"):
+    with pytest.raises(ValueError, match="mean"):
         qk_decompose(q_w, k_w, _moment(x), _moment(y), HEADS, 2, q_bias=torch.zeros(HEADS * HEAD_DIM, dtype=F64))
     with pytest.raises(ValueError, match="rank"):
         qk_decompose(q_w, k_w, _moment(x), _moment(y), HEADS, HEAD_DIM + 1)
@@ -390,7 +420,26 @@ def test_vo_value_gram_matches_its_definition_and_identity_gram_is_svd_of_output
     torch.testing.assert_close(out.singular_values, s)
 
 
-def test_vo_rejects_biases_and_bad_shapes():
+def test_vo_folds_a_value_bias_into_the_output_bias():
+    v_w, o_w, o_b, mixed = _vo(seed=4)
+    v_b = _randn(HEADS * HEAD_DIM, gen=_rng(6))
+    z_less_bias = _attention_output(v_w, mixed)  # the mixing weights sum to one: z = A(YW_Vᵀ + b_V) = AYW_Vᵀ + b_V
+    dense = _to_out(o_w, z_less_bias + v_b.reshape(HEADS, 1, HEAD_DIM), o_b)
+    for rank in (HEAD_DIM, 2):
+        out = vo_decompose(v_w, o_w, _z_gram(z_less_bias), HEADS, rank, ridge=0.0, v_bias=v_b, o_bias=o_b)
+        assert torch.equal(out.v_bias, torch.zeros(HEADS * rank, dtype=F64))
+        z_new = mixed @ out.v_weight.reshape(HEADS, rank, CY).mT
+        slim = _to_out(out.o_weight, z_new, out.o_bias)
+        if rank == HEAD_DIM:
+            torch.testing.assert_close(slim, dense)
+        else:  # the closed-form error is the per-head output error of the bias-free part
+            heads_o = o_w.reshape(C_OUT, HEADS, HEAD_DIM).transpose(0, 1)
+            new_o = out.o_weight.reshape(C_OUT, HEADS, rank).transpose(0, 1)
+            measured = (z_less_bias @ heads_o.mT - z_new @ new_o.mT).square().sum(-1).mean(-1).sum()
+            assert _rel(out.error, float(measured)) < 1e-6
+
+
+def test_vo_rejects_bad_shapes_and_a_value_bias_with_no_output_bias():
     v_w, o_w, _, mixed = _vo()
     gram = _z_gram(_attention_output(v_w, mixed))
     with pytest.raises(ValueError, match="bias"):

@@ -48,8 +48,9 @@ def calibration_config_from_args(args):
 def calibration_clock(prog: str, pipe, pool_size: int, args):
     """On a CPU, the callback that says how long calibration will take (measured on the first prompts)."""
     from ..estimate import CalibrationClock
+    from ..families import family_for
 
-    if pipe.unet.device.type != "cpu":
+    if family_for(pipe).denoiser(pipe).device.type != "cpu":
         return None
     return CalibrationClock(prog, min(args.num_prompts, pool_size), args.pass1_prompts, args.batch_size,
                             chunk_batches=args.checkpoint_every)

@@ -71,6 +71,7 @@ def cmd_slim(args) -> None:
     from ..api import collect_statistics
     from ..calibrate import Statistics
     from ..checks import check_output_dir
+    from ..families import family_for
     from ..prompts import read_prompts
     from ..serialization import save_slim
     from ..slim import check_budget, slim_unet
@@ -83,11 +84,12 @@ def cmd_slim(args) -> None:
     stats = Statistics.load(args.stats) if args.stats else None
     prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
     pipe = _load(args)
-    check_budget(pipe.unet, config)  # before a calibration that could take hours
+    denoiser = family_for(pipe).denoiser(pipe)
+    check_budget(denoiser, config)  # before a calibration that could take hours
     if stats is None:
         stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration_config_from_args(args),
                                    on_batch=calibration_clock("slimdiff", pipe, len(prompts), args))
-    report = slim_unet(pipe.unet, stats, config)
+    report = slim_unet(denoiser, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
     # What it takes to load the source again (a slim folder reopens its pipeline from these).
@@ -97,8 +99,8 @@ def cmd_slim(args) -> None:
         report.plan.info["source_variant"] = args.variant
     summary = report.summary()
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
-    pipe.unet.to(_save_dtype(args))
-    save_slim(pipe.unet, report.plan, out, overwrite=args.force, extra_files={
+    denoiser.to(_save_dtype(args))
+    save_slim(denoiser, report.plan, out, overwrite=args.force, extra_files={
         "slim_report.json": json.dumps({**summary, "relative_errors": report.relative_errors,
                                         "scores": report.scores}, indent=1)})
     if args.save_pipeline is not None:

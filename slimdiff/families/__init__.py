@@ -43,7 +43,7 @@ from .base import (
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".sd", ".sdxl")
+_BUILTIN = (".blocks", ".sd", ".sdxl", ".pixart")
 _loaded = False
 
 
@@ -64,6 +64,16 @@ def family_for(obj: Any) -> DenoiserFamily:
         raise SlimDiffError(f"slimdiff has no model family for {_describe(obj)} "
                             f"(supported: {FAMILIES.supported()})")
     return family
+
+
+def check_engines(obj: Any, command: str) -> None:
+    """Refuse, in one line, a pipeline or denoiser whose family the export / engine / bench / eval paths do not
+    serve yet (before anything is calibrated or built)."""
+    family = family_for(obj)
+    if not family.engines:
+        raise SlimDiffError(f"{command} works on UNet pipelines (SD-1.x/2.x, SDXL) so far, not on {_describe(obj)} "
+                            f"(family {family.name!r}): slim it with `slimdiff slim` and run the slim model in "
+                            "diffusers")
 
 
 def _describe(obj: Any) -> str:
@@ -116,5 +126,5 @@ __all__ = [
     "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter", "ConditionInput", "DenoiserFamily", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
-    "site_adapter", "site_linears", "stat_key", "transformer_blocks",
+    "check_engines", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

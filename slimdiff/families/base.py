@@ -139,6 +139,23 @@ def hidden_and_context(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.T
     return x, ctx
 
 
+def context_keep_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """(batch, key tokens) bool — the context tokens a diffusers ``Attention`` call attends to — from its
+    ``attention_mask`` (a bool mask, or an additive bias: 0 keep, a large negative number discard, as PixArt's
+    transformer passes its text padding mask); None when every token counts. A mask that differs between
+    query tokens is no padding mask: refused."""
+    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+    if mask is None:
+        return None
+    keep = mask if mask.dtype == torch.bool else mask > -1.0
+    if keep.ndim == 3 and keep.shape[1] == 1:
+        keep = keep[:, 0]
+    if keep.ndim != 2:
+        raise SlimDiffError(f"an attention mask of shape {tuple(mask.shape)} is no key padding mask: slimdiff "
+                            "calibrates attentions whose masks only drop context tokens")
+    return keep
+
+
 @dataclass(frozen=True)
 class SublayerTaps:
     """Where calibration observes one FFN or attention sub-layer of a block.
@@ -149,7 +166,11 @@ class SublayerTaps:
     * attention: ``attention`` is called with the query tokens and the context (``read_inputs`` extracts both
       from its arguments; context None = self-attention); ``head_output``'s input holds the ``heads``
       concatenated per-head outputs z; ``query`` and ``key`` are the projections whose per-head Grams the TRQ
-      of its Q·K site reads (calibration applies their weights to the inputs it already sees).
+      of its Q·K site reads (calibration applies their weights to the inputs it already sees); ``context_keep``
+      reads which context tokens the call attends to (padding left out of the context's statistics).
+    * ``gate``: where the block scales the sub-layer's output before adding it to the residual stream (adaLN
+      blocks such as PixArt's), the scale as a function of the *block's* call arguments; the update energy is
+      that of the gated output.
     """
 
     sublayer: str  # attribute path inside the block: statistics live under "<block>.<sublayer>"
@@ -163,6 +184,8 @@ class SublayerTaps:
     key: nn.Linear | None = None
     heads: int = 1
     read_inputs: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] = hidden_and_context
+    context_keep: Callable[[tuple, dict], torch.Tensor | None] = context_keep_mask
+    gate: Callable[[tuple, dict], torch.Tensor] | None = None
 
 
 ATTENTION = "attention"
@@ -267,6 +290,7 @@ class AttentionGrams(_Record):
     input_tokens: torch.Tensor = _stored("in_tokens", True)
     z_gram: torch.Tensor = _stored("z_gram", True)
     z_tokens: torch.Tensor = _stored("z_tokens", True)
+    z_sum: torch.Tensor | None = _stored("z_sum", True, optional=True)  # (T, H·d) Σz: centres z on a value bias
     context_energy: torch.Tensor | None = _stored("ctx_energy", False, optional=True)
     context_tokens: torch.Tensor | None = _stored("ctx_tokens", False, optional=True)
 
@@ -299,6 +323,18 @@ class AttentionGrams(_Record):
         """(T, H, d, d) per-token Gram of each head's output per timestep."""
         return _per_token(self.z_gram, self.z_tokens)
 
+    def output_grams_less(self, bias: torch.Tensor) -> torch.Tensor:
+        """(T, H, d, d) per-token Gram of each head's output less ``bias`` (H·d,), the value bias a slim attention
+        folds into its output bias: E[(z−b)(z−b)ᵀ] = E[zzᵀ] − bE[z]ᵀ − E[z]bᵀ + bbᵀ."""
+        if self.z_sum is None:
+            raise SlimDiffError("these statistics lack the head-output sums a value projection with a bias needs: "
+                                "calibrate again")
+        heads = self.z_gram.shape[-3]
+        mean = _per_token(self.z_sum, self.z_tokens).reshape(-1, heads, self.z_gram.shape[-1])
+        b = bias.to(mean).reshape(heads, -1)
+        cross = torch.einsum("hd,the->thde", b, mean)
+        return self.output_grams - cross - cross.mT + torch.einsum("hd,he->hde", b, b)
+
 
 # The denoiser's own text context (what :meth:`DenoiserFamily.text_context` returns) is stored under this prefix.
 TEXT_CONTEXT = "text_context"
@@ -324,6 +360,9 @@ class AttentionStatistics(_Record):
 
     qk_moment: torch.Tensor = _stored("qk_moment", False)
     qk_moment_norm: torch.Tensor = _stored("qk_moment_norm", False)
+    # Σ w x with the same weights: the mean a query projection with a bias needs (statistics from before it was
+    # collected lack it; they serve models without one)
+    qk_sum: torch.Tensor | None = _stored("qk_sum", False, optional=True)
     vo_moment: torch.Tensor | None = _stored("vo_moment", False, optional=True)
     vo_moment_norm: torch.Tensor | None = _stored("vo_moment_norm", False, optional=True)
     context: torch.Tensor | None = _stored("ctx", False, optional=True)
@@ -354,6 +393,11 @@ class AttentionStatistics(_Record):
     def qk_input_moment(self) -> torch.Tensor:
         """Σ̄x weighted with the Q·K site's timestep weights (per token)."""
         return self.qk_moment / self.qk_moment_norm
+
+    @property
+    def qk_input_mean(self) -> torch.Tensor | None:
+        """E[x] with the Q·K site's timestep weights (None in statistics collected without it)."""
+        return None if self.qk_sum is None else self.qk_sum / self.qk_moment_norm
 
     @property
     def vo_input_moment(self) -> torch.Tensor:
@@ -478,11 +522,20 @@ class DenoiserFamily(ABC):
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
 
+    #: Whether export, engines, ``slimdiff bench`` and ``slimdiff eval`` serve this family: they drive the
+    #: denoiser through the UNet call (``sample``, ``timestep``, ``encoder_hidden_states``) and so far serve UNets.
+    engines: bool = True
+
+    #: Whether the cross-attentions read the tensor :meth:`text_context` returns unchanged (statistics size
+    #: estimates count one shared text moment then, one per cross-attention otherwise).
+    shares_text_context: bool = True
+
     @abstractmethod
     def text_context(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """The text tokens one denoiser call passes on to its cross-attentions. Calibration keeps a single
-        moment of them for every cross-attention that reads this very tensor (all of them in SD and SDXL
-        UNets: 70 identical 2048×2048 moments in SDXL otherwise)."""
+        """The text tokens one denoiser call passes on to its cross-attentions, or None when they see another
+        tensor (a projection inside the denoiser). Calibration keeps a single moment of them for every
+        cross-attention that reads this very tensor (all of them in SD and SDXL UNets: 70 identical 2048×2048
+        moments in SDXL otherwise)."""
 
     @abstractmethod
     def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,

@@ -1,15 +1,20 @@
-"""Block adapter for diffusers' ``BasicTransformerBlock`` (SD-1.x, SD-2.x and SDXL UNets; PixArt's DiT later).
+"""Block adapter for diffusers' ``BasicTransformerBlock`` (SD-1.x, SD-2.x and SDXL UNets; PixArt's DiT).
 
-Layout it knows: ``attn1`` (self-attention, after ``norm1``), optional ``attn2`` (cross-attention, after
-``norm2``), and ``ff`` (after ``norm3``) = ``net[0]`` (GEGLU or GELU activation holding the up projection
-``proj``) → dropout → ``net[2]`` (down projection). Each diffusers ``Attention`` has ``to_q``, ``to_k``,
-``to_v`` and ``to_out[0]``.
+Layout it knows: ``attn1`` (self-attention), optional ``attn2`` (cross-attention) and ``ff`` = ``net[0]`` (GEGLU
+or GELU activation holding the up projection ``proj``) → dropout → ``net[2]`` (down projection). Each diffusers
+``Attention`` has ``to_q``, ``to_k``, ``to_v`` and ``to_out[0]``. Two of the block's norm types:
+
+* ``layer_norm`` (SD, SDXL): ``norm1`` → attn1, ``norm2`` → attn2, ``norm3`` → ff, outputs added unscaled;
+* ``ada_norm_single`` (PixArt): ``norm1`` → attn1 and ``norm2`` → ff, both modulated by the timestep
+  embedding; attn2 reads the residual stream itself; the attn1 and ff outputs are scaled per channel by gates
+  taken from the block's ``timestep`` input (``scale_shift_table`` + the embedding, in six chunks).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU, GELU
 from diffusers.models.attention import BasicTransformerBlock
@@ -82,9 +87,25 @@ def _row_cost(lin: nn.Linear) -> int:
     return lin.in_features + (1 if lin.bias is not None else 0)
 
 
-# (attention attribute, the norm in front of it, self or cross)
-_ATTENTIONS = (("attn1", "norm1", SELF), ("attn2", "norm2", CROSS))
-_FFN, _FFN_NORM = "ff", "norm3"
+_FFN = "ff"
+LAYER_NORM, ADA_NORM_SINGLE = "layer_norm", "ada_norm_single"
+# Per norm type: the module whose input is the residual stream entering attn1 / attn2 / ff (None: the sub-layer
+# itself), and the chunk of the adaLN modulation that gates each sub-layer's output (None: added unscaled).
+_RESIDUAL_TAPS = {LAYER_NORM: {"attn1": "norm1", "attn2": "norm2", _FFN: "norm3"},
+                  ADA_NORM_SINGLE: {"attn1": "norm1", "attn2": None, _FFN: "norm2"}}
+_GATE_CHUNKS = {LAYER_NORM: {}, ADA_NORM_SINGLE: {"attn1": 2, _FFN: 5}}  # gate_msa, gate_mlp of six
+_ATTENTIONS = (("attn1", SELF), ("attn2", CROSS))
+
+
+def _ada_norm_single_gate(block: nn.Module, chunk: int) -> Callable[[tuple, dict], torch.Tensor]:
+    """The gate ``BasicTransformerBlock.forward`` multiplies a sub-layer's output by (ada_norm_single):
+    chunk ``chunk`` of ``scale_shift_table + timestep`` split in six, shape (batch, 1, channels)."""
+    def gate(args: tuple, kwargs: dict) -> torch.Tensor:
+        temb = kwargs.get("timestep", args[4] if len(args) > 4 else None)
+        table = block.scale_shift_table
+        return (table[None] + temb.reshape(temb.shape[0], 6, -1)).chunk(6, dim=1)[chunk]
+
+    return gate
 
 
 @BLOCKS.register({BasicTransformerBlock: "BasicTransformerBlock"})
@@ -94,8 +115,9 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     # --- sites ------------------------------------------------------------------------------------------
 
     def sites(self, path: str, block: nn.Module) -> list[ModuleSite]:
+        self._check_layout(path, block)
         sites: list[ModuleSite] = []
-        for name, _norm, role in _ATTENTIONS:
+        for name, role in _ATTENTIONS:
             attn = getattr(block, name, None)
             if attn is not None:
                 sites.extend(self._attention_sites(path, name, role, attn))
@@ -103,6 +125,21 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             raise SlimDiffError(f"{path}: transformer block without a feed-forward is not supported")
         sites.append(self._ffn_site(path, block.ff))
         return sites
+
+    @staticmethod
+    def _check_layout(path: str, block: nn.Module) -> None:
+        """Refuse block variants whose data flow differs from the two layouts the taps describe."""
+        norm = getattr(block, "norm_type", LAYER_NORM)
+        if norm not in _RESIDUAL_TAPS:
+            raise SlimDiffError(f"{path}: BasicTransformerBlock with norm_type={norm!r} is not supported "
+                                f"({', '.join(_RESIDUAL_TAPS)} only)")
+        variants = [flag for flag, bad in (
+            ("only_cross_attention", getattr(block, "only_cross_attention", False)),
+            ("double_self_attention", block.attn2 is not None and not block.attn2.is_cross_attention),
+            ("pos_embed", getattr(block, "pos_embed", None) is not None),
+        ) if bad]
+        if variants:
+            raise SlimDiffError(f"{path}: BasicTransformerBlock with {', '.join(variants)} is not supported")
 
     @staticmethod
     def _ffn_site(path: str, ff: nn.Module) -> ModuleSite:
@@ -180,15 +217,22 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     # --- hooks and costs --------------------------------------------------------------------------------
 
     def taps(self, block: nn.Module) -> list[SublayerTaps]:
+        norm = getattr(block, "norm_type", LAYER_NORM)
+
+        def placement(sublayer: str, module: nn.Module) -> dict:
+            residual = _RESIDUAL_TAPS[norm][sublayer]
+            chunk = _GATE_CHUNKS[norm].get(sublayer)
+            return {"residual": module if residual is None else getattr(block, residual), "update": module,
+                    "gate": None if chunk is None else _ada_norm_single_gate(block, chunk)}
+
         taps = []
-        for name, norm, _role in _ATTENTIONS:
+        for name, _role in _ATTENTIONS:
             attn = getattr(block, name, None)
             if attn is not None:
-                taps.append(SublayerTaps(name, ATTENTION, residual=getattr(block, norm), update=attn,
-                                         attention=attn, head_output=attn.to_out[0], query=attn.to_q,
-                                         key=attn.to_k, heads=attn.heads))
-        taps.append(SublayerTaps(_FFN, FFN, residual=getattr(block, _FFN_NORM), update=block.ff,
-                                 hidden=block.ff.net[2]))
+                taps.append(SublayerTaps(name, ATTENTION, attention=attn, head_output=attn.to_out[0],
+                                         query=attn.to_q, key=attn.to_k, heads=attn.heads,
+                                         **placement(name, attn)))
+        taps.append(SublayerTaps(_FFN, FFN, hidden=block.ff.net[2], **placement(_FFN, block.ff)))
         return taps
 
     def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
