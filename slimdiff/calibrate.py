@@ -78,7 +78,7 @@ class CalibrationConfig:
     """
 
     steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the pipeline's own default (SD 7.5, SDXL 5.0, PixArt 4.5)
     height: int | None = None
     width: int | None = None
     seed: int = 0

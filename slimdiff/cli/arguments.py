@@ -24,7 +24,8 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the packaged COCO val2017 captions)")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's own — SD 7.5, SDXL 5.0, PixArt 4.5)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
     p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")

@@ -24,6 +24,7 @@ from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransforme
 from torch import nn
 
 from .base import FAMILIES, MODEL_DTYPE, ConditionInput, DenoiserFamily, TextTower
+from .sd import guidance
 
 #: Text tokens per prompt when none is given: PixArt-Σ's pipeline default (``max_sequence_length``).
 TEXT_TOKENS = 300
@@ -86,7 +87,7 @@ class PixArtFamily(DenoiserFamily):
             # Latents drawn on the CPU per prompt, as in the SD loop: a prompt's trajectory does not depend on
             # batching or device.
             latents = torch.cat([torch.randn((1, transformer.config.in_channels, h, w), generator=g) for g in gens])
-            pipe(list(prompts), num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config),
                  latents=latents.to(device=device, dtype=transformer.dtype), output_type="latent",
                  height=h * scale, width=w * scale, use_resolution_binning=False, clean_caption=False)
 

@@ -16,6 +16,11 @@ def _unet_of(obj: Any):
     return obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
 
 
+def guidance(config: Any) -> dict:
+    """The guidance argument of a pipeline call: the calibration's scale, or none (the pipeline's own default)."""
+    return {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
+
+
 @FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd"})
 class StableDiffusionFamily(DenoiserFamily):
     """``unet(sample, timestep, encoder_hidden_states)``; one CLIP text tower; the pipeline's own sampler."""
@@ -52,7 +57,7 @@ class StableDiffusionFamily(DenoiserFamily):
             h = (config.height or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
             w = (config.width or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
             latents = torch.cat([torch.randn((1, unet_cfg.in_channels, h, w), generator=g) for g in gens])
-            pipe(list(prompts), num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config),
                  latents=latents.to(device=device, dtype=pipe.unet.dtype), output_type="latent",
                  height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
 
