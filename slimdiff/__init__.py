@@ -20,7 +20,7 @@ _EXPORTS = {
     "slim_pipeline": "api", "collect_statistics": "api", "choose_prompts": "api",
     "load_pipeline": "models", "load_unet": "models",
     "save_slim": "serialization", "load_slim": "serialization", "save_slim_pipeline": "serialization",
-    "SlimUNet2DConditionModel": "slim_models",
+    "SlimUNet2DConditionModel": "slim_models", "SlimPixArtTransformer2DModel": "slim_models",
     "RankPlan": "plan", "SlimDiffError": "errors",
 }
 __all__ = sorted(_EXPORTS)

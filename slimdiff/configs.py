@@ -103,3 +103,25 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
                   "timestep_spacing": "leading", "interpolation_type": "linear", "prediction_type": "epsilon",
                   "use_karras_sigmas": False}
+
+# PixArt-Σ's structure at toy width (diffusers' PixArtTransformer2DModel, the config keys of PixArt-Σ's published
+# transformer): adaLN-single blocks, 2 heads of width 16, a GELU(tanh) FFN, learned sigma (4 latent channels in,
+# 8 out), no micro-conditioning. The caption projection maps the T5's width (24) to the inner width (32), so the
+# text tokens a cross-attention reads differ from the ones the denoiser is called with.
+TINY_PIXART_TRANSFORMER = dict(
+    sample_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+    patch_size=2, attention_bias=True, cross_attention_dim=32, caption_channels=24,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+)
+# A T5 v1.1 encoder (gated-GELU FFN, as PixArt's T5-XXL) over the character tokenizer's 514 ids.
+TINY_PIXART_TEXT = dict(
+    vocab_size=514, d_model=24, d_kv=12, d_ff=48, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False, **_CHAR_TOKEN_IDS,
+)
+# PixArt-Σ's pipelines are converted with ``DPMSolverMultistepScheduler()`` (PixArt-alpha/PixArt-sigma,
+# tools/convert_pixart_to_diffusers.py): diffusers' defaults, written out where they shape the sampling.
+PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.0001, "beta_end": 0.02,
+                    "beta_schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                    "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                    "lower_order_final": True, "timestep_spacing": "linspace", "steps_offset": 0}

@@ -1,7 +1,7 @@
 """Model loading (the map of compressible modules lives in :mod:`slimdiff.families`).
 
-Every model is a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or a bare
-``UNet2DConditionModel``). Sources:
+Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or PixArt pipeline
+(``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``), or a bare ``UNet2DConditionModel``. Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
 * ``builtin:proxy`` — the project's own small text-to-image model, trained from scratch on procedural shape
@@ -16,7 +16,12 @@ Every model is a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPip
   configurations with seeded random weights (about 14 GB in float32, 10 GB of it the UNet), for export and
   latency work at real scale; tokenizers are the character-level one, as for ``sd15-shape``. Where only shapes
   matter (MAC counts) build it on the meta device: ``build_builtin("builtin:sdxl-shape", device="meta")``.
-* a local diffusers folder (a pipeline folder with ``unet/``, or a UNet folder with ``config.json``);
+* ``builtin:tiny-pixart`` — a small ``PixArtSigmaPipeline`` with seeded random weights: a two-block
+  ``PixArtTransformer2DModel`` (adaLN-single, learned sigma), a two-layer T5 v1.1 encoder behind the
+  character-level tokenizer, the tiny VAE and PixArt-Σ's DPM-Solver++ scheduler. Its latent is 16×16 (32 px
+  images), outside PixArt's aspect-ratio bins: call it with ``use_resolution_binning=False``.
+* a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
+  ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
 
 Nothing here reaches for a model hub.
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .configs import (
+    PIXART_SCHEDULER,
     SD15_TEXT,
     SD15_UNET,
     SD15_VAE,
@@ -41,6 +47,8 @@ from .configs import (
     SDXL_TEXT_2,
     SDXL_UNET,
     SDXL_VAE,
+    TINY_PIXART_TEXT,
+    TINY_PIXART_TRANSFORMER,
     TINY_TEXT,
     TINY_UNET,
     TINY_VAE,
@@ -54,7 +62,8 @@ from .errors import SlimDiffError
 from .families import FFN, QK, VO, ModuleSite, module_sites  # noqa: F401
 from .tokenization import builtin_tokenizer
 
-BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape")
+BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
+            "builtin:tiny-pixart")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,6 +74,7 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN_UNET_CONFIGS = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET,
                         "builtin:tiny-xl": TINY_XL_UNET, "builtin:sdxl-shape": SDXL_UNET}
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
+PIXART_BUILTINS = ("builtin:tiny-pixart",)
 
 
 def _seeded(seed: int, build):
@@ -75,10 +85,13 @@ def _seeded(seed: int, build):
 
 
 def build_builtin(name: str, device: str | torch.device | None = None):
-    """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline``
-    for :data:`XL_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
+    """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for
+    :data:`XL_BUILTINS`, ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`), eval mode. ``device="meta"``
+    builds it without weights (shapes only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
+    if name in PIXART_BUILTINS:
+        return _build_pixart_builtin(name, device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -134,6 +147,26 @@ def _build_xl_builtin(name: str, device):
     return pipe
 
 
+def _build_pixart_builtin(name: str, device):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    transformer_cfg, text_cfg, vae_cfg = TINY_PIXART_TRANSFORMER, TINY_PIXART_TEXT, TINY_VAE
+    with _build_device(device):
+        transformer = _seeded(0, lambda: PixArtTransformer2DModel(**transformer_cfg))
+        text_encoder = _seeded(1, lambda: T5EncoderModel(T5Config(**text_cfg)))
+        vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    scheduler = DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER)
+    # PixArt's pipeline reads only input_ids and attention_mask from its tokenizer: the character-level one
+    # serves the random T5 as well as it serves the random CLIP towers.
+    pipe = PixArtSigmaPipeline(tokenizer=builtin_tokenizer(), text_encoder=text_encoder, vae=vae,
+                               transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (transformer, text_encoder, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
@@ -148,9 +181,10 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     ``variant``: the weight variant of a pipeline folder (``fp16``); default: the plain files, or the only
     variant present when there are none (:mod:`slimdiff.sources`).
 
-    A slim UNet folder loads the pipeline it was slimmed from (recorded in its plan) with the slim UNet in it.
+    A slim denoiser folder loads the pipeline it was slimmed from (recorded in its plan) with the slim denoiser
+    in it (``pipe.unet``, or ``pipe.transformer`` for PixArt).
     """
-    from .serialization import is_slim_folder, load_plan, load_slim
+    from .serialization import denoiser_component, is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
         info = load_plan(source).info
@@ -158,7 +192,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
         if not base:
             raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
         pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"))
-        pipe.unet = load_slim(source, dtype=dtype)
+        setattr(pipe, denoiser_component(pipe), load_slim(source, dtype=dtype))
         return pipe
     if source == "builtin:proxy":
         folder = ASSETS / "proxy"
@@ -180,9 +214,11 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     except SlimDiffError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one line
-        raise SlimDiffError(f"could not load a Stable Diffusion pipeline from {source!r}: {exc}") from exc
+        raise SlimDiffError(f"could not load a diffusion pipeline from {source!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    pipe.unet.eval().requires_grad_(False)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
     return pipe
 
 
@@ -201,8 +237,6 @@ def _quiet_loading():
 
 def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: str | None = None,
                          variant: str | None = None):
-    from diffusers import StableDiffusionPipeline
-
     if path.is_file():
         from .single_file import load_single_file, unsupported_file_message
 
@@ -210,49 +244,63 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
             raise SlimDiffError(unsupported_file_message(source))
         return load_single_file(path, dtype, config)
     if (path / "model_index.json").exists():
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
         from .sources import choose_variant
 
+        pipeline_cls = _pipeline_class(path, source)  # first: one line for an incomplete folder
         chosen = choose_variant(path, variant)
-        if _pipeline_family(path, source) == "sdxl":
-            from diffusers import StableDiffusionXLPipeline
-
-            return StableDiffusionXLPipeline.from_pretrained(
-                str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True, add_watermarker=False,
-                variant=chosen,
-            )
-        # The safety checker and its feature extractor play no part in slimming: not loaded, even when present.
-        return StableDiffusionPipeline.from_pretrained(
-            str(path), torch_dtype=dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, use_safetensors=True, variant=chosen,
-        )
+        options = {}
+        if pipeline_cls is StableDiffusionPipeline:
+            # The safety checker and its feature extractor play no part in slimming: not loaded, even when present.
+            options = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        elif pipeline_cls is StableDiffusionXLPipeline:
+            options = dict(add_watermarker=False)
+        return pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
+                                            use_safetensors=True, variant=chosen, **options)
     raise SlimDiffError(
         f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
         "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
     )
 
 
-def _pipeline_family(path: Path, source: str) -> str:
-    """``"sdxl"`` for an SDXL base folder (text-to-image or img2img class: both load as the text-to-image
-    pipeline), ``"sd"`` otherwise; one line for SDXL folders slimdiff cannot calibrate."""
+PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+
+
+def _pipeline_class(path: Path, source: str):
+    """The diffusers pipeline class that loads the folder: ``StableDiffusionXLPipeline`` for an SDXL base folder
+    (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt,
+    ``StableDiffusionPipeline`` otherwise; one line for folders slimdiff cannot calibrate."""
+    import diffusers
+
     try:
         index = json.loads((path / "model_index.json").read_text())
     except json.JSONDecodeError as exc:
         raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
     cls_name = str(index.get("_class_name", ""))
-    if not cls_name.startswith("StableDiffusionXL"):
-        return "sd"
 
     def present(component: str) -> bool:
         entry = index.get(component)
         return isinstance(entry, list) and entry[0] is not None and (path / component).is_dir()
 
+    if cls_name in PIXART_PIPELINES:
+        # diffusers lists PixArt's tokenizer and text encoder as optional (prompt embeddings can be passed in),
+        # but calibration runs the pipeline on prompts.
+        missing = [c for c in ("transformer", "text_encoder", "tokenizer") if not present(c)]
+        if missing:
+            raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration "
+                                "needs the transformer, the T5 text encoder and its tokenizer): the folder is "
+                                "incomplete")
+        return getattr(diffusers, cls_name)
+    if not cls_name.startswith("StableDiffusionXL"):
+        return diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):
         raise SlimDiffError(f"{source!r} is an SDXL refiner ({cls_name}: only text_encoder_2, aesthetic-score "
                             "time ids); slimdiff calibrates text-to-image base models: pass the SDXL base folder")
     if not present("text_encoder_2"):
         raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
                             "needed): the folder is incomplete")
-    return "sdxl"
+    return diffusers.StableDiffusionXLPipeline
 
 
 def load_unet(source: str, dtype: torch.dtype = torch.float32):

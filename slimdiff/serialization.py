@@ -1,8 +1,9 @@
-"""Save and load slim UNets as diffusers folders, and whole slim pipelines.
+"""Save and load slim denoisers as diffusers folders, and whole slim pipelines.
 
-A slim UNet folder is what ``SlimUNet2DConditionModel.save_pretrained`` writes — ``config.json`` (class
-``SlimUNet2DConditionModel``, the dense architecture plus ``rank_plan``) and safetensors — plus
-``slimdiff_plan.json``, the same plan for people and tools. Folders of earlier slimdiff versions (a
+A slim denoiser folder is what a slim model class's ``save_pretrained`` writes — ``config.json`` (class
+``SlimUNet2DConditionModel`` or ``SlimPixArtTransformer2DModel``, the dense architecture plus ``rank_plan``) and
+safetensors — plus ``slimdiff_plan.json``, the same plan for people and tools. The folder's ``_class_name``
+picks the slim class (:data:`slimdiff.slim_models.SLIM_CLASSES`). UNet folders of earlier slimdiff versions (a
 ``UNet2DConditionModel`` config and the plan only in ``slimdiff_plan.json``) still load.
 
 Loading builds the architecture from ``config.json`` on the meta device, gives it the plan's shapes, then
@@ -28,7 +29,6 @@ from .rebuild import apply_plan_shapes
 
 PLAN_FILE = "slimdiff_plan.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-SLIM_CLASS = "SlimUNet2DConditionModel"
 
 
 def _config(path: Path) -> dict | None:
@@ -38,9 +38,15 @@ def _config(path: Path) -> dict | None:
         return None
 
 
+def _slim_classes() -> dict[str, type]:
+    from .slim_models import SLIM_CLASSES
+
+    return SLIM_CLASSES
+
+
 def is_slim_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return (path / PLAN_FILE).is_file() or (_config(path) or {}).get("_class_name") == SLIM_CLASS
+    return (path / PLAN_FILE).is_file() or (_config(path) or {}).get("_class_name") in _slim_classes()
 
 
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Path:
@@ -76,20 +82,30 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _slim_model(unet: torch.nn.Module, plan: RankPlan):
-    from .slim_models import SlimUNet2DConditionModel
+def _slim_model(model: torch.nn.Module, plan: RankPlan):
+    from .slim_models import slim_class_for
 
-    if isinstance(unet, SlimUNet2DConditionModel) and unet.slim_plan.modules == plan.modules:
-        return unet
-    return SlimUNet2DConditionModel.from_slim(unet, plan)
+    slim_cls = slim_class_for(model)
+    if isinstance(model, slim_cls) and model.slim_plan.modules == plan.modules:
+        return model
+    return slim_cls.from_slim(model, plan)
 
 
-def save_slim(unet: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False,
+def denoiser_component(pipe) -> str:
+    """The name of the pipeline component that holds its denoiser (``unet``; ``transformer`` for DiTs)."""
+    from .families import family_for
+
+    denoiser = family_for(pipe).denoiser(pipe)
+    return next(name for name, component in pipe.components.items() if component is denoiser)
+
+
+def save_slim(model: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False,
               extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``unet`` (already slimmed to ``plan``) to ``out`` as a ``SlimUNet2DConditionModel`` folder; the
-    folder appears complete or not at all. ``extra_files`` (name → text) are written alongside, e.g. a report.
+    """Write ``model`` (a denoiser already slimmed to ``plan``) to ``out`` as a folder of its slim class
+    (``SlimUNet2DConditionModel``, ``SlimPixArtTransformer2DModel``); the folder appears complete or not at all.
+    ``extra_files`` (name → text) are written alongside, e.g. a report.
     """
-    slim = _slim_model(unet, plan)
+    slim = _slim_model(model, plan)
     with atomic_output(out, overwrite, extra_files) as tmp:
         slim.save_pretrained(tmp, safe_serialization=True)
         (tmp / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
@@ -97,87 +113,95 @@ def save_slim(unet: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, ove
 
 
 def save_slim_pipeline(pipe, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``pipe`` with its slim UNet as a diffusers pipeline folder whose ``model_index.json`` names
-    ``SlimUNet2DConditionModel``: ``DiffusionPipeline.from_pretrained(out)`` loads it in any program that has
-    imported the class (``from slimdiff import SlimUNet2DConditionModel``). ``pipe.unet`` is left as it was."""
-    unet = pipe.unet
-    slim = _slim_model(unet, plan)
+    """Write ``pipe`` with its slim denoiser as a diffusers pipeline folder whose ``model_index.json`` names the
+    slim class: ``DiffusionPipeline.from_pretrained(out)`` loads it in any program that has imported the class
+    (``from slimdiff import SlimUNet2DConditionModel``). ``pipe``'s denoiser is left as it was."""
+    name = denoiser_component(pipe)
+    model = getattr(pipe, name)
+    slim = _slim_model(model, plan)
     try:
-        pipe.unet = slim
+        setattr(pipe, name, slim)
         with atomic_output(out, overwrite) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
-            (tmp / "unet" / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
+            (tmp / name / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
     finally:
-        pipe.unet = unet
+        setattr(pipe, name, model)
     return Path(out)
 
 
 def load_plan(path: str | os.PathLike) -> RankPlan:
-    """The rank plan of a slim UNet folder (``slimdiff_plan.json``, else the plan in its ``config.json``)."""
+    """The rank plan of a slim denoiser folder (``slimdiff_plan.json``, else the plan in its ``config.json``)."""
     path = Path(path)
     plan_file = path / PLAN_FILE
     if plan_file.is_file():
         return RankPlan.from_json(plan_file.read_text(encoding="utf-8"))
     config = _config(path) or {}
-    if config.get("_class_name") == SLIM_CLASS and "rank_plan" in config:
+    if config.get("_class_name") in _slim_classes() and "rank_plan" in config:
         return RankPlan.from_dict(config["rank_plan"])
-    raise SlimDiffError(f"{str(path)!r} is not a slim UNet folder (no {PLAN_FILE})")
+    raise SlimDiffError(f"{str(path)!r} is not a slim model folder (no {PLAN_FILE})")
 
 
-def _meta_skeleton(config: dict, plan: RankPlan):
-    """The slim UNet of ``config`` and ``plan`` on the meta device (shapes, no weights): a native slim config
+def _slim_class_of(path: Path) -> tuple[type, bool]:
+    """The slim class that loads the folder, and whether its config is that class's own (``False``: an earlier
+    slimdiff's dense config, whose dense class's slim class loads it)."""
+    cls_name = (_config(path) or {}).get("_class_name")
+    for slim_cls in _slim_classes().values():
+        if cls_name == slim_cls.__name__:
+            return slim_cls, True
+        if cls_name == slim_cls.dense_class.__name__:
+            return slim_cls, False
+    raise SlimDiffError(f"{str(path)!r}: config.json names {cls_name!r}, which is no model class slimdiff slims")
+
+
+def _meta_skeleton(slim_cls: type, native: bool, config: dict, plan: RankPlan):
+    """The slim model of ``config`` and ``plan`` on the meta device (shapes, no weights): a native slim config
     builds the slim class; an older folder's dense config gets the plan's shapes."""
-    from diffusers import UNet2DConditionModel
-
-    from .slim_models import SlimUNet2DConditionModel
-
     with torch.device("meta"):
-        if config.get("_class_name") == SLIM_CLASS:
-            return SlimUNet2DConditionModel.from_config(config)
-        return apply_plan_shapes(UNet2DConditionModel.from_config(config), plan)
+        if native:
+            return slim_cls.from_config(config)
+        return apply_plan_shapes(slim_cls.dense_class.from_config(config), plan)
+
+
+def _folder_config(path: Path, plan: RankPlan) -> tuple[type, bool, dict]:
+    slim_cls, native = _slim_class_of(path)
+    config = slim_cls.load_config(str(path))
+    if native and RankPlan.from_dict(config.get("rank_plan") or {}).modules != plan.modules:
+        raise SlimDiffError(f"its {PLAN_FILE} and config.json hold different rank plans")
+    return slim_cls, native, config
 
 
 def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a slim UNet folder written by :func:`save_slim` (or by an earlier slimdiff); returns a
-    ``SlimUNet2DConditionModel`` in eval mode."""
-    from diffusers import UNet2DConditionModel
-
-    from .slim_models import SlimUNet2DConditionModel
-
+    """Load a slim denoiser folder written by :func:`save_slim` (or by an earlier slimdiff); returns its slim
+    model class (``SlimUNet2DConditionModel``, ``SlimPixArtTransformer2DModel``) in eval mode."""
     path = Path(path)
     plan = load_plan(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file() or not (path / "config.json").is_file():
         raise SlimDiffError(f"slim folder {str(path)!r} is incomplete (needs config.json and {WEIGHTS_FILE})")
     try:
-        config = UNet2DConditionModel.load_config(str(path))
-        native = config.get("_class_name") == SLIM_CLASS
-        if native and RankPlan.from_dict(config.get("rank_plan") or {}).modules != plan.modules:
-            raise SlimDiffError(f"its {PLAN_FILE} and config.json hold different rank plans")
-        unet = _meta_skeleton(config, plan)
+        slim_cls, native, config = _folder_config(path, plan)
+        model = _meta_skeleton(slim_cls, native, config, plan)
         # safetensors slices one buffer, so tensors can start unaligned and BLAS then takes another code
-        # path; fresh allocations make a loaded UNet compute bit-identically to the one that was saved.
+        # path; fresh allocations make a loaded model compute bit-identically to the one that was saved.
         state = {k: v.clone() for k, v in load_file(str(weights), device=str(device)).items()}
-        unet.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except SlimDiffError as exc:
         raise SlimDiffError(f"corrupt slim folder {str(path)!r}: {exc}") from exc
     except Exception as exc:  # safetensors/diffusers/torch raise assorted types on damaged files
         raise SlimDiffError(f"corrupt slim folder {str(path)!r}: {exc}") from exc
     if not native:
-        unet = SlimUNet2DConditionModel.from_slim(unet, plan)
-    unet.slim_plan = plan  # with its provenance (slimdiff_plan.json may carry more than the config)
-    if unet.dtype != dtype:
-        unet = unet.to(dtype=dtype)
-    return unet.eval().requires_grad_(False)
+        model = slim_cls.from_slim(model, plan)
+    model.slim_plan = plan  # with its provenance (slimdiff_plan.json may carry more than the config)
+    if model.dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def verify_slim_folder(path: str | os.PathLike) -> None:
-    """The weights of a slim UNet folder against the shapes its config and rank plan imply (no data read)."""
-    from diffusers import UNet2DConditionModel
-
+    """The weights of a slim denoiser folder against the shapes its config and rank plan imply (no data read)."""
     path = Path(path)
     plan = load_plan(path)
     if not (path / "config.json").is_file():
         raise SlimDiffError(f"slim folder {str(path)!r} is incomplete (no config.json)")
-    unet = _meta_skeleton(UNet2DConditionModel.load_config(str(path)), plan)  # the one load_slim fills
-    verify_weights_file(path / WEIGHTS_FILE, {k: tuple(v.shape) for k, v in unet.state_dict().items()})
+    model = _meta_skeleton(*_folder_config(path, plan), plan)  # the one load_slim fills
+    verify_weights_file(path / WEIGHTS_FILE, {k: tuple(v.shape) for k, v in model.state_dict().items()})

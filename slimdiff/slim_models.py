@@ -1,80 +1,126 @@
 """Slim denoisers as diffusers model classes: the rank plan lives in the model's config.
 
-``SlimUNet2DConditionModel`` is a ``UNet2DConditionModel`` whose config carries ``rank_plan``; building it from
-that config gives every compressible Linear the plan's width, so diffusers' own ``from_pretrained`` /
-``save_pretrained`` / ``from_config`` work unchanged, and a pipeline folder whose ``model_index.json`` names
-``["slimdiff.slim_models", "SlimUNet2DConditionModel"]`` loads with ``DiffusionPipeline.from_pretrained`` once
-this module is imported (``from slimdiff import SlimUNet2DConditionModel`` does it): diffusers resolves a
-component's library from the modules the program has imported, never by importing one a folder names.
+One mechanism, :class:`SlimModelMixin`, serves every dense diffusers model class slimdiff slims; each slim class
+is a declaration ``class SlimX(SlimModelMixin, X)`` — :class:`SlimUNet2DConditionModel` (SD-1.x/2.x, SDXL) and
+:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ) — registered in :data:`SLIM_CLASSES` by its name, which is
+the ``_class_name`` of the folders it writes. A slim class is its dense class whose config carries
+``rank_plan``; building it from that config gives every compressible Linear the plan's width, so diffusers' own
+``from_pretrained`` / ``save_pretrained`` / ``from_config`` work unchanged, and a pipeline folder whose
+``model_index.json`` names ``["slimdiff.slim_models", "SlimUNet2DConditionModel"]`` (or the PixArt class) loads
+with ``DiffusionPipeline.from_pretrained`` once this module is imported (``from slimdiff import
+SlimUNet2DConditionModel`` does it): diffusers resolves a component's library from the modules the program has
+imported, never by importing one a folder names.
 
 The dense class must not read a slim folder as if it were dense. diffusers' loader does not compare a config's
 ``_class_name`` with the class loading it, and a dense skeleton would only fail later at the first resized
 weight, with a shape mismatch that says nothing of slimdiff. The one config entry it checks before any weight is
-``quantization_config``, so a slim folder's config carries :data:`DENSE_LOADER_STOP`: a ``quant_method`` that
-names slimdiff, which ``UNet2DConditionModel.from_pretrained`` refuses with that name in its message. This class
-removes the entry when it reads a config and writes it back when it saves one.
+``quantization_config``, so a slim folder's config carries the slim class's ``dense_loader_stop``: a
+``quant_method`` that names slimdiff and the slim class, which the dense class's ``from_pretrained`` refuses with
+that text in its message. The slim class removes the entry when it reads a config and writes it back when it
+saves one.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from typing import Any
 
 import torch
-from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (diffusers finds the loader base here)
+from diffusers import ModelMixin, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
 from .errors import SlimDiffError
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes
 
-DENSE_LOADER_STOP = {"quant_method": "slimdiff: this folder holds a UNet slimmed by slimdiff; load it with "
-                                     "slimdiff.SlimUNet2DConditionModel.from_pretrained"}
+#: Slim model classes by class name (the ``_class_name`` of the folders they write).
+SLIM_CLASSES: dict[str, type] = {}
+_STOP_PREFIX = "slimdiff: "
 
 
-def _with_plan_parameter(init):
-    """Give ``init`` the dense class's signature plus ``rank_plan``: diffusers reads a model's config keys off
-    its ``__init__`` signature, both when saving a config and when building a model from one."""
-    dense = inspect.signature(UNet2DConditionModel.__init__)
-    plan = inspect.Parameter("rank_plan", inspect.Parameter.KEYWORD_ONLY, default=None)
-    params = [p for p in dense.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    init.__signature__ = dense.replace(parameters=[*params, plan])
-    return init
+def _is_loader_stop(entry: Any) -> bool:
+    """A ``quantization_config`` slimdiff wrote (any slim class, any slimdiff version)."""
+    return isinstance(entry, dict) and str(entry.get("quant_method", "")).startswith(_STOP_PREFIX)
 
 
-class SlimUNet2DConditionModel(UNet2DConditionModel):
-    """A ``UNet2DConditionModel`` slimmed by slimdiff: the dense architecture of its config with the Linear
-    widths of ``config.rank_plan`` (a :class:`slimdiff.plan.RankPlan` as a dict; ``self.slim_plan`` holds it
-    parsed). ``from_pretrained(folder)`` loads one; :meth:`from_slim` wraps a UNet slimmed in place."""
+class SlimModelMixin:
+    """What makes ``class SlimX(SlimModelMixin, X)`` the slimmed form of the dense diffusers model class ``X``:
+    ``X``'s architecture with the Linear widths of ``config.rank_plan`` (a :class:`slimdiff.plan.RankPlan` as a
+    dict; ``self.slim_plan`` holds it parsed). ``from_pretrained(folder)`` loads one; :meth:`from_slim` wraps a
+    dense model slimmed in place."""
 
-    @register_to_config
-    @_with_plan_parameter
-    def __init__(self, *args, rank_plan: dict | None = None, **kwargs):
-        if rank_plan is None:
-            raise SlimDiffError("SlimUNet2DConditionModel needs a rank_plan in its config")
-        super().__init__(*args, **kwargs)
-        self.slim_plan = RankPlan.from_dict(rank_plan)
-        apply_plan_shapes(self, self.slim_plan)
+    dense_class: type  # X: the first ModelMixin base after this mixin
+    dense_loader_stop: dict  # the quantization_config entry that stops X.from_pretrained on a slim folder
+    slim_plan: RankPlan
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.dense_class = next(base for base in cls.__mro__[1:]
+                               if issubclass(base, ModelMixin) and not issubclass(base, SlimModelMixin))
+        cls.dense_loader_stop = {"quant_method": f"{_STOP_PREFIX}this folder holds a {cls.dense_class.__name__} "
+                                                 f"slimmed by slimdiff; load it with slimdiff.{cls.__name__}"
+                                                 ".from_pretrained"}
+        cls.__init__ = register_to_config(_slim_init(cls.dense_class))
+        SLIM_CLASSES[cls.__name__] = cls
 
     @classmethod
     def load_config(cls, *args, **kwargs):
         loaded = super().load_config(*args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
-        if config.get("quantization_config") == DENSE_LOADER_STOP:
+        if _is_loader_stop(config.get("quantization_config")):
             del config["quantization_config"]
         return loaded
 
     def to_json_string(self) -> str:
         config = json.loads(super().to_json_string())
-        config["quantization_config"] = DENSE_LOADER_STOP
+        config["quantization_config"] = self.dense_loader_stop
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_slim(cls, unet: UNet2DConditionModel, plan: RankPlan) -> "SlimUNet2DConditionModel":
-        """The slim class holding ``unet``'s parameters (shared, not copied); ``unet`` must already have the
-        plan's shapes (as :func:`slimdiff.slim.slim_unet` leaves it)."""
-        config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != "rank_plan"}
+    def from_slim(cls, model: torch.nn.Module, plan: RankPlan):
+        """The slim class holding ``model``'s parameters (shared, not copied); ``model``, of the dense class,
+        must already have the plan's shapes (as :func:`slimdiff.slim.slim_unet` leaves it)."""
+        config = {k: v for k, v in model.config.items() if not k.startswith("_") and k != "rank_plan"}
         with torch.device("meta"):
             slim = cls(**config, rank_plan=plan.to_dict())
-        slim.load_state_dict(unet.state_dict(), strict=True, assign=True)
+        slim.load_state_dict(model.state_dict(), strict=True, assign=True)
         return slim.eval().requires_grad_(False)
+
+
+def _slim_init(dense: type):
+    """The ``__init__`` of a slim class of ``dense``: the dense architecture, then the plan's shapes. Its
+    signature is the dense class's plus ``rank_plan``: diffusers reads a model's config keys off its ``__init__``
+    signature, both when saving a config and when building a model from one."""
+
+    def __init__(self, *args, rank_plan: dict | None = None, **kwargs):
+        if rank_plan is None:
+            raise SlimDiffError(f"{type(self).__name__} needs a rank_plan in its config")
+        dense.__init__(self, *args, **kwargs)
+        self.slim_plan = RankPlan.from_dict(rank_plan)
+        apply_plan_shapes(self, self.slim_plan)
+
+    signature = inspect.signature(dense.__init__)
+    params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    plan = inspect.Parameter("rank_plan", inspect.Parameter.KEYWORD_ONLY, default=None)
+    __init__.__signature__ = signature.replace(parameters=[*params, plan])
+    return __init__
+
+
+def slim_class_for(model: torch.nn.Module) -> type:
+    """The slim class of a dense model (or of a slim one: its own class)."""
+    if isinstance(model, SlimModelMixin):
+        return type(model)
+    for slim_cls in SLIM_CLASSES.values():
+        if type(model) is slim_cls.dense_class:
+            return slim_cls
+    raise SlimDiffError(f"slimdiff has no slim model class for {type(model).__name__} "
+                        f"(it has: {', '.join(c.dense_class.__name__ for c in SLIM_CLASSES.values())})")
+
+
+class SlimUNet2DConditionModel(SlimModelMixin, UNet2DConditionModel):
+    """A ``UNet2DConditionModel`` (SD-1.x/2.x, SDXL) slimmed by slimdiff (see :class:`SlimModelMixin`)."""
+
+
+class SlimPixArtTransformer2DModel(SlimModelMixin, PixArtTransformer2DModel):
+    """A ``PixArtTransformer2DModel`` (PixArt-α, PixArt-Σ) slimmed by slimdiff (see :class:`SlimModelMixin`)."""

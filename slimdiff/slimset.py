@@ -21,8 +21,9 @@ Embedder = Callable[[Sequence[str]], torch.Tensor]
 
 
 def clip_text_embedder(pipe, batch_size: int = 64) -> Embedder:
-    """The pipeline's own CLIP text towers: each tower's pooled (EOS) output L2-normalised, float32; with two
-    towers (SDXL) both side by side, normalised again, so cosine similarity is the mean of the towers'."""
+    """The pipeline's own text towers: each tower's prompt embedding (:func:`_prompt_embedding`: CLIP's pooled
+    EOS output, the masked mean of a T5's token states) L2-normalised, float32; with two towers (SDXL) both side
+    by side, normalised again, so cosine similarity is the mean of the towers'."""
     towers = family_for(pipe).text_towers(pipe)
 
     @torch.no_grad()
@@ -30,20 +31,36 @@ def clip_text_embedder(pipe, batch_size: int = 64) -> Embedder:
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = list(prompts[i:i + batch_size])
-            parts = [torch.nn.functional.normalize(_pooled(t.tokenizer, t.encoder, chunk), dim=-1) for t in towers]
+            parts = [torch.nn.functional.normalize(_prompt_embedding(t.tokenizer, t.encoder, chunk), dim=-1)
+                     for t in towers]
             out.append(parts[0] if len(parts) == 1 else torch.nn.functional.normalize(torch.cat(parts, -1), dim=-1))
         return torch.cat(out)
 
     return embed
 
 
-def _pooled(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    out = encoder(ids.to(encoder.device))
-    # CLIPTextModel: pooler_output (EOS state); CLIPTextModelWithProjection: text_embeds (projected EOS state)
-    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-    return pooled.float().cpu()
+def _prompt_embedding(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+    """One vector per prompt. CLIP text towers have one (the pooled EOS state, projected in
+    ``CLIPTextModelWithProjection``), read as SD's pipelines call them: ids only, padded to the tokenizer's
+    length. Other encoders (T5, which has no pooled output) get the mean of their last hidden states over the
+    prompt's tokens: T5 was never trained to summarise a sentence in one position, every token state carries
+    the prompt, and the mean over the attention mask (passed to the encoder, as PixArt's pipeline does) leaves
+    padding out, so a prompt's vector does not depend on the longest prompt of its batch. The encoder class
+    decides, not its output, because only the masked path passes the mask into the call."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if isinstance(encoder, (CLIPTextModel, CLIPTextModelWithProjection)):
+        ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(encoder.device))
+        pooled = out.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else out.pooler_output
+        return pooled.float().cpu()
+    tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=tokenizer.model_max_length,
+                       return_tensors="pt")
+    mask = tokens.attention_mask.to(encoder.device)
+    hidden = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask).last_hidden_state.float()
+    weights = mask.to(hidden.dtype)[..., None]
+    return ((hidden * weights).sum(1) / weights.sum(1)).cpu()
 
 
 def geometric_median(points: torch.Tensor, eta: float = 1e-8, tol: float = 1e-7, max_iter: int = 500) -> torch.Tensor:

@@ -1,13 +1,15 @@
-"""What a model folder holds on disk: which weight variant to load, and the dtype its UNet was stored in.
+"""What a model folder holds on disk: which weight variant to load, and the dtype its denoiser was stored in.
 
 Pipeline folders as downloaded from a hub often carry only variant files (``diffusion_pytorch_model.fp16.
 safetensors``, ``model.fp16.safetensors``); diffusers loads them only when asked for the variant by name. A folder
-with exactly one variant and no plain files is loaded as that variant without being asked. The dtype the UNet
-was stored in is what a slim UNet is saved in by default, so an fp16 model does not come back twice its size.
+with exactly one variant and no plain files is loaded as that variant without being asked. The dtype the
+denoiser (``unet/``, or ``transformer/`` for PixArt) was stored in is what a slim denoiser is saved in by
+default, so an fp16 model does not come back twice its size.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,23 +21,35 @@ UNET_WEIGHTS = "diffusion_pytorch_model"
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
+def denoiser_folder(folder: Path) -> str:
+    """The subfolder of a pipeline folder that holds its denoiser: ``transformer`` when ``model_index.json``
+    names one (PixArt), else ``unet`` (an unreadable index is reported by the loader, not here)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unet"
+    return "transformer" if isinstance(index, dict) and "transformer" in index else "unet"
+
+
 def available_variants(folder: Path) -> list[str]:
-    """Variant names of the UNet's safetensors files in a pipeline folder (``fp16``, ``bf16``...)."""
+    """Variant names of the denoiser's safetensors files in a pipeline folder (``fp16``, ``bf16``...)."""
     pattern = re.compile(rf"{UNET_WEIGHTS}\.([\w-]+)\.safetensors$")
-    return sorted({m[1] for p in (folder / "unet").glob(f"{UNET_WEIGHTS}.*.safetensors") if (m := pattern.match(p.name))})
+    return sorted({m[1] for p in (folder / denoiser_folder(folder)).glob(f"{UNET_WEIGHTS}.*.safetensors")
+                   if (m := pattern.match(p.name))})
 
 
 def choose_variant(folder: str | Path, requested: str | None) -> str | None:
     """The variant to load from a pipeline folder: ``requested`` if its files exist, else the only one present
     when there are no plain weight files, else ``None`` (the plain files)."""
     folder = Path(folder)
+    denoiser = denoiser_folder(folder)
     variants = available_variants(folder)
-    plain = (folder / "unet" / f"{UNET_WEIGHTS}.safetensors").is_file()
+    plain = (folder / denoiser / f"{UNET_WEIGHTS}.safetensors").is_file()
     if requested is not None:
         if requested not in variants:
             have = ", ".join(variants) or "none"
-            raise SlimDiffError(f"--variant {requested}: {str(folder)!r} has no unet/{UNET_WEIGHTS}.{requested}"
-                                f".safetensors (variants present: {have})")
+            raise SlimDiffError(f"--variant {requested}: {str(folder)!r} has no {denoiser}/{UNET_WEIGHTS}."
+                                f"{requested}.safetensors (variants present: {have})")
         return requested
     if plain:
         return None
@@ -44,9 +58,9 @@ def choose_variant(folder: str | Path, requested: str | None) -> str | None:
     if variants:
         raise SlimDiffError(f"{str(folder)!r} has only variant weight files ({', '.join(variants)}): "
                             "choose one with --variant")
-    pickles = sorted(p.name for p in (folder / "unet").glob("*.bin"))
+    pickles = sorted(p.name for p in (folder / denoiser).glob("*.bin"))
     found = f" (found {', '.join(pickles)}: pickle files are not loaded)" if pickles else ""
-    raise SlimDiffError(f"{str(folder)!r} has no unet/{UNET_WEIGHTS}.safetensors{found}")
+    raise SlimDiffError(f"{str(folder)!r} has no {denoiser}/{UNET_WEIGHTS}.safetensors{found}")
 
 
 def stored_dtype(weights: str | Path, prefix: str = "") -> torch.dtype | None:
@@ -63,7 +77,7 @@ def stored_dtype(weights: str | Path, prefix: str = "") -> torch.dtype | None:
 
 
 def source_unet_dtype(source: str, variant: str | None = None) -> torch.dtype:
-    """The dtype a model source stores its UNet in (built-ins: float32)."""
+    """The dtype a model source stores its denoiser in (built-ins: float32)."""
     from .serialization import WEIGHTS_FILE, is_slim_folder
 
     path = Path(source)
@@ -75,5 +89,6 @@ def source_unet_dtype(source: str, variant: str | None = None) -> torch.dtype:
         found = stored_dtype(path / WEIGHTS_FILE)
     else:
         chosen = choose_variant(path, variant)
-        found = stored_dtype(path / "unet" / (f"{UNET_WEIGHTS}.{chosen}.safetensors" if chosen else f"{UNET_WEIGHTS}.safetensors"))
+        weights = f"{UNET_WEIGHTS}.{chosen}.safetensors" if chosen else f"{UNET_WEIGHTS}.safetensors"
+        found = stored_dtype(path / denoiser_folder(path) / weights)
     return found or torch.float32

@@ -128,7 +128,7 @@ SLIMDIFF_ROWS = [
                                     "--out", "{tmp}/slim"], "disk-full", "No space left on device"),
     ("inspect-truncated-weights", ["inspect", "{tmp}/slim"], "truncated-slim", "is damaged"),
     ("inspect-weights-not-matching-plan", ["inspect", "{tmp}/slim"], "swapped-slim", "does not match its plan"),
-    ("inspect-not-a-slim-folder", ["inspect", "{tmp}"], None, "not a slim UNet folder"),
+    ("inspect-not-a-slim-folder", ["inspect", "{tmp}"], None, "not a slim model folder"),
     ("bench-out-under-a-file", ["bench", "--model", "builtin:tiny", "--out", "{tmp}/file/report"], "file",
      "is a file, not a folder"),
     ("bench-latency-table-is-a-folder", ["bench", "--model", "builtin:tiny", "--latency-table", "{tmp}"], None,

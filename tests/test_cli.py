@@ -69,7 +69,7 @@ def test_bad_inputs(stats_dir, tmp_path, capsys):
     pipe.save_pretrained(other)
     capsys.readouterr()
     _fails(capsys, [*slim, "--model", str(other), "--budget", "0.4"], "different model")
-    _fails(capsys, ["inspect", str(tmp_path)], "not a slim UNet folder")
+    _fails(capsys, ["inspect", str(tmp_path)], "not a slim model folder")
     assert not out.exists() and not (tmp_path / "s").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial outputs
 

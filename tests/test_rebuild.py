@@ -78,7 +78,7 @@ def test_corrupt_slim_folders(tiny_pipe, tmp_path):
     (tmp_path / "ok" / "slimdiff_plan.json").write_text(json.dumps({"format": "nope"}))
     with pytest.raises(SlimDiffError, match="format"):
         load_slim(tmp_path / "ok")
-    with pytest.raises(SlimDiffError, match="not a slim UNet folder"):
+    with pytest.raises(SlimDiffError, match="not a slim model folder"):
         load_slim(tmp_path)
 
 

@@ -1,0 +1,104 @@
+"""PixArt models: the tiny built-in, local PixArt pipeline folders, T5 prompt embeddings for SlimSet, and the slim
+PixArt transformer class (save / load / diffusers loaders)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slimdiff.errors import SlimDiffError
+from slimdiff.models import build_builtin, load_pipeline
+from slimdiff.slimset import _prompt_embedding, select_slimset
+
+PROMPTS = ["a red cube on a table", "two blue spheres", "a green pyramid at night", "a cat", "a yellow star",
+           "three small purple cones under a lamp"]
+
+
+def _image(pipe, prompt: str = PROMPTS[0]):
+    # The tiny latent (16x16) is outside PixArt's aspect-ratio bins, which assume an 8x VAE.
+    return pipe(prompt, num_inference_steps=2, use_resolution_binning=False, clean_caption=False,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def pixart():
+    return build_builtin("builtin:tiny-pixart")
+
+
+def test_tiny_pixart_is_a_pixart_sigma_pipeline_and_draws_an_image(pixart):
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers.models.attention import BasicTransformerBlock
+    from transformers import T5EncoderModel
+
+    assert isinstance(pixart, PixArtSigmaPipeline)
+    transformer, t5 = pixart.transformer, pixart.text_encoder
+    assert isinstance(transformer, PixArtTransformer2DModel) and isinstance(t5, T5EncoderModel)
+    assert isinstance(pixart.scheduler, DPMSolverMultistepScheduler)
+    cfg = transformer.config
+    assert cfg.caption_channels == t5.config.d_model != cfg.cross_attention_dim
+    assert cfg.cross_attention_dim == cfg.num_attention_heads * cfg.attention_head_dim
+    assert cfg.out_channels == 2 * cfg.in_channels  # learned sigma, as PixArt-Σ
+    blocks = [m for m in transformer.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == cfg.num_layers and all(b.norm_type == "ada_norm_single" for b in blocks)
+    assert t5.config.vocab_size >= len(pixart.tokenizer)
+    assert not any(p.requires_grad for p in pixart.transformer.parameters())
+
+    image = _image(pixart)
+    assert image.shape == (1, 32, 32, 3) and image.std() > 0
+    assert (image == _image(build_builtin("builtin:tiny-pixart"))).all()  # seeded: the same weights every time
+    assert not (image == _image(pixart, PROMPTS[1])).all()  # the prompt reaches the image
+
+
+def test_tiny_pixart_builds_on_the_meta_device():
+    pipe = build_builtin("builtin:tiny-pixart", device="meta")
+    assert pipe.transformer.device.type == "meta" and pipe.text_encoder.device.type == "meta"
+
+
+@pytest.mark.parametrize("pipeline_class", ["PixArtSigmaPipeline", "PixArtAlphaPipeline"])
+def test_a_pixart_pipeline_folder_loads(pixart, pipeline_class, tmp_path):
+    import diffusers
+
+    source = getattr(diffusers, pipeline_class)(**pixart.components)
+    source.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / "pipe"))
+    assert type(loaded).__name__ == pipeline_class
+    assert not loaded.transformer.training and not any(p.requires_grad for p in loaded.text_encoder.parameters())
+    for name in ("transformer", "text_encoder", "vae"):
+        saved, back = getattr(pixart, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved), name
+    if pipeline_class == "PixArtSigmaPipeline":
+        assert (_image(loaded) == _image(pixart)).all()
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+def test_a_pixart_folder_without_its_transformer_or_text_encoder_is_one_line(pixart, component, tmp_path):
+    folder = tmp_path / "pipe"
+    pixart.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / component)
+    with pytest.raises(SlimDiffError, match=rf"PixArtSigmaPipeline folder without {component} ") as err:
+        load_pipeline(str(folder))
+    assert "\n" not in str(err.value)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, component: [None, None]}))
+    with pytest.raises(SlimDiffError, match=f"without {component} "):
+        load_pipeline(str(folder))
+
+
+def test_t5_prompt_embedding_is_the_masked_token_mean(pixart):
+    tokenizer, t5 = pixart.tokenizer, pixart.text_encoder
+    embed = lambda prompts: _prompt_embedding(tokenizer, t5, prompts)  # noqa: E731
+    batch = embed(PROMPTS)
+    assert batch.shape == (len(PROMPTS), t5.config.d_model) and batch.dtype == torch.float32
+    # padding is left out: a prompt alone gets the vector it gets next to a longer one
+    alone = embed([PROMPTS[3]])
+    assert torch.allclose(alone[0], batch[3], atol=1e-5, rtol=1e-5)
+    # ... and it is the mean of the prompt's own token states
+    ids = tokenizer([PROMPTS[3]], return_tensors="pt").input_ids
+    assert torch.allclose(alone, t5(ids).last_hidden_state.mean(1), atol=1e-6)
+    unit = torch.nn.functional.normalize(batch, dim=-1)
+    picked = select_slimset(PROMPTS, unit, 3)
+    assert picked == select_slimset(PROMPTS, torch.nn.functional.normalize(embed(PROMPTS), dim=-1), 3)
+    assert len(set(picked.indices)) == 3
