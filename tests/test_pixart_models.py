@@ -102,3 +102,64 @@ def test_t5_prompt_embedding_is_the_masked_token_mean(pixart):
     picked = select_slimset(PROMPTS, unit, 3)
     assert picked == select_slimset(PROMPTS, torch.nn.functional.normalize(embed(PROMPTS), dim=-1), 3)
     assert len(set(picked.indices)) == 3
+
+
+# --- slim model classes: one mechanism for every dense class ------------------------------------------------
+
+
+def test_each_slim_class_is_registered_and_names_itself():
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    from slimdiff.configs import TINY_PIXART_TRANSFORMER
+    from slimdiff.slim_models import SLIM_CLASSES, SlimPixArtTransformer2DModel, SlimUNet2DConditionModel
+
+    assert SLIM_CLASSES == {"SlimUNet2DConditionModel": SlimUNet2DConditionModel,
+                            "SlimPixArtTransformer2DModel": SlimPixArtTransformer2DModel}
+    assert SlimUNet2DConditionModel.dense_class is UNet2DConditionModel
+    assert SlimPixArtTransformer2DModel.dense_class is PixArtTransformer2DModel
+    for cls in SLIM_CLASSES.values():
+        assert f"slimdiff.{cls.__name__}.from_pretrained" in cls.dense_loader_stop["quant_method"]
+    # diffusers reads config keys off __init__: the dense class's, plus rank_plan
+    import inspect
+
+    params = inspect.signature(SlimPixArtTransformer2DModel.__init__).parameters
+    assert {"caption_channels", "norm_type", "rank_plan"} <= set(params)
+    with pytest.raises(SlimDiffError, match="SlimPixArtTransformer2DModel needs a rank_plan"):
+        SlimPixArtTransformer2DModel.from_config(dict(TINY_PIXART_TRANSFORMER))
+
+
+def _halved_unet_plan(unet):
+    from slimdiff.families import module_sites
+    from slimdiff.plan import RankPlan
+
+    sites = module_sites(unet)
+    return RankPlan.from_ranks(sites, {s.name: max(8, s.width // 2) for s in sites})
+
+
+def test_a_slim_folder_of_an_earlier_slimdiff_still_loads(tiny_pipe, tmp_path):
+    # Earlier folders hold the dense UNet2DConditionModel config; the plan is only in slimdiff_plan.json.
+    from slimdiff.rebuild import apply_plan_shapes
+    from slimdiff.serialization import load_slim, save_slim, verify_slim_folder
+    from slimdiff.slim_models import SlimUNet2DConditionModel
+
+    unet = tiny_pipe.unet
+    plan = _halved_unet_plan(unet)
+    apply_plan_shapes(unet, plan)  # the resized Linears are left uninitialised
+    gen = torch.Generator().manual_seed(0)
+    for p in unet.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * 0.05
+    save_slim(unet, plan, tmp_path / "slim")
+    config = json.loads((tmp_path / "slim" / "config.json").read_text())
+    dense = {k: v for k, v in config.items() if k not in ("rank_plan", "quantization_config")}
+    (tmp_path / "slim" / "config.json").write_text(json.dumps({**dense, "_class_name": "UNet2DConditionModel"}))
+    verify_slim_folder(tmp_path / "slim")
+    loaded = load_slim(tmp_path / "slim")
+    assert type(loaded) is SlimUNet2DConditionModel and loaded.slim_plan.modules == plan.modules
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    e = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(1))
+    ref = unet(x, 321, e).sample
+    assert ref.isfinite().all() and torch.equal(loaded(x, 321, e).sample, ref)
+
+    (tmp_path / "slim" / "config.json").write_text(json.dumps({**dense, "_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(SlimDiffError, match="names 'FluxTransformer2DModel', which is no model class slimdiff slims"):
+        load_slim(tmp_path / "slim")
