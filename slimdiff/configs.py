@@ -119,6 +119,23 @@ TINY_PIXART_TEXT = dict(
     vocab_size=514, d_model=24, d_kv=12, d_ff=48, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
     is_encoder_decoder=False, **_CHAR_TOKEN_IDS,
 )
+# PixArt-Σ-XL-2-1024-MS as published: the transformer config of PixArt's own converter (PixArt-alpha/PixArt-sigma,
+# tools/convert_pixart_to_diffusers.py, image size 1024: sample_size 1024 // 8, interpolation_scale 2, no
+# micro-conditioning, which only PixArt-α 1024 has), T5 v1.1 XXL's encoder (google-research t5.1.1.xxl: d_model
+# 4096, d_ff 10240, 64 heads of 64, 24 layers, gated GELU, 32,128-token vocabulary) and the SDXL VAE
+# (pixart_sigma_sdxlvae_T5_diffusers).
+PIXART_SIGMA_TRANSFORMER = dict(
+    sample_size=128, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+    patch_size=2, attention_bias=True, cross_attention_dim=1152, caption_channels=4096,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False,
+)
+PIXART_SIGMA_TEXT = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6, is_encoder_decoder=False, **_CHAR_TOKEN_IDS,
+)
+PIXART_SIGMA_VAE = SDXL_VAE
+
 # PixArt-Σ's pipelines are converted with ``DPMSolverMultistepScheduler()`` (PixArt-alpha/PixArt-sigma,
 # tools/convert_pixart_to_diffusers.py): diffusers' defaults, written out where they shape the sampling.
 PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.0001, "beta_end": 0.02,

@@ -20,6 +20,11 @@ Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipel
   ``PixArtTransformer2DModel`` (adaLN-single, learned sigma), a two-layer T5 v1.1 encoder behind the
   character-level tokenizer, the tiny VAE and PixArt-Σ's DPM-Solver++ scheduler. Its latent is 16×16 (32 px
   images), outside PixArt's aspect-ratio bins: call it with ``use_resolution_binning=False``.
+* ``builtin:pixart-sigma-shape`` — the exact public PixArt-Σ-XL-2-1024-MS transformer (28 blocks, 16 heads of
+  72), T5 v1.1 XXL encoder and SDXL VAE configurations with seeded random weights (about 22 GB in float32: the
+  transformer 0.61 B parameters, the T5 4.76 B, the VAE 0.08 B); character-level tokenizer, as for
+  ``sdxl-shape``. Build it on the meta device where only shapes matter:
+  ``build_builtin("builtin:pixart-sigma-shape", device="meta")``.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
@@ -38,6 +43,9 @@ import torch
 
 from .configs import (
     PIXART_SCHEDULER,
+    PIXART_SIGMA_TEXT,
+    PIXART_SIGMA_TRANSFORMER,
+    PIXART_SIGMA_VAE,
     SD15_TEXT,
     SD15_UNET,
     SD15_VAE,
@@ -63,7 +71,7 @@ from .families import FFN, QK, VO, ModuleSite, module_sites  # noqa: F401
 from .tokenization import builtin_tokenizer
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
-            "builtin:tiny-pixart")
+            "builtin:tiny-pixart", "builtin:pixart-sigma-shape")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -74,7 +82,7 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN_UNET_CONFIGS = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET,
                         "builtin:tiny-xl": TINY_XL_UNET, "builtin:sdxl-shape": SDXL_UNET}
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
-PIXART_BUILTINS = ("builtin:tiny-pixart",)
+PIXART_BUILTINS = ("builtin:tiny-pixart", "builtin:pixart-sigma-shape")
 
 
 def _seeded(seed: int, build):
@@ -151,7 +159,10 @@ def _build_pixart_builtin(name: str, device):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    transformer_cfg, text_cfg, vae_cfg = TINY_PIXART_TRANSFORMER, TINY_PIXART_TEXT, TINY_VAE
+    if name == "builtin:tiny-pixart":
+        transformer_cfg, text_cfg, vae_cfg = TINY_PIXART_TRANSFORMER, TINY_PIXART_TEXT, TINY_VAE
+    else:
+        transformer_cfg, text_cfg, vae_cfg = PIXART_SIGMA_TRANSFORMER, PIXART_SIGMA_TEXT, PIXART_SIGMA_VAE
     with _build_device(device):
         transformer = _seeded(0, lambda: PixArtTransformer2DModel(**transformer_cfg))
         text_encoder = _seeded(1, lambda: T5EncoderModel(T5Config(**text_cfg)))

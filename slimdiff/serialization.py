@@ -153,10 +153,26 @@ def _slim_class_of(path: Path) -> tuple[type, bool]:
     raise SlimDiffError(f"{str(path)!r}: config.json names {cls_name!r}, which is no model class slimdiff slims")
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (shapes only: the weights file fills them) and
+    their buffers real: non-persistent buffers, such as PixArt's sin-cos position table, are computed at
+    construction and are not in the weights file."""
+
+    def to_meta(module, name, param):
+        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _meta_skeleton(slim_cls: type, native: bool, config: dict, plan: RankPlan):
-    """The slim model of ``config`` and ``plan`` on the meta device (shapes, no weights): a native slim config
-    builds the slim class; an older folder's dense config gets the plan's shapes."""
-    with torch.device("meta"):
+    """The slim model of ``config`` and ``plan`` with its parameters on the meta device (shapes, no weights): a
+    native slim config builds the slim class; an older folder's dense config gets the plan's shapes."""
+    with _parameters_on_meta():
         if native:
             return slim_cls.from_config(config)
         return apply_plan_shapes(slim_cls.dense_class.from_config(config), plan)
@@ -185,6 +201,7 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         # path; fresh allocations make a loaded model compute bit-identically to the one that was saved.
         state = {k: v.clone() for k, v in load_file(str(weights), device=str(device)).items()}
         model.load_state_dict(state, strict=True, assign=True)
+        model = model.to(device)  # the buffers built with the skeleton
     except SlimDiffError as exc:
         raise SlimDiffError(f"corrupt slim folder {str(path)!r}: {exc}") from exc
     except Exception as exc:  # safetensors/diffusers/torch raise assorted types on damaged files

@@ -84,7 +84,13 @@ class SlimModelMixin:
         config = {k: v for k, v in model.config.items() if not k.startswith("_") and k != "rank_plan"}
         with torch.device("meta"):
             slim = cls(**config, rank_plan=plan.to_dict())
-        slim.load_state_dict(model.state_dict(), strict=True, assign=True)
+        state = model.state_dict()
+        slim.load_state_dict(state, strict=True, assign=True)
+        # Non-persistent buffers (PixArt's position table) are not in a state dict: shared as well.
+        for name, buffer in model.named_buffers():
+            if name not in state:
+                owner, _, leaf = name.rpartition(".")
+                slim.get_submodule(owner).register_buffer(leaf, buffer, persistent=False)
         return slim.eval().requires_grad_(False)
 
 

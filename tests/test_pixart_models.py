@@ -163,3 +163,119 @@ def test_a_slim_folder_of_an_earlier_slimdiff_still_loads(tiny_pipe, tmp_path):
     (tmp_path / "slim" / "config.json").write_text(json.dumps({**dense, "_class_name": "FluxTransformer2DModel"}))
     with pytest.raises(SlimDiffError, match="names 'FluxTransformer2DModel', which is no model class slimdiff slims"):
         load_slim(tmp_path / "slim")
+
+
+# --- a slim PixArt transformer: made by slimdiff, saved, loaded by slimdiff and by diffusers ------------------
+
+
+@pytest.fixture(scope="module")
+def slim_pixart():
+    """(dense tiny-pixart, the same pipeline with its transformer slimmed, the slimming report)."""
+    from slimdiff.calibrate import CalibrationConfig, calibrate
+    from slimdiff.slim import SlimConfig, slim_unet
+
+    dense = build_builtin("builtin:tiny-pixart")
+    pipe = build_builtin("builtin:tiny-pixart")
+    stats = calibrate(pipe, PROMPTS[:3], None, CalibrationConfig(steps=2, pass1_prompts=1, batch_size=1),
+                      progress=False)
+    report = slim_unet(pipe.transformer, stats, SlimConfig(budget=0.3), progress=False)
+    report.plan.info["source_model"] = "builtin:tiny-pixart"
+    return dense, pipe, report
+
+
+def _transformer_call(transformer):
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.ones(2, 12)
+    mask[1, 5:] = 0  # the second prompt is shorter: padding masked, as the pipeline passes it
+    return dict(hidden_states=torch.randn(2, 4, 16, 16, generator=gen), timestep=torch.tensor([421, 421]),
+                encoder_hidden_states=torch.randn(2, 12, transformer.config.caption_channels, generator=gen),
+                encoder_attention_mask=mask, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def test_a_slim_pixart_transformer_round_trips_bit_identically(slim_pixart, tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    from slimdiff.serialization import is_slim_folder, load_plan, load_slim, save_slim, verify_slim_folder
+    from slimdiff.slim_models import SlimPixArtTransformer2DModel
+
+    dense, pipe, report = slim_pixart
+    transformer = pipe.transformer
+    assert report.plan.params_removed > 0
+    assert (sum(p.numel() for p in dense.transformer.parameters()) - sum(p.numel() for p in transformer.parameters())
+            == report.plan.params_removed)
+    call = _transformer_call(transformer)
+    ref = transformer(**call).sample
+    wrapped = SlimPixArtTransformer2DModel.from_slim(transformer, report.plan)  # parameters and buffers shared
+    assert torch.equal(wrapped(**call).sample, ref)
+    save_slim(transformer, report.plan, tmp_path / "slim")
+    assert json.loads((tmp_path / "slim" / "config.json").read_text())["_class_name"] == "SlimPixArtTransformer2DModel"
+    assert is_slim_folder(tmp_path / "slim") and load_plan(tmp_path / "slim").modules == report.plan.modules
+    verify_slim_folder(tmp_path / "slim")
+    loaded = load_slim(tmp_path / "slim")
+    assert type(loaded) is SlimPixArtTransformer2DModel and loaded.slim_plan.modules == report.plan.modules
+    assert torch.equal(loaded(**call).sample, ref)
+    native = SlimPixArtTransformer2DModel.from_pretrained(tmp_path / "slim")
+    assert torch.equal(native(**call).sample, ref)
+    native.save_pretrained(tmp_path / "again")
+    assert torch.equal(SlimPixArtTransformer2DModel.from_pretrained(tmp_path / "again")(**call).sample, ref)
+    # The dense class refuses a slim folder by naming slimdiff and the slim class, before it reads any weight.
+    with pytest.raises(ValueError, match=r"PixArtTransformer2DModel slimmed by slimdiff; load it with "
+                                         r"slimdiff\.SlimPixArtTransformer2DModel\.from_pretrained"):
+        PixArtTransformer2DModel.from_pretrained(tmp_path / "slim")
+
+
+def test_a_slim_pixart_pipeline_folder_loads_with_diffusers_and_slimdiff(slim_pixart, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from slimdiff.serialization import save_slim, save_slim_pipeline
+    from slimdiff.slim_models import SlimPixArtTransformer2DModel
+
+    dense, pipe, report = slim_pixart
+    before = pipe.transformer
+    save_slim_pipeline(pipe, report.plan, tmp_path / "pipe")
+    assert pipe.transformer is before  # the pipeline keeps its own transformer
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["transformer"] == ["slimdiff.slim_models", "SlimPixArtTransformer2DModel"]
+    assert (tmp_path / "pipe" / "transformer" / "slimdiff_plan.json").is_file()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded) is type(pipe) and isinstance(loaded.transformer, SlimPixArtTransformer2DModel)
+    loaded.set_progress_bar_config(disable=True)
+    image = _image(loaded)
+    assert image.shape == (1, 32, 32, 3) and image.std() > 0
+    assert (image == _image(pipe)).all()
+    assert not (image == _image(dense)).all()  # the dense transformer draws another image
+    # A slim transformer folder loads as the pipeline it was slimmed from, its transformer the slim one.
+    save_slim(pipe.transformer, report.plan, tmp_path / "slim")
+    again = load_pipeline(str(tmp_path / "slim"))
+    assert isinstance(again.transformer, SlimPixArtTransformer2DModel)
+    assert (_image(again) == image).all()
+
+
+def test_slimset_picks_tiny_pixart_prompts_deterministically(pixart):
+    from slimdiff.prompts import read_prompts
+    from slimdiff.slimset import clip_text_embedder
+
+    pool = read_prompts(limit=60)
+    embed = clip_text_embedder(pixart, batch_size=16)
+    vectors = embed(pool)
+    assert vectors.shape == (60, pixart.text_encoder.config.d_model)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(60), atol=1e-6)
+    first = select_slimset(pool, vectors, 8)
+    assert first == select_slimset(pool, clip_text_embedder(build_builtin("builtin:tiny-pixart"))(pool), 8)
+    assert len(set(first.prompts)) == 8
+
+
+def test_pixart_sigma_shape_has_the_published_geometry_on_the_meta_device():
+    from slimdiff.families import FFN, QK, module_sites
+
+    pipe = build_builtin("builtin:pixart-sigma-shape", device="meta")
+    transformer = pipe.transformer
+    assert transformer.device.type == "meta"
+    # 0.6 B parameters (the PixArt-Σ paper's XL/2 size); 1024 px -> 128² latent -> 64² patches of 2
+    assert 0.60e9 < sum(p.numel() for p in transformer.parameters()) < 0.62e9
+    assert transformer.pos_embed.pos_embed.shape == (1, 64 * 64, 1152)
+    assert transformer.caption_projection.linear_1.in_features == pipe.text_encoder.config.d_model == 4096
+    sites = module_sites(transformer)
+    assert len(sites) == 28 * 5  # per block: the FFN, Q·K and V·O of self- and cross-attention
+    assert {s.width for s in sites if s.kind == FFN} == {4 * 1152}
+    assert {(s.heads, s.width) for s in sites if s.kind == QK} == {(16, 72)}
