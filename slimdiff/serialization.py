@@ -115,7 +115,8 @@ def save_slim(model: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, ov
 def save_slim_pipeline(pipe, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``pipe`` with its slim denoiser as a diffusers pipeline folder whose ``model_index.json`` names the
     slim class: ``DiffusionPipeline.from_pretrained(out)`` loads it in any program that has imported the class
-    (``from slimdiff import SlimUNet2DConditionModel``). ``pipe``'s denoiser is left as it was."""
+    (``from slimdiff import SlimPixArtTransformer2DModel``: importing any slim class imports them all). ``pipe``'s
+    denoiser is left as it was."""
     name = denoiser_component(pipe)
     model = getattr(pipe, name)
     slim = _slim_model(model, plan)
