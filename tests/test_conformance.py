@@ -7,7 +7,8 @@ pipeline of that family. A new family adds one such class (and its adapter), not
   on the calibration moments with the rebuilt weights; the plan's parameter count is exact;
 * save → load is bit-identical (slimdiff's loader and diffusers' ``from_pretrained``); a slim pipeline folder
   loads with ``DiffusionPipeline.from_pretrained`` and makes the same image as the in-memory slim pipeline;
-* the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime).
+* the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime) — or, for a family
+  the engine paths do not serve yet, export refuses it in one line.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import torch
 
 from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.configs import TINY_TEXT, TINY_UNET, TINY_VAE
-from slimdiff.decompose import ffn_measured_error, qk_measured_error, regularise, vo_measured_error
-from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
+from slimdiff.decompose import (
+    ffn_measured_error,
+    qk_measured_error,
+    regularise,
+    vo_measured_error,
+    with_bias_coordinate,
+)
+from slimdiff.errors import SlimDiffError
+from slimdiff.families import CROSS, FFN, QK, SELF, VO, check_engines, family_for, module_sites, site_linears
 from slimdiff.models import _seeded
 from slimdiff.rebuild import load_slim_weights
-from slimdiff.serialization import load_slim, save_slim, save_slim_pipeline
+from slimdiff.serialization import denoiser_component, load_slim, save_slim, save_slim_pipeline
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
+from slimdiff.slim_models import slim_class_for
 from slimdiff.tokenization import builtin_tokenizer
 
 PROMPTS = ["a red cube on a table", "two blue spheres", "a green pyramid at night"]
@@ -57,16 +66,22 @@ class FamilyConformance:
     family: str
     budget = 0.3
     image_px: int  # image size for sampling and export (latent = image / 2 with the tiny VAE)
+    sample_kwargs: dict = {}  # what the family's pipeline call needs beyond prompt, steps and size
 
     def make_pipeline(self):
         raise NotImplementedError
 
+    @staticmethod
+    def denoiser(pipe):
+        return family_for(pipe).denoiser(pipe)
+
     def call_inputs(self, unet, batch: int = 2) -> dict:
-        """Seeded random keyword inputs of one denoiser call (the family's own input layout)."""
-        call = family_for(unet).dummy_call(unet.config, batch, (self.image_px // 2,) * 2, 77)
+        """Seeded random keyword inputs of one denoiser call (the family's own input layout; masks kept)."""
+        call = family_for(unet).dummy_call(unet.config, batch, (self.image_px // 2,) * 2)
         gen = torch.Generator().manual_seed(7)
-        drawn = lambda t: torch.randn(t.shape, generator=gen) if t.is_floating_point() else t  # noqa: E731
-        call = {k: ({n: drawn(v) for n, v in a.items()} if isinstance(a, dict) else drawn(a)) for k, a in call.items()}
+        drawn = lambda t: torch.randn(t.shape, generator=gen) if t is not None and t.is_floating_point() else t  # noqa: E731
+        call = {k: ({n: drawn(v) for n, v in a.items()} if isinstance(a, dict) else a if "mask" in k else drawn(a))
+                for k, a in call.items()}
         return {**call, "timestep": torch.full_like(call["timestep"], 421)}  # a timestep inside the schedule
 
     # --- shared, expensive state (once per family) -----------------------------------------------------
@@ -81,7 +96,7 @@ class FamilyConformance:
     @pytest.fixture(scope="class")
     def slimmed(self, calibrated):
         pipe, stats = calibrated
-        unet = copy.deepcopy(pipe.unet)
+        unet = copy.deepcopy(self.denoiser(pipe))
         report = slim_unet(unet, stats, SlimConfig(budget=self.budget), progress=False)
         return unet, report
 
@@ -89,14 +104,14 @@ class FamilyConformance:
 
     def test_family_and_sites(self, calibrated):
         pipe, _ = calibrated
-        assert family_for(pipe).name == family_for(pipe.unet).name == self.family
-        sites = module_sites(pipe.unet)
+        assert family_for(pipe).name == family_for(self.denoiser(pipe)).name == self.family
+        sites = module_sites(self.denoiser(pipe))
         assert {s.kind for s in sites} == {FFN, QK, VO}
         assert {s.attention for s in sites if s.kind != FFN} == {SELF, CROSS}
 
     def test_full_rank_reproduces_the_model(self, calibrated):
         pipe, stats = calibrated
-        unet = copy.deepcopy(pipe.unet)
+        unet = copy.deepcopy(self.denoiser(pipe))
         call = self.call_inputs(unet)
         ref = unet(**call).sample
         sites = module_sites(unet)
@@ -111,7 +126,7 @@ class FamilyConformance:
 
     def test_closed_form_error_equals_measured(self, calibrated):
         pipe, stats = calibrated
-        unet = pipe.unet
+        unet = self.denoiser(pipe)
         config = SlimConfig(vo_statistic="value", ridge_qk=1e-9, ridge_vo=1e-9)
         sites = module_sites(unet)
         picked = [next(s for s in sites if s.kind == FFN),
@@ -136,9 +151,12 @@ class FamilyConformance:
                 assert abs(measured / total - result.relative_error) < 1e-6 * max(1.0, result.relative_error)
                 continue
             if site.kind == QK:
-                q, k = as64(lin.q.weight), as64(lin.k.weight)
-                args = (inputs["sigma_x"], inputs["sigma_y"], site.heads)
-                measured = qk_measured_error(q, k, new["q"], new["k"], *args)
+                q, k, new_q, sigma_x = as64(lin.q.weight), as64(lin.k.weight), new["q"], inputs["sigma_x"]
+                if lin.q.bias is not None:  # the query bias rides on a constant-1 input coordinate
+                    q, sigma_x = with_bias_coordinate(q, as64(lin.q.bias), sigma_x, inputs["mean_x"])
+                    new_q = torch.cat([new_q, result.tensors[f"{site.block}.{lin.names['q']}.bias"][:, None]], 1)
+                args = (sigma_x, inputs["sigma_y"], site.heads)
+                measured = qk_measured_error(q, k, new_q, new["k"], *args)
                 total = qk_measured_error(q, k, q[:site.heads] * 0, k[:site.heads] * 0, *args)
             else:
                 v, o = as64(lin.v.weight), as64(lin.out.weight)
@@ -149,38 +167,33 @@ class FamilyConformance:
             assert abs(measured / total - result.relative_error) < 1e-5, site.name
 
     def test_plan_parameter_count_is_exact(self, calibrated, slimmed):
-        from slimdiff.slim_models import SlimUNet2DConditionModel
-
         pipe, _ = calibrated
         unet, report = slimmed
         plan = report.plan
-        dense = sum(p.numel() for p in pipe.unet.parameters())
+        dense = sum(p.numel() for p in self.denoiser(pipe).parameters())
         slim = sum(p.numel() for p in unet.parameters())
         assert dense - slim == plan.params_removed > 0
         assert plan.params_removed == sum((e.width - e.rank) * e.unit_params for e in plan.modules.values())
         with torch.device("meta"):
-            from_config = SlimUNet2DConditionModel.from_config({**pipe.unet.config, "rank_plan": plan.to_dict()})
+            from_config = slim_class_for(unet).from_config({**self.denoiser(pipe).config, "rank_plan": plan.to_dict()})
         assert sum(p.numel() for p in from_config.parameters()) == slim
 
     def test_save_load_is_bit_identical(self, slimmed, tmp_path):
-        from diffusers import UNet2DConditionModel
-
-        from slimdiff.slim_models import SlimUNet2DConditionModel
-
         unet, report = slimmed
+        slim_class = slim_class_for(unet)
         call = self.call_inputs(unet)
         ref = unet(**call).sample
         save_slim(unet, report.plan, tmp_path / "slim")
         loaded = load_slim(tmp_path / "slim")
-        assert isinstance(loaded, SlimUNet2DConditionModel) and loaded.slim_plan.modules == report.plan.modules
+        assert isinstance(loaded, slim_class) and loaded.slim_plan.modules == report.plan.modules
         assert torch.equal(loaded(**call).sample, ref)
-        native = SlimUNet2DConditionModel.from_pretrained(tmp_path / "slim")
+        native = slim_class.from_pretrained(tmp_path / "slim")
         assert torch.equal(native(**call).sample, ref)
         native.save_pretrained(tmp_path / "again")
-        assert torch.equal(SlimUNet2DConditionModel.from_pretrained(tmp_path / "again")(**call).sample, ref)
+        assert torch.equal(slim_class.from_pretrained(tmp_path / "again")(**call).sample, ref)
         # The dense class refuses a slim folder by naming slimdiff, before it reads any weight.
-        with pytest.raises(ValueError, match=r"slimmed by slimdiff; load it with slimdiff\.SlimUNet2DConditionModel"):
-            UNet2DConditionModel.from_pretrained(tmp_path / "slim")
+        with pytest.raises(ValueError, match=rf"slimmed by slimdiff; load it with slimdiff\.{slim_class.__name__}"):
+            slim_class.dense_class.from_pretrained(tmp_path / "slim")
 
     def test_export_parity(self, slimmed, tmp_path):
         from slimdiff.export.modules import unet_component
@@ -188,6 +201,10 @@ class FamilyConformance:
         from slimdiff.export.shapes import parse_profiles
 
         unet, _ = slimmed
+        if not family_for(unet).engines:
+            with pytest.raises(SlimDiffError, match="slimdiff-export works on UNet pipelines"):
+                check_engines(unet, "slimdiff-export")
+            return
         profiles = parse_profiles(batch="1:2:2", height=str(self.image_px), width=str(self.image_px), text_len="77",
                                   vae_scale=2, multiple=8)
         sidecar = export_onnx(unet_component(unet), profiles, tmp_path / "unet.onnx")
@@ -196,18 +213,17 @@ class FamilyConformance:
     def test_pipeline_image_with_the_slim_denoiser(self, calibrated, slimmed, tmp_path):
         from diffusers import DiffusionPipeline
 
-        from slimdiff.slim_models import SlimUNet2DConditionModel
-
         pipe, _ = calibrated
         unet, report = slimmed
-        slim_pipe = type(pipe)(**{**pipe.components, "unet": unet})
+        component = denoiser_component(pipe)
+        slim_pipe = type(pipe)(**{**pipe.components, component: unet})
         slim_pipe.set_progress_bar_config(disable=True)
         save_slim_pipeline(slim_pipe, report.plan, tmp_path / "pipe")
         loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
-        assert isinstance(loaded.unet, SlimUNet2DConditionModel)
+        assert isinstance(getattr(loaded, component), slim_class_for(unet))
         loaded.set_progress_bar_config(disable=True)
         run = lambda p: p(PROMPTS[0], num_inference_steps=2, height=self.image_px, width=self.image_px,  # noqa: E731
-                          generator=torch.Generator().manual_seed(0), output_type="np").images
+                          generator=torch.Generator().manual_seed(0), output_type="np", **self.sample_kwargs).images
         image = run(loaded)
         assert image.shape == (1, self.image_px, self.image_px, 3) and image.std() > 0
         assert (image == run(slim_pipe)).all()
@@ -268,3 +284,18 @@ class TestSDXLPipeline(FamilyConformance):
         from slimdiff.models import build_builtin
 
         return build_builtin("builtin:tiny-xl")
+
+
+class TestPixArt(FamilyConformance):
+    """PixArt-Σ: builtin:tiny-pixart — the first DiT: adaLN-single blocks (gated updates, cross-attention on the
+    residual stream), q/k/v biases, a T5 context projected inside the transformer and masked to the prompt's
+    tokens, learned sigma. Its VAE downsamples by 2, outside PixArt's aspect-ratio bins."""
+
+    family = "pixart"
+    image_px = 32
+    sample_kwargs = {"use_resolution_binning": False}
+
+    def make_pipeline(self):
+        from slimdiff.models import build_builtin
+
+        return build_builtin("builtin:tiny-pixart")
