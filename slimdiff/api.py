@@ -22,7 +22,7 @@ from .errors import SlimDiffError, SlimDiffWarning
 from .families import family_for
 from .prompts import read_prompts
 from .slim import SlimConfig, SlimReport, slim_unet
-from .slimset import SlimSet, clip_text_embedder, select_slimset
+from .slimset import SlimSet, text_embedder, select_slimset
 
 
 def choose_prompts(pipe, pool: Sequence[str] | None = None, num_prompts: int = 500) -> SlimSet:
@@ -35,7 +35,7 @@ def choose_prompts(pipe, pool: Sequence[str] | None = None, num_prompts: int = 5
             warnings.warn(f"the prompt pool has {len(pool)} distinct prompts, fewer than the {num_prompts} asked for "
                           f"(--num-prompts): calibrating on all {len(pool)}", SlimDiffWarning, stacklevel=2)
         return SlimSet(pool, list(range(len(pool))))
-    return select_slimset(pool, clip_text_embedder(pipe)(pool), num_prompts)
+    return select_slimset(pool, text_embedder(pipe)(pool), num_prompts)
 
 
 def collect_statistics(

@@ -20,7 +20,7 @@ from .families import family_for
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 
 
-def clip_text_embedder(pipe, batch_size: int = 64) -> Embedder:
+def text_embedder(pipe, batch_size: int = 64) -> Embedder:
     """The pipeline's own text towers: each tower's prompt embedding (:func:`_prompt_embedding`: CLIP's pooled
     EOS output, the masked mean of a T5's token states) L2-normalised, float32; with two towers (SDXL) both side
     by side, normalised again, so cosine similarity is the mean of the towers'."""

@@ -253,15 +253,15 @@ def test_a_slim_pixart_pipeline_folder_loads_with_diffusers_and_slimdiff(slim_pi
 
 def test_slimset_picks_tiny_pixart_prompts_deterministically(pixart):
     from slimdiff.prompts import read_prompts
-    from slimdiff.slimset import clip_text_embedder
+    from slimdiff.slimset import text_embedder
 
     pool = read_prompts(limit=60)
-    embed = clip_text_embedder(pixart, batch_size=16)
+    embed = text_embedder(pixart, batch_size=16)
     vectors = embed(pool)
     assert vectors.shape == (60, pixart.text_encoder.config.d_model)
     assert torch.allclose(vectors.norm(dim=1), torch.ones(60), atol=1e-6)
     first = select_slimset(pool, vectors, 8)
-    assert first == select_slimset(pool, clip_text_embedder(build_builtin("builtin:tiny-pixart"))(pool), 8)
+    assert first == select_slimset(pool, text_embedder(build_builtin("builtin:tiny-pixart"))(pool), 8)
     assert len(set(first.prompts)) == 8
 
 

@@ -23,7 +23,7 @@ from slimdiff.families import family_for, transformer_blocks
 from slimdiff.models import build_builtin, load_pipeline, module_sites
 from slimdiff.runtime import EngineUNet, use_engine
 from slimdiff.slim import SlimConfig, slim_unet
-from slimdiff.slimset import clip_text_embedder
+from slimdiff.slimset import text_embedder
 
 PROMPTS = ["a red circle above a blue square", "two green triangles", "a small yellow star"]
 
@@ -83,7 +83,7 @@ def test_calibration_runs_the_xl_loop_and_slims_with_slimset_on_both_towers():
     assert deep and all(stats.attention(f"{p}.attn2").context_seq == 77 for p in deep)  # the (1, 1, 2) stack is calibrated
 
     # SlimSet: both text towers, each normalised, so neither dominates the cosine distance
-    embed = clip_text_embedder(pipe)(PROMPTS)
+    embed = text_embedder(pipe)(PROMPTS)
     assert embed.shape == (3, 32 + 32)
     assert torch.allclose(embed.norm(dim=1), torch.ones(3))
     assert torch.allclose(embed[:, :32].norm(dim=1), torch.full((3,), 0.5 ** 0.5), atol=1e-6)

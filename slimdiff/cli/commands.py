@@ -75,6 +75,7 @@ def cmd_slim(args) -> None:
     from ..prompts import read_prompts
     from ..serialization import save_slim
     from ..slim import check_budget, slim_unet
+    from ..slim_models import slim_class_for
 
     start = time.perf_counter()
     config = _slim_config(args)
@@ -108,8 +109,8 @@ def cmd_slim(args) -> None:
 
         save_slim_pipeline(pipe, report.plan, args.save_pipeline, overwrite=args.force)
         print(f"slim pipeline written to {args.save_pipeline} (diffusers: DiffusionPipeline.from_pretrained, "
-              "after `from slimdiff import SlimUNet2DConditionModel`)")
-    _print_summary(summary, out)
+              f"after `from slimdiff import {slim_class_for(denoiser).__name__}`)")
+    _print_summary(summary, out, type(denoiser).__name__)
 
 
 def _save_dtype(args):
@@ -122,9 +123,9 @@ def _save_dtype(args):
     return getattr(torch, args.save_dtype)
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _print_summary(summary: dict, out: Path, model: str) -> None:
     before, after = summary["params_before"], summary["params_after"]
-    print(f"slim UNet written to {out}")
+    print(f"slim {model} written to {out}")
     print(f"  parameters: {before / 1e6:.3f} M → {after / 1e6:.3f} M (removed {(before - after) / 1e6:.3f} M, "
           f"{100 * (before - after) / before:.1f} %)")
     for kind, removed in sorted(summary["removed_by_kind"].items()):
@@ -147,7 +148,7 @@ def cmd_inspect(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free slimming of diffusion UNets.")
+    parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free slimming of diffusion denoisers (UNets, DiTs).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics (resumable)")
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="statistics directory (rerun to resume)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("slim", help="slim a UNet to a budget and save it as a diffusers folder")
+    p = sub.add_parser("slim", help="slim a denoiser (UNet, DiT) to a budget and save it as a diffusers folder")
     add_model_arguments(p)
     add_calibration_arguments(p)
     p.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
@@ -178,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", help="module fragments or kinds (ffn, qk, vo, attn1, attn2) to keep")
     p.add_argument("--out", required=True)
     p.add_argument("--save-pipeline", metavar="DIR",
-                   help="also write the whole pipeline with the slim UNet as a diffusers pipeline folder")
+                   help="also write the whole pipeline with the slim denoiser as a diffusers pipeline folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--save-dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
-                   help="dtype of the saved slim UNet (default: the dtype the source model's UNet is stored in)")
+                   help="dtype of the saved slim denoiser (default: the dtype the source stores it in)")
     p.set_defaults(func=cmd_slim)
 
     p = sub.add_parser("inspect", help="print the rank plan of a slim folder")
