@@ -53,8 +53,9 @@ class Geometry:
                 f":H{self.heads}:W{self.width}")
 
 
-def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int = 77) -> dict[str, Geometry]:
-    """Geometry of every site of a (dense, meta or real) denoiser, read off one meta-device forward pass."""
+def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None = None) -> dict[str, Geometry]:
+    """Geometry of every site of a (dense, meta or real) denoiser, read off one meta-device forward pass
+    (``text_len`` None: the family's default text length)."""
     family = family_for(unet)
     with torch.device("meta"):
         meta = family.build(unet.config)

@@ -78,9 +78,14 @@ ASSETS = Path(__file__).parent / "assets"
 # Built-in models (their configurations are in :mod:`slimdiff.configs`)
 # ----------------------------------------------------------------------------------------------------------
 
-#: The UNet configuration of each seeded built-in (what shape-only tools need without building anything).
-BUILTIN_UNET_CONFIGS = {"builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET,
-                        "builtin:tiny-xl": TINY_XL_UNET, "builtin:sdxl-shape": SDXL_UNET}
+#: The denoiser configuration of each seeded built-in (what shape-only tools need without building anything);
+#: ``_class_name`` names the denoiser class where it is not a UNet, as in a diffusers config.json.
+BUILTIN_DENOISER_CONFIGS = {
+    "builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET, "builtin:tiny-xl": TINY_XL_UNET,
+    "builtin:sdxl-shape": SDXL_UNET,
+    "builtin:tiny-pixart": {"_class_name": "PixArtTransformer2DModel", **TINY_PIXART_TRANSFORMER},
+    "builtin:pixart-sigma-shape": {"_class_name": "PixArtTransformer2DModel", **PIXART_SIGMA_TRANSFORMER},
+}
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 PIXART_BUILTINS = ("builtin:tiny-pixart", "builtin:pixart-sigma-shape")
 

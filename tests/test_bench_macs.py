@@ -18,8 +18,8 @@ def _expected_reduction(unet, plan, batch):
     total = 0
     for s in module_sites(unet):
         g, cut = geo[s.name], plan.modules[s.name].width - plan.modules[s.name].rank
-        if s.kind == FFN:  # GEGLU: content and gate rows (2C) + one down-projection column (C), per token
-            total += cut * 3 * g.channels * g.tokens
+        if s.kind == FFN:  # GEGLU: content and gate rows (2C), GELU: one row (C); + a down-projection column (C)
+            total += cut * ((2 if site_linears(unet, s).gated else 1) + 1) * g.channels * g.tokens
         elif s.kind == QK:  # q and k projections + QKᵀ
             total += s.heads * cut * (g.channels * g.tokens + g.context_dim * g.context_tokens
                                       + g.tokens * g.context_tokens)
@@ -98,3 +98,16 @@ def test_slim_copy_never_copies_the_weights_it_replaces(tiny_pipe):
             assert p.numel() == 0
         else:
             assert torch.equal(p, dense[name]) and p.data_ptr() != dense[name].data_ptr()
+
+
+def test_a_dit_is_counted_at_its_own_text_length_and_slims_by_what_the_plan_removes():
+    from slimdiff.models import build_builtin
+
+    transformer = build_builtin("builtin:tiny-pixart", device="meta").transformer
+    plan = synthetic_plan(transformer, 0.4)
+    dense = count_macs(meta_unet(transformer), 2, LATENT)
+    slim = count_macs(meta_unet(transformer, plan), 2, LATENT)
+    geo = site_geometry(transformer, LATENT)
+    assert {g.context_tokens for name, g in geo.items() if ".attn2." in name} == {300}  # PixArt-Σ's T5 length
+    assert dense.total - slim.total == _expected_reduction(transformer, plan, 2) > 0
+    assert dense.attn2_products > 0 and dense.other == slim.other

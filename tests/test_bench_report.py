@@ -168,9 +168,9 @@ def test_timed_budgets_in_transformer_macs_use_the_plans_the_mac_table_prices(mo
     dense, slim = (m["macs"]["1"] for m in timed["models"])
     removed = 1 - slim["transformer"] / dense["transformer"]
     assert abs(removed - 0.5) < 0.1 and slim["other"] == dense["other"]
-    from slimdiff.models import BUILTIN_UNET_CONFIGS
+    from slimdiff.models import BUILTIN_DENOISER_CONFIGS
 
-    table = ideal_table(dict(BUILTIN_UNET_CONFIGS["builtin:tiny"]), [0.0, 0.5], [1], tuple(timed["model"]["latent"]),
+    table = ideal_table(dict(BUILTIN_DENOISER_CONFIGS["builtin:tiny"]), [0.0, 0.5], [1], tuple(timed["model"]["latent"]),
                         unit="macs")
     assert [r["macs"]["total"] for r in table] == [dense["total"], slim["total"]]
 

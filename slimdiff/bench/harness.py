@@ -392,7 +392,7 @@ class Bench:
         self.model_entries.extend(self._model_entry(m) for m in models)
 
     def _model_entry(self, m: SlimModel) -> dict:
-        shapes = meta_unet(self.pipe.unet.config, m.plan)
+        shapes = meta_unet(self.pipe.unet, m.plan)
         macs = {str(b): count_macs(shapes, b, self.latent).to_dict() for b in self.cfg.batches}
         params = sum(p.numel() for p in m.unet.parameters())
         info = m.plan.info if m.plan else {}

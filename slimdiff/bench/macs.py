@@ -18,9 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import SlimDiffError
 from ..families import CROSS, FFN, family_for, module_sites
 from ..plan import RankPlan
 
@@ -91,22 +93,43 @@ class MacCount:
         return d
 
 
-def meta_unet(config: dict, plan: RankPlan | None = None):
-    """A weightless UNet of ``config`` with the shapes of ``plan`` (or dense)."""
-    from diffusers import UNet2DConditionModel
+def denoiser_class(config: dict) -> type:
+    """The dense denoiser class a config names in ``_class_name`` (a slim class's dense one; a UNet when it names
+    none, as the built-in UNet configs)."""
+    from ..families import FAMILIES, load_builtin
+    from ..slim_models import SLIM_CLASSES
 
+    name = config.get("_class_name") or "UNet2DConditionModel"
+    if name in SLIM_CLASSES:
+        return SLIM_CLASSES[name].dense_class
+    load_builtin()
+    found = next((cls for cls in FAMILIES.registered() if issubclass(cls, nn.Module) and cls.__name__ == name), None)
+    if found is None:
+        raise SlimDiffError(f"no model family for a {name} config")
+    return found
+
+
+def meta_unet(source: nn.Module | dict, plan: RankPlan | None = None):
+    """A weightless denoiser with the shapes of ``plan`` (or dense): of the class and config of a model
+    ``source``, or of a config dict (read from a folder or a built-in: :func:`denoiser_class` reads its class)."""
     from ..rebuild import apply_plan_shapes
 
+    if isinstance(source, nn.Module):  # a live model's config does not name its class
+        cls = getattr(type(source), "dense_class", type(source))
+    else:
+        cls = denoiser_class(source)
+    config = {k: v for k, v in source.config.items() if k != "rank_plan"} if isinstance(source, nn.Module) else \
+        {k: v for k, v in source.items() if k != "rank_plan"}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(config))
+        unet = cls.from_config(config)
     if plan is not None:
         apply_plan_shapes(unet, plan)
     return unet.eval().requires_grad_(False)
 
 
-def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int = 77) -> MacCount:
+def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int | None = None) -> MacCount:
     """Count one call of ``unet`` (any device; meta is fastest) on ``batch`` latents of ``latent`` = (h, w)
-    (default: the UNet's ``sample_size``)."""
+    (default: the denoiser's ``sample_size``) and ``text_tokens`` (default: its family's text length)."""
     if latent is None:
         size = unet.config.sample_size
         latent = (size, size) if isinstance(size, int) else tuple(size)

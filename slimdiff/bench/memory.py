@@ -19,13 +19,15 @@ from ..errors import SlimDiffError
 
 
 def unet_config(source: str) -> dict | None:
-    """The UNet config of a built-in model or a diffusers folder, read without loading any weights; None for
-    sources whose config is only known after loading (single-file checkpoints)."""
-    from ..models import BUILTIN_UNET_CONFIGS
+    """The denoiser config (a UNet's, or a DiT's with its ``_class_name``) of a built-in model or a diffusers
+    folder, read without loading any weights; None for sources whose config is only known after loading
+    (single-file checkpoints)."""
+    from ..models import BUILTIN_DENOISER_CONFIGS
 
-    if source in BUILTIN_UNET_CONFIGS:
-        return dict(BUILTIN_UNET_CONFIGS[source])
-    for candidate in (Path(source) / "unet" / "config.json", Path(source) / "config.json"):
+    if source in BUILTIN_DENOISER_CONFIGS:
+        return dict(BUILTIN_DENOISER_CONFIGS[source])
+    folder = Path(source)
+    for candidate in (folder / "unet" / "config.json", folder / "transformer" / "config.json", folder / "config.json"):
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
@@ -39,11 +41,11 @@ def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int,
     if resolution is None:
         size = config["sample_size"]
         return (size, size) if isinstance(size, int) else tuple(size)
-    factor = 2 if source in ("builtin:tiny", "builtin:tiny-xl") else 8  # the tiny VAEs downsample by 2
+    factor = 2 if source in ("builtin:tiny", "builtin:tiny-xl", "builtin:tiny-pixart") else 8  # tiny VAEs: 2
     return resolution // factor, resolution // factor
 
 
-def unet_params(config: dict, budgets: list[float], unit: str, latent: tuple[int, int], text_len: int = 77, *,
+def unet_params(config: dict, budgets: list[float], unit: str, latent: tuple[int, int], text_len: int | None = None, *,
                 align: int = 8, r_min: int = 8) -> list[int]:
     """Parameters of the dense UNet (budget 0) and of the synthetic slim plan at every other budget — what
     calibrated plans of the same budget hold too, up to the allocator's rounding."""

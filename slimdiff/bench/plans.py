@@ -72,7 +72,7 @@ def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int
                          align=align, r_min=r_min, info={"budget": budget})
 
 
-def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, int], text_len: int = 77, *,
+def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, int], text_len: int | None = None, *,
                          align: int = 8, r_min: int = 8) -> RankPlan:
     """Ranks that remove ``fraction`` of the transformer-block MACs of one denoiser call at ``latent`` (uniform
     scores: every module loses the same share of its width — the plan the ideal speed-up

@@ -78,7 +78,7 @@ def alignment_sweep(unet, latent, budget: float = 0.4, aligns=(8, 16, 32, 64), *
         out["variants"].append({
             "variant": label, "note": note, "params_removed": plan.params_removed,
             "stored_params_removed": dense_params - stored,
-            "gmac": count_macs(meta_unet(unet.config, plan), batch, latent).total / 1e9,
+            "gmac": count_macs(meta_unet(unet, plan), batch, latent).total / 1e9,
             "unet": timing, "speedup": out["dense"]["median_ms"] / timing["median_ms"], **_widths(model)})
         log(f"alignment {label}: {timing['median_ms']:.2f} ms")
 
@@ -158,8 +158,8 @@ def compare_allocators(unet, table: dict, latent, budget: float = 0.4, *, items=
 def transformer_macs_removed(unet, plan: RankPlan, latent, *, batch: int = 1) -> float:
     """The fraction of ``unet``'s transformer-block MACs that ``plan`` removes, counted by :class:`MacCount`
     (what :func:`~slimdiff.bench.plans.transformer_mac_plan` asked for, after alignment rounded it)."""
-    dense = count_macs(meta_unet(unet.config), batch, latent).transformer
-    return 1 - count_macs(meta_unet(unet.config, plan), batch, latent).transformer / dense
+    dense = count_macs(meta_unet(unet), batch, latent).transformer
+    return 1 - count_macs(meta_unet(unet, plan), batch, latent).transformer / dense
 
 
 # Which SDPA kernel runs: the aten op each backend dispatches to (CPU and CUDA names).

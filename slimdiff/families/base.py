@@ -504,6 +504,7 @@ class DenoiserFamily(ABC):
     """
 
     name: str  # short family name recorded in plans and reports ("sd", "sdxl", ...)
+    text_tokens: int = 77  # text tokens of a denoiser call when none are given (CLIP's 77; PixArt-Σ's T5: 300)
 
     def accepts(self, obj: Any) -> bool:
         """Whether this family serves ``obj`` (a pipeline or a denoiser of a registered class)."""
@@ -538,11 +539,11 @@ class DenoiserFamily(ABC):
         moments in SDXL otherwise)."""
 
     @abstractmethod
-    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments of one denoiser call on zeros of the given sizes, for a denoiser of ``config``
         (MAC counting, geometry, timing; the family's extra conditioning inputs included; any device, meta
-        too): ``denoiser(**call)``."""
+        too): ``denoiser(**call)``. ``text_tokens`` None: the family's :attr:`text_tokens`."""
 
     @abstractmethod
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:

@@ -26,10 +26,6 @@ from torch import nn
 from .base import FAMILIES, MODEL_DTYPE, ConditionInput, DenoiserFamily, TextTower
 from .sd import guidance
 
-#: Text tokens per prompt when none is given: PixArt-Σ's pipeline default (``max_sequence_length``).
-TEXT_TOKENS = 300
-
-
 def _transformer_of(obj: Any):
     return obj if isinstance(obj, PixArtTransformer2DModel) else getattr(obj, "transformer", None)
 
@@ -40,6 +36,7 @@ class PixArtFamily(DenoiserFamily):
     tower; the pipeline's own sampler."""
 
     name = "pixart"
+    text_tokens = 300  # PixArt-Σ's pipeline default max_sequence_length (PixArt-α: 120)
     shares_text_context = False  # caption_projection sits between the call's text and the cross-attentions
     engines = False  # export and engines drive UNet calls so far
 
@@ -64,9 +61,10 @@ class PixArtFamily(DenoiserFamily):
         return (ConditionInput("resolution", ("batch", 2), MODEL_DTYPE, high=1024.0),
                 ConditionInput("aspect_ratio", ("batch", 1), MODEL_DTYPE, high=2.0))
 
-    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = TEXT_TOKENS, *,
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         h, w = latent
+        text_tokens = text_tokens or self.text_tokens
         extra = {c.name: torch.zeros(tuple(batch if d == "batch" else d for d in c.dims), device=device, dtype=dtype)
                  for c in self.condition_inputs(config)}
         return {"hidden_states": torch.zeros(batch, config["in_channels"], h, w, device=device, dtype=dtype),

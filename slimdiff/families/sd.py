@@ -40,9 +40,10 @@ class StableDiffusionFamily(DenoiserFamily):
     def text_context(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
 
-    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         h, w = latent
+        text_tokens = text_tokens or self.text_tokens
         return {"sample": torch.zeros(batch, config["in_channels"], h, w, device=device, dtype=dtype),
                 "timestep": torch.zeros(batch, device=device, dtype=torch.long),
                 "encoder_hidden_states": torch.zeros(batch, text_tokens, config["cross_attention_dim"],

@@ -43,7 +43,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             ConditionInput("time_ids", ("batch", BASE_TIME_IDS), "float32", high=1024.0),
         )
 
-    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int = 77, *,
+    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         call = super().dummy_call(config, batch, latent, text_tokens, device=device, dtype=dtype)
         call["added_cond_kwargs"] = {

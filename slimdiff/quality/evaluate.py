@@ -92,7 +92,7 @@ def unet_cost(unet: torch.nn.Module, text_tokens: int = 77) -> dict:
         from ..bench.macs import count_macs, meta_unet
     except ImportError as exc:
         return {"params": params, "macs": None, "macs_skipped": f"slimdiff.bench.macs is not importable ({exc})"}
-    count = count_macs(meta_unet(unet.config, getattr(unet, "slim_plan", None)), text_tokens=text_tokens)
+    count = count_macs(meta_unet(unet, getattr(unet, "slim_plan", None)), text_tokens=text_tokens)
     return {"params": params, "macs": count.total, "macs_transformer": count.transformer}
 
 
