@@ -8,7 +8,8 @@ pipeline of that family. A new family adds one such class (and its adapter), not
 * save → load is bit-identical (slimdiff's loader and diffusers' ``from_pretrained``); a slim pipeline folder
   loads with ``DiffusionPipeline.from_pretrained`` and makes the same image as the in-memory slim pipeline;
 * the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime) — or, for a family
-  the engine paths do not serve yet, export refuses it in one line.
+  the engine paths do not serve yet, export refuses it in one line; a family whose whole slim graph another test
+  exports checks a smaller denoiser of its layout here (``export_config``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 
 import pytest
 import torch
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
 
 from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.configs import TINY_TEXT, TINY_UNET, TINY_VAE
@@ -67,6 +69,10 @@ class FamilyConformance:
     budget = 0.3
     image_px: int  # image size for sampling and export (latent = image / 2 with the tiny VAE)
     sample_kwargs: dict = {}  # what the family's pipeline call needs beyond prompt, steps and size
+    # The export check's UNet when another test exports the family's whole slim graph: a smaller UNet of the same
+    # layout, calibrated and slimmed like the class's own (the exporter's time grows with the graph). None: the
+    # class's own slim denoiser.
+    export_config: dict | None = None
 
     def make_pipeline(self):
         raise NotImplementedError
@@ -86,12 +92,16 @@ class FamilyConformance:
 
     # --- shared, expensive state (once per family) -----------------------------------------------------
 
+    def calibration(self, pipe):
+        """``pipe``'s statistics over PROMPTS (a few steps at the family's image size)."""
+        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1,
+                                   height=self.image_px, width=self.image_px)
+        return calibrate(pipe, PROMPTS, None, config, progress=False)
+
     @pytest.fixture(scope="class")
     def calibrated(self):
         pipe = self.make_pipeline()
-        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1,
-                                   height=self.image_px, width=self.image_px)
-        return pipe, calibrate(pipe, PROMPTS, None, config, progress=False)
+        return pipe, self.calibration(pipe)
 
     @pytest.fixture(scope="class")
     def slimmed(self, calibrated):
@@ -195,7 +205,7 @@ class FamilyConformance:
         with pytest.raises(ValueError, match=rf"slimmed by slimdiff; load it with slimdiff\.{slim_class.__name__}"):
             slim_class.dense_class.from_pretrained(tmp_path / "slim")
 
-    def test_export_parity(self, slimmed, tmp_path):
+    def test_export_parity(self, calibrated, slimmed, tmp_path):
         from slimdiff.export.modules import unet_component
         from slimdiff.export.onnx import FP32_TOLERANCE, export_onnx
         from slimdiff.export.shapes import parse_profiles
@@ -205,6 +215,12 @@ class FamilyConformance:
             with pytest.raises(SlimDiffError, match="slimdiff-export works on UNet pipelines"):
                 check_engines(unet, "slimdiff-export")
             return
+        if self.export_config is not None:
+            pipe, _ = calibrated
+            pipe = type(pipe)(**{**pipe.components, "unet": seeded_unet(self.export_config)})
+            unet = pipe.unet
+            slim_unet(unet, self.calibration(pipe), SlimConfig(budget=self.budget), progress=False)
+            assert unet.slim_plan.params_removed > 0
         profiles = parse_profiles(batch="1:2:2", height=str(self.image_px), width=str(self.image_px), text_len="77",
                                   vae_scale=2, multiple=8)
         sidecar = export_onnx(unet_component(unet), profiles, tmp_path / "unet.onnx")
@@ -231,10 +247,13 @@ class FamilyConformance:
 
 
 class TestSD1(FamilyConformance):
-    """SD-1.x: builtin:tiny's layout (GEGLU, conv projections, ε-prediction)."""
+    """SD-1.x: builtin:tiny's layout (GEGLU, conv projections, ε-prediction). Its export check exports tiny's blocks
+    at two levels: the shared slimdiff-export run of the tests (tests/export_support.py) exports the whole
+    calibrated slim builtin:tiny."""
 
     family = "sd"
     image_px = 32
+    export_config = TWO_LEVEL_UNET
 
     def make_pipeline(self):
         return _pipeline(TINY_UNET, skip_prk_steps=True)
@@ -275,10 +294,13 @@ class TestSDXLStack(FamilyConformance):
 
 class TestSDXLPipeline(FamilyConformance):
     """SDXL: builtin:tiny-xl — StableDiffusionXLPipeline with two text encoders, pooled text embeddings and
-    micro-conditioning time ids (``added_cond_kwargs``), a (1, 1, 2) transformer stack, 16-wide heads."""
+    micro-conditioning time ids (``added_cond_kwargs``), a (1, 1, 2) transformer stack, 16-wide heads. Its export
+    check exports tiny-xl's blocks at two levels: tests/test_sdxl_cli.py exports the whole slim builtin:tiny-xl and
+    drives it as an engine in the SDXL pipeline."""
 
     family = "sdxl"
     image_px = 32
+    export_config = TWO_LEVEL_XL_UNET
 
     def make_pipeline(self):
         from slimdiff.models import build_builtin
