@@ -74,7 +74,8 @@ class FamilyConformance:
     # class's own slim denoiser.
     export_config: dict | None = None
 
-    def make_pipeline(self):
+    @classmethod
+    def make_pipeline(cls):
         raise NotImplementedError
 
     @staticmethod
@@ -92,22 +93,24 @@ class FamilyConformance:
 
     # --- shared, expensive state (once per family) -----------------------------------------------------
 
-    def calibration(self, pipe):
+    @classmethod
+    def calibration(cls, pipe):
         """``pipe``'s statistics over PROMPTS (a few steps at the family's image size)."""
-        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1,
-                                   height=self.image_px, width=self.image_px)
+        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1, height=cls.image_px, width=cls.image_px)
         return calibrate(pipe, PROMPTS, None, config, progress=False)
 
     @pytest.fixture(scope="class")
-    def calibrated(self):
-        pipe = self.make_pipeline()
-        return pipe, self.calibration(pipe)
+    @classmethod
+    def calibrated(cls):
+        pipe = cls.make_pipeline()
+        return pipe, cls.calibration(pipe)
 
     @pytest.fixture(scope="class")
-    def slimmed(self, calibrated):
+    @classmethod
+    def slimmed(cls, calibrated):
         pipe, stats = calibrated
-        unet = copy.deepcopy(self.denoiser(pipe))
-        report = slim_unet(unet, stats, SlimConfig(budget=self.budget), progress=False)
+        unet = copy.deepcopy(cls.denoiser(pipe))
+        report = slim_unet(unet, stats, SlimConfig(budget=cls.budget), progress=False)
         return unet, report
 
     # --- checks -------------------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ class TestSD1(FamilyConformance):
     image_px = 32
     export_config = TWO_LEVEL_UNET
 
-    def make_pipeline(self):
+    @classmethod
+    def make_pipeline(cls):
         return _pipeline(TINY_UNET, skip_prk_steps=True)
 
 
@@ -265,7 +269,8 @@ class TestSD2(FamilyConformance):
     family = "sd"
     image_px = 16
 
-    def make_pipeline(self):
+    @classmethod
+    def make_pipeline(cls):
         config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
@@ -280,7 +285,8 @@ class TestSDXLStack(FamilyConformance):
     family = "sd"
     image_px = 16
 
-    def make_pipeline(self):
+    @classmethod
+    def make_pipeline(cls):
         config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
                       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
@@ -302,7 +308,8 @@ class TestSDXLPipeline(FamilyConformance):
     image_px = 32
     export_config = TWO_LEVEL_XL_UNET
 
-    def make_pipeline(self):
+    @classmethod
+    def make_pipeline(cls):
         from slimdiff.models import build_builtin
 
         return build_builtin("builtin:tiny-xl")
@@ -317,7 +324,8 @@ class TestPixArt(FamilyConformance):
     image_px = 32
     sample_kwargs = {"use_resolution_binning": False}
 
-    def make_pipeline(self):
+    @classmethod
+    def make_pipeline(cls):
         from slimdiff.models import build_builtin
 
         return build_builtin("builtin:tiny-pixart")
