@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         "device": device_info(args.device), "machine": machine_info(), "libraries": library_versions(),
         "git": git_commit(),
         "config": {"prompts": n, "steps": args.steps, "batch_size": batch, "pass1_prompts": p1,
-                   "guidance": config.guidance_scale,
+                   "guidance": config.guidance_scale if config.guidance_scale is not None else "pipeline default",
                    "resolution_px": pipe.unet.config.sample_size * pipe.vae_scale_factor},
         "load_s": round(load_s, 2), "calibration_s": round(total_s, 2),
         "pass1_s": round(pass1_s, 2), "pass2_s": round(pass2_s, 2),
