@@ -71,7 +71,7 @@ def test_bench_times_the_exported_models_and_engines_without_rebuilding(tiny_exp
     def no_builds(*args, **kwargs):
         raise AssertionError("an engine was built again")
 
-    monkeypatch.setattr(build, "build_unet_engine", no_builds)
+    monkeypatch.setattr(build, "build_denoiser_engine", no_builds)
     report = run_bench(BenchConfig(model=str(out), engines=["eager", "ort"], budgets=[0.0], batches=[1],
                                    device="cpu", warmup=0, iters=2, e2e=False), log=lambda msg: None)
     rows = json.loads((out / "export.json").read_text())["rows"]

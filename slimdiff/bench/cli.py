@@ -180,7 +180,7 @@ def run_latency_table(args) -> None:
     from ..devices import resolve_device
     from .harness import _resolve_dtype
     from .latency_table import measure_latency_table, save_table, separability
-    from ..families import check_engines
+    from ..families import check_measures
     from ..models import load_pipeline
 
     if args.threads is not None:
@@ -188,7 +188,7 @@ def run_latency_table(args) -> None:
     device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype).to(device)
-    check_engines(pipe, "slimdiff bench")
+    check_measures(pipe, "slimdiff bench")
     factor = pipe.vae_scale_factor
     size = (args.resolution or pipe.unet.config.sample_size * factor) // factor
     batch = _ints(args.batch, "--batch")[0]

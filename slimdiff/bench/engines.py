@@ -127,7 +127,7 @@ class CompileEngine(Engine):
 
 class ExportedEngine(Engine):
     """An engine backend of :mod:`slimdiff.engines` (ONNX Runtime, TensorRT, AOTInductor...), built through the
-    same path as ``slimdiff-export`` (:func:`slimdiff.engines.build.build_unet_engine`) and served through
+    same path as ``slimdiff-export`` (:func:`slimdiff.engines.build.build_denoiser_engine`) and served through
     :class:`slimdiff.runtime.EngineUNet`: one engine per model whose batch range covers the batches asked for."""
 
     kind = ""
@@ -138,14 +138,14 @@ class ExportedEngine(Engine):
         return engines.get(self.kind).unavailable(device)
 
     def build(self, unet, batches, latent, text_len, workdir):
-        from ..engines.build import build_unet_engine
+        from ..engines.build import build_denoiser_engine
         from ..export.shapes import Profile, Range, latent_multiple
 
         param = next(unet.parameters())
         device, dtype = str(param.device), param.dtype
         profile = Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
                           Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
-        _, sidecar = build_unet_engine(unet, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
+        _, sidecar = build_denoiser_engine(unet, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
                                           device=device, multiple=latent_multiple(unet.config),
                                           plan=getattr(unet, "slim_plan", None))
         return self._opened(workdir, device, onnx_opset=sidecar["opset"] if sidecar else None)

@@ -256,7 +256,7 @@ class Bench:
         return None
 
     def _load(self):
-        from ..families import check_engines
+        from ..families import check_measures
         from ..models import load_pipeline
 
         source, options = self.cfg.model, {}
@@ -265,7 +265,7 @@ class Bench:
             options = {k: self.export["arguments"].get(k) for k in ("config", "variant")}
         self.log(f"loading {source} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
         pipe = load_pipeline(source, self.dtype, **options).to(self.device)
-        check_engines(pipe, "slimdiff bench")
+        check_measures(pipe, "slimdiff bench")
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

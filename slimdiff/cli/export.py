@@ -2,18 +2,24 @@
 
     slimdiff-export --model builtin:tiny --engine ort --out engines/
 
-Given a dense model (built-in, diffusers folder, ``.safetensors``) it builds the dense engine, slims the UNet
-(calibration flags as in ``slimdiff slim``; default budget 40 % of the compressible parameters) and builds the
-slim engine; ``--slim-only`` skips the dense one. Given a slim folder (``slimdiff slim`` output) it builds the
-slim engine only. Each engine is then loaded through :mod:`slimdiff.runtime` and compared with the PyTorch
-UNet on random inputs; a table (engine, file, size, parameters, max abs error, load time) ends the run.
+Given a dense model (built-in, diffusers folder, ``.safetensors``) it builds the dense engine of its denoiser (the
+UNet; PixArt's transformer), slims the denoiser (calibration flags as in ``slimdiff slim``; default budget 40 % of
+the compressible parameters) and builds the slim engine; ``--slim-only`` skips the dense one. Given a slim folder
+(``slimdiff slim`` output) it builds the slim engine only. Each engine is then loaded through :mod:`slimdiff.runtime`,
+called as its pipeline calls it and compared with the PyTorch denoiser on random inputs; a table (engine, file,
+size, parameters, max abs error, load time) ends the run. The text encoders and the VAE stay in PyTorch
+(``export.json`` lists them) unless ``--triton-repo`` serves a UNet pipeline.
+
+PixArt engines serve one image size (``--height N --width N``, default the transformer's native size) and PixArt's
+token count (300 for Σ, 120 for α: the pipeline pads T5 prompts to it); their T5 padding mask is an input.
 
 Output layout (written to a temporary sibling and renamed into place only when everything succeeded)::
 
     OUT/export.json                          the command, versions and the table
-    OUT/slim-unet/                           the slim UNet the engine was built from (as `slimdiff slim` writes it;
-                                             only when the export slimmed a dense model)
-    OUT/{dense,slim}/unet.onnx[.data]        ONNX export (trt / ort) + unet.onnx.json sidecar
+    OUT/slim-unet/                           the slim denoiser the engine was built from (as `slimdiff slim` writes
+                                             it; only when the export slimmed a dense model)
+    OUT/{dense,slim}/unet.onnx[.data]        ONNX export (trt / ort) + unet.onnx.json sidecar (transformer.* for
+                                             PixArt)
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
     OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim UNet
 
@@ -100,8 +106,8 @@ def _device(args) -> str:
 
 
 def _load_model(source: str, config: str | None = None, variant: str | None = None):
-    """``(pipeline or None, dense UNet or None, slim UNet or None, plan or None)``."""
-    from ..families import check_engines
+    """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``."""
+    from ..families import check_engines, family_for
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
@@ -115,26 +121,28 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
     check_engines(pipe, "slimdiff-export")
-    return pipe, pipe.unet, None, None
+    return pipe, family_for(pipe).denoiser(pipe), None, None
 
 
 def _slimming_inputs(pipe, args):
     """Budget, statistics and prompts of the slimming step, checked before any engine is built:
     ``(SlimConfig, Statistics or None, prompts or None)``."""
     from ..calibrate import Statistics
+    from ..families import family_for
     from ..prompts import read_prompts
     from ..slim import SlimConfig, check_budget, parse_budget
 
     config = SlimConfig(budget=parse_budget(args.budget))
-    check_budget(pipe.unet, config)
+    denoiser = family_for(pipe).denoiser(pipe)
+    check_budget(denoiser, config)
     stats = Statistics.load(args.stats) if args.stats else None
     if stats is not None:
-        stats.check_model(pipe.unet)
+        stats.check_model(denoiser)
     return config, stats, None if stats is not None else read_prompts(args.prompts, model=args.model)
 
 
 def _slim_dense_model(pipe, args, inputs):
-    """The one call into the slimming pipeline: slims ``pipe.unet`` in place, returns its rank plan."""
+    """The one call into the slimming pipeline: slims the pipeline's denoiser in place, returns its rank plan."""
     from ..api import slim_pipeline
     from .arguments import calibration_clock, calibration_config_from_args
 
@@ -169,42 +177,41 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
     save_slim(unet, plan, folder)
 
 
-def _verify(folder: Path, unet, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
-    """Load the engine via the runtime and compare it with the PyTorch UNet on seeded random inputs."""
+def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
+    """Load the engine via the runtime and compare it, called as its pipeline calls it, with the PyTorch denoiser
+    on seeded random inputs."""
     import torch
 
-    from ..runtime import EngineUNet
-    from ..export.modules import unet_component
+    from ..export.modules import denoiser_component
+    from ..runtime.unet import engine_class
 
-    engine = EngineUNet.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
-    component = unet_component(unet)
+    component = denoiser_component(denoiser)
+    engine = engine_class(component.name).from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     inputs = component.random_inputs(values, torch.float32, seed=seed, device=device)
-    added = {spec.name: t for spec, t in zip(component.inputs[3:], inputs[3:])}  # SDXL: text_embeds, time_ids
     with torch.no_grad():
         ref = component.module(*inputs).float()
-        got = engine(inputs[0], inputs[1], encoder_hidden_states=inputs[2], added_cond_kwargs=added or None,
-                     return_dict=False)[0].float()
+        got = engine.call_exported(inputs).float()
     err = (got - ref).abs().max().item()
     return {"max_abs_error": err, "max_rel_error": err / max(ref.abs().max().item(), 1e-12),
             "load_seconds": engine.load_seconds, "shape": values}
 
 
-def _build_variant(args, variant: str, unet, plan, folder: Path, profiles, kind: str, device: str, dtype, opset,
+def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, kind: str, device: str, dtype, opset,
                    multiple: int) -> dict:
     import torch
 
-    from ..engines.build import build_unet_engine
+    from ..engines.build import build_denoiser_engine
 
     folder.mkdir()
-    unet = unet.to(device).eval()
-    if next(unet.parameters()).dtype != torch.float32:
-        unet = unet.float()  # the PyTorch reference and the export source stay float32; fp16 is cast per export
+    denoiser = denoiser.to(device).eval()
+    if next(denoiser.parameters()).dtype != torch.float32:
+        denoiser = denoiser.float()  # the PyTorch reference and the export source stay float32; fp16 is cast per export
     options = ({"opt_level": args.trt_opt_level, "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
                if kind == "trt" else {})
-    meta, sidecar = build_unet_engine(unet, kind, folder, profiles=profiles, dtype=dtype, device=device,
-                                      multiple=multiple, opset=opset, variant=variant, plan=plan, options=options)
+    meta, sidecar = build_denoiser_engine(denoiser, kind, folder, profiles=profiles, dtype=dtype, device=device,
+                                          multiple=multiple, opset=opset, variant=variant, plan=plan, options=options)
     status(f"verifying the {variant} {kind} engine against PyTorch")
-    check = _verify(folder, unet, device, {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs)
+    check = _verify(folder, denoiser, device, {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs)
     if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
         raise SlimDiffError(f"the {variant} {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
                             f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
@@ -245,7 +252,8 @@ def run(args) -> list[dict]:
     from .. import engines
     from ..serialization import atomic_output_dir, commit_output_dir
     from ..export.onnx import OPSETS
-    from ..export.shapes import default_flags, latent_multiple, parse_profiles
+    from ..export.shapes import check_static, default_flags, latent_multiple, parse_profiles
+    from ..families import family_for
 
     start = time.perf_counter()
     backend = engines.get(args.engine)
@@ -273,12 +281,15 @@ def run(args) -> list[dict]:
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
+        family = family_for(reference)
         vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
         multiple = latent_multiple(reference.config)
-        defaults = default_flags(reference.config, vae_scale)
+        defaults = default_flags(reference.config, vae_scale, static=family.static_axes,
+                                 text_len=family.default_text_len(pipe))
         profiles = parse_profiles(args.batch or defaults["batch"], args.height or defaults["height"],
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
                                   vae_scale=vae_scale, multiple=multiple)
+        check_static(profiles, family.static_axes, type(reference).__name__)
         status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
         build = {"profiles": profiles, "kind": args.engine, "device": device, "dtype": dtype, "opset": opset,
                  "multiple": multiple}
@@ -287,9 +298,9 @@ def run(args) -> list[dict]:
             rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
         slim_folder = Path(args.model).resolve()
         if slim is None:
-            status(f"slimming the UNet (budget {args.budget})")
+            status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming)
-            slim, slim_folder = pipe.unet, tmp / "slim-unet"
+            slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
         if slim_folder == tmp / "slim-unet":
             _save_slim_unet(slim, plan, slim_folder, args)
@@ -298,7 +309,8 @@ def run(args) -> list[dict]:
         print(format_table(rows))
         if len(rows) == 2:
             dense_p, slim_p = rows[0]["parameters"], rows[1]["parameters"]
-            print(f"slim UNet: {slim_p:,} of {dense_p:,} parameters ({100 * (1 - slim_p / dense_p):.1f} % fewer)")
+            print(f"slim {family.component}: {slim_p:,} of {dense_p:,} parameters "
+                  f"({100 * (1 - slim_p / dense_p):.1f} % fewer)")
         write_json_atomic(tmp / "export.json", {
             "format": EXPORT_FORMAT, "model": args.model, "engine": args.engine, "device": device,
             # what `slimdiff bench --model OUT` times: the dense source, and the slim UNet beside its engine
@@ -306,6 +318,11 @@ def run(args) -> list[dict]:
             "slim_model": "slim-unet" if slim_folder == tmp / "slim-unet" else str(slim_folder),
             "dtype": str(dtype).removeprefix("torch."), "opset": opset if args.engine != "aoti" else None,
             "profiles": [p.to_json() for p in profiles], "rows": rows, "arguments": vars(args),
+            # the engines are the denoiser's; the text encoder(s) and the VAE stay in PyTorch (with --triton-repo
+            # a UNet pipeline's get engines too, beside the repository)
+            "denoiser": family.component,
+            "pytorch_components": [] if repo_tmp is not None else
+            [name for name in ("text_encoder", "text_encoder_2", "vae") if getattr(pipe, name, None) is not None],
             "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
         commit_output_dir(tmp, out)
         if repo_tmp is not None:

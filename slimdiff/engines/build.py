@@ -1,8 +1,8 @@
 """Building engines from models: the one path ``slimdiff-export``, the benchmark and the Triton repository share.
 
-From a UNet (dense or slim) to an engine folder: a float32 source (fp16 is cast per export), head widths
-zero-padded where the backend's kernels want it, the ONNX export with its parity check for backends built
-from ONNX, then the backend's build and the metadata (variant, UNet config, rank plan).
+From a denoiser (a UNet or a PixArt transformer, dense or slim) to an engine folder: a float32 source (fp16 is cast
+per export), head widths zero-padded where the backend's kernels want it, the ONNX export with its parity check for
+backends built from ONNX, then the backend's build and the metadata (variant, denoiser config, rank plan).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..export.align import align_head_widths, planned_head_widths
-from ..export.modules import Component, component_axes, unet_component
+from ..export.modules import Component, component_axes, denoiser_component
 from ..export.onnx import export_onnx
 from ..export.ort_session import has_cuda
 from ..export.shapes import Profile, union
@@ -54,18 +54,20 @@ def build_component_engine(component: Component, kind: str, folder: Path, *, pro
     return meta, sidecar
 
 
-def build_unet_engine(unet, kind: str, folder: Path, *, profiles: list[Profile], dtype: torch.dtype, device: str,
-                      multiple: int, opset: int | None = None, variant: str | None = None, plan=None,
-                      options: dict | None = None) -> tuple[dict, dict | None]:
-    """Build the ``kind`` engine of ``unet`` (on ``device``) into the existing folder ``folder``, as
+def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[Profile], dtype: torch.dtype,
+                          device: str, multiple: int, opset: int | None = None, variant: str | None = None, plan=None,
+                          options: dict | None = None) -> tuple[dict, dict | None]:
+    """Build the ``kind`` engine of ``denoiser`` (on ``device``) into the existing folder ``folder``, as
     :func:`build_component_engine` does; ``variant`` defaults to slim/dense by ``plan``."""
     backend = get(kind)
     backend.require(device)
-    source = unet if next(unet.parameters()).dtype == torch.float32 else copy.deepcopy(unet).float()
+    source = denoiser if next(denoiser.parameters()).dtype == torch.float32 else copy.deepcopy(denoiser).float()
     target, changed = aligned(source) if backend.needs_aligned_heads(device) else (source, {})
-    extra = {"variant": variant or ("slim" if plan is not None else "dense"), "unet_config": dict(unet.config),
-             "parameters": sum(p.numel() for p in unet.parameters()),
+    # "unet_config" holds the denoiser's config whatever its kind: the name stored engines and Triton repositories
+    # were written with
+    extra = {"variant": variant or ("slim" if plan is not None else "dense"), "unet_config": dict(denoiser.config),
+             "parameters": sum(p.numel() for p in denoiser.parameters()),
              "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
              "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}
-    return build_component_engine(unet_component(target), kind, folder, profiles=profiles, dtype=dtype,
+    return build_component_engine(denoiser_component(target), kind, folder, profiles=profiles, dtype=dtype,
                                   device=device, multiple=multiple, opset=opset, extra=extra, options=options)

@@ -1,7 +1,9 @@
-"""The three exportable components as plain ``forward(*tensors) -> tensor`` modules, with their I/O specs.
+"""The exportable components as plain ``forward(*tensors) -> tensor`` modules, with their I/O specs.
 
 Exporters and engines only ever see these wrappers: fixed positional inputs, one output, no dicts, so the
-same wrapper serves ``torch.onnx.export``, ``torch.export`` and the PyTorch reference in parity checks.
+same wrapper serves ``torch.onnx.export``, ``torch.export`` and the PyTorch reference in parity checks. The
+denoiser's inputs and its positional call come from its model family (:meth:`DenoiserFamily.export_inputs`,
+:meth:`DenoiserFamily.export_call`): one code path for the SD and SDXL UNets and the PixArt transformer.
 """
 
 from __future__ import annotations
@@ -12,41 +14,37 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..families import MODEL_DTYPE, family_for
+from ..families import KEEP_MASK, MODEL_DTYPE, TIMESTEP, ExportInput, family_for
 from .shapes import AXES, Profile, Range
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dims: tuple  # ints (fixed) and axis names from ``shapes.AXES``
-    dtype: str  # MODEL_DTYPE, "float32" or "int64"
-    high: float = 0  # exclusive upper bound of random draws: int64 token ids, or uniform floats; N(0,1) when 0
 
 
 @dataclass
 class Component:
-    name: str  # unet | text_encoder | vae_decoder
+    name: str  # the denoiser's pipeline attribute (unet | transformer) | text_encoder | vae_decoder
     module: nn.Module
-    inputs: list[TensorSpec]
+    inputs: list[ExportInput]
     output: str  # the one output's name; its shape is read off the exported graph
     clip: dict[str, int] = field(default_factory=dict)  # axis caps (the text encoder's positions)
     attention_modules: int = 0  # SDPA calls per forward: what a fused export must turn into Attention ops
 
-    def torch_dtype(self, spec: TensorSpec, model_dtype: torch.dtype) -> torch.dtype:
+    def torch_dtype(self, spec: ExportInput, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if spec.dtype == MODEL_DTYPE else getattr(torch, spec.dtype)
 
     def random_inputs(self, values: dict[str, int], model_dtype: torch.dtype, seed: int,
                       device: str | torch.device = "cpu") -> list[torch.Tensor]:
-        """Seeded random inputs with axis sizes ``values``: N(0,1) latents/embeddings, timesteps in [0, 1000),
-        token ids in range."""
+        """Seeded random inputs with axis sizes ``values``, drawn as each input's ``draw`` says: N(0,1)
+        latents/embeddings, timesteps in [0, 1000), token ids in range, padding masks that mask some tokens."""
         gen = torch.Generator().manual_seed(seed)
         out = []
         for spec in self.inputs:
             shape = tuple(d if isinstance(d, int) else min(values[d], self.clip.get(d, 1 << 30)) for d in spec.dims)
             if spec.dtype == "int64":
-                t = torch.randint(0, spec.high, shape, generator=gen)
-            elif spec.name == "timestep":
+                t = torch.randint(0, int(spec.high), shape, generator=gen)
+            elif spec.draw == TIMESTEP:
                 t = torch.rand(shape, generator=gen) * 999
+            elif spec.draw == KEEP_MASK:
+                kept = torch.randint(1, max(shape[-1], 2), shape[:-1] + (1,), generator=gen)
+                t = (torch.arange(shape[-1]) < kept).float()
             elif spec.high:
                 t = torch.rand(shape, generator=gen) * spec.high
             else:
@@ -55,21 +53,16 @@ class Component:
         return out
 
 
-class _UNet(nn.Module):
-    def __init__(self, unet):
+class _Denoiser(nn.Module):
+    """The denoiser called positionally as its family's :meth:`~slimdiff.families.DenoiserFamily.export_call`."""
+
+    def __init__(self, denoiser: nn.Module, family):
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
+        self._call = family.export_call
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-
-class _UNetTextTime(_UNet):
-    """SDXL's call: the pooled text embedding and micro-conditioning ids as two more positional inputs."""
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+    def forward(self, *inputs):
+        return self._call(self.denoiser, *inputs)
 
 
 class _TextEncoder(nn.Module):
@@ -91,51 +84,30 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-# The exported call for each set of extra conditioning inputs a family declares.
-_WRAPPERS = {(): _UNet, ("text_embeds", "time_ids"): _UNetTextTime}
-
-
 def count_attention(module: nn.Module) -> int:
     from diffusers.models.attention_processor import Attention
 
     return sum(isinstance(m, Attention) for m in module.modules())
 
 
-def unet_component(unet) -> Component:
-    from diffusers import UNet2DConditionModel
+def denoiser_component(denoiser: nn.Module) -> Component:
+    """The denoiser (a UNet or a DiT, dense or slim) as an exportable component, named after its pipeline attribute
+    (``unet``, ``transformer``): its inputs and call as its family declares them."""
+    family = family_for(denoiser)
+    return Component(family.component, _Denoiser(denoiser, family).eval(),
+                     inputs=list(family.export_inputs(denoiser.config)), output="out_sample",
+                     attention_modules=count_attention(denoiser))
 
-    if not isinstance(unet, UNet2DConditionModel):
-        raise SlimDiffError(f"expected a UNet2DConditionModel, got {type(unet).__name__}")
-    cfg = unet.config
-    unsupported = [f"{key}={cfg.get(key)!r}" for key in ("class_embed_type", "num_class_embeds", "time_cond_proj_dim")
-                   if cfg.get(key)]
-    if unsupported:
-        raise SlimDiffError(f"UNets with {', '.join(unsupported)} (class labels, LCM guidance embeddings) cannot be "
-                            "exported yet")
-    conditions = family_for(unet).condition_inputs(cfg)
-    names = tuple(c.name for c in conditions)
-    if names not in _WRAPPERS:
-        raise SlimDiffError(f"no export wrapper for a UNet called with added_cond_kwargs {list(names)}")
-    wrapper = _WRAPPERS[names]
-    return Component(
-        "unet", wrapper(unet).eval(),
-        inputs=[
-            TensorSpec("sample", ("batch", cfg.in_channels, "height", "width"), MODEL_DTYPE),
-            # float32 even in fp16 engines: diffusers computes the sinusoidal embedding in float32 anyway.
-            TensorSpec("timestep", ("batch",), "float32"),
-            TensorSpec("encoder_hidden_states", ("batch", "text_len", cfg.cross_attention_dim), MODEL_DTYPE),
-            *(TensorSpec(c.name, c.dims, c.dtype, high=c.high) for c in conditions),
-        ],
-        output="out_sample",
-        attention_modules=count_attention(unet),
-    )
+
+# The name the first exporters knew (UNets only); kept for callers of that API.
+unet_component = denoiser_component
 
 
 def text_encoder_component(text_encoder) -> Component:
     cfg = text_encoder.config
     return Component(
         "text_encoder", _TextEncoder(text_encoder).eval(),
-        inputs=[TensorSpec("input_ids", ("batch", "text_len"), "int64", high=cfg.vocab_size)],
+        inputs=[ExportInput("input_ids", ("batch", "text_len"), "int64", high=cfg.vocab_size)],
         output="last_hidden_state",
         clip={"text_len": cfg.max_position_embeddings},
         attention_modules=cfg.num_hidden_layers,
@@ -146,7 +118,7 @@ def vae_decoder_component(vae) -> Component:
     cfg = vae.config
     return Component(
         "vae_decoder", _VaeDecoder(vae).eval(),
-        inputs=[TensorSpec("latent_sample", ("batch", cfg.latent_channels, "height", "width"), MODEL_DTYPE)],
+        inputs=[ExportInput("latent_sample", ("batch", cfg.latent_channels, "height", "width"), MODEL_DTYPE)],
         output="sample",
         attention_modules=count_attention(vae.decoder),
     )
@@ -186,8 +158,10 @@ def torch_dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
             dims[axis] = m * Dim(f"{axis}_{m}", min=r["min"] // m, max=r["max"] // m)
         else:
             dims[axis] = Dim(axis, min=r["min"], max=r["max"])
-    return {spec.name: {i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str) and dims[d] is not None}
-            for spec in component.inputs}
+    shapes = tuple({i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str) and dims[d] is not None}
+                   for spec in component.inputs)
+    # torch.export matches these to forward's parameters: the denoiser's wrapper has one, ``*inputs``
+    return (shapes,) if isinstance(component.module, _Denoiser) else shapes
 
 
 def example_values(axes: dict[str, dict]) -> dict[str, int]:

@@ -1,6 +1,7 @@
-"""ONNX export of dense and slim UNets, the text encoder and the VAE decoder.
+"""ONNX export of dense and slim denoisers (UNets, the PixArt transformer), the text encoder and the VAE decoder.
 
-* torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``). At **opset 23** (default) every SDPA
+* ``torch.export`` and torch's ONNX exporter (``torch.onnx.export(program, ..., dynamo=True)``; ``squeeze(dim)``
+  decomposed first as PyTorch means it, see :func:`_squeeze_dim`). At **opset 23** (default) every SDPA
   becomes one native ``Attention`` op — including slim attentions whose q·k and v head widths differ, with
   the original softmax ``scale`` as an attribute — and group norm / GELU become ``GroupNormalization`` /
   ``Gelu``. At **opset 18** (fallback for TensorRT before 10.14) attention is decomposed into
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +72,12 @@ def _value_info(value) -> dict:
             "dims": [d.dim_param or d.dim_value for d in t.shape.dim]}
 
 
+def _squeeze_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.squeeze(dim)`` as the reshape torch means by it: the exporter's own translation squeezes the axis
+    whatever its size, which ONNX refuses when it is not 1 (PixArt squeezes its token axis, no-op in PyTorch)."""
+    return x.reshape([size for i, size in enumerate(x.shape) if i != dim % x.ndim or size != 1])
+
+
 def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *, opset: int = DEFAULT_OPSET,
                 dtype: torch.dtype = torch.float32, multiples: dict[str, int] | None = None,
                 parity_device: str = "cpu", extra: dict | None = None) -> dict:
@@ -104,11 +112,19 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
            f"{n_bytes / 2**20:.0f} MiB of weights)")
     t0 = time.perf_counter()
     try:
-        program = torch.onnx.export(
-            module, tuple(example), dynamo=True, opset_version=opset, verbose=False,
-            dynamic_shapes=torch_dynamic_shapes(component, axes),
-            input_names=[s.name for s in component.inputs], output_names=[component.output],
-        )
+        dynamic_shapes = torch_dynamic_shapes(component, axes)
+        exported = torch.export.export(module, tuple(example), dynamic_shapes=dynamic_shapes)
+        exported = exported.run_decompositions({torch.ops.aten.squeeze.dim: _squeeze_dim})
+        with warnings.catch_warnings():
+            # dynamic_shapes here only name the graph's axes after ours; inputs sharing an axis share its name,
+            # which the exporter remarks on once per input
+            warnings.filterwarnings("ignore", message="# The axis name")
+            program = torch.onnx.export(
+                exported, tuple(example), dynamo=True, opset_version=opset, verbose=False,
+                dynamic_shapes=dynamic_shapes,
+                input_names=[s.name for s in component.inputs], output_names=[component.output],
+            )
+        del exported
         if n_bytes > EXTERNAL_DATA_BYTES:
             # Weights go to unet.onnx.data. onnxslim is skipped here: it sizes the whole model as one protobuf
             # message, which fails past 2 GB; the exporter's own optimizer (folding, dead code) has run.

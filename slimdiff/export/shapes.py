@@ -94,21 +94,35 @@ def union(profiles: list[Profile]) -> Profile:
     ))
 
 
-def latent_multiple(unet_config) -> int:
-    """What latent height/width must be divisible by for ``unet_config`` (at least :data:`LATENT_MULTIPLE`)."""
-    levels = len(unet_config["down_block_types"]) - 1
-    return math.lcm(LATENT_MULTIPLE, 2 ** levels)
+def latent_multiple(config) -> int:
+    """What latent height/width must be divisible by for a denoiser of ``config`` (at least
+    :data:`LATENT_MULTIPLE`): a UNet's down-sampling levels, a DiT's patch size."""
+    levels = len(config.get("down_block_types") or [None]) - 1
+    return math.lcm(LATENT_MULTIPLE, 2 ** levels, int(config.get("patch_size") or 1))
 
 
-def default_flags(unet_config, vae_scale: int) -> dict[str, str]:
-    """Defaults for the shape flags: half to one-and-a-half times the model's native size, UNet batch 1–4
-    (one or two images with guidance), 77 tokens up to two concatenated CLIP windows (long prompts)."""
-    multiple = latent_multiple(unet_config)
-    native = int(unet_config["sample_size"])
+def default_flags(config, vae_scale: int, *, static: tuple[str, ...] = (), text_len: str = "77:77:154") -> dict[str, str]:
+    """Defaults for the shape flags: half to one-and-a-half times the model's native size (the native size alone for
+    ``static`` height/width), denoiser batch 1–4 (one or two images with guidance), and ``text_len`` (for CLIP, 77
+    tokens up to two concatenated windows: long prompts)."""
+    multiple = latent_multiple(config)
+    native = int(config["sample_size"])
     lo = max(multiple, native // 2 // multiple * multiple)
     hi = max(native, math.ceil(native * 1.5 / multiple) * multiple)
     side = f"{lo * vae_scale}:{native * vae_scale}:{hi * vae_scale}"
-    return {"batch": "1:2:4", "height": side, "width": side, "text_len": "77:77:154"}
+    flags = {"batch": "1:2:4", "height": side, "width": side, "text_len": text_len}
+    flags.update({axis: str(native * vae_scale) for axis in ("height", "width") if axis in static})
+    return flags
+
+
+def check_static(profiles: list[Profile], static: tuple[str, ...], what: str) -> None:
+    """Refuse profiles that vary an axis ``what`` keeps at one size (one line naming the flag)."""
+    for axis in static:
+        sizes = {(p.axis(axis).min, p.axis(axis).max) for p in profiles}
+        if len(sizes) > 1 or any(lo != hi for lo, hi in sizes):
+            flag = f"--{axis.replace('_', '-')}"
+            raise SlimDiffError(f"{flag}: a {what} engine serves one {axis.replace('_', ' ')}; give a single size "
+                                f"({flag} N), one engine per size")
 
 
 def parse_profiles(batch: str, height: str, width: str, text_len: str, *, vae_scale: int, multiple: int) -> list[Profile]:

@@ -29,15 +29,19 @@ from .base import (
     BlockAdapter,
     ConditionInput,
     DenoiserFamily,
+    ExportInput,
     FFNEnergies,
     FFNLinears,
     FFNStatistics,
+    KEEP_MASK,
     ModuleSite,
+    NORMAL,
     QKLinears,
     ResidualEnergies,
     SublayerTaps,
     TextContextMoment,
     TextTower,
+    TIMESTEP,
     VOLinears,
     stat_key,
 )
@@ -67,13 +71,23 @@ def family_for(obj: Any) -> DenoiserFamily:
 
 
 def check_engines(obj: Any, command: str) -> None:
-    """Refuse, in one line, a pipeline or denoiser whose family the export / engine / bench / eval paths do not
-    serve yet (before anything is calibrated or built)."""
+    """Refuse, in one line, a pipeline or denoiser whose family the export / engine paths do not serve yet (before
+    anything is calibrated or built)."""
     family = family_for(obj)
     if not family.engines:
+        raise SlimDiffError(f"{command} works on UNet pipelines (SD-1.x/2.x, SDXL) and PixArt so far, not on "
+                            f"{_describe(obj)} (family {family.name!r}): slim it with `slimdiff slim` and run the slim "
+                            "model in diffusers")
+
+
+def check_measures(obj: Any, command: str) -> None:
+    """Refuse, in one line, a pipeline or denoiser whose family ``slimdiff bench`` / ``slimdiff eval`` do not serve
+    yet (before anything is calibrated or built)."""
+    family = family_for(obj)
+    if not family.measures:
         raise SlimDiffError(f"{command} works on UNet pipelines (SD-1.x/2.x, SDXL) so far, not on {_describe(obj)} "
-                            f"(family {family.name!r}): slim it with `slimdiff slim` and run the slim model in "
-                            "diffusers")
+                            f"(family {family.name!r}): export its engines with `slimdiff-export` and run them in "
+                            "the pipeline (slimdiff.use_engine), or run the slim model in diffusers")
 
 
 def _describe(obj: Any) -> str:
@@ -124,7 +138,7 @@ def site_linears(denoiser: nn.Module, site: ModuleSite):
 
 __all__ = [
     "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
-    "BlockAdapter", "ConditionInput", "DenoiserFamily", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
+    "BlockAdapter", "ConditionInput", "DenoiserFamily", "ExportInput", "KEEP_MASK", "NORMAL", "TIMESTEP", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
-    "check_engines", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
+    "check_engines", "check_measures", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

@@ -496,6 +496,26 @@ class ConditionInput:
     high: float = 0.0
 
 
+# How parity checks draw an exported input: N(0, 1) (U[0, high) when ``high`` is set, token ids below it for int64);
+# a timestep in [0, 1000); a key padding mask (1 keep, 0 padding) that keeps each sample's first k tokens, k drawn
+# below the token count (so some padding is masked).
+NORMAL, TIMESTEP, KEEP_MASK = "normal", "timestep", "keep_mask"
+
+
+@dataclass(frozen=True)
+class ExportInput:
+    """One positional input of an exported component (the denoiser's come from :meth:`DenoiserFamily.export_inputs`):
+    its name in graphs and engines, ``dims`` (fixed sizes and the axis names ``batch``, ``height``, ``width``,
+    ``text_len``), ``dtype`` (:data:`MODEL_DTYPE` or a torch dtype name), and how parity checks draw it (``draw``;
+    ``high``: the bound of uniform draws and int64 token ids)."""
+
+    name: str
+    dims: tuple
+    dtype: str
+    high: float = 0.0
+    draw: str = NORMAL
+
+
 class DenoiserFamily(ABC):
     """Everything slimdiff needs to know about one kind of denoiser and its pipeline.
 
@@ -523,9 +543,13 @@ class DenoiserFamily(ABC):
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
 
-    #: Whether export, engines, ``slimdiff bench`` and ``slimdiff eval`` serve this family: they drive the
-    #: denoiser through the UNet call (``sample``, ``timestep``, ``encoder_hidden_states``) and so far serve UNets.
+    #: Whether ``slimdiff-export`` and the engine runtime (``use_engine``) serve this family: the denoiser's call as
+    #: :meth:`export_inputs` / :meth:`export_call` declare it.
     engines: bool = True
+
+    #: Whether ``slimdiff bench`` and ``slimdiff eval`` serve this family: they drive the denoiser through the UNet
+    #: call (``sample``, ``timestep``, ``encoder_hidden_states``) and so far serve UNets.
+    measures: bool = True
 
     #: Whether the cross-attentions read the tensor :meth:`text_context` returns unchanged (statistics size
     #: estimates count one shared text moment then, one per cross-attention otherwise).
@@ -558,6 +582,28 @@ class DenoiserFamily(ABC):
         """The extra conditioning inputs of the denoiser call (SDXL: ``text_embeds``, ``time_ids``), in the
         order exported graphs take them after (sample, timestep, encoder_hidden_states)."""
         return ()
+
+    # -- export: the denoiser as a component with fixed positional inputs ---------------------------------
+
+    #: The pipeline attribute holding the denoiser; also the name of its exported graph and engine files
+    #: (``unet.onnx``, ``transformer.engine.json``).
+    component: str = "unet"
+
+    #: Axes an exported denoiser keeps at one size (each engine is built for one value of them).
+    static_axes: tuple[str, ...] = ()
+
+    def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
+        """The denoiser's exported inputs, in the order :meth:`export_call` takes them."""
+        raise SlimDiffError(f"the {self.name!r} family declares no export inputs: its denoiser cannot be exported")
+
+    def export_call(self, denoiser: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for the positional ``inputs`` of :meth:`export_inputs` (what exported graphs and
+        engines compute)."""
+        raise SlimDiffError(f"the {self.name!r} family declares no export call: its denoiser cannot be exported")
+
+    def default_text_len(self, pipe: Any) -> str:
+        """The ``--text-len`` range engines of this family are built for when none is given (MIN:OPT:MAX)."""
+        return "77:77:154"
 
 
 # ----------------------------------------------------------------------------------------------------------

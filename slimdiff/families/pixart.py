@@ -23,8 +23,12 @@ import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from torch import nn
 
-from .base import FAMILIES, MODEL_DTYPE, ConditionInput, DenoiserFamily, TextTower
+from .base import FAMILIES, KEEP_MASK, MODEL_DTYPE, TIMESTEP, ConditionInput, DenoiserFamily, ExportInput, TextTower
 from .sd import guidance
+
+#: PixArt-α's pipeline pads its prompts to this many tokens (PixArt-Σ's: :attr:`PixArtFamily.text_tokens`).
+ALPHA_TEXT_TOKENS = 120
+
 
 def _transformer_of(obj: Any):
     return obj if isinstance(obj, PixArtTransformer2DModel) else getattr(obj, "transformer", None)
@@ -38,7 +42,7 @@ class PixArtFamily(DenoiserFamily):
     name = "pixart"
     text_tokens = 300  # PixArt-Σ's pipeline default max_sequence_length (PixArt-α: 120)
     shares_text_context = False  # caption_projection sits between the call's text and the cross-attentions
-    engines = False  # export and engines drive UNet calls so far
+    measures = False  # slimdiff bench and eval drive UNet calls so far (export and engines serve PixArt)
 
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None
@@ -73,6 +77,41 @@ class PixArtFamily(DenoiserFamily):
                                                      dtype=dtype),
                 "encoder_attention_mask": torch.ones(batch, text_tokens, device=device, dtype=dtype),
                 "added_cond_kwargs": extra or {"resolution": None, "aspect_ratio": None}}
+
+    # The transformer adds a sinusoidal position embedding of the patch grid, which diffusers takes from a buffer at
+    # the configured size and computes otherwise: a branch on the latent size that an exported graph cannot keep
+    # open. Each engine serves one image size.
+    static_axes = ("height", "width")
+    component = "transformer"
+
+    def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
+        return (
+            ExportInput("hidden_states", ("batch", config["in_channels"], "height", "width"), MODEL_DTYPE),
+            ExportInput("timestep", ("batch",), "float32", draw=TIMESTEP),  # float32 as the UNets'
+            ExportInput("encoder_hidden_states", ("batch", "text_len", config["caption_channels"]), MODEL_DTYPE),
+            # 1 keep, 0 T5 padding (the pipeline's prompt attention mask), in the model's precision
+            ExportInput("encoder_attention_mask", ("batch", "text_len"), MODEL_DTYPE, draw=KEEP_MASK),
+            *(ExportInput(c.name, c.dims, c.dtype, high=c.high) for c in self.condition_inputs(config)),
+        )
+
+    def export_call(self, transformer: nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                    *conditions: torch.Tensor) -> torch.Tensor:
+        # The padding mask as the additive bias the transformer makes of it, spelled out for every image token:
+        # ONNX Runtime's fused Attention kernel refuses a mask that leaves the query axis to broadcasting.
+        batch, _, height, width = hidden_states.shape
+        patch = transformer.config.patch_size
+        bias = (1 - encoder_attention_mask.to(hidden_states.dtype)) * -10000.0
+        bias = bias[:, None, :].expand(batch, (height // patch) * (width // patch), -1)
+        added = {c.name: t for c, t in zip(self.condition_inputs(transformer.config), conditions)}
+        return transformer(hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
+                           encoder_attention_mask=bias, added_cond_kwargs=added or {"resolution": None,
+                                                                                     "aspect_ratio": None},
+                           return_dict=False)[0]
+
+    def default_text_len(self, pipe: Any) -> str:
+        # T5 prompts are padded to the pipeline's max_sequence_length: one length
+        return str(ALPHA_TEXT_TOKENS if isinstance(pipe, PixArtAlphaPipeline) else self.text_tokens)
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:

@@ -9,7 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
-from .base import FAMILIES, DenoiserFamily, TextTower
+from ..errors import SlimDiffError
+from .base import FAMILIES, MODEL_DTYPE, TIMESTEP, DenoiserFamily, ExportInput, TextTower
 
 
 def _unet_of(obj: Any):
@@ -48,6 +49,26 @@ class StableDiffusionFamily(DenoiserFamily):
                 "timestep": torch.zeros(batch, device=device, dtype=torch.long),
                 "encoder_hidden_states": torch.zeros(batch, text_tokens, config["cross_attention_dim"],
                                                      device=device, dtype=dtype)}
+
+    def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
+        unsupported = [f"{key}={config.get(key)!r}" for key in ("class_embed_type", "num_class_embeds",
+                                                                 "time_cond_proj_dim") if config.get(key)]
+        if unsupported:
+            raise SlimDiffError(f"UNets with {', '.join(unsupported)} (class labels, LCM guidance embeddings) cannot "
+                                "be exported yet")
+        return (
+            ExportInput("sample", ("batch", config["in_channels"], "height", "width"), MODEL_DTYPE),
+            # float32 even in fp16 engines: diffusers computes the sinusoidal embedding in float32 anyway.
+            ExportInput("timestep", ("batch",), "float32", draw=TIMESTEP),
+            ExportInput("encoder_hidden_states", ("batch", "text_len", config["cross_attention_dim"]), MODEL_DTYPE),
+            *(ExportInput(c.name, c.dims, c.dtype, high=c.high) for c in self.condition_inputs(config)),
+        )
+
+    def export_call(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        added = {c.name: t for c, t in zip(self.condition_inputs(unet.config), conditions)}
+        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None,
+                    return_dict=False)[0]
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:

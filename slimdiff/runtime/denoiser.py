@@ -1,0 +1,143 @@
+"""The base of the engine-backed denoisers (:class:`EngineDenoiser`): what ``EngineUNet`` (:mod:`.unet`) and
+``EnginePixArtTransformer`` (:mod:`.pixart`) share — loading, the config and properties pipelines read, device moves,
+shape checks and the locked engine run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..engines import load_engine_meta, open_engine
+from ..errors import SlimDiffError
+from ..export.shapes import Profile
+
+
+class EngineDenoiser(torch.nn.Module):
+    """What every engine-backed denoiser shares: loading, the config and properties pipelines read, device moves,
+    shape checks and the locked engine run. Subclasses set :attr:`component` (the pipeline attribute they
+    replace, and the engine's component name) and implement ``forward`` as their pipeline calls it."""
+
+    component = ""
+
+    def __init__(self, runner, meta: dict, folder: Path):
+        from diffusers.configuration_utils import FrozenDict
+
+        super().__init__()
+        if meta.get("component") != self.component or "unet_config" not in meta:
+            raise SlimDiffError(f"engine in {str(folder)!r} is a {meta.get('component')!r} engine, not a "
+                                f"{self.component}")
+        self.runner = runner
+        self.meta = meta
+        self.folder = Path(folder)
+        # "unet_config" holds the denoiser's config, whatever its kind: stored engines and Triton repositories
+        # read it under that name.
+        self._config = FrozenDict(meta["unet_config"])
+        self._lock = threading.Lock()
+        self._profiles = [Profile.from_json(p) for p in meta["profiles"]]
+        self.load_seconds = 0.0
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str | None = None, cuda_graphs: bool = True):
+        """Load the denoiser engine of an engine folder (as written by ``slimdiff-export``); ``device`` defaults to
+        the one it was built for. ``cuda_graphs`` applies to TensorRT engines."""
+        t0 = time.perf_counter()
+        meta, folder = load_engine_meta(Path(folder), cls.component)
+        denoiser = cls(open_engine(meta, folder, device, cuda_graphs=cuda_graphs), meta, folder)
+        denoiser.load_seconds = time.perf_counter() - t0
+        return denoiser
+
+    # -- what diffusers pipelines read ------------------------------------------------------------------
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def in_channels(self) -> int:
+        return self._config["in_channels"]
+
+    @property
+    def out_channels(self) -> int:
+        return self._config["out_channels"]
+
+    @property
+    def sample_size(self):
+        return self._config["sample_size"]
+
+    @property
+    def engine(self) -> str:
+        return self.meta["engine"]
+
+    @property
+    def rank_plan(self):
+        """The slim model's :class:`~slimdiff.plan.RankPlan`, or ``None`` for a dense engine."""
+        from ..plan import RankPlan
+
+        body = self.meta.get("rank_plan")
+        return RankPlan.from_json(json.dumps(body)) if body else None
+
+    def to(self, *args, **kwargs):
+        """Engines are built for one device and precision: moving to the same device type is a no-op (so
+        ``pipe.to(...)`` works), another device type is an error, and dtype requests are ignored because
+        inputs are cast on every call."""
+        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != self.device.type:
+            raise SlimDiffError(f"this {self.engine} engine runs on {self.device}; it cannot move to {device}")
+        return self
+
+    def check_shapes(self, batch: int, height: int, width: int, text_len: int) -> None:
+        """Raise unless (batch, latent height, latent width, tokens) fit the engine: one TensorRT profile, or
+        the dynamic range of an ONNX Runtime / AOTInductor graph."""
+        axes = self.meta["axes"]
+        wanted = {"batch": batch, "height": height, "width": width, "text_len": text_len}
+        if self.engine == "trt":
+            ok = any(all(v in p.axis(a) for a, v in wanted.items()) for p in self._profiles)
+        else:
+            ok = all(axes[a]["min"] <= v <= axes[a]["max"] for a, v in wanted.items())
+        multiple = axes["height"]["multiple"]
+        if not ok or height % multiple or width % multiple:
+            boxes = "; ".join(p.describe() for p in self._profiles)
+            raise SlimDiffError(
+                f"{self.component} input (batch {batch}, latent {height}x{width}, {text_len} tokens) is outside this "
+                f"engine's shapes ({boxes}; latent sizes multiples of {multiple}); rebuild with wider --batch/"
+                "--height/--width/--text-len ranges")
+
+    def timesteps(self, timestep, batch: int) -> torch.Tensor:
+        """The call's timestep(s) as the engine's (batch,) float32 input."""
+        t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        elif t.numel() != batch:
+            raise SlimDiffError(f"got {t.numel()} timesteps for a batch of {batch}")
+        return t.contiguous()
+
+    def run(self, inputs: list[torch.Tensor], out_shape: tuple) -> torch.Tensor:
+        with self._lock:
+            return self.runner.run(inputs, out_shape)
+
+    def conditions(self, added_cond_kwargs: dict | None, first: int, batch: int) -> list[torch.Tensor]:
+        """The engine's inputs from its ``first`` on: ``added_cond_kwargs`` entries of those names, checked."""
+        added = dict(added_cond_kwargs or {})
+        return [self._condition(spec, added.get(spec["name"]), batch) for spec in self.meta["inputs"][first:]]
+
+    def _condition(self, spec: dict, value, batch: int) -> torch.Tensor:
+        """One ``added_cond_kwargs`` tensor, checked against the engine's input and cast to its dtype."""
+        expected = tuple(batch if d == "batch" else d for d in spec["dims"])
+        if value is None:
+            raise SlimDiffError(f"this engine needs added_cond_kwargs[{spec['name']!r}] of shape {expected} "
+                                f"(call it as the pipeline it was exported from does)")
+        if tuple(value.shape) != expected:
+            raise SlimDiffError(f"added_cond_kwargs[{spec['name']!r}] has shape {tuple(value.shape)}; this engine "
+                                f"takes {expected}")
+        return value.to(self.device, getattr(torch, spec["dtype"])).contiguous()

@@ -1,0 +1,141 @@
+"""PixArt's transformer as an engine: its export inputs from the family, one ``slimdiff-export`` run (dense and slim
+ONNX Runtime engines, parity-checked with masked T5 padding), the engine as ``pipe.transformer`` in the pipeline,
+and what still refuses in one line (bench, eval, a size range)."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from export_support import FAST_CALIBRATION
+
+from slimdiff.cli import export as cli
+from slimdiff.engines.trt import optimization_profiles
+from slimdiff.errors import SlimDiffError
+from slimdiff.export.modules import denoiser_component
+from slimdiff.families import check_engines, check_measures
+from slimdiff.models import build_builtin, load_pipeline
+from slimdiff.runtime import EnginePixArtTransformer, use_engine
+
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(folder, stdout)`` of one ``slimdiff-export --model builtin:tiny-pixart --engine ort`` run."""
+    out = tmp_path_factory.mktemp("pixart") / "engines"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["--model", "builtin:tiny-pixart", "--engine", "ort", "--out", str(out), "--budget", "0.3",
+                       *FAST_CALIBRATION])
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue()
+
+
+def _image(pipe, seed=11):
+    return pipe(PROMPT, num_inference_steps=4, use_resolution_binning=False, generator=torch.Generator().manual_seed(seed),
+                output_type="np").images[0]
+
+
+def test_the_family_declares_the_transformer_call():
+    transformer = build_builtin("builtin:tiny-pixart").transformer
+    component = denoiser_component(transformer)
+    assert component.name == "transformer" and component.attention_modules == 4
+    assert [(s.name, s.dims, s.dtype) for s in component.inputs] == [
+        ("hidden_states", ("batch", 4, "height", "width"), "model"), ("timestep", ("batch",), "float32"),
+        ("encoder_hidden_states", ("batch", "text_len", 24), "model"),
+        ("encoder_attention_mask", ("batch", "text_len"), "model")]
+    # parity inputs mask some padding: each sample keeps its first k < tokens tokens
+    mask = component.random_inputs({"batch": 4, "height": 16, "width": 16, "text_len": 12}, torch.float32, seed=0)[3]
+    assert set(mask.unique().tolist()) == {0.0, 1.0} and (mask[:, 0] == 1).all() and (mask[:, -1] == 0).all()
+    assert (mask.diff(dim=1) <= 0).all()  # padding only after the kept tokens
+    # the positional call is the transformer's own, padding mask included
+    x, t, text, keep = component.random_inputs({"batch": 2, "height": 16, "width": 16, "text_len": 12},
+                                                torch.float32, seed=1)
+    with torch.no_grad():
+        ref = transformer(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=keep,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        assert torch.allclose(component.module(x, t, text, keep), ref, atol=1e-5)
+        assert not torch.allclose(component.module(x, t, text, torch.ones_like(keep)), ref, atol=1e-3)
+
+
+def test_export_builds_verified_dense_and_slim_transformer_engines(exported):
+    out, stdout = exported
+    report = json.loads((out / "export.json").read_text())
+    assert report["denoiser"] == "transformer" and report["pytorch_components"] == ["text_encoder", "vae"]
+    # one image size (the native 32 px: latent 16) and the Σ pipeline's 300 tokens
+    assert report["profiles"] == [{"batch": [1, 2, 4], "height": [16, 16, 16], "width": [16, 16, 16],
+                                   "text_len": [300, 300, 300]}]
+    assert [(r["variant"], r["file"]) for r in report["rows"]] == [("dense", "dense/transformer.ort.onnx"),
+                                                                   ("slim", "slim/transformer.ort.onnx")]
+    assert all(r["max_rel_error"] <= 1e-4 for r in report["rows"])
+    assert report["rows"][1]["parameters"] < report["rows"][0]["parameters"]
+    assert "slim transformer:" in stdout
+    for variant in ("dense", "slim"):
+        sidecar = json.loads((out / variant / "transformer.onnx.json").read_text())
+        # every attention, the masked cross-attentions included, is one fused Attention op
+        assert sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
+        assert sidecar["parity"]["max_rel_error"] <= 1e-4
+        assert [i["name"] for i in sidecar["inputs"]] == ["hidden_states", "timestep", "encoder_hidden_states",
+                                                          "encoder_attention_mask"]
+        meta = json.loads((out / variant / "transformer.engine.json").read_text())
+        assert meta["component"] == "transformer" and meta["output_dims"] == ["batch", 8, 16, 16]
+        # TensorRT's optimization profile covers the padding mask over batch and tokens
+        trt = optimization_profiles(sidecar)[0]
+        assert trt["encoder_attention_mask"] == ((1, 300), (2, 300), (4, 300))
+        assert trt["hidden_states"] == ((1, 4, 16, 16), (2, 4, 16, 16), (4, 4, 16, 16))
+
+
+def test_engine_honours_the_padding_mask(exported):
+    out, _ = exported
+    transformer = build_builtin("builtin:tiny-pixart").transformer
+    engine = EnginePixArtTransformer.from_folder(out / "dense")
+    assert engine.config.sample_size == 16 and engine.out_channels == 8 and engine.in_channels == 4
+    gen = torch.Generator().manual_seed(5)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 300, 24, generator=gen)
+    padded = (torch.arange(300) < torch.tensor([[40], [7]])).long()  # as the pipeline passes it: int64
+    outputs = []
+    for mask in (padded, torch.ones_like(padded)):
+        call = dict(encoder_hidden_states=text, timestep=torch.tensor([500, 500]), encoder_attention_mask=mask,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+        with torch.no_grad():
+            ref = transformer(x, **call)[0]
+        got = engine(x, **call)[0]
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+        outputs.append(got)
+    assert (outputs[0] - outputs[1]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["dense", "slim"])
+def test_engine_in_the_pipeline_makes_the_pytorch_image(exported, variant):
+    out, _ = exported
+    pipe = load_pipeline("builtin:tiny-pixart" if variant == "dense" else str(out / "slim-unet"))
+    reference = _image(pipe)
+    engine = use_engine(pipe, out / variant)
+    assert pipe.transformer is engine and isinstance(engine, EnginePixArtTransformer)
+    pipe.to("cpu")
+    image = _image(pipe)
+    assert image.shape == reference.shape == (32, 32, 3)
+    assert np.abs(image - reference).max() < 1e-3
+    assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
+
+
+def test_an_engine_of_another_denoiser_is_refused(exported):
+    out, _ = exported
+    with pytest.raises(SlimDiffError, match="replaces a pipeline's transformer; StableDiffusionPipeline has none"):
+        use_engine(build_builtin("builtin:tiny"), out / "dense")
+
+
+def test_a_size_range_bench_and_eval_refuse_in_one_line(tmp_path, capsys):
+    assert cli.main(["--model", "builtin:tiny-pixart", "--engine", "ort", "--out", str(tmp_path / "o"),
+                     "--height", "16:32:48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--height" in err[0] and "one height" in err[0]
+    assert not (tmp_path / "o").exists()
+    pipe = build_builtin("builtin:tiny-pixart")
+    check_engines(pipe, "slimdiff-export")  # export and engines serve PixArt
+    for command in ("slimdiff bench", "slimdiff eval"):
+        with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on PixArtSigmaPipeline"):
+            check_measures(pipe, command)
