@@ -12,9 +12,12 @@ import torch
 from export_support import FAST_CALIBRATION
 
 from slimdiff.cli import export as cli
+from slimdiff.configs import TINY_PIXART_TRANSFORMER
+from slimdiff.engines.build import build_denoiser_engine
 from slimdiff.engines.trt import optimization_profiles
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.modules import denoiser_component
+from slimdiff.export.shapes import parse_profiles
 from slimdiff.families import check_engines, check_measures
 from slimdiff.models import build_builtin, load_pipeline
 from slimdiff.runtime import EnginePixArtTransformer, use_engine
@@ -139,3 +142,36 @@ def test_a_size_range_bench_and_eval_refuse_in_one_line(tmp_path, capsys):
     for command in ("slimdiff bench", "slimdiff eval"):
         with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on PixArtSigmaPipeline"):
             check_measures(pipe, command)
+
+
+def test_an_alpha_transformer_takes_resolution_and_aspect_ratio(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    # PixArt-α 1024's size conditions, each embedded in a third of the width (48 = 2 heads of 24); one block
+    config = {**TINY_PIXART_TRANSFORMER, "num_layers": 1, "attention_head_dim": 24, "cross_attention_dim": 48,
+              "use_additional_conditions": True}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        transformer = PixArtTransformer2DModel(**config).eval()
+    profiles = parse_profiles("1:2:2", "32", "32", "120", vae_scale=2, multiple=8)
+    _, sidecar = build_denoiser_engine(transformer, "ort", tmp_path, profiles=profiles, dtype=torch.float32,
+                                       device="cpu", multiple=8)
+    assert [i["name"] for i in sidecar["inputs"]][4:] == ["resolution", "aspect_ratio"]
+    assert sidecar["parity"]["max_rel_error"] <= 1e-4
+    engine = EnginePixArtTransformer.from_folder(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    x, text = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 120, 24, generator=gen)
+    mask = (torch.arange(120) < 30).long().expand(2, -1)
+    outputs = []
+    for sizes in ((32.0, 32.0), (64.0, 48.0)):
+        added = {"resolution": torch.tensor([sizes, sizes]), "aspect_ratio": torch.tensor([[1.0], [0.75]])}
+        call = {"encoder_hidden_states": text, "timestep": torch.tensor([700, 700]), "encoder_attention_mask": mask,
+                "added_cond_kwargs": added, "return_dict": False}
+        with torch.no_grad():
+            ref = transformer(x, **call)[0]
+        got = engine(x, **call)[0]
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+        outputs.append(got)
+    assert (outputs[0] - outputs[1]).abs().max().item() > 1e-4  # the conditions reach the output
+    with pytest.raises(SlimDiffError, match=r"needs added_cond_kwargs\['resolution'\] of shape \(2, 2\)"):
+        engine(x, **{**call, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
