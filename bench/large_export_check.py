@@ -26,7 +26,7 @@ def check(out: Path, batch: str = "1:1:2", side: str = "256:512:512", text_len: 
     from slimdiff.engines import build_engine
     from slimdiff.models import load_unet
     from slimdiff.runtime import EngineUNet
-    from slimdiff.export.modules import unet_component
+    from slimdiff.export.modules import denoiser_component
     from slimdiff.export.onnx import export_onnx
     from slimdiff.export.shapes import parse_profiles
 
@@ -35,7 +35,7 @@ def check(out: Path, batch: str = "1:1:2", side: str = "256:512:512", text_len: 
     unet = load_unet("builtin:sd15-shape")
     timings["load_s"] = time.perf_counter() - t0
     profiles = parse_profiles(batch, side, side, text_len, vae_scale=8, multiple=8)
-    component = unet_component(unet)
+    component = denoiser_component(unet)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     sidecar = export_onnx(component, profiles, out / "unet.onnx")

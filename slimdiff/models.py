@@ -200,7 +200,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     A slim denoiser folder loads the pipeline it was slimmed from (recorded in its plan) with the slim denoiser
     in it (``pipe.unet``, or ``pipe.transformer`` for PixArt).
     """
-    from .serialization import denoiser_component, is_slim_folder, load_plan, load_slim
+    from .serialization import denoiser_attribute, is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
         info = load_plan(source).info
@@ -208,7 +208,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
         if not base:
             raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
         pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"))
-        setattr(pipe, denoiser_component(pipe), load_slim(source, dtype=dtype))
+        setattr(pipe, denoiser_attribute(pipe), load_slim(source, dtype=dtype))
         return pipe
     if source == "builtin:proxy":
         folder = ASSETS / "proxy"

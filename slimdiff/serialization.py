@@ -91,7 +91,7 @@ def _slim_model(model: torch.nn.Module, plan: RankPlan):
     return slim_cls.from_slim(model, plan)
 
 
-def denoiser_component(pipe) -> str:
+def denoiser_attribute(pipe) -> str:
     """The name of the pipeline component that holds its denoiser (``unet``; ``transformer`` for DiTs)."""
     from .families import family_for
 
@@ -117,7 +117,7 @@ def save_slim_pipeline(pipe, plan: RankPlan, out: str | os.PathLike, overwrite: 
     slim class: ``DiffusionPipeline.from_pretrained(out)`` loads it in any program that has imported the class
     (``from slimdiff import SlimPixArtTransformer2DModel``: importing any slim class imports them all). ``pipe``'s
     denoiser is left as it was."""
-    name = denoiser_component(pipe)
+    name = denoiser_attribute(pipe)
     model = getattr(pipe, name)
     slim = _slim_model(model, plan)
     try:

@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from filelock import FileLock
 
 from slimdiff.configs import TINY_UNET, TINY_XL_UNET
-from slimdiff.export.modules import unet_component
+from slimdiff.export.modules import denoiser_component
 from slimdiff.export.onnx import export_onnx, load_sidecar, sidecar_path
 from slimdiff.export.shapes import parse_profiles
 from slimdiff.models import load_unet, module_sites
@@ -94,7 +94,7 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
                 sidecar = load_sidecar(path)
             else:
                 folder.mkdir(exist_ok=True)
-                sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=opset)
+                sidecar = export_onnx(denoiser_component(unet), tiny_profiles(), path, opset=opset)
         _CACHE[key] = (path, sidecar, unet)
     return _CACHE[key]
 

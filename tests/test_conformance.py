@@ -7,9 +7,8 @@ pipeline of that family. A new family adds one such class (and its adapter), not
   on the calibration moments with the rebuilt weights; the plan's parameter count is exact;
 * save → load is bit-identical (slimdiff's loader and diffusers' ``from_pretrained``); a slim pipeline folder
   loads with ``DiffusionPipeline.from_pretrained`` and makes the same image as the in-memory slim pipeline;
-* the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime) — or, for a family
-  the engine paths do not serve yet, export refuses it in one line; a family whose whole slim graph another test
-  exports checks a smaller denoiser of its layout here (``export_config``).
+* the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime); a family whose
+  whole slim graph another test exports checks a smaller denoiser of its layout here (``export_config``).
 """
 
 from __future__ import annotations
@@ -29,11 +28,10 @@ from slimdiff.decompose import (
     vo_measured_error,
     with_bias_coordinate,
 )
-from slimdiff.errors import SlimDiffError
-from slimdiff.families import CROSS, FFN, QK, SELF, VO, check_engines, family_for, module_sites, site_linears
+from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
 from slimdiff.models import _seeded
 from slimdiff.rebuild import load_slim_weights
-from slimdiff.serialization import denoiser_component, load_slim, save_slim, save_slim_pipeline
+from slimdiff.serialization import denoiser_attribute, load_slim, save_slim, save_slim_pipeline
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
 from slimdiff.slim_models import slim_class_for
 from slimdiff.tokenization import builtin_tokenizer
@@ -209,24 +207,20 @@ class FamilyConformance:
             slim_class.dense_class.from_pretrained(tmp_path / "slim")
 
     def test_export_parity(self, calibrated, slimmed, tmp_path):
-        from slimdiff.export.modules import unet_component
+        from slimdiff.export.modules import denoiser_component
         from slimdiff.export.onnx import FP32_TOLERANCE, export_onnx
         from slimdiff.export.shapes import parse_profiles
 
         unet, _ = slimmed
-        if not family_for(unet).engines:
-            with pytest.raises(SlimDiffError, match="slimdiff-export works on UNet pipelines"):
-                check_engines(unet, "slimdiff-export")
-            return
         if self.export_config is not None:
             pipe, _ = calibrated
             pipe = type(pipe)(**{**pipe.components, "unet": seeded_unet(self.export_config)})
             unet = pipe.unet
             slim_unet(unet, self.calibration(pipe), SlimConfig(budget=self.budget), progress=False)
             assert unet.slim_plan.params_removed > 0
-        profiles = parse_profiles(batch="1:2:2", height=str(self.image_px), width=str(self.image_px), text_len="77",
-                                  vae_scale=2, multiple=8)
-        sidecar = export_onnx(unet_component(unet), profiles, tmp_path / "unet.onnx")
+        profiles = parse_profiles(batch="1:2:2", height=str(self.image_px), width=str(self.image_px),
+                                  text_len=str(family_for(unet).text_tokens), vae_scale=2, multiple=8)
+        sidecar = export_onnx(denoiser_component(unet), profiles, tmp_path / "unet.onnx")
         assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE
 
     def test_pipeline_image_with_the_slim_denoiser(self, calibrated, slimmed, tmp_path):
@@ -234,7 +228,7 @@ class FamilyConformance:
 
         pipe, _ = calibrated
         unet, report = slimmed
-        component = denoiser_component(pipe)
+        component = denoiser_attribute(pipe)
         slim_pipe = type(pipe)(**{**pipe.components, component: unet})
         slim_pipe.set_progress_bar_config(disable=True)
         save_slim_pipeline(slim_pipe, report.plan, tmp_path / "pipe")

@@ -12,7 +12,7 @@ from slimdiff.engines import build_engine, engine_meta_path, load_engine_meta
 from slimdiff.engines import trt as trtmod
 from slimdiff.engines.aoti import check_aoti_environment, device_info
 from slimdiff.errors import SlimDiffError
-from slimdiff.export.modules import component_axes, unet_component
+from slimdiff.export.modules import component_axes, denoiser_component
 from slimdiff.export.onnx import FUSED_OPS, sidecar_path
 from slimdiff.export.shapes import union
 from slimdiff.runtime import EngineUNet
@@ -39,7 +39,7 @@ def _reference(unet, batch, h, w, tokens, seed, device="cpu"):
 
 def test_ort_engine_saves_optimized_model_and_metadata(slim, tmp_path):
     path, sidecar, unet = slim
-    component = unet_component(unet)
+    component = denoiser_component(unet)
     meta = build_engine("ort", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
                         dtype=torch.float32, device="cpu", onnx_path=path,
                         extra={"unet_config": dict(unet.config), "variant": "slim"})
@@ -62,7 +62,7 @@ def test_ort_engine_saves_optimized_model_and_metadata(slim, tmp_path):
 
 def test_corrupt_and_missing_engine_files(dense, tmp_path):
     path, sidecar, unet = dense
-    build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+    build_engine("ort", denoiser_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
                  dtype=torch.float32, device="cpu", onnx_path=path,
                  extra={"unet_config": dict(unet.config)})
     engine_file = tmp_path / "unet.ort.onnx"
@@ -87,12 +87,12 @@ def test_external_data_path_exports_builds_and_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnxmod, "EXTERNAL_DATA_BYTES", 0)
     unet, _ = slim_tiny_unet(seed=7, config=TWO_LEVEL_UNET)
-    sidecar = onnxmod.export_onnx(unet_component(unet), tiny_profiles(), tmp_path / "unet.onnx")
+    sidecar = onnxmod.export_onnx(denoiser_component(unet), tiny_profiles(), tmp_path / "unet.onnx")
     assert sidecar["external_data"] and sidecar["files"] == ["unet.onnx", "unet.onnx.data"]
     assert "onnxslim skipped" in sidecar["cleanup"] and sidecar["parity"]["max_rel_error"] <= 1e-4
     graph = onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
-    meta = build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+    meta = build_engine("ort", denoiser_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
                         dtype=torch.float32, device="cpu", onnx_path=tmp_path / "unet.onnx",
                         extra={"unet_config": dict(unet.config)})
     assert meta["files"] == ["unet.ort.onnx", "unet.ort.onnx.data"]
@@ -108,7 +108,7 @@ def test_engine_is_not_built_from_a_changed_onnx_file(dense, tmp_path):
     copy.write_bytes(path.read_bytes() + b"\0")
     sidecar_path(copy).write_text(sidecar_path(path).read_text())
     with pytest.raises(SlimDiffError, match="does not match its sidecar"):
-        build_engine("ort", unet_component(unet), tmp_path, axes={}, profiles=[], dtype=torch.float32,
+        build_engine("ort", denoiser_component(unet), tmp_path, axes={}, profiles=[], dtype=torch.float32,
                      device="cpu", onnx_path=copy)
     assert not (tmp_path / "unet.ort.onnx").exists()
 
@@ -116,7 +116,7 @@ def test_engine_is_not_built_from_a_changed_onnx_file(dense, tmp_path):
 def test_engine_kind_must_be_known(dense, tmp_path):
     path, sidecar, unet = dense
     with pytest.raises(SlimDiffError, match="unknown engine 'tvm'"):
-        build_engine("tvm", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=[], dtype=torch.float32,
+        build_engine("tvm", denoiser_component(unet), tmp_path, axes=sidecar["axes"], profiles=[], dtype=torch.float32,
                      device="cpu", onnx_path=path)
 
 
@@ -131,7 +131,7 @@ def test_aoti_engine_compiles_and_matches_eager(tmp_path):
     UNet whose engine also takes ``text_embeds`` and ``time_ids`` (tiny-xl's blocks at two levels: the compile
     time follows the graph's size)."""
     unet, plan = slim_tiny_unet(seed=4, config=TWO_LEVEL_XL_UNET)
-    component = unet_component(unet)
+    component = denoiser_component(unet)
     conditions = [spec.name for spec in component.inputs[3:]]
     assert conditions == ["text_embeds", "time_ids"]
     profiles = tiny_profiles()
@@ -247,7 +247,7 @@ def test_trt_engine_metadata_contents_and_mismatch_on_load(slim, tmp_path, monke
 
     monkeypatch.setattr(trtmod, "build_trt_engine", fake_build)
     monkeypatch.setattr(trtmod.TrtBackend, "polygraphy_runner", lambda self, meta, folder: None)  # needs a GPU
-    meta = build_engine("trt", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+    meta = build_engine("trt", denoiser_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
                         dtype=torch.float16, device="cuda", onnx_path=path,
                         extra={"unet_config": dict(unet.config), "rank_plan": json.loads(plan.to_json())},
                         options={"opt_level": 4})
@@ -290,7 +290,7 @@ def test_trt_fp16_engine_builds_and_matches(tmp_path):
     unet, _ = slim_tiny_unet(seed=5)
     align_head_widths(unet)
     unet = unet.cuda()
-    component = unet_component(unet)
+    component = denoiser_component(unet)
     sidecar = export_onnx(component, tiny_profiles(), tmp_path / "unet.onnx", dtype=torch.float16)
     build_engine("trt", component, tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"], dtype=torch.float16,
                  device="cuda", onnx_path=tmp_path / "unet.onnx",
@@ -347,7 +347,7 @@ def test_a_new_backend_is_one_class(dense, tmp_path, monkeypatch):
             return OrtRunner(meta, folder, device)
 
     path, sidecar, unet = dense
-    meta = build_engine("plain-onnx", unet_component(unet), tmp_path, axes=sidecar["axes"],
+    meta = build_engine("plain-onnx", denoiser_component(unet), tmp_path, axes=sidecar["axes"],
                         profiles=sidecar["profiles"], dtype=torch.float32, device="cpu", onnx_path=path,
                         extra={"unet_config": dict(unet.config)})
     assert meta["file"] == "unet.plain.onnx" and meta["runtime"] == {"copied_from": "unet.onnx"}
@@ -358,7 +358,7 @@ def test_a_new_backend_is_one_class(dense, tmp_path, monkeypatch):
 
 def test_unknown_engine_kind_in_metadata_names_the_known_ones(dense, tmp_path):
     path, sidecar, unet = dense
-    build_engine("ort", unet_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
+    build_engine("ort", denoiser_component(unet), tmp_path, axes=sidecar["axes"], profiles=sidecar["profiles"],
                  dtype=torch.float32, device="cpu", onnx_path=path)
     meta = json.loads(engine_meta_path(tmp_path).read_text())
     engine_meta_path(tmp_path).write_text(json.dumps({**meta, "engine": "tvm"}))

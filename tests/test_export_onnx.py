@@ -16,7 +16,7 @@ from slimdiff.export.align import align_head_widths, planned_head_widths
 from slimdiff.export.modules import (
     count_attention,
     text_encoder_component,
-    unet_component,
+    denoiser_component,
     vae_decoder_component,
 )
 from slimdiff.export.onnx import check_parity, export_onnx, load_sidecar, sidecar_path
@@ -100,7 +100,7 @@ def test_sidecar_records_ranges_hash_and_parity(dense):
 def test_opset18_fallback_decomposes_attention_and_matches(tmp_path):
     unet, _ = slim_tiny_unet(seed=1, config=TWO_LEVEL_UNET)
     path = tmp_path / "unet.onnx"
-    sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, opset=18)
+    sidecar = export_onnx(denoiser_component(unet), tiny_profiles(), path, opset=18)
     ops = [n.op_type for n in _ops(path)]
     assert "Attention" not in ops and "GroupNormalization" not in ops
     # MatMul-Softmax-MatMul per attention (4 transformer blocks x self + cross), what TensorRT's MHA fusion finds
@@ -113,7 +113,7 @@ def test_opset18_fallback_decomposes_attention_and_matches(tmp_path):
 def test_fp16_export_reports_its_error(tmp_path):
     unet = seeded_unet(TWO_LEVEL_UNET)
     path = tmp_path / "unet.onnx"
-    sidecar = export_onnx(unet_component(unet), tiny_profiles(), path, dtype=torch.float16)
+    sidecar = export_onnx(denoiser_component(unet), tiny_profiles(), path, dtype=torch.float16)
     assert sidecar["dtype"] == "float16"
     assert [i["dtype"] for i in sidecar["inputs"]] == ["float16", "float32", "float16"]
     parity = sidecar["parity"]
@@ -137,7 +137,7 @@ def test_parity_check_catches_a_wrong_graph(dense, slim):
     path, sidecar, _ = dense
     _, _, slim_unet = slim
     with pytest.raises(SlimDiffError, match="differs from PyTorch"):
-        check_parity(path, unet_component(slim_unet), sidecar["axes"], torch.float32)
+        check_parity(path, denoiser_component(slim_unet), sidecar["axes"], torch.float32)
 
 
 def test_missing_changed_and_corrupt_onnx_files(dense, tmp_path):
@@ -151,7 +151,7 @@ def test_missing_changed_and_corrupt_onnx_files(dense, tmp_path):
     with pytest.raises(SlimDiffError, match="does not match its sidecar"):
         load_sidecar(copy)
     with pytest.raises(SlimDiffError, match="cannot load"):
-        check_parity(copy, unet_component(unet), {"batch": {"min": 1, "opt": 1, "max": 1}}, torch.float32)
+        check_parity(copy, denoiser_component(unet), {"batch": {"min": 1, "opt": 1, "max": 1}}, torch.float32)
     sidecar_path(copy).write_text("{not json")
     with pytest.raises(SlimDiffError, match="corrupt"):
         load_sidecar(copy)
@@ -159,7 +159,7 @@ def test_missing_changed_and_corrupt_onnx_files(dense, tmp_path):
 
 def test_unsupported_opset_is_refused_before_export(tmp_path):
     with pytest.raises(SlimDiffError, match="opset 17"):
-        export_onnx(unet_component(load_unet("builtin:tiny")), tiny_profiles(), tmp_path / "u.onnx", opset=17)
+        export_onnx(denoiser_component(load_unet("builtin:tiny")), tiny_profiles(), tmp_path / "u.onnx", opset=17)
     assert not list(tmp_path.iterdir())
 
 

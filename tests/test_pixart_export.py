@@ -18,7 +18,7 @@ from slimdiff.engines.trt import optimization_profiles
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.modules import denoiser_component
 from slimdiff.export.shapes import parse_profiles
-from slimdiff.families import check_engines, check_measures
+from slimdiff.families import check_measures
 from slimdiff.models import build_builtin, load_pipeline
 from slimdiff.runtime import EnginePixArtTransformer, use_engine
 
@@ -138,7 +138,6 @@ def test_a_size_range_bench_and_eval_refuse_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "--height" in err[0] and "one height" in err[0]
     assert not (tmp_path / "o").exists()
     pipe = build_builtin("builtin:tiny-pixart")
-    check_engines(pipe, "slimdiff-export")  # export and engines serve PixArt
     for command in ("slimdiff bench", "slimdiff eval"):
         with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on PixArtSigmaPipeline"):
             check_measures(pipe, command)

@@ -10,7 +10,7 @@ from export_support import cached_export
 
 from slimdiff.engines import build_engine
 from slimdiff.errors import SlimDiffError
-from slimdiff.export.modules import unet_component
+from slimdiff.export.modules import denoiser_component
 from slimdiff.models import load_pipeline
 from slimdiff.runtime import EngineUNet, use_engine
 
@@ -20,7 +20,7 @@ def dense_engine(tmp_path_factory):
     """An ONNX Runtime engine of builtin:tiny's dense UNet, and the UNet itself."""
     path, sidecar, unet = cached_export(tmp_path_factory, "dense")
     folder = tmp_path_factory.mktemp("dense_ort")
-    build_engine("ort", unet_component(unet), folder, axes=sidecar["axes"], profiles=sidecar["profiles"],
+    build_engine("ort", denoiser_component(unet), folder, axes=sidecar["axes"], profiles=sidecar["profiles"],
                  dtype=torch.float32, device="cpu", onnx_path=path,
                  extra={"unet_config": dict(unet.config), "variant": "dense"})
     return folder, unet

@@ -15,7 +15,7 @@ from slimdiff.bench.plans import transformer_mac_plan
 from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.errors import SlimDiffError
 from slimdiff.engines import build_engine
-from slimdiff.export.modules import unet_component
+from slimdiff.export.modules import denoiser_component
 from slimdiff.export.onnx import export_onnx
 from slimdiff.export.shapes import parse_profiles
 from slimdiff.engines.trt import optimization_profiles
@@ -102,7 +102,7 @@ def test_onnx_export_takes_text_embeds_and_time_ids_and_the_engine_drives_the_xl
     pipe = type(pipe)(**{**pipe.components, "unet": seeded_unet(TWO_LEVEL_XL_UNET)})
     pipe.set_progress_bar_config(disable=True)
     profiles = parse_profiles("1:2:4", "16:32:48", "16:32:48", "77", vae_scale=2, multiple=8)
-    component = unet_component(pipe.unet)
+    component = denoiser_component(pipe.unet)
     sidecar = export_onnx(component, profiles, tmp_path / "unet.onnx")
     inputs = {i["name"]: i["dims"] for i in sidecar["inputs"]}
     assert inputs["text_embeds"] == ["batch", 32] and inputs["time_ids"] == ["batch", 6]
@@ -138,9 +138,9 @@ def test_unsupported_conditions_are_refused_in_one_line():
     from slimdiff.configs import TINY_UNET
 
     with pytest.raises(SlimDiffError, match="time_cond_proj_dim"):  # LCM's guidance embedding
-        unet_component(UNet2DConditionModel(**TINY_UNET, time_cond_proj_dim=32))
+        denoiser_component(UNet2DConditionModel(**TINY_UNET, time_cond_proj_dim=32))
     with pytest.raises(SlimDiffError, match="class_embed_type"):
-        unet_component(UNet2DConditionModel(**TINY_UNET, class_embed_type="timestep"))
+        denoiser_component(UNet2DConditionModel(**TINY_UNET, class_embed_type="timestep"))
     with pytest.raises(SlimDiffError, match="addition_embed_type='text'"):
         family_for(UNet2DConditionModel(**TINY_UNET, addition_embed_type="text", encoder_hid_dim=64))
 

@@ -107,20 +107,17 @@ def _device(args) -> str:
 
 def _load_model(source: str, config: str | None = None, variant: str | None = None):
     """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``."""
-    from ..families import check_engines, family_for
+    from ..families import family_for
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
     if is_slim_folder(source):
-        slim = load_slim(source)
-        check_engines(slim, "slimdiff-export")
-        return None, None, slim, load_plan(source)
+        return None, None, load_slim(source), load_plan(source)
     try:
         pipe = load_pipeline(source, config=config, variant=variant)
     except SlimDiffError as exc:
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
-    check_engines(pipe, "slimdiff-export")
     return pipe, family_for(pipe).denoiser(pipe), None, None
 
 

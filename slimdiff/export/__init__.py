@@ -1,4 +1,4 @@
-"""Export dense and slim UNets (plus text encoder and VAE decoder) to ONNX, the input of engine builds.
+"""Export dense and slim denoisers (UNets, DiTs; plus text encoder and VAE decoder) to ONNX, the input of engine builds.
 
 * :mod:`.onnx` — opset-23 fused graphs (opset-18 fallback), dynamic shapes, sidecar JSON, parity check.
 * :mod:`.align` — zero-padding head widths to multiples of 8 for fused-attention kernels.
@@ -14,7 +14,7 @@ from ..lazy import lazy_attributes
 # Imported lazily: `slimdiff-export --help` imports this package and must not pull in torch's
 # exporter, onnx or diffusers to list its flags.
 _EXPORTS = {
-    "align_head_widths": "align", "text_encoder_component": "modules", "unet_component": "modules",
+    "align_head_widths": "align", "text_encoder_component": "modules", "denoiser_component": "modules",
     "vae_decoder_component": "modules", "DEFAULT_OPSET": "onnx", "FALLBACK_OPSET": "onnx", "export_onnx": "onnx",
     "load_sidecar": "onnx", "Profile": "shapes", "Range": "shapes", "parse_profiles": "shapes",
 }

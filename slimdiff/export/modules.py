@@ -99,9 +99,6 @@ def denoiser_component(denoiser: nn.Module) -> Component:
                      attention_modules=count_attention(denoiser))
 
 
-# The name the first exporters knew (UNets only); kept for callers of that API.
-unet_component = denoiser_component
-
 
 def text_encoder_component(text_encoder) -> Component:
     cfg = text_encoder.config

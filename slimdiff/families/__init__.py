@@ -70,16 +70,6 @@ def family_for(obj: Any) -> DenoiserFamily:
     return family
 
 
-def check_engines(obj: Any, command: str) -> None:
-    """Refuse, in one line, a pipeline or denoiser whose family the export / engine paths do not serve yet (before
-    anything is calibrated or built)."""
-    family = family_for(obj)
-    if not family.engines:
-        raise SlimDiffError(f"{command} works on UNet pipelines (SD-1.x/2.x, SDXL) and PixArt so far, not on "
-                            f"{_describe(obj)} (family {family.name!r}): slim it with `slimdiff slim` and run the slim "
-                            "model in diffusers")
-
-
 def check_measures(obj: Any, command: str) -> None:
     """Refuse, in one line, a pipeline or denoiser whose family ``slimdiff bench`` / ``slimdiff eval`` do not serve
     yet (before anything is calibrated or built)."""
@@ -140,5 +130,5 @@ __all__ = [
     "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter", "ConditionInput", "DenoiserFamily", "ExportInput", "KEEP_MASK", "NORMAL", "TIMESTEP", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
-    "check_engines", "check_measures", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
+    "check_measures", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

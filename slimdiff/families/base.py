@@ -543,10 +543,6 @@ class DenoiserFamily(ABC):
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
 
-    #: Whether ``slimdiff-export`` and the engine runtime (``use_engine``) serve this family: the denoiser's call as
-    #: :meth:`export_inputs` / :meth:`export_call` declare it.
-    engines: bool = True
-
     #: Whether ``slimdiff bench`` and ``slimdiff eval`` serve this family: they drive the denoiser through the UNet
     #: call (``sample``, ``timestep``, ``encoder_hidden_states``) and so far serve UNets.
     measures: bool = True
