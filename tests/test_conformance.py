@@ -206,6 +206,7 @@ class FamilyConformance:
         with pytest.raises(ValueError, match=rf"slimmed by slimdiff; load it with slimdiff\.{slim_class.__name__}"):
             slim_class.dense_class.from_pretrained(tmp_path / "slim")
 
+    @pytest.mark.slow
     def test_export_parity(self, calibrated, slimmed, tmp_path):
         from slimdiff.export.modules import denoiser_component
         from slimdiff.export.onnx import FP32_TOLERANCE, export_onnx

@@ -61,6 +61,7 @@ def _assert_identical(got: Statistics, want: Statistics) -> None:
         assert torch.equal(got.timestep_weights[key], value), key
 
 
+@pytest.mark.slow
 def test_torchrun_calibrate_matches_one_process(tmp_path):
     prompts = read_prompts(limit=5)
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
@@ -74,6 +75,7 @@ def test_torchrun_calibrate_matches_one_process(tmp_path):
     _assert_identical(Statistics.load(tmp_path / "stats"), _single_process(prompts, config))
 
 
+@pytest.mark.slow
 def test_killed_rank_resumes_to_identical_statistics(tmp_path):
     from distributed_worker import CONFIG
 

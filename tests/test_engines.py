@@ -79,6 +79,7 @@ def test_corrupt_and_missing_engine_files(dense, tmp_path):
         EngineUNet.from_folder(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_external_data_path_exports_builds_and_runs(tmp_path, monkeypatch):
     """The >2 GB path (weights in unet.onnx.data, ORT's optimized weights in unet.ort.onnx.data), forced on the
     two-level tiny model by lowering the threshold; builtin:sd15-shape exercises it for real in the benchmark

@@ -88,6 +88,7 @@ def test_bench_times_the_exported_models_and_engines_without_rebuilding(tiny_exp
         run_bench(BenchConfig(model=str(out), budgets=[0.0, 0.4], device="cpu"), log=lambda msg: None)
 
 
+@pytest.mark.slow
 def test_slim_folder_gives_slim_engine_and_force_replaces_output(tmp_path, capsys):
     unet, plan = slim_tiny_unet(seed=6, config=TWO_LEVEL_UNET)  # two levels: the export's time follows the graph
     save_slim(unet, plan, tmp_path / "slim-unet")

@@ -97,6 +97,7 @@ def test_sidecar_records_ranges_hash_and_parity(dense):
     assert sidecar["external_data"] is False and sidecar["files"] == ["unet.onnx"]
 
 
+@pytest.mark.slow
 def test_opset18_fallback_decomposes_attention_and_matches(tmp_path):
     unet, _ = slim_tiny_unet(seed=1, config=TWO_LEVEL_UNET)
     path = tmp_path / "unet.onnx"
@@ -110,6 +111,7 @@ def test_opset18_fallback_decomposes_attention_and_matches(tmp_path):
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.slow
 def test_fp16_export_reports_its_error(tmp_path):
     unet = seeded_unet(TWO_LEVEL_UNET)
     path = tmp_path / "unet.onnx"

@@ -77,6 +77,7 @@ def _run(args, seed, check=True):
     return result
 
 
+@pytest.mark.slow
 def test_calibrate_resume_slim_in_separate_processes(sparse_config_pipeline, tmp_path):
     # A pipeline folder whose UNet config is sparse: the case where diffusers' bookkeeping keys (their order
     # changes per process) once broke the fingerprint. The same three processes on builtin:tiny repeated this

@@ -20,6 +20,7 @@ def _suite_module():
     return module
 
 
+@pytest.mark.slow
 def test_dry_run_writes_a_complete_report(tmp_path):
     out = tmp_path / "suite"
     # Eager stands in for the CUDA engines; phase 4 (compile + AOTInductor builds: minutes on a CPU) is left out

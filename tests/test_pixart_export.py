@@ -64,6 +64,7 @@ def test_the_family_declares_the_transformer_call():
         assert not torch.allclose(component.module(x, t, text, torch.ones_like(keep)), ref, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_export_builds_verified_dense_and_slim_transformer_engines(exported):
     out, stdout = exported
     report = json.loads((out / "export.json").read_text())

@@ -95,6 +95,7 @@ def test_calibration_runs_the_xl_loop_and_slims_with_slimset_on_both_towers():
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
+@pytest.mark.slow
 def test_onnx_export_takes_text_embeds_and_time_ids_and_the_engine_drives_the_xl_pipeline(tmp_path):
     # tiny-xl's UNet at two levels (the export's time follows the graph): the whole tiny-xl UNet is exported in
     # test_conformance.py (TestSDXLPipeline) and drives this pipeline as an engine in test_sdxl_cli.py.

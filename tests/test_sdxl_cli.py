@@ -51,6 +51,7 @@ def test_slim_on_builtin_tiny_xl(tmp_path):
         "builtin:tiny-xl"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ort"])  # an SDXL AOTInductor engine: tests/test_engines.py (one compile)
 def test_export_and_use_engine_in_the_sdxl_pipeline(slim_xl, tmp_path, engine):
     folder, slim = slim_xl
