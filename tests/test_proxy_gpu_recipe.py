@@ -126,13 +126,12 @@ def test_budgeted_training_runs_within_its_deadline(tmp_path):
         t0 = time.time()
         summary = ptrain.train_budgeted(cfg, tmp_path / "proxy", device="cpu", deadline=t0 + 14, reserve=2.0,
                                         vae_seconds=1.5, processes=2, log=ptrain._Log(quiet=True))
-        # Training stops `reserve` seconds before the deadline; saving then takes about a second. The slack
-        # only absorbs a loaded machine (CI shares its cores): a budget that ignored the deadline would train
-        # for the 10,000 steps asked for, minutes.
-        assert time.time() - t0 < 14 + 15
         assert summary["n_scenes"] == 2100 and summary["n_train_latents"] > 2100
+        # The deadline, not the 10,000 steps asked for, sets how long the UNet trains: the plan fits the time
+        # left and the loop stops at the deadline if the plan was too hopeful. (Checked on the steps, not on the
+        # wall clock: CI shares its two cores, so a time bound here would test the machine's load.)
         unet = summary["unet"]
-        assert unet["steps_done"] >= 1
+        assert 1 <= unet["steps_done"] < cfg.unet_steps
         assert unet["steps_done"] == unet["steps_planned"] or unet["stopped"]
         assert set(summary["stage_seconds"]) >= {"render", "vae", "encode", "unet", "save"}
         pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "proxy"))
