@@ -78,6 +78,16 @@ def _squeeze_dim(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.reshape([size for i, size in enumerate(x.shape) if i != dim % x.ndim or size != 1])
 
 
+def _squeezes_a_wide_axis(exported) -> bool:
+    """Whether the program squeezes an axis that is not of size 1 (what :func:`_squeeze_dim` must rewrite)."""
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.squeeze.dim:
+            shape = node.args[0].meta["val"].shape
+            if shape[node.args[1]] != 1:
+                return True
+    return False
+
+
 def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *, opset: int = DEFAULT_OPSET,
                 dtype: torch.dtype = torch.float32, multiples: dict[str, int] | None = None,
                 parity_device: str = "cpu", extra: dict | None = None) -> dict:
@@ -114,7 +124,8 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
     try:
         dynamic_shapes = torch_dynamic_shapes(component, axes)
         exported = torch.export.export(module, tuple(example), dynamic_shapes=dynamic_shapes)
-        exported = exported.run_decompositions({torch.ops.aten.squeeze.dim: _squeeze_dim})
+        if _squeezes_a_wide_axis(exported):  # re-tracing costs as much as the export: only where needed
+            exported = exported.run_decompositions({torch.ops.aten.squeeze.dim: _squeeze_dim})
         with warnings.catch_warnings():
             # dynamic_shapes here only name the graph's axes after ours; inputs sharing an axis share its name,
             # which the exporter remarks on once per input
