@@ -67,7 +67,7 @@ from .configs import (
 from .errors import SlimDiffError
 
 # The map of compressible modules moved to the block adapters; these names stay importable from here.
-from .families import FFN, QK, VO, ModuleSite, module_sites  # noqa: F401
+from .families import FFN, QK, VO, ModuleSite, family_for, module_sites  # noqa: F401
 from .tokenization import builtin_tokenizer
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
@@ -200,7 +200,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     A slim denoiser folder loads the pipeline it was slimmed from (recorded in its plan) with the slim denoiser
     in it (``pipe.unet``, or ``pipe.transformer`` for PixArt).
     """
-    from .serialization import denoiser_attribute, is_slim_folder, load_plan, load_slim
+    from .serialization import is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
         info = load_plan(source).info
@@ -208,7 +208,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
         if not base:
             raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
         pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"))
-        setattr(pipe, denoiser_attribute(pipe), load_slim(source, dtype=dtype))
+        setattr(pipe, family_for(pipe).component, load_slim(source, dtype=dtype))
         return pipe
     if source == "builtin:proxy":
         folder = ASSETS / "proxy"

@@ -91,14 +91,6 @@ def _slim_model(model: torch.nn.Module, plan: RankPlan):
     return slim_cls.from_slim(model, plan)
 
 
-def denoiser_attribute(pipe) -> str:
-    """The name of the pipeline component that holds its denoiser (``unet``; ``transformer`` for DiTs)."""
-    from .families import family_for
-
-    denoiser = family_for(pipe).denoiser(pipe)
-    return next(name for name, component in pipe.components.items() if component is denoiser)
-
-
 def save_slim(model: torch.nn.Module, plan: RankPlan, out: str | os.PathLike, overwrite: bool = False,
               extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` (a denoiser already slimmed to ``plan``) to ``out`` as a folder of its slim class
@@ -117,7 +109,9 @@ def save_slim_pipeline(pipe, plan: RankPlan, out: str | os.PathLike, overwrite: 
     slim class: ``DiffusionPipeline.from_pretrained(out)`` loads it in any program that has imported the class
     (``from slimdiff import SlimPixArtTransformer2DModel``: importing any slim class imports them all). ``pipe``'s
     denoiser is left as it was."""
-    name = denoiser_attribute(pipe)
+    from .families import family_for
+
+    name = family_for(pipe).component
     model = getattr(pipe, name)
     slim = _slim_model(model, plan)
     try:

@@ -31,7 +31,7 @@ from slimdiff.decompose import (
 from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
 from slimdiff.models import _seeded
 from slimdiff.rebuild import load_slim_weights
-from slimdiff.serialization import denoiser_attribute, load_slim, save_slim, save_slim_pipeline
+from slimdiff.serialization import load_slim, save_slim, save_slim_pipeline
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
 from slimdiff.slim_models import slim_class_for
 from slimdiff.tokenization import builtin_tokenizer
@@ -229,7 +229,7 @@ class FamilyConformance:
 
         pipe, _ = calibrated
         unet, report = slimmed
-        component = denoiser_attribute(pipe)
+        component = family_for(pipe).component
         slim_pipe = type(pipe)(**{**pipe.components, component: unet})
         slim_pipe.set_progress_bar_config(disable=True)
         save_slim_pipeline(slim_pipe, report.plan, tmp_path / "pipe")

@@ -530,9 +530,13 @@ class DenoiserFamily(ABC):
         """Whether this family serves ``obj`` (a pipeline or a denoiser of a registered class)."""
         return True
 
+    #: The pipeline attribute holding the denoiser; also the name of its exported graph and engine files
+    #: (``unet.onnx``, ``transformer.engine.json``).
+    component: str = "unet"
+
     def denoiser(self, pipe: Any) -> nn.Module:
         """The denoiser of ``pipe`` (``pipe.unet`` for UNet pipelines, ``pipe.transformer`` for DiTs)."""
-        return pipe.unet
+        return getattr(pipe, self.component)
 
     @abstractmethod
     def build(self, config: dict) -> nn.Module:
@@ -574,16 +578,18 @@ class DenoiserFamily(ABC):
     def text_towers(self, pipe: Any) -> list[TextTower]:
         """The pipeline's text encoders with their tokenizers, in the pipeline's order."""
 
+    def condition_zeros(self, config: Any, batch: int, device: str | torch.device, dtype: torch.dtype) -> dict:
+        """Zeros for :meth:`condition_inputs` (the ``added_cond_kwargs`` of a dummy call)."""
+        return {c.name: torch.zeros(tuple(batch if d == "batch" else d for d in c.dims), device=device,
+                                    dtype=dtype if c.dtype == MODEL_DTYPE else getattr(torch, c.dtype))
+                for c in self.condition_inputs(config)}
+
     def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
         """The extra conditioning inputs of the denoiser call (SDXL: ``text_embeds``, ``time_ids``), in the
         order exported graphs take them after (sample, timestep, encoder_hidden_states)."""
         return ()
 
     # -- export: the denoiser as a component with fixed positional inputs ---------------------------------
-
-    #: The pipeline attribute holding the denoiser; also the name of its exported graph and engine files
-    #: (``unet.onnx``, ``transformer.engine.json``).
-    component: str = "unet"
 
     #: Axes an exported denoiser keeps at one size (each engine is built for one value of them).
     static_axes: tuple[str, ...] = ()

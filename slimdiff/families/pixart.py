@@ -24,7 +24,7 @@ from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransforme
 from torch import nn
 
 from .base import FAMILIES, KEEP_MASK, MODEL_DTYPE, TIMESTEP, ConditionInput, DenoiserFamily, ExportInput, TextTower
-from .sd import guidance
+from .sd import guidance, seeded_latents
 
 #: PixArt-α's pipeline pads its prompts to this many tokens (PixArt-Σ's: :attr:`PixArtFamily.text_tokens`).
 ALPHA_TEXT_TOKENS = 120
@@ -47,9 +47,6 @@ class PixArtFamily(DenoiserFamily):
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None
 
-    def denoiser(self, pipe: Any) -> nn.Module:
-        return pipe.transformer
-
     def build(self, config: dict) -> nn.Module:
         return PixArtTransformer2DModel.from_config(dict(config))
 
@@ -69,8 +66,7 @@ class PixArtFamily(DenoiserFamily):
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         h, w = latent
         text_tokens = text_tokens or self.text_tokens
-        extra = {c.name: torch.zeros(tuple(batch if d == "batch" else d for d in c.dims), device=device, dtype=dtype)
-                 for c in self.condition_inputs(config)}
+        extra = self.condition_zeros(config, batch, device, dtype)
         return {"hidden_states": torch.zeros(batch, config["in_channels"], h, w, device=device, dtype=dtype),
                 "timestep": torch.zeros(batch, device=device, dtype=torch.long),
                 "encoder_hidden_states": torch.zeros(batch, text_tokens, config["caption_channels"], device=device,
@@ -115,18 +111,11 @@ class PixArtFamily(DenoiserFamily):
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            transformer = pipe.transformer
-            device = transformer.device
             scale = pipe.vae_scale_factor
-            h = (config.height or transformer.config.sample_size * scale) // scale
-            w = (config.width or transformer.config.sample_size * scale) // scale
-            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-            # Latents drawn on the CPU per prompt, as in the SD loop: a prompt's trajectory does not depend on
-            # batching or device.
-            latents = torch.cat([torch.randn((1, transformer.config.in_channels, h, w), generator=g) for g in gens])
-            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config),
-                 latents=latents.to(device=device, dtype=transformer.dtype), output_type="latent",
-                 height=h * scale, width=w * scale, use_resolution_binning=False, clean_caption=False)
+            latents = seeded_latents(pipe.transformer, scale, config, seeds)
+            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
+                 output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale,
+                 use_resolution_binning=False, clean_caption=False)
 
         return run
 

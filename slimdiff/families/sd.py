@@ -17,6 +17,17 @@ def _unet_of(obj: Any):
     return obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
 
 
+def seeded_latents(denoiser: nn.Module, vae_scale: int, config: Any, seeds: Sequence[int]) -> torch.Tensor:
+    """Initial latents of a calibration batch at ``config``'s size (default: the denoiser's), one seeded CPU draw
+    per prompt, so a prompt's trajectory does not depend on batching or device; on the denoiser's device/dtype."""
+    cfg = denoiser.config
+    h = (config.height or cfg.sample_size * vae_scale) // vae_scale
+    w = (config.width or cfg.sample_size * vae_scale) // vae_scale
+    latents = torch.cat([torch.randn((1, cfg.in_channels, h, w), generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds])
+    return latents.to(device=denoiser.device, dtype=denoiser.dtype)
+
+
 def guidance(config: Any) -> dict:
     """The guidance argument of a pipeline call: the calibration's scale, or none (the pipeline's own default)."""
     return {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
@@ -72,16 +83,10 @@ class StableDiffusionFamily(DenoiserFamily):
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            device = pipe.unet.device
-            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-            # Latents drawn on the CPU per prompt make a prompt's trajectory independent of batching and device.
-            unet_cfg = pipe.unet.config
-            h = (config.height or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-            w = (config.width or unet_cfg.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-            latents = torch.cat([torch.randn((1, unet_cfg.in_channels, h, w), generator=g) for g in gens])
-            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config),
-                 latents=latents.to(device=device, dtype=pipe.unet.dtype), output_type="latent",
-                 height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
+            scale = pipe.vae_scale_factor
+            latents = seeded_latents(pipe.unet, scale, config, seeds)
+            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
+                 output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale)
 
         return run
 

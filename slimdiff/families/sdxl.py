@@ -46,10 +46,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
         call = super().dummy_call(config, batch, latent, text_tokens, device=device, dtype=dtype)
-        call["added_cond_kwargs"] = {
-            c.name: torch.zeros(tuple(batch if d == "batch" else d for d in c.dims), device=device,
-                                dtype=dtype if c.dtype == MODEL_DTYPE else getattr(torch, c.dtype))
-            for c in self.condition_inputs(config)}
+        call["added_cond_kwargs"] = self.condition_zeros(config, batch, device, dtype)
         return call
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
