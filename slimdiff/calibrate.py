@@ -201,6 +201,7 @@ class _Collector:
         def hook(_m, args):
             h = args[0]
             n = _tokens(h)
+            self.seq[seq_key(path)] = h.shape[-2]
             self.acc.add(FFNStatistics.key(path, "h_energy"), _energy(h), self.t)
             self.acc.add(FFNStatistics.key(path, "hout_energy"),
                          _energy(torch.nn.functional.linear(h, down.weight)), self.t)
@@ -277,18 +278,20 @@ class _Collector:
         return hook
 
     def _residual_pre(self, path: str):
+        # a sub-layer updating several streams (a joint attention) sums over all of them
         def hook(_m, args):
             self.acc.add(ResidualEnergies.key(path, "res_energy"), _energy(args[0]), self.t)
             self.acc.add(ResidualEnergies.key(path, "res_tokens"), torch.tensor(float(_tokens(args[0]))), self.t)
 
         return hook
 
-    def _update_post(self, path: str, gated: bool):
+    def _update_post(self, path: str, streams: int, gated: bool):
         def hook(_m, _args, out):
-            out = out[0] if isinstance(out, tuple) else out
+            outs = out[:streams] if isinstance(out, tuple) else (out,)
             if gated:  # what the block adds to the residual stream is the gated output
-                out = out * self.gates.pop(path)
-            self.acc.add(ResidualEnergies.key(path, "upd_energy"), _energy(out), self.t)
+                gates = self.gates.pop(path)
+                outs = [o * g for o, g in zip(outs, gates if isinstance(gates, tuple) else (gates,), strict=True)]
+            self.acc.add(ResidualEnergies.key(path, "upd_energy"), sum(_energy(o) for o in outs), self.t)
 
         return hook
 
@@ -312,10 +315,12 @@ class _Collector:
                     handles.append(tap.hidden.register_forward_pre_hook(self._ffn_hidden_pre(sub, tap.hidden)))
                 if tap.kind == ATTENTION:
                     handles.append(tap.attention.register_forward_pre_hook(self._attn_pre(sub, tap), with_kwargs=True))
-                    handles.append(tap.head_output.register_forward_pre_hook(self._attn_out_pre(sub, tap.heads)))
+                    handles.extend(out.register_forward_pre_hook(self._attn_out_pre(sub, tap.heads))
+                                   for out in tap.head_outputs)
                 if self.mode == "pass2":  # the propagation factor of the module scores
-                    handles.append(tap.residual.register_forward_pre_hook(self._residual_pre(sub)))
-                    handles.append(tap.update.register_forward_hook(self._update_post(sub, tap.gate is not None)))
+                    handles.extend(res.register_forward_pre_hook(self._residual_pre(sub)) for res in tap.residuals)
+                    handles.append(tap.update.register_forward_hook(
+                        self._update_post(sub, tap.update_streams, tap.gate is not None)))
         try:
             yield self
         finally:

@@ -20,6 +20,7 @@ from .calibrate import Statistics, site_trq, weight64
 from .checks import check_budget_range
 from .errors import SlimDiffError
 from .families import FFN, QK, FFNLinears, ModuleSite, QKLinears, VOLinears, module_sites, site_adapter, site_linears
+from .families.base import seq_key
 from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes, load_slim_weights
@@ -172,8 +173,9 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
     site = analysis.site
     lin = site_linears(unet, site)
 
-    def name(role: str, tensor: str) -> str:  # state-dict name of a parameter of one of the site's Linears
-        return f"{site.block}.{lin.names[role]}.{tensor}"
+    def parameters(role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        # the state-dict entries of the Linear(s) playing ``role`` (a joint attention's roles span its streams)
+        return {f"{site.block}.{k}": v for k, v in lin.parameters_at(role, weight, bias).items()}
 
     if isinstance(lin, FFNLinears):
         res = decompose.ffn_decompose(
@@ -181,20 +183,15 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
             gated=lin.gated, ridge=config.ridge_ffn, selector=config.ffn_selector,
             correct_down=config.ffn_correction, generator=torch.Generator().manual_seed(config.seed),
         )
-        tensors = {name("proj", "weight"): res.proj_weight, name("down", "weight"): res.down_weight}
-        if res.proj_bias is not None:
-            tensors[name("proj", "bias")] = res.proj_bias
-        if lin.down.bias is not None:
-            tensors[name("down", "bias")] = _b(lin.down)
+        tensors = {**parameters("proj", res.proj_weight, res.proj_bias),
+                   **parameters("down", res.down_weight, _b(lin.down))}
         return SiteResult(tensors, float(res.relative_error), res.error_curve)
     if isinstance(lin, QKLinears):
         res = decompose.qk_decompose(weight64(lin.q), weight64(lin.k), analysis.inputs["sigma_x"],
                                      analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
                                      selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k),
                                      mean_x=analysis.inputs.get("mean_x"))
-        tensors = {name("q", "weight"): res.q_weight, name("k", "weight"): res.k_weight}
-        tensors.update({name(role, "bias"): bias for role, bias in (("q", res.q_bias), ("k", res.k_bias))
-                        if bias is not None})
+        tensors = {**parameters("q", res.q_weight, res.q_bias), **parameters("k", res.k_weight, res.k_bias)}
         return SiteResult(tensors, float(res.relative_error), res.error_curve)
     assert isinstance(lin, VOLinears)
     v, o = weight64(lin.v), weight64(lin.out)
@@ -206,11 +203,8 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
         gram = None
     res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(lin.v),
                                  o_bias=_b(lin.out))
-    tensors = {name("v", "weight"): res.v_weight, name("out", "weight"): res.o_weight}
-    if res.v_bias is not None:
-        tensors[name("v", "bias")] = res.v_bias
-    if lin.out.bias is not None:
-        tensors[name("out", "bias")] = _b(lin.out) if res.o_bias is None else res.o_bias
+    tensors = {**parameters("v", res.v_weight, res.v_bias),
+               **parameters("out", res.o_weight, _b(lin.out) if res.o_bias is None else res.o_bias)}
     return SiteResult(tensors, float(res.relative_error), res.error_curve)
 
 
@@ -225,8 +219,12 @@ def unit_macs(unet, site: ModuleSite, stats: Statistics) -> int:
     block, adapter = site_adapter(unet, site)
 
     def tokens(sublayer: str) -> tuple[int, int]:
-        attn = stats.attention(f"{site.block}.{sublayer}")
-        return attn.seq, attn.key_tokens
+        path = f"{site.block}.{sublayer}"
+        if seq_key(path) not in stats.tensors:
+            raise SlimDiffError(f"statistics have no token count of {path}: calibrate again with this slimdiff")
+        query = int(stats.tensors[seq_key(path)])
+        context = stats.tensors.get(seq_key(path, context=True))
+        return query, query if context is None else int(context)
 
     return adapter.unit_macs(block, site, tokens)
 

@@ -86,8 +86,8 @@ def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, in
         raise SlimDiffError(f"the fraction of transformer MACs to remove must be in (0, 1), got {fraction}")
     sites = module_sites(unet)
     geometry = site_geometry(unet, latent, text_len)
-    tokens = {f"{s.block}.{s.attn}": (geometry[s.name].tokens, geometry[s.name].context_tokens)
-              for s in sites if s.attn}
+    # (query, key/value) tokens per sample of every sub-layer (an FFN's: its tokens twice)
+    tokens = {s.sublayer_path: (geometry[s.name].tokens, geometry[s.name].context_tokens) for s in sites}
     items = []
     for s in sites:
         block, adapter = site_adapter(unet, s)

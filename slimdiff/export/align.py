@@ -4,9 +4,10 @@ Fused attention kernels (TensorRT's MHA, flash / memory-efficient SDPA) want hea
 of 8 and, for flash kernels, the same width for q·k and v. Zero padding keeps results exact:
 
 * extra zero columns in q and k add ``0·0`` to every logit, and the softmax scale stays the module's original
-  ``attn.scale`` (``SlimAttnProcessor`` passes it explicitly), so the attention weights are unchanged;
-* extra zero columns in v give zero output columns, and the matching zero input columns of ``to_out[0]``
-  drop them again.
+  ``attn.scale`` (``SlimAttnProcessor`` and ``SlimJointAttnProcessor`` pass it explicitly), so the attention
+  weights are unchanged (a joint attention's second stream, ``add_q_proj`` / ``add_k_proj``, is padded alike);
+* extra zero columns in v (and ``add_v_proj``) give zero output columns, and the matching zero input columns of
+  ``to_out[0]`` (and ``to_add_out``) drop them again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
+from ..families.mmdit import SlimJointAttnProcessor
 from ..rebuild import SlimAttnProcessor
 
 
@@ -82,14 +84,23 @@ def align_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = Tr
         attn = model.get_submodule(path)
         if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
             raise SlimDiffError(f"{path}: cannot pad an attention with group/spatial norm (VAE-style attention)")
-        if not isinstance(attn.processor, SlimAttnProcessor):
-            # The stock processors infer the softmax scale from the (padded) width; ours keeps attn.scale.
-            attn.set_processor(SlimAttnProcessor())
+        # a joint attention (MMDiT) projects its second stream with add_*_proj and outputs it through to_add_out
+        joint = getattr(attn, "add_q_proj", None) is not None
+        if new_qk != qk and (attn.norm_q is not None or getattr(attn, "norm_added_q", None) is not None):
+            raise SlimDiffError(f"{path}: cannot pad the query/key heads of an attention that normalises them "
+                                "(qk_norm): zero columns would change the norm")
+        processor = SlimJointAttnProcessor if joint else SlimAttnProcessor
+        if not isinstance(attn.processor, processor):
+            # The stock processors infer the softmax scale from the (padded) width; ours keep attn.scale.
+            attn.set_processor(processor())
         heads = attn.heads
         if new_qk != qk:
-            attn.to_q = _pad_rows(attn.to_q, heads, new_qk)
-            attn.to_k = _pad_rows(attn.to_k, heads, new_qk)
+            for name in ("to_q", "to_k") + (("add_q_proj", "add_k_proj") if joint else ()):
+                setattr(attn, name, _pad_rows(getattr(attn, name), heads, new_qk))
         if new_v != v:
-            attn.to_v = _pad_rows(attn.to_v, heads, new_v)
+            for name in ("to_v",) + (("add_v_proj",) if joint else ()):
+                setattr(attn, name, _pad_rows(getattr(attn, name), heads, new_v))
             attn.to_out[0] = _pad_columns(attn.to_out[0], heads, new_v)
+            if getattr(attn, "to_add_out", None) is not None:
+                attn.to_add_out = _pad_columns(attn.to_add_out, heads, new_v)
     return plan

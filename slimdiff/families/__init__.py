@@ -47,7 +47,7 @@ from .base import (
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".sd", ".sdxl", ".pixart")
+_BUILTIN = (".blocks", ".mmdit", ".sd", ".sdxl", ".pixart")
 _loaded = False
 
 

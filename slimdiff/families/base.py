@@ -75,6 +75,10 @@ class ModuleSite:
         return f"{self.block}.{self.sublayer}"
 
 
+def _parameters(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": weight, **({f"{name}.bias": bias} if bias is not None else {})}
+
+
 @dataclass(frozen=True)
 class FFNLinears:
     """The two Linears of an FFN site: ``proj`` (the up projection, content and gate rows stacked when
@@ -93,6 +97,10 @@ class FFNLinears:
         return {"proj": (self.proj.in_features, (2 if self.gated else 1) * rank),
                 "down": (rank, self.down.out_features)}
 
+    def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """State-dict entries (relative to the block) of the Linear playing ``role`` with a new weight and bias."""
+        return _parameters(self.names[role], weight, bias)
+
 
 @dataclass(frozen=True)
 class QKLinears:
@@ -108,6 +116,9 @@ class QKLinears:
     def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
         return {"q": (self.q.in_features, heads * rank), "k": (self.k.in_features, heads * rank)}
 
+    def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return _parameters(self.names[role], weight, bias)
+
 
 @dataclass(frozen=True)
 class VOLinears:
@@ -122,6 +133,146 @@ class VOLinears:
 
     def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
         return {"v": (self.v.in_features, heads * rank), "out": (heads * rank, self.out.out_features)}
+
+    def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return _parameters(self.names[role], weight, bias)
+
+
+# -- joint attention (MMDiT): one attention over the concatenated tokens of several streams -------------------
+#
+# Each stream projects its own tokens with its own Linears (SD3: the image stream's to_q/to_k/to_v, the text
+# stream's add_q_proj/add_k_proj/add_v_proj), and the attention runs over all tokens at once. Seen from the math,
+# that is one self-attention whose tokens live in the direct sum of the streams' input spaces, each stream's
+# part with a constant-1 coordinate appended: an image token is (x, 1, 0, 0), a text token (0, 0, y, 1). On that
+# space the per-stream projections *with their biases* are one bias-free Linear (:class:`StreamStack`), so the
+# closed forms of a plain bias-free self-attention apply unchanged — the biases included, which matters because
+# a key bias differs between the streams and no longer cancels in the softmax. The output projections are one
+# Linear whose rows are the streams' outputs stacked (:class:`OutputStack`).
+
+
+def joint_tokens(*streams: torch.Tensor) -> torch.Tensor:
+    """(batch, Σ tokens, Σ (channels + 1)): every stream's tokens in the direct sum of the streams' inputs, each
+    with its constant-1 coordinate (see above), in the order the joint attention concatenates them."""
+    widths = [s.shape[-1] + 1 for s in streams]
+    parts = []
+    for i, s in enumerate(streams):
+        before, after = sum(widths[:i]), sum(widths[i + 1:])
+        parts.append(torch.cat([s.new_zeros(*s.shape[:-1], before), s, s.new_ones(*s.shape[:-1], 1),
+                                s.new_zeros(*s.shape[:-1], after)], -1))
+    return torch.cat(parts, -2)
+
+
+@dataclass(frozen=True)
+class StreamStack:
+    """The Linears of one input role (query, key or value) of a joint attention, one per stream, as one bias-free
+    Linear on the direct sum of the streams' inputs with their constant-1 coordinates (:func:`joint_tokens`)."""
+
+    linears: tuple[nn.Linear, ...]
+    bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([torch.cat([lin.weight, _bias_column(lin)], 1) for lin in self.linears], 1)
+
+    @property
+    def in_features(self) -> int:
+        return sum(lin.in_features + 1 for lin in self.linears)
+
+    @property
+    def out_features(self) -> int:
+        return self.linears[0].out_features
+
+    def split(self, weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each stream's (weight, bias) from a weight on the direct sum (a stream without a bias must get a zero
+        bias column: its constant coordinate reaches nothing)."""
+        out, start = [], 0
+        for lin in self.linears:
+            w, b = weight[:, start:start + lin.in_features], weight[:, start + lin.in_features]
+            if lin.bias is None and b.abs().max() > 0:
+                raise SlimDiffError("a joint-attention stream without a bias was given one")
+            out.append((w.contiguous(), None if lin.bias is None else b.contiguous()))
+            start += lin.in_features + 1
+        return out
+
+
+def _bias_column(lin: nn.Linear) -> torch.Tensor:
+    return (lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features))[:, None]
+
+
+@dataclass(frozen=True)
+class OutputStack:
+    """The output projections of a joint attention, one per stream whose output is used, as one Linear whose
+    output rows are theirs stacked (each reads the heads of its own stream's tokens)."""
+
+    linears: tuple[nn.Linear, ...]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([lin.weight for lin in self.linears], 0)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if all(lin.bias is None for lin in self.linears):
+            return None
+        return torch.cat([_bias_column(lin)[:, 0] for lin in self.linears])
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(lin.out_features for lin in self.linears)
+
+    def split(self, weight: torch.Tensor, bias: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        out, start = [], 0
+        for lin in self.linears:
+            rows = slice(start, start + lin.out_features)
+            out.append((weight[rows].contiguous(), None if lin.bias is None else bias[rows].contiguous()))
+            start += lin.out_features
+        return out
+
+
+@dataclass(frozen=True)
+class JointQKLinears(QKLinears):
+    """Q·K of a joint attention: ``q`` and ``k`` are :class:`StreamStack` operands for the math; ``names`` maps
+    the real Linears' roles (``q``, ``k`` for the first stream, ``q.1``, ``k.1``… for the others) to their paths,
+    which :meth:`modules`, :meth:`shapes_at` and :meth:`parameters_at` speak of."""
+
+    def modules(self) -> dict[str, nn.Linear]:
+        return {_stream_role(role, i): lin for role, stack in (("q", self.q), ("k", self.k))
+                for i, lin in enumerate(stack.linears)}
+
+    def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
+        return {role: (lin.in_features, heads * rank) for role, lin in self.modules().items()}
+
+    def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        stack = self.q if role == "q" else self.k
+        return {k: v for i, (w, b) in enumerate(stack.split(weight))
+                for k, v in _parameters(self.names[_stream_role(role, i)], w, b).items()}
+
+
+@dataclass(frozen=True)
+class JointVOLinears(VOLinears):
+    """V·O of a joint attention: ``v`` a :class:`StreamStack`, ``out`` an :class:`OutputStack` (roles ``v``, ``v.1``…
+    and ``out``, ``out.1``… of the real Linears in ``names``)."""
+
+    def modules(self) -> dict[str, nn.Linear]:
+        return {_stream_role(role, i): lin for role, stack in (("v", self.v), ("out", self.out))
+                for i, lin in enumerate(stack.linears)}
+
+    def shapes_at(self, rank: int, heads: int = 1) -> dict[str, tuple[int, int]]:
+        return {**{_stream_role("v", i): (lin.in_features, heads * rank) for i, lin in enumerate(self.v.linears)},
+                **{_stream_role("out", i): (heads * rank, lin.out_features) for i, lin in enumerate(self.out.linears)}}
+
+    def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        parts = self.v.split(weight) if role == "v" else self.out.split(weight, bias)
+        return {k: v for i, (w, b) in enumerate(parts)
+                for k, v in _parameters(self.names[_stream_role(role, i)], w, b).items()}
+
+
+def _stream_role(role: str, stream: int) -> str:
+    return role if stream == 0 else f"{role}.{stream}"
 
 
 SiteLinears = FFNLinears | QKLinears | VOLinears
@@ -160,32 +311,37 @@ def context_keep_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
 class SublayerTaps:
     """Where calibration observes one FFN or attention sub-layer of a block.
 
-    * ``residual``: its forward *input* (first positional argument) is the residual stream entering the
-      sub-layer; ``update``: its forward *output* (first element if a tuple) is what the sub-layer adds to it.
+    * ``residuals``: the forward *input* (first positional argument) of each is a residual stream entering the
+      sub-layer (two for a joint attention: the image and the text stream); ``update``: the first
+      ``update_streams`` elements of its forward *output* (the output itself if not a tuple) are what the
+      sub-layer adds to them.
     * FFN: ``hidden`` is the down projection; its input is the hidden activation h of the FFN.
     * attention: ``attention`` is called with the query tokens and the context (``read_inputs`` extracts both
-      from its arguments; context None = self-attention); ``head_output``'s input holds the ``heads``
-      concatenated per-head outputs z; ``query`` and ``key`` are the projections whose per-head Grams the TRQ
-      of its Q·K site reads (calibration applies their weights to the inputs it already sees); ``context_keep``
-      reads which context tokens the call attends to (padding left out of the context's statistics).
+      from its arguments; context None = self-attention; a joint attention reads its streams' tokens in the direct
+      sum, :func:`joint_tokens`); the inputs of ``head_outputs`` hold the ``heads`` concatenated per-head outputs
+      z of the tokens whose outputs are used; ``query`` and ``key`` are the projections (a Linear, or a
+      :class:`StreamStack`) whose per-head Grams the TRQ of its Q·K site reads (calibration applies their weights
+      to the inputs it already sees); ``context_keep`` reads which context tokens the call attends to (padding
+      left out of the context's statistics).
     * ``gate``: where the block scales the sub-layer's output before adding it to the residual stream (adaLN
-      blocks such as PixArt's), the scale as a function of the *block's* call arguments; the update energy is
-      that of the gated output.
+      blocks such as PixArt's and SD3's), the scale — one per update stream, a tuple when there are several — as
+      a function of the *block's* call arguments; the update energy is that of the gated output.
     """
 
     sublayer: str  # attribute path inside the block: statistics live under "<block>.<sublayer>"
     kind: str  # FFN, or "attention"
-    residual: nn.Module
+    residuals: tuple[nn.Module, ...]
     update: nn.Module
+    update_streams: int = 1
     hidden: nn.Linear | None = None
     attention: nn.Module | None = None
-    head_output: nn.Linear | None = None
-    query: nn.Linear | None = None
-    key: nn.Linear | None = None
+    head_outputs: tuple[nn.Linear, ...] = ()
+    query: nn.Linear | StreamStack | None = None
+    key: nn.Linear | StreamStack | None = None
     heads: int = 1
     read_inputs: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] = hidden_and_context
     context_keep: Callable[[tuple, dict], torch.Tensor | None] = context_keep_mask
-    gate: Callable[[tuple, dict], torch.Tensor] | None = None
+    gate: Callable[[tuple, dict], torch.Tensor | tuple[torch.Tensor, ...]] | None = None
 
 
 ATTENTION = "attention"

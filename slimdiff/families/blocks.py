@@ -87,6 +87,42 @@ def _row_cost(lin: nn.Linear) -> int:
     return lin.in_features + (1 if lin.bias is not None else 0)
 
 
+# -- diffusers FeedForward (``net[0]`` GEGLU/GELU holding ``proj`` → dropout → ``net[2]``), at any sublayer path --
+
+
+def ffn_site(path: str, sublayer: str, ff: nn.Module) -> ModuleSite:
+    """The FFN site of the diffusers ``FeedForward`` at ``<path>.<sublayer>``."""
+    where = f"{path}.{sublayer}"
+    act = ff.net[0] if hasattr(ff, "net") else None
+    if not isinstance(act, (GEGLU, GELU)):
+        raise SlimDiffError(
+            f"{where}: feed-forward activation {type(act).__name__} is not supported (GEGLU or GELU only)"
+        )
+    proj = _linear(act.proj, f"{where}.net.0.proj")
+    down = _linear(ff.net[2], f"{where}.net.2")
+    gated = isinstance(act, GEGLU)
+    inner = proj.out_features // 2 if gated else proj.out_features
+    if down.in_features != inner:
+        raise SlimDiffError(f"{where}: projection width {inner} does not match down-projection {down.in_features}")
+    unit = (2 if gated else 1) * _row_cost(proj) + down.out_features
+    return ModuleSite(where, FFN, path, None, inner, 1, unit, sublayer=sublayer)
+
+
+def ffn_linears(block: nn.Module, site: ModuleSite) -> FFNLinears:
+    ff = block.get_submodule(site.sublayer)
+    proj, down = ff.net[0].proj, ff.net[2]
+    return FFNLinears(proj, down, proj.out_features == 2 * site.width,
+                      {"proj": f"{site.sublayer}.net.0.proj", "down": f"{site.sublayer}.net.2"})
+
+
+def set_ffn_linear(block: nn.Module, site: ModuleSite, role: str, linear: nn.Linear) -> None:
+    ff = block.get_submodule(site.sublayer)
+    if role == "proj":
+        ff.net[0].proj = linear
+    else:
+        ff.net[2] = linear
+
+
 _FFN = "ff"
 LAYER_NORM, ADA_NORM_SINGLE = "layer_norm", "ada_norm_single"
 # Per norm type: the module whose input is the residual stream entering attn1 / attn2 / ff (None: the sub-layer
@@ -123,7 +159,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
                 sites.extend(self._attention_sites(path, name, role, attn))
         if getattr(block, _FFN, None) is None:
             raise SlimDiffError(f"{path}: transformer block without a feed-forward is not supported")
-        sites.append(self._ffn_site(path, block.ff))
+        sites.append(ffn_site(path, _FFN, block.ff))
         return sites
 
     @staticmethod
@@ -140,22 +176,6 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         ) if bad]
         if variants:
             raise SlimDiffError(f"{path}: BasicTransformerBlock with {', '.join(variants)} is not supported")
-
-    @staticmethod
-    def _ffn_site(path: str, ff: nn.Module) -> ModuleSite:
-        act = ff.net[0] if hasattr(ff, "net") else None
-        if not isinstance(act, (GEGLU, GELU)):
-            raise SlimDiffError(
-                f"{path}.ff: feed-forward activation {type(act).__name__} is not supported (GEGLU or GELU only)"
-            )
-        proj = _linear(act.proj, f"{path}.ff.net.0.proj")
-        down = _linear(ff.net[2], f"{path}.ff.net.2")
-        gated = isinstance(act, GEGLU)
-        inner = proj.out_features // 2 if gated else proj.out_features
-        if down.in_features != inner:
-            raise SlimDiffError(f"{path}.ff: projection width {inner} does not match down-projection {down.in_features}")
-        unit = (2 if gated else 1) * _row_cost(proj) + down.out_features
-        return ModuleSite(f"{path}.ff", FFN, path, None, inner, 1, unit, sublayer=_FFN)
 
     @staticmethod
     def _attention_sites(path: str, name: str, role: str, attn: nn.Module) -> list[ModuleSite]:
@@ -189,9 +209,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
     def linears(self, block: nn.Module, site: ModuleSite) -> SiteLinears:
         if site.kind == FFN:
-            proj, down = block.ff.net[0].proj, block.ff.net[2]
-            return FFNLinears(proj, down, proj.out_features == 2 * site.width,
-                              {"proj": "ff.net.0.proj", "down": "ff.net.2"})
+            return ffn_linears(block, site)
         attn = getattr(block, site.attn)
         a = site.attn
         if site.kind == QK:
@@ -200,10 +218,7 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
     def set_linear(self, block: nn.Module, site: ModuleSite, role: str, linear: nn.Linear) -> None:
         if site.kind == FFN:
-            if role == "proj":
-                block.ff.net[0].proj = linear
-            else:
-                block.ff.net[2] = linear
+            set_ffn_linear(block, site, role, linear)
             return
         attn = getattr(block, site.attn)
         if role == "out":
@@ -222,14 +237,14 @@ class BasicTransformerBlockAdapter(BlockAdapter):
         def placement(sublayer: str, module: nn.Module) -> dict:
             residual = _RESIDUAL_TAPS[norm][sublayer]
             chunk = _GATE_CHUNKS[norm].get(sublayer)
-            return {"residual": module if residual is None else getattr(block, residual), "update": module,
+            return {"residuals": (module if residual is None else getattr(block, residual),), "update": module,
                     "gate": None if chunk is None else _ada_norm_single_gate(block, chunk)}
 
         taps = []
         for name, _role in _ATTENTIONS:
             attn = getattr(block, name, None)
             if attn is not None:
-                taps.append(SublayerTaps(name, ATTENTION, attention=attn, head_output=attn.to_out[0],
+                taps.append(SublayerTaps(name, ATTENTION, attention=attn, head_outputs=(attn.to_out[0],),
                                          query=attn.to_q, key=attn.to_k, heads=attn.heads,
                                          **placement(name, attn)))
         taps.append(SublayerTaps(_FFN, FFN, hidden=block.ff.net[2], **placement(_FFN, block.ff)))
