@@ -240,10 +240,11 @@ class _Collector:
             if self.mode != "pass2":
                 return
             moment = _moment(x)
-            w = self._step_weight(path, QK)
-            self.acc.add(AttentionStatistics.key(path, "qk_moment"), w * moment)
-            self.acc.add(AttentionStatistics.key(path, "qk_sum"), w * x.reshape(-1, x.shape[-1]).double().sum(0))
-            self.acc.add(AttentionStatistics.key(path, "qk_moment_norm"), torch.tensor(float(w * n)))
+            if (path, QK) in self.site_names:  # none where queries and keys are normalised per head (qk_norm)
+                w = self._step_weight(path, QK)
+                self.acc.add(AttentionStatistics.key(path, "qk_moment"), w * moment)
+                self.acc.add(AttentionStatistics.key(path, "qk_sum"), w * x.reshape(-1, x.shape[-1]).double().sum(0))
+                self.acc.add(AttentionStatistics.key(path, "qk_moment_norm"), torch.tensor(float(w * n)))
             if ctx is None:
                 w = self._step_weight(path, VO)
                 self.acc.add(AttentionStatistics.key(path, "vo_moment"), w * moment)

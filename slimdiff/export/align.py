@@ -79,6 +79,8 @@ def align_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = Tr
 
     Returns :func:`planned_head_widths` — the attentions that changed, with their widths before and after.
     """
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
     plan = planned_head_widths(model, multiple, equal_qk_v)
     for path, ((qk, v), (new_qk, new_v)) in plan.items():
         attn = model.get_submodule(path)
@@ -89,7 +91,10 @@ def align_head_widths(model: nn.Module, multiple: int = 8, equal_qk_v: bool = Tr
         if new_qk != qk and (attn.norm_q is not None or getattr(attn, "norm_added_q", None) is not None):
             raise SlimDiffError(f"{path}: cannot pad the query/key heads of an attention that normalises them "
                                 "(qk_norm): zero columns would change the norm")
-        processor = SlimJointAttnProcessor if joint else SlimAttnProcessor
+        # MMDiT blocks run their attentions (SD3.5's image-only second one too) through the joint processor, which
+        # applies their qk norms
+        processor = SlimJointAttnProcessor if joint or isinstance(
+            attn.processor, (JointAttnProcessor2_0, SlimJointAttnProcessor)) else SlimAttnProcessor
         if not isinstance(attn.processor, processor):
             # The stock processors infer the softmax scale from the (padded) width; ours keep attn.scale.
             attn.set_processor(processor())

@@ -514,8 +514,9 @@ class AttentionStatistics(_Record):
     depend on t; its own, or the denoiser's shared :class:`TextContextMoment`), token counts per sample (``seq``,
     ``context_seq``) and its residual energies."""
 
-    qk_moment: torch.Tensor = _stored("qk_moment", False)
-    qk_moment_norm: torch.Tensor = _stored("qk_moment_norm", False)
+    # absent for an attention without a Q·K site (queries and keys normalised per head: qk_norm)
+    qk_moment: torch.Tensor | None = _stored("qk_moment", False, optional=True)
+    qk_moment_norm: torch.Tensor | None = _stored("qk_moment_norm", False, optional=True)
     # Σ w x with the same weights: the mean a query projection with a bias needs (statistics from before it was
     # collected lack it; they serve models without one)
     qk_sum: torch.Tensor | None = _stored("qk_sum", False, optional=True)

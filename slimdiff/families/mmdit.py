@@ -10,16 +10,21 @@ text stream's ``add_q_proj``/``add_k_proj``/``add_v_proj``/``to_add_out``). Site
   by the streams, as it must be — every image query meets every text key in the same head.
 * ``<path>.ff`` and ``<path>.ff_context``: the image and text feed-forwards (GELU, tanh approximation).
 
+* ``<path>.attn2.vo`` (and ``.attn2.qk`` without qk_norm): in SD3.5 Medium's dual-attention blocks
+  (``use_dual_attention``), a second attention over the image tokens alone, whose output is added after the joint
+  attention's.
+
 The last block of SD3 is ``context_pre_only``: the text stream's attention outputs are dropped (no
 ``to_add_out``, no ``ff_context``), so its V·O site holds the image output projection alone and only the image
 tokens' head outputs are observed. An attention with ``qk_norm`` (SD3.5) normalises each head's queries and keys
 before their product, which no rank-r factor of W_Qᵀ W_K can carry: its Q·K width stays, its V·O site remains.
-Blocks with a second attention (``use_dual_attention``, SD3.5 Medium) are refused.
 
 Calibration's view, per sub-layer: the joint attention's residual streams are the inputs of ``norm1`` (image) and
 ``norm1_context`` (text), its updates both outputs gated by ``gate_msa`` / ``c_gate_msa``; each feed-forward's
-residual is the input of its ``norm2``, its update the output gated by its ``gate_mlp`` (the gates come from the
-block's ``temb`` through the adaLN-Zero projections, chunks 2 and 5 of 6).
+residual is the input of its ``norm2``, its update the output gated by its ``gate_mlp``; the second attention of a
+dual-attention block reads the image stream entering the block (``norm1`` makes both attentions' inputs from it) and
+its update is gated by ``gate_msa2``. The gates come from the block's ``temb`` through the adaLN-Zero projections:
+chunks 2 and 5 of 6 (of 9 in a dual-attention block's ``norm1``, whose chunk 8 is ``gate_msa2``).
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ from .base import (
     JointVOLinears,
     ModuleSite,
     OutputStack,
+    QKLinears,
     SiteLinears,
     StreamStack,
     SublayerTaps,
+    VOLinears,
     hidden_and_context,
     joint_tokens,
 )
@@ -57,7 +64,10 @@ _FFNS = ("ff", "ff_context")
 # Which Linear of ``attn`` plays each role of the two streams (image, text); _stream_role names the second "q.1"...
 _PROJECTIONS = {"q": ("to_q", "add_q_proj"), "k": ("to_k", "add_k_proj"), "v": ("to_v", "add_v_proj"),
                 "out": ("to_out.0", "to_add_out")}
-_GATE_MSA, _GATE_MLP = 2, 5  # of the six adaLN-Zero chunks: shift, scale, gate (attention), shift, scale, gate (MLP)
+_ATTN2 = "attn2"
+# adaLN-Zero chunks: shift, scale, gate (attention), shift, scale, gate (MLP) — and, in a dual-attention block's
+# norm1 (SD35AdaLayerNormZeroX), shift, scale, gate of the second attention
+_GATE_MSA, _GATE_MLP, _GATE_MSA2 = 2, 5, 8
 
 
 class SlimJointAttnProcessor:
@@ -101,23 +111,26 @@ def _joint_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, None]:
 
 def _ada_zero_gates(norms: tuple[nn.Module, ...], chunk: int) -> Callable[[tuple, dict], tuple[torch.Tensor, ...]]:
     """The gates ``JointTransformerBlock.forward`` multiplies a sub-layer's outputs by: chunk ``chunk`` of each
-    adaLN-Zero norm's projection of the block's ``temb``, shape (batch, 1, channels)."""
+    adaLN-Zero norm's projection of the block's ``temb`` (6 chunks; 9 in SD3.5's dual-attention norm1), shape
+    (batch, 1, channels)."""
     def gates(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
-        return tuple(norm.linear(norm.silu(temb)).chunk(6, dim=1)[chunk][:, None] for norm in norms)
+        out = []
+        for norm in norms:
+            emb = norm.linear(norm.silu(temb))
+            out.append(emb.chunk(emb.shape[1] // norm.linear.in_features, dim=1)[chunk][:, None])
+        return tuple(out)
 
     return gates
 
 
 @BLOCKS.register({JointTransformerBlock: "JointTransformerBlock"})
 class JointTransformerBlockAdapter(BlockAdapter):
-    """Sites: ``<block>.attn.qk`` (absent with qk_norm) / ``.attn.vo`` / ``.ff`` / ``.ff_context`` (absent in a
-    context_pre_only block)."""
+    """Sites: ``<block>.attn.qk`` (absent with qk_norm) / ``.attn.vo`` / ``.attn2.qk`` / ``.attn2.vo`` (dual-attention
+    blocks; no Q·K with qk_norm) /
+    ``.ff`` / ``.ff_context`` (absent in a context_pre_only block)."""
 
     def sites(self, path: str, block: nn.Module) -> list[ModuleSite]:
-        if getattr(block, "use_dual_attention", False):
-            raise SlimDiffError(f"{path}: JointTransformerBlock with use_dual_attention (SD3.5 Medium's second "
-                                "attention) is not supported")
         attn = block.attn
         where = f"{path}.{_ATTN}"
         if attn.add_q_proj is None:
@@ -136,7 +149,29 @@ class JointTransformerBlockAdapter(BlockAdapter):
         sites.append(ModuleSite(f"{where}.vo", VO, path, _ATTN, v[0].out_features // heads, heads,
                                 heads * (sum(_row_cost(lin) for lin in v) + sum(o.out_features for o in roles["out"])),
                                 sublayer=_ATTN, attention=SELF))
+        if block.attn2 is not None:
+            sites.extend(self._image_attention_sites(path, block.attn2))
         sites.extend(ffn_site(path, name, getattr(block, name)) for name in self._ffns(block))
+        return sites
+
+    @staticmethod
+    def _image_attention_sites(path: str, attn: nn.Module) -> list[ModuleSite]:
+        """The sites of a dual-attention block's second attention, a plain self-attention of the image tokens (its
+        Q·K is normalised in SD3.5 Medium: no Q·K site then)."""
+        where = f"{path}.{_ATTN2}"
+        if getattr(attn, "add_q_proj", None) is not None:
+            raise SlimDiffError(f"{where}: a second joint attention is not supported")
+        q, k = _linear(attn.to_q, f"{where}.to_q"), _linear(attn.to_k, f"{where}.to_k")
+        v, out = _linear(attn.to_v, f"{where}.to_v"), _linear(attn.to_out[0], f"{where}.to_out.0")
+        heads = attn.heads
+        if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
+            raise SlimDiffError(f"{where}: projections do not split into {heads} equal heads")
+        sites = []
+        if attn.norm_q is None:
+            sites.append(ModuleSite(f"{where}.qk", QK, path, _ATTN2, q.out_features // heads, heads,
+                                    heads * (_row_cost(q) + _row_cost(k)), sublayer=_ATTN2, attention=SELF))
+        sites.append(ModuleSite(f"{where}.vo", VO, path, _ATTN2, v.out_features // heads, heads,
+                                heads * (_row_cost(v) + out.out_features), sublayer=_ATTN2, attention=SELF))
         return sites
 
     @staticmethod
@@ -151,6 +186,11 @@ class JointTransformerBlockAdapter(BlockAdapter):
     def linears(self, block: nn.Module, site: ModuleSite) -> SiteLinears:
         if site.kind == FFN:
             return ffn_linears(block, site)
+        if site.attn == _ATTN2:
+            attn2 = block.attn2
+            if site.kind == QK:
+                return QKLinears(attn2.to_q, attn2.to_k, {"q": f"{_ATTN2}.to_q", "k": f"{_ATTN2}.to_k"})
+            return VOLinears(attn2.to_v, attn2.to_out[0], {"v": f"{_ATTN2}.to_v", "out": f"{_ATTN2}.to_out.0"})
         attn = block.attn
         roles = ("q", "k") if site.kind == QK else ("v", "out")
         names = {(role if i == 0 else f"{role}.{i}"): f"{_ATTN}.{name}"
@@ -166,13 +206,14 @@ class JointTransformerBlockAdapter(BlockAdapter):
             return
         base, _, stream = role.partition(".")
         name = _PROJECTIONS[base][int(stream or 0)]
+        attn = block.get_submodule(site.attn)
         if name == "to_out.0":
-            block.attn.to_out[0] = linear
+            attn.to_out[0] = linear
         else:
-            setattr(block.attn, name, linear)
+            setattr(attn, name, linear)
 
     def prepare_attention(self, block: nn.Module, site: ModuleSite) -> None:
-        block.attn.set_processor(SlimJointAttnProcessor())
+        block.get_submodule(site.attn).set_processor(SlimJointAttnProcessor())
 
     def taps(self, block: nn.Module) -> list[SublayerTaps]:
         attn = block.attn
@@ -184,6 +225,12 @@ class JointTransformerBlockAdapter(BlockAdapter):
             head_outputs=(attn.to_out[0],) if pre_only else (attn.to_out[0], attn.to_add_out),
             query=StreamStack((attn.to_q, attn.add_q_proj)), key=StreamStack((attn.to_k, attn.add_k_proj)),
             heads=attn.heads, read_inputs=_joint_inputs, gate=_ada_zero_gates(norms, _GATE_MSA))]
+        if block.attn2 is not None:
+            attn2 = block.attn2
+            taps.append(SublayerTaps(
+                _ATTN2, ATTENTION, residuals=(block.norm1,), update=attn2, attention=attn2,
+                head_outputs=(attn2.to_out[0],), query=attn2.to_q, key=attn2.to_k, heads=attn2.heads,
+                gate=_single(_ada_zero_gates((block.norm1,), _GATE_MSA2))))
         for name, norm, ada in (("ff", block.norm2, block.norm1), ("ff_context", block.norm2_context,
                                                                    block.norm1_context)):
             ff = getattr(block, name)
@@ -195,6 +242,11 @@ class JointTransformerBlockAdapter(BlockAdapter):
     def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
         if site.kind == FFN:
             return site.unit_params * tokens(site.sublayer)[0]
+        if site.attn == _ATTN2:  # a self-attention of the image tokens
+            image, attn2 = tokens(_ATTN2)[0], block.attn2
+            if site.kind == QK:
+                return site.heads * ((attn2.to_q.in_features + attn2.to_k.in_features) * image + image * image)
+            return site.heads * ((attn2.to_v.in_features + attn2.to_out[0].out_features) * image + image * image)
         attn = block.attn
         joint = tokens(_ATTN)[0]  # image + text tokens
         image = tokens("ff")[0]
