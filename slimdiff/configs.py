@@ -142,3 +142,40 @@ PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 
                     "beta_schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
                     "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
                     "lower_order_final": True, "timestep_spacing": "linspace", "steps_offset": 0}
+
+# Stable Diffusion 3 medium as published (stabilityai/stable-diffusion-3-medium-diffusers): the transformer config
+# that diffusers' converter (scripts/convert_sd3_to_diffusers.py) writes for the 2B checkpoint — 24 MMDiT blocks of
+# 24 heads of 64 (caption_projection_dim 1536 = 24 · 64, the context embedder's output rows), T5-XXL's 4096-wide
+# tokens in, the two CLIPs' pooled 768 + 1280 = 2048, 16 latent channels, patch 2, a 192² position table (36,864
+# positions: what diffusers' single-file loader reads as "sd3" rather than SD3.5 medium's 384²), no q/k norm and no
+# dual attention (SD3.5's additions). Text towers: CLIP ViT-L/14 and OpenCLIP bigG/14, both with their text
+# projection, and T5 v1.1 XXL's encoder (PixArt-Σ's); the VAE: SDXL's layout with 16 latent channels, no quant
+# convolutions, SD3's scaling and shift factors (the converter's overrides).
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192, dual_attention_layers=(), qk_norm=None,
+)
+SD3_TEXT = SDXL_TEXT  # CLIP ViT-L/14 (as CLIPTextModelWithProjection: the 768-wide pooled projection)
+SD3_TEXT_2 = SDXL_TEXT_2  # OpenCLIP ViT-bigG/14 with its 1280-wide projection
+SD3_TEXT_3 = PIXART_SIGMA_TEXT  # T5 v1.1 XXL encoder
+SD3_VAE = dict(SDXL_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+               shift_factor=0.0609)
+# stable-diffusion-3-medium-diffusers' scheduler_config.json: flow matching with a shift of 3.
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+# SD3's structure at toy width: two MMDiT blocks (the last one context_pre_only, as diffusers builds every SD3
+# transformer), 4 heads of 8, the tiny VAE with SD3's 16 latent channels (latent 16×16 for 32 px images). The text
+# towers are tiny-xl's two CLIPs (32 wide, 32-wide projections: pooled 64) and a T5 v1.1 encoder 96 wide. SD3's
+# pipeline zero-pads the side-by-side CLIP token states to the T5 width before it appends the T5 tokens, so
+# joint_attention_dim (the T5 width) must exceed the CLIP widths' sum, as SD3's 4096 exceeds 768 + 1280: 96 > 64.
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+    num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
+    pos_embed_max_size=24, dual_attention_layers=(), qk_norm=None,
+)
+TINY_SD3_TEXT = TINY_XL_TEXT
+TINY_SD3_TEXT_2 = TINY_XL_TEXT_2
+TINY_SD3_TEXT_3 = dict(TINY_PIXART_TEXT, d_model=96, d_kv=16, d_ff=128)
+TINY_SD3_VAE = dict(TINY_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                    scaling_factor=SD3_VAE["scaling_factor"], shift_factor=SD3_VAE["shift_factor"])

@@ -1,7 +1,8 @@
 """Model loading (the map of compressible modules lives in :mod:`slimdiff.families`).
 
-Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or PixArt pipeline
-(``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``), or a bare ``UNet2DConditionModel``. Sources:
+Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, PixArt pipeline
+(``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``) or ``StableDiffusion3Pipeline``, or a bare
+``UNet2DConditionModel``. Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
 * ``builtin:proxy`` — the project's own small text-to-image model, trained from scratch on procedural shape
@@ -25,6 +26,15 @@ Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipel
   transformer 0.61 B parameters, the T5 4.76 B, the VAE 0.08 B); character-level tokenizer, as for
   ``sdxl-shape``. Build it on the meta device where only shapes matter:
   ``build_builtin("builtin:pixart-sigma-shape", device="meta")``.
+* ``builtin:tiny-sd3`` — a small ``StableDiffusion3Pipeline`` with seeded random weights: a two-block
+  ``SD3Transformer2DModel`` (MMDiT, the last block context-pre-only), tiny-xl's two CLIP towers (with projections),
+  a T5 v1.1 encoder behind the character-level tokenizer, the tiny VAE with 16 latent channels and SD3's
+  flow-matching Euler scheduler (shift 3). Its latent is 16×16 (32 px images).
+* ``builtin:sd3-medium-shape`` — the exact public Stable Diffusion 3 medium transformer (24 MMDiT blocks, 24 heads of
+  64; the configuration diffusers' SD3 converter writes, see :mod:`slimdiff.configs`), CLIP-L and OpenCLIP-bigG
+  text towers with projections, T5 v1.1 XXL and the 16-channel VAE, with seeded random weights (the transformer
+  2.0 B parameters, the T5 4.76 B); character-level tokenizers. Build it on the meta device where only shapes
+  matter: ``build_builtin("builtin:sd3-medium-shape", device="meta")``.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
@@ -49,6 +59,12 @@ from .configs import (
     SD15_TEXT,
     SD15_UNET,
     SD15_VAE,
+    SD3_MEDIUM_TRANSFORMER,
+    SD3_SCHEDULER,
+    SD3_TEXT,
+    SD3_TEXT_2,
+    SD3_TEXT_3,
+    SD3_VAE,
     SD_SCHEDULER,
     SDXL_SCHEDULER,
     SDXL_TEXT,
@@ -57,6 +73,11 @@ from .configs import (
     SDXL_VAE,
     TINY_PIXART_TEXT,
     TINY_PIXART_TRANSFORMER,
+    TINY_SD3_TEXT,
+    TINY_SD3_TEXT_2,
+    TINY_SD3_TEXT_3,
+    TINY_SD3_TRANSFORMER,
+    TINY_SD3_VAE,
     TINY_TEXT,
     TINY_UNET,
     TINY_VAE,
@@ -71,7 +92,7 @@ from .families import FFN, QK, VO, ModuleSite, family_for, module_sites  # noqa:
 from .tokenization import builtin_tokenizer
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
-            "builtin:tiny-pixart", "builtin:pixart-sigma-shape")
+            "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,9 +106,12 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:sdxl-shape": SDXL_UNET,
     "builtin:tiny-pixart": {"_class_name": "PixArtTransformer2DModel", **TINY_PIXART_TRANSFORMER},
     "builtin:pixart-sigma-shape": {"_class_name": "PixArtTransformer2DModel", **PIXART_SIGMA_TRANSFORMER},
+    "builtin:tiny-sd3": {"_class_name": "SD3Transformer2DModel", **TINY_SD3_TRANSFORMER},
+    "builtin:sd3-medium-shape": {"_class_name": "SD3Transformer2DModel", **SD3_MEDIUM_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 PIXART_BUILTINS = ("builtin:tiny-pixart", "builtin:pixart-sigma-shape")
+SD3_BUILTINS = ("builtin:tiny-sd3", "builtin:sd3-medium-shape")
 
 
 def _seeded(seed: int, build):
@@ -99,12 +123,14 @@ def _seeded(seed: int, build):
 
 def build_builtin(name: str, device: str | torch.device | None = None):
     """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for
-    :data:`XL_BUILTINS`, ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`), eval mode. ``device="meta"``
-    builds it without weights (shapes only)."""
+    :data:`XL_BUILTINS`, ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for
+    :data:`SD3_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
     if name in PIXART_BUILTINS:
         return _build_pixart_builtin(name, device)
+    if name in SD3_BUILTINS:
+        return _build_sd3_builtin(name, device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -183,6 +209,35 @@ def _build_pixart_builtin(name: str, device):
     return pipe
 
 
+def _build_sd3_builtin(name: str, device):
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if name == "builtin:tiny-sd3":
+        configs = TINY_SD3_TRANSFORMER, TINY_SD3_TEXT, TINY_SD3_TEXT_2, TINY_SD3_TEXT_3, TINY_SD3_VAE
+    else:
+        configs = SD3_MEDIUM_TRANSFORMER, SD3_TEXT, SD3_TEXT_2, SD3_TEXT_3, SD3_VAE
+    transformer_cfg, text_cfg, text2_cfg, text3_cfg, vae_cfg = configs
+    with _build_device(device):
+        transformer = _seeded(0, lambda: SD3Transformer2DModel(**transformer_cfg))
+        text_encoder = _seeded(1, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)))
+        text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg)))
+        text_encoder_3 = _seeded(4, lambda: T5EncoderModel(T5Config(**text3_cfg)))
+        vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
+    # The pipeline reads only input_ids from its three tokenizers (the T5's padded to max_sequence_length): the
+    # character-level one serves the random towers, as in the other built-ins.
+    tokenizer = builtin_tokenizer()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                    tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (transformer, text_encoder, text_encoder_2, text_encoder_3, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
@@ -198,7 +253,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     variant present when there are none (:mod:`slimdiff.sources`).
 
     A slim denoiser folder loads the pipeline it was slimmed from (recorded in its plan) with the slim denoiser
-    in it (``pipe.unet``, or ``pipe.transformer`` for PixArt).
+    in it (``pipe.unet``, or ``pipe.transformer`` for PixArt and SD3).
     """
     from .serialization import is_slim_folder, load_plan, load_slim
 
@@ -267,7 +322,10 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         pipeline_cls = _pipeline_class(path, source)  # first: one line for an incomplete folder
         chosen = choose_variant(path, variant)
         options = {}
-        if pipeline_cls is StableDiffusionPipeline:
+        if pipeline_cls.__name__ == SD3_PIPELINE and not _has_component(path, "text_encoder_3"):
+            # SD3 without its T5 (the documented way to save memory): the pipeline conditions on zeros in its place
+            options = dict(text_encoder_3=None, tokenizer_3=None)
+        elif pipeline_cls is StableDiffusionPipeline:
             # The safety checker and its feature extractor play no part in slimming: not loaded, even when present.
             options = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         elif pipeline_cls is StableDiffusionXLPipeline:
@@ -281,23 +339,33 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
 
 
 PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+SD3_PIPELINE = "StableDiffusion3Pipeline"
+
+
+def _model_index(path: Path, source: str) -> dict:
+    try:
+        return json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
+
+
+def _has_component(path: Path, component: str, index: dict | None = None) -> bool:
+    """Whether a pipeline folder's index lists ``component`` and the folder holds it."""
+    entry = (index if index is not None else _model_index(path, str(path))).get(component)
+    return isinstance(entry, list) and entry[0] is not None and (path / component).is_dir()
 
 
 def _pipeline_class(path: Path, source: str):
     """The diffusers pipeline class that loads the folder: ``StableDiffusionXLPipeline`` for an SDXL base folder
-    (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt,
-    ``StableDiffusionPipeline`` otherwise; one line for folders slimdiff cannot calibrate."""
+    (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt and
+    SD3, ``StableDiffusionPipeline`` otherwise; one line for folders slimdiff cannot calibrate."""
     import diffusers
 
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
+    index = _model_index(path, source)
     cls_name = str(index.get("_class_name", ""))
 
     def present(component: str) -> bool:
-        entry = index.get(component)
-        return isinstance(entry, list) and entry[0] is not None and (path / component).is_dir()
+        return _has_component(path, component, index)
 
     if cls_name in PIXART_PIPELINES:
         # diffusers lists PixArt's tokenizer and text encoder as optional (prompt embeddings can be passed in),
@@ -308,6 +376,18 @@ def _pipeline_class(path: Path, source: str):
                                 "needs the transformer, the T5 text encoder and its tokenizer): the folder is "
                                 "incomplete")
         return getattr(diffusers, cls_name)
+    if cls_name == SD3_PIPELINE:
+        # Calibration runs the pipeline on prompts: the transformer and both CLIP towers are needed. The T5 tower
+        # may be left out (the pipeline then conditions on zeros in its place), but not half of it.
+        missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+                   if not present(c)]
+        if present("text_encoder_3") != present("tokenizer_3"):
+            missing.append("tokenizer_3" if present("text_encoder_3") else "text_encoder_3")
+        if missing:
+            raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
+                                "the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
+                                "may be left out, with its tokenizer): the folder is incomplete")
+        return diffusers.StableDiffusion3Pipeline
     if not cls_name.startswith("StableDiffusionXL"):
         return diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):

@@ -1,12 +1,12 @@
 """Slim denoisers as diffusers model classes: the rank plan lives in the model's config.
 
 One mechanism, :class:`SlimModelMixin`, serves every dense diffusers model class slimdiff slims; each slim class
-is a declaration ``class SlimX(SlimModelMixin, X)`` — :class:`SlimUNet2DConditionModel` (SD-1.x/2.x, SDXL) and
-:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ) — registered in :data:`SLIM_CLASSES` by its name, which is
+is a declaration ``class SlimX(SlimModelMixin, X)`` — :class:`SlimUNet2DConditionModel` (SD-1.x/2.x, SDXL),
+:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ) and :class:`SlimSD3Transformer2DModel` (SD3) — registered in :data:`SLIM_CLASSES` by its name, which is
 the ``_class_name`` of the folders it writes. A slim class is its dense class whose config carries
 ``rank_plan``; building it from that config gives every compressible Linear the plan's width, so diffusers' own
 ``from_pretrained`` / ``save_pretrained`` / ``from_config`` work unchanged, and a pipeline folder whose
-``model_index.json`` names ``["slimdiff.slim_models", "SlimUNet2DConditionModel"]`` (or the PixArt class) loads
+``model_index.json`` names ``["slimdiff.slim_models", "SlimUNet2DConditionModel"]`` (or a DiT's slim class) loads
 with ``DiffusionPipeline.from_pretrained`` once this module is imported (``from slimdiff import
 SlimUNet2DConditionModel`` does it): diffusers resolves a component's library from the modules the program has
 imported, never by importing one a folder names.
@@ -27,7 +27,7 @@ import json
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import ModelMixin, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
 from .errors import SlimDiffError
@@ -130,3 +130,7 @@ class SlimUNet2DConditionModel(SlimModelMixin, UNet2DConditionModel):
 
 class SlimPixArtTransformer2DModel(SlimModelMixin, PixArtTransformer2DModel):
     """A ``PixArtTransformer2DModel`` (PixArt-α, PixArt-Σ) slimmed by slimdiff (see :class:`SlimModelMixin`)."""
+
+
+class SlimSD3Transformer2DModel(SlimModelMixin, SD3Transformer2DModel):
+    """An ``SD3Transformer2DModel`` (Stable Diffusion 3) slimmed by slimdiff (see :class:`SlimModelMixin`)."""

@@ -111,10 +111,16 @@ def test_each_slim_class_is_registered_and_names_itself():
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
     from slimdiff.configs import TINY_PIXART_TRANSFORMER
-    from slimdiff.slim_models import SLIM_CLASSES, SlimPixArtTransformer2DModel, SlimUNet2DConditionModel
+    from slimdiff.slim_models import (
+        SLIM_CLASSES,
+        SlimPixArtTransformer2DModel,
+        SlimSD3Transformer2DModel,
+        SlimUNet2DConditionModel,
+    )
 
     assert SLIM_CLASSES == {"SlimUNet2DConditionModel": SlimUNet2DConditionModel,
-                            "SlimPixArtTransformer2DModel": SlimPixArtTransformer2DModel}
+                            "SlimPixArtTransformer2DModel": SlimPixArtTransformer2DModel,
+                            "SlimSD3Transformer2DModel": SlimSD3Transformer2DModel}
     assert SlimUNet2DConditionModel.dense_class is UNet2DConditionModel
     assert SlimPixArtTransformer2DModel.dense_class is PixArtTransformer2DModel
     for cls in SLIM_CLASSES.values():

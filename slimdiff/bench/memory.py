@@ -41,7 +41,8 @@ def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int,
     if resolution is None:
         size = config["sample_size"]
         return (size, size) if isinstance(size, int) else tuple(size)
-    factor = 2 if source in ("builtin:tiny", "builtin:tiny-xl", "builtin:tiny-pixart") else 8  # tiny VAEs: 2
+    tiny = ("builtin:tiny", "builtin:tiny-xl", "builtin:tiny-pixart", "builtin:tiny-sd3")
+    factor = 2 if source in tiny else 8  # the tiny VAEs downsample by 2
     return resolution // factor, resolution // factor
 
 

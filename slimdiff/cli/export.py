@@ -179,11 +179,13 @@ def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool
     on seeded random inputs."""
     import torch
 
+    from ..engines import load_engine_meta
     from ..export.modules import denoiser_component
     from ..runtime.unet import engine_class
 
     component = denoiser_component(denoiser)
-    engine = engine_class(component.name).from_folder(folder, device=device, cuda_graphs=cuda_graphs)
+    meta, _ = load_engine_meta(folder, component.name)
+    engine = engine_class(meta).from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     inputs = component.random_inputs(values, torch.float32, seed=seed, device=device)
     with torch.no_grad():
         ref = component.module(*inputs).float()
@@ -319,7 +321,8 @@ def run(args) -> list[dict]:
             # a UNet pipeline's get engines too, beside the repository)
             "denoiser": family.component,
             "pytorch_components": [] if repo_tmp is not None else
-            [name for name in ("text_encoder", "text_encoder_2", "vae") if getattr(pipe, name, None) is not None],
+            [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+             if getattr(pipe, name, None) is not None],
             "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
         commit_output_dir(tmp, out)
         if repo_tmp is not None:

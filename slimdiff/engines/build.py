@@ -1,6 +1,6 @@
 """Building engines from models: the one path ``slimdiff-export``, the benchmark and the Triton repository share.
 
-From a denoiser (a UNet or a PixArt transformer, dense or slim) to an engine folder: a float32 source (fp16 is cast
+From a denoiser (a UNet, a PixArt or SD3 transformer, dense or slim) to an engine folder: a float32 source (fp16 is cast
 per export), head widths zero-padded where the backend's kernels want it, the ONNX export with its parity check for
 backends built from ONNX, then the backend's build and the metadata (variant, denoiser config, rank plan).
 """
@@ -18,6 +18,7 @@ from ..export.modules import Component, component_axes, denoiser_component
 from ..export.onnx import export_onnx
 from ..export.ort_session import has_cuda
 from ..export.shapes import Profile, union
+from ..families import family_for
 from .base import build_engine, get
 
 
@@ -65,7 +66,8 @@ def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[P
     target, changed = aligned(source) if backend.needs_aligned_heads(device) else (source, {})
     # "unet_config" holds the denoiser's config whatever its kind: the name stored engines and Triton repositories
     # were written with
-    extra = {"variant": variant or ("slim" if plan is not None else "dense"), "unet_config": dict(denoiser.config),
+    extra = {"variant": variant or ("slim" if plan is not None else "dense"), "family": family_for(denoiser).name,
+             "unet_config": dict(denoiser.config),
              "parameters": sum(p.numel() for p in denoiser.parameters()),
              "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
              "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}

@@ -47,7 +47,7 @@ from .base import (
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".mmdit", ".sd", ".sdxl", ".pixart")
+_BUILTIN = (".blocks", ".mmdit", ".sd", ".sdxl", ".pixart", ".sd3")
 _loaded = False
 
 

@@ -1,12 +1,14 @@
 """Serving engines built by ``slimdiff-export``.
 
 ``EngineUNet.from_folder(folder)`` loads the UNet engine of a folder (ONNX Runtime, AOTInductor or TensorRT),
-``EnginePixArtTransformer.from_folder(folder)`` a PixArt transformer's; ``use_engine(pipe, folder)`` puts the
-engine into a diffusers pipeline as ``pipe.unet`` / ``pipe.transformer``.
+``EnginePixArtTransformer.from_folder(folder)`` a PixArt transformer's, ``EngineSD3Transformer.from_folder(folder)`` an
+SD3 transformer's; ``use_engine(pipe, folder)`` puts the engine into a diffusers pipeline as ``pipe.unet`` /
+``pipe.transformer``.
 """
 
 from .denoiser import EngineDenoiser
 from .pixart import EnginePixArtTransformer
+from .sd3 import EngineSD3Transformer
 from .unet import EngineUNet, use_engine
 
-__all__ = ["EngineDenoiser", "EnginePixArtTransformer", "EngineUNet", "use_engine"]
+__all__ = ["EngineDenoiser", "EnginePixArtTransformer", "EngineSD3Transformer", "EngineUNet", "use_engine"]

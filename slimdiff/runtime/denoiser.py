@@ -1,6 +1,6 @@
-"""The base of the engine-backed denoisers (:class:`EngineDenoiser`): what ``EngineUNet`` (:mod:`.unet`) and
-``EnginePixArtTransformer`` (:mod:`.pixart`) share — loading, the config and properties pipelines read, device moves,
-shape checks and the locked engine run."""
+"""The base of the engine-backed denoisers (:class:`EngineDenoiser`): what ``EngineUNet`` (:mod:`.unet`),
+``EnginePixArtTransformer`` (:mod:`.pixart`) and ``EngineSD3Transformer`` (:mod:`.sd3`) share — loading, the config
+and properties pipelines read, device moves, shape checks and the locked engine run."""
 
 from __future__ import annotations
 
@@ -16,20 +16,33 @@ from ..errors import SlimDiffError
 from ..export.shapes import Profile
 
 
+#: The model family of engines whose metadata does not record one (written before SD3 engines existed): every
+#: UNet engine is driven alike, and PixArt's was the only transformer.
+_UNRECORDED_FAMILY = {"unet": "sd", "transformer": "pixart"}
+
+
+def engine_family(meta: dict) -> str | None:
+    """The model family (:attr:`slimdiff.families.DenoiserFamily.name`) an engine was exported from."""
+    return meta.get("family") or _UNRECORDED_FAMILY.get(meta.get("component"))
+
+
 class EngineDenoiser(torch.nn.Module):
     """What every engine-backed denoiser shares: loading, the config and properties pipelines read, device moves,
     shape checks and the locked engine run. Subclasses set :attr:`component` (the pipeline attribute they
-    replace, and the engine's component name) and implement ``forward`` as their pipeline calls it."""
+    replace, and the engine's component name) and :attr:`families` (the model families whose engines they drive),
+    and implement ``forward`` as their pipeline calls it."""
 
     component = ""
+    families: tuple[str, ...] = ()
 
     def __init__(self, runner, meta: dict, folder: Path):
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
-        if meta.get("component") != self.component or "unet_config" not in meta:
-            raise SlimDiffError(f"engine in {str(folder)!r} is a {meta.get('component')!r} engine, not a "
-                                f"{self.component}")
+        family = engine_family(meta)
+        if meta.get("component") != self.component or family not in self.families or "unet_config" not in meta:
+            raise SlimDiffError(f"engine in {str(folder)!r} is a {family or 'unknown'} {meta.get('component')!r} "
+                                f"engine, not one {type(self).__name__} drives ({', '.join(self.families)})")
         self.runner = runner
         self.meta = meta
         self.folder = Path(folder)

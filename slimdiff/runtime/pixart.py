@@ -24,6 +24,7 @@ _CALL_INPUTS = 4
 
 class EnginePixArtTransformer(EngineDenoiser):
     component = "transformer"
+    families = ("pixart",)
 
     def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, added_cond_kwargs=None,
                 cross_attention_kwargs=None, attention_mask=None, encoder_attention_mask=None,

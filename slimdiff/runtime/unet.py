@@ -1,5 +1,6 @@
-"""Engine-backed denoisers that drop into a diffusers pipeline: ``EngineUNet`` as ``pipe.unet`` (here) and
-``EnginePixArtTransformer`` as ``pipe.transformer`` (:mod:`.pixart`), on one base (:mod:`.denoiser`).
+"""Engine-backed denoisers that drop into a diffusers pipeline: ``EngineUNet`` as ``pipe.unet`` (here),
+``EnginePixArtTransformer`` (:mod:`.pixart`) and ``EngineSD3Transformer`` (:mod:`.sd3`) as ``pipe.transformer``, on
+one base (:mod:`.denoiser`).
 
 ``EngineUNet`` takes the call a ``StableDiffusionPipeline`` makes (``unet(latents, t, encoder_hidden_states=...,
 return_dict=False)``), returns ``UNet2DConditionOutput`` or a tuple, and exposes what pipelines read:
@@ -27,12 +28,14 @@ import torch
 
 from ..engines import engine_meta_path, load_engine_meta
 from ..errors import SlimDiffError
-from .denoiser import EngineDenoiser
+from .denoiser import EngineDenoiser, engine_family
 from .pixart import EnginePixArtTransformer
+from .sd3 import EngineSD3Transformer
 
 
 class EngineUNet(EngineDenoiser):
     component = "unet"
+    families = ("sd", "sdxl")
 
     @property
     def add_embedding(self):
@@ -125,26 +128,29 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
                             + " — rebuild it from this model, or pass check_model=False if you know it fits")
 
 
-def engine_class(component: str) -> type[EngineDenoiser]:
-    """The engine-backed denoiser that replaces the pipeline attribute ``component``."""
-    classes = {cls.component: cls for cls in (EngineUNet, EnginePixArtTransformer)}
-    if component not in classes:
-        raise SlimDiffError(f"no engine runtime for a pipeline's {component!r}")
-    return classes[component]
+ENGINE_CLASSES: tuple[type[EngineDenoiser], ...] = (EngineUNet, EnginePixArtTransformer, EngineSD3Transformer)
+
+
+def engine_class(meta: dict) -> type[EngineDenoiser]:
+    """The engine-backed denoiser that drives the engine of ``meta`` (by the model family it was exported from)."""
+    family = engine_family(meta)
+    for cls in ENGINE_CLASSES:
+        if cls.component == meta.get("component") and family in cls.families:
+            return cls
+    raise SlimDiffError(f"no engine runtime for a {family or 'unknown'} {meta.get('component')!r} engine")
 
 
 def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs: bool = True,
                check_model: bool = True) -> EngineDenoiser:
-    """Replace the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for PixArt: whichever the engine in
-    ``folder`` was exported from) with that engine; returns it.
+    """Replace the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for PixArt and SD3: whichever the
+    engine in ``folder`` was exported from) with that engine; returns it.
 
     The engine must have been built for this pipeline's denoiser: same input signature (names, dtypes, ranks) and
     same config fingerprint. ``check_model=False`` skips that check, for users who know the engine fits."""
     folder = Path(folder)
-    found = [c for c in (EngineUNet.component, EnginePixArtTransformer.component)
-             if engine_meta_path(folder, c).is_file()]
+    found = [c for c in dict.fromkeys(cls.component for cls in ENGINE_CLASSES) if engine_meta_path(folder, c).is_file()]
     meta, folder = load_engine_meta(folder, found[0] if found else EngineUNet.component)  # names what is missing
-    cls = engine_class(meta["component"])
+    cls = engine_class(meta)
     if getattr(pipe, cls.component, None) is None:
         raise SlimDiffError(f"the engine in {str(folder)!r} replaces a pipeline's {cls.component}; "
                             f"{type(pipe).__name__} has none")

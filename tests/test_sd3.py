@@ -1,0 +1,319 @@
+"""Stable Diffusion 3: the tiny built-in and the SD3-medium shapes, its model family (the pipeline's call, calibration
+loop and text towers), local SD3 pipeline folders, SlimSet's three towers, the slim SD3 class, and the transformer as
+an ONNX Runtime engine in the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from slimdiff.errors import SlimDiffError
+from slimdiff.families import family_for
+from slimdiff.models import build_builtin, load_pipeline
+
+PROMPTS = ["a red cube on a table", "two blue spheres", "a green pyramid at night", "a cat", "a yellow star",
+           "three small purple cones under a lamp"]
+
+
+def _image(pipe, prompt: str = PROMPTS[0], **kwargs):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return build_builtin("builtin:tiny-sd3")
+
+
+def _transformer_calls(pipe, run) -> list[dict]:
+    """The keyword arguments of every transformer call ``run()`` makes (tensors cloned)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        assert not args  # the pipeline passes everything by keyword
+        calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+# --- the built-ins -----------------------------------------------------------------------------------------------
+
+
+def test_tiny_sd3_is_an_sd3_pipeline_and_draws_an_image(sd3):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers.models.attention import JointTransformerBlock
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    assert isinstance(sd3, StableDiffusion3Pipeline) and isinstance(sd3.transformer, SD3Transformer2DModel)
+    assert all(isinstance(e, CLIPTextModelWithProjection) for e in (sd3.text_encoder, sd3.text_encoder_2))
+    assert isinstance(sd3.text_encoder_3, T5EncoderModel)
+    assert isinstance(sd3.scheduler, FlowMatchEulerDiscreteScheduler) and sd3.scheduler.config.shift == 3.0
+    cfg = sd3.transformer.config
+    blocks = [m for m in sd3.transformer.modules() if isinstance(m, JointTransformerBlock)]
+    assert [b.context_pre_only for b in blocks] == [False] * (cfg.num_layers - 1) + [True]
+    assert not any(b.use_dual_attention for b in blocks) and cfg.qk_norm is None
+    clip_widths = sd3.text_encoder.config.hidden_size + sd3.text_encoder_2.config.hidden_size
+    # the pipeline zero-pads the CLIP tokens to the T5 width: as in SD3, the T5 is wider than both CLIPs together
+    assert cfg.joint_attention_dim == sd3.text_encoder_3.config.d_model > clip_widths
+    assert cfg.pooled_projection_dim == (sd3.text_encoder.config.projection_dim
+                                         + sd3.text_encoder_2.config.projection_dim)
+    assert cfg.caption_projection_dim == cfg.num_attention_heads * cfg.attention_head_dim
+    assert sd3.vae.config.latent_channels == cfg.in_channels == 16
+    assert (sd3.vae.config.scaling_factor, sd3.vae.config.shift_factor) == (1.5305, 0.0609)
+    assert not any(p.requires_grad for p in sd3.transformer.parameters())
+
+    image = _image(sd3)
+    assert image.shape == (1, 32, 32, 3) and image.std() > 0
+    assert (image == _image(build_builtin("builtin:tiny-sd3"))).all()  # seeded: the same weights every time
+    assert not (image == _image(sd3, PROMPTS[1])).all()  # the prompt reaches the image
+    assert not (image == _image(sd3, prompt_3=PROMPTS[1])).all()  # ... through the T5 tower as well
+
+
+def test_tiny_sd3_builds_on_the_meta_device():
+    pipe = build_builtin("builtin:tiny-sd3", device="meta")
+    assert pipe.transformer.device.type == "meta" and pipe.text_encoder_3.device.type == "meta"
+
+
+def test_sd3_medium_shape_has_the_published_geometry_on_the_meta_device():
+    from slimdiff.bench.macs import denoiser_class, meta_unet
+    from slimdiff.models import BUILTIN_DENOISER_CONFIGS
+
+    pipe = build_builtin("builtin:sd3-medium-shape", device="meta")
+    transformer = pipe.transformer
+    assert transformer.device.type == "meta"
+    # SD3 medium: the "2B" MMDiT; 24 blocks of 24 heads of 64; 1024 px -> 128² latent; a 192² position table
+    assert 2.02e9 < sum(p.numel() for p in transformer.parameters()) < 2.04e9
+    assert len(transformer.transformer_blocks) == 24 and transformer.inner_dim == 24 * 64
+    assert transformer.pos_embed.pos_embed.shape == (1, 192 * 192, 1536)
+    assert (transformer.context_embedder.in_features, transformer.context_embedder.out_features) == (4096, 1536)
+    assert pipe.text_encoder_3.config.d_model == 4096 and pipe.text_encoder_3.config.num_layers == 24
+    assert (pipe.text_encoder.config.projection_dim, pipe.text_encoder_2.config.projection_dim) == (768, 1280)
+    assert transformer.time_text_embed.text_embedder.linear_1.in_features == 768 + 1280
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+    # shape-only tools build the transformer from the built-in config alone
+    config = BUILTIN_DENOISER_CONFIGS["builtin:sd3-medium-shape"]
+    assert denoiser_class(config) is type(transformer)
+    assert sum(p.numel() for p in meta_unet(config).parameters()) == sum(p.numel() for p in transformer.parameters())
+
+
+# --- the family ----------------------------------------------------------------------------------------------------
+
+
+def test_the_family_knows_the_pipelines_transformer_call(sd3):
+    family = family_for(sd3)
+    assert family.name == "sd3" and family_for(sd3.transformer) is family
+    assert family.denoiser(sd3) is sd3.transformer and family.text_context((), {}) is None
+    calls = _transformer_calls(sd3, lambda: _image(sd3))
+    assert len(calls) == 2
+    call = calls[0]
+    # the text tokens: 77 CLIP + 256 T5 (the pipeline's max_sequence_length), side by side in one tensor
+    assert call["encoder_hidden_states"].shape == (2, family.text_tokens, 96) and family.text_tokens == 333
+    # the timestep is the float the flow-matching scheduler hands out (sigma · 1000), the same for the whole batch
+    t = family.timestep((), call)
+    assert t.dtype == torch.float32 and t.shape == (2,) and float(t[0]) == float(sd3.scheduler.timesteps[0])
+    assert int(family.timestep((), calls[1])[0]) == int(sd3.scheduler.timesteps[1])
+    # the dummy call has the pipeline's keys and shapes, and runs the transformer
+    dummy = family.dummy_call(sd3.transformer.config, 2, (16, 16))
+    tensors = {k: v for k, v in call.items() if torch.is_tensor(v)}
+    assert {k: (v.shape, v.dtype) for k, v in dummy.items()} == {k: (v.shape, v.dtype) for k, v in tensors.items()}
+    assert sd3.transformer(**dummy).sample.shape == (2, 16, 16, 16)
+    with torch.device("meta"):
+        meta = family.build(sd3.transformer.config)
+    assert meta(**family.dummy_call(meta.config, 1, (8, 24), 20, device="meta")).sample.shape == (1, 16, 8, 24)
+
+
+def test_without_t5_the_pipeline_pads_zeros_of_the_same_length(sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    no_t5 = StableDiffusion3Pipeline(**{**sd3.components, "text_encoder_3": None, "tokenizer_3": None})
+    no_t5.set_progress_bar_config(disable=True)
+    family = family_for(no_t5)
+    assert [t.encoder for t in family.text_towers(no_t5)] == [sd3.text_encoder, sd3.text_encoder_2]
+    assert len(family.text_towers(sd3)) == 3 and family.text_towers(sd3)[2].encoder is sd3.text_encoder_3
+    text = _transformer_calls(no_t5, lambda: _image(no_t5))[0]["encoder_hidden_states"]
+    assert text.shape[1] == family.text_tokens and (text[:, 77:] == 0).all() and text[:, :77].abs().sum() > 0
+
+
+@pytest.mark.parametrize("guidance_scale", [None, 1.0])
+def test_the_calibration_loop_runs_the_pipeline_on_seeded_latents(sd3, guidance_scale):
+    from slimdiff.calibrate import CalibrationConfig
+    from slimdiff.families.sd import seeded_latents
+
+    config = CalibrationConfig(steps=3, guidance_scale=guidance_scale)
+    loop = family_for(sd3).calibration_loop(sd3, config)
+    calls = _transformer_calls(sd3, lambda: loop(PROMPTS[:2], [5, 9]))
+    assert len(calls) == 3
+    latents = seeded_latents(sd3.transformer, sd3.vae_scale_factor, config, [5, 9])
+    first = calls[0]["hidden_states"]
+    if guidance_scale is None:  # the pipeline's own guidance (SD3: 7.0): unconditional and conditional halves
+        assert sd3.guidance_scale == 7.0 and first.shape[0] == 4
+        assert torch.equal(first[:2], latents) and torch.equal(first[2:], latents)
+    else:  # guidance 1: no unconditional half
+        assert first.shape[0] == 2 and torch.equal(first, latents)
+    # seeded per prompt: a prompt's trajectory does not depend on its batch (its latent at the last step)
+    alone = _transformer_calls(sd3, lambda: loop(PROMPTS[1:2], [9]))
+    assert torch.allclose(alone[-1]["hidden_states"][0], calls[-1]["hidden_states"][1], atol=1e-5)
+
+
+# --- SlimSet and local folders -------------------------------------------------------------------------------------
+
+
+def test_slimset_embeds_prompts_with_all_three_towers(sd3):
+    from slimdiff.prompts import read_prompts
+    from slimdiff.slimset import _prompt_embedding, select_slimset, text_embedder
+
+    normalize = torch.nn.functional.normalize
+    vectors = text_embedder(sd3, batch_size=4)(PROMPTS)
+    parts = [normalize(_prompt_embedding(t.tokenizer, t.encoder, PROMPTS), dim=-1)
+             for t in family_for(sd3).text_towers(sd3)]
+    # CLIP-L's and CLIP-G's pooled projections (32 + 32) and the T5's masked token mean (96), each normalised
+    assert [p.shape[1] for p in parts] == [32, 32, 96]
+    assert torch.allclose(vectors, normalize(torch.cat(parts, -1), dim=-1), atol=1e-6)
+    with torch.no_grad():
+        ids = sd3.tokenizer(PROMPTS[:1], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert torch.allclose(parts[0][0], normalize(sd3.text_encoder(ids).text_embeds[0], dim=-1), atol=1e-6)
+    pool = read_prompts(limit=40)
+    picked = select_slimset(pool, text_embedder(sd3, batch_size=16)(pool), 6)
+    again = select_slimset(pool, text_embedder(build_builtin("builtin:tiny-sd3"))(pool), 6)
+    assert picked == again and len(set(picked.prompts)) == 6
+
+
+def test_an_sd3_pipeline_folder_loads_with_or_without_t5(sd3, tmp_path):
+    sd3.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / "pipe"))
+    assert type(loaded) is type(sd3) and not loaded.transformer.training
+    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        saved, back = getattr(sd3, name).state_dict(), getattr(loaded, name).state_dict()
+        assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved), name
+    assert (_image(loaded) == _image(sd3)).all()
+    # SD3 without its T5 tower (folders saved without it, or whose index lists none): zeros in its place
+    for name in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(tmp_path / "pipe" / name)
+    no_t5 = load_pipeline(str(tmp_path / "pipe"))
+    assert no_t5.text_encoder_3 is None and no_t5.tokenizer_3 is None
+    assert not (_image(no_t5) == _image(sd3)).all()
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2", "tokenizer_3"])
+def test_an_incomplete_sd3_folder_is_one_line(sd3, component, tmp_path):
+    folder = tmp_path / "pipe"
+    sd3.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / component)
+    with pytest.raises(SlimDiffError, match=rf"StableDiffusion3Pipeline folder without {component} ") as err:
+        load_pipeline(str(folder))
+    assert "\n" not in str(err.value)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, component: [None, None]}))
+    with pytest.raises(SlimDiffError, match=f"without {component} "):
+        load_pipeline(str(folder))
+
+
+# --- the slim class --------------------------------------------------------------------------------------------------
+
+
+def test_the_slim_sd3_class_is_registered_and_needs_a_plan():
+    import inspect
+
+    from diffusers import SD3Transformer2DModel
+
+    import slimdiff
+    from slimdiff.configs import TINY_SD3_TRANSFORMER
+    from slimdiff.slim_models import SLIM_CLASSES, SlimSD3Transformer2DModel, slim_class_for
+
+    assert slimdiff.SlimSD3Transformer2DModel is SlimSD3Transformer2DModel
+    assert SLIM_CLASSES["SlimSD3Transformer2DModel"] is SlimSD3Transformer2DModel
+    assert SlimSD3Transformer2DModel.dense_class is SD3Transformer2DModel
+    assert "slimdiff.SlimSD3Transformer2DModel.from_pretrained" in SlimSD3Transformer2DModel.dense_loader_stop[
+        "quant_method"]
+    assert {"joint_attention_dim", "pos_embed_max_size", "rank_plan"} <= set(
+        inspect.signature(SlimSD3Transformer2DModel.__init__).parameters)
+    assert slim_class_for(SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)) is SlimSD3Transformer2DModel
+    with pytest.raises(SlimDiffError, match="SlimSD3Transformer2DModel needs a rank_plan"):
+        SlimSD3Transformer2DModel.from_config(dict(TINY_SD3_TRANSFORMER))
+
+
+# --- export and engines ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_folder(tmp_path_factory):
+    """An ONNX Runtime engine of the dense tiny-sd3 transformer over a range of image sizes (16-48 px)."""
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.export.shapes import parse_profiles
+
+    folder = tmp_path_factory.mktemp("sd3-engine")
+    profiles = parse_profiles("1:2:4", "16:32:48", "16:32:48", "333", vae_scale=2, multiple=8)
+    _, sidecar = build_denoiser_engine(build_builtin("builtin:tiny-sd3").transformer, "ort", folder,
+                                       profiles=profiles, dtype=torch.float32, device="cpu", multiple=8)
+    return folder, sidecar
+
+
+def test_the_family_declares_the_transformer_export(sd3):
+    from slimdiff.export.modules import denoiser_component
+
+    component = denoiser_component(sd3.transformer)
+    assert component.name == "transformer" and component.attention_modules == 2
+    assert [(s.name, s.dims, s.dtype) for s in component.inputs] == [
+        ("hidden_states", ("batch", 16, "height", "width"), "model"), ("timestep", ("batch",), "float32"),
+        ("encoder_hidden_states", ("batch", "text_len", 96), "model"), ("pooled_projections", ("batch", 64), "model")]
+    assert family_for(sd3).static_axes == () and family_for(sd3).default_text_len(sd3) == "333"
+    x, t, text, pooled = component.random_inputs({"batch": 2, "height": 8, "width": 16, "text_len": 20},
+                                                  torch.float32, seed=1)
+    with torch.no_grad():
+        ref = sd3.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled,
+                              return_dict=False)[0]
+        assert torch.equal(component.module(x, t, text, pooled), ref)
+        assert not torch.allclose(component.module(x, t, text, pooled.flip(0)), ref, atol=1e-3)
+
+
+def test_the_onnx_engine_answers_as_the_transformer_at_several_sizes(engine_folder, sd3):
+    from slimdiff.runtime import EnginePixArtTransformer, EngineSD3Transformer
+
+    folder, sidecar = engine_folder
+    # every joint attention is one fused Attention op; parity checked at two latent sizes through one graph
+    assert sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 2
+    assert sidecar["parity"]["max_rel_error"] <= 1e-4 and len(sidecar["parity"]["shapes"]) == 2
+    engine = EngineSD3Transformer.from_folder(folder)
+    assert engine.meta["family"] == "sd3" and engine.config.joint_attention_dim == 96
+    gen = torch.Generator().manual_seed(5)
+    # the position table is cropped around its centre for each latent size: one graph serves them all
+    for batch, h, w in ((2, 16, 16), (1, 24, 8), (4, 8, 24)):
+        call = dict(hidden_states=torch.randn(batch, 16, h, w, generator=gen),
+                    timestep=torch.rand(batch, generator=gen) * 1000,
+                    encoder_hidden_states=torch.randn(batch, 333, 96, generator=gen),
+                    pooled_projections=torch.randn(batch, 64, generator=gen), return_dict=False)
+        with torch.no_grad():
+            ref = sd3.transformer(**call)[0]
+        got = engine(**call)[0]
+        assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    with pytest.raises(SlimDiffError, match="do not support joint_attention_kwargs, skip_layers"):
+        engine(**call, joint_attention_kwargs={"scale": 0.5}, skip_layers=[0])
+    with pytest.raises(SlimDiffError, match=r"outside this engine's shapes"):
+        engine(**{**call, "hidden_states": torch.randn(batch, 16, 32, 32)})
+    with pytest.raises(SlimDiffError, match="is a sd3 'transformer' engine, not one EnginePixArtTransformer drives"):
+        EnginePixArtTransformer.from_folder(folder)
+
+
+def test_the_engine_in_the_pipeline_makes_the_pytorch_image(engine_folder):
+    from slimdiff.runtime import EngineSD3Transformer, use_engine
+
+    folder, _ = engine_folder
+    pipe = build_builtin("builtin:tiny-sd3")
+    reference = _image(pipe)[0]
+    engine = use_engine(pipe, folder)
+    assert pipe.transformer is engine and isinstance(engine, EngineSD3Transformer)
+    image = _image(pipe)[0]
+    assert image.shape == reference.shape == (32, 32, 3)
+    assert np.abs(image - reference).max() < 1e-3
+    assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
+    with pytest.raises(SlimDiffError, match="not built for this pipeline's transformer"):
+        use_engine(build_builtin("builtin:tiny-pixart"), folder)
