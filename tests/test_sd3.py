@@ -259,6 +259,7 @@ def engine_folder(tmp_path_factory):
 
 def test_the_family_declares_the_transformer_export(sd3):
     from slimdiff.export.modules import denoiser_component
+    from slimdiff.families import check_measures
 
     component = denoiser_component(sd3.transformer)
     assert component.name == "transformer" and component.attention_modules == 2
@@ -266,6 +267,9 @@ def test_the_family_declares_the_transformer_export(sd3):
         ("hidden_states", ("batch", 16, "height", "width"), "model"), ("timestep", ("batch",), "float32"),
         ("encoder_hidden_states", ("batch", "text_len", 96), "model"), ("pooled_projections", ("batch", 64), "model")]
     assert family_for(sd3).static_axes == () and family_for(sd3).default_text_len(sd3) == "333"
+    for command in ("slimdiff bench", "slimdiff eval"):
+        with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on StableDiffusion3Pipeline"):
+            check_measures(sd3, command)
     x, t, text, pooled = component.random_inputs({"batch": 2, "height": 8, "width": 16, "text_len": 20},
                                                   torch.float32, seed=1)
     with torch.no_grad():
