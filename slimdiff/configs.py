@@ -165,13 +165,14 @@ SD3_VAE = dict(SDXL_VAE, latent_channels=16, use_quant_conv=False, use_post_quan
 SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 # SD3's structure at toy width: two MMDiT blocks (the last one context_pre_only, as diffusers builds every SD3
-# transformer), 4 heads of 8, the tiny VAE with SD3's 16 latent channels (latent 16×16 for 32 px images). The text
+# transformer), 2 heads of 16 (so that attention ranks can drop below the head width at the allocator's alignment
+# of 8), the tiny VAE with SD3's 16 latent channels (latent 16×16 for 32 px images). The text
 # towers are tiny-xl's two CLIPs (32 wide, 32-wide projections: pooled 64) and a T5 v1.1 encoder 96 wide. SD3's
 # pipeline zero-pads the side-by-side CLIP token states to the T5 width before it appends the T5 tokens, so
 # joint_attention_dim (the T5 width) must exceed the CLIP widths' sum, as SD3's 4096 exceeds 768 + 1280: 96 > 64.
 TINY_SD3_TRANSFORMER = dict(
-    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-    num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
+    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
     pos_embed_max_size=24, dual_attention_layers=(), qk_norm=None,
 )
 TINY_SD3_TEXT = TINY_XL_TEXT

@@ -30,7 +30,7 @@ from slimdiff.decompose import (
 )
 from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
 from slimdiff.models import _seeded
-from slimdiff.rebuild import load_slim_weights
+from slimdiff.rebuild import load_slim_weights, resize_site
 from slimdiff.serialization import load_slim, save_slim, save_slim_pipeline
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
 from slimdiff.slim_models import slim_class_for
@@ -71,6 +71,9 @@ class FamilyConformance:
     # layout, calibrated and slimmed like the class's own (the exporter's time grows with the graph). None: the
     # class's own slim denoiser.
     export_config: dict | None = None
+    # The attention kinds of the family's blocks: the closed-form check takes a Q·K site of the last kind and a V·O
+    # site of the first.
+    attentions: tuple[str, ...] = (SELF, CROSS)
 
     @classmethod
     def make_pipeline(cls):
@@ -118,7 +121,7 @@ class FamilyConformance:
         assert family_for(pipe).name == family_for(self.denoiser(pipe)).name == self.family
         sites = module_sites(self.denoiser(pipe))
         assert {s.kind for s in sites} == {FFN, QK, VO}
-        assert {s.attention for s in sites if s.kind != FFN} == {SELF, CROSS}
+        assert {s.attention for s in sites if s.kind != FFN} == set(self.attentions)
 
     def test_full_rank_reproduces_the_model(self, calibrated):
         pipe, stats = calibrated
@@ -141,15 +144,22 @@ class FamilyConformance:
         config = SlimConfig(vo_statistic="value", ridge_qk=1e-9, ridge_vo=1e-9)
         sites = module_sites(unet)
         picked = [next(s for s in sites if s.kind == FFN),
-                  next(s for s in sites if s.kind == QK and s.attention == CROSS),
-                  next(s for s in sites if s.kind == VO and s.attention == SELF)]
+                  next(s for s in sites if s.kind == QK and s.attention == self.attentions[-1]),
+                  next(s for s in sites if s.kind == VO and s.attention == self.attentions[0])]
         analyses = analyze_sites(unet, stats, picked)
         as64 = lambda t: t.detach().double()  # noqa: E731
         for site in picked:
             rank = max(1, site.width // 2)
             result = decompose_site(unet, analyses[site.name], rank, config)
             lin = site_linears(unet, site)
-            new = {role: result.tensors[f"{site.block}.{path}.weight"] for role, path in lin.names.items()}
+            # the rebuilt weights as the closed forms see them (a joint attention's streams stacked): the site's
+            # Linears in a float64 copy resized to the rank and loaded with the new weights
+            rebuilt = copy.deepcopy(unet).double()
+            resize_site(rebuilt, site, rank)
+            load_slim_weights(rebuilt, result.tensors)
+            new_lin = site_linears(rebuilt, site)
+            roles = {FFN: ("proj", "down"), QK: ("q", "k"), VO: ("v", "out")}[site.kind]
+            new = {role: as64(getattr(new_lin, role).weight) for role in roles}
             inputs = analyses[site.name].inputs
             if site.kind == FFN:
                 moment = regularise(inputs["moment"], config.ridge_ffn)
@@ -165,7 +175,7 @@ class FamilyConformance:
                 q, k, new_q, sigma_x = as64(lin.q.weight), as64(lin.k.weight), new["q"], inputs["sigma_x"]
                 if lin.q.bias is not None:  # the query bias rides on a constant-1 input coordinate
                     q, sigma_x = with_bias_coordinate(q, as64(lin.q.bias), sigma_x, inputs["mean_x"])
-                    new_q = torch.cat([new_q, result.tensors[f"{site.block}.{lin.names['q']}.bias"][:, None]], 1)
+                    new_q = torch.cat([new_q, as64(new_lin.q.bias)[:, None]], 1)
                 args = (sigma_x, inputs["sigma_y"], site.heads)
                 measured = qk_measured_error(q, k, new_q, new["k"], *args)
                 total = qk_measured_error(q, k, q[:site.heads] * 0, k[:site.heads] * 0, *args)
@@ -324,3 +334,22 @@ class TestPixArt(FamilyConformance):
         from slimdiff.models import build_builtin
 
         return build_builtin("builtin:tiny-pixart")
+
+
+class TestSD3(FamilyConformance):
+    """Stable Diffusion 3: builtin:tiny-sd3 — MMDiT blocks (diffusers' JointTransformerBlock; the last one
+    context_pre_only): one joint attention over the image and text tokens, whose Q·K and V·O sites span both streams
+    (to the closed forms a self-attention on the direct sum of the streams' inputs, biases on constant-1
+    coordinates), image and text feed-forwards, adaLN-Zero gated updates; three text towers, pooled projections, a
+    float flow-matching timestep. No block has a cross-attention: the text reaches the image through the joint
+    attention, so every attention site is a self-attention."""
+
+    family = "sd3"
+    image_px = 32
+    attentions = (SELF,)
+
+    @classmethod
+    def make_pipeline(cls):
+        from slimdiff.models import build_builtin
+
+        return build_builtin("builtin:tiny-sd3")

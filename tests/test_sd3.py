@@ -105,6 +105,23 @@ def test_sd3_medium_shape_has_the_published_geometry_on_the_meta_device():
     assert sum(p.numel() for p in meta_unet(config).parameters()) == sum(p.numel() for p in transformer.parameters())
 
 
+def test_sd3_medium_shape_macs_are_the_mmdit_arithmetic():
+    # What `slimdiff bench --macs-only builtin:sd3-medium-shape` counts, against the MMDiT's arithmetic at 1024²:
+    # 64² image tokens and 333 text tokens per call; every block's image stream, all but the last block's text
+    # stream (context_pre_only: its text tokens get keys and values, no queries' outputs, no feed-forward)
+    from slimdiff.bench.macs import count_macs, meta_unet
+    from slimdiff.models import BUILTIN_DENOISER_CONFIGS
+
+    macs = count_macs(meta_unet(BUILTIN_DENOISER_CONFIGS["builtin:sd3-medium-shape"]), 1, (128, 128))
+    d, image, text, layers = 1536, 64 * 64, 333, 24
+    assert macs.ffn == 8 * d * d * (layers * image + (layers - 1) * text)
+    # q, k, v and the output projection per stream (the last block's text stream: q, k, v only)
+    assert macs.attn1_proj == 4 * d * d * (layers * image + (layers - 1) * text) + 3 * d * d * text
+    assert macs.attn1_products == 2 * (image + text) ** 2 * d * layers  # QKᵀ and AV over the joint tokens
+    assert macs.attn2_proj == macs.attn2_products == 0  # no cross-attention: the text is in the joint attention
+    assert macs.transformer / macs.total > 0.998
+
+
 # --- the family ----------------------------------------------------------------------------------------------------
 
 
@@ -241,20 +258,77 @@ def test_the_slim_sd3_class_is_registered_and_needs_a_plan():
         SlimSD3Transformer2DModel.from_config(dict(TINY_SD3_TRANSFORMER))
 
 
+# --- slimming ------------------------------------------------------------------------------------------------------
+
+
+def test_calibrate_and_slim_commands_make_a_slim_sd3_pipeline(sd3, tmp_path, capsys):
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    from slimdiff.cli import main
+    from slimdiff.families.mmdit import SlimJointAttnProcessor
+    from slimdiff.slim_models import SlimSD3Transformer2DModel
+
+    stats, out, saved = tmp_path / "stats", tmp_path / "slim", tmp_path / "pipe"
+    assert main(["calibrate", "--model", "builtin:tiny-sd3", "--num-prompts", "3", "--pass1-prompts", "1",
+                 "--steps", "2", "--out", str(stats)]) == 0
+    assert main(["slim", "--model", "builtin:tiny-sd3", "--stats", str(stats), "--budget", "0.3", "--out", str(out),
+                 "--save-pipeline", str(saved)]) == 0
+    assert "SlimSD3Transformer2DModel" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert all(f"transformer_blocks.{name}" in table for name in ("0.attn.vo", "0.ff_context", "1.attn.qk", "1.ff"))
+    pipe = load_pipeline(str(out))  # the pipeline it was slimmed from, with the slim transformer in it
+    assert isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.transformer, SlimSD3Transformer2DModel)
+    plan = pipe.transformer.slim_plan
+    assert plan.params_removed == (sum(p.numel() for p in sd3.transformer.parameters())
+                                   - sum(p.numel() for p in pipe.transformer.parameters())) > 0
+    narrowed = [name for name, e in plan.modules.items() if e.kind != "ffn" and e.rank < e.width]
+    assert narrowed and all(isinstance(pipe.transformer.get_submodule(n.rsplit(".", 1)[0]).processor,
+                                       SlimJointAttnProcessor) for n in narrowed)
+    image = _image(pipe)
+    assert image.shape == (1, 32, 32, 3) and not (image == _image(sd3)).all()
+    loaded = DiffusionPipeline.from_pretrained(saved)  # plain diffusers, the slim class imported
+    assert isinstance(loaded.transformer, SlimSD3Transformer2DModel)
+    loaded.set_progress_bar_config(disable=True)
+    assert (_image(loaded) == image).all()
+
+
+def test_slim_pipeline_slims_the_transformer_in_place():
+    import slimdiff
+    from slimdiff.calibrate import CalibrationConfig
+
+    pipe = build_builtin("builtin:tiny-sd3")
+    before = sum(p.numel() for p in pipe.transformer.parameters())
+    report = slimdiff.slim_pipeline(pipe, slimdiff.SlimConfig(budget=0.3), prompts=PROMPTS[:3], num_prompts=3,
+                                    calibration=CalibrationConfig(steps=2, pass1_prompts=1), progress=False)
+    after = sum(p.numel() for p in pipe.transformer.parameters())
+    assert before - after == report.plan.params_removed > 0
+    assert set(report.plan.modules) == {s.name for s in slimdiff.models.module_sites(build_builtin(
+        "builtin:tiny-sd3").transformer)}
+    assert _image(pipe).std() > 0
+
+
 # --- export and engines ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def engine_folder(tmp_path_factory):
-    """An ONNX Runtime engine of the dense tiny-sd3 transformer over a range of image sizes (16-48 px)."""
-    from slimdiff.engines.build import build_denoiser_engine
-    from slimdiff.export.shapes import parse_profiles
+def exported(tmp_path_factory):
+    """``(folder, stdout)`` of one ``slimdiff-export --model builtin:tiny-sd3 --engine ort`` run (dense and slim
+    engines over the default range of image sizes, 16-48 px)."""
+    import contextlib
+    import io
 
-    folder = tmp_path_factory.mktemp("sd3-engine")
-    profiles = parse_profiles("1:2:4", "16:32:48", "16:32:48", "333", vae_scale=2, multiple=8)
-    _, sidecar = build_denoiser_engine(build_builtin("builtin:tiny-sd3").transformer, "ort", folder,
-                                       profiles=profiles, dtype=torch.float32, device="cpu", multiple=8)
-    return folder, sidecar
+    from export_support import FAST_CALIBRATION
+
+    from slimdiff.cli import export as cli
+
+    out = tmp_path_factory.mktemp("sd3") / "engines"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["--model", "builtin:tiny-sd3", "--engine", "ort", "--out", str(out), "--budget", "0.3",
+                       *FAST_CALIBRATION])
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue()
 
 
 def test_the_family_declares_the_transformer_export(sd3):
@@ -268,7 +342,7 @@ def test_the_family_declares_the_transformer_export(sd3):
         ("encoder_hidden_states", ("batch", "text_len", 96), "model"), ("pooled_projections", ("batch", 64), "model")]
     assert family_for(sd3).static_axes == () and family_for(sd3).default_text_len(sd3) == "333"
     for command in ("slimdiff bench", "slimdiff eval"):
-        with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on StableDiffusion3Pipeline"):
+        with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on StableDiffusion3"):
             check_measures(sd3, command)
     x, t, text, pooled = component.random_inputs({"batch": 2, "height": 8, "width": 16, "text_len": 20},
                                                   torch.float32, seed=1)
@@ -279,15 +353,35 @@ def test_the_family_declares_the_transformer_export(sd3):
         assert not torch.allclose(component.module(x, t, text, pooled.flip(0)), ref, atol=1e-3)
 
 
-def test_the_onnx_engine_answers_as_the_transformer_at_several_sizes(engine_folder, sd3):
+@pytest.mark.slow
+def test_export_builds_verified_dense_and_slim_transformer_engines(exported):
+    out, stdout = exported
+    report = json.loads((out / "export.json").read_text())
+    assert report["denoiser"] == "transformer"
+    assert report["pytorch_components"] == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
+    # a range of image sizes (16-48 px: latent 8-24) and the pipeline's 333 text tokens
+    assert report["profiles"] == [{"batch": [1, 2, 4], "height": [8, 16, 24], "width": [8, 16, 24],
+                                   "text_len": [333, 333, 333]}]
+    assert [(r["variant"], r["file"]) for r in report["rows"]] == [("dense", "dense/transformer.ort.onnx"),
+                                                                   ("slim", "slim/transformer.ort.onnx")]
+    assert all(r["max_rel_error"] <= 1e-4 for r in report["rows"])
+    assert report["rows"][1]["parameters"] < report["rows"][0]["parameters"]
+    assert "slim transformer:" in stdout
+    for variant in ("dense", "slim"):
+        sidecar = json.loads((out / variant / "transformer.onnx.json").read_text())
+        # every joint attention is one fused Attention op; parity checked at two latent sizes through one graph
+        assert sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 2
+        assert sidecar["parity"]["max_rel_error"] <= 1e-4 and len(sidecar["parity"]["shapes"]) == 2
+        meta = json.loads((out / variant / "transformer.engine.json").read_text())
+        assert meta["family"] == "sd3" and meta["output_dims"][:2] == ["batch", 16]
+
+
+def test_the_onnx_engine_answers_as_the_transformer_at_several_sizes(exported, sd3):
     from slimdiff.runtime import EnginePixArtTransformer, EngineSD3Transformer
 
-    folder, sidecar = engine_folder
-    # every joint attention is one fused Attention op; parity checked at two latent sizes through one graph
-    assert sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 2
-    assert sidecar["parity"]["max_rel_error"] <= 1e-4 and len(sidecar["parity"]["shapes"]) == 2
-    engine = EngineSD3Transformer.from_folder(folder)
-    assert engine.meta["family"] == "sd3" and engine.config.joint_attention_dim == 96
+    out, _ = exported
+    engine = EngineSD3Transformer.from_folder(out / "dense")
+    assert engine.config.joint_attention_dim == 96 and engine.in_channels == engine.out_channels == 16
     gen = torch.Generator().manual_seed(5)
     # the position table is cropped around its centre for each latent size: one graph serves them all
     for batch, h, w in ((2, 16, 16), (1, 24, 8), (4, 8, 24)):
@@ -304,20 +398,21 @@ def test_the_onnx_engine_answers_as_the_transformer_at_several_sizes(engine_fold
     with pytest.raises(SlimDiffError, match=r"outside this engine's shapes"):
         engine(**{**call, "hidden_states": torch.randn(batch, 16, 32, 32)})
     with pytest.raises(SlimDiffError, match="is a sd3 'transformer' engine, not one EnginePixArtTransformer drives"):
-        EnginePixArtTransformer.from_folder(folder)
+        EnginePixArtTransformer.from_folder(out / "dense")
 
 
-def test_the_engine_in_the_pipeline_makes_the_pytorch_image(engine_folder):
+@pytest.mark.parametrize("variant", ["dense", "slim"])
+def test_the_engine_in_the_pipeline_makes_the_pytorch_image(exported, variant):
     from slimdiff.runtime import EngineSD3Transformer, use_engine
 
-    folder, _ = engine_folder
-    pipe = build_builtin("builtin:tiny-sd3")
+    out, _ = exported
+    pipe = load_pipeline("builtin:tiny-sd3" if variant == "dense" else str(out / "slim-unet"))
     reference = _image(pipe)[0]
-    engine = use_engine(pipe, folder)
+    engine = use_engine(pipe, out / variant)
     assert pipe.transformer is engine and isinstance(engine, EngineSD3Transformer)
     image = _image(pipe)[0]
     assert image.shape == reference.shape == (32, 32, 3)
     assert np.abs(image - reference).max() < 1e-3
     assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
     with pytest.raises(SlimDiffError, match="not built for this pipeline's transformer"):
-        use_engine(build_builtin("builtin:tiny-pixart"), folder)
+        use_engine(build_builtin("builtin:tiny-pixart"), out / variant)

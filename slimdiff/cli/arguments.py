@@ -7,8 +7,9 @@ import argparse
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
-                        "folder (SD or SDXL) or a .safetensors checkpoint")
+                   help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-pixart, builtin:tiny-sd3, the "
+                        "*-shape models...), a diffusers pipeline folder (SD, SDXL, PixArt, SD3) or a .safetensors "
+                        "checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
@@ -25,7 +26,8 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the pipeline's own — SD 7.5, SDXL 5.0, PixArt 4.5)")
+                   help="classifier-free guidance scale (default: the pipeline's own — SD 7.5, SDXL 5.0, PixArt 4.5, "
+                        "SD3 7.0)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
     p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")

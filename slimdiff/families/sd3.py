@@ -1,7 +1,7 @@
 """The Stable Diffusion 3 family: ``StableDiffusion3Pipeline`` and its ``SD3Transformer2DModel`` (MMDiT).
 
-The denoiser is ``pipe.transformer``, called as ``transformer(hidden_states=…, timestep=…, encoder_hidden_states=…,
-pooled_projections=…)``. What calibration and export must know about the call:
+The denoiser is ``pipe.transformer``, called as ``transformer(hidden_states=…, timestep=…,
+encoder_hidden_states=…, pooled_projections=…)``. What calibration and export must know about the call:
 
 * ``timestep`` is a float, the flow-matching sigma times 1000 (``FlowMatchEulerDiscreteScheduler``): calibration
   indexes its statistics by its integer part;
