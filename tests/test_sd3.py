@@ -308,6 +308,30 @@ def test_slim_pipeline_slims_the_transformer_in_place():
     assert _image(pipe).std() > 0
 
 
+def test_an_sd35_medium_style_transformer_slims_through_the_same_family(sd3):
+    # SD3.5 Medium: RMS q/k norms in every attention, a second image-only attention in the first blocks
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    import slimdiff
+    from slimdiff.calibrate import CalibrationConfig
+    from slimdiff.configs import TINY_SD3_TRANSFORMER
+    from slimdiff.models import _seeded
+
+    config = dict(TINY_SD3_TRANSFORMER, dual_attention_layers=(0,), qk_norm="rms_norm")
+    transformer = _seeded(0, lambda: SD3Transformer2DModel(**config)).eval().requires_grad_(False)
+    pipe = StableDiffusion3Pipeline(**{**sd3.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    assert family_for(pipe).name == "sd3"
+    dense = _image(pipe)
+    report = slimdiff.slim_pipeline(pipe, slimdiff.SlimConfig(budget=0.3), prompts=PROMPTS[:3], num_prompts=3,
+                                    calibration=CalibrationConfig(steps=2, pass1_prompts=1), progress=False)
+    plan = report.plan.modules
+    assert "transformer_blocks.0.attn2.vo" in plan and not [name for name in plan if name.endswith(".qk")]
+    assert report.plan.params_removed > 0
+    image = _image(pipe)
+    assert image.shape == dense.shape and not (image == dense).all()
+
+
 # --- export and engines ------------------------------------------------------------------------------------------
 
 
