@@ -154,8 +154,8 @@ def run_macs_only(args) -> None:
         print(f"{args.model}, latent {latent[0]}×{latent[1]}, synthetic plans (uniform scores), budgets = "
               f"fractions of the {unit}, align {args.align}; shapes only (meta device)")
         if share is not None:
-            print(f"transformer blocks (FFN + self- and cross-attention): {100 * share:.1f} % of the dense denoiser's "
-                  f"{dense['total'] / 1e9:.1f} GMAC per call at batch {rows[0]['batch']}")
+            print(f"transformer blocks (FFNs and attentions; 'self': self- or joint attention): {100 * share:.1f} % "
+                  f"of the dense denoiser's {dense['total'] / 1e9:.1f} GMAC per call at batch {rows[0]['batch']}")
         print(f"{'budget':>6} {'batch':>5} {'params M':>9} {'removed M':>9} {'GMAC':>9} {'FFN':>7} {'self proj':>9} "
               f"{'self QK/AV':>10} {'cross':>7} {'other':>8} {'ideal ×':>8}")
         for r in rows:
