@@ -377,8 +377,22 @@ def test_the_family_declares_the_transformer_export(sd3):
         assert not torch.allclose(component.module(x, t, text, pooled.flip(0)), ref, atol=1e-3)
 
 
+def test_sizes_beyond_the_position_table_are_refused_before_any_work(tmp_path, capsys):
+    from slimdiff.cli import export as cli
+
+    # tiny-sd3: a 24² position table of 2-pixel patches serves latents up to 48 (96 px with the tiny VAE)
+    assert cli.main(["--model", "builtin:tiny-sd3", "--engine", "ort", "--out", str(tmp_path / "o"),
+                     "--height", "32:64:112", "--width", "32"]) == 2
+    # (transformers may warn on first import that torchvision is absent: not slimdiff's output)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[transformers]")]
+    assert len(err) == 1 and "latent height of up to 56" in err[0] and "at most 48" in err[0]
+    assert "--height" in err[0] and not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_export_builds_verified_dense_and_slim_transformer_engines(exported):
+    from slimdiff.engines.trt import optimization_profiles
+
     out, stdout = exported
     report = json.loads((out / "export.json").read_text())
     assert report["denoiser"] == "transformer"
@@ -398,6 +412,11 @@ def test_export_builds_verified_dense_and_slim_transformer_engines(exported):
         assert sidecar["parity"]["max_rel_error"] <= 1e-4 and len(sidecar["parity"]["shapes"]) == 2
         meta = json.loads((out / variant / "transformer.engine.json").read_text())
         assert meta["family"] == "sd3" and meta["output_dims"][:2] == ["batch", 16]
+        # what a TensorRT build would take: one optimization profile over batch and image size
+        trt = optimization_profiles(sidecar)[0]
+        assert trt["hidden_states"] == ((1, 16, 8, 8), (2, 16, 16, 16), (4, 16, 24, 24))
+        assert trt["encoder_hidden_states"] == ((1, 333, 96), (2, 333, 96), (4, 333, 96))
+        assert trt["pooled_projections"] == ((1, 64), (2, 64), (4, 64))
 
 
 def test_the_onnx_engine_answers_as_the_transformer_at_several_sizes(exported, sd3):

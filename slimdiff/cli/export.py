@@ -251,7 +251,8 @@ def run(args) -> list[dict]:
     from .. import engines
     from ..serialization import atomic_output_dir, commit_output_dir
     from ..export.onnx import OPSETS
-    from ..export.shapes import check_static, default_flags, latent_multiple, parse_profiles
+    from ..export.modules import component_axes, denoiser_component
+    from ..export.shapes import check_static, default_flags, latent_multiple, parse_profiles, union
     from ..families import family_for
 
     start = time.perf_counter()
@@ -289,6 +290,8 @@ def run(args) -> list[dict]:
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
                                   vae_scale=vae_scale, multiple=multiple)
         check_static(profiles, family.static_axes, type(reference).__name__)
+        # what the denoiser's graph can serve, before any slow work
+        component_axes(denoiser_component(reference), union(profiles), {"height": multiple, "width": multiple})
         status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
         build = {"profiles": profiles, "kind": args.engine, "device": device, "dtype": dtype, "opset": opset,
                  "multiple": multiple}

@@ -25,6 +25,8 @@ class Component:
     inputs: list[ExportInput]
     output: str  # the one output's name; its shape is read off the exported graph
     clip: dict[str, int] = field(default_factory=dict)  # axis caps (the text encoder's positions)
+    # axis maxima the component cannot serve beyond (a DiT's stored position table): a range past one is refused
+    limits: dict[str, tuple[int, str]] = field(default_factory=dict)
     attention_modules: int = 0  # SDPA calls per forward: what a fused export must turn into Attention ops
 
     def torch_dtype(self, spec: ExportInput, model_dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +98,19 @@ def denoiser_component(denoiser: nn.Module) -> Component:
     family = family_for(denoiser)
     return Component(family.component, _Denoiser(denoiser, family).eval(),
                      inputs=list(family.export_inputs(denoiser.config)), output="out_sample",
-                     attention_modules=count_attention(denoiser))
+                     attention_modules=count_attention(denoiser), limits=position_table_limits(denoiser.config))
+
+
+def position_table_limits(config) -> dict[str, tuple[int, str]]:
+    """The latent height/width a DiT whose patch embedding crops a stored position table (diffusers' ``PatchEmbed``
+    with ``pos_embed_max_size``: SD3) can serve, with the reason: PyTorch refuses a larger latent, and an exported
+    graph would slice outside the table."""
+    patches = config.get("pos_embed_max_size")
+    if not patches:
+        return {}
+    latent = patches * int(config.get("patch_size") or 1)
+    why = f"its position table covers {patches} patches of {config.get('patch_size')} a side"
+    return {"height": (latent, why), "width": (latent, why)}
 
 
 
@@ -134,6 +148,10 @@ def component_axes(component: Component, full: Profile, multiples: dict[str, int
         if axis not in used:
             continue
         r = full.axis(axis)
+        limit, why = component.limits.get(axis, (None, ""))
+        if limit is not None and r.max > limit:
+            raise SlimDiffError(f"{component.name}: a latent {axis} of up to {r.max} is asked for, but {why}: at most "
+                                f"{limit}; ask for a smaller --{axis}")
         cap = component.clip.get(axis)
         if cap is not None:
             if r.min > cap:
