@@ -181,6 +181,17 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_latents(sd3, guidance_
     assert torch.allclose(alone[-1]["hidden_states"][0], calls[-1]["hidden_states"][1], atol=1e-5)
 
 
+def test_an_image_size_the_pipeline_cannot_sample_is_refused_before_calibration(sd3, tmp_path, capsys):
+    from slimdiff.calibrate import CalibrationConfig
+    from slimdiff.cli import main
+
+    with pytest.raises(SlimDiffError, match=r"image width 34 px: StableDiffusion3Pipeline takes multiples of 4 px"):
+        family_for(sd3).calibration_loop(sd3, CalibrationConfig(height=32, width=34))
+    assert main(["calibrate", "--model", "builtin:tiny-sd3", "--num-prompts", "2", "--pass1-prompts", "1", "--steps",
+                 "2", "--resolution", "30", "--out", str(tmp_path / "stats")]) == 2
+    assert "image height 30 px" in capsys.readouterr().err and not (tmp_path / "stats").exists()
+
+
 # --- SlimSet and local folders -------------------------------------------------------------------------------------
 
 

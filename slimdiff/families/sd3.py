@@ -24,6 +24,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import nn
 
+from ..errors import SlimDiffError
 from .base import FAMILIES, MODEL_DTYPE, TIMESTEP, DenoiserFamily, ExportInput, TextTower
 from .sd import guidance, seeded_latents
 
@@ -91,6 +92,13 @@ class SD3Family(DenoiserFamily):
         return str(self.text_tokens)
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        # the pipeline checks the image size only once it samples: refused here, before any work
+        vae, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size
+        for axis, size in (("height", config.height), ("width", config.width)):
+            if size is not None and size % (vae * patch):
+                raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes multiples of {vae * patch} "
+                                    f"px (VAE scale {vae} × patch size {patch})")
+
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
             scale = pipe.vae_scale_factor
             latents = seeded_latents(pipe.transformer, scale, config, seeds)
