@@ -340,6 +340,8 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
 
 PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 SD3_PIPELINE = "StableDiffusion3Pipeline"
+#: Folders of these classes hold the same components and load as the text-to-image pipeline.
+SD3_PIPELINES = (SD3_PIPELINE, "StableDiffusion3Img2ImgPipeline")
 
 
 def _model_index(path: Path, source: str) -> dict:
@@ -357,8 +359,9 @@ def _has_component(path: Path, component: str, index: dict | None = None) -> boo
 
 def _pipeline_class(path: Path, source: str):
     """The diffusers pipeline class that loads the folder: ``StableDiffusionXLPipeline`` for an SDXL base folder
-    (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt and
-    SD3, ``StableDiffusionPipeline`` otherwise; one line for folders slimdiff cannot calibrate."""
+    (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt,
+    ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``StableDiffusionPipeline`` otherwise; one line
+    for folders slimdiff cannot calibrate."""
     import diffusers
 
     index = _model_index(path, source)
@@ -376,7 +379,10 @@ def _pipeline_class(path: Path, source: str):
                                 "needs the transformer, the T5 text encoder and its tokenizer): the folder is "
                                 "incomplete")
         return getattr(diffusers, cls_name)
-    if cls_name == SD3_PIPELINE:
+    if cls_name.startswith("StableDiffusion3") and cls_name not in SD3_PIPELINES:
+        raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates SD3 through its text-to-image "
+                            f"pipeline: pass a {' or '.join(SD3_PIPELINES)} folder")
+    if cls_name in SD3_PIPELINES:
         # Calibration runs the pipeline on prompts: the transformer and both CLIP towers are needed. The T5 tower
         # may be left out (the pipeline then conditions on zeros in its place), but not half of it.
         missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")

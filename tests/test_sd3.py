@@ -231,6 +231,20 @@ def test_an_sd3_pipeline_folder_loads_with_or_without_t5(sd3, tmp_path):
     assert not (_image(no_t5) == _image(sd3)).all()
 
 
+@pytest.mark.parametrize("cls_name", ["StableDiffusion3Img2ImgPipeline", "StableDiffusion3ControlNetPipeline"])
+def test_other_sd3_pipeline_folders(sd3, cls_name, tmp_path):
+    folder = tmp_path / "pipe"
+    sd3.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": cls_name}))
+    if cls_name == "StableDiffusion3Img2ImgPipeline":  # the same components: loads as the text-to-image pipeline
+        assert type(load_pipeline(str(folder))) is type(sd3)
+        return
+    with pytest.raises(SlimDiffError, match=f"is a {cls_name} folder; slimdiff calibrates SD3 through its "
+                                            "text-to-image pipeline"):
+        load_pipeline(str(folder))
+
+
 @pytest.mark.parametrize("component", ["transformer", "text_encoder_2", "tokenizer_3"])
 def test_an_incomplete_sd3_folder_is_one_line(sd3, component, tmp_path):
     folder = tmp_path / "pipe"
