@@ -187,8 +187,10 @@ def test_an_image_size_the_pipeline_cannot_sample_is_refused_before_calibration(
 
     with pytest.raises(SlimDiffError, match=r"image width 34 px: StableDiffusion3Pipeline takes multiples of 4 px"):
         family_for(sd3).calibration_loop(sd3, CalibrationConfig(height=32, width=34))
-    assert main(["calibrate", "--model", "builtin:tiny-sd3", "--num-prompts", "2", "--pass1-prompts", "1", "--steps",
-                 "2", "--resolution", "30", "--out", str(tmp_path / "stats")]) == 2
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:3]))
+    assert main(["calibrate", "--model", "builtin:tiny-sd3", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--num-prompts", "2", "--pass1-prompts", "1", "--steps", "2", "--resolution", "30",
+                 "--out", str(tmp_path / "stats")]) == 2
     assert "image height 30 px" in capsys.readouterr().err and not (tmp_path / "stats").exists()
 
 
@@ -294,8 +296,9 @@ def test_calibrate_and_slim_commands_make_a_slim_sd3_pipeline(sd3, tmp_path, cap
     from slimdiff.slim_models import SlimSD3Transformer2DModel
 
     stats, out, saved = tmp_path / "stats", tmp_path / "slim", tmp_path / "pipe"
-    assert main(["calibrate", "--model", "builtin:tiny-sd3", "--num-prompts", "3", "--pass1-prompts", "1",
-                 "--steps", "2", "--out", str(stats)]) == 0
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))  # a small pool: SlimSet picks 3 of its 6
+    assert main(["calibrate", "--model", "builtin:tiny-sd3", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--num-prompts", "3", "--pass1-prompts", "1", "--steps", "2", "--out", str(stats)]) == 0
     assert main(["slim", "--model", "builtin:tiny-sd3", "--stats", str(stats), "--budget", "0.3", "--out", str(out),
                  "--save-pipeline", str(saved)]) == 0
     assert "SlimSD3Transformer2DModel" in capsys.readouterr().out
@@ -372,10 +375,12 @@ def exported(tmp_path_factory):
     from slimdiff.cli import export as cli
 
     out = tmp_path_factory.mktemp("sd3") / "engines"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))  # a small pool: SlimSet's choice is tested on its own
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = cli.main(["--model", "builtin:tiny-sd3", "--engine", "ort", "--out", str(out), "--budget", "0.3",
-                       *FAST_CALIBRATION])
+                       *FAST_CALIBRATION, "--prompts", str(prompts)])
     assert rc == 0, stderr.getvalue()
     return out, stdout.getvalue()
 
