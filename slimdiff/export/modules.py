@@ -98,20 +98,7 @@ def denoiser_component(denoiser: nn.Module) -> Component:
     family = family_for(denoiser)
     return Component(family.component, _Denoiser(denoiser, family).eval(),
                      inputs=list(family.export_inputs(denoiser.config)), output="out_sample",
-                     attention_modules=count_attention(denoiser), limits=position_table_limits(denoiser.config))
-
-
-def position_table_limits(config) -> dict[str, tuple[int, str]]:
-    """The latent height/width a DiT whose patch embedding crops a stored position table (diffusers' ``PatchEmbed``
-    with ``pos_embed_max_size``: SD3) can serve, with the reason: PyTorch refuses a larger latent, and an exported
-    graph would slice outside the table."""
-    patches = config.get("pos_embed_max_size")
-    if not patches:
-        return {}
-    latent = patches * int(config.get("patch_size") or 1)
-    why = f"its position table covers {patches} patches of {config.get('patch_size')} a side"
-    return {"height": (latent, why), "width": (latent, why)}
-
+                     attention_modules=count_attention(denoiser), limits=family.export_limits(denoiser.config))
 
 
 def text_encoder_component(text_encoder) -> Component:

@@ -760,6 +760,11 @@ class DenoiserFamily(ABC):
         engines compute)."""
         raise SlimDiffError(f"the {self.name!r} family declares no export call: its denoiser cannot be exported")
 
+    def export_limits(self, config: Any) -> dict[str, tuple[int, str]]:
+        """Axis maxima an exported denoiser cannot serve beyond, each with the reason (``slimdiff-export`` refuses a
+        range past one before any work): none by default."""
+        return {}
+
     def default_text_len(self, pipe: Any) -> str:
         """The ``--text-len`` range engines of this family are built for when none is given (MIN:OPT:MAX)."""
         return "77:77:154"

@@ -87,6 +87,16 @@ class SD3Family(DenoiserFamily):
         return transformer(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                            pooled_projections=pooled_projections, return_dict=False)[0]
 
+    def export_limits(self, config: Any) -> dict[str, tuple[int, str]]:
+        # PatchEmbed crops a stored position table of pos_embed_max_size patches a side: PyTorch refuses a larger
+        # latent, and an exported graph would slice outside the table
+        patches = config.get("pos_embed_max_size")
+        if not patches:
+            return {}
+        latent = patches * int(config.get("patch_size") or 1)
+        why = f"its position table covers {patches} patches of {config.get('patch_size')} a side"
+        return {"height": (latent, why), "width": (latent, why)}
+
     def default_text_len(self, pipe: Any) -> str:
         # CLIP's 77 tokens and the T5 prompt padded to max_sequence_length: one length
         return str(self.text_tokens)
