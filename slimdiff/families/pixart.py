@@ -24,7 +24,7 @@ from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransforme
 from torch import nn
 
 from .base import FAMILIES, KEEP_MASK, MODEL_DTYPE, TIMESTEP, ConditionInput, DenoiserFamily, ExportInput, TextTower
-from .sd import guidance, seeded_latents
+from .sd import sampling_loop
 
 #: PixArt-α's pipeline pads its prompts to this many tokens (PixArt-Σ's: :attr:`PixArtFamily.text_tokens`).
 ALPHA_TEXT_TOKENS = 120
@@ -110,14 +110,7 @@ class PixArtFamily(DenoiserFamily):
         return str(ALPHA_TEXT_TOKENS if isinstance(pipe, PixArtAlphaPipeline) else self.text_tokens)
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            scale = pipe.vae_scale_factor
-            latents = seeded_latents(pipe.transformer, scale, config, seeds)
-            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
-                 output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale,
-                 use_resolution_binning=False, clean_caption=False)
-
-        return run
+        return sampling_loop(pipe, pipe.transformer, config, use_resolution_binning=False, clean_caption=False)
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder)]

@@ -33,6 +33,19 @@ def guidance(config: Any) -> dict:
     return {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
 
 
+def sampling_loop(pipe: Any, denoiser: nn.Module, config: Any,
+                  **call_options: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: ``pipe``'s own sampling of one batch of prompts from :func:`seeded_latents` at
+    ``config``'s steps, size and guidance, to latents (``call_options``: what a pipeline's call needs beyond)."""
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        scale = pipe.vae_scale_factor
+        latents = seeded_latents(denoiser, scale, config, seeds)
+        pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
+             output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale, **call_options)
+
+    return run
+
+
 @FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd"})
 class StableDiffusionFamily(DenoiserFamily):
     """``unet(sample, timestep, encoder_hidden_states)``; one CLIP text tower; the pipeline's own sampler."""
@@ -82,13 +95,7 @@ class StableDiffusionFamily(DenoiserFamily):
                     return_dict=False)[0]
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            scale = pipe.vae_scale_factor
-            latents = seeded_latents(pipe.unet, scale, config, seeds)
-            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
-                 output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale)
-
-        return run
+        return sampling_loop(pipe, pipe.unet, config)
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder)]

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import SlimDiffError
 from .base import FAMILIES, MODEL_DTYPE, TIMESTEP, DenoiserFamily, ExportInput, TextTower
-from .sd import guidance, seeded_latents
+from .sd import sampling_loop
 
 #: CLIP's 77 tokens, then the T5 prompt padded to the pipeline's default ``max_sequence_length``.
 CLIP_TOKENS, T5_TOKENS = 77, 256
@@ -108,14 +108,7 @@ class SD3Family(DenoiserFamily):
             if size is not None and size % (vae * patch):
                 raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes multiples of {vae * patch} "
                                     f"px (VAE scale {vae} × patch size {patch})")
-
-        def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            scale = pipe.vae_scale_factor
-            latents = seeded_latents(pipe.transformer, scale, config, seeds)
-            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
-                 output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale)
-
-        return run
+        return sampling_loop(pipe, pipe.transformer, config)
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         towers = [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
