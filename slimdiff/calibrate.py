@@ -239,7 +239,7 @@ class _Collector:
                 self.acc.add(AttentionGrams.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
             if self.mode != "pass2":
                 return
-            moment = _moment(x)
+            moment = _moment(x) if tap.input_moment is None else tap.input_moment(args, kwargs)
             if (path, QK) in self.site_names:  # none where queries and keys are normalised per head (qk_norm)
                 w = self._step_weight(path, QK)
                 self.acc.add(AttentionStatistics.key(path, "qk_moment"), w * moment)

@@ -96,6 +96,16 @@ def test_stream_stacks_are_the_per_stream_projections_on_the_direct_sum():
     torch.testing.assert_close(z @ out.weight.T + out.bias, torch.cat([attn.to_out[0](z), attn.to_add_out(z)], 1))
 
 
+def test_the_joint_moment_is_the_block_diagonal_of_the_streams_moments():
+    block = _block()
+    tap = next(t for t in block_adapter(block).taps(block) if t.sublayer == "attn")
+    inputs = {"hidden_states": torch.randn(2, 6, DIM), "encoder_hidden_states": torch.randn(2, 3, DIM)}
+    tokens, context = tap.read_inputs((), inputs)
+    assert context is None  # to the math, a self-attention
+    dense = tokens.reshape(-1, tokens.shape[-1]).double()
+    torch.testing.assert_close(tap.input_moment((), inputs), dense.T @ dense, rtol=1e-12, atol=1e-12)
+
+
 def test_joint_linears_name_every_stream_s_parameters():
     block = _block()
     adapter = block_adapter(block)

@@ -162,6 +162,18 @@ def joint_tokens(*streams: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, -2)
 
 
+def joint_moment(*streams: torch.Tensor) -> torch.Tensor:
+    """Σ x xᵀ over :func:`joint_tokens` of ``streams``, in float64: block-diagonal (the streams' coordinates never
+    share a token), each block the moment of one stream's tokens with their constant-1 coordinate — a quarter of
+    the products of the dense moment for two streams of equal width."""
+    blocks = []
+    for s in streams:
+        x = s.reshape(-1, s.shape[-1]).double()
+        x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        blocks.append(x.T @ x)
+    return torch.block_diag(*blocks)
+
+
 @dataclass(frozen=True)
 class StreamStack:
     """The Linears of one input role (query, key or value) of a joint attention, one per stream, as one bias-free
@@ -342,6 +354,9 @@ class SublayerTaps:
     read_inputs: Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | None]] = hidden_and_context
     context_keep: Callable[[tuple, dict], torch.Tensor | None] = context_keep_mask
     gate: Callable[[tuple, dict], torch.Tensor | tuple[torch.Tensor, ...]] | None = None
+    # the float64 moment Σ x xᵀ of what ``read_inputs`` returns, computed from the call's arguments where the adapter
+    # knows a cheaper way than the product of the tokens (a joint attention's is block-diagonal); None: that product
+    input_moment: Callable[[tuple, dict], torch.Tensor] | None = None
 
 
 ATTENTION = "attention"

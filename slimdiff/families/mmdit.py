@@ -55,6 +55,7 @@ from .base import (
     SublayerTaps,
     VOLinears,
     hidden_and_context,
+    joint_moment,
     joint_tokens,
 )
 from .blocks import _linear, _row_cost, ffn_linears, ffn_site, set_ffn_linear
@@ -107,6 +108,10 @@ def _joint_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, None]:
     """The joint attention's tokens in the direct sum of its streams' inputs: to the math, a self-attention."""
     image, text = hidden_and_context(args, kwargs)
     return joint_tokens(image, text), None
+
+
+def _joint_input_moment(args: tuple, kwargs: dict) -> torch.Tensor:
+    return joint_moment(*hidden_and_context(args, kwargs))
 
 
 def _ada_zero_gates(norms: tuple[nn.Module, ...], chunk: int) -> Callable[[tuple, dict], tuple[torch.Tensor, ...]]:
@@ -224,7 +229,8 @@ class JointTransformerBlockAdapter(BlockAdapter):
             _ATTN, ATTENTION, residuals=norms, update=attn, update_streams=len(norms), attention=attn,
             head_outputs=(attn.to_out[0],) if pre_only else (attn.to_out[0], attn.to_add_out),
             query=StreamStack((attn.to_q, attn.add_q_proj)), key=StreamStack((attn.to_k, attn.add_k_proj)),
-            heads=attn.heads, read_inputs=_joint_inputs, gate=_ada_zero_gates(norms, _GATE_MSA))]
+            heads=attn.heads, read_inputs=_joint_inputs, input_moment=_joint_input_moment,
+            gate=_ada_zero_gates(norms, _GATE_MSA))]
         if block.attn2 is not None:
             attn2 = block.attn2
             taps.append(SublayerTaps(
