@@ -2,9 +2,9 @@
 
 One mechanism, :class:`SlimModelMixin`, serves every dense diffusers model class slimdiff slims; each slim class
 is a declaration ``class SlimX(SlimModelMixin, X)`` — :class:`SlimUNet2DConditionModel` (SD-1.x/2.x, SDXL),
-:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ) and :class:`SlimSD3Transformer2DModel` (SD3) — registered in :data:`SLIM_CLASSES` by its name, which is
-the ``_class_name`` of the folders it writes. A slim class is its dense class whose config carries
-``rank_plan``; building it from that config gives every compressible Linear the plan's width, so diffusers' own
+:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ) and :class:`SlimSD3Transformer2DModel` (SD3) — registered in
+:data:`SLIM_CLASSES` by its name, which is the ``_class_name`` of the folders it writes. A slim class is its dense
+class whose config carries ``rank_plan``; building it from that config gives every compressible Linear the plan's width, so diffusers' own
 ``from_pretrained`` / ``save_pretrained`` / ``from_config`` work unchanged, and a pipeline folder whose
 ``model_index.json`` names ``["slimdiff.slim_models", "SlimUNet2DConditionModel"]`` (or a DiT's slim class) loads
 with ``DiffusionPipeline.from_pretrained`` once this module is imported (``from slimdiff import

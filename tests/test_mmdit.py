@@ -72,6 +72,11 @@ def test_sites_of_a_joint_block():
     normed = [s.name for s in adapter.sites("b", _block(qk_norm="rms_norm"))]
     assert normed == ["b.attn.vo", "b.ff", "b.ff_context"]  # the norm sits between the Q·K factors
 
+    unbiased = _block()
+    unbiased.attn.add_k_proj = torch.nn.Linear(DIM, DIM, bias=False)
+    with pytest.raises(SlimDiffError, match="bias-free"):  # refused before any calibration
+        adapter.sites("b", unbiased)
+
     dual = {s.name: s for s in adapter.sites("b", _block(**DUAL))}
     assert list(dual) == ["b.attn.vo", "b.attn2.vo", "b.ff", "b.ff_context"]
     assert dual["b.attn2.vo"].unit_params == HEADS * ((DIM + 1) + DIM)  # one stream: to_v row, to_out column

@@ -87,6 +87,39 @@ def _row_cost(lin: nn.Linear) -> int:
     return lin.in_features + (1 if lin.bias is not None else 0)
 
 
+# -- a diffusers Attention (to_q, to_k, to_v, to_out.0) ----------------------------------------------------------
+
+
+def attention_sites(path: str, name: str, role: str, attn: nn.Module, qk: bool = True) -> list[ModuleSite]:
+    """The Q·K (unless ``qk`` is False: queries and keys normalised per head) and V·O sites of the diffusers
+    ``Attention`` at ``<path>.<name>``, a ``role`` (SELF / CROSS) attention."""
+    where = f"{path}.{name}"
+    q = _linear(attn.to_q, f"{where}.to_q")
+    k = _linear(attn.to_k, f"{where}.to_k")
+    v = _linear(attn.to_v, f"{where}.to_v")
+    o = _linear(attn.to_out[0], f"{where}.to_out.0")
+    heads = attn.heads
+    if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
+        raise SlimDiffError(f"{where}: projections of widths {q.out_features}/{k.out_features}/"
+                            f"{v.out_features} do not split into {heads} equal heads")
+    vo = ModuleSite(f"{where}.vo", VO, path, name, v.out_features // heads, heads,
+                    heads * (_row_cost(v) + o.out_features), sublayer=name, attention=role)
+    if not qk:
+        return [vo]
+    return [ModuleSite(f"{where}.qk", QK, path, name, q.out_features // heads, heads,
+                       heads * (_row_cost(q) + _row_cost(k)), sublayer=name, attention=role), vo]
+
+
+def attention_unit_macs(attn: nn.Module, site: ModuleSite, queries: int, keys: int) -> int:
+    """MACs per sample removed per unit of ``site``'s rank in a diffusers ``Attention`` of ``queries`` query and
+    ``keys`` key/value tokens: the projections and the attention products."""
+    if site.kind == QK:
+        per_head = attn.to_q.in_features * queries + attn.to_k.in_features * keys + queries * keys
+    else:
+        per_head = attn.to_v.in_features * keys + attn.to_out[0].out_features * queries + queries * keys
+    return site.heads * per_head
+
+
 # -- diffusers FeedForward (``net[0]`` GEGLU/GELU holding ``proj`` → dropout → ``net[2]``), at any sublayer path --
 
 
@@ -179,7 +212,6 @@ class BasicTransformerBlockAdapter(BlockAdapter):
 
     @staticmethod
     def _attention_sites(path: str, name: str, role: str, attn: nn.Module) -> list[ModuleSite]:
-        where = f"{path}.{name}"
         unsupported = [
             flag for flag, bad in (
                 ("qk_norm", getattr(attn, "norm_q", None) is not None),
@@ -190,20 +222,8 @@ class BasicTransformerBlockAdapter(BlockAdapter):
             ) if bad
         ]
         if unsupported:
-            raise SlimDiffError(f"{where}: attention with {', '.join(unsupported)} is not supported")
-        q = _linear(attn.to_q, f"{where}.to_q")
-        k = _linear(attn.to_k, f"{where}.to_k")
-        v = _linear(attn.to_v, f"{where}.to_v")
-        o = _linear(attn.to_out[0], f"{where}.to_out.0")
-        heads = attn.heads
-        if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
-            raise SlimDiffError(f"{where}: projections of widths {q.out_features}/{k.out_features}/"
-                                f"{v.out_features} do not split into {heads} equal heads")
-        qk = ModuleSite(f"{where}.qk", QK, path, name, q.out_features // heads, heads,
-                        heads * (_row_cost(q) + _row_cost(k)), sublayer=name, attention=role)
-        vo = ModuleSite(f"{where}.vo", VO, path, name, v.out_features // heads, heads,
-                        heads * (_row_cost(v) + o.out_features), sublayer=name, attention=role)
-        return [qk, vo]
+            raise SlimDiffError(f"{path}.{name}: attention with {', '.join(unsupported)} is not supported")
+        return attention_sites(path, name, role, attn)
 
     # --- weights ----------------------------------------------------------------------------------------
 
@@ -253,11 +273,5 @@ class BasicTransformerBlockAdapter(BlockAdapter):
     def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
         if site.kind == FFN:  # the FFN runs on the block's tokens, the query tokens of its self-attention
             return site.unit_params * tokens("attn1")[0]
-        attn = getattr(block, site.attn)
-        lq, lk = tokens(site.attn)
-        if site.kind == QK:
-            per_head = attn.to_q.in_features * lq + attn.to_k.in_features * lk + lq * lk
-        else:
-            per_head = attn.to_v.in_features * lk + attn.to_out[0].out_features * lq + lq * lk
-        return site.heads * per_head
+        return attention_unit_macs(getattr(block, site.attn), site, *tokens(site.attn))
 

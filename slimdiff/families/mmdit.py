@@ -58,7 +58,7 @@ from .base import (
     joint_moment,
     joint_tokens,
 )
-from .blocks import _linear, _row_cost, ffn_linears, ffn_site, set_ffn_linear
+from .blocks import _linear, _row_cost, attention_sites, attention_unit_macs, ffn_linears, ffn_site, set_ffn_linear
 
 _ATTN = "attn"
 _FFNS = ("ff", "ff_context")
@@ -143,6 +143,10 @@ class JointTransformerBlockAdapter(BlockAdapter):
         roles = {role: [_linear(attn.get_submodule(name), f"{where}.{name}") for name in self._streams(attn, role)]
                  for role in _PROJECTIONS}
         q, k, v = roles["q"], roles["k"], roles["v"]
+        if any(lin.bias is None for lin in q + k + v):
+            # the direct sum gives every stream a constant coordinate, whose factor a bias-free Linear cannot hold
+            raise SlimDiffError(f"{where}: a joint attention with bias-free q/k/v projections is not supported "
+                                "(diffusers' MMDiT blocks have biases)")
         heads = attn.heads
         if len({lin.out_features for lin in q + k}) != 1 or len({lin.out_features for lin in v}) != 1 \
                 or q[0].out_features % heads or v[0].out_features % heads:
@@ -155,28 +159,11 @@ class JointTransformerBlockAdapter(BlockAdapter):
                                 heads * (sum(_row_cost(lin) for lin in v) + sum(o.out_features for o in roles["out"])),
                                 sublayer=_ATTN, attention=SELF))
         if block.attn2 is not None:
-            sites.extend(self._image_attention_sites(path, block.attn2))
+            if getattr(block.attn2, "add_q_proj", None) is not None:
+                raise SlimDiffError(f"{path}.{_ATTN2}: a second joint attention is not supported")
+            # an image-only self-attention; SD3.5 Medium normalises its queries and keys: no Q·K site then
+            sites.extend(attention_sites(path, _ATTN2, SELF, block.attn2, qk=block.attn2.norm_q is None))
         sites.extend(ffn_site(path, name, getattr(block, name)) for name in self._ffns(block))
-        return sites
-
-    @staticmethod
-    def _image_attention_sites(path: str, attn: nn.Module) -> list[ModuleSite]:
-        """The sites of a dual-attention block's second attention, a plain self-attention of the image tokens (its
-        Q·K is normalised in SD3.5 Medium: no Q·K site then)."""
-        where = f"{path}.{_ATTN2}"
-        if getattr(attn, "add_q_proj", None) is not None:
-            raise SlimDiffError(f"{where}: a second joint attention is not supported")
-        q, k = _linear(attn.to_q, f"{where}.to_q"), _linear(attn.to_k, f"{where}.to_k")
-        v, out = _linear(attn.to_v, f"{where}.to_v"), _linear(attn.to_out[0], f"{where}.to_out.0")
-        heads = attn.heads
-        if q.out_features != k.out_features or q.out_features % heads or v.out_features % heads:
-            raise SlimDiffError(f"{where}: projections do not split into {heads} equal heads")
-        sites = []
-        if attn.norm_q is None:
-            sites.append(ModuleSite(f"{where}.qk", QK, path, _ATTN2, q.out_features // heads, heads,
-                                    heads * (_row_cost(q) + _row_cost(k)), sublayer=_ATTN2, attention=SELF))
-        sites.append(ModuleSite(f"{where}.vo", VO, path, _ATTN2, v.out_features // heads, heads,
-                                heads * (_row_cost(v) + out.out_features), sublayer=_ATTN2, attention=SELF))
         return sites
 
     @staticmethod
@@ -249,10 +236,7 @@ class JointTransformerBlockAdapter(BlockAdapter):
         if site.kind == FFN:
             return site.unit_params * tokens(site.sublayer)[0]
         if site.attn == _ATTN2:  # a self-attention of the image tokens
-            image, attn2 = tokens(_ATTN2)[0], block.attn2
-            if site.kind == QK:
-                return site.heads * ((attn2.to_q.in_features + attn2.to_k.in_features) * image + image * image)
-            return site.heads * ((attn2.to_v.in_features + attn2.to_out[0].out_features) * image + image * image)
+            return attention_unit_macs(block.attn2, site, *tokens(_ATTN2))
         attn = block.attn
         joint = tokens(_ATTN)[0]  # image + text tokens
         image = tokens("ff")[0]
