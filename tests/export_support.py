@@ -105,7 +105,8 @@ FAST_CALIBRATION = ["--num-prompts", "4", "--steps", "2", "--pass1-prompts", "2"
 
 def cached_cli_export(tmp_path_factory):
     """``(root, stdout)`` of one ``slimdiff-export`` run per test run: builtin:tiny to ONNX Runtime, dense and slim
-    engines in ``root/engines``, and a python-mode Triton repository in ``root/repo``. The command-line tests and
+    engines in ``root/engines`` (the dense one built in a second process: ``--jobs 2``), and a python-mode Triton
+    repository in ``root/repo``. The command-line tests and
     the Triton tests read the same run (the first worker to need it runs it under a file lock); nobody may change
     its files."""
     if "cli" not in _CACHE:
@@ -119,7 +120,7 @@ def cached_cli_export(tmp_path_factory):
                 stdout, stderr = io.StringIO(), io.StringIO()
                 with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                     rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(root / "engines"),
-                                   "--triton-repo", str(root / "repo"), "--triton-mode", "python",
+                                   "--triton-repo", str(root / "repo"), "--triton-mode", "python", "--jobs", "2",
                                    *FAST_CALIBRATION])
                 assert rc == 0, stderr.getvalue()
                 printed.write_text(stdout.getvalue())  # written last: its presence says the run finished

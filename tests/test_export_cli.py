@@ -3,10 +3,11 @@ non-zero exit, nothing half-written."""
 
 import importlib.util
 import json
+import multiprocessing
 
 import pytest
 import torch
-from export_support import TWO_LEVEL_UNET, cached_cli_export, slim_tiny_unet
+from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, cached_cli_export, slim_tiny_unet
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.cli import export as cli
@@ -166,6 +167,27 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
     assert rc == 2
     assert "simulated failure" in _one_error_line(capsys.readouterr().err)
     assert _nothing_written(out)
+
+
+def test_a_second_process_reports_its_error_and_ends_with_the_command(tmp_path, capsys, monkeypatch):
+    """``--jobs 2``: the dense engine's process hands its error back as the command's, and when the command fails
+    first (here the slim engine's build) it ends that process and leaves nothing behind."""
+    with pytest.raises(SlimDiffError, match="no-such-model"):
+        cli._SecondProcess(cli._load_model, "builtin:no-such-model").result()
+
+    def fail_after_writing(args, variant, unet, plan, folder, **kwargs):
+        folder.mkdir()
+        (folder / "unet.onnx").write_bytes(b"half an export")
+        raise SlimDiffError(f"simulated failure while building the {variant} engine")
+
+    monkeypatch.setattr(cli, "_build_variant", fail_after_writing)  # in this process only: the slim variant's
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--jobs", "2",
+                   *FAST_CALIBRATION])
+    assert rc == 2
+    assert "simulated failure while building the slim engine" in _one_error_line(capsys.readouterr().err)
+    assert _nothing_written(out)
+    assert not multiprocessing.active_children()
 
 
 def test_table_formatting():

@@ -32,6 +32,7 @@ import argparse
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from ..errors import SlimDiffError
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--slim-only", action="store_true", help="skip the dense engine")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                   help="1: build the engines one after the other (default); 2: build the dense engine in a second "
+                        "process while the model is slimmed and its slim engine built — faster with spare cores, "
+                        "but a second copy of the dense model is held in memory")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; trt needs cuda)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", dest="fp16", action="store_true", default=None,
@@ -174,6 +179,66 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
     save_slim(unet, plan, folder)
 
 
+def _dense_variant_in_process(args, folder: Path, build: dict, threads: int) -> dict:
+    """The dense variant built in a second process (``--jobs 2``), from the dense model loaded again from its source:
+    the first process slims its own copy in place meanwhile."""
+    import torch
+
+    from ..export import meta
+
+    meta.STATUS_TAG = "slimdiff-export, dense"
+    torch.set_num_threads(threads)
+    _, dense, _, _ = _load_model(args.model, args.config, args.variant)
+    return _build_variant(args, "dense", dense, None, folder, **build)
+
+
+def _call_and_send(send, fn, fn_args) -> None:
+    """The second process's body: ``fn(*fn_args)``'s result or exception, sent back through ``send``."""
+    try:
+        send.send((True, fn(*fn_args)))
+    except BaseException as exc:  # noqa: BLE001 — every failure goes back to the first process
+        if not isinstance(exc, SlimDiffError):
+            traceback.print_exc()  # what the first process cannot re-raise with its traceback
+        try:
+            send.send((False, exc))
+        except Exception:  # an exception that does not pickle: its text
+            send.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+class _SecondProcess:
+    """One call run in a spawned process — a fresh interpreter, safe with CUDA and with torch's thread pools — whose
+    result, or exception, :meth:`result` reads back. A process that dies without answering (killed, out of memory)
+    is an error, not a wait; :meth:`close` ends it, also when the caller failed first."""
+
+    def __init__(self, fn, *fn_args):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(target=_call_and_send, args=(send, fn, fn_args), name=fn.__name__)
+        self._process.start()
+        send.close()  # the child holds the only sending end: its death ends recv() with EOFError
+
+    def result(self):
+        try:
+            ok, value = self._receive.recv()
+        except EOFError:
+            self._process.join()
+            raise SlimDiffError(f"the second process ({self._process.name}) ended without a result "
+                                f"(exit code {self._process.exitcode})") from None
+        finally:
+            self.close()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._receive.close()
+
+
 def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
     """Load the engine via the runtime and compare it, called as its pipeline calls it, with the PyTorch denoiser
     on seeded random inputs."""
@@ -271,6 +336,7 @@ def run(args) -> list[dict]:
     out = Path(args.out)
     tmp = atomic_output_dir(out, overwrite=args.force)
     repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force) if args.triton_repo else None
+    dense_process = None
     try:
         pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant)
         slimming = _slimming_inputs(pipe, args) if slim is None else None
@@ -297,13 +363,23 @@ def run(args) -> list[dict]:
                  "multiple": multiple}
         rows = []
         if dense is not None and not args.slim_only:
-            rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
+            if args.jobs == 2:
+                threads = torch.get_num_threads()  # shared between the two processes while both run
+                status("building the dense engine in a second process (--jobs 2)")
+                dense_process = _SecondProcess(_dense_variant_in_process, args, tmp / "dense", build,
+                                               max(1, threads // 2))
+                torch.set_num_threads(max(1, threads - threads // 2))
+            else:
+                rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
         slim_folder = Path(args.model).resolve()
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming)
             slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
+        if dense_process is not None:
+            rows.insert(0, dense_process.result())
+            torch.set_num_threads(threads)
         if slim_folder == tmp / "slim-unet":
             _save_slim_unet(slim, plan, slim_folder, args)
         if repo_tmp is not None:
@@ -331,6 +407,8 @@ def run(args) -> list[dict]:
         if repo_tmp is not None:
             commit_output_dir(repo_tmp, Path(args.triton_repo))
     finally:
+        if dense_process is not None:
+            dense_process.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if repo_tmp is not None:
             shutil.rmtree(repo_tmp, ignore_errors=True)

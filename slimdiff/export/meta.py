@@ -60,6 +60,11 @@ def files_size(paths: list[Path]) -> int:
     return sum(Path(p).stat().st_size for p in paths)
 
 
+#: What progress lines start with: a second process of ``slimdiff-export`` (``--jobs 2``) names its task here, since
+#: its lines interleave with the first process's.
+STATUS_TAG = "slimdiff-export"
+
+
 def status(message: str) -> None:
     """Progress line for long steps (stderr, so tables and results on stdout stay clean)."""
-    print(f"[slimdiff-export {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    print(f"[{STATUS_TAG} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
