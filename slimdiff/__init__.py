@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_pipeline": "models", "load_unet": "models",
     "save_slim": "serialization", "load_slim": "serialization", "save_slim_pipeline": "serialization",
     "SlimUNet2DConditionModel": "slim_models", "SlimPixArtTransformer2DModel": "slim_models",
-    "SlimSD3Transformer2DModel": "slim_models",
+    "SlimSD3Transformer2DModel": "slim_models", "SlimFluxTransformer2DModel": "slim_models",
     "RankPlan": "plan", "SlimDiffError": "errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -50,6 +50,7 @@ from .families import (
     VO,
     AttentionGrams,
     AttentionStatistics,
+    ColumnBlock,
     FFNEnergies,
     FFNStatistics,
     ResidualEnergies,
@@ -224,23 +225,28 @@ class _Collector:
                 ctx = ctx[keep]  # padding the attention never reads stays out of the context's statistics
             n = _tokens(x)
             self.seq[seq_key(path)] = x.shape[-2]
-            # projections in the model's dtype (what the model computes), their Grams in float64
-            queries = torch.nn.functional.linear(x, tap.query.weight)
-            self.acc.add(AttentionGrams.key(path, "q_gram"), _head_gram(queries, tap.heads), self.t)
+            # the query and key Grams serve the Q·K site's TRQ alone: none where queries and keys are normalised
+            # per head (qk_norm, FLUX), which at FLUX.1-dev's scale would be 9 GB over 25 timesteps for nothing
+            qk = (path, QK) in self.site_names
+            if qk:  # projections in the model's dtype (what the model computes), their Grams in float64
+                queries = torch.nn.functional.linear(x, tap.query.weight)
+                self.acc.add(AttentionGrams.key(path, "q_gram"), _head_gram(queries, tap.heads), self.t)
+                keys = torch.nn.functional.linear(x if ctx is None else ctx, tap.key.weight)
             self.acc.add(AttentionGrams.key(path, "input_energy"), _energy(x), self.t)
             self.acc.add(AttentionGrams.key(path, "input_tokens"), torch.tensor(float(n)), self.t)
-            keys = torch.nn.functional.linear(x if ctx is None else ctx, tap.key.weight)
             if ctx is None:
-                self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads), self.t)
+                if qk:
+                    self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads), self.t)
             else:  # text tokens do not depend on t: one of each per module
                 self.seq[seq_key(path, context=True)] = call_ctx.shape[-2]
-                self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads))
+                if qk:
+                    self.acc.add(AttentionGrams.key(path, "k_gram"), _head_gram(keys, tap.heads))
                 self.acc.add(AttentionGrams.key(path, "context_energy"), _energy(ctx))
                 self.acc.add(AttentionGrams.key(path, "context_tokens"), torch.tensor(float(_tokens(ctx))))
             if self.mode != "pass2":
                 return
             moment = _moment(x) if tap.input_moment is None else tap.input_moment(args, kwargs)
-            if (path, QK) in self.site_names:  # none where queries and keys are normalised per head (qk_norm)
+            if qk:
                 w = self._step_weight(path, QK)
                 self.acc.add(AttentionStatistics.key(path, "qk_moment"), w * moment)
                 self.acc.add(AttentionStatistics.key(path, "qk_sum"), w * x.reshape(-1, x.shape[-1]).double().sum(0))
@@ -302,6 +308,22 @@ class _Collector:
 
         return hook
 
+    @staticmethod
+    def _input_hook(target, hook) -> torch.utils.hooks.RemovableHandle:
+        """``hook(module, args)`` on what enters ``target``: a module's input, or a column block's columns of its
+        shared Linear's input."""
+        if isinstance(target, ColumnBlock):
+            return target.linear.register_forward_pre_hook(lambda m, args: hook(m, (target.columns(args[0]),)))
+        return target.register_forward_pre_hook(hook)
+
+    @staticmethod
+    def _output_hook(target, hook) -> torch.utils.hooks.RemovableHandle:
+        """``hook(module, args, output)`` on what ``target`` outputs: a module's output, or a column block's part of
+        its shared Linear's output (computed from the Linear's input)."""
+        if isinstance(target, ColumnBlock):
+            return target.linear.register_forward_pre_hook(lambda m, args: hook(m, args, target(args[0])))
+        return target.register_forward_hook(hook)
+
     @contextmanager
     def attached(self) -> Iterator["_Collector"]:
         handles = [self.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True)]
@@ -313,15 +335,15 @@ class _Collector:
             for tap in taps:
                 sub = f"{path}.{tap.sublayer}"
                 if tap.kind == FFN:
-                    handles.append(tap.hidden.register_forward_pre_hook(self._ffn_hidden_pre(sub, tap.hidden)))
+                    handles.append(self._input_hook(tap.hidden, self._ffn_hidden_pre(sub, tap.hidden)))
                 if tap.kind == ATTENTION:
                     handles.append(tap.attention.register_forward_pre_hook(self._attn_pre(sub, tap), with_kwargs=True))
-                    handles.extend(out.register_forward_pre_hook(self._attn_out_pre(sub, tap.heads))
+                    handles.extend(self._input_hook(out, self._attn_out_pre(sub, tap.heads))
                                    for out in tap.head_outputs)
                 if self.mode == "pass2":  # the propagation factor of the module scores
                     handles.extend(res.register_forward_pre_hook(self._residual_pre(sub)) for res in tap.residuals)
-                    handles.append(tap.update.register_forward_hook(
-                        self._update_post(sub, tap.update_streams, tap.gate is not None)))
+                    handles.append(self._output_hook(
+                        tap.update, self._update_post(sub, tap.update_streams, tap.gate is not None)))
         try:
             yield self
         finally:

@@ -180,3 +180,31 @@ TINY_SD3_TEXT_2 = TINY_XL_TEXT_2
 TINY_SD3_TEXT_3 = dict(TINY_PIXART_TEXT, d_model=96, d_kv=16, d_ff=128)
 TINY_SD3_VAE = dict(TINY_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                     scaling_factor=SD3_VAE["scaling_factor"], shift_factor=SD3_VAE["shift_factor"])
+
+# FLUX.1-dev as published (black-forest-labs/FLUX.1-dev, transformer/config.json): 19 double-stream (MMDiT) blocks and
+# 38 single-stream blocks of 24 heads of 128 (inner width 3072), T5-XXL's 4096-wide tokens in, CLIP-L's pooled 768,
+# packed latents (16 VAE channels × 2×2 patches = 64 in), rotary axes 16 + 56 + 56 = 128, and the guidance
+# embedding of the guidance-distilled model (FLUX.1-schnell: the same without it). Text towers: CLIP ViT-L/14
+# (CLIPTextModel: the pooled output) and T5 v1.1 XXL's encoder; the VAE: SD3's layout with FLUX's scaling and shift.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_TEXT = SDXL_TEXT  # CLIP ViT-L/14's text model
+FLUX_TEXT_2 = PIXART_SIGMA_TEXT  # T5 v1.1 XXL encoder
+FLUX_VAE = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+# FLUX.1-dev's scheduler_config.json: flow matching whose shift follows the image's token count (dynamic shifting).
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
+
+# FLUX's structure at toy width: 2 double-stream and 2 single-stream blocks of 2 heads of 16 (rotary axes 4 + 6 + 6),
+# the guidance embedding (FLUX.1-dev's), builtin:tiny's CLIP (64 wide: pooled 64) and tiny-sd3's T5 (96 wide), the
+# tiny VAE with 16 latent channels (latent 16×16 for 32 px images: 64 packed tokens of 64 channels).
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=96, pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+TINY_FLUX_TEXT = TINY_TEXT
+TINY_FLUX_TEXT_2 = TINY_SD3_TEXT_3
+TINY_FLUX_VAE = dict(TINY_SD3_VAE, scaling_factor=FLUX_VAE["scaling_factor"], shift_factor=FLUX_VAE["shift_factor"])

@@ -1,7 +1,7 @@
 """Model loading (the map of compressible modules lives in :mod:`slimdiff.families`).
 
 Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, PixArt pipeline
-(``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``) or ``StableDiffusion3Pipeline``, or a bare
+(``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``), ``StableDiffusion3Pipeline`` or ``FluxPipeline``, or a bare
 ``UNet2DConditionModel``. Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
@@ -35,6 +35,14 @@ Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipel
   text towers with projections, T5 v1.1 XXL and the 16-channel VAE, with seeded random weights (the transformer
   2.0 B parameters, the T5 4.76 B); character-level tokenizers. Build it on the meta device where only shapes
   matter: ``build_builtin("builtin:sd3-medium-shape", device="meta")``.
+* ``builtin:tiny-flux`` — a small ``FluxPipeline`` with seeded random weights: a ``FluxTransformer2DModel`` of two
+  double-stream and two single-stream blocks with FLUX.1-dev's guidance embedding, builtin:tiny's CLIP tower, a T5
+  v1.1 encoder behind the character-level tokenizer, the tiny VAE with 16 latent channels and FLUX's flow-matching
+  Euler scheduler (dynamic shift). Its latent is 16×16 (32 px images), packed to 64 tokens.
+* ``builtin:flux-dev-shape`` — the exact public FLUX.1-dev transformer (19 double-stream and 38 single-stream
+  blocks, 24 heads of 128, guidance embedding; see :mod:`slimdiff.configs`), CLIP-L and T5 v1.1 XXL text towers and
+  the 16-channel VAE, with seeded random weights (the transformer 11.9 B parameters); character-level tokenizers.
+  Build it on the meta device: ``build_builtin("builtin:flux-dev-shape", device="meta")``.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
@@ -52,6 +60,11 @@ from pathlib import Path
 import torch
 
 from .configs import (
+    FLUX_DEV_TRANSFORMER,
+    FLUX_SCHEDULER,
+    FLUX_TEXT,
+    FLUX_TEXT_2,
+    FLUX_VAE,
     PIXART_SCHEDULER,
     PIXART_SIGMA_TEXT,
     PIXART_SIGMA_TRANSFORMER,
@@ -71,6 +84,10 @@ from .configs import (
     SDXL_TEXT_2,
     SDXL_UNET,
     SDXL_VAE,
+    TINY_FLUX_TEXT,
+    TINY_FLUX_TEXT_2,
+    TINY_FLUX_TRANSFORMER,
+    TINY_FLUX_VAE,
     TINY_PIXART_TEXT,
     TINY_PIXART_TRANSFORMER,
     TINY_SD3_TEXT,
@@ -92,7 +109,8 @@ from .families import FFN, QK, VO, ModuleSite, family_for, module_sites  # noqa:
 from .tokenization import builtin_tokenizer
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
-            "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape")
+            "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
+            "builtin:tiny-flux", "builtin:flux-dev-shape")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,10 +126,13 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:pixart-sigma-shape": {"_class_name": "PixArtTransformer2DModel", **PIXART_SIGMA_TRANSFORMER},
     "builtin:tiny-sd3": {"_class_name": "SD3Transformer2DModel", **TINY_SD3_TRANSFORMER},
     "builtin:sd3-medium-shape": {"_class_name": "SD3Transformer2DModel", **SD3_MEDIUM_TRANSFORMER},
+    "builtin:tiny-flux": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER},
+    "builtin:flux-dev-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_DEV_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 PIXART_BUILTINS = ("builtin:tiny-pixart", "builtin:pixart-sigma-shape")
 SD3_BUILTINS = ("builtin:tiny-sd3", "builtin:sd3-medium-shape")
+FLUX_BUILTINS = ("builtin:tiny-flux", "builtin:flux-dev-shape")
 
 
 def _seeded(seed: int, build):
@@ -124,13 +145,16 @@ def _seeded(seed: int, build):
 def build_builtin(name: str, device: str | torch.device | None = None):
     """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for
     :data:`XL_BUILTINS`, ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for
-    :data:`SD3_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
+    :data:`SD3_BUILTINS`, ``FluxPipeline`` for :data:`FLUX_BUILTINS`), eval mode. ``device="meta"`` builds it without
+    weights (shapes only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
     if name in PIXART_BUILTINS:
         return _build_pixart_builtin(name, device)
     if name in SD3_BUILTINS:
         return _build_sd3_builtin(name, device)
+    if name in FLUX_BUILTINS:
+        return _build_flux_builtin(name, device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -238,6 +262,32 @@ def _build_sd3_builtin(name: str, device):
     return pipe
 
 
+def _build_flux_builtin(name: str, device):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if name == "builtin:tiny-flux":
+        configs = TINY_FLUX_TRANSFORMER, TINY_FLUX_TEXT, TINY_FLUX_TEXT_2, TINY_FLUX_VAE
+    else:
+        configs = FLUX_DEV_TRANSFORMER, FLUX_TEXT, FLUX_TEXT_2, FLUX_VAE
+    transformer_cfg, text_cfg, text2_cfg, vae_cfg = configs
+    with _build_device(device):
+        transformer = _seeded(0, lambda: FluxTransformer2DModel(**transformer_cfg))
+        text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
+        text_encoder_2 = _seeded(3, lambda: T5EncoderModel(T5Config(**text2_cfg)))
+        vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER)
+    # The pipeline reads only input_ids from its tokenizers (the T5's padded to max_sequence_length): the
+    # character-level one serves the random towers, as in the other built-ins.
+    tokenizer = builtin_tokenizer()
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (transformer, text_encoder, text_encoder_2, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
@@ -340,6 +390,7 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
 
 PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 SD3_PIPELINE = "StableDiffusion3Pipeline"
+FLUX_PIPELINE = "FluxPipeline"
 #: Folders of these classes hold the same components and load as the text-to-image pipeline.
 SD3_PIPELINES = (SD3_PIPELINE, "StableDiffusion3Img2ImgPipeline")
 
@@ -360,7 +411,8 @@ def _has_component(path: Path, component: str, index: dict | None = None) -> boo
 def _pipeline_class(path: Path, source: str):
     """The diffusers pipeline class that loads the folder: ``StableDiffusionXLPipeline`` for an SDXL base folder
     (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt,
-    ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``StableDiffusionPipeline`` otherwise; one line
+    ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``FluxPipeline`` for FLUX,
+    ``StableDiffusionPipeline`` otherwise; one line
     for folders slimdiff cannot calibrate."""
     import diffusers
 
@@ -379,6 +431,15 @@ def _pipeline_class(path: Path, source: str):
                                 "needs the transformer, the T5 text encoder and its tokenizer): the folder is "
                                 "incomplete")
         return getattr(diffusers, cls_name)
+    if cls_name == FLUX_PIPELINE:
+        # calibration runs the pipeline on prompts: the transformer and both text towers are needed
+        missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+                   if not present(c)]
+        if missing:
+            raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
+                                "the transformer, the CLIP and T5 text encoders and their tokenizers): the folder is "
+                                "incomplete")
+        return diffusers.FluxPipeline
     if cls_name.startswith("StableDiffusion3") and cls_name not in SD3_PIPELINES:
         raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates SD3 through its text-to-image "
                             f"pipeline: pass a {' or '.join(SD3_PIPELINES)} folder")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import SlimDiffError
-from .families import FFN, ModuleSite, module_sites, site_adapter
+from .families import FFN, ModuleSite, assemble_column_blocks, module_sites, site_adapter
 from .families.blocks import SlimAttnProcessor  # noqa: F401  (importable from here, as before)
 from .plan import RankPlan
 
@@ -51,7 +51,9 @@ def apply_plan_shapes(unet: nn.Module, plan: RankPlan) -> nn.Module:
 
 
 def load_slim_weights(unet: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy new weights (state-dict names → tensors) into an already resized UNet; shapes must match."""
+    """Copy new weights (state-dict names → tensors; the new columns of a shared Linear's blocks are assembled
+    into its weight first) into an already resized UNet; shapes must match."""
+    tensors = assemble_column_blocks(unet, tensors)
     state = unet.state_dict()
     for key, value in tensors.items():
         if key not in state:

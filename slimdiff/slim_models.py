@@ -2,7 +2,8 @@
 
 One mechanism, :class:`SlimModelMixin`, serves every dense diffusers model class slimdiff slims; each slim class
 is a declaration ``class SlimX(SlimModelMixin, X)`` — :class:`SlimUNet2DConditionModel` (SD-1.x/2.x, SDXL),
-:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ) and :class:`SlimSD3Transformer2DModel` (SD3) — registered in
+:class:`SlimPixArtTransformer2DModel` (PixArt-α/Σ), :class:`SlimSD3Transformer2DModel` (SD3) and
+:class:`SlimFluxTransformer2DModel` (FLUX) — registered in
 :data:`SLIM_CLASSES` by its name, which is the ``_class_name`` of the folders it writes. A slim class is its dense
 class whose config carries ``rank_plan``; building it from that config gives every compressible Linear the plan's width, so diffusers' own
 ``from_pretrained`` / ``save_pretrained`` / ``from_config`` work unchanged, and a pipeline folder whose
@@ -27,7 +28,8 @@ import json
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (FluxTransformer2DModel, ModelMixin, PixArtTransformer2DModel, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from diffusers.configuration_utils import register_to_config
 
 from .errors import SlimDiffError
@@ -134,3 +136,7 @@ class SlimPixArtTransformer2DModel(SlimModelMixin, PixArtTransformer2DModel):
 
 class SlimSD3Transformer2DModel(SlimModelMixin, SD3Transformer2DModel):
     """An ``SD3Transformer2DModel`` (Stable Diffusion 3) slimmed by slimdiff (see :class:`SlimModelMixin`)."""
+
+
+class SlimFluxTransformer2DModel(SlimModelMixin, FluxTransformer2DModel):
+    """A ``FluxTransformer2DModel`` (FLUX.1-dev, FLUX.1-schnell) slimmed by slimdiff (see :class:`SlimModelMixin`)."""

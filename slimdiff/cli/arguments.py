@@ -7,9 +7,9 @@ import argparse
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-pixart, builtin:tiny-sd3, the "
-                        "*-shape models...), a diffusers pipeline folder (SD, SDXL, PixArt, SD3) or a .safetensors "
-                        "checkpoint")
+                   help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-pixart, builtin:tiny-sd3, "
+                        "builtin:tiny-flux, the *-shape models...), a diffusers pipeline folder (SD, SDXL, PixArt, "
+                        "SD3, FLUX) or a .safetensors checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
@@ -27,7 +27,7 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's own — SD 7.5, SDXL 5.0, PixArt 4.5, "
-                        "SD3 7.0)")
+                        "SD3 7.0; FLUX.1-dev: the embedded guidance, 3.5)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
     p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")

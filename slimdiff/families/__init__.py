@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SlimDiffError
@@ -37,17 +38,20 @@ from .base import (
     ModuleSite,
     NORMAL,
     QKLinears,
+    ColumnBlock,
     ResidualEnergies,
     SublayerTaps,
     TextContextMoment,
     TextTower,
     TIMESTEP,
     VOLinears,
+    column_blocks,
+    parse_column_block_key,
     stat_key,
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".mmdit", ".sd", ".sdxl", ".pixart", ".sd3")
+_BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".pixart", ".sd3", ".flux")
 _loaded = False
 
 
@@ -126,9 +130,48 @@ def site_linears(denoiser: nn.Module, site: ModuleSite):
     return adapter.linears(block, site)
 
 
+def assemble_column_blocks(denoiser: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (slim weights by key) with the new columns of each shared Linear's blocks
+    (:func:`~slimdiff.families.base.column_block_key` entries) written into that Linear's whole weight: the blocks
+    given, and the Linear's current columns for the others (a site kept at full width). The Linear must already
+    have its blocks' widths (the plan's shapes applied, or no block resized)."""
+    given: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for key, value in tensors.items():
+        parsed = parse_column_block_key(key)
+        if parsed is None:
+            out[key] = value
+        else:
+            given.setdefault(parsed[0], {})[parsed[1]] = value
+    if not given:
+        return out
+    blocks = transformer_blocks(denoiser)
+    for path, parts in given.items():
+        owner = next(((p, b, a) for p, b, a in blocks if path.startswith(p + ".")), None)
+        widths = None if owner is None else owner[2].column_blocks(owner[1]).get(path[len(owner[0]) + 1:])
+        if widths is None:
+            raise SlimDiffError(f"slim weights give column blocks of {path}, which no block shares by columns")
+        linear = denoiser.get_submodule(path)
+        ref = next(iter(parts.values()))
+        columns = []
+        for block in column_blocks(linear, widths):
+            part = parts.get(block.index)
+            if part is None:
+                part = block.weight.detach().to(device=ref.device, dtype=ref.dtype)
+            elif part.shape != block.weight.shape:
+                raise SlimDiffError(f"slim weight of column block {block.index} of {path} has shape "
+                                    f"{tuple(part.shape)}, the plan expects {tuple(block.weight.shape)}")
+            columns.append(part)
+        if f"{path}.weight" in out:
+            raise SlimDiffError(f"slim weights give both {path}.weight and column blocks of it")
+        out[f"{path}.weight"] = torch.cat(columns, 1)
+    return out
+
+
 __all__ = [
     "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
-    "BlockAdapter", "ConditionInput", "DenoiserFamily", "ExportInput", "KEEP_MASK", "NORMAL", "TIMESTEP", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
+    "BlockAdapter",
+    "ColumnBlock", "ConditionInput", "DenoiserFamily", "ExportInput", "KEEP_MASK", "NORMAL", "TIMESTEP", "FFNEnergies", "FFNLinears", "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
-    "check_measures", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
+    "assemble_column_blocks", "check_measures", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

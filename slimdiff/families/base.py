@@ -27,6 +27,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar
 
+import re
+
 import torch
 from torch import nn
 
@@ -79,13 +81,112 @@ def _parameters(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> d
     return {f"{name}.weight": weight, **({f"{name}.bias": bias} if bias is not None else {})}
 
 
+# -- a column block of a shared Linear (FLUX's single-stream blocks) --------------------------------------------
+#
+# FLUX's single-stream block projects the attention's head outputs z and the MLP's activation h side by side with
+# one Linear, ``proj_out(cat([z, h]))``: its input columns fall into blocks, each owned by one site (V·O owns z's
+# columns, the FFN h's). To the closed forms a block is the site's own output (down) projection, W_O z + W_D h being
+# the sum of the two sites' contributions; the shared bias belongs to one block. A slimmed site narrows its block:
+# the adapter rebuilds the shared Linear around it (:func:`with_column_block`, the other blocks' columns kept), the
+# site's new columns travel under :func:`column_block_key`, and :func:`slimdiff.families.assemble_column_blocks`
+# writes every block's columns into the one weight when the slim weights are loaded.
+
+
+@dataclass(frozen=True)
+class ColumnBlock:
+    """Input columns ``[start, stop)`` of ``linear``, block ``index`` of the Linear's column blocks, seen as a Linear
+    of its own: its ``weight`` is those columns, its ``bias`` the shared bias if this block ``owns_bias`` (it is
+    counted once), and calling it gives the block's part of the output, ``W[:, start:stop] x[start:stop] (+ b)``."""
+
+    linear: nn.Linear
+    start: int
+    stop: int
+    index: int
+    owns_bias: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[:, self.start:self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias if self.owns_bias else None
+
+    @property
+    def in_features(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """This block's part of an input of the shared Linear."""
+        return x[..., self.start:self.stop]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's part of the shared Linear's output for the shared Linear's input ``x``."""
+        return torch.nn.functional.linear(self.columns(x), self.weight, self.bias)
+
+
+def column_blocks(linear: nn.Linear, widths: Sequence[int], owner_of_bias: int = 0) -> list[ColumnBlock]:
+    """``linear``'s input columns as consecutive blocks of ``widths``; block ``owner_of_bias`` holds the bias."""
+    if sum(widths) != linear.in_features:
+        raise SlimDiffError(f"column blocks of widths {list(widths)} do not cover a Linear of {linear.in_features} "
+                            "input features")
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return [ColumnBlock(linear, start, start + width, i, owns_bias=i == owner_of_bias)
+            for i, (start, width) in enumerate(zip(starts, widths))]
+
+
+_COLUMN_BLOCK_KEY = re.compile(r"^(?P<linear>.+)\.weight\[columns (?P<index>\d+)\]$")
+
+
+def column_block_key(name: str, index: int) -> str:
+    """The slim-weights key of the new columns of block ``index`` of the Linear ``name`` (not a state-dict key: it
+    is assembled into ``<name>.weight`` at load)."""
+    return f"{name}.weight[columns {index}]"
+
+
+def parse_column_block_key(key: str) -> tuple[str, int] | None:
+    """(Linear path, block index) of a :func:`column_block_key`, None for any other key."""
+    match = _COLUMN_BLOCK_KEY.match(key)
+    return None if match is None else (match["linear"], int(match["index"]))
+
+
+def with_column_block(shared: nn.Linear, widths: Sequence[int], index: int, width: int) -> nn.Linear:
+    """A Linear like ``shared`` (input columns in blocks of ``widths``) whose block ``index`` has ``width`` columns,
+    left uninitialised (its weights are loaded next); the other blocks' columns and the bias are copied."""
+    new_widths = [width if i == index else w for i, w in enumerate(widths)]
+    new = nn.utils.skip_init(nn.Linear, sum(new_widths), shared.out_features, bias=shared.bias is not None,
+                             device=shared.weight.device, dtype=shared.weight.dtype)
+    with torch.no_grad():
+        for old, block in zip(column_blocks(shared, widths), column_blocks(new, new_widths)):
+            if old.index != index:
+                block.weight.copy_(old.weight)
+        if shared.bias is not None:
+            new.bias.copy_(shared.bias)
+    if hasattr(shared, "_tp_packed_row_blocks"):  # diffusers' tensor-parallel plan shards by these blocks
+        new._tp_packed_row_blocks = new_widths
+    return new
+
+
+def _role_parameters(name: str, module: nn.Linear | ColumnBlock, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The slim-weights entries of the Linear (or column block of one) ``module`` at ``name``."""
+    if isinstance(module, ColumnBlock):
+        return {column_block_key(name, module.index): weight, **({f"{name}.bias": bias} if bias is not None else {})}
+    return _parameters(name, weight, bias)
+
+
 @dataclass(frozen=True)
 class FFNLinears:
     """The two Linears of an FFN site: ``proj`` (the up projection, content and gate rows stacked when
-    ``gated``) and ``down``. ``names`` maps each role to its module path inside the block."""
+    ``gated``) and ``down`` (a :class:`ColumnBlock` where the down projection shares its Linear with another site).
+    ``names`` maps each role to its module path inside the block."""
 
     proj: nn.Linear
-    down: nn.Linear
+    down: nn.Linear | ColumnBlock
     gated: bool
     names: dict[str, str]
 
@@ -98,8 +199,9 @@ class FFNLinears:
                 "down": (rank, self.down.out_features)}
 
     def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """State-dict entries (relative to the block) of the Linear playing ``role`` with a new weight and bias."""
-        return _parameters(self.names[role], weight, bias)
+        """Slim-weights entries (relative to the block) of the Linear playing ``role`` with a new weight and bias
+        (state-dict entries, or a :func:`column_block_key` for a column block)."""
+        return _role_parameters(self.names[role], self.modules()[role], weight, bias)
 
 
 @dataclass(frozen=True)
@@ -122,10 +224,11 @@ class QKLinears:
 
 @dataclass(frozen=True)
 class VOLinears:
-    """Value projection and output projection of one attention (``out``'s input columns follow ``v``'s rows)."""
+    """Value projection and output projection of one attention (``out``'s input columns follow ``v``'s rows; a
+    :class:`ColumnBlock` where the output projection shares its Linear with another site)."""
 
     v: nn.Linear
-    out: nn.Linear
+    out: nn.Linear | ColumnBlock
     names: dict[str, str]
 
     def modules(self) -> dict[str, nn.Linear]:
@@ -135,7 +238,7 @@ class VOLinears:
         return {"v": (self.v.in_features, heads * rank), "out": (heads * rank, self.out.out_features)}
 
     def parameters_at(self, role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return _parameters(self.names[role], weight, bias)
+        return _role_parameters(self.names[role], self.modules()[role], weight, bias)
 
 
 # -- joint attention (MMDiT): one attention over the concatenated tokens of several streams -------------------
@@ -335,6 +438,9 @@ class SublayerTaps:
       :class:`StreamStack`) whose per-head Grams the TRQ of its Q·K site reads (calibration applies their weights
       to the inputs it already sees); ``context_keep`` reads which context tokens the call attends to (padding
       left out of the context's statistics).
+    * a :class:`ColumnBlock` stands for a Linear where several sub-layers share one (FLUX's single-stream
+      ``proj_out``): as ``hidden`` or in ``head_outputs`` its columns of the shared Linear's input are observed, as
+      ``update`` its part of the shared Linear's output.
     * ``gate``: where the block scales the sub-layer's output before adding it to the residual stream (adaLN
       blocks such as PixArt's and SD3's), the scale — one per update stream, a tuple when there are several — as
       a function of the *block's* call arguments; the update energy is that of the gated output.
@@ -343,11 +449,11 @@ class SublayerTaps:
     sublayer: str  # attribute path inside the block: statistics live under "<block>.<sublayer>"
     kind: str  # FFN, or "attention"
     residuals: tuple[nn.Module, ...]
-    update: nn.Module
+    update: nn.Module | ColumnBlock
     update_streams: int = 1
-    hidden: nn.Linear | None = None
+    hidden: nn.Linear | ColumnBlock | None = None
     attention: nn.Module | None = None
-    head_outputs: tuple[nn.Linear, ...] = ()
+    head_outputs: tuple[nn.Linear | ColumnBlock, ...] = ()
     query: nn.Linear | StreamStack | None = None
     key: nn.Linear | StreamStack | None = None
     heads: int = 1
@@ -455,8 +561,9 @@ class AttentionGrams(_Record):
     is text, which does not depend on t: one key Gram and one Σ‖y‖² for all timesteps. Collected in both
     passes: pass 1's give the timestep weights, pass 2's (every prompt) the module scores."""
 
-    q_gram: torch.Tensor = _stored("q_gram", True)
-    k_gram: torch.Tensor = _stored("k_gram", True)  # (H, d, d) for a cross-attention
+    # the query and key Grams: absent for an attention without a Q·K site (queries and keys normalised per head)
+    q_gram: torch.Tensor | None = _stored("q_gram", True, optional=True)
+    k_gram: torch.Tensor | None = _stored("k_gram", True, optional=True)  # (H, d, d) for a cross-attention
     input_energy: torch.Tensor = _stored("in_energy", True)
     input_tokens: torch.Tensor = _stored("in_tokens", True)
     z_gram: torch.Tensor = _stored("z_gram", True)
@@ -612,6 +719,8 @@ class BlockAdapter(ABC):
     :meth:`sites` lists and validates its compressible groups, :meth:`linears` / :meth:`set_linear` read and
     replace their weights, :meth:`taps` names the hook points of each sub-layer, :meth:`unit_macs` prices a
     unit of rank, and :meth:`prepare_attention` makes an attention compute with independent q·k / v widths.
+    A Linear that several sites share by column blocks (FLUX's single-stream ``proj_out``) is declared by
+    :meth:`column_blocks`.
     """
 
     @abstractmethod
@@ -640,6 +749,11 @@ class BlockAdapter(ABC):
     def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
         """MACs per sample per denoiser call removed when ``site``'s rank drops by one. ``tokens(sublayer)``
         gives (query tokens, key/value tokens) per sample seen by an attention sub-layer of this block."""
+
+    def column_blocks(self, block: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The Linears of the block that several sites share, by path inside the block, each with the widths of
+        its input-column blocks as the block's current sites give them (:class:`ColumnBlock`); none by default."""
+        return {}
 
 
 class TextTower(NamedTuple):
