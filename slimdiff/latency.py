@@ -73,7 +73,10 @@ def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None
     handles = []
     for path, block, adapter in transformer_blocks(meta):
         for tap in adapter.taps(block):
-            module, read = (tap.attention, tap.read_inputs) if tap.kind == ATTENTION else (tap.update, _first_input)
+            # an FFN's input is that of its sub-layer module (FLUX's single-stream MLP: proj_mlp, whose update is a
+            # column block of the shared proj_out)
+            module, read = (tap.attention, tap.read_inputs) if tap.kind == ATTENTION else \
+                (block.get_submodule(tap.sublayer), _first_input)
             handles.append(module.register_forward_pre_hook(hook(f"{path}.{tap.sublayer}", read), with_kwargs=True))
     call = family.dummy_call(meta.config, 1, latent, text_len, device="meta")
     try:

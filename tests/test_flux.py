@@ -488,3 +488,29 @@ def test_slimming_narrows_both_column_blocks_of_proj_out(flux, observed):
             out = model(**call).sample
         errors.append(float((out - reference).norm() / reference.norm()))
     assert 0 < max(errors[:2]) < errors[2] < 0.5
+
+
+def test_the_mac_arithmetic_of_flux_blocks_and_their_site_geometry():
+    # tiny-flux at a 16² latent (64 packed image tokens) and 20 text tokens: every block, double- or single-stream,
+    # costs 12·d²·N + 2·N²·d MACs per sample (N = 84 joint tokens): q, k, v, output projections (4·d²·N) and the MLPs
+    # (8·d²·N) — in a single-stream block proj_out's 5·d²·N hold the attention's output projection and half the MLP
+    from slimdiff.bench.macs import count_macs, meta_unet
+    from slimdiff.bench.plans import transformer_mac_plan
+    from slimdiff.latency import site_geometry
+    from slimdiff.models import BUILTIN_DENOISER_CONFIGS
+
+    model = meta_unet(BUILTIN_DENOISER_CONFIGS["builtin:tiny-flux"])
+    d, image, text = DIM, 64, 20
+    n = image + text
+    macs = count_macs(model, 1, (16, 16), text)
+    proj_out = 2 * 5 * d * d * n  # two single-stream blocks: counted outside the sites' sub-layer modules
+    assert macs.ffn + macs.attn1_proj + macs.attn1_products + proj_out == 4 * (12 * d * d * n + 2 * n * n * d)
+    assert macs.attn1_products == 4 * 2 * n * n * d and macs.attn2_proj == macs.attn2_products == 0
+    geometry = site_geometry(model, (16, 16), text)
+    assert geometry["transformer_blocks.0.ff"].tokens == image
+    assert geometry["transformer_blocks.0.ff_context"].tokens == text
+    assert geometry["single_transformer_blocks.0.proj_mlp"].tokens == n
+    assert geometry["single_transformer_blocks.0.attn.vo"].tokens == n
+    assert geometry["transformer_blocks.1.attn.vo"].tokens == n
+    plan = transformer_mac_plan(model, 0.4, (16, 16), text)
+    assert plan.modules["single_transformer_blocks.1.proj_mlp"].rank < MLP

@@ -113,6 +113,7 @@ def test_each_slim_class_is_registered_and_names_itself():
     from slimdiff.configs import TINY_PIXART_TRANSFORMER
     from slimdiff.slim_models import (
         SLIM_CLASSES,
+        SlimFluxTransformer2DModel,
         SlimPixArtTransformer2DModel,
         SlimSD3Transformer2DModel,
         SlimUNet2DConditionModel,
@@ -120,7 +121,8 @@ def test_each_slim_class_is_registered_and_names_itself():
 
     assert SLIM_CLASSES == {"SlimUNet2DConditionModel": SlimUNet2DConditionModel,
                             "SlimPixArtTransformer2DModel": SlimPixArtTransformer2DModel,
-                            "SlimSD3Transformer2DModel": SlimSD3Transformer2DModel}
+                            "SlimSD3Transformer2DModel": SlimSD3Transformer2DModel,
+                            "SlimFluxTransformer2DModel": SlimFluxTransformer2DModel}
     assert SlimUNet2DConditionModel.dense_class is UNet2DConditionModel
     assert SlimPixArtTransformer2DModel.dense_class is PixArtTransformer2DModel
     for cls in SLIM_CLASSES.values():
@@ -166,8 +168,8 @@ def test_a_slim_folder_of_an_earlier_slimdiff_still_loads(tiny_pipe, tmp_path):
     ref = unet(x, 321, e).sample
     assert ref.isfinite().all() and torch.equal(loaded(x, 321, e).sample, ref)
 
-    (tmp_path / "slim" / "config.json").write_text(json.dumps({**dense, "_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(SlimDiffError, match="names 'FluxTransformer2DModel', which is no model class slimdiff slims"):
+    (tmp_path / "slim" / "config.json").write_text(json.dumps({**dense, "_class_name": "HunyuanDiT2DModel"}))
+    with pytest.raises(SlimDiffError, match="names 'HunyuanDiT2DModel', which is no model class slimdiff slims"):
         load_slim(tmp_path / "slim")
 
 

@@ -2,8 +2,8 @@
 
 Two things change independently when a new model arrives, so there is one registry per axis:
 
-* **Block adapters** (:data:`BLOCKS`), keyed by transformer-block class (diffusers' ``BasicTransformerBlock``
-  today; ``JointTransformerBlock`` or the FLUX blocks later). A :class:`BlockAdapter` knows a block's
+* **Block adapters** (:data:`BLOCKS`), keyed by transformer-block class (diffusers' ``BasicTransformerBlock``,
+  SD3's ``JointTransformerBlock``, FLUX's two block classes). A :class:`BlockAdapter` knows a block's
   compressible sites (FFN, per-head Q·K and V·O of each attention), reads and replaces their Linear layers,
   names the hook points calibration observes (:class:`SublayerTaps`), and counts the MACs a unit of rank costs.
 * **Denoiser families** (:data:`FAMILIES`), keyed by pipeline or denoiser class (SD-1.x/2.x UNets, SDXL,
