@@ -514,3 +514,12 @@ def test_the_mac_arithmetic_of_flux_blocks_and_their_site_geometry():
     assert geometry["transformer_blocks.1.attn.vo"].tokens == n
     plan = transformer_mac_plan(model, 0.4, (16, 16), text)
     assert plan.modules["single_transformer_blocks.1.proj_mlp"].rank < MLP
+
+
+def test_export_refuses_a_flux_transformer_in_one_line(tmp_path, capsys):
+    from slimdiff.cli.export import main
+
+    assert main(["--model", "builtin:tiny-flux", "--engine", "ort", "--out", str(tmp_path / "engines")]) == 2
+    err = capsys.readouterr().err
+    assert "the 'flux' family declares no export inputs" in err and "Traceback" not in err
+    assert not (tmp_path / "engines").exists()

@@ -348,6 +348,7 @@ def run(args) -> list[dict]:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
         family = family_for(reference)
+        family.export_inputs(reference.config)  # a family that declares no export (FLUX so far): one line, here
         vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
         multiple = latent_multiple(reference.config)
         defaults = default_flags(reference.config, vae_scale, static=family.static_axes,
