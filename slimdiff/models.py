@@ -391,6 +391,9 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
 PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 SD3_PIPELINE = "StableDiffusion3Pipeline"
 FLUX_PIPELINE = "FluxPipeline"
+#: Folders of these classes hold the same components and load as the text-to-image pipeline (other FLUX pipelines —
+#: Fill, Control, Kontext — feed their transformers other inputs than FluxPipeline's sampler makes).
+FLUX_PIPELINES = (FLUX_PIPELINE, "FluxImg2ImgPipeline")
 #: Folders of these classes hold the same components and load as the text-to-image pipeline.
 SD3_PIPELINES = (SD3_PIPELINE, "StableDiffusion3Img2ImgPipeline")
 
@@ -411,8 +414,8 @@ def _has_component(path: Path, component: str, index: dict | None = None) -> boo
 def _pipeline_class(path: Path, source: str):
     """The diffusers pipeline class that loads the folder: ``StableDiffusionXLPipeline`` for an SDXL base folder
     (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt,
-    ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``FluxPipeline`` for FLUX,
-    ``StableDiffusionPipeline`` otherwise; one line
+    ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``FluxPipeline`` for FLUX (text-to-image or
+    img2img), ``StableDiffusionPipeline`` otherwise; one line
     for folders slimdiff cannot calibrate."""
     import diffusers
 
@@ -431,7 +434,10 @@ def _pipeline_class(path: Path, source: str):
                                 "needs the transformer, the T5 text encoder and its tokenizer): the folder is "
                                 "incomplete")
         return getattr(diffusers, cls_name)
-    if cls_name == FLUX_PIPELINE:
+    if cls_name.startswith("Flux") and cls_name not in FLUX_PIPELINES:
+        raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates FLUX through its text-to-image "
+                            f"pipeline: pass a {' or '.join(FLUX_PIPELINES)} folder")
+    if cls_name in FLUX_PIPELINES:
         # calibration runs the pipeline on prompts: the transformer and both text towers are needed
         missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
                    if not present(c)]

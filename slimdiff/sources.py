@@ -3,7 +3,7 @@
 Pipeline folders as downloaded from a hub often carry only variant files (``diffusion_pytorch_model.fp16.
 safetensors``, ``model.fp16.safetensors``); diffusers loads them only when asked for the variant by name. A folder
 with exactly one variant and no plain files is loaded as that variant without being asked. The dtype the
-denoiser (``unet/``, or ``transformer/`` for PixArt and SD3) was stored in is what a slim denoiser is saved in by
+denoiser (``unet/``, or ``transformer/`` for PixArt, SD3 and FLUX) was stored in is what a slim denoiser is saved in by
 default, so an fp16 model does not come back twice its size.
 """
 
@@ -23,7 +23,7 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 
 def denoiser_folder(folder: Path) -> str:
     """The subfolder of a pipeline folder that holds its denoiser: ``transformer`` when ``model_index.json``
-    names one (PixArt, SD3), else ``unet`` (an unreadable index is reported by the loader, not here)."""
+    names one (PixArt, SD3, FLUX), else ``unet`` (an unreadable index is reported by the loader, not here)."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError):

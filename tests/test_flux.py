@@ -306,6 +306,20 @@ def test_a_flux_pipeline_folder_loads_and_an_incomplete_one_is_one_line(flux, tm
         load_pipeline(str(folder))
 
 
+@pytest.mark.parametrize("cls_name", ["FluxImg2ImgPipeline", "FluxFillPipeline"])
+def test_other_flux_pipeline_folders(flux, cls_name, tmp_path):
+    folder = tmp_path / "pipe"
+    flux.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": cls_name}))
+    if cls_name == "FluxImg2ImgPipeline":  # the same components: loads as the text-to-image pipeline
+        assert type(load_pipeline(str(folder))) is type(flux)
+        return
+    with pytest.raises(SlimDiffError, match=f"is a {cls_name} folder; slimdiff calibrates FLUX through its "
+                                            "text-to-image pipeline"):
+        load_pipeline(str(folder))
+
+
 def test_the_slim_flux_class_is_registered_and_needs_a_plan():
     from diffusers import FluxTransformer2DModel
 
