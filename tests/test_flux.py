@@ -537,3 +537,48 @@ def test_export_refuses_a_flux_transformer_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the 'flux' family declares no export inputs" in err and "Traceback" not in err
     assert not (tmp_path / "engines").exists()
+
+
+def test_closed_form_errors_of_the_single_stream_sites_equal_the_measured_ones(flux, observed):
+    # The two sites sharing proj_out, rebuilt alone in a float64 copy (resize, then load their slim weights: the
+    # column-block entries assembled into proj_out) and read back through the column-block views: the error the
+    # closed forms report is the error of the rebuilt weights on the calibration moments.
+    from slimdiff.decompose import ffn_measured_error, regularise, vo_measured_error
+    from slimdiff.families import module_sites, site_linears
+    from slimdiff.rebuild import load_slim_weights
+    from slimdiff.slim import SlimConfig, analyze_sites, decompose_site
+
+    stats, _ = observed
+    dense = flux.transformer
+    config = SlimConfig(vo_statistic="value", ridge_vo=1e-9)
+    sites = [s for s in module_sites(dense) if s.block == "single_transformer_blocks.1"]
+    analyses = analyze_sites(dense, stats, sites)
+    as64 = lambda t: t.detach().double()  # noqa: E731
+    for site, rank in zip(sites, (8, 48)):
+        result = decompose_site(dense, analyses[site.name], rank, config)
+        rebuilt = copy.deepcopy(dense).double()
+        resize_site(rebuilt, site, rank)
+        load_slim_weights(rebuilt, result.tensors)
+        lin, new = site_linears(dense, site), site_linears(rebuilt, site)
+        inputs = analyses[site.name].inputs
+        if site.kind == VO:
+            v, o = as64(lin.v.weight), as64(lin.out.weight)
+            args = (inputs["sigma_v"], site.heads)
+            measured = vo_measured_error(v, o, as64(new.v.weight), as64(new.out.weight), *args)
+            total = vo_measured_error(v, o, v[:site.heads] * 0, o[:, :site.heads] * 0, *args)
+            assert new.out.in_features == HEADS * rank and new.out.bias is not None
+        else:
+            keep = torch.tensor([int((as64(lin.proj.weight) == row).all(1).nonzero()[0])
+                                 for row in as64(new.proj.weight)])
+            moment = regularise(inputs["moment"], config.ridge_ffn)
+            down = as64(lin.down.weight)
+            measured = ffn_measured_error(down, moment, keep, as64(new.down.weight))
+            total = float(torch.einsum("ci,ij,cj->", down, moment, down))
+            assert new.down.in_features == rank and new.down.bias is None
+        assert 0 < result.relative_error < 1, site.name
+        assert abs(measured / total - result.relative_error) < 1e-5 * max(1.0, result.relative_error), site.name
+        # the other site's columns of proj_out are untouched
+        other = next(s for s in sites if s is not site)
+        role = "out" if other.kind == VO else "down"
+        assert torch.equal(site_linears(rebuilt, other).modules()[role].weight,
+                           as64(site_linears(dense, other).modules()[role].weight))
