@@ -253,6 +253,16 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_packed_latents(flux):
     guided = _transformer_calls(flux, lambda: family_for(flux).calibration_loop(
         flux, CalibrationConfig(steps=1, height=32, width=32, guidance_scale=5.0))(PROMPTS[:1], [1]))
     assert guided[0]["guidance"].tolist() == [5.0]
+    # FLUX.1-schnell's layout: no guidance embedding, and the pipeline passes none
+    from diffusers import FluxTransformer2DModel
+
+    from slimdiff.models import _seeded
+
+    schnell = type(flux)(**{**flux.components, "transformer": _seeded(0, lambda: FluxTransformer2DModel(
+        **{**flux.transformer.config, "guidance_embeds": False})).eval()})
+    schnell.set_progress_bar_config(disable=True)
+    calls = _transformer_calls(schnell, lambda: family_for(schnell).calibration_loop(schnell, config)(PROMPTS[:1], [1]))
+    assert len(calls) == 3 and calls[0]["guidance"] is None
 
 
 def test_an_image_size_the_pipeline_cannot_pack_is_refused_before_calibration(flux, tmp_path, capsys):
