@@ -31,6 +31,10 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
 5. **Calibration on CUDA**: a measured subset of calibration on the headline model and on SD-1.5, extrapolated to
    500 prompts × 25 steps, with peak GPU and host memory (SDXL samples 10 steps to spend less device time: its
    float64 statistics are 17.8 GB there and 21.0 GB over 25 timesteps, held once on the host; both are reported).
+6. **SD3-medium** (a DiT, through the same harness): ``builtin:sd3-medium-shape`` (seeded random weights, exact
+   shapes) fp16 1024², transformer batch 2, dense vs plans removing 33 % and 50 % of the transformer-block MACs,
+   interleaved on the headline engines (cudagraph, compile). Last in priority: it runs only if the deadline leaves
+   it time (``--skip 3,4,5`` gives it theirs); building the seeded T5-XXL it encodes its prompt with takes a while.
 
 Output (``$OUT/suite`` when ``$OUT`` is set, else ``--out``): report.md (headline tables and every phase),
 report.json (the headline benchmark, schema ``slimdiff-bench/1``), suite.json (every phase; rewritten after each),
@@ -54,6 +58,7 @@ T0 = time.perf_counter()
 MAC_FRACTIONS = (0.4, 0.6)  # of the transformer-block MACs (issue 12 §2.1)
 SPEEDUPS = (1.3, 1.5)  # latency-budget plans
 CALIBRATION_TARGET = (500, 25)  # prompts × steps the measured subset is extrapolated to
+DIT_MAC_FRACTIONS = (0.33, 0.5)  # of the SD3 transformer-block MACs (phase 6)
 
 
 class HardStop(Exception):
@@ -81,7 +86,7 @@ def parse_args(argv=None):
                    help="assumed seconds of a first compile of the headline model")
     p.add_argument("--engines", default=None,
                    help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
-    p.add_argument("--skip", default="", help="comma-separated phases to leave out (1-5), e.g. 4,5")
+    p.add_argument("--skip", default="", help="comma-separated phases to leave out (1-6), e.g. 4,5")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
@@ -319,6 +324,21 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
             out[name] = _calibration_subset(name, device, dry)
         return out
 
+    def sd3_medium():
+        dit = "builtin:tiny-sd3" if dry else "builtin:sd3-medium-shape"
+        cfg = BenchConfig(model=dit, engines=engines, budgets=[0.0, *DIT_MAC_FRACTIONS], budget_unit="macs",
+                          batches=[2], resolution=None if dry else 1024, device=device,
+                          dtype=None if dry else "float16", e2e=False, deadline_s=args.deadline,
+                          build_estimates_s={"compile": args.compile_estimate}, command=suite.body["command"], **n)
+        sd3 = Bench(cfg, log=_log)
+        sd3.t0 = T0
+        state["sd3"] = sd3
+        sd3.prepare()
+        sd3.run_engines(engines)
+        report = sd3.report()
+        return {"model": dit, "resolution": report["model"]["resolution"], "dtype": report["model"]["dtype"],
+                "budget_unit": report["model"]["budget_unit"], "results": [_cell_summary(r) for r in report["results"]]}
+
     est = args.compile_estimate
     suite.phase("p1a_headline_mac_plans", "headline: transformer-MAC plans on the timed engines", 30,
                 headline_mac_plans)
@@ -336,6 +356,9 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
     suite.phase("p3_attention_kernels", "SDPA backend per slim head shape, zero-padding", 20, attention_kernels)
     suite.phase("p4_compiled_sd15", "compiled SD-1.5 slim and AOTInductor, dense vs 0.4", 150, compiled_sd15)
     suite.phase("p5_calibration", "calibration on CUDA, extrapolated to 500 × 25", 60, calibration)
+    bench.release_dense()  # the headline's dense runners (CUDA graph pools) are not timed again
+    suite.phase("p6_sd3_medium", "SD3-medium transformer: dense vs 33 % / 50 % of its block MACs",
+                30 if dry else 240, sd3_medium)
 
 
 def _sites(unet):
@@ -348,6 +371,17 @@ def _mac_plan(bench, fraction):
     from slimdiff.bench.plans import transformer_mac_plan
 
     return transformer_mac_plan(bench.pipe.unet, fraction, bench.latent)
+
+
+def _cells_table(cells: list[dict]) -> list[str]:
+    """Markdown rows of :func:`_cell_summary` cells: dense vs slim with the speed-up's interval."""
+    lines = ["| engine | budget | dense ms | slim ms | speed-up | ideal | status |", "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        dense, slim = (c.get("median_ms"), None) if c["budget"] == 0 else (c.get("dense_median_ms"), c.get("median_ms"))
+        lines.append(f"| {c['engine']} | {c['budget']:g} | {_f(dense)} | {_f(slim)} | {_f(c.get('speedup'), '.3f')}"
+                     f"{' [' + ', '.join(f'{x:.3f}' for x in c['interval']) + ']' if c.get('interval') else ''}"
+                     f" | {_f(c.get('ideal_speedup'), '.3f')} | {c.get('speedup_status') or c['status']} |")
+    return lines
 
 
 def _cell_summary(r: dict) -> dict:
@@ -504,13 +538,11 @@ def suite_markdown(body: dict, report: dict | None) -> str:
                              f"{gain} | {diff} |")
     sd = body["phases"].get("p4_compiled_sd15", {}).get("result")
     if sd:
-        lines += ["", f"### Compiled {sd['model']} (batch 2)", "",
-                  "| engine | budget | dense ms | slim ms | speed-up | status |", "|---|---|---|---|---|---|"]
-        for c in sd["results"]:
-            lines.append(f"| {c['engine']} | {c['budget']:g} | {_f(c.get('dense_median_ms'))} | "
-                         f"{_f(c.get('median_ms'))} | {_f(c.get('speedup'), '.3f')}"
-                         f"{' [' + ', '.join(f'{x:.3f}' for x in c['interval']) + ']' if c.get('interval') else ''}"
-                         f" | {c.get('speedup_status') or c['status']} |")
+        lines += ["", f"### Compiled {sd['model']} (batch 2)", ""] + _cells_table(sd["results"])
+    dit = body["phases"].get("p6_sd3_medium", {}).get("result")
+    if dit:
+        lines += ["", f"### {dit['model']} transformer ({dit['dtype']}, {dit['resolution']}², batch 2; budget = "
+                      f"{dit['budget_unit']})", ""] + _cells_table(dit["results"])
     cal = body["phases"].get("p5_calibration", {}).get("result")
     if cal:
         lines += ["", "### Calibration, measured subset extrapolated to 500 prompts × 25 steps", "",

@@ -40,16 +40,19 @@ def worker(args) -> None:
     from slimdiff.bench.harness import _Inputs
     from slimdiff.bench.plans import make_models
     from slimdiff.bench.timing import time_interleaved
+    from slimdiff.families import family_for
     from slimdiff.models import load_pipeline
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, torch.float32)
-    size = pipe.unet.config.sample_size
-    dense, slim = make_models(pipe.unet, [0.0, args.budget], seed=0)
-    inputs = _Inputs(pipe, (size, size), "cpu", torch.float32, "a photograph of a cat", 0)
-    sample, timestep, context = inputs.get(args.batch)
-    d, s = time_interleaved(lambda: dense.unet(sample, timestep, context), lambda: slim.unet(sample, timestep, context),
-                            "cpu", 3, args.pairs)
+    family = family_for(pipe)
+    size = family.denoiser(pipe).config.sample_size
+    dense, slim = make_models(family.denoiser(pipe), [0.0, args.budget], seed=0)
+    inputs = _Inputs(pipe, family, (size, size), size * pipe.vae_scale_factor, "cpu", torch.float32,
+                     "a photograph of a cat", 0)
+    call = inputs.get(args.batch)
+    d, s = time_interleaved(lambda: family.export_call(dense.denoiser, *call),
+                            lambda: family.export_call(slim.denoiser, *call), "cpu", 3, args.pairs)
     print(json.dumps({"dense_ms": d, "slim_ms": s}))
 
 

@@ -34,7 +34,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     phases = suite["phases"]
     assert list(phases) == ["p1a_headline_mac_plans", "p2_latency_table", "p1b_latency_plans",
-                            "p1c_compiled_headline", "p3_attention_kernels", "p4_compiled_sd15", "p5_calibration"]
+                            "p1c_compiled_headline", "p3_attention_kernels", "p4_compiled_sd15", "p5_calibration",
+                            "p6_sd3_medium"]
     assert phases["p4_compiled_sd15"]["status"] == "skipped" and "--skip" in phases["p4_compiled_sd15"]["reason"]
     assert all(p["status"] == "ok" for k, p in phases.items() if k != "p4_compiled_sd15"), phases
     report = json.loads((out / "report.json").read_text())
@@ -49,8 +50,13 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert shapes and all(p["max_abs_diff"] < 1e-4 for s in shapes for p in s["padded"])
     calibration = phases["p5_calibration"]["result"]
     assert all(c["projected_500x25_s"] > 0 and c["peak_host_rss_bytes"] > 0 for c in calibration.values())
+    dit = phases["p6_sd3_medium"]["result"]  # the DiT through the same harness: SD3's transformer, MAC plans
+    assert dit["model"] == "builtin:tiny-sd3" and {c["budget"] for c in dit["results"]} == {0.0, 0.33, 0.5}
+    slim_dit = [c for c in dit["results"] if c["budget"] > 0]
+    assert all(c["status"] == "ok" and c["interval"][0] <= c["speedup"] <= c["interval"][1] for c in slim_dit)
+    assert all(c["ideal_speedup"] > 1.0 for c in slim_dit)
     text = (out / "report.md").read_text()
-    assert "Headline: dense vs slim" in text and "Dry run" in text
+    assert "Headline: dense vs slim" in text and "Dry run" in text and "builtin:tiny-sd3 transformer" in text
 
 
 def test_transformer_mac_plan_removes_the_asked_fraction(tiny_pipe):
@@ -104,23 +110,26 @@ def test_bench_pad_heads_gives_equal_widths_and_the_same_outputs():
     assert bench.model_entries[1]["head_padding"] == slim.info["head_padding"]
 
 
-def test_sdxl_style_unets_are_benchmarked_with_their_added_conditions_bound():
-    from diffusers import UNet2DConditionModel
-
-    from slimdiff.bench.harness import WithAddedConditions
+def test_sdxl_unets_are_benchmarked_with_their_added_conditions():
+    # The family makes the call's inputs for a prompt: SDXL's pooled text embeddings and the micro-conditioning of
+    # an uncropped image at the benchmark's size, after (sample, timestep, encoder_hidden_states), and the engines
+    # run the family's positional call — the UNet's own call with added_cond_kwargs.
+    from slimdiff.bench.harness import Bench, BenchConfig
     from slimdiff.bench.studies import _attention_tokens
-    from slimdiff.configs import TINY_UNET
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**TINY_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                                   "projection_class_embeddings_input_dim": 32 + 6 * 8}).eval()
-    assert WithAddedConditions.needed(unet)
-    runnable = WithAddedConditions(unet, resolution=32)
-    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
+    bench = Bench(BenchConfig(model="builtin:tiny-xl", budgets=[0.0], batches=[2], device="cpu", e2e=False),
+                  log=lambda msg: None)
+    bench.prepare()
+    unet = bench.pipe.unet
+    sample, timestep, context, text_embeds, time_ids = bench.inputs.get(2)
+    assert [s.name for s in bench.inputs.specs][3:] == ["text_embeds", "time_ids"]
+    assert time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2 and text_embeds.shape == (2, 32)
+    assert (text_embeds[0] == text_embeds[1]).all() and text_embeds.abs().sum() > 0  # the prompt's pooled embedding
     with torch.no_grad():
-        out = runnable(sample, torch.full((2,), 500.0), encoder_hidden_states=context, return_dict=False)[0]
-        with pytest.raises(Exception):  # the bare UNet cannot be called the way the engines call it
-            unet(sample, torch.full((2,), 500.0), encoder_hidden_states=context)
-    assert out.shape == sample.shape and runnable.config is unet.config
+        ref = unet(sample, timestep, encoder_hidden_states=context, return_dict=False,
+                   added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+        with pytest.raises(Exception):  # the bare UNet cannot be called without its added conditions
+            unet(sample, timestep, encoder_hidden_states=context)
+    torch.testing.assert_close(bench.refs[2], ref)
     tokens = _attention_tokens(unet, (16, 16))
     assert tokens and all(k == q or k == 77 for q, k in tokens.values())

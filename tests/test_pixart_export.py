@@ -1,6 +1,6 @@
 """PixArt's transformer as an engine: its export inputs from the family, one ``slimdiff-export`` run (dense and slim
 ONNX Runtime engines, parity-checked with masked T5 padding), the engine as ``pipe.transformer`` in the pipeline,
-and what still refuses in one line (bench, eval, a size range)."""
+the benchmark on the tiny transformer, and what still refuses in one line (eval, a size range)."""
 
 import contextlib
 import io
@@ -139,7 +139,7 @@ def test_a_size_range_bench_and_eval_refuse_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "--height" in err[0] and "one height" in err[0]
     assert not (tmp_path / "o").exists()
     pipe = build_builtin("builtin:tiny-pixart")
-    for command in ("slimdiff bench", "slimdiff eval"):
+    for command in ("slimdiff eval",):  # slimdiff bench times it: test_bench_times_*
         with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on PixArtSigmaPipeline"):
             check_measures(pipe, command)
 
@@ -175,3 +175,28 @@ def test_an_alpha_transformer_takes_resolution_and_aspect_ratio(tmp_path):
     assert (outputs[0] - outputs[1]).abs().max().item() > 1e-4  # the conditions reach the output
     with pytest.raises(SlimDiffError, match=r"needs added_cond_kwargs\['resolution'\] of shape \(2, 2\)"):
         engine(x, **{**call, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
+
+
+def test_bench_times_the_tiny_transformer_dense_vs_slim(capsys):
+    # Synthetic slim plans of the PixArt transformer timed interleaved on eager, on the family's inputs for a prompt
+    # (T5 states with their padding mask), and end to end with the pipeline's transformer calls routed to the runner.
+    from slimdiff.bench.cli import main
+    from slimdiff.bench.harness import BenchConfig, run_bench
+    from slimdiff.bench.report import validate_report
+
+    report = run_bench(BenchConfig(model="builtin:tiny-pixart", budgets=[0.0, 0.4], batches=[2], device="cpu",
+                                   warmup=1, iters=2, e2e_steps=2, e2e_runs=1), log=lambda msg: None)
+    validate_report(report)
+    assert report["model"]["denoiser"] == "transformer" and report["model"]["latent"] == [16, 16]
+    dense, slim = report["results"]
+    assert dense["status"] == slim["status"] == "ok" and dense["error_vs_dense"] == 0.0
+    assert slim["interleaved"]["interval"]["pairs"] == 2 and slim["ideal_speedup"] > 1.0
+    assert slim["error_vs_dense"] is None  # seeded weights in the resized layers: no quality claim
+    assert dense["e2e"]["unet_calls"] == slim["e2e"]["unet_calls"] == 2
+    dense_macs, slim_macs = (m["macs"]["2"] for m in report["models"])
+    assert slim_macs["transformer"] < dense_macs["transformer"] and slim_macs["other"] == dense_macs["other"]
+    # a size off the patch grid is refused in one line (VAE factor 2 × patch size 2)
+    assert main(["--model", "builtin:tiny-pixart", "--device", "cpu", "--resolution", "34"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # after the loading line, before any model is built
+    assert err[-1] == "slimdiff bench: error: resolution 34 must be a multiple of 4 for this model"
+    assert not [line for line in err if "building" in line or "Traceback" in line]

@@ -395,7 +395,7 @@ def test_the_family_declares_the_transformer_export(sd3):
         ("hidden_states", ("batch", 16, "height", "width"), "model"), ("timestep", ("batch",), "float32"),
         ("encoder_hidden_states", ("batch", "text_len", 96), "model"), ("pooled_projections", ("batch", 64), "model")]
     assert family_for(sd3).static_axes == () and family_for(sd3).default_text_len(sd3) == "333"
-    for command in ("slimdiff bench", "slimdiff eval"):
+    for command in ("slimdiff eval",):  # slimdiff bench times it: test_bench_times_*
         with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on StableDiffusion3"):
             check_measures(sd3, command)
     x, t, text, pooled = component.random_inputs({"batch": 2, "height": 8, "width": 16, "text_len": 20},
@@ -489,3 +489,25 @@ def test_the_engine_in_the_pipeline_makes_the_pytorch_image(exported, variant):
     assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
     with pytest.raises(SlimDiffError, match="not built for this pipeline's transformer"):
         use_engine(build_builtin("builtin:tiny-pixart"), out / variant)
+
+
+def test_bench_times_the_exported_engines_dense_vs_slim(exported):
+    # `slimdiff bench <export folder>`: the SD3 transformer's dense and slim ONNX Runtime engines timed interleaved,
+    # each checked against the eager transformer, on the inputs the family makes for a prompt (pooled projections,
+    # float timestep), and end to end in the pipeline with the transformer calls routed to each engine.
+    from slimdiff.bench.harness import BenchConfig, run_bench
+    from slimdiff.bench.report import validate_report
+
+    out, _ = exported
+    report = run_bench(BenchConfig(model=str(out), engines=["ort"], budgets=[0.0], batches=[2], device="cpu",
+                                   warmup=1, iters=2, e2e_steps=2, e2e_runs=1), log=lambda msg: None)
+    validate_report(report)
+    assert report["model"]["denoiser"] == "transformer" and report["model"]["plan_source"] == "calibrated"
+    dense, slim = report["results"]
+    assert dense["status"] == slim["status"] == "ok" and slim["budget"] > 0, report["results"]
+    assert slim["interleaved"]["interval"]["pairs"] == 2 and slim["speedup_status"] in ("measured", "noisy")
+    assert slim["ideal_speedup"] > 1.0 and 0 < slim["error_vs_dense"] < 1.0  # a calibrated slim transformer
+    assert dense["error_vs_eager"] < 1e-4 and slim["error_vs_eager"] < 1e-4
+    # two sampling steps, one transformer call each on the guided batch of 2
+    assert dense["e2e"]["unet_calls"] == slim["e2e"]["unet_calls"] == 2
+    assert dense["e2e"]["image_error_vs_dense"] < 1e-3 < slim["e2e"]["image_error_vs_dense"]

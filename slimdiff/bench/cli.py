@@ -1,4 +1,4 @@
-"""``slimdiff bench``: dense vs slim UNet latency on one or more engines, with a report folder.
+"""``slimdiff bench``: dense vs slim denoiser latency (UNets and DiTs) on one or more engines, with a report folder.
 
 Wiring into the main CLI::
 
@@ -36,23 +36,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .engines import names
 
     p.add_argument("--model", required=True,
-                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a diffusers pipeline "
-                        "folder, a .safetensors checkpoint, or a slimdiff-export folder (its dense source, slim UNet "
-                        "and engines are timed as they are: nothing is calibrated or built again)")
+                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, builtin:tiny-pixart, "
+                        "builtin:pixart-sigma-shape, builtin:tiny-sd3, builtin:sd3-medium-shape, a diffusers pipeline "
+                        "folder, a .safetensors checkpoint, or a slimdiff-export folder (its dense source, slim "
+                        "denoiser and engines are timed as they are: nothing is calibrated or built again)")
     p.add_argument("--engines", default="eager", help=f"comma-separated, from {','.join(names())} (default eager)")
     p.add_argument("--budgets", default=None,
                    help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4; with "
                         "--macs-only 0,0.2,0.4,0.6)")
     p.add_argument("--budget-unit", default="params", choices=["params", "macs"],
                    help="budgets are fractions of the compressible parameters (default) or of the transformer-block "
-                        "MACs of one UNet call at the resolution (the share the ideal speed-up is computed from)")
-    p.add_argument("--batch", default="1,2", help="UNet batch sizes (default 1,2); even sizes also run end to end "
-                                                  "with batch/2 images under classifier-free guidance")
+                        "MACs of one denoiser call at the resolution (the share the ideal speed-up is computed from)")
+    p.add_argument("--batch", default="1,2", help="denoiser batch sizes (default 1,2); even sizes also run end to "
+                                                  "end with batch/2 images under classifier-free guidance")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default fp16 on cuda, fp32 on cpu)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
-    p.add_argument("--iters", type=int, default=20, help="timed UNet calls (default 20)")
+    p.add_argument("--iters", type=int, default=20, help="timed denoiser calls (default 20)")
     p.add_argument("--steps", type=int, default=25, help="end-to-end sampling steps (default 25)")
     p.add_argument("--e2e-runs", type=int, default=3, help="timed end-to-end runs after one warm-up (default 3)")
     p.add_argument("--no-e2e", action="store_true", help="skip end-to-end pipeline runs")
@@ -92,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``bench`` on the main CLI's sub-parsers; the handler is ``args.func = run``."""
-    p = subparsers.add_parser("bench", help="latency of dense vs slim UNets on eager/compile/ort/aoti/trt engines")
+    p = subparsers.add_parser("bench", help="latency of dense vs slim denoisers on eager/compile/ort/aoti/trt engines")
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -180,7 +181,7 @@ def run_latency_table(args) -> None:
     from ..devices import resolve_device
     from .harness import _resolve_dtype
     from .latency_table import measure_latency_table, save_table, separability
-    from ..families import check_measures
+    from ..families import family_for
     from ..models import load_pipeline
 
     if args.threads is not None:
@@ -188,18 +189,18 @@ def run_latency_table(args) -> None:
     device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype).to(device)
-    check_measures(pipe, "slimdiff bench")
+    denoiser = family_for(pipe).denoiser(pipe)
     factor = pipe.vae_scale_factor
-    size = (args.resolution or pipe.unet.config.sample_size * factor) // factor
+    size = (args.resolution or denoiser.config.sample_size * factor) // factor
     batch = _ints(args.batch, "--batch")[0]
-    table = measure_latency_table(pipe.unet, (size, size), batch, device=device, dtype=dtype, align=args.align,
+    table = measure_latency_table(denoiser, (size, size), batch, device=device, dtype=dtype, align=args.align,
                                   warmup=args.warmup, iters=args.iters,
                                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table["model"] = args.model
     save_table(table, args.latency_table)
     worst = max(separability(table).values(), default=0.0)
     print(f"latency table of {args.model} ({table['dtype']}, batch {batch}, latent {size}×{size}) on "
-          f"{table['device'].get('name')}: {len(table['groups'])} module groups, dense UNet "
+          f"{table['device'].get('name')}: {len(table['groups'])} module groups, dense denoiser "
           f"{table['dense_unet_ms']:.2f} ms; written to {args.latency_table}")
     print(f"largest gap between measured attention latency and an additive q·k + v model: {100 * worst:.0f} %")
 

@@ -1,8 +1,10 @@
-"""Engines the benchmark can run a UNet on, behind one small interface.
+"""Engines the benchmark can run a denoiser on, behind one small interface.
 
-An engine turns a UNet into a runner ``run(sample, timestep, encoder_hidden_states) -> noise prediction``
-(torch tensors on the benchmark device; ``timestep`` is float32 of shape (batch,), as the exported graphs take
-it). ``unavailable(device)`` says why an engine cannot run here — the harness reports that reason instead of
+An engine turns a denoiser (a UNet or a DiT) into a runner ``run(*inputs) -> noise prediction`` that takes the
+positional inputs its model family exports (:meth:`slimdiff.families.DenoiserFamily.export_inputs`: the latent, a
+float32 (batch,) timestep, the text conditioning and the family's extra conditions, torch tensors on the benchmark
+device) and computes the family's :meth:`~slimdiff.families.DenoiserFamily.export_call` — the call exported graphs
+trace. ``unavailable(device)`` says why an engine cannot run here — the harness reports that reason instead of
 leaving the engine out. New engines plug in with :func:`register`.
 """
 
@@ -17,9 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
+from ..families import family_for
 from .timing import cuda_graphed, is_cuda
 
-Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Runner = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -40,9 +43,10 @@ class Engine:
         """Why this engine cannot run on ``device`` here, or None when it can."""
         return None
 
-    def build(self, unet: nn.Module, batches: list[int], latent: tuple[int, int], text_len: int,
+    def build(self, denoiser: nn.Module, batches: list[int], latent: tuple[int, int], text_len: int,
               workdir: Path) -> Built:
-        """An engine for ``unet`` that accepts every batch size in ``batches`` at one latent size."""
+        """An engine for ``denoiser`` that accepts every batch size in ``batches`` at one latent size and
+        ``text_len`` text tokens."""
         raise NotImplementedError
 
     def open(self, folder: Path, device: str) -> Built:
@@ -50,9 +54,12 @@ class Engine:
         raise SlimDiffError(f"{self.name} engines are not built into folders; nothing to open in {folder}")
 
 
-def _torch_runner(forward) -> Runner:
-    def run(sample, timestep, context):
-        return forward(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+def family_call(denoiser: nn.Module) -> Runner:
+    """``run(*inputs)``: the denoiser's family's positional call (what exported graphs compute)."""
+    call = family_for(denoiser).export_call
+
+    def run(*inputs):
+        return call(denoiser, *inputs)
 
     return run
 
@@ -61,9 +68,8 @@ class EagerEngine(Engine):
     name = "eager"
     description = "PyTorch eager (diffusers modules, SDPA attention)"
 
-    def build(self, unet, batches, latent, text_len, workdir):
-        # The bound forward, not the module: the harness re-routes the module's calls inside pipelines.
-        return Built(_torch_runner(unet.forward), info={"attention": "scaled_dot_product_attention"})
+    def build(self, denoiser, batches, latent, text_len, workdir):
+        return Built(family_call(denoiser), info={"attention": "scaled_dot_product_attention"})
 
 
 class CudaGraphEngine(Engine):
@@ -73,20 +79,18 @@ class CudaGraphEngine(Engine):
     def unavailable(self, device):
         return None if is_cuda(device) else "CUDA graphs need a CUDA device; this run is on the CPU"
 
-    def build(self, unet, batches, latent, text_len, workdir):
+    def build(self, denoiser, batches, latent, text_len, workdir):
         graphs = {}
+        call = family_call(denoiser)
 
-        def run(sample, timestep, context):
-            key = (tuple(sample.shape), tuple(timestep.shape), tuple(context.shape))
+        def run(*inputs):
+            key = tuple(tuple(t.shape) for t in inputs)
             if key not in graphs:
-                static = (sample.clone(), timestep.clone(), context.clone())
-                graphs[key] = static, cuda_graphed(
-                    lambda: unet(static[0], static[1], encoder_hidden_states=static[2], return_dict=False)[0],
-                    sample.device)
-            (s, t, c), replay = graphs[key]
-            s.copy_(sample)
-            t.copy_(timestep)
-            c.copy_(context)
+                static = tuple(t.clone() for t in inputs)
+                graphs[key] = static, cuda_graphed(lambda: call(*static), inputs[0].device)
+            static, replay = graphs[key]
+            for buffer, t in zip(static, inputs):
+                buffer.copy_(t)
             # The graph writes every replay into the same memory; schedulers may keep an output across calls.
             return replay().clone()
 
@@ -102,33 +106,34 @@ class CompileEngine(Engine):
             return "torch.compile on CUDA needs Triton, which is not installed"
         return None
 
-    def build(self, unet, batches, latent, text_len, workdir):
-        cuda = is_cuda(next(unet.parameters()).device)
+    def build(self, denoiser, batches, latent, text_len, workdir):
+        cuda = is_cuda(next(denoiser.parameters()).device)
         # "reduce-overhead" on CUDA (Inductor kernels + CUDA graphs); Inductor's default on the CPU.
         # "max-autotune" (GEMM template search) is an option: it took over 6 minutes for the SD-1.5 UNet on an
         # H100 (bench/results/2026-11-22-h100), more than a GPU session's suite can spend per model.
         mode = self.options.get("compile_mode") or ("reduce-overhead" if cuda else "default")
         # Models are measured one after another and never revisited: dropping Dynamo's caches keeps each new
-        # model from counting against the recompile limit of the shared UNet forward code.
+        # model from counting against the recompile limit of the shared denoiser forward code.
         torch._dynamo.reset()
-        compiled = torch.compile(unet.forward, mode=mode, dynamic=False, fullgraph=False)
+        compiled = torch.compile(family_call(denoiser), mode=mode, dynamic=False, fullgraph=False)
         mark_step = cuda and mode in ("max-autotune", "reduce-overhead")
 
-        def run(sample, timestep, context):
+        def run(*inputs):
             if not mark_step:
-                return compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+                return compiled(*inputs)
             # CUDA graphs replay into the same output memory: mark each call as a new step and hand out a
             # copy, since schedulers may keep a model output across calls (as the engine runtime does).
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled(sample, timestep, encoder_hidden_states=context, return_dict=False)[0].clone()
+            return compiled(*inputs).clone()
 
         return Built(run, info={"mode": mode, "dynamic": False})
 
 
 class ExportedEngine(Engine):
     """An engine backend of :mod:`slimdiff.engines` (ONNX Runtime, TensorRT, AOTInductor...), built through the
-    same path as ``slimdiff-export`` (:func:`slimdiff.engines.build.build_denoiser_engine`) and served through
-    :class:`slimdiff.runtime.EngineUNet`: one engine per model whose batch range covers the batches asked for."""
+    same path as ``slimdiff-export`` (:func:`slimdiff.engines.build.build_denoiser_engine`) and served through the
+    engine-backed denoiser a pipeline would get (``EngineUNet``, ``EngineSD3Transformer``…): one engine per model
+    whose batch range covers the batches asked for."""
 
     kind = ""
 
@@ -137,17 +142,17 @@ class ExportedEngine(Engine):
 
         return engines.get(self.kind).unavailable(device)
 
-    def build(self, unet, batches, latent, text_len, workdir):
+    def build(self, denoiser, batches, latent, text_len, workdir):
         from ..engines.build import build_denoiser_engine
         from ..export.shapes import Profile, Range, latent_multiple
 
-        param = next(unet.parameters())
+        param = next(denoiser.parameters())
         device, dtype = str(param.device), param.dtype
         profile = Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
                           Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
-        _, sidecar = build_denoiser_engine(unet, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
-                                          device=device, multiple=latent_multiple(unet.config),
-                                          plan=getattr(unet, "slim_plan", None))
+        _, sidecar = build_denoiser_engine(denoiser, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
+                                          device=device, multiple=latent_multiple(denoiser.config),
+                                          plan=getattr(denoiser, "slim_plan", None))
         return self._opened(workdir, device, onnx_opset=sidecar["opset"] if sidecar else None)
 
     def open(self, folder, device):
@@ -155,13 +160,17 @@ class ExportedEngine(Engine):
 
     def _opened(self, folder, device, **info) -> Built:
         """The engine in ``folder``, loaded through the runtime as a pipeline would, with its facts."""
-        from ..runtime import EngineUNet
+        from ..runtime.unet import open_denoiser_engine
 
-        engine = EngineUNet.from_folder(folder, device=device)
+        engine = open_denoiser_engine(folder, device=device)
         meta = engine.meta
         if meta["engine"] != self.kind:
             raise SlimDiffError(f"{folder} holds a {meta['engine']} engine, not {self.kind}")
-        return Built(_torch_runner(engine.forward), files=[Path(folder) / f for f in meta["files"]],
+
+        def run(*inputs):  # the exported inputs, through the call a pipeline makes
+            return engine.call_exported(list(inputs))
+
+        return Built(run, files=[Path(folder) / f for f in meta["files"]],
                      info={**info, "runtime": meta.get("runtime"), "head_alignment": meta.get("head_alignment"),
                            "load_s": engine.load_seconds})
 

@@ -1,15 +1,20 @@
-"""The latency benchmark: dense vs slim UNets on the same engines, UNet-only and end-to-end.
+"""The latency benchmark: dense vs slim denoisers on the same engines, denoiser-only and end-to-end.
 
-For every engine that can run here, every budget (0 = dense) and every UNet batch size it measures the UNet
-call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the same
-engine (alternating calls in one process, same inputs, same threads), its speed-up the median of the per-pair
+The denoiser is a UNet (SD-1.x/2.x, SDXL) or a DiT (PixArt, SD3): everything the harness needs to know about it —
+which pipeline component it is, its latent size rule, the inputs of one call for a prompt and the positional call
+engines run — comes from its model family (:mod:`slimdiff.families`). Reports keep the UNet-era key ``unet`` for a
+cell's denoiser timing.
+
+For every engine that can run here, every budget (0 = dense) and every denoiser batch size it measures the
+denoiser call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the
+same engine (alternating calls in one process, same inputs, same threads), its speed-up the median of the per-pair
 ratios dense/slim with a bootstrap confidence interval, and the cell marked *noisy* when that interval is wide,
 the speed-up beats the ideal by more than a few percent or the machine was busy (:mod:`.timing`) — the error
 of the engine's output against the dense eager model on the same inputs, MACs and parameters
 (``torch.utils.flop_counter``), the ideal speed-up (dense MACs / slim MACs) and the measured/ideal ratio, peak
-memory and engine file size. At even UNet batch
-sizes it also runs the whole pipeline (``batch/2`` images with classifier-free guidance, so the UNet sees the
-same shape) and splits its latency into time inside and outside the UNet.
+memory and engine file size. At even batch sizes it also runs the whole pipeline (``batch/2`` images with
+classifier-free guidance, so the denoiser sees the same shape) and splits its latency into time inside and outside
+the denoiser.
 
 Cells are run in priority order — eager first, then the other engines budget by budget in the order given —
 and a ``deadline_s`` skips (and reports) the cells that would not finish in time.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
+import inspect
 import shutil
 import sys
 import tempfile
@@ -31,6 +37,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import SlimDiffError
+from ..families import MODEL_DTYPE, TIMESTEP, family_for
 from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
 from .macs import count_macs, counter_notes, meta_unet
@@ -42,7 +49,7 @@ from .timing import (NOISY_MAX_RELATIVE_WIDTH, NOISY_OVER_IDEAL, CallTimer, Peak
 
 SCHEMA = "slimdiff-bench/1"
 BUDGET_UNITS = {"params": "fraction of the compressible parameters removed",
-                "macs": "fraction of the transformer-block MACs of one UNet call removed"}
+                "macs": "fraction of the transformer-block MACs of one denoiser call removed"}
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 
@@ -52,7 +59,7 @@ class BenchConfig:
     engines: list[str] = field(default_factory=lambda: ["eager"])
     budgets: list[float] = field(default_factory=lambda: [0.0, 0.4])
     #: budgets are fractions of the compressible parameters (params) or of the transformer-block MACs of one
-    #: UNet call at the benchmark's resolution (macs: the share the ideal speed-up is computed from)
+    #: denoiser call at the benchmark's resolution (macs: the share the ideal speed-up is computed from)
     budget_unit: str = "params"
     batches: list[int] = field(default_factory=lambda: [1, 2])
     resolution: int | None = None  # image pixels; None: the model's default
@@ -142,81 +149,85 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class _Inputs:
-    """Fixed UNet inputs per batch size: seeded latents, a mid-schedule timestep, real text embeddings."""
+    """Fixed denoiser inputs per batch size, in the order of the family's exported inputs: a seeded latent, a
+    mid-schedule timestep, and the conditioning the pipeline makes for one prompt (real text embeddings, the
+    family's extra conditions), expanded to the batch."""
 
-    def __init__(self, pipe, latent: tuple[int, int], device: str, dtype: torch.dtype, prompt: str, seed: int):
+    def __init__(self, pipe, family, latent: tuple[int, int], resolution: int, device: str, dtype: torch.dtype,
+                 prompt: str, seed: int):
+        denoiser = family.denoiser(pipe)
+        self.specs = family.export_inputs(denoiser.config)
         with torch.no_grad():
-            # keywords: SDXL's encode_prompt takes a second prompt in the second position
-            embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                        do_classifier_free_guidance=False)[0].to(dtype)
-        self.embeds, self.latent, self.device, self.dtype, self.seed = embeds, latent, device, dtype, seed
-        self.channels = pipe.unet.config.in_channels
+            given = family.prompt_inputs(pipe, prompt, (resolution, resolution), device)
+        self.given, self.text_len = {}, 0
+        for spec in self.specs:
+            if "height" in spec.dims or spec.draw == TIMESTEP:
+                continue
+            if spec.name not in given:
+                raise SlimDiffError(f"the {family.name!r} family's prompt inputs lack {spec.name!r}")
+            value = given[spec.name].to(device, dtype if spec.dtype == MODEL_DTYPE else getattr(torch, spec.dtype))
+            self.given[spec.name] = value
+            if "text_len" in spec.dims:
+                self.text_len = value.shape[spec.dims.index("text_len")]
+        self.latent, self.device, self.dtype, self.seed = latent, device, dtype, seed
 
-    def get(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed)
-        sample = torch.randn(batch, self.channels, *self.latent, generator=gen)
-        timestep = torch.full((batch,), 500.0, dtype=torch.float32)
-        return (sample.to(self.device, self.dtype), timestep.to(self.device),
-                self.embeds.expand(batch, -1, -1).contiguous())
-
-
-class WithAddedConditions(torch.nn.Module):
-    """A UNet that needs ``added_cond_kwargs`` (SDXL: pooled text embeddings and size/crop ids), callable as
-    the benchmark engines call a UNet — ``(sample, timestep, encoder_hidden_states)`` — with fixed seeded
-    conditions expanded to the batch. Latency depends on their shapes, not their values."""
-
-    def __init__(self, unet: torch.nn.Module, resolution: int, seed: int = 0):
-        super().__init__()
-        self.unet = unet
-        cfg = unet.config
-        param = next(unet.parameters())
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        gen = torch.Generator().manual_seed(seed)
-        self.text_embeds = torch.randn(1, pooled, generator=gen).to(param.device, param.dtype)
-        # original size, crop top-left, target size — what the SDXL pipeline passes for an uncropped image
-        self.time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
-                                     device=param.device, dtype=param.dtype)
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    @staticmethod
-    def needed(unet: torch.nn.Module) -> bool:
-        return getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
-        b = sample.shape[0]
-        added = {"text_embeds": self.text_embeds.expand(b, -1), "time_ids": self.time_ids.expand(b, -1)}
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
-                         return_dict=return_dict)
+    def get(self, batch: int) -> tuple[torch.Tensor, ...]:
+        out = []
+        for spec in self.specs:
+            if "height" in spec.dims:  # the latent
+                gen = torch.Generator().manual_seed(self.seed)
+                shape = tuple(batch if d == "batch" else d for d in spec.dims[:2]) + self.latent
+                out.append(torch.randn(shape, generator=gen).to(self.device, self.dtype))
+            elif spec.draw == TIMESTEP:
+                out.append(torch.full((batch,), 500.0, dtype=torch.float32, device=self.device))
+            else:
+                value = self.given[spec.name]
+                out.append(value.expand(batch, *value.shape[1:]).contiguous())
+        return tuple(out)
 
 
 @contextlib.contextmanager
-def _engine_in_pipeline(pipe, run, timer: CallTimer):
-    """Route the pipeline's UNet calls to ``run`` (timed), leaving the module object — and so the pipeline's
-    config, dtype and device bookkeeping — in place."""
-    unet = pipe.unet
+def _engine_in_pipeline(pipe, family, run, timer: CallTimer):
+    """Route the pipeline's denoiser calls to ``run`` (timed) on the family's exported inputs, leaving the module
+    object — and so the pipeline's config, dtype and device bookkeeping — in place."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    denoiser = family.denoiser(pipe)
+    specs = family.export_inputs(denoiser.config)
+    signature = inspect.signature(denoiser.forward)
     timed = timer.wrap(run)
 
-    def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
-        extra = [k for k, v in kwargs.items() if v is not None]
-        if args or extra:
-            raise SlimDiffError(f"the benchmark UNet takes (sample, timestep, encoder_hidden_states) only; "
-                                f"the pipeline also passed {extra or 'positional arguments'}")
-        t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1)
-        out = timed(sample, t.expand(sample.shape[0]).contiguous(), encoder_hidden_states)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    def forward(*args, **kwargs):
+        call = signature.bind(*args, **kwargs).arguments
+        return_dict = call.pop("return_dict", True)
+        added = call.pop("added_cond_kwargs", None) or {}
+        extra = [k for k, v in call.items() if v is not None and k not in {s.name for s in specs}]
+        if extra:
+            raise SlimDiffError(f"the benchmark {family.component} takes its exported inputs only "
+                                f"({', '.join(s.name for s in specs)}); the pipeline also passed {', '.join(extra)}")
+        batch = call[specs[0].name].shape[0]
+        inputs = []
+        for spec in specs:
+            value = call.get(spec.name, added.get(spec.name))
+            if value is None:
+                raise SlimDiffError(f"the pipeline's {family.component} call passed no {spec.name!r}")
+            if spec.draw == TIMESTEP:  # pipelines pass one timestep for the batch, or one per sample
+                value = torch.as_tensor(value, device=inputs[0].device).to(torch.float32).reshape(-1)
+                value = value.expand(batch).contiguous()
+            inputs.append(value)
+        del denoiser.forward  # an eager runner calls the module itself
+        try:
+            out = timed(*inputs)
+        finally:
+            denoiser.forward = forward
+        # every output class of diffusers' denoisers holds the prediction in ``sample``
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
-
-    unet.forward = forward
+    denoiser.forward = forward
     try:
         yield
     finally:
-        del unet.forward  # the instance attribute shadowed the class's forward
+        del denoiser.forward  # the instance attribute shadowed the class's forward
 
 
 def _file_bytes(files: list[Path]) -> int | None:
@@ -256,7 +267,6 @@ class Bench:
         return None
 
     def _load(self):
-        from ..families import check_measures
         from ..models import load_pipeline
 
         source, options = self.cfg.model, {}
@@ -265,7 +275,6 @@ class Bench:
             options = {k: self.export["arguments"].get(k) for k in ("config", "variant")}
         self.log(f"loading {source} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
         pipe = load_pipeline(source, self.dtype, **options).to(self.device)
-        check_measures(pipe, "slimdiff bench")
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -301,10 +310,11 @@ class Bench:
         check_fits(cfg.model, cfg.budgets, cfg.budget_unit, cfg.resolution, self.device, self.dtype, align=cfg.align,
                    r_min=cfg.r_min)
         self.pipe = pipe = self._load()
+        self.family = family = family_for(pipe)
+        dense = family.denoiser(pipe)
         factor = pipe.vae_scale_factor
-        self.resolution = cfg.resolution or pipe.unet.config.sample_size * factor
-        # Every down-sampling level halves the latent; skip connections need it to divide evenly.
-        multiple = factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+        self.resolution = cfg.resolution or dense.config.sample_size * factor
+        multiple = factor * family.latent_multiple(dense.config)
         if self.resolution % multiple:
             raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")
         self.latent = latent = (self.resolution // factor, self.resolution // factor)
@@ -316,30 +326,26 @@ class Bench:
             self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
         self.log(f"opening the slim UNet of {cfg.model}" if self.export is not None else
                  f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
-        self.inputs = _Inputs(pipe, latent, self.device, self.dtype, cfg.prompt, cfg.seed)
-        # End-to-end runs route the pipeline's UNet calls through (sample, timestep, context) runners, which
-        # cannot carry SDXL's added conditions: UNet-only for such models.
-        self.e2e = cfg.e2e and not WithAddedConditions.needed(pipe.unet)
-        if cfg.e2e and not self.e2e:
-            self.log("end-to-end runs skipped: this UNet takes added conditions (SDXL); UNet-only timing")
-        if not self.e2e:  # UNet-only from here: SDXL's text encoders and VAE hold 3.6 GB in fp32
-            for name in ("text_encoder", "text_encoder_2", "vae"):
+        self.inputs = _Inputs(pipe, family, latent, self.resolution, self.device, self.dtype, cfg.prompt, cfg.seed)
+        self.e2e = cfg.e2e
+        if not self.e2e:  # denoiser-only from here: SDXL's text encoders and VAE hold 3.6 GB in fp32, SD3's T5 19 GB
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
                 if getattr(pipe, name, None) is not None:
                     setattr(pipe, name, None)
             _free(self.device)
         if self.export is not None:
-            self.models = self._exported_models(pipe.unet)
+            self.models = self._exported_models(dense)
         else:
-            self.models = make_models(pipe.unet, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
+            self.models = make_models(dense, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
                                       seed=cfg.seed, align=cfg.align, r_min=cfg.r_min, unit=cfg.budget_unit,
-                                      latent=latent, text_len=self.inputs.embeds.shape[1])
+                                      latent=latent, text_len=self.inputs.text_len)
         if cfg.pad_heads:
             self._pad_heads(self.models)
-        self.dense_params = sum(p.numel() for p in pipe.unet.parameters())
+        self.dense_params = sum(p.numel() for p in dense.parameters())
         self.model_entries = [self._model_entry(m) for m in self.models]
 
-        # Dense eager references: UNet outputs on the fixed inputs, and images for end-to-end errors.
-        dense_run = engine_registry.create("eager").build(self.runnable(pipe.unet), cfg.batches, latent, 0,
+        # Dense eager references: denoiser outputs on the fixed inputs, and images for end-to-end errors.
+        dense_run = engine_registry.create("eager").build(dense, cfg.batches, latent, self.inputs.text_len,
                                                           Path()).run
         self.refs = {}
         with torch.no_grad():
@@ -365,17 +371,12 @@ class Bench:
                 SlimModel(slim, budget, plan, CALIBRATED, {"engine_folders": {kind: root / "slim"},
                                                            "label": f"exported slim ({slim_folder})"})]
 
-    def runnable(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """``unet`` as the engines call it: SDXL-style UNets get their added conditions bound (end-to-end
-        pipeline runs pass their own, so the harness disables them for such models)."""
-        return WithAddedConditions(unet, self.resolution, self.cfg.seed) if WithAddedConditions.needed(unet) else unet
-
     def _pad_heads(self, models: list[SlimModel]) -> None:
         from ..export.align import align_head_widths
 
         for m in models:
             if m.budget > 0:
-                changed = align_head_widths(m.unet, multiple=self.cfg.pad_heads, equal_qk_v=True)
+                changed = align_head_widths(m.denoiser, multiple=self.cfg.pad_heads, equal_qk_v=True)
                 m.info["head_padding"] = {k: [list(a), list(b)] for k, (a, b) in changed.items()}
 
     def add_models(self, models: list[SlimModel]) -> None:
@@ -392,9 +393,9 @@ class Bench:
         self.model_entries.extend(self._model_entry(m) for m in models)
 
     def _model_entry(self, m: SlimModel) -> dict:
-        shapes = meta_unet(self.pipe.unet, m.plan)
-        macs = {str(b): count_macs(shapes, b, self.latent).to_dict() for b in self.cfg.batches}
-        params = sum(p.numel() for p in m.unet.parameters())
+        shapes = meta_unet(self.family.denoiser(self.pipe), m.plan)
+        macs = {str(b): count_macs(shapes, b, self.latent, self.inputs.text_len).to_dict() for b in self.cfg.batches}
+        params = sum(p.numel() for p in m.denoiser.parameters())
         info = m.plan.info if m.plan else {}
         return {
             "budget": m.budget, "source": m.source, "params": params, "params_removed": self.dense_params - params,
@@ -475,7 +476,8 @@ class Bench:
             "config": {k: v for k, v in asdict(cfg).items() if k != "build_estimates_s"},
             "timing_method": TIMING_METHOD,
             "model": {
-                "source": cfg.model, "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
+                "source": cfg.model, "family": self.family.name, "denoiser": self.family.component,
+                "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
                 "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
                 "budget_unit": BUDGET_UNITS[cfg.budget_unit],
                 "plan_source": "calibrated" if self.stats is not None or self.export is not None else SYNTHETIC,
@@ -531,25 +533,24 @@ class Bench:
     def _build_and_measure(self, name, engine, model: SlimModel, batches, workdir: Path) -> list[dict]:
         cfg, pipe, inputs, refs = self.cfg, self.pipe, self.inputs, self.refs
         workdir.mkdir(parents=True, exist_ok=True)
-        weights_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+        weights_bytes = sum(p.numel() * p.element_size() for p in model.denoiser.parameters())
         memory = PeakMemory(self.device).start()
         t_build = time.perf_counter()
         prebuilt = model.info.get("engine_folders", {}).get(name)
         built = (engine.open(prebuilt, self.device) if prebuilt is not None else
-                 engine.build(self.runnable(model.unet), batches, self.latent, inputs.embeds.shape[1], workdir))
+                 engine.build(model.denoiser, batches, self.latent, inputs.text_len, workdir))
         build_s = time.perf_counter() - t_build
         dense_run = self.dense_runs.get(name) if model.budget > 0 else None
         cells = []
         for b in batches:
-            sample, timestep, context = inputs.get(b)
+            call = inputs.get(b)
             with torch.no_grad(), wall_clock(self.device) as first:
-                out = built.run(sample, timestep, context).float().cpu()  # lazy engines compile here
+                out = built.run(*call).float().cpu()  # lazy engines compile here
             paired, load_before = None, load_average()
             if dense_run is None:
-                timing = time_calls(lambda: built.run(sample, timestep, context), self.device, cfg.warmup, cfg.iters)
+                timing = time_calls(lambda: built.run(*call), self.device, cfg.warmup, cfg.iters)
             else:
-                dense_ms, slim_ms = time_interleaved(lambda: dense_run(sample, timestep, context),
-                                                     lambda: built.run(sample, timestep, context), self.device,
+                dense_ms, slim_ms = time_interleaved(lambda: dense_run(*call), lambda: built.run(*call), self.device,
                                                      cfg.warmup, cfg.iters)
                 timing = summarize(slim_ms, cfg.warmup, clock_name(self.device))
                 paired = {"dense_unet": summarize(dense_ms, cfg.warmup, clock_name(self.device)).to_dict(),
@@ -558,8 +559,7 @@ class Bench:
             eager_err = None
             if name != "eager":
                 with torch.no_grad():
-                    eager = self.runnable(model.unet)(sample, timestep, encoder_hidden_states=context,
-                                               return_dict=False)[0].float().cpu()
+                    eager = self.family.export_call(model.denoiser, *call).float().cpu()
                 eager_err = _rel_err(out, eager)
             cell = {
                 "engine": name, "budget": model.budget, "batch": b, "status": "ok",
@@ -588,12 +588,13 @@ class Bench:
         return cells
 
     def _pipeline(self, pipe, run, images: int, timer: CallTimer) -> torch.Tensor:
-        """One text-to-image run (seeded latents, decoded images) with the UNet calls routed to ``run``."""
+        """One text-to-image run (seeded latents, decoded images) with the denoiser calls routed to ``run``."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        with _engine_in_pipeline(pipe, run, timer), torch.no_grad():
+        with _engine_in_pipeline(pipe, self.family, run, timer), torch.no_grad():
             out = pipe([cfg.prompt] * images, num_inference_steps=cfg.e2e_steps, guidance_scale=cfg.guidance,
-                       height=self.resolution, width=self.resolution, generator=gen, output_type="np").images
+                       height=self.resolution, width=self.resolution, generator=gen, output_type="np",
+                       **self.family.pipeline_options).images
         return torch.from_numpy(out).float()
 
     def _e2e(self, pipe, run, images: int, model: SlimModel) -> dict:

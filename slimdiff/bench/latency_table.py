@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..families import CROSS, FFN, QK, VO, ModuleSite, family_for, module_sites
+from ..families import CROSS, FFN, QK, VO, ModuleSite, family_for, module_sites, site_linears
+from ..families.base import JointQKLinears
 
 # The reading side moved to the core (slim --speedup uses it); these names stay importable from here.
 from ..latency import (  # noqa: F401
@@ -122,8 +123,14 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
     log = log or (lambda msg: None)
     with torch.device("meta"):
         meta = family_for(unet).build(unet.config)
-    geometry = site_geometry(unet, latent, text_len)
     sites = {s.name: s for s in module_sites(meta)}
+    joint = sorted({s.sublayer_path for s in sites.values() if s.kind == QK
+                    and isinstance(site_linears(meta, s), JointQKLinears)})
+    if joint:
+        raise SlimDiffError(f"the latency table times each sub-layer on one token stream; {joint[0]} is a joint "
+                            f"attention over two ({len(joint)} such in {type(unet).__name__}), which it does not "
+                            "drive yet")
+    geometry = site_geometry(unet, latent, text_len)
     groups: dict[str, dict] = {}
     for name, geo in geometry.items():
         site = sites[name]
@@ -169,7 +176,9 @@ def _dense_unet_ms(unet, latent, batch, device, dtype, warmup, iters, text_len) 
     call = family_for(unet).dummy_call(unet.config, batch, latent, text_len)
     gen = torch.Generator().manual_seed(0)
 
-    def drawn(t):  # seeded normal values for every floating input (the timestep stays as it is)
+    def drawn(t):  # seeded normal values for every floating input (the timestep and absent conditions as they are)
+        if t is None:
+            return None
         return torch.randn(t.shape, generator=gen).to(device, dtype) if t.is_floating_point() else t.to(device)
 
     call = {k: ({n: drawn(v) for n, v in a.items()} if isinstance(a, dict) else drawn(a)) for k, a in call.items()}

@@ -29,13 +29,18 @@ CALIBRATED = "calibrated"
 
 @dataclass
 class SlimModel:
-    """A UNet to benchmark: the dense original (``budget == 0``) or a slim copy, with its provenance."""
+    """A denoiser to benchmark: the dense original (``budget == 0``) or a slim copy, with its provenance."""
 
-    unet: nn.Module
+    denoiser: nn.Module
     budget: float
     plan: RankPlan | None
     source: str  # "dense" | SYNTHETIC | CALIBRATED
     info: dict = field(default_factory=dict)
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser under the name scripts written for UNets read."""
+        return self.denoiser
 
     @property
     def meaningful_outputs(self) -> bool:

@@ -131,7 +131,7 @@ def results_table(report: dict) -> str:
     """One row per measured or skipped cell (Markdown)."""
     models = {m["budget"]: m for m in report["models"]}
     head = ("| engine | budget | batch | params (M) | removed (M) | GMAC | ideal × | dense ms (interleaved) | "
-            "median ms | p90 ms | speed-up × [95 % CI] | measured/ideal | err vs dense | e2e ms | outside UNet ms "
+            "median ms | p90 ms | speed-up × [95 % CI] | measured/ideal | err vs dense | e2e ms | outside denoiser ms "
             "| image PSNR dB vs dense | status |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(report["results"], key=lambda r: (r["engine"], r["batch"], r["budget"])):
@@ -197,9 +197,9 @@ LEGEND = (
     "with a 95 % bootstrap interval; ideal = dense MACs / slim MACs (what a compute-bound engine could gain). "
     "'noisy' = the interval is too wide, the\n"
     "speed-up beats the ideal or more threads wanted to run than there are CPUs: load on this machine, not a "
-    "result.\nerr vs dense = relative L2 error of one UNet output (fixed input) against the dense UNet.\n"
+    "result.\nerr vs dense = relative L2 error of one denoiser output (fixed input) against the dense denoiser.\n"
     "img err / img PSNR = the decoded images of a full {steps}-step sampling run (same prompt and seed) against "
-    "the dense model's: the UNet's small\n"
+    "the dense model's: the denoiser's small\n"
     "per-step errors compound along the trajectory, so they are larger than 'err vs dense' without the image "
     "having lost its content. For quality\n"
     "on many held-out prompts (PSNR/SSIM, prompt adherence) run `slimdiff eval`; the project's bar for deep "
@@ -225,7 +225,8 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
         "- libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
         f"- git: {git.get('commit')}{' (with uncommitted changes)' if git.get('dirty') else ''}",
         f"- weights: **{model['weights']}**; dtype {model['dtype']}; {model['resolution']}² px "
-        f"(latent {model['latent'][0]}×{model['latent'][1]}); dense UNet {model['dense_params'] / 1e6:.2f} M params",
+        f"(latent {model['latent'][0]}×{model['latent'][1]}); dense {model.get('denoiser', 'unet')} "
+        f"{model['dense_params'] / 1e6:.2f} M params",
         f"- slim models: **{model['plan_source']}** — {model['plan_note']}",
         f"- budget = {model.get('budget_unit', 'fraction of the compressible parameters removed')}",
         f"- MACs: {report['mac_counter']['tool']}"
@@ -238,14 +239,16 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
     ]
     for name, e in report["engines"].items():
         lines.append(f"| {name} | {e['status']} | {e['reason'] or e['description']} |")
-    lines += ["", "## UNet latency per call, dense vs slim", "",
+    denoiser = model.get("denoiser", "unet")
+    lines += ["", f"## Denoiser ({denoiser}) latency per call, dense vs slim", "",
               f"{report.get('timing_method', '')}. Speed-up = median dense latency / median slim latency on the "
               "same engine and batch, timed interleaved; ideal = dense MACs / slim MACs; measured/ideal = "
               "speed-up / ideal (not given for noisy cells). Image PSNR: the decoded images of a full sampling run "
               "against the dense model's from the same seed (errors compound over the steps; quality is `slimdiff "
               "eval`'s job). End-to-end: batch/2 images, "
-              f"{report['config']['e2e_steps']} steps, CFG {report['config']['guidance']} (UNet batch = batch).",
-              "", results_table(report), "", "## Where the MACs are (per UNet call, batch 1 where measured)", "",
+              f"{report['config']['e2e_steps']} steps, CFG {report['config']['guidance']} (denoiser batch = batch).",
+              "", results_table(report), "", f"## Where the MACs are (per {denoiser} call, smallest batch measured)",
+              "",
               "| budget | total G | FFN G | self-attn proj G | self-attn QKᵀ+AV G | cross-attn proj G | "
               "cross-attn QKᵀ+AV G | other G |", "|---|---|---|---|---|---|---|---|"]
     for m in report["models"]:
@@ -282,7 +285,7 @@ def plot_latency_vs_removed(report: dict, path: Path) -> bool:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{engine}, batch {batch}")
     ax.set_xlabel("parameters removed (M)")
-    ax.set_ylabel("UNet latency per call, median (ms)")
+    ax.set_ylabel(f"{report['model'].get('denoiser', 'unet')} latency per call, median (ms)")
     ax.set_title(f"{report['model']['source']} ({report['model']['weights']} weights) on "
                  f"{report['environment']['device'].get('name')}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -331,7 +334,8 @@ def plot_speedups(report: dict, path: Path) -> bool:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     of = "of transformer MACs" if "MACs" in report["model"].get("budget_unit", "") else "of compressible"
     ax.set_xticks(range(len(budgets)), [f"{b:g} {of}" for b in budgets])
-    ax.set_ylabel("UNet speed-up over dense (same engine, interleaved;\n95 % CI; hatched = noisy)")
+    ax.set_ylabel(f"{report['model'].get('denoiser', 'unet')} speed-up over dense (same engine, "
+                  "interleaved;\n95 % CI; hatched = noisy)")
     ax.set_title(f"{report['model']['source']} ({report['model']['weights']} weights) on "
                  f"{report['environment']['device'].get('name')}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)

@@ -75,8 +75,8 @@ def family_for(obj: Any) -> DenoiserFamily:
 
 
 def check_measures(obj: Any, command: str) -> None:
-    """Refuse, in one line, a pipeline or denoiser whose family ``slimdiff bench`` / ``slimdiff eval`` do not serve
-    yet (before anything is calibrated or built)."""
+    """Refuse, in one line, a pipeline or denoiser whose family ``slimdiff eval`` does not serve yet (before
+    anything is sampled)."""
     family = family_for(obj)
     if not family.measures:
         raise SlimDiffError(f"{command} works on UNet pipelines (SD-1.x/2.x, SDXL) so far, not on {_describe(obj)} "

@@ -833,8 +833,8 @@ class DenoiserFamily(ABC):
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
 
-    #: Whether ``slimdiff bench`` and ``slimdiff eval`` serve this family: they drive the denoiser through the UNet
-    #: call (``sample``, ``timestep``, ``encoder_hidden_states``) and so far serve UNets.
+    #: Whether ``slimdiff eval`` serves this family: it samples UNet pipelines so far (``slimdiff bench`` drives
+    #: every family through :meth:`prompt_inputs` and :meth:`export_call`).
     measures: bool = True
 
     #: Whether the cross-attentions read the tensor :meth:`text_context` returns unchanged (statistics size
@@ -897,6 +897,24 @@ class DenoiserFamily(ABC):
     def default_text_len(self, pipe: Any) -> str:
         """The ``--text-len`` range engines of this family are built for when none is given (MIN:OPT:MAX)."""
         return "77:77:154"
+
+    # -- measuring: what ``slimdiff bench`` times the denoiser on ------------------------------------------
+
+    #: Options the pipeline's call needs beyond prompt, steps, guidance, size and generator (calibration, the
+    #: benchmark's end-to-end runs and evaluation all pass them).
+    pipeline_options: dict = {}
+
+    def latent_multiple(self, config: Any) -> int:
+        """What the latent height and width must be multiples of for the denoiser to run (a UNet's down-sampling
+        levels, a DiT's patch size)."""
+        return 1
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        """The exported inputs (named as in :meth:`export_inputs`) of one denoiser call of ``pipe`` for ``prompt``
+        at an image of ``size`` = (height, width) px, for one image without guidance, as the pipeline makes them —
+        every input but the latent and the timestep: the text conditioning and any extra conditions."""
+        raise SlimDiffError(f"the {self.name!r} family declares no prompt inputs: slimdiff bench cannot drive it")
 
 
 # ----------------------------------------------------------------------------------------------------------

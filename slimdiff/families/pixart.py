@@ -42,7 +42,10 @@ class PixArtFamily(DenoiserFamily):
     name = "pixart"
     text_tokens = 300  # PixArt-Σ's pipeline default max_sequence_length (PixArt-α: 120)
     shares_text_context = False  # caption_projection sits between the call's text and the cross-attentions
-    measures = False  # slimdiff bench and eval drive UNet calls so far (export and engines serve PixArt)
+    measures = False  # slimdiff eval drives UNet pipelines so far (bench, export and engines serve PixArt)
+    # exact sizes (the tiny built-in's latent lies outside PixArt's aspect-ratio bins); no caption cleaning (it
+    # needs packages the pipeline only warns about)
+    pipeline_options = {"use_resolution_binning": False, "clean_caption": False}
 
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None
@@ -109,8 +112,22 @@ class PixArtFamily(DenoiserFamily):
         # T5 prompts are padded to the pipeline's max_sequence_length: one length
         return str(ALPHA_TEXT_TOKENS if isinstance(pipe, PixArtAlphaPipeline) else self.text_tokens)
 
+    def latent_multiple(self, config: Any) -> int:
+        return int(config["patch_size"])
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, num_images_per_prompt=1,
+                                                device=device, clean_caption=False)
+        inputs = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        if _additional_conditions(pipe.transformer.config):  # as the pipeline computes them for PixArt-α 1024
+            h, w = size
+            inputs.update(resolution=torch.tensor([[h, w]], dtype=torch.float32, device=device),
+                          aspect_ratio=torch.tensor([[h / w]], dtype=torch.float32, device=device))
+        return inputs
+
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        return sampling_loop(pipe, pipe.transformer, config, use_resolution_binning=False, clean_caption=False)
+        return sampling_loop(pipe, pipe.transformer, config, **self.pipeline_options)
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder)]

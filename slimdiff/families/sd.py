@@ -94,6 +94,17 @@ class StableDiffusionFamily(DenoiserFamily):
         return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None,
                     return_dict=False)[0]
 
+    def latent_multiple(self, config: Any) -> int:
+        # every down-sampling level halves the latent, and the skip connections need it to divide evenly
+        return 2 ** (len(config["down_block_types"]) - 1)
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        # keywords: SDXL's encode_prompt takes a second prompt in the second position
+        embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds[0]}
+
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return sampling_loop(pipe, pipe.unet, config)
 

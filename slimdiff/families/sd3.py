@@ -45,7 +45,7 @@ class SD3Family(DenoiserFamily):
     text_tokens = CLIP_TOKENS + T5_TOKENS
     component = "transformer"
     shares_text_context = False  # context_embedder (and every joint block) sits between the call's text and attention
-    measures = False  # slimdiff bench and eval drive UNet calls so far (export and engines serve SD3)
+    measures = False  # slimdiff eval drives UNet pipelines so far (bench, export and engines serve SD3)
 
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None
@@ -100,6 +100,15 @@ class SD3Family(DenoiserFamily):
     def default_text_len(self, pipe: Any) -> str:
         # CLIP's 77 tokens and the T5 prompt padded to max_sequence_length: one length
         return str(self.text_tokens)
+
+    def latent_multiple(self, config: Any) -> int:
+        return int(config["patch_size"])
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         # the pipeline checks the image size only once it samples: refused here, before any work

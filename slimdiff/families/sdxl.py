@@ -49,6 +49,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         call["added_cond_kwargs"] = self.condition_zeros(config, batch, device, dtype)
         return call
 
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        h, w = size
+        # original size, crop top-left, target size: what the pipeline passes for an uncropped image
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
 

@@ -147,9 +147,7 @@ def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs:
 
     The engine must have been built for this pipeline's denoiser: same input signature (names, dtypes, ranks) and
     same config fingerprint. ``check_model=False`` skips that check, for users who know the engine fits."""
-    folder = Path(folder)
-    found = [c for c in dict.fromkeys(cls.component for cls in ENGINE_CLASSES) if engine_meta_path(folder, c).is_file()]
-    meta, folder = load_engine_meta(folder, found[0] if found else EngineUNet.component)  # names what is missing
+    meta, folder = _denoiser_meta(folder)
     cls = engine_class(meta)
     if getattr(pipe, cls.component, None) is None:
         raise SlimDiffError(f"the engine in {str(folder)!r} replaces a pipeline's {cls.component}; "
@@ -159,3 +157,17 @@ def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs:
     denoiser = cls.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     setattr(pipe, cls.component, denoiser)
     return denoiser
+
+
+def open_denoiser_engine(folder: str | Path, device: str | None = None, cuda_graphs: bool = True) -> EngineDenoiser:
+    """The engine-backed denoiser of an engine folder, whichever denoiser (UNet, PixArt or SD3 transformer) it was
+    exported from, outside any pipeline."""
+    meta, folder = _denoiser_meta(folder)
+    return engine_class(meta).from_folder(folder, device=device, cuda_graphs=cuda_graphs)
+
+
+def _denoiser_meta(folder: str | Path) -> tuple[dict, Path]:
+    """The metadata of the denoiser engine in ``folder`` (``unet.engine.json`` or ``transformer.engine.json``)."""
+    folder = Path(folder)
+    found = [c for c in dict.fromkeys(cls.component for cls in ENGINE_CLASSES) if engine_meta_path(folder, c).is_file()]
+    return load_engine_meta(folder, found[0] if found else EngineUNet.component)  # names what is missing
