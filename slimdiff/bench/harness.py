@@ -312,12 +312,16 @@ class Bench:
         self.pipe = pipe = self._load()
         self.family = family = family_for(pipe)
         dense = family.denoiser(pipe)
+        self._check_drivable(family.export_inputs, dense.config)
         factor = pipe.vae_scale_factor
         self.resolution = cfg.resolution or dense.config.sample_size * factor
         multiple = factor * family.latent_multiple(dense.config)
         if self.resolution % multiple:
             raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")
         self.latent = latent = (self.resolution // factor, self.resolution // factor)
+        # before any calibration: a family that declares no prompt inputs is refused here
+        self.inputs = self._check_drivable(_Inputs, pipe, family, latent, self.resolution, self.device, self.dtype,
+                                           cfg.prompt, cfg.seed)
         self.stats, self.stats_note = self._statistics(pipe)
         self.slim_config = None
         if self.stats is not None:
@@ -326,7 +330,6 @@ class Bench:
             self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
         self.log(f"opening the slim UNet of {cfg.model}" if self.export is not None else
                  f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
-        self.inputs = _Inputs(pipe, family, latent, self.resolution, self.device, self.dtype, cfg.prompt, cfg.seed)
         self.e2e = cfg.e2e
         if not self.e2e:  # denoiser-only from here: SDXL's text encoders and VAE hold 3.6 GB in fp32, SD3's T5 19 GB
             for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
@@ -355,6 +358,14 @@ class Bench:
                         for b in cfg.batches if self.e2e and b % 2 == 0}
         self.engine_entries: dict[str, dict] = {}
         self.results: list[dict] = []
+
+    @staticmethod
+    def _check_drivable(fn, *args):
+        """``fn(*args)``, a family's refusal to declare the call engines run (or its inputs) said as the bench's."""
+        try:
+            return fn(*args)
+        except SlimDiffError as exc:
+            raise SlimDiffError(f"slimdiff bench times a denoiser through its family's exported call: {exc}") from None
 
     def _exported_models(self, dense: torch.nn.Module) -> list[SlimModel]:
         """The export's dense model and its slim UNet folder, each with its engine folder for the export's engine

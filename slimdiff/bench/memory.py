@@ -76,7 +76,8 @@ def check_fits(source: str, budgets: list[float], unit: str, resolution: int | N
         return
     config = unet_config(source)
     available = available_memory_bytes(device)
-    if config is None or available is None:
+    # no config, or no default size in it (FLUX's pipeline holds it): the latent is known only after loading
+    if config is None or available is None or (resolution is None and "sample_size" not in config):
         return
     latent = latent_size(source, config, resolution)
     if 0.0 not in budgets:
