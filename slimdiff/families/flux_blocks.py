@@ -11,7 +11,8 @@ neither normalised nor rotated: the V·O sites remain.
   (with biases) and GELU(tanh) feed-forward, meet in one attention over their concatenated tokens (text first).
   Sites: ``<path>.attn.vo`` (both streams: to the closed forms one self-attention on the direct sum of the streams'
   inputs, :class:`~slimdiff.families.base.StreamStack`), ``<path>.ff`` and ``<path>.ff_context``. The updates are
-  gated by the adaLN-Zero chunks 2 (attention) and 5 (MLP) of ``norm1`` / ``norm1_context``.
+  gated by the adaLN-Zero chunks 2 (attention) and 5 (MLP) of ``norm1`` / ``norm1_context``. SD3's adapter serves
+  them (the same attribute layout); only the attention processor differs.
 * **Single-stream blocks** (``FluxSingleTransformerBlock``): one stream (text and image tokens concatenated) whose
   normed tokens x feed an attention (no output projection of its own: ``pre_only``) and an MLP side by side, and one
   Linear projects both: ``proj_out(cat([attention(x), gelu(proj_mlp(x))]))``. Sites: ``<path>.attn.vo`` (``to_v``
@@ -42,23 +43,19 @@ from .base import (
     VO,
     BlockAdapter,
     FFNLinears,
-    JointVOLinears,
     ModuleSite,
-    OutputStack,
     SiteLinears,
-    StreamStack,
     SublayerTaps,
     VOLinears,
     column_blocks,
     with_column_block,
 )
-from .blocks import _linear, _row_cost, ffn_linears, ffn_site, set_ffn_linear
-from .mmdit import _PROJECTIONS, _ada_zero_gates, _joint_input_moment, _joint_inputs, _single
+from .blocks import _linear, _row_cost
+from .mmdit import JointTransformerBlockAdapter, _ada_zero_gates, _single
 
 _ATTN = "attn"
-_FFNS = ("ff", "ff_context")
-# adaLN-Zero chunks of the gates: gate_msa and gate_mlp of a double-stream block's six, the single block's gate of three
-_GATE_MSA, _GATE_MLP, _GATE_SINGLE = 2, 5, 2
+# the single-stream block's gate: chunk 2 of its adaLN-Zero norm's three (shift, scale, gate)
+_GATE_SINGLE = 2
 # the single-stream block's shared output projection and its MLP's up projection
 _PROJ_OUT, _PROJ_MLP = "proj_out", "proj_mlp"
 
@@ -103,85 +100,18 @@ def _check_attention(where: str, attn: nn.Module) -> None:
                             "supported: slim the model before fusing")
 
 
-def _vo_site(path: str, v: list[nn.Linear], outputs: int, heads: int) -> ModuleSite:
-    """The V·O site of the attention at ``<path>.attn``: value projections ``v`` (one per stream), ``outputs`` the
-    output features of its output projections (summed over the streams)."""
-    return ModuleSite(f"{path}.{_ATTN}.vo", VO, path, _ATTN, v[0].out_features // heads, heads,
-                      heads * (sum(_row_cost(lin) for lin in v) + outputs), sublayer=_ATTN, attention=SELF)
-
-
 @BLOCKS.register({FluxTransformerBlock: "FluxTransformerBlock"})
-class FluxTransformerBlockAdapter(BlockAdapter):
-    """Sites: ``<block>.attn.vo`` / ``.ff`` / ``.ff_context``."""
+class FluxTransformerBlockAdapter(JointTransformerBlockAdapter):
+    """SD3's MMDiT adapter (:mod:`slimdiff.families.mmdit`) serves FLUX's double-stream blocks — the same attention
+    projections, feed-forwards, norms and adaLN-Zero gates; their normalised queries and keys leave no Q·K site:
+    ``<block>.attn.vo`` / ``.ff`` / ``.ff_context`` — with FLUX's attention processor."""
 
     def sites(self, path: str, block: nn.Module) -> list[ModuleSite]:
-        attn = block.attn
-        where = f"{path}.{_ATTN}"
-        _check_attention(where, attn)
-        if getattr(attn, "add_q_proj", None) is None:
-            raise SlimDiffError(f"{where}: a FLUX joint attention without the text stream's projections is not "
-                                "supported")
-        roles = {role: [_linear(attn.get_submodule(name), f"{where}.{name}") for name in names]
-                 for role, names in _PROJECTIONS.items()}
-        if any(lin.bias is None for lin in roles["v"]):
-            # the direct sum gives every stream a constant coordinate, whose factor a bias-free Linear cannot hold
-            raise SlimDiffError(f"{where}: a joint attention with bias-free value projections is not supported "
-                                "(diffusers' FLUX blocks have biases)")
-        heads = attn.heads
-        if len({lin.out_features for lin in roles["v"]}) != 1 or roles["v"][0].out_features % heads:
-            raise SlimDiffError(f"{where}: the streams' value projections do not split into {heads} equal heads")
-        vo = _vo_site(path, roles["v"], sum(o.out_features for o in roles["out"]), heads)
-        return [vo, *(ffn_site(path, name, getattr(block, name)) for name in _FFNS)]
-
-    def linears(self, block: nn.Module, site: ModuleSite) -> SiteLinears:
-        if site.kind == FFN:
-            return ffn_linears(block, site)
-        attn = block.attn
-        names = {(role if i == 0 else f"{role}.{i}"): f"{_ATTN}.{name}"
-                 for role in ("v", "out") for i, name in enumerate(_PROJECTIONS[role])}
-        stacks = {role: tuple(attn.get_submodule(name) for name in _PROJECTIONS[role]) for role in ("v", "out")}
-        return JointVOLinears(StreamStack(stacks["v"]), OutputStack(stacks["out"]), names)
-
-    def set_linear(self, block: nn.Module, site: ModuleSite, role: str, linear: nn.Linear) -> None:
-        if site.kind == FFN:
-            set_ffn_linear(block, site, role, linear)
-            return
-        base, _, stream = role.partition(".")
-        name = _PROJECTIONS[base][int(stream or 0)]
-        if name == "to_out.0":
-            block.attn.to_out[0] = linear
-        else:
-            setattr(block.attn, name, linear)
+        _check_attention(f"{path}.{_ATTN}", block.attn)
+        return super().sites(path, block)
 
     def prepare_attention(self, block: nn.Module, site: ModuleSite) -> None:
         block.attn.set_processor(SlimFluxAttnProcessor())
-
-    def taps(self, block: nn.Module) -> list[SublayerTaps]:
-        attn = block.attn
-        norms = (block.norm1, block.norm1_context)  # the attention returns (image, text): gates in that order
-        taps = [SublayerTaps(
-            _ATTN, ATTENTION, residuals=norms, update=attn, update_streams=2, attention=attn,
-            head_outputs=(attn.to_out[0], attn.to_add_out), query=StreamStack((attn.to_q, attn.add_q_proj)),
-            key=StreamStack((attn.to_k, attn.add_k_proj)), heads=attn.heads, read_inputs=_joint_inputs,
-            input_moment=_joint_input_moment, gate=_ada_zero_gates(norms, _GATE_MSA))]
-        for name, norm, ada in (("ff", block.norm2, block.norm1), ("ff_context", block.norm2_context,
-                                                                   block.norm1_context)):
-            ff = getattr(block, name)
-            taps.append(SublayerTaps(name, FFN, residuals=(norm,), update=ff, hidden=ff.net[2],
-                                     gate=_single(_ada_zero_gates((ada,), _GATE_MLP))))
-        return taps
-
-    def unit_macs(self, block: nn.Module, site: ModuleSite, tokens: Callable[[str], tuple[int, int]]) -> int:
-        if site.kind == FFN:
-            return site.unit_params * tokens(site.sublayer)[0]
-        attn = block.attn
-        joint = tokens(_ATTN)[0]  # text + image tokens
-        image = tokens("ff")[0]
-        text = joint - image
-        # each stream's values, the weighted sums of every query, each stream's output projection
-        per_head = attn.to_v.in_features * image + attn.add_v_proj.in_features * text + joint * joint \
-            + attn.to_out[0].out_features * image + attn.to_add_out.out_features * text
-        return site.heads * per_head
 
 
 @BLOCKS.register({FluxSingleTransformerBlock: "FluxSingleTransformerBlock"})
@@ -205,7 +135,9 @@ class FluxSingleTransformerBlockAdapter(BlockAdapter):
         if v.out_features % attn.heads or out.in_features != v.out_features + mlp.out_features:
             raise SlimDiffError(f"{path}: {_PROJ_OUT} reads {out.in_features} features, not the attention's "
                                 f"{v.out_features} ({attn.heads} heads) and the MLP's {mlp.out_features} side by side")
-        return [_vo_site(path, [v], out.out_features, attn.heads),
+        heads = attn.heads
+        return [ModuleSite(f"{where}.vo", VO, path, _ATTN, v.out_features // heads, heads,
+                           heads * (_row_cost(v) + out.out_features), sublayer=_ATTN, attention=SELF),
                 ModuleSite(f"{path}.{_PROJ_MLP}", FFN, path, None, mlp.out_features, 1,
                            _row_cost(mlp) + out.out_features, sublayer=_PROJ_MLP)]
 

@@ -1,4 +1,6 @@
-"""Block adapter for diffusers' ``JointTransformerBlock``: the MMDiT block of Stable Diffusion 3.
+"""Block adapter for diffusers' ``JointTransformerBlock``: the MMDiT block of Stable Diffusion 3 (FLUX's
+double-stream ``FluxTransformerBlock`` has the same layout: its adapter, :mod:`slimdiff.families.flux_blocks`,
+is this one with FLUX's attention processor).
 
 Two token streams, image and text, each with its own adaLN-Zero norms, projections and feed-forward, meet in one
 attention over their concatenated tokens (``attn``: the image stream's ``to_q``/``to_k``/``to_v``/``to_out.0``, the
@@ -158,7 +160,7 @@ class JointTransformerBlockAdapter(BlockAdapter):
         sites.append(ModuleSite(f"{where}.vo", VO, path, _ATTN, v[0].out_features // heads, heads,
                                 heads * (sum(_row_cost(lin) for lin in v) + sum(o.out_features for o in roles["out"])),
                                 sublayer=_ATTN, attention=SELF))
-        if block.attn2 is not None:
+        if getattr(block, "attn2", None) is not None:  # FLUX's MMDiT blocks have none
             if getattr(block.attn2, "add_q_proj", None) is not None:
                 raise SlimDiffError(f"{path}.{_ATTN2}: a second joint attention is not supported")
             # an image-only self-attention; SD3.5 Medium normalises its queries and keys: no Q·K site then
@@ -218,7 +220,7 @@ class JointTransformerBlockAdapter(BlockAdapter):
             query=StreamStack((attn.to_q, attn.add_q_proj)), key=StreamStack((attn.to_k, attn.add_k_proj)),
             heads=attn.heads, read_inputs=_joint_inputs, input_moment=_joint_input_moment,
             gate=_ada_zero_gates(norms, _GATE_MSA))]
-        if block.attn2 is not None:
+        if getattr(block, "attn2", None) is not None:
             attn2 = block.attn2
             taps.append(SublayerTaps(
                 _ATTN2, ATTENTION, residuals=(block.norm1,), update=attn2, attention=attn2,
