@@ -1,6 +1,6 @@
 """PixArt's transformer as an engine: its export inputs from the family, one ``slimdiff-export`` run (dense and slim
 ONNX Runtime engines, parity-checked with masked T5 padding), the engine as ``pipe.transformer`` in the pipeline,
-the benchmark on the tiny transformer, and what still refuses in one line (eval, a size range)."""
+the benchmark and the quality evaluation on the tiny transformer, and a size range refused in one line."""
 
 import contextlib
 import io
@@ -18,7 +18,6 @@ from slimdiff.engines.trt import optimization_profiles
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.modules import denoiser_component
 from slimdiff.export.shapes import parse_profiles
-from slimdiff.families import check_measures
 from slimdiff.models import build_builtin, load_pipeline
 from slimdiff.runtime import EnginePixArtTransformer, use_engine
 
@@ -132,16 +131,12 @@ def test_an_engine_of_another_denoiser_is_refused(exported):
         use_engine(build_builtin("builtin:tiny"), out / "dense")
 
 
-def test_a_size_range_bench_and_eval_refuse_in_one_line(tmp_path, capsys):
+def test_a_size_range_is_refused_in_one_line(tmp_path, capsys):
     assert cli.main(["--model", "builtin:tiny-pixart", "--engine", "ort", "--out", str(tmp_path / "o"),
                      "--height", "16:32:48"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--height" in err[0] and "one height" in err[0]
     assert not (tmp_path / "o").exists()
-    pipe = build_builtin("builtin:tiny-pixart")
-    for command in ("slimdiff eval",):  # slimdiff bench times it: test_bench_times_*
-        with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on PixArtSigmaPipeline"):
-            check_measures(pipe, command)
 
 
 def test_an_alpha_transformer_takes_resolution_and_aspect_ratio(tmp_path):
@@ -200,3 +195,19 @@ def test_bench_times_the_tiny_transformer_dense_vs_slim(capsys):
     err = capsys.readouterr().err.strip().splitlines()  # after the loading line, before any model is built
     assert err[-1] == "slimdiff bench: error: resolution 34 must be a multiple of 4 for this model"
     assert not [line for line in err if "building" in line or "Traceback" in line]
+
+
+def test_eval_compares_the_exported_slim_transformer_with_the_dense_one(exported, tmp_path):
+    # `slimdiff eval` on PixArt: the pipeline's own call options (exact 32 px size) and the T5 padding mask pass through
+    from slimdiff.cli.commands import main
+
+    out, _ = exported
+    slim = out / json.loads((out / "export.json").read_text())["slim_model"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\na green triangle")
+    assert main(["eval", "--model", "builtin:tiny-pixart", "--slim", str(slim), "--prompts", str(prompts), "--num",
+                 "2", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["size"] == 32 and report["settings"]["unet_calls_per_image"] == 2
+    assert 0 < report["metrics"]["noise_prediction_error"]["mean"] < 1
+    assert report["slim"]["macs"] < report["dense"]["macs"]

@@ -387,7 +387,6 @@ def exported(tmp_path_factory):
 
 def test_the_family_declares_the_transformer_export(sd3):
     from slimdiff.export.modules import denoiser_component
-    from slimdiff.families import check_measures
 
     component = denoiser_component(sd3.transformer)
     assert component.name == "transformer" and component.attention_modules == 2
@@ -395,9 +394,6 @@ def test_the_family_declares_the_transformer_export(sd3):
         ("hidden_states", ("batch", 16, "height", "width"), "model"), ("timestep", ("batch",), "float32"),
         ("encoder_hidden_states", ("batch", "text_len", 96), "model"), ("pooled_projections", ("batch", 64), "model")]
     assert family_for(sd3).static_axes == () and family_for(sd3).default_text_len(sd3) == "333"
-    for command in ("slimdiff eval",):  # slimdiff bench times it: test_bench_times_*
-        with pytest.raises(SlimDiffError, match=f"{command} works on UNet pipelines .* not on StableDiffusion3"):
-            check_measures(sd3, command)
     x, t, text, pooled = component.random_inputs({"batch": 2, "height": 8, "width": 16, "text_len": 20},
                                                   torch.float32, seed=1)
     with torch.no_grad():
@@ -511,3 +507,21 @@ def test_bench_times_the_exported_engines_dense_vs_slim(exported):
     # two sampling steps, one transformer call each on the guided batch of 2
     assert dense["e2e"]["unet_calls"] == slim["e2e"]["unet_calls"] == 2
     assert dense["e2e"]["image_error_vs_dense"] < 1e-3 < slim["e2e"]["image_error_vs_dense"]
+
+
+def test_eval_compares_the_exported_slim_transformer_with_the_dense_one(exported, tmp_path):
+    # `slimdiff eval` on SD3: the slim transformer probed along the dense trajectory (flow-matching float timesteps
+    # read by the family), then sampled from the same seeds
+    from slimdiff.cli.commands import main
+
+    out, _ = exported
+    slim = out / json.loads((out / "export.json").read_text())["slim_model"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    assert main(["eval", "--model", "builtin:tiny-sd3", "--slim", str(slim), "--prompts", str(prompts), "--num", "2",
+                 "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["unet_calls_per_image"] == 2 and report["label"].startswith("seeded random")
+    assert 0 < report["metrics"]["noise_prediction_error"]["mean"] < 1  # a calibrated slim transformer, not a copy
+    assert report["metrics"]["fidelity"]["psnr_db"]["mean"] < 100  # its images differ from the dense ones
+    assert report["slim"]["macs"] < report["dense"]["macs"] and report["slim"]["params"] < report["dense"]["params"]

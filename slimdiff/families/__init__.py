@@ -79,9 +79,8 @@ def check_measures(obj: Any, command: str) -> None:
     anything is sampled)."""
     family = family_for(obj)
     if not family.measures:
-        raise SlimDiffError(f"{command} works on UNet pipelines (SD-1.x/2.x, SDXL) so far, not on {_describe(obj)} "
-                            f"(family {family.name!r}): export its engines with `slimdiff-export` and run them in "
-                            "the pipeline (slimdiff.use_engine), or run the slim model in diffusers")
+        raise SlimDiffError(f"{command} works on SD-1.x/2.x, SDXL, PixArt and SD3 pipelines so far, not on "
+                            f"{_describe(obj)} (family {family.name!r}): run the slim model in diffusers")
 
 
 def _describe(obj: Any) -> str:

@@ -833,8 +833,8 @@ class DenoiserFamily(ABC):
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
 
-    #: Whether ``slimdiff eval`` serves this family: it samples UNet pipelines so far (``slimdiff bench`` drives
-    #: every family through :meth:`prompt_inputs` and :meth:`export_call`).
+    #: Whether ``slimdiff eval`` serves this family: it samples the pipeline from seeded latents of the denoiser's
+    #: (channels, height, width) shape, which packed latents (FLUX's) are not.
     measures: bool = True
 
     #: Whether the cross-attentions read the tensor :meth:`text_context` returns unchanged (statistics size

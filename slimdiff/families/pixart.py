@@ -42,7 +42,6 @@ class PixArtFamily(DenoiserFamily):
     name = "pixart"
     text_tokens = 300  # PixArt-Σ's pipeline default max_sequence_length (PixArt-α: 120)
     shares_text_context = False  # caption_projection sits between the call's text and the cross-attentions
-    measures = False  # slimdiff eval drives UNet pipelines so far (bench, export and engines serve PixArt)
     # exact sizes (the tiny built-in's latent lies outside PixArt's aspect-ratio bins); no caption cleaning (it
     # needs packages the pipeline only warns about)
     pipeline_options = {"use_resolution_binning": False, "clean_caption": False}

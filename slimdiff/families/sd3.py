@@ -45,7 +45,6 @@ class SD3Family(DenoiserFamily):
     text_tokens = CLIP_TOKENS + T5_TOKENS
     component = "transformer"
     shares_text_context = False  # context_embedder (and every joint block) sits between the call's text and attention
-    measures = False  # slimdiff eval drives UNet pipelines so far (bench, export and engines serve SD3)
 
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None

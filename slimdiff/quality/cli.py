@@ -28,7 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                            "adherence, optional CLIP/FID)")
     p.add_argument("--model", required=True, help="dense model: built-in name, pipeline folder or .safetensors")
     p.add_argument("--slim", required=True,
-                   help="slim UNet folder from `slimdiff slim`, or any other pipeline to compare against the dense one")
+                   help="slim UNet / transformer folder from `slimdiff slim`, or any other pipeline to compare against "
+                        "the dense one")
     p.add_argument("--prompts", default=None,
                    help="prompt file (.txt, .csv/.tsv, COCO JSON); default for the proxy model: its held-out prompts")
     p.add_argument("--num", type=int, default=32, help="number of prompts (first N of the file; default 32)")
@@ -54,18 +55,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_slim(source: str, dense_unet, dtype, device):
-    """The UNet to compare: a slim folder's UNet, or the UNet of any other pipeline (dense baselines)."""
+    """The denoiser to compare: a slim folder's, or the denoiser of any other pipeline (dense baselines)."""
+    from ..families import family_for
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
         unet, made_from = load_slim(source, dtype=dtype), load_plan(source).info.get("source_model")
     else:
-        unet, made_from = load_pipeline(source, dtype).unet, None
-    for key in ("in_channels", "out_channels", "cross_attention_dim", "sample_size"):
-        if unet.config[key] != dense_unet.config[key]:
-            raise SlimDiffError(f"--slim {source!r} is not comparable with the dense model: its UNet has "
-                                f"{key}={unet.config[key]}, the dense one {dense_unet.config[key]}")
+        pipe = load_pipeline(source, dtype)
+        unet, made_from = family_for(pipe).denoiser(pipe), None
+    if family_for(unet).name != family_for(dense_unet).name:
+        raise SlimDiffError(f"--slim {source!r} is not comparable with the dense model: it is a "
+                            f"{type(unet).__name__}, the dense one a {type(dense_unet).__name__}")
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "joint_attention_dim", "sample_size"):
+        if unet.config.get(key) != dense_unet.config.get(key):
+            raise SlimDiffError(f"--slim {source!r} is not comparable with the dense model: its denoiser has "
+                                f"{key}={unet.config.get(key)}, the dense one {dense_unet.config.get(key)}")
     return unet.to(device).eval(), made_from
 
 
@@ -87,7 +93,7 @@ def evaluate_to(args, folder: Path) -> dict:
     """Run the evaluation described by ``args`` and write the report files into ``folder``."""
     import torch
 
-    from ..families import check_measures
+    from ..families import check_measures, family_for
     from ..models import load_pipeline
     from . import optional
     from .evaluate import EvalSettings, adherence, compare, is_proxy, model_label, paired_delta, unet_cost
@@ -99,7 +105,8 @@ def evaluate_to(args, folder: Path) -> dict:
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     dense = load_pipeline(args.model, dtype).to(device)
     check_measures(dense, "slimdiff eval")
-    slim_unet, made_from = _load_slim(args.slim, dense.unet, dtype, device)
+    dense_unet = family_for(dense).denoiser(dense)
+    slim_unet, made_from = _load_slim(args.slim, dense_unet, dtype, device)
     proxy = is_proxy(args.model)
     if args.adherence == "on" and not proxy:
         print("note: --adherence on with a model that is not the proxy: the analyzer reads shapes only")
@@ -128,12 +135,12 @@ def evaluate_to(args, folder: Path) -> dict:
     metrics["fid"] = optional.fid({n: folder / "images" / n for n in images}, args.fid_real, args.fid_weights,
                                   device)
 
-    tokens = dense.tokenizer.model_max_length
     report = {
         "format": "slimdiff-quality/1",
         "label": model_label(args.model),
-        "dense": {"source": args.model, **unet_cost(dense.unet, tokens)},
-        "slim": {"source": args.slim, "made_from": made_from, **unet_cost(slim_unet, tokens)},
+        # MACs at the family's text length (CLIP's 77 tokens; PixArt-Σ's T5: 300; SD3: 77 + 256)
+        "dense": {"source": args.model, **unet_cost(dense_unet)},
+        "slim": {"source": args.slim, "made_from": made_from, **unet_cost(slim_unet)},
         "settings": {"prompts": args.prompts or f"proxy held-out compositions (seed {HELDOUT_PROMPT_SEED})",
                      "num_prompts": len(prompts), "steps": settings.steps,
                      "guidance": settings.guidance, "seeds": f"{settings.seed}..{settings.seed + len(prompts) - 1}",

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import SlimDiffError
-from .sampling import NoiseErrorProbe, generate, with_unet
+from ..families import family_for
+from .sampling import NoiseErrorProbe, generate, with_denoiser
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,18 @@ class Comparison:
 
 def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], settings: EvalSettings,
             progress: bool = True) -> Comparison:
-    """Sample dense and slim images from identical seeds; probe every slim UNet along the dense trajectory."""
+    """Sample dense and slim images from identical seeds; probe every slim denoiser along the dense trajectory."""
     start = time.perf_counter()
     prompts = list(prompts)
     if not prompts:
         raise SlimDiffError("no evaluation prompts")
     seeds = [settings.seed + i for i in range(len(prompts))]
     kw = dict(steps=settings.steps, guidance=settings.guidance, size=settings.size, batch_size=settings.batch_size)
-    probe = NoiseErrorProbe(pipe.unet, slims)
+    probe = NoiseErrorProbe(family_for(pipe).denoiser(pipe), slims)
     dense = generate(pipe, prompts, seeds, probe=probe, desc="dense sampling + slim noise errors" if progress else None,
                      **kw)
-    images = {name: generate(with_unet(pipe, unet), prompts, seeds, desc=f"slim sampling: {name}" if progress else None,
-                             **kw) for name, unet in slims.items()}
+    images = {name: generate(with_denoiser(pipe, unet), prompts, seeds,
+                             desc=f"slim sampling: {name}" if progress else None, **kw) for name, unet in slims.items()}
     return Comparison(prompts, seeds, probe.timesteps, dense, images, probe.errors(), time.perf_counter() - start)
 
 
@@ -66,7 +67,8 @@ def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], set
 # What the model is, and what it costs
 # ----------------------------------------------------------------------------------------------------------
 
-RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:tiny-xl", "builtin:sdxl-shape")
+RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:tiny-xl", "builtin:sdxl-shape", "builtin:tiny-pixart",
+                   "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape")
 
 
 def is_proxy(source: str) -> bool:
@@ -85,8 +87,9 @@ def model_label(source: str) -> str:
     return "user-supplied weights"
 
 
-def unet_cost(unet: torch.nn.Module, text_tokens: int = 77) -> dict:
-    """Parameters and MACs of one UNet call (batch 1, native latent size), counted on the meta device."""
+def unet_cost(unet: torch.nn.Module, text_tokens: int | None = None) -> dict:
+    """Parameters and MACs of one denoiser call (batch 1, native latent size, ``text_tokens``: default the family's
+    text length), counted on the meta device."""
     params = sum(p.numel() for p in unet.parameters())
     try:
         from ..bench.macs import count_macs, meta_unet

@@ -2,12 +2,14 @@
 
 Every image ``i`` is the prompt ``prompts[i]`` sampled from the initial latent drawn by a CPU generator seeded
 with ``seeds[i]`` (the convention of :mod:`slimdiff.proxy.evaluate`), so images do not depend on batching or
-device and a dense and a slim image of the same index differ only through the UNet.
+device and a dense and a slim image of the same index differ only through the denoiser (a UNet, or a PixArt / SD3
+transformer: the model family says which pipeline component it is, how a call's timestep is read and what the
+pipeline's call needs).
 
-:class:`NoiseErrorProbe` hooks the dense UNet while the dense pipeline samples: every dense call is repeated
-with each slim UNet on *exactly the same inputs* (latent, timestep, text states), and the relative error of the
-slim noise prediction is recorded per image and per call. The slim model never steers the trajectory, so the
-error of step k isolates the slim UNet from the accumulated drift of its own sampling.
+:class:`NoiseErrorProbe` hooks the dense denoiser while the dense pipeline samples: every dense call is repeated
+with each slim denoiser on *exactly the same inputs* (latent, timestep, text states), and the relative error of
+the slim noise prediction is recorded per image and per call. The slim model never steers the trajectory, so the
+error of step k isolates the slim denoiser from the accumulated drift of its own sampling.
 """
 
 from __future__ import annotations
@@ -21,18 +23,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SlimDiffError
+from ..families import family_for
 
 
 def image_size(pipe) -> int:
-    """Pixel size the pipeline samples at by default (the UNet's sample size × the VAE factor)."""
-    size = pipe.unet.config.sample_size
+    """Pixel size the pipeline samples at by default (the denoiser's sample size × the VAE factor)."""
+    family = family_for(pipe)
+    size = family.denoiser(pipe).config.sample_size
     size = size if isinstance(size, int) else size[0]
     return size * pipe.vae_scale_factor
 
 
-def with_unet(pipe, unet):
-    """A pipeline of the same class sharing every component of ``pipe`` except the UNet."""
-    kwargs = {**pipe.components, "unet": unet}
+def with_denoiser(pipe, denoiser):
+    """A pipeline of the same class sharing every component of ``pipe`` except the denoiser."""
+    kwargs = {**pipe.components, family_for(pipe).component: denoiser}
     if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
         kwargs["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", False))
     out = type(pipe)(**kwargs)
@@ -45,18 +49,19 @@ def _prediction(output) -> torch.Tensor:
 
 
 class NoiseErrorProbe:
-    """Records ‖ε_slim − ε_dense‖ / ‖ε_dense‖ per image and UNet call while attached to the dense UNet.
+    """Records ‖ε_slim − ε_dense‖ / ‖ε_dense‖ per image and denoiser call while attached to the dense denoiser.
 
-    With classifier-free guidance the UNet batch is ``[unconditional; conditional]``; both rows of an image
-    enter its error together (the norm is over everything the UNet predicts for that image at that step).
+    With classifier-free guidance the denoiser batch is ``[unconditional; conditional]``; both rows of an image
+    enter its error together (the norm is over everything the denoiser predicts for that image at that step).
     """
 
     def __init__(self, dense_unet: torch.nn.Module, slims: dict[str, torch.nn.Module]):
         if not slims:
             raise SlimDiffError("no slim model to compare against the dense one")
         if any(unet is dense_unet for unet in slims.values()):  # its hook would call itself forever
-            raise SlimDiffError("a slim model is the dense UNet object itself: pass a copy to compare it")
+            raise SlimDiffError("a slim model is the dense denoiser object itself: pass a copy to compare it")
         self.dense_unet, self.slims = dense_unet, slims
+        self._timestep = family_for(dense_unet).timestep
         self.batches: dict[str, list[np.ndarray]] = {name: [] for name in slims}
         self.timesteps: list[int] | None = None
         self._images = 0
@@ -65,11 +70,11 @@ class NoiseErrorProbe:
 
     def _hook(self, _module, args, kwargs, output):
         dense = _prediction(output).detach()
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = self._timestep(args, kwargs)
         self._steps.append(int(torch.as_tensor(t).flatten()[0]))
         rows = dense.shape[0]
         if rows % self._images:
-            raise SlimDiffError(f"UNet batch of {rows} rows does not split into {self._images} images")
+            raise SlimDiffError(f"denoiser batch of {rows} rows does not split into {self._images} images")
         # diffusers stacks the CFG branches as [uncond; cond]: row r belongs to image r % images
         dense64 = dense.double().reshape(rows // self._images, self._images, -1)
         den = dense64.pow(2).sum(dim=(0, 2))
@@ -96,7 +101,7 @@ class NoiseErrorProbe:
             self.batches[name].append(np.stack(calls, axis=1))
 
     def errors(self) -> dict[str, np.ndarray]:
-        """(images, UNet calls) relative errors for every slim model."""
+        """(images, denoiser calls) relative errors for every slim model."""
         if self.timesteps is None:
             raise SlimDiffError("the probe has seen no sampling run")
         return {name: np.concatenate(parts, axis=0) for name, parts in self.batches.items()}
@@ -108,17 +113,19 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
              desc: str | None = None) -> np.ndarray:
     """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
 
-    With ``probe``, the probe's hook runs on every call of ``pipe.unet`` (which must be the probe's dense UNet).
+    With ``probe``, the probe's hook runs on every call of the pipeline's denoiser (which must be the probe's dense
+    one).
     """
     if len(prompts) != len(seeds) or not prompts:
         raise SlimDiffError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    if probe is not None and probe.dense_unet is not pipe.unet:
-        raise SlimDiffError("the noise-error probe must be attached to the pipeline's own (dense) UNet")
+    family = family_for(pipe)
+    unet = family.denoiser(pipe)
+    if probe is not None and probe.dense_unet is not unet:
+        raise SlimDiffError("the noise-error probe must be attached to the pipeline's own (dense) denoiser")
     size = size or image_size(pipe)
     if size % pipe.vae_scale_factor:
         raise SlimDiffError(f"image size {size} is not a multiple of the VAE factor {pipe.vae_scale_factor}")
     latent = size // pipe.vae_scale_factor
-    unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     out = []
     for k in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
@@ -127,7 +134,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
             torch.randn((unet.config.in_channels, latent, latent), generator=torch.Generator("cpu").manual_seed(int(s)))
             for s in chunk_s]).to(device=device, dtype=dtype)
         call = lambda: pipe(chunk_p, height=size, width=size, num_inference_steps=steps,  # noqa: E731
-                            guidance_scale=guidance, latents=latents, output_type="np").images
+                            guidance_scale=guidance, latents=latents, output_type="np",
+                            **family.pipeline_options).images
         if probe is None:
             images = call()
         else:
