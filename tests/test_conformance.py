@@ -370,7 +370,7 @@ class TestFlux(FamilyConformance):
     ``proj_out``; q and k pass RMS norms and rotary embeddings (no Q·K site); packed latents with position ids, a
     guidance embedding, CLIP pooled and T5 text towers, a float flow-matching sigma. Its closed-form check takes the
     first FFN and V·O sites (a double-stream block's); tests/test_flux.py checks the single-stream blocks' shared
-    projection."""
+    projection. Its export check builds the slim transformer's ONNX Runtime engine and samples through it."""
 
     family = "flux"
     image_px = 32
@@ -390,11 +390,48 @@ class TestFlux(FamilyConformance):
         return {**call, "timestep": torch.full_like(call["timestep"], 0.421),
                 "guidance": torch.full_like(call["timestep"], 3.5)}
 
-    def test_export_parity(self, slimmed):
-        # no FLUX export yet: refused in one line before any work
+    @pytest.mark.slow
+    def test_export_parity(self, calibrated, slimmed, tmp_path):
+        # The shared check, run through the engine build (the same export and parity check; one export of the slim
+        # transformer serves both, for CI's time), over a range of image sizes: the graph packs the latent and builds
+        # the positions for the size it is given (parity at 16 and 32 px). Then the ONNX Runtime engine drives
+        # FluxPipeline as its transformer.
+        import numpy as np
+
+        from slimdiff.engines.build import build_denoiser_engine
         from slimdiff.errors import SlimDiffError
         from slimdiff.export.modules import denoiser_component
+        from slimdiff.export.onnx import FP32_TOLERANCE
+        from slimdiff.export.shapes import parse_profiles
+        from slimdiff.families.flux import latent_ids, pack_latents
+        from slimdiff.runtime import EngineFluxTransformer, use_engine
 
-        unet, _ = slimmed
-        with pytest.raises(SlimDiffError, match="'flux' family declares no export inputs"):
-            denoiser_component(unet)
+        pipe, _ = calibrated
+        transformer, report = slimmed
+        sizes = f"{self.image_px // 2}:{self.image_px}:{self.image_px}"
+        profiles = parse_profiles(batch="1:2:2", height=sizes, width=sizes,
+                                  text_len=str(family_for(transformer).text_tokens), vae_scale=2, multiple=8)
+        meta, sidecar = build_denoiser_engine(transformer, "ort", tmp_path, profiles=profiles, dtype=torch.float32,
+                                              device="cpu", multiple=8, plan=report.plan)
+        assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE and len(sidecar["parity"]["shapes"]) == 2
+        assert meta["family"] == "flux" and sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
+
+        slim_pipe = type(pipe)(**{**pipe.components, "transformer": transformer})
+        slim_pipe.set_progress_bar_config(disable=True)
+        run = lambda: slim_pipe(PROMPTS[:self.image_prompts], num_inference_steps=2, height=self.image_px,  # noqa: E731
+                                width=self.image_px, generator=torch.Generator().manual_seed(0), output_type="np").images
+        reference = run()
+        engine = use_engine(slim_pipe, tmp_path)
+        assert slim_pipe.transformer is engine and isinstance(engine, EngineFluxTransformer)
+        image = run()
+        assert image.shape == reference.shape and np.abs(image - reference).max() < 1e-3
+        assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
+
+        # positions the graph does not build (a shifted grid, as FLUX Kontext's reference image has): refused
+        component = denoiser_component(transformer)
+        latents, sigma, text, pooled, guidance = component.random_inputs(
+            {"batch": 1, "height": 16, "width": 16, "text_len": 512}, torch.float32, seed=3)
+        shifted = latent_ids(8, 8) + torch.tensor([1.0, 0, 0])
+        with pytest.raises(SlimDiffError, match="take the text-to-image pipeline's positions"):
+            engine(hidden_states=pack_latents(latents), timestep=sigma, encoder_hidden_states=text,
+                   pooled_projections=pooled, img_ids=shifted, txt_ids=torch.zeros(512, 3), guidance=guidance)

@@ -540,13 +540,75 @@ def test_the_mac_arithmetic_of_flux_blocks_and_their_site_geometry():
     assert plan.modules["single_transformer_blocks.1.proj_mlp"].rank < MLP
 
 
-def test_export_refuses_a_flux_transformer_in_one_line(tmp_path, capsys):
-    from slimdiff.cli.export import main
+def test_the_family_declares_the_transformer_export(flux):
+    # The exported call takes the latent unpacked and packs it and builds the positions in the graph; its rotary
+    # table is float32 (TensorRT has no float64), where diffusers computes the angles in float64.
+    from diffusers import FluxPipeline
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    assert main(["--model", "builtin:tiny-flux", "--engine", "ort", "--out", str(tmp_path / "engines")]) == 2
-    err = capsys.readouterr().err
-    assert "the 'flux' family declares no export inputs" in err and "Traceback" not in err
-    assert not (tmp_path / "engines").exists()
+    from slimdiff.export.modules import denoiser_component
+    from slimdiff.export.shapes import default_flags
+    from slimdiff.families.flux import latent_ids, pack_latents, rotary_table, unpack_latents
+
+    transformer = flux.transformer
+    component = denoiser_component(transformer)
+    assert component.name == "transformer" and component.attention_modules == 4
+    assert [(s.name, s.dims, s.dtype) for s in component.inputs] == [
+        ("hidden_states", ("batch", 16, "height", "width"), "model"), ("timestep", ("batch",), "float32"),
+        ("encoder_hidden_states", ("batch", "text_len", 96), "model"), ("pooled_projections", ("batch", 64), "model"),
+        ("guidance", ("batch",), "float32")]
+    schnell = family_for(flux).export_inputs({**transformer.config, "guidance_embeds": False})
+    assert [s.name for s in schnell] == ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"]
+    assert family_for(flux).latent_multiple(transformer.config) == 2
+    # FLUX's transformer has no sample_size: the export's default sizes come from the pipeline's
+    assert default_flags(transformer.config, 2, native=16)["height"] == "16:32:48"
+    with pytest.raises(SlimDiffError, match="no native image size .* give both"):
+        default_flags(transformer.config, 2)
+
+    x, sigma, text, pooled, guidance = component.random_inputs(
+        {"batch": 2, "height": 16, "width": 24, "text_len": 20}, torch.float32, seed=1)
+    packed = pack_latents(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 16, 24))
+    assert torch.equal(unpack_latents(packed, 16, 24), x)
+    call = dict(hidden_states=packed, timestep=sigma, encoder_hidden_states=text, pooled_projections=pooled,
+                img_ids=latent_ids(8, 12), txt_ids=torch.zeros(20, 3), guidance=guidance, return_dict=False)
+    with torch.no_grad():
+        ref = unpack_latents(transformer(**call)[0], 16, 24)
+        got = component.module(x, sigma, text, pooled, guidance)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert not torch.allclose(component.module(x, sigma, text, pooled, guidance.flip(0)), ref, atol=1e-3)
+    assert type(transformer.pos_embed) is FluxPosEmbed  # swapped for the exported call only
+
+    # FLUX.1's rotary axes at 2048 px (128² packed tokens and 512 text tokens): float32 angles stay within 1e-5
+    ids = torch.cat([torch.zeros(512, 3), latent_ids(128, 128)])
+    table = rotary_table(ids, (16, 56, 56), 10000)
+    for ours, theirs in zip(table, FluxPosEmbed(10000, [16, 56, 56])(ids)):
+        assert ours.dtype == torch.float32 and (ours - theirs).abs().max() < 1e-5
+
+
+def test_the_engine_takes_only_the_positions_its_graph_builds():
+    from slimdiff.families.flux import latent_ids
+    from slimdiff.runtime import EngineFluxTransformer
+
+    grid = EngineFluxTransformer._grid
+    assert grid(latent_ids(8, 12), torch.zeros(20, 3), 96, 20) == (8, 12)
+    assert grid(latent_ids(8, 12)[None], torch.zeros(1, 20, 3), 96, 20) == (8, 12)  # diffusers' deprecated 3-D ids
+    for img_ids, txt_ids in ((latent_ids(8, 12) + torch.tensor([1.0, 0, 0]), torch.zeros(20, 3)),  # FLUX Kontext's
+                             (latent_ids(8, 12).flip(0), torch.zeros(20, 3)),  # not row-major
+                             (latent_ids(8, 12), torch.ones(20, 3)), (latent_ids(8, 12), torch.zeros(21, 3)),
+                             (latent_ids(8, 11), torch.zeros(20, 3))):  # fewer positions than tokens
+        with pytest.raises(SlimDiffError, match="take the text-to-image pipeline's positions"):
+            grid(img_ids, txt_ids, 96, 20)
+
+
+def test_bench_refuses_flux_in_one_line_before_any_work(tmp_path, capsys):
+    # exported now, but the benchmark drives a family through its prompt inputs, which FLUX does not declare yet
+    from slimdiff.cli import main
+
+    assert main(["bench", "--model", "builtin:tiny-flux", "--out", str(tmp_path / "bench")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "'flux' family declares no prompt inputs" in errors[0]
+    assert not (tmp_path / "bench").exists()
 
 
 def test_closed_form_errors_of_the_single_stream_sites_equal_the_measured_ones(flux, observed):

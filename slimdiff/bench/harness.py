@@ -314,7 +314,7 @@ class Bench:
         dense = family.denoiser(pipe)
         self._check_drivable(family.export_inputs, dense.config)
         factor = pipe.vae_scale_factor
-        self.resolution = cfg.resolution or dense.config.sample_size * factor
+        self.resolution = cfg.resolution or (dense.config.get("sample_size") or pipe.default_sample_size) * factor
         multiple = factor * family.latent_multiple(dense.config)
         if self.resolution % multiple:
             raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")

@@ -348,11 +348,11 @@ def run(args) -> list[dict]:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
         family = family_for(reference)
-        family.export_inputs(reference.config)  # a family that declares no export (FLUX so far): one line, here
         vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
         multiple = latent_multiple(reference.config)
         defaults = default_flags(reference.config, vae_scale, static=family.static_axes,
-                                 text_len=family.default_text_len(pipe))
+                                 text_len=family.default_text_len(pipe),
+                                 native=getattr(pipe, "default_sample_size", None))
         profiles = parse_profiles(args.batch or defaults["batch"], args.height or defaults["height"],
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
                                   vae_scale=vae_scale, multiple=multiple)

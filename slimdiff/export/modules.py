@@ -87,9 +87,11 @@ class _VaeDecoder(nn.Module):
 
 
 def count_attention(module: nn.Module) -> int:
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return sum(isinstance(m, Attention) for m in module.modules())
+    # diffusers' newer attention classes (FLUX's FluxAttention) share a mixin, not the Attention class
+    return sum(isinstance(m, (Attention, AttentionModuleMixin)) for m in module.modules())
 
 
 def denoiser_component(denoiser: nn.Module) -> Component:

@@ -101,12 +101,17 @@ def latent_multiple(config) -> int:
     return math.lcm(LATENT_MULTIPLE, 2 ** levels, int(config.get("patch_size") or 1))
 
 
-def default_flags(config, vae_scale: int, *, static: tuple[str, ...] = (), text_len: str = "77:77:154") -> dict[str, str]:
-    """Defaults for the shape flags: half to one-and-a-half times the model's native size (the native size alone for
+def default_flags(config, vae_scale: int, *, static: tuple[str, ...] = (), text_len: str = "77:77:154",
+                  native: int | None = None) -> dict[str, str]:
+    """Defaults for the shape flags: half to one-and-a-half times the model's native latent size (its config's
+    ``sample_size``, else ``native``: the pipeline's default, FLUX's transformer has none; the native size alone for
     ``static`` height/width), denoiser batch 1–4 (one or two images with guidance), and ``text_len`` (for CLIP, 77
     tokens up to two concatenated windows: long prompts)."""
     multiple = latent_multiple(config)
-    native = int(config["sample_size"])
+    native = config.get("sample_size") or native
+    if not native:
+        raise SlimDiffError("the model has no native image size to default --height and --width to: give both")
+    native = int(native)
     lo = max(multiple, native // 2 // multiple * multiple)
     hi = max(native, math.ceil(native * 1.5 / multiple) * multiple)
     side = f"{lo * vae_scale}:{native * vae_scale}:{hi * vae_scale}"

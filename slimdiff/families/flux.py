@@ -17,6 +17,10 @@ the call:
 * the transformer projects the text tokens (``context_embedder``) and every block updates them: no attention reads
   the call's own text tensor.
 
+Exported graphs and engines take the latent unpacked, (batch, 16, height, width), and pack it and build the
+positions inside the graph, with the rotary table in float32 (:meth:`FluxFamily.export_call`); the engine-backed
+transformer (:mod:`slimdiff.runtime.flux`) takes the pipeline's packed call.
+
 The blocks' adapters live in :mod:`slimdiff.families.flux_blocks`.
 """
 
@@ -29,7 +33,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, DenoiserFamily, TextTower
+from .base import FAMILIES, MODEL_DTYPE, DenoiserFamily, ExportInput, TextTower
 from .sd import guidance
 
 #: The T5 prompt padded to the pipeline's default ``max_sequence_length``.
@@ -45,9 +49,51 @@ def _transformer_of(obj: Any):
 def latent_ids(height: int, width: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
     """(height · width, 3) positions of packed latent tokens on a ``height`` × ``width`` grid, as the pipeline makes
     them (``FluxPipeline._prepare_latent_image_ids``): (0, row, column), row-major."""
-    rows = torch.arange(height, device=device).repeat_interleave(width)
-    columns = torch.arange(width, device=device).repeat(height)
+    # broadcast, not repeat / repeat_interleave: an exported graph keeps these sizes symbolic only this way (the
+    # exporter's repeat_interleave fixes the traced size, and a graph serving a range of image sizes breaks)
+    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
+    columns = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
     return torch.stack([torch.zeros_like(rows), rows, columns], 1).float()
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(batch, channels, height, width) latents as the pipeline packs them (``FluxPipeline._pack_latents``):
+    (batch, height/2 · width/2, channels · 4), one token per 2×2 patch, row-major."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // PACK) * (w // PACK), c * PACK * PACK)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for a ``height`` × ``width`` latent."""
+    b, _, features = tokens.shape
+    patches = tokens.view(b, height // PACK, width // PACK, features // (PACK * PACK), PACK, PACK)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, features // (PACK * PACK), height, width)
+
+
+def rotary_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX's rotary (cos, sin) tables for positions ``ids`` (tokens, axes), as diffusers' ``FluxPosEmbed`` computes
+    them but in float32 throughout: diffusers computes the angles in float64, which TensorRT has no type for. The
+    frequencies are exact powers in either precision; the angles lose float32's rounding of position × frequency
+    (tests/test_flux.py bounds the difference)."""
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)
+        angles = torch.outer(ids[:, axis].float(), freqs)
+        cos.append(angles.cos().repeat_interleave(2, dim=1))
+        sin.append(angles.sin().repeat_interleave(2, dim=1))
+    return torch.cat(cos, -1), torch.cat(sin, -1)
+
+
+class Float32RotaryEmbedding(nn.Module):
+    """Stands in for a transformer's ``pos_embed`` while it is exported: :func:`rotary_table` of its axes."""
+
+    def __init__(self, pos_embed: nn.Module):
+        super().__init__()
+        self.axes_dim, self.theta = tuple(pos_embed.axes_dim), pos_embed.theta
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_table(ids, self.axes_dim, self.theta)
 
 
 @FAMILIES.register({FluxPipeline: "flux", FluxTransformer2DModel: "flux"})
@@ -59,7 +105,44 @@ class FluxFamily(DenoiserFamily):
     text_tokens = T5_TOKENS
     component = "transformer"
     shares_text_context = False  # context_embedder (and every block) sits between the call's text and attention
-    measures = False  # slimdiff bench and eval drive UNet calls so far
+    measures = False  # slimdiff eval draws (channels, height, width) latents: FLUX's are packed
+
+    # The exported call takes the latent unpacked, (batch, channels, height, width), and packs it and builds the
+    # positions (img_ids, txt_ids) inside the graph: the engine's axes are then the latent's height and width, as
+    # every other family's, and the engine-backed transformer (slimdiff.runtime.flux) unpacks the pipeline's
+    # packed call after checking that its positions are the ones the graph builds.
+    static_axes = ()
+
+    def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
+        inputs = [
+            ExportInput("hidden_states", ("batch", config["in_channels"] // PACK**2, "height", "width"), MODEL_DTYPE),
+            ExportInput("timestep", ("batch",), "float32", high=1.0),  # the flow-matching sigma, as the pipeline passes
+            ExportInput("encoder_hidden_states", ("batch", "text_len", config["joint_attention_dim"]), MODEL_DTYPE),
+            ExportInput("pooled_projections", ("batch", config["pooled_projection_dim"]), MODEL_DTYPE),
+        ]
+        if config.get("guidance_embeds"):  # FLUX.1-dev; FLUX.1-schnell takes none
+            inputs.append(ExportInput("guidance", ("batch",), "float32", high=10.0))
+        return tuple(inputs)
+
+    def export_call(self, transformer: nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+                    guidance: torch.Tensor | None = None) -> torch.Tensor:
+        height, width = hidden_states.shape[-2:]
+        pos_embed = transformer.pos_embed
+        transformer.pos_embed = Float32RotaryEmbedding(pos_embed)  # for this call only: see rotary_table
+        try:
+            out = transformer(hidden_states=pack_latents(hidden_states), timestep=timestep,
+                              encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                              img_ids=latent_ids(height // PACK, width // PACK, device=hidden_states.device),
+                              txt_ids=encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3,
+                                                                      dtype=torch.float32),
+                              guidance=guidance, return_dict=False)[0]
+        finally:
+            transformer.pos_embed = pos_embed
+        return unpack_latents(out, height, width)
+
+    def latent_multiple(self, config: Any) -> int:
+        return PACK
 
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None

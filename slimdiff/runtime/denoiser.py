@@ -1,6 +1,7 @@
 """The base of the engine-backed denoisers (:class:`EngineDenoiser`): what ``EngineUNet`` (:mod:`.unet`),
-``EnginePixArtTransformer`` (:mod:`.pixart`) and ``EngineSD3Transformer`` (:mod:`.sd3`) share — loading, the config
-and properties pipelines read, device moves, shape checks and the locked engine run."""
+``EnginePixArtTransformer`` (:mod:`.pixart`), ``EngineSD3Transformer`` (:mod:`.sd3`) and ``EngineFluxTransformer``
+(:mod:`.flux`) share — loading, the config and properties pipelines read, device moves, shape checks and the locked
+engine run."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Engine-backed denoisers that drop into a diffusers pipeline: ``EngineUNet`` as ``pipe.unet`` (here),
-``EnginePixArtTransformer`` (:mod:`.pixart`) and ``EngineSD3Transformer`` (:mod:`.sd3`) as ``pipe.transformer``, on
-one base (:mod:`.denoiser`).
+``EnginePixArtTransformer`` (:mod:`.pixart`), ``EngineSD3Transformer`` (:mod:`.sd3`) and ``EngineFluxTransformer``
+(:mod:`.flux`) as ``pipe.transformer``, on one base (:mod:`.denoiser`).
 
 ``EngineUNet`` takes the call a ``StableDiffusionPipeline`` makes (``unet(latents, t, encoder_hidden_states=...,
 return_dict=False)``), returns ``UNet2DConditionOutput`` or a tuple, and exposes what pipelines read:
@@ -29,6 +29,7 @@ import torch
 from ..engines import engine_meta_path, load_engine_meta
 from ..errors import SlimDiffError
 from .denoiser import EngineDenoiser, engine_family
+from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
 from .sd3 import EngineSD3Transformer
 
@@ -128,7 +129,8 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
                             + " — rebuild it from this model, or pass check_model=False if you know it fits")
 
 
-ENGINE_CLASSES: tuple[type[EngineDenoiser], ...] = (EngineUNet, EnginePixArtTransformer, EngineSD3Transformer)
+ENGINE_CLASSES: tuple[type[EngineDenoiser], ...] = (EngineUNet, EnginePixArtTransformer, EngineSD3Transformer,
+                                                    EngineFluxTransformer)
 
 
 def engine_class(meta: dict) -> type[EngineDenoiser]:
@@ -142,7 +144,7 @@ def engine_class(meta: dict) -> type[EngineDenoiser]:
 
 def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs: bool = True,
                check_model: bool = True) -> EngineDenoiser:
-    """Replace the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for PixArt and SD3: whichever the
+    """Replace the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for PixArt, SD3 and FLUX: whichever the
     engine in ``folder`` was exported from) with that engine; returns it.
 
     The engine must have been built for this pipeline's denoiser: same input signature (names, dtypes, ranks) and
@@ -160,7 +162,7 @@ def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs:
 
 
 def open_denoiser_engine(folder: str | Path, device: str | None = None, cuda_graphs: bool = True) -> EngineDenoiser:
-    """The engine-backed denoiser of an engine folder, whichever denoiser (UNet, PixArt or SD3 transformer) it was
+    """The engine-backed denoiser of an engine folder, whichever denoiser (UNet, PixArt, SD3 or FLUX transformer) it was
     exported from, outside any pipeline."""
     meta, folder = _denoiser_meta(folder)
     return engine_class(meta).from_folder(folder, device=device, cuda_graphs=cuda_graphs)

@@ -1,0 +1,106 @@
+"""``EngineFluxTransformer``: an engine-backed FLUX transformer that drops into a ``FluxPipeline`` as
+``pipe.transformer`` (``slimdiff.use_engine(pipe, folder)``).
+
+It takes the pipeline's call (``transformer(hidden_states=…, timestep=…, guidance=…, pooled_projections=…,
+encoder_hidden_states=…, txt_ids=…, img_ids=…, joint_attention_kwargs=…, return_dict=False)``) on packed latents and
+returns them packed, as ``Transformer2DModelOutput`` or a tuple. The engine takes the latent unpacked and builds the
+positions itself (:meth:`slimdiff.families.flux.FluxFamily.export_call`): the call's ``img_ids`` must be those of a
+row-major grid of packed tokens and its ``txt_ids`` zeros, as the text-to-image pipeline makes them; the latent's
+size is read off ``img_ids``. The timestep is the flow-matching sigma in [0, 1]; ``guidance`` the embedded guidance
+scale of a guidance-distilled model (FLUX.1-dev), none for FLUX.1-schnell.
+
+Not supported by engines (a clear error): other positions (FLUX Kontext's reference image, …), ControlNet residuals
+and ``joint_attention_kwargs`` (IP-Adapter embeddings, LoRA scales).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import SlimDiffError
+from ..families.flux import PACK, latent_ids, pack_latents, unpack_latents
+from .denoiser import EngineDenoiser
+
+
+class EngineFluxTransformer(EngineDenoiser):
+    component = "transformer"
+    families = ("flux",)
+
+    @property
+    def out_channels(self) -> int:
+        return self._config.get("out_channels") or self._config["in_channels"]  # as FluxTransformer2DModel reads it
+
+    def cache_context(self, name: str):
+        """What ``FluxPipeline`` wraps each call in (diffusers' cache hooks): engines cache nothing between calls."""
+        return contextlib.nullcontext()
+
+    def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
+                controlnet_single_block_samples=None, return_dict: bool = True, controlnet_blocks_repeat: bool = False):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        unsupported = [k for k, v in {"joint_attention_kwargs": joint_attention_kwargs or None,
+                                      "controlnet_block_samples": controlnet_block_samples,
+                                      "controlnet_single_block_samples": controlnet_single_block_samples}.items()
+                       if v is not None]
+        if unsupported:
+            raise SlimDiffError(f"engine transformers do not support {', '.join(unsupported)} (ControlNet, IP-Adapter "
+                                "and LoRA scales need the PyTorch transformer)")
+        if (hidden_states.ndim != 3 or encoder_hidden_states is None or encoder_hidden_states.ndim != 3
+                or pooled_projections is None or pooled_projections.ndim != 2 or img_ids is None or txt_ids is None):
+            shapes = [None if t is None else tuple(t.shape)
+                      for t in (hidden_states, encoder_hidden_states, pooled_projections, img_ids, txt_ids)]
+            raise SlimDiffError("expected packed hidden_states (B,N,C), encoder_hidden_states (B,T,D), "
+                                "pooled_projections (B,P), img_ids (N,3) and txt_ids (T,3), got "
+                                + ", ".join(map(str, shapes)))
+        batch, tokens, features = hidden_states.shape
+        pooled = self.meta["inputs"][3]["dims"][1]
+        if (features != self.in_channels or encoder_hidden_states.shape[0] != batch
+                or tuple(pooled_projections.shape) != (batch, pooled)):
+            raise SlimDiffError(f"hidden_states {tuple(hidden_states.shape)} / encoder_hidden_states "
+                                f"{tuple(encoder_hidden_states.shape)} / pooled_projections "
+                                f"{tuple(pooled_projections.shape)} do not match this transformer "
+                                f"({self.in_channels} packed features, {pooled} pooled features, same batch)")
+        rows, columns = self._grid(img_ids, txt_ids, tokens, encoder_hidden_states.shape[1])
+        height, width = rows * PACK, columns * PACK
+        self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
+        inputs = [unpack_latents(hidden_states, height, width).to(self.device, self.dtype).contiguous(),
+                  self.timesteps(timestep, batch), encoder_hidden_states.to(self.device, self.dtype).contiguous(),
+                  pooled_projections.to(self.device, self.dtype).contiguous()]
+        if len(self.meta["inputs"]) > 4:
+            if guidance is None:
+                raise SlimDiffError("this engine embeds a guidance scale (FLUX.1-dev's guidance_embeds): pass guidance")
+            inputs.append(self.timesteps(guidance, batch))
+        elif guidance is not None:
+            raise SlimDiffError("this engine's transformer has no guidance embedding (FLUX.1-schnell): it takes no "
+                                "guidance")
+        out = self.run(inputs, (batch, self.out_channels // PACK**2, height, width))
+        out = pack_latents(out).to(device=hidden_states.device, dtype=hidden_states.dtype)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    @staticmethod
+    def _grid(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int) -> tuple[int, int]:
+        """(rows, columns) of packed tokens whose positions ``img_ids`` are — the ones the engine's graph builds —
+        or a one-line error for any other positions."""
+        img_ids, txt_ids = (ids[0] if ids.ndim == 3 else ids for ids in (img_ids, txt_ids))  # the deprecated 3-D form
+        if img_ids.ndim == 2 and img_ids.shape == (tokens, 3) and tokens:
+            rows, columns = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+            if (rows * columns == tokens and torch.equal(img_ids.float().cpu(), latent_ids(rows, columns))
+                    and tuple(txt_ids.shape) == (text_len, 3) and not txt_ids.any()):
+                return rows, columns
+        raise SlimDiffError("engine FLUX transformers take the text-to-image pipeline's positions (img_ids a row-major "
+                            f"grid of the {tokens} packed tokens, zero txt_ids for the {text_len} text tokens): got "
+                            f"img_ids {tuple(img_ids.shape)} and txt_ids {tuple(txt_ids.shape)} of other positions")
+
+    def call_exported(self, inputs):
+        """The pipeline's call on the exported inputs (``denoiser_component(...).random_inputs``), as
+        ``slimdiff-export`` verifies an engine."""
+        latents, timestep, text, pooled, *guidance = inputs
+        height, width = latents.shape[-2:]
+        out = self(hidden_states=pack_latents(latents), timestep=timestep, encoder_hidden_states=text,
+                   pooled_projections=pooled, img_ids=latent_ids(height // PACK, width // PACK),
+                   txt_ids=torch.zeros(text.shape[1], 3), guidance=guidance[0] if guidance else None,
+                   return_dict=False)[0]
+        return unpack_latents(out, height, width)
