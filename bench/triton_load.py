@@ -40,10 +40,10 @@ def build_repository(model: str, work: Path, calibration: list[str]) -> Path:
 
 def configure(repo: Path, out: Path, *, dynamic_batching: bool, pipeline_instances: int) -> Path:
     """A copy of ``repo`` with dynamic batching on or off for the engine models and the pipeline's instances."""
-    from slimdiff.engines.triton import read_config, write_config
+    from slimdiff.engines.triton import PIPELINE, read_config, write_config
 
     shutil.copytree(repo, out)
-    for model in ("text_encoder", "unet", "vae_decoder"):
+    for model in sorted(p.name for p in out.iterdir() if p.name != PIPELINE):  # the engine models (SDXL: 4)
         config = read_config(out / model / "config.pbtxt")
         if not dynamic_batching:
             config.ClearField("dynamic_batching")

@@ -8,7 +8,7 @@ the compressible parameters) and builds the slim engine; ``--slim-only`` skips t
 (``slimdiff slim`` output) it builds the slim engine only. Each engine is then loaded through :mod:`slimdiff.runtime`,
 called as its pipeline calls it and compared with the PyTorch denoiser on random inputs; a table (engine, file,
 size, parameters, max abs error, load time) ends the run. The text encoders and the VAE stay in PyTorch
-(``export.json`` lists them) unless ``--triton-repo`` serves a UNet pipeline.
+(``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x and SDXL so far).
 
 PixArt engines serve one image size (``--height N --width N``, default the transformer's native size) and PixArt's
 token count (300 for Σ, 120 for α: the pipeline pads T5 prompts to it); their T5 padding mask is an input.
@@ -22,6 +22,7 @@ Output layout (written to a temporary sibling and renamed into place only when e
                                              PixArt)
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
     OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim UNet
+    OUT/text_encoder_2/                      (SDXL: its second text encoder too)
 
 ``--triton-repo DIR`` also writes a Triton Inference Server model repository (see :mod:`slimdiff.engines.triton`).
 """
@@ -85,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_arguments(slim)
     triton = p.add_argument_group("Triton Inference Server")
     triton.add_argument("--triton-repo", default=None, metavar="DIR",
-                        help="also write a Triton model repository to DIR: the slim UNet, text encoder and VAE decoder "
-                             "engines and a python-backend pipeline model (prompt in, image out)")
+                        help="also write a Triton model repository to DIR: the slim UNet, text encoder(s) and VAE "
+                             "decoder engines and a python-backend pipeline model (prompt in, image out); serves "
+                             "StableDiffusionPipeline (SD-1.x/2.x) and StableDiffusionXLPipeline so far")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")
@@ -286,18 +288,12 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
 
 def _write_triton_repository(args, pipe, out: Path, repo: Path, *, profiles, kind: str, device: str, dtype, opset,
                              multiple: int) -> None:
-    """Engines of the text encoder and VAE decoder (``OUT/text_encoder``, ``OUT/vae_decoder``), then the
-    repository serving them with the slim UNet engine."""
-    from ..engines.build import build_component_engine
-    from ..engines.triton import write_repository
-    from ..export.modules import text_encoder_component, vae_decoder_component
+    """Engines of the text encoders and the VAE decoder (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
+    ``OUT/vae_decoder``), then the repository serving them with the slim denoiser's engine."""
+    from ..engines.triton import build_serving_engines, write_repository
 
-    folders = {}
-    for component in (text_encoder_component(pipe.text_encoder), vae_decoder_component(pipe.vae)):
-        folders[component.name] = out / component.name
-        folders[component.name].mkdir()
-        build_component_engine(component, kind, folders[component.name], profiles=profiles, dtype=dtype,
-                               device=device, multiple=multiple, opset=opset)
+    folders = build_serving_engines(pipe, out, kind, profiles=profiles, dtype=dtype, device=device,
+                                    multiple=multiple, opset=opset)
     write_repository(repo, pipe, out / "slim", folders, args.triton_mode)
 
 
@@ -343,7 +339,7 @@ def run(args) -> list[dict]:
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline
 
-            check_pipeline(pipe)
+            check_pipeline(pipe, args.engine, args.triton_mode)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim

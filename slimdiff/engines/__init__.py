@@ -20,6 +20,7 @@ from .base import (
     build_engine,
     config_fingerprint,
     engine_meta_path,
+    engine_outputs,
     get,
     input_signature,
     load_engine_meta,
@@ -30,5 +31,6 @@ from .base import (
 
 __all__ = [
     "ENGINE_FORMAT", "Backend", "Runner", "TritonModel", "architecture_fingerprint", "build_engine", "config_fingerprint", "engine_meta_path",
-    "get", "input_signature", "load_engine_meta", "names", "open_engine", "register",
+    "engine_outputs",
+    "engine_outputs", "get", "input_signature", "load_engine_meta", "names", "open_engine", "register",
 ]

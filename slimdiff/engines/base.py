@@ -49,6 +49,13 @@ class Runner(Protocol):
     def run(self, inputs: list[torch.Tensor], out_shape: tuple | None) -> torch.Tensor: ...
 
 
+class MultiOutputRunner(Runner, Protocol):
+    """A runner of a backend whose :attr:`Backend.runs_several_outputs` holds: ``run`` returns an engine's first
+    output, ``run_outputs`` all of them in the metadata's order (:func:`engine_outputs`)."""
+
+    def run_outputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class TritonModel:
     """How Triton Inference Server serves an engine: ``platform`` or ``backend`` of its ``config.pbtxt`` and the
@@ -69,6 +76,9 @@ class Backend:
     file_pattern: ClassVar[str] = ""
     #: Built from the component's ONNX export (else from the PyTorch module itself).
     from_onnx: ClassVar[bool] = True
+    #: slimdiff's runner of these engines returns every output of an engine with several (``run_outputs``); the
+    #: others run single-output engines only (Triton's own backends serve any).
+    runs_several_outputs: ClassVar[bool] = False
 
     def unavailable(self, device: str) -> str | None:
         """Why engines of this kind cannot be built or run on ``device`` here; None when they can."""
@@ -195,6 +205,9 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
         "output": component.output,
         # The output's dims as the ONNX graph declares them (ints, or names for dynamic axes).
         "output_dims": sidecar["outputs"][0]["dims"] if sidecar else None,
+        # Every output (the first repeats output / output_dims, which engines written before had alone).
+        "outputs": [{"name": o["name"], "dims": o["dims"]} for o in sidecar["outputs"]] if sidecar else
+        [{"name": name, "dims": None} for name in component.outputs],
         "axes": axes,
         "profiles": profiles,
         "source_onnx": source,
@@ -217,6 +230,11 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
                                 f"{check['max_rel_error']:.2e} (relative; tolerance {FP32_TOLERANCE:.0e})")
     write_json_atomic(engine_meta_path(folder, component.name), meta)
     return meta
+
+
+def engine_outputs(meta: dict) -> list[dict]:
+    """``[{"name", "dims"}]`` of every output of an engine, in order (dims None when not recorded)."""
+    return meta.get("outputs") or [{"name": meta["output"], "dims": meta.get("output_dims")}]
 
 
 def load_engine_meta(path: Path, component: str = "unet") -> tuple[dict, Path]:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import SlimDiffError
 from ..export.ort_session import make_session, ort_unavailable
-from .base import Backend, TritonModel, register
+from .base import Backend, TritonModel, engine_outputs, register
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, *, device: str = "cpu") -> dict:
@@ -39,14 +39,16 @@ _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.
 
 class OrtRunner:
     """ONNX Runtime on CPU or CUDA through an I/O binding: inputs are copied into buffers that stay bound
-    across calls of the same shapes, and the engine writes straight into a bound output buffer."""
+    across calls of the same shapes, and the engine writes straight into a bound output buffer (an engine with
+    several outputs: into buffers ONNX Runtime allocates)."""
 
     def __init__(self, meta: dict, folder: Path, device: str):
         self.device = torch.device(device)
         self.dtype = getattr(torch, meta["dtype"])
         self.session = make_session(Path(folder) / meta["file"], device=device, already_optimized=True)
         self.names = [i["name"] for i in meta["inputs"]]
-        self.output_name = meta["output"]
+        self.output_names = [o["name"] for o in engine_outputs(meta)]
+        self.output_name = self.output_names[0]
         self._key = None
 
     def _bind(self, key, inputs, out_shape):
@@ -56,9 +58,10 @@ class OrtRunner:
         binding = self.session.io_binding()
         for name, buf in zip(self.names, self._inputs):
             binding.bind_input(name, kind, index, _NUMPY[buf.dtype], tuple(buf.shape), buf.data_ptr())
-        if out_shape is None:  # the caller does not know the output shape: ONNX Runtime allocates it
+        if out_shape is None or len(self.output_names) > 1:  # output shapes unknown here: ONNX Runtime allocates
             self._output = None
-            binding.bind_output(self.output_name, kind, index)
+            for name in self.output_names:
+                binding.bind_output(name, kind, index)
         else:
             self._output = torch.empty(out_shape, dtype=self.dtype, device=self.device)
             binding.bind_output(self.output_name, kind, index, _NUMPY[self.dtype], tuple(out_shape),
@@ -66,6 +69,18 @@ class OrtRunner:
         self._binding, self._key = binding, key
 
     def run(self, inputs: list[torch.Tensor], out_shape: tuple | None) -> torch.Tensor:
+        self._execute(inputs, out_shape)
+        if self._output is None:
+            return torch.from_numpy(self._binding.copy_outputs_to_cpu()[0]).to(self.device)
+        # A copy: schedulers such as PNDM keep earlier outputs, and the bound buffer is rewritten next call.
+        return self._output.clone()
+
+    def run_outputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every output of the engine, in its metadata's order."""
+        self._execute(inputs, None)
+        return [torch.from_numpy(a).to(self.device) for a in self._binding.copy_outputs_to_cpu()]
+
+    def _execute(self, inputs: list[torch.Tensor], out_shape: tuple | None) -> None:
         key = (tuple(tuple(t.shape) for t in inputs), out_shape)
         if key != self._key:
             self._bind(key, inputs, out_shape)
@@ -77,10 +92,6 @@ class OrtRunner:
         self.session.run_with_iobinding(self._binding)
         if self.device.type == "cuda":
             self._binding.synchronize_outputs()
-        if self._output is None:
-            return torch.from_numpy(self._binding.copy_outputs_to_cpu()[0]).to(self.device)
-        # A copy: schedulers such as PNDM keep earlier outputs, and the bound buffer is rewritten next call.
-        return self._output.clone()
 
 
 @register
@@ -88,6 +99,7 @@ class OrtBackend(Backend):
     name = "ort"
     description = "ONNX Runtime (opset-23 export, saved optimized graph; CPU or CUDA)"
     file_pattern = "{name}.ort.onnx"
+    runs_several_outputs = True
 
     def unavailable(self, device):
         return ort_unavailable(device)

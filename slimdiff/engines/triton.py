@@ -5,11 +5,19 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/unet/config.pbtxt            platform "tensorrt_plan" | backend "onnxruntime" | backend "python"
     DIR/unet/engine.json             the engine metadata (TensorRT version and GPU, profiles, signature...)
     DIR/unet/1/model.plan | model.onnx (+ external data) | the engine folder + model.py (python backend)
-    DIR/text_encoder/...             the same for the text encoder
+    DIR/text_encoder/...             the same for each text encoder the family serves (SDXL: text_encoder_2 too)
     DIR/vae_decoder/...              the same for the VAE decoder
-    DIR/pipeline/config.pbtxt        python backend: prompt in, image out (tokenizer, scheduler, CFG), calling
-    DIR/pipeline/1/model.py          the three models above through Triton's BLS
-    DIR/pipeline/1/{tokenizer,scheduler,text_encoder,vae}/ and unet.engine.json: what the loop needs
+    DIR/pipeline/config.pbtxt        python backend: prompt in, image out (tokenizers, scheduler, CFG), calling
+    DIR/pipeline/1/model.py          the models above through Triton's BLS
+    DIR/pipeline/1/pipeline.json     which diffusers pipeline runs the loop, its text encoders and their outputs
+    DIR/pipeline/1/{tokenizer*,scheduler,text_encoder*,vae}/ and *.engine.json: what the loop needs
+
+What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
+``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
+``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``), the text encoders served and what each returns
+(:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's second: the penultimate hidden state and
+the pooled ``text_embeds``) and the pipeline's other constructor options. The denoiser model is named after the
+family's component and takes the family's export inputs (SDXL: ``text_embeds``, ``time_ids`` after the SD call).
 
 ``config.pbtxt`` files are written from Triton's own protobuf schema (``tritonclient.grpc.model_config_pb2``)
 with ``google.protobuf.text_format``. Each model's inputs and outputs are named, typed and shaped from the
@@ -18,8 +26,9 @@ batching, axes whose range is one value stay fixed, the others are ``-1``; input
 (``timestep``) are declared ``[1]`` and reshaped to ``[]``.
 
 The ``python`` serving mode runs the engines with slimdiff inside Triton's python backend (any backend of
-:mod:`slimdiff.engines` on the device it was built for): it is what a CPU-only ``tritonserver`` — such as the
-one bundled in the ``nvidia-pytriton`` wheel, with only the python backend — can serve, and what the tests use.
+:mod:`slimdiff.engines` on the device it was built for; engines with several outputs on ONNX Runtime): it is what
+a CPU-only ``tritonserver`` — such as the one bundled in the ``nvidia-pytriton`` wheel, with only the python
+backend — can serve, and what the tests use.
 """
 
 from __future__ import annotations
@@ -39,13 +48,15 @@ from pathlib import Path
 
 from ..errors import SlimDiffError
 from ..export.meta import status
-from .base import get, load_engine_meta
+from .base import engine_outputs, get, load_engine_meta
 
 MODES = ("native", "python")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 PIPELINE = "pipeline"
-#: Pipelines whose text-to-image loop the ``pipeline`` model runs.
-PIPELINE_CLASSES = ("StableDiffusionPipeline",)
+#: What the ``pipeline`` model reads to build its diffusers pipeline (:func:`add_pipeline_model`).
+PIPELINE_SPEC = "pipeline.json"
+#: The ``pipeline`` model's optional inputs beside ``prompt``, with their Triton types.
+PIPELINE_OPTIONS = {"negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance_scale": "FP32",
+                    "height": "INT32", "width": "INT32"}
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                   "uint8": "TYPE_UINT8"}
 _MODEL_PY = {
@@ -87,10 +98,12 @@ def batch_dims(meta: dict) -> tuple[int, dict[str, list[int]]]:
 
     batched = "batch" in axes and all(i["dims"][:1] == ["batch"] for i in meta["inputs"])
     shapes = {i["name"]: [dim(d) for d in (i["dims"][1:] if batched else i["dims"])] for i in meta["inputs"]}
-    out = meta.get("output_dims")
-    if out is None:
-        raise SlimDiffError(f"{meta['engine']} engine metadata records no output shape; rebuild it with this slimdiff")
-    shapes[meta["output"]] = [-1 if isinstance(d, str) else d for d in (out[1:] if batched else out)]
+    for output in engine_outputs(meta):
+        out = output["dims"]
+        if out is None:
+            raise SlimDiffError(f"{meta['engine']} engine metadata records no output shape; rebuild it with this "
+                                "slimdiff")
+        shapes[output["name"]] = [-1 if isinstance(d, str) else d for d in (out[1:] if batched else out)]
     return (axes["batch"]["max"] if batched else 0), shapes
 
 
@@ -106,9 +119,9 @@ def model_config(name: str, meta: dict, mode: str, *, dynamic_batching: bool = T
         config.default_model_filename = native.model_file
     max_batch, shapes = batch_dims(meta)
     config.max_batch_size = max_batch
-    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]}
-    dtypes[meta["output"]] = meta["dtype"]
-    for tensors, names in ((config.input, [i["name"] for i in meta["inputs"]]), (config.output, [meta["output"]])):
+    outputs = [o["name"] for o in engine_outputs(meta)]
+    dtypes = {i["name"]: i["dtype"] for i in meta["inputs"]} | dict.fromkeys(outputs, meta["dtype"])
+    for tensors, names in ((config.input, [i["name"] for i in meta["inputs"]]), (config.output, outputs)):
         for tensor_name in names:
             t = tensors.add(name=tensor_name, data_type=getattr(pb, _TRITON_DTYPES[dtypes[tensor_name]]))
             dims = shapes[tensor_name]
@@ -127,26 +140,32 @@ def pipeline_config(*, instances: int):
     pb, _ = _pb()
     config = pb.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
     config.input.add(name="prompt", data_type=pb.TYPE_STRING, dims=[1])
-    for name, dtype in (("negative_prompt", pb.TYPE_STRING), ("seed", pb.TYPE_INT64), ("steps", pb.TYPE_INT32),
-                        ("guidance_scale", pb.TYPE_FP32), ("height", pb.TYPE_INT32), ("width", pb.TYPE_INT32)):
-        config.input.add(name=name, data_type=dtype, dims=[1], optional=True)
+    for name, dtype in PIPELINE_OPTIONS.items():
+        config.input.add(name=name, data_type=getattr(pb, "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"),
+                         dims=[1], optional=True)
     config.output.add(name="image", data_type=pb.TYPE_UINT8, dims=[-1, -1, 3])
     config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     return config
 
 
-def request_image(client, prompt: str, seed: int, steps: int):
+def request_image(client, prompt: str, seed: int, steps: int, **options):
     """Ask the repository's ``pipeline`` model for one image (``uint8`` H×W×3) through a ``tritonclient.http``
-    ``InferenceServerClient``; the optional inputs it leaves out take the model's defaults."""
+    ``InferenceServerClient``; ``options`` are more of :data:`PIPELINE_OPTIONS` (``height=16``...), and the optional
+    inputs left out take the model's defaults."""
     import numpy as np
     import tritonclient.http as httpclient
 
+    numpy_types = {"BYTES": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
+    unknown = sorted(set(options) - set(PIPELINE_OPTIONS))
+    if unknown:
+        raise SlimDiffError(f"the pipeline model takes no {', '.join(unknown)} "
+                            f"(it takes {', '.join(PIPELINE_OPTIONS)})")
     inputs = []
-    for name, value, dtype in (("prompt", np.array([prompt], dtype=object), "BYTES"),
-                               ("seed", np.array([seed], dtype=np.int64), "INT64"),
-                               ("steps", np.array([steps], dtype=np.int32), "INT32")):
-        tensor = httpclient.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
+    for name, value in {"prompt": prompt, "seed": seed, "steps": steps, **options}.items():
+        dtype = PIPELINE_OPTIONS.get(name, "BYTES")
+        array = np.array([value], dtype=numpy_types[dtype])
+        tensor = httpclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return client.infer(PIPELINE, inputs).as_numpy("image")
 
@@ -189,35 +208,89 @@ def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str,
 
 
 def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: int) -> None:
-    """The python-backend ``pipeline`` model and what its loop needs: tokenizer, scheduler, the text encoder's
-    and VAE's configs, and the metadata of the three engine models (names, dtypes, shapes, the UNet config)."""
-    check_pipeline(pipe)
+    """The python-backend ``pipeline`` model and what its loop needs: the family's pipeline class, text encoders
+    and constructor options (``pipeline.json``), tokenizers, scheduler, the text encoders' and VAE's configs, and
+    the metadata of the engine models (names, dtypes, shapes, the denoiser's config)."""
+    family = check_pipeline(pipe)
     version = Path(repo) / PIPELINE / "1"
     version.mkdir(parents=True)
-    pipe.tokenizer.save_pretrained(version / "tokenizer")
+    towers = family.served_text_encoders(pipe)
+    for tower in towers:
+        getattr(pipe, tower.name).config.save_pretrained(version / tower.name)
+    for tokenizer in dict.fromkeys(t.tokenizer for t in towers):
+        getattr(pipe, tokenizer).save_pretrained(version / tokenizer)
     pipe.scheduler.save_pretrained(version / "scheduler")
-    pipe.text_encoder.config.save_pretrained(version / "text_encoder")
     pipe.vae.save_config(version / "vae")
     for name, meta in metas.items():
         (version / f"{name}.engine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    spec = {"pipeline_class": family.serving_pipeline, "denoiser": family.component,
+            "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs)} for t in towers],
+            "options": family.serving_options(pipe)}
+    (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
     write_config(Path(repo) / PIPELINE / "config.pbtxt", pipeline_config(instances=instances))
 
 
-def check_pipeline(pipe) -> None:
+def served_pipelines() -> list[str]:
+    """The diffusers pipeline classes a repository's ``pipeline`` model runs (one per family that declares one)."""
+    from ..families import FAMILIES, load_builtin
+
+    load_builtin()
+    return sorted({f.serving_pipeline for f in FAMILIES.adapters() if f.serving_pipeline})
+
+
+def check_pipeline(pipe, kind: str | None = None, mode: str | None = None):
+    """Refuse, in one line and before any work, a pipeline the repository cannot serve (with ``kind`` engines in
+    serving ``mode``, when given); returns its family."""
+    from ..families import family_for
+
     if pipe is None:
         raise SlimDiffError("--triton-repo needs the whole pipeline (a dense model: built-in, diffusers folder or "
                             ".safetensors), not a slim UNet folder")
-    if type(pipe).__name__ not in PIPELINE_CLASSES:
-        raise SlimDiffError(f"--triton-repo serves {', '.join(PIPELINE_CLASSES)} so far, not {type(pipe).__name__}")
+    try:
+        family = family_for(pipe)
+    except SlimDiffError:
+        family = None
+    if family is None or family.serving_pipeline != type(pipe).__name__:
+        raise SlimDiffError(f"--triton-repo serves {', '.join(served_pipelines())} so far, not {type(pipe).__name__}")
+    several = [t.name for t in family.served_text_encoders(pipe) if len(t.outputs) > 1]
+    if mode == "python" and kind is not None and several and not get(kind).runs_several_outputs:
+        raise SlimDiffError(f"{type(pipe).__name__}'s {', '.join(several)} returns several outputs, which slimdiff's "
+                            f"{kind} runner does not: serve {kind} engines with --triton-mode native, or python mode "
+                            "with --engine ort")
+    return family
 
 
-def write_repository(repo: Path, pipe, unet_folder: Path, component_folders: dict[str, Path], mode: str, *,
+def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path]:
+    """Engines of what a repository serves beside the denoiser — each text encoder the family serves (with the
+    outputs its pipeline reads) and the VAE decoder — in new folders ``out/<name>``; returns ``{name: folder}``.
+    ``build``: :func:`slimdiff.engines.build.build_component_engine`'s shape and precision arguments."""
+    from ..export.modules import text_encoder_component, vae_decoder_component
+    from .build import build_component_engine
+
+    family = check_pipeline(pipe)
+    components = [text_encoder_component(getattr(pipe, t.name), t.name, t.outputs)
+                  for t in family.served_text_encoders(pipe)]
+    folders = {}
+    for component in (*components, vae_decoder_component(pipe.vae)):
+        folders[component.name] = Path(out) / component.name
+        folders[component.name].mkdir()
+        build_component_engine(component, kind, folders[component.name], **build)
+    return folders
+
+
+def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders: dict[str, Path], mode: str, *,
                      dynamic_batching: bool = True, pipeline_instances: int = 2) -> None:
-    """Fill the (new, empty) folder ``repo`` with the three engine models and the pipeline model.
-    ``component_folders`` maps ``text_encoder`` and ``vae_decoder`` to their engine folders."""
-    check_pipeline(pipe)
-    metas = {"unet": add_engine_model(repo, "unet", unet_folder, "unet", mode, dynamic_batching=dynamic_batching)}
+    """Fill the (new, empty) folder ``repo`` with the engine models and the pipeline model.
+    ``component_folders`` maps each text encoder and ``vae_decoder`` to its engine folder
+    (:func:`build_serving_engines`); ``denoiser_folder`` holds the denoiser's (the slim UNet's)."""
+    family = check_pipeline(pipe)
+    wanted = {t.name for t in family.served_text_encoders(pipe)} | {"vae_decoder"}
+    if set(component_folders) != wanted:
+        raise SlimDiffError(f"a {type(pipe).__name__} repository serves {', '.join(sorted(wanted))}; engines were "
+                            f"given for {', '.join(sorted(component_folders))}")
+    metas = {family.component: add_engine_model(repo, family.component, denoiser_folder, family.component, mode,
+                                                dynamic_batching=dynamic_batching)}
     for component, folder in component_folders.items():
         metas[component] = add_engine_model(repo, component, folder, component, mode,
                                             dynamic_batching=dynamic_batching)
@@ -277,7 +350,13 @@ def local_server(repo: Path, *, timeout_s: float = 120.0, log: Path | None = Non
     command = [str(server), "--model-repository", str(Path(repo).resolve()), "--backend-directory", str(backends),
                "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address", "127.0.0.1",
                "--grpc-port", str(grpc), "--allow-metrics", "false", "--exit-on-error", "true",
-               "--strict-readiness", "true", "--exit-timeout-secs", "5"]
+               "--strict-readiness", "true",
+               # slimdiff's configurations are complete: no stub process per model to ask the model to complete it
+               # (each python-backend stub imports torch), and every model loads at once (SDXL has five)
+               "--disable-auto-complete-config", "--model-load-thread-count", "8",
+               # the stop below ends the backend stubs with the server, which then waits this long for the models
+               # they held to unload: they never will
+               "--exit-timeout-secs", "1"]
     log = Path(log) if log else work / "tritonserver.log"
     log_file = open(log, "w")
     proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)

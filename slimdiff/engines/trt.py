@@ -40,7 +40,7 @@ from ..errors import SlimDiffError
 from ..export.meta import status
 from ..export.onnx import DEFAULT_OPSET, FALLBACK_OPSET
 from ..export.shapes import Profile, tensor_profile
-from .base import Backend, TritonModel, register
+from .base import Backend, TritonModel, engine_outputs, register
 
 NO_TENSORRT = ("TensorRT is not installed here (it needs an NVIDIA GPU and `pip install slimdiff[trt]`); "
                "use --engine ort or --engine aoti instead")
@@ -248,6 +248,9 @@ class TrtRunner:
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
         self.names = [i["name"] for i in meta["inputs"]]
+        if len(engine_outputs(meta)) > 1:  # the buffers and CUDA graphs below bind one output
+            raise SlimDiffError(f"slimdiff runs single-output TensorRT engines; this {meta['component']} engine has "
+                                f"several: serve it with Triton's tensorrt_plan backend (--triton-mode native)")
         self.output_name = meta["output"]
         self.profiles = [{n: tuple(tuple(s) for s in v) for n, v in p.items()}
                          for p in meta["runtime"]["tensor_profiles"]]

@@ -14,8 +14,19 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..families import KEEP_MASK, MODEL_DTYPE, TIMESTEP, ExportInput, family_for
+from ..families import (
+    KEEP_MASK,
+    LAST_HIDDEN_STATE,
+    MODEL_DTYPE,
+    PENULTIMATE_HIDDEN_STATE,
+    TEXT_EMBEDS,
+    TIMESTEP,
+    ExportInput,
+    family_for,
+)
 from .shapes import AXES, Profile, Range
+
+TEXT_ENCODER_OUTPUTS = (LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)
 
 
 @dataclass
@@ -23,11 +34,16 @@ class Component:
     name: str  # the denoiser's pipeline attribute (unet | transformer) | text_encoder | vae_decoder
     module: nn.Module
     inputs: list[ExportInput]
-    output: str  # the one output's name; its shape is read off the exported graph
+    output: str  # the (first) output's name; output shapes are read off the exported graph
     clip: dict[str, int] = field(default_factory=dict)  # axis caps (the text encoder's positions)
     # axis maxima the component cannot serve beyond (a DiT's stored position table): a range past one is refused
     limits: dict[str, tuple[int, str]] = field(default_factory=dict)
     attention_modules: int = 0  # SDPA calls per forward: what a fused export must turn into Attention ops
+    more_outputs: tuple[str, ...] = ()  # outputs after the first (SDXL's second text encoder: text_embeds)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output, *self.more_outputs)
 
     def torch_dtype(self, spec: ExportInput, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if spec.dtype == MODEL_DTYPE else getattr(torch, spec.dtype)
@@ -68,13 +84,20 @@ class _Denoiser(nn.Module):
 
 
 class _TextEncoder(nn.Module):
-    def __init__(self, text_encoder):
+    """A transformers text encoder returning the outputs named in ``outputs`` (see
+    :class:`~slimdiff.families.ServedTextEncoder`): one tensor, or a tuple of them in that order."""
+
+    def __init__(self, text_encoder, outputs: tuple[str, ...]):
         super().__init__()
         self.text_encoder = text_encoder
+        self.outputs = outputs
 
     def forward(self, input_ids):
-        # SD 1.x conditions on the last hidden state; the pooled output is unused.
-        return self.text_encoder(input_ids, return_dict=False)[0]
+        hidden = PENULTIMATE_HIDDEN_STATE in self.outputs
+        out = self.text_encoder(input_ids, output_hidden_states=hidden, return_dict=True)
+        tensors = tuple(out.hidden_states[-2] if name == PENULTIMATE_HIDDEN_STATE else getattr(out, name)
+                        for name in self.outputs)
+        return tensors if len(tensors) > 1 else tensors[0]
 
 
 class _VaeDecoder(nn.Module):
@@ -103,12 +126,21 @@ def denoiser_component(denoiser: nn.Module) -> Component:
                      attention_modules=count_attention(denoiser), limits=family.export_limits(denoiser.config))
 
 
-def text_encoder_component(text_encoder) -> Component:
+def text_encoder_component(text_encoder, name: str = "text_encoder",
+                           outputs: tuple[str, ...] = (LAST_HIDDEN_STATE,)) -> Component:
+    """A text encoder taking ``input_ids``, named ``name`` (its pipeline attribute), returning ``outputs``
+    (default: SD-1.x's conditioning, the last hidden state)."""
     cfg = text_encoder.config
+    unknown = [o for o in outputs if o not in TEXT_ENCODER_OUTPUTS]
+    if unknown or not outputs:
+        raise SlimDiffError(f"{name}: a served text encoder returns some of {', '.join(TEXT_ENCODER_OUTPUTS)}, "
+                            f"not {', '.join(unknown) or 'nothing'}")
+    if TEXT_EMBEDS in outputs and not hasattr(text_encoder, "text_projection"):
+        raise SlimDiffError(f"{name}: {type(text_encoder).__name__} has no text projection, so no {TEXT_EMBEDS}")
     return Component(
-        "text_encoder", _TextEncoder(text_encoder).eval(),
+        name, _TextEncoder(text_encoder, tuple(outputs)).eval(),
         inputs=[ExportInput("input_ids", ("batch", "text_len"), "int64", high=cfg.vocab_size)],
-        output="last_hidden_state",
+        output=outputs[0], more_outputs=tuple(outputs[1:]),
         clip={"text_len": cfg.max_position_embeddings},
         attention_modules=cfg.num_hidden_layers,
     )

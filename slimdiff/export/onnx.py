@@ -133,7 +133,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
             program = torch.onnx.export(
                 exported, tuple(example), dynamo=True, opset_version=opset, verbose=False,
                 dynamic_shapes=dynamic_shapes,
-                input_names=[s.name for s in component.inputs], output_names=[component.output],
+                input_names=[s.name for s in component.inputs], output_names=list(component.outputs),
             )
         del exported
         if n_bytes > EXTERNAL_DATA_BYTES:
@@ -214,17 +214,21 @@ def check_parity(onnx_path: Path, component: Component, axes: dict[str, dict], d
         with torch.no_grad():
             ref_inputs = [t.to(ref_device, ref_dtype) if spec.dtype == MODEL_DTYPE else t.to(ref_device)
                           for t, spec in zip(feeds, component.inputs)]
-            ref = reference(*ref_inputs).float().cpu().numpy()
+            refs = reference(*ref_inputs)
+        refs = refs if isinstance(refs, tuple) else (refs,)
         try:
-            got = session.run(None, {s.name: t.numpy() for s, t in zip(component.inputs, feeds)})[0]
+            gots = session.run(list(component.outputs), {s.name: t.numpy() for s, t in zip(component.inputs, feeds)})
         except Exception as exc:
             raise SlimDiffError(f"ONNX Runtime could not run {Path(onnx_path).name} at {values}: "
                                 f"{str(exc).strip().splitlines()[0]}") from exc
-        if got.shape != ref.shape:
-            raise SlimDiffError(f"{component.name}: ONNX output shape {got.shape} != PyTorch {ref.shape} at {values}")
-        err = float(np.abs(got.astype(np.float64) - ref).max())
-        worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / max(float(np.abs(ref).max()), 1e-12))
+        for name, got, ref in zip(component.outputs, gots, refs):
+            ref = ref.float().cpu().numpy()
+            if got.shape != ref.shape:
+                raise SlimDiffError(f"{component.name}: ONNX output {name} shape {got.shape} != PyTorch {ref.shape} "
+                                    f"at {values}")
+            err = float(np.abs(got.astype(np.float64) - ref).max())
+            worst_abs = max(worst_abs, err)
+            worst_rel = max(worst_rel, err / max(float(np.abs(ref).max()), 1e-12))
     tolerance = FP32_TOLERANCE if dtype == torch.float32 else None
     result = {"provider": session.get_providers()[0], "shapes": shapes, "max_abs_error": worst_abs,
               "max_rel_error": worst_rel, "tolerance": tolerance}

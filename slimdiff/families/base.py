@@ -764,6 +764,25 @@ class TextTower(NamedTuple):
     encoder: nn.Module
 
 
+#: Outputs a served text encoder can return, named as the pipelines read them off a transformers output.
+LAST_HIDDEN_STATE = "last_hidden_state"
+PENULTIMATE_HIDDEN_STATE = "penultimate_hidden_state"  # hidden_states[-2]
+TEXT_EMBEDS = "text_embeds"
+
+
+@dataclass(frozen=True)
+class ServedTextEncoder:
+    """A text encoder as a Triton repository serves it: a model named after its pipeline attribute (``text_encoder``,
+    ``text_encoder_2``) that takes ``input_ids`` (tokenized by the pipeline attribute ``tokenizer``) and returns
+    ``outputs``: :data:`LAST_HIDDEN_STATE` (after the final layer norm: SD-1.x/2.x), :data:`PENULTIMATE_HIDDEN_STATE`
+    (``hidden_states[-2]``: SDXL) and :data:`TEXT_EMBEDS` (the projected pooled output of a
+    ``CLIPTextModelWithProjection``)."""
+
+    name: str
+    tokenizer: str
+    outputs: tuple[str, ...]
+
+
 MODEL_DTYPE = "model"  # a tensor whose dtype follows the denoiser's precision (fp32 / fp16)
 
 
@@ -916,6 +935,21 @@ class DenoiserFamily(ABC):
         every input but the latent and the timestep: the text conditioning and any extra conditions."""
         raise SlimDiffError(f"the {self.name!r} family declares no prompt inputs: slimdiff bench cannot drive it")
 
+    # -- serving: the ``pipeline`` model of a Triton repository (slimdiff.engines.triton) --------------------
+
+    #: The diffusers pipeline class a Triton repository's ``pipeline`` model runs for this family, its text encoders,
+    #: UNet / transformer and VAE decoder replaced by calls to the repository's models; None: not served yet.
+    serving_pipeline: str | None = None
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        """The text encoders the repository serves, in the pipeline's order, with what the pipeline reads of each."""
+        return ()
+
+    def serving_options(self, pipe: Any) -> dict:
+        """Keyword arguments of :attr:`serving_pipeline`'s constructor beyond its models, tokenizers and scheduler
+        (JSON values, read off ``pipe``)."""
+        return {}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Registries
@@ -958,6 +992,10 @@ class Registry(Generic[A]):
 
     def supported(self) -> str:
         return ", ".join(sorted({cls.__name__ for cls in self._by_type}))
+
+    def adapters(self) -> list[A]:
+        """Every registered adapter, once each, in registration order."""
+        return list({id(a): a for entries in self._by_type.values() for _, a in entries}.values())
 
 
 BLOCKS: Registry[BlockAdapter] = Registry("transformer block")

@@ -10,7 +10,16 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, MODEL_DTYPE, TIMESTEP, DenoiserFamily, ExportInput, TextTower
+from .base import (
+    FAMILIES,
+    LAST_HIDDEN_STATE,
+    MODEL_DTYPE,
+    TIMESTEP,
+    DenoiserFamily,
+    ExportInput,
+    ServedTextEncoder,
+    TextTower,
+)
 
 
 def _unet_of(obj: Any):
@@ -110,3 +119,11 @@ class StableDiffusionFamily(DenoiserFamily):
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder)]
+
+    serving_pipeline = "StableDiffusionPipeline"
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        return (ServedTextEncoder("text_encoder", "tokenizer", (LAST_HIDDEN_STATE,)),)
+
+    def serving_options(self, pipe: Any) -> dict:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -18,7 +18,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, MODEL_DTYPE, ConditionInput, TextTower
+from .base import (
+    FAMILIES,
+    MODEL_DTYPE,
+    PENULTIMATE_HIDDEN_STATE,
+    TEXT_EMBEDS,
+    ConditionInput,
+    ServedTextEncoder,
+    TextTower,
+)
 from .sd import StableDiffusionFamily, _unet_of
 
 #: Micro-conditioning numbers per sample in a base model: (original h, w, crop top, left, target h, w).
@@ -60,6 +68,19 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
+
+    serving_pipeline = "StableDiffusionXLPipeline"
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        # The prompt embedding is both encoders' penultimate hidden states side by side; the pooled text_embeds
+        # (added conditioning) come from the second, projecting one.
+        return (ServedTextEncoder("text_encoder", "tokenizer", (PENULTIMATE_HIDDEN_STATE,)),
+                ServedTextEncoder("text_encoder_2", "tokenizer_2", (PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)))
+
+    def serving_options(self, pipe: Any) -> dict:
+        # no invisible-watermark step: the served image is the model's (and the package is optional in diffusers)
+        return {"force_zeros_for_empty_prompt": bool(pipe.config.force_zeros_for_empty_prompt),
+                "add_watermarker": False}
 
 
 def pooled_width(config: Any) -> int:

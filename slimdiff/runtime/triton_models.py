@@ -3,11 +3,12 @@ pipeline in-process.
 
 * :class:`EngineModel` serves one engine folder (``python`` mode): the requests Triton's dynamic batcher hands
   over together are concatenated along the batch axis when their other dimensions agree, run as one call, and
-  split again.
-* :class:`PipelineModel` is prompt in, image out: diffusers' own ``StableDiffusionPipeline`` loop (tokenizer,
-  scheduler, classifier-free guidance) whose text encoder, UNet and VAE decoder are stand-ins that call the
-  repository's three models through Triton's BLS (business logic scripting). Running the unchanged diffusers loop
-  is what makes a served image equal to the in-process one for the same seed.
+  split again (every output of an engine with several).
+* :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
+  (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``): tokenizers, scheduler, classifier-free guidance,
+  SDXL's micro-conditioning — whose text encoders, denoiser and VAE decoder are stand-ins that call the
+  repository's models through Triton's BLS (business logic scripting). Running the unchanged diffusers loop is what
+  makes a served image equal to the in-process one for the same seed.
 
 ``triton_python_backend_utils`` exists only inside Triton's python backend; it is imported there, lazily.
 """
@@ -21,10 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engines import Runner, load_engine_meta, open_engine
-from ..engines.triton import batch_dims
+from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
+from ..engines.triton import PIPELINE_SPEC, batch_dims
 from ..errors import SlimDiffError
-from .unet import EngineUNet
+from ..families import LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS
+from .unet import engine_class
 
 #: The image of a request that names no size or seed.
 DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": 25, "guidance_scale": 7.5, "height": None, "width": None}
@@ -43,20 +45,24 @@ class BlsRunner:
         self.name = name
         self.device = torch.device("cpu")  # BLS tensors travel as host arrays here
         self.dtype = getattr(torch, meta["dtype"])
-        self.output = meta["output"]
+        self.outputs = [o["name"] for o in engine_outputs(meta)]
         _, shapes = batch_dims(meta)
         # Per-item scalars (the timestep) are declared [1] to Triton: (batch,) goes out as (batch, 1).
         self.inputs = [(i["name"], shapes[i["name"]] == []) for i in meta["inputs"]]
 
     def run(self, inputs: list[torch.Tensor], out_shape: tuple | None = None) -> torch.Tensor:
+        return self.run_outputs(inputs)[0]
+
+    def run_outputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         pb = _pb_utils()
         tensors = [pb.Tensor(name, (t.reshape(-1, 1) if scalar else t).cpu().numpy())
                    for (name, scalar), t in zip(self.inputs, inputs)]
         response = pb.InferenceRequest(model_name=self.name, inputs=tensors,
-                                       requested_output_names=[self.output]).exec()
+                                       requested_output_names=self.outputs).exec()
         if response.has_error():
             raise SlimDiffError(f"Triton model {self.name!r} failed: {response.error().message()}")
-        return torch.from_numpy(np.array(pb.get_output_tensor_by_name(response, self.output).as_numpy()))
+        return [torch.from_numpy(np.array(pb.get_output_tensor_by_name(response, name).as_numpy()))
+                for name in self.outputs]
 
 
 class _Component(torch.nn.Module):
@@ -75,46 +81,107 @@ class _Component(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner.run([x.to(self.runner.dtype if x.is_floating_point() else torch.int64)], None).float()
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.runner.dtype if x.is_floating_point() else torch.int64)
+
+
+class ServedTextOutput:
+    """A transformers text-encoder output as far as diffusers' pipelines read it, from a served encoder's outputs
+    (:class:`~slimdiff.families.ServedTextEncoder`): ``[0]`` and ``hidden_states[-2]``.
+
+    ``[0]`` is what it is for transformers: a projecting encoder's ``text_embeds``, else the last hidden state. An
+    encoder served with its penultimate hidden state alone (SDXL's first) answers that tensor there: the SDXL pipeline
+    reads that encoder's ``[0]`` only to see it is not pooled (its rank), which the two share."""
+
+    def __init__(self, name: str, tensors: dict[str, torch.Tensor]):
+        self.name = name
+        self.tensors = tensors
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != 0:
+            raise SlimDiffError(f"the served {self.name} answers [0] and hidden_states[-2] only")
+        for output in (TEXT_EMBEDS, LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE):
+            if output in self.tensors:
+                return self.tensors[output]
+        raise SlimDiffError(f"the served {self.name} returns none of its outputs")  # ServedTextEncoder names one
+
+    @property
+    def hidden_states(self) -> _PenultimateHiddenState:
+        if PENULTIMATE_HIDDEN_STATE not in self.tensors:
+            raise SlimDiffError(f"the served {self.name} returns its {', '.join(self.tensors)} only, no hidden states "
+                                "(no clip_skip)")
+        return _PenultimateHiddenState(self.name, self.tensors[PENULTIMATE_HIDDEN_STATE])
+
+
+class _PenultimateHiddenState:
+    """``hidden_states`` of a served encoder: index -2 only."""
+
+    def __init__(self, name: str, tensor: torch.Tensor):
+        self.name, self.tensor = name, tensor
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != -2:  # -(clip_skip + 2) with a clip_skip
+            raise SlimDiffError(f"the served {self.name} returns hidden_states[-2] only (no clip_skip)")
+        return self.tensor
 
 
 class TextEncoderStandIn(_Component):
+    """A text encoder served as model ``name`` returning ``outputs`` (:class:`ServedTextOutput`)."""
+
+    def __init__(self, config, runner: Runner, name: str, outputs: list[str]):
+        super().__init__(config, runner)
+        self.name = name
+        self.outputs = list(outputs)
+
     def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **kwargs):
-        if output_hidden_states:
-            raise SlimDiffError("the served text encoder returns its last hidden state only (no clip_skip)")
-        return (self._run(input_ids),)
+        if output_hidden_states and PENULTIMATE_HIDDEN_STATE not in self.outputs:
+            raise SlimDiffError(f"the served {self.name} returns its {', '.join(self.outputs)} only (no clip_skip)")
+        tensors = self.runner.run_outputs([self._input(input_ids)]) if len(self.outputs) > 1 else \
+            [self.runner.run([self._input(input_ids)], None)]
+        return ServedTextOutput(self.name, {name: t.float() for name, t in zip(self.outputs, tensors)})
 
 
 class VaeDecoderStandIn(_Component):
     def decode(self, z, return_dict: bool = True, generator=None):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        image = self._run(z)
+        image = self.runner.run([self._input(z)], None).float()
         return DecoderOutput(sample=image) if return_dict else (image,)
 
 
 def repository_pipeline(version: Path, runner_for: Callable[[str, dict], Runner]):
-    """The ``StableDiffusionPipeline`` of a repository's ``pipeline/1`` folder, its models run by
-    ``runner_for(model name, engine metadata)`` (BLS inside Triton; local engines in-process)."""
+    """The diffusers pipeline of a repository's ``pipeline/1`` folder (the class its ``pipeline.json`` names), its
+    models run by ``runner_for(model name, engine metadata)`` (BLS inside Triton; local engines in-process)."""
     import diffusers
     import transformers
     from diffusers.configuration_utils import FrozenDict
 
     version = Path(version)
-    metas = {name: json.loads((version / f"{name}.engine.json").read_text(encoding="utf-8"))
-             for name in ("text_encoder", "unet", "vae_decoder")}
-    tokenizer_class = json.loads((version / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"]
+    spec_file = version / PIPELINE_SPEC
+    if not spec_file.is_file():
+        raise SlimDiffError(f"{str(version)!r} has no {PIPELINE_SPEC}: write the repository again with this slimdiff")
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+
+    def meta(name: str) -> dict:
+        return json.loads((version / f"{name}.engine.json").read_text(encoding="utf-8"))
+
+    def tokenizer(folder: str):
+        config = json.loads((version / folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return getattr(transformers, config["tokenizer_class"]).from_pretrained(version / folder)
+
     scheduler_class = json.loads((version / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-    text_config = transformers.CLIPTextConfig.from_pretrained(version / "text_encoder")
-    vae_config = FrozenDict(diffusers.AutoencoderKL.load_config(version / "vae"))
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=VaeDecoderStandIn(vae_config, runner_for("vae_decoder", metas["vae_decoder"])),
-        text_encoder=TextEncoderStandIn(text_config, runner_for("text_encoder", metas["text_encoder"])),
-        tokenizer=getattr(transformers, tokenizer_class).from_pretrained(version / "tokenizer"),
-        unet=EngineUNet(runner_for("unet", metas["unet"]), metas["unet"], version),
-        scheduler=getattr(diffusers, scheduler_class).from_pretrained(version / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    models = {}
+    for tower in spec["text_encoders"]:
+        models[tower["name"]] = TextEncoderStandIn(transformers.AutoConfig.from_pretrained(version / tower["name"]),
+                                                   runner_for(tower["name"], meta(tower["name"])), tower["name"],
+                                                   tower["outputs"])
+        models[tower["tokenizer"]] = tokenizer(tower["tokenizer"])
+    denoiser = meta(spec["denoiser"])
+    models[spec["denoiser"]] = engine_class(denoiser)(runner_for(spec["denoiser"], denoiser), denoiser, version)
+    models["vae"] = VaeDecoderStandIn(FrozenDict(diffusers.AutoencoderKL.load_config(version / "vae")),
+                                      runner_for("vae_decoder", meta("vae_decoder")))
+    models["scheduler"] = getattr(diffusers, scheduler_class).from_pretrained(version / "scheduler")
+    pipe = getattr(diffusers, spec["pipeline_class"])(**models, **spec["options"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -147,6 +214,7 @@ class EngineModel:
         meta, folder = load_engine_meta(found[0])
         self.runner = open_engine(meta, folder)
         self.meta = meta
+        self.outputs = [o["name"] for o in engine_outputs(meta)]
 
     def execute(self, requests):
         pb = _pb_utils()
@@ -165,10 +233,13 @@ class EngineModel:
             try:
                 batch = [torch.from_numpy(np.concatenate([arrays[i][k] for i in members]))
                          for k in range(len(self.meta["inputs"]))]
-                out = self.runner.run([t.to(self.runner.device) for t in batch], None).cpu().numpy()
+                batch = [t.to(self.runner.device) for t in batch]
+                outs = self.runner.run_outputs(batch) if len(self.outputs) > 1 else [self.runner.run(batch, None)]
                 sizes = np.cumsum([arrays[i][0].shape[0] for i in members])[:-1]
-                for i, part in zip(members, np.split(out, sizes)):
-                    responses[i] = pb.InferenceResponse([pb.Tensor(self.meta["output"], part)])
+                parts = [np.split(out.cpu().numpy(), sizes) for out in outs]
+                for k, i in enumerate(members):
+                    responses[i] = pb.InferenceResponse([pb.Tensor(name, part[k])
+                                                         for name, part in zip(self.outputs, parts)])
             except Exception as exc:  # one failing group answers its own requests with the error
                 for i in members:
                     responses[i] = pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,181 @@
+"""The Triton model repository of an SDXL pipeline (builtin:tiny-xl): both text encoders, the UNet with its added
+conditions and the VAE decoder as engine models, and the ``pipeline`` model running ``StableDiffusionXLPipeline``
+through BLS — configurations read back through Triton's own protobuf schema, and the repository served by the real
+``tritonserver`` bundled in nvidia-pytriton (python backend, CPU, loopback, free ports)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimdiff.errors import SlimDiffError
+
+pytest.importorskip("tritonclient.grpc")
+
+# The smallest engines that run the loop: latent 8² (16 px at tiny-xl's VAE scale 2), 77 tokens, one image — the
+# UNet at batch 2 (guidance), the text encoders and the VAE decoder at 1 — and two steps.
+SIZE, STEPS = 16, 2
+PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
+
+
+@pytest.fixture(scope="module")
+def xl_repository(tmp_path_factory):
+    """``(root, pipe)``: builtin:tiny-xl with a two-level UNet (export time grows with the graph), ONNX Runtime
+    engines of its UNet (``root/unet``), text encoders and VAE decoder, and the python-mode repository ``root/repo``
+    written from them by the calls ``slimdiff-export --triton-repo`` makes (without its slimming: a rank plan does
+    not change what is served)."""
+    from export_support import TWO_LEVEL_XL_UNET, seeded_unet
+
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.engines.triton import build_serving_engines, write_repository
+    from slimdiff.export.shapes import latent_multiple, parse_profiles
+    from slimdiff.models import build_builtin
+
+    root = tmp_path_factory.mktemp("triton_xl")
+    pipe = build_builtin("builtin:tiny-xl")
+    pipe.unet = seeded_unet(TWO_LEVEL_XL_UNET)
+    multiple = latent_multiple(pipe.unet.config)
+
+    def build(batch):
+        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), "77", vae_scale=pipe.vae_scale_factor,
+                                           multiple=multiple),
+                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
+
+    (root / "unet").mkdir()
+    build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"))
+    folders = build_serving_engines(pipe, root, "ort", **build("1"))
+    write_repository(root / "repo", pipe, root / "unet", folders, "python", pipeline_instances=1)
+    return root, pipe
+
+
+def _config(repo, name):
+    from slimdiff.engines.triton import read_config
+
+    return read_config(repo / name / "config.pbtxt")
+
+
+def _tensors(tensors):
+    return {t.name: (t.data_type, list(t.dims)) for t in tensors}
+
+
+def test_xl_repository_models_are_named_typed_and_shaped_from_the_engines(xl_repository):
+    from slimdiff.engines.triton import _pb
+
+    root, pipe = xl_repository
+    repo = root / "repo"
+    pb, _ = _pb()
+    fp32, int64 = pb.TYPE_FP32, pb.TYPE_INT64
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2", "unet",
+                                                      "vae_decoder"]
+    width_1, width_2 = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    pooled = pipe.text_encoder_2.config.projection_dim
+    # The batch axis is max_batch_size (the engine's largest batch), left out of the dims.
+    text_1, text_2 = _config(repo, "text_encoder"), _config(repo, "text_encoder_2")
+    assert text_1.max_batch_size == 1 and text_2.max_batch_size == 1
+    assert _tensors(text_1.input) == {"input_ids": (int64, [77])}
+    assert _tensors(text_1.output) == {"penultimate_hidden_state": (fp32, [77, width_1])}
+    # The second encoder: its penultimate hidden state (the prompt embedding's second half) and the pooled,
+    # projected text_embeds the UNet's added conditioning reads.
+    assert [t.name for t in text_2.output] == ["penultimate_hidden_state", "text_embeds"]
+    assert _tensors(text_2.output) == {"penultimate_hidden_state": (fp32, [77, width_2]),
+                                       "text_embeds": (fp32, [pooled])}
+    unet = _config(repo, "unet")
+    assert unet.max_batch_size == 2
+    assert [t.name for t in unet.input] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    latent = SIZE // pipe.vae_scale_factor
+    assert _tensors(unet.input) == {"sample": (fp32, [4, latent, latent]), "timestep": (fp32, [1]),
+                                    "encoder_hidden_states": (fp32, [77, width_1 + width_2]),
+                                    "text_embeds": (fp32, [pooled]), "time_ids": (fp32, [6])}
+    assert _tensors(unet.output) == {"out_sample": (fp32, [4, latent, latent])}
+    vae = _config(repo, "vae_decoder")
+    assert _tensors(vae.input) == {"latent_sample": (fp32, [4, latent, latent])}
+    assert _tensors(vae.output) == {"sample": (fp32, [3, SIZE, SIZE])}
+    spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+    assert spec["pipeline_class"] == "StableDiffusionXLPipeline" and spec["denoiser"] == "unet"
+    assert [(t["name"], t["tokenizer"]) for t in spec["text_encoders"]] == [("text_encoder", "tokenizer"),
+                                                                            ("text_encoder_2", "tokenizer_2")]
+    assert spec["options"] == {"force_zeros_for_empty_prompt": True, "add_watermarker": False}
+
+
+def test_xl_text_encoder_engine_gives_the_pipelines_embeddings(xl_repository):
+    """The served text encoders' outputs are what StableDiffusionXLPipeline.encode_prompt computes in PyTorch."""
+    from slimdiff.runtime.triton_models import local_runners, repository_pipeline
+
+    root, pipe = xl_repository
+    served = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    assert type(served).__name__ == "StableDiffusionXLPipeline"
+    with torch.no_grad():
+        expected = pipe.encode_prompt(PROMPTS[0][0], device="cpu", do_classifier_free_guidance=False)
+        got = served.encode_prompt(PROMPTS[0][0], device="cpu", do_classifier_free_guidance=False)
+    embeds, pooled = expected[0], expected[2]
+    assert got[0].shape == embeds.shape and got[2].shape == pooled.shape
+    torch.testing.assert_close(got[0], embeds, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[2], pooled, rtol=0, atol=1e-4)
+    with pytest.raises(SlimDiffError, match=r"hidden_states\[-2\] only \(no clip_skip\)"):
+        served.encode_prompt(PROMPTS[0][0], device="cpu", do_classifier_free_guidance=False, clip_skip=1)
+
+
+def test_unserved_pipelines_and_engines_are_refused_before_work():
+    from slimdiff.engines.triton import check_pipeline
+    from slimdiff.models import build_builtin
+
+    with pytest.raises(SlimDiffError, match="serves StableDiffusionPipeline, StableDiffusionXLPipeline so far, not "
+                                            "PixArtSigmaPipeline"):
+        check_pipeline(build_builtin("builtin:tiny-pixart"))
+    # slimdiff's own TensorRT runner binds one output: SDXL's second text encoder has two
+    with pytest.raises(SlimDiffError, match="text_encoder_2 returns several outputs.*--triton-mode native"):
+        check_pipeline(build_builtin("builtin:tiny-xl"), "trt", "python")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real tritonserver
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_xl(xl_repository, tmp_path_factory):
+    pytest.importorskip("pytriton")
+    from slimdiff.engines.triton import local_server
+
+    root, pipe = xl_repository
+    log = tmp_path_factory.mktemp("triton_xl_log") / "tritonserver.log"
+    with local_server(root / "repo", timeout_s=180, log=log) as urls:
+        yield root, pipe, urls
+
+
+@pytest.mark.slow
+def test_served_xl_pipeline_gives_the_in_process_image(served_xl):
+    import tritonclient.http as httpclient
+
+    from slimdiff.engines.triton import request_image
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, pipe, urls = served_xl
+    client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
+    in_process = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    use_engine(pipe, root / "unet")  # diffusers' own SDXL pipeline: PyTorch text encoders and VAE, the UNet engine
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt, seed in PROMPTS:
+        served = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE)
+        assert served.shape == (SIZE, SIZE, 3) and served.dtype == np.uint8
+        # Same engines, same diffusers loop, run in this process: the very same image.
+        assert np.array_equal(served, generate(in_process, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE))
+        # The diffusers pipeline with its PyTorch text encoders and VAE: equal up to float rounding.
+        reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE)
+        assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1
+        assert served.std() > 1  # an image with content, not a flat fill
+        images.append(served)
+    assert not np.array_equal(*images)
+    # The second encoder's two outputs over HTTP, as the pipeline model reads them through BLS.
+    ids = pipe.tokenizer_2(PROMPTS[0][0], padding="max_length", max_length=77, return_tensors="np").input_ids
+    tensor = httpclient.InferInput("input_ids", list(ids.shape), "INT64")
+    tensor.set_data_from_numpy(ids.astype(np.int64))
+    result = client.infer("text_encoder_2", [tensor])
+    with torch.no_grad():
+        expected = pipe.text_encoder_2(torch.from_numpy(ids).long(), output_hidden_states=True)
+    np.testing.assert_allclose(result.as_numpy("text_embeds"), expected.text_embeds.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(result.as_numpy("penultimate_hidden_state"), expected.hidden_states[-2].numpy(),
+                               atol=1e-4, rtol=0)
