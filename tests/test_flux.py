@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from call_recording import keyword_calls
 from diffusers.models.transformers.transformer_flux import (
     FluxAttnProcessor,
     FluxSingleTransformerBlock,
@@ -180,21 +181,6 @@ def flux():
     return build_builtin("builtin:tiny-flux")
 
 
-def _transformer_calls(pipe, run) -> list[dict]:
-    calls = []
-
-    def record(module, args, kwargs):
-        assert not args  # the pipeline passes everything by keyword
-        calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-
-    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        run()
-    finally:
-        handle.remove()
-    return calls
-
-
 def _image(pipe, prompt=PROMPTS[0], **kwargs):
     return pipe(prompt, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
                 output_type="np", **kwargs).images
@@ -215,7 +201,7 @@ def test_the_family_knows_the_pipelines_transformer_call(flux):
     family = family_for(flux)
     assert family.name == "flux" and family_for(flux.transformer) is family
     assert family.denoiser(flux) is flux.transformer
-    calls = _transformer_calls(flux, lambda: _image(flux))
+    calls = keyword_calls(flux.transformer, lambda: _image(flux))
     assert len(calls) == 2  # one call per step: guidance is embedded, not a batch
     call = calls[0]
     # the timestep is the sigma; calibration indexes by the scheduler's timestep, sigma × 1000
@@ -243,14 +229,14 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_packed_latents(flux):
 
     config = CalibrationConfig(steps=3, height=32, width=32)
     loop = family_for(flux).calibration_loop(flux, config)
-    calls = _transformer_calls(flux, lambda: loop(PROMPTS[:2], [5, 9]))
+    calls = keyword_calls(flux.transformer, lambda: loop(PROMPTS[:2], [5, 9]))
     assert len(calls) == 3
     seeded = torch.randn((1, 64, 64), generator=torch.Generator().manual_seed(9))
     assert calls[0]["hidden_states"].shape == (2, 64, 64) and torch.equal(calls[0]["hidden_states"][1], seeded[0])
     # seeded per prompt: a prompt's trajectory does not depend on its batch
-    alone = _transformer_calls(flux, lambda: loop(PROMPTS[1:2], [9]))
+    alone = keyword_calls(flux.transformer, lambda: loop(PROMPTS[1:2], [9]))
     torch.testing.assert_close(alone[-1]["hidden_states"][0], calls[-1]["hidden_states"][1], atol=1e-5, rtol=0)
-    guided = _transformer_calls(flux, lambda: family_for(flux).calibration_loop(
+    guided = keyword_calls(flux.transformer, lambda: family_for(flux).calibration_loop(
         flux, CalibrationConfig(steps=1, height=32, width=32, guidance_scale=5.0))(PROMPTS[:1], [1]))
     assert guided[0]["guidance"].tolist() == [5.0]
     # FLUX.1-schnell's layout: no guidance embedding, and the pipeline passes none
@@ -261,7 +247,7 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_packed_latents(flux):
     schnell = type(flux)(**{**flux.components, "transformer": _seeded(0, lambda: FluxTransformer2DModel(
         **{**flux.transformer.config, "guidance_embeds": False})).eval()})
     schnell.set_progress_bar_config(disable=True)
-    calls = _transformer_calls(schnell, lambda: family_for(schnell).calibration_loop(schnell, config)(PROMPTS[:1], [1]))
+    calls = keyword_calls(schnell.transformer, lambda: family_for(schnell).calibration_loop(schnell, config)(PROMPTS[:1], [1]))
     assert len(calls) == 3 and calls[0]["guidance"] is None
 
 

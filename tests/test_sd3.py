@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from call_recording import keyword_calls
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.families import family_for
@@ -27,22 +28,6 @@ def _image(pipe, prompt: str = PROMPTS[0], **kwargs):
 @pytest.fixture(scope="module")
 def sd3():
     return build_builtin("builtin:tiny-sd3")
-
-
-def _transformer_calls(pipe, run) -> list[dict]:
-    """The keyword arguments of every transformer call ``run()`` makes (tensors cloned)."""
-    calls = []
-
-    def record(module, args, kwargs):
-        assert not args  # the pipeline passes everything by keyword
-        calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-
-    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        run()
-    finally:
-        handle.remove()
-    return calls
 
 
 # --- the built-ins -----------------------------------------------------------------------------------------------
@@ -129,7 +114,7 @@ def test_the_family_knows_the_pipelines_transformer_call(sd3):
     family = family_for(sd3)
     assert family.name == "sd3" and family_for(sd3.transformer) is family
     assert family.denoiser(sd3) is sd3.transformer and family.text_context((), {}) is None
-    calls = _transformer_calls(sd3, lambda: _image(sd3))
+    calls = keyword_calls(sd3.transformer, lambda: _image(sd3))
     assert len(calls) == 2
     call = calls[0]
     # the text tokens: 77 CLIP + 256 T5 (the pipeline's max_sequence_length), side by side in one tensor
@@ -156,7 +141,7 @@ def test_without_t5_the_pipeline_pads_zeros_of_the_same_length(sd3):
     family = family_for(no_t5)
     assert [t.encoder for t in family.text_towers(no_t5)] == [sd3.text_encoder, sd3.text_encoder_2]
     assert len(family.text_towers(sd3)) == 3 and family.text_towers(sd3)[2].encoder is sd3.text_encoder_3
-    text = _transformer_calls(no_t5, lambda: _image(no_t5))[0]["encoder_hidden_states"]
+    text = keyword_calls(no_t5.transformer, lambda: _image(no_t5))[0]["encoder_hidden_states"]
     assert text.shape[1] == family.text_tokens and (text[:, 77:] == 0).all() and text[:, :77].abs().sum() > 0
 
 
@@ -167,7 +152,7 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_latents(sd3, guidance_
 
     config = CalibrationConfig(steps=3, guidance_scale=guidance_scale)
     loop = family_for(sd3).calibration_loop(sd3, config)
-    calls = _transformer_calls(sd3, lambda: loop(PROMPTS[:2], [5, 9]))
+    calls = keyword_calls(sd3.transformer, lambda: loop(PROMPTS[:2], [5, 9]))
     assert len(calls) == 3
     latents = seeded_latents(sd3.transformer, sd3.vae_scale_factor, config, [5, 9])
     first = calls[0]["hidden_states"]
@@ -177,7 +162,7 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_latents(sd3, guidance_
     else:  # guidance 1: no unconditional half
         assert first.shape[0] == 2 and torch.equal(first, latents)
     # seeded per prompt: a prompt's trajectory does not depend on its batch (its latent at the last step)
-    alone = _transformer_calls(sd3, lambda: loop(PROMPTS[1:2], [9]))
+    alone = keyword_calls(sd3.transformer, lambda: loop(PROMPTS[1:2], [9]))
     assert torch.allclose(alone[-1]["hidden_states"][0], calls[-1]["hidden_states"][1], atol=1e-5)
 
 

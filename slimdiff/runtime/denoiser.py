@@ -127,6 +127,18 @@ class EngineDenoiser(torch.nn.Module):
                 f"engine's shapes ({boxes}; latent sizes multiples of {multiple}); rebuild with wider --batch/"
                 "--height/--width/--text-len ranges")
 
+    def check_pooled_call(self, hidden_states, features: int, unit: str, encoder_hidden_states,
+                          pooled_projections) -> None:
+        """One line unless a DiT call with pooled text projections (SD3, FLUX) fits the engine: ``features`` of the
+        latent (its ``unit``: channels, packed features), the pooled width, one batch for all three."""
+        batch, pooled = hidden_states.shape[0], self.meta["inputs"][3]["dims"][1]
+        if (features != self.in_channels or encoder_hidden_states.shape[0] != batch
+                or tuple(pooled_projections.shape) != (batch, pooled)):
+            raise SlimDiffError(f"hidden_states {tuple(hidden_states.shape)} / encoder_hidden_states "
+                                f"{tuple(encoder_hidden_states.shape)} / pooled_projections "
+                                f"{tuple(pooled_projections.shape)} do not match this transformer "
+                                f"({self.in_channels} {unit}, {pooled} pooled features, same batch)")
+
     def timesteps(self, timestep, batch: int) -> torch.Tensor:
         """The call's timestep(s) as the engine's (batch,) float32 input."""
         t = torch.as_tensor(timestep, device=self.device).to(torch.float32).reshape(-1)

@@ -56,13 +56,7 @@ class EngineFluxTransformer(EngineDenoiser):
                                 "pooled_projections (B,P), img_ids (N,3) and txt_ids (T,3), got "
                                 + ", ".join(map(str, shapes)))
         batch, tokens, features = hidden_states.shape
-        pooled = self.meta["inputs"][3]["dims"][1]
-        if (features != self.in_channels or encoder_hidden_states.shape[0] != batch
-                or tuple(pooled_projections.shape) != (batch, pooled)):
-            raise SlimDiffError(f"hidden_states {tuple(hidden_states.shape)} / encoder_hidden_states "
-                                f"{tuple(encoder_hidden_states.shape)} / pooled_projections "
-                                f"{tuple(pooled_projections.shape)} do not match this transformer "
-                                f"({self.in_channels} packed features, {pooled} pooled features, same batch)")
+        self.check_pooled_call(hidden_states, features, "packed features", encoder_hidden_states, pooled_projections)
         rows, columns = self._grid(img_ids, txt_ids, tokens, encoder_hidden_states.shape[1])
         height, width = rows * PACK, columns * PACK
         self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])

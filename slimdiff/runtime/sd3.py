@@ -37,13 +37,7 @@ class EngineSD3Transformer(EngineDenoiser):
             raise SlimDiffError("expected hidden_states (B,C,H,W), encoder_hidden_states (B,T,D) and "
                                 f"pooled_projections (B,P), got {', '.join(map(str, shapes))}")
         batch, channels, height, width = hidden_states.shape
-        pooled = self.meta["inputs"][3]["dims"][1]
-        if (channels != self.in_channels or encoder_hidden_states.shape[0] != batch
-                or tuple(pooled_projections.shape) != (batch, pooled)):
-            raise SlimDiffError(f"hidden_states {tuple(hidden_states.shape)} / encoder_hidden_states "
-                                f"{tuple(encoder_hidden_states.shape)} / pooled_projections "
-                                f"{tuple(pooled_projections.shape)} do not match this transformer "
-                                f"({self.in_channels} channels, {pooled} pooled features, same batch)")
+        self.check_pooled_call(hidden_states, channels, "channels", encoder_hidden_states, pooled_projections)
         self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
         inputs = [hidden_states.to(self.device, self.dtype).contiguous(), self.timesteps(timestep, batch),
                   encoder_hidden_states.to(self.device, self.dtype).contiguous(),
