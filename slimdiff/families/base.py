@@ -23,11 +23,10 @@ package; only the stages that touch a real model do.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar
-
-import re
 
 import torch
 from torch import nn
