@@ -48,12 +48,15 @@ def collect_statistics(
     progress: bool = True,
     on_batch: Callable[[str, int], None] | None = None,
     group: Group = Group(),
+    site_shards: int | str = 1,
 ) -> Statistics | None:
     """SlimSet-select ``num_prompts`` from ``prompts`` and calibrate; resumable when ``out`` is given.
     ``on_batch(stage, batches_done)`` is called after each calibration batch. Under torch.distributed
-    (``group``) rank 0 returns the statistics, the other ranks None."""
+    (``group``) rank 0 returns the statistics, the other ranks None. ``site_shards``: see
+    :func:`slimdiff.calibrate.calibrate`."""
     slimset = choose_prompts(pipe, prompts, num_prompts)
-    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch, group=group)
+    stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch, group=group,
+                      site_shards=site_shards)
     if out is not None and stats is not None:  # provenance of the prompt choice (calibration keeps prompts.txt)
         (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
     return stats

@@ -30,7 +30,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -163,15 +163,17 @@ def _head_gram(y: torch.Tensor, heads: int) -> torch.Tensor:
 class _Collector:
     """Registers the hooks of one pass on a denoiser (at the points its block adapters name) and accumulates
     into an :class:`_Accumulator`, under the keys of the statistics schema. ``weights``: pass 2's timestep
-    weights per site name."""
+    weights per site name; ``sublayers``: observe only these sub-layers (one site shard), None: all."""
 
-    def __init__(self, unet, mode: str, timesteps: list[int] | None, weights: dict | None, visits: list[int] | None):
+    def __init__(self, unet, mode: str, timesteps: list[int] | None, weights: dict | None, visits: list[int] | None,
+                 sublayers: Collection[str] | None = None):
         self.unet, self.mode = unet, mode
         self.family = family_for(unet)
         self.timesteps = list(timesteps or [])
         self.index = {t: i for i, t in enumerate(self.timesteps)}
         self.weights, self.visits = weights, visits
-        self.site_names = {(site.sublayer_path, site.kind): site.name for site in module_sites(unet)}
+        self.sublayers = sublayers
+        self.site_names = {(site.sublayer_path, site.kind): site.name for site in _sites(unet, sublayers)}
         self.acc = _Accumulator(unet.device)
         self.calls: dict[int, int] = {}
         self.seq: dict[str, int] = {}  # tokens per sample seen by each attention (for MAC costs), by storage key
@@ -328,7 +330,8 @@ class _Collector:
     def attached(self) -> Iterator["_Collector"]:
         handles = [self.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True)]
         for path, block, adapter in transformer_blocks(self.unet):
-            taps = adapter.taps(block)
+            taps = [tap for tap in adapter.taps(block)
+                    if self.sublayers is None or f"{path}.{tap.sublayer}" in self.sublayers]
             gates = {f"{path}.{tap.sublayer}": tap.gate for tap in taps if tap.gate is not None}
             if gates and self.mode == "pass2":
                 handles.append(block.register_forward_pre_hook(self._block_pre(gates), with_kwargs=True))
@@ -402,16 +405,50 @@ def fidelity_weights(rho: torch.Tensor, config: CalibrationConfig) -> torch.Tens
     return timestep_weights(rho, gamma=config.gamma, prior=_prior(n, config.prior))
 
 
-def site_timestep_weights(pass1: dict[str, torch.Tensor], unet, config: CalibrationConfig) -> dict[str, torch.Tensor]:
-    """w_{m,t} for every site (by site name) from the pass-1 statistics."""
-    return {site.name: fidelity_weights(site_trq(unet, site, pass1), config) for site in module_sites(unet)}
+def _sites(unet, sublayers: Collection[str] | None) -> list:
+    """The denoiser's sites, or those of the given sub-layers (a site shard)."""
+    return [site for site in module_sites(unet) if sublayers is None or site.sublayer_path in sublayers]
+
+
+def site_timestep_weights(pass1: Mapping[str, torch.Tensor], unet, config: CalibrationConfig,
+                          sublayers: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """w_{m,t} for every site (by site name; only those of ``sublayers`` when given) from the pass-1 statistics."""
+    return {site.name: fidelity_weights(site_trq(unet, site, pass1), config) for site in _sites(unet, sublayers)}
+
+
+class StoredTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a statistics directory, read from its files on access and never all at once: an FFN
+    moment of FLUX.1 is 1.2 GB, its statistics 105 GB, and slimming needs one site's at a time. Each key is
+    ``<prefix><name in its file>`` of one file (pass 1's under ``pass1.``); a key stored by several site shards
+    (the shared text moment) is read from the first."""
+
+    def __init__(self, files: Sequence[tuple[Path, str]]):
+        self._handles = []
+        self._where: dict[str, tuple[int, str]] = {}
+        for path, prefix in files:
+            handle = safe_open(str(path), "pt")
+            self._handles.append(handle)
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                self._where.setdefault(prefix + name, (len(self._handles) - 1, name))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise KeyError(key)
+        handle, name = self._where[key]
+        return self._handles[handle].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 @dataclass
 class Statistics:
     """Everything calibration measured; input of analysis and decomposition."""
 
-    tensors: dict[str, torch.Tensor]  # pass-2 sums, plus "pass1.<key>" statistics
+    tensors: Mapping[str, torch.Tensor]  # pass-2 sums, plus "pass1.<key>" statistics
     timesteps: list[int]
     visits: list[int]
     timestep_weights: dict[str, torch.Tensor]  # w_{m,t} by site name, from pass 1
@@ -431,30 +468,72 @@ class Statistics:
         if model_fingerprint(unet) != self.fingerprint:
             raise SlimDiffError("these statistics were collected from a different model "
                                 "(fingerprint mismatch): calibrate this model first")
+        missing = sorted({s.name for s in module_sites(unet)} - set(self.timestep_weights))
+        if missing:  # a site shard's folder alone, or a shard missing from the shards' folder
+            raise SlimDiffError(f"these statistics cover {len(self.timestep_weights)} of the model's sites "
+                                f"(none of {missing[0]} and {len(missing) - 1} more): load the folder holding "
+                                f"every site shard ({SHARDS_FILE})")
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Statistics":
+        """The statistics in ``folder``: one calibration's, or every site shard's (a folder with
+        ``shards.json``). Tensors stay on disk until read (:class:`StoredTensors`); every one is checked once here,
+        one at a time, for NaN or Inf."""
         folder = Path(folder)
-        manifest = _read_manifest(folder)
-        if manifest is None:
-            raise SlimDiffError(f"{str(folder)!r} is not a statistics directory (no {MANIFEST})")
-        if not manifest.get("complete"):
-            raise SlimDiffError(f"statistics in {str(folder)!r} are incomplete: rerun `slimdiff calibrate` "
-                                "with the same arguments to resume")
+        shards = _read_shards(folder)
+        parts = [folder] if shards is None else [folder / _shard_dir(i, len(shards["shards"]))
+                                                 for i in range(len(shards["shards"]))]
+        manifests = []
+        for part in parts:
+            manifest = _read_manifest(part)
+            if manifest is None:
+                raise SlimDiffError(f"{str(part)!r} is not a statistics directory (no {MANIFEST})")
+            if not manifest.get("complete"):
+                raise SlimDiffError(f"statistics in {str(part)!r} are incomplete: rerun `slimdiff calibrate` "
+                                    "with the same arguments to resume")
+            manifests.append(manifest)
+        first = manifests[0]
+        for part, manifest in zip(parts[1:], manifests[1:]):
+            for key in ("fingerprint", "config", "num_prompts", "prompts_sha256", "timesteps", "visits"):
+                if manifest.get(key) != first.get(key):
+                    raise SlimDiffError(f"site shard {str(part)!r} was calibrated with other {key.replace('_', ' ')} "
+                                        f"than {str(parts[0])!r}: calibrate its shards with the same arguments")
         try:
-            pass1 = load_file(str(folder / manifest["pass1"]["file"]))
-            pass2 = load_file(str(folder / manifest["pass2"]["file"]))
-            weights = load_file(str(folder / WEIGHTS_FILE))
+            files = [(part / m[stage]["file"], prefix) for part, m in zip(parts, manifests)
+                     for stage, prefix in (("pass2", ""), ("pass1", "pass1."))]
+            tensors = StoredTensors(files)
+            weights = {}
+            for part in parts:
+                weights.update(load_file(str(part / WEIGHTS_FILE)))
         except Exception as exc:
             raise SlimDiffError(f"corrupt statistics directory {str(folder)!r}: {exc}") from exc
-        tensors = dict(pass2)
-        tensors.update({f"pass1.{k}": v for k, v in pass1.items()})
-        bad = next((k for k, v in {**tensors, **weights}.items() if not torch.isfinite(v).all()), None)
-        if bad is not None:  # e.g. an fp16 overflow during calibration; the factors would all be NaN
+        for key in tensors:
+            if not torch.isfinite(tensors[key]).all():  # e.g. an fp16 overflow: the factors would all be NaN
+                raise SlimDiffError(f"statistics in {str(folder)!r} hold NaN or Inf values (first in {key}): "
+                                    "calibrate again (in float32 if it ran in float16)")
+        bad = next((k for k, v in weights.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:
             raise SlimDiffError(f"statistics in {str(folder)!r} hold NaN or Inf values (first in {bad}): "
                                 "calibrate again (in float32 if it ran in float16)")
-        return cls(tensors, manifest["timesteps"], manifest["visits"], weights, manifest["fingerprint"],
-                   CalibrationConfig(**manifest["config"]), manifest["num_prompts"])
+        return cls(tensors, first["timesteps"], first["visits"], weights, first["fingerprint"],
+                   CalibrationConfig(**first["config"]), first["num_prompts"])
+
+
+def _shard_dir(index: int, count: int) -> str:
+    return f"shard-{index}-of-{count}"
+
+
+def _read_shards(folder: Path) -> dict | None:
+    path = folder / SHARDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SlimDiffError(f"corrupt site-shard list {str(path)!r}: {exc}") from exc
+    if shards.get("format") != SHARDS_FORMAT:
+        raise SlimDiffError(f"{str(path)!r} is not a slimdiff site-shard list (format {SHARDS_FORMAT})")
+    return shards
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -500,17 +579,20 @@ class _Checkpointer:
             (self.folder / old).unlink(missing_ok=True)
 
 
-def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
+def statistics_bytes(unet, timesteps: int, sublayers: Collection[str] | None = None) -> dict[str, int]:
     """Bytes of the float64 statistics a calibration of ``unet`` over ``timesteps`` distinct timesteps holds (the
     scalars beside them are negligible): per-timestep per-head Grams of each attention's queries, keys (self-
     attention; a cross-attention's text keys have one) and head outputs (H×d×d), the timestep-weighted input
     moments of each attention (C×C for Q·K, once more for V·O of a self-attention), one moment of the text
     context the cross-attentions share (one per cross-attention in a family whose cross-attentions read a
-    projection of it, PixArt), and one I×I moment per FFN."""
+    projection of it, PixArt), and one I×I moment per FFN. ``sublayers``: only the statistics of these sub-layers
+    (one site shard's), the shared text moment counted once if any of them reads it."""
     sizes = {"attention_grams_per_timestep": 0, "attention_moments": 0, "text_moments": 0, "ffn_moments": 0}
     shared = family_for(unet).shares_text_context  # one moment of the denoiser's text context for all
     text_widths: set[int] = set()
     for site in module_sites(unet):
+        if sublayers is not None and site.sublayer_path not in sublayers:
+            continue
         lin = site_linears(unet, site)
         if site.kind == FFN:
             sizes["ffn_moments"] += lin.down.in_features ** 2
@@ -533,27 +615,103 @@ def statistics_bytes(unet, timesteps: int) -> dict[str, int]:
     return {k: 8 * v for k, v in sizes.items()}
 
 
-def check_statistics_fit(unet, timesteps: int, processes: int = 1) -> None:
-    """Refuse, before the first prompt, a calibration whose statistics cannot be held. They accumulate on the
-    UNet's device; the host holds the running total, and a chunk's sums are folded into it one tensor at a
-    time — so the host holds them once on a single GPU, twice when the accumulators are on the host too (a CPU
-    run) or when another process's chunk arrives whole (torchrun)."""
-    from .devices import available_memory_bytes
-
-    sizes = statistics_bytes(unet, timesteps)
-    need = sum(sizes.values())
+def _memory_needs(unet, need: int, processes: int) -> dict[str, int]:
+    """Bytes of each memory (device name or "cpu" for the host) that ``need`` bytes of statistics take. They
+    accumulate on the UNet's device; the host holds the running total, and a chunk's sums are folded into it one
+    tensor at a time — so the host holds them once on a single GPU, twice when the accumulators are on the host
+    too (a CPU run) or when another process's chunk arrives whole (torchrun)."""
     device = str(next(unet.parameters()).device)
     host = 2 * need if device == "cpu" or processes > 1 else need
-    needs = {"cpu": host} if device == "cpu" else {device: need, "cpu": host}
-    for where, amount in needs.items():
+    return {"cpu": host} if device == "cpu" else {device: need, "cpu": host}
+
+
+def _shortfall(unet, need: int, processes: int) -> tuple[str, int, int] | None:
+    """(memory, bytes needed, bytes available) of the first memory that cannot hold ``need`` bytes of statistics,
+    or None when they fit."""
+    from .devices import available_memory_bytes
+
+    for where, amount in _memory_needs(unet, need, processes).items():
         available = available_memory_bytes(where)
         if available is not None and amount > available:
-            parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB" for k, v in sizes.items())
-            raise SlimDiffError(
-                f"calibration statistics of this UNet over {timesteps} timesteps are {need / 1e9:.1f} GB of float64 "
-                f"moments ({parts}) and need {amount / 1e9:.1f} GB of {'host' if where == 'cpu' else 'GPU'} "
-                f"memory; {available / 1e9:.1f} GB are available — calibrate with fewer --steps (the per-timestep "
-                f"parts scale with them) or on a machine with more memory")
+            return where, amount, available
+    return None
+
+
+def check_statistics_fit(unet, timesteps: int, processes: int = 1,
+                         sublayers: Collection[str] | None = None) -> None:
+    """Refuse, before the first prompt, a calibration (or one site shard of it: ``sublayers``) whose statistics
+    cannot be held."""
+    sizes = statistics_bytes(unet, timesteps, sublayers)
+    need = sum(sizes.values())
+    short = _shortfall(unet, need, processes)
+    if short is None:
+        return
+    where, amount, available = short
+    parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.1f} GB" for k, v in sizes.items())
+    what = "this UNet" if sublayers is None else f"this site shard ({len(sublayers)} sub-layers)"
+    raise SlimDiffError(
+        f"calibration statistics of {what} over {timesteps} timesteps are {need / 1e9:.1f} GB of float64 "
+        f"moments ({parts}) and need {amount / 1e9:.1f} GB of {'host' if where == 'cpu' else 'GPU'} "
+        f"memory; {available / 1e9:.1f} GB are available — calibrate in site shards to a statistics directory "
+        f"(`slimdiff calibrate --site-shards auto`: each shard samples every prompt again for a share of the "
+        f"sites), with fewer --steps (the per-timestep parts scale with them) or on a machine with more memory")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Site shards: statistics too large for one machine's memory, collected a share of the sub-layers at a time
+# ----------------------------------------------------------------------------------------------------------
+
+SHARDS_FILE = "shards.json"
+SHARDS_FORMAT = "slimdiff-stats-shards/1"
+
+
+def _sublayer_bytes(unet, timesteps: int) -> dict[str, int]:
+    """Statistics bytes of each sub-layer with a site, in the denoiser's order (the shared text moment left
+    out: every shard reading it holds one)."""
+    paths = dict.fromkeys(site.sublayer_path for site in module_sites(unet))
+    return {path: sum(v for k, v in statistics_bytes(unet, timesteps, {path}).items() if k != "text_moments")
+            for path in paths}
+
+
+def plan_site_shards(unet, timesteps: int, count: int) -> list[list[str]]:
+    """``count`` disjoint groups of the sub-layers with sites, balanced by the bytes of their statistics (largest
+    first onto the lightest shard: deterministic for a given model), each in the denoiser's order."""
+    sizes = _sublayer_bytes(unet, timesteps)
+    if not 1 <= count <= len(sizes):
+        raise SlimDiffError(f"--site-shards must be between 1 and {len(sizes)} (this denoiser's sub-layers with "
+                            f"sites), got {count}")
+    order = {path: i for i, path in enumerate(sizes)}
+    loads, members = [0] * count, [[] for _ in range(count)]
+    for path in sorted(sizes, key=lambda p: (-sizes[p], order[p])):
+        lightest = min(range(count), key=lambda i: (loads[i], i))
+        loads[lightest] += sizes[path]
+        members[lightest].append(path)
+    return [sorted(group, key=order.__getitem__) for group in members]
+
+
+def site_shards_for(unet, timesteps: int, shards: int | str, processes: int = 1) -> list[list[str]] | None:
+    """The site shards a calibration runs: None for one run over every site, else the sub-layers of each shard.
+    ``shards``: a count, or ``"auto"`` — the fewest shards whose statistics each fit in memory (one if they all
+    do). Refuses, before any prompt, shards that do not fit."""
+    if shards == "auto":
+        if _shortfall(unet, sum(statistics_bytes(unet, timesteps).values()), processes) is None:
+            return None
+        total = len(_sublayer_bytes(unet, timesteps))
+        for count in range(2, total + 1):
+            plan = plan_site_shards(unet, timesteps, count)
+            if all(_shortfall(unet, sum(statistics_bytes(unet, timesteps, group).values()), processes) is None
+                   for group in plan):
+                return plan
+        shards = total  # not even one sub-layer at a time fits: refused below, naming the largest
+    if not isinstance(shards, int):
+        raise SlimDiffError(f"site shards must be a count or 'auto', got {shards!r}")
+    if shards == 1:
+        check_statistics_fit(unet, timesteps, processes)
+        return None
+    plan = plan_site_shards(unet, timesteps, shards)
+    largest = max(plan, key=lambda group: sum(statistics_bytes(unet, timesteps, group).values()))
+    check_statistics_fit(unet, timesteps, processes, largest)
+    return plan
 
 
 def calibrate(
@@ -565,6 +723,7 @@ def calibrate(
     progress: bool = True,
     on_batch: Callable[[str, int], None] | None = None,
     group: Group = Group(),
+    site_shards: int | str = 1,
 ) -> Statistics | None:
     """Collect calibration statistics for ``pipe.unet`` over ``prompts``; resumable when ``out`` is given.
 
@@ -576,6 +735,12 @@ def calibrate(
     Prompts are summed in chunks of ``config.checkpoint_every`` batches, each chunk from zero, and the chunk
     sums are added in chunk order. Float64 addition is not associative, so this fixed tree is what makes the
     result independent of how many processes share the chunks (round-robin) and of where a run resumed.
+
+    ``site_shards``: statistics too large for memory (FLUX.1's are 105 GB) are collected a share of the
+    sub-layers at a time — N shards, or ``"auto"`` for the fewest that fit — each a complete two-pass run over
+    every prompt (N× the sampling) into ``out/shard-K-of-N/``; every site's sums are the same operations in the
+    same order as in one run, so the statistics are bit-identical to an unsharded calibration's. They are read
+    back from disk (:meth:`Statistics.load`) a site at a time.
     """
     if not prompts:
         raise SlimDiffError("no calibration prompts")
@@ -585,12 +750,50 @@ def calibrate(
         if unet is pipe:
             raise SlimDiffError("calibrating a bare denoiser needs a sampling loop (loop=...)")
         loop = pipeline_loop(pipe, config)
-    check_statistics_fit(unet, config.steps, group.size)
     folder = Path(out) if out is not None else None
+    plan = site_shards_for(unet, config.steps, site_shards, group.size)
+    if plan is None:
+        if folder is not None and group.is_leader and _read_shards(folder) is not None:
+            raise SlimDiffError(f"{str(folder)!r} holds site shards ({SHARDS_FILE}): rerun with the same "
+                                "--site-shards, or use another --out")
+        return _calibrate_sites(unet, prompts, folder, config, loop, progress, on_batch, group, None)
+    if folder is not None and group.is_leader and _read_manifest(folder) is not None:
+        raise SlimDiffError(f"{str(folder)!r} holds the statistics of an unsharded calibration; use another "
+                            "--out for site shards")
+    if folder is None:
+        raise SlimDiffError(f"statistics calibrated in {len(plan)} site shards are written to disk and read back a "
+                            "site at a time: give an output directory (`slimdiff calibrate --out DIR`)")
+    fingerprint = model_fingerprint(unet)
+    if group.is_leader:
+        body = {"format": SHARDS_FORMAT, "fingerprint": fingerprint, "shards": plan}
+        known = _read_shards(folder)
+        if known is not None and known != body:
+            raise SlimDiffError(f"{str(folder)!r} holds other site shards (another model or --site-shards); rerun "
+                                "with the same arguments, or use another --out")
+        if known is None:
+            if folder.exists() and any(p.name != "slimset.json" for p in folder.iterdir()):
+                raise SlimDiffError(f"{str(folder)!r} exists and is not a statistics directory")
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_json(folder / SHARDS_FILE, body)
+    group.barrier()
+    for index, sublayers in enumerate(plan):
+        _calibrate_sites(unet, prompts, folder / _shard_dir(index, len(plan)), config, loop, progress, on_batch,
+                         group, {"index": index, "count": len(plan), "sublayers": sublayers})
+    return Statistics.load(folder) if group.is_leader else None
+
+
+def _calibrate_sites(unet, prompts: Sequence[str], folder: Path | None, config: CalibrationConfig, loop: BatchLoop,
+                     progress: bool, on_batch: Callable[[str, int], None] | None, group: Group,
+                     shard: dict | None) -> Statistics | None:
+    """One two-pass calibration of every site, or of one site shard's sub-layers (``shard``: its index, the
+    shard count and its sub-layers; recorded in the manifest, so a resumed shard is the same shard)."""
+    sublayers = None if shard is None else set(shard["sublayers"])
     fingerprint = model_fingerprint(unet)
     prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     fresh = {"format": STATS_FORMAT, "fingerprint": fingerprint, "config": asdict(config),
              "num_prompts": len(prompts), "prompts_sha256": prompt_sha, "complete": False}
+    if shard is not None:
+        fresh["site_shard"] = shard
     run_id = json.dumps(fresh, sort_keys=True)
     group.check_same("model, prompts and calibration arguments", run_id)
     manifest = None
@@ -607,9 +810,10 @@ def calibrate(
     if folder is not None and group.size > 1:
         chunks_dir = folder / "chunks"
         chunks_dir.mkdir(parents=True, exist_ok=True)
+    label = "" if shard is None else f"site shard {shard['index'] + 1}/{shard['count']}: "
     run = _Run(unet, prompts, [config.seed + i for i in range(len(prompts))], loop, config, group,
                _Checkpointer(folder, manifest) if group.is_leader else None, chunks_dir,
-               hashlib.sha256(run_id.encode()).hexdigest(), progress, on_batch)
+               hashlib.sha256(run_id.encode()).hexdigest(), progress, on_batch, sublayers, label)
     batches = [list(range(i, min(i + config.batch_size, len(prompts)))) for i in range(0, len(prompts), config.batch_size)]
     n1 = -(-min(config.pass1_prompts, len(prompts)) // config.batch_size)
 
@@ -617,7 +821,7 @@ def calibrate(
     # Pass 2 needs the pass-1 totals of all ranks: rank 0 derives the timestep weights and shares them.
     weights = None
     if group.is_leader:
-        weights = site_timestep_weights(pass1, unet, config)
+        weights = site_timestep_weights(pass1, unet, config, sublayers)
         if folder is not None:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
     trajectory = group.broadcast_json(trajectory)
@@ -646,8 +850,8 @@ def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
         return None
     if manifest["fingerprint"] != fresh["fingerprint"]:
         raise SlimDiffError(f"statistics in {str(folder)!r} belong to a different model; use another --out")
-    for key in ("config", "num_prompts", "prompts_sha256"):
-        if manifest[key] != fresh[key]:
+    for key in ("config", "num_prompts", "prompts_sha256", "site_shard"):
+        if manifest.get(key) != fresh.get(key):
             raise SlimDiffError(f"statistics in {str(folder)!r} were collected with different {key.replace('_', ' ')}; "
                                 "use another --out or the same arguments")
     return manifest
@@ -670,10 +874,12 @@ class _Run:
     round's chunk sums in chunk order and checkpointing the total; a rank keeps a finished chunk on disk
     until the round's total is checkpointed, so a killed rank's restart loses at most its current chunk."""
 
-    def __init__(self, unet, prompts, seeds, loop, config, group, ckpt, chunks_dir, run_id, progress, on_batch):
+    def __init__(self, unet, prompts, seeds, loop, config, group, ckpt, chunks_dir, run_id, progress, on_batch,
+                 sublayers, label):
         self.unet, self.prompts, self.seeds, self.loop, self.config = unet, prompts, seeds, loop, config
         self.group, self.ckpt, self.chunks_dir, self.run_id = group, ckpt, chunks_dir, run_id
         self.progress, self.on_batch = progress, on_batch
+        self.sublayers, self.label = sublayers, label  # one site shard's sub-layers (None: all), its bar prefix
 
     def one_pass(self, stage, batches, manifest, timesteps, weights, visits):
         """The pass's totals and, for pass 1, the trajectory ``{"timesteps", "visits"}`` (None off rank 0)."""
@@ -688,7 +894,8 @@ class _Run:
             total = load_file(str(self.ckpt.folder / manifest[stage]["file"]))
         if stage == "pass1" and done:
             trajectory = {"timesteps": manifest["timesteps"], "visits": manifest["visits"]}
-        desc = "calibration pass 1/2 (timestep weights)" if stage == "pass1" else "calibration pass 2/2 (moments)"
+        desc = self.label + ("calibration pass 1/2 (timestep weights)" if stage == "pass1"
+                             else "calibration pass 2/2 (moments)")
         bar = tqdm(total=ends[-1], initial=ends[done - 1] if done else 0, desc=desc, unit="prompt",
                    disable=not (self.progress and self.group.is_leader))
         for first in range(done, len(chunks), size):
@@ -733,7 +940,7 @@ class _Run:
                 header = f.metadata() or {}
                 if header.get("run") == self.run_id:
                     return {k: f.get_tensor(k) for k in f.keys()}, json.loads(header["meta"])
-        collector = _Collector(self.unet, stage, timesteps, weights, visits)
+        collector = _Collector(self.unet, stage, timesteps, weights, visits, self.sublayers)
         meta: dict = {}
         with torch.no_grad(), collector.attached():
             for i, batch in enumerate(batches):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +21,18 @@ from . import analyze, decompose
 from .calibrate import Statistics, site_trq, weight64
 from .checks import check_budget_range
 from .errors import SlimDiffError
-from .families import FFN, QK, FFNLinears, ModuleSite, QKLinears, VOLinears, module_sites, site_adapter, site_linears
+from .families import (
+    FFN,
+    QK,
+    FFNLinears,
+    ModuleSite,
+    QKLinears,
+    ResidualEnergies,
+    VOLinears,
+    module_sites,
+    site_adapter,
+    site_linears,
+)
 from .families.base import seq_key
 from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items
 from .plan import RankPlan
@@ -114,41 +127,45 @@ class SiteAnalysis:
     rho: torch.Tensor  # (T,) TRQ per timestep
     weights: torch.Tensor  # (T,) timestep fidelity weights
     propagation: torch.Tensor  # (T,) relative residual-update energy
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # aggregated moments for the decomposition
+    # The aggregated moments the decomposition reads, read when it runs: statistics on disk stay there until a
+    # site needs them (an FFN moment of FLUX.1 is 1.2 GB; all of them would not fit).
+    read_inputs: Callable[[], dict[str, torch.Tensor]]
 
 
 def _weighted(per_t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("t,t...->...", w, per_t)
 
 
+def _decomposition_inputs(unet, stats: Statistics, site: ModuleSite, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The timestep-weighted moments the decomposition of ``site`` reads."""
+    if site.kind == FFN:
+        return {"moment": stats.ffn(site.sublayer_path).hidden_moment}
+    attn = stats.attention(site.sublayer_path)
+    lin = site_linears(unet, site)
+    if site.kind == QK:
+        sigma_x = attn.qk_input_moment
+        inputs = {"sigma_x": sigma_x, "sigma_y": sigma_x if attn.context is None else attn.context_moment}
+        if lin.q.bias is not None:  # the query bias rides on a constant-1 coordinate: E[x] is needed
+            if attn.qk_input_mean is None:
+                raise SlimDiffError(f"statistics lack the input mean of {site.sublayer_path}, whose query "
+                                    "projection has a bias: calibrate again")
+            inputs["mean_x"] = attn.qk_input_mean
+        return inputs
+    # a value bias is folded into the output bias: the factors act on z less that bias
+    grams = attn.grams.output_grams if lin.v.bias is None else attn.grams.output_grams_less(_b(lin.v))
+    return {"gram_z": _weighted(grams, weights), "sigma_v": attn.vo_input_moment}
+
+
 def analyze_sites(unet, stats: Statistics, sites: list[ModuleSite]) -> dict[str, SiteAnalysis]:
-    """TRQ per timestep (over every prompt), fidelity weights (from pass 1), propagation and the timestep-weighted
-    moments each site's decomposition reads."""
+    """TRQ per timestep (over every prompt), fidelity weights (from pass 1), propagation and, read on demand, the
+    timestep-weighted moments each site's decomposition reads."""
     out = {}
     for site in sites:
         rho = site_trq(unet, site, stats.tensors)
         weights = stats.timestep_weights[site.name]
-        if site.kind == FFN:
-            ffn = stats.ffn(site.sublayer_path)
-            prop, inputs = ffn.residual.propagation, {"moment": ffn.hidden_moment}
-        else:
-            attn = stats.attention(site.sublayer_path)
-            prop = attn.residual.propagation
-            lin = site_linears(unet, site)
-            if site.kind == QK:
-                sigma_x = attn.qk_input_moment
-                inputs = {"sigma_x": sigma_x, "sigma_y": sigma_x if attn.context is None else attn.context_moment}
-                if lin.q.bias is not None:  # the query bias rides on a constant-1 coordinate: E[x] is needed
-                    if attn.qk_input_mean is None:
-                        raise SlimDiffError(f"statistics lack the input mean of {site.sublayer_path}, whose query "
-                                            "projection has a bias: calibrate again")
-                    inputs["mean_x"] = attn.qk_input_mean
-            else:
-                # a value bias is folded into the output bias: the factors act on z less that bias
-                grams = (attn.grams.output_grams if lin.v.bias is None
-                         else attn.grams.output_grams_less(_b(lin.v)))
-                inputs = {"gram_z": _weighted(grams, weights), "sigma_v": attn.vo_input_moment}
-        out[site.name] = SiteAnalysis(site, rho, weights, prop, inputs)
+        record = ResidualEnergies.read(stats.tensors, site.sublayer_path)
+        out[site.name] = SiteAnalysis(site, rho, weights, record.propagation,
+                                      partial(_decomposition_inputs, unet, stats, site, weights))
     return out
 
 
@@ -172,6 +189,7 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
     """Closed-form factors of one site at ``rank``; tensors cover every parameter of each resized Linear."""
     site = analysis.site
     lin = site_linears(unet, site)
+    inputs = analysis.read_inputs()
 
     def parameters(role: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
         # the state-dict entries of the Linear(s) playing ``role`` (a joint attention's roles span its streams)
@@ -179,7 +197,7 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
 
     if isinstance(lin, FFNLinears):
         res = decompose.ffn_decompose(
-            weight64(lin.proj), _b(lin.proj), weight64(lin.down), analysis.inputs["moment"], rank,
+            weight64(lin.proj), _b(lin.proj), weight64(lin.down), inputs["moment"], rank,
             gated=lin.gated, ridge=config.ridge_ffn, selector=config.ffn_selector,
             correct_down=config.ffn_correction, generator=torch.Generator().manual_seed(config.seed),
         )
@@ -187,18 +205,18 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
                    **parameters("down", res.down_weight, _b(lin.down))}
         return SiteResult(tensors, float(res.relative_error), res.error_curve)
     if isinstance(lin, QKLinears):
-        res = decompose.qk_decompose(weight64(lin.q), weight64(lin.k), analysis.inputs["sigma_x"],
-                                     analysis.inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
+        res = decompose.qk_decompose(weight64(lin.q), weight64(lin.k), inputs["sigma_x"],
+                                     inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
                                      selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k),
-                                     mean_x=analysis.inputs.get("mean_x"))
+                                     mean_x=inputs.get("mean_x"))
         tensors = {**parameters("q", res.q_weight, res.q_bias), **parameters("k", res.k_weight, res.k_bias)}
         return SiteResult(tensors, float(res.relative_error), res.error_curve)
     assert isinstance(lin, VOLinears)
     v, o = weight64(lin.v), weight64(lin.out)
     if config.vo_statistic == "output":
-        gram = analysis.inputs["gram_z"]
+        gram = inputs["gram_z"]
     elif config.vo_statistic == "value":
-        gram = decompose.value_gram(v, analysis.inputs["sigma_v"], site.heads)
+        gram = decompose.value_gram(v, inputs["sigma_v"], site.heads)
     else:
         gram = None
     res = decompose.vo_decompose(v, o, gram, site.heads, rank, ridge=config.ridge_vo, v_bias=_b(lin.v),

@@ -7,6 +7,7 @@ pipeline of that family. A new family adds one such class (and its adapter), not
   on the calibration moments with the rebuilt weights; the plan's parameter count is exact;
 * save → load is bit-identical (slimdiff's loader and diffusers' ``from_pretrained``); a slim pipeline folder
   loads with ``DiffusionPipeline.from_pretrained`` and makes the same image as the in-memory slim pipeline;
+* statistics collected in site shards equal one calibration's, bit for bit;
 * the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime); a family whose
   whole slim graph another test exports checks a smaller denoiser of its layout here (``export_config``).
 """
@@ -102,10 +103,10 @@ class FamilyConformance:
     # --- shared, expensive state (once per family) -----------------------------------------------------
 
     @classmethod
-    def calibration(cls, pipe):
+    def calibration(cls, pipe, out=None, site_shards: int = 1):
         """``pipe``'s statistics over PROMPTS (a few steps at the family's image size)."""
         config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1, height=cls.image_px, width=cls.image_px)
-        return calibrate(pipe, PROMPTS, None, config, progress=False)
+        return calibrate(pipe, PROMPTS, out, config, progress=False, site_shards=site_shards)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -129,6 +130,18 @@ class FamilyConformance:
         sites = module_sites(self.denoiser(pipe))
         assert {s.kind for s in sites} == set(self.kinds)
         assert {s.attention for s in sites if s.kind != FFN} == set(self.attentions)
+
+    def test_site_shards_equal_one_calibration(self, calibrated, tmp_path):
+        """Statistics collected in site shards (each a calibration of some sub-layers, read back from disk) are the
+        same numbers as one calibration's: every site's sums are the same operations in the same order."""
+        pipe, stats = calibrated
+        sharded = self.calibration(pipe, tmp_path / "stats", site_shards=2)
+        assert len(list(tmp_path.glob("stats/shard-*-of-2/manifest.json"))) == 2
+        assert set(sharded.tensors) == set(stats.tensors)
+        assert [k for k in stats.tensors if not torch.equal(sharded.tensors[k], stats.tensors[k])] == []
+        assert sharded.timestep_weights.keys() == stats.timestep_weights.keys()
+        assert all(torch.equal(sharded.timestep_weights[k], w) for k, w in stats.timestep_weights.items())
+        sharded.check_model(self.denoiser(pipe))
 
     def test_full_rank_reproduces_the_model(self, calibrated):
         pipe, stats = calibrated

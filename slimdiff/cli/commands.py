@@ -32,6 +32,15 @@ def _load(args):
     return load_pipeline(args.model, dtype, args.config, args.variant).to(device)
 
 
+def _site_shards(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a count or 'auto', not {text!r}") from None
+
+
 def cmd_calibrate(args) -> None:
     from ..api import collect_statistics
     from ..checks import check_resumable_dir
@@ -46,8 +55,11 @@ def cmd_calibrate(args) -> None:
     args.device = rank_device(resolve_device(args.device))
     with process_group(args.device) as group:
         pipe = _load(args)
-        clock = calibration_clock("slimdiff", pipe, len(pool), args) if group.is_leader else None
-        stats = collect_statistics(pipe, pool, args.num_prompts, args.out, config, on_batch=clock, group=group)
+        # the clock foretells one two-pass run; site shards run several, each with its own progress bars
+        timed = group.is_leader and args.site_shards == 1
+        clock = calibration_clock("slimdiff", pipe, len(pool), args) if timed else None
+        stats = collect_statistics(pipe, pool, args.num_prompts, args.out, config, on_batch=clock, group=group,
+                                   site_shards=args.site_shards)
     if stats is not None:
         ranks = f" by {group.size} processes" if group.size > 1 else ""
         print(f"statistics of {stats.num_prompts} prompts × {len(stats.timesteps)} timesteps written to {args.out}"
@@ -155,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     add_calibration_arguments(p)
     p.add_argument("--out", required=True, help="statistics directory (rerun to resume)")
+    p.add_argument("--site-shards", type=_site_shards, default=1, metavar="N|auto",
+                   help="collect the statistics a share of the sub-layers at a time, in N full calibration runs "
+                        "(N× the sampling), when they do not fit in memory at once; auto: the fewest that fit "
+                        "(default 1). The statistics equal an unsharded run's")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("slim", help="slim a denoiser (UNet, DiT) to a budget and save it as a diffusers folder")
