@@ -523,27 +523,28 @@ def _shard_dir(index: int, count: int) -> str:
     return f"shard-{index}-of-{count}"
 
 
-def _read_shards(folder: Path) -> dict | None:
-    path = folder / SHARDS_FILE
+def _read_json(path: Path, what: str) -> dict | None:
+    """The JSON object in ``path`` (a ``what``), or None when there is no such file."""
     if not path.is_file():
         return None
     try:
-        shards = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise SlimDiffError(f"corrupt site-shard list {str(path)!r}: {exc}") from exc
-    if shards.get("format") != SHARDS_FORMAT:
-        raise SlimDiffError(f"{str(path)!r} is not a slimdiff site-shard list (format {SHARDS_FORMAT})")
+        raise SlimDiffError(f"corrupt {what} {str(path)!r}: {exc}") from exc
+
+
+def _read_shards(folder: Path) -> dict | None:
+    shards = _read_json(folder / SHARDS_FILE, "site-shard list")
+    if shards is not None and shards.get("format") != SHARDS_FORMAT:
+        raise SlimDiffError(f"{str(folder / SHARDS_FILE)!r} is not a slimdiff site-shard list (format {SHARDS_FORMAT})")
     return shards
 
 
 def _read_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST
-    if not path.is_file():
+    manifest = _read_json(path, "statistics manifest")
+    if manifest is None:
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SlimDiffError(f"corrupt statistics manifest {str(path)!r}: {exc}") from exc
     if manifest.get("format") != STATS_FORMAT:
         if str(manifest.get("format", "")).startswith("slimdiff-stats/"):
             raise SlimDiffError(f"statistics in {str(folder)!r} were collected by another slimdiff version "
