@@ -574,9 +574,8 @@ def test_the_family_declares_the_transformer_export(flux):
 
 def test_the_engine_takes_only_the_positions_its_graph_builds():
     from slimdiff.families.flux import latent_ids
-    from slimdiff.runtime import EngineFluxTransformer
+    from slimdiff.families.flux import packed_grid as grid
 
-    grid = EngineFluxTransformer._grid
     assert grid(latent_ids(8, 12), torch.zeros(20, 3), 96, 20) == (8, 12)
     assert grid(latent_ids(8, 12)[None], torch.zeros(1, 20, 3), 96, 20) == (8, 12)  # diffusers' deprecated 3-D ids
     for img_ids, txt_ids in ((latent_ids(8, 12) + torch.tensor([1.0, 0, 0]), torch.zeros(20, 3)),  # FLUX Kontext's
