@@ -154,8 +154,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 class _Inputs:
     """Fixed denoiser inputs per batch size, in the order of the family's exported inputs: a seeded latent, a
-    mid-schedule timestep (:data:`MID_SCHEDULE`), and the conditioning the pipeline makes for one prompt (real text embeddings, the
-    family's extra conditions), expanded to the batch."""
+    mid-schedule timestep (:data:`MID_SCHEDULE`), and the conditioning the pipeline makes for one prompt (real text
+    embeddings, the family's extra conditions), expanded to the batch."""
 
     def __init__(self, pipe, family, latent: tuple[int, int], resolution: int, device: str, dtype: torch.dtype,
                  prompt: str, seed: int):

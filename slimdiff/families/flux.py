@@ -19,7 +19,10 @@ the call:
 
 Exported graphs and engines take the latent unpacked, (batch, 16, height, width), and pack it and build the
 positions inside the graph, with the rotary table in float32 (:meth:`FluxFamily.export_call`); the engine-backed
-transformer (:mod:`slimdiff.runtime.flux`) takes the pipeline's packed call.
+transformer (:mod:`slimdiff.runtime.flux`) takes the pipeline's packed call, and so do the benchmark's pipeline-routed
+runs (:meth:`FluxFamily.exported_from_call`). ``slimdiff bench`` times calls at sigma 0.5 (the export's timestep is
+drawn as a :data:`~slimdiff.families.SIGMA`), one transformer row per image; ``slimdiff eval`` samples from packed
+seeded latents (:meth:`FluxFamily.seeded_latents`); both default to FluxPipeline's size (:data:`DEFAULT_SAMPLE_SIZE`).
 
 The blocks' adapters live in :mod:`slimdiff.families.flux_blocks`.
 """
@@ -135,7 +138,7 @@ class FluxFamily(DenoiserFamily):
     def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
         inputs = [
             ExportInput("hidden_states", ("batch", config["in_channels"] // PACK**2, "height", "width"), MODEL_DTYPE),
-            ExportInput("timestep", ("batch",), "float32", draw=SIGMA),  # the flow-matching sigma, as the pipeline passes
+            ExportInput("timestep", ("batch",), "float32", draw=SIGMA),  # the flow-matching sigma, as passed
             ExportInput("encoder_hidden_states", ("batch", "text_len", config["joint_attention_dim"]), MODEL_DTYPE),
             ExportInput("pooled_projections", ("batch", config["pooled_projection_dim"]), MODEL_DTYPE),
         ]
