@@ -35,6 +35,11 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
    shapes) fp16 1024², transformer batch 2, dense vs plans removing 33 % and 50 % of the transformer-block MACs,
    interleaved on the headline engines (cudagraph, compile). Last in priority: it runs only if the deadline leaves
    it time (``--skip 3,4,5`` gives it theirs); building the seeded T5-XXL it encodes its prompt with takes a while.
+7. **FLUX.1-dev** (after SD3, only when time is left): ``builtin:flux-dev-shape`` (seeded random weights, exact
+   FLUX.1-dev transformer: 19 double- and 38 single-stream blocks, 11.9 B parameters) fp16 1024² (4,096 image + 512
+   T5 tokens), transformer batch 1 (guidance is embedded: no classifier-free batch), dense vs plans removing 33 % and
+   50 % of the transformer-block MACs, interleaved on the headline engines. Building the seeded transformer and
+   T5-XXL on the host takes minutes: it needs the most time of any phase.
 
 Output (``$OUT/suite`` when ``$OUT`` is set, else ``--out``): report.md (headline tables and every phase),
 report.json (the headline benchmark, schema ``slimdiff-bench/1``), suite.json (every phase; rewritten after each),
@@ -58,7 +63,7 @@ T0 = time.perf_counter()
 MAC_FRACTIONS = (0.4, 0.6)  # of the transformer-block MACs (issue 12 §2.1)
 SPEEDUPS = (1.3, 1.5)  # latency-budget plans
 CALIBRATION_TARGET = (500, 25)  # prompts × steps the measured subset is extrapolated to
-DIT_MAC_FRACTIONS = (0.33, 0.5)  # of the SD3 transformer-block MACs (phase 6)
+DIT_MAC_FRACTIONS = (0.33, 0.5)  # of the SD3 transformer-block MACs (phase 6) and of FLUX.1-dev's (phase 7)
 
 
 class HardStop(Exception):
@@ -86,7 +91,7 @@ def parse_args(argv=None):
                    help="assumed seconds of a first compile of the headline model")
     p.add_argument("--engines", default=None,
                    help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
-    p.add_argument("--skip", default="", help="comma-separated phases to leave out (1-6), e.g. 4,5")
+    p.add_argument("--skip", default="", help="comma-separated phases to leave out (1-7), e.g. 4,5")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
@@ -324,20 +329,31 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
             out[name] = _calibration_subset(name, device, dry)
         return out
 
-    def sd3_medium():
-        dit = "builtin:tiny-sd3" if dry else "builtin:sd3-medium-shape"
-        cfg = BenchConfig(model=dit, engines=engines, budgets=[0.0, *DIT_MAC_FRACTIONS], budget_unit="macs",
-                          batches=[2], resolution=None if dry else 1024, device=device,
+    def dit(key: str, model: str, batch: int, resolution: int | None) -> dict:
+        """A DiT's transformer, dense vs plans removing :data:`DIT_MAC_FRACTIONS` of its block MACs, interleaved
+        on the headline engines."""
+        cfg = BenchConfig(model=model, engines=engines, budgets=[0.0, *DIT_MAC_FRACTIONS], budget_unit="macs",
+                          batches=[batch], resolution=resolution, device=device,
                           dtype=None if dry else "float16", e2e=False, deadline_s=args.deadline,
                           build_estimates_s={"compile": args.compile_estimate}, command=suite.body["command"], **n)
-        sd3 = Bench(cfg, log=_log)
-        sd3.t0 = T0
-        state["sd3"] = sd3
-        sd3.prepare()
-        sd3.run_engines(engines)
-        report = sd3.report()
-        return {"model": dit, "resolution": report["model"]["resolution"], "dtype": report["model"]["dtype"],
-                "budget_unit": report["model"]["budget_unit"], "results": [_cell_summary(r) for r in report["results"]]}
+        dit_bench = Bench(cfg, log=_log)
+        dit_bench.t0 = T0
+        state[key] = dit_bench
+        dit_bench.prepare()
+        dit_bench.run_engines(engines)
+        report = dit_bench.report()
+        return {"model": model, "resolution": report["model"]["resolution"], "dtype": report["model"]["dtype"],
+                "batch": batch, "budget_unit": report["model"]["budget_unit"],
+                "results": [_cell_summary(r) for r in report["results"]]}
+
+    def sd3_medium():
+        return dit("sd3", "builtin:tiny-sd3" if dry else "builtin:sd3-medium-shape", 2, None if dry else 1024)
+
+    def flux_dev():
+        state.pop("sd3", None)  # the SD3 models are not timed again: room for FLUX's 11.9 B parameters and copies
+        _free_memory(device)
+        # tiny-flux at 32 px in the dry run: FluxPipeline's default size is 1024 px (4,096 tokens) for any FLUX
+        return dit("flux", "builtin:tiny-flux" if dry else "builtin:flux-dev-shape", 1, 32 if dry else 1024)
 
     est = args.compile_estimate
     suite.phase("p1a_headline_mac_plans", "headline: transformer-MAC plans on the timed engines", 30,
@@ -359,6 +375,18 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
     bench.release_dense()  # the headline's dense runners (CUDA graph pools) are not timed again
     suite.phase("p6_sd3_medium", "SD3-medium transformer: dense vs 33 % / 50 % of its block MACs",
                 30 if dry else 240, sd3_medium)
+    suite.phase("p7_flux_dev", "FLUX.1-dev transformer: dense vs 33 % / 50 % of its block MACs",
+                30 if dry else 360, flux_dev)
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _sites(unet):
@@ -539,10 +567,11 @@ def suite_markdown(body: dict, report: dict | None) -> str:
     sd = body["phases"].get("p4_compiled_sd15", {}).get("result")
     if sd:
         lines += ["", f"### Compiled {sd['model']} (batch 2)", ""] + _cells_table(sd["results"])
-    dit = body["phases"].get("p6_sd3_medium", {}).get("result")
-    if dit:
-        lines += ["", f"### {dit['model']} transformer ({dit['dtype']}, {dit['resolution']}², batch 2; budget = "
-                      f"{dit['budget_unit']})", ""] + _cells_table(dit["results"])
+    for key in ("p6_sd3_medium", "p7_flux_dev"):
+        dit = body["phases"].get(key, {}).get("result")
+        if dit:
+            lines += ["", f"### {dit['model']} transformer ({dit['dtype']}, {dit['resolution']}², batch "
+                          f"{dit['batch']}; budget = {dit['budget_unit']})", ""] + _cells_table(dit["results"])
     cal = body["phases"].get("p5_calibration", {}).get("result")
     if cal:
         lines += ["", "### Calibration, measured subset extrapolated to 500 prompts × 25 steps", "",

@@ -574,9 +574,8 @@ def test_the_family_declares_the_transformer_export(flux):
 
 def test_the_engine_takes_only_the_positions_its_graph_builds():
     from slimdiff.families.flux import latent_ids
-    from slimdiff.runtime import EngineFluxTransformer
+    from slimdiff.families.flux import packed_grid as grid
 
-    grid = EngineFluxTransformer._grid
     assert grid(latent_ids(8, 12), torch.zeros(20, 3), 96, 20) == (8, 12)
     assert grid(latent_ids(8, 12)[None], torch.zeros(1, 20, 3), 96, 20) == (8, 12)  # diffusers' deprecated 3-D ids
     for img_ids, txt_ids in ((latent_ids(8, 12) + torch.tensor([1.0, 0, 0]), torch.zeros(20, 3)),  # FLUX Kontext's
@@ -585,16 +584,6 @@ def test_the_engine_takes_only_the_positions_its_graph_builds():
                              (latent_ids(8, 11), torch.zeros(20, 3))):  # fewer positions than tokens
         with pytest.raises(SlimDiffError, match="take the text-to-image pipeline's positions"):
             grid(img_ids, txt_ids, 96, 20)
-
-
-def test_bench_refuses_flux_in_one_line_before_any_work(tmp_path, capsys):
-    # exported now, but the benchmark drives a family through its prompt inputs, which FLUX does not declare yet
-    from slimdiff.cli import main
-
-    assert main(["bench", "--model", "builtin:tiny-flux", "--out", str(tmp_path / "bench")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 1 and "'flux' family declares no prompt inputs" in errors[0]
-    assert not (tmp_path / "bench").exists()
 
 
 def test_closed_form_errors_of_the_single_stream_sites_equal_the_measured_ones(flux, observed):

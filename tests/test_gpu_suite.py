@@ -35,7 +35,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     phases = suite["phases"]
     assert list(phases) == ["p1a_headline_mac_plans", "p2_latency_table", "p1b_latency_plans",
                             "p1c_compiled_headline", "p3_attention_kernels", "p4_compiled_sd15", "p5_calibration",
-                            "p6_sd3_medium"]
+                            "p6_sd3_medium", "p7_flux_dev"]
     assert phases["p4_compiled_sd15"]["status"] == "skipped" and "--skip" in phases["p4_compiled_sd15"]["reason"]
     assert all(p["status"] == "ok" for k, p in phases.items() if k != "p4_compiled_sd15"), phases
     report = json.loads((out / "report.json").read_text())
@@ -55,8 +55,15 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     slim_dit = [c for c in dit["results"] if c["budget"] > 0]
     assert all(c["status"] == "ok" and c["interval"][0] <= c["speedup"] <= c["interval"][1] for c in slim_dit)
     assert all(c["ideal_speedup"] > 1.0 for c in slim_dit)
+    flux = phases["p7_flux_dev"]["result"]  # FLUX's transformer at batch 1: guidance embedded, no CFG batch
+    assert flux["model"] == "builtin:tiny-flux" and flux["resolution"] == 32 and flux["batch"] == 1
+    assert {(c["budget"], c["batch"]) for c in flux["results"]} == {(0.0, 1), (0.33, 1), (0.5, 1)}
+    slim_flux = [c for c in flux["results"] if c["budget"] > 0]
+    assert all(c["status"] == "ok" and c["interval"][0] <= c["speedup"] <= c["interval"][1] for c in slim_flux)
+    assert all(c["ideal_speedup"] > 1.0 for c in slim_flux)
     text = (out / "report.md").read_text()
     assert "Headline: dense vs slim" in text and "Dry run" in text and "builtin:tiny-sd3 transformer" in text
+    assert "builtin:tiny-flux transformer (float32, 32², batch 1" in text
 
 
 def test_transformer_mac_plan_removes_the_asked_fraction(tiny_pipe):

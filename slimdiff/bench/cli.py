@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="budgets are fractions of the compressible parameters (default) or of the transformer-block "
                         "MACs of one denoiser call at the resolution (the share the ideal speed-up is computed from)")
     p.add_argument("--batch", default="1,2", help="denoiser batch sizes (default 1,2); even sizes also run end to "
-                                                  "end with batch/2 images under classifier-free guidance")
+                                                  "end with batch/2 images under classifier-free guidance (FLUX: "
+                                                  "every size, batch images: its guidance is embedded)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default fp16 on cuda, fp32 on cpu)")
@@ -189,9 +190,10 @@ def run_latency_table(args) -> None:
     device = resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype).to(device)
-    denoiser = family_for(pipe).denoiser(pipe)
+    family = family_for(pipe)
+    denoiser = family.denoiser(pipe)
     factor = pipe.vae_scale_factor
-    size = (args.resolution or denoiser.config.sample_size * factor) // factor
+    size = (args.resolution or family.sample_size(denoiser.config)[0] * factor) // factor
     batch = _ints(args.batch, "--batch")[0]
     table = measure_latency_table(denoiser, (size, size), batch, device=device, dtype=dtype, align=args.align,
                                   warmup=args.warmup, iters=args.iters,

@@ -1,9 +1,9 @@
 """The latency benchmark: dense vs slim denoisers on the same engines, denoiser-only and end-to-end.
 
-The denoiser is a UNet (SD-1.x/2.x, SDXL) or a DiT (PixArt, SD3): everything the harness needs to know about it —
-which pipeline component it is, its latent size rule, the inputs of one call for a prompt and the positional call
-engines run — comes from its model family (:mod:`slimdiff.families`). Reports keep the UNet-era key ``unet`` for a
-cell's denoiser timing.
+The denoiser is a UNet (SD-1.x/2.x, SDXL) or a DiT (PixArt, SD3, FLUX): everything the harness needs to know about
+it — which pipeline component it is, its default size and latent size rule, the inputs of one call for a prompt, the
+positional call engines run and how a pipeline's call maps onto it (FLUX's packed latents) — comes from its model
+family (:mod:`slimdiff.families`). Reports keep the UNet-era key ``unet`` for a cell's denoiser timing.
 
 For every engine that can run here, every budget (0 = dense) and every denoiser batch size it measures the
 denoiser call (warm-ups, then timed calls: median and p90) — a slim model *interleaved* with the dense model on the
@@ -12,9 +12,10 @@ ratios dense/slim with a bootstrap confidence interval, and the cell marked *noi
 the speed-up beats the ideal by more than a few percent or the machine was busy (:mod:`.timing`) — the error
 of the engine's output against the dense eager model on the same inputs, MACs and parameters
 (``torch.utils.flop_counter``), the ideal speed-up (dense MACs / slim MACs) and the measured/ideal ratio, peak
-memory and engine file size. At even batch sizes it also runs the whole pipeline (``batch/2`` images with
-classifier-free guidance, so the denoiser sees the same shape) and splits its latency into time inside and outside
-the denoiser.
+memory and engine file size. It also runs the whole pipeline wherever the batch is a whole number of images — two
+rows per image under classifier-free guidance, one where guidance is embedded (FLUX.1-dev: the family's
+``guided_rows_per_image``), so the denoiser sees the batch it was timed at — and splits its latency into time inside
+and outside the denoiser.
 
 Cells are run in priority order — eager first, then the other engines budget by budget in the order given —
 and a ``deadline_s`` skips (and reports) the cells that would not finish in time.
@@ -37,7 +38,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import SlimDiffError
-from ..families import MODEL_DTYPE, TIMESTEP, family_for
+from ..families import MODEL_DTYPE, SIGMA, TIMESTEP, family_for
 from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
 from .macs import count_macs, counter_notes, meta_unet
@@ -51,6 +52,9 @@ SCHEMA = "slimdiff-bench/1"
 BUDGET_UNITS = {"params": "fraction of the compressible parameters removed",
                 "macs": "fraction of the transformer-block MACs of one denoiser call removed"}
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
+#: The timestep every timed denoiser call takes, halfway through sampling, by how the family's exported timestep is
+#: drawn: the schedulers' timestep 500 of 1000, or the flow-matching sigma 0.5 (FLUX).
+MID_SCHEDULE = {TIMESTEP: 500.0, SIGMA: 0.5}
 
 
 @dataclass
@@ -150,8 +154,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 class _Inputs:
     """Fixed denoiser inputs per batch size, in the order of the family's exported inputs: a seeded latent, a
-    mid-schedule timestep, and the conditioning the pipeline makes for one prompt (real text embeddings, the
-    family's extra conditions), expanded to the batch."""
+    mid-schedule timestep (:data:`MID_SCHEDULE`), and the conditioning the pipeline makes for one prompt (real text
+    embeddings, the family's extra conditions), expanded to the batch."""
 
     def __init__(self, pipe, family, latent: tuple[int, int], resolution: int, device: str, dtype: torch.dtype,
                  prompt: str, seed: int):
@@ -161,7 +165,7 @@ class _Inputs:
             given = family.prompt_inputs(pipe, prompt, (resolution, resolution), device)
         self.given, self.text_len = {}, 0
         for spec in self.specs:
-            if "height" in spec.dims or spec.draw == TIMESTEP:
+            if "height" in spec.dims or spec.draw in MID_SCHEDULE:
                 continue
             if spec.name not in given:
                 raise SlimDiffError(f"the {family.name!r} family's prompt inputs lack {spec.name!r}")
@@ -178,8 +182,8 @@ class _Inputs:
                 gen = torch.Generator().manual_seed(self.seed)
                 shape = tuple(batch if d == "batch" else d for d in spec.dims[:2]) + self.latent
                 out.append(torch.randn(shape, generator=gen).to(self.device, self.dtype))
-            elif spec.draw == TIMESTEP:
-                out.append(torch.full((batch,), 500.0, dtype=torch.float32, device=self.device))
+            elif spec.draw in MID_SCHEDULE:
+                out.append(torch.full((batch,), MID_SCHEDULE[spec.draw], dtype=torch.float32, device=self.device))
             else:
                 value = self.given[spec.name]
                 out.append(value.expand(batch, *value.shape[1:]).contiguous())
@@ -188,7 +192,8 @@ class _Inputs:
 
 @contextlib.contextmanager
 def _engine_in_pipeline(pipe, family, run, timer: CallTimer):
-    """Route the pipeline's denoiser calls to ``run`` (timed) on the family's exported inputs, leaving the module
+    """Route the pipeline's denoiser calls to ``run`` (timed) on the family's exported inputs (the family maps the
+    pipeline's call onto them: :meth:`~slimdiff.families.DenoiserFamily.exported_from_call`), leaving the module
     object — and so the pipeline's config, dtype and device bookkeeping — in place."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -200,7 +205,8 @@ def _engine_in_pipeline(pipe, family, run, timer: CallTimer):
     def forward(*args, **kwargs):
         call = signature.bind(*args, **kwargs).arguments
         return_dict = call.pop("return_dict", True)
-        added = call.pop("added_cond_kwargs", None) or {}
+        call = {**(call.pop("added_cond_kwargs", None) or {}), **call}
+        call, to_prediction = family.exported_from_call(call)
         extra = [k for k, v in call.items() if v is not None and k not in {s.name for s in specs}]
         if extra:
             raise SlimDiffError(f"the benchmark {family.component} takes its exported inputs only "
@@ -208,16 +214,16 @@ def _engine_in_pipeline(pipe, family, run, timer: CallTimer):
         batch = call[specs[0].name].shape[0]
         inputs = []
         for spec in specs:
-            value = call.get(spec.name, added.get(spec.name))
+            value = call.get(spec.name)
             if value is None:
                 raise SlimDiffError(f"the pipeline's {family.component} call passed no {spec.name!r}")
-            if spec.draw == TIMESTEP:  # pipelines pass one timestep for the batch, or one per sample
+            if spec.draw in MID_SCHEDULE:  # pipelines pass one timestep for the batch, or one per sample
                 value = torch.as_tensor(value, device=inputs[0].device).to(torch.float32).reshape(-1)
                 value = value.expand(batch).contiguous()
             inputs.append(value)
         del denoiser.forward  # an eager runner calls the module itself
         try:
-            out = timed(*inputs)
+            out = to_prediction(timed(*inputs))
         finally:
             denoiser.forward = forward
         # every output class of diffusers' denoisers holds the prediction in ``sample``
@@ -314,7 +320,7 @@ class Bench:
         dense = family.denoiser(pipe)
         self._check_drivable(family.export_inputs, dense.config)
         factor = pipe.vae_scale_factor
-        self.resolution = cfg.resolution or (dense.config.get("sample_size") or pipe.default_sample_size) * factor
+        self.resolution = cfg.resolution or family.sample_size(dense.config)[0] * factor
         multiple = factor * family.latent_multiple(dense.config)
         if self.resolution % multiple:
             raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")
@@ -354,8 +360,9 @@ class Bench:
         with torch.no_grad():
             for b in cfg.batches:
                 self.refs[b] = dense_run(*self.inputs.get(b)).float().cpu()
-        self.e2e_ref = {b // 2: self._pipeline(pipe, dense_run, b // 2, CallTimer(self.device))
-                        for b in cfg.batches if self.e2e and b % 2 == 0}
+        rows = family.guided_rows_per_image
+        self.e2e_ref = {b // rows: self._pipeline(pipe, dense_run, b // rows, CallTimer(self.device))
+                        for b in cfg.batches if self.e2e and b % rows == 0}
         self.engine_entries: dict[str, dict] = {}
         self.results: list[dict] = []
 
@@ -582,8 +589,9 @@ class Bench:
                 "interleaved": paired,
                 "load_average": [load_before, load_average()],  # 1-minute, before and after the timed calls
             }
-            if self.e2e and b % 2 == 0:
-                cell["e2e"] = self._e2e(pipe, built.run, b // 2, model)
+            rows = self.family.guided_rows_per_image
+            if self.e2e and b % rows == 0:
+                cell["e2e"] = self._e2e(pipe, built.run, b // rows, model)
             cell["memory"] = memory.read()
             if is_cuda(self.device):
                 cell["clocks_after"] = device_info(self.device).get("clocks")

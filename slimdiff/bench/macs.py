@@ -129,10 +129,10 @@ def meta_unet(source: nn.Module | dict, plan: RankPlan | None = None):
 
 def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int | None = None) -> MacCount:
     """Count one call of ``unet`` (any device; meta is fastest) on ``batch`` latents of ``latent`` = (h, w)
-    (default: the denoiser's ``sample_size``) and ``text_tokens`` (default: its family's text length)."""
+    (default: the size its pipeline samples at, :meth:`~slimdiff.families.DenoiserFamily.sample_size`) and
+    ``text_tokens`` (default: its family's text length)."""
     if latent is None:
-        size = unet.config.sample_size
-        latent = (size, size) if isinstance(size, int) else tuple(size)
+        latent = family_for(unet).sample_size(unet.config)
     h, w = latent
     param = next(unet.parameters())
     call = family_for(unet).dummy_call(unet.config, batch, (h, w), text_tokens, device=param.device,

@@ -37,11 +37,14 @@ def unet_config(source: str) -> dict | None:
 
 
 def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int, int]:
-    """The latent a UNet call sees at ``resolution`` pixels (None: the config's sample size)."""
+    """The latent a UNet call sees at ``resolution`` pixels (None: the size its pipeline samples at by default, the
+    family's :meth:`~slimdiff.families.DenoiserFamily.sample_size`)."""
     if resolution is None:
-        size = config["sample_size"]
-        return (size, size) if isinstance(size, int) else tuple(size)
-    tiny = ("builtin:tiny", "builtin:tiny-xl", "builtin:tiny-pixart", "builtin:tiny-sd3")
+        from ..families import family_for
+        from .macs import meta_unet
+
+        return family_for(meta_unet(config)).sample_size(config)
+    tiny = ("builtin:tiny", "builtin:tiny-xl", "builtin:tiny-pixart", "builtin:tiny-sd3", "builtin:tiny-flux")
     factor = 2 if source in tiny else 8  # the tiny VAEs downsample by 2
     return resolution // factor, resolution // factor
 
@@ -76,8 +79,7 @@ def check_fits(source: str, budgets: list[float], unit: str, resolution: int | N
         return
     config = unet_config(source)
     available = available_memory_bytes(device)
-    # no config, or no default size in it (FLUX's pipeline holds it): the latent is known only after loading
-    if config is None or available is None or (resolution is None and "sample_size" not in config):
+    if config is None or available is None:  # no config: the latent is known only after loading
         return
     latent = latent_size(source, config, resolution)
     if 0.0 not in budgets:

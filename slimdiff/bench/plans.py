@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..families import ModuleSite, module_sites, site_linears
+from ..families import ColumnBlock, ModuleSite, module_sites, site_linears
 from ..plan import RankPlan
 from ..rebuild import apply_plan_shapes
 
@@ -106,13 +106,17 @@ def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, in
 
 def _copy_except_resized(unet: nn.Module, plan: RankPlan) -> nn.Module:
     """A deep copy of ``unet`` in which the Linears ``plan`` resizes hold empty placeholder weights: they are
-    replaced right after, and copying them first would double an SDXL UNet's memory (10 GB in fp32) for nothing."""
+    replaced right after, and copying them first would double an SDXL UNet's memory (10 GB in fp32) for nothing. A
+    Linear several sites share by column blocks (FLUX's single-stream ``proj_out``) is copied whole: resizing one
+    site's block keeps the other blocks' columns and the bias."""
     memo: dict[int, object] = {}
     for site in module_sites(unet):
         entry = plan.modules.get(site.name)
         if entry is None or entry.rank >= entry.width:
             continue
         for lin in site_linears(unet, site).modules().values():
+            if isinstance(lin, ColumnBlock):
+                continue
             for p in (lin.weight, lin.bias):
                 if p is not None:
                     memo[id(p)] = nn.Parameter(torch.empty(0, device=p.device, dtype=p.dtype), requires_grad=False)

@@ -245,8 +245,9 @@ def markdown(report: dict, plots: list[str], extra: str = "") -> str:
               "same engine and batch, timed interleaved; ideal = dense MACs / slim MACs; measured/ideal = "
               "speed-up / ideal (not given for noisy cells). Image PSNR: the decoded images of a full sampling run "
               "against the dense model's from the same seed (errors compound over the steps; quality is `slimdiff "
-              "eval`'s job). End-to-end: batch/2 images, "
-              f"{report['config']['e2e_steps']} steps, CFG {report['config']['guidance']} (denoiser batch = batch).",
+              "eval`'s job). End-to-end: batch/2 images under classifier-free guidance, batch images where guidance "
+              f"is embedded (FLUX), {report['config']['e2e_steps']} steps, guidance {report['config']['guidance']} "
+              "(denoiser batch = batch).",
               "", results_table(report), "", f"## Where the MACs are (per {denoiser} call, smallest batch measured)",
               "",
               "| budget | total G | FFN G | self-attn proj G | self-attn QKᵀ+AV G | cross-attn proj G | "

@@ -19,6 +19,7 @@ from ..families import (
     LAST_HIDDEN_STATE,
     MODEL_DTYPE,
     PENULTIMATE_HIDDEN_STATE,
+    SIGMA,
     TEXT_EMBEDS,
     TIMESTEP,
     ExportInput,
@@ -51,7 +52,8 @@ class Component:
     def random_inputs(self, values: dict[str, int], model_dtype: torch.dtype, seed: int,
                       device: str | torch.device = "cpu") -> list[torch.Tensor]:
         """Seeded random inputs with axis sizes ``values``, drawn as each input's ``draw`` says: N(0,1)
-        latents/embeddings, timesteps in [0, 1000), token ids in range, padding masks that mask some tokens."""
+        latents/embeddings, timesteps in [0, 1000), sigmas in [0, 1), token ids in range, padding masks that mask
+        some tokens."""
         gen = torch.Generator().manual_seed(seed)
         out = []
         for spec in self.inputs:
@@ -60,6 +62,8 @@ class Component:
                 t = torch.randint(0, int(spec.high), shape, generator=gen)
             elif spec.draw == TIMESTEP:
                 t = torch.rand(shape, generator=gen) * 999
+            elif spec.draw == SIGMA:
+                t = torch.rand(shape, generator=gen)
             elif spec.draw == KEEP_MASK:
                 kept = torch.randint(1, max(shape[-1], 2), shape[:-1] + (1,), generator=gen)
                 t = (torch.arange(shape[-1]) < kept).float()

@@ -44,6 +44,7 @@ from .base import (
     QKLinears,
     ColumnBlock,
     ResidualEnergies,
+    SIGMA,
     SublayerTaps,
     TextContextMoment,
     TextTower,
@@ -76,15 +77,6 @@ def family_for(obj: Any) -> DenoiserFamily:
         raise SlimDiffError(f"slimdiff has no model family for {_describe(obj)} "
                             f"(supported: {FAMILIES.supported()})")
     return family
-
-
-def check_measures(obj: Any, command: str) -> None:
-    """Refuse, in one line, a pipeline or denoiser whose family ``slimdiff eval`` does not serve yet (before
-    anything is sampled)."""
-    family = family_for(obj)
-    if not family.measures:
-        raise SlimDiffError(f"{command} works on SD-1.x/2.x, SDXL, PixArt and SD3 pipelines so far, not on "
-                            f"{_describe(obj)} (family {family.name!r}): run the slim model in diffusers")
 
 
 def _describe(obj: Any) -> str:
@@ -175,8 +167,8 @@ __all__ = [
     "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter",
     "ColumnBlock", "ConditionInput", "DenoiserFamily", "ExportInput", "KEEP_MASK", "LAST_HIDDEN_STATE", "NORMAL",
-    "PENULTIMATE_HIDDEN_STATE", "ServedTextEncoder", "TEXT_EMBEDS", "TIMESTEP", "FFNEnergies", "FFNLinears",
+    "PENULTIMATE_HIDDEN_STATE", "SIGMA", "ServedTextEncoder", "TEXT_EMBEDS", "TIMESTEP", "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
-    "assemble_column_blocks", "check_measures", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
+    "assemble_column_blocks", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

@@ -801,9 +801,10 @@ class ConditionInput:
 
 
 # How parity checks draw an exported input: N(0, 1) (U[0, high) when ``high`` is set, token ids below it for int64);
-# a timestep in [0, 1000); a key padding mask (1 keep, 0 padding) that keeps each sample's first k tokens, k drawn
-# below the token count (so some padding is masked).
-NORMAL, TIMESTEP, KEEP_MASK = "normal", "timestep", "keep_mask"
+# a timestep in [0, 1000); a flow-matching sigma in [0, 1) (FLUX's transformer takes its timestep so); a key padding
+# mask (1 keep, 0 padding) that keeps each sample's first k tokens, k drawn below the token count (so some padding is
+# masked).
+NORMAL, TIMESTEP, SIGMA, KEEP_MASK = "normal", "timestep", "sigma", "keep_mask"
 
 
 @dataclass(frozen=True)
@@ -850,10 +851,6 @@ class DenoiserFamily(ABC):
     @abstractmethod
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of one denoiser call (calibration indexes its statistics by it)."""
-
-    #: Whether ``slimdiff eval`` serves this family: it samples the pipeline from seeded latents of the denoiser's
-    #: (channels, height, width) shape, which packed latents (FLUX's) are not.
-    measures: bool = True
 
     #: Whether the cross-attentions read the tensor :meth:`text_context` returns unchanged (statistics size
     #: estimates count one shared text moment then, one per cross-attention otherwise).
@@ -921,6 +918,31 @@ class DenoiserFamily(ABC):
     #: Options the pipeline's call needs beyond prompt, steps, guidance, size and generator (calibration, the
     #: benchmark's end-to-end runs and evaluation all pass them).
     pipeline_options: dict = {}
+
+    #: Rows of the denoiser's batch per image in a guided pipeline call: 2 under classifier-free guidance (the
+    #: unconditional and the conditional prediction), 1 where the guidance scale is an input of the denoiser
+    #: (FLUX.1-dev). The benchmark's end-to-end runs sample batch / rows images, so the denoiser sees the batch it
+    #: was timed at.
+    guided_rows_per_image: int = 2
+
+    def sample_size(self, config: Any) -> tuple[int, int]:
+        """The latent (height, width) the pipeline samples at when no image size is given: the denoiser config's
+        ``sample_size``."""
+        size = config["sample_size"]
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+        """Initial latents of a pipeline call in the layout the pipeline takes them (``latents=``), one image per
+        seed on a ``latent`` = (height, width) grid, each drawn by a CPU generator of its seed (so an image does not
+        depend on batching or device): (images, channels, height, width), float32 on the CPU."""
+        return torch.cat([torch.randn((1, config["in_channels"], *latent), generator=torch.Generator().manual_seed(
+            int(s))) for s in seeds])
+
+    def exported_from_call(self, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
+        """One call the pipeline makes to its denoiser (``call``: its arguments by name, ``added_cond_kwargs``
+        unfolded) as the exported inputs by name (:meth:`export_inputs`), with the function that turns the exported
+        call's output into the denoiser's prediction: the call's own arguments and output by default."""
+        return call, lambda out: out
 
     def latent_multiple(self, config: Any) -> int:
         """What the latent height and width must be multiples of for the denoiser to run (a UNet's down-sampling

@@ -19,13 +19,17 @@ the call:
 
 Exported graphs and engines take the latent unpacked, (batch, 16, height, width), and pack it and build the
 positions inside the graph, with the rotary table in float32 (:meth:`FluxFamily.export_call`); the engine-backed
-transformer (:mod:`slimdiff.runtime.flux`) takes the pipeline's packed call.
+transformer (:mod:`slimdiff.runtime.flux`) takes the pipeline's packed call, and so do the benchmark's pipeline-routed
+runs (:meth:`FluxFamily.exported_from_call`). ``slimdiff bench`` times calls at sigma 0.5 (the export's timestep is
+drawn as a :data:`~slimdiff.families.SIGMA`), one transformer row per image; ``slimdiff eval`` samples from packed
+seeded latents (:meth:`FluxFamily.seeded_latents`); both default to FluxPipeline's size (:data:`DEFAULT_SAMPLE_SIZE`).
 
 The blocks' adapters live in :mod:`slimdiff.families.flux_blocks`.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,13 +37,16 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, MODEL_DTYPE, DenoiserFamily, ExportInput, TextTower
+from .base import FAMILIES, MODEL_DTYPE, SIGMA, DenoiserFamily, ExportInput, TextTower
 from .sd import guidance
 
 #: The T5 prompt padded to the pipeline's default ``max_sequence_length``.
 T5_TOKENS = 512
 #: Latent pixels per side of one packed token: the pipeline packs 2×2 latent patches.
 PACK = 2
+#: The latent size FluxPipeline samples at by default (its ``default_sample_size``: FLUX.1's 1024 px at the VAE's
+#: scale 8); the transformer's config has no ``sample_size``.
+DEFAULT_SAMPLE_SIZE = 128
 
 
 def _transformer_of(obj: Any):
@@ -69,6 +76,21 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     b, _, features = tokens.shape
     patches = tokens.view(b, height // PACK, width // PACK, features // (PACK * PACK), PACK, PACK)
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, features // (PACK * PACK), height, width)
+
+
+def packed_grid(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int) -> tuple[int, int]:
+    """(rows, columns) of the grid of ``tokens`` packed latent tokens whose positions ``img_ids`` are, as the
+    text-to-image pipeline makes them (:func:`latent_ids`; ``txt_ids`` zeros for ``text_len`` text tokens) — the
+    positions an exported graph builds itself — or a one-line error for any other positions."""
+    img_ids, txt_ids = (ids[0] if ids.ndim == 3 else ids for ids in (img_ids, txt_ids))  # the deprecated 3-D form
+    if img_ids.ndim == 2 and img_ids.shape == (tokens, 3) and tokens:
+        rows, columns = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+        if (rows * columns == tokens and torch.equal(img_ids.float().cpu(), latent_ids(rows, columns))
+                and tuple(txt_ids.shape) == (text_len, 3) and not txt_ids.any()):
+            return rows, columns
+    raise SlimDiffError("exported FLUX transformers take the text-to-image pipeline's positions (img_ids a row-major "
+                        f"grid of the {tokens} packed tokens, zero txt_ids for the {text_len} text tokens): got "
+                        f"img_ids {tuple(img_ids.shape)} and txt_ids {tuple(txt_ids.shape)} of other positions")
 
 
 def rotary_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +127,7 @@ class FluxFamily(DenoiserFamily):
     text_tokens = T5_TOKENS
     component = "transformer"
     shares_text_context = False  # context_embedder (and every block) sits between the call's text and attention
-    measures = False  # slimdiff eval draws (channels, height, width) latents: FLUX's are packed
+    guided_rows_per_image = 1  # guidance is embedded (FLUX.1-dev) or absent (schnell): no classifier-free batch
 
     # The exported call takes the latent unpacked, (batch, channels, height, width), and packs it and builds the
     # positions (img_ids, txt_ids) inside the graph: the engine's axes are then the latent's height and width, as
@@ -116,7 +138,7 @@ class FluxFamily(DenoiserFamily):
     def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
         inputs = [
             ExportInput("hidden_states", ("batch", config["in_channels"] // PACK**2, "height", "width"), MODEL_DTYPE),
-            ExportInput("timestep", ("batch",), "float32", high=1.0),  # the flow-matching sigma, as the pipeline passes
+            ExportInput("timestep", ("batch",), "float32", draw=SIGMA),  # the flow-matching sigma, as passed
             ExportInput("encoder_hidden_states", ("batch", "text_len", config["joint_attention_dim"]), MODEL_DTYPE),
             ExportInput("pooled_projections", ("batch", config["pooled_projection_dim"]), MODEL_DTYPE),
         ]
@@ -143,6 +165,39 @@ class FluxFamily(DenoiserFamily):
 
     def latent_multiple(self, config: Any) -> int:
         return PACK
+
+    def sample_size(self, config: Any) -> tuple[int, int]:
+        return DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE
+
+    def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+        # already packed, (images, h/2 · w/2, 64): i.i.d. noise, which packing only reorders
+        h, w = latent
+        return torch.cat([torch.randn((1, (h // PACK) * (w // PACK), config["in_channels"]),
+                                      generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                                               max_sequence_length=self.text_tokens)
+        inputs = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if pipe.transformer.config.get("guidance_embeds"):  # the scale the pipeline embeds when given none
+            scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+            inputs["guidance"] = torch.full((1,), float(scale), device=device)
+        return inputs
+
+    def exported_from_call(self, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
+        # the pipeline's packed call, unpacked as the exported graph takes it; its positions are the graph's own
+        call = dict(call)
+        if not call.get("joint_attention_kwargs"):  # FluxPipeline passes {} when it has none
+            call.pop("joint_attention_kwargs", None)
+        packed, text = call["hidden_states"], call.get("encoder_hidden_states")
+        img_ids, txt_ids = call.pop("img_ids", None), call.pop("txt_ids", None)
+        if packed.ndim != 3 or text is None or img_ids is None or txt_ids is None:
+            raise SlimDiffError("expected FluxPipeline's call: packed hidden_states (B,N,C), encoder_hidden_states, "
+                                "img_ids and txt_ids")
+        rows, columns = packed_grid(img_ids, txt_ids, packed.shape[1], text.shape[1])
+        call["hidden_states"] = unpack_latents(packed, rows * PACK, columns * PACK)
+        return call, pack_latents
 
     def accepts(self, obj: Any) -> bool:
         return _transformer_of(obj) is not None
@@ -189,13 +244,10 @@ class FluxFamily(DenoiserFamily):
         transformer = pipe.transformer
         default = pipe.default_sample_size * pipe.vae_scale_factor
         height, width = config.height or default, config.width or default
-        tokens = (height // multiple) * (width // multiple)
+        latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
 
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            # one seeded draw per prompt, already packed (i.i.d. noise: packing only reorders it), so a prompt's
-            # trajectory does not depend on batching or device
-            latents = torch.cat([torch.randn((1, tokens, transformer.config.in_channels),
-                                             generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+            latents = self.seeded_latents(transformer.config, latent, seeds)
             pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), height=height, width=width,
                  latents=latents.to(device=transformer.device, dtype=transformer.dtype), output_type="latent")
 

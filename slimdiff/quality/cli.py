@@ -93,7 +93,7 @@ def evaluate_to(args, folder: Path) -> dict:
     """Run the evaluation described by ``args`` and write the report files into ``folder``."""
     import torch
 
-    from ..families import check_measures, family_for
+    from ..families import family_for
     from ..models import load_pipeline
     from . import optional
     from .evaluate import EvalSettings, adherence, compare, is_proxy, model_label, paired_delta, unet_cost
@@ -104,7 +104,6 @@ def evaluate_to(args, folder: Path) -> dict:
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     dense = load_pipeline(args.model, dtype).to(device)
-    check_measures(dense, "slimdiff eval")
     dense_unet = family_for(dense).denoiser(dense)
     slim_unet, made_from = _load_slim(args.slim, dense_unet, dtype, device)
     proxy = is_proxy(args.model)

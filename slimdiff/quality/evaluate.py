@@ -68,7 +68,8 @@ def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], set
 # ----------------------------------------------------------------------------------------------------------
 
 RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:tiny-xl", "builtin:sdxl-shape", "builtin:tiny-pixart",
-                   "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape")
+                   "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape", "builtin:tiny-flux",
+                   "builtin:flux-dev-shape")
 
 
 def is_proxy(source: str) -> bool:

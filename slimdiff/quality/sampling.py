@@ -2,9 +2,9 @@
 
 Every image ``i`` is the prompt ``prompts[i]`` sampled from the initial latent drawn by a CPU generator seeded
 with ``seeds[i]`` (the convention of :mod:`slimdiff.proxy.evaluate`), so images do not depend on batching or
-device and a dense and a slim image of the same index differ only through the denoiser (a UNet, or a PixArt / SD3
-transformer: the model family says which pipeline component it is, how a call's timestep is read and what the
-pipeline's call needs).
+device and a dense and a slim image of the same index differ only through the denoiser (a UNet, or a PixArt / SD3 /
+FLUX transformer: the model family says which pipeline component it is, the layout of the latents the pipeline takes
+— FLUX's are packed —, how a call's timestep is read and what the pipeline's call needs).
 
 :class:`NoiseErrorProbe` hooks the dense denoiser while the dense pipeline samples: every dense call is repeated
 with each slim denoiser on *exactly the same inputs* (latent, timestep, text states), and the relative error of
@@ -27,11 +27,9 @@ from ..families import family_for
 
 
 def image_size(pipe) -> int:
-    """Pixel size the pipeline samples at by default (the denoiser's sample size × the VAE factor)."""
+    """Pixel size the pipeline samples at by default (the family's latent sample size × the VAE factor)."""
     family = family_for(pipe)
-    size = family.denoiser(pipe).config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return size * pipe.vae_scale_factor
+    return family.sample_size(family.denoiser(pipe).config)[0] * pipe.vae_scale_factor
 
 
 def with_denoiser(pipe, denoiser):
@@ -130,9 +128,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
     out = []
     for k in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
         chunk_p, chunk_s = list(prompts[k:k + batch_size]), seeds[k:k + batch_size]
-        latents = torch.stack([
-            torch.randn((unet.config.in_channels, latent, latent), generator=torch.Generator("cpu").manual_seed(int(s)))
-            for s in chunk_s]).to(device=device, dtype=dtype)
+        latents = family.seeded_latents(unet.config, (latent, latent), chunk_s).to(device=device, dtype=dtype)
         call = lambda: pipe(chunk_p, height=size, width=size, num_inference_steps=steps,  # noqa: E731
                             guidance_scale=guidance, latents=latents, output_type="np",
                             **family.pipeline_options).images

@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from ..errors import SlimDiffError
-from ..families.flux import PACK, latent_ids, pack_latents, unpack_latents
+from ..families.flux import PACK, latent_ids, pack_latents, packed_grid, unpack_latents
 from .denoiser import EngineDenoiser
 
 
@@ -57,7 +57,7 @@ class EngineFluxTransformer(EngineDenoiser):
                                 + ", ".join(map(str, shapes)))
         batch, tokens, features = hidden_states.shape
         self.check_pooled_call(hidden_states, features, "packed features", encoder_hidden_states, pooled_projections)
-        rows, columns = self._grid(img_ids, txt_ids, tokens, encoder_hidden_states.shape[1])
+        rows, columns = packed_grid(img_ids, txt_ids, tokens, encoder_hidden_states.shape[1])
         height, width = rows * PACK, columns * PACK
         self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
         inputs = [unpack_latents(hidden_states, height, width).to(self.device, self.dtype).contiguous(),
@@ -73,20 +73,6 @@ class EngineFluxTransformer(EngineDenoiser):
         out = self.run(inputs, (batch, self.out_channels // PACK**2, height, width))
         out = pack_latents(out).to(device=hidden_states.device, dtype=hidden_states.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-    @staticmethod
-    def _grid(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int) -> tuple[int, int]:
-        """(rows, columns) of packed tokens whose positions ``img_ids`` are — the ones the engine's graph builds —
-        or a one-line error for any other positions."""
-        img_ids, txt_ids = (ids[0] if ids.ndim == 3 else ids for ids in (img_ids, txt_ids))  # the deprecated 3-D form
-        if img_ids.ndim == 2 and img_ids.shape == (tokens, 3) and tokens:
-            rows, columns = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
-            if (rows * columns == tokens and torch.equal(img_ids.float().cpu(), latent_ids(rows, columns))
-                    and tuple(txt_ids.shape) == (text_len, 3) and not txt_ids.any()):
-                return rows, columns
-        raise SlimDiffError("engine FLUX transformers take the text-to-image pipeline's positions (img_ids a row-major "
-                            f"grid of the {tokens} packed tokens, zero txt_ids for the {text_len} text tokens): got "
-                            f"img_ids {tuple(img_ids.shape)} and txt_ids {tuple(txt_ids.shape)} of other positions")
 
     def call_exported(self, inputs):
         """The pipeline's call on the exported inputs (``denoiser_component(...).random_inputs``), as
