@@ -46,6 +46,30 @@ def _halved_plan(unet):
     return RankPlan.from_ranks(sites, {s.name: max(8, s.width // 2) for s in sites}, info={"source_model": "builtin:tiny"})
 
 
+@pytest.mark.parametrize("qk, v", [(16, 8), (8, 16), (16, 16)])
+def test_slim_attention_of_unequal_widths_is_exact_and_fused_on_the_cpu(qk, v):
+    """Slim heads whose q·k and v widths differ are zero-padded to one width on the CPU, where the fused (flash)
+    kernel takes one width only: the same numbers as the native call, without its math path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from slimdiff.families.blocks import slim_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 40, qk, generator=gen), torch.randn(2, 3, 24, qk, generator=gen)
+    value = torch.randn(2, 3, 24, v, generator=gen)
+    mask = torch.ones(2, 1, 40, 24, dtype=torch.bool)
+    mask[1, :, :, 20:] = False  # the second sample's last keys are padding
+    scale = 0.125
+    for attn_mask in (None, mask):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, value, attn_mask=attn_mask, scale=scale)
+        got = slim_attention(q, k, value, attn_mask=attn_mask, scale=scale)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        slim_attention(q, k, value, scale=scale)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.key for e in prof.key_averages()}
+
+
 def test_rebuilt_parameter_count_equals_plan_and_round_trip_is_bit_identical(tiny_pipe, tmp_path):
     unet = tiny_pipe.unet
     plan = _halved_plan(unet)

@@ -39,6 +39,27 @@ from .base import (
 )
 
 
+def slim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of (batch, heads, tokens, width) heads whose q·k width and v width may
+    differ (a slim attention's), on a fused kernel where the widths alone would rule it out.
+
+    PyTorch's only fused CPU kernel (flash) takes one width for q, k and v; other widths fall to the math path,
+    which materialises every attention matrix: on this project's 2-core CPU a (4 heads, 1024 tokens, q·k 128,
+    v 64) call took 230 ms there and 149 ms with v zero-padded to 128 (as long as the dense call). So on the CPU
+    the narrower side is zero-padded to the wider one, which is exact — zero q·k columns add nothing to a logit
+    (the softmax scale is passed explicitly), zero v columns give output columns that are cut off again. CUDA's
+    memory-efficient kernel takes a v width of its own, and whether padding to reach the flash kernel pays there
+    is measured, not assumed (``slimdiff bench`` attention study); an ONNX export keeps the native widths (ONNX
+    Runtime's Attention op takes them; TensorRT engines pad their weights: :mod:`slimdiff.export.align`)."""
+    qk, width = q.shape[-1], v.shape[-1]
+    if qk == width or q.device.type != "cpu" or torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    wide = max(qk, width)
+    q, k, v = (F.pad(x, (0, wide - x.shape[-1])) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., :width]
+
+
 class SlimAttnProcessor:
     """Attention with independent per-head q·k and v widths and the original softmax scale.
 
@@ -69,7 +90,7 @@ class SlimAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[2], batch)
             attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+        out = slim_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, -1).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

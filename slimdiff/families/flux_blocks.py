@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
@@ -50,7 +49,7 @@ from .base import (
     column_blocks,
     with_column_block,
 )
-from .blocks import _linear, _row_cost
+from .blocks import _linear, _row_cost, slim_attention
 from .mmdit import JointTransformerBlockAdapter, _ada_zero_gates, _single
 
 _ATTN = "attn"
@@ -84,8 +83,7 @@ class SlimFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             scale=attn.head_dim ** -0.5)
+        out = slim_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=attn.head_dim ** -0.5)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         if encoder_hidden_states is None:
             return out

@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import JointTransformerBlock
 from torch import nn
 
@@ -60,7 +59,16 @@ from .base import (
     joint_moment,
     joint_tokens,
 )
-from .blocks import _linear, _row_cost, attention_sites, attention_unit_macs, ffn_linears, ffn_site, set_ffn_linear
+from .blocks import (
+    _linear,
+    _row_cost,
+    attention_sites,
+    attention_unit_macs,
+    ffn_linears,
+    ffn_site,
+    set_ffn_linear,
+    slim_attention,
+)
 
 _ATTN = "attn"
 _FFNS = ("ff", "ff_context")
@@ -97,7 +105,7 @@ class SlimJointAttnProcessor:
             if attn.norm_added_q is not None:
                 cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
             q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = slim_attention(q, k, v, scale=attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(q.dtype)
         image = attn.to_out[1](attn.to_out[0](out[:, :tokens]))
         if encoder_hidden_states is None:
