@@ -34,6 +34,7 @@ backend — can serve, and what the tests use.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -224,7 +225,8 @@ def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: i
     for name, meta in metas.items():
         (version / f"{name}.engine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     spec = {"pipeline_class": family.serving_pipeline, "denoiser": family.component,
-            "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs)} for t in towers],
+            "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs),
+                               "attention_mask": t.attention_mask} for t in towers],
             "options": family.serving_options(pipe)}
     (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
@@ -266,16 +268,24 @@ def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path
     outputs its pipeline reads) and the VAE decoder — in new folders ``out/<name>``; returns ``{name: folder}``.
     ``build``: :func:`slimdiff.engines.build.build_component_engine`'s shape and precision arguments."""
     from ..export.modules import text_encoder_component, vae_decoder_component
+    from ..export.shapes import Range
     from .build import build_component_engine
 
     family = check_pipeline(pipe)
-    components = [text_encoder_component(getattr(pipe, t.name), t.name, t.outputs)
-                  for t in family.served_text_encoders(pipe)]
+    components = []
+    for tower in family.served_text_encoders(pipe):
+        profiles = build["profiles"]
+        if tower.tokens is not None:  # the one prompt length the pipeline pads this encoder's prompts to
+            fixed = Range(tower.tokens, tower.tokens, tower.tokens)
+            profiles = [dataclasses.replace(p, text_len=fixed) for p in profiles]
+        components.append((text_encoder_component(getattr(pipe, tower.name), tower.name, tower.outputs,
+                                                  attention_mask=tower.attention_mask), profiles))
+    components.append((vae_decoder_component(pipe.vae), build["profiles"]))
     folders = {}
-    for component in (*components, vae_decoder_component(pipe.vae)):
+    for component, profiles in components:
         folders[component.name] = Path(out) / component.name
         folders[component.name].mkdir()
-        build_component_engine(component, kind, folders[component.name], **build)
+        build_component_engine(component, kind, folders[component.name], **{**build, "profiles": profiles})
     return folders
 
 
