@@ -179,9 +179,13 @@ def test_served_pipeline_gives_the_in_process_image(served_dit):
 
     from slimdiff.engines.triton import request_image
     from slimdiff.runtime import use_engine
-    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+    from slimdiff.runtime.triton_models import (
+        generate,
+        local_runners,
+        repository_pipeline,
+    )
 
-    name, root, pipe, urls = served_dit
+    _, root, pipe, urls = served_dit
     client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
     in_process = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
     use_engine(pipe, root / "transformer")  # diffusers' own pipeline: PyTorch text encoders and VAE, the engine
