@@ -5,7 +5,9 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/unet/config.pbtxt            platform "tensorrt_plan" | backend "onnxruntime" | backend "python"
     DIR/unet/engine.json             the engine metadata (TensorRT version and GPU, profiles, signature...)
     DIR/unet/1/model.plan | model.onnx (+ external data) | the engine folder + model.py (python backend)
-    DIR/text_encoder/...             the same for each text encoder the family serves (SDXL: text_encoder_2 too)
+                                     (the denoiser is named after the family's component: DIR/transformer/ for DiTs)
+    DIR/text_encoder/...             the same for each text encoder the family serves (SDXL: text_encoder_2 too;
+                                     SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
     DIR/pipeline/config.pbtxt        python backend: prompt in, image out (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
@@ -14,10 +16,13 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
 
 What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
-``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``), the text encoders served and what each returns
-(:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's second: the penultimate hidden state and
-the pooled ``text_embeds``) and the pipeline's other constructor options. The denoiser model is named after the
-family's component and takes the family's export inputs (SDXL: ``text_embeds``, ``time_ids`` after the SD call).
+``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
+``StableDiffusion3Pipeline``), the text encoders served, what each takes and returns and the one prompt length its
+engine is built for (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's second: the penultimate
+hidden state and the pooled ``text_embeds``; PixArt's T5 takes the tokenizer's ``attention_mask`` too, over the
+pipeline's 300 tokens) and the pipeline's other constructor options. The denoiser model is named after the family's
+component and takes the family's export inputs (SDXL: ``text_embeds``, ``time_ids`` after the SD call; PixArt:
+``encoder_attention_mask``; SD3: ``pooled_projections``).
 
 ``config.pbtxt`` files are written from Triton's own protobuf schema (``tritonclient.grpc.model_config_pb2``)
 with ``google.protobuf.text_format``. Each model's inputs and outputs are named, typed and shaped from the
@@ -34,6 +39,7 @@ backend — can serve, and what the tests use.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -224,7 +230,8 @@ def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: i
     for name, meta in metas.items():
         (version / f"{name}.engine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     spec = {"pipeline_class": family.serving_pipeline, "denoiser": family.component,
-            "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs)} for t in towers],
+            "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs),
+                               "attention_mask": t.attention_mask} for t in towers],
             "options": family.serving_options(pipe)}
     (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
@@ -266,16 +273,24 @@ def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path
     outputs its pipeline reads) and the VAE decoder — in new folders ``out/<name>``; returns ``{name: folder}``.
     ``build``: :func:`slimdiff.engines.build.build_component_engine`'s shape and precision arguments."""
     from ..export.modules import text_encoder_component, vae_decoder_component
+    from ..export.shapes import Range
     from .build import build_component_engine
 
     family = check_pipeline(pipe)
-    components = [text_encoder_component(getattr(pipe, t.name), t.name, t.outputs)
-                  for t in family.served_text_encoders(pipe)]
+    components = []
+    for tower in family.served_text_encoders(pipe):
+        profiles = build["profiles"]
+        if tower.tokens is not None:  # the one prompt length the pipeline pads this encoder's prompts to
+            fixed = Range(tower.tokens, tower.tokens, tower.tokens)
+            profiles = [dataclasses.replace(p, text_len=fixed) for p in profiles]
+        components.append((text_encoder_component(getattr(pipe, tower.name), tower.name, tower.outputs,
+                                                  attention_mask=tower.attention_mask), profiles))
+    components.append((vae_decoder_component(pipe.vae), build["profiles"]))
     folders = {}
-    for component in (*components, vae_decoder_component(pipe.vae)):
+    for component, profiles in components:
         folders[component.name] = Path(out) / component.name
         folders[component.name].mkdir()
-        build_component_engine(component, kind, folders[component.name], **build)
+        build_component_engine(component, kind, folders[component.name], **{**build, "profiles": profiles})
     return folders
 
 

@@ -58,7 +58,7 @@ class Component:
         out = []
         for spec in self.inputs:
             shape = tuple(d if isinstance(d, int) else min(values[d], self.clip.get(d, 1 << 30)) for d in spec.dims)
-            if spec.dtype == "int64":
+            if spec.dtype == "int64" and spec.draw != KEEP_MASK:
                 t = torch.randint(0, int(spec.high), shape, generator=gen)
             elif spec.draw == TIMESTEP:
                 t = torch.rand(shape, generator=gen) * 999
@@ -96,9 +96,10 @@ class _TextEncoder(nn.Module):
         self.text_encoder = text_encoder
         self.outputs = outputs
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask=None):
         hidden = PENULTIMATE_HIDDEN_STATE in self.outputs
-        out = self.text_encoder(input_ids, output_hidden_states=hidden, return_dict=True)
+        out = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=hidden,
+                                return_dict=True)
         tensors = tuple(out.hidden_states[-2] if name == PENULTIMATE_HIDDEN_STATE else getattr(out, name)
                         for name in self.outputs)
         return tensors if len(tensors) > 1 else tensors[0]
@@ -131,9 +132,12 @@ def denoiser_component(denoiser: nn.Module) -> Component:
 
 
 def text_encoder_component(text_encoder, name: str = "text_encoder",
-                           outputs: tuple[str, ...] = (LAST_HIDDEN_STATE,)) -> Component:
-    """A text encoder taking ``input_ids``, named ``name`` (its pipeline attribute), returning ``outputs``
-    (default: SD-1.x's conditioning, the last hidden state)."""
+                           outputs: tuple[str, ...] = (LAST_HIDDEN_STATE,), *,
+                           attention_mask: bool = False) -> Component:
+    """A text encoder taking ``input_ids`` (and the tokenizer's ``attention_mask``, 1 keep / 0 padding, when
+    ``attention_mask``), named ``name`` (its pipeline attribute), returning ``outputs`` (default: SD-1.x's
+    conditioning, the last hidden state). Its text length is capped at its position table (CLIP's 77); a T5's
+    relative positions set none."""
     cfg = text_encoder.config
     unknown = [o for o in outputs if o not in TEXT_ENCODER_OUTPUTS]
     if unknown or not outputs:
@@ -143,9 +147,11 @@ def text_encoder_component(text_encoder, name: str = "text_encoder",
         raise SlimDiffError(f"{name}: {type(text_encoder).__name__} has no text projection, so no {TEXT_EMBEDS}")
     return Component(
         name, _TextEncoder(text_encoder, tuple(outputs)).eval(),
-        inputs=[ExportInput("input_ids", ("batch", "text_len"), "int64", high=cfg.vocab_size)],
+        inputs=[ExportInput("input_ids", ("batch", "text_len"), "int64", high=cfg.vocab_size),
+                *([ExportInput("attention_mask", ("batch", "text_len"), "int64", draw=KEEP_MASK)]
+                  if attention_mask else [])],
         output=outputs[0], more_outputs=tuple(outputs[1:]),
-        clip={"text_len": cfg.max_position_embeddings},
+        clip={"text_len": cfg.max_position_embeddings} if hasattr(cfg, "max_position_embeddings") else {},
         attention_modules=cfg.num_hidden_layers,
     )
 

@@ -23,6 +23,7 @@ package; only the stages that touch a real model do.
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
@@ -772,14 +773,27 @@ TEXT_EMBEDS = "text_embeds"
 @dataclass(frozen=True)
 class ServedTextEncoder:
     """A text encoder as a Triton repository serves it: a model named after its pipeline attribute (``text_encoder``,
-    ``text_encoder_2``) that takes ``input_ids`` (tokenized by the pipeline attribute ``tokenizer``) and returns
-    ``outputs``: :data:`LAST_HIDDEN_STATE` (after the final layer norm: SD-1.x/2.x), :data:`PENULTIMATE_HIDDEN_STATE`
-    (``hidden_states[-2]``: SDXL) and :data:`TEXT_EMBEDS` (the projected pooled output of a
-    ``CLIPTextModelWithProjection``)."""
+    ``text_encoder_2``) that takes ``input_ids`` (tokenized by the pipeline attribute ``tokenizer``) — and the
+    tokenizer's ``attention_mask`` too when the pipeline passes it (PixArt's T5) — and returns ``outputs``:
+    :data:`LAST_HIDDEN_STATE` (after the final layer norm: SD-1.x/2.x, T5), :data:`PENULTIMATE_HIDDEN_STATE`
+    (``hidden_states[-2]``: SDXL, SD3's CLIPs) and :data:`TEXT_EMBEDS` (the projected pooled output of a
+    ``CLIPTextModelWithProjection``). ``tokens``: the one prompt length the pipeline pads to for this encoder (its
+    engine is built for it); None: the export's text length range, capped at the encoder's positions."""
 
     name: str
     tokenizer: str
     outputs: tuple[str, ...]
+    attention_mask: bool = False
+    tokens: int | None = None
+
+
+def pipeline_call_default(pipe: Any, argument: str) -> Any:
+    """The default of ``argument`` in ``pipe``'s ``__call__`` (what a served pipeline called without it uses: PixArt's
+    and SD3's ``max_sequence_length``)."""
+    parameter = inspect.signature(type(pipe).__call__).parameters.get(argument)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        raise SlimDiffError(f"{type(pipe).__name__}.__call__ has no default {argument}")
+    return parameter.default
 
 
 MODEL_DTYPE = "model"  # a tensor whose dtype follows the denoiser's precision (fp32 / fp16)

@@ -23,7 +23,19 @@ import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from torch import nn
 
-from .base import FAMILIES, KEEP_MASK, MODEL_DTYPE, TIMESTEP, ConditionInput, DenoiserFamily, ExportInput, TextTower
+from .base import (
+    FAMILIES,
+    KEEP_MASK,
+    LAST_HIDDEN_STATE,
+    MODEL_DTYPE,
+    TIMESTEP,
+    ConditionInput,
+    DenoiserFamily,
+    ExportInput,
+    ServedTextEncoder,
+    TextTower,
+    pipeline_call_default,
+)
 from .sd import sampling_loop
 
 #: PixArt-α's pipeline pads its prompts to this many tokens (PixArt-Σ's: :attr:`PixArtFamily.text_tokens`).
@@ -130,6 +142,15 @@ class PixArtFamily(DenoiserFamily):
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder)]
+
+    # PixArt-α's pipeline is a class of its own (120 tokens, aspect-ratio conditions at 1024): not served yet
+    serving_pipeline = "PixArtSigmaPipeline"
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        # encode_prompt pads the prompt to max_sequence_length and passes the tokenizer's attention mask to the T5;
+        # it reads the last hidden state ([0]) and hands the same mask on to the transformer
+        return (ServedTextEncoder("text_encoder", "tokenizer", (LAST_HIDDEN_STATE,), attention_mask=True,
+                                  tokens=int(pipeline_call_default(pipe, "max_sequence_length"))),)
 
 
 def _additional_conditions(config: Any) -> bool:

@@ -25,7 +25,19 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import nn
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, MODEL_DTYPE, TIMESTEP, DenoiserFamily, ExportInput, TextTower
+from .base import (
+    FAMILIES,
+    LAST_HIDDEN_STATE,
+    MODEL_DTYPE,
+    PENULTIMATE_HIDDEN_STATE,
+    TEXT_EMBEDS,
+    TIMESTEP,
+    DenoiserFamily,
+    ExportInput,
+    ServedTextEncoder,
+    TextTower,
+    pipeline_call_default,
+)
 from .sd import sampling_loop
 
 #: CLIP's 77 tokens, then the T5 prompt padded to the pipeline's default ``max_sequence_length``.
@@ -123,3 +135,21 @@ class SD3Family(DenoiserFamily):
         if pipe.text_encoder_3 is not None:  # without T5 the pipeline conditions on zeros in its place
             towers.append(TextTower(pipe.tokenizer_3, pipe.text_encoder_3))
         return towers
+
+    serving_pipeline = "StableDiffusion3Pipeline"
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        # Each CLIP: hidden_states[-2] (the prompt embedding's first 77 tokens, side by side) and [0], the projected
+        # pooled text_embeds (pooled_projections, side by side), over tokenizer_max_length tokens. The T5: [0], the
+        # last hidden state, over max_sequence_length tokens; no attention mask.
+        clip = (PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)
+        towers = (ServedTextEncoder("text_encoder", "tokenizer", clip, tokens=pipe.tokenizer_max_length),
+                  ServedTextEncoder("text_encoder_2", "tokenizer_2", clip, tokens=pipe.tokenizer_max_length))
+        if pipe.text_encoder_3 is None:  # the pipeline conditions on zeros in the T5's place
+            return towers
+        return (*towers, ServedTextEncoder("text_encoder_3", "tokenizer_3", (LAST_HIDDEN_STATE,),
+                                           tokens=int(pipeline_call_default(pipe, "max_sequence_length"))))
+
+    def serving_options(self, pipe: Any) -> dict:
+        # the constructor takes the T5 and its tokenizer as required arguments, None where the pipeline has none
+        return {"text_encoder_3": None, "tokenizer_3": None} if pipe.text_encoder_3 is None else {}

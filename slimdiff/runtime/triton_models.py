@@ -5,8 +5,9 @@ pipeline in-process.
   over together are concatenated along the batch axis when their other dimensions agree, run as one call, and
   split again (every output of an engine with several).
 * :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
-  (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``): tokenizers, scheduler, classifier-free guidance,
-  SDXL's micro-conditioning — whose text encoders, denoiser and VAE decoder are stand-ins that call the
+  (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``):
+  tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding mask, SD3's VAE
+  shift — whose text encoders, denoiser and VAE decoder are stand-ins that call the
   repository's models through Triton's BLS (business logic scripting). Running the unchanged diffusers loop is what
   makes a served image equal to the in-process one for the same seed.
 
@@ -25,7 +26,12 @@ import torch
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
 from ..engines.triton import PIPELINE_SPEC, batch_dims
 from ..errors import SlimDiffError
-from ..families import LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS
+from ..families import (
+    LAST_HIDDEN_STATE,
+    PENULTIMATE_HIDDEN_STATE,
+    TEXT_EMBEDS,
+    family_for,
+)
 from .unet import engine_class
 
 #: The image of a request that names no size or seed.
@@ -126,18 +132,24 @@ class _PenultimateHiddenState:
 
 
 class TextEncoderStandIn(_Component):
-    """A text encoder served as model ``name`` returning ``outputs`` (:class:`ServedTextOutput`)."""
+    """A text encoder served as model ``name`` returning ``outputs`` (:class:`ServedTextOutput`), taking the
+    tokenizer's attention mask beside the token ids when served ``with_mask`` (PixArt's T5)."""
 
-    def __init__(self, config, runner: Runner, name: str, outputs: list[str]):
+    def __init__(self, config, runner: Runner, name: str, outputs: list[str], with_mask: bool = False):
         super().__init__(config, runner)
         self.name = name
         self.outputs = list(outputs)
+        self.with_mask = with_mask
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **kwargs):
         if output_hidden_states and PENULTIMATE_HIDDEN_STATE not in self.outputs:
             raise SlimDiffError(f"the served {self.name} returns its {', '.join(self.outputs)} only (no clip_skip)")
-        tensors = self.runner.run_outputs([self._input(input_ids)]) if len(self.outputs) > 1 else \
-            [self.runner.run([self._input(input_ids)], None)]
+        inputs = [self._input(input_ids)]
+        if self.with_mask:  # a pipeline that passes none attends to every token
+            inputs.append(self._input(torch.ones_like(input_ids) if attention_mask is None else attention_mask))
+        elif attention_mask is not None:
+            raise SlimDiffError(f"the served {self.name} takes input_ids only, not an attention mask")
+        tensors = self.runner.run_outputs(inputs) if len(self.outputs) > 1 else [self.runner.run(inputs, None)]
         return ServedTextOutput(self.name, {name: t.float() for name, t in zip(self.outputs, tensors)})
 
 
@@ -174,7 +186,7 @@ def repository_pipeline(version: Path, runner_for: Callable[[str, dict], Runner]
     for tower in spec["text_encoders"]:
         models[tower["name"]] = TextEncoderStandIn(transformers.AutoConfig.from_pretrained(version / tower["name"]),
                                                    runner_for(tower["name"], meta(tower["name"])), tower["name"],
-                                                   tower["outputs"])
+                                                   tower["outputs"], tower.get("attention_mask", False))
         models[tower["tokenizer"]] = tokenizer(tower["tokenizer"])
     denoiser = meta(spec["denoiser"])
     models[spec["denoiser"]] = engine_class(denoiser)(runner_for(spec["denoiser"], denoiser), denoiser, version)
@@ -195,11 +207,14 @@ def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
 
 
 def generate(pipe, prompt: str, **options) -> np.ndarray:
-    """One image, HxWx3 uint8, for ``prompt`` with :data:`DEFAULTS` overridden by ``options``."""
+    """One image, HxWx3 uint8, for ``prompt`` with :data:`DEFAULTS` overridden by ``options`` (and the options the
+    pipeline's family always passes: PixArt's exact sizes)."""
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    image = pipe(prompt, negative_prompt=o["negative_prompt"], num_inference_steps=int(o["steps"]),
-                 guidance_scale=float(o["guidance_scale"]), height=o["height"], width=o["width"],
-                 generator=torch.Generator().manual_seed(int(o["seed"])), output_type="np").images[0]
+    # no negative prompt: the pipeline's own default (None for SD and SDXL, "" for PixArt, which refuses None)
+    negative = {} if o["negative_prompt"] is None else {"negative_prompt": o["negative_prompt"]}
+    image = pipe(prompt, **negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
+                 height=o["height"], width=o["width"], generator=torch.Generator().manual_seed(int(o["seed"])),
+                 output_type="np", **family_for(pipe).pipeline_options).images[0]
     return (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 

@@ -1,0 +1,210 @@
+"""The Triton model repositories of the DiT pipelines: PixArt-Σ (builtin:tiny-pixart: one T5 text encoder taking the
+tokenizer's padding mask) and SD3 (builtin:tiny-sd3: two CLIP encoders with pooled outputs and a T5), each with its
+transformer engine and VAE decoder and the ``pipeline`` model running the diffusers pipeline through BLS —
+configurations read back through Triton's own protobuf schema, encoders checked against what the pipeline computes in
+PyTorch, and each repository served by the real ``tritonserver`` bundled in nvidia-pytriton (python backend, CPU,
+loopback, free ports; one server at a time). FLUX is refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimdiff.errors import SlimDiffError
+
+pytest.importorskip("tritonclient.grpc")
+
+# The smallest engines that run the loop: latent 8² (16 px at the tiny VAEs' scale 2), the transformer at batch 2
+# (guidance), the text encoders and the VAE decoder at 1; two steps.
+SIZE, STEPS = 16, 2
+PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
+# diffusers' default max_sequence_length of each pipeline's call: the T5 prompt length the served pipeline pads to
+T5_TOKENS = {"tiny-pixart": 300, "tiny-sd3": 256}
+
+
+@pytest.fixture(scope="module", params=["tiny-pixart", "tiny-sd3"])
+def dit_repository(request, tmp_path_factory):
+    """``(name, root, pipe)``: ONNX Runtime engines of builtin:<name>'s transformer (``root/transformer``), text
+    encoders and VAE decoder, and the python-mode repository ``root/repo`` written from them by the calls
+    ``slimdiff-export --triton-repo`` makes (without its slimming: a rank plan does not change what is served)."""
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.engines.triton import build_serving_engines, write_repository
+    from slimdiff.export.shapes import latent_multiple, parse_profiles
+    from slimdiff.families import family_for
+    from slimdiff.models import build_builtin
+
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    pipe = build_builtin(f"builtin:{name}")
+    family = family_for(pipe)
+    multiple = latent_multiple(pipe.transformer.config)
+
+    def build(batch):
+        # the family's one text length (PixArt-Σ: the T5's 300 tokens; SD3: CLIP's 77 + the T5's 256)
+        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), family.default_text_len(pipe),
+                                           vae_scale=pipe.vae_scale_factor, multiple=multiple),
+                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
+
+    (root / "transformer").mkdir()
+    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build("2"))
+    folders = build_serving_engines(pipe, root, "ort", **build("1"))
+    write_repository(root / "repo", pipe, root / "transformer", folders, "python", pipeline_instances=1)
+    return name, root, pipe
+
+
+def _tensors(repo, model, side):
+    from slimdiff.engines.triton import read_config
+
+    config = read_config(repo / model / "config.pbtxt")
+    return {t.name: (t.data_type, list(t.dims)) for t in getattr(config, side)}
+
+
+def test_repository_models_take_and_return_what_the_pipeline_reads(dit_repository):
+    from slimdiff.engines.triton import _pb
+
+    name, root, pipe = dit_repository
+    repo = root / "repo"
+    pb, _ = _pb()
+    fp32, int64 = pb.TYPE_FP32, pb.TYPE_INT64
+    t5_tokens, latent = T5_TOKENS[name], SIZE // pipe.vae_scale_factor
+    config = pipe.transformer.config
+    spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+    assert spec["denoiser"] == "transformer"
+    if name == "tiny-pixart":
+        assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "transformer", "vae_decoder"]
+        assert spec["pipeline_class"] == "PixArtSigmaPipeline" and spec["options"] == {}
+        # encode_prompt passes the tokenizer's attention mask to the T5 and reads its last hidden state
+        assert _tensors(repo, "text_encoder", "input") == {"input_ids": (int64, [t5_tokens]),
+                                                           "attention_mask": (int64, [t5_tokens])}
+        assert _tensors(repo, "text_encoder", "output") == {
+            "last_hidden_state": (fp32, [t5_tokens, pipe.text_encoder.config.d_model])}
+        # the transformer takes the same mask (encoder_attention_mask) beside the T5 states
+        assert _tensors(repo, "transformer", "input") == {
+            "hidden_states": (fp32, [config.in_channels, latent, latent]), "timestep": (fp32, [1]),
+            "encoder_hidden_states": (fp32, [t5_tokens, config.caption_channels]),
+            "encoder_attention_mask": (fp32, [t5_tokens])}
+    else:
+        assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2",
+                                                          "text_encoder_3", "transformer", "vae_decoder"]
+        assert spec["pipeline_class"] == "StableDiffusion3Pipeline" and spec["options"] == {}
+        clip_tokens = pipe.tokenizer_max_length
+        for encoder in ("text_encoder", "text_encoder_2"):  # hidden_states[-2], and [0]: the pooled projection
+            width = getattr(pipe, encoder).config.hidden_size
+            pooled = getattr(pipe, encoder).config.projection_dim
+            assert _tensors(repo, encoder, "input") == {"input_ids": (int64, [clip_tokens])}
+            assert _tensors(repo, encoder, "output") == {"penultimate_hidden_state": (fp32, [clip_tokens, width]),
+                                                         "text_embeds": (fp32, [pooled])}
+        # the T5: [0] over max_sequence_length tokens, no mask
+        assert _tensors(repo, "text_encoder_3", "input") == {"input_ids": (int64, [t5_tokens])}
+        assert _tensors(repo, "text_encoder_3", "output") == {
+            "last_hidden_state": (fp32, [t5_tokens, pipe.text_encoder_3.config.d_model])}
+        assert _tensors(repo, "transformer", "input") == {
+            "hidden_states": (fp32, [config.in_channels, latent, latent]), "timestep": (fp32, [1]),
+            "encoder_hidden_states": (fp32, [clip_tokens + t5_tokens, config.joint_attention_dim]),
+            "pooled_projections": (fp32, [config.pooled_projection_dim])}
+    assert _tensors(repo, "transformer", "output") == {"out_sample": (fp32, [config.out_channels, latent, latent])}
+    # the VAE decoder decodes; the pipelines scale (and SD3's shift) the latents themselves, from the VAE config
+    channels = pipe.vae.config.latent_channels
+    assert _tensors(repo, "vae_decoder", "input") == {"latent_sample": (fp32, [channels, latent, latent])}
+    assert _tensors(repo, "vae_decoder", "output") == {"sample": (fp32, [3, SIZE, SIZE])}
+    vae_config = json.loads((repo / "pipeline" / "1" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == pipe.vae.config.scaling_factor
+    assert vae_config["shift_factor"] == pipe.vae.config.shift_factor
+
+
+def test_served_text_encoders_give_the_pipelines_embeddings(dit_repository):
+    """encode_prompt through the repository's encoder engines is what the pipeline computes in PyTorch — PixArt's
+    padding mask included (a T5 that ignored it would let the prompt's tokens attend to the padding)."""
+    from slimdiff.runtime.triton_models import local_runners, repository_pipeline
+
+    name, root, pipe = dit_repository
+    served = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    prompt = PROMPTS[0][0]
+    with torch.no_grad():
+        if name == "tiny-pixart":
+            options = {"do_classifier_free_guidance": True, "device": "cpu", "clean_caption": False}
+            expected, got = pipe.encode_prompt(prompt, **options), served.encode_prompt(prompt, **options)
+            embeds, mask = expected[0], expected[1]
+            assert 0 < mask.sum() < mask.numel()  # the prompt is padded: the mask matters
+            torch.testing.assert_close(got[1], mask, rtol=0, atol=0)
+            torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-4)  # the negative prompt's
+        else:
+            options = {"prompt_2": None, "prompt_3": None, "device": "cpu", "do_classifier_free_guidance": False}
+            expected, got = pipe.encode_prompt(prompt, **options), served.encode_prompt(prompt, **options)
+            embeds = expected[0]
+            torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-4)  # the pooled projections
+    assert got[0].shape == embeds.shape
+    torch.testing.assert_close(got[0], embeds, rtol=0, atol=1e-4)
+
+
+def test_flux_and_unserved_engines_are_refused_in_one_line(tmp_path, capsys):
+    from slimdiff.cli import export as cli
+    from slimdiff.engines.triton import check_pipeline
+    from slimdiff.models import build_builtin
+
+    out, repo = tmp_path / "engines", tmp_path / "repo"
+    rc = cli.main(["--model", "builtin:tiny-flux", "--engine", "ort", "--out", str(out), "--triton-repo", str(repo),
+                   "--triton-mode", "python"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1
+    assert err[0].endswith("--triton-repo serves PixArtSigmaPipeline, StableDiffusion3Pipeline, "
+                           "StableDiffusionPipeline, StableDiffusionXLPipeline so far, not FluxPipeline")
+    assert not out.exists() and not repo.exists()
+    # slimdiff's own TensorRT runner binds one output: SD3's CLIP encoders have two
+    with pytest.raises(SlimDiffError, match=r"text_encoder, text_encoder_2 returns several outputs.*--triton-mode "
+                                            "native"):
+        check_pipeline(build_builtin("builtin:tiny-sd3"), "trt", "python")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real tritonserver
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_dit(dit_repository, tmp_path_factory):
+    pytest.importorskip("pytriton")
+    from slimdiff.engines.triton import local_server
+
+    name, root, pipe = dit_repository
+    log = tmp_path_factory.mktemp(f"triton_{name}_log") / "tritonserver.log"
+    with local_server(root / "repo", timeout_s=240, log=log) as urls:
+        yield name, root, pipe, urls
+
+
+@pytest.mark.slow
+def test_served_pipeline_gives_the_in_process_image(served_dit):
+    import tritonclient.http as httpclient
+
+    from slimdiff.engines.triton import request_image
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import (
+        generate,
+        local_runners,
+        repository_pipeline,
+    )
+
+    _, root, pipe, urls = served_dit
+    client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
+    in_process = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    use_engine(pipe, root / "transformer")  # diffusers' own pipeline: PyTorch text encoders and VAE, the engine
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt, seed in PROMPTS:
+        served = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE)
+        assert served.shape == (SIZE, SIZE, 3) and served.dtype == np.uint8
+        # Same engines, same diffusers loop, run in this process: the very same image.
+        assert np.array_equal(served, generate(in_process, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE))
+        # The diffusers pipeline with its PyTorch text encoders and VAE: equal up to float rounding.
+        reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE)
+        assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1
+        assert served.std() > 1  # an image with content, not a flat fill
+        images.append(served)
+    assert not np.array_equal(*images)
+    # A negative prompt reaches the served encoders too (PixArt: its own padding mask).
+    prompt, seed = PROMPTS[0]
+    negative = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE, negative_prompt="blurry")
+    assert not np.array_equal(negative, images[0])
+    reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE, negative_prompt="blurry")
+    assert np.abs(negative.astype(int) - reference.astype(int)).max() <= 1
