@@ -324,14 +324,16 @@ def apply_ranks(unet, stats: Statistics, ranks: dict[str, int], config: SlimConf
         stats.check_model(unet)
         analyses = analyze_sites(unet, stats, todo)
     tensors, errors = {}, {}
+    dtype = next(unet.parameters()).dtype
     for s in tqdm(todo, desc="decomposing", disable=not progress):
         result = decompose_site(unet, analyses[s.name], ranks[s.name], config)
-        tensors.update(result.tensors)
+        # in the model's dtype as they come: the float64 factors of every site at once would be twice a float32
+        # model's transformer weights
+        tensors.update({k: v.to(dtype) for k, v in result.tensors.items()})
         errors[s.name] = result.relative_error
     before = sum(p.numel() for p in unet.parameters())
-    dtype = next(unet.parameters()).dtype
     apply_plan_shapes(unet, plan)
-    load_slim_weights(unet, {k: v.to(dtype) for k, v in tensors.items()})
+    load_slim_weights(unet, tensors)
     after = sum(p.numel() for p in unet.parameters())
     if before - after != plan.params_removed:  # the plan is the contract with save/load and export
         raise SlimDiffError(f"internal error: rebuilt model removed {before - after} parameters, plan says "
