@@ -40,8 +40,9 @@ def build_repository(model: str, work: Path, size: int) -> Path:
     multiple = latent_multiple(denoiser.config)
 
     def build(batch: str) -> dict:
-        return {"profiles": parse_profiles(batch, str(size), str(size), "77", vae_scale=pipe.vae_scale_factor,
-                                           multiple=multiple),
+        # the family's text lengths: CLIP's 77 for SD / SDXL, the pipeline's T5 length for PixArt-Σ and SD3
+        return {"profiles": parse_profiles(batch, str(size), str(size), family.default_text_len(pipe),
+                                           vae_scale=pipe.vae_scale_factor, multiple=multiple),
                 "dtype": torch.float32, "device": "cpu", "multiple": multiple}
 
     (work / "denoiser").mkdir()
