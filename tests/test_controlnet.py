@@ -1,5 +1,6 @@
 """ControlNet pipelines with slim UNets: in PyTorch, and with UNet engines that take the ControlNet's residuals
-(``slimdiff-export --controlnet-inputs``) while the ControlNet stays in PyTorch. Seeded tiny models, CPU, ONNX Runtime."""
+(``slimdiff-export --controlnet-inputs``) while the ControlNet stays in PyTorch. Seeded tiny models, CPU, ONNX
+Runtime."""
 
 import contextlib
 import copy
@@ -181,7 +182,8 @@ def test_export_options_are_family_knowledge():
 @pytest.fixture(scope="module")
 def controlnet_export(tmp_path_factory):
     """``slimdiff-export --controlnet-inputs`` of a slim builtin:tiny UNet folder to an ONNX Runtime engine (slim only:
-    one export), latent 8..16 (a slim folder has no VAE: pixels are counted at SD's factor 8), batch 1..2 (guidance), CLIP's 77 tokens: ``(engine folder, slim UNet, stdout)``."""
+    one export), latent 8..16 (a slim folder has no VAE: pixels are counted at SD's factor 8), batch 1..2 (guidance),
+    CLIP's 77 tokens: ``(engine folder, slim UNet, stdout)``."""
     root = tmp_path_factory.mktemp("controlnet")
     slim, plan = truncated_slim(load_unet("builtin:tiny"))
     save_slim(slim, plan, root / "slim-unet")

@@ -4,8 +4,8 @@ All spatial numbers here are in *latent* units (image pixels ÷ the VAE's scale 
 box of (batch, latent height, latent width, text length); TensorRT gets one optimization profile per box,
 ONNX Runtime and AOTInductor get one dynamic range covering all of them (:func:`union`).
 
-A tensor's dims mix fixed sizes, axis names and down-sampled axes (:func:`downsampled`: ``"height/4"``, a UNet's
-feature map two levels down, which ControlNet residuals have); :func:`axis_size` resolves any of them.
+A tensor's dims mix fixed sizes, axis names and down-sampled axes (``"height/4"``: a UNet's feature map two levels
+down, which ControlNet residuals have); :func:`axis_size` resolves any of them.
 """
 
 from __future__ import annotations
@@ -159,20 +159,15 @@ def parse_profiles(batch: str, height: str, width: str, text_len: str, *, vae_sc
     return profiles
 
 
-def downsampled(axis: str, factor: int) -> str:
-    """The dim of ``axis`` divided by ``factor`` (the axis itself for 1): engines are built with ``axis`` a multiple
-    of ``factor``, so the size is exact."""
-    return axis if factor == 1 else f"{axis}/{factor}"
-
-
 def split_axis(dim: str) -> tuple[str, int]:
-    """``(axis, factor)`` of a named dim: ``"height/4"`` -> ``("height", 4)``, ``"batch"`` -> ``("batch", 1)``."""
+    """``(axis, factor)`` of a named dim: ``"height/4"`` -> ``("height", 4)``, ``"batch"`` -> ``("batch", 1)`` (the
+    families write down-sampled axes with :func:`slimdiff.families.base.downsampled_axis`)."""
     axis, _, factor = dim.partition("/")
     return axis, int(factor or 1)
 
 
 def axis_size(dim, values: dict[str, int]) -> int:
-    """The size of one dim (a fixed size, an axis name or a :func:`downsampled` axis) at axis sizes ``values``."""
+    """The size of one dim (a fixed size, an axis name or a down-sampled axis) at axis sizes ``values``."""
     if isinstance(dim, int):
         return dim
     axis, factor = split_axis(dim)

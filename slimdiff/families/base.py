@@ -802,6 +802,13 @@ class ConditionInput:
     high: float = 0.0
 
 
+def downsampled_axis(axis: str, factor: int) -> str:
+    """An :class:`ExportInput` dim: the latent ``axis`` divided by ``factor`` (a UNet's feature map at level k:
+    ``factor`` 2^k; the axis itself for 1). Engines keep ``axis`` a multiple of ``factor``, so the size is exact; exporters and
+    engines read it with :func:`slimdiff.export.shapes.split_axis`."""
+    return axis if factor == 1 else f"{axis}/{factor}"
+
+
 #: An export option (:attr:`DenoiserFamily.export_options`): a UNet that also takes ControlNet residuals, the
 #: ``down_block_additional_residuals`` and ``mid_block_additional_residual`` a ControlNet pipeline passes.
 CONTROLNET_RESIDUALS = "controlnet"
@@ -817,8 +824,8 @@ NORMAL, TIMESTEP, KEEP_MASK = "normal", "timestep", "keep_mask"
 class ExportInput:
     """One positional input of an exported component (the denoiser's come from :meth:`DenoiserFamily.export_inputs`):
     its name in graphs and engines, ``dims`` (fixed sizes and the axis names ``batch``, ``height``, ``width``,
-    ``text_len``, or a latent axis down-sampled: ``"height/4"``, :func:`slimdiff.export.shapes.downsampled`), ``dtype`` (:data:`MODEL_DTYPE` or a torch dtype name), and how parity checks draw it (``draw``;
-    ``high``: the bound of uniform draws and int64 token ids)."""
+    ``text_len``; a latent axis down-sampled: :func:`downsampled_axis`), ``dtype`` (:data:`MODEL_DTYPE` or a torch
+    dtype name), and how parity checks draw it (``draw``; ``high``: the bound of uniform draws and int64 token ids)."""
 
     name: str
     dims: tuple

@@ -10,7 +10,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..export.shapes import downsampled
 from .base import (
     CONTROLNET_RESIDUALS,
     FAMILIES,
@@ -21,6 +20,7 @@ from .base import (
     ExportInput,
     ServedTextEncoder,
     TextTower,
+    downsampled_axis,
 )
 
 
@@ -85,8 +85,8 @@ def controlnet_residual_inputs(config: Any) -> tuple[ExportInput, ...]:
             levels.append((width, 2 ** (i + 1)))
     levels.append((channels[-1], 2 ** (len(channels) - 1)))  # the mid block's
     names = [DOWN_RESIDUAL.format(i) for i in range(len(levels) - 1)] + [MID_RESIDUAL]
-    return tuple(ExportInput(name, ("batch", width, downsampled("height", f), downsampled("width", f)), MODEL_DTYPE)
-                 for name, (width, f) in zip(names, levels))
+    return tuple(ExportInput(name, ("batch", width, downsampled_axis("height", f), downsampled_axis("width", f)),
+                             MODEL_DTYPE) for name, (width, f) in zip(names, levels))
 
 
 @FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd"})
