@@ -804,8 +804,8 @@ class ConditionInput:
 
 def downsampled_axis(axis: str, factor: int) -> str:
     """An :class:`ExportInput` dim: the latent ``axis`` divided by ``factor`` (a UNet's feature map at level k:
-    ``factor`` 2^k; the axis itself for 1). Engines keep ``axis`` a multiple of ``factor``, so the size is exact; exporters and
-    engines read it with :func:`slimdiff.export.shapes.split_axis`."""
+    ``factor`` 2^k; the axis itself for 1). Engines keep ``axis`` a multiple of ``factor``, so the size is exact;
+    exporters and engines read it with :func:`slimdiff.export.shapes.split_axis`."""
     return axis if factor == 1 else f"{axis}/{factor}"
 
 
