@@ -27,6 +27,7 @@ from export_support import (
 from slimdiff.cli import export as cli
 from slimdiff.engines import build_engine
 from slimdiff.engines.build import build_denoiser_engine
+from slimdiff.engines.trt import optimization_profiles
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.modules import denoiser_component
 from slimdiff.export.shapes import tensor_shapes
@@ -209,6 +210,10 @@ def test_export_builds_a_verified_engine_with_residual_inputs(controlnet_export)
     sidecar = json.loads((folder / "unet.onnx.json").read_text())
     assert all(isinstance(d, str) for i in sidecar["inputs"][3:] for d in i["dims"][2:])
     assert len(sidecar["parity"]["shapes"]) == 2 and sidecar["parity"]["max_rel_error"] < 1e-4
+    # a TensorRT profile sizes them by their level: latent 8..16 (opt 16), batch 1..2, the mid block two levels down
+    profile = optimization_profiles(sidecar)[0]
+    assert profile["mid_block_additional_residual"] == ((1, 64, 2, 2), (2, 64, 4, 4), (2, 64, 4, 4))
+    assert profile["down_block_additional_residual_0"] == ((1, 32, 8, 8), (2, 32, 16, 16), (2, 32, 16, 16))
     # verified against PyTorch with random residuals, called as the pipeline calls it (the table's error column)
     row = json.loads((folder.parent / "export.json").read_text())["rows"][0]
     assert row["variant"] == "slim" and row["max_rel_error"] < 1e-4
