@@ -11,6 +11,7 @@ down, which ControlNet residuals have); :func:`axis_size` resolves any of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import SlimDiffError
@@ -174,7 +175,7 @@ def axis_size(dim, values: dict[str, int]) -> int:
     return values[axis] // factor
 
 
-def tensor_shapes(dims: list, values: dict[str, int]) -> tuple[int, ...]:
+def tensor_shapes(dims: Sequence, values: dict[str, int]) -> tuple[int, ...]:
     """A concrete shape: ``dims`` mixes fixed sizes and (down-sampled) axis names, ``values`` gives each axis' size."""
     return tuple(axis_size(d, values) for d in dims)
 
