@@ -10,6 +10,10 @@ called as its pipeline calls it and compared with the PyTorch denoiser on random
 size, parameters, max abs error, load time) ends the run. The text encoders and the VAE stay in PyTorch
 (``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x and SDXL so far).
 
+``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
+(``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; the ControlNet
+itself stays in PyTorch.
+
 PixArt engines serve one image size (``--height N --width N``, default the transformer's native size) and PixArt's
 token count (300 for Σ, 120 for α: the pipeline pads T5 prompts to it); their T5 padding mask is an input.
 
@@ -69,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", dest="fp16", action="store_true", default=None,
                            help="FP16 engine (default on GPU)")
     precision.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 engine (default on CPU)")
+    p.add_argument("--controlnet-inputs", action="store_true",
+                   help="UNet engines that also take ControlNet residuals (down_block_additional_residuals, "
+                        "mid_block_additional_residual), for StableDiffusion(XL)ControlNetPipeline; verified with "
+                        "random residuals")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset: 23 = native fused Attention/GroupNormalization (default), "
                         "18 = decomposed attention for TensorRT < 10.14 (chosen automatically there)")
@@ -241,7 +249,15 @@ class _SecondProcess:
         self._receive.close()
 
 
-def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
+def _export_options(args) -> tuple[str, ...]:
+    """The denoiser family's optional input groups the engines take (:attr:`DenoiserFamily.export_options`)."""
+    from ..families.base import CONTROLNET_RESIDUALS
+
+    return (CONTROLNET_RESIDUALS,) if args.controlnet_inputs else ()
+
+
+def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool, export_options: tuple[str, ...],
+            seed: int = 7) -> dict:
     """Load the engine via the runtime and compare it, called as its pipeline calls it, with the PyTorch denoiser
     on seeded random inputs."""
     import torch
@@ -250,7 +266,7 @@ def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool
     from ..export.modules import denoiser_component
     from ..runtime.unet import engine_class
 
-    component = denoiser_component(denoiser)
+    component = denoiser_component(denoiser, export_options)
     meta, _ = load_engine_meta(folder, component.name)
     engine = engine_class(meta).from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     inputs = component.random_inputs(values, torch.float32, seed=seed, device=device)
@@ -275,9 +291,11 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
     options = ({"opt_level": args.trt_opt_level, "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
                if kind == "trt" else {})
     meta, sidecar = build_denoiser_engine(denoiser, kind, folder, profiles=profiles, dtype=dtype, device=device,
-                                          multiple=multiple, opset=opset, variant=variant, plan=plan, options=options)
+                                          multiple=multiple, opset=opset, variant=variant, plan=plan, options=options,
+                                          export_options=_export_options(args))
     status(f"verifying the {variant} {kind} engine against PyTorch")
-    check = _verify(folder, denoiser, device, {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs)
+    check = _verify(folder, denoiser, device, {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs,
+                    _export_options(args))
     if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
         raise SlimDiffError(f"the {variant} {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
                             f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
@@ -329,6 +347,9 @@ def run(args) -> list[dict]:
         from ..engines.triton import check_mode
 
         check_mode(args.engine, args.triton_mode)
+        if args.controlnet_inputs:
+            raise SlimDiffError("--triton-repo serves pipelines without ControlNet: leave out --controlnet-inputs, or "
+                                "export the engines without --triton-repo")
     out = Path(args.out)
     tmp = atomic_output_dir(out, overwrite=args.force)
     repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force) if args.triton_repo else None
@@ -354,7 +375,8 @@ def run(args) -> list[dict]:
                                   vae_scale=vae_scale, multiple=multiple)
         check_static(profiles, family.static_axes, type(reference).__name__)
         # what the denoiser's graph can serve, before any slow work
-        component_axes(denoiser_component(reference), union(profiles), {"height": multiple, "width": multiple})
+        component_axes(denoiser_component(reference, _export_options(args)), union(profiles),
+                       {"height": multiple, "width": multiple})
         status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
         build = {"profiles": profiles, "kind": args.engine, "device": device, "dtype": dtype, "opset": opset,
                  "multiple": multiple}

@@ -57,9 +57,11 @@ def build_component_engine(component: Component, kind: str, folder: Path, *, pro
 
 def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[Profile], dtype: torch.dtype,
                           device: str, multiple: int, opset: int | None = None, variant: str | None = None, plan=None,
-                          options: dict | None = None) -> tuple[dict, dict | None]:
+                          options: dict | None = None,
+                          export_options: tuple[str, ...] = ()) -> tuple[dict, dict | None]:
     """Build the ``kind`` engine of ``denoiser`` (on ``device``) into the existing folder ``folder``, as
-    :func:`build_component_engine` does; ``variant`` defaults to slim/dense by ``plan``."""
+    :func:`build_component_engine` does; ``variant`` defaults to slim/dense by ``plan``. ``export_options``: the
+    family's optional input groups the engine takes too (ControlNet residuals), recorded in its metadata."""
     backend = get(kind)
     backend.require(device)
     source = denoiser if next(denoiser.parameters()).dtype == torch.float32 else copy.deepcopy(denoiser).float()
@@ -70,6 +72,8 @@ def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[P
              "unet_config": dict(denoiser.config),
              "parameters": sum(p.numel() for p in denoiser.parameters()),
              "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
-             "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()}}
-    return build_component_engine(denoiser_component(target), kind, folder, profiles=profiles, dtype=dtype,
-                                  device=device, multiple=multiple, opset=opset, extra=extra, options=options)
+             "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()},
+             "export_options": sorted(export_options)}
+    return build_component_engine(denoiser_component(target, export_options), kind, folder, profiles=profiles,
+                                  dtype=dtype, device=device, multiple=multiple, opset=opset, extra=extra,
+                                  options=options)

@@ -8,6 +8,7 @@ denoiser's inputs and its positional call come from its model family (:meth:`Den
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from ..families import (
     ExportInput,
     family_for,
 )
-from .shapes import AXES, Profile, Range
+from .shapes import AXES, Profile, Range, split_axis, tensor_shapes
 
 TEXT_ENCODER_OUTPUTS = (LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)
 
@@ -57,7 +58,7 @@ class Component:
         gen = torch.Generator().manual_seed(seed)
         out = []
         for spec in self.inputs:
-            shape = tuple(d if isinstance(d, int) else min(values[d], self.clip.get(d, 1 << 30)) for d in spec.dims)
+            shape = tensor_shapes(spec.dims, {a: min(v, self.clip.get(a, 1 << 30)) for a, v in values.items()})
             if spec.dtype == "int64" and spec.draw != KEEP_MASK:
                 t = torch.randint(0, int(spec.high), shape, generator=gen)
             elif spec.draw == TIMESTEP:
@@ -122,10 +123,11 @@ def count_attention(module: nn.Module) -> int:
     return sum(isinstance(m, (Attention, AttentionModuleMixin)) for m in module.modules())
 
 
-def denoiser_component(denoiser: nn.Module) -> Component:
+def denoiser_component(denoiser: nn.Module, export_options: Collection[str] = ()) -> Component:
     """The denoiser (a UNet or a DiT, dense or slim) as an exportable component, named after its pipeline attribute
-    (``unet``, ``transformer``): its inputs and call as its family declares them."""
-    family = family_for(denoiser)
+    (``unet``, ``transformer``): its inputs and call as its family declares them, with the family's optional input
+    groups ``export_options`` (:attr:`~slimdiff.families.DenoiserFamily.export_options`: ControlNet residuals)."""
+    family = family_for(denoiser).with_export_options(export_options)
     return Component(family.component, _Denoiser(denoiser, family).eval(),
                      inputs=list(family.export_inputs(denoiser.config)), output="out_sample",
                      attention_modules=count_attention(denoiser), limits=family.export_limits(denoiser.config))
@@ -173,7 +175,7 @@ def vae_decoder_component(vae) -> Component:
 
 def component_axes(component: Component, full: Profile, multiples: dict[str, int]) -> dict[str, dict]:
     """The axes ``component`` uses, clipped to what it accepts, with the multiple each must be."""
-    used = {d for spec in component.inputs for d in spec.dims if isinstance(d, str)}
+    used = {split_axis(d)[0] for spec in component.inputs for d in spec.dims if isinstance(d, str)}
     out = {}
     for axis in AXES:
         if axis not in used:
@@ -195,16 +197,24 @@ def component_axes(component: Component, full: Profile, multiples: dict[str, int
 def torch_dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
     from torch.export import Dim
 
-    dims = {}
-    for axis, r in axes.items():
-        if r["min"] == r["max"]:
-            dims[axis] = None  # static axis
-        elif r["multiple"] > 1:
-            m = r["multiple"]
-            dims[axis] = m * Dim(f"{axis}_{m}", min=r["min"] // m, max=r["max"] // m)
-        else:
-            dims[axis] = Dim(axis, min=r["min"], max=r["max"])
-    shapes = tuple({i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str) and dims[d] is not None}
+    # Each dynamic axis is one symbol times its multiple; a down-sampled axis ("height/4") is the same symbol times
+    # a smaller factor, so torch.export ties the sizes together (ControlNet residuals at a UNet's levels).
+    symbols = {axis: Dim(f"{axis}_{r['multiple']}" if r["multiple"] > 1 else axis, min=r["min"] // r["multiple"],
+                         max=r["max"] // r["multiple"])
+               for axis, r in axes.items() if r["min"] != r["max"]}  # the others are static
+
+    def dim(name: str):
+        axis, factor = split_axis(name)
+        if axis not in symbols:
+            return None
+        multiple = axes[axis]["multiple"]
+        if multiple % factor:
+            raise SlimDiffError(f"{component.name}: an input is down-sampled by {factor} along {axis}, which must "
+                                f"then be a multiple of {factor}, not of {multiple}")
+        scale = multiple // factor
+        return scale * symbols[axis] if scale > 1 else symbols[axis]
+
+    shapes = tuple({i: dim(d) for i, d in enumerate(spec.dims) if isinstance(d, str) and dim(d) is not None}
                    for spec in component.inputs)
     # torch.export matches these to forward's parameters: the denoiser's wrapper has one, ``*inputs``
     return (shapes,) if isinstance(component.module, _Denoiser) else shapes

@@ -3,11 +3,15 @@
 All spatial numbers here are in *latent* units (image pixels ÷ the VAE's scale factor). A profile is one
 box of (batch, latent height, latent width, text length); TensorRT gets one optimization profile per box,
 ONNX Runtime and AOTInductor get one dynamic range covering all of them (:func:`union`).
+
+A tensor's dims mix fixed sizes, axis names and down-sampled axes (``"height/4"``: a UNet's feature map two levels
+down, which ControlNet residuals have); :func:`axis_size` resolves any of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import SlimDiffError
@@ -156,9 +160,24 @@ def parse_profiles(batch: str, height: str, width: str, text_len: str, *, vae_sc
     return profiles
 
 
-def tensor_shapes(dims: list, values: dict[str, int]) -> tuple[int, ...]:
-    """A concrete shape: ``dims`` mixes fixed sizes and axis names, ``values`` gives each axis' size."""
-    return tuple(d if isinstance(d, int) else values[d] for d in dims)
+def split_axis(dim: str) -> tuple[str, int]:
+    """``(axis, factor)`` of a named dim: ``"height/4"`` -> ``("height", 4)``, ``"batch"`` -> ``("batch", 1)`` (the
+    families write down-sampled axes with :func:`slimdiff.families.base.downsampled_axis`)."""
+    axis, _, factor = dim.partition("/")
+    return axis, int(factor or 1)
+
+
+def axis_size(dim, values: dict[str, int]) -> int:
+    """The size of one dim (a fixed size, an axis name or a down-sampled axis) at axis sizes ``values``."""
+    if isinstance(dim, int):
+        return dim
+    axis, factor = split_axis(dim)
+    return values[axis] // factor
+
+
+def tensor_shapes(dims: Sequence, values: dict[str, int]) -> tuple[int, ...]:
+    """A concrete shape: ``dims`` mixes fixed sizes and (down-sampled) axis names, ``values`` gives each axis' size."""
+    return tuple(axis_size(d, values) for d in dims)
 
 
 def tensor_profile(dims: list, profile: Profile, clip: dict[str, int] | None = None) -> tuple[tuple[int, ...], ...]:

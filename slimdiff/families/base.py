@@ -23,9 +23,11 @@ package; only the stages that touch a real model do.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Generic, Iterator, NamedTuple, Sequence, TypeVar
 
@@ -814,6 +816,18 @@ class ConditionInput:
     high: float = 0.0
 
 
+def downsampled_axis(axis: str, factor: int) -> str:
+    """An :class:`ExportInput` dim: the latent ``axis`` divided by ``factor`` (a UNet's feature map at level k:
+    ``factor`` 2^k; the axis itself for 1). Engines keep ``axis`` a multiple of ``factor``, so the size is exact;
+    exporters and engines read it with :func:`slimdiff.export.shapes.split_axis`."""
+    return axis if factor == 1 else f"{axis}/{factor}"
+
+
+#: An export option (:attr:`DenoiserFamily.export_options`): a UNet that also takes ControlNet residuals, the
+#: ``down_block_additional_residuals`` and ``mid_block_additional_residual`` a ControlNet pipeline passes.
+CONTROLNET_RESIDUALS = "controlnet"
+
+
 # How parity checks draw an exported input: N(0, 1) (U[0, high) when ``high`` is set, token ids below it for int64);
 # a timestep in [0, 1000); a flow-matching sigma in [0, 1) (FLUX's transformer takes its timestep so); a key padding
 # mask (1 keep, 0 padding) that keeps each sample's first k tokens, k drawn below the token count (so some padding is
@@ -825,8 +839,8 @@ NORMAL, TIMESTEP, SIGMA, KEEP_MASK = "normal", "timestep", "sigma", "keep_mask"
 class ExportInput:
     """One positional input of an exported component (the denoiser's come from :meth:`DenoiserFamily.export_inputs`):
     its name in graphs and engines, ``dims`` (fixed sizes and the axis names ``batch``, ``height``, ``width``,
-    ``text_len``), ``dtype`` (:data:`MODEL_DTYPE` or a torch dtype name), and how parity checks draw it (``draw``;
-    ``high``: the bound of uniform draws and int64 token ids)."""
+    ``text_len``; a latent axis down-sampled: :func:`downsampled_axis`), ``dtype`` (:data:`MODEL_DTYPE` or a torch
+    dtype name), and how parity checks draw it (``draw``; ``high``: the bound of uniform draws and int64 token ids)."""
 
     name: str
     dims: tuple
@@ -908,6 +922,25 @@ class DenoiserFamily(ABC):
 
     #: Axes an exported denoiser keeps at one size (each engine is built for one value of them).
     static_axes: tuple[str, ...] = ()
+
+    #: Optional groups of inputs this family's engines can be built with beyond the pipeline's plain call
+    #: (:data:`CONTROLNET_RESIDUALS`), and the groups this instance exports (see :meth:`with_export_options`).
+    export_options: tuple[str, ...] = ()
+    exporting: frozenset[str] = frozenset()
+
+    def with_export_options(self, options: Collection[str]) -> DenoiserFamily:
+        """This family exporting the optional input groups ``options`` too (a copy: the registered adapter stays as
+        it is): its :meth:`export_inputs` and :meth:`export_call` then take them. One line for a group the family
+        has not."""
+        unknown = sorted(set(options) - set(self.export_options))
+        if unknown:
+            raise SlimDiffError(f"{self.name} denoisers cannot be exported with {', '.join(unknown)} inputs "
+                                f"(this family offers {', '.join(self.export_options) or 'none'})")
+        if not options:
+            return self
+        variant = copy.copy(self)
+        variant.exporting = frozenset(options)
+        return variant
 
     def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
         """The denoiser's exported inputs, in the order :meth:`export_call` takes them."""

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import SlimDiffError
 from .base import (
+    CONTROLNET_RESIDUALS,
     FAMILIES,
     LAST_HIDDEN_STATE,
     MODEL_DTYPE,
@@ -19,6 +20,7 @@ from .base import (
     ExportInput,
     ServedTextEncoder,
     TextTower,
+    downsampled_axis,
 )
 
 
@@ -55,11 +57,44 @@ def sampling_loop(pipe: Any, denoiser: nn.Module, config: Any,
     return run
 
 
+#: Names of the ControlNet residual inputs of an engine built with :data:`CONTROLNET_RESIDUALS`: one per skip
+#: connection (``down_block_additional_residual_0`` ...), then the mid block's.
+DOWN_RESIDUAL = "down_block_additional_residual_{}"
+MID_RESIDUAL = "mid_block_additional_residual"
+#: The down blocks whose skip connections diffusers' ControlNet mirrors: one per resnet, one per down-sampler.
+_CONTROLNET_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+def controlnet_residual_inputs(config: Any) -> tuple[ExportInput, ...]:
+    """The residuals a ControlNet adds to a UNet of ``config``, as exported inputs: one per skip connection the UNet
+    keeps for its up blocks — ``conv_in``'s output, then every resnet's and every down-sampler's output of each down
+    block (``block_out_channels[i]`` channels at level i, latent size / 2^i; a down-sampler's output is already one
+    level down) — and one for the mid block's output (the last level). What diffusers' ``UNet2DConditionModel``
+    sums ``down_block_additional_residuals`` and ``mid_block_additional_residual`` into."""
+    others = sorted(set(config["down_block_types"]) - set(_CONTROLNET_DOWN_BLOCKS))
+    if others:
+        raise SlimDiffError(f"UNets with {', '.join(others)} down blocks cannot be exported with ControlNet residual "
+                            f"inputs yet (only {' and '.join(_CONTROLNET_DOWN_BLOCKS)})")
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    levels = [(channels[0], 1)]  # conv_in's output
+    for i, width in enumerate(channels):
+        levels += [(width, 2 ** i)] * layers[i]
+        if i < len(channels) - 1:  # every down block but the last ends with a down-sampler
+            levels.append((width, 2 ** (i + 1)))
+    levels.append((channels[-1], 2 ** (len(channels) - 1)))  # the mid block's
+    names = [DOWN_RESIDUAL.format(i) for i in range(len(levels) - 1)] + [MID_RESIDUAL]
+    return tuple(ExportInput(name, ("batch", width, downsampled_axis("height", f), downsampled_axis("width", f)),
+                             MODEL_DTYPE) for name, (width, f) in zip(names, levels))
+
+
 @FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd"})
 class StableDiffusionFamily(DenoiserFamily):
     """``unet(sample, timestep, encoder_hidden_states)``; one CLIP text tower; the pipeline's own sampler."""
 
     name = "sd"
+    export_options = (CONTROLNET_RESIDUALS,)
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)
@@ -95,13 +130,20 @@ class StableDiffusionFamily(DenoiserFamily):
             ExportInput("timestep", ("batch",), "float32", draw=TIMESTEP),
             ExportInput("encoder_hidden_states", ("batch", "text_len", config["cross_attention_dim"]), MODEL_DTYPE),
             *(ExportInput(c.name, c.dims, c.dtype, high=c.high) for c in self.condition_inputs(config)),
+            *(controlnet_residual_inputs(config) if CONTROLNET_RESIDUALS in self.exporting else ()),
         )
 
     def export_call(self, unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
-                    encoder_hidden_states: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
-        added = {c.name: t for c, t in zip(self.condition_inputs(unet.config), conditions)}
+                    encoder_hidden_states: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        condition_inputs = self.condition_inputs(unet.config)
+        conditions, residuals = extra[:len(condition_inputs)], extra[len(condition_inputs):]
+        added = {c.name: t for c, t in zip(condition_inputs, conditions)}
+        controlnet = {}
+        if CONTROLNET_RESIDUALS in self.exporting:
+            *down, mid = residuals
+            controlnet = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
         return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None,
-                    return_dict=False)[0]
+                    return_dict=False, **controlnet)[0]
 
     def latent_multiple(self, config: Any) -> int:
         # every down-sampling level halves the latent, and the skip connections need it to divide evenly

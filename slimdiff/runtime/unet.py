@@ -13,9 +13,15 @@ one per thread — each has its own session / execution context, stream and buff
 
 SDXL engines take the pipeline's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) as two more inputs.
 
-Not supported by UNet engines (a clear error, never a silent wrong result): ControlNet residuals, attention
-masks, ``cross_attention_kwargs`` (LoRA scale), class labels, timestep conditioning and added conditions the
-engine was not exported with (IP-Adapter image embeddings).
+**ControlNet.** An engine built with ControlNet residual inputs (``slimdiff-export --controlnet-inputs``) takes the
+``down_block_additional_residuals`` and ``mid_block_additional_residual`` a ControlNet pipeline passes, after the
+inputs above; called without them (a plain pipeline) it gets zeros, which the UNet adds to nothing. The ControlNet
+itself stays in PyTorch. An engine built without them refuses residuals in one line.
+
+Not supported by UNet engines (a clear error, never a silent wrong result): ControlNet residuals on an engine built
+without them, T2I-Adapter residuals (``down_intrablock_additional_residuals``), attention masks,
+``cross_attention_kwargs`` (LoRA scale), class labels, timestep conditioning and added conditions the engine was
+not exported with (IP-Adapter image embeddings).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import torch
 
 from ..engines import engine_meta_path, load_engine_meta
 from ..errors import SlimDiffError
+from ..export.shapes import tensor_shapes
+from ..families.base import CONTROLNET_RESIDUALS
+from ..families.sd import DOWN_RESIDUAL
 from .denoiser import EngineDenoiser, engine_family
 from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
@@ -52,20 +61,28 @@ class EngineUNet(EngineDenoiser):
                 down_intrablock_additional_residuals=None, encoder_attention_mask=None, return_dict: bool = True):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        conditions = self.meta["inputs"][3:]  # what the engine was exported with beyond the SD call
+        conditions, residuals = self._condition_specs, self._residual_specs
         added = dict(added_cond_kwargs or {})
+        controlnet = {"down_block_additional_residuals": down_block_additional_residuals,
+                      "mid_block_additional_residual": mid_block_additional_residual}
+        passed = [k for k, v in controlnet.items() if v is not None]
+        if passed and not residuals:
+            raise SlimDiffError(f"this UNet engine ({self.folder}) was built without ControlNet residual inputs, so it "
+                                f"cannot take {' and '.join(passed)}: rebuild it with slimdiff-export "
+                                "--controlnet-inputs, or keep the PyTorch UNet")
+        if len(passed) == 1:
+            raise SlimDiffError(f"got {passed[0]} alone: a ControlNet passes down_block_additional_residuals and "
+                                "mid_block_additional_residual together (T2I-Adapter residuals need the PyTorch UNet)")
         extras = {"class_labels": class_labels, "timestep_cond": timestep_cond, "attention_mask": attention_mask,
                   "cross_attention_kwargs": cross_attention_kwargs or None,
                   "added_cond_kwargs": {k: v for k, v in added.items() if k not in {c["name"] for c in conditions}}
                   or None,
-                  "down_block_additional_residuals": down_block_additional_residuals,
-                  "mid_block_additional_residual": mid_block_additional_residual,
                   "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
                   "encoder_attention_mask": encoder_attention_mask}
         unsupported = [k for k, v in extras.items() if v is not None]
         if unsupported:
-            raise SlimDiffError(f"engine UNets do not support {', '.join(unsupported)} (ControlNet, masks, LoRA "
-                                "scales and extra conditions need the PyTorch UNet)")
+            raise SlimDiffError(f"engine UNets do not support {', '.join(unsupported)} (masks, LoRA scales, "
+                                "T2I-Adapters and extra conditions need the PyTorch UNet)")
         if sample.ndim != 4 or encoder_hidden_states.ndim != 3:
             raise SlimDiffError(f"expected sample (B,C,H,W) and encoder_hidden_states (B,T,D), got "
                                 f"{tuple(sample.shape)} and {tuple(encoder_hidden_states.shape)}")
@@ -77,17 +94,57 @@ class EngineUNet(EngineDenoiser):
         self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
         inputs = [sample.to(self.device, self.dtype).contiguous(), self.timesteps(timestep, batch),
                   encoder_hidden_states.to(self.device, self.dtype).contiguous(),
-                  *self.conditions(added, 3, batch)]
+                  *(self._condition(spec, added.get(spec["name"]), batch) for spec in conditions),
+                  *self._residuals(down_block_additional_residuals, mid_block_additional_residual,
+                                   {"batch": batch, "height": height, "width": width})]
         out = self.run(inputs, (batch, self.out_channels, height, width))
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
+    @property
+    def takes_controlnet_residuals(self) -> bool:
+        """Whether the engine was built with ControlNet residual inputs (``slimdiff-export --controlnet-inputs``)."""
+        return CONTROLNET_RESIDUALS in self.meta.get("export_options", ())
+
+    @property
+    def _residual_specs(self) -> list[dict]:
+        """The engine's ControlNet residual inputs (the down blocks' in order, then the mid block's): its last ones."""
+        if not self.takes_controlnet_residuals:
+            return []
+        names = [spec["name"] for spec in self.meta["inputs"]]
+        return self.meta["inputs"][names.index(DOWN_RESIDUAL.format(0)):]
+
+    @property
+    def _condition_specs(self) -> list[dict]:
+        """What the engine was exported with beyond the SD call and the ControlNet residuals (SDXL's conditions)."""
+        return self.meta["inputs"][3:len(self.meta["inputs"]) - len(self._residual_specs)]
+
+    def _residuals(self, down, mid, values: dict[str, int]) -> list[torch.Tensor]:
+        """The residual inputs of the call: ``down`` and ``mid`` checked against the engine's, or zeros (no
+        ControlNet: adding zeros leaves the UNet's output as it is)."""
+        specs = self._residual_specs
+        shapes = [tensor_shapes(spec["dims"], values) for spec in specs]
+        if down is None:
+            return [torch.zeros(shape, device=self.device, dtype=self.dtype) for shape in shapes]
+        given = [*down, mid]
+        if [tuple(t.shape) for t in given] != shapes:
+            raise SlimDiffError(f"ControlNet residuals of shapes {[tuple(t.shape) for t in down]} (down) and "
+                                f"{tuple(mid.shape)} (mid) do not fit this UNet at a latent of {values['height']}x"
+                                f"{values['width']}: it takes {shapes[:-1]} and {shapes[-1]} (a ControlNet made from "
+                                "this UNet's architecture gives them)")
+        return [t.to(self.device, self.dtype).contiguous() for t in given]
+
     def call_exported(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """The pipeline's call on the exported inputs (``denoiser_component(...).random_inputs``), as
         ``slimdiff-export`` verifies an engine."""
-        added = {spec["name"]: t for spec, t in zip(self.meta["inputs"][3:], inputs[3:])}
+        conditions, residuals = self._condition_specs, self._residual_specs
+        added = {spec["name"]: t for spec, t in zip(conditions, inputs[3:])}
+        controlnet = {}
+        if residuals:
+            *down, mid = inputs[len(inputs) - len(residuals):]
+            controlnet = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
         return self(inputs[0], inputs[1], encoder_hidden_states=inputs[2], added_cond_kwargs=added or None,
-                    return_dict=False)[0]
+                    return_dict=False, **controlnet)[0]
 
 
 def _describe_signature(signature) -> str:
@@ -105,7 +162,8 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
         expected = pipe_denoiser.meta.get("signature")
         kind = pipe_denoiser.component
     else:
-        component = denoiser_component(pipe_denoiser)
+        # an engine with optional inputs (ControlNet residuals) is compared with the denoiser taking them too
+        component = denoiser_component(pipe_denoiser, meta.get("export_options", ()))
         expected, kind = input_signature(component), component.name
     what = "UNet" if kind == "unet" else kind
     found = meta.get("signature")
