@@ -420,22 +420,22 @@ class StoredTensors(Mapping[str, torch.Tensor]):
     """The tensors of a statistics directory, read from its files on access and never all at once: an FFN
     moment of FLUX.1 is 1.2 GB, its statistics 105 GB, and slimming needs one site's at a time. Each key is
     ``<prefix><name in its file>`` of one file (pass 1's under ``pass1.``); a key stored by several site shards
-    (the shared text moment) is read from the first."""
+    (the shared text moment) is read from the first. A file is opened for each read and closed after it: its
+    memory map would otherwise keep every page read so far in the process's resident memory."""
 
     def __init__(self, files: Sequence[tuple[Path, str]]):
-        self._handles = []
-        self._where: dict[str, tuple[int, str]] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
         for path, prefix in files:
-            handle = safe_open(str(path), "pt")
-            self._handles.append(handle)
-            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                self._where.setdefault(prefix + name, (len(self._handles) - 1, name))
+            with safe_open(str(path), "pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    self._where.setdefault(prefix + name, (path, name))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._where:
             raise KeyError(key)
-        handle, name = self._where[key]
-        return self._handles[handle].get_tensor(name)
+        path, name = self._where[key]
+        with safe_open(str(path), "pt") as handle:
+            return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
