@@ -138,6 +138,12 @@ def test_served_text_encoders_give_the_pipelines_embeddings(dit_repository):
     torch.testing.assert_close(got[0], embeds, rtol=0, atol=1e-4)
 
 
+def _own_lines(err: str) -> list[str]:
+    """The command's stderr lines, less transformers' import-time notes (printed once per process, by whichever test
+    imports its image processors first)."""
+    return [line for line in err.strip().splitlines() if not line.startswith("[transformers]")]
+
+
 def test_flux_and_unserved_engines_are_refused_in_one_line(tmp_path, capsys):
     from slimdiff.cli import export as cli
     from slimdiff.engines.triton import check_pipeline
@@ -146,10 +152,16 @@ def test_flux_and_unserved_engines_are_refused_in_one_line(tmp_path, capsys):
     out, repo = tmp_path / "engines", tmp_path / "repo"
     rc = cli.main(["--model", "builtin:tiny-flux", "--engine", "ort", "--out", str(out), "--triton-repo", str(repo),
                    "--triton-mode", "python"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _own_lines(capsys.readouterr().err)
     assert rc != 0 and len(err) == 1
     assert err[0].endswith("--triton-repo serves PixArtSigmaPipeline, StableDiffusion3Pipeline, "
                            "StableDiffusionPipeline, StableDiffusionXLPipeline so far, not FluxPipeline")
+    assert not out.exists() and not repo.exists()
+    # engines that cannot take the served pipeline's text length: refused before any work
+    rc = cli.main(["--model", "builtin:tiny-pixart", "--engine", "ort", "--out", str(out), "--triton-repo", str(repo),
+                   "--triton-mode", "python", "--text-len", "77"])
+    err = _own_lines(capsys.readouterr().err)
+    assert rc != 0 and len(err) == 1 and "leaves out the 300 text tokens the served PixArtSigmaPipeline" in err[0]
     assert not out.exists() and not repo.exists()
     # slimdiff's own TensorRT runner binds one output: SD3's CLIP encoders have two
     with pytest.raises(SlimDiffError, match=r"text_encoder, text_encoder_2 returns several outputs.*--triton-mode "

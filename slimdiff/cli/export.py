@@ -8,7 +8,7 @@ the compressible parameters) and builds the slim engine; ``--slim-only`` skips t
 (``slimdiff slim`` output) it builds the slim engine only. Each engine is then loaded through :mod:`slimdiff.runtime`,
 called as its pipeline calls it and compared with the PyTorch denoiser on random inputs; a table (engine, file,
 size, parameters, max abs error, load time) ends the run. The text encoders and the VAE stay in PyTorch
-(``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x and SDXL so far).
+(``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x, SDXL, PixArt-Σ, SD3).
 
 ``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
 (``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; the ControlNet
@@ -25,7 +25,7 @@ Output layout (written to a temporary sibling and renamed into place only when e
     OUT/{dense,slim}/unet.onnx[.data]        ONNX export (trt / ort) + unet.onnx.json sidecar (transformer.* for
                                              PixArt)
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
-    OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim UNet
+    OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim denoiser
     OUT/text_encoder_2/                      (SDXL: its second text encoder too)
 
 ``--triton-repo DIR`` also writes a Triton Inference Server model repository (see :mod:`slimdiff.engines.triton`).
@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_arguments(slim)
     triton = p.add_argument_group("Triton Inference Server")
     triton.add_argument("--triton-repo", default=None, metavar="DIR",
-                        help="also write a Triton model repository to DIR: the slim UNet, text encoder(s) and VAE "
-                             "decoder engines and a python-backend pipeline model (prompt in, image out); serves "
-                             "StableDiffusionPipeline (SD-1.x/2.x) and StableDiffusionXLPipeline so far")
+                        help="also write a Triton model repository to DIR: the slim denoiser, text encoder(s) and "
+                             "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
+                             "SD-1.x/2.x, SDXL, PixArt-Σ and SD3 pipelines so far")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")
@@ -331,7 +331,7 @@ def run(args) -> list[dict]:
     from ..serialization import atomic_output_dir, commit_output_dir
     from ..export.onnx import OPSETS
     from ..export.modules import component_axes, denoiser_component
-    from ..export.shapes import check_static, default_flags, latent_multiple, parse_profiles, union
+    from ..export.shapes import Range, check_static, default_flags, latent_multiple, parse_profiles, union
     from ..families import family_for
 
     start = time.perf_counter()
@@ -374,6 +374,15 @@ def run(args) -> list[dict]:
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
                                   vae_scale=vae_scale, multiple=multiple)
         check_static(profiles, family.static_axes, type(reference).__name__)
+        if repo_tmp is not None:
+            # the served pipeline calls the denoiser with the text length it makes (the default's OPT: CLIP's 77, or
+            # the T5 length PixArt-Σ and SD3 pad every prompt to): engines without it would refuse every request
+            served = Range.parse(family.default_text_len(pipe), "text length").opt
+            narrow = [str(p.text_len) for p in profiles if served not in p.text_len]
+            if narrow:
+                raise SlimDiffError(f"--text-len {narrow[0]} leaves out the {served} text tokens the served "
+                                    f"{type(pipe).__name__} passes its {family.component}: include {served}, or "
+                                    "leave --text-len out")
         # what the denoiser's graph can serve, before any slow work
         component_axes(denoiser_component(reference, _export_options(args)), union(profiles),
                        {"height": multiple, "width": multiple})
