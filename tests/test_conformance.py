@@ -181,7 +181,7 @@ class FamilyConformance:
             new_lin = site_linears(rebuilt, site)
             roles = {FFN: ("proj", "down"), QK: ("q", "k"), VO: ("v", "out")}[site.kind]
             new = {role: as64(getattr(new_lin, role).weight) for role in roles}
-            inputs = analyses[site.name].inputs
+            inputs = analyses[site.name].read_inputs()
             if site.kind == FFN:
                 moment = regularise(inputs["moment"], config.ridge_ffn)
                 content = new["proj"][:rank] if lin.gated else new["proj"]

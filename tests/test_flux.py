@@ -607,7 +607,7 @@ def test_closed_form_errors_of_the_single_stream_sites_equal_the_measured_ones(f
         resize_site(rebuilt, site, rank)
         load_slim_weights(rebuilt, result.tensors)
         lin, new = site_linears(dense, site), site_linears(rebuilt, site)
-        inputs = analyses[site.name].inputs
+        inputs = analyses[site.name].read_inputs()
         if site.kind == VO:
             v, o = as64(lin.v.weight), as64(lin.out.weight)
             args = (inputs["sigma_v"], site.heads)
