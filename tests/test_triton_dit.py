@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from serving_support import PROMPTS, SIZE, STEPS, served_images_match
 
 from slimdiff.errors import SlimDiffError
 
@@ -17,8 +18,6 @@ pytest.importorskip("tritonclient.grpc")
 
 # The smallest engines that run the loop: latent 8² (16 px at the tiny VAEs' scale 2), the transformer at batch 2
 # (guidance), the text encoders and the VAE decoder at 1; two steps.
-SIZE, STEPS = 16, 2
-PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
 # diffusers' default max_sequence_length of each pipeline's call: the T5 prompt length the served pipeline pads to
 T5_TOKENS = {"tiny-pixart": 300, "tiny-sd3": 256}
 
@@ -191,29 +190,12 @@ def test_served_pipeline_gives_the_in_process_image(served_dit):
 
     from slimdiff.engines.triton import request_image
     from slimdiff.runtime import use_engine
-    from slimdiff.runtime.triton_models import (
-        generate,
-        local_runners,
-        repository_pipeline,
-    )
+    from slimdiff.runtime.triton_models import generate
 
     _, root, pipe, urls = served_dit
     client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
-    in_process = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
     use_engine(pipe, root / "transformer")  # diffusers' own pipeline: PyTorch text encoders and VAE, the engine
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for prompt, seed in PROMPTS:
-        served = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE)
-        assert served.shape == (SIZE, SIZE, 3) and served.dtype == np.uint8
-        # Same engines, same diffusers loop, run in this process: the very same image.
-        assert np.array_equal(served, generate(in_process, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE))
-        # The diffusers pipeline with its PyTorch text encoders and VAE: equal up to float rounding.
-        reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE)
-        assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1
-        assert served.std() > 1  # an image with content, not a flat fill
-        images.append(served)
-    assert not np.array_equal(*images)
+    images = served_images_match(client, root / "repo", pipe)
     # A negative prompt reaches the served encoders too (PixArt: its own padding mask).
     prompt, seed = PROMPTS[0]
     negative = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE, negative_prompt="blurry")

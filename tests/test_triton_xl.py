@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from serving_support import PROMPTS, SIZE, served_images_match
 
 from slimdiff.errors import SlimDiffError
 
@@ -15,8 +16,6 @@ pytest.importorskip("tritonclient.grpc")
 
 # The smallest engines that run the loop: latent 8² (16 px at tiny-xl's VAE scale 2), 77 tokens, one image — the
 # UNet at batch 2 (guidance), the text encoders and the VAE decoder at 1 — and two steps.
-SIZE, STEPS = 16, 2
-PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
 
 
 @pytest.fixture(scope="module")
@@ -145,27 +144,12 @@ def served_xl(xl_repository, tmp_path_factory):
 def test_served_xl_pipeline_gives_the_in_process_image(served_xl):
     import tritonclient.http as httpclient
 
-    from slimdiff.engines.triton import request_image
     from slimdiff.runtime import use_engine
-    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
 
     root, pipe, urls = served_xl
     client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
-    in_process = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
     use_engine(pipe, root / "unet")  # diffusers' own SDXL pipeline: PyTorch text encoders and VAE, the UNet engine
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for prompt, seed in PROMPTS:
-        served = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE)
-        assert served.shape == (SIZE, SIZE, 3) and served.dtype == np.uint8
-        # Same engines, same diffusers loop, run in this process: the very same image.
-        assert np.array_equal(served, generate(in_process, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE))
-        # The diffusers pipeline with its PyTorch text encoders and VAE: equal up to float rounding.
-        reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE)
-        assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1
-        assert served.std() > 1  # an image with content, not a flat fill
-        images.append(served)
-    assert not np.array_equal(*images)
+    images = served_images_match(client, root / "repo", pipe)
     # The second encoder's two outputs over HTTP, as the pipeline model reads them through BLS.
     ids = pipe.tokenizer_2(PROMPTS[0][0], padding="max_length", max_length=77, return_tensors="np").input_ids
     tensor = httpclient.InferInput("input_ids", list(ids.shape), "INT64")

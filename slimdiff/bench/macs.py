@@ -128,7 +128,9 @@ def meta_unet(source: nn.Module | dict, plan: RankPlan | None = None):
 
 
 def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int | None = None) -> MacCount:
-    """Count one call of ``unet`` (any device; meta is fastest) on ``batch`` latents of ``latent`` = (h, w)
+    """Count one call of ``unet`` (any device; meta is fastest, and counts a slim model's own arithmetic: on the CPU
+    a slim attention's heads run zero-padded to one width, :func:`~slimdiff.families.blocks.slim_attention`) on
+    ``batch`` latents of ``latent`` = (h, w)
     (default: the size its pipeline samples at, :meth:`~slimdiff.families.DenoiserFamily.sample_size`) and
     ``text_tokens`` (default: its family's text length)."""
     if latent is None:
