@@ -1,9 +1,10 @@
 """The Triton model repositories of the DiT pipelines: PixArt-Σ (builtin:tiny-pixart: one T5 text encoder taking the
-tokenizer's padding mask) and SD3 (builtin:tiny-sd3: two CLIP encoders with pooled outputs and a T5), each with its
-transformer engine and VAE decoder and the ``pipeline`` model running the diffusers pipeline through BLS —
-configurations read back through Triton's own protobuf schema, encoders checked against what the pipeline computes in
-PyTorch, and each repository served by the real ``tritonserver`` bundled in nvidia-pytriton (python backend, CPU,
-loopback, free ports; one server at a time). FLUX is refused in one line."""
+tokenizer's padding mask), SD3 (builtin:tiny-sd3: two CLIP encoders with pooled outputs and a T5) and FLUX
+(builtin:tiny-flux: CLIP-L's pooled output and a T5; the transformer engine takes the unpacked latent and the embedded
+guidance), each with its transformer engine and VAE decoder and the ``pipeline`` model running the diffusers pipeline
+through BLS — configurations read back through Triton's own protobuf schema, encoders checked against what the
+pipeline computes in PyTorch, and each repository served by the real ``tritonserver`` bundled in nvidia-pytriton
+(python backend, CPU, loopback, free ports; one server at a time). Unserved pipelines are refused in one line."""
 
 import json
 
@@ -16,13 +17,14 @@ from slimdiff.errors import SlimDiffError
 
 pytest.importorskip("tritonclient.grpc")
 
-# The smallest engines that run the loop: latent 8² (16 px at the tiny VAEs' scale 2), the transformer at batch 2
-# (guidance), the text encoders and the VAE decoder at 1; two steps.
+# The smallest engines that run the loop: latent 8² (16 px at the tiny VAEs' scale 2), the transformer at the rows
+# one image takes (2 with classifier-free guidance; FLUX's embedded guidance: 1), the text encoders and the VAE
+# decoder at 1; two steps.
 # diffusers' default max_sequence_length of each pipeline's call: the T5 prompt length the served pipeline pads to
-T5_TOKENS = {"tiny-pixart": 300, "tiny-sd3": 256}
+T5_TOKENS = {"tiny-pixart": 300, "tiny-sd3": 256, "tiny-flux": 512}
 
 
-@pytest.fixture(scope="module", params=["tiny-pixart", "tiny-sd3"])
+@pytest.fixture(scope="module", params=["tiny-pixart", "tiny-sd3", "tiny-flux"])
 def dit_repository(request, tmp_path_factory):
     """``(name, root, pipe)``: ONNX Runtime engines of builtin:<name>'s transformer (``root/transformer``), text
     encoders and VAE decoder, and the python-mode repository ``root/repo`` written from them by the calls
@@ -46,7 +48,7 @@ def dit_repository(request, tmp_path_factory):
                 "dtype": torch.float32, "device": "cpu", "multiple": multiple}
 
     (root / "transformer").mkdir()
-    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build("2"))
+    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build(str(family.guided_rows_per_image)))
     folders = build_serving_engines(pipe, root, "ort", **build("1"))
     write_repository(root / "repo", pipe, root / "transformer", folders, "python", pipeline_instances=1)
     return name, root, pipe
@@ -70,6 +72,7 @@ def test_repository_models_take_and_return_what_the_pipeline_reads(dit_repositor
     config = pipe.transformer.config
     spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
     assert spec["denoiser"] == "transformer"
+    out_channels = config.out_channels
     if name == "tiny-pixart":
         assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "transformer", "vae_decoder"]
         assert spec["pipeline_class"] == "PixArtSigmaPipeline" and spec["options"] == {}
@@ -83,6 +86,25 @@ def test_repository_models_take_and_return_what_the_pipeline_reads(dit_repositor
             "hidden_states": (fp32, [config.in_channels, latent, latent]), "timestep": (fp32, [1]),
             "encoder_hidden_states": (fp32, [t5_tokens, config.caption_channels]),
             "encoder_attention_mask": (fp32, [t5_tokens])}
+    elif name == "tiny-flux":
+        assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2", "transformer",
+                                                          "vae_decoder"]
+        assert spec["pipeline_class"] == "FluxPipeline" and spec["options"] == {}
+        clip_tokens = pipe.tokenizer_max_length
+        # CLIP-L: its pooler_output alone (the pooled projections); the T5: [0] over max_sequence_length tokens
+        assert _tensors(repo, "text_encoder", "input") == {"input_ids": (int64, [clip_tokens])}
+        assert _tensors(repo, "text_encoder", "output") == {
+            "pooler_output": (fp32, [pipe.text_encoder.config.hidden_size])}
+        assert _tensors(repo, "text_encoder_2", "input") == {"input_ids": (int64, [t5_tokens])}
+        assert _tensors(repo, "text_encoder_2", "output") == {
+            "last_hidden_state": (fp32, [t5_tokens, pipe.text_encoder_2.config.d_model])}
+        # the unpacked latent (the engine packs it and builds the positions itself) and the embedded guidance
+        channels = config.in_channels // 4
+        assert _tensors(repo, "transformer", "input") == {
+            "hidden_states": (fp32, [channels, latent, latent]), "timestep": (fp32, [1]),
+            "encoder_hidden_states": (fp32, [t5_tokens, config.joint_attention_dim]),
+            "pooled_projections": (fp32, [config.pooled_projection_dim]), "guidance": (fp32, [1])}
+        out_channels = channels
     else:
         assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2",
                                                           "text_encoder_3", "transformer", "vae_decoder"]
@@ -102,8 +124,9 @@ def test_repository_models_take_and_return_what_the_pipeline_reads(dit_repositor
             "hidden_states": (fp32, [config.in_channels, latent, latent]), "timestep": (fp32, [1]),
             "encoder_hidden_states": (fp32, [clip_tokens + t5_tokens, config.joint_attention_dim]),
             "pooled_projections": (fp32, [config.pooled_projection_dim])}
-    assert _tensors(repo, "transformer", "output") == {"out_sample": (fp32, [config.out_channels, latent, latent])}
-    # the VAE decoder decodes; the pipelines scale (and SD3's shift) the latents themselves, from the VAE config
+    assert _tensors(repo, "transformer", "output") == {"out_sample": (fp32, [out_channels, latent, latent])}
+    # the VAE decoder decodes; the pipelines scale (and SD3's and FLUX's shift) the latents themselves, from the VAE
+    # config
     channels = pipe.vae.config.latent_channels
     assert _tensors(repo, "vae_decoder", "input") == {"latent_sample": (fp32, [channels, latent, latent])}
     assert _tensors(repo, "vae_decoder", "output") == {"sample": (fp32, [3, SIZE, SIZE])}
@@ -128,6 +151,12 @@ def test_served_text_encoders_give_the_pipelines_embeddings(dit_repository):
             assert 0 < mask.sum() < mask.numel()  # the prompt is padded: the mask matters
             torch.testing.assert_close(got[1], mask, rtol=0, atol=0)
             torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-4)  # the negative prompt's
+        elif name == "tiny-flux":
+            options = {"prompt_2": None, "device": "cpu"}
+            expected, got = pipe.encode_prompt(prompt, **options), served.encode_prompt(prompt, **options)
+            embeds = expected[0]
+            torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-4)  # CLIP-L's pooled output
+            torch.testing.assert_close(got[2], expected[2], rtol=0, atol=0)  # the text positions (zeros)
         else:
             options = {"prompt_2": None, "prompt_3": None, "device": "cpu", "do_classifier_free_guidance": False}
             expected, got = pipe.encode_prompt(prompt, **options), served.encode_prompt(prompt, **options)
@@ -143,25 +172,27 @@ def _own_lines(err: str) -> list[str]:
     return [line for line in err.strip().splitlines() if not line.startswith("[transformers]")]
 
 
-def test_flux_and_unserved_engines_are_refused_in_one_line(tmp_path, capsys):
+def test_unserved_pipelines_and_engines_are_refused_in_one_line(tmp_path, capsys):
+    from diffusers import PixArtAlphaPipeline
+
     from slimdiff.cli import export as cli
     from slimdiff.engines.triton import check_pipeline
     from slimdiff.models import build_builtin
 
-    out, repo = tmp_path / "engines", tmp_path / "repo"
-    rc = cli.main(["--model", "builtin:tiny-flux", "--engine", "ort", "--out", str(out), "--triton-repo", str(repo),
-                   "--triton-mode", "python"])
-    err = _own_lines(capsys.readouterr().err)
-    assert rc != 0 and len(err) == 1
-    assert err[0].endswith("--triton-repo serves PixArtSigmaPipeline, StableDiffusion3Pipeline, "
-                           "StableDiffusionPipeline, StableDiffusionXLPipeline so far, not FluxPipeline")
-    assert not out.exists() and not repo.exists()
+    # PixArt-α's pipeline (its own class: 120 tokens, aspect-ratio conditions) is not served
+    alpha = PixArtAlphaPipeline(**build_builtin("builtin:tiny-pixart").components)
+    with pytest.raises(SlimDiffError, match=r"--triton-repo serves FluxPipeline, PixArtSigmaPipeline, "
+                                            r"StableDiffusion3Pipeline, StableDiffusionPipeline, "
+                                            r"StableDiffusionXLPipeline so far, not PixArtAlphaPipeline$"):
+        check_pipeline(alpha)
     # engines that cannot take the served pipeline's text length: refused before any work
-    rc = cli.main(["--model", "builtin:tiny-pixart", "--engine", "ort", "--out", str(out), "--triton-repo", str(repo),
-                   "--triton-mode", "python", "--text-len", "77"])
-    err = _own_lines(capsys.readouterr().err)
-    assert rc != 0 and len(err) == 1 and "leaves out the 300 text tokens the served PixArtSigmaPipeline" in err[0]
-    assert not out.exists() and not repo.exists()
+    out, repo = tmp_path / "engines", tmp_path / "repo"
+    for model, tokens, served in (("tiny-pixart", 300, "PixArtSigmaPipeline"), ("tiny-flux", 512, "FluxPipeline")):
+        rc = cli.main(["--model", f"builtin:{model}", "--engine", "ort", "--out", str(out), "--triton-repo",
+                       str(repo), "--triton-mode", "python", "--text-len", "77"])
+        err = _own_lines(capsys.readouterr().err)
+        assert rc != 0 and len(err) == 1 and f"leaves out the {tokens} text tokens the served {served}" in err[0]
+        assert not out.exists() and not repo.exists()
     # slimdiff's own TensorRT runner binds one output: SD3's CLIP encoders have two
     with pytest.raises(SlimDiffError, match=r"text_encoder, text_encoder_2 returns several outputs.*--triton-mode "
                                             "native"):
@@ -192,13 +223,14 @@ def test_served_pipeline_gives_the_in_process_image(served_dit):
     from slimdiff.runtime import use_engine
     from slimdiff.runtime.triton_models import generate
 
-    _, root, pipe, urls = served_dit
+    name, root, pipe, urls = served_dit
     client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
     use_engine(pipe, root / "transformer")  # diffusers' own pipeline: PyTorch text encoders and VAE, the engine
     images = served_images_match(client, root / "repo", pipe)
-    # A negative prompt reaches the served encoders too (PixArt: its own padding mask).
+    # A negative prompt reaches the served encoders too (PixArt: its own padding mask); FluxPipeline reads one only
+    # with a true_cfg_scale above 1, which a request does not set: the same image.
     prompt, seed = PROMPTS[0]
     negative = request_image(client, prompt, seed, STEPS, height=SIZE, width=SIZE, negative_prompt="blurry")
-    assert not np.array_equal(negative, images[0])
+    assert np.array_equal(negative, images[0]) == (name == "tiny-flux")
     reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE, negative_prompt="blurry")
     assert np.abs(negative.astype(int) - reference.astype(int)).max() <= 1

@@ -20,6 +20,7 @@ from ..families import (
     LAST_HIDDEN_STATE,
     MODEL_DTYPE,
     PENULTIMATE_HIDDEN_STATE,
+    POOLER_OUTPUT,
     SIGMA,
     TEXT_EMBEDS,
     TIMESTEP,
@@ -28,7 +29,7 @@ from ..families import (
 )
 from .shapes import AXES, Profile, Range, split_axis, tensor_shapes
 
-TEXT_ENCODER_OUTPUTS = (LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)
+TEXT_ENCODER_OUTPUTS = (LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS, POOLER_OUTPUT)
 
 
 @dataclass

@@ -770,6 +770,7 @@ class TextTower(NamedTuple):
 LAST_HIDDEN_STATE = "last_hidden_state"
 PENULTIMATE_HIDDEN_STATE = "penultimate_hidden_state"  # hidden_states[-2]
 TEXT_EMBEDS = "text_embeds"
+POOLER_OUTPUT = "pooler_output"  # the pooled output of a CLIPTextModel, without projection (FLUX's CLIP-L)
 
 
 @dataclass(frozen=True)
@@ -778,8 +779,9 @@ class ServedTextEncoder:
     ``text_encoder_2``) that takes ``input_ids`` (tokenized by the pipeline attribute ``tokenizer``) — and the
     tokenizer's ``attention_mask`` too when the pipeline passes it (PixArt's T5) — and returns ``outputs``:
     :data:`LAST_HIDDEN_STATE` (after the final layer norm: SD-1.x/2.x, T5), :data:`PENULTIMATE_HIDDEN_STATE`
-    (``hidden_states[-2]``: SDXL, SD3's CLIPs) and :data:`TEXT_EMBEDS` (the projected pooled output of a
-    ``CLIPTextModelWithProjection``). ``tokens``: the one prompt length the pipeline pads to for this encoder (its
+    (``hidden_states[-2]``: SDXL, SD3's CLIPs), :data:`TEXT_EMBEDS` (the projected pooled output of a
+    ``CLIPTextModelWithProjection``) and :data:`POOLER_OUTPUT` (a ``CLIPTextModel``'s pooled output: FLUX's CLIP-L).
+    ``tokens``: the one prompt length the pipeline pads to for this encoder (its
     engine is built for it); None: the export's text length range, capped at the encoder's positions."""
 
     name: str

@@ -37,7 +37,18 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, MODEL_DTYPE, SIGMA, DenoiserFamily, ExportInput, TextTower
+from .base import (
+    FAMILIES,
+    LAST_HIDDEN_STATE,
+    MODEL_DTYPE,
+    POOLER_OUTPUT,
+    SIGMA,
+    DenoiserFamily,
+    ExportInput,
+    ServedTextEncoder,
+    TextTower,
+    pipeline_call_default,
+)
 from .sd import guidance
 
 #: The T5 prompt padded to the pipeline's default ``max_sequence_length``.
@@ -255,3 +266,12 @@ class FluxFamily(DenoiserFamily):
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
+
+    serving_pipeline = "FluxPipeline"
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        # CLIP-L: its pooler_output (the pooled projections), over tokenizer_max_length tokens. The T5: [0], the last
+        # hidden state (the prompt embedding), over max_sequence_length tokens; neither takes an attention mask.
+        return (ServedTextEncoder("text_encoder", "tokenizer", (POOLER_OUTPUT,), tokens=pipe.tokenizer_max_length),
+                ServedTextEncoder("text_encoder_2", "tokenizer_2", (LAST_HIDDEN_STATE,),
+                                  tokens=int(pipeline_call_default(pipe, "max_sequence_length"))))

@@ -29,6 +29,7 @@ from ..errors import SlimDiffError
 from ..families import (
     LAST_HIDDEN_STATE,
     PENULTIMATE_HIDDEN_STATE,
+    POOLER_OUTPUT,
     TEXT_EMBEDS,
     family_for,
 )
@@ -93,7 +94,7 @@ class _Component(torch.nn.Module):
 
 class ServedTextOutput:
     """A transformers text-encoder output as far as diffusers' pipelines read it, from a served encoder's outputs
-    (:class:`~slimdiff.families.ServedTextEncoder`): ``[0]`` and ``hidden_states[-2]``.
+    (:class:`~slimdiff.families.ServedTextEncoder`): ``[0]``, ``hidden_states[-2]`` and ``pooler_output``.
 
     ``[0]`` is what it is for transformers: a projecting encoder's ``text_embeds``, else the last hidden state. An
     encoder served with its penultimate hidden state alone (SDXL's first) answers that tensor there: the SDXL pipeline
@@ -109,7 +110,8 @@ class ServedTextOutput:
         for output in (TEXT_EMBEDS, LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE):
             if output in self.tensors:
                 return self.tensors[output]
-        raise SlimDiffError(f"the served {self.name} returns none of its outputs")  # ServedTextEncoder names one
+        # FLUX's CLIP-L, served with its pooler_output alone: the pipeline reads no [0] of it
+        raise SlimDiffError(f"the served {self.name} returns its {', '.join(self.tensors)} only, not [0]")
 
     @property
     def hidden_states(self) -> _PenultimateHiddenState:
@@ -117,6 +119,12 @@ class ServedTextOutput:
             raise SlimDiffError(f"the served {self.name} returns its {', '.join(self.tensors)} only, no hidden states "
                                 "(no clip_skip)")
         return _PenultimateHiddenState(self.name, self.tensors[PENULTIMATE_HIDDEN_STATE])
+
+    @property
+    def pooler_output(self) -> torch.Tensor:
+        if POOLER_OUTPUT not in self.tensors:
+            raise SlimDiffError(f"the served {self.name} returns its {', '.join(self.tensors)} only, no pooler_output")
+        return self.tensors[POOLER_OUTPUT]
 
 
 class _PenultimateHiddenState:
