@@ -8,7 +8,7 @@ the compressible parameters) and builds the slim engine; ``--slim-only`` skips t
 (``slimdiff slim`` output) it builds the slim engine only. Each engine is then loaded through :mod:`slimdiff.runtime`,
 called as its pipeline calls it and compared with the PyTorch denoiser on random inputs; a table (engine, file,
 size, parameters, max abs error, load time) ends the run. The text encoders and the VAE stay in PyTorch
-(``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x, SDXL, PixArt-Σ, SD3).
+(``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x, SDXL, PixArt-Σ, SD3, FLUX).
 
 ``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
 (``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; the ControlNet
@@ -26,7 +26,7 @@ Output layout (written to a temporary sibling and renamed into place only when e
                                              PixArt)
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
     OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim denoiser
-    OUT/text_encoder_2/                      (SDXL: its second text encoder too)
+    OUT/text_encoder_2/                      (SDXL, SD3, FLUX: the second text encoder too; SD3: text_encoder_3/)
 
 ``--triton-repo DIR`` also writes a Triton Inference Server model repository (see :mod:`slimdiff.engines.triton`).
 """
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--triton-repo", default=None, metavar="DIR",
                         help="also write a Triton model repository to DIR: the slim denoiser, text encoder(s) and "
                              "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
-                             "SD-1.x/2.x, SDXL, PixArt-Σ and SD3 pipelines so far")
+                             "SD-1.x/2.x, SDXL, PixArt-Σ, SD3 and FLUX pipelines so far")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")

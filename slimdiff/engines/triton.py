@@ -6,8 +6,8 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/unet/engine.json             the engine metadata (TensorRT version and GPU, profiles, signature...)
     DIR/unet/1/model.plan | model.onnx (+ external data) | the engine folder + model.py (python backend)
                                      (the denoiser is named after the family's component: DIR/transformer/ for DiTs)
-    DIR/text_encoder/...             the same for each text encoder the family serves (SDXL: text_encoder_2 too;
-                                     SD3: text_encoder_2 and text_encoder_3)
+    DIR/text_encoder/...             the same for each text encoder the family serves (SDXL, FLUX: text_encoder_2
+                                     too; SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
     DIR/pipeline/config.pbtxt        python backend: prompt in, image out (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
@@ -17,12 +17,15 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
 What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
-``StableDiffusion3Pipeline``), the text encoders served, what each takes and returns and the one prompt length its
-engine is built for (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's second: the penultimate
-hidden state and the pooled ``text_embeds``; PixArt's T5 takes the tokenizer's ``attention_mask`` too, over the
-pipeline's 300 tokens) and the pipeline's other constructor options. The denoiser model is named after the family's
-component and takes the family's export inputs (SDXL: ``text_embeds``, ``time_ids`` after the SD call; PixArt:
-``encoder_attention_mask``; SD3: ``pooled_projections``).
+``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``), the text encoders served, what each takes and returns and the
+one prompt length its engine is built for (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's
+second: the penultimate hidden state and the pooled ``text_embeds``; PixArt's T5 takes the tokenizer's
+``attention_mask`` too, over the pipeline's 300 tokens; FLUX's CLIP-L: its ``pooler_output``) and the pipeline's
+other constructor options. The denoiser model is named after the family's component and takes the family's export
+inputs (SDXL: ``text_embeds``, ``time_ids`` after the SD call; PixArt: ``encoder_attention_mask``; SD3:
+``pooled_projections``; FLUX: the unpacked latent, ``pooled_projections`` and ``guidance``). The pipeline model
+drives it through the engine-backed denoiser :func:`slimdiff.runtime.use_engine` installs (its call translation
+included: FLUX's packed latents), over a BLS runner.
 
 ``config.pbtxt`` files are written from Triton's own protobuf schema (``tritonclient.grpc.model_config_pb2``)
 with ``google.protobuf.text_format``. Each model's inputs and outputs are named, typed and shaped from the

@@ -5,10 +5,11 @@ pipeline in-process.
   over together are concatenated along the batch axis when their other dimensions agree, run as one call, and
   split again (every output of an engine with several).
 * :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
-  (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``):
-  tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding mask, SD3's VAE
-  shift — whose text encoders, denoiser and VAE decoder are stand-ins that call the
-  repository's models through Triton's BLS (business logic scripting). Running the unchanged diffusers loop is what
+  (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``,
+  ``FluxPipeline``): tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding
+  mask, SD3's and FLUX's VAE shift, FLUX's packed latents and embedded guidance — whose text encoders, denoiser and
+  VAE decoder are stand-ins that call the repository's models through Triton's BLS (business logic scripting); the
+  denoiser's is the engine-backed denoiser :func:`~slimdiff.runtime.use_engine` installs, over a :class:`BlsRunner`. Running the unchanged diffusers loop is what
   makes a served image equal to the in-process one for the same seed.
 
 ``triton_python_backend_utils`` exists only inside Triton's python backend; it is imported there, lazily.
