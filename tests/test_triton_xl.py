@@ -149,7 +149,7 @@ def test_served_xl_pipeline_gives_the_in_process_image(served_xl):
     root, pipe, urls = served_xl
     client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
     use_engine(pipe, root / "unet")  # diffusers' own SDXL pipeline: PyTorch text encoders and VAE, the UNet engine
-    images = served_images_match(client, root / "repo", pipe)
+    served_images_match(client, root / "repo", pipe)
     # The second encoder's two outputs over HTTP, as the pipeline model reads them through BLS.
     ids = pipe.tokenizer_2(PROMPTS[0][0], padding="max_length", max_length=77, return_tensors="np").input_ids
     tensor = httpclient.InferInput("input_ids", list(ids.shape), "INT64")
