@@ -580,6 +580,32 @@ class _Checkpointer:
             (self.folder / old).unlink(missing_ok=True)
 
 
+def _site_bytes(unet, site, timesteps: int, shared: bool) -> tuple[dict[str, int], int | None]:
+    """The float64 entries of one site's statistics by kind, its shared text moment left out, and the width of the
+    shared text context it reads (None if it reads none)."""
+    sizes = {"attention_grams_per_timestep": 0, "attention_moments": 0, "text_moments": 0, "ffn_moments": 0}
+    lin = site_linears(unet, site)
+    text_width = None
+    if site.kind == FFN:
+        sizes["ffn_moments"] += lin.down.in_features ** 2
+    elif site.kind == QK:
+        gram = site.heads * (lin.q.out_features // site.heads) ** 2
+        sizes["attention_moments"] += lin.q.in_features ** 2
+        if site.attention == CROSS:
+            sizes["attention_grams_per_timestep"] += timesteps * gram + gram
+            if shared:
+                text_width = lin.k.in_features
+            else:
+                sizes["text_moments"] += lin.k.in_features ** 2
+        else:
+            sizes["attention_grams_per_timestep"] += 2 * timesteps * gram
+    else:
+        sizes["attention_grams_per_timestep"] += timesteps * site.heads * (lin.out.in_features // site.heads) ** 2
+        if site.attention != CROSS:
+            sizes["attention_moments"] += lin.v.in_features ** 2
+    return sizes, text_width
+
+
 def statistics_bytes(unet, timesteps: int, sublayers: Collection[str] | None = None) -> dict[str, int]:
     """Bytes of the float64 statistics a calibration of ``unet`` over ``timesteps`` distinct timesteps holds (the
     scalars beside them are negligible): per-timestep per-head Grams of each attention's queries, keys (self-
@@ -591,28 +617,12 @@ def statistics_bytes(unet, timesteps: int, sublayers: Collection[str] | None = N
     sizes = {"attention_grams_per_timestep": 0, "attention_moments": 0, "text_moments": 0, "ffn_moments": 0}
     shared = family_for(unet).shares_text_context  # one moment of the denoiser's text context for all
     text_widths: set[int] = set()
-    for site in module_sites(unet):
-        if sublayers is not None and site.sublayer_path not in sublayers:
-            continue
-        lin = site_linears(unet, site)
-        if site.kind == FFN:
-            sizes["ffn_moments"] += lin.down.in_features ** 2
-        elif site.kind == QK:
-            gram = site.heads * (lin.q.out_features // site.heads) ** 2
-            sizes["attention_moments"] += lin.q.in_features ** 2
-            if site.attention == CROSS:
-                sizes["attention_grams_per_timestep"] += timesteps * gram + gram
-                text_widths.add(lin.k.in_features)
-                if not shared:
-                    sizes["text_moments"] += lin.k.in_features ** 2
-            else:
-                sizes["attention_grams_per_timestep"] += 2 * timesteps * gram
-        else:
-            sizes["attention_grams_per_timestep"] += timesteps * site.heads * (lin.out.in_features // site.heads) ** 2
-            if site.attention != CROSS:
-                sizes["attention_moments"] += lin.v.in_features ** 2
-    if shared:
-        sizes["text_moments"] = sum(width ** 2 for width in text_widths)
+    for site in _sites(unet, sublayers):
+        own, text_width = _site_bytes(unet, site, timesteps, shared)
+        sizes = {k: v + own[k] for k, v in sizes.items()}
+        if text_width is not None:
+            text_widths.add(text_width)
+    sizes["text_moments"] += sum(width ** 2 for width in text_widths)
     return {k: 8 * v for k, v in sizes.items()}
 
 
@@ -666,52 +676,65 @@ SHARDS_FILE = "shards.json"
 SHARDS_FORMAT = "slimdiff-stats-shards/1"
 
 
-def _sublayer_bytes(unet, timesteps: int) -> dict[str, int]:
-    """Statistics bytes of each sub-layer with a site, in the denoiser's order (the shared text moment left
-    out: every shard reading it holds one)."""
-    paths = dict.fromkeys(site.sublayer_path for site in module_sites(unet))
-    return {path: sum(v for k, v in statistics_bytes(unet, timesteps, {path}).items() if k != "text_moments")
-            for path in paths}
+class _ShardSizes:
+    """Statistics bytes of each sub-layer with a site (in the denoiser's order), counted once, and of any group of
+    them: a shard holds its sub-layers' own statistics and, once, each shared text moment they read."""
+
+    def __init__(self, unet, timesteps: int):
+        shared = family_for(unet).shares_text_context
+        self.own: dict[str, int] = {}
+        self.text_widths: dict[str, set[int]] = {}
+        for site in module_sites(unet):
+            own, text_width = _site_bytes(unet, site, timesteps, shared)
+            self.own[site.sublayer_path] = self.own.get(site.sublayer_path, 0) + 8 * sum(own.values())
+            widths = self.text_widths.setdefault(site.sublayer_path, set())
+            if text_width is not None:
+                widths.add(text_width)
+
+    def of(self, group: Collection[str]) -> int:
+        return sum(self.own[p] for p in group) + 8 * sum(w ** 2 for w in set().union(*(self.text_widths[p]
+                                                                                        for p in group)))
+
+    def balanced(self, count: int) -> list[list[str]]:
+        """``count`` disjoint groups of the sub-layers, largest first onto the lightest shard (deterministic for a
+        given model), each in the denoiser's order."""
+        if not 1 <= count <= len(self.own):
+            raise SlimDiffError(f"--site-shards must be between 1 and {len(self.own)} (this denoiser's sub-layers "
+                                f"with sites), got {count}")
+        order = {path: i for i, path in enumerate(self.own)}
+        loads, members = [0] * count, [[] for _ in range(count)]
+        for path in sorted(self.own, key=lambda p: (-self.own[p], order[p])):
+            lightest = min(range(count), key=lambda i: (loads[i], i))
+            loads[lightest] += self.own[path]
+            members[lightest].append(path)
+        return [sorted(group, key=order.__getitem__) for group in members]
 
 
 def plan_site_shards(unet, timesteps: int, count: int) -> list[list[str]]:
-    """``count`` disjoint groups of the sub-layers with sites, balanced by the bytes of their statistics (largest
-    first onto the lightest shard: deterministic for a given model), each in the denoiser's order."""
-    sizes = _sublayer_bytes(unet, timesteps)
-    if not 1 <= count <= len(sizes):
-        raise SlimDiffError(f"--site-shards must be between 1 and {len(sizes)} (this denoiser's sub-layers with "
-                            f"sites), got {count}")
-    order = {path: i for i, path in enumerate(sizes)}
-    loads, members = [0] * count, [[] for _ in range(count)]
-    for path in sorted(sizes, key=lambda p: (-sizes[p], order[p])):
-        lightest = min(range(count), key=lambda i: (loads[i], i))
-        loads[lightest] += sizes[path]
-        members[lightest].append(path)
-    return [sorted(group, key=order.__getitem__) for group in members]
+    """``count`` disjoint groups of the sub-layers with sites, balanced by the bytes of their statistics."""
+    return _ShardSizes(unet, timesteps).balanced(count)
 
 
 def site_shards_for(unet, timesteps: int, shards: int | str, processes: int = 1) -> list[list[str]] | None:
     """The site shards a calibration runs: None for one run over every site, else the sub-layers of each shard.
     ``shards``: a count, or ``"auto"`` — the fewest shards whose statistics each fit in memory (one if they all
     do). Refuses, before any prompt, shards that do not fit."""
+    sizes = _ShardSizes(unet, timesteps)
     if shards == "auto":
-        if _shortfall(unet, sum(statistics_bytes(unet, timesteps).values()), processes) is None:
+        if _shortfall(unet, sizes.of(sizes.own), processes) is None:
             return None
-        total = len(_sublayer_bytes(unet, timesteps))
-        for count in range(2, total + 1):
-            plan = plan_site_shards(unet, timesteps, count)
-            if all(_shortfall(unet, sum(statistics_bytes(unet, timesteps, group).values()), processes) is None
-                   for group in plan):
+        for count in range(2, len(sizes.own) + 1):
+            plan = sizes.balanced(count)
+            if all(_shortfall(unet, sizes.of(group), processes) is None for group in plan):
                 return plan
-        shards = total  # not even one sub-layer at a time fits: refused below, naming the largest
+        shards = len(sizes.own)  # not even one sub-layer at a time fits: refused below, naming the largest
     if not isinstance(shards, int):
         raise SlimDiffError(f"site shards must be a count or 'auto', got {shards!r}")
     if shards == 1:
         check_statistics_fit(unet, timesteps, processes)
         return None
-    plan = plan_site_shards(unet, timesteps, shards)
-    largest = max(plan, key=lambda group: sum(statistics_bytes(unet, timesteps, group).values()))
-    check_statistics_fit(unet, timesteps, processes, largest)
+    plan = sizes.balanced(shards)
+    check_statistics_fit(unet, timesteps, processes, max(plan, key=sizes.of))
     return plan
 
 
@@ -757,7 +780,8 @@ def calibrate(
         if folder is not None and group.is_leader and _read_shards(folder) is not None:
             raise SlimDiffError(f"{str(folder)!r} holds site shards ({SHARDS_FILE}): rerun with the same "
                                 "--site-shards, or use another --out")
-        return _calibrate_sites(unet, prompts, folder, config, loop, progress, on_batch, group, None)
+        return _calibrate_sites(unet, prompts, folder, config, loop, progress, on_batch, group, None,
+                                model_fingerprint(unet))
     if folder is not None and group.is_leader and _read_manifest(folder) is not None:
         raise SlimDiffError(f"{str(folder)!r} holds the statistics of an unsharded calibration; use another "
                             "--out for site shards")
@@ -779,17 +803,17 @@ def calibrate(
     group.barrier()
     for index, sublayers in enumerate(plan):
         _calibrate_sites(unet, prompts, folder / _shard_dir(index, len(plan)), config, loop, progress, on_batch,
-                         group, {"index": index, "count": len(plan), "sublayers": sublayers})
+                         group, {"index": index, "count": len(plan), "sublayers": sublayers}, fingerprint)
     return Statistics.load(folder) if group.is_leader else None
 
 
 def _calibrate_sites(unet, prompts: Sequence[str], folder: Path | None, config: CalibrationConfig, loop: BatchLoop,
                      progress: bool, on_batch: Callable[[str, int], None] | None, group: Group,
-                     shard: dict | None) -> Statistics | None:
+                     shard: dict | None, fingerprint: str) -> Statistics | None:
     """One two-pass calibration of every site, or of one site shard's sub-layers (``shard``: its index, the
-    shard count and its sub-layers; recorded in the manifest, so a resumed shard is the same shard)."""
+    shard count and its sub-layers; recorded in the manifest, so a resumed shard is the same shard).
+    ``fingerprint``: the model's (:func:`model_fingerprint`: it hashes every site weight, so it is computed once)."""
     sublayers = None if shard is None else set(shard["sublayers"])
-    fingerprint = model_fingerprint(unet)
     prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     fresh = {"format": STATS_FORMAT, "fingerprint": fingerprint, "config": asdict(config),
              "num_prompts": len(prompts), "prompts_sha256": prompt_sha, "complete": False}
