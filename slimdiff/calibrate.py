@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Sequence
 
@@ -463,6 +463,12 @@ class Statistics:
     def attention(self, sublayer_path: str) -> AttentionStatistics:
         """The typed pass-2 statistics of the attention at ``sublayer_path``."""
         return AttentionStatistics.read(self.tensors, sublayer_path)
+
+    def adopted_by(self, fingerprint: str) -> "Statistics":
+        """These statistics, accepted for the model of ``fingerprint`` although another model's weights were
+        hashed when they were collected (:func:`slimdiff.lora.fuse_loras_onto_statistics`: the model without the
+        LoRAs fused into this one)."""
+        return replace(self, fingerprint=fingerprint)
 
     def check_model(self, unet) -> None:
         if model_fingerprint(unet) != self.fingerprint:

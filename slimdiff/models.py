@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -107,6 +109,9 @@ from .errors import SlimDiffError
 # The map of compressible modules moved to the block adapters; these names stay importable from here.
 from .families import FFN, QK, VO, ModuleSite, family_for, module_sites  # noqa: F401
 from .tokenization import builtin_tokenizer
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
             "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
@@ -294,17 +299,29 @@ def _build_flux_builtin(name: str, device):
 
 
 def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str | None = None,
-                  variant: str | None = None):
+                  variant: str | None = None, loras: Sequence[LoraSpec] = ()):
     """Load a text-to-image pipeline from a built-in name, a local diffusers folder or a ``.safetensors`` file.
 
     ``config``: for an original-layout ``.safetensors`` checkpoint, a diffusers folder holding its configuration
     (default: the shipped configuration that matches the checkpoint, :mod:`slimdiff.single_file`).
     ``variant``: the weight variant of a pipeline folder (``fp16``); default: the plain files, or the only
     variant present when there are none (:mod:`slimdiff.sources`).
+    ``loras``: LoRAs fused into the weights, in order (:func:`slimdiff.lora.fuse_loras`); their files are checked
+    before the model loads.
 
-    A slim denoiser folder loads the pipeline it was slimmed from (recorded in its plan) with the slim denoiser
-    in it (``pipe.unet``, or ``pipe.transformer`` for PixArt and SD3).
+    A slim denoiser folder loads the pipeline it was slimmed from (recorded in its plan, with the LoRAs fused into
+    it then) with the slim denoiser in it (``pipe.unet``, or ``pipe.transformer`` for the DiTs).
     """
+    from .lora import check_loras, fuse_loras
+
+    check_loras(loras)
+    pipe = _load_pipeline(source, dtype, config, variant)
+    fuse_loras(pipe, loras)
+    return pipe
+
+
+def _load_pipeline(source: str, dtype: torch.dtype, config: str | None, variant: str | None):
+    from .lora import records_to_specs
     from .serialization import is_slim_folder, load_plan, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
@@ -312,7 +329,8 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
         base = info.get("source_model")
         if not base:
             raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
-        pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"))
+        loras = records_to_specs(info.get("source_loras", []), f"slim folder {source!r}")
+        pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"), loras)
         setattr(pipe, family_for(pipe).component, load_slim(source, dtype=dtype))
         return pipe
     if source == "builtin:proxy":

@@ -79,6 +79,14 @@ class SlimModelMixin:
         config["quantization_config"] = self.dense_loader_stop
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
+    def load_lora_adapter(self, *args, **kwargs):
+        """Refused: a LoRA for the dense model adds ``B·A`` to Linears this model has resized, and peft would fail
+        on a shape halfway through, leaving LoRA layers behind. The LoRA is fused before slimming instead."""
+        raise SlimDiffError(f"a LoRA made for the dense model does not fit this {type(self).__name__}: its "
+                            "attention and FFN projections were resized. Fuse the LoRA before slimming: "
+                            "`slimdiff slim --lora FILE[:SCALE]` (with --stats of the dense model, no new "
+                            "calibration) or slimdiff.load_pipeline(..., loras=[LoraSpec(FILE)])")
+
     @classmethod
     def from_slim(cls, model: torch.nn.Module, plan: RankPlan):
         """The slim class holding ``model``'s parameters (shared, not copied); ``model``, of the dense class,

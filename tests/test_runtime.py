@@ -135,6 +135,20 @@ def test_pipeline_image_with_engine_unet_matches_pytorch(dense_engine):
     assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
 
 
+def test_a_lora_is_refused_by_an_engine_in_one_line(dense_engine, tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = load_pipeline("builtin:tiny")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    width = pipe.unet.get_submodule(name).weight.shape[0]
+    key = "lora_unet_" + name.replace(".", "_")
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, width), f"{key}.lora_up.weight": torch.zeros(width, 4)},
+              str(tmp_path / "style.safetensors"))
+    use_engine(pipe, dense_engine[0])
+    with pytest.raises(SlimDiffError, match="weights were fixed when it was built"):
+        pipe.load_lora_weights(str(tmp_path / "style.safetensors"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Engines know what they belong to: input signature and UNet config fingerprint
 # ---------------------------------------------------------------------------------------------------------

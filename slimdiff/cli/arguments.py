@@ -17,6 +17,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None,
                    help="weight variant of a pipeline folder, e.g. fp16 (default: the plain files, or the only "
                         "variant present)")
+    add_lora_argument(p)
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors: kohya/A1111, diffusers or PEFT layout) fused into the model before "
+                        "anything else, at SCALE (default 1); repeat for several, fused in order")
+
+
+def lora_specs(args) -> list:
+    """The ``--lora`` flags as :class:`slimdiff.lora.LoraSpec` (``args`` keeps the text: it is recorded as JSON)."""
+    from ..lora import LoraSpec
+
+    return [LoraSpec.parse(text) for text in args.lora]
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,17 +19,19 @@ from .arguments import (
     add_model_arguments,
     calibration_clock,
     calibration_config_from_args,
+    lora_specs,
 )
 
 
-def _load(args):
+def _load(args, fuse_loras: bool = True):
     import torch
 
     from ..models import load_pipeline
 
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return load_pipeline(args.model, dtype, args.config, args.variant).to(device)
+    loras = lora_specs(args) if fuse_loras else ()
+    return load_pipeline(args.model, dtype, args.config, args.variant, loras).to(device)
 
 
 def _site_shards(text: str) -> int | str:
@@ -84,6 +86,7 @@ def cmd_slim(args) -> None:
     from ..calibrate import Statistics
     from ..checks import check_output_dir
     from ..families import family_for
+    from ..lora import check_loras, fuse_loras_onto_statistics
     from ..prompts import read_prompts
     from ..serialization import save_slim
     from ..slim import check_budget, slim_unet
@@ -94,9 +97,18 @@ def cmd_slim(args) -> None:
     out = check_output_dir(args.out, args.force)
     if args.save_pipeline is not None:
         check_output_dir(args.save_pipeline, args.force)
+    loras = lora_specs(args)
+    check_loras(loras)
     stats = Statistics.load(args.stats) if args.stats else None
     prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
-    pipe = _load(args)
+    # with statistics and LoRAs, the model is fingerprinted before and after the fusion (base statistics serve)
+    pipe = _load(args, fuse_loras=stats is None)
+    base_statistics = False
+    if stats is not None and loras:
+        stats, base_statistics = fuse_loras_onto_statistics(pipe, loras, stats)
+        if base_statistics:
+            print("statistics of the model without the LoRA(s): the factors are fitted to its activations "
+                  "(calibrate with --lora for the fused model's own)")
     denoiser = family_for(pipe).denoiser(pipe)
     check_budget(denoiser, config)  # before a calibration that could take hours
     if stats is None:
@@ -110,6 +122,9 @@ def cmd_slim(args) -> None:
         report.plan.info["source_config"] = str(Path(args.config).resolve())
     if args.variant is not None:
         report.plan.info["source_variant"] = args.variant
+    if loras:  # fused again, from the same files, when the slim folder reopens its pipeline
+        report.plan.info["source_loras"] = [spec.to_record() for spec in loras]
+        report.plan.info["statistics_without_loras"] = base_statistics
     summary = report.summary()
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     denoiser.to(_save_dtype(args))

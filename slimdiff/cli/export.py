@@ -49,7 +49,7 @@ FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import engines
-    from .arguments import add_calibration_arguments  # the same calibration flags as `slimdiff slim`
+    from .arguments import add_calibration_arguments, add_lora_argument  # the same flags as `slimdiff slim`
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration")
     p.add_argument("--variant", default=None, help="weight variant of a pipeline folder, e.g. fp16")
+    add_lora_argument(p)
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--slim-only", action="store_true", help="skip the dense engine")
@@ -120,16 +121,20 @@ def _device(args) -> str:
     return args.device
 
 
-def _load_model(source: str, config: str | None = None, variant: str | None = None):
-    """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``."""
+def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=()):
+    """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``; ``loras`` are fused into
+    a dense model."""
     from ..families import family_for
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
     if is_slim_folder(source):
+        if loras:
+            raise SlimDiffError(f"{source!r} is a slim folder, whose weights are fixed: leave out --lora (fuse a LoRA "
+                                "into the dense model before slimming: `slimdiff slim --lora`)")
         return None, None, load_slim(source), load_plan(source)
     try:
-        pipe = load_pipeline(source, config=config, variant=variant)
+        pipe = load_pipeline(source, config=config, variant=variant, loras=loras)
     except SlimDiffError as exc:
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
@@ -138,19 +143,25 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
 
 def _slimming_inputs(pipe, args):
     """Budget, statistics and prompts of the slimming step, checked before any engine is built:
-    ``(SlimConfig, Statistics or None, prompts or None)``."""
+    ``(SlimConfig, Statistics or None, prompts or None, whether the statistics are of the model without its
+    LoRAs)``."""
     from ..calibrate import Statistics
     from ..families import family_for
+    from ..lora import fuse_loras_onto_statistics
     from ..prompts import read_prompts
     from ..slim import SlimConfig, check_budget, parse_budget
+    from .arguments import lora_specs
 
     config = SlimConfig(budget=parse_budget(args.budget))
     denoiser = family_for(pipe).denoiser(pipe)
     check_budget(denoiser, config)
-    stats = Statistics.load(args.stats) if args.stats else None
-    if stats is not None:
+    stats, base_statistics = Statistics.load(args.stats) if args.stats else None, False
+    if stats is not None and args.lora:  # the model came without its LoRAs: fingerprinted before and after fusing
+        stats, base_statistics = fuse_loras_onto_statistics(pipe, lora_specs(args), stats)
+    elif stats is not None:
         stats.check_model(denoiser)
-    return config, stats, None if stats is not None else read_prompts(args.prompts, model=args.model)
+    prompts = None if stats is not None else read_prompts(args.prompts, model=args.model)
+    return config, stats, prompts, base_statistics
 
 
 def _slim_dense_model(pipe, args, inputs):
@@ -158,10 +169,12 @@ def _slim_dense_model(pipe, args, inputs):
     from ..api import slim_pipeline
     from .arguments import calibration_clock, calibration_config_from_args
 
-    config, stats, prompts = inputs
+    config, stats, prompts, base_statistics = inputs
     clock = calibration_clock("slimdiff-export", pipe, len(prompts), args) if stats is None else None
     report = slim_pipeline(pipe, config, stats=stats, prompts=prompts, num_prompts=args.num_prompts,
                            calibration=calibration_config_from_args(args), on_batch=clock)
+    if args.lora:
+        report.plan.info["statistics_without_loras"] = base_statistics
     return report.plan
 
 
@@ -175,6 +188,7 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
     time both. Called after the engine build, the last user of the module."""
     from ..serialization import save_slim
     from ..sources import source_unet_dtype
+    from .arguments import lora_specs
 
     dtype, param = source_unet_dtype(args.model, args.variant), next(unet.parameters())
     if param.device.type != "cpu":
@@ -186,6 +200,8 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
         plan.info["source_config"] = str(Path(args.config).resolve())
     if args.variant is not None:
         plan.info["source_variant"] = args.variant
+    if args.lora:  # fused again, from the same files, when the slim folder reopens its pipeline
+        plan.info["source_loras"] = [spec.to_record() for spec in lora_specs(args)]
     save_slim(unet, plan, folder)
 
 
@@ -198,7 +214,9 @@ def _dense_variant_in_process(args, folder: Path, build: dict, threads: int) -> 
 
     meta.STATUS_TAG = "slimdiff-export, dense"
     torch.set_num_threads(threads)
-    _, dense, _, _ = _load_model(args.model, args.config, args.variant)
+    from .arguments import lora_specs
+
+    _, dense, _, _ = _load_model(args.model, args.config, args.variant, lora_specs(args))
     return _build_variant(args, "dense", dense, None, folder, **build)
 
 
@@ -355,7 +373,11 @@ def run(args) -> list[dict]:
     repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force) if args.triton_repo else None
     dense_process = None
     try:
-        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant)
+        from .arguments import lora_specs
+
+        # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after
+        loras = lora_specs(args)
+        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, () if args.stats else loras)
         slimming = _slimming_inputs(pipe, args) if slim is None else None
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--slim", required=True,
                    help="slim UNet / transformer folder from `slimdiff slim`, or any other pipeline to compare against "
                         "the dense one")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA fused into the dense model (repeat for several); default: the LoRAs a slim folder "
+                        "was made with")
     p.add_argument("--prompts", default=None,
                    help="prompt file (.txt, .csv/.tsv, COCO JSON); default for the proxy model: its held-out prompts")
     p.add_argument("--num", type=int, default=32, help="number of prompts (first N of the file; default 32)")
@@ -75,6 +78,19 @@ def _load_slim(source: str, dense_unet, dtype, device):
     return unet.to(device).eval(), made_from
 
 
+def _dense_loras(args) -> list:
+    """The LoRAs fused into the dense model: ``--lora``, else those the slim folder was made with (its dense model
+    is the source with them fused)."""
+    from ..lora import LoraSpec, records_to_specs
+    from ..serialization import is_slim_folder, load_plan
+
+    if args.lora:
+        return [LoraSpec.parse(text) for text in args.lora]
+    if not args.slim.startswith("builtin:") and is_slim_folder(args.slim):
+        return records_to_specs(load_plan(args.slim).info.get("source_loras", []), f"slim folder {args.slim!r}")
+    return []
+
+
 def _prompts(args, proxy: bool) -> list[str]:
     from ..prompts import read_prompts
 
@@ -103,7 +119,7 @@ def evaluate_to(args, folder: Path) -> dict:
     start = time.perf_counter()
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    dense = load_pipeline(args.model, dtype).to(device)
+    dense = load_pipeline(args.model, dtype, loras=_dense_loras(args)).to(device)
     dense_unet = family_for(dense).denoiser(dense)
     slim_unet, made_from = _load_slim(args.slim, dense_unet, dtype, device)
     proxy = is_proxy(args.model)

@@ -64,6 +64,12 @@ class EngineDenoiser(torch.nn.Module):
         denoiser.load_seconds = time.perf_counter() - t0
         return denoiser
 
+    def load_lora_adapter(self, *args, **kwargs):
+        """Refused (``pipe.load_lora_weights`` lands here): an engine's weights were fixed when it was built."""
+        raise SlimDiffError(f"{type(self).__name__} runs an engine whose weights were fixed when it was built: "
+                            "a LoRA cannot be loaded into it. Fuse the LoRA before exporting: "
+                            "`slimdiff-export --lora FILE[:SCALE]` (dense) or `slimdiff slim --lora` (slim)")
+
     # -- what diffusers pipelines read ------------------------------------------------------------------
     @property
     def config(self):

@@ -1,0 +1,194 @@
+"""LoRAs fused into a pipeline before slimming: "fuse, then slim".
+
+A LoRA made for the dense model adds ``B·A`` to the weights of the Linears slimming resizes (``to_q``, ``to_k``,
+``to_v``, ``to_out.0``, the FFN projections): after slimming those Linears have other shapes, so the LoRA no
+longer fits them. It is fused into the dense weights first, and the slim model is made from the fused model —
+calibrated with the LoRA (exact), or from the base model's statistics when the LoRA only nudges the weights
+(cheap: one calibration serves many LoRAs; ``slimdiff slim --stats`` decides by fingerprint).
+
+diffusers reads every LoRA layout users bring (kohya / A1111, diffusers, PEFT, the FLUX trainers') and fuses
+it; it needs ``peft``. This module adds what a CLI needs around it: files checked before any work, safetensors
+only (never a pickle), a LoRA that matches no layer — or only some of its layers — refused in one line instead of
+diffusers' warning, and a record (path, scale, sha256) that lets a slim folder reopen the same fused pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SlimDiffError
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to fuse: a ``.safetensors`` file and the scale it is fused at (diffusers' ``lora_scale``)."""
+
+    path: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``FILE`` or ``FILE:SCALE`` (``style.safetensors:0.8``)."""
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                return cls(head, float(tail))
+            except ValueError:
+                pass  # a colon inside the path
+        return cls(text)
+
+    def to_record(self) -> dict:
+        """What a slim folder records to fuse the same LoRA again (the file's digest tells a changed file)."""
+        path = Path(self.path).resolve()
+        return {"path": str(path), "scale": self.scale, "sha256": _sha256(path)}
+
+
+def check_loras(specs: Sequence[LoraSpec]) -> None:
+    """Refuse, before any model is loaded, LoRA files that cannot be read: missing, not safetensors, no tensors."""
+    from safetensors import safe_open
+
+    for spec in specs:
+        path = Path(spec.path)
+        if not math.isfinite(spec.scale):
+            raise SlimDiffError(f"LoRA scale of {spec.path!r} must be a finite number, got {spec.scale}")
+        if not path.is_file():
+            raise SlimDiffError(f"LoRA file {spec.path!r} does not exist")
+        if path.suffix != ".safetensors":
+            raise SlimDiffError(f"LoRA {spec.path!r} is not a .safetensors file (pickled LoRAs are not read: "
+                                "convert it to safetensors)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                empty = not list(handle.keys())
+        except Exception as exc:
+            raise SlimDiffError(f"LoRA {spec.path!r} is not a readable safetensors file: {_one_line(exc)}") from exc
+        if empty:
+            raise SlimDiffError(f"LoRA {spec.path!r} holds no tensors")
+
+
+def fuse_loras(pipe, specs: Sequence[LoraSpec]) -> None:
+    """Fuse each LoRA into ``pipe``'s weights (denoiser and, where the LoRA has them, text encoders), in order, at
+    its scale; the pipeline is left without LoRA layers, as if its weights had been trained so.
+
+    Refused in one line: a pipeline class diffusers loads no LoRA into, a LoRA none of whose layers exist in
+    the pipeline or whose shapes differ (made for another model), or one with layers the pipeline lacks.
+    """
+    if not specs:
+        return
+    check_loras(specs)
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise SlimDiffError("fusing a LoRA needs peft, which diffusers loads LoRAs with: pip install peft")
+    if not hasattr(pipe, "load_lora_weights"):
+        raise SlimDiffError(f"diffusers loads no LoRA into a {type(pipe).__name__}")
+    from safetensors.torch import load_file
+
+    for index, spec in enumerate(specs):
+        name = f"slimdiff_lora_{index}"
+        state = load_file(spec.path)  # read here, so diffusers never falls back to a pickle loader
+        try:
+            with _diffusers_warnings() as warnings:
+                pipe.load_lora_weights(state, adapter_name=name)
+        except Exception as exc:  # diffusers and peft raise many types; the user needs one line
+            _unload(pipe)
+            raise SlimDiffError(f"LoRA {spec.path!r} does not fit this {type(pipe).__name__} (is it made for "
+                                f"another model?): {_one_line(exc)}") from exc
+        unmatched = [w for w in warnings if "unexpected keys" in w]
+        if unmatched or not any(name in names for names in pipe.get_list_adapters().values()):
+            _unload(pipe)
+            detail = f": {_one_line(unmatched[0])}" if unmatched else ""
+            raise SlimDiffError(f"LoRA {spec.path!r} has layers this {type(pipe).__name__} lacks (is it made for "
+                                f"another model?){detail}")
+        pipe.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
+        _unload(pipe)
+
+
+def fuse_loras_onto_statistics(pipe, specs: Sequence[LoraSpec], stats):
+    """Fuse ``specs`` into ``pipe`` and return ``(statistics to slim its denoiser with, whether they are the
+    model's without the LoRAs)``.
+
+    ``stats`` (:class:`slimdiff.calibrate.Statistics`) are taken as they are when they are the fused model's (the
+    fingerprint hashes the weights slimming reads: calibrated with these LoRAs, or LoRAs that leave those weights
+    alone). Statistics of the model without the LoRAs are accepted for the fused one: a LoRA nudges the weights
+    and barely moves the activations the factors are fitted to, so one calibration serves many LoRAs; calibrating
+    with the LoRAs fused is the exact way. Statistics of neither are refused in one line."""
+    from .calibrate import model_fingerprint
+    from .families import family_for
+
+    denoiser = family_for(pipe).denoiser(pipe)
+    base = model_fingerprint(denoiser)
+    fuse_loras(pipe, specs)
+    fused = model_fingerprint(denoiser)
+    if stats.fingerprint == fused:
+        return stats, False
+    if stats.fingerprint == base:
+        return stats.adopted_by(fused), True
+    raise SlimDiffError("these statistics were collected from a different model (fingerprint mismatch): neither "
+                        "from this model nor from it with the LoRAs fused; calibrate it (with or without --lora)")
+
+
+def records_to_specs(records: Iterable[dict], where: str) -> list[LoraSpec]:
+    """The LoRAs a slim folder recorded, checked to be the same files (by sha256) before they are fused again."""
+    specs = []
+    for record in records:
+        path = Path(record["path"])
+        if not path.is_file():
+            raise SlimDiffError(f"{where} was made with LoRA {str(path)!r} fused in, and that file is gone: put it "
+                                "back to reopen the pipeline")
+        if _sha256(path) != record["sha256"]:
+            raise SlimDiffError(f"{where} was made with LoRA {str(path)!r} fused in, and that file has changed "
+                                "since: restore it, or slim again with the new one")
+        specs.append(LoraSpec(str(path), float(record["scale"])))
+    return specs
+
+
+def _unload(pipe) -> None:
+    with _diffusers_warnings():
+        pipe.unload_lora_weights()
+
+
+@contextmanager
+def _diffusers_warnings() -> Iterator[list[str]]:
+    """diffusers' log lines while LoRAs load, kept from the console (its "no LoRA keys for the text encoder" is
+    routine for a denoiser-only LoRA) and returned: an "unexpected keys" line means layers went unused. transformers'
+    weight-loading bars (a text encoder's LoRA) are kept from it too."""
+    from transformers.utils import logging as transformers_logging
+
+    logger = logging.getLogger("diffusers")
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    saved = logger.handlers[:], logger.level, logger.propagate
+    bars = transformers_logging.is_progress_bar_enabled()
+    logger.handlers, logger.propagate = [Keep(logging.WARNING)], False
+    logger.setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield messages
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _one_line(exc: object) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
