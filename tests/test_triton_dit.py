@@ -3,8 +3,9 @@ tokenizer's padding mask), SD3 (builtin:tiny-sd3: two CLIP encoders with pooled 
 (builtin:tiny-flux: CLIP-L's pooled output and a T5; the transformer engine takes the unpacked latent and the embedded
 guidance), each with its transformer engine and VAE decoder and the ``pipeline`` model running the diffusers pipeline
 through BLS — configurations read back through Triton's own protobuf schema, encoders checked against what the
-pipeline computes in PyTorch, and each repository served by the real ``tritonserver`` bundled in nvidia-pytriton
-(python backend, CPU, loopback, free ports; one server at a time). Unserved pipelines are refused in one line."""
+pipeline computes in PyTorch, each repository's pipeline loop run in this process against diffusers' own pipeline,
+and FLUX's repository served by the real ``tritonserver`` bundled in nvidia-pytriton (python backend, CPU, loopback,
+free ports). Unserved pipelines are refused in one line."""
 
 import json
 
@@ -215,7 +216,29 @@ def served_dit(dit_repository, tmp_path_factory):
         yield name, root, pipe, urls
 
 
+def test_repository_pipeline_gives_the_image_of_diffusers_pipeline_around_the_engine(dit_repository):
+    """The repository's ``pipeline`` model's loop, run in this process over the repository's engines, draws diffusers'
+    own image (PyTorch encoders and VAE around the transformer engine) within one grey level, with and without a
+    negative prompt. The Triton transport around that loop is the same for every family: a live server is tested
+    with FLUX below (and SD, SDXL in tests/test_triton*.py), which saves two server starts (~40 s each) of CI time."""
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    name, root, pipe = dit_repository
+    in_process = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    use_engine(pipe, root / "transformer")
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for (prompt, seed), negative in zip(PROMPTS, (None, "blurry")):
+        options = dict(seed=seed, steps=STEPS, height=SIZE, width=SIZE, negative_prompt=negative)
+        image, reference = generate(in_process, prompt, **options), generate(pipe, prompt, **options)
+        assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1 and image.std() > 1
+        images.append(image)
+    assert not np.array_equal(*images)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("dit_repository", ["tiny-flux"], indirect=True)
 def test_served_pipeline_gives_the_in_process_image(served_dit):
     import tritonclient.http as httpclient
 
