@@ -143,6 +143,38 @@ class FamilyConformance:
         assert all(torch.equal(sharded.timestep_weights[k], w) for k, w in stats.timestep_weights.items())
         sharded.check_model(self.denoiser(pipe))
 
+    def test_lora_fuses_into_every_linear_of_a_block(self, tmp_path):
+        """``--lora`` on the family: a LoRA in diffusers' / PEFT's layout on every Linear of the first block with
+        sites (attention and FFN projections, the DiTs' modulation Linears) fuses as ``W + scale·B·A``, other
+        weights untouched; a pipeline diffusers loads no LoRA into is refused in one line."""
+        from safetensors.torch import save_file
+
+        from slimdiff.errors import SlimDiffError
+        from slimdiff.lora import LoraSpec, fuse_loras
+
+        pipe = self.make_pipeline()
+        denoiser, component = self.denoiser(pipe), family_for(pipe).component
+        block = module_sites(denoiser)[0].block
+        targets = {n: m.weight.detach().clone() for n, m in denoiser.named_modules()
+                   if n.startswith(f"{block}.") and isinstance(m, torch.nn.Linear)}
+        gen = torch.Generator().manual_seed(5)
+        layers = {n: (torch.randn(4, w.shape[1], generator=gen) * 0.1, torch.randn(w.shape[0], 4, generator=gen) * 0.1)
+                  for n, w in targets.items()}
+        save_file({f"{component}.{n}.lora_{side}.weight": t for n, (a, b) in layers.items()
+                   for side, t in (("A", a), ("B", b))}, str(tmp_path / "lora.safetensors"))
+        spec = LoraSpec(str(tmp_path / "lora.safetensors"), 0.5)
+        if not hasattr(pipe, "load_lora_weights"):
+            with pytest.raises(SlimDiffError, match=f"diffusers loads no LoRA into a {type(pipe).__name__}$"):
+                fuse_loras(pipe, [spec])
+            return
+        others = {n: p.clone() for n, p in denoiser.named_parameters() if n.removesuffix(".weight") not in targets}
+        fuse_loras(pipe, [spec])
+        assert len(targets) >= 4
+        for name, weight in targets.items():
+            a, b = layers[name]
+            torch.testing.assert_close(denoiser.get_submodule(name).weight, weight + 0.5 * b @ a, rtol=0, atol=1e-6)
+        assert all(torch.equal(p, others[n]) for n, p in denoiser.named_parameters() if n in others)
+
     def test_full_rank_reproduces_the_model(self, calibrated):
         pipe, stats = calibrated
         unet = copy.deepcopy(self.denoiser(pipe))
