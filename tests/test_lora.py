@@ -179,3 +179,35 @@ def test_export_refuses_a_lora_for_a_slim_folder_before_any_work(base_stats, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "leave out --lora" in err[-1], err
     assert not (tmp_path / "engines").exists()
+
+
+def _sgm_name(name: str, layers_per_block: int) -> str:
+    """The original (SGM) name of a diffusers UNet attention module — what kohya's SDXL LoRAs are keyed by."""
+    import re
+
+    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name):
+        return f"input_blocks.{1 + int(m[1]) * (layers_per_block + 1) + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name):
+        return f"output_blocks.{int(m[1]) * (layers_per_block + 1) + int(m[2])}.1.{m[3]}"
+    return "middle_block.1." + name.removeprefix("mid_block.attentions.0.")
+
+
+def test_an_sdxl_kohya_lora_in_original_block_names_fuses_exactly(tmp_path):
+    """kohya's SDXL LoRAs name the original checkpoint's blocks (input_blocks / middle_block / output_blocks):
+    diffusers maps them onto the UNet's, and every layer lands where it belongs."""
+    pipe = build_builtin("builtin:tiny-xl")
+    unet, generator = pipe.unet, torch.Generator().manual_seed(3)
+    tensors, expected = {}, {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(UNET_LAYERS):
+            down = torch.randn(RANK, module.in_features, generator=generator) * 0.05
+            up = torch.randn(module.out_features, RANK, generator=generator) * 0.05
+            key = "lora_unet_" + _sgm_name(name, unet.config.layers_per_block).replace(".", "_")
+            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                            f"{key}.alpha": torch.tensor(ALPHA)})
+            expected[name] = module.weight.detach() + up @ down * (ALPHA / RANK)
+    assert any(k.startswith("lora_unet_output_blocks") for k in tensors) and len(expected) > 20
+    save_file(tensors, str(tmp_path / "sdxl.safetensors"))
+    fuse_loras(pipe, [LoraSpec(str(tmp_path / "sdxl.safetensors"))])
+    for name, weight in expected.items():
+        torch.testing.assert_close(unet.get_submodule(name).weight, weight, rtol=0, atol=1e-6)
