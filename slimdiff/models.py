@@ -423,6 +423,22 @@ def _model_index(path: Path, source: str) -> dict:
         raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
 
 
+def _check_text_to_image_unet(path: Path, source: str, cls_name: str) -> None:
+    """Refuse a UNet that takes image conditioning beside the latent (inpainting: 9 input channels, InstructPix2Pix:
+    8, SD-2 depth: 5): calibration samples text-to-image, and such a UNet would fail on its first call."""
+    def channels(component: str, key: str) -> int | None:
+        try:
+            return json.loads((path / component / "config.json").read_text()).get(key)
+        except (OSError, json.JSONDecodeError):
+            return None  # diffusers' own loader reports a missing or broken config
+
+    unet_in, latent = channels("unet", "in_channels"), channels("vae", "latent_channels")
+    if unet_in is not None and latent is not None and unet_in != latent:
+        raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder whose UNet takes {unet_in} input "
+                            f"channels ({latent} latent + {unet_in - latent} of image conditioning: an inpainting, "
+                            "InstructPix2Pix or depth model); slimdiff calibrates text-to-image UNets only so far")
+
+
 def _has_component(path: Path, component: str, index: dict | None = None) -> bool:
     """Whether a pipeline folder's index lists ``component`` and the folder holds it."""
     entry = (index if index is not None else _model_index(path, str(path))).get(component)
@@ -479,6 +495,7 @@ def _pipeline_class(path: Path, source: str):
                                 "the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
                                 "may be left out, with its tokenizer): the folder is incomplete")
         return diffusers.StableDiffusion3Pipeline
+    _check_text_to_image_unet(path, source, cls_name)
     if not cls_name.startswith("StableDiffusionXL"):
         return diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):

@@ -42,6 +42,13 @@ def files(tmp_path_factory):
     with torch.no_grad():
         other.unet.mid_block.attentions[0].transformer_blocks[0].ff.net[2].weight.mul_(1.5)
     other.save_pretrained(root / "other-model")
+    # an inpainting pipeline folder: its UNet takes the masked image's latent and the mask beside the latent
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from slimdiff.configs import TINY_UNET
+
+    inpaint = UNet2DConditionModel(**dict(TINY_UNET, in_channels=9))
+    StableDiffusionInpaintPipeline(**{**other.components, "unet": inpaint}).save_pretrained(root / "inpaint-model")
     return root
 
 
@@ -98,6 +105,12 @@ SLIMDIFF_ROWS = [
      "ckpt", "pickle checkpoint"),
     ("calibrate-missing-model", ["calibrate", "--model", "{tmp}/nowhere", *FAST, "--out", "{tmp}/stats"],
      None, "does not exist"),
+    ("calibrate-inpainting-model", ["calibrate", "--model", "{in}/inpaint-model", *FAST, "--out", "{tmp}/stats"],
+     None, "takes 9 input channels (4 latent + 5 of image conditioning"),
+    ("calibrate-missing-lora", ["calibrate", "--model", "builtin:tiny", "--lora", "{tmp}/style.safetensors", *FAST,
+                                "--out", "{tmp}/stats"], None, "LoRA file '{tmp}/style.safetensors' does not exist"),
+    ("slim-pickled-lora", ["slim", "--model", "builtin:tiny", "--stats", "{in}/stats", "--lora", "{tmp}/model.ckpt",
+                           "--budget", "0.3", "--out", "{tmp}/slim"], "ckpt", "is not a .safetensors file"),
     ("calibrate-resume-other-model", ["calibrate", "--model", "{in}/other-model", "--prompts", "{in}/prompts.txt",
                                       *FAST, "--out", "{tmp}/stats"], "copy-stats", "belong to a different model"),
     ("slim-budget-below-one-step", ["slim", "--model", "builtin:tiny", "--stats", "{in}/stats", "--budget", "2",
@@ -150,6 +163,8 @@ EXPORT_ROWS = [
                                        "--out", "{tmp}/engines"], None, "different model"),
     ("export-non-utf8-prompt-file", ["--model", "builtin:tiny", "--engine", "ort", "--prompts", "{tmp}/latin1.txt",
                                      *FAST, "--out", "{tmp}/engines"], "latin1", "is not UTF-8 text"),
+    ("export-missing-lora", ["--model", "builtin:tiny", "--engine", "ort", "--lora", "{tmp}/style.safetensors",
+                             *FAST, "--out", "{tmp}/engines"], None, "does not exist"),
     ("export-onnx-as-model", ["--model", "{tmp}/unet.onnx", "--engine", "ort", "--out", "{tmp}/engines"], "onnx",
      "is an ONNX model"),
 ]
