@@ -16,7 +16,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate
+import torch
+
+from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate, pipeline_loop
 from .distributed import Group
 from .errors import SlimDiffError, SlimDiffWarning
 from .families import family_for
@@ -54,6 +56,8 @@ def collect_statistics(
     ``on_batch(stage, batches_done)`` is called after each calibration batch. Under torch.distributed
     (``group``) rank 0 returns the statistics, the other ranks None. ``site_shards``: see
     :func:`slimdiff.calibrate.calibrate`."""
+    if loop is None and not isinstance(pipe, torch.nn.Module):
+        loop = pipeline_loop(pipe, calibration)  # first: what the sampling needs (an inpainting model's images)
     slimset = choose_prompts(pipe, prompts, num_prompts)
     stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch, group=group,
                       site_shards=site_shards)

@@ -76,6 +76,8 @@ class CalibrationConfig:
 
     ``weighting``: ``"trq"`` (w ∝ prior·ρ^γ, the method), ``"uniform"`` (activation-aware without timestep
     weighting) or ``"single"`` (only the visited step nearest the middle of the trajectory — an ablation).
+    ``images``: for inpainting models, the images whose seeded holes calibration fills
+    (:mod:`slimdiff.families.inpaint`); text-to-image models take none.
     """
 
     steps: int = 25
@@ -89,6 +91,7 @@ class CalibrationConfig:
     weighting: str = "trq"
     gamma: float = 1.0
     prior: str = "uniform"  # or "early": log-decreasing emphasis on early (high-noise) steps
+    images: str | None = None  # a folder of images: what an inpainting model's calibration fills holes in
 
     def __post_init__(self):
         if self.weighting not in ("trq", "uniform", "single"):

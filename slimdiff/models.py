@@ -383,7 +383,8 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
             raise SlimDiffError(unsupported_file_message(source))
         return load_single_file(path, dtype, config)
     if (path / "model_index.json").exists():
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                               StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
 
         from .sources import choose_variant
 
@@ -393,10 +394,10 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         if pipeline_cls.__name__ == SD3_PIPELINE and not _has_component(path, "text_encoder_3"):
             # SD3 without its T5 (the documented way to save memory): the pipeline conditions on zeros in its place
             options = dict(text_encoder_3=None, tokenizer_3=None)
-        elif pipeline_cls is StableDiffusionPipeline:
+        elif pipeline_cls in (StableDiffusionPipeline, StableDiffusionInpaintPipeline):
             # The safety checker and its feature extractor play no part in slimming: not loaded, even when present.
             options = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        elif pipeline_cls is StableDiffusionXLPipeline:
+        elif pipeline_cls in (StableDiffusionXLPipeline, StableDiffusionXLInpaintPipeline):
             options = dict(add_watermarker=False)
         return pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
                                             use_safetensors=True, variant=chosen, **options)
@@ -423,9 +424,11 @@ def _model_index(path: Path, source: str) -> dict:
         raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
 
 
-def _check_text_to_image_unet(path: Path, source: str, cls_name: str) -> None:
-    """Refuse a UNet that takes image conditioning beside the latent (inpainting: 9 input channels, InstructPix2Pix:
-    8, SD-2 depth: 5): calibration samples text-to-image, and such a UNet would fail on its first call."""
+def _check_unet_input(path: Path, source: str, cls_name: str) -> bool:
+    """Whether the folder's UNet is an inpainting one (the latent, the mask and the masked image's latent: 9 input
+    channels; loaded with the inpainting pipeline class). Other UNets taking image conditioning beside the latent
+    (InstructPix2Pix: 8, SD-2 depth: 5) are refused: their pipelines' inputs are not calibrated yet, and a
+    text-to-image call would fail on the first UNet call."""
     def channels(component: str, key: str) -> int | None:
         try:
             return json.loads((path / component / "config.json").read_text()).get(key)
@@ -433,10 +436,13 @@ def _check_text_to_image_unet(path: Path, source: str, cls_name: str) -> None:
             return None  # diffusers' own loader reports a missing or broken config
 
     unet_in, latent = channels("unet", "in_channels"), channels("vae", "latent_channels")
-    if unet_in is not None and latent is not None and unet_in != latent:
-        raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder whose UNet takes {unet_in} input "
-                            f"channels ({latent} latent + {unet_in - latent} of image conditioning: an inpainting, "
-                            "InstructPix2Pix or depth model); slimdiff calibrates text-to-image UNets only so far")
+    if unet_in is None or latent is None or unet_in == latent:
+        return False
+    if unet_in == 2 * latent + 1:
+        return True
+    raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder whose UNet takes {unet_in} input channels "
+                        f"({latent} latent + {unet_in - latent} of image conditioning: an InstructPix2Pix or depth "
+                        "model); slimdiff calibrates text-to-image and inpainting UNets only so far")
 
 
 def _has_component(path: Path, component: str, index: dict | None = None) -> bool:
@@ -495,16 +501,16 @@ def _pipeline_class(path: Path, source: str):
                                 "the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
                                 "may be left out, with its tokenizer): the folder is incomplete")
         return diffusers.StableDiffusion3Pipeline
-    _check_text_to_image_unet(path, source, cls_name)
+    inpainting = _check_unet_input(path, source, cls_name)
     if not cls_name.startswith("StableDiffusionXL"):
-        return diffusers.StableDiffusionPipeline
+        return diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):
         raise SlimDiffError(f"{source!r} is an SDXL refiner ({cls_name}: only text_encoder_2, aesthetic-score "
                             "time ids); slimdiff calibrates text-to-image base models: pass the SDXL base folder")
     if not present("text_encoder_2"):
         raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
                             "needed): the folder is incomplete")
-    return diffusers.StableDiffusionXLPipeline
+    return diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
 
 
 def load_unet(source: str, dtype: torch.dtype = torch.float32):

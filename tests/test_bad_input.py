@@ -42,13 +42,13 @@ def files(tmp_path_factory):
     with torch.no_grad():
         other.unet.mid_block.attentions[0].transformer_blocks[0].ff.net[2].weight.mul_(1.5)
     other.save_pretrained(root / "other-model")
-    # an inpainting pipeline folder: its UNet takes the masked image's latent and the mask beside the latent
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+    # an InstructPix2Pix pipeline folder: its UNet takes the input image's latent beside the latent
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
     from slimdiff.configs import TINY_UNET
 
-    inpaint = UNet2DConditionModel(**dict(TINY_UNET, in_channels=9))
-    StableDiffusionInpaintPipeline(**{**other.components, "unet": inpaint}).save_pretrained(root / "inpaint-model")
+    pix2pix = UNet2DConditionModel(**dict(TINY_UNET, in_channels=8))
+    StableDiffusionInstructPix2PixPipeline(**{**other.components, "unet": pix2pix}).save_pretrained(root / "pix2pix")
     return root
 
 
@@ -105,8 +105,8 @@ SLIMDIFF_ROWS = [
      "ckpt", "pickle checkpoint"),
     ("calibrate-missing-model", ["calibrate", "--model", "{tmp}/nowhere", *FAST, "--out", "{tmp}/stats"],
      None, "does not exist"),
-    ("calibrate-inpainting-model", ["calibrate", "--model", "{in}/inpaint-model", *FAST, "--out", "{tmp}/stats"],
-     None, "takes 9 input channels (4 latent + 5 of image conditioning"),
+    ("calibrate-pix2pix-model", ["calibrate", "--model", "{in}/pix2pix", *FAST, "--out", "{tmp}/stats"],
+     None, "takes 8 input channels (4 latent + 4 of image conditioning"),
     ("calibrate-missing-lora", ["calibrate", "--model", "builtin:tiny", "--lora", "{tmp}/style.safetensors", *FAST,
                                 "--out", "{tmp}/stats"], None, "LoRA file '{tmp}/style.safetensors' does not exist"),
     ("slim-pickled-lora", ["slim", "--model", "builtin:tiny", "--stats", "{in}/stats", "--lora", "{tmp}/model.ckpt",

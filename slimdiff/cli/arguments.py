@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,9 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None,
                    help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
                         "(default: the packaged COCO val2017 captions)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="inpainting models: a folder of images (PNG/JPEG/WebP) calibration fills seeded holes in, one "
+                        "per prompt in turn (e.g. COCO photographs)")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
     p.add_argument("--guidance", type=float, default=None,
@@ -56,10 +60,11 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
 def calibration_config_from_args(args):
     from ..calibrate import CalibrationConfig
 
+    images = None if args.images is None else str(Path(args.images).resolve())  # resumed from anywhere
     return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
                              width=args.resolution, seed=args.seed, batch_size=args.batch_size,
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, images=images)
 
 
 def calibration_clock(prog: str, pipe, pool_size: int, args):

@@ -129,8 +129,11 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
     for k in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
         chunk_p, chunk_s = list(prompts[k:k + batch_size]), seeds[k:k + batch_size]
         latents = family.seeded_latents(unet.config, (latent, latent), chunk_s).to(device=device, dtype=dtype)
+        # a generator per image as well: whatever else the pipeline draws (an ancestral sampler's noise, an
+        # inpainting pipeline's sample of the masked image's latent) is the image's seed's too
+        generators = [torch.Generator().manual_seed(int(s)) for s in chunk_s]
         call = lambda: pipe(chunk_p, height=size, width=size, num_inference_steps=steps,  # noqa: E731
-                            guidance_scale=guidance, latents=latents, output_type="np",
+                            guidance_scale=guidance, latents=latents, output_type="np", generator=generators,
                             **family.pipeline_options).images
         if probe is None:
             images = call()

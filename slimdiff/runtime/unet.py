@@ -45,7 +45,7 @@ from .sd3 import EngineSD3Transformer
 
 class EngineUNet(EngineDenoiser):
     component = "unet"
-    families = ("sd", "sdxl")
+    families = ("sd", "sdxl", "sd-inpaint", "sdxl-inpaint")
 
     @property
     def add_embedding(self):

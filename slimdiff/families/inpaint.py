@@ -1,0 +1,139 @@
+"""Inpainting UNets: ``StableDiffusionInpaintPipeline`` (SD-1.5 / SD-2 inpainting) and
+``StableDiffusionXLInpaintPipeline`` (SDXL inpainting) with a UNet whose input is the noisy latent, the mask
+(one channel, at latent size) and the masked image's latent side by side: ``in_channels = 2 · latent + 1`` (9).
+
+The transformer blocks are SD's and SDXL's, and so are their sites, export and engines (the exporter reads
+``in_channels`` from the config). What differs is the sampling that calibration runs: the pipeline needs an image
+and a mask for every prompt. Calibration takes the images from ``CalibrationConfig.images`` (a folder, e.g. COCO
+photographs: ``--images``), one per prompt in turn, each with a seeded random rectangular hole covering 9–64 % of
+it, so a prompt's image and mask do not depend on batching. The benchmark's end-to-end runs and ``slimdiff eval``
+use one fixed synthetic task instead — a grey canvas with a centred hole (:data:`SYNTHETIC_TASK`): they time and
+compare the models, they do not need photographs.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+from ..errors import SlimDiffError
+from .base import FAMILIES
+from .sd import StableDiffusionFamily, _unet_of, guidance
+from .sdxl import StableDiffusionXLFamily
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: Side of a hole as a fraction of the image's (each side drawn on its own): 0.3–0.8 → 9–64 % of the area.
+HOLE_SIDE = (0.3, 0.8)
+
+
+def is_inpainting_unet(config: Any) -> bool:
+    """A UNet taking the latent, the mask and the masked image's latent: ``in_channels = 2 · out_channels + 1``."""
+    return config.get("in_channels") == 2 * config.get("out_channels", 0) + 1
+
+
+def calibration_images(folder: str | None) -> list[Path]:
+    """The image files of ``folder`` in name order; one line when there is no folder or no image in it."""
+    if folder is None:
+        raise SlimDiffError("an inpainting model is calibrated on images with holes: give a folder of images "
+                            "(`--images DIR`, e.g. a few hundred COCO photographs; any size, resized to the "
+                            "calibration size)")
+    path = Path(folder)
+    if not path.is_dir():
+        raise SlimDiffError(f"--images {folder!r} is not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SlimDiffError(f"--images {folder!r} holds no {', '.join(IMAGE_SUFFIXES)} images")
+    return files
+
+
+def seeded_hole(seed: int, height: int, width: int):
+    """The calibration mask of the prompt sampled with ``seed``: a white (repaint) rectangle on black, L mode."""
+    from PIL import Image, ImageDraw
+
+    gen = torch.Generator().manual_seed(int(seed))
+    low, high = HOLE_SIDE
+    hole_h, hole_w = (round(side * (low + (high - low) * torch.rand((), generator=gen).item()))
+                      for side in (height, width))
+    top = int(torch.randint(0, height - hole_h + 1, (), generator=gen))
+    left = int(torch.randint(0, width - hole_w + 1, (), generator=gen))
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((left, top, left + hole_w - 1, top + hole_h - 1), fill=255)
+    return mask
+
+
+def _read_image(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises several types for a file that is not an image
+        raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
+
+
+def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: the inpainting pipeline's own sampling of one batch — prompt ``i``'s image is
+    ``images[seed mod count]`` with :func:`seeded_hole` of its seed — from seeded latents to latents."""
+    files = calibration_images(config.images)
+    unet, scale = pipe.unet, pipe.vae_scale_factor
+    height = config.height or unet.config.sample_size * scale
+    width = config.width or unet.config.sample_size * scale
+
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        latents = torch.cat([torch.randn((1, unet.config.out_channels, height // scale, width // scale),
+                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        images = [_read_image(files[int(s) % len(files)]) for s in seeds]
+        masks = [seeded_hole(int(s), height, width) for s in seeds]
+        # the masked image's latent is a sample of the VAE's posterior: drawn from each prompt's seed as well
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        pipe(list(prompts), image=images, mask_image=masks, num_inference_steps=config.steps, **guidance(config),
+             latents=latents.to(device=unet.device, dtype=unet.dtype), height=height, width=width, strength=1.0,
+             generator=generators, output_type="latent")
+
+    return run
+
+
+class _Inpainting:
+    """What the inpainting families add to their text-to-image family: the calibration sampling, the synthetic
+    task of measurement, seeded latents of the latent's channels (not the UNet's input's), and no Triton
+    repository (its served pipeline would take images)."""
+
+    serving_pipeline = None
+
+    def accepts(self, obj: Any) -> bool:
+        unet = _unet_of(obj)
+        return unet is not None and is_inpainting_unet(unet.config) and super().accepts(obj)
+
+    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        return inpainting_loop(pipe, config)
+
+    @cached_property
+    def pipeline_options(self) -> dict:
+        """The measuring task: a grey canvas with a centred hole of half its sides (the pipeline resizes both)."""
+        from PIL import Image, ImageDraw
+
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+        return {"image": Image.new("RGB", (64, 64), (128, 128, 128)), "mask_image": mask, "strength": 1.0}
+
+    def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+        return torch.cat([torch.randn((1, config["out_channels"], *latent), generator=torch.Generator().manual_seed(
+            int(s))) for s in seeds])
+
+
+@FAMILIES.register({StableDiffusionInpaintPipeline: "sd-inpaint", UNet2DConditionModel: "sd-inpaint"})
+class StableDiffusionInpaintFamily(_Inpainting, StableDiffusionFamily):
+    """SD-1.x / SD-2.x inpainting: SD's UNet call with a 9-channel input."""
+
+    name = "sd-inpaint"
+
+
+@FAMILIES.register({StableDiffusionXLInpaintPipeline: "sdxl-inpaint", UNet2DConditionModel: "sdxl-inpaint"})
+class StableDiffusionXLInpaintFamily(_Inpainting, StableDiffusionXLFamily):
+    """SDXL inpainting: SDXL's UNet call (``text_embeds``, ``time_ids``) with a 9-channel input."""
+
+    name = "sdxl-inpaint"
