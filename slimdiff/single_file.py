@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -102,7 +102,15 @@ class ShippedConfig:
 
     @property
     def pipeline_class(self) -> str:
-        return "StableDiffusionPipeline" if self.text_2 is None else "StableDiffusionXLPipeline"
+        return _pipeline_class_name(self.text_2 is not None, self.unet.get("in_channels") == INPAINTING_CHANNELS)
+
+
+#: conv_in's input channels of an inpainting UNet: the latent (4), the mask (1), the masked image's latent (4).
+INPAINTING_CHANNELS = 9
+
+
+def _pipeline_class_name(sdxl: bool, inpainting: bool) -> str:
+    return f"StableDiffusion{'XL' if sdxl else ''}{'Inpaint' if inpainting else ''}Pipeline"
 
 
 def _clip_tokenized(text: dict, pad_token_id: int) -> dict:
@@ -142,16 +150,23 @@ def read_header(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise SlimDiffError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
 
 
+def input_channels(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The UNet's input channels: 4 (the latent) for text-to-image, 9 for inpainting."""
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    return None if conv_in is None else conv_in[1]
+
+
 def detect_family(shapes: dict[str, tuple[int, ...]], source: str) -> str:
     """``sd1`` / ``sd2`` / ``sdxl`` from the checkpoint's keys; one line naming what was found otherwise."""
     if not any(k.startswith(UNET_PREFIX) for k in shapes):
         example = next(iter(sorted(shapes)), "none")
         raise SlimDiffError(f"{source!r} is not an original-layout Stable Diffusion checkpoint (no {UNET_PREFIX}* "
                             f"keys; first key: {example}); a diffusers UNet file is loaded from its folder")
-    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in[1] != 4:
-        raise SlimDiffError(f"{source!r} is a UNet with {conv_in[1]} input channels (an inpainting or other "
-                            "image-conditioned model); only text-to-image models with 4 latent channels are supported")
+    channels = input_channels(shapes)
+    if channels not in (None, 4, INPAINTING_CHANNELS):
+        raise SlimDiffError(f"{source!r} is a UNet with {channels} input channels (an image-conditioned model such as "
+                            "InstructPix2Pix or SD-2 depth); only text-to-image (4) and inpainting (9) UNets are "
+                            "supported")
     if _SDXL_SECOND_TOWER in shapes and _TEXT_EMBEDDINGS["sdxl"] in shapes:
         return "sdxl"
     if "conditioner.embedders.0.model.text_projection" in shapes:
@@ -281,10 +296,10 @@ def write_config_folder(config: ShippedConfig, folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _pipeline_class(family: str, inpainting: bool):
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, _pipeline_class_name(family == "sdxl", inpainting))
 
 
 def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None):
@@ -297,7 +312,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, confi
     family = detect_family(shapes, str(path))
     if family == "sdxl":
         check_sdxl_text_towers(shapes, str(path))
-    cls = _pipeline_class(family)
+    inpainting = input_channels(shapes) == INPAINTING_CHANNELS
+    cls = _pipeline_class(family, inpainting)
     kwargs = dict(torch_dtype=dtype, local_files_only=True)
     if family == "sdxl":  # as SDXL pipeline folders load (slimdiff.models): no invisible watermark on images
         kwargs["add_watermarker"] = False
@@ -309,6 +325,8 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, confi
                 raise SlimDiffError(f"--config {str(config)!r} is not a diffusers pipeline folder (no model_index.json)")
             return cls.from_single_file(str(path), config=str(Path(config).resolve()), **kwargs)
         shipped = choose_config(shapes, family, str(path))
+        if inpainting:  # the text-to-image configuration, with the inpainting UNet's input
+            shipped = replace(shipped, unet={**shipped.unet, "in_channels": INPAINTING_CHANNELS})
         if shipped.notes:
             warnings.warn(f"{path.name}: configuration {shipped.name}: {shipped.notes}", SlimDiffWarning, stacklevel=2)
         with tempfile.TemporaryDirectory(prefix="slimdiff-config-") as tmp:

@@ -69,6 +69,21 @@ def test_sd1_checkpoint_loads_offline_with_the_shipped_configuration(tmp_path):
     assert loaded.tokenizer("a cat").input_ids == source.tokenizer("a cat").input_ids
 
 
+def test_an_inpainting_checkpoint_loads_offline_as_the_inpainting_pipeline(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    source = build_builtin("builtin:tiny")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        unet = UNet2DConditionModel(**dict(TINY_UNET, in_channels=9)).eval()
+    source = StableDiffusionInpaintPipeline(**{**source.components, "unet": unet})
+    ckpt = tmp_path / "tiny-inpainting.safetensors"
+    save_file(to_original_layout(source), str(ckpt))
+    loaded = load_pipeline(str(ckpt))
+    assert type(loaded) is StableDiffusionInpaintPipeline and loaded.unet.config.in_channels == 9
+    _assert_same_weights(loaded, source)
+
+
 def test_sd2_v_prediction_checkpoint_loads_with_a_config_folder(tmp_path):
     source = _tiny_sd2()
     source.save_pretrained(tmp_path / "config")
@@ -239,10 +254,10 @@ def test_checkpoints_that_cannot_be_loaded_say_why(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in source.unet.state_dict().items()}, str(diffusers_file))
     _fails(["slim", "--model", str(diffusers_file), *out], capsys, "not an original-layout Stable Diffusion")
     state = to_original_layout(source)
-    inpaint = dict(state)
-    inpaint[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    save_file(inpaint, str(tmp_path / "inpaint.safetensors"))
-    _fails(["slim", "--model", str(tmp_path / "inpaint.safetensors"), *out], capsys, "9 input channels")
+    pix2pix = dict(state)
+    pix2pix[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, 8, 3, 3)
+    save_file(pix2pix, str(tmp_path / "pix2pix.safetensors"))
+    _fails(["slim", "--model", str(tmp_path / "pix2pix.safetensors"), *out], capsys, "8 input channels")
     wider = {k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}
     wider["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(514, 48)
     save_file(wider, str(tmp_path / "other.safetensors"))
