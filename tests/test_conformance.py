@@ -15,6 +15,7 @@ pipeline of that family. A new family adds one such class (and its adapter), not
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,11 @@ class FamilyConformance:
     def make_pipeline(cls):
         raise NotImplementedError
 
+    @classmethod
+    def calibration_options(cls) -> dict:
+        """What the family's calibration takes beyond prompts, steps and size (an inpainting model's images)."""
+        return {}
+
     @staticmethod
     def denoiser(pipe):
         return family_for(pipe).denoiser(pipe)
@@ -105,7 +111,8 @@ class FamilyConformance:
     @classmethod
     def calibration(cls, pipe, out=None, site_shards: int = 1):
         """``pipe``'s statistics over PROMPTS (a few steps at the family's image size)."""
-        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1, height=cls.image_px, width=cls.image_px)
+        config = CalibrationConfig(steps=3, pass1_prompts=1, batch_size=1, height=cls.image_px, width=cls.image_px,
+                                   **cls.calibration_options())
         return calibrate(pipe, PROMPTS, out, config, progress=False, site_shards=site_shards)
 
     @pytest.fixture(scope="class")
@@ -335,6 +342,53 @@ class TestSD2(FamilyConformance):
                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
                       attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
         return _pipeline(config, "DDIMScheduler", prediction_type="v_prediction")
+
+
+class TestSDInpaint(FamilyConformance):
+    """SD inpainting: SD-2's small layout with the 9-channel input (latent, mask, masked image's latent), sampled by
+    StableDiffusionInpaintPipeline; calibrated on seeded holes in a few noise images."""
+
+    family = "sd-inpaint"
+    image_px = 16
+
+    @classmethod
+    def make_pipeline(cls):
+        from diffusers import StableDiffusionInpaintPipeline
+
+        config = dict(sample_size=8, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
+                      attention_head_dim=(2, 4), use_linear_projection=True)
+        pipe = StableDiffusionInpaintPipeline(**_pipeline(config, "DDIMScheduler").components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @classmethod
+    def calibration_options(cls) -> dict:
+        return {"images": str(_noise_images())}
+
+    @property
+    def sample_kwargs(self) -> dict:
+        return family_for(self.make_pipeline()).pipeline_options
+
+
+_IMAGES: list = []
+
+
+def _noise_images():
+    """A folder of three seeded noise images, written once per process (the inpainting calibration's input)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    if not _IMAGES:
+        folder = Path(tempfile.mkdtemp(prefix="slimdiff-inpaint-images-"))
+        for i in range(3):
+            pixels = np.random.default_rng(i).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+        _IMAGES.append(folder)
+    return _IMAGES[0]
 
 
 class TestSDXLStack(FamilyConformance):
