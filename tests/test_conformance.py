@@ -329,6 +329,13 @@ class TestSD1(FamilyConformance):
         return _pipeline(TINY_UNET, skip_prk_steps=True)
 
 
+# SD-2's layout at two levels: linear projections, per-level head counts.
+TWO_LEVEL_SD2_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                          norm_num_groups=8, attention_head_dim=(2, 4), use_linear_projection=True)
+
+
 class TestSD2(FamilyConformance):
     """SD-2.x: v-prediction, linear projections, upcast attention, per-level head counts."""
 
@@ -337,11 +344,7 @@ class TestSD2(FamilyConformance):
 
     @classmethod
     def make_pipeline(cls):
-        config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
-                      attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
-        return _pipeline(config, "DDIMScheduler", prediction_type="v_prediction")
+        return _pipeline(dict(TWO_LEVEL_SD2_UNET, upcast_attention=True), "DDIMScheduler", prediction_type="v_prediction")
 
 
 class TestSDInpaint(FamilyConformance):
@@ -355,10 +358,7 @@ class TestSDInpaint(FamilyConformance):
     def make_pipeline(cls):
         from diffusers import StableDiffusionInpaintPipeline
 
-        config = dict(sample_size=8, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, norm_num_groups=8,
-                      attention_head_dim=(2, 4), use_linear_projection=True)
+        config = dict(TWO_LEVEL_SD2_UNET, in_channels=9)
         pipe = StableDiffusionInpaintPipeline(**_pipeline(config, "DDIMScheduler").components)
         pipe.set_progress_bar_config(disable=True)
         return pipe

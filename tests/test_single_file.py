@@ -160,6 +160,18 @@ def test_sdxl_checkpoint_loads_offline_with_the_shipped_configuration(tmp_path, 
     assert loaded.config.force_zeros_for_empty_prompt
 
 
+def test_an_sdxl_inpainting_checkpoint_loads_as_the_sdxl_inpainting_pipeline(tmp_path, tiny_xl_shipped):
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    base = _tiny_sdxl()
+    source = StableDiffusionXLInpaintPipeline(**{**base.components, "unet": UNet2DConditionModel(
+        **dict(TINY_XL_WIDE.unet, in_channels=9))}, add_watermarker=False)
+    save_file(to_original_layout(source, "sdxl"), str(tmp_path / "tiny-xl-inpainting.safetensors"))
+    loaded = load_pipeline(str(tmp_path / "tiny-xl-inpainting.safetensors"))
+    assert type(loaded) is StableDiffusionXLInpaintPipeline and loaded.unet.config.in_channels == 9
+    _assert_same_weights(loaded, source, ("unet", "vae", "text_encoder", "text_encoder_2"))
+
+
 def test_sdxl_checkpoint_loads_with_a_config_folder(tmp_path):
     source = _tiny_sdxl()
     source.save_pretrained(tmp_path / "config")
