@@ -121,6 +121,9 @@ def test_slim_on_base_statistics_records_the_lora_and_reopens_the_fused_pipeline
     info = json.loads((out / "slimdiff_plan.json").read_text())["info"]
     assert info["statistics_without_loras"] is True
     assert [(r["path"], r["scale"]) for r in info["source_loras"]] == [(str(path.resolve()), 0.5)]
+    assert main(["inspect", str(out)]) == 0
+    assert (f"LoRA fused before slimming: {path.resolve()} at scale 0.5 (statistics: the model's without it)"
+            in capsys.readouterr().out)
 
     # the slim folder reopens its pipeline with the LoRA fused into what slimming left dense (the text encoder)
     pipe, base = load_pipeline(str(out)), build_builtin("builtin:tiny")

@@ -172,6 +172,9 @@ def cmd_inspect(args) -> None:
         print(f"{name:<{width}}  {kind:<4}  {w:>6}  {r:>6}  {kept:>12,}")
     print(f"compressible parameters: {plan.compressible_params:,}; removed {plan.params_removed:,} "
           f"({100 * plan.params_removed / plan.compressible_params:.1f} %)")
+    for lora in plan.info.get("source_loras", []):
+        statistics = "the model's without it" if plan.info.get("statistics_without_loras") else "the fused model's"
+        print(f"LoRA fused before slimming: {lora['path']} at scale {lora['scale']:g} (statistics: {statistics})")
 
 
 def build_parser() -> argparse.ArgumentParser:
