@@ -158,6 +158,9 @@ def _slimming_inputs(pipe, args):
     stats, base_statistics = Statistics.load(args.stats) if args.stats else None, False
     if stats is not None and args.lora:  # the model came without its LoRAs: fingerprinted before and after fusing
         stats, base_statistics = fuse_loras_onto_statistics(pipe, lora_specs(args), stats)
+        if base_statistics:
+            status("statistics of the model without the LoRA(s): the factors are fitted to its activations "
+                   "(calibrate with --lora for the fused model's own)")
     elif stats is not None:
         stats.check_model(denoiser)
     prompts = None if stats is not None else read_prompts(args.prompts, model=args.model)
