@@ -50,9 +50,15 @@ class LoraSpec:
 
 
 def check_loras(specs: Sequence[LoraSpec]) -> None:
-    """Refuse, before any model is loaded, LoRA files that cannot be read: missing, not safetensors, no tensors."""
+    """Refuse, before any model is loaded, LoRAs that cannot be fused: peft missing, files missing, not safetensors,
+    without tensors."""
+    import importlib.util
+
     from safetensors import safe_open
 
+    if specs and importlib.util.find_spec("peft") is None:
+        raise SlimDiffError("fusing a LoRA needs peft, which diffusers loads LoRAs with: pip install 'slimdiff[lora]' "
+                            "(or pip install peft)")
     for spec in specs:
         path = Path(spec.path)
         if not math.isfinite(spec.scale):
@@ -81,10 +87,6 @@ def fuse_loras(pipe, specs: Sequence[LoraSpec]) -> None:
     if not specs:
         return
     check_loras(specs)
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:
-        raise SlimDiffError("fusing a LoRA needs peft, which diffusers loads LoRAs with: pip install peft")
     if not hasattr(pipe, "load_lora_weights"):
         raise SlimDiffError(f"diffusers loads no LoRA into a {type(pipe).__name__}")
     from safetensors.torch import load_file

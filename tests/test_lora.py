@@ -214,3 +214,12 @@ def test_an_sdxl_kohya_lora_in_original_block_names_fuses_exactly(tmp_path):
     fuse_loras(pipe, [LoraSpec(str(tmp_path / "sdxl.safetensors"))])
     for name, weight in expected.items():
         torch.testing.assert_close(unet.get_submodule(name).weight, weight, rtol=0, atol=1e-6)
+
+
+def test_without_peft_a_lora_is_refused_before_the_model_loads(monkeypatch, lora):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    with pytest.raises(SlimDiffError, match=r"pip install 'slimdiff\[lora\]'"):
+        load_pipeline("builtin:no-such-model", loras=[LoraSpec(str(lora[0]))])  # before the unknown model's error
