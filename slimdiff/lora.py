@@ -117,9 +117,10 @@ def fuse_loras_onto_statistics(pipe, specs: Sequence[LoraSpec], stats):
 
     ``stats`` (:class:`slimdiff.calibrate.Statistics`) are taken as they are when they are the fused model's (the
     fingerprint hashes the weights slimming reads: calibrated with these LoRAs, or LoRAs that leave those weights
-    alone). Statistics of the model without the LoRAs are accepted for the fused one: a LoRA nudges the weights
-    and barely moves the activations the factors are fitted to, so one calibration serves many LoRAs; calibrating
-    with the LoRAs fused is the exact way. Statistics of neither are refused in one line."""
+    alone). Statistics of the model without the LoRAs are accepted for the fused one, so one calibration serves many
+    LoRAs: the factors are then fitted to the activations of the model without them, which costs little for a LoRA
+    that nudges the weights and more for one that changes the images (bench/lora_statistics.py); calibrating with
+    the LoRAs fused is the exact way. Statistics of neither are refused in one line."""
     from .calibrate import model_fingerprint
     from .families import family_for
 
