@@ -429,16 +429,16 @@ def _check_unet_input(path: Path, source: str, cls_name: str) -> bool:
     channels; loaded with the inpainting pipeline class). Other UNets taking image conditioning beside the latent
     (InstructPix2Pix: 8, SD-2 depth: 5) are refused: their pipelines' inputs are not calibrated yet, and a
     text-to-image call would fail on the first UNet call."""
-    def channels(component: str, key: str) -> int | None:
-        try:
-            return json.loads((path / component / "config.json").read_text()).get(key)
-        except (OSError, json.JSONDecodeError):
-            return None  # diffusers' own loader reports a missing or broken config
+    from .families.inpaint import is_inpainting_unet
 
-    unet_in, latent = channels("unet", "in_channels"), channels("vae", "latent_channels")
-    if unet_in is None or latent is None or unet_in == latent:
+    try:
+        config = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # diffusers' own loader reports a missing or broken config
+    unet_in, latent = config.get("in_channels", 4), config.get("out_channels", 4)
+    if unet_in == latent:
         return False
-    if unet_in == 2 * latent + 1:
+    if is_inpainting_unet(config):
         return True
     raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder whose UNet takes {unet_in} input channels "
                         f"({latent} latent + {unet_in - latent} of image conditioning: an InstructPix2Pix or depth "

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..errors import SlimDiffError
 from ..export.meta import EXPORT_FORMAT, status, write_json_atomic
+from .arguments import lora_specs
 
 DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
 FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
@@ -150,7 +151,6 @@ def _slimming_inputs(pipe, args):
     from ..lora import fuse_loras_onto_statistics
     from ..prompts import read_prompts
     from ..slim import SlimConfig, check_budget, parse_budget
-    from .arguments import lora_specs
 
     config = SlimConfig(budget=parse_budget(args.budget))
     denoiser = family_for(pipe).denoiser(pipe)
@@ -191,7 +191,6 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
     time both. Called after the engine build, the last user of the module."""
     from ..serialization import save_slim
     from ..sources import source_unet_dtype
-    from .arguments import lora_specs
 
     dtype, param = source_unet_dtype(args.model, args.variant), next(unet.parameters())
     if param.device.type != "cpu":
@@ -217,8 +216,6 @@ def _dense_variant_in_process(args, folder: Path, build: dict, threads: int) -> 
 
     meta.STATUS_TAG = "slimdiff-export, dense"
     torch.set_num_threads(threads)
-    from .arguments import lora_specs
-
     _, dense, _, _ = _load_model(args.model, args.config, args.variant, lora_specs(args))
     return _build_variant(args, "dense", dense, None, folder, **build)
 
@@ -376,11 +373,9 @@ def run(args) -> list[dict]:
     repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force) if args.triton_repo else None
     dense_process = None
     try:
-        from .arguments import lora_specs
-
         # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after
-        loras = lora_specs(args)
-        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, () if args.stats else loras)
+        loras = () if args.stats else lora_specs(args)
+        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras)
         slimming = _slimming_inputs(pipe, args) if slim is None else None
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline

@@ -7,8 +7,8 @@ The transformer blocks are SD's and SDXL's, and so are their sites, export and e
 and a mask for every prompt. Calibration takes the images from ``CalibrationConfig.images`` (a folder, e.g. COCO
 photographs: ``--images``), one per prompt in turn, each with a seeded random rectangular hole covering 9–64 % of
 it, so a prompt's image and mask do not depend on batching. The benchmark's end-to-end runs and ``slimdiff eval``
-use one fixed synthetic task instead — a grey canvas with a centred hole (:data:`SYNTHETIC_TASK`): they time and
-compare the models, they do not need photographs.
+use one fixed synthetic task instead — a grey canvas with a centred hole (the families' ``pipeline_options``): they
+time and compare the models, they do not need photographs.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def _read_image(path: Path):
         raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
 
 
+def _latents(config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+    """One seeded draw per image of the latent the pipeline denoises: the UNet's output channels, not its input's."""
+    return torch.cat([torch.randn((1, config["out_channels"], *latent), generator=torch.Generator().manual_seed(
+        int(s))) for s in seeds])
+
+
 def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: the inpainting pipeline's own sampling of one batch — prompt ``i``'s image is
     ``images[seed mod count]`` with :func:`seeded_hole` of its seed — from seeded latents to latents."""
@@ -84,8 +90,7 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
     width = config.width or unet.config.sample_size * scale
 
     def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-        latents = torch.cat([torch.randn((1, unet.config.out_channels, height // scale, width // scale),
-                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        latents = _latents(unet.config, (height // scale, width // scale), seeds)
         images = [_read_image(files[int(s) % len(files)]) for s in seeds]
         masks = [seeded_hole(int(s), height, width) for s in seeds]
         # the masked image's latent is a sample of the VAE's posterior: drawn from each prompt's seed as well
@@ -121,8 +126,7 @@ class _Inpainting:
         return {"image": Image.new("RGB", (64, 64), (128, 128, 128)), "mask_image": mask, "strength": 1.0}
 
     def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
-        return torch.cat([torch.randn((1, config["out_channels"], *latent), generator=torch.Generator().manual_seed(
-            int(s))) for s in seeds])
+        return _latents(config, latent, seeds)
 
 
 @FAMILIES.register({StableDiffusionInpaintPipeline: "sd-inpaint", UNet2DConditionModel: "sd-inpaint"})
