@@ -165,6 +165,12 @@ EXPORT_ROWS = [
                                      *FAST, "--out", "{tmp}/engines"], "latin1", "is not UTF-8 text"),
     ("export-missing-lora", ["--model", "builtin:tiny", "--engine", "ort", "--lora", "{tmp}/style.safetensors",
                              *FAST, "--out", "{tmp}/engines"], None, "does not exist"),
+    ("export-triton-repo-is-out", ["--model", "builtin:tiny", "--engine", "ort", "--out", "{tmp}/engines",
+                                   "--triton-repo", "{tmp}/engines", "--triton-mode", "python"], None,
+     "give the repository a folder of its own"),
+    ("export-out-inside-triton-repo", ["--model", "builtin:tiny", "--engine", "ort", "--out", "{tmp}/repo/engines",
+                                       "--triton-repo", "{tmp}/repo", "--triton-mode", "python"], None,
+     "give the repository a folder of its own"),
     ("export-onnx-as-model", ["--model", "{tmp}/unet.onnx", "--engine", "ort", "--out", "{tmp}/engines"], "onnx",
      "is an ONNX model"),
 ]

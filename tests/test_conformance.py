@@ -347,6 +347,19 @@ class TestSD2(FamilyConformance):
         return _pipeline(dict(TWO_LEVEL_SD2_UNET, upcast_attention=True), "DDIMScheduler", prediction_type="v_prediction")
 
 
+class TestLCM(FamilyConformance):
+    """A guidance-distilled (LCM) UNet: SD-2's small layout embedding the guidance scale (``time_cond_proj_dim``,
+    the ``timestep_cond`` input every call and export takes), sampled by the LCM scheduler without a guidance batch."""
+
+    family = "sd"
+    image_px = 16
+    image_prompts = 2  # one UNet row per image: see image_prompts
+
+    @classmethod
+    def make_pipeline(cls):
+        return _pipeline(dict(TWO_LEVEL_SD2_UNET, time_cond_proj_dim=8), "LCMScheduler")
+
+
 class TestSDInpaint(FamilyConformance):
     """SD inpainting: SD-2's small layout with the 9-channel input (latent, mask, masked image's latent), sampled by
     StableDiffusionInpaintPipeline; calibrated on seeded holes in a few noise images."""

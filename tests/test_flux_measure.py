@@ -129,10 +129,12 @@ def test_timesteps_are_sigmas_in_the_unit_interval(bench):
 
 
 def test_seeded_latents_are_packed_and_do_not_depend_on_batching(bench):
+    from slimdiff.families import image_generators
+
     config = bench.pipe.transformer.config
-    both = bench.family.seeded_latents(config, (16, 12), [3, 4])
+    both = bench.family.seeded_latents(config, (16, 12), image_generators([3, 4]))
     assert both.shape == (2, 8 * 6, 64)
-    assert torch.equal(both[1:], bench.family.seeded_latents(config, (16, 12), [4]))
+    assert torch.equal(both[1:], bench.family.seeded_latents(config, (16, 12), image_generators([4])))
 
 
 def test_default_size_is_flux1s_1024_px():

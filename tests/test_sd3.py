@@ -148,13 +148,14 @@ def test_without_t5_the_pipeline_pads_zeros_of_the_same_length(sd3):
 @pytest.mark.parametrize("guidance_scale", [None, 1.0])
 def test_the_calibration_loop_runs_the_pipeline_on_seeded_latents(sd3, guidance_scale):
     from slimdiff.calibrate import CalibrationConfig
+    from slimdiff.families import image_generators
     from slimdiff.families.sd import seeded_latents
 
     config = CalibrationConfig(steps=3, guidance_scale=guidance_scale)
     loop = family_for(sd3).calibration_loop(sd3, config)
     calls = keyword_calls(sd3.transformer, lambda: loop(PROMPTS[:2], [5, 9]))
     assert len(calls) == 3
-    latents = seeded_latents(sd3.transformer, sd3.vae_scale_factor, config, [5, 9])
+    latents = seeded_latents(sd3.transformer, sd3.vae_scale_factor, config, image_generators([5, 9]))
     first = calls[0]["hidden_states"]
     if guidance_scale is None:  # the pipeline's own guidance (SD3: 7.0): unconditional and conditional halves
         assert sd3.guidance_scale == 7.0 and first.shape[0] == 4

@@ -49,7 +49,7 @@ def dit_repository(request, tmp_path_factory):
                 "dtype": torch.float32, "device": "cpu", "multiple": multiple}
 
     (root / "transformer").mkdir()
-    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build(str(family.guided_rows_per_image)))
+    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build(str(family.guided_rows_per_image(pipe.transformer.config))))
     folders = build_serving_engines(pipe, root, "ort", **build("1"))
     write_repository(root / "repo", pipe, root / "transformer", folders, "python", pipeline_instances=1)
     return name, root, pipe

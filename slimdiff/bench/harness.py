@@ -13,7 +13,7 @@ the speed-up beats the ideal by more than a few percent or the machine was busy 
 of the engine's output against the dense eager model on the same inputs, MACs and parameters
 (``torch.utils.flop_counter``), the ideal speed-up (dense MACs / slim MACs) and the measured/ideal ratio, peak
 memory and engine file size. It also runs the whole pipeline wherever the batch is a whole number of images — two
-rows per image under classifier-free guidance, one where guidance is embedded (FLUX.1-dev: the family's
+rows per image under classifier-free guidance, one where guidance is embedded (FLUX.1-dev, LCM UNets: the family's
 ``guided_rows_per_image``), so the denoiser sees the batch it was timed at — and splits its latency into time inside
 and outside the denoiser.
 
@@ -360,7 +360,7 @@ class Bench:
         with torch.no_grad():
             for b in cfg.batches:
                 self.refs[b] = dense_run(*self.inputs.get(b)).float().cpu()
-        rows = family.guided_rows_per_image
+        rows = self.rows_per_image = family.guided_rows_per_image(dense.config)
         self.e2e_ref = {b // rows: self._pipeline(pipe, dense_run, b // rows, CallTimer(self.device))
                         for b in cfg.batches if self.e2e and b % rows == 0}
         self.engine_entries: dict[str, dict] = {}
@@ -589,7 +589,7 @@ class Bench:
                 "interleaved": paired,
                 "load_average": [load_before, load_average()],  # 1-minute, before and after the timed calls
             }
-            rows = self.family.guided_rows_per_image
+            rows = self.rows_per_image
             if self.e2e and b % rows == 0:
                 cell["e2e"] = self._e2e(pipe, built.run, b // rows, model)
             cell["memory"] = memory.read()

@@ -42,10 +42,12 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="inpainting models: a folder of images (PNG/JPEG/WebP) calibration fills seeded holes in, one "
                         "per prompt in turn (e.g. COCO photographs)")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps per prompt (default 25)")
+    p.add_argument("--steps", type=int, default=25,
+                   help="sampling steps per prompt (default 25; step-distilled models — LCM, Turbo, Lightning: the "
+                        "steps they are used at, e.g. 4)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's own — SD 7.5, SDXL 5.0, PixArt 4.5, "
-                        "SD3 7.0; FLUX.1-dev: the embedded guidance, 3.5)")
+                        "SD3 7.0; FLUX.1-dev and LCM UNets embed it: FLUX 3.5, LCM the SD / SDXL default)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per sampling call (default 1)")
     p.add_argument("--pass1-prompts", type=int, default=64, help="prompts for the timestep-weight pass (default 64)")

@@ -322,6 +322,17 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
             "fused_ops": sidecar["fused"] if sidecar else None, **check}
 
 
+def _nested_output(out: Path, repo: Path) -> bool:
+    """Whether the Triton repository folder lies inside the engines' output folder (it is then written inside it);
+    one line for the same folder, or the engines' folder inside the repository's (publishing the one would delete
+    the other)."""
+    out, repo = out.resolve(), repo.resolve()
+    if repo == out or out.is_relative_to(repo):
+        raise SlimDiffError(f"--out {str(out)!r} and --triton-repo {str(repo)!r}: give the repository a folder of its "
+                            "own (beside the engines, or inside --out)")
+    return repo.is_relative_to(out)
+
+
 def _write_triton_repository(args, pipe, out: Path, repo: Path, *, profiles, kind: str, device: str, dtype, opset,
                              multiple: int) -> None:
     """Engines of the text encoders and the VAE decoder (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
@@ -369,8 +380,14 @@ def run(args) -> list[dict]:
             raise SlimDiffError("--triton-repo serves pipelines without ControlNet: leave out --controlnet-inputs, or "
                                 "export the engines without --triton-repo")
     out = Path(args.out)
+    repo_inside_out = args.triton_repo is not None and _nested_output(out, Path(args.triton_repo))
     tmp = atomic_output_dir(out, overwrite=args.force)
-    repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force) if args.triton_repo else None
+    repo_tmp = None
+    if repo_inside_out:  # published with the engines: out's temporary folder holds it
+        repo_tmp = tmp / Path(args.triton_repo).resolve().relative_to(out.resolve())
+        repo_tmp.mkdir(parents=True)
+    elif args.triton_repo:
+        repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force)
     dense_process = None
     try:
         # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after
@@ -452,7 +469,7 @@ def run(args) -> list[dict]:
              if getattr(pipe, name, None) is not None],
             "versions": {"torch": torch.__version__}, "seconds": round(time.perf_counter() - start, 1)})
         commit_output_dir(tmp, out)
-        if repo_tmp is not None:
+        if repo_tmp is not None and not repo_inside_out:
             commit_output_dir(repo_tmp, Path(args.triton_repo))
     finally:
         if dense_process is not None:

@@ -52,6 +52,7 @@ from .base import (
     TIMESTEP,
     VOLinears,
     column_blocks,
+    image_generators,
     parse_column_block_key,
     stat_key,
 )
@@ -171,6 +172,6 @@ __all__ = [
     "PENULTIMATE_HIDDEN_STATE", "POOLER_OUTPUT", "SIGMA", "ServedTextEncoder", "TEXT_EMBEDS", "TIMESTEP",
     "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
-    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "load_builtin", "module_sites",
+    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "image_generators", "load_builtin", "module_sites",
     "assemble_column_blocks", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
 ]

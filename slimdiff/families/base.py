@@ -803,10 +803,20 @@ def pipeline_call_default(pipe: Any, argument: str) -> Any:
 MODEL_DTYPE = "model"  # a tensor whose dtype follows the denoiser's precision (fp32 / fp16)
 
 
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by the image's seed. It draws the image's initial latent first
+    (:meth:`DenoiserFamily.seeded_latents`); passed on to the pipeline (``generator=``) it then draws whatever else
+    the pipeline draws for that image — a consistency or ancestral sampler's fresh noise at every step, an inpainting
+    pipeline's sample of the masked image's latent — so images do not depend on batching, device or the global RNG,
+    and no draw repeats the initial latent's."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
 @dataclass(frozen=True)
 class ConditionInput:
     """A conditioning tensor the pipeline passes beyond (sample, timestep, encoder_hidden_states) — an
-    ``added_cond_kwargs`` entry of that name — and an input of that name in exported graphs and engines.
+    ``added_cond_kwargs`` entry of that name, or with ``keyword`` the denoiser call's keyword argument of that name
+    (an LCM UNet's ``timestep_cond``) — and an input of that name in exported graphs and engines.
 
     ``dims`` holds fixed sizes and the axis name ``"batch"``; ``dtype`` is :data:`MODEL_DTYPE` or a torch dtype
     name. Parity checks draw it from U[0, ``high``) when ``high`` is set, from N(0, 1) otherwise.
@@ -816,6 +826,7 @@ class ConditionInput:
     dims: tuple
     dtype: str
     high: float = 0.0
+    keyword: bool = False
 
 
 def downsampled_axis(axis: str, factor: int) -> str:
@@ -910,14 +921,23 @@ class DenoiserFamily(ABC):
         """The pipeline's text encoders with their tokenizers, in the pipeline's order."""
 
     def condition_zeros(self, config: Any, batch: int, device: str | torch.device, dtype: torch.dtype) -> dict:
-        """Zeros for :meth:`condition_inputs` (the ``added_cond_kwargs`` of a dummy call)."""
+        """Zeros for :meth:`condition_inputs`, by name (a dummy call's: :meth:`condition_call`)."""
         return {c.name: torch.zeros(tuple(batch if d == "batch" else d for d in c.dims), device=device,
                                     dtype=dtype if c.dtype == MODEL_DTYPE else getattr(torch, c.dtype))
                 for c in self.condition_inputs(config)}
 
+    def condition_call(self, config: Any, values: dict[str, torch.Tensor]) -> dict:
+        """The keyword arguments of a denoiser call passing ``values`` (tensors of :meth:`condition_inputs` by name):
+        each keyword condition as itself, the others in ``added_cond_kwargs`` (left out when there are none)."""
+        conditions = self.condition_inputs(config)
+        call = {c.name: values[c.name] for c in conditions if c.keyword}
+        added = {c.name: values[c.name] for c in conditions if not c.keyword}
+        return {**call, "added_cond_kwargs": added} if added else call
+
     def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
-        """The extra conditioning inputs of the denoiser call (SDXL: ``text_embeds``, ``time_ids``), in the
-        order exported graphs take them after (sample, timestep, encoder_hidden_states)."""
+        """The extra conditioning inputs of the denoiser call (an LCM UNet's ``timestep_cond``; SDXL's
+        ``text_embeds``, ``time_ids``), in the order exported graphs take them after (sample, timestep,
+        encoder_hidden_states)."""
         return ()
 
     # -- export: the denoiser as a component with fixed positional inputs ---------------------------------
@@ -968,11 +988,12 @@ class DenoiserFamily(ABC):
     #: benchmark's end-to-end runs and evaluation all pass them).
     pipeline_options: dict = {}
 
-    #: Rows of the denoiser's batch per image in a guided pipeline call: 2 under classifier-free guidance (the
-    #: unconditional and the conditional prediction), 1 where the guidance scale is an input of the denoiser
-    #: (FLUX.1-dev). The benchmark's end-to-end runs sample batch / rows images, so the denoiser sees the batch it
-    #: was timed at.
-    guided_rows_per_image: int = 2
+    def guided_rows_per_image(self, config: Any) -> int:
+        """Rows of the batch a denoiser of ``config`` sees per image in a guided pipeline call: 2 under
+        classifier-free guidance (the unconditional and the conditional prediction), 1 where the guidance scale is
+        an input of the denoiser (FLUX.1-dev, LCM UNets). The benchmark's end-to-end runs sample batch / rows
+        images, so the denoiser sees the batch it was timed at."""
+        return 2
 
     def sample_size(self, config: Any) -> tuple[int, int]:
         """The latent (height, width) the pipeline samples at when no image size is given: the denoiser config's
@@ -980,12 +1001,13 @@ class DenoiserFamily(ABC):
         size = config["sample_size"]
         return (size, size) if isinstance(size, int) else tuple(size)
 
-    def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+    def seeded_latents(self, config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]
+                       ) -> torch.Tensor:
         """Initial latents of a pipeline call in the layout the pipeline takes them (``latents=``), one image per
-        seed on a ``latent`` = (height, width) grid, each drawn by a CPU generator of its seed (so an image does not
-        depend on batching or device): (images, channels, height, width), float32 on the CPU."""
-        return torch.cat([torch.randn((1, config["in_channels"], *latent), generator=torch.Generator().manual_seed(
-            int(s))) for s in seeds])
+        generator (:func:`image_generators`) on a ``latent`` = (height, width) grid, each drawn by its image's
+        generator (so an image does not depend on batching or device): (images, channels, height, width), float32
+        on the CPU."""
+        return torch.cat([torch.randn((1, config["in_channels"], *latent), generator=g) for g in generators])
 
     def exported_from_call(self, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
         """One call the pipeline makes to its denoiser (``call``: its arguments by name, ``added_cond_kwargs``

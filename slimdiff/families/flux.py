@@ -47,6 +47,7 @@ from .base import (
     ExportInput,
     ServedTextEncoder,
     TextTower,
+    image_generators,
     pipeline_call_default,
 )
 from .sd import guidance
@@ -138,7 +139,8 @@ class FluxFamily(DenoiserFamily):
     text_tokens = T5_TOKENS
     component = "transformer"
     shares_text_context = False  # context_embedder (and every block) sits between the call's text and attention
-    guided_rows_per_image = 1  # guidance is embedded (FLUX.1-dev) or absent (schnell): no classifier-free batch
+    def guided_rows_per_image(self, config: Any) -> int:
+        return 1  # guidance is embedded (FLUX.1-dev) or absent (schnell): no classifier-free batch
 
     # The exported call takes the latent unpacked, (batch, channels, height, width), and packs it and builds the
     # positions (img_ids, txt_ids) inside the graph: the engine's axes are then the latent's height and width, as
@@ -180,11 +182,12 @@ class FluxFamily(DenoiserFamily):
     def sample_size(self, config: Any) -> tuple[int, int]:
         return DEFAULT_SAMPLE_SIZE, DEFAULT_SAMPLE_SIZE
 
-    def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+    def seeded_latents(self, config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]
+                       ) -> torch.Tensor:
         # already packed, (images, h/2 · w/2, 64): i.i.d. noise, which packing only reorders
         h, w = latent
-        return torch.cat([torch.randn((1, (h // PACK) * (w // PACK), config["in_channels"]),
-                                      generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return torch.cat([torch.randn((1, (h // PACK) * (w // PACK), config["in_channels"]), generator=g)
+                          for g in generators])
 
     def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
                       ) -> dict[str, torch.Tensor]:
@@ -258,9 +261,11 @@ class FluxFamily(DenoiserFamily):
         latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
 
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            latents = self.seeded_latents(transformer.config, latent, seeds)
+            generators = image_generators(seeds)
+            latents = self.seeded_latents(transformer.config, latent, generators)
             pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), height=height, width=width,
-                 latents=latents.to(device=transformer.device, dtype=transformer.dtype), output_type="latent")
+                 latents=latents.to(device=transformer.device, dtype=transformer.dtype), generator=generators,
+                 output_type="latent")
 
         return run
 

@@ -21,7 +21,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 
 from ..errors import SlimDiffError
-from .base import FAMILIES
+from .base import FAMILIES, image_generators
 from .sd import StableDiffusionFamily, _unet_of, guidance
 from .sdxl import StableDiffusionXLFamily
 
@@ -75,10 +75,10 @@ def _read_image(path: Path):
         raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
 
 
-def _latents(config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
-    """One seeded draw per image of the latent the pipeline denoises: the UNet's output channels, not its input's."""
-    return torch.cat([torch.randn((1, config["out_channels"], *latent), generator=torch.Generator().manual_seed(
-        int(s))) for s in seeds])
+def _latents(config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One draw per image, by its generator, of the latent the pipeline denoises: the UNet's output channels, not
+    its input's."""
+    return torch.cat([torch.randn((1, config["out_channels"], *latent), generator=g) for g in generators])
 
 
 def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
@@ -90,11 +90,11 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
     width = config.width or unet.config.sample_size * scale
 
     def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-        latents = _latents(unet.config, (height // scale, width // scale), seeds)
+        # the masked image's latent is a sample of the VAE's posterior: drawn by each prompt's generator as well
+        generators = image_generators(seeds)
+        latents = _latents(unet.config, (height // scale, width // scale), generators)
         images = [_read_image(files[int(s) % len(files)]) for s in seeds]
         masks = [seeded_hole(int(s), height, width) for s in seeds]
-        # the masked image's latent is a sample of the VAE's posterior: drawn from each prompt's seed as well
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         pipe(list(prompts), image=images, mask_image=masks, num_inference_steps=config.steps, **guidance(config),
              latents=latents.to(device=unet.device, dtype=unet.dtype), height=height, width=width, strength=1.0,
              generator=generators, output_type="latent")
@@ -125,8 +125,9 @@ class _Inpainting:
         ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
         return {"image": Image.new("RGB", (64, 64), (128, 128, 128)), "mask_image": mask, "strength": 1.0}
 
-    def seeded_latents(self, config: Any, latent: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
-        return _latents(config, latent, seeds)
+    def seeded_latents(self, config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]
+                       ) -> torch.Tensor:
+        return _latents(config, latent, generators)
 
 
 @FAMILIES.register({StableDiffusionInpaintPipeline: "sd-inpaint", UNet2DConditionModel: "sd-inpaint"})

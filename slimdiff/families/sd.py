@@ -16,11 +16,14 @@ from .base import (
     LAST_HIDDEN_STATE,
     MODEL_DTYPE,
     TIMESTEP,
+    ConditionInput,
     DenoiserFamily,
     ExportInput,
     ServedTextEncoder,
     TextTower,
     downsampled_axis,
+    image_generators,
+    pipeline_call_default,
 )
 
 
@@ -28,14 +31,15 @@ def _unet_of(obj: Any):
     return obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
 
 
-def seeded_latents(denoiser: nn.Module, vae_scale: int, config: Any, seeds: Sequence[int]) -> torch.Tensor:
-    """Initial latents of a calibration batch at ``config``'s size (default: the denoiser's), one seeded CPU draw
-    per prompt, so a prompt's trajectory does not depend on batching or device; on the denoiser's device/dtype."""
+def seeded_latents(denoiser: nn.Module, vae_scale: int, config: Any, generators: Sequence[torch.Generator]
+                   ) -> torch.Tensor:
+    """Initial latents of a calibration batch at ``config``'s size (default: the denoiser's), one draw per prompt
+    by the prompt's generator (:func:`~.base.image_generators`), so a prompt's trajectory does not depend on
+    batching or device; on the denoiser's device/dtype."""
     cfg = denoiser.config
     h = (config.height or cfg.sample_size * vae_scale) // vae_scale
     w = (config.width or cfg.sample_size * vae_scale) // vae_scale
-    latents = torch.cat([torch.randn((1, cfg.in_channels, h, w), generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds])
+    latents = torch.cat([torch.randn((1, cfg.in_channels, h, w), generator=g) for g in generators])
     return latents.to(device=denoiser.device, dtype=denoiser.dtype)
 
 
@@ -47,14 +51,32 @@ def guidance(config: Any) -> dict:
 def sampling_loop(pipe: Any, denoiser: nn.Module, config: Any,
                   **call_options: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: ``pipe``'s own sampling of one batch of prompts from :func:`seeded_latents` at
-    ``config``'s steps, size and guidance, to latents (``call_options``: what a pipeline's call needs beyond)."""
+    ``config``'s steps, size and guidance, to latents (``call_options``: what a pipeline's call needs beyond); each
+    prompt's generator goes on drawing what the sampler draws (an LCM or ancestral scheduler's noise)."""
     def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
         scale = pipe.vae_scale_factor
-        latents = seeded_latents(denoiser, scale, config, seeds)
+        generators = image_generators(seeds)
+        latents = seeded_latents(denoiser, scale, config, generators)
         pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
-             output_type="latent", height=latents.shape[-2] * scale, width=latents.shape[-1] * scale, **call_options)
+             generator=generators, output_type="latent", height=latents.shape[-2] * scale,
+             width=latents.shape[-1] * scale, **call_options)
 
     return run
+
+
+#: The input of a guidance-distilled (LCM) UNet's call that carries the embedded guidance scale.
+GUIDANCE_EMBEDDING = "timestep_cond"
+
+
+def guidance_embedding(pipe: Any, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """``{"timestep_cond": ...}`` for one image as ``pipe`` makes it for a UNet that embeds the guidance scale (LCM:
+    the sinusoidal embedding of the pipeline's default guidance scale minus one), or nothing for other UNets."""
+    width = pipe.unet.config.get("time_cond_proj_dim")
+    if not width:
+        return {}
+    scale = pipeline_call_default(pipe, "guidance_scale")
+    w = torch.tensor([scale - 1.0])
+    return {GUIDANCE_EMBEDDING: pipe.get_guidance_scale_embedding(w, embedding_dim=width).to(device)}
 
 
 #: Names of the ControlNet residual inputs of an engine built with :data:`CONTROLNET_RESIDUALS`: one per skip
@@ -116,14 +138,24 @@ class StableDiffusionFamily(DenoiserFamily):
         return {"sample": torch.zeros(batch, config["in_channels"], h, w, device=device, dtype=dtype),
                 "timestep": torch.zeros(batch, device=device, dtype=torch.long),
                 "encoder_hidden_states": torch.zeros(batch, text_tokens, config["cross_attention_dim"],
-                                                     device=device, dtype=dtype)}
+                                                     device=device, dtype=dtype),
+                **self.condition_call(config, self.condition_zeros(config, batch, device, dtype))}
+
+    def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
+        # A guidance-distilled UNet (LCM) embeds the guidance scale: the pipeline passes its sinusoidal embedding as
+        # ``timestep_cond``, which the UNet projects (``time_embedding.cond_proj``) into the timestep embedding.
+        width = config.get("time_cond_proj_dim")
+        return (ConditionInput(GUIDANCE_EMBEDDING, ("batch", width), MODEL_DTYPE, keyword=True),) if width else ()
+
+    def guided_rows_per_image(self, config: Any) -> int:
+        # diffusers' SD pipelines skip classifier-free guidance for a UNet that embeds the guidance scale
+        return 1 if config.get("time_cond_proj_dim") else 2
 
     def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
-        unsupported = [f"{key}={config.get(key)!r}" for key in ("class_embed_type", "num_class_embeds",
-                                                                 "time_cond_proj_dim") if config.get(key)]
+        unsupported = [f"{key}={config.get(key)!r}" for key in ("class_embed_type", "num_class_embeds")
+                       if config.get(key)]
         if unsupported:
-            raise SlimDiffError(f"UNets with {', '.join(unsupported)} (class labels, LCM guidance embeddings) cannot "
-                                "be exported yet")
+            raise SlimDiffError(f"UNets with {', '.join(unsupported)} (class labels) cannot be exported yet")
         return (
             ExportInput("sample", ("batch", config["in_channels"], "height", "width"), MODEL_DTYPE),
             # float32 even in fp16 engines: diffusers computes the sinusoidal embedding in float32 anyway.
@@ -137,13 +169,11 @@ class StableDiffusionFamily(DenoiserFamily):
                     encoder_hidden_states: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         condition_inputs = self.condition_inputs(unet.config)
         conditions, residuals = extra[:len(condition_inputs)], extra[len(condition_inputs):]
-        added = {c.name: t for c, t in zip(condition_inputs, conditions)}
-        controlnet = {}
+        call = self.condition_call(unet.config, {c.name: t for c, t in zip(condition_inputs, conditions)})
         if CONTROLNET_RESIDUALS in self.exporting:
             *down, mid = residuals
-            controlnet = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
-        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None,
-                    return_dict=False, **controlnet)[0]
+            call.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **call)[0]
 
     def latent_multiple(self, config: Any) -> int:
         # every down-sampling level halves the latent, and the skip connections need it to divide evenly
@@ -154,7 +184,7 @@ class StableDiffusionFamily(DenoiserFamily):
         # keywords: SDXL's encode_prompt takes a second prompt in the second position
         embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
                                     do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": embeds[0]}
+        return {"encoder_hidden_states": embeds[0], **guidance_embedding(pipe, device)}
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return sampling_loop(pipe, pipe.unet, config)

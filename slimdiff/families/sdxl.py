@@ -27,7 +27,7 @@ from .base import (
     ServedTextEncoder,
     TextTower,
 )
-from .sd import StableDiffusionFamily, _unet_of
+from .sd import StableDiffusionFamily, _unet_of, guidance_embedding
 
 #: Micro-conditioning numbers per sample in a base model: (original h, w, crop top, left, target h, w).
 BASE_TIME_IDS = 6
@@ -45,17 +45,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
         return (
+            *super().condition_inputs(config),
             ConditionInput("text_embeds", ("batch", pooled_width(config)), MODEL_DTYPE),
             # float32 even in fp16 engines, as the timestep: pixel sizes such as 1024 go through a sinusoidal
             # embedding that diffusers computes in float32. Parity checks draw sizes below 1024 px.
             ConditionInput("time_ids", ("batch", BASE_TIME_IDS), "float32", high=1024.0),
         )
-
-    def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-        call = super().dummy_call(config, batch, latent, text_tokens, device=device, dtype=dtype)
-        call["added_cond_kwargs"] = self.condition_zeros(config, batch, device, dtype)
-        return call
 
     def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
                       ) -> dict[str, torch.Tensor]:
@@ -64,7 +59,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         h, w = size
         # original size, crop top-left, target size: what the pipeline passes for an uncropped image
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device)
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids,
+                **guidance_embedding(pipe, device)}
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SlimDiffError
-from ..families import family_for
+from ..families import family_for, image_generators
 
 
 def image_size(pipe) -> int:
@@ -128,10 +128,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
     out = []
     for k in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, unit="batch"):
         chunk_p, chunk_s = list(prompts[k:k + batch_size]), seeds[k:k + batch_size]
-        latents = family.seeded_latents(unet.config, (latent, latent), chunk_s).to(device=device, dtype=dtype)
-        # a generator per image as well: whatever else the pipeline draws (an ancestral sampler's noise, an
-        # inpainting pipeline's sample of the masked image's latent) is the image's seed's too
-        generators = [torch.Generator().manual_seed(int(s)) for s in chunk_s]
+        # each image's generator draws its latent, then whatever else the pipeline draws for it
+        generators = image_generators(chunk_s)
+        latents = family.seeded_latents(unet.config, (latent, latent), generators).to(device=device, dtype=dtype)
         call = lambda: pipe(chunk_p, height=size, width=size, num_inference_steps=steps,  # noqa: E731
                             guidance_scale=guidance, latents=latents, output_type="np", generator=generators,
                             **family.pipeline_options).images

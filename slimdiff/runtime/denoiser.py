@@ -163,13 +163,17 @@ class EngineDenoiser(torch.nn.Module):
         added = dict(added_cond_kwargs or {})
         return [self._condition(spec, added.get(spec["name"]), batch) for spec in self.meta["inputs"][first:]]
 
+    #: Condition inputs the denoiser's call takes as keyword arguments of their own, not ``added_cond_kwargs``
+    #: entries (named so in errors).
+    keyword_conditions: tuple[str, ...] = ()
+
     def _condition(self, spec: dict, value, batch: int) -> torch.Tensor:
-        """One ``added_cond_kwargs`` tensor, checked against the engine's input and cast to its dtype."""
+        """One conditioning tensor of the call, checked against the engine's input and cast to its dtype."""
         expected = tuple(batch if d == "batch" else d for d in spec["dims"])
+        name = spec["name"] if spec["name"] in self.keyword_conditions else f"added_cond_kwargs[{spec['name']!r}]"
         if value is None:
-            raise SlimDiffError(f"this engine needs added_cond_kwargs[{spec['name']!r}] of shape {expected} "
+            raise SlimDiffError(f"this engine needs {name} of shape {expected} "
                                 f"(call it as the pipeline it was exported from does)")
         if tuple(value.shape) != expected:
-            raise SlimDiffError(f"added_cond_kwargs[{spec['name']!r}] has shape {tuple(value.shape)}; this engine "
-                                f"takes {expected}")
+            raise SlimDiffError(f"{name} has shape {tuple(value.shape)}; this engine takes {expected}")
         return value.to(self.device, getattr(torch, spec["dtype"])).contiguous()

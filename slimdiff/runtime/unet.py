@@ -11,7 +11,8 @@ precision and the output back to the caller's, so a float32 pipeline can drive a
 the engine's bound buffers (and TensorRT's execution context) are shared. For concurrent throughput, load
 one per thread — each has its own session / execution context, stream and buffers.
 
-SDXL engines take the pipeline's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) as two more inputs.
+SDXL engines take the pipeline's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) as two more inputs, engines
+of guidance-distilled (LCM) UNets its ``timestep_cond`` (the embedded guidance scale) as one more.
 
 **ControlNet.** An engine built with ControlNet residual inputs (``slimdiff-export --controlnet-inputs``) takes the
 ``down_block_additional_residuals`` and ``mid_block_additional_residual`` a ControlNet pipeline passes, after the
@@ -20,8 +21,8 @@ itself stays in PyTorch. An engine built without them refuses residuals in one l
 
 Not supported by UNet engines (a clear error, never a silent wrong result): ControlNet residuals on an engine built
 without them, T2I-Adapter residuals (``down_intrablock_additional_residuals``), attention masks,
-``cross_attention_kwargs`` (LoRA scale), class labels, timestep conditioning and added conditions the engine was
-not exported with (IP-Adapter image embeddings).
+``cross_attention_kwargs`` (LoRA scale), class labels, and timestep conditioning or added conditions the engine
+was not exported with (IP-Adapter image embeddings).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..engines import engine_meta_path, load_engine_meta
 from ..errors import SlimDiffError
 from ..export.shapes import tensor_shapes
 from ..families.base import CONTROLNET_RESIDUALS
-from ..families.sd import DOWN_RESIDUAL
+from ..families.sd import DOWN_RESIDUAL, GUIDANCE_EMBEDDING
 from .denoiser import EngineDenoiser, engine_family
 from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
@@ -46,6 +47,7 @@ from .sd3 import EngineSD3Transformer
 class EngineUNet(EngineDenoiser):
     component = "unet"
     families = ("sd", "sdxl", "sd-inpaint", "sdxl-inpaint")
+    keyword_conditions = (GUIDANCE_EMBEDDING,)
 
     @property
     def add_embedding(self):
@@ -73,16 +75,19 @@ class EngineUNet(EngineDenoiser):
         if len(passed) == 1:
             raise SlimDiffError(f"got {passed[0]} alone: a ControlNet passes down_block_additional_residuals and "
                                 "mid_block_additional_residual together (T2I-Adapter residuals need the PyTorch UNet)")
-        extras = {"class_labels": class_labels, "timestep_cond": timestep_cond, "attention_mask": attention_mask,
+        taken = {c["name"] for c in conditions}
+        extras = {"class_labels": class_labels,
+                  "timestep_cond": None if GUIDANCE_EMBEDDING in taken else timestep_cond,
+                  "attention_mask": attention_mask,
                   "cross_attention_kwargs": cross_attention_kwargs or None,
-                  "added_cond_kwargs": {k: v for k, v in added.items() if k not in {c["name"] for c in conditions}}
-                  or None,
+                  "added_cond_kwargs": {k: v for k, v in added.items() if k not in taken} or None,
                   "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
                   "encoder_attention_mask": encoder_attention_mask}
         unsupported = [k for k, v in extras.items() if v is not None]
         if unsupported:
             raise SlimDiffError(f"engine UNets do not support {', '.join(unsupported)} (masks, LoRA scales, "
                                 "T2I-Adapters and extra conditions need the PyTorch UNet)")
+        given = {**added, GUIDANCE_EMBEDDING: timestep_cond}
         if sample.ndim != 4 or encoder_hidden_states.ndim != 3:
             raise SlimDiffError(f"expected sample (B,C,H,W) and encoder_hidden_states (B,T,D), got "
                                 f"{tuple(sample.shape)} and {tuple(encoder_hidden_states.shape)}")
@@ -94,7 +99,7 @@ class EngineUNet(EngineDenoiser):
         self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
         inputs = [sample.to(self.device, self.dtype).contiguous(), self.timesteps(timestep, batch),
                   encoder_hidden_states.to(self.device, self.dtype).contiguous(),
-                  *(self._condition(spec, added.get(spec["name"]), batch) for spec in conditions),
+                  *(self._condition(spec, given.get(spec["name"]), batch) for spec in conditions),
                   *self._residuals(down_block_additional_residuals, mid_block_additional_residual,
                                    {"batch": batch, "height": height, "width": width})]
         out = self.run(inputs, (batch, self.out_channels, height, width))
@@ -139,12 +144,11 @@ class EngineUNet(EngineDenoiser):
         ``slimdiff-export`` verifies an engine."""
         conditions, residuals = self._condition_specs, self._residual_specs
         added = {spec["name"]: t for spec, t in zip(conditions, inputs[3:])}
-        controlnet = {}
+        call = {"timestep_cond": added.pop(GUIDANCE_EMBEDDING, None), "added_cond_kwargs": added or None}
         if residuals:
             *down, mid = inputs[len(inputs) - len(residuals):]
-            controlnet = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
-        return self(inputs[0], inputs[1], encoder_hidden_states=inputs[2], added_cond_kwargs=added or None,
-                    return_dict=False, **controlnet)[0]
+            call.update(down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        return self(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False, **call)[0]
 
 
 def _describe_signature(signature) -> str:
