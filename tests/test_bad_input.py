@@ -165,6 +165,9 @@ EXPORT_ROWS = [
                                      *FAST, "--out", "{tmp}/engines"], "latin1", "is not UTF-8 text"),
     ("export-missing-lora", ["--model", "builtin:tiny", "--engine", "ort", "--lora", "{tmp}/style.safetensors",
                              *FAST, "--out", "{tmp}/engines"], None, "does not exist"),
+    ("export-lora-onto-a-slim-folder", ["--model", "{in}/slim", "--engine", "ort", "--stats", "{in}/stats", "--lora",
+                                       "{tmp}/style.safetensors", "--out", "{tmp}/engines"], "lora",
+     "is a slim folder, whose weights are fixed: leave out --lora"),
     ("export-triton-repo-is-out", ["--model", "builtin:tiny", "--engine", "ort", "--out", "{tmp}/engines",
                                    "--triton-repo", "{tmp}/engines", "--triton-mode", "python"], None,
      "give the repository a folder of its own"),
@@ -187,6 +190,9 @@ def _setup(kind: str | None, tmp: Path, inputs: Path, monkeypatch) -> None:
         (tmp / "unet.onnx").write_bytes(b"\x08\x07")
     elif kind == "ckpt":
         (tmp / "model.ckpt").write_bytes(b"PK\x03\x04")
+    elif kind == "lora":
+        save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+                  str(tmp / "style.safetensors"))
     elif kind == "copy-stats":
         _copy_tree(inputs / "stats", tmp / "stats")
     elif kind == "corrupt-manifest":

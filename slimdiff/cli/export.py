@@ -124,15 +124,12 @@ def _device(args) -> str:
 
 def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=()):
     """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``; ``loras`` are fused into
-    a dense model."""
+    a dense model (:func:`run` refuses them with a slim folder)."""
     from ..families import family_for
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
     if is_slim_folder(source):
-        if loras:
-            raise SlimDiffError(f"{source!r} is a slim folder, whose weights are fixed: leave out --lora (fuse a LoRA "
-                                "into the dense model before slimming: `slimdiff slim --lora`)")
         return None, None, load_slim(source), load_plan(source)
     try:
         pipe = load_pipeline(source, config=config, variant=variant, loras=loras)
@@ -357,7 +354,7 @@ def run(args) -> list[dict]:
     import torch
 
     from .. import engines
-    from ..serialization import atomic_output_dir, commit_output_dir
+    from ..serialization import atomic_output_dir, commit_output_dir, is_slim_folder
     from ..export.onnx import OPSETS
     from ..export.modules import component_axes, denoiser_component
     from ..export.shapes import Range, check_static, default_flags, latent_multiple, parse_profiles, union
@@ -367,6 +364,9 @@ def run(args) -> list[dict]:
     backend = engines.get(args.engine)
     device = _device(args)
     backend.require(device)  # before any slow work: one line naming the alternatives
+    if args.lora and is_slim_folder(args.model):  # with --stats too, where the LoRAs would go nowhere
+        raise SlimDiffError(f"{args.model!r} is a slim folder, whose weights are fixed: leave out --lora (fuse a "
+                            "LoRA into the dense model before slimming: `slimdiff slim --lora`)")
     opset = args.opset or backend.onnx_opset()
     if opset not in OPSETS:
         raise SlimDiffError(f"--opset {opset} is not supported: use 23 (fused) or 18 (decomposed attention)")
