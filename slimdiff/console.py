@@ -8,6 +8,7 @@ SIGTERM unwinds the stack like Ctrl-C does and every cleanup runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -60,6 +61,9 @@ def one_line_warnings(prog: str) -> Iterator[None]:
 def run_command(prog: str, func, args) -> int:
     """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
+    # transformers ≥ 5 warns on importing diffusers' SD pipelines that their CLIP image processor falls back to PIL
+    # without torchvision: two lines on every command about a component slimdiff never loads
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     try:
         with sigterm_as_interrupt(), one_line_warnings(prog):
             func(args)

@@ -54,7 +54,8 @@ class OrtRunner:
     def _bind(self, key, inputs, out_shape):
         kind = self.device.type
         index = self.device.index or 0
-        self._inputs = [torch.empty_like(t) for t in inputs]
+        # contiguous buffers whatever the inputs' layout: the binding hands ONNX Runtime their bare memory
+        self._inputs = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
         binding = self.session.io_binding()
         for name, buf in zip(self.names, self._inputs):
             binding.bind_input(name, kind, index, _NUMPY[buf.dtype], tuple(buf.shape), buf.data_ptr())

@@ -9,7 +9,9 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/text_encoder/...             the same for each text encoder the family serves (SDXL, FLUX: text_encoder_2
                                      too; SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
-    DIR/pipeline/config.pbtxt        python backend: prompt in, image out (tokenizers, scheduler, CFG), calling
+    DIR/vae_encoder/...              inpainting pipelines: the VAE encoder too (the masked image's latent)
+    DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask) in, image out
+                                     (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
     DIR/pipeline/1/pipeline.json     which diffusers pipeline runs the loop, its text encoders and their outputs
     DIR/pipeline/1/{tokenizer*,scheduler,text_encoder*,vae}/ and *.engine.json: what the loop needs
@@ -66,6 +68,10 @@ PIPELINE_SPEC = "pipeline.json"
 #: The ``pipeline`` model's optional inputs beside ``prompt``, with their Triton types.
 PIPELINE_OPTIONS = {"negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance_scale": "FP32",
                     "height": "INT32", "width": "INT32"}
+#: What a pipeline serving image inputs (:attr:`~slimdiff.families.DenoiserFamily.serving_image_inputs`) takes
+#: beside: its images as uint8 arrays (H×W×3; a mask H×W, 255 where the pipeline paints) and the denoising strength.
+IMAGE_INPUTS = {"image": [-1, -1, 3], "mask_image": [-1, -1]}
+IMAGE_OPTIONS = {"strength": "FP32"}
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                   "uint8": "TYPE_UINT8"}
 _MODEL_PY = {
@@ -145,11 +151,14 @@ def model_config(name: str, meta: dict, mode: str, *, dynamic_batching: bool = T
     return config
 
 
-def pipeline_config(*, instances: int):
+def pipeline_config(*, instances: int, image_inputs: tuple[str, ...] = ()):
     pb, _ = _pb()
     config = pb.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
     config.input.add(name="prompt", data_type=pb.TYPE_STRING, dims=[1])
-    for name, dtype in PIPELINE_OPTIONS.items():
+    for name in image_inputs:
+        config.input.add(name=name, data_type=pb.TYPE_UINT8, dims=IMAGE_INPUTS[name])
+    options = {**PIPELINE_OPTIONS, **(IMAGE_OPTIONS if image_inputs else {})}
+    for name, dtype in options.items():
         config.input.add(name=name, data_type=getattr(pb, "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"),
                          dims=[1], optional=True)
     config.output.add(name="image", data_type=pb.TYPE_UINT8, dims=[-1, -1, 3])
@@ -159,20 +168,25 @@ def pipeline_config(*, instances: int):
 
 def request_image(client, prompt: str, seed: int, steps: int, **options):
     """Ask the repository's ``pipeline`` model for one image (``uint8`` H×W×3) through a ``tritonclient.http``
-    ``InferenceServerClient``; ``options`` are more of :data:`PIPELINE_OPTIONS` (``height=16``...), and the optional
-    inputs left out take the model's defaults."""
+    ``InferenceServerClient``; ``options`` are more of :data:`PIPELINE_OPTIONS` (``height=16``...) and, for an
+    inpainting repository, :data:`IMAGE_INPUTS` (uint8 arrays) and :data:`IMAGE_OPTIONS`; the optional inputs left
+    out take the model's defaults."""
     import numpy as np
     import tritonclient.http as httpclient
 
     numpy_types = {"BYTES": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
-    unknown = sorted(set(options) - set(PIPELINE_OPTIONS))
+    known = {**PIPELINE_OPTIONS, **IMAGE_OPTIONS}
+    unknown = sorted(set(options) - set(known) - set(IMAGE_INPUTS))
     if unknown:
         raise SlimDiffError(f"the pipeline model takes no {', '.join(unknown)} "
-                            f"(it takes {', '.join(PIPELINE_OPTIONS)})")
+                            f"(it takes {', '.join([*known, *IMAGE_INPUTS])})")
     inputs = []
     for name, value in {"prompt": prompt, "seed": seed, "steps": steps, **options}.items():
-        dtype = PIPELINE_OPTIONS.get(name, "BYTES")
-        array = np.array([value], dtype=numpy_types[dtype])
+        if name in IMAGE_INPUTS:
+            array, dtype = np.ascontiguousarray(value, dtype=np.uint8), "UINT8"
+        else:
+            dtype = known.get(name, "BYTES")
+            array = np.array([value], dtype=numpy_types[dtype])
         tensor = httpclient.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -235,10 +249,11 @@ def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: i
     spec = {"pipeline_class": family.serving_pipeline, "denoiser": family.component,
             "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs),
                                "attention_mask": t.attention_mask} for t in towers],
-            "options": family.serving_options(pipe)}
+            "options": family.serving_options(pipe), "image_inputs": list(family.serving_image_inputs)}
     (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
-    write_config(Path(repo) / PIPELINE / "config.pbtxt", pipeline_config(instances=instances))
+    write_config(Path(repo) / PIPELINE / "config.pbtxt",
+                 pipeline_config(instances=instances, image_inputs=family.serving_image_inputs))
 
 
 def served_pipelines() -> list[str]:
@@ -273,9 +288,10 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None):
 
 def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path]:
     """Engines of what a repository serves beside the denoiser — each text encoder the family serves (with the
-    outputs its pipeline reads) and the VAE decoder — in new folders ``out/<name>``; returns ``{name: folder}``.
-    ``build``: :func:`slimdiff.engines.build.build_component_engine`'s shape and precision arguments."""
-    from ..export.modules import text_encoder_component, vae_decoder_component
+    outputs its pipeline reads), the VAE decoder and, for a pipeline taking images, the VAE encoder — in new folders
+    ``out/<name>``; returns ``{name: folder}``. ``build``: :func:`slimdiff.engines.build.build_component_engine`'s
+    shape and precision arguments."""
+    from ..export.modules import text_encoder_component, vae_decoder_component, vae_encoder_component
     from ..export.shapes import Range
     from .build import build_component_engine
 
@@ -289,6 +305,8 @@ def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path
         components.append((text_encoder_component(getattr(pipe, tower.name), tower.name, tower.outputs,
                                                   attention_mask=tower.attention_mask), profiles))
     components.append((vae_decoder_component(pipe.vae), build["profiles"]))
+    if family.serving_image_inputs:
+        components.append((vae_encoder_component(pipe.vae, pipe.vae_scale_factor), build["profiles"]))
     folders = {}
     for component, profiles in components:
         folders[component.name] = Path(out) / component.name
@@ -302,8 +320,11 @@ def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders:
     """Fill the (new, empty) folder ``repo`` with the engine models and the pipeline model.
     ``component_folders`` maps each text encoder and ``vae_decoder`` to its engine folder
     (:func:`build_serving_engines`); ``denoiser_folder`` holds the denoiser's (the slim UNet's)."""
+    from ..export.modules import VAE_ENCODER
+
     family = check_pipeline(pipe)
-    wanted = {t.name for t in family.served_text_encoders(pipe)} | {"vae_decoder"}
+    wanted = {t.name for t in family.served_text_encoders(pipe)} | {"vae_decoder"} | (
+        {VAE_ENCODER} if family.serving_image_inputs else set())
     if set(component_folders) != wanted:
         raise SlimDiffError(f"a {type(pipe).__name__} repository serves {', '.join(sorted(wanted))}; engines were "
                             f"given for {', '.join(sorted(component_folders))}")

@@ -116,6 +116,20 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class _VaeEncoder(nn.Module):
+    """The VAE posterior's parameters (mean and log-variance stacked on the channels) of an image that comes folded
+    onto the latent grid: (batch, 3·s², h, w) for an image of h·s × w·s pixels (s: the VAE's scale). Engine axes are
+    latent axes; folding (``pixel_unshuffle``, undone here) keeps the image on them, exactly."""
+
+    def __init__(self, vae, scale: int):
+        super().__init__()
+        self.vae, self.scale = vae, scale
+
+    def forward(self, folded_image):
+        image = nn.functional.pixel_shuffle(folded_image, self.scale)
+        return self.vae.encode(image).latent_dist.parameters
+
+
 def count_attention(module: nn.Module) -> int:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
@@ -167,6 +181,22 @@ def vae_decoder_component(vae) -> Component:
         output="sample",
         attention_modules=count_attention(vae.decoder),
     )
+
+
+def vae_encoder_component(vae, scale: int) -> Component:
+    """The VAE encoder as an engine component (:class:`_VaeEncoder`): what an inpainting pipeline samples the masked
+    image's latent from."""
+    return Component(
+        VAE_ENCODER, _VaeEncoder(vae, scale).eval(),
+        inputs=[ExportInput("folded_image", ("batch", vae.config.in_channels * scale * scale, "height", "width"),
+                            MODEL_DTYPE)],
+        output="latent_parameters",
+        attention_modules=count_attention(vae.encoder),
+    )
+
+
+#: The served VAE encoder's model and engine name.
+VAE_ENCODER = "vae_encoder"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1033,6 +1033,10 @@ class DenoiserFamily(ABC):
     #: UNet / transformer and VAE decoder replaced by calls to the repository's models; None: not served yet.
     serving_pipeline: str | None = None
 
+    #: The images a request to the served pipeline carries beside the prompt (inpainting: ``image`` and
+    #: ``mask_image``); a family with any is served with a VAE encoder too.
+    serving_image_inputs: tuple[str, ...] = ()
+
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         """The text encoders the repository serves, in the pipeline's order, with what the pipeline reads of each."""
         return ()

@@ -104,10 +104,10 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
 
 class _Inpainting:
     """What the inpainting families add to their text-to-image family: the calibration sampling, the synthetic
-    task of measurement, seeded latents of the latent's channels (not the UNet's input's), and no Triton
-    repository (its served pipeline would take images)."""
+    task of measurement, seeded latents of the latent's channels (not the UNet's input's), and a served pipeline
+    taking the image and the mask."""
 
-    serving_pipeline = None
+    serving_image_inputs = ("image", "mask_image")
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)
@@ -135,6 +135,7 @@ class StableDiffusionInpaintFamily(_Inpainting, StableDiffusionFamily):
     """SD-1.x / SD-2.x inpainting: SD's UNet call with a 9-channel input."""
 
     name = "sd-inpaint"
+    serving_pipeline = "StableDiffusionInpaintPipeline"
 
 
 @FAMILIES.register({StableDiffusionXLInpaintPipeline: "sdxl-inpaint", UNet2DConditionModel: "sdxl-inpaint"})
@@ -142,3 +143,4 @@ class StableDiffusionXLInpaintFamily(_Inpainting, StableDiffusionXLFamily):
     """SDXL inpainting: SDXL's UNet call (``text_embeds``, ``time_ids``) with a 9-channel input."""
 
     name = "sdxl-inpaint"
+    serving_pipeline = "StableDiffusionXLInpaintPipeline"

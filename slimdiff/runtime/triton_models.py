@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
-from ..engines.triton import PIPELINE_SPEC, batch_dims
+from ..engines.triton import IMAGE_INPUTS, IMAGE_OPTIONS, PIPELINE_SPEC, batch_dims
+from ..export.modules import VAE_ENCODER
 from ..errors import SlimDiffError
 from ..families import (
     LAST_HIDDEN_STATE,
@@ -89,8 +90,8 @@ class _Component(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.runner.dtype if x.is_floating_point() else torch.int64)
+    def _input(self, x: torch.Tensor, runner: Runner | None = None) -> torch.Tensor:
+        return x.to((runner or self.runner).dtype if x.is_floating_point() else torch.int64)
 
 
 class ServedTextOutput:
@@ -162,12 +163,31 @@ class TextEncoderStandIn(_Component):
         return ServedTextOutput(self.name, {name: t.float() for name, t in zip(self.outputs, tensors)})
 
 
-class VaeDecoderStandIn(_Component):
+class VaeStandIn(_Component):
+    """The VAE: its decoder served (``runner``) and, for pipelines that encode images (inpainting), its encoder
+    (``encoder``: an engine of :func:`~slimdiff.export.modules.vae_encoder_component`, given the image folded onto
+    the latent grid)."""
+
+    def __init__(self, config, runner: Runner, encoder: Runner | None = None):
+        super().__init__(config, runner)
+        self.encoder = encoder
+        self.scale = 2 ** (len(config["block_out_channels"]) - 1)
+
     def decode(self, z, return_dict: bool = True, generator=None):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         image = self.runner.run([self._input(z)], None).float()
         return DecoderOutput(sample=image) if return_dict else (image,)
+
+    def encode(self, x, return_dict: bool = True):
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.encoder is None:
+            raise SlimDiffError("this repository serves no VAE encoder: its pipeline takes no image")
+        folded = torch.nn.functional.pixel_unshuffle(x, self.scale)
+        posterior = DiagonalGaussianDistribution(self.encoder.run([self._input(folded, self.encoder)], None).float())
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
 
 def repository_pipeline(version: Path, runner_for: Callable[[str, dict], Runner]):
@@ -199,8 +219,9 @@ def repository_pipeline(version: Path, runner_for: Callable[[str, dict], Runner]
         models[tower["tokenizer"]] = tokenizer(tower["tokenizer"])
     denoiser = meta(spec["denoiser"])
     models[spec["denoiser"]] = engine_class(denoiser)(runner_for(spec["denoiser"], denoiser), denoiser, version)
-    models["vae"] = VaeDecoderStandIn(FrozenDict(diffusers.AutoencoderKL.load_config(version / "vae")),
-                                      runner_for("vae_decoder", meta("vae_decoder")))
+    encoder = runner_for(VAE_ENCODER, meta(VAE_ENCODER)) if spec.get("image_inputs") else None
+    models["vae"] = VaeStandIn(FrozenDict(diffusers.AutoencoderKL.load_config(version / "vae")),
+                               runner_for("vae_decoder", meta("vae_decoder")), encoder)
     models["scheduler"] = getattr(diffusers, scheduler_class).from_pretrained(version / "scheduler")
     pipe = getattr(diffusers, spec["pipeline_class"])(**models, **spec["options"])
     pipe.set_progress_bar_config(disable=True)
@@ -217,13 +238,31 @@ def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
 
 def generate(pipe, prompt: str, **options) -> np.ndarray:
     """One image, HxWx3 uint8, for ``prompt`` with :data:`DEFAULTS` overridden by ``options`` (and the options the
-    pipeline's family always passes: PixArt's exact sizes)."""
+    pipeline's family always passes: PixArt's exact sizes). An inpainting pipeline takes ``image`` (HxWx3 uint8) and
+    ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``."""
+    from PIL import Image
+
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    family = family_for(pipe)
+    images = {name: o.pop(name) for name in IMAGE_INPUTS if name in o}
+    if set(images) != set(family.serving_image_inputs):
+        wanted = " and ".join(family.serving_image_inputs) or "no image"
+        raise SlimDiffError(f"a {type(pipe).__name__} request takes {wanted}, got {' and '.join(images) or 'none'}")
+    for name, array in images.items():
+        array = np.asarray(array)
+        if array.dtype != np.uint8 or array.shape[:2] != np.shape(next(iter(images.values())))[:2] or \
+                array.ndim != len(IMAGE_INPUTS[name]) or array.shape[2:] not in ((), (3,)):
+            raise SlimDiffError(f"{name} must be a uint8 array of {'HxWx3' if name == 'image' else 'HxW'} pixels the "
+                                f"size of the image, got {array.dtype} {array.shape}")
+        images[name] = Image.fromarray(array, mode="RGB" if array.ndim == 3 else "L")
+    extra = {**family.pipeline_options, **images}
+    if "strength" in o:
+        extra["strength"] = float(o.pop("strength"))
     # no negative prompt: the pipeline's own default (None for SD and SDXL, "" for PixArt, which refuses None)
     negative = {} if o["negative_prompt"] is None else {"negative_prompt": o["negative_prompt"]}
     image = pipe(prompt, **negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
                  height=o["height"], width=o["width"], generator=torch.Generator().manual_seed(int(o["seed"])),
-                 output_type="np", **family_for(pipe).pipeline_options).images[0]
+                 output_type="np", **extra).images[0]
     return (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 
@@ -288,7 +327,13 @@ class PipelineModel:
                     v = t.as_numpy().reshape(-1)[0]
                     return v.decode("utf-8") if isinstance(v, bytes) else v.item()
 
-                image = generate(self.pipe, value("prompt"), **{k: value(k) for k in DEFAULTS})
+                images = {}
+                for name in IMAGE_INPUTS:
+                    tensor = pb.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        images[name] = tensor.as_numpy()
+                image = generate(self.pipe, value("prompt"), **{k: value(k) for k in (*DEFAULTS, *IMAGE_OPTIONS)},
+                                 **images)
                 responses.append(pb.InferenceResponse([pb.Tensor("image", image)]))
             except Exception as exc:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
