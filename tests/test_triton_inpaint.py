@@ -1,6 +1,6 @@
 """The Triton repository of an inpainting pipeline (SD inpainting: a 9-channel UNet): the prompt, the image and the
 mask in, the image out — the VAE encoder served too (the masked image's latent), the pipeline model running diffusers'
-StableDiffusionInpaintPipeline over the repository's engines. Its images are checked in this process against
+StableDiffusionInpaintPipeline (or StableDiffusionXLInpaintPipeline) over the repository's engines. Its images are checked in this process against
 diffusers' own pipeline around the same UNet engine, and through the real ``tritonserver`` bundled in nvidia-pytriton
 (python backend, CPU, loopback)."""
 
@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
-from export_support import TWO_LEVEL_UNET
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import _seeded, build_builtin
@@ -29,19 +29,30 @@ def request_pixels(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD inpainting pipeline (UNet, text encoder, VAE decoder
-    and encoder) and the python-mode repository ``root/repo`` written from them by the calls ``slimdiff-export
-    --triton-repo`` makes."""
+_BUILT: dict = {}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def repository(request, tmp_path_factory):
+    return _repository(request.param, tmp_path_factory)
+
+
+def _repository(kind: str, tmp_path_factory):
+    """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD (or SDXL) inpainting pipeline (UNet, text
+    encoder(s), VAE decoder and encoder) and the python-mode repository ``root/repo`` written from them by the calls
+    ``slimdiff-export --triton-repo`` makes; built once per kind."""
     from slimdiff.engines.build import build_denoiser_engine
     from slimdiff.engines.triton import build_serving_engines, write_repository
     from slimdiff.export.shapes import parse_profiles
 
-    root = tmp_path_factory.mktemp("inpaint-repo")
-    base = build_builtin("builtin:tiny")
-    unet = _seeded(5, lambda: UNet2DConditionModel(**dict(TWO_LEVEL_UNET, in_channels=9))).eval()
-    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet.requires_grad_(False)})
+    if kind in _BUILT:
+        return _BUILT[kind]
+    root = tmp_path_factory.mktemp(f"{kind}-inpaint-repo")
+    base = build_builtin("builtin:tiny" if kind == "sd" else "builtin:tiny-xl")
+    config, cls = ((TWO_LEVEL_UNET, StableDiffusionInpaintPipeline) if kind == "sd" else
+                   (TWO_LEVEL_XL_UNET, StableDiffusionXLInpaintPipeline))
+    unet = _seeded(5, lambda: UNet2DConditionModel(**dict(config, in_channels=9))).eval()
+    pipe = cls(**{**base.components, "unet": unet.requires_grad_(False)})
     pipe.set_progress_bar_config(disable=True)
 
     def build(batch):
@@ -52,6 +63,7 @@ def repository(tmp_path_factory):
     build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"))
     folders = build_serving_engines(pipe, root, "ort", **build("1"))
     write_repository(root / "repo", pipe, root / "unet", folders, "python", pipeline_instances=1)
+    _BUILT[kind] = root, pipe
     return root, pipe
 
 
@@ -60,10 +72,10 @@ def test_the_repository_serves_the_vae_encoder_and_takes_the_image_and_mask(repo
 
     root, pipe = repository
     repo = root / "repo"
-    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "unet", "vae_decoder",
-                                                      "vae_encoder"]
+    encoders = ["text_encoder"] if type(pipe) is StableDiffusionInpaintPipeline else ["text_encoder", "text_encoder_2"]
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", *encoders, "unet", "vae_decoder", "vae_encoder"]
     spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
-    assert spec["pipeline_class"] == "StableDiffusionInpaintPipeline"
+    assert spec["pipeline_class"] == type(pipe).__name__
     assert spec["image_inputs"] == ["image", "mask_image"]
     pb, _ = _pb()
     config = read_config(repo / "pipeline" / "config.pbtxt")
@@ -117,15 +129,16 @@ def test_served_inpainting_is_diffusers_pipeline_with_the_engine(repository):
 
 
 @pytest.mark.slow
-def test_tritonserver_serves_inpainting(repository, tmp_path):
-    """One request to the real tritonserver: the served image is the in-process repository pipeline's, bit for bit;
-    a request without its mask is answered with an error naming it."""
+def test_tritonserver_serves_inpainting(tmp_path_factory, tmp_path):
+    """One request to the real tritonserver (SD's repository: the transport is the same for SDXL's, which runs in
+    this process above): the served image is the in-process repository pipeline's, bit for bit; a request without
+    its mask is answered with an error naming it."""
     import tritonclient.http as httpclient
 
     from slimdiff.engines.triton import local_server, request_image
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
 
-    root, _ = repository
+    root, _ = _repository("sd", tmp_path_factory)
     repo = root / "repo"
     image, mask = request_pixels(2)
     in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
