@@ -258,3 +258,40 @@ def test_served_pipeline_gives_the_in_process_image(served_dit):
     assert np.array_equal(negative, images[0]) == (name == "tiny-flux")
     reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE, negative_prompt="blurry")
     assert np.abs(negative.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_flux_schnell_layout_is_served_without_guidance(tmp_path):
+    """FLUX.1-schnell's transformer embeds no guidance: its repository's transformer takes no ``guidance`` input, and
+    the repository's pipeline (in this process) draws diffusers' image with the engine, whatever scale is asked."""
+    from diffusers import FluxTransformer2DModel
+
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.engines.triton import build_serving_engines, write_repository
+    from slimdiff.export.shapes import latent_multiple, parse_profiles
+    from slimdiff.families import family_for
+    from slimdiff.models import _seeded, build_builtin
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    dev = build_builtin("builtin:tiny-flux")
+    config = {k: v for k, v in dev.transformer.config.items() if k != "_use_default_values"}
+    transformer = _seeded(0, lambda: FluxTransformer2DModel(**{**config, "guidance_embeds": False}))
+    pipe = type(dev)(**{**dev.components, "transformer": transformer.eval().requires_grad_(False)})
+    pipe.set_progress_bar_config(disable=True)
+    family, multiple = family_for(pipe), latent_multiple(transformer.config)
+    build = {"profiles": parse_profiles("1", str(SIZE), str(SIZE), family.default_text_len(pipe),
+                                        vae_scale=pipe.vae_scale_factor, multiple=multiple),
+             "dtype": torch.float32, "device": "cpu", "multiple": multiple}
+    (tmp_path / "transformer").mkdir()
+    build_denoiser_engine(transformer, "ort", tmp_path / "transformer", **build)
+    folders = build_serving_engines(pipe, tmp_path, "ort", **build)
+    write_repository(tmp_path / "repo", pipe, tmp_path / "transformer", folders, "python", pipeline_instances=1)
+    assert "guidance" not in _tensors(tmp_path / "repo", "transformer", "input")
+    in_process = repository_pipeline(tmp_path / "repo" / "pipeline" / "1", local_runners(tmp_path / "repo"))
+    use_engine(pipe, tmp_path / "transformer")
+    prompt, seed = PROMPTS[0]
+    images = [generate(in_process, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=scale)
+              for scale in (0.0, 3.5)]
+    reference = generate(pipe, prompt, seed=seed, steps=STEPS, height=SIZE, width=SIZE, guidance_scale=0.0)
+    assert np.array_equal(images[0], images[1]) and images[0].std() > 1
+    assert np.abs(images[0].astype(int) - reference.astype(int)).max() <= 1
