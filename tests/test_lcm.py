@@ -145,11 +145,13 @@ def engine_conditions(pipe_name: str, batch: int) -> dict | None:
     return {"text_embeds": torch.zeros(batch, 64), "time_ids": torch.zeros(batch, 6)}
 
 
-def test_an_engine_without_the_input_refuses_timestep_cond(tmp_path):
+def test_an_engine_without_the_input_refuses_timestep_cond(tmp_path_factory):
+    from export_support import cached_cli_export
+
     from slimdiff.runtime import EngineUNet
 
-    plain = build_builtin("builtin:tiny")
-    engine = EngineUNet.from_folder(_engine(plain, tmp_path / "unet"))
+    root, _ = cached_cli_export(tmp_path_factory)  # the test run's engines of builtin:tiny
+    engine = EngineUNet.from_folder(root / "engines" / "dense")
     with pytest.raises(SlimDiffError, match="engine UNets do not support timestep_cond"):
         engine(torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), torch.zeros(1, 77, 32),
                timestep_cond=torch.zeros(1, GUIDANCE_WIDTH))
