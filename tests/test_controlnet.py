@@ -25,7 +25,7 @@ from export_support import (
 )
 
 from slimdiff.cli import export as cli
-from slimdiff.engines import build_engine
+from slimdiff.engines import build_engine, engine_outputs
 from slimdiff.engines.build import build_denoiser_engine
 from slimdiff.engines.trt import optimization_profiles
 from slimdiff.errors import SlimDiffError
@@ -247,7 +247,7 @@ def test_engine_takes_residuals_checks_them_and_adds_zeros_without(controlnet_ex
 
 
 @pytest.mark.slow
-def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(controlnet_export):
+def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(controlnet_export, tmp_path):
     folder, slim, _ = controlnet_export
     controlnet = seeded_controlnet(load_unet("builtin:tiny"))
     pipe = controlnet_pipeline("builtin:tiny", slim, controlnet)
@@ -260,6 +260,29 @@ def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(contro
     assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
     # the residuals reach the engine: zero residuals (a conditioning scale of 0) draw another image there too
     assert np.abs(generate(pipe, controlnet_conditioning_scale=0.0) - image).max() > 1e-2
+    # the ControlNet as an engine too: every network of the loop but the text encoder and the VAE is an engine
+    guessed = generate(pipe, guess_mode=True, controlnet_conditioning_scale=0.5)
+    engine_controlnet = use_engine(pipe, controlnet_engine(controlnet, tmp_path / "controlnet"))
+    assert pipe.controlnet is engine_controlnet and isinstance(engine_controlnet, ControlNetModel)
+    assert [o["name"] for o in engine_outputs(engine_controlnet.meta)] == [
+        r.name for r in controlnet_residual_inputs(slim.config)]  # what the UNet engine takes, by name
+    assert np.abs(generate(pipe) - reference).max() < 1e-3
+    # guess mode's per-level scales and the conditioning scale, applied after the engine as after the network
+    assert np.abs(generate(pipe, guess_mode=True, controlnet_conditioning_scale=0.5) - guessed).max() < 1e-3
+    assert np.abs(guessed - image).max() > 1e-2
+
+
+def controlnet_engine(controlnet, folder, batch: str = "1:2:2"):
+    """An ONNX Runtime engine of ``controlnet`` in the new folder ``folder``, for 32 px images (latent 16 with the tiny
+    VAE) and CLIP's 77 tokens."""
+    from slimdiff.engines.build import build_controlnet_engine
+    from slimdiff.export.shapes import parse_profiles
+
+    folder.mkdir()
+    profiles = parse_profiles(batch, str(IMAGE_PX), str(IMAGE_PX), "77", vae_scale=2, multiple=4)
+    build_controlnet_engine(controlnet, "ort", folder, profiles=profiles, dtype=torch.float32, device="cpu",
+                            multiple=4)
+    return folder
 
 
 def test_engine_without_residual_inputs_refuses_them_in_one_line(tmp_path_factory):
@@ -304,3 +327,7 @@ def test_sdxl_controlnet_pipeline_with_a_slim_engine(tmp_path):
     image = generate(pipe)
     assert np.abs(image - reference).max() < 1e-3
     assert np.abs(reference - reference.mean()).max() > 1e-3
+    # and its ControlNet as an engine (text_embeds and time_ids before the conditioning image)
+    controlnet = use_engine(pipe, controlnet_engine(pipe.controlnet, tmp_path / "controlnet", batch="2"))
+    assert [i["name"] for i in controlnet.meta["inputs"][3:]] == ["text_embeds", "time_ids", "folded_controlnet_cond"]
+    assert np.abs(generate(pipe) - reference).max() < 1e-3

@@ -77,3 +77,19 @@ def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[P
     return build_component_engine(denoiser_component(target, export_options), kind, folder, profiles=profiles,
                                   dtype=dtype, device=device, multiple=multiple, opset=opset, extra=extra,
                                   options=options)
+
+
+def build_controlnet_engine(controlnet, kind: str, folder: Path, *, profiles: list[Profile], dtype: torch.dtype,
+                            device: str, multiple: int, opset: int | None = None,
+                            options: dict | None = None) -> tuple[dict, dict | None]:
+    """Build the ``kind`` engine of a ControlNet (:func:`~slimdiff.export.modules.controlnet_component`) into the
+    existing folder ``folder``, as :func:`build_component_engine` does; ``slimdiff.runtime.use_engine`` puts it into
+    a ControlNet pipeline as ``pipe.controlnet``."""
+    from ..export.modules import controlnet_component
+
+    get(kind).require(device)
+    source = controlnet if next(controlnet.parameters()).dtype == torch.float32 else copy.deepcopy(controlnet).float()
+    extra = {"variant": "dense", "family": family_for(controlnet).name, "unet_config": dict(controlnet.config),
+             "parameters": sum(p.numel() for p in controlnet.parameters())}
+    return build_component_engine(controlnet_component(source), kind, folder, profiles=profiles, dtype=dtype,
+                                  device=device, multiple=multiple, opset=opset, extra=extra, options=options)

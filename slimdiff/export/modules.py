@@ -198,6 +198,55 @@ def vae_encoder_component(vae, scale: int) -> Component:
 #: The served VAE encoder's model and engine name.
 VAE_ENCODER = "vae_encoder"
 
+#: A ControlNet engine's component name (its pipeline attribute).
+CONTROLNET = "controlnet"
+
+
+def controlnet_scale(config) -> int:
+    """How much smaller the latent is than a ControlNet's conditioning image: its conditioning embedding halves the
+    image between each of its widths (SD's (16, 32, 96, 256): 8, the VAE's scale)."""
+    return 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
+
+
+class _ControlNet(nn.Module):
+    """A ControlNet's residuals at conditioning scale 1 — the scale and guess mode's per-level scales multiply every
+    residual afterwards, which the engine-backed ControlNet does — for the UNet call's inputs (the family's) and the
+    conditioning image folded onto the latent grid (``pixel_unshuffle``, undone here, as for the VAE encoder)."""
+
+    def __init__(self, controlnet, family):
+        super().__init__()
+        self.controlnet, self.family = controlnet, family
+        self.conditions = family.condition_inputs(controlnet.config)
+        self.scale = controlnet_scale(controlnet.config)
+
+    def forward(self, *inputs):  # one parameter, as the denoiser's wrapper: the conditions vary with the family
+        sample, timestep, encoder_hidden_states, *conditions, folded = inputs
+        call = self.family.condition_call(self.controlnet.config,
+                                          {c.name: t for c, t in zip(self.conditions, conditions)})
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states,
+                                    controlnet_cond=nn.functional.pixel_shuffle(folded, self.scale),
+                                    conditioning_scale=1.0, return_dict=False, **call)
+        return (*down, mid)
+
+
+def controlnet_component(controlnet) -> Component:
+    """A ControlNet (SD-1.x/2.x, SDXL) as an engine component: the UNet call's inputs as its family declares them,
+    then ``folded_controlnet_cond`` (the conditioning image, 3·s² channels at the latent's size); out: the residuals a
+    UNet engine built with ``--controlnet-inputs`` takes, under the same names."""
+    from ..families.sd import controlnet_residual_inputs
+
+    config, family = controlnet.config, family_for(controlnet)
+    sd_inputs = family.export_inputs(config)
+    residuals = [r.name for r in controlnet_residual_inputs(config)]
+    channels = config["conditioning_channels"] * controlnet_scale(config) ** 2
+    return Component(
+        CONTROLNET, _ControlNet(controlnet, family).eval(),
+        inputs=[*sd_inputs, ExportInput("folded_controlnet_cond", ("batch", channels, "height", "width"),
+                                        MODEL_DTYPE)],
+        output=residuals[0], more_outputs=tuple(residuals[1:]),
+        attention_modules=count_attention(controlnet),
+    )
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Axis ranges of one component, and how torch.export sees them
@@ -247,8 +296,9 @@ def torch_dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
 
     shapes = tuple({i: dim(d) for i, d in enumerate(spec.dims) if isinstance(d, str) and dim(d) is not None}
                    for spec in component.inputs)
-    # torch.export matches these to forward's parameters: the denoiser's wrapper has one, ``*inputs``
-    return (shapes,) if isinstance(component.module, _Denoiser) else shapes
+    # torch.export matches these to forward's parameters: the denoiser's and the ControlNet's wrappers have one,
+    # ``*inputs``
+    return (shapes,) if isinstance(component.module, (_Denoiser, _ControlNet)) else shapes
 
 
 def example_values(axes: dict[str, dict]) -> dict[str, int]:

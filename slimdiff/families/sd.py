@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
 from ..errors import SlimDiffError
@@ -28,7 +28,8 @@ from .base import (
 
 
 def _unet_of(obj: Any):
-    return obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
+    """The UNet of a pipeline, or ``obj`` itself: a UNet, or a ControlNet (its config and call are a UNet's)."""
+    return obj if isinstance(obj, (UNet2DConditionModel, ControlNetModel)) else getattr(obj, "unet", None)
 
 
 def seeded_latents(denoiser: nn.Module, vae_scale: int, config: Any, generators: Sequence[torch.Generator]
@@ -111,7 +112,7 @@ def controlnet_residual_inputs(config: Any) -> tuple[ExportInput, ...]:
                              MODEL_DTYPE) for name, (width, f) in zip(names, levels))
 
 
-@FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd"})
+@FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd", ControlNetModel: "sd"})
 class StableDiffusionFamily(DenoiserFamily):
     """``unet(sample, timestep, encoder_hidden_states)``; one CLIP text tower; the pipeline's own sampler."""
 

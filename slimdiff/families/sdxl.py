@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from ..errors import SlimDiffError
 from .base import (
@@ -33,7 +33,7 @@ from .sd import StableDiffusionFamily, _unet_of, guidance_embedding
 BASE_TIME_IDS = 6
 
 
-@FAMILIES.register({StableDiffusionXLPipeline: "sdxl", UNet2DConditionModel: "sdxl"})
+@FAMILIES.register({StableDiffusionXLPipeline: "sdxl", UNet2DConditionModel: "sdxl", ControlNetModel: "sdxl"})
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SD's call plus ``added_cond_kwargs`` (``text_embeds``, ``time_ids``); two text towers."""
 

@@ -39,7 +39,9 @@ class EngineDenoiser(torch.nn.Module):
     def __init__(self, runner, meta: dict, folder: Path):
         from diffusers.configuration_utils import FrozenDict
 
-        super().__init__()
+        # nn.Module's own state only, not the next class's __init__: an engine that must also be a diffusers model
+        # class to its pipeline (EngineControlNet, a ControlNetModel) holds no network of that class
+        torch.nn.Module.__init__(self)
         family = engine_family(meta)
         if meta.get("component") != self.component or family not in self.families or "unet_config" not in meta:
             raise SlimDiffError(f"engine in {str(folder)!r} is a {family or 'unknown'} {meta.get('component')!r} "

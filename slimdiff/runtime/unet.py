@@ -38,6 +38,7 @@ from ..errors import SlimDiffError
 from ..export.shapes import tensor_shapes
 from ..families.base import CONTROLNET_RESIDUALS
 from ..families.sd import DOWN_RESIDUAL, GUIDANCE_EMBEDDING
+from .controlnet import EngineControlNet
 from .denoiser import EngineDenoiser, engine_family
 from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
@@ -165,6 +166,11 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
     if isinstance(pipe_denoiser, EngineDenoiser):
         expected = pipe_denoiser.meta.get("signature")
         kind = pipe_denoiser.component
+    elif meta.get("component") == EngineControlNet.component:
+        from ..export.modules import controlnet_component
+
+        component = controlnet_component(pipe_denoiser)
+        expected, kind = input_signature(component), component.name
     else:
         # an engine with optional inputs (ControlNet residuals) is compared with the denoiser taking them too
         component = denoiser_component(pipe_denoiser, meta.get("export_options", ()))
@@ -192,7 +198,7 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
 
 
 ENGINE_CLASSES: tuple[type[EngineDenoiser], ...] = (EngineUNet, EnginePixArtTransformer, EngineSD3Transformer,
-                                                    EngineFluxTransformer)
+                                                    EngineFluxTransformer, EngineControlNet)
 
 
 def engine_class(meta: dict) -> type[EngineDenoiser]:
@@ -207,7 +213,8 @@ def engine_class(meta: dict) -> type[EngineDenoiser]:
 def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs: bool = True,
                check_model: bool = True) -> EngineDenoiser:
     """Replace the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for PixArt, SD3 and FLUX: whichever the
-    engine in ``folder`` was exported from) with that engine; returns it.
+    engine in ``folder`` was exported from) with that engine; returns it. A ControlNet engine replaces a ControlNet
+    pipeline's ``pipe.controlnet``.
 
     The engine must have been built for this pipeline's denoiser: same input signature (names, dtypes, ranks) and
     same config fingerprint. ``check_model=False`` skips that check, for users who know the engine fits."""
