@@ -49,6 +49,10 @@ def files(tmp_path_factory):
 
     pix2pix = UNet2DConditionModel(**dict(TINY_UNET, in_channels=8))
     StableDiffusionInstructPix2PixPipeline(**{**other.components, "unet": pix2pix}).save_pretrained(root / "pix2pix")
+    # a ControlNet made for another UNet (tiny-xl's)
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(build_builtin("builtin:tiny-xl").unet).save_pretrained(root / "controlnet-xl")
     return root
 
 
@@ -174,6 +178,14 @@ EXPORT_ROWS = [
     ("export-out-inside-triton-repo", ["--model", "builtin:tiny", "--engine", "ort", "--out", "{tmp}/repo/engines",
                                        "--triton-repo", "{tmp}/repo", "--triton-mode", "python"], None,
      "give the repository a folder of its own"),
+    ("export-controlnet-not-a-controlnet", ["--model", "builtin:tiny", "--engine", "ort", "--controlnet", "{in}/stats",
+                                           "--out", "{tmp}/engines"], None, "is not a ControlNet folder"),
+    ("export-controlnet-of-another-unet", ["--model", "builtin:tiny", "--engine", "ort", "--controlnet",
+                                          "{in}/controlnet-xl", *FAST, "--out", "{tmp}/engines"], None,
+     "was not made for this UNet"),
+    ("export-controlnet-on-a-one-output-runner", ["--model", "builtin:tiny", "--engine", "aoti", "--controlnet",
+                                                  "{in}/controlnet-xl", "--out", "{tmp}/engines"], None,
+     "runner returns one output: build it with --engine ort"),
     ("export-onnx-as-model", ["--model", "{tmp}/unet.onnx", "--engine", "ort", "--out", "{tmp}/engines"], "onnx",
      "is an ONNX model"),
 ]

@@ -182,17 +182,21 @@ def test_export_options_are_family_knowledge():
 
 @pytest.fixture(scope="module")
 def controlnet_export(tmp_path_factory):
-    """``slimdiff-export --controlnet-inputs`` of a slim builtin:tiny UNet folder to an ONNX Runtime engine (slim only:
-    one export), latent 8..16 (a slim folder has no VAE: pixels are counted at SD's factor 8), batch 1..2 (guidance),
-    CLIP's 77 tokens: ``(engine folder, slim UNet, stdout)``."""
+    """``slimdiff-export --controlnet DIR`` (which implies ``--controlnet-inputs``) of a slim builtin:tiny UNet folder
+    and a ControlNet made from builtin:tiny's UNet to ONNX Runtime engines (the UNet's: slim only, one export),
+    latent 8..16 (a slim folder has no VAE: pixels are counted at SD's factor 8), batch 1..2 (guidance), CLIP's 77
+    tokens: ``(slim UNet engine folder, slim UNet, stdout)``; the ControlNet's engine is in its sibling
+    ``controlnet``."""
     root = tmp_path_factory.mktemp("controlnet")
     slim, plan = truncated_slim(load_unet("builtin:tiny"))
     save_slim(slim, plan, root / "slim-unet")
+    seeded_controlnet(load_unet("builtin:tiny")).save_pretrained(root / "controlnet-model")
     out = root / "engines"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = cli.main(["--model", str(root / "slim-unet"), "--engine", "ort", "--out", str(out), "--controlnet-inputs",
-                       "--batch", "1:2:2", "--height", "64:128:128", "--width", "64:128:128", "--text-len", "77"])
+        rc = cli.main(["--model", str(root / "slim-unet"), "--engine", "ort", "--out", str(out), "--controlnet",
+                       str(root / "controlnet-model"), "--batch", "1:2:2", "--height", "64:128:128", "--width",
+                       "64:128:128", "--text-len", "77"])
     assert rc == 0, stderr.getvalue()
     return out / "slim", slim, stdout.getvalue()
 
@@ -215,9 +219,9 @@ def test_export_builds_a_verified_engine_with_residual_inputs(controlnet_export)
     assert profile["mid_block_additional_residual"] == ((1, 64, 2, 2), (2, 64, 4, 4), (2, 64, 4, 4))
     assert profile["down_block_additional_residual_0"] == ((1, 32, 8, 8), (2, 32, 16, 16), (2, 32, 16, 16))
     # verified against PyTorch with random residuals, called as the pipeline calls it (the table's error column)
-    row = json.loads((folder.parent / "export.json").read_text())["rows"][0]
-    assert row["variant"] == "slim" and row["max_rel_error"] < 1e-4
-    assert "slim" in printed
+    rows = json.loads((folder.parent / "export.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["slim", "controlnet"] and all(r["max_rel_error"] < 1e-4 for r in rows)
+    assert "slim" in printed and "controlnet/controlnet.ort.onnx" in printed
 
 
 @pytest.mark.slow
@@ -247,7 +251,7 @@ def test_engine_takes_residuals_checks_them_and_adds_zeros_without(controlnet_ex
 
 
 @pytest.mark.slow
-def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(controlnet_export, tmp_path):
+def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(controlnet_export):
     folder, slim, _ = controlnet_export
     controlnet = seeded_controlnet(load_unet("builtin:tiny"))
     pipe = controlnet_pipeline("builtin:tiny", slim, controlnet)
@@ -262,7 +266,7 @@ def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(contro
     assert np.abs(generate(pipe, controlnet_conditioning_scale=0.0) - image).max() > 1e-2
     # the ControlNet as an engine too: every network of the loop but the text encoder and the VAE is an engine
     guessed = generate(pipe, guess_mode=True, controlnet_conditioning_scale=0.5)
-    engine_controlnet = use_engine(pipe, controlnet_engine(controlnet, tmp_path / "controlnet"))
+    engine_controlnet = use_engine(pipe, folder.parent / "controlnet")  # the command's, of this very ControlNet
     assert pipe.controlnet is engine_controlnet and isinstance(engine_controlnet, ControlNetModel)
     assert [o["name"] for o in engine_outputs(engine_controlnet.meta)] == [
         r.name for r in controlnet_residual_inputs(slim.config)]  # what the UNet engine takes, by name

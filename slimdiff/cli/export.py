@@ -11,8 +11,8 @@ size, parameters, max abs error, load time) ends the run. The text encoders and 
 (``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x, SDXL, PixArt-Σ, SD3, FLUX).
 
 ``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
-(``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; the ControlNet
-itself stays in PyTorch.
+(``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; ``--controlnet
+DIR`` builds the ControlNet's engine too (``OUT/controlnet``), which returns those residuals.
 
 PixArt engines serve one image size (``--height N --width N``, default the transformer's native size) and PixArt's
 token count (300 for Σ, 120 for α: the pipeline pads T5 prompts to it); their T5 padding mask is an input.
@@ -27,6 +27,7 @@ Output layout (written to a temporary sibling and renamed into place only when e
     OUT/{dense,slim}/unet.{plan,ort.onnx,pt2} engine + unet.engine.json metadata
     OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim denoiser
     OUT/text_encoder_2/                      (SDXL, SD3, FLUX: the second text encoder too; SD3: text_encoder_3/)
+    OUT/controlnet/                          with --controlnet: the ControlNet's engine
 
 ``--triton-repo DIR`` also writes a Triton Inference Server model repository (see :mod:`slimdiff.engines.triton`).
 """
@@ -34,6 +35,7 @@ Output layout (written to a temporary sibling and renamed into place only when e
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet engines that also take ControlNet residuals (down_block_additional_residuals, "
                         "mid_block_additional_residual), for StableDiffusion(XL)ControlNetPipeline; verified with "
                         "random residuals")
+    p.add_argument("--controlnet", default=None, metavar="DIR",
+                   help="a ControlNet made for the model (a diffusers ControlNetModel folder, safetensors) built as an "
+                        "engine too, into OUT/controlnet (ONNX Runtime); implies --controlnet-inputs")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset: 23 = native fused Attention/GroupNormalization (default), "
                         "18 = decomposed attention for TensorRT < 10.14 (chosen automatically there)")
@@ -268,29 +273,99 @@ def _export_options(args) -> tuple[str, ...]:
     """The denoiser family's optional input groups the engines take (:attr:`DenoiserFamily.export_options`)."""
     from ..families.base import CONTROLNET_RESIDUALS
 
-    return (CONTROLNET_RESIDUALS,) if args.controlnet_inputs else ()
+    return (CONTROLNET_RESIDUALS,) if args.controlnet_inputs or args.controlnet else ()
+
+
+def _check_controlnet_folder(folder: str, kind: str) -> None:
+    """One line, before any work, for a ``--controlnet`` that is not a ControlNet folder slimdiff loads, or an engine
+    kind whose runner cannot return a ControlNet's many outputs."""
+    from ..engines import get
+
+    path = Path(folder)
+    try:
+        cls_name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        cls_name = None
+    if cls_name != "ControlNetModel":
+        raise SlimDiffError(f"--controlnet {folder!r} is not a ControlNet folder (a config.json of a ControlNetModel, "
+                            "as diffusers' save_pretrained writes it)")
+    if not list(path.glob("*.safetensors")):
+        found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".ckpt", ".pt"}))
+        raise SlimDiffError(f"--controlnet {folder!r} holds no .safetensors weights"
+                            + (f" (found {found}: pickle files are not loaded)" if found else ""))
+    if not get(kind).runs_several_outputs:
+        raise SlimDiffError(f"a ControlNet engine returns one residual per skip connection, and slimdiff's {kind} "
+                            "runner returns one output: build it with --engine ort")
+
+
+def _load_controlnet(folder: str, unet_config):
+    """The ControlNet of ``folder``, refused in one line unless it was made for a UNet of ``unet_config``."""
+    from diffusers import ControlNetModel
+
+    try:
+        controlnet = ControlNetModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception as exc:  # diffusers raises many types; the user needs one line
+        raise SlimDiffError(f"could not load the ControlNet in {folder!r}: {exc}") from exc
+    keys = ("block_out_channels", "down_block_types", "layers_per_block", "transformer_layers_per_block",
+            "cross_attention_dim", "addition_embed_type", "time_cond_proj_dim")
+    differ = [f"{k} {controlnet.config.get(k)!r} vs the UNet's {unet_config.get(k)!r}" for k in keys
+              if json.dumps(controlnet.config.get(k)) != json.dumps(unet_config.get(k))]
+    if differ:
+        raise SlimDiffError(f"the ControlNet in {folder!r} was not made for this UNet: {'; '.join(differ[:2])}")
+    return controlnet.eval().requires_grad_(False)
+
+
+def _build_controlnet(args, controlnet, folder: Path, profiles, kind: str, device: str, dtype, opset,
+                      multiple: int) -> dict:
+    """The ControlNet's engine in ``folder``, verified against PyTorch like the denoiser's: a table row."""
+    import torch
+
+    from ..engines.build import build_controlnet_engine
+    from ..export.modules import controlnet_component
+
+    folder.mkdir()
+    controlnet = controlnet.to(device).float()
+    meta, sidecar = build_controlnet_engine(controlnet, kind, folder, profiles=profiles, dtype=dtype, device=device,
+                                            multiple=multiple, opset=opset)
+    status(f"verifying the ControlNet {kind} engine against PyTorch")
+    check = _verify_component(folder, controlnet_component(controlnet), device,
+                              {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs)
+    if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
+        raise SlimDiffError(f"the ControlNet {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
+                            f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
+    return {"engine": kind, "variant": "controlnet", "file": f"controlnet/{meta['file']}",
+            "size_bytes": meta["size_bytes"], "parameters": meta["parameters"], "dtype": meta["dtype"],
+            "opset": sidecar["opset"] if sidecar else None, "fused_ops": sidecar["fused"] if sidecar else None,
+            **check}
 
 
 def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool, export_options: tuple[str, ...],
             seed: int = 7) -> dict:
     """Load the engine via the runtime and compare it, called as its pipeline calls it, with the PyTorch denoiser
     on seeded random inputs."""
+    from ..export.modules import denoiser_component
+
+    return _verify_component(folder, denoiser_component(denoiser, export_options), device, values, cuda_graphs, seed)
+
+
+def _verify_component(folder: Path, component, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
+    """Load the engine of ``component`` via the runtime and compare its outputs (every one of them), called as its
+    pipeline calls it, with the PyTorch module's on seeded random inputs."""
     import torch
 
     from ..engines import load_engine_meta
-    from ..export.modules import denoiser_component
     from ..runtime.unet import engine_class
 
-    component = denoiser_component(denoiser, export_options)
     meta, _ = load_engine_meta(folder, component.name)
     engine = engine_class(meta).from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     inputs = component.random_inputs(values, torch.float32, seed=seed, device=device)
     with torch.no_grad():
-        ref = component.module(*inputs).float()
-        got = engine.call_exported(inputs).float()
-    err = (got - ref).abs().max().item()
-    return {"max_abs_error": err, "max_rel_error": err / max(ref.abs().max().item(), 1e-12),
-            "load_seconds": engine.load_seconds, "shape": values}
+        refs, gots = component.module(*inputs), engine.call_exported(inputs)
+    refs, gots = (list(t) if isinstance(t, (list, tuple)) else [t] for t in (refs, gots))
+    err = max((g.float() - r.float()).abs().max().item() for g, r in zip(gots, refs))
+    scale = max(r.float().abs().max().item() for r in refs)
+    return {"max_abs_error": err, "max_rel_error": err / max(scale, 1e-12), "load_seconds": engine.load_seconds,
+            "shape": values}
 
 
 def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, kind: str, device: str, dtype, opset,
@@ -376,9 +451,11 @@ def run(args) -> list[dict]:
         from ..engines.triton import check_mode
 
         check_mode(args.engine, args.triton_mode)
-        if args.controlnet_inputs:
+        if args.controlnet_inputs or args.controlnet:
             raise SlimDiffError("--triton-repo serves pipelines without ControlNet: leave out --controlnet-inputs, or "
                                 "export the engines without --triton-repo")
+    if args.controlnet:
+        _check_controlnet_folder(args.controlnet, args.engine)
     out = Path(args.out)
     repo_inside_out = args.triton_repo is not None and _nested_output(out, Path(args.triton_repo))
     tmp = atomic_output_dir(out, overwrite=args.force)
@@ -393,6 +470,7 @@ def run(args) -> list[dict]:
         # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after
         loras = () if args.stats else lora_specs(args)
         pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras)
+        controlnet = _load_controlnet(args.controlnet, (dense or slim).config) if args.controlnet else None
         slimming = _slimming_inputs(pipe, args) if slim is None else None
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline
@@ -445,13 +523,16 @@ def run(args) -> list[dict]:
         if dense_process is not None:
             rows.insert(0, dense_process.result())
             torch.set_num_threads(threads)
+        if controlnet is not None:
+            rows.append(_build_controlnet(args, controlnet, tmp / "controlnet", **build))
         if slim_folder == tmp / "slim-unet":
             _save_slim_unet(slim, plan, slim_folder, args)
         if repo_tmp is not None:
             _write_triton_repository(args, pipe, tmp, repo_tmp, **build)
         print(format_table(rows))
-        if len(rows) == 2:
-            dense_p, slim_p = rows[0]["parameters"], rows[1]["parameters"]
+        by_variant = {r["variant"]: r for r in rows}
+        if "dense" in by_variant and "slim" in by_variant:
+            dense_p, slim_p = by_variant["dense"]["parameters"], by_variant["slim"]["parameters"]
             print(f"slim {family.component}: {slim_p:,} of {dense_p:,} parameters "
                   f"({100 * (1 - slim_p / dense_p):.1f} % fewer)")
         write_json_atomic(tmp / "export.json", {

@@ -2,14 +2,17 @@
 
 ``EngineUNet.from_folder(folder)`` loads the UNet engine of a folder (ONNX Runtime, AOTInductor or TensorRT),
 ``EnginePixArtTransformer.from_folder(folder)`` a PixArt transformer's, ``EngineSD3Transformer.from_folder(folder)`` an
-SD3 transformer's, ``EngineFluxTransformer.from_folder(folder)`` a FLUX transformer's; ``use_engine(pipe, folder)`` puts the engine into a diffusers pipeline as ``pipe.unet`` /
-``pipe.transformer``.
+SD3 transformer's, ``EngineFluxTransformer.from_folder(folder)`` a FLUX transformer's, ``EngineControlNet.from_folder``
+a ControlNet's; ``use_engine(pipe, folder)`` puts the engine into a diffusers pipeline as ``pipe.unet`` /
+``pipe.transformer`` / ``pipe.controlnet``.
 """
 
+from .controlnet import EngineControlNet
 from .denoiser import EngineDenoiser
 from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
 from .sd3 import EngineSD3Transformer
 from .unet import EngineUNet, use_engine
 
-__all__ = ["EngineDenoiser", "EngineFluxTransformer", "EnginePixArtTransformer", "EngineSD3Transformer", "EngineUNet", "use_engine"]
+__all__ = ["EngineControlNet", "EngineDenoiser", "EngineFluxTransformer", "EnginePixArtTransformer",
+           "EngineSD3Transformer", "EngineUNet", "use_engine"]
