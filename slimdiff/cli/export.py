@@ -306,8 +306,10 @@ def _load_controlnet(folder: str, unet_config):
         controlnet = ControlNetModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises many types; the user needs one line
         raise SlimDiffError(f"could not load the ControlNet in {folder!r}: {exc}") from exc
+    # what its residuals' shapes and its text conditioning follow (an LCM UNet's guidance embedding is the UNet's
+    # alone: the pipelines pass no timestep_cond to the ControlNet)
     keys = ("block_out_channels", "down_block_types", "layers_per_block", "transformer_layers_per_block",
-            "cross_attention_dim", "addition_embed_type", "time_cond_proj_dim")
+            "cross_attention_dim", "addition_embed_type")
     differ = [f"{k} {controlnet.config.get(k)!r} vs the UNet's {unet_config.get(k)!r}" for k in keys
               if json.dumps(controlnet.config.get(k)) != json.dumps(unet_config.get(k))]
     if differ:
