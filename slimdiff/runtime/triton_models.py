@@ -248,13 +248,14 @@ def generate(pipe, prompt: str, **options) -> np.ndarray:
     if set(images) != set(family.serving_image_inputs):
         wanted = " and ".join(family.serving_image_inputs) or "no image"
         raise SlimDiffError(f"a {type(pipe).__name__} request takes {wanted}, got {' and '.join(images) or 'none'}")
-    for name, array in images.items():
-        array = np.asarray(array)
-        if array.dtype != np.uint8 or array.shape[:2] != np.shape(next(iter(images.values())))[:2] or \
-                array.ndim != len(IMAGE_INPUTS[name]) or array.shape[2:] not in ((), (3,)):
+    arrays = {name: np.asarray(array) for name, array in images.items()}
+    size = next(iter(arrays.values())).shape[:2] if arrays else None
+    for name, array in arrays.items():
+        wanted = tuple(IMAGE_INPUTS[name])
+        if array.dtype != np.uint8 or array.shape[:2] != size or array.shape[2:] != wanted[2:]:
             raise SlimDiffError(f"{name} must be a uint8 array of {'HxWx3' if name == 'image' else 'HxW'} pixels the "
                                 f"size of the image, got {array.dtype} {array.shape}")
-        images[name] = Image.fromarray(array, mode="RGB" if array.ndim == 3 else "L")
+        images[name] = Image.fromarray(array)  # RGB for HxWx3, L (grey) for HxW
     extra = {**family.pipeline_options, **images}
     if "strength" in o:
         extra["strength"] = float(o.pop("strength"))
