@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 from . import fingerprint
 from .analyze import timestep_weights, trq_from_energies, trq_qk, trq_vo
 from .distributed import Group
-from .errors import SlimDiffError
+from .errors import SlimDiffError, SlimDiffWarning
 from .families import (
     ATTENTION,
     CROSS,
@@ -747,6 +748,19 @@ def site_shards_for(unet, timesteps: int, shards: int | str, processes: int = 1)
     return plan
 
 
+#: The most steps guidance-distilled (LCM) models are sampled at.
+LCM_MAX_STEPS = 8
+
+
+def _warn_if_step_distilled(unet, config: CalibrationConfig) -> None:
+    """One warning line for an LCM UNet calibrated at more steps than such models sample: the statistics would weight
+    timesteps the model is never used at (the calibration still runs: the steps are the user's choice)."""
+    if unet.config.get("time_cond_proj_dim") and config.steps > LCM_MAX_STEPS:
+        warnings.warn(f"this UNet embeds the guidance scale (an LCM model, sampled in 2-{LCM_MAX_STEPS} steps): "
+                      f"calibrating at {config.steps} steps weights timesteps it is not used at; pass the steps it "
+                      "samples at (--steps 4)", SlimDiffWarning, stacklevel=3)
+
+
 def calibrate(
     pipe,
     prompts: Sequence[str],
@@ -783,6 +797,8 @@ def calibrate(
         if unet is pipe:
             raise SlimDiffError("calibrating a bare denoiser needs a sampling loop (loop=...)")
         loop = pipeline_loop(pipe, config)
+    if group.is_leader:
+        _warn_if_step_distilled(unet, config)
     folder = Path(out) if out is not None else None
     plan = site_shards_for(unet, config.steps, site_shards, group.size)
     if plan is None:

@@ -190,3 +190,19 @@ def test_slimdiff_export_serves_an_lcm_folder_with_the_repository_inside_out(sd,
         options = dict(seed=3, steps=2, height=16, width=16, guidance_scale=scale)
         served, reference = generate(in_process, PROMPTS[0], **options), generate(pipe, PROMPTS[0], **options)
         assert np.abs(served.astype(int) - reference.astype(int)).max() <= 1 and served.std() > 1
+
+
+def test_calibrating_at_more_steps_than_lcm_samples_is_one_warning(sd):
+    """An LCM model is used at 2-8 steps: calibrating it at 9 or more says so (and runs); at 4 it says nothing."""
+    import warnings
+
+    from slimdiff.calibrate import CalibrationConfig, calibrate
+    from slimdiff.errors import SlimDiffWarning
+
+    config = CalibrationConfig(steps=9, pass1_prompts=1, batch_size=1, height=16, width=16)
+    with pytest.warns(SlimDiffWarning, match=r"an LCM model, sampled in 2-8 steps\): calibrating at 9 steps"):
+        assert calibrate(sd, PROMPTS[:1], None, config, progress=False) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlimDiffWarning)
+        calibrate(sd, PROMPTS[:1], None, CalibrationConfig(steps=4, pass1_prompts=1, batch_size=1, height=16,
+                                                           width=16), progress=False)
