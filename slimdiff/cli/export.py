@@ -320,8 +320,6 @@ def _load_controlnet(folder: str, unet_config):
 def _build_controlnet(args, controlnet, folder: Path, profiles, kind: str, device: str, dtype, opset,
                       multiple: int) -> dict:
     """The ControlNet's engine in ``folder``, verified against PyTorch like the denoiser's: a table row."""
-    import torch
-
     from ..engines.build import build_controlnet_engine
     from ..export.modules import controlnet_component
 
@@ -329,28 +327,29 @@ def _build_controlnet(args, controlnet, folder: Path, profiles, kind: str, devic
     controlnet = controlnet.to(device).float()
     meta, sidecar = build_controlnet_engine(controlnet, kind, folder, profiles=profiles, dtype=dtype, device=device,
                                             multiple=multiple, opset=opset)
-    status(f"verifying the ControlNet {kind} engine against PyTorch")
-    check = _verify_component(folder, controlnet_component(controlnet), device,
-                              {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs)
+    return _verified_row(args, "ControlNet", "controlnet", controlnet_component(controlnet), folder, meta, sidecar,
+                         device, dtype)
+
+
+def _verified_row(args, what: str, variant: str, component, folder: Path, meta: dict, sidecar: dict | None,
+                  device: str, dtype) -> dict:
+    """The table row of the engine just built in ``folder``: loaded through the runtime, called as its pipeline
+    calls it and compared with ``component``'s PyTorch module; a float32 engine beyond the tolerance is an error."""
+    import torch
+
+    status(f"verifying the {what} {meta['engine']} engine against PyTorch")
+    check = _verify(folder, component, device, {a: r["opt"] for a, r in meta["axes"].items()},
+                    not args.no_cuda_graphs)
     if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
-        raise SlimDiffError(f"the ControlNet {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
+        raise SlimDiffError(f"the {what} {meta['engine']} engine differs from PyTorch by {check['max_rel_error']:.2e} "
                             f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
-    return {"engine": kind, "variant": "controlnet", "file": f"controlnet/{meta['file']}",
+    return {"engine": meta["engine"], "variant": variant, "file": f"{folder.name}/{meta['file']}",
             "size_bytes": meta["size_bytes"], "parameters": meta["parameters"], "dtype": meta["dtype"],
             "opset": sidecar["opset"] if sidecar else None, "fused_ops": sidecar["fused"] if sidecar else None,
             **check}
 
 
-def _verify(folder: Path, denoiser, device: str, values: dict, cuda_graphs: bool, export_options: tuple[str, ...],
-            seed: int = 7) -> dict:
-    """Load the engine via the runtime and compare it, called as its pipeline calls it, with the PyTorch denoiser
-    on seeded random inputs."""
-    from ..export.modules import denoiser_component
-
-    return _verify_component(folder, denoiser_component(denoiser, export_options), device, values, cuda_graphs, seed)
-
-
-def _verify_component(folder: Path, component, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
+def _verify(folder: Path, component, device: str, values: dict, cuda_graphs: bool, seed: int = 7) -> dict:
     """Load the engine of ``component`` via the runtime and compare its outputs (every one of them), called as its
     pipeline calls it, with the PyTorch module's on seeded random inputs."""
     import torch
@@ -375,6 +374,7 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
     import torch
 
     from ..engines.build import build_denoiser_engine
+    from ..export.modules import denoiser_component
 
     folder.mkdir()
     denoiser = denoiser.to(device).eval()
@@ -385,15 +385,8 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
     meta, sidecar = build_denoiser_engine(denoiser, kind, folder, profiles=profiles, dtype=dtype, device=device,
                                           multiple=multiple, opset=opset, variant=variant, plan=plan, options=options,
                                           export_options=_export_options(args))
-    status(f"verifying the {variant} {kind} engine against PyTorch")
-    check = _verify(folder, denoiser, device, {a: r["opt"] for a, r in meta["axes"].items()}, not args.no_cuda_graphs,
-                    _export_options(args))
-    if dtype == torch.float32 and check["max_rel_error"] > FP32_ENGINE_TOLERANCE:
-        raise SlimDiffError(f"the {variant} {kind} engine differs from PyTorch by {check['max_rel_error']:.2e} "
-                            f"(relative; tolerance {FP32_ENGINE_TOLERANCE:.0e})")
-    return {"engine": kind, "variant": variant, "file": f"{variant}/{meta['file']}", "size_bytes": meta["size_bytes"],
-            "parameters": meta["parameters"], "dtype": meta["dtype"], "opset": sidecar["opset"] if sidecar else None,
-            "fused_ops": sidecar["fused"] if sidecar else None, **check}
+    return _verified_row(args, variant, variant, denoiser_component(denoiser, _export_options(args)), folder, meta,
+                         sidecar, device, dtype)
 
 
 def _nested_output(out: Path, repo: Path) -> bool:

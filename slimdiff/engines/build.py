@@ -55,6 +55,12 @@ def build_component_engine(component: Component, kind: str, folder: Path, *, pro
     return meta, sidecar
 
 
+def _float32(module):
+    """``module`` itself when float32, else a float32 copy: engines are exported from float32 (fp16 is cast per
+    export), and the caller's module keeps its precision."""
+    return module if next(module.parameters()).dtype == torch.float32 else copy.deepcopy(module).float()
+
+
 def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[Profile], dtype: torch.dtype,
                           device: str, multiple: int, opset: int | None = None, variant: str | None = None, plan=None,
                           options: dict | None = None,
@@ -64,7 +70,7 @@ def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[P
     family's optional input groups the engine takes too (ControlNet residuals), recorded in its metadata."""
     backend = get(kind)
     backend.require(device)
-    source = denoiser if next(denoiser.parameters()).dtype == torch.float32 else copy.deepcopy(denoiser).float()
+    source = _float32(denoiser)
     target, changed = aligned(source) if backend.needs_aligned_heads(device) else (source, {})
     # "unet_config" holds the denoiser's config whatever its kind: the name stored engines and Triton repositories
     # were written with
@@ -88,7 +94,7 @@ def build_controlnet_engine(controlnet, kind: str, folder: Path, *, profiles: li
     from ..export.modules import controlnet_component
 
     get(kind).require(device)
-    source = controlnet if next(controlnet.parameters()).dtype == torch.float32 else copy.deepcopy(controlnet).float()
+    source = _float32(controlnet)
     extra = {"variant": "dense", "family": family_for(controlnet).name, "unet_config": dict(controlnet.config),
              "parameters": sum(p.numel() for p in controlnet.parameters())}
     return build_component_engine(controlnet_component(source), kind, folder, profiles=profiles, dtype=dtype,

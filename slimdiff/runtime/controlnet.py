@@ -42,12 +42,9 @@ class EngineControlNet(EngineDenoiser, ControlNetModel):
         if tuple(controlnet_cond.shape[-2:]) != (height * scale, width * scale):
             raise SlimDiffError(f"controlnet_cond of {tuple(controlnet_cond.shape)} does not fit a latent of "
                                 f"{height}x{width}: this ControlNet takes images {scale} times the latent's size")
-        specs = self.meta["inputs"]
         given = {**(added_cond_kwargs or {}), GUIDANCE_EMBEDDING: timestep_cond}
         folded = torch.nn.functional.pixel_unshuffle(controlnet_cond.to(self.device, self.dtype), scale)
-        inputs = [sample.to(self.device, self.dtype).contiguous(), self.timesteps(timestep, batch),
-                  encoder_hidden_states.to(self.device, self.dtype).contiguous(),
-                  *(self._condition(spec, given.get(spec["name"]), batch) for spec in specs[3:-1]),
+        inputs = [*self.unet_call_inputs(sample, timestep, encoder_hidden_states, given, self.meta["inputs"][3:-1]),
                   folded.contiguous()]
         with self._lock:
             *down, mid = self.runner.run_outputs(inputs)
@@ -62,6 +59,12 @@ class EngineControlNet(EngineDenoiser, ControlNetModel):
         if not return_dict:
             return tuple(down), mid
         return ControlNetOutput(down_block_res_samples=tuple(down), mid_block_res_sample=mid)
+
+    @classmethod
+    def exported_component(cls, module, meta: dict):
+        from ..export.modules import controlnet_component
+
+        return controlnet_component(module)
 
     def call_exported(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The engine's residuals for its exported inputs (``controlnet_component(...).random_inputs``), as

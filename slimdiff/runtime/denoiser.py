@@ -57,6 +57,14 @@ class EngineDenoiser(torch.nn.Module):
         self.load_seconds = 0.0
 
     @classmethod
+    def exported_component(cls, module, meta: dict):
+        """The component engines of this class are exported from, for the PyTorch ``module`` they replace (an engine
+        with optional inputs, ControlNet residuals, is compared with the denoiser taking them too)."""
+        from ..export.modules import denoiser_component
+
+        return denoiser_component(module, meta.get("export_options", ()))
+
+    @classmethod
     def from_folder(cls, folder: str | Path, device: str | None = None, cuda_graphs: bool = True):
         """Load the denoiser engine of an engine folder (as written by ``slimdiff-export``); ``device`` defaults to
         the one it was built for. ``cuda_graphs`` applies to TensorRT engines."""
@@ -159,6 +167,15 @@ class EngineDenoiser(torch.nn.Module):
     def run(self, inputs: list[torch.Tensor], out_shape: tuple) -> torch.Tensor:
         with self._lock:
             return self.runner.run(inputs, out_shape)
+
+    def unet_call_inputs(self, sample, timestep, encoder_hidden_states, conditions: dict, specs: list[dict]
+                         ) -> list[torch.Tensor]:
+        """The engine inputs of a UNet-shaped call: the latent, the timesteps, the text, then the tensor of
+        ``conditions`` named by each of ``specs`` — cast to the engine's device and precision, and checked."""
+        batch = sample.shape[0]
+        return [sample.to(self.device, self.dtype).contiguous(), self.timesteps(timestep, batch),
+                encoder_hidden_states.to(self.device, self.dtype).contiguous(),
+                *(self._condition(spec, conditions.get(spec["name"]), batch) for spec in specs)]
 
     def conditions(self, added_cond_kwargs: dict | None, first: int, batch: int) -> list[torch.Tensor]:
         """The engine's inputs from its ``first`` on: ``added_cond_kwargs`` entries of those names, checked."""

@@ -98,9 +98,7 @@ class EngineUNet(EngineDenoiser):
                                 f"{tuple(encoder_hidden_states.shape)} do not match this UNet "
                                 f"({self.in_channels} channels, same batch)")
         self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
-        inputs = [sample.to(self.device, self.dtype).contiguous(), self.timesteps(timestep, batch),
-                  encoder_hidden_states.to(self.device, self.dtype).contiguous(),
-                  *(self._condition(spec, given.get(spec["name"]), batch) for spec in conditions),
+        inputs = [*self.unet_call_inputs(sample, timestep, encoder_hidden_states, given, conditions),
                   *self._residuals(down_block_additional_residuals, mid_block_additional_residual,
                                    {"batch": batch, "height": height, "width": width})]
         out = self.run(inputs, (batch, self.out_channels, height, width))
@@ -161,19 +159,12 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
     naming both sides (and the first differing config keys)."""
     from ..engines import architecture_fingerprint, input_signature
     from ..engines.base import SLIM_CONFIG_KEYS
-    from ..export.modules import denoiser_component
 
     if isinstance(pipe_denoiser, EngineDenoiser):
         expected = pipe_denoiser.meta.get("signature")
         kind = pipe_denoiser.component
-    elif meta.get("component") == EngineControlNet.component:
-        from ..export.modules import controlnet_component
-
-        component = controlnet_component(pipe_denoiser)
-        expected, kind = input_signature(component), component.name
     else:
-        # an engine with optional inputs (ControlNet residuals) is compared with the denoiser taking them too
-        component = denoiser_component(pipe_denoiser, meta.get("export_options", ()))
+        component = engine_class(meta).exported_component(pipe_denoiser, meta)
         expected, kind = input_signature(component), component.name
     what = "UNet" if kind == "unet" else kind
     found = meta.get("signature")
