@@ -18,7 +18,7 @@ _EXPORTS = {
     "SlimConfig": "slim", "SlimReport": "slim", "slim_unet": "slim",
     "CalibrationConfig": "calibrate", "Statistics": "calibrate", "calibrate": "calibrate",
     "slim_pipeline": "api", "collect_statistics": "api", "choose_prompts": "api",
-    "load_pipeline": "models", "load_unet": "models", "LoraSpec": "lora", "fuse_loras": "lora",
+    "load_pipeline": "models", "load_unet": "models", "LoraSpec": "lora", "fuse_loras": "lora", "load_lora": "lora",
     "save_slim": "serialization", "load_slim": "serialization", "save_slim_pipeline": "serialization",
     "SlimUNet2DConditionModel": "slim_models", "SlimPixArtTransformer2DModel": "slim_models",
     "SlimSD3Transformer2DModel": "slim_models", "SlimFluxTransformer2DModel": "slim_models",

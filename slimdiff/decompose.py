@@ -141,6 +141,9 @@ class FFNDecomposition:
     down_weight: (C_out, k), least-squares corrected (or plainly sliced when ``correct_down=False``).
     error: E‖W_D h − B h_J‖² on the ridged moment; relative_error: error / E‖W_D h‖².
     error_curve: (I+1,) the same error for every k along ``pivot_order``, with the same correction setting.
+    down_map: (I, k) the map of the down projection's input columns, ``down_weight = W_D · down_map``
+        (``Σ[:, J] Σ[J, J]⁻¹``, or the selection of J without the correction); computed on request only, for LoRAs
+        mapped onto the slim model (it is as large as the down projection).
     """
 
     keep: Tensor
@@ -151,6 +154,7 @@ class FFNDecomposition:
     error: float
     relative_error: float
     error_curve: Tensor
+    down_map: Tensor | None = None
 
 
 def ffn_decompose(
@@ -166,6 +170,7 @@ def ffn_decompose(
     correct_down: bool = True,
     leverage_ridge: float = 1e-2,
     generator: torch.Generator | None = None,
+    with_down_map: bool = False,
 ) -> FFNDecomposition:
     """Keep ``rank`` inner neurons of an FFN and re-fit its down projection (method.md §6.1).
 
@@ -180,6 +185,7 @@ def ffn_decompose(
         "magnitude" ‖W_D[:, i]‖·(‖W_a[i]‖² + ‖W_g[i]‖²)^½, data-free baseline (the moment still fits B);
         "random"    a permutation drawn from ``generator`` (seed 0 when None).
     correct_down: False keeps ``W_D[:, J]`` as it is (baseline separating selection from correction).
+    with_down_map: also return ``down_map`` (see :class:`FFNDecomposition`).
     """
     if selector not in FFN_SELECTORS:
         raise ValueError(f"unknown FFN selector {selector!r}; choose one of {FFN_SELECTORS}")
@@ -219,11 +225,17 @@ def ffn_decompose(
 
     curve = _ffn_error_curve(sigma, down, order, correct_down)
     keep = torch.sort(order[:rank]).values
+    down_map = None
     if correct_down:
         # B = W_D Σ[:, J] Σ[J, J]⁻¹, i.e. solve Σ[J, J] Bᵀ = Σ[J, :] W_Dᵀ with the Cholesky factor of Σ[J, J].
-        new_down = torch.cholesky_solve(sigma[keep] @ down.T, cholesky(sigma[keep][:, keep])).T
+        factor = cholesky(sigma[keep][:, keep])
+        new_down = torch.cholesky_solve(sigma[keep] @ down.T, factor).T
+        if with_down_map:
+            down_map = torch.cholesky_solve(sigma[keep], factor).T
     else:
         new_down = down[:, keep]
+        if with_down_map:
+            down_map = torch.eye(inner, dtype=torch.float64, device=device)[:, keep]
     rows = torch.cat([keep + half * inner for half in range(halves)])
     new_bias = None if proj_bias is None else proj_bias[rows.to(proj_bias.device)]
 
@@ -237,6 +249,7 @@ def ffn_decompose(
         error=error,
         relative_error=error / total if total > 0 else 0.0,
         error_curve=curve.cpu(),
+        down_map=None if down_map is None else down_map.cpu(),
     )
 
 
@@ -352,6 +365,10 @@ class QKDecomposition:
     error_curve: Tensor
     q_bias: Tensor | None = None  # (H·r,) when the original query projection had a bias
     k_bias: Tensor | None = None  # zeros (H·r,) when the original key projection had a bias
+    # (H, r, d_h): each head's new rows are these combinations of its original rows, Ŵ^j = T^j W^j (a LoRA on the
+    # dense projection maps onto the slim one the same way)
+    q_map: Tensor | None = None
+    k_map: Tensor | None = None
 
 
 def qk_decompose(
@@ -420,8 +437,8 @@ def qk_decompose(
         scores = (gram_q.diagonal(dim1=-2, dim2=-1) * gram_k.diagonal(dim1=-2, dim2=-1)).sqrt()
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)  # (H, d_h)
         keep = torch.sort(order[:, :rank], dim=-1).values
-        new_q = torch.gather(wq, 1, keep[..., None].expand(-1, -1, wq.shape[2]))
-        new_k = torch.gather(wk, 1, keep[..., None].expand(-1, -1, wk.shape[2]))
+        to_q = to_k = torch.eye(head_dim, dtype=torch.float64, device=device)[keep]  # (H, r, d_h) selections
+        new_q, new_k = to_q @ wq, to_k @ wk
         # Dropping coordinates Jᶜ leaves the logit error tr(G_q[Jᶜ,Jᶜ] G_k[Jᶜ,Jᶜ]) = Σ_{Jᶜ×Jᶜ} G_q ⊙ G_k.
         head = torch.arange(heads, device=device)[:, None, None]
         pair = (head, order[:, :, None], order[:, None, :])  # each head's Gram in its own ranking
@@ -446,6 +463,8 @@ def qk_decompose(
         relative_error=error / total if total > 0 else 0.0,
         error_curve=curve.cpu(),
         k_bias=None if k_bias is None else k_weight.new_zeros(heads * rank),
+        q_map=to_q.cpu(),
+        k_map=to_k.cpu(),
     )
 
 
@@ -495,6 +514,8 @@ class VODecomposition:
     error_curve: Tensor
     v_bias: Tensor | None = None  # zeros (H·r,) when the original value projection had a bias
     o_bias: Tensor | None = None  # the output bias with the value bias folded in (when ``to_v`` had one)
+    v_map: Tensor | None = None  # (H, r, d_h): Ŵ_V^j = T^j W_V^j
+    o_map: Tensor | None = None  # (H, d_h, r): Ŵ_O^j = W_O^j R^j
 
 
 def value_gram(v_weight: Tensor, sigma_y: Tensor | None, heads: int) -> Tensor:
@@ -566,6 +587,8 @@ def vo_decompose(
         error_curve=curve.cpu(),
         v_bias=None if v_bias is None else v_weight.new_zeros(heads * rank),
         o_bias=folded,
+        v_map=to_v.cpu(),
+        o_map=(factor @ basis).cpu(),
     )
 
 

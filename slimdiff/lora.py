@@ -136,6 +136,46 @@ def fuse_loras_onto_statistics(pipe, specs: Sequence[LoraSpec], stats):
                         "from this model nor from it with the LoRAs fused; calibrate it (with or without --lora)")
 
 
+def load_lora(pipe, source, adapter_name: str | None = None, **kwargs) -> None:
+    """Load a LoRA made for the dense model into ``pipe`` — as diffusers' ``pipe.load_lora_weights(source,
+    adapter_name=...)`` does, and with its switching after (``set_adapters``, ``fuse_lora``, ``unload_lora_weights``) —
+    whose denoiser may be slim: a slim model slimmed with ``--lora-maps`` maps the LoRA onto its resized Linears
+    (:mod:`slimdiff.lora_maps`). ``source``: a ``.safetensors`` file (never a pickle) or its tensors.
+
+    For most pipelines ``pipe.load_lora_weights`` alone does the same (the slim model maps what it is given). FLUX's
+    pipeline first grows Linears to a LoRA's shapes (its Control-LoRA path), which would widen a slim model's
+    resized Linears: here the LoRA is mapped before that pipeline sees it."""
+    from .families import family_for
+    from .slim_models import SlimModelMixin
+
+    if not hasattr(pipe, "load_lora_weights"):
+        raise SlimDiffError(f"diffusers loads no LoRA into a {type(pipe).__name__}")
+    if not isinstance(source, dict):
+        check_loras([LoraSpec(str(source))])
+        from safetensors.torch import load_file
+
+        source = load_file(str(source))
+    family = family_for(pipe)
+    denoiser = family.denoiser(pipe)
+    grows_linears = hasattr(type(pipe), "_maybe_expand_transformer_param_shape_or_error_")
+    if isinstance(denoiser, SlimModelMixin) and grows_linears:
+        if denoiser.slim_lora_maps is None:
+            denoiser.load_lora_adapter(source)  # refused in one line
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        normalised, alphas = pipe.lora_state_dict(source, return_alphas=True)[:2]
+        if alphas:
+            raise SlimDiffError(f"this LoRA sets network alphas, which slimdiff does not map onto a slim "
+                                f"{type(denoiser).__name__}: fuse it before slimming (slimdiff slim --lora)")
+        prefix = f"{family.component}."
+        own = {k.removeprefix(prefix): v for k, v in normalised.items() if k.startswith(prefix)}
+        if own and not any("lora_A" in k for k in own):
+            own = convert_unet_state_dict_to_peft(own)
+        source = {**{k: v for k, v in normalised.items() if not k.startswith(prefix)},
+                  **{prefix + k: v for k, v in denoiser.map_dense_lora(own).items()}}
+    pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+
+
 def records_to_specs(records: Iterable[dict], where: str) -> list[LoraSpec]:
     """The LoRAs a slim folder recorded, checked to be the same files (by sha256) before they are fused again."""
     specs = []

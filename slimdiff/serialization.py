@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from .checks import check_output_dir, verify_weights_file
 from .errors import SlimDiffError
+from .lora_maps import read_maps
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes
 
@@ -204,6 +205,7 @@ def load_slim(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
     if not native:
         model = slim_cls.from_slim(model, plan)
     model.slim_plan = plan  # with its provenance (slimdiff_plan.json may carry more than the config)
+    model.slim_lora_maps = read_maps(path)
     if model.dtype != dtype:
         model = model.to(dtype=dtype)
     return model.eval().requires_grad_(False)

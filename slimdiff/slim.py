@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
@@ -24,6 +24,7 @@ from .errors import SlimDiffError
 from .families import (
     FFN,
     QK,
+    ColumnBlock,
     FFNLinears,
     ModuleSite,
     QKLinears,
@@ -35,6 +36,7 @@ from .families import (
 )
 from .families.base import seq_key
 from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items
+from .lora_maps import LinearMaps, column_map, row_map
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes, load_slim_weights
 
@@ -73,6 +75,9 @@ class SlimConfig:
     seed: int = 0  # only the random selector uses it
     speedup: float | None = None
     latency_table: str | None = None
+    # keep the maps that carry a LoRA of the dense model onto the slim one (slimdiff.lora_maps); the FFN's are as
+    # large as its down projection
+    lora_maps: bool = False
 
     def resolved_temperature(self) -> float:
         """The ε the allocator runs with (uniform allocation is the softmax at ε = ∞)."""
@@ -183,6 +188,22 @@ class SiteResult:
     tensors: dict[str, torch.Tensor]  # state-dict name → new value (float64, CPU)
     relative_error: float
     error_curve: torch.Tensor | None
+    lora_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # slimdiff.lora_maps entries, when asked
+
+
+def _site_lora_maps(site: ModuleSite, lin, rows: dict[str, dict], columns: dict[str, torch.Tensor],
+                    value_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA maps of every Linear of ``site``: ``rows`` (role → row_map arguments) for the Linears whose rows
+    were mapped, ``columns`` (role → (G, d, r)) for those whose input columns were (a column block's own range)."""
+    out = {}
+    for role, module in lin.modules().items():
+        base, path = role.split(".")[0], f"{site.block}.{lin.names[role]}"
+        if base in rows:
+            out.update(row_map(path, **rows[base]))
+        else:
+            start, stop = (module.start, module.stop) if isinstance(module, ColumnBlock) else (0, module.in_features)
+            out.update(column_map(path, start, stop, columns[base], value_bias))
+    return out
 
 
 def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) -> SiteResult:
@@ -200,17 +221,26 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
             weight64(lin.proj), _b(lin.proj), weight64(lin.down), inputs["moment"], rank,
             gated=lin.gated, ridge=config.ridge_ffn, selector=config.ffn_selector,
             correct_down=config.ffn_correction, generator=torch.Generator().manual_seed(config.seed),
+            with_down_map=config.lora_maps,
         )
         tensors = {**parameters("proj", res.proj_weight, res.proj_bias),
                    **parameters("down", res.down_weight, _b(lin.down))}
-        return SiteResult(tensors, float(res.relative_error), res.error_curve)
+        maps = {}
+        if config.lora_maps:
+            inner = res.down_map.shape[0]
+            index = torch.cat([res.keep + half * inner for half in range(2 if lin.gated else 1)])
+            maps = _site_lora_maps(site, lin, {"proj": {"index": index}}, {"down": res.down_map[None]})
+        return SiteResult(tensors, float(res.relative_error), res.error_curve, maps)
     if isinstance(lin, QKLinears):
         res = decompose.qk_decompose(weight64(lin.q), weight64(lin.k), inputs["sigma_x"],
                                      inputs["sigma_y"], site.heads, rank, ridge=config.ridge_qk,
                                      selector=config.qk_method, q_bias=_b(lin.q), k_bias=_b(lin.k),
                                      mean_x=inputs.get("mean_x"))
         tensors = {**parameters("q", res.q_weight, res.q_bias), **parameters("k", res.k_weight, res.k_bias)}
-        return SiteResult(tensors, float(res.relative_error), res.error_curve)
+        maps = {}
+        if config.lora_maps:
+            maps = _site_lora_maps(site, lin, {"q": {"matrix": res.q_map}, "k": {"matrix": res.k_map}}, {})
+        return SiteResult(tensors, float(res.relative_error), res.error_curve, maps)
     assert isinstance(lin, VOLinears)
     v, o = weight64(lin.v), weight64(lin.out)
     if config.vo_statistic == "output":
@@ -223,7 +253,11 @@ def decompose_site(unet, analysis: SiteAnalysis, rank: int, config: SlimConfig) 
                                  o_bias=_b(lin.out))
     tensors = {**parameters("v", res.v_weight, res.v_bias),
                **parameters("out", res.o_weight, _b(lin.out) if res.o_bias is None else res.o_bias)}
-    return SiteResult(tensors, float(res.relative_error), res.error_curve)
+    maps = {}
+    if config.lora_maps:
+        maps = _site_lora_maps(site, lin, {"v": {"matrix": res.v_map}}, {"out": res.o_map},
+                               value_bias=None if res.o_bias is None else _b(lin.v))
+    return SiteResult(tensors, float(res.relative_error), res.error_curve, maps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,13 +357,14 @@ def apply_ranks(unet, stats: Statistics, ranks: dict[str, int], config: SlimConf
     if analyses is None:
         stats.check_model(unet)
         analyses = analyze_sites(unet, stats, todo)
-    tensors, errors = {}, {}
+    tensors, errors, maps = {}, {}, {}
     dtype = next(unet.parameters()).dtype
     for s in tqdm(todo, desc="decomposing", disable=not progress):
         result = decompose_site(unet, analyses[s.name], ranks[s.name], config)
         # in the model's dtype as they come: the float64 factors of every site at once would be twice a float32
         # model's transformer weights
         tensors.update({k: v.to(dtype) for k, v in result.tensors.items()})
+        maps.update({k: v if v.dtype == torch.int64 else v.to(torch.float32) for k, v in result.lora_maps.items()})
         errors[s.name] = result.relative_error
     before = sum(p.numel() for p in unet.parameters())
     apply_plan_shapes(unet, plan)
@@ -339,6 +374,7 @@ def apply_ranks(unet, stats: Statistics, ranks: dict[str, int], config: SlimConf
         raise SlimDiffError(f"internal error: rebuilt model removed {before - after} parameters, plan says "
                             f"{plan.params_removed}")
     unet.slim_plan = plan
+    unet.slim_lora_maps = LinearMaps(maps) if config.lora_maps else None
     return SlimReport(plan, before, after, errors, {}, time.perf_counter() - start)
 
 

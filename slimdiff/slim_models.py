@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from diffusers import (FluxTransformer2DModel, ModelMixin, PixArtTransformer2DMo
 from diffusers.configuration_utils import register_to_config
 
 from .errors import SlimDiffError
+from .lora_maps import LinearMaps, read_maps, write_maps
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes
 
@@ -55,6 +58,8 @@ class SlimModelMixin:
     dense_class: type  # X: the first ModelMixin base after this mixin
     dense_loader_stop: dict  # the quantization_config entry that stops X.from_pretrained on a slim folder
     slim_plan: RankPlan
+    # how a LoRA of the dense model maps onto this one (``slimdiff slim --lora-maps``), saved beside the weights
+    slim_lora_maps: LinearMaps | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -79,13 +84,51 @@ class SlimModelMixin:
         config["quantization_config"] = self.dense_loader_stop
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
-    def load_lora_adapter(self, *args, **kwargs):
-        """Refused: a LoRA for the dense model adds ``B·A`` to Linears this model has resized, and peft would fail
-        on a shape halfway through, leaving LoRA layers behind. The LoRA is fused before slimming instead."""
-        raise SlimDiffError(f"a LoRA made for the dense model does not fit this {type(self).__name__}: its "
-                            "attention and FFN projections were resized. Fuse the LoRA before slimming: "
-                            "`slimdiff slim --lora FILE[:SCALE]` (with --stats of the dense model, no new "
-                            "calibration) or slimdiff.load_pipeline(..., loras=[LoraSpec(FILE)])")
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.slim_lora_maps is not None and kwargs.get("is_main_process", True):
+            write_maps(self.slim_lora_maps, Path(save_directory), self.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.slim_lora_maps = read_maps(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
+        return model
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix: str | None = "transformer",
+                          hotswap: bool = False, **kwargs):
+        """Load a LoRA made for the dense model (``pipe.load_lora_weights`` lands here), mapped onto this model's
+        resized Linears through the maps slimming kept (:mod:`slimdiff.lora_maps`); diffusers and peft then load,
+        switch, weight, fuse and unload it as any LoRA. Without maps (slimmed without ``--lora-maps``) it is
+        refused before peft touches the model: a LoRA for the dense model does not fit the resized Linears."""
+        if self.slim_lora_maps is None:
+            raise SlimDiffError(f"a LoRA made for the dense model does not fit this {type(self).__name__}: its "
+                                "attention and FFN projections were resized, and it was slimmed without "
+                                "--lora-maps (which keeps what maps a LoRA onto it). Slim with --lora-maps, or fuse "
+                                "the LoRA before slimming: `slimdiff slim --lora FILE[:SCALE]` (with --stats of "
+                                "the dense model, no new calibration)")
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from safetensors.torch import load_file
+
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict):
+            if not str(source).endswith(".safetensors") or not Path(source).is_file():
+                raise SlimDiffError(f"give a slim model's LoRA as its tensors or a .safetensors file, not {source!r}")
+            source = load_file(str(source))
+        state = {k.removeprefix(f"{prefix}."): v for k, v in source.items()
+                 if prefix is None or k.startswith(f"{prefix}.")}
+        if state and not any("lora_A" in k for k in state):
+            state = convert_unet_state_dict_to_peft(state)
+        mapped = self.map_dense_lora(state)
+        if prefix is not None:
+            mapped = {f"{prefix}.{k}": v for k, v in mapped.items()}
+        return super().load_lora_adapter(mapped, prefix=prefix, hotswap=hotswap, **kwargs)
+
+    def map_dense_lora(self, state: dict) -> dict:
+        """A LoRA of the dense model in peft's layout (paths relative to this model) as a LoRA of this one
+        (:meth:`slimdiff.lora_maps.LinearMaps.map_lora`); layers that already fit pass unchanged."""
+        maps = self.slim_lora_maps
+        return maps.map_lora(state, {p: tuple(self.get_submodule(p).weight.shape) for p in maps.paths})
 
     @classmethod
     def from_slim(cls, model: torch.nn.Module, plan: RankPlan):
@@ -96,6 +139,7 @@ class SlimModelMixin:
             slim = cls(**config, rank_plan=plan.to_dict())
         state = model.state_dict()
         slim.load_state_dict(state, strict=True, assign=True)
+        slim.slim_lora_maps = getattr(model, "slim_lora_maps", None)
         # Non-persistent buffers (PixArt's position table) are not in a state dict: shared as well.
         for name, buffer in model.named_buffers():
             if name not in state:

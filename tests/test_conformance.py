@@ -182,6 +182,126 @@ class FamilyConformance:
             torch.testing.assert_close(denoiser.get_submodule(name).weight, weight + 0.5 * b @ a, rtol=0, atol=1e-6)
         assert all(torch.equal(p, others[n]) for n, p in denoiser.named_parameters() if n in others)
 
+    # --- LoRAs of the dense model on the slim one (slimdiff.lora_maps) ------------------------------------------
+
+    @staticmethod
+    def dense_lora(denoiser, component: str, path: Path, seed: int = 5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A rank-4 LoRA in peft's layout on every Linear of every block with sites, saved at ``path``; returns
+        (A, B) by Linear path."""
+        from safetensors.torch import save_file
+
+        blocks = {s.block for s in module_sites(denoiser)}
+        gen = torch.Generator().manual_seed(seed)
+        layers = {n: (torch.randn(4, m.in_features, generator=gen) * 0.1,
+                      torch.randn(m.out_features, 4, generator=gen) * 0.1)
+                  for n, m in denoiser.named_modules()
+                  if isinstance(m, torch.nn.Linear) and any(n.startswith(f"{b}.") for b in blocks)}
+        save_file({f"{component}.{n}.lora_{side}.weight": t for n, (a, b) in layers.items()
+                   for side, t in (("A", a), ("B", b))}, str(path))
+        return layers
+
+    def test_lora_maps_at_full_rank_carry_a_lora_exactly(self, calibrated, tmp_path):
+        """At full rank every site's factors are invertible, so a slim model "slimmed" to full rank with its LoRA
+        maps, with a dense LoRA loaded through ``pipe.load_lora_weights``, computes what the dense model with the
+        LoRA fused does — which needs every map right, the value bias folded into an output projection included
+        (its LoRA then adds ``B·A·b_V`` to the bias)."""
+        from slimdiff.lora import LoraSpec, fuse_loras
+        from slimdiff.lora_maps import LinearMaps
+        from slimdiff.plan import RankPlan
+
+        pipe, stats = calibrated
+        if not hasattr(pipe, "load_lora_weights"):
+            return  # refused in test_lora_fuses_into_every_linear_of_a_block
+        component = family_for(pipe).component
+        dense = self.denoiser(pipe)
+        layers = self.dense_lora(dense, component, tmp_path / "lora.safetensors")
+        sites = module_sites(dense)
+        analyses = analyze_sites(dense, stats, sites)
+        full = copy.deepcopy(dense)
+        tensors, maps = {}, {}
+        for s in sites:
+            result = decompose_site(dense, analyses[s.name], s.width, SlimConfig(lora_maps=True))
+            tensors.update(result.tensors)
+            maps.update(result.lora_maps)
+        load_slim_weights(full, {k: v.float() for k, v in tensors.items()})
+        full.slim_lora_maps = LinearMaps(maps)
+        slim = slim_class_for(full).from_slim(full, RankPlan.from_ranks(sites, {s.name: s.width for s in sites}))
+        slim_pipe = type(pipe)(**{**pipe.components, component: slim})
+        # at full rank the mapped LoRA has the dense shapes, which the slim model takes as mapped already
+        mapped = slim.slim_lora_maps.map_lora({f"{p}.lora_{side}.weight": t for p, (a, b) in layers.items()
+                                               for side, t in (("A", a), ("B", b))})
+        slim_pipe.load_lora_weights({f"{component}.{k}": v for k, v in mapped.items()}, adapter_name="style")
+        slim_pipe.set_adapters(["style"], [0.5])
+
+        fused_pipe = type(pipe)(**{**pipe.components, component: copy.deepcopy(dense)})
+        fuse_loras(fused_pipe, [LoraSpec(str(tmp_path / "lora.safetensors"), 0.5)])
+        call = self.call_inputs(dense)
+        ref, base = self.denoiser(fused_pipe)(**call).sample, dense(**call).sample
+        out = slim(**call).sample
+        assert (ref - base).abs().max() > 1e-2  # the LoRA changes the output
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-4 * float(ref.abs().max()))
+
+    def test_lora_maps_switch_loras_on_a_slim_model(self, calibrated, tmp_path):
+        """``slimdiff slim --lora-maps``: the maps reproduce the slim weights from the dense ones; a dense LoRA
+        loaded into the slim model (``slimdiff.load_lora``) is the mapped ``B·A`` (fused: each resized Linear's
+        weight moves by the map of ``scale·B·A``, every other Linear by ``scale·B·A``); two LoRAs switch by name,
+        and unloading restores the slim weights; the maps travel with the folder (``load_slim`` and
+        ``from_pretrained``). A slim model without maps refuses a LoRA in one line."""
+        from slimdiff.errors import SlimDiffError
+        from slimdiff.lora import load_lora
+
+        pipe, stats = calibrated
+        component = family_for(pipe).component
+        dense = self.denoiser(pipe)
+        unet = copy.deepcopy(dense)
+        report = slim_unet(unet, stats, SlimConfig(budget=self.budget, lora_maps=True), progress=False)
+        maps = unet.slim_lora_maps
+        resized = {n for n, m in unet.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m.weight.shape != dense.get_submodule(n).weight.shape}
+        assert resized and maps.paths == resized
+        for path in resized:
+            expected = maps.weight(path, dense.get_submodule(path).weight.detach())
+            torch.testing.assert_close(unet.get_submodule(path).weight, expected, rtol=0,
+                                       atol=1e-4 * float(expected.abs().max()))
+        if not hasattr(pipe, "load_lora_weights"):
+            return
+        save_slim(unet, report.plan, tmp_path / "slim")
+        loaded = load_slim(tmp_path / "slim")
+        assert set(loaded.slim_lora_maps.tensors) == set(maps.tensors)
+        assert slim_class_for(unet).from_pretrained(tmp_path / "slim").slim_lora_maps.paths == resized
+
+        layers = self.dense_lora(dense, component, tmp_path / "one.safetensors")
+        self.dense_lora(dense, component, tmp_path / "two.safetensors", seed=6)
+        base = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+        slim_pipe = type(pipe)(**{**pipe.components, component: loaded})
+        load_lora(slim_pipe, tmp_path / "one.safetensors", adapter_name="one")
+        load_lora(slim_pipe, tmp_path / "two.safetensors", adapter_name="two")
+        call = self.call_inputs(loaded)
+        outputs = {}
+        for name in ("one", "two"):
+            slim_pipe.set_adapters([name], [0.5])
+            outputs[name] = loaded(**call).sample
+        assert (outputs["one"] - outputs["two"]).abs().max() > 1e-3
+        slim_pipe.set_adapters(["one"], [0.5])
+        slim_pipe.fuse_lora(lora_scale=1.0, adapter_names=["one"])
+        torch.testing.assert_close(loaded(**call).sample, outputs["one"], rtol=0, atol=1e-4)
+        weights = dict(loaded.named_parameters())
+        for path, (a, b) in layers.items():
+            key = next(k for k in weights if k.startswith(f"{path}.") and k.endswith("weight") and "lora" not in k)
+            delta = weights[key].detach() - base[key.replace(".base_layer", "")]
+            expected = maps.weight(path, 0.5 * b @ a) if path in resized else 0.5 * b @ a
+            torch.testing.assert_close(delta, expected, rtol=0, atol=1e-5)
+        slim_pipe.unfuse_lora()
+        slim_pipe.unload_lora_weights()
+        assert all(torch.allclose(p, base[n], rtol=1e-6, atol=1e-6) for n, p in loaded.named_parameters())
+
+        plain = slim_class_for(unet).from_slim(unet, report.plan)
+        plain.slim_lora_maps = None  # slimmed without --lora-maps
+        plain_pipe = type(pipe)(**{**pipe.components, component: plain})
+        with pytest.raises(SlimDiffError, match="slimmed without --lora-maps"):
+            load_lora(plain_pipe, tmp_path / "one.safetensors")
+        assert not any("lora" in n for n, _ in plain.named_parameters())
+
     def test_full_rank_reproduces_the_model(self, calibrated):
         pipe, stats = calibrated
         unet = copy.deepcopy(self.denoiser(pipe))

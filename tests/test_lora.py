@@ -131,8 +131,8 @@ def test_slim_on_base_statistics_records_the_lora_and_reopens_the_fused_pipeline
     expected = base.text_encoder.get_submodule(TEXT_LAYER).weight + 0.5 * deltas["text_encoder", TEXT_LAYER]
     torch.testing.assert_close(reopened, expected, rtol=0, atol=1e-6)
 
-    # a LoRA for the dense model is refused by the slim one in one line, and nothing is injected
-    with pytest.raises(SlimDiffError, match="Fuse the LoRA before slimming"):
+    # a LoRA for the dense model is refused in one line by a slim one made without --lora-maps; nothing is injected
+    with pytest.raises(SlimDiffError, match="slimmed without --lora-maps"):
         pipe.load_lora_weights(str(path))
     assert all(type(m) is torch.nn.Linear for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear))
 
@@ -144,6 +144,30 @@ def test_slim_on_base_statistics_records_the_lora_and_reopens_the_fused_pipeline
     _kohya_lora(base, path, seed=1)
     with pytest.raises(SlimDiffError, match="has changed since"):
         load_pipeline(str(out))
+
+
+def test_a_slim_folder_with_lora_maps_takes_a_kohya_lora_of_the_dense_model(base_stats, tmp_path, capsys):
+    """``slimdiff slim --lora-maps``: the folder keeps the maps, and the reopened pipeline loads a LoRA of the dense
+    model in kohya's layout (network alphas included) with diffusers' own ``load_lora_weights``: fused at a scale,
+    each resized Linear moves by the map of ``scale·alpha/rank·B·A``, every other layer by that product."""
+    path = tmp_path / "style.safetensors"
+    deltas = _kohya_lora(build_builtin("builtin:tiny"), path)
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", "builtin:tiny", "--stats", str(base_stats), "--budget", "0.3", "--lora-maps",
+                 "--out", str(out)]) == 0
+    assert "LoRA maps:" in capsys.readouterr().out and (out / "lora_maps.safetensors").is_file()
+    pipe = load_pipeline(str(out))
+    maps = pipe.unet.slim_lora_maps
+    base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    pipe.fuse_lora(lora_scale=0.5, adapter_names=["style"])
+    unet_layers = [name for component, name in deltas if component == "unet"]
+    assert any(name in maps.paths for name in unet_layers) and not all(name in maps.paths for name in unet_layers)
+    for name in unet_layers:
+        delta = 0.5 * deltas["unet", name]
+        moved = pipe.unet.get_submodule(name).weight.detach() - base[f"{name}.weight"]
+        torch.testing.assert_close(moved, maps.weight(name, delta) if name in maps.paths else delta,
+                                   rtol=0, atol=1e-6)
 
 
 def test_statistics_of_the_fused_model_are_its_own_and_others_are_refused(lora, tmp_path, capsys):

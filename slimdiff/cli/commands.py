@@ -78,7 +78,8 @@ def _slim_config(args):
     budget = {} if args.budget is None else {"budget": parse_budget(args.budget)}
     return SlimConfig(**budget, budget_unit=args.budget_unit, allocator=args.allocator,
                       temperature=args.temperature, r_min=args.r_min, align=args.align,
-                      exclude=tuple(args.exclude or ()), speedup=args.speedup, latency_table=args.latency_table)
+                      exclude=tuple(args.exclude or ()), speedup=args.speedup, latency_table=args.latency_table,
+                      lora_maps=args.lora_maps)
 
 
 def cmd_slim(args) -> None:
@@ -151,12 +152,18 @@ def _save_dtype(args):
 
 
 def _print_summary(summary: dict, out: Path, model: str) -> None:
+    from ..lora_maps import MAPS_FILE
+
     before, after = summary["params_before"], summary["params_after"]
     print(f"slim {model} written to {out}")
     print(f"  parameters: {before / 1e6:.3f} M → {after / 1e6:.3f} M (removed {(before - after) / 1e6:.3f} M, "
           f"{100 * (before - after) / before:.1f} %)")
     for kind, removed in sorted(summary["removed_by_kind"].items()):
         print(f"    {kind:<10} removed {removed / 1e6:.3f} M")
+    maps = out / MAPS_FILE
+    if maps.is_file():
+        print(f"  LoRA maps: {maps.stat().st_size / 1e6:.1f} MB ({MAPS_FILE}: pipe.load_lora_weights maps a LoRA of the "
+              "dense model onto this one)")
     print(f"  wall time: {summary['wall_seconds']:.1f} s")
 
 
@@ -217,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--save-dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
                    help="dtype of the saved slim denoiser (default: the dtype the source stores it in)")
+    p.add_argument("--lora-maps", action="store_true",
+                   help="also save what maps a LoRA of the dense model onto the slim one (lora_maps.safetensors), "
+                        "so LoRAs load into it with pipe.load_lora_weights and switch without slimming again "
+                        "(the FFN maps are about as large as the slim FFN down projections)")
     p.set_defaults(func=cmd_slim)
 
     p = sub.add_parser("inspect", help="print the rank plan of a slim folder")
