@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""What slimming a LoRA'd model from the base model's statistics costs, against calibrating the fused model.
+"""What slimming a LoRA'd model from the base model's statistics costs, against calibrating the fused model, and
+against mapping the LoRA onto the slim base model (``--lora-maps``: no slimming per LoRA).
 
     PYTHONPATH=. python bench/lora_statistics.py --out bench/results/<date>-cpu-lora/
 
@@ -10,7 +11,9 @@ difference on the trained proxy model: for each LoRA strength it fuses a seeded 
 the weight it is added to), slims the fused model at ``--budget`` twice — from the base statistics and from the
 fused model's own — and compares both with the dense fused model from the same seeds: PSNR / SSIM of the images
 and the noise-prediction error along the dense trajectory. It also reports how far the LoRA moves the dense
-model's own images (PSNR of dense vs dense + LoRA), so a LoRA too weak to matter shows as such.
+model's own images (PSNR of dense vs dense + LoRA), so a LoRA too weak to matter shows as such. A third variant
+slims the base model once (with ``lora_maps``) and loads each LoRA into it through diffusers' ``load_lora_weights``,
+fused: what switching LoRAs on a slim model gives.
 
 A random LoRA is not a trained one (a trained LoRA's update is aligned with its data): the figures bound the
 statistics' mismatch for perturbations of a given size, on this proxy, and nothing more. Writes
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+MAPPED = "mapped onto the base slim model"
 
 
 def parse_args(argv=None):
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
     from slimdiff.quality.report import write_json
     from slimdiff.serialization import atomic_output_dir, commit_output_dir
     from slimdiff.slim import SlimConfig, slim_unet
+    from slimdiff.slim_models import slim_class_for
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -104,6 +109,9 @@ def main(argv=None) -> int:
     print(f"base statistics: {time.perf_counter() - t0:.0f} s", flush=True)
     base_images = generate(base, evals, list(range(len(evals))), steps=settings.steps, guidance=guidance,
                            batch_size=settings.batch_size)
+    slim_base = copy.deepcopy(base.unet)
+    slim_unet(slim_base, base_stats, SlimConfig(budget=args.budget, lora_maps=True), progress=False)
+    slim_base = slim_class_for(slim_base).from_slim(slim_base, slim_base.slim_plan)
     rows = []
     try:
         for index, strength in enumerate(float(s) for s in args.strengths.split(",")):
@@ -118,6 +126,11 @@ def main(argv=None) -> int:
                                 ("fused-model statistics", own_stats)):
                 slims[name] = copy.deepcopy(fused.unet)
                 slim_unet(slims[name], stats, config, progress=False)
+            mapped = type(base)(**{**base.components, "unet": copy.deepcopy(slim_base)})
+            mapped.load_lora_weights(str(lora), adapter_name="random")
+            mapped.fuse_lora(adapter_names=["random"])
+            mapped.unload_lora_weights()
+            slims[MAPPED] = mapped.unet
             comp = compare(fused, slims, evals, settings, progress=False)
             moved = fidelity(base_images, comp.dense)["psnr_db"]["mean"]
             row = {"strength": strength, "layers": layers, "rank": args.rank, "fused_calibration_s": round(calibration_s, 1),
@@ -135,8 +148,11 @@ def main(argv=None) -> int:
             print(f"strength {strength:g}: dense moved {moved:.1f} dB; " + "; ".join(
                 f"{n}: {v['psnr_db']:.2f} dB, NPE {v['noise_prediction_error']:.4f}" for n, v in row["variants"].items())
                 + f"; fused-statistics gain {gain.mean():+.2f} ± {_stderr(gain):.2f} dB", flush=True)
+            mapping = per_image[MAPPED] - per_image["base statistics"]
+            row["psnr_gain_of_mapping_over_base_statistics_db"] = {"mean": float(mapping.mean()),
+                                                                   "stderr": _stderr(mapping)}
             lora.unlink()  # seeded: --strengths and the seed order remake it
-        body = {"format": "slimdiff-lora-statistics/1", "model": args.model, "weights": "trained proxy"
+        body = {"format": "slimdiff-lora-statistics/2", "model": args.model, "weights": "trained proxy"
                 if is_proxy(args.model) else "see model", "unet_weights_sha256": _weights_sha256(args.model),
                 "git_commit": _git_commit(), "lora": "seeded random, kohya layout, alpha = rank, every attention and "
                 "FFN projection; strength = ‖B·A‖_F / ‖W‖_F per projection (not a trained LoRA)",
@@ -146,19 +162,21 @@ def main(argv=None) -> int:
                              "seeds": "evaluation prompt i is sampled with seed i", "torch": torch.__version__},
                 "rows": rows, "total_s": round(time.perf_counter() - start, 1)}
         write_json(tmp / "lora_statistics.json", body)
-        lines = [f"# Slimming a LoRA'd `{args.model}` from base vs fused statistics", "",
+        lines = [f"# Slimming a LoRA'd `{args.model}` from base vs fused statistics, or mapping the LoRA onto the slim base model", "",
                  f"Budget {args.budget:g} of the compressible parameters; {body['lora']}; rank {args.rank}. "
                  f"{len(calib)} calibration prompts, {len(evals)} evaluation prompts × {args.steps} steps; images "
                  "compared with the dense model with the LoRA fused, same seeds.", "",
-                 "| strength | dense vs dense+LoRA PSNR dB | statistics | PSNR dB (± s.e.) | SSIM | noise-pred. error "
-                 "| paired PSNR gain of fused statistics dB |",
+                 "| strength | dense vs dense+LoRA PSNR dB | variant | PSNR dB (± s.e.) | SSIM | noise-pred. error "
+                 "| paired PSNR gain over base statistics dB |",
                  "|---|---|---|---|---|---|---|"]
         for row in rows:
-            gain = row["psnr_gain_of_fused_statistics_db"]
+            gains = {"fused-model statistics": row["psnr_gain_of_fused_statistics_db"],
+                     MAPPED: row["psnr_gain_of_mapping_over_base_statistics_db"]}
             for name, v in row["variants"].items():
+                gain = f"{gains[name]['mean']:+.2f} ± {gains[name]['stderr']:.2f}" if name in gains else "—"
                 lines.append(f"| {row['strength']:g} | {row['psnr_dense_vs_dense_with_lora_db']:.1f} | {name} | "
                              f"{v['psnr_db']:.2f} ± {v['psnr_db_stderr']:.2f} | {v['ssim']:.4f} | "
-                             f"{v['noise_prediction_error']:.4f} | {gain['mean']:+.2f} ± {gain['stderr']:.2f} |")
+                             f"{v['noise_prediction_error']:.4f} | {gain} |")
         (tmp / "lora_statistics.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         commit_output_dir(tmp, out)
     finally:
