@@ -77,26 +77,32 @@ def check_loras(specs: Sequence[LoraSpec]) -> None:
             raise SlimDiffError(f"LoRA {spec.path!r} holds no tensors")
 
 
-def fuse_loras(pipe, specs: Sequence[LoraSpec]) -> None:
+def fuse_loras(pipe, specs: Sequence[LoraSpec]) -> set[str]:
     """Fuse each LoRA into ``pipe``'s weights (denoiser and, where the LoRA has them, text encoders), in order, at
-    its scale; the pipeline is left without LoRA layers, as if its weights had been trained so.
+    its scale; the pipeline is left without LoRA layers, as if its weights had been trained so. A slim denoiser
+    slimmed with ``--lora-maps`` takes the LoRA mapped onto it (:func:`load_lora`). Returns the components the
+    LoRAs went into.
 
     Refused in one line: a pipeline class diffusers loads no LoRA into, a LoRA none of whose layers exist in
     the pipeline or whose shapes differ (made for another model), or one with layers the pipeline lacks.
     """
     if not specs:
-        return
+        return set()
     check_loras(specs)
     if not hasattr(pipe, "load_lora_weights"):
         raise SlimDiffError(f"diffusers loads no LoRA into a {type(pipe).__name__}")
     from safetensors.torch import load_file
 
+    touched: set[str] = set()
     for index, spec in enumerate(specs):
         name = f"slimdiff_lora_{index}"
         state = load_file(spec.path)  # read here, so diffusers never falls back to a pickle loader
         try:
             with _diffusers_warnings() as warnings:
-                pipe.load_lora_weights(state, adapter_name=name)
+                load_lora(pipe, state, adapter_name=name)
+        except SlimDiffError:
+            _unload(pipe)
+            raise
         except Exception as exc:  # diffusers and peft raise many types; the user needs one line
             _unload(pipe)
             raise SlimDiffError(f"LoRA {spec.path!r} does not fit this {type(pipe).__name__} (is it made for "
@@ -107,8 +113,10 @@ def fuse_loras(pipe, specs: Sequence[LoraSpec]) -> None:
             detail = f": {_one_line(unmatched[0])}" if unmatched else ""
             raise SlimDiffError(f"LoRA {spec.path!r} has layers this {type(pipe).__name__} lacks (is it made for "
                                 f"another model?){detail}")
+        touched |= {component for component, names in pipe.get_list_adapters().items() if name in names}
         pipe.fuse_lora(lora_scale=spec.scale, adapter_names=[name])
         _unload(pipe)
+    return touched
 
 
 def fuse_loras_onto_statistics(pipe, specs: Sequence[LoraSpec], stats):

@@ -171,7 +171,7 @@ EXPORT_ROWS = [
                              *FAST, "--out", "{tmp}/engines"], None, "does not exist"),
     ("export-lora-onto-a-slim-folder", ["--model", "{in}/slim", "--engine", "ort", "--stats", "{in}/stats", "--lora",
                                        "{tmp}/style.safetensors", "--out", "{tmp}/engines"], "lora",
-     "is a slim folder, whose weights are fixed: leave out --lora"),
+     "is a slim folder made without --lora-maps"),
     ("export-triton-repo-is-out", ["--model", "builtin:tiny", "--engine", "ort", "--out", "{tmp}/engines",
                                    "--triton-repo", "{tmp}/engines", "--triton-mode", "python"], None,
      "give the repository a folder of its own"),

@@ -6,6 +6,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimdiff.calibrate import Statistics, model_fingerprint
@@ -194,7 +195,7 @@ def test_statistics_of_the_fused_model_are_its_own_and_others_are_refused(lora, 
     assert not (tmp_path / "never").exists()
 
 
-def test_export_refuses_a_lora_for_a_slim_folder_before_any_work(base_stats, tmp_path, lora, capsys):
+def test_export_refuses_a_lora_for_a_slim_folder_without_maps_before_any_work(base_stats, tmp_path, lora, capsys):
     from slimdiff.cli.export import main as export_main
 
     out = tmp_path / "slim"
@@ -204,8 +205,45 @@ def test_export_refuses_a_lora_for_a_slim_folder_before_any_work(base_stats, tmp
     code = export_main(["--model", str(out), "--engine", "ort", "--lora", str(lora[0]), "--out",
                         str(tmp_path / "engines")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "leave out --lora" in err[-1], err
+    assert code == 2 and "made without --lora-maps" in err[-1] and "leave out --lora" in err[-1], err
     assert not (tmp_path / "engines").exists()
+
+
+def test_export_of_a_slim_folder_with_lora_maps_fuses_a_mapped_lora_into_the_engine(base_stats, tmp_path, capsys):
+    """One slim model, an engine per LoRA: ``slimdiff-export --model SLIM --lora FILE`` maps the LoRA onto the slim
+    UNet and fuses it before the engine is built (the export's parity check compares the engine with that model); a
+    LoRA that also changes the text encoder, which a slim folder's engines do not hold, is refused in one line."""
+    from slimdiff.cli.export import main as export_main
+    from slimdiff.runtime import EngineUNet
+
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", "builtin:tiny", "--stats", str(base_stats), "--budget", "0.3", "--lora-maps",
+                 "--out", str(out)]) == 0
+    base = build_builtin("builtin:tiny")
+    unet_only, with_text = tmp_path / "unet.safetensors", tmp_path / "both.safetensors"
+    _kohya_lora(base, with_text)
+    with safe_open(str(with_text), framework="pt") as handle:
+        save_file({k: handle.get_tensor(k) for k in handle.keys() if k.startswith("lora_unet_")}, str(unet_only))
+    capsys.readouterr()
+    code = export_main(["--model", str(out), "--engine", "ort", "--lora", str(with_text), "--out",
+                        str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "the LoRA also changes the text_encoder" in err[-1], err
+    assert not (tmp_path / "never").exists()
+
+    assert export_main(["--model", str(out), "--engine", "ort", "--lora", f"{unet_only}:0.5", "--batch", "2",
+                        "--height", "64", "--width", "64", "--out", str(tmp_path / "engines")]) == 0
+    assert "mapped onto the slim unet and fused" in capsys.readouterr().out
+    styled = load_pipeline(str(out), loras=[LoraSpec(str(unet_only), 0.5)]).unet
+    plain = load_pipeline(str(out)).unet
+    engine = EngineUNet.from_folder(tmp_path / "engines" / "slim")
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, plain.config.cross_attention_dim,
+                                                                          generator=gen)
+    result = engine(sample, 500, encoder_hidden_states=text).sample
+    expected = styled(sample, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+    assert (expected - plain(sample, 500, encoder_hidden_states=text).sample).abs().max() > 1e-3
 
 
 def _sgm_name(name: str, layers_per_block: int) -> str:

@@ -129,13 +129,26 @@ def _device(args) -> str:
 
 def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=()):
     """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``; ``loras`` are fused into
-    a dense model (:func:`run` refuses them with a slim folder)."""
+    a dense model, or mapped onto a slim folder's denoiser and fused (:func:`run` refuses them for a slim folder
+    without LoRA maps)."""
     from ..families import family_for
+    from ..lora import fuse_loras
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
     if is_slim_folder(source):
-        return None, None, load_slim(source), load_plan(source)
+        if not loras:
+            return None, None, load_slim(source), load_plan(source)
+        pipe = load_pipeline(source)
+        component = family_for(pipe).component
+        elsewhere = sorted(fuse_loras(pipe, loras) - {component})
+        if elsewhere:  # the engines of a slim folder are its denoiser's alone
+            raise SlimDiffError(f"the LoRA also changes the {', '.join(elsewhere)}, which the engines of a slim "
+                                "folder do not hold: export from the dense model with --lora, or use a LoRA of the "
+                                f"{component} alone")
+        for spec in loras:
+            print(f"LoRA {spec.path} (scale {spec.scale:g}) mapped onto the slim {component} and fused")
+        return None, None, getattr(pipe, component), load_plan(source)
     try:
         pipe = load_pipeline(source, config=config, variant=variant, loras=loras)
     except SlimDiffError as exc:
@@ -429,14 +442,16 @@ def run(args) -> list[dict]:
     from ..export.modules import component_axes, denoiser_component
     from ..export.shapes import Range, check_static, default_flags, latent_multiple, parse_profiles, union
     from ..families import family_for
+    from ..lora_maps import MAPS_FILE
 
     start = time.perf_counter()
     backend = engines.get(args.engine)
     device = _device(args)
     backend.require(device)  # before any slow work: one line naming the alternatives
-    if args.lora and is_slim_folder(args.model):  # with --stats too, where the LoRAs would go nowhere
-        raise SlimDiffError(f"{args.model!r} is a slim folder, whose weights are fixed: leave out --lora (fuse a "
-                            "LoRA into the dense model before slimming: `slimdiff slim --lora`)")
+    if args.lora and is_slim_folder(args.model) and not (Path(args.model) / MAPS_FILE).is_file():
+        raise SlimDiffError(f"{args.model!r} is a slim folder made without --lora-maps, whose weights a LoRA of the "
+                            "dense model does not fit: leave out --lora, slim with --lora-maps, or fuse the LoRA into "
+                            "the dense model before slimming (`slimdiff slim --lora`)")
     opset = args.opset or backend.onnx_opset()
     if opset not in OPSETS:
         raise SlimDiffError(f"--opset {opset} is not supported: use 23 (fused) or 18 (decomposed attention)")
@@ -462,8 +477,9 @@ def run(args) -> list[dict]:
         repo_tmp = atomic_output_dir(Path(args.triton_repo), overwrite=args.force)
     dense_process = None
     try:
-        # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after
-        loras = () if args.stats else lora_specs(args)
+        # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after (a
+        # slim folder takes no statistics)
+        loras = () if args.stats and not is_slim_folder(args.model) else lora_specs(args)
         pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras)
         controlnet = _load_controlnet(args.controlnet, (dense or slim).config) if args.controlnet else None
         slimming = _slimming_inputs(pipe, args) if slim is None else None
