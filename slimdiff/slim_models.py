@@ -115,8 +115,8 @@ class SlimModelMixin:
             if not str(source).endswith(".safetensors") or not Path(source).is_file():
                 raise SlimDiffError(f"give a slim model's LoRA as its tensors or a .safetensors file, not {source!r}")
             source = load_file(str(source))
-        state = {k.removeprefix(f"{prefix}."): v for k, v in source.items()
-                 if prefix is None or k.startswith(f"{prefix}.")}
+        state = source if prefix is None else {k.removeprefix(f"{prefix}."): v for k, v in source.items()
+                                               if k.startswith(f"{prefix}.")}
         if state and not any("lora_A" in k for k in state):
             state = convert_unet_state_dict_to_peft(state)
         mapped = self.map_dense_lora(state)

@@ -8,6 +8,8 @@ pipeline of that family. A new family adds one such class (and its adapter), not
 * save → load is bit-identical (slimdiff's loader and diffusers' ``from_pretrained``); a slim pipeline folder
   loads with ``DiffusionPipeline.from_pretrained`` and makes the same image as the in-memory slim pipeline;
 * statistics collected in site shards equal one calibration's, bit for bit;
+* a LoRA of the dense model fuses into the family's blocks, and with ``--lora-maps`` loads into the slim model
+  (mapped), switches and unloads; at full rank the slim model with the LoRA computes what the dense one with it does;
 * the slim denoiser exports to ONNX within the fp32 parity tolerance (checked by ONNX Runtime); a family whose
   whole slim graph another test exports checks a smaller denoiser of its layout here (``export_config``).
 """
