@@ -9,7 +9,7 @@ import io
 import os
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from filelock import FileLock
 
 from slimdiff.configs import TINY_UNET, TINY_XL_UNET
@@ -69,6 +69,22 @@ def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None, model: st
         for p in unet.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return unet.eval(), plan
+
+
+def seeded_controlnet(unet, seed: int = 0) -> ControlNetModel:
+    """A ControlNet made from ``unet``'s architecture and weights (diffusers' ``from_unet``, no hub), its
+    conditioning embedding down-sampling once (8 -> 16 channels: the tiny VAE's factor 2, where SD's VAE needs 8).
+    Its zero convolutions — a fresh ControlNet adds nothing, training grows them — get seeded random weights, so its
+    residuals change the image and a runtime that dropped them would be seen."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+        zero_convolutions = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                             controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convolutions:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+    return controlnet.eval().requires_grad_(False)
+
 
 
 _CACHE: dict = {}

@@ -20,6 +20,7 @@ from export_support import (
     TWO_LEVEL_XL_UNET,
     cached_export,
     default_ranks,
+    seeded_controlnet,
     seeded_unet,
     tiny_profiles,
 )
@@ -42,21 +43,6 @@ from slimdiff.serialization import save_slim
 
 PROMPT = "a red circle above a blue square"
 IMAGE_PX = 32  # the tiny VAE scales by 2: a latent of 16x16
-
-
-def seeded_controlnet(unet, seed: int = 0) -> ControlNetModel:
-    """A ControlNet made from ``unet``'s architecture and weights (diffusers' ``from_unet``, no hub), its
-    conditioning embedding down-sampling once (8 -> 16 channels: the tiny VAE's factor 2, where SD's VAE needs 8).
-    Its zero convolutions — a fresh ControlNet adds nothing, training grows them — get seeded random weights, so its
-    residuals change the image and a runtime that dropped them would be seen."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
-        zero_convolutions = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                             controlnet.controlnet_cond_embedding.conv_out]
-        for conv in zero_convolutions:
-            torch.nn.init.normal_(conv.weight, std=0.05)
-    return controlnet.eval().requires_grad_(False)
 
 
 def truncated_slim(dense):
@@ -305,12 +291,12 @@ def test_engine_without_residual_inputs_refuses_them_in_one_line(tmp_path_factor
     assert "down_block_additional_residuals and mid_block_additional_residual" in message and "\n" not in message
 
 
-def test_controlnet_inputs_with_a_triton_repository_is_refused_before_any_work(tmp_path, capsys):
+def test_controlnet_inputs_without_a_controlnet_for_a_triton_repository_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--controlnet-inputs",
                    "--triton-repo", str(tmp_path / "repo"), "--triton-mode", "python"])
     err = capsys.readouterr().err
-    assert rc != 0 and "--triton-repo serves pipelines without ControlNet" in err
+    assert rc != 0 and "serves a ControlNet pipeline with its ControlNet's engine: give --controlnet DIR" in err
     assert not out.exists() and not (tmp_path / "repo").exists()
 
 

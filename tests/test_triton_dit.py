@@ -183,8 +183,9 @@ def test_unserved_pipelines_and_engines_are_refused_in_one_line(tmp_path, capsys
     # PixArt-α's pipeline (its own class: 120 tokens, aspect-ratio conditions) is not served
     alpha = PixArtAlphaPipeline(**build_builtin("builtin:tiny-pixart").components)
     with pytest.raises(SlimDiffError, match=r"--triton-repo serves FluxPipeline, PixArtSigmaPipeline, "
-                                            r"StableDiffusion3Pipeline, StableDiffusionInpaintPipeline, "
-                                            r"StableDiffusionPipeline, StableDiffusionXLInpaintPipeline, "
+                                            r"StableDiffusion3Pipeline, StableDiffusionControlNetPipeline, "
+                                            r"StableDiffusionInpaintPipeline, StableDiffusionPipeline, "
+                                            r"StableDiffusionXLControlNetPipeline, StableDiffusionXLInpaintPipeline, "
                                             r"StableDiffusionXLPipeline so far, not PixArtAlphaPipeline$"):
         check_pipeline(alpha)
     # engines that cannot take the served pipeline's text length: refused before any work

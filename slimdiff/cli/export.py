@@ -12,7 +12,8 @@ size, parameters, max abs error, load time) ends the run. The text encoders and 
 
 ``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
 (``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; ``--controlnet
-DIR`` builds the ControlNet's engine too (``OUT/controlnet``), which returns those residuals.
+DIR`` builds the ControlNet's engine too (``OUT/controlnet``), which returns those residuals; with ``--triton-repo``
+the repository then serves the family's ControlNet pipeline (prompt and conditioning image in).
 
 PixArt engines serve one image size (``--height N --width N``, default the transformer's native size) and PixArt's
 token count (300 for Σ, 120 for α: the pipeline pads T5 prompts to it); their T5 padding mask is an input.
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--triton-repo", default=None, metavar="DIR",
                         help="also write a Triton model repository to DIR: the slim denoiser, text encoder(s) and "
                              "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
-                             "SD-1.x/2.x, SDXL, PixArt-Σ, SD3 and FLUX pipelines so far")
+                             "SD-1.x/2.x, SDXL, PixArt-Σ, SD3 and FLUX pipelines, SD's and SDXL's inpainting "
+                             "pipelines, and with --controlnet their ControlNet pipelines")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")
@@ -413,15 +415,20 @@ def _nested_output(out: Path, repo: Path) -> bool:
     return repo.is_relative_to(out)
 
 
-def _write_triton_repository(args, pipe, out: Path, repo: Path, *, profiles, kind: str, device: str, dtype, opset,
-                             multiple: int) -> None:
-    """Engines of the text encoders and the VAE decoder (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
-    ``OUT/vae_decoder``), then the repository serving them with the slim denoiser's engine."""
-    from ..engines.triton import build_serving_engines, write_repository
+def _write_triton_repository(args, pipe, controlnet, out: Path, repo: Path, *, profiles, kind: str, device: str,
+                             dtype, opset, multiple: int) -> None:
+    """Engines of the text encoders and the VAE (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
+    ``OUT/vae_decoder``, ``OUT/vae_encoder`` for inpainting), then the repository serving them with the slim
+    denoiser's engine — and, with a ``controlnet``, the ControlNet's (``OUT/controlnet``) in a ControlNet pipeline."""
+    from ..engines.triton import build_serving_engines, controlnet_pipeline, write_repository
+    from ..export.modules import CONTROLNET
 
-    folders = build_serving_engines(pipe, out, kind, profiles=profiles, dtype=dtype, device=device,
+    served = pipe if controlnet is None else controlnet_pipeline(pipe, controlnet)
+    folders = build_serving_engines(served, out, kind, profiles=profiles, dtype=dtype, device=device,
                                     multiple=multiple, opset=opset)
-    write_repository(repo, pipe, out / "slim", folders, args.triton_mode)
+    if controlnet is not None:
+        folders[CONTROLNET] = out / CONTROLNET
+    write_repository(repo, served, out / "slim", folders, args.triton_mode)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -461,9 +468,9 @@ def run(args) -> list[dict]:
         from ..engines.triton import check_mode
 
         check_mode(args.engine, args.triton_mode)
-        if args.controlnet_inputs or args.controlnet:
-            raise SlimDiffError("--triton-repo serves pipelines without ControlNet: leave out --controlnet-inputs, or "
-                                "export the engines without --triton-repo")
+        if args.controlnet_inputs and not args.controlnet:
+            raise SlimDiffError("--triton-repo serves a ControlNet pipeline with its ControlNet's engine: give "
+                                "--controlnet DIR, or leave out --controlnet-inputs")
     if args.controlnet:
         _check_controlnet_folder(args.controlnet, args.engine)
     out = Path(args.out)
@@ -484,9 +491,11 @@ def run(args) -> list[dict]:
         controlnet = _load_controlnet(args.controlnet, (dense or slim).config) if args.controlnet else None
         slimming = _slimming_inputs(pipe, args) if slim is None else None
         if repo_tmp is not None:
-            from ..engines.triton import check_pipeline
+            from ..engines.triton import check_pipeline, controlnet_pipeline
 
             check_pipeline(pipe, args.engine, args.triton_mode)
+            if controlnet is not None:
+                check_pipeline(controlnet_pipeline(pipe, controlnet), args.engine, args.triton_mode)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
@@ -539,7 +548,7 @@ def run(args) -> list[dict]:
         if slim_folder == tmp / "slim-unet":
             _save_slim_unet(slim, plan, slim_folder, args)
         if repo_tmp is not None:
-            _write_triton_repository(args, pipe, tmp, repo_tmp, **build)
+            _write_triton_repository(args, pipe, controlnet, tmp, repo_tmp, **build)
         print(format_table(rows))
         by_variant = {r["variant"]: r for r in rows}
         if "dense" in by_variant and "slim" in by_variant:

@@ -10,7 +10,9 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
                                      too; SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
     DIR/vae_encoder/...              inpainting pipelines: the VAE encoder too (the masked image's latent)
-    DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask) in, image out
+    DIR/controlnet/...               ControlNet pipelines: the ControlNet's engine (its residuals feed the UNet's)
+    DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask; ControlNet: and
+                                     control_image) in, image out
                                      (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
     DIR/pipeline/1/pipeline.json     which diffusers pipeline runs the loop, its text encoders and their outputs
@@ -19,7 +21,8 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
 What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
-``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``), the text encoders served, what each takes and returns and the
+``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines:
+:attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`), the text encoders served, what each takes and returns and the
 one prompt length its engine is built for (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's
 second: the penultimate hidden state and the pooled ``text_embeds``; PixArt's T5 takes the tokenizer's
 ``attention_mask`` too, over the pipeline's 300 tokens; FLUX's CLIP-L: its ``pooler_output``) and the pipeline's
@@ -68,16 +71,79 @@ PIPELINE_SPEC = "pipeline.json"
 #: The ``pipeline`` model's optional inputs beside ``prompt``, with their Triton types.
 PIPELINE_OPTIONS = {"negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance_scale": "FP32",
                     "height": "INT32", "width": "INT32"}
-#: What a pipeline serving image inputs (:attr:`~slimdiff.families.DenoiserFamily.serving_image_inputs`) takes
-#: beside: its images as uint8 arrays (H×W×3; a mask H×W, 255 where the pipeline paints) and the denoising strength.
-IMAGE_INPUTS = {"image": [-1, -1, 3], "mask_image": [-1, -1]}
+#: The images a request may carry, as uint8 arrays: an inpainting pipeline's (:attr:`~slimdiff.families.
+#: DenoiserFamily.serving_image_inputs`: the image H×W×3 and its mask H×W, 255 where the pipeline paints) and a
+#: ControlNet pipeline's conditioning image (H×W×3: edges, depth, pose..., resized by the pipeline to the image's size).
+IMAGE_INPUTS = {"image": [-1, -1, 3], "mask_image": [-1, -1], "control_image": [-1, -1, 3]}
+#: The optional inputs an inpainting pipeline takes beside :data:`PIPELINE_OPTIONS`.
 IMAGE_OPTIONS = {"strength": "FP32"}
+#: The optional inputs a ControlNet pipeline takes beside :data:`PIPELINE_OPTIONS`.
+CONTROLNET_OPTIONS = {"controlnet_conditioning_scale": "FP32"}
+#: The diffusers call argument of each request image whose name differs (a ControlNet pipeline's ``image``).
+PIPELINE_ARGUMENT = {"control_image": "image"}
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                   "uint8": "TYPE_UINT8"}
 _MODEL_PY = {
     "engine": "from slimdiff.runtime.triton_models import EngineModel as TritonPythonModel  # noqa: F401\n",
     PIPELINE: "from slimdiff.runtime.triton_models import PipelineModel as TritonPythonModel  # noqa: F401\n",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedPipeline:
+    """What a repository's ``pipeline`` model serves for a diffusers pipeline: its family, the class it runs, and
+    whether a ControlNet engine is served beside the denoiser (a ControlNet pipeline, whose requests carry
+    ``control_image``)."""
+
+    family: object  # a DenoiserFamily
+    pipeline_class: str
+    controlnet: bool
+
+    @property
+    def image_inputs(self) -> tuple[str, ...]:
+        return ("control_image",) if self.controlnet else self.family.serving_image_inputs
+
+    @property
+    def vae_encoder(self) -> bool:
+        """Whether the pipeline encodes images (inpainting: the masked image's latent)."""
+        return bool(self.family.serving_image_inputs)
+
+    @property
+    def options(self) -> dict[str, str]:
+        """The request's optional inputs with their Triton types."""
+        return {**PIPELINE_OPTIONS, **(CONTROLNET_OPTIONS if self.controlnet else {}),
+                **(IMAGE_OPTIONS if self.family.serving_image_inputs else {})}
+
+
+def served_pipeline(pipe) -> ServedPipeline | None:
+    """How a repository serves ``pipe``, or None when it cannot: a pipeline whose class is its family's
+    :attr:`~slimdiff.families.DenoiserFamily.serving_pipeline` — or, with one ControlNet, its
+    :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`."""
+    from diffusers import ControlNetModel
+
+    from ..families import family_for
+
+    controlnet = getattr(pipe, "controlnet", None)
+    try:  # a ControlNet pipeline is no family's own: its ControlNet's (the UNet's: it was made for that UNet)
+        family = family_for(pipe if controlnet is None else controlnet)
+    except SlimDiffError:
+        return None
+    if controlnet is not None and not isinstance(controlnet, ControlNetModel):  # MultiControlNetModel
+        return None
+    wanted = family.serving_pipeline if controlnet is None else family.serving_controlnet_pipeline
+    return ServedPipeline(family, wanted, controlnet is not None) if wanted == type(pipe).__name__ else None
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """``pipe``'s family's ControlNet pipeline, sharing ``pipe``'s components, with ``controlnet``: what a repository
+    serving a ControlNet is written from."""
+    import diffusers
+
+    served = check_pipeline(pipe)
+    name = served.family.serving_controlnet_pipeline
+    if name is None:
+        raise SlimDiffError(f"--triton-repo serves no ControlNet pipeline for {type(pipe).__name__} so far")
+    return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
 
 
 def _pb():
@@ -151,14 +217,13 @@ def model_config(name: str, meta: dict, mode: str, *, dynamic_batching: bool = T
     return config
 
 
-def pipeline_config(*, instances: int, image_inputs: tuple[str, ...] = ()):
+def pipeline_config(served: ServedPipeline, *, instances: int):
     pb, _ = _pb()
     config = pb.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
     config.input.add(name="prompt", data_type=pb.TYPE_STRING, dims=[1])
-    for name in image_inputs:
+    for name in served.image_inputs:
         config.input.add(name=name, data_type=pb.TYPE_UINT8, dims=IMAGE_INPUTS[name])
-    options = {**PIPELINE_OPTIONS, **(IMAGE_OPTIONS if image_inputs else {})}
-    for name, dtype in options.items():
+    for name, dtype in served.options.items():
         config.input.add(name=name, data_type=getattr(pb, "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"),
                          dims=[1], optional=True)
     config.output.add(name="image", data_type=pb.TYPE_UINT8, dims=[-1, -1, 3])
@@ -169,13 +234,13 @@ def pipeline_config(*, instances: int, image_inputs: tuple[str, ...] = ()):
 def request_image(client, prompt: str, seed: int, steps: int, **options):
     """Ask the repository's ``pipeline`` model for one image (``uint8`` H×W×3) through a ``tritonclient.http``
     ``InferenceServerClient``; ``options`` are more of :data:`PIPELINE_OPTIONS` (``height=16``...) and, for an
-    inpainting repository, :data:`IMAGE_INPUTS` (uint8 arrays) and :data:`IMAGE_OPTIONS`; the optional inputs left
-    out take the model's defaults."""
+    inpainting or ControlNet repository, its :data:`IMAGE_INPUTS` (uint8 arrays) and :data:`IMAGE_OPTIONS` or
+    :data:`CONTROLNET_OPTIONS`; the optional inputs left out take the model's defaults."""
     import numpy as np
     import tritonclient.http as httpclient
 
     numpy_types = {"BYTES": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
-    known = {**PIPELINE_OPTIONS, **IMAGE_OPTIONS}
+    known = {**PIPELINE_OPTIONS, **IMAGE_OPTIONS, **CONTROLNET_OPTIONS}
     unknown = sorted(set(options) - set(known) - set(IMAGE_INPUTS))
     if unknown:
         raise SlimDiffError(f"the pipeline model takes no {', '.join(unknown)} "
@@ -233,8 +298,9 @@ def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str,
 def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: int) -> None:
     """The python-backend ``pipeline`` model and what its loop needs: the family's pipeline class, text encoders
     and constructor options (``pipeline.json``), tokenizers, scheduler, the text encoders' and VAE's configs, and
-    the metadata of the engine models (names, dtypes, shapes, the denoiser's config)."""
-    family = check_pipeline(pipe)
+    the metadata of the engine models (names, dtypes, shapes, the denoiser's and the ControlNet's configs)."""
+    served = check_pipeline(pipe)
+    family = served.family
     version = Path(repo) / PIPELINE / "1"
     version.mkdir(parents=True)
     towers = family.served_text_encoders(pipe)
@@ -246,56 +312,61 @@ def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: i
     pipe.vae.save_config(version / "vae")
     for name, meta in metas.items():
         (version / f"{name}.engine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    spec = {"pipeline_class": family.serving_pipeline, "denoiser": family.component,
+    spec = {"pipeline_class": served.pipeline_class, "denoiser": family.component,
             "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs),
                                "attention_mask": t.attention_mask} for t in towers],
-            "options": family.serving_options(pipe), "image_inputs": list(family.serving_image_inputs)}
+            "options": family.serving_options(pipe), "image_inputs": list(served.image_inputs),
+            "vae_encoder": served.vae_encoder, "controlnet": served.controlnet}
     (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
     write_config(Path(repo) / PIPELINE / "config.pbtxt",
-                 pipeline_config(instances=instances, image_inputs=family.serving_image_inputs))
+                 pipeline_config(served, instances=instances))
 
 
 def served_pipelines() -> list[str]:
-    """The diffusers pipeline classes a repository's ``pipeline`` model runs (one per family that declares one)."""
+    """The diffusers pipeline classes a repository's ``pipeline`` model runs (those the families declare)."""
     from ..families import FAMILIES, load_builtin
 
     load_builtin()
-    return sorted({f.serving_pipeline for f in FAMILIES.adapters() if f.serving_pipeline})
+    return sorted({name for f in FAMILIES.adapters() for name in (f.serving_pipeline, f.serving_controlnet_pipeline)
+                   if name})
 
 
-def check_pipeline(pipe, kind: str | None = None, mode: str | None = None):
+def check_pipeline(pipe, kind: str | None = None, mode: str | None = None) -> ServedPipeline:
     """Refuse, in one line and before any work, a pipeline the repository cannot serve (with ``kind`` engines in
-    serving ``mode``, when given); returns its family."""
-    from ..families import family_for
+    serving ``mode``, when given); returns how it is served."""
+    from ..export.modules import CONTROLNET
 
     if pipe is None:
         raise SlimDiffError("--triton-repo needs the whole pipeline (a dense model: built-in, diffusers folder or "
                             ".safetensors), not a slim UNet folder")
-    try:
-        family = family_for(pipe)
-    except SlimDiffError:
-        family = None
-    if family is None or family.serving_pipeline != type(pipe).__name__:
-        raise SlimDiffError(f"--triton-repo serves {', '.join(served_pipelines())} so far, not {type(pipe).__name__}")
-    several = [t.name for t in family.served_text_encoders(pipe) if len(t.outputs) > 1]
+    served = served_pipeline(pipe)
+    if served is None:
+        multi = " with several ControlNets" if type(getattr(pipe, "controlnet", None)).__name__ == \
+            "MultiControlNetModel" else ""
+        raise SlimDiffError(f"--triton-repo serves {', '.join(served_pipelines())} so far, not "
+                            f"{type(pipe).__name__}{multi}")
+    family = served.family
+    several = [t.name for t in family.served_text_encoders(pipe) if len(t.outputs) > 1] + \
+        ([CONTROLNET] if served.controlnet else [])
     if mode == "python" and kind is not None and several and not get(kind).runs_several_outputs:
         raise SlimDiffError(f"{type(pipe).__name__}'s {', '.join(several)} returns several outputs, which slimdiff's "
                             f"{kind} runner does not: serve {kind} engines with --triton-mode native, or python mode "
                             "with --engine ort")
-    return family
+    return served
 
 
 def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path]:
     """Engines of what a repository serves beside the denoiser — each text encoder the family serves (with the
-    outputs its pipeline reads), the VAE decoder and, for a pipeline taking images, the VAE encoder — in new folders
-    ``out/<name>``; returns ``{name: folder}``. ``build``: :func:`slimdiff.engines.build.build_component_engine`'s
-    shape and precision arguments."""
+    outputs its pipeline reads), the VAE decoder and, for a pipeline encoding images, the VAE encoder — in new folders
+    ``out/<name>``; returns ``{name: folder}`` (a ControlNet's engine is built with the denoiser's, by the caller).
+    ``build``: :func:`slimdiff.engines.build.build_component_engine`'s shape and precision arguments."""
     from ..export.modules import text_encoder_component, vae_decoder_component, vae_encoder_component
     from ..export.shapes import Range
     from .build import build_component_engine
 
-    family = check_pipeline(pipe)
+    served = check_pipeline(pipe)
+    family = served.family
     components = []
     for tower in family.served_text_encoders(pipe):
         profiles = build["profiles"]
@@ -305,7 +376,7 @@ def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path
         components.append((text_encoder_component(getattr(pipe, tower.name), tower.name, tower.outputs,
                                                   attention_mask=tower.attention_mask), profiles))
     components.append((vae_decoder_component(pipe.vae), build["profiles"]))
-    if family.serving_image_inputs:
+    if served.vae_encoder:
         components.append((vae_encoder_component(pipe.vae, pipe.vae_scale_factor), build["profiles"]))
     folders = {}
     for component, profiles in components:
@@ -318,13 +389,15 @@ def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path
 def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders: dict[str, Path], mode: str, *,
                      dynamic_batching: bool = True, pipeline_instances: int = 2) -> None:
     """Fill the (new, empty) folder ``repo`` with the engine models and the pipeline model.
-    ``component_folders`` maps each text encoder and ``vae_decoder`` to its engine folder
-    (:func:`build_serving_engines`); ``denoiser_folder`` holds the denoiser's (the slim UNet's)."""
-    from ..export.modules import VAE_ENCODER
+    ``component_folders`` maps each text encoder and ``vae_decoder`` (and ``vae_encoder`` or ``controlnet`` when
+    the pipeline has them) to its engine folder (:func:`build_serving_engines`); ``denoiser_folder`` holds the
+    denoiser's (the slim UNet's)."""
+    from ..export.modules import CONTROLNET, VAE_ENCODER
 
-    family = check_pipeline(pipe)
+    served = check_pipeline(pipe)
+    family = served.family
     wanted = {t.name for t in family.served_text_encoders(pipe)} | {"vae_decoder"} | (
-        {VAE_ENCODER} if family.serving_image_inputs else set())
+        {VAE_ENCODER} if served.vae_encoder else set()) | ({CONTROLNET} if served.controlnet else set())
     if set(component_folders) != wanted:
         raise SlimDiffError(f"a {type(pipe).__name__} repository serves {', '.join(sorted(wanted))}; engines were "
                             f"given for {', '.join(sorted(component_folders))}")

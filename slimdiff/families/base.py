@@ -1037,6 +1037,10 @@ class DenoiserFamily(ABC):
     #: ``mask_image``); a family with any is served with a VAE encoder too.
     serving_image_inputs: tuple[str, ...] = ()
 
+    #: The diffusers pipeline class a repository runs when it serves a ControlNet beside the denoiser (its requests
+    #: carry the conditioning image); None: no ControlNet served for this family.
+    serving_controlnet_pipeline: str | None = None
+
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         """The text encoders the repository serves, in the pipeline's order, with what the pipeline reads of each."""
         return ()

@@ -108,6 +108,7 @@ class _Inpainting:
     taking the image and the mask."""
 
     serving_image_inputs = ("image", "mask_image")
+    serving_controlnet_pipeline = None  # diffusers' ControlNet inpainting pipelines are not served yet
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)

@@ -194,6 +194,7 @@ class StableDiffusionFamily(DenoiserFamily):
         return [TextTower(pipe.tokenizer, pipe.text_encoder)]
 
     serving_pipeline = "StableDiffusionPipeline"
+    serving_controlnet_pipeline = "StableDiffusionControlNetPipeline"
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         return (ServedTextEncoder("text_encoder", "tokenizer", (LAST_HIDDEN_STATE,)),)

@@ -66,6 +66,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
 
     serving_pipeline = "StableDiffusionXLPipeline"
+    serving_controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         # The prompt embedding is both encoders' penultimate hidden states side by side; the pooled text_embeds

@@ -6,11 +6,12 @@ pipeline in-process.
   split again (every output of an engine with several).
 * :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
   (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``,
-  ``FluxPipeline``): tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding
+  ``FluxPipeline``; SD's and SDXL's inpainting and ControlNet pipelines): tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding
   mask, SD3's and FLUX's VAE shift, FLUX's packed latents and embedded guidance — whose text encoders, denoiser and
-  VAE decoder are stand-ins that call the repository's models through Triton's BLS (business logic scripting); the
-  denoiser's is the engine-backed denoiser :func:`~slimdiff.runtime.use_engine` installs, over a :class:`BlsRunner`. Running the unchanged diffusers loop is what
-  makes a served image equal to the in-process one for the same seed.
+  VAE are stand-ins that call the repository's models through Triton's BLS (business logic scripting); the
+  denoiser's (and a ControlNet's) is the engine-backed one :func:`~slimdiff.runtime.use_engine` installs, over a
+  :class:`BlsRunner`. Running the unchanged diffusers loop is what makes a served image equal to the in-process one
+  for the same seed.
 
 ``triton_python_backend_utils`` exists only inside Triton's python backend; it is imported there, lazily.
 """
@@ -25,15 +26,22 @@ import numpy as np
 import torch
 
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
-from ..engines.triton import IMAGE_INPUTS, IMAGE_OPTIONS, PIPELINE_SPEC, batch_dims
-from ..export.modules import VAE_ENCODER
+from ..engines.triton import (
+    CONTROLNET_OPTIONS,
+    IMAGE_INPUTS,
+    IMAGE_OPTIONS,
+    PIPELINE_ARGUMENT,
+    PIPELINE_SPEC,
+    batch_dims,
+    check_pipeline,
+)
+from ..export.modules import CONTROLNET, VAE_ENCODER
 from ..errors import SlimDiffError
 from ..families import (
     LAST_HIDDEN_STATE,
     PENULTIMATE_HIDDEN_STATE,
     POOLER_OUTPUT,
     TEXT_EMBEDS,
-    family_for,
 )
 from .unet import engine_class
 
@@ -217,9 +225,10 @@ def repository_pipeline(version: Path, runner_for: Callable[[str, dict], Runner]
                                                    runner_for(tower["name"], meta(tower["name"])), tower["name"],
                                                    tower["outputs"], tower.get("attention_mask", False))
         models[tower["tokenizer"]] = tokenizer(tower["tokenizer"])
-    denoiser = meta(spec["denoiser"])
-    models[spec["denoiser"]] = engine_class(denoiser)(runner_for(spec["denoiser"], denoiser), denoiser, version)
-    encoder = runner_for(VAE_ENCODER, meta(VAE_ENCODER)) if spec.get("image_inputs") else None
+    served_engines = [spec["denoiser"], *([CONTROLNET] if spec.get("controlnet") else [])]
+    for name in served_engines:  # engine-backed denoisers: the UNet, and a ControlNet pipeline's ControlNet
+        models[name] = engine_class(meta(name))(runner_for(name, meta(name)), meta(name), version)
+    encoder = runner_for(VAE_ENCODER, meta(VAE_ENCODER)) if spec.get("vae_encoder") else None
     models["vae"] = VaeStandIn(FrozenDict(diffusers.AutoencoderKL.load_config(version / "vae")),
                                runner_for("vae_decoder", meta("vae_decoder")), encoder)
     models["scheduler"] = getattr(diffusers, scheduler_class).from_pretrained(version / "scheduler")
@@ -239,26 +248,31 @@ def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
 def generate(pipe, prompt: str, **options) -> np.ndarray:
     """One image, HxWx3 uint8, for ``prompt`` with :data:`DEFAULTS` overridden by ``options`` (and the options the
     pipeline's family always passes: PixArt's exact sizes). An inpainting pipeline takes ``image`` (HxWx3 uint8) and
-    ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``."""
+    ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``; a ControlNet pipeline ``control_image`` (HxWx3
+    uint8) and ``controlnet_conditioning_scale``."""
     from PIL import Image
 
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    family = family_for(pipe)
+    served = check_pipeline(pipe)
     images = {name: o.pop(name) for name in IMAGE_INPUTS if name in o}
-    if set(images) != set(family.serving_image_inputs):
-        wanted = " and ".join(family.serving_image_inputs) or "no image"
+    if set(images) != set(served.image_inputs):
+        wanted = " and ".join(served.image_inputs) or "no image"
         raise SlimDiffError(f"a {type(pipe).__name__} request takes {wanted}, got {' and '.join(images) or 'none'}")
     arrays = {name: np.asarray(array) for name, array in images.items()}
     size = next(iter(arrays.values())).shape[:2] if arrays else None
     for name, array in arrays.items():
         wanted = tuple(IMAGE_INPUTS[name])
         if array.dtype != np.uint8 or array.shape[:2] != size or array.shape[2:] != wanted[2:]:
-            raise SlimDiffError(f"{name} must be a uint8 array of {'HxWx3' if name == 'image' else 'HxW'} pixels the "
+            raise SlimDiffError(f"{name} must be a uint8 array of {'HxWx3' if len(wanted) == 3 else 'HxW'} pixels the "
                                 f"size of the image, got {array.dtype} {array.shape}")
-        images[name] = Image.fromarray(array)  # RGB for HxWx3, L (grey) for HxW
-    extra = {**family.pipeline_options, **images}
-    if "strength" in o:
-        extra["strength"] = float(o.pop("strength"))
+    extra = dict(served.family.pipeline_options)
+    for name, array in arrays.items():
+        extra[PIPELINE_ARGUMENT.get(name, name)] = Image.fromarray(array)  # RGB for HxWx3, L (grey) for HxW
+    for name in {**IMAGE_OPTIONS, **CONTROLNET_OPTIONS}:
+        if name in o:
+            if name not in served.options:
+                raise SlimDiffError(f"a {type(pipe).__name__} request takes no {name}")
+            extra[name] = float(o.pop(name))
     # no negative prompt: the pipeline's own default (None for SD and SDXL, "" for PixArt, which refuses None)
     negative = {} if o["negative_prompt"] is None else {"negative_prompt": o["negative_prompt"]}
     image = pipe(prompt, **negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
@@ -333,8 +347,8 @@ class PipelineModel:
                     tensor = pb.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         images[name] = tensor.as_numpy()
-                image = generate(self.pipe, value("prompt"), **{k: value(k) for k in (*DEFAULTS, *IMAGE_OPTIONS)},
-                                 **images)
+                options = (*DEFAULTS, *IMAGE_OPTIONS, *CONTROLNET_OPTIONS)  # those absent are None: left out
+                image = generate(self.pipe, value("prompt"), **{k: value(k) for k in options}, **images)
                 responses.append(pb.InferenceResponse([pb.Tensor("image", image)]))
             except Exception as exc:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
