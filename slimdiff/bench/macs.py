@@ -16,6 +16,7 @@ scale), so it is exact for shapes and independent of the engine that will run th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -125,6 +126,14 @@ def meta_unet(source: nn.Module | dict, plan: RankPlan | None = None):
     if plan is not None:
         apply_plan_shapes(unet, plan)
     return unet.eval().requires_grad_(False)
+
+
+def call_macs(fn: Callable[[], object]) -> int:
+    """Multiply–accumulates of ``fn()`` — any denoiser call, e.g. one a caching wrapper shortens — counted as
+    :func:`count_macs` counts them (attention products on every SDPA path)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        fn()
+    return counter.get_total_flops() // 2
 
 
 def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int | None = None) -> MacCount:
