@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
                              "SD-1.x/2.x, SDXL, PixArt-Σ, SD3 and FLUX pipelines, SD's and SDXL's inpainting "
                              "pipelines, and with --controlnet their ControlNet pipelines")
+    triton.add_argument("--triton-img2img", action="store_true",
+                        help="the pipeline model also takes image-to-image requests (an image and a strength; SD and "
+                             "SDXL): a VAE encoder engine is served too")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")
@@ -419,16 +422,17 @@ def _write_triton_repository(args, pipe, controlnet, out: Path, repo: Path, *, p
                              dtype, opset, multiple: int) -> None:
     """Engines of the text encoders and the VAE (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
     ``OUT/vae_decoder``, ``OUT/vae_encoder`` for inpainting), then the repository serving them with the slim
-    denoiser's engine — and, with a ``controlnet``, the ControlNet's (``OUT/controlnet``) in a ControlNet pipeline."""
+    denoiser's engine — and, with a ``controlnet``, the ControlNet's (``OUT/controlnet``) in a ControlNet pipeline;
+    ``--triton-img2img`` adds the VAE encoder (``OUT/vae_encoder``) for image-to-image requests."""
     from ..engines.triton import build_serving_engines, controlnet_pipeline, write_repository
     from ..export.modules import CONTROLNET
 
     served = pipe if controlnet is None else controlnet_pipeline(pipe, controlnet)
-    folders = build_serving_engines(served, out, kind, profiles=profiles, dtype=dtype, device=device,
-                                    multiple=multiple, opset=opset)
+    folders = build_serving_engines(served, out, kind, image_to_image=args.triton_img2img, profiles=profiles,
+                                    dtype=dtype, device=device, multiple=multiple, opset=opset)
     if controlnet is not None:
         folders[CONTROLNET] = out / CONTROLNET
-    write_repository(repo, served, out / "slim", folders, args.triton_mode)
+    write_repository(repo, served, out / "slim", folders, args.triton_mode, image_to_image=args.triton_img2img)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -464,6 +468,8 @@ def run(args) -> list[dict]:
         raise SlimDiffError(f"--opset {opset} is not supported: use 23 (fused) or 18 (decomposed attention)")
     fp16 = args.fp16 if args.fp16 is not None else device.startswith("cuda")
     dtype = torch.float16 if fp16 else torch.float32
+    if args.triton_img2img and not args.triton_repo:
+        raise SlimDiffError("--triton-img2img is an option of the Triton repository: give --triton-repo DIR too")
     if args.triton_repo:
         from ..engines.triton import check_mode
 
@@ -493,9 +499,11 @@ def run(args) -> list[dict]:
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline, controlnet_pipeline
 
-            check_pipeline(pipe, args.engine, args.triton_mode)
+            check_pipeline(pipe, args.engine, args.triton_mode,
+                           image_to_image=args.triton_img2img and controlnet is None)
             if controlnet is not None:
-                check_pipeline(controlnet_pipeline(pipe, controlnet), args.engine, args.triton_mode)
+                check_pipeline(controlnet_pipeline(pipe, controlnet), args.engine, args.triton_mode,
+                               image_to_image=args.triton_img2img)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim

@@ -9,10 +9,11 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/text_encoder/...             the same for each text encoder the family serves (SDXL, FLUX: text_encoder_2
                                      too; SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
-    DIR/vae_encoder/...              inpainting pipelines: the VAE encoder too (the masked image's latent)
+    DIR/vae_encoder/...              inpainting pipelines and --triton-img2img: the VAE encoder too (the image's
+                                     latent)
     DIR/controlnet/...               ControlNet pipelines: the ControlNet's engine (its residuals feed the UNet's)
     DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask; ControlNet: and
-                                     control_image) in, image out
+                                     control_image; --triton-img2img: and an optional image) in, image out
                                      (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
     DIR/pipeline/1/pipeline.json     which diffusers pipeline runs the loop, its text encoders and their outputs
@@ -22,7 +23,9 @@ What differs per model family comes from its :class:`~slimdiff.families.Denoiser
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
 ``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines:
-:attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`), the text encoders served, what each takes and returns and the
+:attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`; for requests carrying an image, with
+``--triton-img2img``, SD's and SDXL's image-to-image pipelines:
+:attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`), the text encoders served, what each takes and returns and the
 one prompt length its engine is built for (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's
 second: the penultimate hidden state and the pooled ``text_embeds``; PixArt's T5 takes the tokenizer's
 ``attention_mask`` too, over the pipeline's 300 tokens; FLUX's CLIP-L: its ``pooler_output``) and the pipeline's
@@ -89,49 +92,72 @@ _MODEL_PY = {
 }
 
 
+#: What a served pipeline does, and the family attribute naming its diffusers class.
+TEXT_TO_IMAGE, WITH_CONTROLNET, IMAGE_TO_IMAGE = "text-to-image", "controlnet", "image-to-image"
+ROLE_PIPELINE = {TEXT_TO_IMAGE: "serving_pipeline", WITH_CONTROLNET: "serving_controlnet_pipeline",
+                 IMAGE_TO_IMAGE: "serving_img2img_pipeline"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ServedPipeline:
-    """What a repository's ``pipeline`` model serves for a diffusers pipeline: its family, the class it runs, and
-    whether a ControlNet engine is served beside the denoiser (a ControlNet pipeline, whose requests carry
-    ``control_image``)."""
+    """What a repository's ``pipeline`` model serves for a diffusers pipeline: its family, the class it runs and its
+    role (:data:`ROLE_PIPELINE`: a ControlNet pipeline's requests carry ``control_image``, an image-to-image one's
+    ``image``), and the image-to-image class the same model runs for requests that carry an image
+    (``--triton-img2img``), if any."""
 
     family: object  # a DenoiserFamily
     pipeline_class: str
-    controlnet: bool
+    role: str
+    image_to_image_class: str | None = None
+
+    @property
+    def controlnet(self) -> bool:
+        return self.role == WITH_CONTROLNET
 
     @property
     def image_inputs(self) -> tuple[str, ...]:
-        return ("control_image",) if self.controlnet else self.family.serving_image_inputs
+        """The images every request of this pipeline carries."""
+        return {WITH_CONTROLNET: ("control_image",), IMAGE_TO_IMAGE: ("image",)}.get(
+            self.role, self.family.serving_image_inputs)
+
+    @property
+    def request_images(self) -> dict[str, bool]:
+        """Every image a request may carry, and whether it must: an image-to-image request's ``image`` is
+        optional beside a text-to-image pipeline."""
+        return {**dict.fromkeys(self.image_inputs, True), **({"image": False} if self.image_to_image_class else {})}
 
     @property
     def vae_encoder(self) -> bool:
-        """Whether the pipeline encodes images (inpainting: the masked image's latent)."""
-        return bool(self.family.serving_image_inputs)
+        """Whether a VAE encoder is served: the pipeline encodes an image (inpainting, image-to-image)."""
+        return "image" in self.request_images
 
     @property
     def options(self) -> dict[str, str]:
         """The request's optional inputs with their Triton types."""
         return {**PIPELINE_OPTIONS, **(CONTROLNET_OPTIONS if self.controlnet else {}),
-                **(IMAGE_OPTIONS if self.family.serving_image_inputs else {})}
+                **(IMAGE_OPTIONS if self.vae_encoder else {})}
 
 
 def served_pipeline(pipe) -> ServedPipeline | None:
     """How a repository serves ``pipe``, or None when it cannot: a pipeline whose class is its family's
-    :attr:`~slimdiff.families.DenoiserFamily.serving_pipeline` — or, with one ControlNet, its
-    :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`."""
+    :attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`, or with one ControlNet its
+    :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`, or its
+    :attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`. ControlNet and image-to-image pipelines are
+    no family's own (the families are registered for their text-to-image classes): the family whose class it is and
+    that accepts the pipeline's UNet serves it."""
     from diffusers import ControlNetModel
 
-    from ..families import family_for
+    from ..families import FAMILIES, load_builtin
 
     controlnet = getattr(pipe, "controlnet", None)
-    try:  # a ControlNet pipeline is no family's own: its ControlNet's (the UNet's: it was made for that UNet)
-        family = family_for(pipe if controlnet is None else controlnet)
-    except SlimDiffError:
-        return None
-    if controlnet is not None and not isinstance(controlnet, ControlNetModel):  # MultiControlNetModel
-        return None
-    wanted = family.serving_pipeline if controlnet is None else family.serving_controlnet_pipeline
-    return ServedPipeline(family, wanted, controlnet is not None) if wanted == type(pipe).__name__ else None
+    if controlnet is not None and not isinstance(controlnet, ControlNetModel):
+        return None  # several ControlNets (a MultiControlNetModel)
+    load_builtin()
+    for family in FAMILIES.adapters():
+        for role, attribute in ROLE_PIPELINE.items():
+            if getattr(family, attribute) == type(pipe).__name__ and family.accepts(pipe):
+                return ServedPipeline(family, type(pipe).__name__, role)
+    return None
 
 
 def controlnet_pipeline(pipe, controlnet):
@@ -144,6 +170,15 @@ def controlnet_pipeline(pipe, controlnet):
     if name is None:
         raise SlimDiffError(f"--triton-repo serves no ControlNet pipeline for {type(pipe).__name__} so far")
     return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
+
+
+def image_to_image_pipeline(pipe):
+    """The image-to-image pipeline of a repository serving ``--triton-img2img`` beside the text-to-image ``pipe``,
+    sharing its components (stand-ins included)."""
+    import diffusers
+
+    name = check_pipeline(pipe, image_to_image=True).image_to_image_class
+    return getattr(diffusers, name).from_pipe(pipe)
 
 
 def _pb():
@@ -221,8 +256,8 @@ def pipeline_config(served: ServedPipeline, *, instances: int):
     pb, _ = _pb()
     config = pb.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
     config.input.add(name="prompt", data_type=pb.TYPE_STRING, dims=[1])
-    for name in served.image_inputs:
-        config.input.add(name=name, data_type=pb.TYPE_UINT8, dims=IMAGE_INPUTS[name])
+    for name, required in served.request_images.items():
+        config.input.add(name=name, data_type=pb.TYPE_UINT8, dims=IMAGE_INPUTS[name], optional=not required)
     for name, dtype in served.options.items():
         config.input.add(name=name, data_type=getattr(pb, "TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}"),
                          dims=[1], optional=True)
@@ -295,11 +330,13 @@ def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str,
     return meta
 
 
-def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: int) -> None:
+def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: int,
+                       image_to_image: bool = False) -> None:
     """The python-backend ``pipeline`` model and what its loop needs: the family's pipeline class, text encoders
     and constructor options (``pipeline.json``), tokenizers, scheduler, the text encoders' and VAE's configs, and
-    the metadata of the engine models (names, dtypes, shapes, the denoiser's and the ControlNet's configs)."""
-    served = check_pipeline(pipe)
+    the metadata of the engine models (names, dtypes, shapes, the denoiser's and the ControlNet's configs), and the
+    image-to-image class it runs for requests carrying an image when ``image_to_image``."""
+    served = check_pipeline(pipe, image_to_image=image_to_image)
     family = served.family
     version = Path(repo) / PIPELINE / "1"
     version.mkdir(parents=True)
@@ -316,7 +353,8 @@ def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: i
             "text_encoders": [{"name": t.name, "tokenizer": t.tokenizer, "outputs": list(t.outputs),
                                "attention_mask": t.attention_mask} for t in towers],
             "options": family.serving_options(pipe), "image_inputs": list(served.image_inputs),
-            "vae_encoder": served.vae_encoder, "controlnet": served.controlnet}
+            "vae_encoder": served.vae_encoder, "controlnet": served.controlnet,
+            "image_to_image": served.image_to_image_class}
     (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
     write_config(Path(repo) / PIPELINE / "config.pbtxt",
@@ -328,14 +366,17 @@ def served_pipelines() -> list[str]:
     from ..families import FAMILIES, load_builtin
 
     load_builtin()
-    return sorted({name for f in FAMILIES.adapters() for name in (f.serving_pipeline, f.serving_controlnet_pipeline)
-                   if name})
+    return sorted({getattr(f, attribute) for f in FAMILIES.adapters() for attribute in ROLE_PIPELINE.values()
+                   if getattr(f, attribute)})
 
 
-def check_pipeline(pipe, kind: str | None = None, mode: str | None = None) -> ServedPipeline:
+def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
+                   image_to_image: bool = False) -> ServedPipeline:
     """Refuse, in one line and before any work, a pipeline the repository cannot serve (with ``kind`` engines in
-    serving ``mode``, when given); returns how it is served."""
+    serving ``mode``, when given; with image-to-image requests too, when ``image_to_image``); returns how it is
+    served."""
     from ..export.modules import CONTROLNET
+    from ..families import FAMILIES
 
     if pipe is None:
         raise SlimDiffError("--triton-repo needs the whole pipeline (a dense model: built-in, diffusers folder or "
@@ -353,19 +394,28 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None) -> Se
         raise SlimDiffError(f"{type(pipe).__name__}'s {', '.join(several)} returns several outputs, which slimdiff's "
                             f"{kind} runner does not: serve {kind} engines with --triton-mode native, or python mode "
                             "with --engine ort")
+    if image_to_image:
+        name = family.serving_img2img_pipeline if served.role == TEXT_TO_IMAGE else None
+        if name is None:
+            beside = sorted(f"{f.serving_img2img_pipeline} beside {f.serving_pipeline}"
+                            for f in FAMILIES.adapters() if f.serving_img2img_pipeline)
+            raise SlimDiffError(f"--triton-img2img serves {', '.join(beside)} so far, not image-to-image requests "
+                                f"beside {type(pipe).__name__}")
+        served = dataclasses.replace(served, image_to_image_class=name)
     return served
 
 
-def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path]:
+def build_serving_engines(pipe, out: Path, kind: str, *, image_to_image: bool = False, **build) -> dict[str, Path]:
     """Engines of what a repository serves beside the denoiser — each text encoder the family serves (with the
-    outputs its pipeline reads), the VAE decoder and, for a pipeline encoding images, the VAE encoder — in new folders
+    outputs its pipeline reads), the VAE decoder and, for a pipeline encoding images (inpainting, and
+    ``image_to_image`` requests), the VAE encoder — in new folders
     ``out/<name>``; returns ``{name: folder}`` (a ControlNet's engine is built with the denoiser's, by the caller).
     ``build``: :func:`slimdiff.engines.build.build_component_engine`'s shape and precision arguments."""
     from ..export.modules import text_encoder_component, vae_decoder_component, vae_encoder_component
     from ..export.shapes import Range
     from .build import build_component_engine
 
-    served = check_pipeline(pipe)
+    served = check_pipeline(pipe, image_to_image=image_to_image)
     family = served.family
     components = []
     for tower in family.served_text_encoders(pipe):
@@ -387,14 +437,15 @@ def build_serving_engines(pipe, out: Path, kind: str, **build) -> dict[str, Path
 
 
 def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders: dict[str, Path], mode: str, *,
-                     dynamic_batching: bool = True, pipeline_instances: int = 2) -> None:
+                     dynamic_batching: bool = True, pipeline_instances: int = 2, image_to_image: bool = False) -> None:
     """Fill the (new, empty) folder ``repo`` with the engine models and the pipeline model.
     ``component_folders`` maps each text encoder and ``vae_decoder`` (and ``vae_encoder`` or ``controlnet`` when
     the pipeline has them) to its engine folder (:func:`build_serving_engines`); ``denoiser_folder`` holds the
-    denoiser's (the slim UNet's)."""
+    denoiser's (the slim UNet's). ``image_to_image``: the pipeline model also takes requests carrying an image
+    (``--triton-img2img``)."""
     from ..export.modules import CONTROLNET, VAE_ENCODER
 
-    served = check_pipeline(pipe)
+    served = check_pipeline(pipe, image_to_image=image_to_image)
     family = served.family
     wanted = {t.name for t in family.served_text_encoders(pipe)} | {"vae_decoder"} | (
         {VAE_ENCODER} if served.vae_encoder else set()) | ({CONTROLNET} if served.controlnet else set())
@@ -406,7 +457,7 @@ def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders:
     for component, folder in component_folders.items():
         metas[component] = add_engine_model(repo, component, folder, component, mode,
                                             dynamic_batching=dynamic_batching)
-    add_pipeline_model(repo, pipe, metas, instances=pipeline_instances)
+    add_pipeline_model(repo, pipe, metas, instances=pipeline_instances, image_to_image=image_to_image)
     status(f"Triton repository: {', '.join(sorted(p.name for p in Path(repo).iterdir()))} ({mode} engines)")
 
 

@@ -1041,6 +1041,11 @@ class DenoiserFamily(ABC):
     #: carry the conditioning image); None: no ControlNet served for this family.
     serving_controlnet_pipeline: str | None = None
 
+    #: The diffusers image-to-image pipeline class a repository also runs, for requests carrying an image, when
+    #: written with ``--triton-img2img`` (it shares the text-to-image pipeline's models; a VAE encoder is served
+    #: too); None: no image-to-image requests for this family.
+    serving_img2img_pipeline: str | None = None
+
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         """The text encoders the repository serves, in the pipeline's order, with what the pipeline reads of each."""
         return ()

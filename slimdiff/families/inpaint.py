@@ -108,7 +108,8 @@ class _Inpainting:
     taking the image and the mask."""
 
     serving_image_inputs = ("image", "mask_image")
-    serving_controlnet_pipeline = None  # diffusers' ControlNet inpainting pipelines are not served yet
+    # diffusers' ControlNet inpainting pipelines are not served yet; an inpainting UNet draws no plain image-to-image
+    serving_controlnet_pipeline = serving_img2img_pipeline = None
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)

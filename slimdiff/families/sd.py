@@ -195,6 +195,7 @@ class StableDiffusionFamily(DenoiserFamily):
 
     serving_pipeline = "StableDiffusionPipeline"
     serving_controlnet_pipeline = "StableDiffusionControlNetPipeline"
+    serving_img2img_pipeline = "StableDiffusionImg2ImgPipeline"
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         return (ServedTextEncoder("text_encoder", "tokenizer", (LAST_HIDDEN_STATE,)),)

@@ -18,6 +18,7 @@ pipeline in-process.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ from ..engines.triton import (
     PIPELINE_SPEC,
     batch_dims,
     check_pipeline,
+    image_to_image_pipeline,
 )
 from ..export.modules import CONTROLNET, VAE_ENCODER
 from ..errors import SlimDiffError
@@ -248,8 +250,9 @@ def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
 def generate(pipe, prompt: str, **options) -> np.ndarray:
     """One image, HxWx3 uint8, for ``prompt`` with :data:`DEFAULTS` overridden by ``options`` (and the options the
     pipeline's family always passes: PixArt's exact sizes). An inpainting pipeline takes ``image`` (HxWx3 uint8) and
-    ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``; a ControlNet pipeline ``control_image`` (HxWx3
-    uint8) and ``controlnet_conditioning_scale``."""
+    ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``; an image-to-image pipeline ``image`` and
+    ``strength`` (it draws at the image's size); a ControlNet pipeline ``control_image`` (HxWx3 uint8) and
+    ``controlnet_conditioning_scale``."""
     from PIL import Image
 
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
@@ -273,11 +276,15 @@ def generate(pipe, prompt: str, **options) -> np.ndarray:
             if name not in served.options:
                 raise SlimDiffError(f"a {type(pipe).__name__} request takes no {name}")
             extra[name] = float(o.pop(name))
+    if "height" in inspect.signature(pipe.__call__).parameters:
+        extra.update(height=o["height"], width=o["width"])
+    elif (o["height"], o["width"]) not in ((None, None), size):  # image-to-image: the image's size
+        raise SlimDiffError(f"a {type(pipe).__name__} request draws at its image's size ({size[0]}x{size[1]}): leave "
+                            f"out height and width, or send an image of {o['height']}x{o['width']}")
     # no negative prompt: the pipeline's own default (None for SD and SDXL, "" for PixArt, which refuses None)
     negative = {} if o["negative_prompt"] is None else {"negative_prompt": o["negative_prompt"]}
     image = pipe(prompt, **negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
-                 height=o["height"], width=o["width"], generator=torch.Generator().manual_seed(int(o["seed"])),
-                 output_type="np", **extra).images[0]
+                 generator=torch.Generator().manual_seed(int(o["seed"])), output_type="np", **extra).images[0]
     return (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 
@@ -328,7 +335,11 @@ class PipelineModel:
     """Triton python-backend model: prompt in, image out."""
 
     def initialize(self, args):
-        self.pipe = repository_pipeline(Path(args["model_repository"]) / args["model_version"], BlsRunner)
+        version = Path(args["model_repository"]) / args["model_version"]
+        self.pipe = repository_pipeline(version, BlsRunner)
+        # a repository written with --triton-img2img: requests carrying an image run the image-to-image pipeline
+        spec = json.loads((version / PIPELINE_SPEC).read_text(encoding="utf-8"))
+        self.image_to_image = image_to_image_pipeline(self.pipe) if spec.get("image_to_image") else None
 
     def execute(self, requests):
         pb = _pb_utils()
@@ -348,7 +359,8 @@ class PipelineModel:
                     if tensor is not None:
                         images[name] = tensor.as_numpy()
                 options = (*DEFAULTS, *IMAGE_OPTIONS, *CONTROLNET_OPTIONS)  # those absent are None: left out
-                image = generate(self.pipe, value("prompt"), **{k: value(k) for k in options}, **images)
+                pipe = self.image_to_image if self.image_to_image and "image" in images else self.pipe
+                image = generate(pipe, value("prompt"), **{k: value(k) for k in options}, **images)
                 responses.append(pb.InferenceResponse([pb.Tensor("image", image)]))
             except Exception as exc:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))

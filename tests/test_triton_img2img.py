@@ -1,0 +1,161 @@
+"""Image-to-image requests to a Triton repository (``--triton-img2img``): the pipeline model runs the family's
+text-to-image pipeline for a prompt and its image-to-image pipeline (StableDiffusionImg2ImgPipeline,
+StableDiffusionXLImg2ImgPipeline) for a prompt with an image, over the same engines plus a VAE encoder. Checked in
+this process against diffusers' pipelines around the same UNet engine, and a repository written by
+``slimdiff-export --triton-img2img`` through the real ``tritonserver`` bundled in nvidia-pytriton (python backend,
+CPU, loopback). Seeded tiny models, ONNX Runtime."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
+
+from slimdiff.errors import SlimDiffError
+from slimdiff.models import build_builtin
+
+pytest.importorskip("tritonclient.http")
+
+SIZE, STEPS = 16, 3
+PROMPT = "a red circle above a blue square"
+
+
+def request_image(seed: int, size: int = SIZE) -> np.ndarray:
+    """A request's starting image: seeded noise, HxWx3 uint8."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+_BUILT: dict = {}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def repository(request, tmp_path_factory):
+    """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD (or SDXL) pipeline — UNet, text encoder(s), VAE
+    decoder and encoder — and the python-mode repository ``root/repo`` serving image-to-image requests too, written
+    by the calls ``slimdiff-export --triton-repo --triton-img2img`` makes."""
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.engines.triton import build_serving_engines, write_repository
+    from slimdiff.export.shapes import parse_profiles
+
+    kind = request.param
+    if kind in _BUILT:
+        return _BUILT[kind]
+    root = tmp_path_factory.mktemp(f"{kind}-img2img-repo")
+    pipe = build_builtin("builtin:tiny" if kind == "sd" else "builtin:tiny-xl")
+    pipe.unet = seeded_unet(TWO_LEVEL_UNET if kind == "sd" else TWO_LEVEL_XL_UNET, seed=7)
+    pipe.set_progress_bar_config(disable=True)
+
+    def build(batch):
+        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), "77", vae_scale=pipe.vae_scale_factor,
+                                           multiple=2), "dtype": torch.float32, "device": "cpu", "multiple": 2}
+
+    (root / "unet").mkdir()
+    build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"))
+    folders = build_serving_engines(pipe, root, "ort", image_to_image=True, **build("1"))
+    write_repository(root / "repo", pipe, root / "unet", folders, "python", pipeline_instances=1, image_to_image=True)
+    _BUILT[kind] = root, pipe
+    return root, pipe
+
+
+def test_the_repository_takes_an_optional_image_and_serves_the_vae_encoder(repository):
+    from slimdiff.engines.triton import _pb, read_config
+
+    root, pipe = repository
+    repo = root / "repo"
+    assert "vae_encoder" in [p.name for p in repo.iterdir()]
+    spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+    img2img = "StableDiffusionImg2ImgPipeline" if type(pipe).__name__ == "StableDiffusionPipeline" else \
+        "StableDiffusionXLImg2ImgPipeline"
+    assert spec["pipeline_class"] == type(pipe).__name__ and spec["image_to_image"] == img2img
+    assert spec["image_inputs"] == [] and spec["vae_encoder"] is True
+    pb, _ = _pb()
+    inputs = {t.name: (t.data_type, list(t.dims), t.optional)
+              for t in read_config(repo / "pipeline" / "config.pbtxt").input}
+    assert inputs["image"] == (pb.TYPE_UINT8, [-1, -1, 3], True)  # a text-to-image request leaves it out
+    assert inputs["strength"] == (pb.TYPE_FP32, [1], True) and "mask_image" not in inputs
+
+
+def test_served_image_to_image_is_diffusers_pipeline_with_the_engine(repository):
+    """The repository's two pipelines (in this process, over the same engines) draw what diffusers' text-to-image and
+    image-to-image pipelines with the UNet engine draw, within one grey level; the image and the strength matter."""
+    import diffusers
+
+    from slimdiff.engines.triton import image_to_image_pipeline
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, pipe = repository
+    served = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    served_img2img = image_to_image_pipeline(served)
+    reference = type(pipe)(**pipe.components)
+    use_engine(reference, root / "unet")
+    reference_img2img = getattr(diffusers, type(served_img2img).__name__).from_pipe(reference)
+    for p in (reference, reference_img2img):
+        p.set_progress_bar_config(disable=True)
+    text = dict(seed=3, steps=STEPS, height=SIZE, width=SIZE)
+    drawn = generate(served, PROMPT, **text)
+    assert np.abs(drawn.astype(int) - generate(reference, PROMPT, **text).astype(int)).max() <= 1
+    options = dict(seed=3, steps=STEPS, image=request_image(1), strength=0.6)
+    got = generate(served_img2img, PROMPT, **options)
+    assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
+    assert np.abs(got.astype(int) - generate(reference_img2img, PROMPT, **options).astype(int)).max() <= 1
+    assert not np.array_equal(got, generate(served_img2img, PROMPT, **{**options, "image": request_image(2)}))
+    assert not np.array_equal(got, generate(served_img2img, PROMPT, **{**options, "strength": 0.9}))
+    assert not np.array_equal(got, drawn)
+    with pytest.raises(SlimDiffError, match=r"draws at its image's size \(16x16\): leave out height and width"):
+        generate(served_img2img, PROMPT, **options, height=32, width=32)
+    with pytest.raises(SlimDiffError, match=r"request takes no image, got image$"):
+        generate(served, PROMPT, **options)
+
+
+def test_image_to_image_is_refused_where_no_family_serves_it():
+    from slimdiff.engines.triton import check_pipeline
+
+    with pytest.raises(SlimDiffError, match=r"--triton-img2img serves StableDiffusionImg2ImgPipeline beside "
+                                            r"StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline beside "
+                                            r"StableDiffusionXLPipeline so far, not image-to-image requests beside "
+                                            r"PixArtSigmaPipeline$"):
+        check_pipeline(build_builtin("builtin:tiny-pixart"), image_to_image=True)
+
+
+def test_img2img_without_a_repository_is_refused_before_any_work(tmp_path, capsys):
+    from slimdiff.cli import export as cli
+
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(tmp_path / "out"), "--triton-img2img"])
+    assert rc != 0 and "--triton-img2img is an option of the Triton repository" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_writes_a_repository_tritonserver_serves_both_requests_from(tmp_path):
+    """``slimdiff-export --triton-repo --triton-img2img`` of builtin:tiny (slimmed, python mode): the bundled
+    tritonserver answers a text-to-image and an image-to-image request with the in-process images, bit for bit."""
+    import tritonclient.http as httpclient
+
+    from slimdiff.cli import export as cli
+    from slimdiff.engines.triton import image_to_image_pipeline, local_server
+    from slimdiff.engines.triton import request_image as ask
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    pytest.importorskip("pytriton")
+    out, repo = tmp_path / "engines", tmp_path / "repo"
+    stderr = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--slim-only",
+                       "--triton-repo", str(repo), "--triton-mode", "python", "--triton-img2img", "--batch", "1:2:2",
+                       "--height", "32", "--width", "32", "--text-len", "77", *FAST_CALIBRATION])
+    assert rc == 0, stderr.getvalue()
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
+    start = request_image(4, size=32)
+    expected_text = generate(in_process, PROMPT, seed=5, steps=STEPS, height=32, width=32)
+    expected_image = generate(image_to_image_pipeline(in_process), PROMPT, seed=5, steps=STEPS, image=start,
+                              strength=0.7)
+    assert not np.array_equal(expected_text, expected_image)
+    with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:
+        client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
+        assert np.array_equal(ask(client, PROMPT, 5, STEPS, height=32, width=32), expected_text)
+        assert np.array_equal(ask(client, PROMPT, 5, STEPS, image=start, strength=0.7), expected_image)
