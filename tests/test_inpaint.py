@@ -80,7 +80,7 @@ def test_an_inpainting_model_calibrates_slims_and_runs_as_an_engine(inputs, tmp_
     family = family_for(pipe)
     assert family.name == "sd-inpaint" and pipe.unet.slim_plan.params_removed > 0
     # served with the image and the mask in the request (tests/test_triton_inpaint.py)
-    assert check_pipeline(pipe).serving_image_inputs == ("image", "mask_image")
+    assert check_pipeline(pipe).image_inputs == ("image", "mask_image")
 
     # the measuring task (a grey canvas with a centred hole) through PyTorch, then through the engine
     def draw():
