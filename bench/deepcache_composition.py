@@ -147,10 +147,6 @@ def ideal_rows(models: list[str], fractions: list[float], intervals: list[int], 
     return rows
 
 
-def _stderr(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -165,7 +161,7 @@ def main(argv=None) -> int:
     from slimdiff.models import load_pipeline
     from slimdiff.quality import fidelity
     from slimdiff.quality.evaluate import is_proxy
-    from slimdiff.quality.metrics import PSNR_CAP_DB
+    from slimdiff.quality.metrics import capped_psnrs, mean_and_stderr
     from slimdiff.quality.report import write_json
     from slimdiff.quality.sampling import generate
     from slimdiff.serialization import atomic_output_dir, commit_output_dir
@@ -202,22 +198,18 @@ def main(argv=None) -> int:
         images = {name: generate(pipe, evals, seeds, steps=args.steps, guidance=guidance, batch_size=16)
                   for name, pipe in pipes.items()}
 
-        def psnr(reference: str, name: str) -> tuple[np.ndarray, float]:
-            fid = fidelity(images[reference], images[name])
-            return np.array([PSNR_CAP_DB if v is None else v for v in fid["per_image"]["psnr_db"]]), fid["ssim"]["mean"]
-
         variants = {}
         for name in pipes:
             if name == DENSE:
                 continue
-            values, ssim = psnr(DENSE, name)
-            variants[name] = {"psnr_db": float(values.mean()), "psnr_db_stderr": _stderr(values), "ssim": ssim,
+            fid = fidelity(images[DENSE], images[name])
+            psnr = mean_and_stderr(capped_psnrs(fid))
+            variants[name] = {"psnr_db": psnr["mean"], "psnr_db_stderr": psnr["stderr"], "ssim": fid["ssim"]["mean"],
                               "unet_parameters": parameters[name]}
             if name.startswith(f"{SLIM} + "):  # slimming's own error on top of the cache's
-                over, _ = psnr(name.replace(SLIM, DENSE, 1), name)
-                variants[name]["psnr_db_vs_dense_with_the_same_cache"] = {"mean": float(over.mean()),
-                                                                          "stderr": _stderr(over)}
-            print(f"{name}: {values.mean():.2f} ± {_stderr(values):.2f} dB vs dense", flush=True)
+                variants[name]["psnr_db_vs_dense_with_the_same_cache"] = mean_and_stderr(
+                    capped_psnrs(fidelity(images[name.replace(SLIM, DENSE, 1)], images[name])))
+            print(f"{name}: {psnr['mean']:.2f} ± {psnr['stderr']:.2f} dB vs dense", flush=True)
 
         def one_image(pipe):
             return lambda: pipe(evals[0], num_inference_steps=args.steps, guidance_scale=guidance,

@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,10 +73,6 @@ def random_kohya_lora(unet, path: Path, strength: float, rank: int, seed: int) -
     return len(tensors) // 3
 
 
-def _stderr(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ablation import _git_commit, _prompts, _weights_sha256
@@ -87,7 +82,7 @@ def main(argv=None) -> int:
     from slimdiff.models import load_pipeline
     from slimdiff.quality import EvalSettings, compare, fidelity, noise_error_summary
     from slimdiff.quality.evaluate import is_proxy
-    from slimdiff.quality.metrics import PSNR_CAP_DB
+    from slimdiff.quality.metrics import capped_psnrs, mean_and_stderr
     from slimdiff.quality.sampling import generate
     from slimdiff.quality.report import write_json
     from slimdiff.serialization import atomic_output_dir, commit_output_dir
@@ -139,18 +134,18 @@ def main(argv=None) -> int:
             for name in slims:
                 fid = fidelity(comp.dense, comp.slims[name])
                 npe = noise_error_summary(comp.noise_errors[name], comp.timesteps)
-                per_image[name] = np.array([PSNR_CAP_DB if v is None else v for v in fid["per_image"]["psnr_db"]])
-                row["variants"][name] = {"psnr_db": fid["psnr_db"]["mean"], "psnr_db_stderr": _stderr(per_image[name]),
+                per_image[name] = capped_psnrs(fid)
+                row["variants"][name] = {"psnr_db": fid["psnr_db"]["mean"],
+                                         "psnr_db_stderr": mean_and_stderr(per_image[name])["stderr"],
                                          "ssim": fid["ssim"]["mean"], "noise_prediction_error": npe["mean"]}
             gain = per_image["fused-model statistics"] - per_image["base statistics"]
-            row["psnr_gain_of_fused_statistics_db"] = {"mean": float(gain.mean()), "stderr": _stderr(gain)}
+            row["psnr_gain_of_fused_statistics_db"] = mean_and_stderr(gain)
             rows.append(row)
             print(f"strength {strength:g}: dense moved {moved:.1f} dB; " + "; ".join(
                 f"{n}: {v['psnr_db']:.2f} dB, NPE {v['noise_prediction_error']:.4f}" for n, v in row["variants"].items())
-                + f"; fused-statistics gain {gain.mean():+.2f} ± {_stderr(gain):.2f} dB", flush=True)
+                + f"; fused-statistics gain {gain.mean():+.2f} ± {mean_and_stderr(gain)['stderr']:.2f} dB", flush=True)
             mapping = per_image[MAPPED] - per_image["base statistics"]
-            row["psnr_gain_of_mapping_over_base_statistics_db"] = {"mean": float(mapping.mean()),
-                                                                   "stderr": _stderr(mapping)}
+            row["psnr_gain_of_mapping_over_base_statistics_db"] = mean_and_stderr(mapping)
             lora.unlink()  # seeded: --strengths and the seed order remake it
         body = {"format": "slimdiff-lora-statistics/2", "model": args.model, "weights": "trained proxy"
                 if is_proxy(args.model) else "see model", "unet_weights_sha256": _weights_sha256(args.model),

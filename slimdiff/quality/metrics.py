@@ -61,6 +61,19 @@ def fidelity(dense: np.ndarray, slim: np.ndarray) -> dict:
             "per_image": {"psnr_db": [None if math.isinf(v) else v for v in p]}}
 
 
+def capped_psnrs(fid: dict) -> np.ndarray:
+    """Per-image PSNR in dB of a :func:`fidelity` result, identical pairs at :data:`PSNR_CAP_DB`: what means and
+    paired differences between variants are taken of."""
+    return np.array([PSNR_CAP_DB if v is None else v for v in fid["per_image"]["psnr_db"]], dtype=np.float64)
+
+
+def mean_and_stderr(values: np.ndarray) -> dict:
+    """``{"mean", "stderr"}`` of per-image values (the standard error of the mean; None for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+    return {"mean": float(values.mean()), "stderr": stderr}
+
+
 def noise_error_summary(errors: np.ndarray, timesteps: list[int]) -> dict:
     """``errors`` is (images, UNet calls) of ‖ε_slim − ε_dense‖ / ‖ε_dense‖ along the dense trajectory."""
     errors = np.asarray(errors, dtype=np.float64)

@@ -1,23 +1,28 @@
-"""bench/deepcache_composition.py: DeepCache's cached calls counted on weightless UNets, and a dry run of the whole
-benchmark (trained proxy, a few prompts and steps) writing its report."""
+"""The composition benchmarks: bench/deepcache_composition.py (DeepCache's cached calls counted on weightless UNets)
+and bench/quantization_composition.py (torchao INT8 on dense and slim UNets), each dry-run whole on the trained proxy
+with a few prompts and steps, writing its report."""
 
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("DeepCache")
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("deepcache_composition", ROOT / "bench" / "deepcache_composition.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("DeepCache")
+    return _script("deepcache_composition")
 
 
 def test_a_cached_call_runs_only_what_deepcache_keeps_and_slimming_shrinks_only_its_transformer_blocks(bench):
@@ -56,3 +61,23 @@ def test_dry_run_writes_the_report(bench, tmp_path):
     ideal = row["ideal_speedup"]
     assert 1 < ideal["slim"] < ideal["slim + DeepCache"] and 1 < ideal["dense + DeepCache"] < ideal["slim + DeepCache"]
     assert "| builtin:sd15-shape | 512² | 40% | 2 |" in (out / "deepcache_composition.md").read_text()
+
+
+def test_int8_linears_take_a_quarter_of_the_bytes_and_the_dry_run_writes_the_report(tmp_path):
+    pytest.importorskip("torchao")
+    bench = _script("quantization_composition")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    dense_bytes = bench.linear_weight_bytes(model)
+    assert dense_bytes == 4 * (64 * 32 + 32 * 16)
+    int8 = bench.quantized(model, "Int8WeightOnlyConfig")
+    # INT8 values and one scale per output channel (torchao's inner tensors), the float model untouched
+    assert dense_bytes / 4 <= bench.linear_weight_bytes(int8) < dense_bytes / 3
+    assert bench.linear_weight_bytes(model) == dense_bytes
+    out = tmp_path / "report"
+    assert bench.main(["--calib-prompts", "4", "--eval-prompts", "2", "--steps", "3", "--out", str(out)]) == 0
+    variants = json.loads((out / "quantization_composition.json").read_text())["variants"]
+    assert list(variants) == ["dense", "slim", "dense + INT8 weight-only", "slim + INT8 weight-only",
+                              "dense + INT8 W8A8 dynamic", "slim + INT8 W8A8 dynamic"]
+    assert variants["slim + INT8 weight-only"]["linear_weight_bytes"] < variants["slim"]["linear_weight_bytes"] / 3
+    assert "psnr_db_vs_dense_with_the_same_quantization" in variants["slim + INT8 W8A8 dynamic"]
+    assert "| slim + INT8 weight-only |" in (out / "quantization_composition.md").read_text()
