@@ -60,6 +60,60 @@ def repository(request, tmp_path_factory):
     return root, pipe
 
 
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux"])
+def dit_repository(request, tmp_path_factory):
+    """``(root, pipe)``: the same for builtin:tiny-sd3 (StableDiffusion3Img2ImgPipeline) and builtin:tiny-flux
+    (FluxImg2ImgPipeline: packed latents, embedded guidance), their transformer engines at the rows one image takes."""
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.engines.triton import build_serving_engines, write_repository
+    from slimdiff.export.shapes import latent_multiple, parse_profiles
+    from slimdiff.families import family_for
+
+    root = tmp_path_factory.mktemp(f"{request.param}-img2img-repo")
+    pipe = build_builtin(f"builtin:{request.param}")
+    pipe.set_progress_bar_config(disable=True)
+    family = family_for(pipe)
+    multiple = latent_multiple(pipe.transformer.config)
+
+    def build(batch):
+        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), family.default_text_len(pipe),
+                                           vae_scale=pipe.vae_scale_factor, multiple=multiple),
+                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
+
+    (root / "transformer").mkdir()
+    rows = str(family.guided_rows_per_image(pipe.transformer.config))
+    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build(rows))
+    folders = build_serving_engines(pipe, root, "ort", image_to_image=True, **build("1"))
+    write_repository(root / "repo", pipe, root / "transformer", folders, "python", pipeline_instances=1,
+                     image_to_image=True)
+    return root, pipe
+
+
+def test_dit_image_to_image_is_diffusers_pipeline_with_the_engine(dit_repository):
+    """SD3's and FLUX's image-to-image pipelines over the repository's engines draw diffusers' image-to-image image
+    with the transformer engine within one grey level, at the image's size when the request names none."""
+    import diffusers
+
+    from slimdiff.engines.triton import image_to_image_pipeline
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, pipe = dit_repository
+    served = image_to_image_pipeline(repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo")))
+    assert type(served).__name__ == {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
+                                     "FluxPipeline": "FluxImg2ImgPipeline"}[type(pipe).__name__]
+    reference = type(pipe)(**pipe.components)
+    use_engine(reference, root / "transformer")
+    reference = getattr(diffusers, type(served).__name__).from_pipe(reference)
+    reference.set_progress_bar_config(disable=True)
+    # a flow-matching img2img call starts at step int(steps · (1 − strength)): from pure noise at 3 steps and 0.7
+    options = dict(seed=3, steps=STEPS, image=request_image(1), strength=0.5)
+    got = generate(served, PROMPT, **options)
+    assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
+    assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": request_image(2)}))
+
+
 def test_the_repository_takes_an_optional_image_and_serves_the_vae_encoder(repository):
     from slimdiff.engines.triton import _pb, read_config
 
@@ -114,10 +168,11 @@ def test_served_image_to_image_is_diffusers_pipeline_with_the_engine(repository)
 def test_image_to_image_is_refused_where_no_family_serves_it():
     from slimdiff.engines.triton import check_pipeline
 
-    with pytest.raises(SlimDiffError, match=r"--triton-img2img serves StableDiffusionImg2ImgPipeline beside "
-                                            r"StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline beside "
-                                            r"StableDiffusionXLPipeline so far, not image-to-image requests beside "
-                                            r"PixArtSigmaPipeline$"):
+    with pytest.raises(SlimDiffError, match=r"--triton-img2img serves FluxImg2ImgPipeline beside FluxPipeline, "
+                                            r"StableDiffusion3Img2ImgPipeline beside StableDiffusion3Pipeline, "
+                                            r"StableDiffusionImg2ImgPipeline beside StableDiffusionPipeline, "
+                                            r"StableDiffusionXLImg2ImgPipeline beside StableDiffusionXLPipeline so "
+                                            r"far, not image-to-image requests beside PixArtSigmaPipeline$"):
         check_pipeline(build_builtin("builtin:tiny-pixart"), image_to_image=True)
 
 

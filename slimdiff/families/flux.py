@@ -273,6 +273,7 @@ class FluxFamily(DenoiserFamily):
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
 
     serving_pipeline = "FluxPipeline"
+    serving_img2img_pipeline = "FluxImg2ImgPipeline"
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         # CLIP-L: its pooler_output (the pooled projections), over tokenizer_max_length tokens. The T5: [0], the last

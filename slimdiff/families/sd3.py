@@ -137,6 +137,7 @@ class SD3Family(DenoiserFamily):
         return towers
 
     serving_pipeline = "StableDiffusion3Pipeline"
+    serving_img2img_pipeline = "StableDiffusion3Img2ImgPipeline"
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         # Each CLIP: hidden_states[-2] (the prompt embedding's first 77 tokens, side by side) and [0], the projected

@@ -277,8 +277,11 @@ def generate(pipe, prompt: str, **options) -> np.ndarray:
                 raise SlimDiffError(f"a {type(pipe).__name__} request takes no {name}")
             extra[name] = float(o.pop(name))
     if "height" in inspect.signature(pipe.__call__).parameters:
-        extra.update(height=o["height"], width=o["width"])
-    elif (o["height"], o["width"]) not in ((None, None), size):  # image-to-image: the image's size
+        # a request carrying images draws at their size unless it names one (the pipelines' default would be the
+        # model's native size, resizing the images)
+        default = size or (None, None)
+        extra.update(height=o["height"] or default[0], width=o["width"] or default[1])
+    elif (o["height"], o["width"]) not in ((None, None), size):  # SD's and SDXL's image-to-image: the image's size
         raise SlimDiffError(f"a {type(pipe).__name__} request draws at its image's size ({size[0]}x{size[1]}): leave "
                             f"out height and width, or send an image of {o['height']}x{o['width']}")
     # no negative prompt: the pipeline's own default (None for SD and SDXL, "" for PixArt, which refuses None)
