@@ -31,7 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 DENSE, SLIM = "dense", "slim"
 #: torchao configurations by the name the report gives them.
-QUANTIZATIONS = {"INT8 weight-only": "Int8WeightOnlyConfig", "INT8 W8A8 dynamic": "Int8DynamicActivationInt8WeightConfig"}
+QUANTIZATIONS = {"INT8 weight-only": "Int8WeightOnlyConfig",
+                 "INT8 W8A8 dynamic": "Int8DynamicActivationInt8WeightConfig"}
 
 
 def parse_args(argv=None):

@@ -99,7 +99,8 @@ def test_dit_image_to_image_is_diffusers_pipeline_with_the_engine(dit_repository
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
 
     root, pipe = dit_repository
-    served = image_to_image_pipeline(repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo")))
+    repository = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    served = image_to_image_pipeline(repository)
     assert type(served).__name__ == {"StableDiffusion3Pipeline": "StableDiffusion3Img2ImgPipeline",
                                      "FluxPipeline": "FluxImg2ImgPipeline"}[type(pipe).__name__]
     reference = type(pipe)(**pipe.components)

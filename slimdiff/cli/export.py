@@ -421,9 +421,9 @@ def _nested_output(out: Path, repo: Path) -> bool:
 def _write_triton_repository(args, pipe, controlnet, out: Path, repo: Path, *, profiles, kind: str, device: str,
                              dtype, opset, multiple: int) -> None:
     """Engines of the text encoders and the VAE (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
-    ``OUT/vae_decoder``, ``OUT/vae_encoder`` for inpainting), then the repository serving them with the slim
-    denoiser's engine — and, with a ``controlnet``, the ControlNet's (``OUT/controlnet``) in a ControlNet pipeline;
-    ``--triton-img2img`` adds the VAE encoder (``OUT/vae_encoder``) for image-to-image requests."""
+    ``OUT/vae_decoder``; ``OUT/vae_encoder`` for inpainting and ``--triton-img2img``), then the repository serving
+    them with the slim denoiser's engine — and, with a ``controlnet``, the ControlNet's (``OUT/controlnet``) in a
+    ControlNet pipeline."""
     from ..engines.triton import build_serving_engines, controlnet_pipeline, write_repository
     from ..export.modules import CONTROLNET
 

@@ -24,11 +24,12 @@ What differs per model family comes from its :class:`~slimdiff.families.Denoiser
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
 ``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines:
 :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`; for requests carrying an image, with
-``--triton-img2img``, SD's and SDXL's image-to-image pipelines:
-:attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`), the text encoders served, what each takes and returns and the
-one prompt length its engine is built for (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's
-second: the penultimate hidden state and the pooled ``text_embeds``; PixArt's T5 takes the tokenizer's
-``attention_mask`` too, over the pipeline's 300 tokens; FLUX's CLIP-L: its ``pooler_output``) and the pipeline's
+``--triton-img2img``, SD's, SDXL's, SD3's and FLUX's image-to-image pipelines:
+:attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`), the text encoders served, what each takes and
+returns and the one prompt length its engine is built for
+(:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's second: the penultimate hidden state and the
+pooled ``text_embeds``; PixArt's T5 takes the tokenizer's ``attention_mask`` too, over the pipeline's 300 tokens;
+FLUX's CLIP-L: its ``pooler_output``) and the pipeline's
 other constructor options. The denoiser model is named after the family's component and takes the family's export
 inputs (SDXL: ``text_embeds``, ``time_ids`` after the SD call; PixArt: ``encoder_attention_mask``; SD3:
 ``pooled_projections``; FLUX: the unpacked latent, ``pooled_projections`` and ``guidance``). The pipeline model
@@ -75,10 +76,11 @@ PIPELINE_SPEC = "pipeline.json"
 PIPELINE_OPTIONS = {"negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32", "guidance_scale": "FP32",
                     "height": "INT32", "width": "INT32"}
 #: The images a request may carry, as uint8 arrays: an inpainting pipeline's (:attr:`~slimdiff.families.
-#: DenoiserFamily.serving_image_inputs`: the image H×W×3 and its mask H×W, 255 where the pipeline paints) and a
-#: ControlNet pipeline's conditioning image (H×W×3: edges, depth, pose..., resized by the pipeline to the image's size).
+#: DenoiserFamily.serving_image_inputs`: the image H×W×3 and its mask H×W, 255 where the pipeline paints), an
+#: image-to-image request's starting image (H×W×3) and a ControlNet pipeline's conditioning image (H×W×3: edges, depth,
+#: pose..., resized by the pipeline to the image's size).
 IMAGE_INPUTS = {"image": [-1, -1, 3], "mask_image": [-1, -1], "control_image": [-1, -1, 3]}
-#: The optional inputs an inpainting pipeline takes beside :data:`PIPELINE_OPTIONS`.
+#: The optional inputs an inpainting or image-to-image request takes beside :data:`PIPELINE_OPTIONS`.
 IMAGE_OPTIONS = {"strength": "FP32"}
 #: The optional inputs a ControlNet pipeline takes beside :data:`PIPELINE_OPTIONS`.
 CONTROLNET_OPTIONS = {"controlnet_conditioning_scale": "FP32"}
@@ -269,8 +271,8 @@ def pipeline_config(served: ServedPipeline, *, instances: int):
 def request_image(client, prompt: str, seed: int, steps: int, **options):
     """Ask the repository's ``pipeline`` model for one image (``uint8`` H×W×3) through a ``tritonclient.http``
     ``InferenceServerClient``; ``options`` are more of :data:`PIPELINE_OPTIONS` (``height=16``...) and, for an
-    inpainting or ControlNet repository, its :data:`IMAGE_INPUTS` (uint8 arrays) and :data:`IMAGE_OPTIONS` or
-    :data:`CONTROLNET_OPTIONS`; the optional inputs left out take the model's defaults."""
+    inpainting, image-to-image or ControlNet repository, its :data:`IMAGE_INPUTS` (uint8 arrays) and
+    :data:`IMAGE_OPTIONS` or :data:`CONTROLNET_OPTIONS`; the optional inputs left out take the model's defaults."""
     import numpy as np
     import tritonclient.http as httpclient
 

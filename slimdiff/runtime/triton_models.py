@@ -1,15 +1,16 @@
-"""The python-backend models of a slimdiff Triton repository (see :mod:`slimdiff.engines.triton`), and the same text-to-image
-pipeline in-process.
+"""The python-backend models of a slimdiff Triton repository (see :mod:`slimdiff.engines.triton`), and the same
+pipelines in-process.
 
 * :class:`EngineModel` serves one engine folder (``python`` mode): the requests Triton's dynamic batcher hands
   over together are concatenated along the batch axis when their other dimensions agree, run as one call, and
   split again (every output of an engine with several).
 * :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
   (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``,
-  ``FluxPipeline``; SD's and SDXL's inpainting and ControlNet pipelines): tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding
-  mask, SD3's and FLUX's VAE shift, FLUX's packed latents and embedded guidance — whose text encoders, denoiser and
-  VAE are stand-ins that call the repository's models through Triton's BLS (business logic scripting); the
-  denoiser's (and a ControlNet's) is the engine-backed one :func:`~slimdiff.runtime.use_engine` installs, over a
+  ``FluxPipeline``; SD's and SDXL's inpainting and ControlNet pipelines; the image-to-image pipelines):
+  tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding mask, SD3's and
+  FLUX's VAE shift, FLUX's packed latents and embedded guidance — whose text encoders, denoiser and VAE are stand-ins
+  that call the repository's models through Triton's BLS (business logic scripting); the denoiser's (and a
+  ControlNet's) is the engine-backed one :func:`~slimdiff.runtime.use_engine` installs, over a
   :class:`BlsRunner`. Running the unchanged diffusers loop is what makes a served image equal to the in-process one
   for the same seed.
 
