@@ -43,7 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-DENSE, SLIM = "dense", "slim"
+from composition import DENSE, SLIM, add_slimming_arguments, dense_and_slim, fidelity_to_dense  # noqa: E402
+
 IDEAL_LATENTS = {"builtin:sd15-shape": (64, 64), "builtin:sdxl-shape": (128, 128)}  # 512² and 1024² images
 
 
@@ -53,21 +54,14 @@ def _floats(text: str) -> list[float]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="builtin:proxy")
-    p.add_argument("--budget", type=float, default=0.4, help="fraction of the compressible parameters removed")
+    add_slimming_arguments(p, threads=1)  # 1 thread: the timing least hit by other work
     p.add_argument("--intervals", default="2,3", help="DeepCache cache_interval values: a full UNet every N steps")
     p.add_argument("--branch", type=int, default=0, help="DeepCache's cache_branch_id (0: the shallowest)")
-    p.add_argument("--calib-prompts", type=int, default=64)
-    p.add_argument("--eval-prompts", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--pairs", type=int, default=20, help="timed dense/variant pairs per variant")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the timing least hit by other work)")
     p.add_argument("--ideal-models", default=",".join(IDEAL_LATENTS))
     p.add_argument("--ideal-fractions", default="0.4,0.6", help="fractions of the transformer-block MACs removed")
     p.add_argument("--ideal-steps", type=int, default=50)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     intervals = [int(k) for k in args.intervals.split(",")]
     unknown = [m for m in args.ideal_models.split(",") if m and m not in IDEAL_LATENTS]
@@ -87,12 +81,11 @@ def deepcache(unet, pipe, interval: int, branch: int):
     return helper
 
 
-def with_deepcache(pipe, unet, interval: int, branch: int):
-    """A pipeline sharing ``pipe``'s components but a copy of ``unet``, with DeepCache."""
-    cached = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(unet)})
-    cached.set_progress_bar_config(disable=True)
-    deepcache(cached.unet, cached, interval, branch)
-    return cached
+def with_deepcache(pipe, interval: int, branch: int):
+    """``pipe`` with a copy of its UNet wrapped by DeepCache."""
+    pipe.unet = copy.deepcopy(pipe.unet)
+    deepcache(pipe.unet, pipe, interval, branch)
+    return pipe
 
 
 def deepcache_step_macs(unet, branch: int, latent: tuple[int, int], batch: int = 2) -> tuple[int, int]:
@@ -154,18 +147,13 @@ def main(argv=None) -> int:
     except ImportError:
         print("this benchmark needs the DeepCache package: pip install 'slimdiff[bench]'", file=sys.stderr)
         return 2
-    from ablation import _git_commit, _prompts, _weights_sha256
+    from ablation import _git_commit, _weights_sha256
 
     from slimdiff.bench.timing import judge_speedup, load_average, speedup_interval, time_interleaved
-    from slimdiff.calibrate import CalibrationConfig, calibrate
-    from slimdiff.models import load_pipeline
-    from slimdiff.quality import fidelity
     from slimdiff.quality.evaluate import is_proxy
-    from slimdiff.quality.metrics import capped_psnrs, mean_and_stderr
     from slimdiff.quality.report import write_json
     from slimdiff.quality.sampling import generate
     from slimdiff.serialization import atomic_output_dir, commit_output_dir
-    from slimdiff.slim import SlimConfig, slim_unet
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -176,22 +164,14 @@ def main(argv=None) -> int:
         ideal = ideal_rows([m for m in args.ideal_models.split(",") if m], _floats(args.ideal_fractions), intervals,
                            args.ideal_steps, args.branch)
         print(f"ideal MAC ratios counted in {time.perf_counter() - start:.0f} s", flush=True)
-        dense = load_pipeline(args.model)
-        dense.set_progress_bar_config(disable=True)
-        guidance = 5.0 if is_proxy(args.model) else 7.5
-        calib, evals, prompt_note = _prompts(args.model, dense, args.calib_prompts, args.eval_prompts)
         t0 = time.perf_counter()
-        stats = calibrate(dense, calib, None, CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0,
-                                                                batch_size=8, pass1_prompts=16), progress=False)
-        slim_model = copy.deepcopy(dense.unet)
-        slim_unet(slim_model, stats, SlimConfig(budget=args.budget), progress=False)
+        models = dense_and_slim(args)
         print(f"calibrated and slimmed in {time.perf_counter() - t0:.0f} s", flush=True)
-        slim = type(dense)(**{**dense.components, "unet": slim_model})
-        slim.set_progress_bar_config(disable=True)
-        pipes = {DENSE: dense, SLIM: slim}
+        dense, guidance, evals = models.dense, models.guidance, models.evals
+        pipes = {DENSE: dense, SLIM: models.pipeline(models.slim_unet)}
         for k in intervals:
-            pipes[f"{DENSE} + DeepCache {k}"] = with_deepcache(dense, dense.unet, k, args.branch)
-            pipes[f"{SLIM} + DeepCache {k}"] = with_deepcache(dense, slim_model, k, args.branch)
+            pipes[f"{DENSE} + DeepCache {k}"] = with_deepcache(models.pipeline(dense.unet), k, args.branch)
+            pipes[f"{SLIM} + DeepCache {k}"] = with_deepcache(models.pipeline(models.slim_unet), k, args.branch)
         parameters = {name: sum(p.numel() for p in pipe.unet.parameters()) for name, pipe in pipes.items()}
 
         seeds = list(range(len(evals)))
@@ -202,13 +182,8 @@ def main(argv=None) -> int:
         for name in pipes:
             if name == DENSE:
                 continue
-            fid = fidelity(images[DENSE], images[name])
-            psnr = mean_and_stderr(capped_psnrs(fid))
-            variants[name] = {"psnr_db": psnr["mean"], "psnr_db_stderr": psnr["stderr"], "ssim": fid["ssim"]["mean"],
-                              "unet_parameters": parameters[name]}
-            if name.startswith(f"{SLIM} + "):  # slimming's own error on top of the cache's
-                variants[name]["psnr_db_vs_dense_with_the_same_cache"] = mean_and_stderr(
-                    capped_psnrs(fidelity(images[name.replace(SLIM, DENSE, 1)], images[name])))
+            variants[name] = {**fidelity_to_dense(images, name), "unet_parameters": parameters[name]}
+            psnr = variants[name]["psnr_db"]
             print(f"{name}: {psnr['mean']:.2f} ± {psnr['stderr']:.2f} dB vs dense", flush=True)
 
         def one_image(pipe):
@@ -235,8 +210,8 @@ def main(argv=None) -> int:
                 "device": "cpu", "cpus": os.cpu_count(), "threads": args.threads,
                 "budget_fraction_of_compressible_params": args.budget,
                 "deepcache": {"package": "DeepCache", "cache_intervals": intervals, "cache_branch_id": args.branch},
-                "settings": {"calibration_prompts": len(calib), "eval_prompts": len(evals), "steps": args.steps,
-                             "guidance": guidance, "prompts": prompt_note, "scheduler": type(dense.scheduler).__name__,
+                "settings": {"calibration_prompts": len(models.calibration_prompts), "eval_prompts": len(evals),
+                             "steps": args.steps, "guidance": guidance, "prompts": models.prompt_note, "scheduler": type(dense.scheduler).__name__,
                              "seeds": "evaluation prompt i is sampled with seed i", "torch": torch.__version__,
                              "timing": "one image (batch 1, CFG) prompt to pixels, interleaved with dense"},
                 "variants": variants,
@@ -270,9 +245,9 @@ def markdown(body: dict, args) -> str:
              "| speed-up vs dense [95 % CI] |", "|---|---|---|---|---|---|"]
     for name, v in body["variants"].items():
         sp = v["speedup"]
-        same = v.get("psnr_db_vs_dense_with_the_same_cache")
+        same = v.get("psnr_db_vs_dense_with_the_same")
         over_cache = f"{same['mean']:.2f} ± {same['stderr']:.2f}" if same else "—"
-        lines.append(f"| {name} | {v['unet_parameters']:,} | {v['psnr_db']:.2f} ± {v['psnr_db_stderr']:.2f} | "
+        lines.append(f"| {name} | {v['unet_parameters']:,} | {v['psnr_db']['mean']:.2f} ± {v['psnr_db']['stderr']:.2f} | "
                      f"{v['ssim']:.4f} | {over_cache} | "
                      f"{sp['speedup']:.3f}× [{sp['low']:.3f}, {sp['high']:.3f}]" + (" (noisy)" if v["noisy"] else "")
                      + " |")

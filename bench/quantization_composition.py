@@ -29,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-DENSE, SLIM = "dense", "slim"
+from composition import DENSE, SLIM, add_slimming_arguments, dense_and_slim, fidelity_to_dense  # noqa: E402
+
 #: torchao configurations by the name the report gives them.
 QUANTIZATIONS = {"INT8 weight-only": "Int8WeightOnlyConfig",
                  "INT8 W8A8 dynamic": "Int8DynamicActivationInt8WeightConfig"}
@@ -37,14 +38,7 @@ QUANTIZATIONS = {"INT8 weight-only": "Int8WeightOnlyConfig",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="builtin:proxy")
-    p.add_argument("--budget", type=float, default=0.4, help="fraction of the compressible parameters removed")
-    p.add_argument("--calib-prompts", type=int, default=64)
-    p.add_argument("--eval-prompts", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_slimming_arguments(p, threads=2)
     return p.parse_args(argv)
 
 
@@ -77,32 +71,21 @@ def main(argv=None) -> int:
     except ImportError:
         print("this benchmark needs torchao: pip install 'slimdiff[bench]'", file=sys.stderr)
         return 2
-    from ablation import _git_commit, _prompts, _weights_sha256
+    from ablation import _git_commit, _weights_sha256
 
-    from slimdiff.calibrate import CalibrationConfig, calibrate
-    from slimdiff.models import load_pipeline
-    from slimdiff.quality import fidelity
     from slimdiff.quality.evaluate import is_proxy
-    from slimdiff.quality.metrics import capped_psnrs, mean_and_stderr
     from slimdiff.quality.report import write_json
     from slimdiff.quality.sampling import generate
     from slimdiff.serialization import atomic_output_dir, commit_output_dir
-    from slimdiff.slim import SlimConfig, slim_unet
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     tmp = atomic_output_dir(out, overwrite=args.force)
     try:
-        dense = load_pipeline(args.model)
-        dense.set_progress_bar_config(disable=True)
-        guidance = 5.0 if is_proxy(args.model) else 7.5
-        calib, evals, prompt_note = _prompts(args.model, dense, args.calib_prompts, args.eval_prompts)
-        stats = calibrate(dense, calib, None, CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0,
-                                                                batch_size=8, pass1_prompts=16), progress=False)
-        slim_model = copy.deepcopy(dense.unet)
-        slim_unet(slim_model, stats, SlimConfig(budget=args.budget), progress=False)
-        unets = {DENSE: dense.unet, SLIM: slim_model}
+        models = dense_and_slim(args)
+        dense, guidance, evals = models.dense, models.guidance, models.evals
+        unets = {DENSE: dense.unet, SLIM: models.slim_unet}
         for label, config_name in QUANTIZATIONS.items():
             for base in (DENSE, SLIM):
                 unets[f"{base} + {label}"] = quantized(unets[base], config_name)
@@ -111,20 +94,14 @@ def main(argv=None) -> int:
         seeds = list(range(len(evals)))
         images = {}
         for name, unet in unets.items():
-            pipe = type(dense)(**{**dense.components, "unet": unet})
-            pipe.set_progress_bar_config(disable=True)
             with torch.no_grad():
-                images[name] = generate(pipe, evals, seeds, steps=args.steps, guidance=guidance, batch_size=16)
+                images[name] = generate(models.pipeline(unet), evals, seeds, steps=args.steps, guidance=guidance,
+                                        batch_size=16)
         variants = {}
         for name, unet in unets.items():
             row = {"linear_weight_bytes": linear_weight_bytes(unet)}
             if name != DENSE:
-                fid = fidelity(images[DENSE], images[name])
-                row.update(psnr_db=mean_and_stderr(capped_psnrs(fid)), ssim=fid["ssim"]["mean"])
-            if name.startswith(f"{SLIM} + "):  # slimming's own error under the same quantization
-                same = name.replace(SLIM, DENSE, 1)
-                row["psnr_db_vs_dense_with_the_same_quantization"] = mean_and_stderr(
-                    capped_psnrs(fidelity(images[same], images[name])))
+                row.update(fidelity_to_dense(images, name))
             variants[name] = row
             quality = f"{row['psnr_db']['mean']:.2f} ± {row['psnr_db']['stderr']:.2f} dB vs dense, " \
                 if "psnr_db" in row else ""
@@ -137,8 +114,8 @@ def main(argv=None) -> int:
                 "quantization": {"library": "torchao", "version": torchao.__version__,
                                  "configs": QUANTIZATIONS, "what": "every nn.Linear of the UNet (torchao's default "
                                  "filter); convolutions stay float32"},
-                "settings": {"calibration_prompts": len(calib), "eval_prompts": len(evals), "steps": args.steps,
-                             "guidance": guidance, "prompts": prompt_note, "scheduler": type(dense.scheduler).__name__,
+                "settings": {"calibration_prompts": len(models.calibration_prompts), "eval_prompts": len(evals),
+                             "steps": args.steps, "guidance": guidance, "prompts": models.prompt_note, "scheduler": type(dense.scheduler).__name__,
                              "seeds": "evaluation prompt i is sampled with seed i", "torch": torch.__version__},
                 "variants": variants, "total_s": round(time.perf_counter() - start, 1)}
         write_json(tmp / "quantization_composition.json", body)
@@ -164,7 +141,7 @@ def markdown(body: dict, args) -> str:
     for name, v in body["variants"].items():
         psnr = f"{v['psnr_db']['mean']:.2f} ± {v['psnr_db']['stderr']:.2f}" if "psnr_db" in v else "—"
         ssim = f"{v['ssim']:.4f}" if "ssim" in v else "—"
-        same = v.get("psnr_db_vs_dense_with_the_same_quantization")
+        same = v.get("psnr_db_vs_dense_with_the_same")
         same_text = f"{same['mean']:.2f} ± {same['stderr']:.2f}" if same else "—"
         lines.append(f"| {name} | {v['linear_weight_bytes'] / 2**20:.2f} | {psnr} | {ssim} | {same_text} |")
     return "\n".join(lines) + "\n"
