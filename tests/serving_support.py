@@ -35,3 +35,42 @@ def served_images_match(client, repo, pipe) -> list[np.ndarray]:
         images.append(served)
     assert not np.array_equal(*images)
     return images
+
+
+def write_tiny_repository(pipe, root, *, image_to_image: bool = False):
+    """What ``slimdiff-export --triton-repo`` (python mode) writes for ``pipe``, without its slimming (a rank plan
+    does not change what is served), at SIZE px: ONNX Runtime engines of the denoiser at the rows one image takes
+    (``root/unet`` or ``root/transformer``; with ControlNet residual inputs, and the ControlNet's engine in
+    ``root/controlnet``, for a ControlNet pipeline), of the text encoders and the VAE at batch 1, and the repository
+    ``root/repo`` serving them (image-to-image requests too when ``image_to_image``); returns the repository."""
+    import torch
+
+    from slimdiff.engines.build import build_controlnet_engine, build_denoiser_engine
+    from slimdiff.engines.triton import build_serving_engines, check_pipeline, write_repository
+    from slimdiff.export.modules import CONTROLNET
+    from slimdiff.export.shapes import Range, latent_multiple, parse_profiles
+    from slimdiff.families.base import CONTROLNET_RESIDUALS
+
+    served = check_pipeline(pipe)
+    family = served.family
+    denoiser = family.denoiser(pipe)
+    multiple = latent_multiple(denoiser.config)
+    text_len = Range.parse(family.default_text_len(pipe), "text length").opt  # the one length the pipeline passes
+
+    def build(batch) -> dict:
+        return {"profiles": parse_profiles(str(batch), str(SIZE), str(SIZE), str(text_len),
+                                           vae_scale=pipe.vae_scale_factor, multiple=multiple),
+                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
+
+    rows = family.guided_rows_per_image(denoiser.config)
+    (root / family.component).mkdir()
+    build_denoiser_engine(denoiser, "ort", root / family.component, **build(rows),
+                          export_options=(CONTROLNET_RESIDUALS,) if served.controlnet else ())
+    folders = build_serving_engines(pipe, root, "ort", image_to_image=image_to_image, **build(1))
+    if served.controlnet:
+        folders[CONTROLNET] = root / CONTROLNET
+        folders[CONTROLNET].mkdir()
+        build_controlnet_engine(pipe.controlnet, "ort", folders[CONTROLNET], **build(rows))
+    write_repository(root / "repo", pipe, root / family.component, folders, "python", pipeline_instances=1,
+                     image_to_image=image_to_image)
+    return root / "repo"

@@ -11,16 +11,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_controlnet, seeded_unet
+from serving_support import SIZE, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
-from slimdiff.families.base import CONTROLNET_RESIDUALS
 from slimdiff.models import build_builtin
 
 pytest.importorskip("tritonclient.http")
 
-SIZE, STEPS = 16, 2
+STEPS = 2
 PROMPT = "a red circle above a blue square"
 
 
@@ -37,9 +36,7 @@ def repository(request, tmp_path_factory):
     """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD (or SDXL) ControlNet pipeline — the UNet taking the
     ControlNet's residuals, the ControlNet, the text encoder(s) and the VAE decoder — and the python-mode repository
     ``root/repo`` written from them by the calls ``slimdiff-export --controlnet DIR --triton-repo`` makes."""
-    from slimdiff.engines.build import build_controlnet_engine, build_denoiser_engine
-    from slimdiff.engines.triton import build_serving_engines, controlnet_pipeline, write_repository
-    from slimdiff.export.shapes import parse_profiles
+    from slimdiff.engines.triton import controlnet_pipeline
 
     kind = request.param
     if kind in _BUILT:
@@ -49,18 +46,7 @@ def repository(request, tmp_path_factory):
     base.unet = seeded_unet(TWO_LEVEL_UNET if kind == "sd" else TWO_LEVEL_XL_UNET, seed=5)
     pipe = controlnet_pipeline(base, seeded_controlnet(base.unet))
     pipe.set_progress_bar_config(disable=True)
-
-    def build(batch):
-        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), "77", vae_scale=pipe.vae_scale_factor,
-                                           multiple=2), "dtype": torch.float32, "device": "cpu", "multiple": 2}
-
-    for name in ("unet", "controlnet"):
-        (root / name).mkdir()
-    build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"), export_options=(CONTROLNET_RESIDUALS,))
-    build_controlnet_engine(pipe.controlnet, "ort", root / "controlnet", **build("2"))
-    folders = build_serving_engines(pipe, root, "ort", **build("1"))
-    write_repository(root / "repo", pipe, root / "unet", {**folders, "controlnet": root / "controlnet"}, "python",
-                     pipeline_instances=1)
+    write_tiny_repository(pipe, root)
     _BUILT[kind] = root, pipe
     return root, pipe
 

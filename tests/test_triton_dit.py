@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from serving_support import PROMPTS, SIZE, STEPS, served_images_match
+from serving_support import PROMPTS, SIZE, STEPS, served_images_match, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 
@@ -31,28 +31,12 @@ def dit_repository(request, tmp_path_factory):
     """``(name, root, pipe)``: ONNX Runtime engines of builtin:<name>'s transformer (``root/transformer``), text
     encoders and VAE decoder, and the python-mode repository ``root/repo`` written from them by the calls
     ``slimdiff-export --triton-repo`` makes (without its slimming: a rank plan does not change what is served)."""
-    from slimdiff.engines.build import build_denoiser_engine
-    from slimdiff.engines.triton import build_serving_engines, write_repository
-    from slimdiff.export.shapes import latent_multiple, parse_profiles
-    from slimdiff.families import family_for
     from slimdiff.models import build_builtin
 
     name = request.param
     root = tmp_path_factory.mktemp(name)
     pipe = build_builtin(f"builtin:{name}")
-    family = family_for(pipe)
-    multiple = latent_multiple(pipe.transformer.config)
-
-    def build(batch):
-        # the family's one text length (PixArt-Σ: the T5's 300 tokens; SD3: CLIP's 77 + the T5's 256)
-        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), family.default_text_len(pipe),
-                                           vae_scale=pipe.vae_scale_factor, multiple=multiple),
-                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
-
-    (root / "transformer").mkdir()
-    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build(str(family.guided_rows_per_image(pipe.transformer.config))))
-    folders = build_serving_engines(pipe, root, "ort", **build("1"))
-    write_repository(root / "repo", pipe, root / "transformer", folders, "python", pipeline_instances=1)
+    write_tiny_repository(pipe, root)  # the family's one text length: PixArt-Σ 300 tokens, SD3 77 + 256
     return name, root, pipe
 
 

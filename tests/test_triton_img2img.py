@@ -11,15 +11,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
+from serving_support import SIZE, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import build_builtin
 
 pytest.importorskip("tritonclient.http")
 
-SIZE, STEPS = 16, 3
+STEPS = 3
 PROMPT = "a red circle above a blue square"
 
 
@@ -36,10 +36,6 @@ def repository(request, tmp_path_factory):
     """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD (or SDXL) pipeline — UNet, text encoder(s), VAE
     decoder and encoder — and the python-mode repository ``root/repo`` serving image-to-image requests too, written
     by the calls ``slimdiff-export --triton-repo --triton-img2img`` makes."""
-    from slimdiff.engines.build import build_denoiser_engine
-    from slimdiff.engines.triton import build_serving_engines, write_repository
-    from slimdiff.export.shapes import parse_profiles
-
     kind = request.param
     if kind in _BUILT:
         return _BUILT[kind]
@@ -47,15 +43,7 @@ def repository(request, tmp_path_factory):
     pipe = build_builtin("builtin:tiny" if kind == "sd" else "builtin:tiny-xl")
     pipe.unet = seeded_unet(TWO_LEVEL_UNET if kind == "sd" else TWO_LEVEL_XL_UNET, seed=7)
     pipe.set_progress_bar_config(disable=True)
-
-    def build(batch):
-        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), "77", vae_scale=pipe.vae_scale_factor,
-                                           multiple=2), "dtype": torch.float32, "device": "cpu", "multiple": 2}
-
-    (root / "unet").mkdir()
-    build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"))
-    folders = build_serving_engines(pipe, root, "ort", image_to_image=True, **build("1"))
-    write_repository(root / "repo", pipe, root / "unet", folders, "python", pipeline_instances=1, image_to_image=True)
+    write_tiny_repository(pipe, root, image_to_image=True)
     _BUILT[kind] = root, pipe
     return root, pipe
 
@@ -64,28 +52,10 @@ def repository(request, tmp_path_factory):
 def dit_repository(request, tmp_path_factory):
     """``(root, pipe)``: the same for builtin:tiny-sd3 (StableDiffusion3Img2ImgPipeline) and builtin:tiny-flux
     (FluxImg2ImgPipeline: packed latents, embedded guidance), their transformer engines at the rows one image takes."""
-    from slimdiff.engines.build import build_denoiser_engine
-    from slimdiff.engines.triton import build_serving_engines, write_repository
-    from slimdiff.export.shapes import latent_multiple, parse_profiles
-    from slimdiff.families import family_for
-
     root = tmp_path_factory.mktemp(f"{request.param}-img2img-repo")
     pipe = build_builtin(f"builtin:{request.param}")
     pipe.set_progress_bar_config(disable=True)
-    family = family_for(pipe)
-    multiple = latent_multiple(pipe.transformer.config)
-
-    def build(batch):
-        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), family.default_text_len(pipe),
-                                           vae_scale=pipe.vae_scale_factor, multiple=multiple),
-                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
-
-    (root / "transformer").mkdir()
-    rows = str(family.guided_rows_per_image(pipe.transformer.config))
-    build_denoiser_engine(pipe.transformer, "ort", root / "transformer", **build(rows))
-    folders = build_serving_engines(pipe, root, "ort", image_to_image=True, **build("1"))
-    write_repository(root / "repo", pipe, root / "transformer", folders, "python", pipeline_instances=1,
-                     image_to_image=True)
+    write_tiny_repository(pipe, root, image_to_image=True)
     return root, pipe
 
 

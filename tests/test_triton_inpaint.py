@@ -11,13 +11,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET
+from serving_support import SIZE, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import _seeded, build_builtin
 
 pytest.importorskip("tritonclient.http")
 
-SIZE, STEPS = 16, 2
+STEPS = 2
 PROMPT = "a red circle above a blue square"
 
 
@@ -41,10 +42,6 @@ def _repository(kind: str, tmp_path_factory):
     """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD (or SDXL) inpainting pipeline (UNet, text
     encoder(s), VAE decoder and encoder) and the python-mode repository ``root/repo`` written from them by the calls
     ``slimdiff-export --triton-repo`` makes; built once per kind."""
-    from slimdiff.engines.build import build_denoiser_engine
-    from slimdiff.engines.triton import build_serving_engines, write_repository
-    from slimdiff.export.shapes import parse_profiles
-
     if kind in _BUILT:
         return _BUILT[kind]
     root = tmp_path_factory.mktemp(f"{kind}-inpaint-repo")
@@ -54,15 +51,7 @@ def _repository(kind: str, tmp_path_factory):
     unet = _seeded(5, lambda: UNet2DConditionModel(**dict(config, in_channels=9))).eval()
     pipe = cls(**{**base.components, "unet": unet.requires_grad_(False)})
     pipe.set_progress_bar_config(disable=True)
-
-    def build(batch):
-        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), "77", vae_scale=pipe.vae_scale_factor,
-                                           multiple=2), "dtype": torch.float32, "device": "cpu", "multiple": 2}
-
-    (root / "unet").mkdir()
-    build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"))
-    folders = build_serving_engines(pipe, root, "ort", **build("1"))
-    write_repository(root / "repo", pipe, root / "unet", folders, "python", pipeline_instances=1)
+    write_tiny_repository(pipe, root)
     _BUILT[kind] = root, pipe
     return root, pipe
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from serving_support import PROMPTS, SIZE, served_images_match
+from serving_support import PROMPTS, SIZE, served_images_match, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 
@@ -26,25 +26,12 @@ def xl_repository(tmp_path_factory):
     not change what is served)."""
     from export_support import TWO_LEVEL_XL_UNET, seeded_unet
 
-    from slimdiff.engines.build import build_denoiser_engine
-    from slimdiff.engines.triton import build_serving_engines, write_repository
-    from slimdiff.export.shapes import latent_multiple, parse_profiles
     from slimdiff.models import build_builtin
 
     root = tmp_path_factory.mktemp("triton_xl")
     pipe = build_builtin("builtin:tiny-xl")
     pipe.unet = seeded_unet(TWO_LEVEL_XL_UNET)
-    multiple = latent_multiple(pipe.unet.config)
-
-    def build(batch):
-        return {"profiles": parse_profiles(batch, str(SIZE), str(SIZE), "77", vae_scale=pipe.vae_scale_factor,
-                                           multiple=multiple),
-                "dtype": torch.float32, "device": "cpu", "multiple": multiple}
-
-    (root / "unet").mkdir()
-    build_denoiser_engine(pipe.unet, "ort", root / "unet", **build("2"))
-    folders = build_serving_engines(pipe, root, "ort", **build("1"))
-    write_repository(root / "repo", pipe, root / "unet", folders, "python", pipeline_instances=1)
+    write_tiny_repository(pipe, root)
     return root, pipe
 
 
