@@ -83,6 +83,8 @@ def test_dit_image_to_image_is_diffusers_pipeline_with_the_engine(dit_repository
     assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
     assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
     assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": request_image(2)}))
+    # an image off the VAE's grid draws at its size rounded down to it, as diffusers' image processor rounds
+    assert generate(served, PROMPT, **{**options, "image": request_image(1, size=SIZE + 1)}).shape == (SIZE, SIZE, 3)
 
 
 def test_the_repository_takes_an_optional_image_and_serves_the_vae_encoder(repository):

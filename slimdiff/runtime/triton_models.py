@@ -279,8 +279,8 @@ def generate(pipe, prompt: str, **options) -> np.ndarray:
             extra[name] = float(o.pop(name))
     if "height" in inspect.signature(pipe.__call__).parameters:
         # a request carrying images draws at their size unless it names one (the pipelines' default would be the
-        # model's native size, resizing the images)
-        default = size or (None, None)
+        # model's native size, resizing the images), rounded down to the VAE's scale as diffusers' image processor does
+        default = (None, None) if size is None else tuple(x - x % pipe.vae_scale_factor for x in size)
         extra.update(height=o["height"] or default[0], width=o["width"] or default[1])
     elif (o["height"], o["width"]) not in ((None, None), size):  # SD's and SDXL's image-to-image: the image's size
         raise SlimDiffError(f"a {type(pipe).__name__} request draws at its image's size ({size[0]}x{size[1]}): leave "
