@@ -147,3 +147,29 @@ def test_served_xl_pipeline_gives_the_in_process_image(served_xl):
     np.testing.assert_allclose(result.as_numpy("text_embeds"), expected.text_embeds.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(result.as_numpy("penultimate_hidden_state"), expected.hidden_states[-2].numpy(),
                                atol=1e-4, rtol=0)
+
+
+def test_sdxl_vae_engines_stay_float32_beside_float16_engines_as_the_pipeline_upcasts(tmp_path, monkeypatch):
+    """SDXL's pipelines run a VAE whose config sets force_upcast in float32 (its float16 activations overflow):
+    its served engines are built in float32 beside float16 text encoders; the fp16-fix VAE (flag cleared) and SD's
+    VAE, which SD's pipeline never upcasts, are built in float16."""
+    from slimdiff.engines import build as engine_build
+    from slimdiff.engines.triton import build_serving_engines
+    from slimdiff.export.shapes import parse_profiles
+    from slimdiff.models import build_builtin
+
+    built = {}
+    monkeypatch.setattr(engine_build, "build_component_engine",
+                        lambda component, kind, folder, **options: built.__setitem__(component.name, options["dtype"]))
+    for model, force_upcast, vae_dtype in (("builtin:tiny-xl", True, torch.float32),
+                                           ("builtin:tiny-xl", False, torch.float16),
+                                           ("builtin:tiny", True, torch.float16)):
+        pipe = build_builtin(model)
+        pipe.vae.register_to_config(force_upcast=force_upcast)
+        built.clear()
+        out = tmp_path / f"{model[8:]}-{force_upcast}"
+        out.mkdir()
+        build_serving_engines(pipe, out, "ort", image_to_image=True, dtype=torch.float16, device="cpu", multiple=2,
+                              profiles=parse_profiles("1", "16", "16", "77", vae_scale=2, multiple=2))
+        assert built.pop("vae_decoder") == built.pop("vae_encoder") == vae_dtype, (model, force_upcast)
+        assert set(built.values()) == {torch.float16} and "text_encoder" in built

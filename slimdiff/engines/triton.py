@@ -426,16 +426,28 @@ def build_serving_engines(pipe, out: Path, kind: str, *, image_to_image: bool = 
             fixed = Range(tower.tokens, tower.tokens, tower.tokens)
             profiles = [dataclasses.replace(p, text_len=fixed) for p in profiles]
         components.append((text_encoder_component(getattr(pipe, tower.name), tower.name, tower.outputs,
-                                                  attention_mask=tower.attention_mask), profiles))
-    components.append((vae_decoder_component(pipe.vae), build["profiles"]))
+                                                  attention_mask=tower.attention_mask), profiles, build["dtype"]))
+    vae_dtype = vae_engine_dtype(family, pipe.vae, build["dtype"])
+    components.append((vae_decoder_component(pipe.vae), build["profiles"], vae_dtype))
     if served.vae_encoder:
-        components.append((vae_encoder_component(pipe.vae, pipe.vae_scale_factor), build["profiles"]))
+        components.append((vae_encoder_component(pipe.vae, pipe.vae_scale_factor), build["profiles"], vae_dtype))
     folders = {}
-    for component, profiles in components:
+    for component, profiles, dtype in components:
         folders[component.name] = Path(out) / component.name
         folders[component.name].mkdir()
-        build_component_engine(component, kind, folders[component.name], **{**build, "profiles": profiles})
+        build_component_engine(component, kind, folders[component.name],
+                               **{**build, "profiles": profiles, "dtype": dtype})
     return folders
+
+
+def vae_engine_dtype(family, vae, dtype):
+    """The precision of a VAE's engines beside engines in ``dtype``: float32 where the family's pipelines upcast the
+    VAE (:attr:`~slimdiff.families.DenoiserFamily.upcasts_vae`, for a VAE whose config sets ``force_upcast``: SDXL's,
+    whose float16 activations overflow to NaN; its fp16-fix VAE clears the flag and stays in float16)."""
+    import torch
+
+    upcast = family.upcasts_vae and vae.config.get("force_upcast", False)
+    return torch.float32 if dtype == torch.float16 and upcast else dtype
 
 
 def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders: dict[str, Path], mode: str, *,

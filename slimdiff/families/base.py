@@ -1046,6 +1046,10 @@ class DenoiserFamily(ABC):
     #: too); None: no image-to-image requests for this family.
     serving_img2img_pipeline: str | None = None
 
+    #: Whether the family's pipelines run a VAE whose config sets ``force_upcast`` in float32 when the rest runs in
+    #: float16 (SDXL's pipelines do: its VAE's float16 activations overflow); its served VAE engines do the same.
+    upcasts_vae: bool = False
+
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         """The text encoders the repository serves, in the pipeline's order, with what the pipeline reads of each."""
         return ()
