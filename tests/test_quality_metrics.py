@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from slimdiff.errors import SlimDiffError
-from slimdiff.quality.metrics import PSNR_CAP_DB, fidelity, noise_error_summary, psnr, ssim
+from slimdiff.quality.metrics import (
+    PSNR_CAP_DB,
+    capped_psnrs,
+    fidelity,
+    mean_and_stderr,
+    noise_error_summary,
+    psnr,
+    ssim,
+)
 
 
 def _image(seed=0, size=32):
@@ -60,3 +68,18 @@ def test_noise_error_summary():
     assert s["first_half"] == pytest.approx(0.2) and s["timesteps"] == [900, 600, 300, 1]
     with pytest.raises(SlimDiffError):
         noise_error_summary(errors, [1, 2])
+
+
+def test_per_image_psnrs_are_capped_and_summarised_with_their_standard_error():
+    rng = np.random.default_rng(0)
+    dense = rng.random((3, 16, 16, 3))
+    other = dense.copy()
+    other[1] += 0.01  # 40 dB
+    other[2] += 0.1  # 20 dB
+    values = capped_psnrs(fidelity(dense, other))
+    assert values[0] == PSNR_CAP_DB  # the identical pair, at the cap fidelity's mean uses
+    assert values[1:] == pytest.approx([40.0, 20.0])
+    summary = mean_and_stderr(values)
+    assert summary["mean"] == pytest.approx((PSNR_CAP_DB + 60) / 3)
+    assert summary["stderr"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(3))
+    assert mean_and_stderr(np.array([5.0])) == {"mean": 5.0, "stderr": None}
