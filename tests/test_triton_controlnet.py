@@ -23,9 +23,9 @@ STEPS = 2
 PROMPT = "a red circle above a blue square"
 
 
-def control_pixels(seed: int) -> np.ndarray:
-    """A request's conditioning image: seeded noise, HxWx3 uint8."""
-    return np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+def control_pixels(seed: int, size: int = SIZE) -> np.ndarray:
+    """A request's conditioning (or starting) image: seeded noise, HxWx3 uint8."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
 _BUILT: dict = {}
@@ -34,8 +34,9 @@ _BUILT: dict = {}
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def repository(request, tmp_path_factory):
     """``(root, pipe)``: ONNX Runtime engines of a tiny seeded SD (or SDXL) ControlNet pipeline — the UNet taking the
-    ControlNet's residuals, the ControlNet, the text encoder(s) and the VAE decoder — and the python-mode repository
-    ``root/repo`` written from them by the calls ``slimdiff-export --controlnet DIR --triton-repo`` makes."""
+    ControlNet's residuals, the ControlNet, the text encoder(s) and the VAE decoder and encoder — and the python-mode
+    repository ``root/repo`` written from them by the calls ``slimdiff-export --controlnet DIR --triton-repo
+    --triton-img2img`` makes."""
     from slimdiff.engines.triton import controlnet_pipeline
 
     kind = request.param
@@ -46,7 +47,7 @@ def repository(request, tmp_path_factory):
     base.unet = seeded_unet(TWO_LEVEL_UNET if kind == "sd" else TWO_LEVEL_XL_UNET, seed=5)
     pipe = controlnet_pipeline(base, seeded_controlnet(base.unet))
     pipe.set_progress_bar_config(disable=True)
-    write_tiny_repository(pipe, root)
+    write_tiny_repository(pipe, root, image_to_image=True)
     _BUILT[kind] = root, pipe
     return root, pipe
 
@@ -57,16 +58,19 @@ def test_the_repository_serves_the_controlnet_and_takes_the_conditioning_image(r
     root, pipe = repository
     repo = root / "repo"
     encoders = ["text_encoder", *(["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) else [])]
-    assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", *encoders, "unet", "vae_decoder"]
+    assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", *encoders, "unet", "vae_decoder",
+                                                      "vae_encoder"]
     spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
     assert spec["pipeline_class"] == type(pipe).__name__ and spec["controlnet"] is True
-    assert spec["image_inputs"] == ["control_image"] and spec["vae_encoder"] is False
+    assert spec["image_inputs"] == ["control_image"] and spec["vae_encoder"] is True
+    assert spec["image_to_image"] == type(pipe).__name__.replace("ControlNetPipeline", "ControlNetImg2ImgPipeline")
     pb, _ = _pb()
     config = read_config(repo / "pipeline" / "config.pbtxt")
     inputs = {t.name: (t.data_type, list(t.dims), t.optional) for t in config.input}
     assert inputs["control_image"] == (pb.TYPE_UINT8, [-1, -1, 3], False)
     assert inputs["controlnet_conditioning_scale"] == (pb.TYPE_FP32, [1], True)
-    assert "strength" not in inputs and "mask_image" not in inputs
+    assert inputs["image"] == (pb.TYPE_UINT8, [-1, -1, 3], True)  # image-to-image requests: the starting image
+    assert inputs["strength"] == (pb.TYPE_FP32, [1], True) and "mask_image" not in inputs
     # the ControlNet model returns what the UNet model takes beside the SD call, by name
     controlnet = read_config(repo / "controlnet" / "config.pbtxt")
     unet = read_config(repo / "unet" / "config.pbtxt")
@@ -104,6 +108,33 @@ def test_served_controlnet_pipeline_is_diffusers_pipeline_with_the_engines(repos
         generate(served, PROMPT, **{**options, "control_image": control_pixels(1)[..., 0]})
 
 
+def test_served_controlnet_image_to_image_is_diffusers_pipeline_with_the_engines(repository):
+    """A request with a starting image runs the ControlNet image-to-image pipeline over the same engines: diffusers'
+    image within one grey level; the starting image and the conditioning image both matter."""
+    import diffusers
+
+    from slimdiff.engines.triton import image_to_image_pipeline
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, pipe = repository
+    served = image_to_image_pipeline(repository_pipeline(root / "repo" / "pipeline" / "1",
+                                                         local_runners(root / "repo")))
+    assert "ControlNetImg2Img" in type(served).__name__
+    reference = type(pipe)(**pipe.components)
+    use_engine(reference, root / "unet")
+    use_engine(reference, root / "controlnet")
+    # from_pipe drops a model component whose class is not the type hint: the engine's ControlNet goes by name
+    reference = getattr(diffusers, type(served).__name__).from_pipe(reference, controlnet=reference.controlnet)
+    reference.set_progress_bar_config(disable=True)
+    options = dict(seed=3, steps=STEPS, image=control_pixels(5), control_image=control_pixels(1), strength=0.6)
+    got = generate(served, PROMPT, **options)
+    assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
+    assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": control_pixels(6)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "control_image": control_pixels(2)}))
+
+
 def test_several_controlnets_are_refused_in_one_line(repository):
     from diffusers import MultiControlNetModel
 
@@ -117,14 +148,15 @@ def test_several_controlnets_are_refused_in_one_line(repository):
 
 @pytest.mark.slow
 def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
-    """``slimdiff-export --controlnet DIR --triton-repo`` of builtin:tiny (slimmed, python mode): the bundled
-    tritonserver serves the in-process repository pipeline's image bit for bit, which is diffusers' ControlNet
-    pipeline's with the command's two engines within one grey level; a request without its conditioning image is
-    answered with an error naming it."""
+    """``slimdiff-export --controlnet DIR --triton-repo --triton-img2img`` of builtin:tiny (slimmed, python mode): the
+    bundled tritonserver serves the in-process repository pipeline's image bit for bit, which is diffusers' ControlNet
+    pipeline's with the command's two engines within one grey level, and a ControlNet image-to-image request the
+    in-process image-to-image pipeline's; a request without its conditioning image is answered with an error naming
+    it."""
     import tritonclient.http as httpclient
 
     from slimdiff.cli import export as cli
-    from slimdiff.engines.triton import controlnet_pipeline, local_server, request_image
+    from slimdiff.engines.triton import controlnet_pipeline, image_to_image_pipeline, local_server, request_image
     from slimdiff.models import load_pipeline
     from slimdiff.runtime import use_engine
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
@@ -137,10 +169,11 @@ def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
         rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--slim-only",
                        "--controlnet", str(tmp_path / "controlnet-model"), "--triton-repo", str(repo),
-                       "--triton-mode", "python", "--batch", "1:2:2", "--height", "32", "--width", "32",
-                       "--text-len", "77", *FAST_CALIBRATION])
+                       "--triton-mode", "python", "--triton-img2img", "--batch", "1:2:2", "--height", "32",
+                       "--width", "32", "--text-len", "77", *FAST_CALIBRATION])
     assert rc == 0, stderr.getvalue()
-    assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "unet", "vae_decoder"]
+    assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "unet", "vae_decoder",
+                                                      "vae_encoder"]
     control = control_pixels(4)
     options = dict(seed=5, steps=STEPS, height=32, width=32)
     in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
@@ -151,10 +184,15 @@ def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
     use_engine(reference, out / "controlnet")
     drawn = generate(reference, PROMPT, **options, control_image=control, controlnet_conditioning_scale=0.8)
     assert np.abs(expected.astype(int) - drawn.astype(int)).max() <= 1 and expected.std() > 1
+    start = control_pixels(7, size=32)
+    expected_img2img = generate(image_to_image_pipeline(in_process), PROMPT, seed=5, steps=STEPS, image=start,
+                                control_image=control, strength=0.7)
     with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:
         client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
         served = request_image(client, PROMPT, 5, STEPS, height=32, width=32, control_image=control,
                                controlnet_conditioning_scale=0.8)
         assert np.array_equal(served, expected)
+        assert np.array_equal(request_image(client, PROMPT, 5, STEPS, image=start, control_image=control,
+                                            strength=0.7), expected_img2img)
         with pytest.raises(Exception, match="control_image"):
             request_image(client, PROMPT, 5, STEPS, height=32, width=32)

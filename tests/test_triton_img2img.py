@@ -143,7 +143,10 @@ def test_image_to_image_is_refused_where_no_family_serves_it():
 
     with pytest.raises(SlimDiffError, match=r"--triton-img2img serves FluxImg2ImgPipeline beside FluxPipeline, "
                                             r"StableDiffusion3Img2ImgPipeline beside StableDiffusion3Pipeline, "
-                                            r"StableDiffusionImg2ImgPipeline beside StableDiffusionPipeline, "
+                                            r"StableDiffusionControlNetImg2ImgPipeline beside "
+                                            r"StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline beside "
+                                            r"StableDiffusionPipeline, StableDiffusionXLControlNetImg2ImgPipeline "
+                                            r"beside StableDiffusionXLControlNetPipeline, "
                                             r"StableDiffusionXLImg2ImgPipeline beside StableDiffusionXLPipeline so "
                                             r"far, not image-to-image requests beside PixArtSigmaPipeline$"):
         check_pipeline(build_builtin("builtin:tiny-pixart"), image_to_image=True)

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "pipelines, and with --controlnet their ControlNet pipelines")
     triton.add_argument("--triton-img2img", action="store_true",
                         help="the pipeline model also takes image-to-image requests (an image and a strength; SD, "
-                             "SDXL, SD3, FLUX): a VAE encoder engine is served too")
+                             "SDXL, SD3, FLUX; with --controlnet, ControlNet image-to-image): a VAE encoder engine "
+                             "is served too")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")

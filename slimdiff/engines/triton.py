@@ -25,7 +25,8 @@ What differs per model family comes from its :class:`~slimdiff.families.Denoiser
 ``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines:
 :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`; for requests carrying an image, with
 ``--triton-img2img``, SD's, SDXL's, SD3's and FLUX's image-to-image pipelines:
-:attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`), the text encoders served, what each takes and
+:attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`, and SD's and SDXL's ControlNet ones:
+:attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_img2img_pipeline`), the text encoders served, what each takes and
 returns and the one prompt length its engine is built for
 (:meth:`~slimdiff.families.DenoiserFamily.served_text_encoders`; SDXL's second: the penultimate hidden state and the
 pooled ``text_embeds``; PixArt's T5 takes the tokenizer's ``attention_mask`` too, over the pipeline's 300 tokens;
@@ -84,8 +85,6 @@ IMAGE_INPUTS = {"image": [-1, -1, 3], "mask_image": [-1, -1], "control_image": [
 IMAGE_OPTIONS = {"strength": "FP32"}
 #: The optional inputs a ControlNet pipeline takes beside :data:`PIPELINE_OPTIONS`.
 CONTROLNET_OPTIONS = {"controlnet_conditioning_scale": "FP32"}
-#: The diffusers call argument of each request image whose name differs (a ControlNet pipeline's ``image``).
-PIPELINE_ARGUMENT = {"control_image": "image"}
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                   "uint8": "TYPE_UINT8"}
 _MODEL_PY = {
@@ -95,9 +94,13 @@ _MODEL_PY = {
 
 
 #: What a served pipeline does, and the family attribute naming its diffusers class.
-TEXT_TO_IMAGE, WITH_CONTROLNET, IMAGE_TO_IMAGE = "text-to-image", "controlnet", "image-to-image"
+TEXT_TO_IMAGE, WITH_CONTROLNET = "text-to-image", "controlnet"
+IMAGE_TO_IMAGE, CONTROLNET_IMAGE_TO_IMAGE = "image-to-image", "controlnet-image-to-image"
 ROLE_PIPELINE = {TEXT_TO_IMAGE: "serving_pipeline", WITH_CONTROLNET: "serving_controlnet_pipeline",
-                 IMAGE_TO_IMAGE: "serving_img2img_pipeline"}
+                 IMAGE_TO_IMAGE: "serving_img2img_pipeline",
+                 CONTROLNET_IMAGE_TO_IMAGE: "serving_controlnet_img2img_pipeline"}
+#: The image-to-image role served beside each role (``--triton-img2img``).
+IMAGE_TO_IMAGE_BESIDE = {TEXT_TO_IMAGE: IMAGE_TO_IMAGE, WITH_CONTROLNET: CONTROLNET_IMAGE_TO_IMAGE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +117,18 @@ class ServedPipeline:
 
     @property
     def controlnet(self) -> bool:
-        return self.role == WITH_CONTROLNET
+        return self.role in (WITH_CONTROLNET, CONTROLNET_IMAGE_TO_IMAGE)
 
     @property
     def image_inputs(self) -> tuple[str, ...]:
         """The images every request of this pipeline carries."""
-        return {WITH_CONTROLNET: ("control_image",), IMAGE_TO_IMAGE: ("image",)}.get(
-            self.role, self.family.serving_image_inputs)
+        return {WITH_CONTROLNET: ("control_image",), IMAGE_TO_IMAGE: ("image",),
+                CONTROLNET_IMAGE_TO_IMAGE: ("image", "control_image")}.get(self.role, self.family.serving_image_inputs)
+
+    def call_argument(self, image: str) -> str:
+        """The diffusers call argument a request image is passed as: a ControlNet text-to-image pipeline takes the
+        conditioning image as ``image`` (its image-to-image sibling as ``control_image``, beside ``image``)."""
+        return "image" if image == "control_image" and self.role == WITH_CONTROLNET else image
 
     @property
     def request_images(self) -> dict[str, bool]:
@@ -179,8 +187,11 @@ def image_to_image_pipeline(pipe):
     sharing its components (stand-ins included)."""
     import diffusers
 
-    name = check_pipeline(pipe, image_to_image=True).image_to_image_class
-    return getattr(diffusers, name).from_pipe(pipe)
+    served = check_pipeline(pipe, image_to_image=True)
+    # from_pipe keeps a model component only when its class is the new pipeline's type hint: the engine-backed
+    # ControlNet (a ControlNetModel subclass) is handed over by name
+    controlnet = {"controlnet": pipe.controlnet} if served.controlnet else {}
+    return getattr(diffusers, served.image_to_image_class).from_pipe(pipe, **controlnet)
 
 
 def _pb():
@@ -397,10 +408,12 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
                             f"{kind} runner does not: serve {kind} engines with --triton-mode native, or python mode "
                             "with --engine ort")
     if image_to_image:
-        name = family.serving_img2img_pipeline if served.role == TEXT_TO_IMAGE else None
+        role = IMAGE_TO_IMAGE_BESIDE.get(served.role)
+        name = getattr(family, ROLE_PIPELINE[role]) if role else None
         if name is None:
-            beside = sorted(f"{f.serving_img2img_pipeline} beside {f.serving_pipeline}"
-                            for f in FAMILIES.adapters() if f.serving_img2img_pipeline)
+            beside = sorted(f"{getattr(f, ROLE_PIPELINE[img2img])} beside {getattr(f, ROLE_PIPELINE[main])}"
+                            for f in FAMILIES.adapters() for main, img2img in IMAGE_TO_IMAGE_BESIDE.items()
+                            if getattr(f, ROLE_PIPELINE[img2img]))
             raise SlimDiffError(f"--triton-img2img serves {', '.join(beside)} so far, not image-to-image requests "
                                 f"beside {type(pipe).__name__}")
         served = dataclasses.replace(served, image_to_image_class=name)

@@ -1046,6 +1046,10 @@ class DenoiserFamily(ABC):
     #: too); None: no image-to-image requests for this family.
     serving_img2img_pipeline: str | None = None
 
+    #: The same beside :attr:`serving_controlnet_pipeline`: image-to-image with a ControlNet (a request carries its
+    #: starting image and the conditioning image).
+    serving_controlnet_img2img_pipeline: str | None = None
+
     #: Whether the family's pipelines run a VAE whose config sets ``force_upcast`` in float32 when the rest runs in
     #: float16 (SDXL's pipelines do: its VAE's float16 activations overflow); its served VAE engines do the same.
     upcasts_vae: bool = False

@@ -109,7 +109,7 @@ class _Inpainting:
 
     serving_image_inputs = ("image", "mask_image")
     # diffusers' ControlNet inpainting pipelines are not served yet; an inpainting UNet draws no plain image-to-image
-    serving_controlnet_pipeline = serving_img2img_pipeline = None
+    serving_controlnet_pipeline = serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)

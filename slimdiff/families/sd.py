@@ -196,6 +196,7 @@ class StableDiffusionFamily(DenoiserFamily):
     serving_pipeline = "StableDiffusionPipeline"
     serving_controlnet_pipeline = "StableDiffusionControlNetPipeline"
     serving_img2img_pipeline = "StableDiffusionImg2ImgPipeline"
+    serving_controlnet_img2img_pipeline = "StableDiffusionControlNetImg2ImgPipeline"
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         return (ServedTextEncoder("text_encoder", "tokenizer", (LAST_HIDDEN_STATE,)),)

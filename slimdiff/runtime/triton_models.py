@@ -32,7 +32,6 @@ from ..engines.triton import (
     CONTROLNET_OPTIONS,
     IMAGE_INPUTS,
     IMAGE_OPTIONS,
-    PIPELINE_ARGUMENT,
     PIPELINE_SPEC,
     batch_dims,
     check_pipeline,
@@ -263,15 +262,16 @@ def generate(pipe, prompt: str, **options) -> np.ndarray:
         wanted = " and ".join(served.image_inputs) or "no image"
         raise SlimDiffError(f"a {type(pipe).__name__} request takes {wanted}, got {' and '.join(images) or 'none'}")
     arrays = {name: np.asarray(array) for name, array in images.items()}
-    size = next(iter(arrays.values())).shape[:2] if arrays else None
+    # the image's size (or the only image's); a mask must have it, the pipeline resizes a conditioning image
+    size = arrays["image"].shape[:2] if "image" in arrays else next(iter(arrays.values())).shape[:2] if arrays else None
     for name, array in arrays.items():
-        wanted = tuple(IMAGE_INPUTS[name])
-        if array.dtype != np.uint8 or array.shape[:2] != size or array.shape[2:] != wanted[2:]:
-            raise SlimDiffError(f"{name} must be a uint8 array of {'HxWx3' if len(wanted) == 3 else 'HxW'} pixels the "
-                                f"size of the image, got {array.dtype} {array.shape}")
+        wanted, sized = tuple(IMAGE_INPUTS[name]), name != "control_image"
+        if array.dtype != np.uint8 or array.shape[2:] != wanted[2:] or (sized and array.shape[:2] != size):
+            raise SlimDiffError(f"{name} must be a uint8 array of {'HxWx3' if len(wanted) == 3 else 'HxW'} pixels"
+                                f"{' the size of the image' if sized else ''}, got {array.dtype} {array.shape}")
     extra = dict(served.family.pipeline_options)
     for name, array in arrays.items():
-        extra[PIPELINE_ARGUMENT.get(name, name)] = Image.fromarray(array)  # RGB for HxWx3, L (grey) for HxW
+        extra[served.call_argument(name)] = Image.fromarray(array)  # RGB for HxWx3, L (grey) for HxW
     for name in {**IMAGE_OPTIONS, **CONTROLNET_OPTIONS}:
         if name in o:
             if name not in served.options:
