@@ -9,6 +9,11 @@ SIZE, STEPS = 16, 2
 PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
 
 
+def noise_image(seed: int, size: int = SIZE) -> np.ndarray:
+    """An image a request carries (a starting or a conditioning image): seeded noise, HxWx3 uint8."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
 def served_images_match(client, repo, pipe) -> list[np.ndarray]:
     """Request PROMPTS from the served ``pipeline`` model of ``repo``; each image must equal the repository's
     pipeline run in this process over the same engines, and ``pipe`` (diffusers' pipeline, its denoiser already the

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_controlnet, seeded_unet
-from serving_support import SIZE, write_tiny_repository
+from serving_support import SIZE, noise_image, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import build_builtin
@@ -22,10 +22,6 @@ pytest.importorskip("tritonclient.http")
 STEPS = 2
 PROMPT = "a red circle above a blue square"
 
-
-def control_pixels(seed: int, size: int = SIZE) -> np.ndarray:
-    """A request's conditioning (or starting) image: seeded noise, HxWx3 uint8."""
-    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
 _BUILT: dict = {}
@@ -93,11 +89,11 @@ def test_served_controlnet_pipeline_is_diffusers_pipeline_with_the_engines(repos
     reference.set_progress_bar_config(disable=True)
     use_engine(reference, root / "unet")
     use_engine(reference, root / "controlnet")
-    options = dict(seed=3, steps=STEPS, height=SIZE, width=SIZE, control_image=control_pixels(1))
+    options = dict(seed=3, steps=STEPS, height=SIZE, width=SIZE, control_image=noise_image(1))
     got = generate(served, PROMPT, **options)
     assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
     assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
-    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "control_image": control_pixels(2)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "control_image": noise_image(2)}))
     unconditioned = generate(served, PROMPT, **options, controlnet_conditioning_scale=0.0)
     assert not np.array_equal(got, unconditioned)
     with pytest.raises(SlimDiffError, match=r"request takes control_image, got none$"):
@@ -105,7 +101,7 @@ def test_served_controlnet_pipeline_is_diffusers_pipeline_with_the_engines(repos
     with pytest.raises(SlimDiffError, match=r"request takes no strength$"):
         generate(served, PROMPT, **options, strength=0.5)
     with pytest.raises(SlimDiffError, match=r"control_image must be a uint8 array of HxWx3 pixels"):
-        generate(served, PROMPT, **{**options, "control_image": control_pixels(1)[..., 0]})
+        generate(served, PROMPT, **{**options, "control_image": noise_image(1)[..., 0]})
 
 
 def test_served_controlnet_image_to_image_is_diffusers_pipeline_with_the_engines(repository):
@@ -127,12 +123,12 @@ def test_served_controlnet_image_to_image_is_diffusers_pipeline_with_the_engines
     # from_pipe drops a model component whose class is not the type hint: the engine's ControlNet goes by name
     reference = getattr(diffusers, type(served).__name__).from_pipe(reference, controlnet=reference.controlnet)
     reference.set_progress_bar_config(disable=True)
-    options = dict(seed=3, steps=STEPS, image=control_pixels(5), control_image=control_pixels(1), strength=0.6)
+    options = dict(seed=3, steps=STEPS, image=noise_image(5), control_image=noise_image(1), strength=0.6)
     got = generate(served, PROMPT, **options)
     assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
     assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
-    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": control_pixels(6)}))
-    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "control_image": control_pixels(2)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": noise_image(6)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "control_image": noise_image(2)}))
 
 
 def test_several_controlnets_are_refused_in_one_line(repository):
@@ -174,7 +170,7 @@ def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
     assert rc == 0, stderr.getvalue()
     assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "unet", "vae_decoder",
                                                       "vae_encoder"]
-    control = control_pixels(4)
+    control = noise_image(4)
     options = dict(seed=5, steps=STEPS, height=32, width=32)
     in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
     expected = generate(in_process, PROMPT, **options, control_image=control, controlnet_conditioning_scale=0.8)
@@ -184,7 +180,7 @@ def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
     use_engine(reference, out / "controlnet")
     drawn = generate(reference, PROMPT, **options, control_image=control, controlnet_conditioning_scale=0.8)
     assert np.abs(expected.astype(int) - drawn.astype(int)).max() <= 1 and expected.std() > 1
-    start = control_pixels(7, size=32)
+    start = noise_image(7, size=32)
     expected_img2img = generate(image_to_image_pipeline(in_process), PROMPT, seed=5, steps=STEPS, image=start,
                                 control_image=control, strength=0.7)
     with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
-from serving_support import SIZE, write_tiny_repository
+from serving_support import SIZE, noise_image, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import build_builtin
@@ -22,10 +22,6 @@ pytest.importorskip("tritonclient.http")
 STEPS = 3
 PROMPT = "a red circle above a blue square"
 
-
-def request_image(seed: int, size: int = SIZE) -> np.ndarray:
-    """A request's starting image: seeded noise, HxWx3 uint8."""
-    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
 _BUILT: dict = {}
@@ -78,13 +74,13 @@ def test_dit_image_to_image_is_diffusers_pipeline_with_the_engine(dit_repository
     reference = getattr(diffusers, type(served).__name__).from_pipe(reference)
     reference.set_progress_bar_config(disable=True)
     # a flow-matching img2img call starts at step int(steps · (1 − strength)): from pure noise at 3 steps and 0.7
-    options = dict(seed=3, steps=STEPS, image=request_image(1), strength=0.5)
+    options = dict(seed=3, steps=STEPS, image=noise_image(1), strength=0.5)
     got = generate(served, PROMPT, **options)
     assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
     assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
-    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": request_image(2)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": noise_image(2)}))
     # an image off the VAE's grid draws at its size rounded down to it, as diffusers' image processor rounds
-    assert generate(served, PROMPT, **{**options, "image": request_image(1, size=SIZE + 1)}).shape == (SIZE, SIZE, 3)
+    assert generate(served, PROMPT, **{**options, "image": noise_image(1, size=SIZE + 1)}).shape == (SIZE, SIZE, 3)
 
 
 def test_the_repository_takes_an_optional_image_and_serves_the_vae_encoder(repository):
@@ -125,11 +121,11 @@ def test_served_image_to_image_is_diffusers_pipeline_with_the_engine(repository)
     text = dict(seed=3, steps=STEPS, height=SIZE, width=SIZE)
     drawn = generate(served, PROMPT, **text)
     assert np.abs(drawn.astype(int) - generate(reference, PROMPT, **text).astype(int)).max() <= 1
-    options = dict(seed=3, steps=STEPS, image=request_image(1), strength=0.6)
+    options = dict(seed=3, steps=STEPS, image=noise_image(1), strength=0.6)
     got = generate(served_img2img, PROMPT, **options)
     assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
     assert np.abs(got.astype(int) - generate(reference_img2img, PROMPT, **options).astype(int)).max() <= 1
-    assert not np.array_equal(got, generate(served_img2img, PROMPT, **{**options, "image": request_image(2)}))
+    assert not np.array_equal(got, generate(served_img2img, PROMPT, **{**options, "image": noise_image(2)}))
     assert not np.array_equal(got, generate(served_img2img, PROMPT, **{**options, "strength": 0.9}))
     assert not np.array_equal(got, drawn)
     with pytest.raises(SlimDiffError, match=r"draws at its image's size \(16x16\): leave out height and width"):
@@ -168,7 +164,7 @@ def test_export_writes_a_repository_tritonserver_serves_both_requests_from(tmp_p
 
     from slimdiff.cli import export as cli
     from slimdiff.engines.triton import image_to_image_pipeline, local_server
-    from slimdiff.engines.triton import request_image as ask
+    from slimdiff.engines.triton import request_image
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
 
     pytest.importorskip("pytriton")
@@ -181,12 +177,12 @@ def test_export_writes_a_repository_tritonserver_serves_both_requests_from(tmp_p
     assert rc == 0, stderr.getvalue()
     assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
     in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
-    start = request_image(4, size=32)
+    start = noise_image(4, size=32)
     expected_text = generate(in_process, PROMPT, seed=5, steps=STEPS, height=32, width=32)
     expected_image = generate(image_to_image_pipeline(in_process), PROMPT, seed=5, steps=STEPS, image=start,
                               strength=0.7)
     assert not np.array_equal(expected_text, expected_image)
     with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:
         client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
-        assert np.array_equal(ask(client, PROMPT, 5, STEPS, height=32, width=32), expected_text)
-        assert np.array_equal(ask(client, PROMPT, 5, STEPS, image=start, strength=0.7), expected_image)
+        assert np.array_equal(request_image(client, PROMPT, 5, STEPS, height=32, width=32), expected_text)
+        assert np.array_equal(request_image(client, PROMPT, 5, STEPS, image=start, strength=0.7), expected_image)
