@@ -78,7 +78,9 @@ class CalibrationConfig:
     ``weighting``: ``"trq"`` (w ∝ prior·ρ^γ, the method), ``"uniform"`` (activation-aware without timestep
     weighting) or ``"single"`` (only the visited step nearest the middle of the trajectory — an ablation).
     ``images``: for inpainting models, the images whose seeded holes calibration fills
-    (:mod:`slimdiff.families.inpaint`); text-to-image models take none.
+    (:mod:`slimdiff.families.inpaint`), and for the SDXL refiner the images it refines
+    (:mod:`slimdiff.families.refiner`); text-to-image models take none. ``strength``: for those models, how much of
+    the schedule is re-run over each image (None: inpainting 1.0, the refiner its pipeline's 0.3).
     """
 
     steps: int = 25
@@ -92,7 +94,8 @@ class CalibrationConfig:
     weighting: str = "trq"
     gamma: float = 1.0
     prior: str = "uniform"  # or "early": log-decreasing emphasis on early (high-noise) steps
-    images: str | None = None  # a folder of images: what an inpainting model's calibration fills holes in
+    images: str | None = None  # a folder of images: what an inpainting model fills holes in, what a refiner refines
+    strength: float | None = None
 
     def __post_init__(self):
         if self.weighting not in ("trq", "uniform", "single"):
@@ -101,6 +104,9 @@ class CalibrationConfig:
             raise SlimDiffError(f"unknown timestep prior {self.prior!r} (uniform, early)")
         if self.steps < 1 or self.batch_size < 1 or self.pass1_prompts < 1 or self.checkpoint_every < 1:
             raise SlimDiffError("steps, batch size, pass-1 prompts and checkpoint interval must be positive")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise SlimDiffError(f"strength {self.strength} is outside (0, 1]: it is the fraction of the schedule "
+                                "re-run over each calibration image")
 
 
 def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:

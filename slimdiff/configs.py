@@ -90,6 +90,30 @@ TINY_XL_UNET = dict(
     cross_attention_dim=64, norm_num_groups=8,
     addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
 )
+# SDXL-refiner 1.0 as published (unet/config.json): conditioned on the second text tower only (1280 wide), with
+# five micro-conditioning numbers — the base's minus the target size, plus an aesthetic score. Attention at the two
+# middle of four levels (6/12/24/24 heads of width 64), four transformer blocks per stage and in the mid block.
+SDXL_REFINER_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), use_linear_projection=True,
+    cross_attention_dim=1280, norm_num_groups=32,
+    # pooled text (1280) + five numbers (original size, crop top-left, aesthetic score) embedded at 256 each = 2560
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560,
+)
+# The refiner's structure at toy width over builtin:tiny-xl's second tower (32 wide): attention at the middle
+# levels only, heads of width 16, two blocks per stage, five time ids.
+TINY_XL_REFINER_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=2, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True,
+    cross_attention_dim=32, norm_num_groups=8,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=72,
+)
 TINY_XL_TEXT = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32)
 TINY_XL_TEXT_2 = dict(TINY_TEXT, hidden_size=32, intermediate_size=64, projection_dim=32, hidden_act="gelu")
 

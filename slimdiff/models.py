@@ -1,6 +1,7 @@
 """Model loading (the map of compressible modules lives in :mod:`slimdiff.families`).
 
-Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, PixArt pipeline
+Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (and the SDXL refiner's
+``StableDiffusionXLImg2ImgPipeline``), PixArt pipeline
 (``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``), ``StableDiffusion3Pipeline`` or ``FluxPipeline``, or a bare
 ``UNet2DConditionModel``. Sources:
 
@@ -17,6 +18,10 @@ Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipel
   configurations with seeded random weights (about 14 GB in float32, 10 GB of it the UNet), for export and
   latency work at real scale; tokenizers are the character-level one, as for ``sd15-shape``. Where only shapes
   matter (MAC counts) build it on the meta device: ``build_builtin("builtin:sdxl-shape", device="meta")``.
+* ``builtin:tiny-xl-refiner`` — a small SDXL refiner: a ``StableDiffusionXLImg2ImgPipeline`` with only the second
+  text tower (tiny-xl's), aesthetic-score time ids (five) and attention at its two middle levels, seeded weights.
+* ``builtin:sdxl-refiner-shape`` — the exact public SDXL-refiner 1.0 UNet (2.26 B parameters), OpenCLIP-bigG text
+  tower and VAE configurations with seeded random weights; build it on the meta device where only shapes matter.
 * ``builtin:tiny-pixart`` — a small ``PixArtSigmaPipeline`` with seeded random weights: a two-block
   ``PixArtTransformer2DModel`` (adaLN-single, learned sigma), a two-layer T5 v1.1 encoder behind the
   character-level tokenizer, the tiny VAE and PixArt-Σ's DPM-Solver++ scheduler. Its latent is 16×16 (32 px
@@ -83,6 +88,7 @@ from .configs import (
     SD_SCHEDULER,
     SDXL_SCHEDULER,
     SDXL_TEXT,
+    SDXL_REFINER_UNET,
     SDXL_TEXT_2,
     SDXL_UNET,
     SDXL_VAE,
@@ -101,6 +107,7 @@ from .configs import (
     TINY_UNET,
     TINY_VAE,
     TINY_XL_TEXT,
+    TINY_XL_REFINER_UNET,
     TINY_XL_TEXT_2,
     TINY_XL_UNET,
 )
@@ -114,6 +121,7 @@ if TYPE_CHECKING:
     from .lora import LoraSpec
 
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
+            "builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape",
             "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
             "builtin:tiny-flux", "builtin:flux-dev-shape")
 ASSETS = Path(__file__).parent / "assets"
@@ -126,7 +134,8 @@ ASSETS = Path(__file__).parent / "assets"
 #: ``_class_name`` names the denoiser class where it is not a UNet, as in a diffusers config.json.
 BUILTIN_DENOISER_CONFIGS = {
     "builtin:tiny": TINY_UNET, "builtin:sd15-shape": SD15_UNET, "builtin:tiny-xl": TINY_XL_UNET,
-    "builtin:sdxl-shape": SDXL_UNET,
+    "builtin:sdxl-shape": SDXL_UNET, "builtin:tiny-xl-refiner": TINY_XL_REFINER_UNET,
+    "builtin:sdxl-refiner-shape": SDXL_REFINER_UNET,
     "builtin:tiny-pixart": {"_class_name": "PixArtTransformer2DModel", **TINY_PIXART_TRANSFORMER},
     "builtin:pixart-sigma-shape": {"_class_name": "PixArtTransformer2DModel", **PIXART_SIGMA_TRANSFORMER},
     "builtin:tiny-sd3": {"_class_name": "SD3Transformer2DModel", **TINY_SD3_TRANSFORMER},
@@ -135,6 +144,7 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:flux-dev-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_DEV_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
+XL_REFINER_BUILTINS = ("builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape")
 PIXART_BUILTINS = ("builtin:tiny-pixart", "builtin:pixart-sigma-shape")
 SD3_BUILTINS = ("builtin:tiny-sd3", "builtin:sd3-medium-shape")
 FLUX_BUILTINS = ("builtin:tiny-flux", "builtin:flux-dev-shape")
@@ -149,11 +159,14 @@ def _seeded(seed: int, build):
 
 def build_builtin(name: str, device: str | torch.device | None = None):
     """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for
-    :data:`XL_BUILTINS`, ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for
-    :data:`SD3_BUILTINS`, ``FluxPipeline`` for :data:`FLUX_BUILTINS`), eval mode. ``device="meta"`` builds it without
-    weights (shapes only)."""
+    :data:`XL_BUILTINS`, ``StableDiffusionXLImg2ImgPipeline`` for :data:`XL_REFINER_BUILTINS`,
+    ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for :data:`SD3_BUILTINS`,
+    ``FluxPipeline`` for :data:`FLUX_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes
+    only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
+    if name in XL_REFINER_BUILTINS:
+        return _build_xl_refiner_builtin(name, device)
     if name in PIXART_BUILTINS:
         return _build_pixart_builtin(name, device)
     if name in SD3_BUILTINS:
@@ -211,6 +224,32 @@ def _build_xl_builtin(name: str, device):
     )
     pipe.set_progress_bar_config(disable=True)
     for m in (unet, text_encoder, text_encoder_2, vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+def _build_xl_refiner_builtin(name: str, device):
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    if name == "builtin:tiny-xl-refiner":
+        unet_cfg, text2_cfg, vae_cfg = TINY_XL_REFINER_UNET, TINY_XL_TEXT_2, TINY_VAE
+    else:
+        unet_cfg, text2_cfg, vae_cfg = SDXL_REFINER_UNET, SDXL_TEXT_2, SDXL_VAE
+    with _build_device(device):
+        unet = _seeded(4, lambda: UNet2DConditionModel(**unet_cfg))
+        text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg)))
+        vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
+    # as the published refiner's model_index: no first text tower, aesthetic-score time ids, and an empty negative
+    # prompt encoded (not zeros)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=builtin_tokenizer(),
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for m in (unet, text_encoder_2, vae):
         m.eval().requires_grad_(False)
     return pipe
 
@@ -384,7 +423,8 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         return load_single_file(path, dtype, config)
     if (path / "model_index.json").exists():
         from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                               StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline)
+                               StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                               StableDiffusionXLPipeline)
 
         from .sources import choose_variant
 
@@ -397,7 +437,8 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         elif pipeline_cls in (StableDiffusionPipeline, StableDiffusionInpaintPipeline):
             # The safety checker and its feature extractor play no part in slimming: not loaded, even when present.
             options = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        elif pipeline_cls in (StableDiffusionXLPipeline, StableDiffusionXLInpaintPipeline):
+        elif pipeline_cls in (StableDiffusionXLPipeline, StableDiffusionXLInpaintPipeline,
+                              StableDiffusionXLImg2ImgPipeline):
             options = dict(add_watermarker=False)
         return pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
                                             use_safetensors=True, variant=chosen, **options)
@@ -453,7 +494,8 @@ def _has_component(path: Path, component: str, index: dict | None = None) -> boo
 
 def _pipeline_class(path: Path, source: str):
     """The diffusers pipeline class that loads the folder: ``StableDiffusionXLPipeline`` for an SDXL base folder
-    (text-to-image or img2img class: both load as the text-to-image pipeline), the folder's own class for PixArt,
+    (text-to-image or img2img class: both load as the text-to-image pipeline), ``StableDiffusionXLImg2ImgPipeline``
+    for the SDXL refiner (no first text tower, aesthetic-score time ids), the folder's own class for PixArt,
     ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``FluxPipeline`` for FLUX (text-to-image or
     img2img), ``StableDiffusionPipeline`` otherwise; one line
     for folders slimdiff cannot calibrate."""
@@ -505,8 +547,15 @@ def _pipeline_class(path: Path, source: str):
     if not cls_name.startswith("StableDiffusionXL"):
         return diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):
-        raise SlimDiffError(f"{source!r} is an SDXL refiner ({cls_name}: only text_encoder_2, aesthetic-score "
-                            "time ids); slimdiff calibrates text-to-image base models: pass the SDXL base folder")
+        # the refiner: the second text tower only, aesthetic-score time ids; an image-to-image pipeline
+        missing = [c for c in ("text_encoder_2", "tokenizer_2") if not present(c)]
+        if missing:
+            raise SlimDiffError(f"{source!r} is an SDXL refiner folder without {', '.join(missing)} (calibration "
+                                "runs the refiner on prompts and images): the folder is incomplete")
+        if inpainting:
+            raise SlimDiffError(f"{source!r} is an SDXL refiner folder with an inpainting UNet; slimdiff knows the "
+                                "refiner as an image-to-image model only")
+        return diffusers.StableDiffusionXLImg2ImgPipeline
     if not present("text_encoder_2"):
         raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
                             "needed): the folder is incomplete")

@@ -12,7 +12,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from filelock import FileLock
 
-from slimdiff.configs import TINY_UNET, TINY_XL_UNET
+from slimdiff.configs import TINY_UNET, TINY_XL_REFINER_UNET, TINY_XL_UNET
 from slimdiff.export.modules import denoiser_component
 from slimdiff.export.onnx import export_onnx, load_sidecar, sidecar_path
 from slimdiff.export.shapes import parse_profiles
@@ -47,6 +47,9 @@ TWO_LEVEL_UNET = dict(TINY_UNET, block_out_channels=(32, 64), down_block_types=(
 TWO_LEVEL_XL_UNET = dict(TINY_XL_UNET, block_out_channels=(32, 64), attention_head_dim=(2, 4),
                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1))
+TWO_LEVEL_XL_REFINER_UNET = dict(TINY_XL_REFINER_UNET, block_out_channels=(32, 64), attention_head_dim=(2, 4),
+                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=1)
 
 
 def seeded_unet(config: dict, seed: int = 0):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_REFINER_UNET, TWO_LEVEL_XL_UNET, seeded_unet
 
 from slimdiff.calibrate import CalibrationConfig, calibrate
 from slimdiff.configs import TINY_TEXT, TINY_UNET, TINY_VAE
@@ -34,6 +34,7 @@ from slimdiff.decompose import (
 )
 from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
 from slimdiff.models import _seeded
+from slimdiff.quality.sampling import with_denoiser
 from slimdiff.rebuild import load_slim_weights, resize_site
 from slimdiff.serialization import load_slim, save_slim, save_slim_pipeline
 from slimdiff.slim import SlimConfig, analyze_sites, decompose_site, slim_unet
@@ -70,7 +71,7 @@ class FamilyConformance:
     family: str
     budget = 0.3
     image_px: int  # image size for sampling and export (latent = image / 2 with the tiny VAE)
-    sample_kwargs: dict = {}  # what the family's pipeline call needs beyond prompt, steps and size
+    image_steps = 2  # steps of the pipeline-image check (an image-to-image family runs a fraction of them)
     # Prompts of the pipeline-image check. A family whose pipeline calls its denoiser with one sample (no guidance
     # batch) draws two: at batch 1 the conditioning MLPs are matrix-vector products, whose CPU kernel rounds
     # differently with the weights' memory alignment (a loaded folder's weights are memory-mapped, unaligned), and
@@ -228,14 +229,14 @@ class FamilyConformance:
         load_slim_weights(full, {k: v.float() for k, v in tensors.items()})
         full.slim_lora_maps = LinearMaps(maps)
         slim = slim_class_for(full).from_slim(full, RankPlan.from_ranks(sites, {s.name: s.width for s in sites}))
-        slim_pipe = type(pipe)(**{**pipe.components, component: slim})
+        slim_pipe = with_denoiser(pipe, slim)
         # at full rank the mapped LoRA has the dense shapes, which the slim model takes as mapped already
         mapped = slim.slim_lora_maps.map_lora({f"{p}.lora_{side}.weight": t for p, (a, b) in layers.items()
                                                for side, t in (("A", a), ("B", b))})
         slim_pipe.load_lora_weights({f"{component}.{k}": v for k, v in mapped.items()}, adapter_name="style")
         slim_pipe.set_adapters(["style"], [0.5])
 
-        fused_pipe = type(pipe)(**{**pipe.components, component: copy.deepcopy(dense)})
+        fused_pipe = with_denoiser(pipe, copy.deepcopy(dense))
         fuse_loras(fused_pipe, [LoraSpec(str(tmp_path / "lora.safetensors"), 0.5)])
         call = self.call_inputs(dense)
         ref, base = self.denoiser(fused_pipe)(**call).sample, dense(**call).sample
@@ -275,7 +276,7 @@ class FamilyConformance:
         layers = self.dense_lora(dense, component, tmp_path / "one.safetensors")
         self.dense_lora(dense, component, tmp_path / "two.safetensors", seed=6)
         base = {n: p.detach().clone() for n, p in loaded.named_parameters()}
-        slim_pipe = type(pipe)(**{**pipe.components, component: loaded})
+        slim_pipe = with_denoiser(pipe, loaded)
         load_lora(slim_pipe, tmp_path / "one.safetensors", adapter_name="one")
         load_lora(slim_pipe, tmp_path / "two.safetensors", adapter_name="two")
         call = self.call_inputs(loaded)
@@ -299,7 +300,7 @@ class FamilyConformance:
 
         plain = slim_class_for(unet).from_slim(unet, report.plan)
         plain.slim_lora_maps = None  # slimmed without --lora-maps
-        plain_pipe = type(pipe)(**{**pipe.components, component: plain})
+        plain_pipe = with_denoiser(pipe, plain)
         with pytest.raises(SlimDiffError, match="slimmed without --lora-maps"):
             load_lora(plain_pipe, tmp_path / "one.safetensors")
         assert not any("lora" in n for n, _ in plain.named_parameters())
@@ -407,7 +408,7 @@ class FamilyConformance:
         unet, _ = slimmed
         if self.export_config is not None:
             pipe, _ = calibrated
-            pipe = type(pipe)(**{**pipe.components, "unet": seeded_unet(self.export_config)})
+            pipe = with_denoiser(pipe, seeded_unet(self.export_config))
             unet = pipe.unet
             slim_unet(unet, self.calibration(pipe), SlimConfig(budget=self.budget), progress=False)
             assert unet.slim_plan.params_removed > 0
@@ -422,15 +423,17 @@ class FamilyConformance:
         pipe, _ = calibrated
         unet, report = slimmed
         component = family_for(pipe).component
-        slim_pipe = type(pipe)(**{**pipe.components, component: unet})
+        slim_pipe = with_denoiser(pipe, unet)
         slim_pipe.set_progress_bar_config(disable=True)
         save_slim_pipeline(slim_pipe, report.plan, tmp_path / "pipe")
         loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
         assert isinstance(getattr(loaded, component), slim_class_for(unet))
         loaded.set_progress_bar_config(disable=True)
         prompts = PROMPTS[:self.image_prompts]
-        run = lambda p: p(prompts, num_inference_steps=2, height=self.image_px, width=self.image_px,  # noqa: E731
-                          generator=torch.Generator().manual_seed(0), output_type="np", **self.sample_kwargs).images
+        # the family's measuring call: the size, or the image an image-to-image family starts from
+        call = family_for(pipe).measuring_call(self.image_px, self.image_px)
+        run = lambda p: p(prompts, num_inference_steps=self.image_steps,  # noqa: E731
+                          generator=torch.Generator().manual_seed(0), output_type="np", **call).images
         image = run(loaded)
         assert image.shape == (len(prompts), self.image_px, self.image_px, 3) and image.std() > 0
         assert (image == run(slim_pipe)).all()
@@ -502,10 +505,6 @@ class TestSDInpaint(FamilyConformance):
     def calibration_options(cls) -> dict:
         return {"images": str(_noise_images())}
 
-    @property
-    def sample_kwargs(self) -> dict:
-        return family_for(self.make_pipeline()).pipeline_options
-
 
 _IMAGES: list = []
 
@@ -563,6 +562,30 @@ class TestSDXLPipeline(FamilyConformance):
         return build_builtin("builtin:tiny-xl")
 
 
+class TestSDXLRefiner(FamilyConformance):
+    """The SDXL refiner: builtin:tiny-xl-refiner — StableDiffusionXLImg2ImgPipeline with the second text tower only,
+    five time ids (an aesthetic score among them), attention at two middle levels; calibrated by refining a few noise
+    images (0.7 of 3 steps: two run). Its export check exports the refiner's blocks at two levels:
+    tests/test_sdxl_refiner.py exports the whole slim builtin:tiny-xl-refiner."""
+
+    family = "sdxl-refiner"
+    # a 3×3 mid block (three down-samplings of a 24² latent): at 2×2 its 8-row CPU GEMMs round differently with a
+    # loaded folder's memory-mapped (unaligned) weights, and the save/load check compares bits
+    image_px = 48
+    image_steps = 7  # the pipeline's strength, 0.3, runs two
+    export_config = TWO_LEVEL_XL_REFINER_UNET
+
+    @classmethod
+    def make_pipeline(cls):
+        from slimdiff.models import build_builtin
+
+        return build_builtin("builtin:tiny-xl-refiner")
+
+    @classmethod
+    def calibration_options(cls) -> dict:
+        return {"images": str(_noise_images()), "strength": 0.7}
+
+
 class TestPixArt(FamilyConformance):
     """PixArt-Σ: builtin:tiny-pixart — the first DiT: adaLN-single blocks (gated updates, cross-attention on the
     residual stream), q/k/v biases, a T5 context projected inside the transformer and masked to the prompt's
@@ -570,7 +593,6 @@ class TestPixArt(FamilyConformance):
 
     family = "pixart"
     image_px = 32
-    sample_kwargs = {"use_resolution_binning": False}
 
     @classmethod
     def make_pipeline(cls):
@@ -650,7 +672,7 @@ class TestFlux(FamilyConformance):
         assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE and len(sidecar["parity"]["shapes"]) == 2
         assert meta["family"] == "flux" and sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
 
-        slim_pipe = type(pipe)(**{**pipe.components, "transformer": transformer})
+        slim_pipe = with_denoiser(pipe, transformer)
         slim_pipe.set_progress_bar_config(disable=True)
         run = lambda: slim_pipe(PROMPTS[:self.image_prompts], num_inference_steps=2, height=self.image_px,  # noqa: E731
                                 width=self.image_px, generator=torch.Generator().manual_seed(0), output_type="np").images

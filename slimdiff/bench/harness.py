@@ -612,8 +612,8 @@ class Bench:
         gen = torch.Generator().manual_seed(cfg.seed)
         with _engine_in_pipeline(pipe, self.family, run, timer), torch.no_grad():
             out = pipe([cfg.prompt] * images, num_inference_steps=cfg.e2e_steps, guidance_scale=cfg.guidance,
-                       height=self.resolution, width=self.resolution, generator=gen, output_type="np",
-                       **self.family.pipeline_options).images
+                       generator=gen, output_type="np",
+                       **self.family.measuring_call(self.resolution, self.resolution)).images
         return torch.from_numpy(out).float()
 
     def _e2e(self, pipe, run, images: int, model: SlimModel) -> dict:

@@ -39,8 +39,11 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
                         "(default: the packaged COCO val2017 captions)")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="inpainting models: a folder of images (PNG/JPEG/WebP) calibration fills seeded holes in, one "
-                        "per prompt in turn (e.g. COCO photographs)")
+                   help="inpainting models and the SDXL refiner: a folder of images (PNG/JPEG/WebP) calibration fills "
+                        "seeded holes in or refines, one per prompt in turn (e.g. COCO photographs)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --images: the fraction of the schedule re-run over each image (default: inpainting "
+                        "1.0, the SDXL refiner its pipeline's 0.3; the refiner runs int(steps × strength) steps)")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
     p.add_argument("--steps", type=int, default=25,
                    help="sampling steps per prompt (default 25; step-distilled models — LCM, Turbo, Lightning: the "
@@ -66,7 +69,7 @@ def calibration_config_from_args(args):
     return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
                              width=args.resolution, seed=args.seed, batch_size=args.batch_size,
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting,
-                             checkpoint_every=args.checkpoint_every, images=images)
+                             checkpoint_every=args.checkpoint_every, images=images, strength=args.strength)
 
 
 def calibration_clock(prog: str, pipe, pool_size: int, args):

@@ -58,7 +58,7 @@ from .base import (
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".inpaint", ".pixart", ".sd3", ".flux")
+_BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".inpaint", ".refiner", ".pixart", ".sd3", ".flux")
 _loaded = False
 
 

@@ -988,6 +988,15 @@ class DenoiserFamily(ABC):
     #: benchmark's end-to-end runs and evaluation all pass them).
     pipeline_options: dict = {}
 
+    #: Whether measuring calls start from seeded latents (``latents=``, :meth:`seeded_latents`); not where the
+    #: start is an image the pipeline noises (an image-to-image family).
+    measures_from_latents: bool = True
+
+    def measuring_call(self, height: int, width: int) -> dict:
+        """The arguments of a pipeline call of the benchmark's end-to-end runs and of evaluation that fix what it
+        draws, beyond prompt, steps, guidance, generator and latents: the image size and :attr:`pipeline_options`."""
+        return {"height": height, "width": width, **self.pipeline_options}
+
     def guided_rows_per_image(self, config: Any) -> int:
         """Rows of the batch a denoiser of ``config`` sees per image in a guided pipeline call: 2 under
         classifier-free guidance (the unconditional and the conditional prediction), 1 where the guidance scale is

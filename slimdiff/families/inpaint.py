@@ -35,12 +35,13 @@ def is_inpainting_unet(config: Any) -> bool:
     return config.get("in_channels") == 2 * config.get("out_channels", 0) + 1
 
 
-def calibration_images(folder: str | None) -> list[Path]:
-    """The image files of ``folder`` in name order; one line when there is no folder or no image in it."""
+def calibration_images(folder: str | None, model: str = "an inpainting model is calibrated on images with holes"
+                       ) -> list[Path]:
+    """The image files of ``folder`` in name order; one line when there is no folder (saying why ``model`` needs
+    one) or no image in it."""
     if folder is None:
-        raise SlimDiffError("an inpainting model is calibrated on images with holes: give a folder of images "
-                            "(`--images DIR`, e.g. a few hundred COCO photographs; any size, resized to the "
-                            "calibration size)")
+        raise SlimDiffError(f"{model}: give a folder of images (`--images DIR`, e.g. a few hundred COCO photographs; "
+                            "any size, resized to the calibration size)")
     path = Path(folder)
     if not path.is_dir():
         raise SlimDiffError(f"--images {folder!r} is not a folder")
@@ -65,7 +66,7 @@ def seeded_hole(seed: int, height: int, width: int):
     return mask
 
 
-def _read_image(path: Path):
+def read_image(path: Path):
     from PIL import Image
 
     try:
@@ -93,10 +94,11 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
         # the masked image's latent is a sample of the VAE's posterior: drawn by each prompt's generator as well
         generators = image_generators(seeds)
         latents = _latents(unet.config, (height // scale, width // scale), generators)
-        images = [_read_image(files[int(s) % len(files)]) for s in seeds]
+        images = [read_image(files[int(s) % len(files)]) for s in seeds]
         masks = [seeded_hole(int(s), height, width) for s in seeds]
         pipe(list(prompts), image=images, mask_image=masks, num_inference_steps=config.steps, **guidance(config),
-             latents=latents.to(device=unet.device, dtype=unet.dtype), height=height, width=width, strength=1.0,
+             latents=latents.to(device=unet.device, dtype=unet.dtype), height=height, width=width,
+             strength=1.0 if config.strength is None else config.strength,
              generator=generators, output_type="latent")
 
     return run

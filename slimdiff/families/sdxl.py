@@ -31,6 +31,18 @@ from .sd import StableDiffusionFamily, _unet_of, guidance_embedding
 
 #: Micro-conditioning numbers per sample in a base model: (original h, w, crop top, left, target h, w).
 BASE_TIME_IDS = 6
+#: ... and in the refiner (:mod:`.refiner`): (original h, w, crop top, left, aesthetic score).
+REFINER_TIME_IDS = 5
+
+
+def is_refiner_unet(config: Any) -> bool:
+    """A ``text_time`` UNet taking the refiner's five time ids: its pooled text embedding, what ``add_embedding``
+    takes beyond five embedded time ids, is as wide as its text context — the refiner is conditioned on one tower,
+    whose projected pooled output is as wide as its hidden states (1280 in SDXL-refiner 1.0). The base takes six
+    beside the pooled output of a narrower second tower (2816 − 5·256 = 1536 ≠ its 2048-wide context)."""
+    return (config.get("addition_embed_type") == "text_time"
+            and config["projection_class_embeddings_input_dim"] - REFINER_TIME_IDS * config["addition_time_embed_dim"]
+            == config["cross_attention_dim"])
 
 
 @FAMILIES.register({StableDiffusionXLPipeline: "sdxl", UNet2DConditionModel: "sdxl", ControlNetModel: "sdxl"})
@@ -38,18 +50,21 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     """SD's call plus ``added_cond_kwargs`` (``text_embeds``, ``time_ids``); two text towers."""
 
     name = "sdxl"
+    #: How many micro-conditioning numbers ``time_ids`` holds per sample.
+    time_ids = BASE_TIME_IDS
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)
-        return unet is not None and unet.config.get("addition_embed_type") == "text_time"
+        return (unet is not None and unet.config.get("addition_embed_type") == "text_time"
+                and not is_refiner_unet(unet.config))
 
     def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
         return (
             *super().condition_inputs(config),
-            ConditionInput("text_embeds", ("batch", pooled_width(config)), MODEL_DTYPE),
+            ConditionInput("text_embeds", ("batch", pooled_width(config, self.time_ids)), MODEL_DTYPE),
             # float32 even in fp16 engines, as the timestep: pixel sizes such as 1024 go through a sinusoidal
             # embedding that diffusers computes in float32. Parity checks draw sizes below 1024 px.
-            ConditionInput("time_ids", ("batch", BASE_TIME_IDS), "float32", high=1024.0),
+            ConditionInput("time_ids", ("batch", self.time_ids), "float32", high=1024.0),
         )
 
     def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
@@ -58,9 +73,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                                                   do_classifier_free_guidance=False)
         h, w = size
         # original size, crop top-left, target size: what the pipeline passes for an uncropped image
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device)
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids,
-                **guidance_embedding(pipe, device)}
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled,
+                "time_ids": time_ids_of([h, w, 0, 0, h, w], device), **guidance_embedding(pipe, device)}
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
@@ -83,11 +97,16 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                 "add_watermarker": False}
 
 
-def pooled_width(config: Any) -> int:
-    """Width of ``text_embeds``: what ``add_embedding`` takes minus the embedded time ids."""
-    width = config["projection_class_embeddings_input_dim"] - BASE_TIME_IDS * config["addition_time_embed_dim"]
+def pooled_width(config: Any, time_ids: int) -> int:
+    """Width of ``text_embeds``: what ``add_embedding`` takes minus ``time_ids`` embedded time ids."""
+    width = config["projection_class_embeddings_input_dim"] - time_ids * config["addition_time_embed_dim"]
     if width <= 0:
         raise SlimDiffError(f"UNet config: projection_class_embeddings_input_dim "
                             f"{config['projection_class_embeddings_input_dim']} leaves no room for "
-                            f"{BASE_TIME_IDS} time ids of width {config['addition_time_embed_dim']}")
+                            f"{time_ids} time ids of width {config['addition_time_embed_dim']}")
     return width
+
+
+def time_ids_of(numbers: list[float], device: str | torch.device) -> torch.Tensor:
+    """One sample's ``time_ids``, float32 (as the pipelines make them)."""
+    return torch.tensor([numbers], dtype=torch.float32, device=device)

@@ -33,10 +33,12 @@ def image_size(pipe) -> int:
 
 
 def with_denoiser(pipe, denoiser):
-    """A pipeline of the same class sharing every component of ``pipe`` except the denoiser."""
+    """A pipeline of the same class sharing every component of ``pipe`` except the denoiser, and its registered
+    options (``requires_safety_checker``, SDXL's ``force_zeros_for_empty_prompt``, the refiner's
+    ``requires_aesthetics_score``: a constructor's defaults would change what the pipeline draws)."""
     kwargs = {**pipe.components, family_for(pipe).component: denoiser}
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
-        kwargs["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", False))
+    parameters = inspect.signature(type(pipe).__init__).parameters
+    kwargs.update({k: v for k, v in pipe.config.items() if k in parameters and k not in kwargs})
     out = type(pipe)(**kwargs)
     out.set_progress_bar_config(disable=True)
     return out
@@ -130,10 +132,12 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         chunk_p, chunk_s = list(prompts[k:k + batch_size]), seeds[k:k + batch_size]
         # each image's generator draws its latent, then whatever else the pipeline draws for it
         generators = image_generators(chunk_s)
-        latents = family.seeded_latents(unet.config, (latent, latent), generators).to(device=device, dtype=dtype)
-        call = lambda: pipe(chunk_p, height=size, width=size, num_inference_steps=steps,  # noqa: E731
-                            guidance_scale=guidance, latents=latents, output_type="np", generator=generators,
-                            **family.pipeline_options).images
+        start = family.measuring_call(size, size)
+        if family.measures_from_latents:
+            start["latents"] = family.seeded_latents(unet.config, (latent, latent), generators).to(device=device,
+                                                                                                   dtype=dtype)
+        call = lambda: pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
+                            output_type="np", generator=generators, **start).images
         if probe is None:
             images = call()
         else:

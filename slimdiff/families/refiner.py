@@ -1,0 +1,146 @@
+"""The SDXL refiner: ``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score`` and its
+``UNet2DConditionModel``.
+
+The refiner is SDXL's second expert: it re-runs the last, low-noise part of the schedule over an image (the base
+model's latents, or any picture), conditioned on the second text tower only. Its UNet's call is SDXL's with two
+differences the adapter owns: ``encoder_hidden_states`` is that one tower's penultimate hidden state (1280 wide in
+SDXL-refiner 1.0), and ``time_ids`` holds five numbers — original size, crop top-left and an *aesthetic score*
+(6.0 for the prompt, 2.5 for the negative prompt by default) — instead of the base's six.
+
+Calibration runs the refiner as it is used: each prompt's image (``CalibrationConfig.images``, e.g. COCO
+photographs, one per prompt in turn, resized to the calibration size) is noised to ``strength`` of the schedule
+(the pipeline's 0.3 by default) and denoised from there, so the statistics come from the timesteps the refiner
+visits. The benchmark's end-to-end runs and ``slimdiff eval`` refine one fixed synthetic image instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+from ..errors import SlimDiffError
+from .base import (
+    FAMILIES,
+    MODEL_DTYPE,
+    PENULTIMATE_HIDDEN_STATE,
+    TEXT_EMBEDS,
+    ConditionInput,
+    ServedTextEncoder,
+    TextTower,
+    image_generators,
+    pipeline_call_default,
+)
+from .inpaint import calibration_images, read_image
+from .sd import _unet_of, guidance
+from .sdxl import (
+    REFINER_TIME_IDS,
+    StableDiffusionXLFamily,
+    guidance_embedding,
+    is_refiner_unet,
+    pooled_width,
+    time_ids_of,
+)
+
+class _VacuousUpcastWarning(logging.Filter):
+    """Drops diffusers' warning that a model cast with ``.to(dtype)`` has modules to keep in float32 when it lists
+    none: SDXL's image-to-image pipeline upcasts its VAE (``force_upcast``) that way in every call, and the warning,
+    empty for an ``AutoencoderKL``, would bury calibration's and evaluation's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []." not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_VacuousUpcastWarning())
+
+
+def refining_steps(steps: int, strength: float) -> int:
+    """The denoising steps an image-to-image call of ``steps`` at ``strength`` runs (diffusers' ``get_timesteps``)."""
+    return min(int(steps * strength), steps)
+
+
+def refiner_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: the refiner pipeline's own sampling of one batch — prompt ``i`` refines
+    ``images[seed mod count]`` at the calibration size, its noise drawn by the prompt's generator — to latents."""
+    files = calibration_images(config.images, "the SDXL refiner is calibrated on the images it refines")
+    strength = pipeline_call_default(pipe, "strength") if config.strength is None else config.strength
+    if refining_steps(config.steps, strength) < 1:
+        raise SlimDiffError(f"{config.steps} steps at strength {strength} run no denoising step (the refiner runs "
+                            f"int(steps × strength) of them): raise --steps or --strength")
+    unet, scale = pipe.unet, pipe.vae_scale_factor
+    height = config.height or unet.config.sample_size * scale
+    width = config.width or unet.config.sample_size * scale
+
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        from PIL import Image
+
+        # the pipeline draws each image's latent sample and its noise by the image's generator
+        generators = image_generators(seeds)
+        images = [read_image(files[int(s) % len(files)]).resize((width, height), Image.Resampling.BICUBIC)
+                  for s in seeds]
+        pipe(list(prompts), image=images, strength=strength, num_inference_steps=config.steps, **guidance(config),
+             generator=generators, output_type="latent")
+
+    return run
+
+
+@FAMILIES.register({StableDiffusionXLImg2ImgPipeline: "sdxl-refiner", UNet2DConditionModel: "sdxl-refiner"})
+class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
+    """SDXL's call with the refiner's five time ids; the second text tower only; image-to-image sampling."""
+
+    name = "sdxl-refiner"
+    time_ids = REFINER_TIME_IDS
+    serving_pipeline = "StableDiffusionXLImg2ImgPipeline"
+    serving_image_inputs = ("image",)
+    # the refiner is an image-to-image model already; diffusers has no refiner ControlNet pipeline
+    serving_controlnet_pipeline = serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
+    # measuring calls refine an image: they start from its noised latent, not from seeded ones
+    measures_from_latents = False
+    export_options = ()
+
+    def accepts(self, obj: Any) -> bool:
+        unet = _unet_of(obj)
+        return unet is not None and is_refiner_unet(unet.config)
+
+    def condition_inputs(self, config: Any) -> tuple[ConditionInput, ...]:
+        return (ConditionInput("text_embeds", ("batch", pooled_width(config, self.time_ids)), MODEL_DTYPE),
+                ConditionInput("time_ids", ("batch", self.time_ids), "float32", high=1024.0))
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        h, w = size
+        # original size, crop top-left, the prompt's aesthetic score: what the pipeline passes for an uncropped image
+        score = pipeline_call_default(pipe, "aesthetic_score")
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled,
+                "time_ids": time_ids_of([h, w, 0, 0, score], device), **guidance_embedding(pipe, device)}
+
+    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        return refiner_loop(pipe, config)
+
+    def text_towers(self, pipe: Any) -> list[TextTower]:
+        return [TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
+
+    def measuring_call(self, height: int, width: int) -> dict:
+        return {"image": self._measuring_image.resize((width, height)), **self.pipeline_options}
+
+    @cached_property
+    def _measuring_image(self):
+        """The image the measuring runs refine: a smooth colour ramp (structure for the VAE to encode, no file)."""
+        import numpy as np
+        from PIL import Image
+
+        ramp = np.linspace(0, 255, 64, dtype=np.float32)
+        pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), 255 - np.tile(ramp, (64, 1))],
+                          axis=-1)
+        return Image.fromarray(pixels.round().astype(np.uint8))
+
+    def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
+        return (ServedTextEncoder("text_encoder_2", "tokenizer_2", (PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)),)
+
+    def serving_options(self, pipe: Any) -> dict:
+        return {**super().serving_options(pipe), "requires_aesthetics_score": True}
