@@ -143,4 +143,6 @@ class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
         return (ServedTextEncoder("text_encoder_2", "tokenizer_2", (PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)),)
 
     def serving_options(self, pipe: Any) -> dict:
-        return {**super().serving_options(pipe), "requires_aesthetics_score": True}
+        # no first text tower (the constructor requires the arguments); the refiner's aesthetic-score time ids
+        return {**super().serving_options(pipe), "text_encoder": None, "tokenizer": None,
+                "requires_aesthetics_score": True}

@@ -47,7 +47,7 @@ from .sd3 import EngineSD3Transformer
 
 class EngineUNet(EngineDenoiser):
     component = "unet"
-    families = ("sd", "sdxl", "sd-inpaint", "sdxl-inpaint")
+    families = ("sd", "sdxl", "sd-inpaint", "sdxl-inpaint", "sdxl-refiner")
     keyword_conditions = (GUIDANCE_EMBEDDING,)
 
     @property

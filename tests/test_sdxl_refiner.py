@@ -1,0 +1,222 @@
+"""The SDXL refiner end to end: told apart from the base by its UNet, loaded from a pipeline folder, calibrated on
+the images it refines (``--images``, ``--strength``) by ``slimdiff slim``, compared by ``slimdiff eval``, exported
+as an ONNX Runtime engine that drives the refiner pipeline, and served by a Triton repository whose requests carry
+the image to refine (in this process, and one request through the bundled ``tritonserver``). Seeded tiny models
+(builtin:tiny-xl-refiner), few steps, CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from serving_support import SIZE, noise_image, write_tiny_repository
+
+from slimdiff.cli import main
+from slimdiff.cli.export import main as export_main
+from slimdiff.configs import SDXL_REFINER_UNET, SDXL_UNET, TINY_XL_REFINER_UNET, TINY_XL_UNET
+from slimdiff.families import family_for, transformer_blocks
+from slimdiff.families.sdxl import is_refiner_unet
+from slimdiff.models import build_builtin, load_pipeline
+from slimdiff.runtime import use_engine
+from slimdiff.serialization import load_slim
+
+PROMPT = "a red circle above a blue square"
+# int(4 × 0.5) = 2 refining steps per prompt
+FAST = ["--num-prompts", "2", "--steps", "4", "--strength", "0.5", "--pass1-prompts", "1", "--budget", "0.4"]
+SHAPES = ["--batch", "2", "--height", "128", "--width", "128", "--text-len", "77", "--device", "cpu", "--fp32"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three seeded noise photographs-to-be of odd sizes (calibration resizes them)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("refiner-images")
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slim_refiner(tmp_path_factory, images):
+    """(refiner pipeline folder saved by diffusers, its slim UNet folder written by `slimdiff slim`)."""
+    root = tmp_path_factory.mktemp("refiner")
+    build_builtin("builtin:tiny-xl-refiner").save_pretrained(root / "pipe", safe_serialization=True)
+    assert main(["slim", "--model", str(root / "pipe"), "--images", str(images), *FAST, "--out",
+                 str(root / "slim")]) == 0
+    return root / "pipe", root / "slim"
+
+
+def test_the_refiner_is_told_from_the_base_by_its_unet():
+    """Five time ids beside a pooled embedding as wide as the text context: the published configurations and the
+    tiny ones; the pipelines and their bare UNets land in their families."""
+    assert is_refiner_unet(SDXL_REFINER_UNET) and is_refiner_unet(TINY_XL_REFINER_UNET)
+    assert not is_refiner_unet(SDXL_UNET) and not is_refiner_unet(TINY_XL_UNET)
+    refiner, base = build_builtin("builtin:tiny-xl-refiner"), build_builtin("builtin:tiny-xl")
+    assert family_for(refiner).name == family_for(refiner.unet).name == "sdxl-refiner"
+    assert family_for(base).name == family_for(base.unet).name == "sdxl"
+    inputs = {c.name: c.dims for c in family_for(refiner.unet).condition_inputs(refiner.unet.config)}
+    assert inputs == {"text_embeds": ("batch", 32), "time_ids": ("batch", 5)}
+
+
+def test_the_published_refiner_shape():
+    """builtin:sdxl-refiner-shape is SDXL-refiner 1.0's UNet: 2.26 B parameters, 44 transformer blocks of 64-wide
+    heads (four per attention at two levels and in the mid block), conditioned on 1280-wide text."""
+    pipe = build_builtin("builtin:sdxl-refiner-shape", device="meta")
+    unet = pipe.unet
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 2260
+    blocks = transformer_blocks(unet)
+    assert len(blocks) == 44 and {b.attn1.heads * 64 for _, b, _ in blocks} == {768, 1536}
+    assert pipe.text_encoder is None and pipe.config.requires_aesthetics_score
+
+
+def test_a_refiner_folder_loads_as_its_image_to_image_pipeline(tmp_path, capsys):
+    build_builtin("builtin:tiny-xl-refiner").save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    pipe = load_pipeline(str(tmp_path / "pipe"))
+    assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline" and pipe.config.requires_aesthetics_score
+    assert family_for(pipe).name == "sdxl-refiner"
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["slim", "--model", str(tmp_path / "pipe"), "--budget", "0.4", "--out", str(tmp_path / "slim")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SDXL refiner folder without text_encoder_2" in err[0], err
+    assert not (tmp_path / "slim").exists()
+
+
+def test_calibration_needs_images_and_a_refining_step(tmp_path, images, capsys):
+    """Refused in one line before any sampling: no images; steps × strength below one step."""
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--budget", "0.4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the SDXL refiner is calibrated on the images it refines" in err[0], err
+    assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--images", str(images), "--steps", "3",
+                 "--budget", "0.4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 steps at strength 0.3 run no denoising step" in err[0], err
+    assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--images", str(images), "--strength", "1.5",
+                 "--budget", "0.4", "--out", str(out)]) == 2
+    assert "strength 1.5 is outside (0, 1]" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_calibration_visits_the_refiners_timesteps(images):
+    """The refiner's calibration visits only the low-noise end of the schedule: strength 0.5 of 10 steps runs the
+    last five of the ten timesteps, no more."""
+    from slimdiff.calibrate import CalibrationConfig, calibrate
+
+    pipe = build_builtin("builtin:tiny-xl-refiner")
+    stats = calibrate(pipe, ["a red cube"], None, CalibrationConfig(steps=10, strength=0.5, pass1_prompts=1,
+                                                                     height=32, width=32, images=str(images)),
+                      progress=False)
+    pipe.scheduler.set_timesteps(10)
+    assert sorted(stats.timesteps) == sorted(int(t) for t in pipe.scheduler.timesteps[5:])
+
+
+def test_slim_and_eval_on_a_refiner_folder(slim_refiner, tmp_path):
+    folder, slim = slim_refiner
+    plan = json.loads((slim / "slimdiff_plan.json").read_text())
+    assert plan["info"]["source_model"] == str(folder.resolve())
+    assert plan["info"]["calibration"]["strength"] == 0.5
+    assert load_slim(slim).slim_plan.params_removed > 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    assert main(["eval", "--model", str(folder), "--slim", str(slim), "--prompts", str(prompts), "--num", "2",
+                 "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert any((tmp_path / "eval").iterdir())
+
+
+def _refined(pipe, image):
+    return pipe(PROMPT, image=image, strength=0.5, num_inference_steps=4, generator=torch.Generator().manual_seed(5),
+                output_type="np").images[0]
+
+
+@pytest.mark.slow
+def test_export_and_use_engine_in_the_refiner_pipeline(slim_refiner, tmp_path):
+    from PIL import Image
+
+    _, slim = slim_refiner
+    out = tmp_path / "engines"
+    assert export_main(["--model", str(slim), "--engine", "ort", "--out", str(out), *SHAPES]) == 0
+    row = json.loads((out / "export.json").read_text())["rows"][0]
+    assert row["variant"] == "slim" and row["max_rel_error"] <= 1e-4
+    pipe = load_pipeline(str(slim))  # the refiner pipeline the slim UNet came from, with the slim UNet in it
+    assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline" and pipe.config.requires_aesthetics_score
+    image = Image.fromarray(noise_image(3, size=32))
+    reference = _refined(pipe, image)
+    use_engine(pipe, out / "slim")
+    assert np.abs(_refined(pipe, image) - reference).max() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    """``(root, pipe)``: ONNX Runtime engines of builtin:tiny-xl-refiner (UNet, second text encoder, VAE decoder
+    and encoder) and the python-mode repository ``root/repo`` serving it, written by the calls
+    ``slimdiff-export --triton-repo`` makes."""
+    root = tmp_path_factory.mktemp("refiner-repo")
+    pipe = build_builtin("builtin:tiny-xl-refiner")
+    write_tiny_repository(pipe, root)
+    return root, pipe
+
+
+def test_the_repository_serves_the_second_tower_and_takes_an_image(repository):
+    from slimdiff.engines.triton import _pb, read_config
+
+    root, pipe = repository
+    repo = root / "repo"
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder_2", "unet", "vae_decoder",
+                                                      "vae_encoder"]
+    spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+    assert spec["pipeline_class"] == "StableDiffusionXLImg2ImgPipeline" and spec["image_inputs"] == ["image"]
+    assert spec["options"]["requires_aesthetics_score"] is True
+    pb, _ = _pb()
+    inputs = {t.name: (t.data_type, list(t.dims), t.optional)
+              for t in read_config(repo / "pipeline" / "config.pbtxt").input}
+    assert inputs["image"] == (pb.TYPE_UINT8, [-1, -1, 3], False)  # a refiner request always carries its image
+    assert inputs["strength"] == (pb.TYPE_FP32, [1], True)
+
+
+def test_served_refiner_is_diffusers_pipeline_with_the_engine(repository):
+    """The repository's pipeline (in this process, over the same engines) refines what diffusers' refiner pipeline
+    with the UNet engine refines, within one grey level; the image and the strength matter; no image: an error."""
+    from slimdiff.errors import SlimDiffError
+    from slimdiff.quality.sampling import with_denoiser
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, pipe = repository
+    served = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    assert type(served).__name__ == "StableDiffusionXLImg2ImgPipeline" and served.config.requires_aesthetics_score
+    reference = with_denoiser(pipe, pipe.unet)
+    use_engine(reference, root / "unet")
+    options = dict(seed=3, steps=4, image=noise_image(1), strength=0.5)
+    got = generate(served, PROMPT, **options)
+    assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
+    assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "image": noise_image(2)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "strength": 0.9}))
+    with pytest.raises(SlimDiffError, match=r"request takes image, got none$"):
+        generate(served, PROMPT, seed=3, steps=4)
+
+
+@pytest.mark.slow
+def test_tritonserver_serves_the_refiner(repository, tmp_path):
+    """One request to the real tritonserver: the served image is the in-process repository pipeline's, bit for
+    bit; a request without its image is answered with an error naming it."""
+    pytest.importorskip("tritonclient.http")
+    import tritonclient.http as httpclient
+
+    from slimdiff.engines.triton import local_server, request_image
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, _ = repository
+    repo = root / "repo"
+    in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
+    expected = generate(in_process, PROMPT, seed=4, steps=4, image=noise_image(5), strength=0.75)
+    with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:
+        client = httpclient.InferenceServerClient(urls["http"])
+        served = request_image(client, PROMPT, 4, 4, image=noise_image(5), strength=0.75)
+        assert np.array_equal(served, expected)
+        with pytest.raises(Exception, match="image"):
+            request_image(client, PROMPT, 4, 4)
