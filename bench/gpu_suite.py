@@ -31,6 +31,9 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
 5. **Calibration on CUDA**: a measured subset of calibration on the headline model and on SD-1.5, extrapolated to
    500 prompts × 25 steps, with peak GPU and host memory (SDXL samples 10 steps to spend less device time: its
    float64 statistics are 17.8 GB there and 21.0 GB over 25 timesteps, held once on the host; both are reported).
+8. **SDXL refiner** (run after phase 5, before the DiTs): ``builtin:sdxl-refiner-shape`` (seeded random weights,
+   exact SDXL-refiner 1.0 UNet) fp16 1024², UNet batch 2, dense vs plans removing 40 % and 60 % of its
+   transformer-block MACs (65.6 % of its MACs; ideal 1.36× / 1.65×), interleaved on the headline engines.
 6. **SD3-medium** (a DiT, through the same harness): ``builtin:sd3-medium-shape`` (seeded random weights, exact
    shapes) fp16 1024², transformer batch 2, dense vs plans removing 33 % and 50 % of the transformer-block MACs,
    interleaved on the headline engines (cudagraph, compile). Last in priority: it runs only if the deadline leaves
@@ -64,6 +67,7 @@ MAC_FRACTIONS = (0.4, 0.6)  # of the transformer-block MACs (issue 12 §2.1)
 SPEEDUPS = (1.3, 1.5)  # latency-budget plans
 CALIBRATION_TARGET = (500, 25)  # prompts × steps the measured subset is extrapolated to
 DIT_MAC_FRACTIONS = (0.33, 0.5)  # of the SD3 transformer-block MACs (phase 6) and of FLUX.1-dev's (phase 7)
+REFINER_MAC_FRACTIONS = MAC_FRACTIONS  # of the SDXL refiner's transformer-block MACs (phase 8), as the headline's
 
 
 class HardStop(Exception):
@@ -329,10 +333,11 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
             out[name] = _calibration_subset(name, device, dry)
         return out
 
-    def dit(key: str, model: str, batch: int, resolution: int | None) -> dict:
-        """A DiT's transformer, dense vs plans removing :data:`DIT_MAC_FRACTIONS` of its block MACs, interleaved
-        on the headline engines."""
-        cfg = BenchConfig(model=model, engines=engines, budgets=[0.0, *DIT_MAC_FRACTIONS], budget_unit="macs",
+    def mac_plans(key: str, model: str, batch: int, resolution: int | None,
+                  fractions: tuple[float, ...] = DIT_MAC_FRACTIONS) -> dict:
+        """A further model's denoiser (a DiT's transformer, the refiner's UNet), dense vs plans removing
+        ``fractions`` of its transformer-block MACs, interleaved on the headline engines."""
+        cfg = BenchConfig(model=model, engines=engines, budgets=[0.0, *fractions], budget_unit="macs",
                           batches=[batch], resolution=resolution, device=device,
                           dtype=None if dry else "float16", e2e=False, deadline_s=args.deadline,
                           build_estimates_s={"compile": args.compile_estimate}, command=suite.body["command"], **n)
@@ -346,14 +351,20 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
                 "batch": batch, "budget_unit": report["model"]["budget_unit"],
                 "results": [_cell_summary(r) for r in report["results"]]}
 
+    def sdxl_refiner():
+        return mac_plans("refiner", "builtin:tiny-xl-refiner" if dry else "builtin:sdxl-refiner-shape", 2,
+                         None if dry else 1024, REFINER_MAC_FRACTIONS)
+
     def sd3_medium():
-        return dit("sd3", "builtin:tiny-sd3" if dry else "builtin:sd3-medium-shape", 2, None if dry else 1024)
+        state.pop("refiner", None)  # the refiner's models are not timed again
+        _free_memory(device)
+        return mac_plans("sd3", "builtin:tiny-sd3" if dry else "builtin:sd3-medium-shape", 2, None if dry else 1024)
 
     def flux_dev():
         state.pop("sd3", None)  # the SD3 models are not timed again: room for FLUX's 11.9 B parameters and copies
         _free_memory(device)
         # tiny-flux at 32 px in the dry run: FluxPipeline's default size is 1024 px (4,096 tokens) for any FLUX
-        return dit("flux", "builtin:tiny-flux" if dry else "builtin:flux-dev-shape", 1, 32 if dry else 1024)
+        return mac_plans("flux", "builtin:tiny-flux" if dry else "builtin:flux-dev-shape", 1, 32 if dry else 1024)
 
     est = args.compile_estimate
     suite.phase("p1a_headline_mac_plans", "headline: transformer-MAC plans on the timed engines", 30,
@@ -373,6 +384,8 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
     suite.phase("p4_compiled_sd15", "compiled SD-1.5 slim and AOTInductor, dense vs 0.4", 150, compiled_sd15)
     suite.phase("p5_calibration", "calibration on CUDA, extrapolated to 500 × 25", 60, calibration)
     bench.release_dense()  # the headline's dense runners (CUDA graph pools) are not timed again
+    suite.phase("p8_sdxl_refiner", "SDXL refiner UNet: dense vs 40 % / 60 % of its block MACs", 30 if dry else 120,
+                sdxl_refiner)
     suite.phase("p6_sd3_medium", "SD3-medium transformer: dense vs 33 % / 50 % of its block MACs",
                 30 if dry else 240, sd3_medium)
     suite.phase("p7_flux_dev", "FLUX.1-dev transformer: dense vs 33 % / 50 % of its block MACs",
@@ -567,11 +580,11 @@ def suite_markdown(body: dict, report: dict | None) -> str:
     sd = body["phases"].get("p4_compiled_sd15", {}).get("result")
     if sd:
         lines += ["", f"### Compiled {sd['model']} (batch 2)", ""] + _cells_table(sd["results"])
-    for key in ("p6_sd3_medium", "p7_flux_dev"):
-        dit = body["phases"].get(key, {}).get("result")
-        if dit:
-            lines += ["", f"### {dit['model']} transformer ({dit['dtype']}, {dit['resolution']}², batch "
-                          f"{dit['batch']}; budget = {dit['budget_unit']})", ""] + _cells_table(dit["results"])
+    for key, part in (("p8_sdxl_refiner", "UNet"), ("p6_sd3_medium", "transformer"), ("p7_flux_dev", "transformer")):
+        r = body["phases"].get(key, {}).get("result")
+        if r:
+            lines += ["", f"### {r['model']} {part} ({r['dtype']}, {r['resolution']}², batch {r['batch']}; budget = "
+                          f"{r['budget_unit']})", ""] + _cells_table(r["results"])
     cal = body["phases"].get("p5_calibration", {}).get("result")
     if cal:
         lines += ["", "### Calibration, measured subset extrapolated to 500 prompts × 25 steps", "",

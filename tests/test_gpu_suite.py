@@ -35,7 +35,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     phases = suite["phases"]
     assert list(phases) == ["p1a_headline_mac_plans", "p2_latency_table", "p1b_latency_plans",
                             "p1c_compiled_headline", "p3_attention_kernels", "p4_compiled_sd15", "p5_calibration",
-                            "p6_sd3_medium", "p7_flux_dev"]
+                            "p8_sdxl_refiner", "p6_sd3_medium", "p7_flux_dev"]
     assert phases["p4_compiled_sd15"]["status"] == "skipped" and "--skip" in phases["p4_compiled_sd15"]["reason"]
     assert all(p["status"] == "ok" for k, p in phases.items() if k != "p4_compiled_sd15"), phases
     report = json.loads((out / "report.json").read_text())
@@ -50,6 +50,10 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert shapes and all(p["max_abs_diff"] < 1e-4 for s in shapes for p in s["padded"])
     calibration = phases["p5_calibration"]["result"]
     assert all(c["projected_500x25_s"] > 0 and c["peak_host_rss_bytes"] > 0 for c in calibration.values())
+    refiner = phases["p8_sdxl_refiner"]["result"]  # the refiner's UNet at batch 2, the headline's MAC fractions
+    assert refiner["model"] == "builtin:tiny-xl-refiner" and refiner["batch"] == 2
+    assert {c["budget"] for c in refiner["results"]} == {0.0, 0.4, 0.6}
+    assert all(c["ideal_speedup"] > 1.0 for c in refiner["results"] if c["budget"] > 0)
     dit = phases["p6_sd3_medium"]["result"]  # the DiT through the same harness: SD3's transformer, MAC plans
     assert dit["model"] == "builtin:tiny-sd3" and {c["budget"] for c in dit["results"]} == {0.0, 0.33, 0.5}
     slim_dit = [c for c in dit["results"] if c["budget"] > 0]
@@ -64,6 +68,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "Headline: dense vs slim" in text and "Dry run" in text and "builtin:tiny-sd3 transformer" in text
     assert "builtin:tiny-flux transformer (float32, 32², batch 1" in text
+    assert "builtin:tiny-xl-refiner UNet (float32" in text
 
 
 def test_transformer_mac_plan_removes_the_asked_fraction(tiny_pipe):
