@@ -8,9 +8,10 @@ to a temporary diffusers folder, and diffusers is handed that folder with ``loca
 DIR`` (a diffusers pipeline folder: ``model_index.json`` and component configs, weights not needed) replaces
 the shipped configuration for checkpoints the project has none for.
 
-Shipped: SD-1.5, SD-2.1 (768 px, v-prediction) and SDXL-base 1.0 (:mod:`slimdiff.configs`), plus
-``builtin:tiny``. Text encoders with CLIP's 49,408-token vocabulary get CLIP's byte-pair tokenizer
-(:func:`slimdiff.tokenization.clip_bpe_tokenizer`); the project's own tiny models use its character tokenizer.
+Shipped: SD-1.5, SD-2.1 (768 px, v-prediction), SDXL-base 1.0 and SDXL-refiner 1.0 (:mod:`slimdiff.configs`),
+plus ``builtin:tiny`` and ``builtin:tiny-xl-refiner``. Text encoders with CLIP's 49,408-token vocabulary get CLIP's
+byte-pair tokenizer (:func:`slimdiff.tokenization.clip_bpe_tokenizer`); the project's own tiny models use its
+character tokenizer.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .configs import (
     SD21_UNET,
     SD21_VAE,
     SD_SCHEDULER,
+    SDXL_REFINER_UNET,
     SDXL_SCHEDULER,
     SDXL_TEXT,
     SDXL_TEXT_2,
@@ -41,6 +43,8 @@ from .configs import (
     TINY_TEXT,
     TINY_UNET,
     TINY_VAE,
+    TINY_XL_REFINER_UNET,
+    TINY_XL_TEXT_2,
 )
 from .errors import SlimDiffError, SlimDiffWarning
 from .tokenization import builtin_tokenizer, clip_bpe_tokenizer
@@ -76,14 +80,19 @@ def unsupported_file_message(source: str) -> str:
 
 UNET_PREFIX = "model.diffusion_model."
 
-# The text-encoder token embedding of each layout: (family, key).
+# The token embedding of each family's text_encoder: (family, key). The SDXL refiner has none.
 _TEXT_EMBEDDINGS = {
     "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
     "sd2": "cond_stage_model.model.token_embedding.weight",
     "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
 }
-_SDXL_SECOND_TOWER = "conditioner.embedders.1.model.positional_embedding"  # (77, width)
-FAMILY_NAMES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL"}
+# The positional embedding, (77, width), of each family's text_encoder_2: SDXL's OpenCLIP ViT-bigG, the base's
+# second embedder and the refiner's only one.
+_TEXT_2_EMBEDDINGS = {
+    "sdxl": "conditioner.embedders.1.model.positional_embedding",
+    "sdxl-refiner": "conditioner.embedders.0.model.positional_embedding",
+}
+FAMILY_NAMES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ class ShippedConfig:
 
     name: str
     unet: dict
-    text: dict
+    text: dict | None  # None for the SDXL refiner, conditioned on its text_2 alone
     vae: dict
     scheduler: dict  # scheduler_config.json form, ``_class_name`` included
     pad_token: str = "<|endoftext|>"
@@ -102,15 +111,19 @@ class ShippedConfig:
 
     @property
     def pipeline_class(self) -> str:
-        return _pipeline_class_name(self.text_2 is not None, self.unet.get("in_channels") == INPAINTING_CHANNELS)
+        return _pipeline_class_name(self.text is not None, self.text_2 is not None,
+                                    self.unet.get("in_channels") == INPAINTING_CHANNELS)
 
 
 #: conv_in's input channels of an inpainting UNet: the latent (4), the mask (1), the masked image's latent (4).
 INPAINTING_CHANNELS = 9
 
 
-def _pipeline_class_name(sdxl: bool, inpainting: bool) -> str:
-    return f"StableDiffusion{'XL' if sdxl else ''}{'Inpaint' if inpainting else ''}Pipeline"
+def _pipeline_class_name(text: bool, text_2: bool, inpainting: bool) -> str:
+    """The pipeline of a model with a ``text_encoder`` and/or a ``text_encoder_2``."""
+    if not text:  # the SDXL refiner, an image-to-image model (detect_family refuses an inpainting refiner)
+        return "StableDiffusionXLImg2ImgPipeline"
+    return f"StableDiffusion{'XL' if text_2 else ''}{'Inpaint' if inpainting else ''}Pipeline"
 
 
 def _clip_tokenized(text: dict, pad_token_id: int) -> dict:
@@ -131,6 +144,12 @@ def _shipped() -> dict[str, list[ShippedConfig]]:
         # (builtin:tiny-xl is not among them: its two text encoders are equally wide, see check_sdxl_text_towers.)
         "sdxl": [ShippedConfig("SDXL-base 1.0", SDXL_UNET, _clip_tokenized(SDXL_TEXT, 49407), SDXL_VAE,
                                SDXL_SCHEDULER, text_2=_clip_tokenized(SDXL_TEXT_2, 0))],
+        # SDXL-refiner 1.0: SDXL-base's OpenCLIP bigG tower (padding with "!"), VAE and scheduler, without CLIP ViT-L;
+        # builtin:tiny-xl-refiner too (its one text tower leaves the single-file loader nothing to mix up).
+        "sdxl-refiner": [ShippedConfig("SDXL-refiner 1.0", SDXL_REFINER_UNET, None, SDXL_VAE, SDXL_SCHEDULER,
+                                       text_2=_clip_tokenized(SDXL_TEXT_2, 0)),
+                         ShippedConfig("builtin:tiny-xl-refiner", TINY_XL_REFINER_UNET, None, TINY_VAE,
+                                       SDXL_SCHEDULER, text_2=TINY_XL_TEXT_2)],
     }
 
 
@@ -157,7 +176,8 @@ def input_channels(shapes: dict[str, tuple[int, ...]]) -> int | None:
 
 
 def detect_family(shapes: dict[str, tuple[int, ...]], source: str) -> str:
-    """``sd1`` / ``sd2`` / ``sdxl`` from the checkpoint's keys; one line naming what was found otherwise."""
+    """``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl-refiner`` from the checkpoint's keys; one line naming what was found
+    otherwise."""
     if not any(k.startswith(UNET_PREFIX) for k in shapes):
         example = next(iter(sorted(shapes)), "none")
         raise SlimDiffError(f"{source!r} is not an original-layout Stable Diffusion checkpoint (no {UNET_PREFIX}* "
@@ -167,10 +187,13 @@ def detect_family(shapes: dict[str, tuple[int, ...]], source: str) -> str:
         raise SlimDiffError(f"{source!r} is a UNet with {channels} input channels (an image-conditioned model such as "
                             "InstructPix2Pix or SD-2 depth); only text-to-image (4) and inpainting (9) UNets are "
                             "supported")
-    if _SDXL_SECOND_TOWER in shapes and _TEXT_EMBEDDINGS["sdxl"] in shapes:
+    if _TEXT_2_EMBEDDINGS["sdxl"] in shapes and _TEXT_EMBEDDINGS["sdxl"] in shapes:
         return "sdxl"
-    if "conditioner.embedders.0.model.text_projection" in shapes:
-        raise SlimDiffError(f"{source!r} is an SDXL refiner checkpoint; only SDXL base models are supported")
+    if _TEXT_2_EMBEDDINGS["sdxl-refiner"] in shapes:
+        if channels == INPAINTING_CHANNELS:  # as refiner folders are refused (slimdiff.models)
+            raise SlimDiffError(f"{source!r} is an SDXL refiner checkpoint with an inpainting UNet; slimdiff knows "
+                                "the refiner as an image-to-image model only")
+        return "sdxl-refiner"
     for family in ("sd2", "sd1"):
         if _TEXT_EMBEDDINGS[family] in shapes:
             return family
@@ -183,7 +206,7 @@ def check_sdxl_text_towers(shapes: dict[str, tuple[int, ...]], source: str) -> N
     """Refuse SDXL checkpoints whose two text encoders are equally wide: diffusers' single-file loader gives each
     text encoder the tower whose position embedding is as wide as it is, so it would silently load the first
     tower into both (SDXL's are 768 and 1280 wide)."""
-    first, second = shapes[_TEXT_EMBEDDINGS["sdxl"]][-1], shapes[_SDXL_SECOND_TOWER][-1]
+    first, second = shapes[_TEXT_EMBEDDINGS["sdxl"]][-1], shapes[_TEXT_2_EMBEDDINGS["sdxl"]][-1]
     if first == second:
         raise SlimDiffError(f"{source!r}: both SDXL text encoders are {first} wide, and diffusers' single-file "
                             "loader tells them apart by width only (it would load the first into both); load "
@@ -198,13 +221,14 @@ def _cross_attention_dim(shapes: dict[str, tuple[int, ...]]) -> int | None:
 def _probe(shapes: dict[str, tuple[int, ...]], family: str) -> dict:
     """The few numbers that tell family members apart (SDXL-base and its distilled cousins differ in depth only)."""
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", (None,))
-    vocab, hidden = shapes[_TEXT_EMBEDDINGS[family]]
     # every transformer block has one self-attention query projection, under the same name in both layouts
     blocks = sum(1 for k in shapes if k.startswith(UNET_PREFIX) and k.endswith(".attn1.to_q.weight"))
     found = {"UNet width": conv_in[0], "UNet transformer blocks": blocks,
-             "cross-attention width": _cross_attention_dim(shapes), "text vocabulary": vocab, "text width": hidden}
-    if family == "sdxl":
-        found["second text width"] = shapes[_SDXL_SECOND_TOWER][-1]
+             "cross-attention width": _cross_attention_dim(shapes)}
+    if family in _TEXT_EMBEDDINGS:
+        found["text vocabulary"], found["text width"] = shapes[_TEXT_EMBEDDINGS[family]]
+    if family in _TEXT_2_EMBEDDINGS:
+        found["text_encoder_2 width"] = shapes[_TEXT_2_EMBEDDINGS[family]][-1]
     return found
 
 
@@ -223,10 +247,11 @@ def _transformer_blocks(unet: dict) -> int:
 def _expected_probe(config: ShippedConfig) -> dict:
     expected = {"UNet width": config.unet["block_out_channels"][0],
                 "UNet transformer blocks": _transformer_blocks(config.unet),
-                "cross-attention width": config.unet["cross_attention_dim"],
-                "text vocabulary": config.text["vocab_size"], "text width": config.text["hidden_size"]}
+                "cross-attention width": config.unet["cross_attention_dim"]}
+    if config.text is not None:
+        expected["text vocabulary"], expected["text width"] = config.text["vocab_size"], config.text["hidden_size"]
     if config.text_2 is not None:
-        expected["second text width"] = config.text_2["hidden_size"]
+        expected["text_encoder_2 width"] = config.text_2["hidden_size"]
     return expected
 
 
@@ -256,15 +281,18 @@ def _tokenizer_for(text: dict, pad_token: str):
 
 
 def write_config_folder(config: ShippedConfig, folder: Path) -> Path:
-    """A diffusers pipeline folder (``StableDiffusionPipeline`` or, with a second text encoder,
-    ``StableDiffusionXLPipeline``) with every config and the tokenizers, no weights."""
+    """A diffusers pipeline folder (``StableDiffusionPipeline``; with a second text encoder,
+    ``StableDiffusionXLPipeline``; with the second alone, the refiner's ``StableDiffusionXLImg2ImgPipeline``) with
+    every config and the tokenizers, no weights."""
     import diffusers
     from transformers import CLIPTextConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     scheduler = dict(config.scheduler)
     # component folder → (class, text config, pad token); SDXL's second tower is read through its projection
-    text_encoders = {"text_encoder": ("CLIPTextModel", config.text, config.pad_token)}
+    text_encoders = {}
+    if config.text is not None:
+        text_encoders["text_encoder"] = ("CLIPTextModel", config.text, config.pad_token)
     if config.text_2 is not None:
         text_encoders["text_encoder_2"] = ("CLIPTextModelWithProjection", config.text_2, config.pad_token_2)
     index = {"_class_name": config.pipeline_class, "_diffusers_version": diffusers.__version__,
@@ -275,6 +303,11 @@ def write_config_folder(config: ShippedConfig, folder: Path) -> Path:
         index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     if config.text_2 is None:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    elif config.text is None:
+        # SDXL-refiner's model_index.json: five time ids (with the aesthetic score), an empty negative prompt encoded
+        # rather than zeros
+        index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True,
+                     force_zeros_for_empty_prompt=False)
     else:
         index["force_zeros_for_empty_prompt"] = True  # SDXL-base's model_index.json
     components = {"unet": {"_class_name": "UNet2DConditionModel", **config.unet},
@@ -299,7 +332,8 @@ def write_config_folder(config: ShippedConfig, folder: Path) -> Path:
 def _pipeline_class(family: str, inpainting: bool):
     import diffusers
 
-    return getattr(diffusers, _pipeline_class_name(family == "sdxl", inpainting))
+    return getattr(diffusers, _pipeline_class_name(family in _TEXT_EMBEDDINGS, family in _TEXT_2_EMBEDDINGS,
+                                                   inpainting))
 
 
 def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None):
@@ -315,7 +349,7 @@ def load_single_file(path: str | Path, dtype: torch.dtype = torch.float32, confi
     inpainting = input_channels(shapes) == INPAINTING_CHANNELS
     cls = _pipeline_class(family, inpainting)
     kwargs = dict(torch_dtype=dtype, local_files_only=True)
-    if family == "sdxl":  # as SDXL pipeline folders load (slimdiff.models): no invisible watermark on images
+    if family in _TEXT_2_EMBEDDINGS:  # SDXL (base or refiner), as its folders load (slimdiff.models): no watermark
         kwargs["add_watermarker"] = False
     else:
         kwargs.update(safety_checker=None, requires_safety_checker=False)

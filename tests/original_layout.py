@@ -1,9 +1,10 @@
 """Test helper: a diffusers SD pipeline's weights in the original (CompVis / Stability) single-file key layout.
 
 The inverse of diffusers' ``convert_ldm_*`` loaders, written from the layout itself, so that tests can build
-small checkpoints laid out like ``v1-5-pruned-emaonly.safetensors`` (SD-1.x: CLIP text encoder) or
-``v2-1_768-ema-pruned.safetensors`` (SD-2.x: OpenCLIP text encoder) and check that loading them gives back
-exactly the weights they were made from.
+small checkpoints laid out like ``v1-5-pruned-emaonly.safetensors`` (SD-1.x: CLIP text encoder),
+``v2-1_768-ema-pruned.safetensors`` (SD-2.x: OpenCLIP text encoder), ``sd_xl_base_1.0.safetensors`` (both) or
+``sd_xl_refiner_1.0.safetensors`` (OpenCLIP alone) and check that loading them gives back exactly the weights they
+were made from.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def _open_clip(text_state: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 
 def to_original_layout(pipe, text_layout: str = "clip") -> dict[str, torch.Tensor]:
     """UNet, VAE and text encoder(s) of ``pipe`` under original keys; ``text_layout``: ``clip`` (SD-1.x),
-    ``open_clip`` (SD-2.x) or ``sdxl`` (CLIP and OpenCLIP under ``conditioner.embedders``). VAE attention
-    projections become 1×1 convolutions, as in the original files."""
+    ``open_clip`` (SD-2.x), ``sdxl`` (CLIP and OpenCLIP under ``conditioner.embedders``) or ``sdxl_refiner``
+    (``text_encoder_2`` alone, as OpenCLIP under ``conditioner.embedders.0``). VAE attention projections become
+    1×1 convolutions, as in the original files."""
     state = {}
     for key, value in pipe.unet.state_dict().items():
         state["model.diffusion_model." + unet_key(key, pipe.unet.config)] = value
@@ -109,14 +111,15 @@ def to_original_layout(pipe, text_layout: str = "clip") -> dict[str, torch.Tenso
         if ".mid.attn_1." in new and value.ndim == 2:
             value = value[:, :, None, None]
         state["first_stage_model." + new] = value
-    text = pipe.text_encoder.state_dict()
     if text_layout == "clip":
         state.update({"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-                      for k, v in text.items()})
+                      for k, v in pipe.text_encoder.state_dict().items()})
     elif text_layout == "sdxl":
         state.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
-                      for k, v in text.items()})
+                      for k, v in pipe.text_encoder.state_dict().items()})
         state.update(_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    elif text_layout == "sdxl_refiner":  # the refiner's one tower, SDXL's second, is its first embedder
+        state.update(_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.0.model."))
     else:
-        state.update(_open_clip(text, "cond_stage_model.model."))
+        state.update(_open_clip(pipe.text_encoder.state_dict(), "cond_stage_model.model."))
     return {k: v.detach().clone().contiguous() for k, v in state.items()}

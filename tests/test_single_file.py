@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from original_layout import to_original_layout
@@ -183,6 +184,32 @@ def test_sdxl_checkpoint_loads_with_a_config_folder(tmp_path):
     _assert_same_weights(loaded, source, ("unet", "vae", "text_encoder", "text_encoder_2"))
 
 
+@pytest.mark.parametrize("with_config", [False, True], ids=["shipped", "config"])
+def test_sdxl_refiner_checkpoint_loads_offline_as_the_refiner_pipeline(tmp_path, with_config):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    source = build_builtin("builtin:tiny-xl-refiner")
+    ckpt = tmp_path / "tiny-xl-refiner.safetensors"
+    save_file(to_original_layout(source, "sdxl_refiner"), str(ckpt))
+    if with_config:  # the refiner's own folder in place of the shipped configuration
+        source.save_pretrained(tmp_path / "config")
+    loaded = load_pipeline(str(ckpt), config=str(tmp_path / "config") if with_config else None)
+    assert type(loaded) is StableDiffusionXLImg2ImgPipeline
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+    assert loaded.config.requires_aesthetics_score and not loaded.config.force_zeros_for_empty_prompt
+    _assert_same_weights(loaded, source, ("unet", "vae", "text_encoder_2"))
+    assert loaded.tokenizer_2("a cat").input_ids == source.tokenizer_2("a cat").input_ids
+    # it refines as its source does: the aesthetic score among the time ids, an empty negative prompt encoded
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+    def refined(pipe):
+        return pipe("a red cube", image=image, strength=0.5, num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+
+    np.testing.assert_array_equal(refined(loaded), refined(source))
+
+
 def _header_from_folder(folder, layout):
     """The header shapes of a full-size original-layout checkpoint of the configuration in ``folder``, from
     models built on the meta device (no memory, little time)."""
@@ -191,8 +218,9 @@ def _header_from_folder(folder, layout):
 
     with torch.device("meta"):
         parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-                 "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+                 "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))}
+        if (folder / "text_encoder").is_dir():
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
         if (folder / "text_encoder_2").is_dir():
             parts["text_encoder_2"] = CLIPTextModelWithProjection(
                 CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
@@ -201,7 +229,7 @@ def _header_from_folder(folder, layout):
 
 @pytest.mark.parametrize("family, layout, expected", [
     ("sd1", "clip", "SD-1.5"), ("sd2", "open_clip", "SD-2.1 (768 px, v-prediction)"),
-    ("sdxl", "sdxl", "SDXL-base 1.0")])
+    ("sdxl", "sdxl", "SDXL-base 1.0"), ("sdxl-refiner", "sdxl_refiner", "SDXL-refiner 1.0")])
 def test_full_size_checkpoints_find_their_shipped_configuration(tmp_path, family, layout, expected):
     shipped = {c.name: c for configs in _shipped().values() for c in configs}[expected]
     shapes = _header_from_folder(write_config_folder(shipped, tmp_path / "pipeline"), layout)
@@ -211,6 +239,10 @@ def test_full_size_checkpoints_find_their_shipped_configuration(tmp_path, family
         assert sum(torch.Size(s).numel() for k, s in shapes.items() if k.startswith(UNET_PREFIX)) == 2_567_463_684
         assert sum(k.endswith(".attn1.to_q.weight") for k in shapes) == 70
         check_sdxl_text_towers(shapes, "ckpt")
+    if family == "sdxl-refiner":  # SDXL-refiner's UNet: 2.26 G parameters, 44 transformer blocks; bigG's 32 layers
+        assert round(sum(torch.Size(s).numel() for k, s in shapes.items() if k.startswith(UNET_PREFIX)) / 1e6) == 2260
+        assert sum(k.endswith(".attn1.to_q.weight") for k in shapes) == 44
+        assert shapes["conditioner.embedders.0.model.transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
 
 
 def test_sdxl_base_configuration_folder(tmp_path):
@@ -232,6 +264,32 @@ def test_sdxl_base_configuration_folder(tmp_path):
         assert tokenizer("a photo of a cat", padding="max_length", max_length=9).input_ids == ids + [pad, pad]
     text_2 = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
     assert (text_2.hidden_size, text_2.projection_dim, text_2.eos_token_id) == (1280, 1280, 49407)
+
+
+def test_sdxl_refiner_configuration_folder(tmp_path):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    folder = write_config_folder(_shipped()["sdxl-refiner"][0], tmp_path / "pipeline")
+    index = json.loads((folder / "model_index.json").read_text())
+    # as stabilityai/stable-diffusion-xl-refiner-1.0's model_index.json: no CLIP ViT-L tower
+    assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
+    assert index["text_encoder"] == index["tokenizer"] == [None, None]
+    assert index["requires_aesthetics_score"] is True and index["force_zeros_for_empty_prompt"] is False
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    components = {name for name, entry in index.items() if isinstance(entry, list) and entry[0] is not None}
+    assert components == {"unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"}
+    assert all((folder / name).is_dir() for name in components) and not (folder / "text_encoder").exists()
+    scheduler = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    assert (scheduler.config.timestep_spacing, scheduler.config.steps_offset) == ("leading", 1)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")  # OpenCLIP-bigG pads with "!"
+    ids = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" in CLIP's vocabulary
+    assert tokenizer("a photo of a cat", padding="max_length", max_length=9).input_ids == ids + [0, 0]
+    text_2 = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+    assert (text_2.hidden_size, text_2.num_hidden_layers, text_2.projection_dim) == (1280, 32, 1280)
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    assert unet["projection_class_embeddings_input_dim"] == 1280 + 5 * 256  # pooled text + five time ids
+    assert AutoencoderKL.load_config(folder / "vae")["scaling_factor"] == 0.13025
 
 
 def test_clip_tokenizer_is_clips():
@@ -292,3 +350,12 @@ def test_sdxl_checkpoints_the_shipped_configurations_do_not_fit_say_why(tmp_path
     shallower = {k: s for k, s in shapes.items() if ".transformer_blocks.9." not in k}
     with pytest.raises(SlimDiffError, match="UNet transformer blocks 64,.*SDXL-base 1.0"):
         choose_config(shallower, "sdxl", "x")
+
+
+def test_an_sdxl_refiner_inpainting_checkpoint_is_refused(tmp_path, capsys):
+    state = to_original_layout(build_builtin("builtin:tiny-xl-refiner"), "sdxl_refiner")
+    state[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    save_file(state, str(tmp_path / "refiner-inpainting.safetensors"))
+    _fails(["slim", "--model", str(tmp_path / "refiner-inpainting.safetensors"), "--budget", "0.3", "--out",
+            str(tmp_path / "never")], capsys, "SDXL refiner checkpoint with an inpainting UNet")
+    assert not (tmp_path / "never").exists()
