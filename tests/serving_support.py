@@ -42,12 +42,13 @@ def served_images_match(client, repo, pipe) -> list[np.ndarray]:
     return images
 
 
-def write_tiny_repository(pipe, root, *, image_to_image: bool = False):
+def write_tiny_repository(pipe, root, *, image_to_image: bool = False, refiner=None):
     """What ``slimdiff-export --triton-repo`` (python mode) writes for ``pipe``, without its slimming (a rank plan
     does not change what is served), at SIZE px: ONNX Runtime engines of the denoiser at the rows one image takes
     (``root/unet`` or ``root/transformer``; with ControlNet residual inputs, and the ControlNet's engine in
-    ``root/controlnet``, for a ControlNet pipeline), of the text encoders and the VAE at batch 1, and the repository
-    ``root/repo`` serving them (image-to-image requests too when ``image_to_image``); returns the repository."""
+    ``root/controlnet``, for a ControlNet pipeline; the ``refiner``'s UNet in ``root/refiner`` when given), of the
+    text encoders and the VAE at batch 1, and the repository ``root/repo`` serving them (image-to-image requests too
+    when ``image_to_image``); returns the repository."""
     import torch
 
     from slimdiff.engines.build import build_controlnet_engine, build_denoiser_engine
@@ -62,7 +63,7 @@ def write_tiny_repository(pipe, root, *, image_to_image: bool = False):
     multiple = latent_multiple(denoiser.config)
     text_len = Range.parse(family.default_text_len(pipe), "text length").opt  # the one length the pipeline passes
 
-    def build(batch) -> dict:
+    def build(batch, multiple=multiple) -> dict:
         return {"profiles": parse_profiles(str(batch), str(SIZE), str(SIZE), str(text_len),
                                            vae_scale=pipe.vae_scale_factor, multiple=multiple),
                 "dtype": torch.float32, "device": "cpu", "multiple": multiple}
@@ -76,6 +77,10 @@ def write_tiny_repository(pipe, root, *, image_to_image: bool = False):
         folders[CONTROLNET] = root / CONTROLNET
         folders[CONTROLNET].mkdir()
         build_controlnet_engine(pipe.controlnet, "ort", folders[CONTROLNET], **build(rows))
+    if refiner is not None:
+        (root / "refiner").mkdir()
+        build_denoiser_engine(refiner.unet, "ort", root / "refiner",
+                              **build(rows, latent_multiple(refiner.unet.config)))
     write_repository(root / "repo", pipe, root / family.component, folders, "python", pipeline_instances=1,
-                     image_to_image=image_to_image)
+                     image_to_image=image_to_image, refiner=refiner, refiner_folder=root / "refiner")
     return root / "repo"

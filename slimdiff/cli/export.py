@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the pipeline model also takes image-to-image requests (an image and a strength; SD, "
                              "SDXL, SD3, FLUX; with --controlnet, ControlNet image-to-image): a VAE encoder engine "
                              "is served too")
+    triton.add_argument("--refiner", default=None, metavar="MODEL",
+                        help="SDXL base: a refiner the repository runs after the base on its latents (diffusers' "
+                             "ensemble of expert denoisers; requests take refiner_start, default 0.8) — a refiner "
+                             "pipeline folder or built-in (served dense), or a slim refiner folder from `slimdiff "
+                             "slim --images`; its UNet engine is built beside the base's (OUT/refiner), with the "
+                             "base's shapes; it shares the base's second text encoder and VAE")
     triton.add_argument("--triton-mode", default="native", choices=["native", "python"],
                         help="native: Triton's tensorrt_plan / onnxruntime backends (default); python: the engines "
                              "run by slimdiff in Triton's python backend (CPU-only servers)")
@@ -161,6 +167,15 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
     return pipe, family_for(pipe).denoiser(pipe), None, None
+
+
+def _load_refiner(source: str):
+    """``(refiner pipeline, its slim plan or None)``: a slim refiner folder loads the refiner it was slimmed from with
+    the slim UNet in it; any other model loads as it is (served dense)."""
+    from ..models import load_pipeline
+    from ..serialization import is_slim_folder, load_plan
+
+    return load_pipeline(source), load_plan(source) if is_slim_folder(source) else None
 
 
 def _slimming_inputs(pipe, args):
@@ -419,12 +434,12 @@ def _nested_output(out: Path, repo: Path) -> bool:
     return repo.is_relative_to(out)
 
 
-def _write_triton_repository(args, pipe, controlnet, out: Path, repo: Path, *, profiles, kind: str, device: str,
-                             dtype, opset, multiple: int) -> None:
+def _write_triton_repository(args, pipe, controlnet, refiner, out: Path, repo: Path, *, profiles, kind: str,
+                             device: str, dtype, opset, multiple: int) -> None:
     """Engines of the text encoders and the VAE (``OUT/text_encoder``, ``OUT/text_encoder_2`` for SDXL,
     ``OUT/vae_decoder``; ``OUT/vae_encoder`` for inpainting and ``--triton-img2img``), then the repository serving
     them with the slim denoiser's engine — and, with a ``controlnet``, the ControlNet's (``OUT/controlnet``) in a
-    ControlNet pipeline."""
+    ControlNet pipeline, or with a ``refiner``, the refiner's UNet engine (``OUT/refiner``) run after it."""
     from ..engines.triton import build_serving_engines, controlnet_pipeline, write_repository
     from ..export.modules import CONTROLNET
 
@@ -433,7 +448,8 @@ def _write_triton_repository(args, pipe, controlnet, out: Path, repo: Path, *, p
                                     dtype=dtype, device=device, multiple=multiple, opset=opset)
     if controlnet is not None:
         folders[CONTROLNET] = out / CONTROLNET
-    write_repository(repo, served, out / "slim", folders, args.triton_mode, image_to_image=args.triton_img2img)
+    write_repository(repo, served, out / "slim", folders, args.triton_mode, image_to_image=args.triton_img2img,
+                     refiner=refiner, refiner_folder=out / "refiner")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -469,8 +485,9 @@ def run(args) -> list[dict]:
         raise SlimDiffError(f"--opset {opset} is not supported: use 23 (fused) or 18 (decomposed attention)")
     fp16 = args.fp16 if args.fp16 is not None else device.startswith("cuda")
     dtype = torch.float16 if fp16 else torch.float32
-    if args.triton_img2img and not args.triton_repo:
-        raise SlimDiffError("--triton-img2img is an option of the Triton repository: give --triton-repo DIR too")
+    for option, given in (("--triton-img2img", args.triton_img2img), ("--refiner", args.refiner)):
+        if given and not args.triton_repo:
+            raise SlimDiffError(f"{option} is an option of the Triton repository: give --triton-repo DIR too")
     if args.triton_repo:
         from ..engines.triton import check_mode
 
@@ -496,15 +513,17 @@ def run(args) -> list[dict]:
         loras = () if args.stats and not is_slim_folder(args.model) else lora_specs(args)
         pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras)
         controlnet = _load_controlnet(args.controlnet, (dense or slim).config) if args.controlnet else None
+        refiner, refiner_plan = _load_refiner(args.refiner) if args.refiner else (None, None)
         slimming = _slimming_inputs(pipe, args) if slim is None else None
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline, controlnet_pipeline
 
             check_pipeline(pipe, args.engine, args.triton_mode,
-                           image_to_image=args.triton_img2img and controlnet is None)
+                           image_to_image=args.triton_img2img and controlnet is None,
+                           refiner=refiner if controlnet is None else None)
             if controlnet is not None:
                 check_pipeline(controlnet_pipeline(pipe, controlnet), args.engine, args.triton_mode,
-                               image_to_image=args.triton_img2img)
+                               image_to_image=args.triton_img2img, refiner=refiner)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
@@ -518,6 +537,14 @@ def run(args) -> list[dict]:
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
                                   vae_scale=vae_scale, multiple=multiple)
         check_static(profiles, family.static_axes, type(reference).__name__)
+        refiner_build = None
+        if refiner is not None:  # the base's shapes, on the refiner's latent grid (three down-samplings in SDXL's)
+            refiner_multiple = latent_multiple(refiner.unet.config)
+            refiner_build = {"profiles": parse_profiles(args.batch or defaults["batch"], args.height or
+                                                        defaults["height"], args.width or defaults["width"],
+                                                        args.text_len or defaults["text_len"], vae_scale=vae_scale,
+                                                        multiple=refiner_multiple),
+                             "multiple": refiner_multiple}
         if repo_tmp is not None:
             # the served pipeline calls the denoiser with the text length it makes (the default's OPT: CLIP's 77, or
             # the T5 length PixArt-Σ and SD3 pad every prompt to): engines without it would refuse every request
@@ -554,10 +581,13 @@ def run(args) -> list[dict]:
             torch.set_num_threads(threads)
         if controlnet is not None:
             rows.append(_build_controlnet(args, controlnet, tmp / "controlnet", **build))
+        if refiner is not None:
+            rows.append(_build_variant(args, "refiner", refiner.unet, refiner_plan, tmp / "refiner",
+                                       **{**build, **refiner_build}))
         if slim_folder == tmp / "slim-unet":
             _save_slim_unet(slim, plan, slim_folder, args)
         if repo_tmp is not None:
-            _write_triton_repository(args, pipe, controlnet, tmp, repo_tmp, **build)
+            _write_triton_repository(args, pipe, controlnet, refiner, tmp, repo_tmp, **build)
         print(format_table(rows))
         by_variant = {r["variant"]: r for r in rows}
         if "dense" in by_variant and "slim" in by_variant:

@@ -85,6 +85,16 @@ IMAGE_INPUTS = {"image": [-1, -1, 3], "mask_image": [-1, -1], "control_image": [
 IMAGE_OPTIONS = {"strength": "FP32"}
 #: The optional inputs a ControlNet pipeline takes beside :data:`PIPELINE_OPTIONS`.
 CONTROLNET_OPTIONS = {"controlnet_conditioning_scale": "FP32"}
+#: The optional input of a repository serving a base model with its refiner (``--refiner``): the fraction of the
+#: schedule the base runs before the refiner denoises its latents on (diffusers' ``denoising_end`` and
+#: ``denoising_start``: the ensemble of expert denoisers).
+REFINER_OPTIONS = {"refiner_start": "FP32"}
+#: ``refiner_start`` of a request that names none: diffusers' ensemble example's ``high_noise_frac``.
+DEFAULT_REFINER_START = 0.8
+#: The model serving the refiner's UNet engine beside the base's.
+REFINER = "refiner_unet"
+#: The folder of ``pipeline/1`` holding the refiner's scheduler.
+REFINER_SCHEDULER = "refiner_scheduler"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                   "uint8": "TYPE_UINT8"}
 _MODEL_PY = {
@@ -114,6 +124,7 @@ class ServedPipeline:
     pipeline_class: str
     role: str
     image_to_image_class: str | None = None
+    refiner_class: str | None = None  # the refiner's pipeline run after this one on its latents (``--refiner``)
 
     @property
     def controlnet(self) -> bool:
@@ -145,7 +156,7 @@ class ServedPipeline:
     def options(self) -> dict[str, str]:
         """The request's optional inputs with their Triton types."""
         return {**PIPELINE_OPTIONS, **(CONTROLNET_OPTIONS if self.controlnet else {}),
-                **(IMAGE_OPTIONS if self.vae_encoder else {})}
+                **(IMAGE_OPTIONS if self.vae_encoder else {}), **(REFINER_OPTIONS if self.refiner_class else {})}
 
 
 def served_pipeline(pipe) -> ServedPipeline | None:
@@ -283,12 +294,13 @@ def request_image(client, prompt: str, seed: int, steps: int, **options):
     """Ask the repository's ``pipeline`` model for one image (``uint8`` H×W×3) through a ``tritonclient.http``
     ``InferenceServerClient``; ``options`` are more of :data:`PIPELINE_OPTIONS` (``height=16``...) and, for an
     inpainting, image-to-image or ControlNet repository, its :data:`IMAGE_INPUTS` (uint8 arrays) and
-    :data:`IMAGE_OPTIONS` or :data:`CONTROLNET_OPTIONS`; the optional inputs left out take the model's defaults."""
+    :data:`IMAGE_OPTIONS` or :data:`CONTROLNET_OPTIONS`, and :data:`REFINER_OPTIONS` for one serving a refiner; the
+    optional inputs left out take the model's defaults."""
     import numpy as np
     import tritonclient.http as httpclient
 
     numpy_types = {"BYTES": object, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32}
-    known = {**PIPELINE_OPTIONS, **IMAGE_OPTIONS, **CONTROLNET_OPTIONS}
+    known = {**PIPELINE_OPTIONS, **IMAGE_OPTIONS, **CONTROLNET_OPTIONS, **REFINER_OPTIONS}
     unknown = sorted(set(options) - set(known) - set(IMAGE_INPUTS))
     if unknown:
         raise SlimDiffError(f"the pipeline model takes no {', '.join(unknown)} "
@@ -344,12 +356,15 @@ def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str,
 
 
 def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: int,
-                       image_to_image: bool = False) -> None:
+                       image_to_image: bool = False, refiner=None) -> None:
     """The python-backend ``pipeline`` model and what its loop needs: the family's pipeline class, text encoders
     and constructor options (``pipeline.json``), tokenizers, scheduler, the text encoders' and VAE's configs, and
-    the metadata of the engine models (names, dtypes, shapes, the denoiser's and the ControlNet's configs), and the
-    image-to-image class it runs for requests carrying an image when ``image_to_image``."""
-    served = check_pipeline(pipe, image_to_image=image_to_image)
+    the metadata of the engine models (names, dtypes, shapes, the denoiser's and the ControlNet's configs), the
+    image-to-image class it runs for requests carrying an image when ``image_to_image``, and the ``refiner``
+    pipeline's class, scheduler and options when it serves one (its UNet's engine metadata among ``metas``)."""
+    from ..families import family_for
+
+    served = check_pipeline(pipe, image_to_image=image_to_image, refiner=refiner)
     family = served.family
     version = Path(repo) / PIPELINE / "1"
     version.mkdir(parents=True)
@@ -367,7 +382,12 @@ def add_pipeline_model(repo: Path, pipe, metas: dict[str, dict], *, instances: i
                                "attention_mask": t.attention_mask} for t in towers],
             "options": family.serving_options(pipe), "image_inputs": list(served.image_inputs),
             "vae_encoder": served.vae_encoder, "controlnet": served.controlnet,
-            "image_to_image": served.image_to_image_class}
+            "image_to_image": served.image_to_image_class, "refiner": None}
+    if refiner is not None:
+        # the refiner shares the base's second text tower and VAE stand-ins: its own scheduler and options only
+        refiner.scheduler.save_pretrained(version / REFINER_SCHEDULER)
+        spec["refiner"] = {"pipeline_class": served.refiner_class, "denoiser": REFINER,
+                           "scheduler": REFINER_SCHEDULER, "options": family_for(refiner).serving_options(refiner)}
     (version / PIPELINE_SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
     (version / "model.py").write_text(_MODEL_PY[PIPELINE], encoding="utf-8")
     write_config(Path(repo) / PIPELINE / "config.pbtxt",
@@ -384,10 +404,10 @@ def served_pipelines() -> list[str]:
 
 
 def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
-                   image_to_image: bool = False) -> ServedPipeline:
+                   image_to_image: bool = False, refiner=None) -> ServedPipeline:
     """Refuse, in one line and before any work, a pipeline the repository cannot serve (with ``kind`` engines in
-    serving ``mode``, when given; with image-to-image requests too, when ``image_to_image``); returns how it is
-    served."""
+    serving ``mode``, when given; with image-to-image requests too, when ``image_to_image``; followed by the
+    ``refiner`` pipeline, when given); returns how it is served."""
     from ..export.modules import CONTROLNET
     from ..families import FAMILIES
 
@@ -417,7 +437,46 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
             raise SlimDiffError(f"--triton-img2img serves {', '.join(beside)} so far, not image-to-image requests "
                                 f"beside {type(pipe).__name__}")
         served = dataclasses.replace(served, image_to_image_class=name)
+    if refiner is not None:
+        served = dataclasses.replace(served, refiner_class=_check_refiner(served, pipe, refiner))
     return served
+
+
+def _check_refiner(served: ServedPipeline, pipe, refiner) -> str:
+    """The class of the ``refiner`` pipeline a repository runs after ``pipe`` on its latents; one line where the
+    family has no refiner, ``refiner`` is not its refiner, or its second text tower or VAE is not shaped as the
+    base's (the repository serves the base's to both, as diffusers' ensemble example shares them). Weights that
+    differ are said in a warning: the base's serve."""
+    import warnings
+
+    import torch
+
+    from ..errors import SlimDiffWarning
+    from ..families import family_for
+
+    wanted = served.family.serving_refiner_family
+    if wanted is None or served.role != TEXT_TO_IMAGE or served.image_to_image_class:
+        what = f"{served.pipeline_class} with image-to-image requests" if served.image_to_image_class else \
+            served.pipeline_class
+        raise SlimDiffError(f"--refiner continues an SDXL base's text-to-image latents; a repository serving {what} "
+                            "takes no refiner")
+    family = family_for(refiner)
+    if family.name != wanted:
+        raise SlimDiffError(f"--refiner is a {family.name!r} model ({type(refiner).__name__}), not a refiner of "
+                            f"{served.pipeline_class} ({wanted!r})")
+    for name in ("text_encoder_2", "vae"):
+        mine, theirs = getattr(pipe, name), getattr(refiner, name)
+        shapes = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in theirs.state_dict().items()}:
+            raise SlimDiffError(f"the refiner's {name} is shaped unlike the base's; the repository serves the base's "
+                                "to both (as diffusers' ensemble of experts shares them)")
+        if not all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values())):
+            warnings.warn(f"the refiner's {name} weights differ from the base's; the repository serves the base's "
+                          "to both (as diffusers' ensemble of experts shares them)", SlimDiffWarning, stacklevel=2)
+    if family.serving_pipeline != type(refiner).__name__:
+        raise SlimDiffError(f"--refiner is a {type(refiner).__name__}; the repository runs a refiner as "
+                            f"{family.serving_pipeline}")
+    return family.serving_pipeline
 
 
 def build_serving_engines(pipe, out: Path, kind: str, *, image_to_image: bool = False, **build) -> dict[str, Path]:
@@ -464,15 +523,17 @@ def vae_engine_dtype(family, vae, dtype):
 
 
 def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders: dict[str, Path], mode: str, *,
-                     dynamic_batching: bool = True, pipeline_instances: int = 2, image_to_image: bool = False) -> None:
+                     dynamic_batching: bool = True, pipeline_instances: int = 2, image_to_image: bool = False,
+                     refiner=None, refiner_folder: Path | None = None) -> None:
     """Fill the (new, empty) folder ``repo`` with the engine models and the pipeline model.
     ``component_folders`` maps each text encoder and ``vae_decoder`` (and ``vae_encoder`` or ``controlnet`` when
     the pipeline has them) to its engine folder (:func:`build_serving_engines`); ``denoiser_folder`` holds the
     denoiser's (the slim UNet's). ``image_to_image``: the pipeline model also takes requests carrying an image
-    (``--triton-img2img``)."""
+    (``--triton-img2img``). ``refiner``: a refiner pipeline run after ``pipe`` on its latents, its UNet's engine in
+    ``refiner_folder`` (served as :data:`REFINER`)."""
     from ..export.modules import CONTROLNET, VAE_ENCODER
 
-    served = check_pipeline(pipe, image_to_image=image_to_image)
+    served = check_pipeline(pipe, image_to_image=image_to_image, refiner=refiner)
     family = served.family
     wanted = {t.name for t in family.served_text_encoders(pipe)} | {"vae_decoder"} | (
         {VAE_ENCODER} if served.vae_encoder else set()) | ({CONTROLNET} if served.controlnet else set())
@@ -484,7 +545,12 @@ def write_repository(repo: Path, pipe, denoiser_folder: Path, component_folders:
     for component, folder in component_folders.items():
         metas[component] = add_engine_model(repo, component, folder, component, mode,
                                             dynamic_batching=dynamic_batching)
-    add_pipeline_model(repo, pipe, metas, instances=pipeline_instances, image_to_image=image_to_image)
+    if refiner is not None:
+        component = served.family.component  # the refiner's denoiser is a UNet, as the base's
+        metas[REFINER] = add_engine_model(repo, REFINER, refiner_folder, component, mode,
+                                          dynamic_batching=dynamic_batching)
+    add_pipeline_model(repo, pipe, metas, instances=pipeline_instances, image_to_image=image_to_image,
+                       refiner=refiner)
     status(f"Triton repository: {', '.join(sorted(p.name for p in Path(repo).iterdir()))} ({mode} engines)")
 
 

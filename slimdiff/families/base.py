@@ -1059,6 +1059,11 @@ class DenoiserFamily(ABC):
     #: starting image and the conditioning image).
     serving_controlnet_img2img_pipeline: str | None = None
 
+    #: The family (:attr:`name`) whose pipeline a repository may run after this family's text-to-image one, on its
+    #: latents (``--refiner``: SDXL's ensemble of expert denoisers, the base's high-noise steps, then the refiner's);
+    #: None: no refiner for this family.
+    serving_refiner_family: str | None = None
+
     #: Whether the family's pipelines run a VAE whose config sets ``force_upcast`` in float32 when the rest runs in
     #: float16 (SDXL's pipelines do: its VAE's float16 activations overflow); its served VAE engines do the same.
     upcasts_vae: bool = False

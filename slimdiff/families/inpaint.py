@@ -110,8 +110,10 @@ class _Inpainting:
     taking the image and the mask."""
 
     serving_image_inputs = ("image", "mask_image")
-    # diffusers' ControlNet inpainting pipelines are not served yet; an inpainting UNet draws no plain image-to-image
+    # diffusers' ControlNet inpainting pipelines are not served yet, nor an inpainting ensemble with the refiner; an
+    # inpainting UNet draws no plain image-to-image
     serving_controlnet_pipeline = serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
+    serving_refiner_family = None
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)

@@ -97,6 +97,7 @@ class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
     serving_image_inputs = ("image",)
     # the refiner is an image-to-image model already; diffusers has no refiner ControlNet pipeline
     serving_controlnet_pipeline = serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
+    serving_refiner_family = None
     # measuring calls refine an image: they start from its noised latent, not from seeded ones
     measures_from_latents = False
     export_options = ()

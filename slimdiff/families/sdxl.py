@@ -83,6 +83,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     serving_controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
     serving_img2img_pipeline = "StableDiffusionXLImg2ImgPipeline"
     serving_controlnet_img2img_pipeline = "StableDiffusionXLControlNetImg2ImgPipeline"
+    serving_refiner_family = "sdxl-refiner"
     upcasts_vae = True
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:

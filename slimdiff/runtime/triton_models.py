@@ -30,9 +30,12 @@ import torch
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
 from ..engines.triton import (
     CONTROLNET_OPTIONS,
+    DEFAULT_REFINER_START,
     IMAGE_INPUTS,
     IMAGE_OPTIONS,
     PIPELINE_SPEC,
+    REFINER,
+    REFINER_OPTIONS,
     batch_dims,
     check_pipeline,
     image_to_image_pipeline,
@@ -239,6 +242,27 @@ def repository_pipeline(version: Path, runner_for: Callable[[str, dict], Runner]
     return pipe
 
 
+def repository_refiner(version: Path, runner_for: Callable[[str, dict], Runner], base):
+    """The refiner pipeline a repository written with ``--refiner`` runs after ``base`` (its
+    :func:`repository_pipeline`) on the base's latents: the refiner's UNet engine (:data:`REFINER`) and scheduler,
+    the base's second text tower and VAE stand-ins; None for a repository serving no refiner."""
+    import diffusers
+
+    version = Path(version)
+    spec = json.loads((version / PIPELINE_SPEC).read_text(encoding="utf-8")).get("refiner")
+    if not spec:
+        return None
+    meta = json.loads((version / f"{REFINER}.engine.json").read_text(encoding="utf-8"))
+    scheduler_config = json.loads((version / spec["scheduler"] / "scheduler_config.json").read_text())
+    refiner = getattr(diffusers, spec["pipeline_class"])(
+        vae=base.vae, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+        unet=engine_class(meta)(runner_for(REFINER, meta), meta, version),
+        scheduler=getattr(diffusers, scheduler_config["_class_name"]).from_pretrained(version / spec["scheduler"]),
+        **spec["options"])
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
 def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
     """Runners over a ``python``-mode repository's engine folders, in this process."""
     def runner_for(name: str, meta: dict) -> Runner:
@@ -247,16 +271,26 @@ def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
     return runner_for
 
 
-def generate(pipe, prompt: str, **options) -> np.ndarray:
+def generate(pipe, prompt: str, refiner=None, **options) -> np.ndarray:
     """One image, HxWx3 uint8, for ``prompt`` with :data:`DEFAULTS` overridden by ``options`` (and the options the
     pipeline's family always passes: PixArt's exact sizes). An inpainting pipeline takes ``image`` (HxWx3 uint8) and
     ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``; an image-to-image pipeline ``image`` and
     ``strength`` (it draws at the image's size); a ControlNet pipeline ``control_image`` (HxWx3 uint8) and
-    ``controlnet_conditioning_scale``."""
+    ``controlnet_conditioning_scale``. With a ``refiner`` (:func:`repository_refiner`), the pipeline runs the
+    schedule up to ``refiner_start`` (default :data:`DEFAULT_REFINER_START`) and the refiner the rest, on its
+    latents, with the same prompts, guidance and generator."""
     from PIL import Image
 
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     served = check_pipeline(pipe)
+    start = o.pop("refiner_start", None)
+    if refiner is None and start is not None:
+        raise SlimDiffError(f"a {type(pipe).__name__} request takes no refiner_start: the repository serves no "
+                            "refiner")
+    start = DEFAULT_REFINER_START if start is None else float(start)
+    if refiner is not None and not 0 < start < 1:
+        raise SlimDiffError(f"refiner_start {start} is outside (0, 1): it is the fraction of the schedule the base "
+                            "model runs before the refiner")
     images = {name: o.pop(name) for name in IMAGE_INPUTS if name in o}
     if set(images) != set(served.image_inputs):
         wanted = " and ".join(served.image_inputs) or "no image"
@@ -287,8 +321,13 @@ def generate(pipe, prompt: str, **options) -> np.ndarray:
                             f"out height and width, or send an image of {o['height']}x{o['width']}")
     # no negative prompt: the pipeline's own default (None for SD and SDXL, "" for PixArt, which refuses None)
     negative = {} if o["negative_prompt"] is None else {"negative_prompt": o["negative_prompt"]}
-    image = pipe(prompt, **negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
-                 generator=torch.Generator().manual_seed(int(o["seed"])), output_type="np", **extra).images[0]
+    call = dict(**negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
+                generator=torch.Generator().manual_seed(int(o["seed"])))
+    if refiner is None:
+        image = pipe(prompt, **call, output_type="np", **extra).images[0]
+    else:  # diffusers' ensemble of expert denoisers: the base's high-noise steps, then the refiner's
+        latents = pipe(prompt, **call, denoising_end=start, output_type="latent", **extra).images
+        image = refiner(prompt, **call, image=latents, denoising_start=start, output_type="np").images[0]
     return (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 
@@ -344,6 +383,7 @@ class PipelineModel:
         # a repository written with --triton-img2img: requests carrying an image run the image-to-image pipeline
         spec = json.loads((version / PIPELINE_SPEC).read_text(encoding="utf-8"))
         self.image_to_image = image_to_image_pipeline(self.pipe) if spec.get("image_to_image") else None
+        self.refiner = repository_refiner(version, BlsRunner, self.pipe)  # --refiner: run after the pipeline
 
     def execute(self, requests):
         pb = _pb_utils()
@@ -362,9 +402,11 @@ class PipelineModel:
                     tensor = pb.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         images[name] = tensor.as_numpy()
-                options = (*DEFAULTS, *IMAGE_OPTIONS, *CONTROLNET_OPTIONS)  # those absent are None: left out
+                # those absent are None: left out
+                options = (*DEFAULTS, *IMAGE_OPTIONS, *CONTROLNET_OPTIONS, *REFINER_OPTIONS)
                 pipe = self.image_to_image if self.image_to_image and "image" in images else self.pipe
-                image = generate(pipe, value("prompt"), **{k: value(k) for k in options}, **images)
+                image = generate(pipe, value("prompt"), refiner=self.refiner,
+                                 **{k: value(k) for k in options}, **images)
                 responses.append(pb.InferenceResponse([pb.Tensor("image", image)]))
             except Exception as exc:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
