@@ -13,7 +13,9 @@ size, parameters, max abs error, load time) ends the run. The text encoders and 
 ``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
 (``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; ``--controlnet
 DIR`` builds the ControlNet's engine too (``OUT/controlnet``), which returns those residuals; with ``--triton-repo``
-the repository then serves the family's ControlNet pipeline (prompt and conditioning image in).
+the repository then serves the family's ControlNet pipeline (prompt and conditioning image in). ``--refiner MODEL``
+(SDXL base, with ``--triton-repo``) builds the refiner's UNet engine too and serves the ensemble of expert
+denoisers: the base's steps up to a request's ``refiner_start``, the refiner's after.
 
 PixArt engines serve one image size (``--height N --width N``, default the transformer's native size) and PixArt's
 token count (300 for Σ, 120 for α: the pipeline pads T5 prompts to it); their T5 padding mask is an input.
@@ -29,6 +31,7 @@ Output layout (written to a temporary sibling and renamed into place only when e
     OUT/{text_encoder,vae_decoder}/          with --triton-repo: their engines, served beside the slim denoiser
     OUT/text_encoder_2/                      (SDXL, SD3, FLUX: the second text encoder too; SD3: text_encoder_3/)
     OUT/controlnet/                          with --controlnet: the ControlNet's engine
+    OUT/refiner/                             with --refiner: the SDXL refiner's UNet engine (served after the base)
 
 ``--triton-repo DIR`` also writes a Triton Inference Server model repository (see :mod:`slimdiff.engines.triton`).
 """

@@ -12,12 +12,14 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/vae_encoder/...              inpainting pipelines and --triton-img2img: the VAE encoder too (the image's
                                      latent)
     DIR/controlnet/...               ControlNet pipelines: the ControlNet's engine (its residuals feed the UNet's)
+    DIR/refiner_unet/...             --refiner: the SDXL refiner's UNet engine, run after the base on its latents
     DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask; ControlNet: and
-                                     control_image; --triton-img2img: and an optional image) in, image out
-                                     (tokenizers, scheduler, CFG), calling
+                                     control_image; --triton-img2img: and an optional image; --refiner: and an
+                                     optional refiner_start) in, image out (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
     DIR/pipeline/1/pipeline.json     which diffusers pipeline runs the loop, its text encoders and their outputs
-    DIR/pipeline/1/{tokenizer*,scheduler,text_encoder*,vae}/ and *.engine.json: what the loop needs
+    DIR/pipeline/1/{tokenizer*,scheduler,text_encoder*,vae}/ and *.engine.json: what the loop needs (--refiner:
+                                     refiner_scheduler/ and the refiner's pipeline class and options too)
 
 What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
