@@ -486,6 +486,21 @@ def _check_unet_input(path: Path, source: str, cls_name: str) -> bool:
                         "model); slimdiff calibrates text-to-image and inpainting UNets only so far")
 
 
+def _check_time_ids(path: Path, source: str, refiner: bool) -> None:
+    """One line for an SDXL folder whose UNet takes the other model's time ids (the pipeline would fail on its first
+    UNet call): a refiner's pipeline makes five (with the aesthetic score), a base's six."""
+    from .families.sdxl import is_refiner_unet
+
+    try:
+        config = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # diffusers' own loader reports a missing or broken config
+    if config.get("addition_embed_type") == "text_time" and is_refiner_unet(config) != refiner:
+        folder, unet = ("an SDXL refiner", "a base") if refiner else ("an SDXL base", "a refiner")
+        raise SlimDiffError(f"{source!r} is {folder} folder (by its model_index.json) holding {unet} UNet (by its "
+                            "time ids): the folder mixes the two models")
+
+
 def _has_component(path: Path, component: str, index: dict | None = None) -> bool:
     """Whether a pipeline folder's index lists ``component`` and the folder holds it."""
     entry = (index if index is not None else _model_index(path, str(path))).get(component)
@@ -555,7 +570,9 @@ def _pipeline_class(path: Path, source: str):
         if inpainting:
             raise SlimDiffError(f"{source!r} is an SDXL refiner folder with an inpainting UNet; slimdiff knows the "
                                 "refiner as an image-to-image model only")
+        _check_time_ids(path, source, refiner=True)
         return diffusers.StableDiffusionXLImg2ImgPipeline
+    _check_time_ids(path, source, refiner=False)
     if not present("text_encoder_2"):
         raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
                             "needed): the folder is incomplete")

@@ -5,6 +5,7 @@ the image to refine (in this process, and one request through the bundled ``trit
 (builtin:tiny-xl-refiner), few steps, CPU."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from serving_support import SIZE, noise_image, write_tiny_repository
 from slimdiff.cli import main
 from slimdiff.cli.export import main as export_main
 from slimdiff.configs import SDXL_REFINER_UNET, SDXL_UNET, TINY_XL_REFINER_UNET, TINY_XL_UNET
+from slimdiff.errors import SlimDiffError
 from slimdiff.families import family_for, transformer_blocks
 from slimdiff.families.sdxl import is_refiner_unet
 from slimdiff.models import build_builtin, load_pipeline
@@ -84,6 +86,12 @@ def test_a_refiner_folder_loads_as_its_image_to_image_pipeline(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SDXL refiner folder without text_encoder_2" in err[0], err
     assert not (tmp_path / "slim").exists()
+    # a base folder around the refiner's UNet (five time ids): refused before its first UNet call would fail
+    build_builtin("builtin:tiny-xl").save_pretrained(tmp_path / "base", safe_serialization=True)
+    shutil.rmtree(tmp_path / "base" / "unet")
+    shutil.copytree(tmp_path / "pipe" / "unet", tmp_path / "base" / "unet")
+    with pytest.raises(SlimDiffError, match="is an SDXL base folder .* holding a refiner UNet .*: the folder mixes"):
+        load_pipeline(str(tmp_path / "base"))
 
 
 def test_calibration_needs_images_and_a_refining_step(tmp_path, images, capsys):
@@ -113,6 +121,30 @@ def test_calibration_visits_the_refiners_timesteps(images):
                       progress=False)
     pipe.scheduler.set_timesteps(10)
     assert sorted(stats.timesteps) == sorted(int(t) for t in pipe.scheduler.timesteps[5:])
+
+
+def test_the_refiner_calibrates_on_the_base_latents_with_a_loop_you_own():
+    """The README's ensemble loop: calibration hooks whatever sampling the loop runs with the refiner's UNet — here
+    the base's latents at half the schedule, refined from there: the refiner's statistics visit only the timesteps
+    after the split."""
+    import slimdiff
+
+    base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
+
+    def ensemble_loop(prompts, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = base(list(prompts), num_inference_steps=10, denoising_end=0.5, generator=generators,
+                       output_type="latent").images
+        refiner(list(prompts), image=latents, num_inference_steps=10, denoising_start=0.5, generator=generators,
+                output_type="latent")
+
+    stats = slimdiff.collect_statistics(refiner, ["a red cube", "two blue spheres"], 2,
+                                        calibration=slimdiff.CalibrationConfig(steps=10, pass1_prompts=1),
+                                        loop=ensemble_loop, progress=False)
+    refiner.scheduler.set_timesteps(10)
+    assert sorted(stats.timesteps) == sorted(int(t) for t in refiner.scheduler.timesteps if t < 500)
+    report = slimdiff.slim_pipeline(refiner, slimdiff.SlimConfig(budget=0.4), stats=stats, progress=False)
+    assert report.plan.params_removed > 0
 
 
 def test_slim_and_eval_on_a_refiner_folder(slim_refiner, tmp_path):

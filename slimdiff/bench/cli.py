@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .engines import names
 
     p.add_argument("--model", required=True,
-                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, builtin:tiny-pixart, "
+                   help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, "
+                        "builtin:tiny-xl-refiner, builtin:sdxl-refiner-shape, builtin:tiny-pixart, "
                         "builtin:pixart-sigma-shape, builtin:tiny-sd3, builtin:sd3-medium-shape, a diffusers pipeline "
                         "folder, a .safetensors checkpoint, or a slimdiff-export folder (its dense source, slim "
                         "denoiser and engines are timed as they are: nothing is calibrated or built again)")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-pixart, builtin:tiny-sd3, "
-                        "builtin:tiny-flux, the *-shape models...), a diffusers pipeline folder (SD, SDXL, PixArt, "
-                        "SD3, FLUX) or a .safetensors checkpoint")
+                   help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:tiny-pixart, "
+                        "builtin:tiny-sd3, builtin:tiny-flux, the *-shape models...), a diffusers pipeline folder "
+                        "(SD, SDXL base or refiner, PixArt, SD3, FLUX) or a .safetensors checkpoint")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "

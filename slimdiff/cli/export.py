@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="dense model (builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, a "
-                        "diffusers folder, a .safetensors file) or a slim folder written by `slimdiff slim`")
+                   help="dense model (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:sd15-shape, "
+                        "builtin:sdxl-shape, a diffusers folder, a .safetensors file) or a slim folder written by "
+                        "`slimdiff slim`")
     p.add_argument("--engine", required=True, choices=engines.names(),
                    help="; ".join(f"{n}: {engines.get(n).description}" for n in engines.names()))
     p.add_argument("--config", default=None, metavar="DIR",
