@@ -194,9 +194,12 @@ def repository(tmp_path_factory):
 
 
 def test_the_repository_serves_the_second_tower_and_takes_an_image(repository):
-    from slimdiff.engines.triton import _pb, read_config
+    from slimdiff.engines.triton import _pb, check_pipeline, read_config
 
     root, pipe = repository
+    with pytest.raises(SlimDiffError, match=r"a StableDiffusionXLImg2ImgPipeline request carries an image already: "
+                                            r"leave out --triton-img2img$"):
+        check_pipeline(pipe, image_to_image=True)
     repo = root / "repo"
     assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder_2", "unet", "vae_decoder",
                                                       "vae_encoder"]

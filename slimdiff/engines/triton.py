@@ -430,6 +430,9 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
                             f"{kind} runner does not: serve {kind} engines with --triton-mode native, or python mode "
                             "with --engine ort")
     if image_to_image:
+        if "image" in served.image_inputs:  # an inpainting pipeline, the SDXL refiner
+            raise SlimDiffError(f"a {served.pipeline_class} request carries an image already: leave out "
+                                "--triton-img2img")
         role = IMAGE_TO_IMAGE_BESIDE.get(served.role)
         name = getattr(family, ROLE_PIPELINE[role]) if role else None
         if name is None:
