@@ -96,6 +96,22 @@ def test_an_inpainting_model_calibrates_slims_and_runs_as_an_engine(inputs, tmp_
     assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
 
 
+def test_evaluation_starts_from_the_images_given(inputs):
+    """What ``slimdiff eval --images`` samples: image i inpaints ``images[seed mod count]`` with calibration's seeded
+    hole, not the synthetic canvas; the same files draw the same images, other files other images."""
+    from slimdiff.quality.sampling import generate
+
+    root, images = inputs
+    pipe = load_pipeline(str(root / "model"))
+    files = sorted(images.iterdir())
+    kw = dict(steps=2, guidance=7.5, size=SIZE, batch_size=2)
+    prompts = ["a red circle", "a blue square"]
+    given = generate(pipe, prompts, [0, 1], images=files, **kw)
+    assert np.array_equal(given, generate(pipe, prompts, [0, 1], images=files, **kw))
+    assert not np.array_equal(given, generate(pipe, prompts, [0, 1], **kw))
+    assert not np.array_equal(given, generate(pipe, prompts, [0, 1], images=files[::-1], **kw))
+
+
 def test_sdxl_inpainting_calibrates_on_its_own_pipeline(inputs):
     _, images = inputs
     pipe = _inpainting("builtin:tiny-xl", TINY_XL_UNET, StableDiffusionXLInpaintPipeline)

@@ -147,7 +147,7 @@ def test_the_refiner_calibrates_on_the_base_latents_with_a_loop_you_own():
     assert report.plan.params_removed > 0
 
 
-def test_slim_and_eval_on_a_refiner_folder(slim_refiner, tmp_path):
+def test_slim_and_eval_on_a_refiner_folder(slim_refiner, images, tmp_path):
     folder, slim = slim_refiner
     plan = json.loads((slim / "slimdiff_plan.json").read_text())
     assert plan["info"]["source_model"] == str(folder.resolve())
@@ -158,6 +158,25 @@ def test_slim_and_eval_on_a_refiner_folder(slim_refiner, tmp_path):
     assert main(["eval", "--model", str(folder), "--slim", str(slim), "--prompts", str(prompts), "--num", "2",
                  "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "eval")]) == 0
     assert any((tmp_path / "eval").iterdir())
+    # on the images given (refined at strength 0.5: two of four steps), which change what is drawn
+    assert main(["eval", "--model", str(folder), "--slim", str(slim), "--prompts", str(prompts), "--num", "2",
+                 "--steps", "4", "--batch-size", "2", "--images", str(images), "--strength", "0.5",
+                 "--save-images", "--out", str(tmp_path / "eval-images")]) == 0
+    report = json.loads((tmp_path / "eval-images" / "report.json").read_text())
+    assert report["settings"]["starting_images"] == str(images) and report["settings"]["unet_calls_per_image"] == 2
+    synthetic = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["metrics"]["fidelity"] != synthetic["metrics"]["fidelity"]
+
+
+def test_eval_refuses_starting_images_for_a_text_to_image_model(tmp_path, images, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "--model", "builtin:tiny-xl", "--slim", "builtin:tiny-xl", "--prompts", str(prompts),
+                 "--num", "1", "--images", str(images), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("--images: StableDiffusionXLPipeline starts from no image (only inpainting models and "
+                            "the SDXL refiner do)"), err
+    assert not (tmp_path / "eval").exists()
 
 
 def _refined(pipe, image):

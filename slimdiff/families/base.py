@@ -992,9 +992,13 @@ class DenoiserFamily(ABC):
     #: start is an image the pipeline noises (an image-to-image family).
     measures_from_latents: bool = True
 
-    def measuring_call(self, height: int, width: int) -> dict:
+    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
+                       seeds: Sequence[int] = ()) -> dict:
         """The arguments of a pipeline call of the benchmark's end-to-end runs and of evaluation that fix what it
-        draws, beyond prompt, steps, guidance, generator and latents: the image size and :attr:`pipeline_options`."""
+        draws, beyond prompt, steps, guidance, generator and latents: the image size and :attr:`pipeline_options`.
+        ``images``: for a family whose pipeline starts from an image (:attr:`serving_image_inputs`: inpainting, the
+        SDXL refiner), one PIL image per image drawn — ``seeds`` its seeds — instead of the family's synthetic one
+        (``slimdiff eval --images``); other families take none."""
         return {"height": height, "width": width, **self.pipeline_options}
 
     def guided_rows_per_image(self, config: Any) -> int:

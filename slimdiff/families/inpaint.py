@@ -131,6 +131,13 @@ class _Inpainting:
         ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
         return {"image": Image.new("RGB", (64, 64), (128, 128, 128)), "mask_image": mask, "strength": 1.0}
 
+    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
+                       seeds: Sequence[int] = ()) -> dict:
+        call = super().measuring_call(height, width)
+        if images is not None:  # the given images, with calibration's seeded holes
+            call.update(image=list(images), mask_image=[seeded_hole(int(s), height, width) for s in seeds])
+        return call
+
     def seeded_latents(self, config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]
                        ) -> torch.Tensor:
         return _latents(config, latent, generators)

@@ -126,8 +126,13 @@ class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
 
-    def measuring_call(self, height: int, width: int) -> dict:
-        return {"image": self._measuring_image.resize((width, height)), **self.pipeline_options}
+    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
+                       seeds: Sequence[int] = ()) -> dict:
+        from PIL import Image
+
+        start = [self._measuring_image] if images is None else list(images)
+        return {"image": [im.resize((width, height), Image.Resampling.BICUBIC) for im in start],
+                **self.pipeline_options}
 
     @cached_property
     def _measuring_image(self):

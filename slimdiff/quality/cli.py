@@ -42,6 +42,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call (default 8)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="inpainting models and the SDXL refiner: a folder of images (PNG/JPEG/WebP) image i starts "
+                        "from, in turn (inpainting: with calibration's seeded holes); default: one synthetic image")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with an inpainting model or the SDXL refiner: its pipeline's strength (default: inpainting "
+                        "1.0, the refiner's pipeline's 0.3)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--grid", type=int, default=8, help="columns of the PNG grid (default 8)")
     p.add_argument("--adherence", choices=("auto", "on", "off"), default="auto",
@@ -91,6 +97,25 @@ def _dense_loras(args) -> list:
     return []
 
 
+def _starting_images(args, pipe) -> tuple:
+    """The files of ``--images`` for a pipeline that starts from an image; one line for ``--images`` or
+    ``--strength`` given to one that does not (text-to-image), before any sampling."""
+    from ..families import family_for
+    from ..families.inpaint import calibration_images
+
+    family = family_for(pipe)
+    if not family.serving_image_inputs:
+        given = [flag for flag, value in (("--images", args.images), ("--strength", args.strength))
+                 if value is not None]
+        if given:
+            raise SlimDiffError(f"{' and '.join(given)}: {type(pipe).__name__} starts from no image (only inpainting "
+                                "models and the SDXL refiner do)")
+        return ()
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise SlimDiffError(f"--strength {args.strength} is outside (0, 1]")
+    return () if args.images is None else tuple(calibration_images(args.images, "--images"))
+
+
 def _prompts(args, proxy: bool) -> list[str]:
     from ..prompts import read_prompts
 
@@ -126,28 +151,29 @@ def evaluate_to(args, folder: Path) -> dict:
     if args.adherence == "on" and not proxy:
         print("note: --adherence on with a model that is not the proxy: the analyzer reads shapes only")
     prompts = _prompts(args, proxy)
+    images = _starting_images(args, dense)
     settings = EvalSettings(steps=args.steps, seed=args.seed, size=args.resolution, batch_size=args.batch_size,
                             guidance=args.guidance if args.guidance is not None else
-                            (PROXY_GUIDANCE if proxy else SD_GUIDANCE))
+                            (PROXY_GUIDANCE if proxy else SD_GUIDANCE), images=images, strength=args.strength)
     comp = compare(dense, {"slim": slim_unet}, prompts, settings)
-    images = {"dense": comp.dense, "slim": comp.slims["slim"]}
+    drawn = {"dense": comp.dense, "slim": comp.slims["slim"]}
 
     metrics = {"noise_prediction_error": noise_error_summary(comp.noise_errors["slim"], comp.timesteps),
                "fidelity": fidelity(comp.dense, comp.slims["slim"]),
                "lpips": optional.lpips_distance(comp.dense, {"slim": comp.slims["slim"]}, device)}
     if args.adherence == "on" or (args.adherence == "auto" and proxy):
-        metrics["adherence"] = {name: adherence(imgs, prompts) for name, imgs in images.items()}
+        metrics["adherence"] = {name: adherence(imgs, prompts) for name, imgs in drawn.items()}
         delta = paired_delta(metrics["adherence"]["dense"], metrics["adherence"]["slim"])
         metrics["adherence"]["delta_points"] = delta["points"]
         metrics["adherence"]["delta"] = delta
     else:
         metrics["adherence"] = optional.skipped("only for the proxy model (its analyzer reads shape scenes); "
                                                 "use --adherence on to force")
-    metrics["clip_score"] = optional.clip_score(images, prompts, args.clip_model, args.clip_weights, device)
+    metrics["clip_score"] = optional.clip_score(drawn, prompts, args.clip_model, args.clip_weights, device)
     if args.save_images or args.fid_real:
-        for name, imgs in images.items():
+        for name, imgs in drawn.items():
             save_images(folder / "images" / name, imgs)
-    metrics["fid"] = optional.fid({n: folder / "images" / n for n in images}, args.fid_real, args.fid_weights,
+    metrics["fid"] = optional.fid({n: folder / "images" / n for n in drawn}, args.fid_real, args.fid_weights,
                                   device)
 
     report = {
@@ -160,7 +186,8 @@ def evaluate_to(args, folder: Path) -> dict:
                      "num_prompts": len(prompts), "steps": settings.steps,
                      "guidance": settings.guidance, "seeds": f"{settings.seed}..{settings.seed + len(prompts) - 1}",
                      "size": comp.dense.shape[1], "scheduler": type(dense.scheduler).__name__, "device": device,
-                     "dtype": str(dtype).removeprefix("torch."), "unet_calls_per_image": len(comp.timesteps)},
+                     "dtype": str(dtype).removeprefix("torch."), "unet_calls_per_image": len(comp.timesteps),
+                     "starting_images": args.images, "strength": args.strength},
         "metrics": metrics,
         "prompts": prompts,
         "seconds": round(time.perf_counter() - start, 2),

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SlimDiffError
 from ..families import family_for
+from ..models import BUILTINS
 from .sampling import NoiseErrorProbe, generate, with_denoiser
 
 
@@ -29,6 +30,8 @@ class EvalSettings:
     seed: int = 0
     size: int | None = None  # pixels; default: the model's native size
     batch_size: int = 8
+    images: tuple[Path, ...] = ()  # what an image-conditioned pipeline starts from (default: its synthetic task)
+    strength: float | None = None  # that pipeline's strength (default: its measuring task's)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -54,7 +57,8 @@ def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], set
     if not prompts:
         raise SlimDiffError("no evaluation prompts")
     seeds = [settings.seed + i for i in range(len(prompts))]
-    kw = dict(steps=settings.steps, guidance=settings.guidance, size=settings.size, batch_size=settings.batch_size)
+    kw = dict(steps=settings.steps, guidance=settings.guidance, size=settings.size, batch_size=settings.batch_size,
+              images=settings.images, strength=settings.strength)
     probe = NoiseErrorProbe(family_for(pipe).denoiser(pipe), slims)
     dense = generate(pipe, prompts, seeds, probe=probe, desc="dense sampling + slim noise errors" if progress else None,
                      **kw)
@@ -66,10 +70,6 @@ def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], set
 # ----------------------------------------------------------------------------------------------------------
 # What the model is, and what it costs
 # ----------------------------------------------------------------------------------------------------------
-
-RANDOM_BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:tiny-xl", "builtin:sdxl-shape", "builtin:tiny-pixart",
-                   "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape", "builtin:tiny-flux",
-                   "builtin:flux-dev-shape")
 
 
 def is_proxy(source: str) -> bool:
@@ -83,7 +83,7 @@ def model_label(source: str) -> str:
     """How results of this model must be labelled in a report."""
     if is_proxy(source):
         return "proxy model (trained in-house on procedural shape scenes)"
-    if source in RANDOM_BUILTINS:
+    if source in BUILTINS:  # every built-in but the proxy (above) has seeded random weights
         return "seeded random weights (no trained model: numbers exercise the harness only)"
     return "user-supplied weights"
 

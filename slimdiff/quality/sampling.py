@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SlimDiffError
 from ..families import family_for, image_generators
+from ..families.inpaint import read_image
 
 
 def image_size(pipe) -> int:
@@ -110,8 +112,12 @@ class NoiseErrorProbe:
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
              size: int | None = None, batch_size: int = 8, probe: NoiseErrorProbe | None = None,
-             desc: str | None = None) -> np.ndarray:
+             desc: str | None = None, images: Sequence[Path] = (), strength: float | None = None) -> np.ndarray:
     """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
+
+    ``images``: for a pipeline that starts from an image (inpainting, the SDXL refiner), the files image ``i`` starts
+    from, ``images[seeds[i] mod count]`` (as calibration takes them), instead of the family's synthetic one;
+    ``strength``: its pipeline's strength (default: the family's measuring task's, else the pipeline's).
 
     With ``probe``, the probe's hook runs on every call of the pipeline's denoiser (which must be the probe's dense
     one).
@@ -132,7 +138,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         chunk_p, chunk_s = list(prompts[k:k + batch_size]), seeds[k:k + batch_size]
         # each image's generator draws its latent, then whatever else the pipeline draws for it
         generators = image_generators(chunk_s)
-        start = family.measuring_call(size, size)
+        starts = [read_image(images[int(s) % len(images)]) for s in chunk_s] if images else None
+        start = family.measuring_call(size, size, starts, chunk_s)
+        if strength is not None:
+            start["strength"] = strength
         if family.measures_from_latents:
             start["latents"] = family.seeded_latents(unet.config, (latent, latent), generators).to(device=device,
                                                                                                    dtype=dtype)
