@@ -53,6 +53,9 @@ def files(tmp_path_factory):
     from diffusers import ControlNetModel
 
     ControlNetModel.from_unet(build_builtin("builtin:tiny-xl").unet).save_pretrained(root / "controlnet-xl")
+    # builtin:tiny's architecture, but made from an inpainting UNet (9 input channels): the pipelines pass it 4
+    ControlNetModel.from_unet(UNet2DConditionModel(**dict(TINY_UNET, in_channels=9))).save_pretrained(
+        root / "controlnet-9ch")
     return root
 
 
@@ -183,6 +186,9 @@ EXPORT_ROWS = [
     ("export-controlnet-of-another-unet", ["--model", "builtin:tiny", "--engine", "ort", "--controlnet",
                                           "{in}/controlnet-xl", *FAST, "--out", "{tmp}/engines"], None,
      "was not made for this UNet"),
+    ("export-controlnet-of-nine-channels", ["--model", "builtin:tiny", "--engine", "ort", "--controlnet",
+                                           "{in}/controlnet-9ch", *FAST, "--out", "{tmp}/engines"], None,
+     "takes 9 input channels; its pipeline passes it the 4-channel latent"),
     ("export-controlnet-on-a-one-output-runner", ["--model", "builtin:tiny", "--engine", "aoti", "--controlnet",
                                                   "{in}/controlnet-xl", "--out", "{tmp}/engines"], None,
      "runner returns one output: build it with --engine ort"),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET
-from serving_support import SIZE, write_tiny_repository
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_controlnet, seeded_unet
+from serving_support import SIZE, noise_image, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import _seeded, build_builtin
@@ -115,6 +115,57 @@ def test_served_inpainting_is_diffusers_pipeline_with_the_engine(repository):
         generate(served, PROMPT, **{**options, "mask_image": None})
     with pytest.raises(SlimDiffError, match=r"mask_image must be a uint8 array of HxW pixels"):
         generate(served, PROMPT, **{**options, "mask_image": mask[:8]})
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def controlnet_repository(request, tmp_path_factory):
+    """``(root, pipe)``: a tiny seeded SD (or SDXL) ControlNet inpainting pipeline — the 9-channel UNet taking the
+    residuals of a ControlNet made from a text-to-image UNet of its architecture (an inpainting ControlNet reads the
+    latent alone, as control_v11p_sd15_inpaint does) — its engines, and the python-mode repository written by the
+    calls ``slimdiff-export --controlnet DIR --triton-repo`` makes."""
+    from slimdiff.engines.triton import controlnet_pipeline
+
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"{kind}-controlnet-inpaint-repo")
+    base = build_builtin("builtin:tiny" if kind == "sd" else "builtin:tiny-xl")
+    config, cls = ((TWO_LEVEL_UNET, StableDiffusionInpaintPipeline) if kind == "sd" else
+                   (TWO_LEVEL_XL_UNET, StableDiffusionXLInpaintPipeline))
+    unet = _seeded(5, lambda: UNet2DConditionModel(**dict(config, in_channels=9))).eval().requires_grad_(False)
+    pipe = controlnet_pipeline(cls(**{**base.components, "unet": unet}), seeded_controlnet(seeded_unet(config, 6)))
+    pipe.set_progress_bar_config(disable=True)
+    write_tiny_repository(pipe, root)
+    return root, pipe
+
+
+def test_served_controlnet_inpainting_is_diffusers_pipeline_with_the_engines(controlnet_repository):
+    """The repository's ControlNet inpainting pipeline (in this process, over the same engines) paints what diffusers'
+    StableDiffusion(XL)ControlNetInpaintPipeline with the UNet and ControlNet engines paints, within one grey level;
+    the mask and the conditioning image both matter, and a request carries all three images."""
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    root, pipe = controlnet_repository
+    assert type(pipe).__name__ in ("StableDiffusionControlNetInpaintPipeline",
+                                   "StableDiffusionXLControlNetInpaintPipeline")
+    spec = json.loads((root / "repo" / "pipeline" / "1" / "pipeline.json").read_text())
+    assert spec["pipeline_class"] == type(pipe).__name__ and spec["controlnet"] is True
+    assert spec["image_inputs"] == ["image", "mask_image", "control_image"] and spec["vae_encoder"] is True
+    served = repository_pipeline(root / "repo" / "pipeline" / "1", local_runners(root / "repo"))
+    reference = type(pipe)(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    use_engine(reference, root / "unet")
+    use_engine(reference, root / "controlnet")
+    image, mask = request_pixels(1)
+    options = dict(seed=3, steps=STEPS, height=SIZE, width=SIZE, image=image, mask_image=mask,
+                   control_image=noise_image(2))
+    got = generate(served, PROMPT, **options)
+    assert got.shape == (SIZE, SIZE, 3) and got.std() > 1
+    assert np.abs(got.astype(int) - generate(reference, PROMPT, **options).astype(int)).max() <= 1
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "control_image": noise_image(4)}))
+    assert not np.array_equal(got, generate(served, PROMPT, **{**options, "mask_image": np.full_like(mask, 255)}))
+    with pytest.raises(SlimDiffError, match=r"request takes image and mask_image and control_image, got image and "
+                                            r"mask_image$"):
+        generate(served, PROMPT, **{**options, "control_image": None})
 
 
 @pytest.mark.slow

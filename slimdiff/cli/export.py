@@ -352,6 +352,11 @@ def _load_controlnet(folder: str, unet_config):
               if json.dumps(controlnet.config.get(k)) != json.dumps(unet_config.get(k))]
     if differ:
         raise SlimDiffError(f"the ControlNet in {folder!r} was not made for this UNet: {'; '.join(differ[:2])}")
+    # the pipelines pass it the latent alone, also beside an inpainting UNet's mask and masked-image channels
+    latent = unet_config.get("out_channels")
+    if controlnet.config.get("in_channels") != latent:
+        raise SlimDiffError(f"the ControlNet in {folder!r} takes {controlnet.config.get('in_channels')} input "
+                            f"channels; its pipeline passes it the {latent}-channel latent")
     return controlnet.eval().requires_grad_(False)
 
 

@@ -134,14 +134,17 @@ class ServedPipeline:
 
     @property
     def image_inputs(self) -> tuple[str, ...]:
-        """The images every request of this pipeline carries."""
-        return {WITH_CONTROLNET: ("control_image",), IMAGE_TO_IMAGE: ("image",),
+        """The images every request of this pipeline carries (a ControlNet inpainting one: the image, its mask and
+        the conditioning image)."""
+        return {WITH_CONTROLNET: (*self.family.serving_image_inputs, "control_image"), IMAGE_TO_IMAGE: ("image",),
                 CONTROLNET_IMAGE_TO_IMAGE: ("image", "control_image")}.get(self.role, self.family.serving_image_inputs)
 
     def call_argument(self, image: str) -> str:
         """The diffusers call argument a request image is passed as: a ControlNet text-to-image pipeline takes the
-        conditioning image as ``image`` (its image-to-image sibling as ``control_image``, beside ``image``)."""
-        return "image" if image == "control_image" and self.role == WITH_CONTROLNET else image
+        conditioning image as ``image`` (its image-to-image and inpainting siblings as ``control_image``, beside
+        ``image``)."""
+        conditioning_as_image = self.role == WITH_CONTROLNET and "image" not in self.family.serving_image_inputs
+        return "image" if image == "control_image" and conditioning_as_image else image
 
     @property
     def request_images(self) -> dict[str, bool]:

@@ -107,12 +107,11 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
 class _Inpainting:
     """What the inpainting families add to their text-to-image family: the calibration sampling, the synthetic
     task of measurement, seeded latents of the latent's channels (not the UNet's input's), and a served pipeline
-    taking the image and the mask."""
+    taking the image and the mask (and, with a ControlNet, its conditioning image)."""
 
     serving_image_inputs = ("image", "mask_image")
-    # diffusers' ControlNet inpainting pipelines are not served yet, nor an inpainting ensemble with the refiner; an
-    # inpainting UNet draws no plain image-to-image
-    serving_controlnet_pipeline = serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
+    # an inpainting UNet draws no plain image-to-image; no inpainting ensemble with the refiner is served
+    serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
     serving_refiner_family = None
 
     def accepts(self, obj: Any) -> bool:
@@ -149,6 +148,7 @@ class StableDiffusionInpaintFamily(_Inpainting, StableDiffusionFamily):
 
     name = "sd-inpaint"
     serving_pipeline = "StableDiffusionInpaintPipeline"
+    serving_controlnet_pipeline = "StableDiffusionControlNetInpaintPipeline"
 
 
 @FAMILIES.register({StableDiffusionXLInpaintPipeline: "sdxl-inpaint", UNet2DConditionModel: "sdxl-inpaint"})
@@ -157,3 +157,4 @@ class StableDiffusionXLInpaintFamily(_Inpainting, StableDiffusionXLFamily):
 
     name = "sdxl-inpaint"
     serving_pipeline = "StableDiffusionXLInpaintPipeline"
+    serving_controlnet_pipeline = "StableDiffusionXLControlNetInpaintPipeline"
