@@ -24,7 +24,8 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
 What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
-``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines:
+``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines
+(their ControlNet inpainting pipelines for inpainting models):
 :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`; for requests carrying an image, with
 ``--triton-img2img``, SD's, SDXL's, SD3's and FLUX's image-to-image pipelines:
 :attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`, and SD's and SDXL's ControlNet ones:
