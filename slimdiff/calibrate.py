@@ -111,8 +111,13 @@ class CalibrationConfig:
 
 def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     """The default calibration loop: the pipeline's own text-to-image sampling (its family's), stopping at
-    latents."""
-    return family_for(pipe).calibration_loop(pipe, config)
+    latents; one line for images or a strength given to a pipeline that starts from no image."""
+    family = family_for(pipe)
+    given = [name for name, value in (("images", config.images), ("strength", config.strength)) if value is not None]
+    if given and not family.serving_image_inputs:  # the images a request carries are those its sampling starts from
+        raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} samples from no image (only "
+                            "inpainting models and the SDXL refiner do)")
+    return family.calibration_loop(pipe, config)
 
 
 def model_fingerprint(unet) -> str:

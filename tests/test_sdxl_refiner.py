@@ -107,6 +107,9 @@ def test_calibration_needs_images_and_a_refining_step(tmp_path, images, capsys):
     assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--images", str(images), "--strength", "1.5",
                  "--budget", "0.4", "--out", str(out)]) == 2
     assert "strength 1.5 is outside (0, 1]" in capsys.readouterr().err
+    assert main(["slim", "--model", "builtin:tiny-xl", "--images", str(images), "--strength", "0.5",
+                 "--budget", "0.4", "--out", str(out)]) == 2
+    assert "images and strength given, but StableDiffusionXLPipeline samples from no image" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -10,7 +10,8 @@ SDXL-refiner 1.0), and ``time_ids`` holds five numbers — original size, crop t
 Calibration runs the refiner as it is used: each prompt's image (``CalibrationConfig.images``, e.g. COCO
 photographs, one per prompt in turn, resized to the calibration size) is noised to ``strength`` of the schedule
 (the pipeline's 0.3 by default) and denoised from there, so the statistics come from the timesteps the refiner
-visits. The benchmark's end-to-end runs and ``slimdiff eval`` refine one fixed synthetic image instead.
+visits. The benchmark's end-to-end runs refine one fixed synthetic image instead, and so does ``slimdiff eval``
+unless it is given images (``--images``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .sdxl import (
     pooled_width,
     time_ids_of,
 )
+
 
 class _VacuousUpcastWarning(logging.Filter):
     """Drops diffusers' warning that a model cast with ``.to(dtype)`` has modules to keep in float32 when it lists
