@@ -125,12 +125,16 @@ def test_a_refiner_is_refused_where_it_does_not_apply():
         check_pipeline(base, refiner=refiner)
 
 
-def test_the_command_refuses_a_refiner_without_a_repository(tmp_path, capsys):
+def test_the_command_refuses_a_refiner_without_a_repository_or_that_is_missing(tmp_path, capsys):
     code = export_main(["--model", "builtin:tiny-xl", "--refiner", "builtin:tiny-xl-refiner", "--engine", "ort",
                         "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--refiner is an option of the Triton repository" in err[0], err
-    assert not (tmp_path / "out").exists()
+    code = export_main(["--model", "builtin:tiny-xl", "--refiner", str(tmp_path / "missing"), "--engine", "ort",
+                        "--out", str(tmp_path / "out"), "--triton-repo", str(tmp_path / "repo")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].endswith(f"--refiner: model path {str(tmp_path / 'missing')!r} does not exist"), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "repo").exists()
 
 
 @pytest.mark.slow

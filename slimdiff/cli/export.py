@@ -179,7 +179,10 @@ def _load_refiner(source: str):
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan
 
-    return load_pipeline(source), load_plan(source) if is_slim_folder(source) else None
+    try:
+        return load_pipeline(source), load_plan(source) if is_slim_folder(source) else None
+    except SlimDiffError as exc:
+        raise SlimDiffError(f"--refiner: {exc}") from None
 
 
 def _slimming_inputs(pipe, args):
