@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from export_support import FAST_CALIBRATION, TWO_LEVEL_XL_REFINER_UNET, TWO_LEVEL_XL_UNET, seeded_unet
 from serving_support import SIZE, write_tiny_repository
 
@@ -61,7 +62,6 @@ def test_the_repository_serves_the_refiner_unet_and_takes_refiner_start(reposito
 def _diffusers_ensemble(root, base, refiner, seed: int, start: float) -> np.ndarray:
     """diffusers' ensemble of expert denoisers with the two UNet engines: the base to ``start`` as latents, the
     refiner (sharing the base's second text tower and VAE) from there; uint8 pixels."""
-    import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     from slimdiff.quality.sampling import with_denoiser
@@ -120,6 +120,13 @@ def test_a_refiner_is_refused_where_it_does_not_apply():
     with pytest.raises(SlimDiffError, match=r"StableDiffusionXLPipeline with image-to-image requests takes no "
                                             "refiner"):
         check_pipeline(base, image_to_image=True, refiner=refiner)
+    from slimdiff.errors import SlimDiffWarning
+
+    with torch.no_grad():
+        refiner.text_encoder_2.text_projection.weight.mul_(1.01)
+    with pytest.warns(SlimDiffWarning, match=r"the refiner's text_encoder_2 weights differ from the base's; the "
+                                             r"repository serves the base's to both"):
+        assert check_pipeline(base, refiner=refiner).refiner_class == "StableDiffusionXLImg2ImgPipeline"
     refiner.vae = build_builtin("builtin:tiny").vae.__class__(**dict(refiner.vae.config, latent_channels=8))
     with pytest.raises(SlimDiffError, match=r"the refiner's vae is shaped unlike the base's"):
         check_pipeline(base, refiner=refiner)
