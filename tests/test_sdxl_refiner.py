@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from export_support import TWO_LEVEL_XL_REFINER_UNET, seeded_unet
 from serving_support import SIZE, noise_image, write_tiny_repository
 
 from slimdiff.cli import main
@@ -206,11 +207,12 @@ def test_export_and_use_engine_in_the_refiner_pipeline(slim_refiner, tmp_path):
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    """``(root, pipe)``: ONNX Runtime engines of builtin:tiny-xl-refiner (UNet, second text encoder, VAE decoder
-    and encoder) and the python-mode repository ``root/repo`` serving it, written by the calls
+    """``(root, pipe)``: ONNX Runtime engines of builtin:tiny-xl-refiner (a two-level UNet of its layout, second text
+    encoder, VAE decoder and encoder) and the python-mode repository ``root/repo`` serving it, written by the calls
     ``slimdiff-export --triton-repo`` makes."""
     root = tmp_path_factory.mktemp("refiner-repo")
     pipe = build_builtin("builtin:tiny-xl-refiner")
+    pipe.unet = seeded_unet(TWO_LEVEL_XL_REFINER_UNET, seed=7)  # the refiner's layout at two levels: a faster export
     write_tiny_repository(pipe, root)
     return root, pipe
 
