@@ -172,6 +172,23 @@ def test_slim_and_eval_on_a_refiner_folder(slim_refiner, images, tmp_path):
     assert report["metrics"]["fidelity"] != synthetic["metrics"]["fidelity"]
 
 
+def test_bench_calibrates_the_refiner_on_images(tmp_path, images, capsys):
+    """`slimdiff bench --calib-prompts` on the refiner takes calibration's images and strength (real slim models:
+    their error against the dense one is measured); images without calibration are refused in one line."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "builtin:tiny-xl-refiner", "--calib-prompts", "2", "--calib-steps", "4",
+                 "--images", str(images), "--strength", "0.5", "--engines", "eager", "--budgets", "0,0.4",
+                 "--batch", "2", "--iters", "2", "--warmup", "0", "--no-e2e", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "calibrated here" in json.dumps(report)
+    slim = [r for r in report["results"] if r["budget"] > 0]
+    assert slim and all(r["error_vs_dense"] > 0 for r in slim)
+    capsys.readouterr()
+    assert main(["bench", "--model", "builtin:tiny-xl-refiner", "--images", str(images), "--calib-prompts", "0",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "--images and --strength are calibration's: give --calib-prompts N too" in capsys.readouterr().err
+
+
 def test_eval_refuses_starting_images_for_a_text_to_image_model(tmp_path, images, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import SlimDiffError
 
@@ -67,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "synthetic plans (uniform scores, seeded weights: latency only). Default: 8 for "
                             "builtin:tiny and builtin:proxy, 0 otherwise")
     p.add_argument("--calib-steps", type=int, default=10, help="sampling steps per calibration prompt (default 10)")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="with --calib-prompts, for inpainting models and the SDXL refiner: the images calibration "
+                        "fills holes in or refines (as `slimdiff slim --images`)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --images: their pipeline's strength (as `slimdiff slim --strength`)")
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--r-min", type=int, default=8)
     p.add_argument("--pad-heads", type=int, default=None, metavar="MULTIPLE",
@@ -116,6 +122,7 @@ def config_from_args(args):
         batches=_ints(args.batch, "--batch"), resolution=args.resolution, device=args.device, dtype=args.dtype,
         warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,
         guidance=args.guidance, stats=args.stats, calib_prompts=calib, calib_steps=args.calib_steps,
+        calib_images=None if args.images is None else str(Path(args.images).resolve()), calib_strength=args.strength,
         align=args.align, r_min=args.r_min, pad_heads=args.pad_heads, allocator=args.allocator, seed=args.seed,
         compile_mode=args.compile_mode, deadline_s=args.deadline,
         command=_command_line(),

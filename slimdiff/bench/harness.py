@@ -80,6 +80,8 @@ class BenchConfig:
     stats: str | None = None  # calibration statistics directory (real slimming)
     calib_prompts: int = 0  # > 0: calibrate this many SlimSet prompts first (real slimming)
     calib_steps: int = 10
+    calib_images: str | None = None  # that calibration's images (inpainting models, the SDXL refiner)
+    calib_strength: float | None = None  # and their pipeline's strength
     align: int = 8
     r_min: int = 8
     #: zero-pad every slim attention's per-head q·k and v widths to one multiple of this (exact: see
@@ -105,6 +107,8 @@ class BenchConfig:
                                 "end-to-end runs and steps ≥ 1")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
+        if (self.calib_images is not None or self.calib_strength is not None) and not self.calib_prompts:
+            raise SlimDiffError("--images and --strength are calibration's: give --calib-prompts N too")
         if is_export_folder(self.model) and (self.budgets != [0.0] or self.stats or self.calib_prompts):
             raise SlimDiffError("an export folder brings its dense and slim models: leave out budgets, statistics "
                                 "and calibration prompts (--budgets, --stats, --calib-prompts)")
@@ -301,7 +305,8 @@ class Bench:
             pool = read_prompts(model=self.cfg.model)
             stats = collect_statistics(pipe, pool, self.cfg.calib_prompts, None, CalibrationConfig(
                 steps=self.cfg.calib_steps, height=res, width=res, seed=self.cfg.seed,
-                pass1_prompts=min(64, self.cfg.calib_prompts)), progress=False)
+                pass1_prompts=min(64, self.cfg.calib_prompts), images=self.cfg.calib_images,
+                strength=self.cfg.calib_strength), progress=False)
             return stats, (f"calibrated here: {self.cfg.calib_prompts} SlimSet prompts × {self.cfg.calib_steps} "
                            f"steps at {res}², CFG {self.cfg.guidance}")
         return None, None
