@@ -96,7 +96,8 @@ def test_a_refiner_folder_loads_as_its_image_to_image_pipeline(tmp_path, capsys)
 
 
 def test_calibration_needs_images_and_a_refining_step(tmp_path, images, capsys):
-    """Refused in one line before any sampling: no images; steps × strength below one step."""
+    """Refused in one line before any sampling: no images; steps × strength below one step; a strength outside
+    (0, 1]; images and a strength given to a text-to-image model (which would ignore them)."""
     out = tmp_path / "slim"
     assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--budget", "0.4", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
