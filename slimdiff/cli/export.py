@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--triton-repo", default=None, metavar="DIR",
                         help="also write a Triton model repository to DIR: the slim denoiser, text encoder(s) and "
                              "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
-                             "SD-1.x/2.x, SDXL, PixArt-Σ, SD3 and FLUX pipelines, SD's and SDXL's inpainting "
-                             "pipelines, and with --controlnet their ControlNet pipelines")
+                             "SD-1.x/2.x, SDXL (base or refiner), PixArt-Σ, SD3 and FLUX pipelines, SD's and SDXL's "
+                             "inpainting pipelines, and with --controlnet their ControlNet (inpainting) pipelines")
     triton.add_argument("--triton-img2img", action="store_true",
                         help="the pipeline model also takes image-to-image requests (an image and a strength; SD, "
                              "SDXL, SD3, FLUX; with --controlnet, ControlNet image-to-image): a VAE encoder engine "
