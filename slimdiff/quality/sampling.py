@@ -148,9 +148,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         call = lambda: pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
                             output_type="np", generator=generators, **start).images
         if probe is None:
-            images = call()
+            drawn = call()
         else:
             with probe.batch(len(chunk_p)):
-                images = call()
-        out.append(np.asarray(images, dtype=np.float32))
+                drawn = call()
+        out.append(np.asarray(drawn, dtype=np.float32))
     return np.concatenate(out, axis=0)
