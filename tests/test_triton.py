@@ -75,6 +75,25 @@ def test_tensorrt_config_names_the_plan_fp16_and_the_gpu(ort_engine, tmp_path):
     assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
 
 
+def test_a_slim_folder_exports_the_repository_of_its_pipeline(exported, tmp_path):
+    """`slimdiff-export --model SLIM --triton-repo`: the slim folder's pipeline (the model it was slimmed from around
+    its slim UNet) is served — slim once, then export from the folder. Its engine is the slim UNet's, and the
+    repository draws the image of the one the dense model's export wrote around the same slim weights."""
+    from slimdiff.cli.export import main
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+    from slimdiff.serialization import load_slim
+
+    slim = exported / "engines" / "slim-unet"
+    assert main(["--model", str(slim), "--engine", "ort", "--out", str(tmp_path / "engines"), "--triton-repo",
+                 str(tmp_path / "repo"), "--triton-mode", "python"]) == 0
+    rows = json.loads((tmp_path / "engines" / "export.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["slim"]
+    assert rows[0]["parameters"] == sum(p.numel() for p in load_slim(slim).parameters())
+    images = [generate(repository_pipeline(repo / "pipeline" / "1", local_runners(repo)), "a red circle", seed=3,
+                       steps=2) for repo in (tmp_path / "repo", exported / "repo")]
+    assert images[0].std() > 1 and np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
+
+
 def test_bad_repository_requests_fail_early(tmp_path):
     from slimdiff.engines import triton
 

@@ -143,17 +143,19 @@ def _device(args) -> str:
     return args.device
 
 
-def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=()):
+def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=(),
+                whole_pipeline: bool = False):
     """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``; ``loras`` are fused into
     a dense model, or mapped onto a slim folder's denoiser and fused (:func:`run` refuses them for a slim folder
-    without LoRA maps)."""
+    without LoRA maps). A slim folder's pipeline — the model it was slimmed from, around the slim denoiser — is
+    loaded when ``whole_pipeline`` (a Triton repository serves it all) or for its LoRAs."""
     from ..families import family_for
     from ..lora import fuse_loras
     from ..models import load_pipeline
     from ..serialization import is_slim_folder, load_plan, load_slim
 
     if is_slim_folder(source):
-        if not loras:
+        if not loras and not whole_pipeline:
             return None, None, load_slim(source), load_plan(source)
         pipe = load_pipeline(source)
         component = family_for(pipe).component
@@ -164,7 +166,7 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
                                 f"{component} alone")
         for spec in loras:
             print(f"LoRA {spec.path} (scale {spec.scale:g}) mapped onto the slim {component} and fused")
-        return None, None, getattr(pipe, component), load_plan(source)
+        return pipe if whole_pipeline else None, None, getattr(pipe, component), load_plan(source)
     try:
         pipe = load_pipeline(source, config=config, variant=variant, loras=loras)
     except SlimDiffError as exc:
@@ -523,7 +525,8 @@ def run(args) -> list[dict]:
         # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after (a
         # slim folder takes no statistics)
         loras = () if args.stats and not is_slim_folder(args.model) else lora_specs(args)
-        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras)
+        pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras,
+                                              whole_pipeline=args.triton_repo is not None)
         controlnet = _load_controlnet(args.controlnet, (dense or slim).config) if args.controlnet else None
         refiner, refiner_plan = _load_refiner(args.refiner) if args.refiner else (None, None)
         slimming = _slimming_inputs(pipe, args) if slim is None else None

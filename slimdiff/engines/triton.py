@@ -418,8 +418,7 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
     from ..families import FAMILIES
 
     if pipe is None:
-        raise SlimDiffError("--triton-repo needs the whole pipeline (a dense model: built-in, diffusers folder or "
-                            ".safetensors), not a slim UNet folder")
+        raise SlimDiffError("--triton-repo needs the whole pipeline, not a denoiser alone")
     served = served_pipeline(pipe)
     if served is None:
         multi = " with several ControlNets" if type(getattr(pipe, "controlnet", None)).__name__ == \
