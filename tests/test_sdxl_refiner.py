@@ -1,7 +1,8 @@
 """The SDXL refiner end to end: told apart from the base by its UNet, loaded from a pipeline folder, calibrated on
 the images it refines (``--images``, ``--strength``) by ``slimdiff slim``, compared by ``slimdiff eval``, exported
 as an ONNX Runtime engine that drives the refiner pipeline, and served by a Triton repository whose requests carry
-the image to refine (in this process, and one request through the bundled ``tritonserver``). Seeded tiny models
+the image to refine (in this process; the bundled ``tritonserver`` serves the refiner after the base in
+tests/test_triton_refiner.py, and image inputs in the inpainting and image-to-image tests). Seeded tiny models
 (builtin:tiny-xl-refiner), few steps, CPU."""
 
 import json
@@ -275,25 +276,3 @@ def test_served_refiner_is_diffusers_pipeline_with_the_engine(repository):
     assert not np.array_equal(got, generate(served, PROMPT, **{**options, "strength": 0.9}))
     with pytest.raises(SlimDiffError, match=r"request takes image, got none$"):
         generate(served, PROMPT, seed=3, steps=4)
-
-
-@pytest.mark.slow
-def test_tritonserver_serves_the_refiner(repository, tmp_path):
-    """One request to the real tritonserver: the served image is the in-process repository pipeline's, bit for
-    bit; a request without its image is answered with an error naming it."""
-    pytest.importorskip("tritonclient.http")
-    import tritonclient.http as httpclient
-
-    from slimdiff.engines.triton import local_server, request_image
-    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
-
-    root, _ = repository
-    repo = root / "repo"
-    in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
-    expected = generate(in_process, PROMPT, seed=4, steps=4, image=noise_image(5), strength=0.75)
-    with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:
-        client = httpclient.InferenceServerClient(urls["http"])
-        served = request_image(client, PROMPT, 4, 4, image=noise_image(5), strength=0.75)
-        assert np.array_equal(served, expected)
-        with pytest.raises(Exception, match="image"):
-            request_image(client, PROMPT, 4, 4)
