@@ -465,17 +465,21 @@ def _model_index(path: Path, source: str) -> dict:
         raise SlimDiffError(f"{source!r}: model_index.json is not valid JSON ({exc})") from exc
 
 
-def _check_unet_input(path: Path, source: str, cls_name: str) -> bool:
-    """Whether the folder's UNet is an inpainting one (the latent, the mask and the masked image's latent: 9 input
-    channels; loaded with the inpainting pipeline class). Other UNets taking image conditioning beside the latent
-    (InstructPix2Pix: 8, SD-2 depth: 5) are refused: their pipelines' inputs are not calibrated yet, and a
-    text-to-image call would fail on the first UNet call."""
+def _unet_config(path: Path) -> dict:
+    """The folder's ``unet/config.json``; empty when missing or broken (diffusers' own loader reports it)."""
+    try:
+        return json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_unet_input(config: dict, source: str, cls_name: str) -> bool:
+    """Whether the folder's UNet (of ``config``) is an inpainting one (the latent, the mask and the masked image's
+    latent: 9 input channels; loaded with the inpainting pipeline class). Other UNets taking image conditioning
+    beside the latent (InstructPix2Pix: 8, SD-2 depth: 5) are refused: their pipelines' inputs are not calibrated
+    yet, and a text-to-image call would fail on the first UNet call."""
     from .families.inpaint import is_inpainting_unet
 
-    try:
-        config = json.loads((path / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False  # diffusers' own loader reports a missing or broken config
     unet_in, latent = config.get("in_channels", 4), config.get("out_channels", 4)
     if unet_in == latent:
         return False
@@ -486,15 +490,11 @@ def _check_unet_input(path: Path, source: str, cls_name: str) -> bool:
                         "model); slimdiff calibrates text-to-image and inpainting UNets only so far")
 
 
-def _check_time_ids(path: Path, source: str, refiner: bool) -> None:
-    """One line for an SDXL folder whose UNet takes the other model's time ids (the pipeline would fail on its first
-    UNet call): a refiner's pipeline makes five (with the aesthetic score), a base's six."""
+def _check_time_ids(config: dict, source: str, refiner: bool) -> None:
+    """One line for an SDXL folder whose UNet (of ``config``) takes the other model's time ids (the pipeline would
+    fail on its first UNet call): a refiner's pipeline makes five (with the aesthetic score), a base's six."""
     from .families.sdxl import is_refiner_unet
 
-    try:
-        config = json.loads((path / "unet" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return  # diffusers' own loader reports a missing or broken config
     if config.get("addition_embed_type") == "text_time" and is_refiner_unet(config) != refiner:
         folder, unet = ("an SDXL refiner", "a base") if refiner else ("an SDXL base", "a refiner")
         raise SlimDiffError(f"{source!r} is {folder} folder (by its model_index.json) holding {unet} UNet (by its "
@@ -558,7 +558,8 @@ def _pipeline_class(path: Path, source: str):
                                 "the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
                                 "may be left out, with its tokenizer): the folder is incomplete")
         return diffusers.StableDiffusion3Pipeline
-    inpainting = _check_unet_input(path, source, cls_name)
+    unet_config = _unet_config(path)
+    inpainting = _check_unet_input(unet_config, source, cls_name)
     if not cls_name.startswith("StableDiffusionXL"):
         return diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):
@@ -570,9 +571,9 @@ def _pipeline_class(path: Path, source: str):
         if inpainting:
             raise SlimDiffError(f"{source!r} is an SDXL refiner folder with an inpainting UNet; slimdiff knows the "
                                 "refiner as an image-to-image model only")
-        _check_time_ids(path, source, refiner=True)
+        _check_time_ids(unet_config, source, refiner=True)
         return diffusers.StableDiffusionXLImg2ImgPipeline
-    _check_time_ids(path, source, refiner=False)
+    _check_time_ids(unet_config, source, refiner=False)
     if not present("text_encoder_2"):
         raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
                             "needed): the folder is incomplete")

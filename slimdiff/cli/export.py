@@ -548,18 +548,18 @@ def run(args) -> list[dict]:
         defaults = default_flags(reference.config, vae_scale, static=family.static_axes,
                                  text_len=family.default_text_len(pipe),
                                  native=getattr(pipe, "default_sample_size", None))
-        profiles = parse_profiles(args.batch or defaults["batch"], args.height or defaults["height"],
+        def profiles_on(grid: int):
+            """The shape flags' profiles, their latent sizes checked against multiples of ``grid``."""
+            return parse_profiles(args.batch or defaults["batch"], args.height or defaults["height"],
                                   args.width or defaults["width"], args.text_len or defaults["text_len"],
-                                  vae_scale=vae_scale, multiple=multiple)
+                                  vae_scale=vae_scale, multiple=grid)
+
+        profiles = profiles_on(multiple)
         check_static(profiles, family.static_axes, type(reference).__name__)
         refiner_build = None
         if refiner is not None:  # the base's shapes, on the refiner's latent grid (three down-samplings in SDXL's)
             refiner_multiple = latent_multiple(refiner.unet.config)
-            refiner_build = {"profiles": parse_profiles(args.batch or defaults["batch"], args.height or
-                                                        defaults["height"], args.width or defaults["width"],
-                                                        args.text_len or defaults["text_len"], vae_scale=vae_scale,
-                                                        multiple=refiner_multiple),
-                             "multiple": refiner_multiple}
+            refiner_build = {"profiles": profiles_on(refiner_multiple), "multiple": refiner_multiple}
         if repo_tmp is not None:
             # the served pipeline calls the denoiser with the text length it makes (the default's OPT: CLIP's 77, or
             # the T5 length PixArt-Σ and SD3 pad every prompt to): engines without it would refuse every request

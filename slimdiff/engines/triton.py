@@ -473,12 +473,11 @@ def _check_refiner(served: ServedPipeline, pipe, refiner) -> str:
         raise SlimDiffError(f"--refiner is a {family.name!r} model ({type(refiner).__name__}), not a refiner of "
                             f"{served.pipeline_class} ({wanted!r})")
     for name in ("text_encoder_2", "vae"):
-        mine, theirs = getattr(pipe, name), getattr(refiner, name)
-        shapes = {k: tuple(v.shape) for k, v in mine.state_dict().items()}
-        if shapes != {k: tuple(v.shape) for k, v in theirs.state_dict().items()}:
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(refiner, name).state_dict()
+        if {k: v.shape for k, v in mine.items()} != {k: v.shape for k, v in theirs.items()}:
             raise SlimDiffError(f"the refiner's {name} is shaped unlike the base's; the repository serves the base's "
                                 "to both (as diffusers' ensemble of experts shares them)")
-        if not all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values())):
+        if not all(torch.equal(mine[k], theirs[k]) for k in mine):
             warnings.warn(f"the refiner's {name} weights differ from the base's; the repository serves the base's "
                           "to both (as diffusers' ensemble of experts shares them)", SlimDiffWarning, stacklevel=2)
     if family.serving_pipeline != type(refiner).__name__:
