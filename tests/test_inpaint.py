@@ -120,3 +120,35 @@ def test_sdxl_inpainting_calibrates_on_its_own_pipeline(inputs):
     stats = calibrate(pipe, ["a red circle", "two green triangles"], None, config, progress=False)
     stats.check_model(pipe.unet)
     assert stats.num_prompts == 2 and len(stats.timesteps) == 2
+
+
+def test_below_full_strength_sampling_starts_from_the_noised_image(inputs):
+    """At a strength below 1 the pipeline must start from the image noised to that strength: diffusers' inpainting
+    pipelines take given ``latents`` as the start whatever the strength, so calibration and evaluation pass none
+    then, and their first UNet input is the one diffusers' own call draws with the same generators."""
+    from slimdiff.families import image_generators
+    from slimdiff.families.inpaint import inpainting_loop, read_image
+    from slimdiff.quality.sampling import generate
+
+    root, images = inputs
+    pipe = load_pipeline(str(root / "model"))
+    files = sorted(images.iterdir())
+    inputs_seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: inputs_seen.append(args[0].clone()))
+
+    def first_input(run) -> torch.Tensor:
+        inputs_seen.clear()
+        run()
+        return inputs_seen[0]
+
+    def diffusers_own(size: int, mask, guidance: float) -> torch.Tensor:
+        return first_input(lambda: pipe(["a red circle"], image=[read_image(files[4 % len(files)])], mask_image=[mask],
+                                        num_inference_steps=4, guidance_scale=guidance, height=size, width=size,
+                                        strength=0.5, generator=image_generators([4]), output_type="latent"))
+
+    config = CalibrationConfig(steps=4, height=SIZE, width=SIZE, images=str(images), strength=0.5)
+    calibrating = first_input(lambda: inpainting_loop(pipe, config)(["a red circle"], [4]))
+    assert torch.equal(calibrating, diffusers_own(SIZE, seeded_hole(4, SIZE, SIZE), 7.5))
+    evaluating = first_input(lambda: generate(pipe, ["a red circle"], [4], steps=4, guidance=5.0, size=SIZE,
+                                              images=files, strength=0.5))
+    assert torch.equal(evaluating, diffusers_own(SIZE, seeded_hole(4, SIZE, SIZE), 5.0))

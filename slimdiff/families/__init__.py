@@ -54,6 +54,7 @@ from .base import (
     column_blocks,
     image_generators,
     parse_column_block_key,
+    starting_latents,
     stat_key,
 )
 
@@ -173,5 +174,5 @@ __all__ = [
     "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "image_generators", "load_builtin", "module_sites",
-    "assemble_column_blocks", "site_adapter", "site_linears", "stat_key", "transformer_blocks",
+    "assemble_column_blocks", "site_adapter", "site_linears", "starting_latents", "stat_key", "transformer_blocks",
 ]

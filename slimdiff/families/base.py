@@ -812,6 +812,14 @@ def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def starting_latents(strength: float, draw: Callable[[], torch.Tensor]) -> dict:
+    """``{"latents": draw()}`` when a call at ``strength`` starts from pure noise (1.0), else nothing: an image
+    pipeline given ``latents`` takes them as its start whatever the strength (diffusers' inpainting pipelines, FLUX
+    Fill's), so below 1 the pipeline must noise the image itself — with each image's generator
+    (:func:`image_generators`), still batch-independent."""
+    return {"latents": draw()} if strength >= 1.0 else {}
+
+
 @dataclass(frozen=True)
 class ConditionInput:
     """A conditioning tensor the pipeline passes beyond (sample, timestep, encoder_hidden_states) — an

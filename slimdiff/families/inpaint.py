@@ -21,7 +21,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 
 from ..errors import SlimDiffError
-from .base import FAMILIES, image_generators
+from .base import FAMILIES, image_generators, starting_latents
 from .sd import StableDiffusionFamily, _unet_of, guidance
 from .sdxl import StableDiffusionXLFamily
 
@@ -84,42 +84,36 @@ def _latents(config: Any, latent: tuple[int, int], generators: Sequence[torch.Ge
 
 def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: the inpainting pipeline's own sampling of one batch — prompt ``i``'s image is
-    ``images[seed mod count]`` with :func:`seeded_hole` of its seed — from seeded latents to latents."""
+    ``images[seed mod count]`` with :func:`seeded_hole` of its seed — from seeded latents (or, at a strength below
+    1, the image noised by the prompt's generator) to latents."""
     files = calibration_images(config.images)
     unet, scale = pipe.unet, pipe.vae_scale_factor
     height = config.height or unet.config.sample_size * scale
     width = config.width or unet.config.sample_size * scale
+    strength = 1.0 if config.strength is None else config.strength
 
     def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
         # the masked image's latent is a sample of the VAE's posterior: drawn by each prompt's generator as well
         generators = image_generators(seeds)
-        latents = _latents(unet.config, (height // scale, width // scale), generators)
+        start = starting_latents(strength, lambda: _latents(unet.config, (height // scale, width // scale),
+                                                            generators).to(device=unet.device, dtype=unet.dtype))
         images = [read_image(files[int(s) % len(files)]) for s in seeds]
         masks = [seeded_hole(int(s), height, width) for s in seeds]
         pipe(list(prompts), image=images, mask_image=masks, num_inference_steps=config.steps, **guidance(config),
-             latents=latents.to(device=unet.device, dtype=unet.dtype), height=height, width=width,
-             strength=1.0 if config.strength is None else config.strength,
-             generator=generators, output_type="latent")
+             height=height, width=width, strength=strength, generator=generators, output_type="latent", **start)
 
     return run
 
 
-class _Inpainting:
-    """What the inpainting families add to their text-to-image family: the calibration sampling, the synthetic
-    task of measurement, seeded latents of the latent's channels (not the UNet's input's), and a served pipeline
-    taking the image and the mask (and, with a ControlNet, its conditioning image)."""
+class InpaintingTask:
+    """What an inpainting family — UNet or transformer — adds to its text-to-image family: a served pipeline taking
+    the image and the mask, and the synthetic task of measurement (or the given images with calibration's seeded
+    holes)."""
 
     serving_image_inputs = ("image", "mask_image")
-    # an inpainting UNet draws no plain image-to-image; no inpainting ensemble with the refiner is served
+    # an inpainting denoiser draws no plain image-to-image; no inpainting ensemble with the refiner is served
     serving_img2img_pipeline = serving_controlnet_img2img_pipeline = None
     serving_refiner_family = None
-
-    def accepts(self, obj: Any) -> bool:
-        unet = _unet_of(obj)
-        return unet is not None and is_inpainting_unet(unet.config) and super().accepts(obj)
-
-    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        return inpainting_loop(pipe, config)
 
     @cached_property
     def pipeline_options(self) -> dict:
@@ -132,10 +126,23 @@ class _Inpainting:
 
     def measuring_call(self, height: int, width: int, images: Sequence | None = None,
                        seeds: Sequence[int] = ()) -> dict:
-        call = super().measuring_call(height, width)
+        call = super().measuring_call(height, width)  # the text-to-image family's
         if images is not None:  # the given images, with calibration's seeded holes
             call.update(image=list(images), mask_image=[seeded_hole(int(s), height, width) for s in seeds])
         return call
+
+
+class _Inpainting(InpaintingTask):
+    """What the inpainting UNet families add: the UNet's layout test, the calibration sampling, and seeded latents
+    of the latent's channels (not the UNet's input's); with a ControlNet, a served pipeline taking its conditioning
+    image too."""
+
+    def accepts(self, obj: Any) -> bool:
+        unet = _unet_of(obj)
+        return unet is not None and is_inpainting_unet(unet.config) and super().accepts(obj)
+
+    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        return inpainting_loop(pipe, config)
 
     def seeded_latents(self, config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]
                        ) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SlimDiffError
-from ..families import family_for, image_generators
+from ..families import family_for, image_generators, starting_latents
 from ..families.inpaint import read_image
 
 
@@ -143,8 +143,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         if strength is not None:
             start["strength"] = strength
         if family.measures_from_latents:
-            start["latents"] = family.seeded_latents(unet.config, (latent, latent), generators).to(device=device,
-                                                                                                   dtype=dtype)
+            start.update(starting_latents(start.get("strength", 1.0), lambda: family.seeded_latents(
+                unet.config, (latent, latent), generators).to(device=device, dtype=dtype)))
         call = lambda: pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
                             output_type="np", generator=generators, **start).images
         if probe is None:
