@@ -45,6 +45,7 @@ from .errors import SlimDiffError, SlimDiffWarning
 from .families import (
     ATTENTION,
     CROSS,
+    FAMILIES,
     FFN,
     QK,
     TEXT_CONTEXT,
@@ -81,6 +82,11 @@ class CalibrationConfig:
     (:mod:`slimdiff.families.inpaint`), and for the SDXL refiner the images it refines
     (:mod:`slimdiff.families.refiner`); text-to-image models take none. ``strength``: for those models, how much of
     the schedule is re-run over each image (None: inpainting 1.0, the refiner its pipeline's 0.3).
+    ``base``: for the SDXL refiner instead of images, the SDXL base model (a folder, a single file or a built-in
+    name, as :func:`slimdiff.load_pipeline` takes it) whose latents it refines in diffusers' ensemble of expert
+    denoisers: the base runs the schedule to ``denoising_end=refiner_start``, the refiner from
+    ``denoising_start=refiner_start`` on (``refiner_start`` is read only with a base). A path, not a pipeline: it
+    is recorded with the statistics, so a resumed calibration with another base is refused.
     """
 
     steps: int = 25
@@ -96,6 +102,8 @@ class CalibrationConfig:
     prior: str = "uniform"  # or "early": log-decreasing emphasis on early (high-noise) steps
     images: str | None = None  # a folder of images: what an inpainting model fills holes in, what a refiner refines
     strength: float | None = None
+    base: str | None = None  # the SDXL refiner: the base model whose latents it refines (instead of images)
+    refiner_start: float = 0.8  # with a base: the hand-over (diffusers' ensemble example's high_noise_frac)
 
     def __post_init__(self):
         if self.weighting not in ("trq", "uniform", "single"):
@@ -107,16 +115,27 @@ class CalibrationConfig:
         if self.strength is not None and not 0 < self.strength <= 1:
             raise SlimDiffError(f"strength {self.strength} is outside (0, 1]: it is the fraction of the schedule "
                                 "re-run over each calibration image")
+        if not 0 < self.refiner_start < 1:
+            raise SlimDiffError(f"refiner start {self.refiner_start} is outside (0, 1): it is the fraction of the "
+                                "schedule the base model runs before the refiner takes over its latents")
+        photographs = [name for name in ("images", "strength") if getattr(self, name) is not None]
+        if self.base is not None and photographs:
+            raise SlimDiffError(f"a base model and {' and '.join(photographs)} given: calibrate the refiner either on "
+                                "the base model's latents (--base) or on photographs (--images, --strength), not both")
 
 
 def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     """The default calibration loop: the pipeline's own text-to-image sampling (its family's), stopping at
-    latents; one line for images or a strength given to a pipeline that starts from no image."""
+    latents; one line for images or a strength given to a pipeline that starts from no image, or a base model given
+    to one that refines no base's latents."""
     family = family_for(pipe)
     given = [name for name, value in (("images", config.images), ("strength", config.strength)) if value is not None]
     if given and not family.serving_image_inputs:  # the images a request carries are those its sampling starts from
         raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} samples from no image (only "
                             "inpainting models and the SDXL refiner do)")
+    if config.base is not None and family.name not in {f.serving_refiner_family for f in FAMILIES.adapters()}:
+        raise SlimDiffError(f"a base model given (--base), but {type(pipe).__name__} is no refiner: only the SDXL "
+                            "refiner is calibrated on a base model's latents")
     return family.calibration_loop(pipe, config)
 
 

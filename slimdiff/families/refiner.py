@@ -10,8 +10,12 @@ SDXL-refiner 1.0), and ``time_ids`` holds five numbers — original size, crop t
 Calibration runs the refiner as it is used: each prompt's image (``CalibrationConfig.images``, e.g. COCO
 photographs, one per prompt in turn, resized to the calibration size) is noised to ``strength`` of the schedule
 (the pipeline's 0.3 by default) and denoised from there, so the statistics come from the timesteps the refiner
-visits. The benchmark's end-to-end runs refine one fixed synthetic image instead, and so does ``slimdiff eval``
-unless it is given images (``--images``).
+visits. Or it runs the refiner on what it refines in diffusers' *ensemble of expert denoisers*
+(``CalibrationConfig.base``, ``--base``): the SDXL base samples the schedule to ``denoising_end=refiner_start`` and
+the refiner denoises the base's latents from ``denoising_start=refiner_start`` on, so the statistics come from the
+timesteps and inputs the refiner sees when it is served after the base (:func:`ensemble_loop`). The benchmark's
+end-to-end runs refine one fixed synthetic image instead, and so does ``slimdiff eval`` unless it is given images
+(``--images``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from ..errors import SlimDiffError
+from . import family_for
 from .base import (
     FAMILIES,
     MODEL_DTYPE,
@@ -36,7 +41,7 @@ from .base import (
     pipeline_call_default,
 )
 from .inpaint import calibration_images, read_image
-from .sd import _unet_of, guidance
+from .sd import _unet_of, guidance, seeded_latents
 from .sdxl import (
     REFINER_TIME_IDS,
     StableDiffusionXLFamily,
@@ -67,7 +72,11 @@ def refining_steps(steps: int, strength: float) -> int:
 def refiner_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: the refiner pipeline's own sampling of one batch — prompt ``i`` refines
     ``images[seed mod count]`` at the calibration size, its noise drawn by the prompt's generator — to latents."""
-    files = calibration_images(config.images, "the SDXL refiner is calibrated on the images it refines")
+    if config.images is None:  # as calibration_images says it, with the other way
+        raise SlimDiffError("the SDXL refiner is calibrated on the images it refines: give a folder of images "
+                            "(`--images DIR`, e.g. a few hundred COCO photographs; any size, resized to the "
+                            "calibration size), or the SDXL base whose latents it refines (`--base MODEL`)")
+    files = calibration_images(config.images)
     strength = pipeline_call_default(pipe, "strength") if config.strength is None else config.strength
     if refining_steps(config.steps, strength) < 1:
         raise SlimDiffError(f"{config.steps} steps at strength {strength} run no denoising step (the refiner runs "
@@ -85,6 +94,94 @@ def refiner_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[in
                   for s in seeds]
         pipe(list(prompts), image=images, strength=strength, num_inference_steps=config.steps, **guidance(config),
              generator=generators, output_type="latent")
+
+    return run
+
+
+def ensemble_shares(scheduler: Any, steps: int, start: float) -> tuple[int, int]:
+    """``(base steps, refiner steps)`` of diffusers' ensemble of expert denoisers on ``scheduler``'s ``steps``-step
+    schedule handing over at ``start``: the base (``denoising_end=start``) runs the timesteps at or above the cut-off
+    round((1 − start)·T), T the training timesteps, and the refiner (``denoising_start=start``) those below it (one
+    more on a second-order scheduler when they are even) — as the pipelines count them."""
+    schedule = type(scheduler).from_config(scheduler.config)
+    schedule.set_timesteps(steps)
+    train = schedule.config.num_train_timesteps
+    cutoff = int(round(train - start * train))
+    timesteps = schedule.timesteps
+    refiner = int((timesteps < cutoff).sum())
+    if schedule.order == 2 and refiner % 2 == 0:
+        refiner += 1
+    return int((timesteps >= cutoff).sum()), refiner
+
+
+def _handover(steps: int, start: float) -> str:
+    return f"{steps} steps handing over at {start} (the cut-off timestep round((1 − {start}) × T))"
+
+
+def check_refiner_share(refiner: Any, config: Any) -> None:
+    """One line when the ensemble at ``config``'s steps and ``refiner_start`` leaves the refiner no step."""
+    if ensemble_shares(refiner.scheduler, config.steps, config.refiner_start)[1] < 1:
+        raise SlimDiffError(f"{_handover(config.steps, config.refiner_start)} leave the refiner no step (it runs the "
+                            "timesteps below the cut-off): raise --steps or lower --refiner-start")
+
+
+def check_base(base: Any, refiner: Any, config: Any, source: str | None = None) -> None:
+    """One line, before any sampling, when ``base`` is no SDXL base pipeline (a refiner, SD-1.x, PixArt, an inpainting
+    model…), when its latents do not fit the refiner (its VAE's latent channels against the refiner UNet's input, the
+    VAEs' scale: diffusers hands the base's latents to the refiner as they are), or when the ensemble at ``config``'s
+    steps and ``refiner_start`` leaves either model no step."""
+    name = "the base model" if source is None else f"--base {source!r}"
+    refines = family_for(refiner).name
+    family = family_for(base)
+    if family.serving_refiner_family != refines or type(base).__name__ != family.serving_pipeline:
+        raise SlimDiffError(f"{name} is a {type(base).__name__} ({family.name!r} family), not an SDXL base: the "
+                            "refiner refines the latents of a StableDiffusionXLPipeline")
+    channels, takes = base.vae.config.latent_channels, refiner.unet.config.in_channels
+    if channels != takes:
+        raise SlimDiffError(f"{name} draws {channels}-channel latents (its VAE's), the refiner's UNet takes {takes}: "
+                            "they are not an SDXL base and its refiner")
+    scales = [(p.vae_scale_factor, p.vae.config.scaling_factor) for p in (base, refiner)]
+    if scales[0] != scales[1]:
+        (down, factor), (r_down, r_factor) = scales
+        raise SlimDiffError(f"{name}'s VAE scales latents unlike the refiner's (1/{down} of the image, × {factor} "
+                            f"against 1/{r_down}, × {r_factor}): diffusers hands the base's latents to the refiner as "
+                            "they are, so both must share the VAE's scale")
+    check_refiner_share(refiner, config)
+    if ensemble_shares(base.scheduler, config.steps, config.refiner_start)[0] < 1:
+        raise SlimDiffError(f"{_handover(config.steps, config.refiner_start)} leave the base model no step (it runs "
+                            "the timesteps at or above the cut-off): raise --steps or --refiner-start")
+
+
+def load_base(source: str, refiner: Any) -> Any:
+    """The SDXL base pipeline of ``source`` (``CalibrationConfig.base``: a folder, a single file, a built-in or a slim
+    folder, loaded as ``--model`` is) in the dtype of the refiner's UNet, on the host."""
+    from ..models import load_pipeline
+
+    try:
+        return load_pipeline(source, refiner.unet.dtype)
+    except SlimDiffError as exc:
+        raise SlimDiffError(f"--base: {exc}") from None
+
+
+def ensemble_loop(base: Any, refiner: Any, config: Any, source: str | None = None
+                  ) -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: diffusers' ensemble of expert denoisers on one batch, to latents — ``base`` samples
+    the schedule of ``config.steps`` from seeded latents (one generator per prompt, :func:`image_generators`) to
+    ``denoising_end=config.refiner_start``, and ``refiner`` denoises its latents from ``denoising_start`` on with the
+    same prompts, guidance and generators. Calibration hooks the refiner's UNet: it sees exactly the timesteps and
+    inputs it sees when served after the base. Checked first (:func:`check_base`; ``source``: the base's name in the
+    error lines)."""
+    check_base(base, refiner, config, source)
+    start, scale = config.refiner_start, base.vae_scale_factor
+
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        generators = image_generators(seeds)
+        latents = seeded_latents(base.unet, scale, config, generators)
+        handed = base(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
+                      generator=generators, height=latents.shape[-2] * scale, width=latents.shape[-1] * scale,
+                      denoising_end=start, output_type="latent").images
+        refiner(list(prompts), image=handed, num_inference_steps=config.steps, **guidance(config),
+                denoising_start=start, generator=generators, output_type="latent")
 
     return run
 
@@ -123,7 +220,13 @@ class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
                 "time_ids": time_ids_of([h, w, 0, 0, score], device), **guidance_embedding(pipe, device)}
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        return refiner_loop(pipe, config)
+        if config.base is None:
+            return refiner_loop(pipe, config)
+        check_refiner_share(pipe, config)  # before the base loads
+        base = load_base(config.base, pipe)
+        loop = ensemble_loop(base, pipe, config, config.base)  # checked on the host
+        base.to(pipe.unet.device)
+        return loop
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]
