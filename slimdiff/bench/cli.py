@@ -73,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fills holes in or refines (as `slimdiff slim --images`)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: their pipeline's strength (as `slimdiff slim --strength`)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="with --calib-prompts, for the SDXL refiner instead of --images: the SDXL base whose latents "
+                        "calibration refines, as in diffusers' ensemble of expert denoisers (as `slimdiff slim "
+                        "--base`)")
+    p.add_argument("--refiner-start", type=float, default=None, metavar="F",
+                   help="with --base: where the base hands its latents to the refiner (default 0.8, as `slimdiff "
+                        "slim --refiner-start`)")
     p.add_argument("--align", type=int, default=8, help="ranks are multiples of this (default 8)")
     p.add_argument("--r-min", type=int, default=8)
     p.add_argument("--pad-heads", type=int, default=None, metavar="MULTIPLE",
@@ -107,6 +114,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _model_source(model: str) -> str:
+    """A built-in's name, or a path resolved (the report records it)."""
+    return model if model.startswith("builtin:") else str(Path(model).resolve())
+
+
 def config_from_args(args):
     from .engines import parse_engines
     from .harness import BenchConfig, is_export_folder
@@ -123,6 +135,7 @@ def config_from_args(args):
         warmup=args.warmup, iters=args.iters, e2e=not args.no_e2e, e2e_steps=args.steps, e2e_runs=args.e2e_runs,
         guidance=args.guidance, stats=args.stats, calib_prompts=calib, calib_steps=args.calib_steps,
         calib_images=None if args.images is None else str(Path(args.images).resolve()), calib_strength=args.strength,
+        calib_base=None if args.base is None else _model_source(args.base), calib_refiner_start=args.refiner_start,
         align=args.align, r_min=args.r_min, pad_heads=args.pad_heads, allocator=args.allocator, seed=args.seed,
         compile_mode=args.compile_mode, deadline_s=args.deadline,
         command=_command_line(),

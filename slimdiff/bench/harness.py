@@ -82,6 +82,8 @@ class BenchConfig:
     calib_steps: int = 10
     calib_images: str | None = None  # that calibration's images (inpainting models, the SDXL refiner)
     calib_strength: float | None = None  # and their pipeline's strength
+    calib_base: str | None = None  # or the SDXL base whose latents that calibration refines (the SDXL refiner)
+    calib_refiner_start: float | None = None  # and where the base hands them over (None: CalibrationConfig's 0.8)
     align: int = 8
     r_min: int = 8
     #: zero-pad every slim attention's per-head q·k and v widths to one multiple of this (exact: see
@@ -109,6 +111,11 @@ class BenchConfig:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
         if (self.calib_images is not None or self.calib_strength is not None) and not self.calib_prompts:
             raise SlimDiffError("--images and --strength are calibration's: give --calib-prompts N too")
+        if self.calib_refiner_start is not None and self.calib_base is None:
+            raise SlimDiffError("--refiner-start is where the base model hands its latents to the refiner: give "
+                                "--base too")
+        if self.calib_base is not None and not self.calib_prompts:
+            raise SlimDiffError("--base and --refiner-start are calibration's: give --calib-prompts N too")
         if is_export_folder(self.model) and (self.budgets != [0.0] or self.stats or self.calib_prompts):
             raise SlimDiffError("an export folder brings its dense and slim models: leave out budgets, statistics "
                                 "and calibration prompts (--budgets, --stats, --calib-prompts)")
@@ -306,10 +313,19 @@ class Bench:
             stats = collect_statistics(pipe, pool, self.cfg.calib_prompts, None, CalibrationConfig(
                 steps=self.cfg.calib_steps, height=res, width=res, seed=self.cfg.seed,
                 pass1_prompts=min(64, self.cfg.calib_prompts), images=self.cfg.calib_images,
-                strength=self.cfg.calib_strength), progress=False)
+                strength=self.cfg.calib_strength, **self._ensemble()), progress=False)
+            ensemble = "" if stats.config.base is None else \
+                f", refining the latents of {stats.config.base} from {stats.config.refiner_start} of the schedule on"
             return stats, (f"calibrated here: {self.cfg.calib_prompts} SlimSet prompts × {self.cfg.calib_steps} "
-                           f"steps at {res}², CFG {self.cfg.guidance}")
+                           f"steps at {res}², CFG {self.cfg.guidance}{ensemble}")
         return None, None
+
+    def _ensemble(self) -> dict:
+        """The calibration's base model and hand-over, for a refiner calibrated on a base's latents."""
+        if self.cfg.calib_base is None:
+            return {}
+        start = self.cfg.calib_refiner_start
+        return {"base": self.cfg.calib_base, **({} if start is None else {"refiner_start": start})}
 
     # -- the run ------------------------------------------------------------------------------------------
     def prepare(self) -> None:

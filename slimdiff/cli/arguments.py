@@ -40,10 +40,20 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the packaged COCO val2017 captions)")
     p.add_argument("--images", default=None, metavar="DIR",
                    help="inpainting models and the SDXL refiner: a folder of images (PNG/JPEG/WebP) calibration fills "
-                        "seeded holes in or refines, one per prompt in turn (e.g. COCO photographs)")
+                        "seeded holes in or refines, one per prompt in turn (e.g. COCO photographs); the refiner "
+                        "takes --base instead")
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: the fraction of the schedule re-run over each image (default: inpainting "
                         "1.0, the SDXL refiner its pipeline's 0.3; the refiner runs int(steps × strength) steps)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="the SDXL refiner, instead of --images: an SDXL base model (built-in, pipeline folder, "
+                        ".safetensors or slim folder, as --model) whose latents the refiner refines in calibration, "
+                        "as in diffusers' ensemble of expert denoisers: each prompt is sampled by the base to "
+                        "denoising_end=--refiner-start, and by the refiner from there on")
+    p.add_argument("--refiner-start", type=float, default=None, metavar="F",
+                   help="with --base: the fraction of the schedule the base runs before the refiner takes over its "
+                        "latents, in (0, 1) (default 0.8, diffusers' hand-over and the Triton --refiner ensemble's); "
+                        "the refiner runs the steps whose timestep is below (1 - F) × 1000")
     p.add_argument("--num-prompts", type=int, default=500, help="SlimSet size (default 500)")
     p.add_argument("--steps", type=int, default=25,
                    help="sampling steps per prompt (default 25; step-distilled models — LCM, Turbo, Lightning: the "
@@ -69,7 +79,22 @@ def calibration_config_from_args(args):
     return CalibrationConfig(steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
                              width=args.resolution, seed=args.seed, batch_size=args.batch_size,
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting,
-                             checkpoint_every=args.checkpoint_every, images=images, strength=args.strength)
+                             checkpoint_every=args.checkpoint_every, images=images, strength=args.strength,
+                             **base_arguments(args.base, args.refiner_start))
+
+
+def base_arguments(base: str | None, refiner_start: float | None) -> dict:
+    """``CalibrationConfig``'s ``base`` and ``refiner_start`` of the flags ``--base`` and ``--refiner-start`` (a
+    base's path resolved: the statistics record it, and a calibration resumed from anywhere compares it)."""
+    from ..errors import SlimDiffError
+
+    if base is None:
+        if refiner_start is not None:
+            raise SlimDiffError("--refiner-start is where the base model hands its latents to the refiner: give "
+                                "--base too")
+        return {}
+    source = base if base.startswith("builtin:") else str(Path(base).resolve())
+    return {"base": source, **({} if refiner_start is None else {"refiner_start": refiner_start})}
 
 
 def calibration_clock(prog: str, pipe, pool_size: int, args):

@@ -102,6 +102,7 @@ def cmd_slim(args) -> None:
     check_loras(loras)
     stats = Statistics.load(args.stats) if args.stats else None
     prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
+    calibration = None if args.stats else calibration_config_from_args(args)  # its flags checked before loading
     # with statistics and LoRAs, the model is fingerprinted before and after the fusion (base statistics serve)
     pipe = _load(args, fuse_loras=stats is None)
     base_statistics = False
@@ -113,7 +114,7 @@ def cmd_slim(args) -> None:
     denoiser = family_for(pipe).denoiser(pipe)
     check_budget(denoiser, config)  # before a calibration that could take hours
     if stats is None:
-        stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration_config_from_args(args),
+        stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration,
                                    on_batch=calibration_clock("slimdiff", pipe, len(prompts), args))
     report = slim_unet(denoiser, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())

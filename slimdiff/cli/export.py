@@ -212,7 +212,19 @@ def _slimming_inputs(pipe, args):
     return config, stats, prompts, base_statistics
 
 
-def _slim_dense_model(pipe, args, inputs):
+def _calibration_loop(pipe, args, inputs):
+    """The calibration's sampling loop of a dense model slimmed without statistics (None otherwise), made — and so
+    checked: an inpainting model's or a refiner's images, a refiner's --base, which loads here — before any engine is
+    built, on the export device the pipeline is on."""
+    from ..calibrate import pipeline_loop
+    from .arguments import calibration_config_from_args
+
+    if inputs is None or inputs[1] is not None:
+        return None
+    return pipeline_loop(pipe, calibration_config_from_args(args))
+
+
+def _slim_dense_model(pipe, args, inputs, loop):
     """The one call into the slimming pipeline: slims the pipeline's denoiser in place, returns its rank plan."""
     from ..api import slim_pipeline
     from .arguments import calibration_clock, calibration_config_from_args
@@ -220,7 +232,7 @@ def _slim_dense_model(pipe, args, inputs):
     config, stats, prompts, base_statistics = inputs
     clock = calibration_clock("slimdiff-export", pipe, len(prompts), args) if stats is None else None
     report = slim_pipeline(pipe, config, stats=stats, prompts=prompts, num_prompts=args.num_prompts,
-                           calibration=calibration_config_from_args(args), on_batch=clock)
+                           calibration=calibration_config_from_args(args), loop=loop, on_batch=clock)
     if args.lora:
         report.plan.info["statistics_without_loras"] = base_statistics
     return report.plan
@@ -541,6 +553,7 @@ def run(args) -> list[dict]:
                                image_to_image=args.triton_img2img, refiner=refiner)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
+        calibration_loop = _calibration_loop(pipe, args, slimming)
         reference = dense if dense is not None else slim
         family = family_for(reference)
         vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
@@ -588,7 +601,7 @@ def run(args) -> list[dict]:
         slim_folder = Path(args.model).resolve()
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
-            plan = _slim_dense_model(pipe, args, slimming)
+            plan = _slim_dense_model(pipe, args, slimming, calibration_loop)
             slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
         if dense_process is not None:
