@@ -56,6 +56,19 @@ def files(tmp_path_factory):
     # builtin:tiny's architecture, but made from an inpainting UNet (9 input channels): the pipelines pass it 4
     ControlNetModel.from_unet(UNet2DConditionModel(**dict(TINY_UNET, in_channels=9))).save_pretrained(
         root / "controlnet-9ch")
+    # SDXL bases whose latents builtin:tiny-xl-refiner cannot refine: 8 latent channels; another VAE scaling factor
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from slimdiff.configs import TINY_VAE, TINY_XL_UNET
+
+    xl = build_builtin("builtin:tiny-xl")
+    StableDiffusionXLPipeline(**{**xl.components, "unet": UNet2DConditionModel(**dict(TINY_XL_UNET, in_channels=8,
+                                                                                       out_channels=8)),
+                                 "vae": AutoencoderKL(**dict(TINY_VAE, latent_channels=8))}).save_pretrained(
+        root / "xl-base-8ch")
+    xl.save_pretrained(root / "xl-base-other-vae-factor")
+    vae_config = root / "xl-base-other-vae-factor" / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.5}))
     return root
 
 
@@ -116,6 +129,39 @@ SLIMDIFF_ROWS = [
      None, "takes 8 input channels (4 latent + 4 of image conditioning"),
     ("calibrate-missing-lora", ["calibrate", "--model", "builtin:tiny", "--lora", "{tmp}/style.safetensors", *FAST,
                                 "--out", "{tmp}/stats"], None, "LoRA file '{tmp}/style.safetensors' does not exist"),
+    ("calibrate-base-for-a-text-to-image-model", ["calibrate", "--model", "builtin:tiny", "--base", "builtin:tiny-xl",
+                                                  *FAST, "--out", "{tmp}/stats"], None,
+     "a base model given (--base), but StableDiffusionPipeline is no refiner"),
+    ("calibrate-base-is-a-refiner", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base",
+                                     "builtin:tiny-xl-refiner", *FAST, "--out", "{tmp}/stats"], None,
+     "is a StableDiffusionXLImg2ImgPipeline ('sdxl-refiner' family), not an SDXL base"),
+    ("calibrate-base-is-sd", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny", *FAST,
+                              "--out", "{tmp}/stats"], None, "is a StableDiffusionPipeline ('sd' family), not an SDXL base"),
+    ("calibrate-base-is-pixart", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-pixart",
+                                  *FAST, "--out", "{tmp}/stats"], None, "('pixart' family), not an SDXL base"),
+    ("calibrate-base-latent-channels", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base",
+                                        "{in}/xl-base-8ch", *FAST, "--out", "{tmp}/stats"], None,
+     "draws 8-channel latents (its VAE's), the refiner's UNet takes 4"),
+    ("calibrate-base-vae-scale", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base",
+                                  "{in}/xl-base-other-vae-factor", *FAST, "--out", "{tmp}/stats"], None,
+     "VAE scales latents unlike the refiner's"),
+    ("calibrate-base-and-images", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl",
+                                   "--images", "{in}", *FAST, "--out", "{tmp}/stats"], None,
+     "either on the base model's latents (--base) or on photographs (--images, --strength), not both"),
+    ("calibrate-base-and-strength", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl",
+                                     "--strength", "0.3", *FAST, "--out", "{tmp}/stats"], None,
+     "a base model and strength given"),
+    ("calibrate-refiner-start-outside", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl",
+                                         "--refiner-start", "1.5", *FAST, "--out", "{tmp}/stats"], None,
+     "refiner start 1.5 is outside (0, 1)"),
+    ("calibrate-refiner-start-without-base", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--refiner-start",
+                                              "0.5", *FAST, "--out", "{tmp}/stats"], None, "give --base too"),
+    ("calibrate-base-no-refiner-step", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl",
+                                        "--refiner-start", "0.9999", *FAST, "--out", "{tmp}/stats"], None,
+     "leave the refiner no step"),
+    ("calibrate-base-no-base-step", ["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl",
+                                     "--refiner-start", "0.2", *FAST, "--out", "{tmp}/stats"], None,
+     "leave the base model no step"),
     ("slim-pickled-lora", ["slim", "--model", "builtin:tiny", "--stats", "{in}/stats", "--lora", "{tmp}/model.ckpt",
                            "--budget", "0.3", "--out", "{tmp}/slim"], "ckpt", "is not a .safetensors file"),
     ("calibrate-resume-other-model", ["calibrate", "--model", "{in}/other-model", "--prompts", "{in}/prompts.txt",
@@ -192,6 +238,11 @@ EXPORT_ROWS = [
     ("export-controlnet-on-a-one-output-runner", ["--model", "builtin:tiny", "--engine", "aoti", "--controlnet",
                                                   "{in}/controlnet-xl", "--out", "{tmp}/engines"], None,
      "runner returns one output: build it with --engine ort"),
+    ("export-base-for-a-text-to-image-model", ["--model", "builtin:tiny", "--engine", "ort", "--base",
+                                               "builtin:tiny-xl", *FAST, "--out", "{tmp}/engines"], None,
+     "a base model given (--base), but StableDiffusionPipeline is no refiner"),
+    ("export-base-not-an-sdxl-base", ["--model", "builtin:tiny-xl-refiner", "--engine", "ort", "--base",
+                                      "builtin:tiny", *FAST, "--out", "{tmp}/engines"], None, "not an SDXL base"),
     ("export-onnx-as-model", ["--model", "{tmp}/unet.onnx", "--engine", "ort", "--out", "{tmp}/engines"], "onnx",
      "is an ONNX model"),
 ]

@@ -1,5 +1,6 @@
 """The SDXL refiner end to end: told apart from the base by its UNet, loaded from a pipeline folder, calibrated on
-the images it refines (``--images``, ``--strength``) by ``slimdiff slim``, compared by ``slimdiff eval``, exported
+the images it refines (``--images``, ``--strength``) by ``slimdiff slim`` or on an SDXL base's latents as in diffusers'
+ensemble of expert denoisers (``--base``, ``--refiner-start``), compared by ``slimdiff eval``, exported
 as an ONNX Runtime engine that drives the refiner pipeline, and served by a Triton repository whose requests carry
 the image to refine (in this process; the bundled ``tritonserver`` serves the refiner after the base in
 tests/test_triton_refiner.py, and image inputs in the inpainting and image-to-image tests). Seeded tiny models
@@ -97,12 +98,13 @@ def test_a_refiner_folder_loads_as_its_image_to_image_pipeline(tmp_path, capsys)
 
 
 def test_calibration_needs_images_and_a_refining_step(tmp_path, images, capsys):
-    """Refused in one line before any sampling: no images; steps × strength below one step; a strength outside
-    (0, 1]; images and a strength given to a text-to-image model (which would ignore them)."""
+    """Refused in one line before any sampling: no images (nor a base); steps × strength below one step; a strength
+    outside (0, 1]; images and a strength given to a text-to-image model (which would ignore them)."""
     out = tmp_path / "slim"
     assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--budget", "0.4", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the SDXL refiner is calibrated on the images it refines" in err[0], err
+    assert err[0].endswith("or the SDXL base whose latents it refines (`--base MODEL`)"), err
     assert main(["slim", "--model", "builtin:tiny-xl-refiner", "--images", str(images), "--steps", "3",
                  "--budget", "0.4", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -129,6 +131,18 @@ def test_calibration_visits_the_refiners_timesteps(images):
     assert sorted(stats.timesteps) == sorted(int(t) for t in pipe.scheduler.timesteps[5:])
 
 
+def _readme_ensemble_loop(base, refiner, steps, start):
+    """The README's loop you own: the base to ``denoising_end``, the refiner from ``denoising_start`` on its latents."""
+    def ensemble_loop(prompts, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        latents = base(list(prompts), num_inference_steps=steps, denoising_end=start, generator=generators,
+                       output_type="latent").images
+        refiner(list(prompts), image=latents, num_inference_steps=steps, denoising_start=start, generator=generators,
+                output_type="latent")
+
+    return ensemble_loop
+
+
 def test_the_refiner_calibrates_on_the_base_latents_with_a_loop_you_own():
     """The README's ensemble loop: calibration hooks whatever sampling the loop runs with the refiner's UNet — here
     the base's latents at half the schedule, refined from there: the refiner's statistics visit only the timesteps
@@ -136,21 +150,154 @@ def test_the_refiner_calibrates_on_the_base_latents_with_a_loop_you_own():
     import slimdiff
 
     base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
-
-    def ensemble_loop(prompts, seeds):
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        latents = base(list(prompts), num_inference_steps=10, denoising_end=0.5, generator=generators,
-                       output_type="latent").images
-        refiner(list(prompts), image=latents, num_inference_steps=10, denoising_start=0.5, generator=generators,
-                output_type="latent")
-
     stats = slimdiff.collect_statistics(refiner, ["a red cube", "two blue spheres"], 2,
                                         calibration=slimdiff.CalibrationConfig(steps=10, pass1_prompts=1),
-                                        loop=ensemble_loop, progress=False)
+                                        loop=_readme_ensemble_loop(base, refiner, 10, 0.5), progress=False)
     refiner.scheduler.set_timesteps(10)
     assert sorted(stats.timesteps) == sorted(int(t) for t in refiner.scheduler.timesteps if t < 500)
     report = slimdiff.slim_pipeline(refiner, slimdiff.SlimConfig(budget=0.4), stats=stats, progress=False)
     assert report.plan.params_removed > 0
+
+
+# the command line's calibration on the base's latents: two prompts of a file (no SlimSet selection from COCO)
+ENSEMBLE = ["--num-prompts", "2", "--pass1-prompts", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ensemble-prompts") / "prompts.txt"
+    path.write_text("a red cube\ntwo blue spheres\n", encoding="utf-8")
+    return path
+
+
+def test_calibrating_on_the_base_latents_visits_the_refiners_share_of_the_schedule(tmp_path, prompt_file, capsys):
+    """`slimdiff calibrate --base` (hand-over at the default 0.8 of 10 steps) visits exactly the timesteps the refiner's
+    UNet is called at in a plain diffusers ensemble of expert denoisers, once each; the statistics record the base and
+    the hand-over, and a rerun into the same folder with another hand-over is refused."""
+    from slimdiff.calibrate import Statistics
+    from slimdiff.families.refiner import ensemble_shares
+
+    out = tmp_path / "stats"
+    assert main(["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl", "--steps", "10",
+                 "--prompts", str(prompt_file), *ENSEMBLE, "--out", str(out)]) == 0
+    stats = Statistics.load(out)
+    base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
+    seen = []
+    refiner.unet.register_forward_pre_hook(lambda _m, args: seen.append(int(args[1])))
+    latents = base(PROMPT, num_inference_steps=10, denoising_end=0.8, output_type="latent").images
+    refiner(PROMPT, image=latents, num_inference_steps=10, denoising_start=0.8, output_type="latent")
+    assert seen and stats.timesteps == seen and stats.visits == [1] * len(seen)
+    assert len(seen) == ensemble_shares(refiner.scheduler, 10, 0.8)[1] < 10
+    assert (stats.config.base, stats.config.refiner_start, stats.config.images) == ("builtin:tiny-xl", 0.8, None)
+    capsys.readouterr()
+    assert main(["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl", "--steps", "10",
+                 "--refiner-start", "0.7", "--prompts", str(prompt_file), *ENSEMBLE, "--out", str(out)]) == 2
+    assert "were collected with different config" in capsys.readouterr().err
+
+
+def test_the_command_line_calibrates_as_the_loop_you_own(tmp_path, prompt_file):
+    """`slimdiff calibrate --base --refiner-start 0.5` collects the statistics the README's ensemble loop collects with
+    the same prompts and seeds, bit for bit: both sample the base and the refiner alike."""
+    import slimdiff
+    from slimdiff.calibrate import Statistics
+
+    out = tmp_path / "stats"
+    assert main(["calibrate", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl", "--steps", "6",
+                 "--refiner-start", "0.5", "--prompts", str(prompt_file), *ENSEMBLE, "--out", str(out)]) == 0
+    cli = Statistics.load(out)
+    base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
+    own = slimdiff.collect_statistics(refiner, prompt_file.read_text().splitlines(), 2,
+                                      calibration=slimdiff.CalibrationConfig(steps=6, pass1_prompts=1),
+                                      loop=_readme_ensemble_loop(base, refiner, 6, 0.5), progress=False)
+    refiner.scheduler.set_timesteps(6)
+    assert cli.timesteps == own.timesteps == [int(t) for t in refiner.scheduler.timesteps if t < 500]
+    assert cli.visits == own.visits and cli.fingerprint == own.fingerprint
+    assert set(cli.tensors) == set(own.tensors)
+    differ = [k for k in own.tensors if not torch.equal(cli.tensors[k], own.tensors[k])]
+    assert not differ, differ[:5]
+    assert all(torch.equal(cli.timestep_weights[k], w) for k, w in own.timestep_weights.items())
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """SDXL base folders whose latents do not fit builtin:tiny-xl-refiner: 8 latent channels (UNet and VAE); a VAE
+    down-sampling twice as far; a VAE of another scaling factor."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from slimdiff.configs import TINY_VAE
+
+    root = tmp_path_factory.mktemp("bases")
+    base = build_builtin("builtin:tiny-xl")
+    wide = {"unet": UNet2DConditionModel(**dict(TINY_XL_UNET, in_channels=8, out_channels=8)),
+            "vae": AutoencoderKL(**dict(TINY_VAE, latent_channels=8))}
+    deeper = {"vae": AutoencoderKL(**dict(TINY_VAE, block_out_channels=(16, 32, 32),
+                                          down_block_types=("DownEncoderBlock2D",) * 3,
+                                          up_block_types=("UpDecoderBlock2D",) * 3))}
+    for name, parts in (("8-channels", wide), ("vae-down", deeper), ("vae-factor", {})):
+        StableDiffusionXLPipeline(**{**base.components, **parts}).save_pretrained(root / name,
+                                                                                   safe_serialization=True)
+    config = root / "vae-factor" / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "scaling_factor": 0.5}))
+    return root
+
+
+REFUSALS = [  # (model, extra flags, the fragment of the one error line)
+    ("builtin:tiny-xl", ["--base", "builtin:tiny-xl"],
+     "a base model given (--base), but StableDiffusionXLPipeline is no refiner"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl-refiner"],
+     "--base 'builtin:tiny-xl-refiner' is a StableDiffusionXLImg2ImgPipeline ('sdxl-refiner' family), not an SDXL base"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny"],
+     "--base 'builtin:tiny' is a StableDiffusionPipeline ('sd' family), not an SDXL base"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-pixart"],
+     "is a PixArtSigmaPipeline ('pixart' family), not an SDXL base"),
+    ("builtin:tiny-xl-refiner", ["--base", "{bases}/8-channels"],
+     "draws 8-channel latents (its VAE's), the refiner's UNet takes 4"),
+    ("builtin:tiny-xl-refiner", ["--base", "{bases}/vae-down"],
+     "VAE scales latents unlike the refiner's (1/4 of the image, × 0.18215 against 1/2, × 0.18215)"),
+    ("builtin:tiny-xl-refiner", ["--base", "{bases}/vae-factor"],
+     "VAE scales latents unlike the refiner's (1/2 of the image, × 0.5 against 1/2, × 0.18215)"),
+    ("builtin:tiny-xl-refiner", ["--base", "{bases}/nowhere"], "--base: model path"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl", "--images", "{images}"],
+     "a base model and images given: calibrate the refiner either on the base model's latents (--base) or on "
+     "photographs (--images, --strength), not both"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl", "--strength", "0.2"],
+     "a base model and strength given"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl", "--refiner-start", "1"],
+     "refiner start 1.0 is outside (0, 1)"),
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl", "--refiner-start", "0"],
+     "refiner start 0.0 is outside (0, 1)"),
+    ("builtin:tiny-xl-refiner", ["--images", "{images}", "--refiner-start", "0.5"],
+     "--refiner-start is where the base model hands its latents to the refiner: give --base too"),
+    # timesteps 901…1: none below round(1000 − 999.9) = 0
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl", "--refiner-start", "0.9999"],
+     "10 steps handing over at 0.9999 (the cut-off timestep round((1 − 0.9999) × T)) leave the refiner no step"),
+    # timesteps 501 and 1: none at or above round(1000 − 200) = 800
+    ("builtin:tiny-xl-refiner", ["--base", "builtin:tiny-xl", "--refiner-start", "0.2", "--steps", "2"],
+     "2 steps handing over at 0.2 (the cut-off timestep round((1 − 0.2) × T)) leave the base model no step"),
+]
+
+
+@pytest.mark.parametrize("model, flags, fragment", REFUSALS, ids=[
+    "not-a-refiner", "base-is-a-refiner", "base-is-sd", "base-is-pixart", "latent-channels", "vae-down-sampling",
+    "vae-scaling-factor", "base-missing", "base-and-images", "base-and-strength", "start-one", "start-zero",
+    "start-without-base", "no-refiner-step", "no-base-step"])
+def test_calibration_on_a_base_refuses_what_cannot_be_its_ensemble(model, flags, fragment, bases, images, tmp_path,
+                                                                  monkeypatch, capsys):
+    """`slimdiff slim --base`: one line, exit status 2, before either pipeline samples anything, nothing written."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a pipeline sampled before the bad input was noticed")
+
+    for cls in (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline):
+        monkeypatch.setattr(cls, "__call__", no_sampling)
+    flags = [f.replace("{bases}", str(bases)).replace("{images}", str(images)) for f in flags]
+    steps = [] if "--steps" in flags else ["--steps", "10"]
+    assert main(["slim", "--model", model, *flags, *steps, "--num-prompts", "2", "--budget", "0.4",
+                 "--out", str(tmp_path / "slim")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimdiff: error: ") and fragment in err[0], err
+    assert not list(tmp_path.iterdir())
 
 
 def test_slim_and_eval_on_a_refiner_folder(slim_refiner, images, tmp_path):
@@ -189,6 +336,28 @@ def test_bench_calibrates_the_refiner_on_images(tmp_path, images, capsys):
     assert main(["bench", "--model", "builtin:tiny-xl-refiner", "--images", str(images), "--calib-prompts", "0",
                  "--out", str(tmp_path / "again")]) == 2
     assert "--images and --strength are calibration's: give --calib-prompts N too" in capsys.readouterr().err
+
+
+def test_bench_calibrates_the_refiner_on_the_base_latents(tmp_path, capsys):
+    """`slimdiff bench --calib-prompts --base` calibrates the refiner after the base (the report says so); a base
+    without calibration, or a hand-over without a base, is refused in one line."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "builtin:tiny-xl-refiner", "--calib-prompts", "2", "--calib-steps", "4",
+                 "--base", "builtin:tiny-xl", "--refiner-start", "0.5", "--engines", "eager", "--budgets", "0,0.4",
+                 "--batch", "2", "--iters", "2", "--warmup", "0", "--no-e2e", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "refining the latents of builtin:tiny-xl from 0.5 of the schedule on" in json.dumps(report)
+    slim = [r for r in report["results"] if r["budget"] > 0]
+    assert slim and all(r["error_vs_dense"] > 0 for r in slim)
+    capsys.readouterr()
+    assert main(["bench", "--model", "builtin:tiny-xl-refiner", "--base", "builtin:tiny-xl", "--calib-prompts", "0",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "--base and --refiner-start are calibration's: give --calib-prompts N too" in capsys.readouterr().err
+    assert main(["bench", "--model", "builtin:tiny-xl-refiner", "--refiner-start", "0.5", "--calib-prompts", "2",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "--refiner-start is where the base model hands its latents to the refiner: give --base too" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
 
 
 def test_eval_refuses_starting_images_for_a_text_to_image_model(tmp_path, images, capsys):
