@@ -38,14 +38,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import fingerprint
 from .analyze import timestep_weights, trq_from_energies, trq_qk, trq_vo
 from .distributed import Group
 from .errors import SlimDiffError, SlimDiffWarning
 from .families import (
     ATTENTION,
     CROSS,
-    FAMILIES,
     FFN,
     QK,
     TEXT_CONTEXT,
@@ -60,6 +58,7 @@ from .families import (
     family_for,
     module_sites,
     site_linears,
+    site_weights_fingerprint,
     transformer_blocks,
 )
 from .families.base import SEQ, seq_key
@@ -133,19 +132,20 @@ def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     if given and not family.serving_image_inputs:  # the images a request carries are those its sampling starts from
         raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} samples from no image (only "
                             "inpainting models and the SDXL refiner do)")
-    if config.base is not None and family.name not in {f.serving_refiner_family for f in FAMILIES.adapters()}:
-        raise SlimDiffError(f"a base model given (--base), but {type(pipe).__name__} is no refiner: only the SDXL "
-                            "refiner is calibrated on a base model's latents")
-    return family.calibration_loop(pipe, config)
+    if config.base is None:
+        return family.calibration_loop(pipe, config)
 
+    def load_base():
+        """The base pipeline of ``config.base`` (a folder, a single file, a built-in or a slim folder, loaded as
+        ``--model`` is) in the denoiser's dtype, on the host."""
+        from .models import load_pipeline
 
-def model_fingerprint(unet) -> str:
-    """Stable sha256 of the UNet's architecture and of every weight the statistics describe (stats are
-    model-specific); the same in every process (:mod:`slimdiff.fingerprint`)."""
-    names = set()
-    for site in module_sites(unet):
-        names.update(n for n, _ in unet.named_parameters() if n.startswith(site.sublayer_path + "."))
-    return fingerprint.model_fingerprint(unet, names)
+        try:
+            return load_pipeline(config.base, family.denoiser(pipe).dtype)
+        except SlimDiffError as exc:
+            raise SlimDiffError(f"--base: {exc}") from None
+
+    return family.base_calibration_loop(pipe, config, load_base)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -505,7 +505,7 @@ class Statistics:
         return replace(self, fingerprint=fingerprint)
 
     def check_model(self, unet) -> None:
-        if model_fingerprint(unet) != self.fingerprint:
+        if site_weights_fingerprint(unet) != self.fingerprint:
             raise SlimDiffError("these statistics were collected from a different model "
                                 "(fingerprint mismatch): calibrate this model first")
         missing = sorted({s.name for s in module_sites(unet)} - set(self.timestep_weights))
@@ -836,14 +836,14 @@ def calibrate(
             raise SlimDiffError(f"{str(folder)!r} holds site shards ({SHARDS_FILE}): rerun with the same "
                                 "--site-shards, or use another --out")
         return _calibrate_sites(unet, prompts, folder, config, loop, progress, on_batch, group, None,
-                                model_fingerprint(unet))
+                                site_weights_fingerprint(unet))
     if folder is not None and group.is_leader and _read_manifest(folder) is not None:
         raise SlimDiffError(f"{str(folder)!r} holds the statistics of an unsharded calibration; use another "
                             "--out for site shards")
     if folder is None:
         raise SlimDiffError(f"statistics calibrated in {len(plan)} site shards are written to disk and read back a "
                             "site at a time: give an output directory (`slimdiff calibrate --out DIR`)")
-    fingerprint = model_fingerprint(unet)
+    fingerprint = site_weights_fingerprint(unet)
     if group.is_leader:
         body = {"format": SHARDS_FORMAT, "fingerprint": fingerprint, "shards": plan}
         known = _read_shards(folder)
@@ -867,7 +867,8 @@ def _calibrate_sites(unet, prompts: Sequence[str], folder: Path | None, config: 
                      shard: dict | None, fingerprint: str) -> Statistics | None:
     """One two-pass calibration of every site, or of one site shard's sub-layers (``shard``: its index, the
     shard count and its sub-layers; recorded in the manifest, so a resumed shard is the same shard).
-    ``fingerprint``: the model's (:func:`model_fingerprint`: it hashes every site weight, so it is computed once)."""
+    ``fingerprint``: the model's (:func:`~slimdiff.families.site_weights_fingerprint`: it hashes every site weight,
+    so it is computed once)."""
     sublayers = None if shard is None else set(shard["sublayers"])
     prompt_sha = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     fresh = {"format": STATS_FORMAT, "fingerprint": fingerprint, "config": asdict(config),

@@ -129,13 +129,12 @@ def fuse_loras_onto_statistics(pipe, specs: Sequence[LoraSpec], stats):
     LoRAs: the factors are then fitted to the activations of the model without them, which costs little for a LoRA
     that nudges the weights and more for one that changes the images (bench/lora_statistics.py); calibrating with
     the LoRAs fused is the exact way. Statistics of neither are refused in one line."""
-    from .calibrate import model_fingerprint
-    from .families import family_for
+    from .families import family_for, site_weights_fingerprint
 
     denoiser = family_for(pipe).denoiser(pipe)
-    base = model_fingerprint(denoiser)
+    base = site_weights_fingerprint(denoiser)
     fuse_loras(pipe, specs)
-    fused = model_fingerprint(denoiser)
+    fused = site_weights_fingerprint(denoiser)
     if stats.fingerprint == fused:
         return stats, False
     if stats.fingerprint == base:

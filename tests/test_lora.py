@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slimdiff.calibrate import Statistics, model_fingerprint
+from slimdiff.calibrate import Statistics
+from slimdiff.families import site_weights_fingerprint
 from slimdiff.cli import main
 from slimdiff.errors import SlimDiffError
 from slimdiff.lora import LoraSpec, fuse_loras
@@ -177,7 +178,7 @@ def test_statistics_of_the_fused_model_are_its_own_and_others_are_refused(lora, 
     assert main(["calibrate", "--model", "builtin:tiny", *FAST, "--lora", str(path), "--out", str(stats_dir)]) == 0
     fused = build_builtin("builtin:tiny")
     fuse_loras(fused, [LoraSpec(str(path))])
-    assert Statistics.load(stats_dir).fingerprint == model_fingerprint(fused.unet)
+    assert Statistics.load(stats_dir).fingerprint == site_weights_fingerprint(fused.unet)
     out = tmp_path / "slim"
     assert main(["slim", "--model", "builtin:tiny", "--stats", str(stats_dir), "--lora", str(path),
                  "--budget", "0.3", "--out", str(out)]) == 0

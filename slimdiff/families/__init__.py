@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import fingerprint
 from ..errors import SlimDiffError
 from .base import (
     ATTENTION,
@@ -114,6 +115,16 @@ def module_sites(denoiser: nn.Module) -> list[ModuleSite]:
     return [site for path, block, adapter in transformer_blocks(denoiser) for site in adapter.sites(path, block)]
 
 
+def site_weights_fingerprint(denoiser: nn.Module) -> str:
+    """Stable sha256 of ``denoiser``'s architecture and of every weight its sites' sub-layers hold — what statistics
+    describe and slimming reads (statistics are model-specific); the same in every process
+    (:mod:`slimdiff.fingerprint`)."""
+    names = set()
+    for site in module_sites(denoiser):
+        names.update(n for n, _ in denoiser.named_parameters() if n.startswith(site.sublayer_path + "."))
+    return fingerprint.model_fingerprint(denoiser, names)
+
+
 def site_adapter(denoiser: nn.Module, site: ModuleSite) -> tuple[nn.Module, BlockAdapter]:
     """The block holding ``site`` and that block's adapter."""
     block = denoiser.get_submodule(site.block)
@@ -174,5 +185,5 @@ __all__ = [
     "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
     "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "image_generators", "load_builtin", "module_sites",
-    "assemble_column_blocks", "site_adapter", "site_linears", "starting_latents", "stat_key", "transformer_blocks",
+    "assemble_column_blocks", "site_adapter", "site_linears", "site_weights_fingerprint", "starting_latents", "stat_key", "transformer_blocks",
 ]

@@ -924,6 +924,14 @@ class DenoiserFamily(ABC):
         """``loop(prompts, seeds)``: the pipeline's own sampling for one batch of prompts, one seeded
         generator per prompt (``config``: a :class:`slimdiff.calibrate.CalibrationConfig`)."""
 
+    def base_calibration_loop(self, pipe: Any, config: Any, load_base: Callable[[], Any]
+                              ) -> Callable[[Sequence[str], Sequence[int]], None]:
+        """``loop(prompts, seeds)`` of a model that refines another's latents, calibrated on them: the base model
+        (``config.base``, loaded by ``load_base()`` once the cheap checks have passed) samples each batch, this one
+        refines its latents. One line for a family that refines no base's latents."""
+        raise SlimDiffError(f"a base model given (--base), but {type(pipe).__name__} is no refiner: only the SDXL "
+                            "refiner is calibrated on a base model's latents")
+
     @abstractmethod
     def text_towers(self, pipe: Any) -> list[TextTower]:
         """The pipeline's text encoders with their tokenizers, in the pipeline's order."""

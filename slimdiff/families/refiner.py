@@ -152,17 +152,6 @@ def check_base(base: Any, refiner: Any, config: Any, source: str | None = None) 
                             "the timesteps at or above the cut-off): raise --steps or --refiner-start")
 
 
-def load_base(source: str, refiner: Any) -> Any:
-    """The SDXL base pipeline of ``source`` (``CalibrationConfig.base``: a folder, a single file, a built-in or a slim
-    folder, loaded as ``--model`` is) in the dtype of the refiner's UNet, on the host."""
-    from ..models import load_pipeline
-
-    try:
-        return load_pipeline(source, refiner.unet.dtype)
-    except SlimDiffError as exc:
-        raise SlimDiffError(f"--base: {exc}") from None
-
-
 def ensemble_loop(base: Any, refiner: Any, config: Any, source: str | None = None
                   ) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: diffusers' ensemble of expert denoisers on one batch, to latents — ``base`` samples
@@ -220,10 +209,12 @@ class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
                 "time_ids": time_ids_of([h, w, 0, 0, score], device), **guidance_embedding(pipe, device)}
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        if config.base is None:
-            return refiner_loop(pipe, config)
+        return refiner_loop(pipe, config)
+
+    def base_calibration_loop(self, pipe: Any, config: Any, load_base: Callable[[], Any]
+                              ) -> Callable[[Sequence[str], Sequence[int]], None]:
         check_refiner_share(pipe, config)  # before the base loads
-        base = load_base(config.base, pipe)
+        base = load_base()
         loop = ensemble_loop(base, pipe, config, config.base)  # checked on the host
         base.to(pipe.unet.device)
         return loop
