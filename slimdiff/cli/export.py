@@ -560,7 +560,8 @@ def run(args) -> list[dict]:
         multiple = latent_multiple(reference.config)
         defaults = default_flags(reference.config, vae_scale, static=family.static_axes,
                                  text_len=family.default_text_len(pipe),
-                                 native=getattr(pipe, "default_sample_size", None))
+                                 native=getattr(pipe, "default_sample_size", None),
+                                 sizes_given=bool(args.height and args.width))
         def profiles_on(grid: int):
             """The shape flags' profiles, their latent sizes checked against multiples of ``grid``."""
             return parse_profiles(args.batch or defaults["batch"], args.height or defaults["height"],

@@ -106,14 +106,17 @@ def latent_multiple(config) -> int:
 
 
 def default_flags(config, vae_scale: int, *, static: tuple[str, ...] = (), text_len: str = "77:77:154",
-                  native: int | None = None) -> dict[str, str]:
+                  native: int | None = None, sizes_given: bool = False) -> dict[str, str]:
     """Defaults for the shape flags: half to one-and-a-half times the model's native latent size (its config's
     ``sample_size``, else ``native``: the pipeline's default, FLUX's transformer has none; the native size alone for
     ``static`` height/width), denoiser batch 1–4 (one or two images with guidance), and ``text_len`` (for CLIP, 77
-    tokens up to two concatenated windows: long prompts)."""
+    tokens up to two concatenated windows: long prompts). Without a native size, no height and width defaults:
+    ``sizes_given`` says the flags give both (else one line)."""
     multiple = latent_multiple(config)
     native = config.get("sample_size") or native
     if not native:
+        if sizes_given:
+            return {"batch": "1:2:4", "text_len": text_len}
         raise SlimDiffError("the model has no native image size to default --height and --width to: give both")
     native = int(native)
     lo = max(multiple, native // 2 // multiple * multiple)
