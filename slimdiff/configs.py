@@ -232,3 +232,10 @@ TINY_FLUX_TRANSFORMER = dict(
 TINY_FLUX_TEXT = TINY_TEXT
 TINY_FLUX_TEXT_2 = TINY_SD3_TEXT_3
 TINY_FLUX_VAE = dict(TINY_SD3_VAE, scaling_factor=FLUX_VAE["scaling_factor"], shift_factor=FLUX_VAE["shift_factor"])
+
+# FLUX.1-Fill-dev as published (black-forest-labs/FLUX.1-Fill-dev, transformer/config.json): FLUX.1-dev's transformer
+# whose tokens carry the noisy latent (64), the masked image's latent (64) and the mask — the 8×8 pixels under each
+# latent pixel as channels, packed 2×2: 256 — side by side: 384 features in, the latent's 64 out. The tiny one: the
+# tiny VAE's scale 2 makes the mask 2·2·4 = 16 of 144 features.
+FLUX_FILL_DEV_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, in_channels=384, out_channels=64)
+TINY_FLUX_FILL_TRANSFORMER = dict(TINY_FLUX_TRANSFORMER, in_channels=144, out_channels=64)

@@ -670,12 +670,13 @@ class TestFlux(FamilyConformance):
         meta, sidecar = build_denoiser_engine(transformer, "ort", tmp_path, profiles=profiles, dtype=torch.float32,
                                               device="cpu", multiple=8, plan=report.plan)
         assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE and len(sidecar["parity"]["shapes"]) == 2
-        assert meta["family"] == "flux" and sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
+        assert meta["family"] == self.family and sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
 
         slim_pipe = with_denoiser(pipe, transformer)
         slim_pipe.set_progress_bar_config(disable=True)
-        run = lambda: slim_pipe(PROMPTS[:self.image_prompts], num_inference_steps=2, height=self.image_px,  # noqa: E731
-                                width=self.image_px, generator=torch.Generator().manual_seed(0), output_type="np").images
+        call = family_for(pipe).measuring_call(self.image_px, self.image_px)  # FLUX Fill's: an image with a hole
+        run = lambda: slim_pipe(PROMPTS[:self.image_prompts], num_inference_steps=2,  # noqa: E731
+                                generator=torch.Generator().manual_seed(0), output_type="np", **call).images
         reference = run()
         engine = use_engine(slim_pipe, tmp_path)
         assert slim_pipe.transformer is engine and isinstance(engine, EngineFluxTransformer)
@@ -691,3 +692,21 @@ class TestFlux(FamilyConformance):
         with pytest.raises(SlimDiffError, match="take the text-to-image pipeline's positions"):
             engine(hidden_states=pack_latents(latents), timestep=sigma, encoder_hidden_states=text,
                    pooled_projections=pooled, img_ids=shifted, txt_ids=torch.zeros(512, 3), guidance=guidance)
+
+
+class TestFluxFill(TestFlux):
+    """FLUX Fill: builtin:tiny-flux-fill — FluxFillPipeline around FLUX's blocks, whose tokens carry the latent, the
+    masked image's latent and the mask (144 features in, 64 out); calibrated on seeded holes in a few noise images.
+    Its export check drives FluxFillPipeline with the slim transformer's engine on the inpainting task."""
+
+    family = "flux-fill"
+
+    @classmethod
+    def make_pipeline(cls):
+        from slimdiff.models import build_builtin
+
+        return build_builtin("builtin:tiny-flux-fill")
+
+    @classmethod
+    def calibration_options(cls) -> dict:
+        return {"images": str(_noise_images())}

@@ -302,7 +302,7 @@ def test_a_flux_pipeline_folder_loads_and_an_incomplete_one_is_one_line(flux, tm
         load_pipeline(str(folder))
 
 
-@pytest.mark.parametrize("cls_name", ["FluxImg2ImgPipeline", "FluxFillPipeline"])
+@pytest.mark.parametrize("cls_name", ["FluxImg2ImgPipeline", "FluxKontextPipeline"])
 def test_other_flux_pipeline_folders(flux, cls_name, tmp_path):
     folder = tmp_path / "pipe"
     flux.save_pretrained(folder, safe_serialization=True)
@@ -312,7 +312,7 @@ def test_other_flux_pipeline_folders(flux, cls_name, tmp_path):
         assert type(load_pipeline(str(folder))) is type(flux)
         return
     with pytest.raises(SlimDiffError, match=f"is a {cls_name} folder; slimdiff calibrates FLUX through its "
-                                            "text-to-image pipeline"):
+                                            "text-to-image and Fill pipelines"):
         load_pipeline(str(folder))
 
 
@@ -550,6 +550,8 @@ def test_the_family_declares_the_transformer_export(flux):
     assert default_flags(transformer.config, 2, native=16)["height"] == "16:32:48"
     with pytest.raises(SlimDiffError, match="no native image size .* give both"):
         default_flags(transformer.config, 2)
+    # a bare transformer folder (a slim one) exports at the sizes given: only the other axes take defaults
+    assert default_flags(transformer.config, 2, sizes_given=True) == {"batch": "1:2:4", "text_len": "77:77:154"}
 
     x, sigma, text, pooled, guidance = component.random_inputs(
         {"batch": 2, "height": 16, "width": 24, "text_len": 20}, torch.float32, seed=1)

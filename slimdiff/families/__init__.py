@@ -60,7 +60,8 @@ from .base import (
 )
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
-_BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".inpaint", ".refiner", ".pixart", ".sd3", ".flux")
+_BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".inpaint", ".refiner", ".pixart", ".sd3", ".flux",
+            ".flux_fill")
 _loaded = False
 
 

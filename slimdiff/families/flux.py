@@ -130,6 +130,25 @@ class Float32RotaryEmbedding(nn.Module):
         return rotary_table(ids, self.axes_dim, self.theta)
 
 
+def latent_features(config: Any) -> int:
+    """The packed latent's features: what the transformer predicts (``out_channels``, or ``in_channels`` when it
+    takes the latent alone, as ``FluxTransformer2DModel`` reads its config)."""
+    return config.get("out_channels") or config["in_channels"]
+
+
+def calibration_size(pipe: Any, config: Any) -> tuple[int, int, tuple[int, int]]:
+    """(height, width, latent size) a FLUX pipeline calibrates at: the configuration's, else the pipeline's default;
+    one line for a size the pipeline cannot pack (it would round it down with a warning), before any work."""
+    multiple = pipe.vae_scale_factor * PACK
+    for axis, size in (("height", config.height), ("width", config.width)):
+        if size is not None and size % multiple:
+            raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes multiples of {multiple} px "
+                                f"(VAE scale {pipe.vae_scale_factor} × {PACK}×{PACK} latent packing)")
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = config.height or default, config.width or default
+    return height, width, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+
 @FAMILIES.register({FluxPipeline: "flux", FluxTransformer2DModel: "flux"})
 class FluxFamily(DenoiserFamily):
     """``transformer(hidden_states, encoder_hidden_states=…, pooled_projections=…, timestep=…, img_ids=…,
@@ -184,9 +203,10 @@ class FluxFamily(DenoiserFamily):
 
     def seeded_latents(self, config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]
                        ) -> torch.Tensor:
-        # already packed, (images, h/2 · w/2, 64): i.i.d. noise, which packing only reorders
+        # already packed, (images, h/2 · w/2, 64): i.i.d. noise, which packing only reorders; the latent's features,
+        # not the input's (FLUX Fill's tokens carry more)
         h, w = latent
-        return torch.cat([torch.randn((1, (h // PACK) * (w // PACK), config["in_channels"]), generator=g)
+        return torch.cat([torch.randn((1, (h // PACK) * (w // PACK), latent_features(config)), generator=g)
                           for g in generators])
 
     def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
@@ -214,7 +234,9 @@ class FluxFamily(DenoiserFamily):
         return call, pack_latents
 
     def accepts(self, obj: Any) -> bool:
-        return _transformer_of(obj) is not None
+        # text-to-image tokens carry the latent alone (FLUX Fill's and FLUX Control's carry image conditioning too)
+        transformer = _transformer_of(obj)
+        return transformer is not None and transformer.config["in_channels"] == latent_features(transformer.config)
 
     def build(self, config: dict) -> nn.Module:
         return FluxTransformer2DModel.from_config(dict(config))
@@ -249,16 +271,8 @@ class FluxFamily(DenoiserFamily):
         return str(self.text_tokens)
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        # the pipeline rounds an image size it cannot pack down with a warning: refused here, before any work
-        multiple = pipe.vae_scale_factor * PACK
-        for axis, size in (("height", config.height), ("width", config.width)):
-            if size is not None and size % multiple:
-                raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes multiples of {multiple} px "
-                                    f"(VAE scale {pipe.vae_scale_factor} × {PACK}×{PACK} latent packing)")
+        height, width, latent = calibration_size(pipe, config)
         transformer = pipe.transformer
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        height, width = config.height or default, config.width or default
-        latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
 
         def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
             generators = image_generators(seeds)

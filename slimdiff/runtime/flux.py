@@ -26,7 +26,7 @@ from .denoiser import EngineDenoiser
 
 class EngineFluxTransformer(EngineDenoiser):
     component = "transformer"
-    families = ("flux",)
+    families = ("flux", "flux-fill")
 
     @property
     def out_channels(self) -> int:
