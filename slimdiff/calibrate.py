@@ -125,13 +125,16 @@ class CalibrationConfig:
 
 def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     """The default calibration loop: the pipeline's own text-to-image sampling (its family's), stopping at
-    latents; one line for images or a strength given to a pipeline that starts from no image, or a base model given
+    latents; one line for images or a strength given to a pipeline that takes no image, or a base model given
     to one that refines no base's latents."""
     family = family_for(pipe)
     given = [name for name, value in (("images", config.images), ("strength", config.strength)) if value is not None]
     if given and not family.serving_image_inputs:  # the images a request carries are those its sampling starts from
-        raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} samples from no image (only "
-                            "inpainting models and the SDXL refiner do)")
+        raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} takes no image (only "
+                            "inpainting models, FLUX Control and the SDXL refiner take one)")
+    if config.strength is not None and "image" not in family.serving_image_inputs:
+        raise SlimDiffError(f"strength given, but {type(pipe).__name__} noises no image: it samples from noise, "
+                            "conditioned on its images")
     if config.base is None:
         return family.calibration_loop(pipe, config)
 
@@ -931,8 +934,11 @@ def _resume_manifest(folder: Path, fresh: dict) -> dict | None:
         return None
     if manifest["fingerprint"] != fresh["fingerprint"]:
         raise SlimDiffError(f"statistics in {str(folder)!r} belong to a different model; use another --out")
+    # fields added to the configuration since the manifest was written take their defaults, which sample as
+    # before: a calibration an older version started resumes
+    recorded = {**manifest, "config": {**asdict(CalibrationConfig()), **manifest.get("config", {})}}
     for key in ("config", "num_prompts", "prompts_sha256", "site_shard"):
-        if manifest.get(key) != fresh.get(key):
+        if recorded.get(key) != fresh.get(key):
             raise SlimDiffError(f"statistics in {str(folder)!r} were collected with different {key.replace('_', ' ')}; "
                                 "use another --out or the same arguments")
     return manifest

@@ -239,3 +239,6 @@ TINY_FLUX_VAE = dict(TINY_SD3_VAE, scaling_factor=FLUX_VAE["scaling_factor"], sh
 # tiny VAE's scale 2 makes the mask 2·2·4 = 16 of 144 features.
 FLUX_FILL_DEV_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, in_channels=384, out_channels=64)
 TINY_FLUX_FILL_TRANSFORMER = dict(TINY_FLUX_TRANSFORMER, in_channels=144, out_channels=64)
+# FLUX.1-Depth-dev / FLUX.1-Canny-dev (black-forest-labs, transformer/config.json): FLUX.1-dev's transformer whose
+# tokens carry the latent (64) and the control image's latent (64): 128 features in, 64 out.
+TINY_FLUX_CONTROL_TRANSFORMER = dict(TINY_FLUX_TRANSFORMER, in_channels=128, out_channels=64)

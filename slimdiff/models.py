@@ -3,7 +3,7 @@
 Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (and the SDXL refiner's
 ``StableDiffusionXLImg2ImgPipeline``), PixArt pipeline
 (``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``), ``StableDiffusion3Pipeline``, ``FluxPipeline`` (and FLUX
-Fill's ``FluxFillPipeline``), or a bare
+Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``), or a bare
 ``UNet2DConditionModel``. Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
@@ -53,6 +53,8 @@ Fill's ``FluxFillPipeline``), or a bare
   the masked image's latent and the mask (144 features in, 64 out), seeded weights of their own.
 * ``builtin:flux-fill-shape`` — the exact public FLUX.1-Fill-dev transformer (FLUX.1-dev's with 384 input features)
   and FLUX.1-dev's text towers and VAE, seeded random weights; build it on the meta device where only shapes matter.
+* ``builtin:tiny-flux-control`` — builtin:tiny-flux as a ``FluxControlPipeline``: its transformer's tokens carry the
+  latent and the control image's latent (128 features in, 64 out), seeded weights of their own.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
@@ -98,6 +100,7 @@ from .configs import (
     SDXL_TEXT_2,
     SDXL_UNET,
     SDXL_VAE,
+    TINY_FLUX_CONTROL_TRANSFORMER,
     TINY_FLUX_FILL_TRANSFORMER,
     TINY_FLUX_TEXT,
     TINY_FLUX_TEXT_2,
@@ -130,7 +133,8 @@ if TYPE_CHECKING:
 BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny-xl", "builtin:sdxl-shape",
             "builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape",
             "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
-            "builtin:tiny-flux", "builtin:flux-dev-shape", "builtin:tiny-flux-fill", "builtin:flux-fill-shape")
+            "builtin:tiny-flux", "builtin:flux-dev-shape", "builtin:tiny-flux-fill", "builtin:flux-fill-shape",
+            "builtin:tiny-flux-control")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,6 +155,7 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:flux-dev-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_DEV_TRANSFORMER},
     "builtin:tiny-flux-fill": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_FILL_TRANSFORMER},
     "builtin:flux-fill-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_FILL_DEV_TRANSFORMER},
+    "builtin:tiny-flux-control": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_CONTROL_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 XL_REFINER_BUILTINS = ("builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape")
@@ -158,6 +163,7 @@ PIXART_BUILTINS = ("builtin:tiny-pixart", "builtin:pixart-sigma-shape")
 SD3_BUILTINS = ("builtin:tiny-sd3", "builtin:sd3-medium-shape")
 FLUX_BUILTINS = ("builtin:tiny-flux", "builtin:flux-dev-shape")
 FLUX_FILL_BUILTINS = ("builtin:tiny-flux-fill", "builtin:flux-fill-shape")
+FLUX_CONTROL_BUILTINS = ("builtin:tiny-flux-control",)
 
 
 def _seeded(seed: int, build):
@@ -171,7 +177,8 @@ def build_builtin(name: str, device: str | torch.device | None = None):
     """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for
     :data:`XL_BUILTINS`, ``StableDiffusionXLImg2ImgPipeline`` for :data:`XL_REFINER_BUILTINS`,
     ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for :data:`SD3_BUILTINS`,
-    ``FluxPipeline`` for :data:`FLUX_BUILTINS`, ``FluxFillPipeline`` for :data:`FLUX_FILL_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes
+    ``FluxPipeline`` for :data:`FLUX_BUILTINS`, ``FluxFillPipeline`` for :data:`FLUX_FILL_BUILTINS`, ``FluxControlPipeline`` for
+    :data:`FLUX_CONTROL_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes
     only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
@@ -181,7 +188,7 @@ def build_builtin(name: str, device: str | torch.device | None = None):
         return _build_pixart_builtin(name, device)
     if name in SD3_BUILTINS:
         return _build_sd3_builtin(name, device)
-    if name in FLUX_BUILTINS or name in FLUX_FILL_BUILTINS:
+    if name in FLUX_BUILTINS or name in FLUX_FILL_BUILTINS or name in FLUX_CONTROL_BUILTINS:
         return _build_flux_builtin(name, device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -317,20 +324,23 @@ def _build_sd3_builtin(name: str, device):
 
 
 def _build_flux_builtin(name: str, device):
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline,
-                           FluxTransformer2DModel)
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxFillPipeline,
+                           FluxPipeline, FluxTransformer2DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    tiny = name in ("builtin:tiny-flux", "builtin:tiny-flux-fill")
+    tiny = name.startswith("builtin:tiny-")
     configs = (TINY_FLUX_TEXT, TINY_FLUX_TEXT_2, TINY_FLUX_VAE) if tiny else (FLUX_TEXT, FLUX_TEXT_2, FLUX_VAE)
     text_cfg, text2_cfg, vae_cfg = configs
-    fill = name in FLUX_FILL_BUILTINS
-    transformer_cfg = {"builtin:tiny-flux": TINY_FLUX_TRANSFORMER, "builtin:flux-dev-shape": FLUX_DEV_TRANSFORMER,
-                       "builtin:tiny-flux-fill": TINY_FLUX_FILL_TRANSFORMER,
-                       "builtin:flux-fill-shape": FLUX_FILL_DEV_TRANSFORMER}[name]
+    transformer_cfg, seed, cls = {
+        "builtin:tiny-flux": (TINY_FLUX_TRANSFORMER, 0, FluxPipeline),
+        "builtin:flux-dev-shape": (FLUX_DEV_TRANSFORMER, 0, FluxPipeline),
+        "builtin:tiny-flux-fill": (TINY_FLUX_FILL_TRANSFORMER, 5, FluxFillPipeline),
+        "builtin:flux-fill-shape": (FLUX_FILL_DEV_TRANSFORMER, 5, FluxFillPipeline),
+        "builtin:tiny-flux-control": (TINY_FLUX_CONTROL_TRANSFORMER, 6, FluxControlPipeline),
+    }[name]
     with _build_device(device):
-        # the Fill transformer's seed differs from the text-to-image one's: two models, not one model twice
-        transformer = _seeded(5 if fill else 0, lambda: FluxTransformer2DModel(**transformer_cfg))
+        # each kind of transformer draws from its own seed: different models, not one model in several pipelines
+        transformer = _seeded(seed, lambda: FluxTransformer2DModel(**transformer_cfg))
         text_encoder = _seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
         text_encoder_2 = _seeded(3, lambda: T5EncoderModel(T5Config(**text2_cfg)))
         vae = _seeded(2, lambda: AutoencoderKL(**vae_cfg))
@@ -338,7 +348,7 @@ def _build_flux_builtin(name: str, device):
     # The pipeline reads only input_ids from its tokenizers (the T5's padded to max_sequence_length): the
     # character-level one serves the random towers, as in the other built-ins.
     tokenizer = builtin_tokenizer()
-    pipe = (FluxFillPipeline if fill else FluxPipeline)(
+    pipe = cls(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)
     pipe.set_progress_bar_config(disable=True)
@@ -467,9 +477,11 @@ PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 SD3_PIPELINE = "StableDiffusion3Pipeline"
 FLUX_PIPELINE = "FluxPipeline"
 FLUX_FILL_PIPELINE = "FluxFillPipeline"
-#: Folders of these classes hold the same components and load as the text-to-image pipeline, except FLUX Fill's,
-#: which loads as itself (other FLUX pipelines — Control, Kontext — feed their transformers inputs no family samples).
-FLUX_PIPELINES = (FLUX_PIPELINE, "FluxImg2ImgPipeline", FLUX_FILL_PIPELINE)
+FLUX_CONTROL_PIPELINE = "FluxControlPipeline"
+#: Folders of these classes hold the same components and load as the text-to-image pipeline, except FLUX Fill's and
+#: FLUX Control's, which load as themselves (other FLUX pipelines — Kontext, the Control image-to-image and inpainting
+#: ones — feed their transformers inputs no family samples).
+FLUX_PIPELINES = (FLUX_PIPELINE, "FluxImg2ImgPipeline", FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE)
 #: Folders of these classes hold the same components and load as the text-to-image pipeline.
 SD3_PIPELINES = (SD3_PIPELINE, "StableDiffusion3Img2ImgPipeline")
 
@@ -489,24 +501,25 @@ def _component_config(path: Path, component: str = "unet") -> dict:
         return {}
 
 
-def _check_flux_input(config: dict, source: str, fill: bool) -> None:
-    """One line for a FLUX folder whose transformer (of ``config``) takes other tokens than its pipeline makes: a Fill
-    pipeline's carry the latent, the masked image's latent and the mask; a text-to-image pipeline's the latent
-    alone."""
+def _check_flux_input(config: dict, source: str, cls_name: str, kind: str) -> None:
+    """One line for a FLUX folder whose transformer (of ``config``) takes other tokens than its pipeline ``kind``
+    (the folder's ``cls_name`` loaded as) makes: a Fill pipeline's carry the latent, the masked image's latent and the mask; a Control pipeline's the latent
+    and the control image's latent; a text-to-image pipeline's the latent alone."""
+    from .families.flux import input_features, is_text_to_image_transformer
+    from .families.flux_control import is_control_transformer
     from .families.flux_fill import is_fill_transformer
 
     if not config:
         return
-    features, latent = config.get("in_channels", 64), config.get("out_channels") or config.get("in_channels", 64)
-    if fill and not is_fill_transformer(config):
-        raise SlimDiffError(f"{source!r} is a FluxFillPipeline folder whose transformer takes {features} features per "
-                            "token: a Fill transformer takes the latent, the masked image's latent and the mask (FLUX.1-"
-                            "Fill-dev: 384); the folder mixes two models")
-    if not fill and features != latent:
-        what = "a FLUX Fill transformer" if is_fill_transformer(config) else "image conditioning (FLUX Control?)"
-        raise SlimDiffError(f"{source!r} is a text-to-image FLUX folder whose transformer takes {features} features per "
-                            f"token for {latent} latent ones: {what}; slimdiff samples FLUX Fill through a "
-                            "FluxFillPipeline folder and does not know FLUX Control's inputs")
+    kinds = {FLUX_FILL_PIPELINE: ("a FLUX Fill transformer", is_fill_transformer),
+             FLUX_CONTROL_PIPELINE: ("a FLUX Control transformer", is_control_transformer),
+             FLUX_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer)}
+    if kinds[kind][1](config):
+        return
+    found = next((what for what, fits in kinds.values() if fits(config)), "a transformer of unknown input")
+    features = input_features(config)
+    raise SlimDiffError(f"{source!r} is a {cls_name} folder whose transformer takes {features} features per token: "
+                        f"{found}, not {kinds[kind][0]}; the folder mixes two models")
 
 
 def _check_unet_input(config: dict, source: str, cls_name: str) -> bool:
@@ -548,7 +561,8 @@ def _pipeline_class(path: Path, source: str):
     (text-to-image or img2img class: both load as the text-to-image pipeline), ``StableDiffusionXLImg2ImgPipeline``
     for the SDXL refiner (no first text tower, aesthetic-score time ids), the folder's own class for PixArt,
     ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``FluxPipeline`` for FLUX (text-to-image or
-    img2img), ``FluxFillPipeline`` for FLUX Fill, ``StableDiffusionPipeline`` otherwise; one line
+    img2img), ``FluxFillPipeline`` for FLUX Fill, ``FluxControlPipeline`` for FLUX Control,
+    ``StableDiffusionPipeline`` otherwise; one line
     for folders slimdiff cannot calibrate."""
     import diffusers
 
@@ -568,8 +582,8 @@ def _pipeline_class(path: Path, source: str):
                                 "incomplete")
         return getattr(diffusers, cls_name)
     if cls_name.startswith("Flux") and cls_name not in FLUX_PIPELINES:
-        raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates FLUX through its text-to-image "
-                            f"and Fill pipelines: pass a {' or '.join(FLUX_PIPELINES)} folder")
+        raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates FLUX through its text-to-image, "
+                            f"Fill and Control pipelines: pass a {' or '.join(FLUX_PIPELINES)} folder")
     if cls_name in FLUX_PIPELINES:
         # calibration runs the pipeline on prompts: the transformer and both text towers are needed
         missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -578,9 +592,9 @@ def _pipeline_class(path: Path, source: str):
             raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
                                 "the transformer, the CLIP and T5 text encoders and their tokenizers): the folder is "
                                 "incomplete")
-        fill = cls_name == FLUX_FILL_PIPELINE
-        _check_flux_input(_component_config(path, "transformer"), source, fill)
-        return diffusers.FluxFillPipeline if fill else diffusers.FluxPipeline
+        kind = cls_name if cls_name in (FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE) else FLUX_PIPELINE
+        _check_flux_input(_component_config(path, "transformer"), source, cls_name, kind)
+        return getattr(diffusers, kind)
     if cls_name.startswith("StableDiffusion3") and cls_name not in SD3_PIPELINES:
         raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates SD3 through its text-to-image "
                             f"pipeline: pass a {' or '.join(SD3_PIPELINES)} folder")

@@ -710,3 +710,21 @@ class TestFluxFill(TestFlux):
     @classmethod
     def calibration_options(cls) -> dict:
         return {"images": str(_noise_images())}
+
+
+class TestFluxControl(TestFlux):
+    """FLUX Control: builtin:tiny-flux-control — FluxControlPipeline around FLUX's blocks, whose tokens carry the
+    latent and the control image's latent (128 features in, 64 out); calibrated on a few noise images as control
+    maps. Its export check drives FluxControlPipeline with the slim transformer's engine on a colour-ramp control."""
+
+    family = "flux-control"
+
+    @classmethod
+    def make_pipeline(cls):
+        from slimdiff.models import build_builtin
+
+        return build_builtin("builtin:tiny-flux-control")
+
+    @classmethod
+    def calibration_options(cls) -> dict:
+        return {"images": str(_noise_images())}

@@ -64,16 +64,17 @@ def test_fill_folders_load_as_fill_pipelines_and_mixed_folders_are_refused(fill,
     loaded = load_pipeline(str(tmp_path / "fill"))
     assert type(loaded).__name__ == "FluxFillPipeline" and family_for(loaded).name == "flux-fill"
     _index_class(tmp_path / "fill", "FluxPipeline")  # a text-to-image index over a Fill transformer
-    with pytest.raises(SlimDiffError, match=r"text-to-image FLUX folder whose transformer takes 144 features per token "
-                                            r"for 64 latent ones: a FLUX Fill transformer"):
+    with pytest.raises(SlimDiffError, match=r"is a FluxPipeline folder whose transformer takes 144 features per token: "
+                                            r"a FLUX Fill transformer, not a text-to-image transformer; the folder"):
         load_pipeline(str(tmp_path / "fill"))
-    _index_class(tmp_path / "fill", "FluxControlPipeline")
-    with pytest.raises(SlimDiffError, match="is a FluxControlPipeline folder; slimdiff calibrates FLUX through"):
+    _index_class(tmp_path / "fill", "FluxKontextPipeline")
+    with pytest.raises(SlimDiffError, match="is a FluxKontextPipeline folder; slimdiff calibrates FLUX through"):
         load_pipeline(str(tmp_path / "fill"))
     flux = build_builtin("builtin:tiny-flux")
     flux.save_pretrained(tmp_path / "flux")
     _index_class(tmp_path / "flux", "FluxFillPipeline")  # a Fill index over a text-to-image transformer
-    with pytest.raises(SlimDiffError, match="FluxFillPipeline folder whose transformer takes 64 features per token"):
+    with pytest.raises(SlimDiffError, match="FluxFillPipeline folder whose transformer takes 64 features per token: a "
+                                            "text-to-image transformer, not a FLUX Fill transformer"):
         load_pipeline(str(tmp_path / "flux"))
 
 

@@ -114,7 +114,7 @@ def test_calibration_needs_images_and_a_refining_step(tmp_path, images, capsys):
     assert "strength 1.5 is outside (0, 1]" in capsys.readouterr().err
     assert main(["slim", "--model", "builtin:tiny-xl", "--images", str(images), "--strength", "0.5",
                  "--budget", "0.4", "--out", str(out)]) == 2
-    assert "images and strength given, but StableDiffusionXLPipeline samples from no image" in capsys.readouterr().err
+    assert "images and strength given, but StableDiffusionXLPipeline takes no image" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -131,7 +131,7 @@ def test_calibration_visits_the_refiners_timesteps(images):
     assert sorted(stats.timesteps) == sorted(int(t) for t in pipe.scheduler.timesteps[5:])
 
 
-def _readme_ensemble_loop(base, refiner, steps, start):
+def _hand_written_ensemble_loop(base, refiner, steps, start):
     """The README's loop you own: the base to ``denoising_end``, the refiner from ``denoising_start`` on its latents."""
     def ensemble_loop(prompts, seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -144,7 +144,7 @@ def _readme_ensemble_loop(base, refiner, steps, start):
 
 
 def test_the_refiner_calibrates_on_the_base_latents_with_a_loop_you_own():
-    """The README's ensemble loop: calibration hooks whatever sampling the loop runs with the refiner's UNet — here
+    """A hand-written ensemble loop (diffusers' documented one): calibration hooks whatever sampling the loop runs with the refiner's UNet — here
     the base's latents at half the schedule, refined from there: the refiner's statistics visit only the timesteps
     after the split."""
     import slimdiff
@@ -152,7 +152,7 @@ def test_the_refiner_calibrates_on_the_base_latents_with_a_loop_you_own():
     base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
     stats = slimdiff.collect_statistics(refiner, ["a red cube", "two blue spheres"], 2,
                                         calibration=slimdiff.CalibrationConfig(steps=10, pass1_prompts=1),
-                                        loop=_readme_ensemble_loop(base, refiner, 10, 0.5), progress=False)
+                                        loop=_hand_written_ensemble_loop(base, refiner, 10, 0.5), progress=False)
     refiner.scheduler.set_timesteps(10)
     assert sorted(stats.timesteps) == sorted(int(t) for t in refiner.scheduler.timesteps if t < 500)
     report = slimdiff.slim_pipeline(refiner, slimdiff.SlimConfig(budget=0.4), stats=stats, progress=False)
@@ -196,7 +196,7 @@ def test_calibrating_on_the_base_latents_visits_the_refiners_share_of_the_schedu
 
 
 def test_the_command_line_calibrates_as_the_loop_you_own(tmp_path, prompt_file):
-    """`slimdiff calibrate --base --refiner-start 0.5` collects the statistics the README's ensemble loop collects with
+    """`slimdiff calibrate --base --refiner-start 0.5` collects the statistics a hand-written ensemble loop collects with
     the same prompts and seeds, bit for bit: both sample the base and the refiner alike."""
     import slimdiff
     from slimdiff.calibrate import Statistics
@@ -208,7 +208,7 @@ def test_the_command_line_calibrates_as_the_loop_you_own(tmp_path, prompt_file):
     base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
     own = slimdiff.collect_statistics(refiner, prompt_file.read_text().splitlines(), 2,
                                       calibration=slimdiff.CalibrationConfig(steps=6, pass1_prompts=1),
-                                      loop=_readme_ensemble_loop(base, refiner, 6, 0.5), progress=False)
+                                      loop=_hand_written_ensemble_loop(base, refiner, 6, 0.5), progress=False)
     refiner.scheduler.set_timesteps(6)
     assert cli.timesteps == own.timesteps == [int(t) for t in refiner.scheduler.timesteps if t < 500]
     assert cli.visits == own.visits and cli.fingerprint == own.fingerprint
@@ -366,8 +366,8 @@ def test_eval_refuses_starting_images_for_a_text_to_image_model(tmp_path, images
     assert main(["eval", "--model", "builtin:tiny-xl", "--slim", "builtin:tiny-xl", "--prompts", str(prompts),
                  "--num", "1", "--images", str(images), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--images: StableDiffusionXLPipeline starts from no image (only inpainting models and "
-                            "the SDXL refiner do)"), err
+    assert err[-1].endswith("--images: StableDiffusionXLPipeline takes no image (only inpainting models, FLUX "
+                            "Control and the SDXL refiner take one)"), err
     assert not (tmp_path / "eval").exists()
 
 

@@ -39,9 +39,9 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
                         "(default: the packaged COCO val2017 captions)")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="inpainting models and the SDXL refiner: a folder of images (PNG/JPEG/WebP) calibration fills "
-                        "seeded holes in or refines, one per prompt in turn (e.g. COCO photographs); the refiner "
-                        "takes --base instead")
+                   help="inpainting models, FLUX Control and the SDXL refiner: a folder of images (PNG/JPEG/WebP) "
+                        "calibration fills seeded holes in, conditions on (FLUX Control: depth or edge maps) or "
+                        "refines, one per prompt in turn (e.g. COCO photographs); the refiner takes --base instead")
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: the fraction of the schedule re-run over each image (default: inpainting "
                         "1.0, the SDXL refiner its pipeline's 0.3; the refiner runs int(steps × strength) steps)")
@@ -81,6 +81,17 @@ def calibration_config_from_args(args):
                              pass1_prompts=args.pass1_prompts, weighting=args.weighting,
                              checkpoint_every=args.checkpoint_every, images=images, strength=args.strength,
                              **base_arguments(args.base, args.refiner_start))
+
+
+def refuse_sampling_flags(args, why: str) -> None:
+    """One line when flags that say what calibration samples (``--images``, ``--strength``, ``--base``,
+    ``--refiner-start``) are given to a run that samples nothing (``why``): they would be ignored."""
+    from ..errors import SlimDiffError
+
+    given = [flag for flag, value in (("--images", args.images), ("--strength", args.strength), ("--base", args.base),
+                                      ("--refiner-start", args.refiner_start)) if value is not None]
+    if given:
+        raise SlimDiffError(f"{' and '.join(given)} say what calibration samples, but {why}: leave them out")
 
 
 def base_arguments(base: str | None, refiner_start: float | None) -> dict:

@@ -9,12 +9,12 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/text_encoder/...             the same for each text encoder the family serves (SDXL, FLUX: text_encoder_2
                                      too; SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
-    DIR/vae_encoder/...              inpainting pipelines and --triton-img2img: the VAE encoder too (the image's
-                                     latent)
+    DIR/vae_encoder/...              inpainting pipelines, FLUX Control and --triton-img2img: the VAE encoder too
+                                     (an image's latent)
     DIR/controlnet/...               ControlNet pipelines: the ControlNet's engine (its residuals feed the UNet's)
     DIR/refiner_unet/...             --refiner: the SDXL refiner's UNet engine, run after the base on its latents
-    DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask; ControlNet: and
-                                     control_image; --triton-img2img: and an optional image; --refiner: and an
+    DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask; ControlNet, FLUX Control:
+                                     and control_image; --triton-img2img: and an optional image; --refiner: and an
                                      optional refiner_start) in, image out (tokenizers, scheduler, CFG), calling
     DIR/pipeline/1/model.py          the models above through Triton's BLS
     DIR/pipeline/1/pipeline.json     which diffusers pipeline runs the loop, its text encoders and their outputs
@@ -24,7 +24,8 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
 What differs per model family comes from its :class:`~slimdiff.families.DenoiserFamily`: the pipeline class the
 ``pipeline`` model runs (:attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`; SD-1.x/2.x:
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
-``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline``; with a ControlNet engine, SD's and SDXL's ControlNet pipelines
+``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline`` (FLUX Fill: ``FluxFillPipeline``, FLUX Control:
+``FluxControlPipeline``); with a ControlNet engine, SD's and SDXL's ControlNet pipelines
 (their ControlNet inpainting pipelines for inpainting models):
 :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`; for requests carrying an image, with
 ``--triton-img2img``, SD's, SDXL's, SD3's and FLUX's image-to-image pipelines:
@@ -155,14 +156,16 @@ class ServedPipeline:
 
     @property
     def vae_encoder(self) -> bool:
-        """Whether a VAE encoder is served: the pipeline encodes an image (inpainting, image-to-image)."""
-        return "image" in self.request_images
+        """Whether a VAE encoder is served: the pipeline encodes a request's image (inpainting, image-to-image, FLUX
+        Control's conditioning image)."""
+        return any(image in self.request_images for image in self.family.serving_encoded_images)
 
     @property
     def options(self) -> dict[str, str]:
-        """The request's optional inputs with their Triton types."""
+        """The request's optional inputs with their Triton types (``strength`` where a request's image is noised)."""
         return {**PIPELINE_OPTIONS, **(CONTROLNET_OPTIONS if self.controlnet else {}),
-                **(IMAGE_OPTIONS if self.vae_encoder else {}), **(REFINER_OPTIONS if self.refiner_class else {})}
+                **(IMAGE_OPTIONS if "image" in self.request_images else {}),
+                **(REFINER_OPTIONS if self.refiner_class else {})}
 
 
 def served_pipeline(pipe) -> ServedPipeline | None:

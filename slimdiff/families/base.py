@@ -1012,8 +1012,8 @@ class DenoiserFamily(ABC):
                        seeds: Sequence[int] = ()) -> dict:
         """The arguments of a pipeline call of the benchmark's end-to-end runs and of evaluation that fix what it
         draws, beyond prompt, steps, guidance, generator and latents: the image size and :attr:`pipeline_options`.
-        ``images``: for a family whose pipeline starts from an image (:attr:`serving_image_inputs`: inpainting, the
-        SDXL refiner), one PIL image per image drawn — ``seeds`` its seeds — instead of the family's synthetic one
+        ``images``: for a family whose pipeline takes an image (:attr:`serving_image_inputs`: inpainting, the SDXL
+        refiner, FLUX Control's control image), one PIL image per image drawn — ``seeds`` its seeds — instead of the family's synthetic one
         (``slimdiff eval --images``); other families take none."""
         return {"height": height, "width": width, **self.pipeline_options}
 
@@ -1063,8 +1063,12 @@ class DenoiserFamily(ABC):
     serving_pipeline: str | None = None
 
     #: The images a request to the served pipeline carries beside the prompt (inpainting: ``image`` and
-    #: ``mask_image``); a family with any is served with a VAE encoder too.
+    #: ``mask_image``).
     serving_image_inputs: tuple[str, ...] = ()
+
+    #: The request images the pipeline passes through the VAE's encoder (a VAE encoder is served when a request
+    #: carries one): the image it starts from or paints in; FLUX Control's conditioning image too.
+    serving_encoded_images: tuple[str, ...] = ("image",)
 
     #: The diffusers pipeline class a repository runs when it serves a ControlNet beside the denoiser (its requests
     #: carry the conditioning image); None: no ControlNet served for this family.

@@ -132,8 +132,19 @@ class Float32RotaryEmbedding(nn.Module):
 
 def latent_features(config: Any) -> int:
     """The packed latent's features: what the transformer predicts (``out_channels``, or ``in_channels`` when it
-    takes the latent alone, as ``FluxTransformer2DModel`` reads its config)."""
-    return config.get("out_channels") or config["in_channels"]
+    takes the latent alone, as ``FluxTransformer2DModel`` reads its config; 64, its default, when neither is set)."""
+    return config.get("out_channels") or config.get("in_channels") or 64
+
+
+def input_features(config: Any) -> int:
+    """The features of each token the transformer takes (``in_channels``; 64, ``FluxTransformer2DModel``'s default)."""
+    return config.get("in_channels") or 64
+
+
+def is_text_to_image_transformer(config: Any) -> bool:
+    """A FLUX transformer whose tokens carry the latent alone (FLUX.1-dev, -schnell, Kontext; not Fill or Control,
+    whose tokens carry image conditioning too)."""
+    return input_features(config) == latent_features(config)
 
 
 def calibration_size(pipe: Any, config: Any) -> tuple[int, int, tuple[int, int]]:
@@ -236,7 +247,7 @@ class FluxFamily(DenoiserFamily):
     def accepts(self, obj: Any) -> bool:
         # text-to-image tokens carry the latent alone (FLUX Fill's and FLUX Control's carry image conditioning too)
         transformer = _transformer_of(obj)
-        return transformer is not None and transformer.config["in_channels"] == latent_features(transformer.config)
+        return transformer is not None and is_text_to_image_transformer(transformer.config)
 
     def build(self, config: dict) -> nn.Module:
         return FluxTransformer2DModel.from_config(dict(config))

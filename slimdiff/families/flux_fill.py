@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
 from .base import FAMILIES, image_generators, starting_latents
-from .flux import PACK, FluxFamily, _transformer_of, calibration_size
+from .flux import PACK, FluxFamily, _transformer_of, calibration_size, input_features, latent_features
 from .inpaint import InpaintingTask, calibration_images, read_image, seeded_hole
 from .sd import guidance
 
@@ -30,8 +30,7 @@ from .sd import guidance
 def is_fill_transformer(config: Any) -> bool:
     """A FLUX transformer whose tokens carry the latent, the masked image's latent and a mask of s×s pixels per
     latent pixel, packed: ``in_channels = 2 · out_channels + 4 · s²``."""
-    latent = config.get("out_channels") or config.get("in_channels", 0)
-    mask = config.get("in_channels", 0) - 2 * latent
+    mask = input_features(config) - 2 * latent_features(config)
     pixels = mask // PACK**2
     return mask > 0 and mask % PACK**2 == 0 and math.isqrt(pixels) ** 2 == pixels
 

@@ -13,7 +13,7 @@ time and compare the models, they do not need photographs.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,13 +35,13 @@ def is_inpainting_unet(config: Any) -> bool:
     return config.get("in_channels") == 2 * config.get("out_channels", 0) + 1
 
 
-def calibration_images(folder: str | None, model: str = "an inpainting model is calibrated on images with holes"
-                       ) -> list[Path]:
+def calibration_images(folder: str | None, model: str = "an inpainting model is calibrated on images with holes",
+                       example: str = "a few hundred COCO photographs", otherwise: str = "") -> list[Path]:
     """The image files of ``folder`` in name order; one line when there is no folder (saying why ``model`` needs
-    one) or no image in it."""
+    one, with an ``example`` of such images and what the model takes ``otherwise``) or no image in it."""
     if folder is None:
-        raise SlimDiffError(f"{model}: give a folder of images (`--images DIR`, e.g. a few hundred COCO photographs; "
-                            "any size, resized to the calibration size)")
+        raise SlimDiffError(f"{model}: give a folder of images (`--images DIR`, e.g. {example}; any size, resized to "
+                            f"the calibration size){otherwise}")
     path = Path(folder)
     if not path.is_dir():
         raise SlimDiffError(f"--images {folder!r} is not a folder")
@@ -64,6 +64,19 @@ def seeded_hole(seed: int, height: int, width: int):
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).rectangle((left, top, left + hole_w - 1, top + hole_h - 1), fill=255)
     return mask
+
+
+@lru_cache(maxsize=1)
+def colour_ramp():
+    """A measuring run's stand-in image: a smooth 64×64 colour ramp — structure for the VAE to encode (and, as a
+    control image, for a depth or edge model to follow), no file."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), 255 - np.tile(ramp, (64, 1))],
+                      axis=-1)
+    return Image.fromarray(pixels.round().astype(np.uint8))
 
 
 def read_image(path: Path):
@@ -132,10 +145,9 @@ class InpaintingTask:
         return call
 
 
-class _Inpainting(InpaintingTask):
+class _InpaintingUNet(InpaintingTask):
     """What the inpainting UNet families add: the UNet's layout test, the calibration sampling, and seeded latents
-    of the latent's channels (not the UNet's input's); with a ControlNet, a served pipeline taking its conditioning
-    image too."""
+    of the latent's channels (not the UNet's input's)."""
 
     def accepts(self, obj: Any) -> bool:
         unet = _unet_of(obj)
@@ -150,7 +162,7 @@ class _Inpainting(InpaintingTask):
 
 
 @FAMILIES.register({StableDiffusionInpaintPipeline: "sd-inpaint", UNet2DConditionModel: "sd-inpaint"})
-class StableDiffusionInpaintFamily(_Inpainting, StableDiffusionFamily):
+class StableDiffusionInpaintFamily(_InpaintingUNet, StableDiffusionFamily):
     """SD-1.x / SD-2.x inpainting: SD's UNet call with a 9-channel input."""
 
     name = "sd-inpaint"
@@ -159,7 +171,7 @@ class StableDiffusionInpaintFamily(_Inpainting, StableDiffusionFamily):
 
 
 @FAMILIES.register({StableDiffusionXLInpaintPipeline: "sdxl-inpaint", UNet2DConditionModel: "sdxl-inpaint"})
-class StableDiffusionXLInpaintFamily(_Inpainting, StableDiffusionXLFamily):
+class StableDiffusionXLInpaintFamily(_InpaintingUNet, StableDiffusionXLFamily):
     """SDXL inpainting: SDXL's UNet call (``text_embeds``, ``time_ids``) with a 9-channel input."""
 
     name = "sdxl-inpaint"

@@ -21,7 +21,6 @@ end-to-end runs refine one fixed synthetic image instead, and so does ``slimdiff
 from __future__ import annotations
 
 import logging
-from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,7 +39,7 @@ from .base import (
     image_generators,
     pipeline_call_default,
 )
-from .inpaint import calibration_images, read_image
+from .inpaint import calibration_images, colour_ramp, read_image
 from .sd import _unet_of, guidance, seeded_latents
 from .sdxl import (
     REFINER_TIME_IDS,
@@ -72,11 +71,8 @@ def refining_steps(steps: int, strength: float) -> int:
 def refiner_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: the refiner pipeline's own sampling of one batch — prompt ``i`` refines
     ``images[seed mod count]`` at the calibration size, its noise drawn by the prompt's generator — to latents."""
-    if config.images is None:  # as calibration_images says it, with the other way
-        raise SlimDiffError("the SDXL refiner is calibrated on the images it refines: give a folder of images "
-                            "(`--images DIR`, e.g. a few hundred COCO photographs; any size, resized to the "
-                            "calibration size), or the SDXL base whose latents it refines (`--base MODEL`)")
-    files = calibration_images(config.images)
+    files = calibration_images(config.images, "the SDXL refiner is calibrated on the images it refines",
+                               otherwise=", or the SDXL base whose latents it refines (`--base MODEL`)")
     strength = pipeline_call_default(pipe, "strength") if config.strength is None else config.strength
     if refining_steps(config.steps, strength) < 1:
         raise SlimDiffError(f"{config.steps} steps at strength {strength} run no denoising step (the refiner runs "
@@ -226,20 +222,9 @@ class StableDiffusionXLRefinerFamily(StableDiffusionXLFamily):
                        seeds: Sequence[int] = ()) -> dict:
         from PIL import Image
 
-        start = [self._measuring_image] if images is None else list(images)
+        start = [colour_ramp()] if images is None else list(images)  # a colour ramp: structure, no file
         return {"image": [im.resize((width, height), Image.Resampling.BICUBIC) for im in start],
                 **self.pipeline_options}
-
-    @cached_property
-    def _measuring_image(self):
-        """The image the measuring runs refine: a smooth colour ramp (structure for the VAE to encode, no file)."""
-        import numpy as np
-        from PIL import Image
-
-        ramp = np.linspace(0, 255, 64, dtype=np.float32)
-        pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), 255 - np.tile(ramp, (64, 1))],
-                          axis=-1)
-        return Image.fromarray(pixels.round().astype(np.uint8))
 
     def served_text_encoders(self, pipe: Any) -> tuple[ServedTextEncoder, ...]:
         return (ServedTextEncoder("text_encoder_2", "tokenizer_2", (PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS)),)

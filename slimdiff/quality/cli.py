@@ -43,8 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call (default 8)")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="inpainting models and the SDXL refiner: a folder of images (PNG/JPEG/WebP) image i starts "
-                        "from, in turn (inpainting: with calibration's seeded holes); default: one synthetic image")
+                   help="inpainting models, FLUX Control and the SDXL refiner: a folder of images (PNG/JPEG/WebP) "
+                        "image i starts from or is conditioned on, in turn (inpainting: with calibration's seeded "
+                        "holes); default: one synthetic image")
     p.add_argument("--strength", type=float, default=None,
                    help="with an inpainting model or the SDXL refiner: its pipeline's strength (default: inpainting "
                         "1.0, the refiner's pipeline's 0.3)")
@@ -108,9 +109,12 @@ def _starting_images(args, pipe) -> tuple:
         given = [flag for flag, value in (("--images", args.images), ("--strength", args.strength))
                  if value is not None]
         if given:
-            raise SlimDiffError(f"{' and '.join(given)}: {type(pipe).__name__} starts from no image (only inpainting "
-                                "models and the SDXL refiner do)")
+            raise SlimDiffError(f"{' and '.join(given)}: {type(pipe).__name__} takes no image (only inpainting "
+                                "models, FLUX Control and the SDXL refiner take one)")
         return ()
+    if args.strength is not None and "image" not in family.serving_image_inputs:
+        raise SlimDiffError(f"--strength: {type(pipe).__name__} noises no image (it samples from noise, conditioned on "
+                            "its images)")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise SlimDiffError(f"--strength {args.strength} is outside (0, 1]")
     return () if args.images is None else tuple(calibration_images(args.images, "--images"))

@@ -115,8 +115,9 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
              desc: str | None = None, images: Sequence[Path] = (), strength: float | None = None) -> np.ndarray:
     """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
 
-    ``images``: for a pipeline that starts from an image (inpainting, the SDXL refiner), the files image ``i`` starts
-    from, ``images[seeds[i] mod count]`` (as calibration takes them), instead of the family's synthetic one;
+    ``images``: for a pipeline that takes an image (inpainting, the SDXL refiner, FLUX Control), the files image
+    ``i`` starts from or is conditioned on, ``images[seeds[i] mod count]`` (as calibration takes them), instead of
+    the family's synthetic one;
     ``strength``: its pipeline's strength (default: the family's measuring task's, else the pipeline's).
 
     With ``probe``, the probe's hook runs on every call of the pipeline's denoiser (which must be the probe's dense

@@ -1,9 +1,11 @@
-"""``EngineFluxTransformer``: an engine-backed FLUX transformer that drops into a ``FluxPipeline`` as
-``pipe.transformer`` (``slimdiff.use_engine(pipe, folder)``).
+"""``EngineFluxTransformer``: an engine-backed FLUX transformer that drops into a ``FluxPipeline`` (or FLUX Fill's
+``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``) as ``pipe.transformer``
+(``slimdiff.use_engine(pipe, folder)``).
 
 It takes the pipeline's call (``transformer(hidden_states=…, timestep=…, guidance=…, pooled_projections=…,
 encoder_hidden_states=…, txt_ids=…, img_ids=…, joint_attention_kwargs=…, return_dict=False)``) on packed latents and
-returns them packed, as ``Transformer2DModelOutput`` or a tuple. The engine takes the latent unpacked and builds the
+returns them packed, as ``Transformer2DModelOutput`` or a tuple (Fill's and Control's tokens carry their image
+conditioning beside the latent: packed in, the latent's features out). The engine takes the latent unpacked and builds the
 positions itself (:meth:`slimdiff.families.flux.FluxFamily.export_call`): the call's ``img_ids`` must be those of a
 row-major grid of packed tokens and its ``txt_ids`` zeros, as the text-to-image pipeline makes them; the latent's
 size is read off ``img_ids``. The timestep is the flow-matching sigma in [0, 1]; ``guidance`` the embedded guidance
@@ -20,17 +22,17 @@ import contextlib
 import torch
 
 from ..errors import SlimDiffError
-from ..families.flux import PACK, latent_ids, pack_latents, packed_grid, unpack_latents
+from ..families.flux import PACK, latent_features, latent_ids, pack_latents, packed_grid, unpack_latents
 from .denoiser import EngineDenoiser
 
 
 class EngineFluxTransformer(EngineDenoiser):
     component = "transformer"
-    families = ("flux", "flux-fill")
+    families = ("flux", "flux-fill", "flux-control")
 
     @property
     def out_channels(self) -> int:
-        return self._config.get("out_channels") or self._config["in_channels"]  # as FluxTransformer2DModel reads it
+        return latent_features(self._config)
 
     def cache_context(self, name: str):
         """What ``FluxPipeline`` wraps each call in (diffusers' cache hooks): engines cache nothing between calls."""
