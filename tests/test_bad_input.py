@@ -166,6 +166,9 @@ SLIMDIFF_ROWS = [
                            "--budget", "0.3", "--out", "{tmp}/slim"], "ckpt", "is not a .safetensors file"),
     ("calibrate-resume-other-model", ["calibrate", "--model", "{in}/other-model", "--prompts", "{in}/prompts.txt",
                                       *FAST, "--out", "{tmp}/stats"], "copy-stats", "belong to a different model"),
+    ("slim-stats-with-base", ["slim", "--model", "builtin:tiny-xl-refiner", "--stats", "{in}/stats", "--base",
+                              "builtin:tiny-xl", "--budget", "0.3", "--out", "{tmp}/slim"], None,
+     "--base say what calibration samples, but --stats gives statistics collected already: leave them out"),
     ("slim-budget-below-one-step", ["slim", "--model", "builtin:tiny", "--stats", "{in}/stats", "--budget", "2",
                                     "--out", "{tmp}/slim"], None, "less than one alignment step"),
     ("slim-budget-above-compressible", ["slim", "--model", "builtin:tiny", "--stats", "{in}/stats", "--budget",
@@ -203,9 +206,15 @@ SLIMDIFF_ROWS = [
                                "{in}/prompts.txt", "--out", "{tmp}/file/report"], "file", "is a file, not a folder"),
     ("eval-non-utf8-prompt-file", ["eval", "--model", "builtin:tiny", "--slim", "{in}/slim", "--prompts",
                                    "{tmp}/latin1.txt", "--out", "{tmp}/report"], "latin1", "is not UTF-8 text"),
+    ("eval-strength-for-a-control-model", ["eval", "--model", "builtin:tiny-flux-control", "--slim",
+                                           "builtin:tiny-flux-control", "--prompts", "{in}/prompts.txt", "--strength",
+                                           "0.5", "--out", "{tmp}/report"], None, "noises no image"),
 ]
 
 EXPORT_ROWS = [
+    ("export-slim-folder-with-images", ["--model", "{in}/slim", "--engine", "ort", "--images", "{in}", "--strength",
+                                        "0.5", "--out", "{tmp}/engines"], None,
+     "--images and --strength say what calibration samples, but"),
     ("export-out-under-a-file", ["--model", "builtin:tiny", "--engine", "ort", "--out", "{tmp}/file/engines"],
      "file", "is a file, not a folder"),
     ("export-budget-below-one-step", ["--model", "builtin:tiny", "--engine", "ort", "--budget", "2", *FAST,

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -26,6 +28,11 @@ def test_resumed_calibration_is_bit_identical(tmp_path):
         calibrate(pipe, prompts, tmp_path / "resumed", CONFIG, progress=False, on_batch=stop_after)
     with pytest.raises(SlimDiffError, match="incomplete"):
         Statistics.load(tmp_path / "resumed")
+    # as a version whose configuration had no refiner fields wrote it: it resumes all the same
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    for field in ("base", "refiner_start"):
+        del manifest["config"][field]
+    (tmp_path / "resumed" / "manifest.json").write_text(json.dumps(manifest))
     seen = []
     calibrate(pipe, prompts, tmp_path / "resumed", CONFIG, progress=False, on_batch=lambda s, d: seen.append((s, d)))
     assert seen == [("pass2", 3), ("pass2", 4)]  # only the unfinished batches ran again

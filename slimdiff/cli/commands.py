@@ -20,6 +20,7 @@ from .arguments import (
     calibration_clock,
     calibration_config_from_args,
     lora_specs,
+    refuse_sampling_flags,
 )
 
 
@@ -102,6 +103,8 @@ def cmd_slim(args) -> None:
     check_loras(loras)
     stats = Statistics.load(args.stats) if args.stats else None
     prompts = None if args.stats else read_prompts(args.prompts, model=args.model)
+    if args.stats:
+        refuse_sampling_flags(args, "--stats gives statistics collected already")
     calibration = None if args.stats else calibration_config_from_args(args)  # its flags checked before loading
     # with statistics and LoRAs, the model is fingerprinted before and after the fusion (base statistics serve)
     pipe = _load(args, fuse_loras=stats is None)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from ..errors import SlimDiffError
 from ..export.meta import EXPORT_FORMAT, status, write_json_atomic
-from .arguments import lora_specs
+from .arguments import lora_specs, refuse_sampling_flags
 
 DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
 FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write a Triton model repository to DIR: the slim denoiser, text encoder(s) and "
                              "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
                              "SD-1.x/2.x, SDXL (base or refiner), PixArt-Σ, SD3 and FLUX pipelines, SD's and SDXL's "
-                             "inpainting pipelines, and with --controlnet their ControlNet (inpainting) pipelines")
+                             "inpainting pipelines, FLUX Fill and FLUX Control, and with --controlnet SD's and SDXL's "
+                             "ControlNet (inpainting) pipelines")
     triton.add_argument("--triton-img2img", action="store_true",
                         help="the pipeline model also takes image-to-image requests (an image and a strength; SD, "
                              "SDXL, SD3, FLUX; with --controlnet, ControlNet image-to-image): a VAE encoder engine "
@@ -523,6 +524,9 @@ def run(args) -> list[dict]:
                                 "--controlnet DIR, or leave out --controlnet-inputs")
     if args.controlnet:
         _check_controlnet_folder(args.controlnet, args.engine)
+    if args.stats or is_slim_folder(args.model):
+        refuse_sampling_flags(args, "--stats gives statistics collected already" if args.stats else
+                              f"{args.model!r} is slim already")
     out = Path(args.out)
     repo_inside_out = args.triton_repo is not None and _nested_output(out, Path(args.triton_repo))
     tmp = atomic_output_dir(out, overwrite=args.force)
@@ -553,7 +557,6 @@ def run(args) -> list[dict]:
                                image_to_image=args.triton_img2img, refiner=refiner)
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
-        calibration_loop = _calibration_loop(pipe, args, slimming)
         reference = dense if dense is not None else slim
         family = family_for(reference)
         vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
@@ -586,6 +589,9 @@ def run(args) -> list[dict]:
         # what the denoiser's graph can serve, before any slow work
         component_axes(denoiser_component(reference, _export_options(args)), union(profiles),
                        {"height": multiple, "width": multiple})
+        # the sampling calibration will run, made (and so checked: a refiner's --base loads here) after the cheap
+        # shape checks, before any engine is built
+        calibration_loop = _calibration_loop(pipe, args, slimming)
         status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
         build = {"profiles": profiles, "kind": args.engine, "device": device, "dtype": dtype, "opset": opset,
                  "multiple": multiple}
@@ -603,6 +609,7 @@ def run(args) -> list[dict]:
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming, calibration_loop)
+            calibration_loop = None  # a refiner's base pipeline is no longer needed
             slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
         if dense_process is not None:
