@@ -86,3 +86,17 @@ def slim(tmp_path_factory):
     from export_support import cached_export
 
     return cached_export(tmp_path_factory, "slim")
+
+
+@pytest.fixture(scope="module")
+def noise_images(tmp_path_factory):
+    """A folder of three seeded noise images, each of another size unlike the calibration sizes (the pipelines
+    resize them): what the image-taking families calibrate on in tests (FLUX Fill's holes, FLUX Control's maps)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("noise-images")
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder

@@ -629,6 +629,7 @@ class TestFlux(FamilyConformance):
     projection. Its export check builds the slim transformer's ONNX Runtime engine and samples through it."""
 
     family = "flux"
+    builtin = "builtin:tiny-flux"
     image_px = 32
     attentions = (SELF,)
     kinds = (FFN, VO)
@@ -638,7 +639,7 @@ class TestFlux(FamilyConformance):
     def make_pipeline(cls):
         from slimdiff.models import build_builtin
 
-        return build_builtin("builtin:tiny-flux")
+        return build_builtin(cls.builtin)
 
     def call_inputs(self, unet, batch: int = 2) -> dict:
         # the shared draw, with a sigma in [0, 1] (the transformer multiplies it by 1000) and a guidance scale
@@ -694,37 +695,27 @@ class TestFlux(FamilyConformance):
                    pooled_projections=pooled, img_ids=shifted, txt_ids=torch.zeros(512, 3), guidance=guidance)
 
 
-class TestFluxFill(TestFlux):
+class _FluxWithImages(TestFlux):
+    """A FLUX family whose pipeline takes images: calibrated on a few noise images (Fill: with seeded holes; Control:
+    as control maps); its export check drives that pipeline with the slim transformer's engine on its measuring task
+    (Fill: a hole in a grey canvas; Control: a colour-ramp control)."""
+
+    @classmethod
+    def calibration_options(cls) -> dict:
+        return {"images": str(_noise_images())}
+
+
+class TestFluxFill(_FluxWithImages):
     """FLUX Fill: builtin:tiny-flux-fill — FluxFillPipeline around FLUX's blocks, whose tokens carry the latent, the
-    masked image's latent and the mask (144 features in, 64 out); calibrated on seeded holes in a few noise images.
-    Its export check drives FluxFillPipeline with the slim transformer's engine on the inpainting task."""
+    masked image's latent and the mask (144 features in, 64 out)."""
 
     family = "flux-fill"
-
-    @classmethod
-    def make_pipeline(cls):
-        from slimdiff.models import build_builtin
-
-        return build_builtin("builtin:tiny-flux-fill")
-
-    @classmethod
-    def calibration_options(cls) -> dict:
-        return {"images": str(_noise_images())}
+    builtin = "builtin:tiny-flux-fill"
 
 
-class TestFluxControl(TestFlux):
+class TestFluxControl(_FluxWithImages):
     """FLUX Control: builtin:tiny-flux-control — FluxControlPipeline around FLUX's blocks, whose tokens carry the
-    latent and the control image's latent (128 features in, 64 out); calibrated on a few noise images as control
-    maps. Its export check drives FluxControlPipeline with the slim transformer's engine on a colour-ramp control."""
+    latent and the control image's latent (128 features in, 64 out)."""
 
     family = "flux-control"
-
-    @classmethod
-    def make_pipeline(cls):
-        from slimdiff.models import build_builtin
-
-        return build_builtin("builtin:tiny-flux-control")
-
-    @classmethod
-    def calibration_options(cls) -> dict:
-        return {"images": str(_noise_images())}
+    builtin = "builtin:tiny-flux-control"

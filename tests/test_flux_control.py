@@ -26,16 +26,6 @@ def control():
     return build_builtin("builtin:tiny-flux-control")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("control-images")
-    for i in range(3):
-        pixels = np.random.default_rng(i).integers(0, 256, (40, 48 + 8 * i, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-    return folder
-
 
 def test_control_transformers_are_told_apart_and_mixed_folders_are_refused(control, tmp_path):
     assert is_control_transformer(dict(FLUX_DEV_TRANSFORMER, in_channels=128, out_channels=64))
@@ -51,7 +41,8 @@ def test_control_transformers_are_told_apart_and_mixed_folders_are_refused(contr
         load_pipeline(str(tmp_path / "control"))
 
 
-def test_calibration_conditions_on_the_images_and_refuses_a_strength(control, images, tmp_path, capsys):
+def test_calibration_conditions_on_the_images_and_refuses_a_strength(control, noise_images, tmp_path,
+                                                                    capsys):
     """The transformer's first input in a calibration batch: the prompt's seeded latent, then its control image's
     latent — of image ``seed mod count`` of the folder, as diffusers' own call on that image with the prompt's
     generator encodes it."""
@@ -62,7 +53,7 @@ def test_calibration_conditions_on_the_images_and_refuses_a_strength(control, im
     seen = []
     hook = transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["hidden_states"]),
                                                  with_kwargs=True)
-    prompts, seeds, files = ["a red circle", "two green triangles"], [4, 8], sorted(images.iterdir())
+    prompts, seeds, files = ["a red circle", "two green triangles"], [4, 8], sorted(noise_images.iterdir())
 
     def diffusers_own(chosen) -> torch.Tensor:
         seen.clear()
@@ -73,7 +64,7 @@ def test_calibration_conditions_on_the_images_and_refuses_a_strength(control, im
         return seen[0]
 
     try:
-        config = CalibrationConfig(steps=2, height=SIZE, width=SIZE, images=str(images))
+        config = CalibrationConfig(steps=2, height=SIZE, width=SIZE, images=str(noise_images))
         pipeline_loop(control, config)(prompts, seeds)
         first = seen[0]
         assert first.shape == (2, (latent // 2) ** 2, 2 * features)
@@ -86,7 +77,7 @@ def test_calibration_conditions_on_the_images_and_refuses_a_strength(control, im
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    for flags, message in ((["--strength", "0.5", "--images", str(images)], "noises no image"),
+    for flags, message in ((["--strength", "0.5", "--images", str(noise_images)], "noises no image"),
                            ([], "FLUX Control is calibrated on control images")):
         code = main(["calibrate", "--model", "builtin:tiny-flux-control", "--prompts", str(prompts), "--num-prompts",
                      "1", "--steps", "2", "--resolution", str(SIZE), *flags, "--out", str(tmp_path / "stats")])

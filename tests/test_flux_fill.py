@@ -29,16 +29,6 @@ def fill():
     return build_builtin("builtin:tiny-flux-fill")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("fill-images")
-    for i in range(3):  # sizes unlike the calibration size: the pipeline resizes
-        pixels = np.random.default_rng(i).integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-    return folder
-
 
 def test_fill_transformers_are_told_apart_by_their_input(fill):
     assert is_fill_transformer(FLUX_FILL_DEV_TRANSFORMER) and is_fill_transformer(TINY_FLUX_FILL_TRANSFORMER)
@@ -88,7 +78,7 @@ def test_calibration_without_images_is_refused_before_sampling(tmp_path, capsys)
     assert not (tmp_path / "stats").exists()
 
 
-def test_calibration_fills_seeded_holes_in_the_images(fill, images):
+def test_calibration_fills_seeded_holes_in_the_images(fill, noise_images):
     """The transformer's first input in a calibration batch: the seeded latent (at strength 1), then the masked
     image's latent, then the mask of the prompt's seeded hole; below strength 1, what diffusers' own call draws
     from the image noised by the prompt's generator."""
@@ -98,7 +88,7 @@ def test_calibration_fills_seeded_holes_in_the_images(fill, images):
     hook = transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["hidden_states"]),
                                                  with_kwargs=True)
     try:
-        config = CalibrationConfig(steps=2, height=SIZE, width=SIZE, images=str(images))
+        config = CalibrationConfig(steps=2, height=SIZE, width=SIZE, images=str(noise_images))
         fill_loop(family_for(fill), fill, config)(["a red circle", "two green triangles"], [4, 7])
         first = seen[0]
         assert first.shape == (2, (latent // 2) ** 2, transformer.config.in_channels)
@@ -114,11 +104,11 @@ def test_calibration_fills_seeded_holes_in_the_images(fill, images):
         assert not torch.equal(first[0, :, features:2 * features], first[1, :, features:2 * features])
 
         seen.clear()
-        half = CalibrationConfig(steps=4, height=SIZE, width=SIZE, images=str(images), strength=0.5)
+        half = CalibrationConfig(steps=4, height=SIZE, width=SIZE, images=str(noise_images), strength=0.5)
         fill_loop(family_for(fill), fill, half)(["a red circle"], [4])
         calibrating = seen[0]
         seen.clear()
-        files = sorted(images.iterdir())
+        files = sorted(noise_images.iterdir())
         fill(["a red circle"], image=[read_image(files[4 % 3])], mask_image=[seeded_hole(4, SIZE, SIZE)],
              num_inference_steps=4, height=SIZE, width=SIZE, strength=0.5, generator=image_generators([4]),
              output_type="latent")
