@@ -321,6 +321,43 @@ def test_slim_and_eval_on_a_refiner_folder(slim_refiner, images, tmp_path):
     assert report["metrics"]["fidelity"] != synthetic["metrics"]["fidelity"]
 
 
+
+def test_eval_compares_the_refiner_after_the_base(tmp_path, prompt_file, capsys):
+    """`slimdiff eval --base`: the dense base samples to the hand-over and each refiner refines its latents — the
+    dense image is the one diffusers' ensemble draws by hand from the same seeded latents and generators, and only
+    the refiner's share of the schedule reaches the (probed) refiner UNet; bad combinations are refused in one
+    line before anything samples."""
+    from slimdiff.families import image_generators
+    from slimdiff.quality.sampling import generate
+
+    base, refiner = build_builtin("builtin:tiny-xl"), build_builtin("builtin:tiny-xl-refiner")
+    drawn = generate(refiner, ["a red circle"], [3], steps=4, guidance=5.0, size=32, base=base, refiner_start=0.5)
+    generators = image_generators([3])
+    latents = family_for(base).seeded_latents(base.unet.config, (16, 16), generators)
+    handed = base(["a red circle"], num_inference_steps=4, guidance_scale=5.0, latents=latents, generator=generators,
+                  height=32, width=32, denoising_end=0.5, output_type="latent").images
+    by_hand = refiner(["a red circle"], image=handed, num_inference_steps=4, guidance_scale=5.0,
+                      denoising_start=0.5, generator=generators, output_type="np").images
+    assert np.array_equal(drawn, np.asarray(by_hand, dtype=np.float32))
+    assert not np.array_equal(drawn, generate(refiner, ["a red circle"], [3], steps=4, guidance=5.0, size=32))
+
+    common = ["--prompts", str(prompt_file), "--num", "1", "--steps", "4", "--resolution", "32"]
+    assert main(["eval", "--model", "builtin:tiny-xl-refiner", "--slim", "builtin:tiny-xl-refiner", "--base",
+                 "builtin:tiny-xl", "--refiner-start", "0.5", *common, "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["base"] == "builtin:tiny-xl" and report["settings"]["refiner_start"] == 0.5
+    assert report["settings"]["unet_calls_per_image"] == 2  # two of four steps: the refiner's half
+    capsys.readouterr()
+    for flags, fragment in ((["--model", "builtin:tiny-xl", "--slim", "builtin:tiny-xl", "--base", "builtin:tiny-xl"],
+                             "StableDiffusionXLPipeline is no refiner"),
+                            (["--model", "builtin:tiny-xl-refiner", "--slim", "builtin:tiny-xl-refiner", "--base",
+                              "builtin:tiny"], "not an SDXL base"),
+                            (["--model", "builtin:tiny-xl-refiner", "--slim", "builtin:tiny-xl-refiner",
+                              "--refiner-start", "0.5"], "give --base too")):
+        assert main(["eval", *flags, *common, "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert fragment in err[-1] and not (tmp_path / "refused").exists(), err
+
 def test_bench_calibrates_the_refiner_on_images(tmp_path, images, capsys):
     """`slimdiff bench --calib-prompts` on the refiner takes calibration's images and strength (real slim models:
     their error against the dense one is measured); images without calibration are refused in one line."""

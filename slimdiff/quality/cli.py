@@ -49,6 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="with an inpainting model or the SDXL refiner: its pipeline's strength (default: inpainting "
                         "1.0, the refiner's pipeline's 0.3)")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="the SDXL refiner: compare it as served after this SDXL base (diffusers' ensemble of expert "
+                        "denoisers): the dense base samples each prompt to --refiner-start, the dense and the slim "
+                        "refiner denoise its latents from there")
+    p.add_argument("--refiner-start", type=float, default=None,
+                   help="with --base: where the base hands its latents to the refiner, in (0, 1) (default 0.8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--grid", type=int, default=8, help="columns of the PNG grid (default 8)")
     p.add_argument("--adherence", choices=("auto", "on", "off"), default="auto",
@@ -120,6 +126,42 @@ def _starting_images(args, pipe) -> tuple:
     return () if args.images is None else tuple(calibration_images(args.images, "--images"))
 
 
+def base_start(args) -> float:
+    from ..calibrate import CalibrationConfig
+
+    return CalibrationConfig.refiner_start if args.refiner_start is None else args.refiner_start
+
+
+def _ensemble_base(args, refiner, dtype, device):
+    """The SDXL base of ``--base`` (None without it), loaded and checked against the refiner before any sampling:
+    one line for a model that is no refiner, a base that cannot feed it, ``--images``/``--strength`` beside it, or a
+    hand-over that leaves either model no step."""
+    from ..calibrate import CalibrationConfig
+    from ..families import family_for
+    from ..families.refiner import check_base
+    from ..models import load_pipeline
+
+    if args.base is None:
+        if args.refiner_start is not None:
+            raise SlimDiffError("--refiner-start is where the base model hands its latents to the refiner: give "
+                                "--base too")
+        return None
+    if family_for(refiner).name != "sdxl-refiner":
+        raise SlimDiffError(f"--base given, but {type(refiner).__name__} is no refiner: only the SDXL refiner is "
+                            "compared after a base model")
+    if args.images is not None or args.strength is not None:
+        raise SlimDiffError("--base and --images/--strength: the refiner refines either the base's latents or the "
+                            "images given, not both")
+    config = CalibrationConfig(steps=args.steps, refiner_start=base_start(args))  # the hand-over, checked
+    try:
+        base = load_pipeline(args.base, dtype)
+    except SlimDiffError as exc:
+        raise SlimDiffError(f"--base: {exc}") from None
+    check_base(base, refiner, config, args.base)
+    base.set_progress_bar_config(disable=True)
+    return base.to(device)
+
+
 def _prompts(args, proxy: bool) -> list[str]:
     from ..prompts import read_prompts
 
@@ -156,9 +198,11 @@ def evaluate_to(args, folder: Path) -> dict:
         print("note: --adherence on with a model that is not the proxy: the analyzer reads shapes only")
     prompts = _prompts(args, proxy)
     images = _starting_images(args, dense)
+    base = _ensemble_base(args, dense, dtype, device)
     settings = EvalSettings(steps=args.steps, seed=args.seed, size=args.resolution, batch_size=args.batch_size,
                             guidance=args.guidance if args.guidance is not None else
-                            (PROXY_GUIDANCE if proxy else SD_GUIDANCE), images=images, strength=args.strength)
+                            (PROXY_GUIDANCE if proxy else SD_GUIDANCE), images=images, strength=args.strength,
+                            **({} if base is None else {"base": base, "refiner_start": base_start(args)}))
     comp = compare(dense, {"slim": slim_unet}, prompts, settings)
     drawn = {"dense": comp.dense, "slim": comp.slims["slim"]}
 
@@ -191,7 +235,8 @@ def evaluate_to(args, folder: Path) -> dict:
                      "guidance": settings.guidance, "seeds": f"{settings.seed}..{settings.seed + len(prompts) - 1}",
                      "size": comp.dense.shape[1], "scheduler": type(dense.scheduler).__name__, "device": device,
                      "dtype": str(dtype).removeprefix("torch."), "unet_calls_per_image": len(comp.timesteps),
-                     "starting_images": args.images, "strength": args.strength},
+                     "starting_images": args.images, "strength": args.strength,
+                     **({} if base is None else {"base": args.base, "refiner_start": base_start(args)})},
         "metrics": metrics,
         "prompts": prompts,
         "seconds": round(time.perf_counter() - start, 2),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ class EvalSettings:
     batch_size: int = 8
     images: tuple[Path, ...] = ()  # what an image-conditioned pipeline starts from (default: its synthetic task)
     strength: float | None = None  # that pipeline's strength (default: its measuring task's)
+    base: Any = None  # an SDXL base pipeline whose latents the (refiner) pipeline refines, handed over at:
+    refiner_start: float = 0.8
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -58,7 +60,8 @@ def compare(pipe, slims: dict[str, torch.nn.Module], prompts: Sequence[str], set
         raise SlimDiffError("no evaluation prompts")
     seeds = [settings.seed + i for i in range(len(prompts))]
     kw = dict(steps=settings.steps, guidance=settings.guidance, size=settings.size, batch_size=settings.batch_size,
-              images=settings.images, strength=settings.strength)
+              images=settings.images, strength=settings.strength, base=settings.base,
+              refiner_start=settings.refiner_start)
     probe = NoiseErrorProbe(family_for(pipe).denoiser(pipe), slims)
     dense = generate(pipe, prompts, seeds, probe=probe, desc="dense sampling + slim noise errors" if progress else None,
                      **kw)

@@ -109,16 +109,31 @@ class NoiseErrorProbe:
         return {name: np.concatenate(parts, axis=0) for name, parts in self.batches.items()}
 
 
+
+def _base_latents(base, prompts: list[str], generators, steps: int, guidance: float, size: int,
+                  end: float) -> torch.Tensor:
+    """The latents an SDXL base hands its refiner at ``denoising_end=end``, sampled from each image's seeded latent
+    (drawn by its generator first, as calibration's ensemble draws it)."""
+    family, unet = family_for(base), family_for(base).denoiser(base)
+    latent = size // base.vae_scale_factor
+    latents = family.seeded_latents(unet.config, (latent, latent), generators).to(device=unet.device, dtype=unet.dtype)
+    return base(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=latents, generator=generators,
+                height=size, width=size, denoising_end=end, output_type="latent").images
+
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
              size: int | None = None, batch_size: int = 8, probe: NoiseErrorProbe | None = None,
-             desc: str | None = None, images: Sequence[Path] = (), strength: float | None = None) -> np.ndarray:
+             desc: str | None = None, images: Sequence[Path] = (), strength: float | None = None,
+             base=None, refiner_start: float = 0.8) -> np.ndarray:
     """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
 
     ``images``: for a pipeline that takes an image (inpainting, the SDXL refiner, FLUX Control), the files image
     ``i`` starts from or is conditioned on, ``images[seeds[i] mod count]`` (as calibration takes them), instead of
     the family's synthetic one;
     ``strength``: its pipeline's strength (default: the family's measuring task's, else the pipeline's).
+    ``base``: an SDXL base pipeline ``pipe`` (the refiner) runs after, as diffusers' ensemble of expert denoisers: the
+    base samples each image from its seeded latent to ``denoising_end=refiner_start``, ``pipe`` refines the base's
+    latents from ``denoising_start`` with the same generators.
 
     With ``probe``, the probe's hook runs on every call of the pipeline's denoiser (which must be the probe's dense
     one).
@@ -140,10 +155,14 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         # each image's generator draws its latent, then whatever else the pipeline draws for it
         generators = image_generators(chunk_s)
         starts = [read_image(images[int(s) % len(images)]) for s in chunk_s] if images else None
-        start = family.measuring_call(size, size, starts, chunk_s)
+        if base is not None:
+            start = {"image": _base_latents(base, chunk_p, generators, steps, guidance, size, refiner_start),
+                     "denoising_start": refiner_start}
+        else:
+            start = family.measuring_call(size, size, starts, chunk_s)
         if strength is not None:
             start["strength"] = strength
-        if family.measures_from_latents:
+        if family.measures_from_latents and base is None:
             start.update(starting_latents(start.get("strength", 1.0), lambda: family.seeded_latents(
                 unet.config, (latent, latent), generators).to(device=device, dtype=dtype)))
         call = lambda: pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
