@@ -15,7 +15,7 @@ visits. Or it runs the refiner on what it refines in diffusers' *ensemble of exp
 the refiner denoises the base's latents from ``denoising_start=refiner_start`` on, so the statistics come from the
 timesteps and inputs the refiner sees when it is served after the base (:func:`ensemble_loop`). The benchmark's
 end-to-end runs refine one fixed synthetic image instead, and so does ``slimdiff eval`` unless it is given images
-(``--images``).
+(``--images``) or a base (``--base``: the refiner compared as served after it).
 """
 
 from __future__ import annotations
