@@ -40,7 +40,7 @@ from .base import (
     pipeline_call_default,
 )
 from .inpaint import calibration_images, colour_ramp, read_image
-from .sd import _unet_of, guidance, seeded_latents
+from .sd import _unet_of, guidance
 from .sdxl import (
     REFINER_TIME_IDS,
     StableDiffusionXLFamily,
@@ -148,6 +148,17 @@ def check_base(base: Any, refiner: Any, config: Any, source: str | None = None) 
                             "the timesteps at or above the cut-off): raise --steps or --refiner-start")
 
 
+def handed_latents(base: Any, prompts: Sequence[str], generators: Sequence[torch.Generator], steps: int,
+                   start: float, height: int, width: int, guidance: dict) -> torch.Tensor:
+    """The latents ``base`` hands its refiner in diffusers' ensemble: each prompt sampled from its seeded latent (its
+    generator's first draw, :func:`image_generators`) over ``steps`` to ``denoising_end=start``; ``guidance``: the
+    call's guidance argument, if any."""
+    unet, scale = base.unet, base.vae_scale_factor
+    latents = family_for(base).seeded_latents(unet.config, (height // scale, width // scale), generators)
+    return base(list(prompts), num_inference_steps=steps, **guidance, latents=latents.to(unet.device, unet.dtype),
+                generator=generators, height=height, width=width, denoising_end=start, output_type="latent").images
+
+
 def ensemble_loop(base: Any, refiner: Any, config: Any, source: str | None = None
                   ) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: diffusers' ensemble of expert denoisers on one batch, to latents — ``base`` samples
@@ -157,14 +168,12 @@ def ensemble_loop(base: Any, refiner: Any, config: Any, source: str | None = Non
     inputs it sees when served after the base. Checked first (:func:`check_base`; ``source``: the base's name in the
     error lines)."""
     check_base(base, refiner, config, source)
-    start, scale = config.refiner_start, base.vae_scale_factor
+    start, native = config.refiner_start, base.unet.config.sample_size * base.vae_scale_factor
+    height, width = config.height or native, config.width or native
 
     def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
         generators = image_generators(seeds)
-        latents = seeded_latents(base.unet, scale, config, generators)
-        handed = base(list(prompts), num_inference_steps=config.steps, **guidance(config), latents=latents,
-                      generator=generators, height=latents.shape[-2] * scale, width=latents.shape[-1] * scale,
-                      denoising_end=start, output_type="latent").images
+        handed = handed_latents(base, prompts, generators, config.steps, start, height, width, guidance(config))
         refiner(list(prompts), image=handed, num_inference_steps=config.steps, **guidance(config),
                 denoising_start=start, generator=generators, output_type="latent")
 

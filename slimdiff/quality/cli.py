@@ -126,16 +126,10 @@ def _starting_images(args, pipe) -> tuple:
     return () if args.images is None else tuple(calibration_images(args.images, "--images"))
 
 
-def base_start(args) -> float:
-    from ..calibrate import CalibrationConfig
-
-    return CalibrationConfig.refiner_start if args.refiner_start is None else args.refiner_start
-
-
-def _ensemble_base(args, refiner, dtype, device):
-    """The SDXL base of ``--base`` (None without it), loaded and checked against the refiner before any sampling:
-    one line for a model that is no refiner, a base that cannot feed it, ``--images``/``--strength`` beside it, or a
-    hand-over that leaves either model no step."""
+def _ensemble_base(args, refiner, dtype, device) -> tuple:
+    """``(base pipeline, hand-over)`` of ``--base`` (``(None, None)`` without it), loaded and checked against the
+    refiner before any sampling: one line for a model that is no refiner, a base that cannot feed it,
+    ``--images``/``--strength`` beside it, or a hand-over that leaves either model no step."""
     from ..calibrate import CalibrationConfig
     from ..families import family_for
     from ..families.refiner import check_base
@@ -145,21 +139,22 @@ def _ensemble_base(args, refiner, dtype, device):
         if args.refiner_start is not None:
             raise SlimDiffError("--refiner-start is where the base model hands its latents to the refiner: give "
                                 "--base too")
-        return None
+        return None, None
     if family_for(refiner).name != "sdxl-refiner":
         raise SlimDiffError(f"--base given, but {type(refiner).__name__} is no refiner: only the SDXL refiner is "
                             "compared after a base model")
     if args.images is not None or args.strength is not None:
         raise SlimDiffError("--base and --images/--strength: the refiner refines either the base's latents or the "
                             "images given, not both")
-    config = CalibrationConfig(steps=args.steps, refiner_start=base_start(args))  # the hand-over, checked
+    start = {} if args.refiner_start is None else {"refiner_start": args.refiner_start}
+    config = CalibrationConfig(steps=args.steps, **start)  # the hand-over's default and range, checked
     try:
         base = load_pipeline(args.base, dtype)
     except SlimDiffError as exc:
         raise SlimDiffError(f"--base: {exc}") from None
     check_base(base, refiner, config, args.base)
     base.set_progress_bar_config(disable=True)
-    return base.to(device)
+    return base.to(device), config.refiner_start
 
 
 def _prompts(args, proxy: bool) -> list[str]:
@@ -198,11 +193,11 @@ def evaluate_to(args, folder: Path) -> dict:
         print("note: --adherence on with a model that is not the proxy: the analyzer reads shapes only")
     prompts = _prompts(args, proxy)
     images = _starting_images(args, dense)
-    base = _ensemble_base(args, dense, dtype, device)
+    base, refiner_start = _ensemble_base(args, dense, dtype, device)
     settings = EvalSettings(steps=args.steps, seed=args.seed, size=args.resolution, batch_size=args.batch_size,
                             guidance=args.guidance if args.guidance is not None else
                             (PROXY_GUIDANCE if proxy else SD_GUIDANCE), images=images, strength=args.strength,
-                            **({} if base is None else {"base": base, "refiner_start": base_start(args)}))
+                            **({} if base is None else {"base": base, "refiner_start": refiner_start}))
     comp = compare(dense, {"slim": slim_unet}, prompts, settings)
     drawn = {"dense": comp.dense, "slim": comp.slims["slim"]}
 
@@ -236,7 +231,7 @@ def evaluate_to(args, folder: Path) -> dict:
                      "size": comp.dense.shape[1], "scheduler": type(dense.scheduler).__name__, "device": device,
                      "dtype": str(dtype).removeprefix("torch."), "unet_calls_per_image": len(comp.timesteps),
                      "starting_images": args.images, "strength": args.strength,
-                     **({} if base is None else {"base": args.base, "refiner_start": base_start(args)})},
+                     **({} if base is None else {"base": args.base, "refiner_start": refiner_start})},
         "metrics": metrics,
         "prompts": prompts,
         "seconds": round(time.perf_counter() - start, 2),

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import SlimDiffError
 from ..families import family_for, image_generators, starting_latents
 from ..families.inpaint import read_image
+from ..families.refiner import handed_latents
 
 
 def image_size(pipe) -> int:
@@ -109,17 +110,6 @@ class NoiseErrorProbe:
         return {name: np.concatenate(parts, axis=0) for name, parts in self.batches.items()}
 
 
-
-def _base_latents(base, prompts: list[str], generators, steps: int, guidance: float, size: int,
-                  end: float) -> torch.Tensor:
-    """The latents an SDXL base hands its refiner at ``denoising_end=end``, sampled from each image's seeded latent
-    (drawn by its generator first, as calibration's ensemble draws it)."""
-    family, unet = family_for(base), family_for(base).denoiser(base)
-    latent = size // base.vae_scale_factor
-    latents = family.seeded_latents(unet.config, (latent, latent), generators).to(device=unet.device, dtype=unet.dtype)
-    return base(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=latents, generator=generators,
-                height=size, width=size, denoising_end=end, output_type="latent").images
-
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
              size: int | None = None, batch_size: int = 8, probe: NoiseErrorProbe | None = None,
@@ -156,7 +146,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         generators = image_generators(chunk_s)
         starts = [read_image(images[int(s) % len(images)]) for s in chunk_s] if images else None
         if base is not None:
-            start = {"image": _base_latents(base, chunk_p, generators, steps, guidance, size, refiner_start),
+            start = {"image": handed_latents(base, chunk_p, generators, steps, refiner_start, size, size,
+                                             {"guidance_scale": guidance}),
                      "denoising_start": refiner_start}
         else:
             start = family.measuring_call(size, size, starts, chunk_s)
