@@ -46,7 +46,7 @@ def test_calibration_conditions_on_the_images_and_refuses_a_strength(control, no
     """The transformer's first input in a calibration batch: the prompt's seeded latent, then its control image's
     latent — of image ``seed mod count`` of the folder, as diffusers' own call on that image with the prompt's
     generator encodes it."""
-    from slimdiff.families.inpaint import read_image
+    from slimdiff.families.images import read_image
 
     transformer, latent = control.transformer, SIZE // control.vae_scale_factor
     features = transformer.config.out_channels

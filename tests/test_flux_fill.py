@@ -17,7 +17,8 @@ from slimdiff.errors import SlimDiffError
 from slimdiff.families import family_for, image_generators
 from slimdiff.families.flux import pack_latents
 from slimdiff.families.flux_fill import fill_loop, is_fill_transformer
-from slimdiff.families.inpaint import read_image, seeded_hole
+from slimdiff.families.images import read_image
+from slimdiff.families.inpaint import seeded_hole
 from slimdiff.models import build_builtin, load_pipeline
 
 SIZE = 32

@@ -127,7 +127,8 @@ def test_below_full_strength_sampling_starts_from_the_noised_image(inputs):
     pipelines take given ``latents`` as the start whatever the strength, so calibration and evaluation pass none
     then, and their first UNet input is the one diffusers' own call draws with the same generators."""
     from slimdiff.families import image_generators
-    from slimdiff.families.inpaint import inpainting_loop, read_image
+    from slimdiff.families.images import read_image
+    from slimdiff.families.inpaint import inpainting_loop
     from slimdiff.quality.sampling import generate
 
     root, images = inputs

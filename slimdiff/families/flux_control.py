@@ -22,7 +22,7 @@ from diffusers import FluxControlPipeline, FluxTransformer2DModel
 
 from .base import FAMILIES, image_generators
 from .flux import FluxFamily, _transformer_of, calibration_size, input_features, latent_features
-from .inpaint import calibration_images, colour_ramp, read_image
+from .images import calibration_images, colour_ramp, read_image
 from .sd import guidance
 
 CONTROL_IMAGE = "control_image"

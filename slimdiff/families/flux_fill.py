@@ -23,7 +23,8 @@ from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
 from .base import FAMILIES, image_generators, starting_latents
 from .flux import PACK, FluxFamily, _transformer_of, calibration_size, input_features, latent_features
-from .inpaint import InpaintingTask, calibration_images, read_image, seeded_hole
+from .images import calibration_images, read_image
+from .inpaint import InpaintingTask, seeded_hole
 from .sd import guidance
 
 

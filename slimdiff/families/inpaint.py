@@ -13,19 +13,17 @@ time and compare the models, they do not need photographs.
 
 from __future__ import annotations
 
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 
-from ..errors import SlimDiffError
 from .base import FAMILIES, image_generators, starting_latents
+from .images import calibration_images, read_image
 from .sd import StableDiffusionFamily, _unet_of, guidance
 from .sdxl import StableDiffusionXLFamily
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: Side of a hole as a fraction of the image's (each side drawn on its own): 0.3–0.8 → 9–64 % of the area.
 HOLE_SIDE = (0.3, 0.8)
 
@@ -33,22 +31,6 @@ HOLE_SIDE = (0.3, 0.8)
 def is_inpainting_unet(config: Any) -> bool:
     """A UNet taking the latent, the mask and the masked image's latent: ``in_channels = 2 · out_channels + 1``."""
     return config.get("in_channels") == 2 * config.get("out_channels", 0) + 1
-
-
-def calibration_images(folder: str | None, model: str = "an inpainting model is calibrated on images with holes",
-                       example: str = "a few hundred COCO photographs", otherwise: str = "") -> list[Path]:
-    """The image files of ``folder`` in name order; one line when there is no folder (saying why ``model`` needs
-    one, with an ``example`` of such images and what the model takes ``otherwise``) or no image in it."""
-    if folder is None:
-        raise SlimDiffError(f"{model}: give a folder of images (`--images DIR`, e.g. {example}; any size, resized to "
-                            f"the calibration size){otherwise}")
-    path = Path(folder)
-    if not path.is_dir():
-        raise SlimDiffError(f"--images {folder!r} is not a folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SlimDiffError(f"--images {folder!r} holds no {', '.join(IMAGE_SUFFIXES)} images")
-    return files
 
 
 def seeded_hole(seed: int, height: int, width: int):
@@ -66,29 +48,6 @@ def seeded_hole(seed: int, height: int, width: int):
     return mask
 
 
-@lru_cache(maxsize=1)
-def colour_ramp():
-    """A measuring run's stand-in image: a smooth 64×64 colour ramp — structure for the VAE to encode (and, as a
-    control image, for a depth or edge model to follow), no file."""
-    import numpy as np
-    from PIL import Image
-
-    ramp = np.linspace(0, 255, 64, dtype=np.float32)
-    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), 255 - np.tile(ramp, (64, 1))],
-                      axis=-1)
-    return Image.fromarray(pixels.round().astype(np.uint8))
-
-
-def read_image(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # PIL raises several types for a file that is not an image
-        raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
-
-
 def _latents(config: Any, latent: tuple[int, int], generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One draw per image, by its generator, of the latent the pipeline denoises: the UNet's output channels, not
     its input's."""
@@ -99,7 +58,7 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
     """``loop(prompts, seeds)``: the inpainting pipeline's own sampling of one batch — prompt ``i``'s image is
     ``images[seed mod count]`` with :func:`seeded_hole` of its seed — from seeded latents (or, at a strength below
     1, the image noised by the prompt's generator) to latents."""
-    files = calibration_images(config.images)
+    files = calibration_images(config.images, "an inpainting model is calibrated on images with holes")
     unet, scale = pipe.unet, pipe.vae_scale_factor
     height = config.height or unet.config.sample_size * scale
     width = config.width or unet.config.sample_size * scale

@@ -39,7 +39,7 @@ from .base import (
     image_generators,
     pipeline_call_default,
 )
-from .inpaint import calibration_images, colour_ramp, read_image
+from .images import calibration_images, colour_ramp, read_image
 from .sd import _unet_of, guidance
 from .sdxl import (
     REFINER_TIME_IDS,

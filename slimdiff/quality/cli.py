@@ -108,7 +108,7 @@ def _starting_images(args, pipe) -> tuple:
     """The files of ``--images`` for a pipeline that starts from an image; one line for ``--images`` or
     ``--strength`` given to one that does not (text-to-image), before any sampling."""
     from ..families import family_for
-    from ..families.inpaint import calibration_images
+    from ..families.images import calibration_images
 
     family = family_for(pipe)
     if not family.serving_image_inputs:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SlimDiffError
 from ..families import family_for, image_generators, starting_latents
-from ..families.inpaint import read_image
+from ..families.images import read_image
 from ..families.refiner import handed_latents
 
 

@@ -1,0 +1,50 @@
+"""The images some families are calibrated and measured on: ``--images`` folders (photographs to inpaint, control
+maps, images to refine), read one per prompt in turn, and the measuring runs' stand-in image."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import SlimDiffError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def calibration_images(folder: str | None, model: str, example: str = "a few hundred COCO photographs",
+                       otherwise: str = "") -> list[Path]:
+    """The image files of ``folder`` in name order; one line when there is no folder (saying why ``model`` needs
+    one, with an ``example`` of such images and what the model takes ``otherwise``) or no image in it."""
+    if folder is None:
+        raise SlimDiffError(f"{model}: give a folder of images (`--images DIR`, e.g. {example}; any size, resized to "
+                            f"the calibration size){otherwise}")
+    path = Path(folder)
+    if not path.is_dir():
+        raise SlimDiffError(f"--images {folder!r} is not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SlimDiffError(f"--images {folder!r} holds no {', '.join(IMAGE_SUFFIXES)} images")
+    return files
+
+
+@lru_cache(maxsize=1)
+def colour_ramp():
+    """A measuring run's stand-in image: a smooth 64×64 colour ramp — structure for the VAE to encode (and, as a
+    control image, for a depth or edge model to follow), no file."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), 255 - np.tile(ramp, (64, 1))],
+                      axis=-1)
+    return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def read_image(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:  # PIL raises several types for a file that is not an image
+        raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
