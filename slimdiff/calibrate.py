@@ -62,6 +62,7 @@ from .families import (
     transformer_blocks,
 )
 from .families.base import SEQ, seq_key
+from .families.refiner import REFINER_START
 
 STATS_FORMAT = "slimdiff-stats/2"
 WEIGHTS_FILE = "timestep_weights.safetensors"
@@ -102,7 +103,7 @@ class CalibrationConfig:
     images: str | None = None  # a folder of images: what an inpainting model fills holes in, what a refiner refines
     strength: float | None = None
     base: str | None = None  # the SDXL refiner: the base model whose latents it refines (instead of images)
-    refiner_start: float = 0.8  # with a base: the hand-over (diffusers' ensemble example's high_noise_frac)
+    refiner_start: float = REFINER_START  # with a base: the fraction of the schedule the base runs
 
     def __post_init__(self):
         if self.weighting not in ("trq", "uniform", "single"):

@@ -93,8 +93,6 @@ CONTROLNET_OPTIONS = {"controlnet_conditioning_scale": "FP32"}
 #: schedule the base runs before the refiner denoises its latents on (diffusers' ``denoising_end`` and
 #: ``denoising_start``: the ensemble of expert denoisers).
 REFINER_OPTIONS = {"refiner_start": "FP32"}
-#: ``refiner_start`` of a request that names none: diffusers' ensemble example's ``high_noise_frac``.
-DEFAULT_REFINER_START = 0.8
 #: The model serving the refiner's UNet engine beside the base's.
 REFINER = "refiner_unet"
 #: The folder of ``pipeline/1`` holding the refiner's scheduler.

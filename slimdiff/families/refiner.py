@@ -50,6 +50,10 @@ from .sdxl import (
     time_ids_of,
 )
 
+#: Where the base hands its latents to the refiner when nothing says otherwise: the fraction of the schedule the
+#: base runs (diffusers' ensemble example's ``high_noise_frac``; its ``denoising_end`` and ``denoising_start``).
+REFINER_START = 0.8
+
 
 class _VacuousUpcastWarning(logging.Filter):
     """Drops diffusers' warning that a model cast with ``.to(dtype)`` has modules to keep in float32 when it lists

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SlimDiffError
 from ..families import family_for
+from ..families.refiner import REFINER_START
 from ..models import BUILTINS
 from .sampling import NoiseErrorProbe, generate, with_denoiser
 
@@ -33,7 +34,7 @@ class EvalSettings:
     images: tuple[Path, ...] = ()  # what an image-conditioned pipeline starts from (default: its synthetic task)
     strength: float | None = None  # that pipeline's strength (default: its measuring task's)
     base: Any = None  # an SDXL base pipeline whose latents the (refiner) pipeline refines, handed over at:
-    refiner_start: float = 0.8
+    refiner_start: float = REFINER_START
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import SlimDiffError
 from ..families import family_for, image_generators, starting_latents
 from ..families.images import read_image
-from ..families.refiner import handed_latents
+from ..families.refiner import REFINER_START, handed_latents
 
 
 def image_size(pipe) -> int:
@@ -114,7 +114,7 @@ class NoiseErrorProbe:
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
              size: int | None = None, batch_size: int = 8, probe: NoiseErrorProbe | None = None,
              desc: str | None = None, images: Sequence[Path] = (), strength: float | None = None,
-             base=None, refiner_start: float = 0.8) -> np.ndarray:
+             base=None, refiner_start: float = REFINER_START) -> np.ndarray:
     """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
 
     ``images``: for a pipeline that takes an image (inpainting, the SDXL refiner, FLUX Control), the files image

@@ -30,7 +30,6 @@ import torch
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
 from ..engines.triton import (
     CONTROLNET_OPTIONS,
-    DEFAULT_REFINER_START,
     IMAGE_INPUTS,
     IMAGE_OPTIONS,
     PIPELINE_SPEC,
@@ -48,6 +47,7 @@ from ..families import (
     POOLER_OUTPUT,
     TEXT_EMBEDS,
 )
+from ..families.refiner import REFINER_START
 from .unet import engine_class
 
 #: The image of a request that names no size or seed.
@@ -277,7 +277,7 @@ def generate(pipe, prompt: str, refiner=None, **options) -> np.ndarray:
     ``mask_image`` (HxW uint8, 255 where it paints), and ``strength``; an image-to-image pipeline ``image`` and
     ``strength`` (it draws at the image's size); a ControlNet pipeline ``control_image`` (HxWx3 uint8) and
     ``controlnet_conditioning_scale``. With a ``refiner`` (:func:`repository_refiner`), the pipeline runs the
-    schedule up to ``refiner_start`` (default :data:`DEFAULT_REFINER_START`) and the refiner the rest, on its
+    schedule up to ``refiner_start`` (default :data:`~slimdiff.families.refiner.REFINER_START`) and the refiner the rest, on its
     latents, with the same prompts, guidance and generator."""
     from PIL import Image
 
@@ -287,7 +287,7 @@ def generate(pipe, prompt: str, refiner=None, **options) -> np.ndarray:
     if refiner is None and start is not None:
         raise SlimDiffError(f"a {type(pipe).__name__} request takes no refiner_start: the repository serves no "
                             "refiner")
-    start = DEFAULT_REFINER_START if start is None else float(start)
+    start = REFINER_START if start is None else float(start)
     if refiner is not None and not 0 < start < 1:
         raise SlimDiffError(f"refiner_start {start} is outside (0, 1): it is the fraction of the schedule the base "
                             "model runs before the refiner")
