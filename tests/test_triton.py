@@ -112,6 +112,28 @@ def test_bad_repository_requests_fail_early(tmp_path):
 # A real tritonserver
 # ---------------------------------------------------------------------------------------------------------
 
+def test_engine_models_start_without_diffusers(exported):
+    """Every model of a python-backend repository runs in a stub process of its own: the engine models' model.py,
+    as written, opens its engine importing no diffusers or transformers (seconds and hundreds of MB per stub)."""
+    import subprocess
+    import sys
+
+    version = exported / "repo" / "unet" / "1"
+    probe = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('model', {str(version / 'model.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "model = module.TritonPythonModel()\n"
+        f"model.initialize({{'model_repository': {str(version.parent)!r}, 'model_version': '1'}})\n"
+        "assert model.outputs, 'no engine opened'\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 PROMPTS = [("a red circle above a blue square", 3), ("two green triangles", 11)]
 
 

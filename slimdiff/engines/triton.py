@@ -100,7 +100,7 @@ REFINER_SCHEDULER = "refiner_scheduler"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                   "uint8": "TYPE_UINT8"}
 _MODEL_PY = {
-    "engine": "from slimdiff.runtime.triton_models import EngineModel as TritonPythonModel  # noqa: F401\n",
+    "engine": "from slimdiff.engines.triton_engine_model import EngineModel as TritonPythonModel  # noqa: F401\n",
     PIPELINE: "from slimdiff.runtime.triton_models import PipelineModel as TritonPythonModel  # noqa: F401\n",
 }
 

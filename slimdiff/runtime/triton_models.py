@@ -1,9 +1,6 @@
 """The python-backend models of a slimdiff Triton repository (see :mod:`slimdiff.engines.triton`), and the same
 pipelines in-process.
 
-* :class:`EngineModel` serves one engine folder (``python`` mode): the requests Triton's dynamic batcher hands
-  over together are concatenated along the batch axis when their other dimensions agree, run as one call, and
-  split again (every output of an engine with several).
 * :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
   (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``,
   ``FluxPipeline``; SD's and SDXL's inpainting and ControlNet pipelines; the image-to-image pipelines):
@@ -14,7 +11,8 @@ pipelines in-process.
   :class:`BlsRunner`. Running the unchanged diffusers loop is what makes a served image equal to the in-process one
   for the same seed.
 
-``triton_python_backend_utils`` exists only inside Triton's python backend; it is imported there, lazily.
+The engine models beside it are :class:`slimdiff.engines.triton_engine_model.EngineModel`'s, which import no
+diffusers. ``triton_python_backend_utils`` exists only inside Triton's python backend; it is imported there, lazily.
 """
 
 from __future__ import annotations
@@ -28,6 +26,8 @@ import numpy as np
 import torch
 
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
+# repositories written before the engine model moved to slimdiff.engines name it here in their model.py
+from ..engines.triton_engine_model import EngineModel, _pb_utils  # noqa: F401
 from ..engines.triton import (
     CONTROLNET_OPTIONS,
     IMAGE_INPUTS,
@@ -52,12 +52,6 @@ from .unet import engine_class
 
 #: The image of a request that names no size or seed.
 DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": 25, "guidance_scale": 7.5, "height": None, "width": None}
-
-
-def _pb_utils():
-    import triton_python_backend_utils  # provided by Triton's python backend stub
-
-    return triton_python_backend_utils
 
 
 class BlsRunner:
@@ -329,49 +323,6 @@ def generate(pipe, prompt: str, refiner=None, **options) -> np.ndarray:
         latents = pipe(prompt, **call, denoising_end=start, output_type="latent", **extra).images
         image = refiner(prompt, **call, image=latents, denoising_start=start, output_type="np").images[0]
     return (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
-
-
-class EngineModel:
-    """Triton python-backend model serving the engine folder in its version directory."""
-
-    def initialize(self, args):
-        version = Path(args["model_repository"]) / args["model_version"]
-        found = sorted(version.glob("*.engine.json"))
-        if len(found) != 1:
-            raise SlimDiffError(f"{version} must hold exactly one *.engine.json, found {len(found)}")
-        meta, folder = load_engine_meta(found[0])
-        self.runner = open_engine(meta, folder)
-        self.meta = meta
-        self.outputs = [o["name"] for o in engine_outputs(meta)]
-
-    def execute(self, requests):
-        pb = _pb_utils()
-        arrays = []
-        for request in requests:
-            item = []
-            for spec in self.meta["inputs"]:
-                a = pb.get_input_tensor_by_name(request, spec["name"]).as_numpy()
-                item.append(a.reshape(-1) if len(spec["dims"]) == 1 else a)  # (batch, 1) -> (batch,)
-            arrays.append(item)
-        responses = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, item in enumerate(arrays):
-            groups.setdefault(tuple(a.shape[1:] for a in item), []).append(i)
-        for members in groups.values():
-            try:
-                batch = [torch.from_numpy(np.concatenate([arrays[i][k] for i in members]))
-                         for k in range(len(self.meta["inputs"]))]
-                batch = [t.to(self.runner.device) for t in batch]
-                outs = self.runner.run_outputs(batch) if len(self.outputs) > 1 else [self.runner.run(batch, None)]
-                sizes = np.cumsum([arrays[i][0].shape[0] for i in members])[:-1]
-                parts = [np.split(out.cpu().numpy(), sizes) for out in outs]
-                for k, i in enumerate(members):
-                    responses[i] = pb.InferenceResponse([pb.Tensor(name, part[k])
-                                                         for name, part in zip(self.outputs, parts)])
-            except Exception as exc:  # one failing group answers its own requests with the error
-                for i in members:
-                    responses[i] = pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}"))
-        return responses
 
 
 class PipelineModel:
