@@ -5,7 +5,8 @@ The table is measured on the deployment device by the benchmark command (``bench
 module holds the measuring side and its method notes); this module only reads it.
 
 **Prediction.** Latency under a rank plan = dense latency − Σ over sub-layers of the saving their ranks buy
-on their group's curve (linear interpolation between measured widths; bilinear on the attention grid).
+on their group's curve (linear interpolation between measured widths; bilinear on the attention grid; linear on
+the v widths of an attention without a Q·K site).
 
 **Allocator.** :func:`latency_budget_ranks` meets a target speed-up with the least predicted error. It reuses
 :func:`slimdiff.allocate.allocate` — greedy on the closed-form error curves — with each module's cost per unit
@@ -162,7 +163,9 @@ class LatencyModel:
                 raise SlimDiffError(f"the latency table has no entry for {s.name} ({geometry[s.name].key}); "
                                     "measure a table for this architecture")
             layer = s.sublayer_path
-            curve = g["curves"]["ffn" if s.kind == FFN else "attention"]
+            curves = g["curves"]
+            # an attention with a Q·K site has the q·k × v grid; one whose q·k is normalised per head, its v curve
+            curve = curves["ffn"] if s.kind == FFN else curves.get("attention") or curves["attention_vo"]
             names = self.layers.get(layer, (curve, ()))[1] + (s.name,)
             self.layers[layer] = (curve, names)
 

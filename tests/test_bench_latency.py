@@ -11,15 +11,18 @@ from slimdiff.bench.latency_table import (TABLE_FORMAT, LatencyModel, latency_bu
 from slimdiff.bench.timing import summarize
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import FFN, module_sites
+from slimdiff.families import QK, VO
 
 LATENT = (16, 16)
+TEXT_LEN = 77
 
 
 def _table(unet, ffn_ms_per_unit, attn_ms_per_unit, other_ms=10.0, untied_penalty=0.0):
     """A table whose sub-layer latencies are linear in width: ffn a·r, attention b·(r_qk + r_vo) (+ a
     penalty when they differ); the dense UNet = their sum over sites + ``other_ms``."""
-    geo = site_geometry(unet, LATENT)
+    geo = site_geometry(unet, LATENT, TEXT_LEN)
     groups, dense = {}, other_ms
+    with_qk = {s.sublayer_path for s in module_sites(unet) if s.kind == QK}
     for s in module_sites(unet):
         g = geo[s.name]
         if s.kind == FFN:
@@ -33,20 +36,29 @@ def _table(unet, ffn_ms_per_unit, attn_ms_per_unit, other_ms=10.0, untied_penalt
             ms = [[b * (q + v) + (untied_penalty if q != v else 0.0) for v in grid] for q in grid]
             curve = {"attention": {"ranks": grid, "ms": ms}}
             dense += 2 * b * s.width
+        elif s.sublayer_path not in with_qk:  # q·k normalised per head (FLUX): the v widths alone
+            grid = rank_grid(s.width, 8, 6)
+            b = attn_ms_per_unit(g)
+            curve = {"attention_vo": {"ranks": grid, "ms": [b * v for v in grid]}}
+            dense += b * s.width
         else:
             continue
         groups.setdefault(g.key, {"key": g.key, "kind": g.kind, "curves": curve, "sites": []})
-    return {"format": TABLE_FORMAT, "latent": list(LATENT), "text_len": 77, "batch": 1, "engine": "eager",
+    return {"format": TABLE_FORMAT, "latent": list(LATENT), "text_len": TEXT_LEN, "batch": 1, "engine": "eager",
             "dense_unet_ms": dense, "groups": list(groups.values())}
 
 
-def test_prediction_is_exact_for_a_linear_table(tiny_pipe):
-    unet = tiny_pipe.unet
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-flux"])
+def test_prediction_is_exact_for_a_linear_table(model):
+    from slimdiff.models import build_builtin
+
+    pipe = build_builtin(model)
+    unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 2e-3 * g.tokens)
     model = LatencyModel(table, unet)
     sites = module_sites(unet)
     assert model.predict_ms({}) == pytest.approx(table["dense_unet_ms"])
-    geo = site_geometry(unet, LATENT)
+    geo = site_geometry(unet, LATENT, TEXT_LEN)
     ranks = {s.name: s.width // 2 for s in sites}
     saved = sum((s.width - s.width // 2) * (1e-3 if s.kind == FFN else 2e-3) * geo[s.name].tokens for s in sites)
     assert model.predict_ms(ranks) == pytest.approx(table["dense_unet_ms"] - saved)
@@ -71,11 +83,11 @@ def test_latency_allocator_meets_its_target_with_little_slack(tiny_pipe, target)
 def test_latency_allocator_cuts_where_time_is_not_where_parameters_are(tiny_pipe):
     unet = tiny_pipe.unet
     # Only the high-resolution attention costs time: an allocator on latency must cut it first.
-    top = max(g.tokens for g in site_geometry(unet, LATENT).values())
+    top = max(g.tokens for g in site_geometry(unet, LATENT, TEXT_LEN).values())
     table = _table(unet, lambda g: 1e-6, lambda g: 1e-2 if g.tokens == top else 1e-6)
     model = LatencyModel(table, unet)
     ranks, _ = latency_budget_ranks(proxy_items(unet), model, 1.05)
-    geo = site_geometry(unet, LATENT)
+    geo = site_geometry(unet, LATENT, TEXT_LEN)
     sites = module_sites(unet)
     cut_top = [ranks[s.name] < s.width for s in sites if s.kind != FFN and geo[s.name].tokens == top]
     untouched_ffn = [ranks[s.name] == s.width for s in sites if s.kind == FFN]
@@ -171,3 +183,40 @@ def build_builtin_unet():
     from slimdiff.models import build_builtin
 
     return build_builtin("builtin:tiny").unet
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-flux", "builtin:tiny-sd3"])
+def test_dit_tables_time_every_sublayer_as_the_denoiser_calls_it(model, monkeypatch):
+    """A DiT's table: joint attentions (SD3, FLUX's double-stream blocks) called with both token streams and FLUX's
+    rotary table, attentions with normalised q·k over their v widths, FLUX's single-stream sub-layers with their
+    share of the proj_out they have in common; the family's text length. Timing is replaced by a count of the timed
+    calls (one per sub-layer call, one per shared column block), so the structure is checked, not the clock."""
+    from slimdiff.bench import latency_table
+    from slimdiff.families import family_for
+    from slimdiff.models import build_builtin
+
+    calls = []
+
+    def counted(fn, device, warmup, iters):
+        fn()  # the module must run on the recorded arguments
+        calls.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(latency_table, "_time_module", counted)
+    pipe = build_builtin(model)
+    family = family_for(pipe)
+    denoiser = family.denoiser(pipe)
+    table = latency_table.measure_latency_table(denoiser, LATENT, 2, max_points=2, warmup=1, iters=1)
+    assert table["text_len"] == family.text_tokens
+    model_ = LatencyModel(table, denoiser)  # every site has an entry
+    assert model_.predict_ms({}) == pytest.approx(table["dense_unet_ms"])
+    sites = module_sites(denoiser)
+    with_qk = {s.sublayer_path for s in sites if s.kind == QK}
+    assert {s.sublayer_path for s in sites if s.kind == VO} - with_qk == (
+        {s.sublayer_path for s in sites if s.kind == VO} if model == "builtin:tiny-flux" else set())
+    for group in table["groups"]:
+        (curve,) = group["curves"].values()
+        shares = 2 if model == "builtin:tiny-flux" and "single_transformer_blocks" in group["sites"][0] else 1
+        values = [v for row in curve["ms"] for v in (row if isinstance(row, list) else [row])]
+        assert values == [float(shares)] * len(values), group["key"]
+

@@ -9,10 +9,15 @@ resolution level over a grid of widths:
 * attention: the whole attention sub-layer (projections + SDPA + output) on a 2-D grid of per-head q·k and v
   widths. The two do not add up: SDPA kernels want equal q·k and v head widths (flash on CUDA, and the CPU's
   fused kernel), and fall back to slower paths when they differ — :func:`separability` measures how far an
-  additive model would be off.
+  additive model would be off. An attention whose queries and keys are normalised per head (SD3.5, FLUX:
+  ``qk_norm``) has no Q·K site: it is measured over its v widths alone (curve ``attention_vo``).
 
 Modules are deep copies of the model's own (meta-device) modules, resized with the rebuild code and filled with
-random values; only shapes matter. One group per distinct (type, channels, tokens, context) stands for all the
+random values; only shapes matter. Each is called as the denoiser calls it — the arguments its forward pass hands
+it (a joint attention's two token streams, FLUX's rotary table), recorded on the meta device and drawn at random
+on the target. Where a site's down or output projection is a block of columns of a Linear it shares with another
+site (FLUX's single-stream blocks: attention and MLP share ``proj_out``), that block is timed as a Linear of its
+own and added to the sub-layer's time. One group per distinct (type, channels, tokens, context) stands for all the
 sites that share it. Each table also holds the dense UNet's latency measured in the same run.
 
 The reading side — :class:`LatencyModel` and the latency-budget allocator the ``slim --speedup`` stage uses —
@@ -41,8 +46,8 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..families import CROSS, FFN, QK, VO, ModuleSite, family_for, module_sites, site_linears
-from ..families.base import JointQKLinears
+from ..families import FFN, QK, VO, ModuleSite, block_adapter, family_for, module_sites
+from ..families.base import ColumnBlock
 
 # The reading side moved to the core (slim --speedup uses it); these names stay importable from here.
 from ..latency import (  # noqa: F401
@@ -74,28 +79,72 @@ def rank_grid(width: int, align: int, max_points: int) -> list[int]:
     return ranks
 
 
-def _resized_module(meta_unet: nn.Module, site: ModuleSite, ranks: dict[str, int], device, dtype) -> nn.Module:
+def _resized_module(meta_unet: nn.Module, site: ModuleSite, ranks: dict[str, int], device, dtype
+                    ) -> tuple[nn.Module, list[tuple[int, int]]]:
     """A real-device copy of the sub-layer that holds ``site`` (FFN or attention), with the given ranks of its
-    groups applied by the rebuild code, filled with small random values."""
+    groups applied by the rebuild code, filled with small random values; and the (in, out) features of the column
+    blocks its sites hold in Linears shared with other sites (outside the sub-layer, so not run by it)."""
     from ..rebuild import resize_site
 
     holder = nn.Module()
     block = copy.deepcopy(meta_unet.get_submodule(site.block))
     holder.add_module("block", block)
-    for group in module_sites_of_block(meta_unet, site):
+    groups = module_sites_of_block(meta_unet, site)
+    for group in groups:
         rank = ranks.get(group.kind, group.width)
         if rank < group.width:
             resize_site(holder, replace(group, block="block"), rank)
+    adapter = block_adapter(block)
+    shared = [(linear.in_features, linear.out_features) for group in groups
+              for linear in adapter.linears(block, replace(group, block="block")).modules().values()
+              if isinstance(linear, ColumnBlock)]
     module = block.get_submodule(site.sublayer).to_empty(device=device)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0.0, 0.02)
-    return module.to(dtype).eval().requires_grad_(False)
+    return module.to(dtype).eval().requires_grad_(False), shared
 
 
 def module_sites_of_block(unet: nn.Module, site: ModuleSite) -> list[ModuleSite]:
     """The groups measured together with ``site``: the FFN alone, or the QK and VO groups of one attention."""
     return [s for s in module_sites(unet) if s.sublayer_path == site.sublayer_path]
+
+
+def _sublayer_calls(meta: nn.Module, paths: set[str], batch: int, latent: tuple[int, int], text_len: int
+                    ) -> dict[str, tuple[tuple, dict]]:
+    """The arguments each sub-layer in ``paths`` gets in the denoiser's own forward pass at ``batch``, as meta
+    tensors (shapes only)."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for path in paths:
+        def record(_module, args, kwargs, path=path):
+            calls.setdefault(path, (args, kwargs))
+
+        handles.append(meta.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
+    call = family_for(meta).dummy_call(meta.config, batch, latent, text_len, device="meta")
+    try:
+        with torch.no_grad():
+            meta(**call)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _drawn(value, gen: torch.Generator, device, dtype):
+    """``value`` (a recorded argument) with each meta tensor drawn on ``device``: floating tensors seeded normal
+    values in ``dtype``, masks all true (no token dropped), integer tensors zeros."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            return torch.randn(value.shape, generator=gen).to(device, dtype)
+        if value.dtype == torch.bool:
+            return torch.ones(value.shape, dtype=torch.bool, device=device)
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_drawn(v, gen, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _drawn(v, gen, device, dtype) for k, v in value.items()}
+    return value
 
 
 def _time_module(fn, device, warmup: int, iters: int) -> float:
@@ -117,47 +166,53 @@ def _time_module(fn, device, warmup: int, iters: int) -> float:
 
 def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int = 1, *, device="cpu",
                           dtype=torch.float32, align: int = 8, max_points: int = 8, warmup: int = 3,
-                          iters: int = 20, text_len: int = 77, ffn_align: int | None = None, log=None) -> dict:
+                          iters: int = 20, text_len: int | None = None, ffn_align: int | None = None,
+                          log=None) -> dict:
     """Measure the table for ``unet``'s architecture on ``device``/``dtype`` at UNet batch ``batch`` (eager
-    PyTorch, each call replayed from a CUDA graph on a GPU). ``ffn_align`` (default ``8 * align``) spaces the FFN widths, which are 32× wider than heads."""
+    PyTorch, each call replayed from a CUDA graph on a GPU), with ``text_len`` text tokens (default: the family's,
+    e.g. FLUX's 512 T5 tokens). ``ffn_align`` (default ``8 * align``) spaces the FFN widths, which are 32× wider
+    than heads."""
     log = log or (lambda msg: None)
+    family = family_for(unet)
+    text_len = text_len or family.text_tokens
     with torch.device("meta"):
-        meta = family_for(unet).build(unet.config)
+        meta = family.build(unet.config)
     sites = {s.name: s for s in module_sites(meta)}
-    joint = sorted({s.sublayer_path for s in sites.values() if s.kind == QK
-                    and isinstance(site_linears(meta, s), JointQKLinears)})
-    if joint:
-        raise SlimDiffError(f"the latency table times each sub-layer on one token stream; {joint[0]} is a joint "
-                            f"attention over two ({len(joint)} such in {type(unet).__name__}), which it does not "
-                            "drive yet")
+    with_qk = {s.sublayer_path for s in sites.values() if s.kind == QK}
     geometry = site_geometry(unet, latent, text_len)
     groups: dict[str, dict] = {}
     for name, geo in geometry.items():
         site = sites[name]
-        if site.kind == VO:
+        if site.kind == VO and site.sublayer_path in with_qk:
             continue  # measured with its QK partner, one attention sub-layer
         g = groups.setdefault(geo.key, {"key": geo.key, **geo.__dict__, "sites": [], "representative": name})
         g["sites"].append(site.sublayer_path)
+    calls = _sublayer_calls(meta, {sites[g["representative"]].sublayer_path for g in groups.values()}, batch,
+                            latent, text_len)
     gen = torch.Generator().manual_seed(0)
     for g in groups.values():
         site = sites[g["representative"]]
-        x = torch.randn(batch, g["tokens"], g["channels"], generator=gen).to(device, dtype)
-        ctx = None if site.attention != CROSS else torch.randn(batch, g["context_tokens"], g["context_dim"],
-                                                            generator=gen).to(device, dtype)
+        args, kwargs = _drawn(calls[site.sublayer_path], gen, device, dtype)
         width = g["width"]
         curves = {}
         if g["kind"] == "ffn":
             grid = rank_grid(width, ffn_align or 8 * align, max_points)
             series = {"ffn": [{FFN: r} for r in grid]}
+        elif site.kind == VO:  # q·k normalised per head: no Q·K site
+            grid = rank_grid(width, align, max_points)
+            series = {"attention_vo": [{VO: v} for v in grid]}
         else:
             grid = rank_grid(width, align, max_points)
             series = {"attention": [[{QK: q, VO: v} for v in grid] for q in grid]}  # rows: q·k width
         for curve, settings in series.items():
             def measure(ranks):
-                module = _resized_module(meta, site, ranks, device, dtype)
-                if g["kind"] == "ffn":
-                    return _time_module(lambda: module(x), device, warmup, iters)
-                return _time_module(lambda: module(x, encoder_hidden_states=ctx), device, warmup, iters)
+                module, shared = _resized_module(meta, site, ranks, device, dtype)
+                ms = _time_module(lambda: module(*args, **kwargs), device, warmup, iters)
+                for columns, features in shared:  # the sub-layer's share of a Linear it does not run itself
+                    h = torch.randn(batch, g["tokens"], columns, generator=gen).to(device, dtype)
+                    w = torch.randn(features, columns, generator=gen).to(device, dtype)
+                    ms += _time_module(lambda: torch.nn.functional.linear(h, w), device, warmup, iters)
+                return ms
 
             ms = [[measure(r) for r in row] if isinstance(row, list) else measure(row) for row in settings]
             curves[curve] = {"ranks": grid, "ms": ms}
@@ -205,7 +260,7 @@ def separability(table: dict) -> dict[str, float]:
     T(n, n) − [T(n, n) − T(r_qk, n)] − [T(n, n) − T(n, r_vo)] (0 = QK and VO savings add exactly)."""
     out = {}
     for g in table["groups"]:
-        if g["kind"] == "ffn":
+        if "attention" not in g["curves"]:  # an FFN, or an attention measured over its v widths alone
             continue
         ms = g["curves"]["attention"]["ms"]
         full = ms[-1][-1]
