@@ -132,8 +132,8 @@ def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     given = [name for name, value in (("images", config.images), ("strength", config.strength)) if value is not None]
     if given and not family.serving_image_inputs:  # the images a request carries are those its sampling starts from
         raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} takes no image (only "
-                            "inpainting models, FLUX Control and the SDXL refiner take one)")
-    if config.strength is not None and "image" not in family.serving_image_inputs:
+                            "inpainting models, FLUX Control, FLUX Kontext and the SDXL refiner take one)")
+    if config.strength is not None and not family.noises_image:
         raise SlimDiffError(f"strength given, but {type(pipe).__name__} noises no image: it samples from noise, "
                             "conditioned on its images")
     if config.base is None:

@@ -3,7 +3,7 @@
 Every model is a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (and the SDXL refiner's
 ``StableDiffusionXLImg2ImgPipeline``), PixArt pipeline
 (``PixArtSigmaPipeline``, ``PixArtAlphaPipeline``), ``StableDiffusion3Pipeline``, ``FluxPipeline`` (and FLUX
-Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``), or a bare
+Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``, FLUX Kontext's ``FluxKontextPipeline``), or a bare
 ``UNet2DConditionModel``. Sources:
 
 * ``builtin:tiny`` — a small SD-1.x-shaped pipeline with seeded random weights; runs in seconds on a CPU.
@@ -55,6 +55,9 @@ Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``), or a bare
   and FLUX.1-dev's text towers and VAE, seeded random weights; build it on the meta device where only shapes matter.
 * ``builtin:tiny-flux-control`` — builtin:tiny-flux as a ``FluxControlPipeline``: its transformer's tokens carry the
   latent and the control image's latent (128 features in, 64 out), seeded weights of their own.
+* ``builtin:tiny-flux-kontext`` — builtin:tiny-flux's components as a ``FluxKontextPipeline``: a transformer of
+  builtin:tiny-flux's configuration (Kontext's is FLUX.1-dev's) with seeded weights of its own, called with the
+  reference image's tokens after the latent's.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
@@ -134,7 +137,7 @@ BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny
             "builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape",
             "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
             "builtin:tiny-flux", "builtin:flux-dev-shape", "builtin:tiny-flux-fill", "builtin:flux-fill-shape",
-            "builtin:tiny-flux-control")
+            "builtin:tiny-flux-control", "builtin:tiny-flux-kontext")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,6 +159,7 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:tiny-flux-fill": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_FILL_TRANSFORMER},
     "builtin:flux-fill-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_FILL_DEV_TRANSFORMER},
     "builtin:tiny-flux-control": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_CONTROL_TRANSFORMER},
+    "builtin:tiny-flux-kontext": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 XL_REFINER_BUILTINS = ("builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape")
@@ -164,6 +168,7 @@ SD3_BUILTINS = ("builtin:tiny-sd3", "builtin:sd3-medium-shape")
 FLUX_BUILTINS = ("builtin:tiny-flux", "builtin:flux-dev-shape")
 FLUX_FILL_BUILTINS = ("builtin:tiny-flux-fill", "builtin:flux-fill-shape")
 FLUX_CONTROL_BUILTINS = ("builtin:tiny-flux-control",)
+FLUX_KONTEXT_BUILTINS = ("builtin:tiny-flux-kontext",)
 
 
 def _seeded(seed: int, build):
@@ -177,9 +182,9 @@ def build_builtin(name: str, device: str | torch.device | None = None):
     """Return the pipeline of a seeded built-in (``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for
     :data:`XL_BUILTINS`, ``StableDiffusionXLImg2ImgPipeline`` for :data:`XL_REFINER_BUILTINS`,
     ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for :data:`SD3_BUILTINS`,
-    ``FluxPipeline`` for :data:`FLUX_BUILTINS`, ``FluxFillPipeline`` for :data:`FLUX_FILL_BUILTINS`, ``FluxControlPipeline`` for
-    :data:`FLUX_CONTROL_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes
-    only)."""
+    ``FluxPipeline`` for :data:`FLUX_BUILTINS`, ``FluxFillPipeline`` for :data:`FLUX_FILL_BUILTINS`,
+    ``FluxControlPipeline`` for :data:`FLUX_CONTROL_BUILTINS`, ``FluxKontextPipeline`` for
+    :data:`FLUX_KONTEXT_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
     if name in XL_REFINER_BUILTINS:
@@ -188,7 +193,7 @@ def build_builtin(name: str, device: str | torch.device | None = None):
         return _build_pixart_builtin(name, device)
     if name in SD3_BUILTINS:
         return _build_sd3_builtin(name, device)
-    if name in FLUX_BUILTINS or name in FLUX_FILL_BUILTINS or name in FLUX_CONTROL_BUILTINS:
+    if name in (*FLUX_BUILTINS, *FLUX_FILL_BUILTINS, *FLUX_CONTROL_BUILTINS, *FLUX_KONTEXT_BUILTINS):
         return _build_flux_builtin(name, device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -325,7 +330,7 @@ def _build_sd3_builtin(name: str, device):
 
 def _build_flux_builtin(name: str, device):
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxFillPipeline,
-                           FluxPipeline, FluxTransformer2DModel)
+                           FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tiny = name.startswith("builtin:tiny-")
@@ -337,6 +342,7 @@ def _build_flux_builtin(name: str, device):
         "builtin:tiny-flux-fill": (TINY_FLUX_FILL_TRANSFORMER, 5, FluxFillPipeline),
         "builtin:flux-fill-shape": (FLUX_FILL_DEV_TRANSFORMER, 5, FluxFillPipeline),
         "builtin:tiny-flux-control": (TINY_FLUX_CONTROL_TRANSFORMER, 6, FluxControlPipeline),
+        "builtin:tiny-flux-kontext": (TINY_FLUX_TRANSFORMER, 7, FluxKontextPipeline),
     }[name]
     with _build_device(device):
         # each kind of transformer draws from its own seed: different models, not one model in several pipelines
@@ -478,10 +484,13 @@ SD3_PIPELINE = "StableDiffusion3Pipeline"
 FLUX_PIPELINE = "FluxPipeline"
 FLUX_FILL_PIPELINE = "FluxFillPipeline"
 FLUX_CONTROL_PIPELINE = "FluxControlPipeline"
-#: Folders of these classes hold the same components and load as the text-to-image pipeline, except FLUX Fill's and
-#: FLUX Control's, which load as themselves (other FLUX pipelines — Kontext, the Control image-to-image and inpainting
-#: ones — feed their transformers inputs no family samples).
-FLUX_PIPELINES = (FLUX_PIPELINE, "FluxImg2ImgPipeline", FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE)
+FLUX_KONTEXT_PIPELINE = "FluxKontextPipeline"
+#: Pipelines that load as themselves: their transformers are called with inputs of their own.
+FLUX_OWN_PIPELINES = (FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE, FLUX_KONTEXT_PIPELINE)
+#: Folders of these classes hold the same components and load as the text-to-image pipeline, except FLUX Fill's,
+#: FLUX Control's and FLUX Kontext's (:data:`FLUX_OWN_PIPELINES`), which load as themselves (other FLUX pipelines —
+#: the Control image-to-image and inpainting ones — feed their transformers inputs no family samples).
+FLUX_PIPELINES = (FLUX_PIPELINE, "FluxImg2ImgPipeline", *FLUX_OWN_PIPELINES)
 #: Folders of these classes hold the same components and load as the text-to-image pipeline.
 SD3_PIPELINES = (SD3_PIPELINE, "StableDiffusion3Img2ImgPipeline")
 
@@ -504,7 +513,8 @@ def _component_config(path: Path, component: str = "unet") -> dict:
 def _check_flux_input(config: dict, source: str, cls_name: str, kind: str) -> None:
     """One line for a FLUX folder whose transformer (of ``config``) takes other tokens than its pipeline ``kind``
     (the folder's ``cls_name`` loaded as) makes: a Fill pipeline's carry the latent, the masked image's latent and the mask; a Control pipeline's the latent
-    and the control image's latent; a text-to-image pipeline's the latent alone."""
+    and the control image's latent; a text-to-image pipeline's and a Kontext pipeline's the latent alone (Kontext's
+    reference image adds tokens, not features)."""
     from .families.flux import input_features, is_text_to_image_transformer
     from .families.flux_control import is_control_transformer
     from .families.flux_fill import is_fill_transformer
@@ -513,7 +523,8 @@ def _check_flux_input(config: dict, source: str, cls_name: str, kind: str) -> No
         return
     kinds = {FLUX_FILL_PIPELINE: ("a FLUX Fill transformer", is_fill_transformer),
              FLUX_CONTROL_PIPELINE: ("a FLUX Control transformer", is_control_transformer),
-             FLUX_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer)}
+             FLUX_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer),
+             FLUX_KONTEXT_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer)}
     if kinds[kind][1](config):
         return
     found = next((what for what, fits in kinds.values() if fits(config)), "a transformer of unknown input")
@@ -561,7 +572,8 @@ def _pipeline_class(path: Path, source: str):
     (text-to-image or img2img class: both load as the text-to-image pipeline), ``StableDiffusionXLImg2ImgPipeline``
     for the SDXL refiner (no first text tower, aesthetic-score time ids), the folder's own class for PixArt,
     ``StableDiffusion3Pipeline`` for SD3 (text-to-image or img2img), ``FluxPipeline`` for FLUX (text-to-image or
-    img2img), ``FluxFillPipeline`` for FLUX Fill, ``FluxControlPipeline`` for FLUX Control,
+    img2img), ``FluxFillPipeline`` for FLUX Fill, ``FluxControlPipeline`` for FLUX Control, ``FluxKontextPipeline``
+    for FLUX Kontext,
     ``StableDiffusionPipeline`` otherwise; one line
     for folders slimdiff cannot calibrate."""
     import diffusers
@@ -583,7 +595,7 @@ def _pipeline_class(path: Path, source: str):
         return getattr(diffusers, cls_name)
     if cls_name.startswith("Flux") and cls_name not in FLUX_PIPELINES:
         raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates FLUX through its text-to-image, "
-                            f"Fill and Control pipelines: pass a {' or '.join(FLUX_PIPELINES)} folder")
+                            f"Fill, Control and Kontext pipelines: pass a {' or '.join(FLUX_PIPELINES)} folder")
     if cls_name in FLUX_PIPELINES:
         # calibration runs the pipeline on prompts: the transformer and both text towers are needed
         missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -592,7 +604,7 @@ def _pipeline_class(path: Path, source: str):
             raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
                                 "the transformer, the CLIP and T5 text encoders and their tokenizers): the folder is "
                                 "incomplete")
-        kind = cls_name if cls_name in (FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE) else FLUX_PIPELINE
+        kind = cls_name if cls_name in FLUX_OWN_PIPELINES else FLUX_PIPELINE
         _check_flux_input(_component_config(path, "transformer"), source, cls_name, kind)
         return getattr(diffusers, kind)
     if cls_name.startswith("StableDiffusion3") and cls_name not in SD3_PIPELINES:

@@ -32,7 +32,7 @@ from slimdiff.decompose import (
     vo_measured_error,
     with_bias_coordinate,
 )
-from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, module_sites, site_linears
+from slimdiff.families import CROSS, FFN, QK, SELF, VO, family_for, family_named, module_sites, site_linears
 from slimdiff.models import _seeded
 from slimdiff.quality.sampling import with_denoiser
 from slimdiff.rebuild import load_slim_weights, resize_site
@@ -86,6 +86,9 @@ class FamilyConformance:
     attentions: tuple[str, ...] = (SELF, CROSS)
     # The site kinds of the family's blocks (FLUX's attentions normalise and rotate q and k: no Q·K site).
     kinds: tuple[str, ...] = (FFN, QK, VO)
+    # The family of the denoiser alone, where it cannot say which pipeline it serves (FLUX Kontext's transformer has
+    # FLUX.1-dev's configuration); its calls are then the pipeline family's. None: the family's.
+    denoiser_family: str | None = None
 
     @classmethod
     def make_pipeline(cls):
@@ -102,7 +105,8 @@ class FamilyConformance:
 
     def call_inputs(self, unet, batch: int = 2) -> dict:
         """Seeded random keyword inputs of one denoiser call (the family's own input layout; masks kept)."""
-        call = family_for(unet).dummy_call(unet.config, batch, (self.image_px // 2,) * 2)
+        family = family_for(unet) if self.denoiser_family is None else family_named(self.family)
+        call = family.dummy_call(unet.config, batch, (self.image_px // 2,) * 2)
         gen = torch.Generator().manual_seed(7)
         drawn = lambda t: torch.randn(t.shape, generator=gen) if t is not None and t.is_floating_point() else t  # noqa: E731
         call = {k: ({n: drawn(v) for n, v in a.items()} if isinstance(a, dict) else a if "mask" in k else drawn(a))
@@ -136,7 +140,8 @@ class FamilyConformance:
 
     def test_family_and_sites(self, calibrated):
         pipe, _ = calibrated
-        assert family_for(pipe).name == family_for(self.denoiser(pipe)).name == self.family
+        assert family_for(pipe).name == self.family
+        assert family_for(self.denoiser(pipe)).name == (self.denoiser_family or self.family)
         sites = module_sites(self.denoiser(pipe))
         assert {s.kind for s in sites} == set(self.kinds)
         assert {s.attention for s in sites if s.kind != FFN} == set(self.attentions)
@@ -432,7 +437,8 @@ class FamilyConformance:
         prompts = PROMPTS[:self.image_prompts]
         # the family's measuring call: the size, or the image an image-to-image family starts from
         call = family_for(pipe).measuring_call(self.image_px, self.image_px)
-        run = lambda p: p(prompts, num_inference_steps=self.image_steps,  # noqa: E731
+        # prompts by name: FluxKontextPipeline takes its image first
+        run = lambda p: p(prompt=prompts, num_inference_steps=self.image_steps,  # noqa: E731
                           generator=torch.Generator().manual_seed(0), output_type="np", **call).images
         image = run(loaded)
         assert image.shape == (len(prompts), self.image_px, self.image_px, 3) and image.std() > 0
@@ -656,11 +662,8 @@ class TestFlux(FamilyConformance):
         import numpy as np
 
         from slimdiff.engines.build import build_denoiser_engine
-        from slimdiff.errors import SlimDiffError
-        from slimdiff.export.modules import denoiser_component
         from slimdiff.export.onnx import FP32_TOLERANCE
         from slimdiff.export.shapes import parse_profiles
-        from slimdiff.families.flux import latent_ids, pack_latents
         from slimdiff.runtime import EngineFluxTransformer, use_engine
 
         pipe, _ = calibrated
@@ -668,15 +671,16 @@ class TestFlux(FamilyConformance):
         sizes = f"{self.image_px // 2}:{self.image_px}:{self.image_px}"
         profiles = parse_profiles(batch="1:2:2", height=sizes, width=sizes,
                                   text_len=str(family_for(transformer).text_tokens), vae_scale=2, multiple=8)
+        family = family_for(pipe)  # FLUX Kontext's call is its pipeline's: its transformer is FLUX.1-dev's
         meta, sidecar = build_denoiser_engine(transformer, "ort", tmp_path, profiles=profiles, dtype=torch.float32,
-                                              device="cpu", multiple=8, plan=report.plan)
+                                              device="cpu", multiple=8, plan=report.plan, family=family)
         assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE and len(sidecar["parity"]["shapes"]) == 2
         assert meta["family"] == self.family and sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
 
         slim_pipe = with_denoiser(pipe, transformer)
         slim_pipe.set_progress_bar_config(disable=True)
-        call = family_for(pipe).measuring_call(self.image_px, self.image_px)  # FLUX Fill's: an image with a hole
-        run = lambda: slim_pipe(PROMPTS[:self.image_prompts], num_inference_steps=2,  # noqa: E731
+        call = family.measuring_call(self.image_px, self.image_px)  # FLUX Fill's: an image with a hole
+        run = lambda: slim_pipe(prompt=PROMPTS[:self.image_prompts], num_inference_steps=2,  # noqa: E731
                                 generator=torch.Generator().manual_seed(0), output_type="np", **call).images
         reference = run()
         engine = use_engine(slim_pipe, tmp_path)
@@ -684,8 +688,15 @@ class TestFlux(FamilyConformance):
         image = run()
         assert image.shape == reference.shape and np.abs(image - reference).max() < 1e-3
         assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
+        self.check_positions(engine, transformer)
 
-        # positions the graph does not build (a shifted grid, as FLUX Kontext's reference image has): refused
+    def check_positions(self, engine, transformer):
+        """The engine in the pipeline refuses positions its graph does not build."""
+        from slimdiff.errors import SlimDiffError
+        from slimdiff.export.modules import denoiser_component
+        from slimdiff.families.flux import latent_ids, pack_latents
+
+        # a shifted grid, as FLUX Kontext's reference image has
         component = denoiser_component(transformer)
         latents, sigma, text, pooled, guidance = component.random_inputs(
             {"batch": 1, "height": 16, "width": 16, "text_len": 512}, torch.float32, seed=3)
@@ -719,3 +730,40 @@ class TestFluxControl(_FluxWithImages):
 
     family = "flux-control"
     builtin = "builtin:tiny-flux-control"
+
+
+class TestFluxKontext(_FluxWithImages):
+    """FLUX Kontext: builtin:tiny-flux-kontext — FluxKontextPipeline around a transformer of FLUX.1-dev's layout,
+    called with the reference image's tokens after the latent's (the blocks see twice the latent's tokens; the
+    shared calls here are the Kontext pipeline's, :meth:`~slimdiff.families.flux_kontext.FluxKontextFamily.
+    dummy_call`). Calibrated on noise images as the images to edit; its engine takes the reference's latent on axes
+    of its own and drives FluxKontextPipeline."""
+
+    family = "flux-kontext"
+    denoiser_family = "flux"
+    builtin = "builtin:tiny-flux-kontext"
+
+    def check_positions(self, engine, transformer):
+        """The engine serves a reference of another size than the latent's (the Kontext call's prediction, the
+        latent's tokens, within the parity tolerance) and refuses a call without reference tokens; a Triton model
+        config gives the reference's axes as dynamic."""
+        from slimdiff.engines.triton import batch_dims
+        from slimdiff.errors import SlimDiffError
+        from slimdiff.export.onnx import FP32_TOLERANCE
+        from slimdiff.families.flux import latent_ids, pack_latents
+
+        gen = torch.Generator().manual_seed(3)
+        latents, reference = torch.randn(1, 16, 16, 16, generator=gen), torch.randn(1, 16, 8, 16, generator=gen)
+        call = dict(timestep=torch.tensor([0.6]), encoder_hidden_states=torch.randn(1, 512, 96, generator=gen),
+                    pooled_projections=torch.randn(1, 64, generator=gen), txt_ids=torch.zeros(512, 3),
+                    guidance=torch.tensor([3.5]), return_dict=False)
+        tokens = torch.cat([pack_latents(latents), pack_latents(reference)], 1)
+        img_ids = torch.cat([latent_ids(8, 8), latent_ids(4, 8, first=1)])
+        with torch.no_grad():
+            expected = transformer(hidden_states=tokens, img_ids=img_ids, **call)[0][:, :64]
+        got = engine(hidden_states=tokens, img_ids=img_ids, **call)[0]
+        assert got.shape == expected.shape == (1, 64, 64)
+        assert (got - expected).abs().max() <= FP32_TOLERANCE * expected.abs().max()
+        with pytest.raises(SlimDiffError, match="take the FLUX Kontext pipeline's positions"):
+            engine(hidden_states=pack_latents(latents), img_ids=latent_ids(8, 8), **call)
+        assert batch_dims(engine.meta)[1]["reference_latents"] == [16, -1, -1]

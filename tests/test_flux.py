@@ -302,7 +302,7 @@ def test_a_flux_pipeline_folder_loads_and_an_incomplete_one_is_one_line(flux, tm
         load_pipeline(str(folder))
 
 
-@pytest.mark.parametrize("cls_name", ["FluxImg2ImgPipeline", "FluxKontextPipeline"])
+@pytest.mark.parametrize("cls_name", ["FluxImg2ImgPipeline", "FluxControlInpaintPipeline"])
 def test_other_flux_pipeline_folders(flux, cls_name, tmp_path):
     folder = tmp_path / "pipe"
     flux.save_pretrained(folder, safe_serialization=True)
@@ -312,7 +312,7 @@ def test_other_flux_pipeline_folders(flux, cls_name, tmp_path):
         assert type(load_pipeline(str(folder))) is type(flux)
         return
     with pytest.raises(SlimDiffError, match=f"is a {cls_name} folder; slimdiff calibrates FLUX through its "
-                                            "text-to-image, Fill and Control pipelines"):
+                                            "text-to-image, Fill, Control and Kontext pipelines"):
         load_pipeline(str(folder))
 
 

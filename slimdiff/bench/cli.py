@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "builtin:tiny and builtin:proxy, 0 otherwise")
     p.add_argument("--calib-steps", type=int, default=10, help="sampling steps per calibration prompt (default 10)")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="with --calib-prompts, for inpainting models, FLUX Control and the SDXL refiner: the images "
-                        "calibration fills holes in, conditions on or refines (as `slimdiff slim --images`)")
+                   help="with --calib-prompts, for inpainting models, FLUX Control, FLUX Kontext and the SDXL "
+                        "refiner: the images calibration fills holes in, conditions on, edits or refines (as "
+                        "`slimdiff slim --images`)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: their pipeline's strength (as `slimdiff slim --strength`)")
     p.add_argument("--base", default=None, metavar="MODEL",

@@ -4,8 +4,9 @@ An engine turns a denoiser (a UNet or a DiT) into a runner ``run(*inputs) -> noi
 positional inputs its model family exports (:meth:`slimdiff.families.DenoiserFamily.export_inputs`: the latent, a
 float32 (batch,) timestep, the text conditioning and the family's extra conditions, torch tensors on the benchmark
 device) and computes the family's :meth:`~slimdiff.families.DenoiserFamily.export_call` — the call exported graphs
-trace. ``unavailable(device)`` says why an engine cannot run here — the harness reports that reason instead of
-leaving the engine out. New engines plug in with :func:`register`.
+trace (of the ``family`` option's family where given: the pipeline's, for a denoiser that cannot say which pipeline
+it serves, FLUX Kontext's transformer). ``unavailable(device)`` says why an engine cannot run here — the harness
+reports that reason instead of leaving the engine out. New engines plug in with :func:`register`.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ class Engine:
         raise SlimDiffError(f"{self.name} engines are not built into folders; nothing to open in {folder}")
 
 
-def family_call(denoiser: nn.Module) -> Runner:
-    """``run(*inputs)``: the denoiser's family's positional call (what exported graphs compute)."""
-    call = family_for(denoiser).export_call
+def family_call(denoiser: nn.Module, family=None) -> Runner:
+    """``run(*inputs)``: the positional call (what exported graphs compute) of ``family``, default the denoiser's."""
+    call = (family or family_for(denoiser)).export_call
 
     def run(*inputs):
         return call(denoiser, *inputs)
@@ -69,7 +70,8 @@ class EagerEngine(Engine):
     description = "PyTorch eager (diffusers modules, SDPA attention)"
 
     def build(self, denoiser, batches, latent, text_len, workdir):
-        return Built(family_call(denoiser), info={"attention": "scaled_dot_product_attention"})
+        return Built(family_call(denoiser, self.options.get("family")),
+                     info={"attention": "scaled_dot_product_attention"})
 
 
 class CudaGraphEngine(Engine):
@@ -81,7 +83,7 @@ class CudaGraphEngine(Engine):
 
     def build(self, denoiser, batches, latent, text_len, workdir):
         graphs = {}
-        call = family_call(denoiser)
+        call = family_call(denoiser, self.options.get("family"))
 
         def run(*inputs):
             key = tuple(tuple(t.shape) for t in inputs)
@@ -115,7 +117,8 @@ class CompileEngine(Engine):
         # Models are measured one after another and never revisited: dropping Dynamo's caches keeps each new
         # model from counting against the recompile limit of the shared denoiser forward code.
         torch._dynamo.reset()
-        compiled = torch.compile(family_call(denoiser), mode=mode, dynamic=False, fullgraph=False)
+        compiled = torch.compile(family_call(denoiser, self.options.get("family")), mode=mode, dynamic=False,
+                                 fullgraph=False)
         mark_step = cuda and mode in ("max-autotune", "reduce-overhead")
 
         def run(*inputs):
@@ -152,7 +155,7 @@ class ExportedEngine(Engine):
                           Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
         _, sidecar = build_denoiser_engine(denoiser, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
                                           device=device, multiple=latent_multiple(denoiser.config),
-                                          plan=getattr(denoiser, "slim_plan", None))
+                                          plan=getattr(denoiser, "slim_plan", None), family=self.options.get("family"))
         return self._opened(workdir, device, onnx_opset=sidecar["opset"] if sidecar else None)
 
     def open(self, folder, device):
@@ -194,7 +197,7 @@ def register(engine: type[Engine]) -> None:
 
 
 def create(name: str, **options) -> Engine:
-    """An engine instance; ``options`` (e.g. ``compile_mode``) are read by the engines that use them."""
+    """An engine instance; ``options`` (e.g. ``compile_mode``, ``family``) are read by the engines that use them."""
     try:
         return _REGISTRY[name](**options)
     except KeyError:

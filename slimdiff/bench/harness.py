@@ -375,8 +375,8 @@ class Bench:
         self.model_entries = [self._model_entry(m) for m in self.models]
 
         # Dense eager references: denoiser outputs on the fixed inputs, and images for end-to-end errors.
-        dense_run = engine_registry.create("eager").build(dense, cfg.batches, latent, self.inputs.text_len,
-                                                          Path()).run
+        dense_run = engine_registry.create("eager", family=family).build(dense, cfg.batches, latent,
+                                                                         self.inputs.text_len, Path()).run
         self.refs = {}
         with torch.no_grad():
             for b in cfg.batches:
@@ -433,7 +433,8 @@ class Bench:
 
     def _model_entry(self, m: SlimModel) -> dict:
         shapes = meta_unet(self.family.denoiser(self.pipe), m.plan)
-        macs = {str(b): count_macs(shapes, b, self.latent, self.inputs.text_len).to_dict() for b in self.cfg.batches}
+        macs = {str(b): count_macs(shapes, b, self.latent, self.inputs.text_len, self.family).to_dict()
+                for b in self.cfg.batches}
         params = sum(p.numel() for p in m.denoiser.parameters())
         info = m.plan.info if m.plan else {}
         return {
@@ -454,7 +455,7 @@ class Bench:
         jobs by priority instead (jobs it leaves out run after it, in the default order). ``keep_dense`` keeps
         each engine's dense model loaded after the call, so that a later call times new slim models against
         it without measuring it again (:meth:`release_dense` frees them)."""
-        engines = {n: engine_registry.create(n, compile_mode=self.cfg.compile_mode) for n in names}
+        engines = {n: engine_registry.create(n, compile_mode=self.cfg.compile_mode, family=self.family) for n in names}
         for name, engine in engines.items():
             reason = engine.unavailable(self.device)
             self.engine_entries[name] = {"description": engine.description,
@@ -632,7 +633,7 @@ class Bench:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         with _engine_in_pipeline(pipe, self.family, run, timer), torch.no_grad():
-            out = pipe([cfg.prompt] * images, num_inference_steps=cfg.e2e_steps, guidance_scale=cfg.guidance,
+            out = pipe(prompt=[cfg.prompt] * images, num_inference_steps=cfg.e2e_steps, guidance_scale=cfg.guidance,
                        generator=gen, output_type="np",
                        **self.family.measuring_call(self.resolution, self.resolution)).images
         return torch.from_numpy(out).float()

@@ -136,17 +136,20 @@ def call_macs(fn: Callable[[], object]) -> int:
     return counter.get_total_flops() // 2
 
 
-def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int | None = None) -> MacCount:
-    """Count one call of ``unet`` (any device; meta is fastest, and counts a slim model's own arithmetic: on the CPU
+def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text_tokens: int | None = None,
+               family=None) -> MacCount:
+    """Count one call of ``unet`` — as ``family`` calls it (default the denoiser's own: FLUX Kontext's pipeline adds
+    the reference image's tokens) — (any device; meta is fastest, and counts a slim model's own arithmetic: on the CPU
     a slim attention's heads run zero-padded to one width, :func:`~slimdiff.families.blocks.slim_attention`) on
     ``batch`` latents of ``latent`` = (h, w)
     (default: the size its pipeline samples at, :meth:`~slimdiff.families.DenoiserFamily.sample_size`) and
     ``text_tokens`` (default: its family's text length)."""
+    family = family or family_for(unet)
     if latent is None:
-        latent = family_for(unet).sample_size(unet.config)
+        latent = family.sample_size(unet.config)
     h, w = latent
     param = next(unet.parameters())
-    call = family_for(unet).dummy_call(unet.config, batch, (h, w), text_tokens, device=param.device,
+    call = family.dummy_call(unet.config, batch, (h, w), text_tokens, device=param.device,
                                        dtype=param.dtype)
     # Which MacCount group each FFN / attention sub-layer feeds (self-attention: attn1, cross: attn2).
     group_of = {s.sublayer_path: "ffn" if s.kind == FFN else ("attn2" if s.attention == CROSS else "attn1")

@@ -39,9 +39,10 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt pool: .txt, .csv/.tsv with a prompt column, or COCO captions JSON "
                         "(default: the packaged COCO val2017 captions)")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="inpainting models, FLUX Control and the SDXL refiner: a folder of images (PNG/JPEG/WebP) "
-                        "calibration fills seeded holes in, conditions on (FLUX Control: depth or edge maps) or "
-                        "refines, one per prompt in turn (e.g. COCO photographs); the refiner takes --base instead")
+                   help="inpainting models, FLUX Control, FLUX Kontext and the SDXL refiner: a folder of images "
+                        "(PNG/JPEG/WebP) calibration fills seeded holes in, conditions on (FLUX Control: depth or edge "
+                        "maps), edits (FLUX Kontext) or refines, one per prompt in turn (e.g. COCO photographs); the "
+                        "refiner takes --base instead")
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: the fraction of the schedule re-run over each image (default: inpainting "
                         "1.0, the SDXL refiner its pipeline's 0.3; the refiner runs int(steps × strength) steps)")

@@ -122,6 +122,9 @@ def cmd_slim(args) -> None:
     report = slim_unet(denoiser, stats, config)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
+    # the family of the pipeline it was slimmed in: what an export of the slim folder alone takes the denoiser's call
+    # from (FLUX Kontext's transformer has FLUX.1-dev's configuration)
+    report.plan.info["family"] = family_for(pipe).name
     # What it takes to load the source again (a slim folder reopens its pipeline from these).
     if args.config is not None:
         report.plan.info["source_config"] = str(Path(args.config).resolve())

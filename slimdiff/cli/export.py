@@ -274,8 +274,8 @@ def _dense_variant_in_process(args, folder: Path, build: dict, threads: int) -> 
 
     meta.STATUS_TAG = "slimdiff-export, dense"
     torch.set_num_threads(threads)
-    _, dense, _, _ = _load_model(args.model, args.config, args.variant, lora_specs(args))
-    return _build_variant(args, "dense", dense, None, folder, **build)
+    pipe, dense, _, _ = _load_model(args.model, args.config, args.variant, lora_specs(args))
+    return _build_variant(args, "dense", dense, None, folder, family=_family(pipe, dense, None), **build)
 
 
 def _call_and_send(send, fn, fn_args) -> None:
@@ -430,8 +430,20 @@ def _verify(folder: Path, component, device: str, values: dict, cuda_graphs: boo
             "shape": values}
 
 
+def _family(pipe, denoiser, plan):
+    """The family whose call the engines take: the pipeline's, or for a slim folder loaded without one the family its
+    plan records (slim folders since FLUX Kontext's: its transformer has FLUX.1-dev's configuration, so only the
+    pipeline it was slimmed in says it takes a reference image), else the denoiser's own."""
+    from ..families import family_for, family_named
+
+    if pipe is not None:
+        return family_for(pipe)
+    recorded = plan.info.get("family") if plan is not None else None
+    return family_named(recorded) if recorded else family_for(denoiser)
+
+
 def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, kind: str, device: str, dtype, opset,
-                   multiple: int) -> dict:
+                   multiple: int, family=None) -> dict:
     import torch
 
     from ..engines.build import build_denoiser_engine
@@ -445,9 +457,9 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
                if kind == "trt" else {})
     meta, sidecar = build_denoiser_engine(denoiser, kind, folder, profiles=profiles, dtype=dtype, device=device,
                                           multiple=multiple, opset=opset, variant=variant, plan=plan, options=options,
-                                          export_options=_export_options(args))
-    return _verified_row(args, variant, variant, denoiser_component(denoiser, _export_options(args)), folder, meta,
-                         sidecar, device, dtype)
+                                          export_options=_export_options(args), family=family)
+    return _verified_row(args, variant, variant, denoiser_component(denoiser, _export_options(args), family), folder,
+                         meta, sidecar, device, dtype)
 
 
 def _nested_output(out: Path, repo: Path) -> bool:
@@ -496,7 +508,6 @@ def run(args) -> list[dict]:
     from ..export.onnx import OPSETS
     from ..export.modules import component_axes, denoiser_component
     from ..export.shapes import Range, check_static, default_flags, latent_multiple, parse_profiles, union
-    from ..families import family_for
     from ..lora_maps import MAPS_FILE
 
     start = time.perf_counter()
@@ -558,7 +569,7 @@ def run(args) -> list[dict]:
         if pipe is not None:
             pipe.to(device)  # calibration runs the whole pipeline on the export device
         reference = dense if dense is not None else slim
-        family = family_for(reference)
+        family = _family(pipe, reference, plan)
         vae_scale = getattr(pipe, "vae_scale_factor", 8) if pipe is not None else 8
         multiple = latent_multiple(reference.config)
         defaults = default_flags(reference.config, vae_scale, static=family.static_axes,
@@ -587,7 +598,7 @@ def run(args) -> list[dict]:
                                     f"{type(pipe).__name__} passes its {family.component}: include {served}, or "
                                     "leave --text-len out")
         # what the denoiser's graph can serve, before any slow work
-        component_axes(denoiser_component(reference, _export_options(args)), union(profiles),
+        component_axes(denoiser_component(reference, _export_options(args), family), union(profiles),
                        {"height": multiple, "width": multiple})
         # the sampling calibration will run, made (and so checked: a refiner's --base loads here) after the cheap
         # shape checks, before any engine is built
@@ -604,14 +615,15 @@ def run(args) -> list[dict]:
                                                max(1, threads // 2))
                 torch.set_num_threads(max(1, threads - threads // 2))
             else:
-                rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", **build))
+                rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", family=family, **build))
         slim_folder = Path(args.model).resolve()
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming, calibration_loop)
+            plan.info["family"] = family.name  # what a later export of the slim folder alone takes the call from
             calibration_loop = None  # a refiner's base pipeline is no longer needed
             slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
-        rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", **build))
+        rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", family=family, **build))
         if dense_process is not None:
             rows.insert(0, dense_process.result())
             torch.set_num_threads(threads)

@@ -63,24 +63,27 @@ def _float32(module):
 
 def build_denoiser_engine(denoiser, kind: str, folder: Path, *, profiles: list[Profile], dtype: torch.dtype,
                           device: str, multiple: int, opset: int | None = None, variant: str | None = None, plan=None,
-                          options: dict | None = None,
-                          export_options: tuple[str, ...] = ()) -> tuple[dict, dict | None]:
+                          options: dict | None = None, export_options: tuple[str, ...] = (),
+                          family=None) -> tuple[dict, dict | None]:
     """Build the ``kind`` engine of ``denoiser`` (on ``device``) into the existing folder ``folder``, as
     :func:`build_component_engine` does; ``variant`` defaults to slim/dense by ``plan``. ``export_options``: the
-    family's optional input groups the engine takes too (ControlNet residuals), recorded in its metadata."""
+    family's optional input groups the engine takes too (ControlNet residuals), recorded in its metadata.
+    ``family``: the family of the pipeline the denoiser serves, where the denoiser cannot say (FLUX Kontext's);
+    default ``family_for(denoiser)``; recorded in the metadata."""
+    family = family or family_for(denoiser)
     backend = get(kind)
     backend.require(device)
     source = _float32(denoiser)
     target, changed = aligned(source) if backend.needs_aligned_heads(device) else (source, {})
     # "unet_config" holds the denoiser's config whatever its kind: the name stored engines and Triton repositories
     # were written with
-    extra = {"variant": variant or ("slim" if plan is not None else "dense"), "family": family_for(denoiser).name,
+    extra = {"variant": variant or ("slim" if plan is not None else "dense"), "family": family.name,
              "unet_config": dict(denoiser.config),
              "parameters": sum(p.numel() for p in denoiser.parameters()),
              "rank_plan": json.loads(plan.to_json()) if plan is not None else None,
              "head_alignment": {k: [list(a), list(b)] for k, (a, b) in changed.items()},
              "export_options": sorted(export_options)}
-    return build_component_engine(denoiser_component(target, export_options), kind, folder, profiles=profiles,
+    return build_component_engine(denoiser_component(target, export_options, family), kind, folder, profiles=profiles,
                                   dtype=dtype, device=device, multiple=multiple, opset=opset, extra=extra,
                                   options=options)
 

@@ -27,7 +27,7 @@ from ..families import (
     ExportInput,
     family_for,
 )
-from .shapes import AXES, Profile, Range, split_axis, tensor_shapes
+from .shapes import ENGINE_AXES, PAIRED_AXES, Profile, Range, split_axis, tensor_shapes
 
 TEXT_ENCODER_OUTPUTS = (LAST_HIDDEN_STATE, PENULTIMATE_HIDDEN_STATE, TEXT_EMBEDS, POOLER_OUTPUT)
 
@@ -138,11 +138,13 @@ def count_attention(module: nn.Module) -> int:
     return sum(isinstance(m, (Attention, AttentionModuleMixin)) for m in module.modules())
 
 
-def denoiser_component(denoiser: nn.Module, export_options: Collection[str] = ()) -> Component:
+def denoiser_component(denoiser: nn.Module, export_options: Collection[str] = (), family=None) -> Component:
     """The denoiser (a UNet or a DiT, dense or slim) as an exportable component, named after its pipeline attribute
-    (``unet``, ``transformer``): its inputs and call as its family declares them, with the family's optional input
-    groups ``export_options`` (:attr:`~slimdiff.families.DenoiserFamily.export_options`: ControlNet residuals)."""
-    family = family_for(denoiser).with_export_options(export_options)
+    (``unet``, ``transformer``): its inputs and call as its family declares them — ``family``, the family of the
+    pipeline it serves, where the denoiser cannot say (FLUX Kontext's transformer has FLUX.1-dev's configuration);
+    default ``family_for(denoiser)`` — with the family's optional input groups ``export_options``
+    (:attr:`~slimdiff.families.DenoiserFamily.export_options`: ControlNet residuals)."""
+    family = (family or family_for(denoiser)).with_export_options(export_options)
     return Component(family.component, _Denoiser(denoiser, family).eval(),
                      inputs=list(family.export_inputs(denoiser.config)), output="out_sample",
                      attention_modules=count_attention(denoiser), limits=family.export_limits(denoiser.config))
@@ -257,20 +259,21 @@ def component_axes(component: Component, full: Profile, multiples: dict[str, int
     """The axes ``component`` uses, clipped to what it accepts, with the multiple each must be."""
     used = {split_axis(d)[0] for spec in component.inputs for d in spec.dims if isinstance(d, str)}
     out = {}
-    for axis in AXES:
+    for axis in ENGINE_AXES:
         if axis not in used:
             continue
         r = full.axis(axis)
-        limit, why = component.limits.get(axis, (None, ""))
+        flag = PAIRED_AXES.get(axis, axis)  # a reference image's axis takes its range from the latent's flag
+        limit, why = component.limits.get(axis, component.limits.get(flag, (None, "")))
         if limit is not None and r.max > limit:
             raise SlimDiffError(f"{component.name}: a latent {axis} of up to {r.max} is asked for, but {why}: at most "
-                                f"{limit}; ask for a smaller --{axis}")
+                                f"{limit}; ask for a smaller --{flag}")
         cap = component.clip.get(axis)
         if cap is not None:
             if r.min > cap:
                 raise SlimDiffError(f"{component.name}: {axis} range {r} starts above its limit {cap}")
             r = Range(r.min, min(r.opt, cap), min(r.max, cap))
-        out[axis] = {"min": r.min, "opt": r.opt, "max": r.max, "multiple": multiples.get(axis, 1)}
+        out[axis] = {"min": r.min, "opt": r.opt, "max": r.max, "multiple": multiples.get(flag, 1)}
     return out
 
 

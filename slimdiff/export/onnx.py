@@ -36,7 +36,7 @@ from .modules import (
     torch_dynamic_shapes,
 )
 from .ort_session import make_session
-from .shapes import Profile, union
+from .shapes import PAIRED_AXES, Profile, union
 
 DEFAULT_OPSET = 23  # native Attention / GroupNormalization / Gelu
 FALLBACK_OPSET = 18  # decomposed attention for TensorRT < 10.14
@@ -108,7 +108,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
     out_path = Path(out_path)
     multiples = {"height": 8, "width": 8, **(multiples or {})}
     axes = component_axes(component, union(profiles), multiples)
-    for a in ("height", "width"):
+    for a in ("height", "width", *PAIRED_AXES):
         if a in axes and any(axes[a][k] % axes[a]["multiple"] for k in ("min", "opt", "max")):
             raise SlimDiffError(f"{component.name}: latent {a} {axes[a]} must be multiples of {axes[a]['multiple']}")
     reference = component.module

@@ -4,6 +4,10 @@ All spatial numbers here are in *latent* units (image pixels ÷ the VAE's scale 
 box of (batch, latent height, latent width, text length); TensorRT gets one optimization profile per box,
 ONNX Runtime and AOTInductor get one dynamic range covering all of them (:func:`union`).
 
+A second image's latent beside the latent (FLUX Kontext's reference image) has axes of its own,
+:data:`PAIRED_AXES`: sizes independent of the latent's, within the range the profile gives the latent axis each
+pairs with, so they need no flags or profile fields of their own.
+
 A tensor's dims mix fixed sizes, axis names and down-sampled axes (``"height/4"``: a UNet's feature map two levels
 down, which ControlNet residuals have); :func:`axis_size` resolves any of them.
 """
@@ -15,8 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import SlimDiffError
+from ..families.base import PAIRED_AXES
 
 AXES = ("batch", "height", "width", "text_len")
+#: Every axis an exported input may name.
+ENGINE_AXES = AXES + tuple(PAIRED_AXES)
 #: Latent height/width must be multiples of this (the issue's "multiples of 8 in latent space"); a UNet with
 #: more down-sampling levels raises it to ``2 ** levels`` so every skip connection lines up.
 LATENT_MULTIPLE = 8
@@ -71,7 +78,7 @@ class Profile:
     text_len: Range
 
     def axis(self, name: str) -> Range:
-        return getattr(self, name)
+        return getattr(self, PAIRED_AXES.get(name, name))
 
     def to_json(self) -> dict:
         return {a: self.axis(a).to_list() for a in AXES}
@@ -189,6 +196,6 @@ def tensor_profile(dims: list, profile: Profile, clip: dict[str, int] | None = N
     clip = clip or {}
     out = []
     for k in range(3):
-        values = {a: min(profile.axis(a).to_list()[k], clip.get(a, 1 << 30)) for a in AXES}
+        values = {a: min(profile.axis(a).to_list()[k], clip.get(a, 1 << 30)) for a in ENGINE_AXES}
         out.append(tensor_shapes(dims, values))
     return tuple(out)

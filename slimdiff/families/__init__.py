@@ -61,7 +61,7 @@ from .base import (
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
 _BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".inpaint", ".refiner", ".pixart", ".sd3", ".flux",
-            ".flux_fill", ".flux_control")
+            ".flux_fill", ".flux_control", ".flux_kontext")
 _loaded = False
 
 
@@ -82,6 +82,18 @@ def family_for(obj: Any) -> DenoiserFamily:
         raise SlimDiffError(f"slimdiff has no model family for {_describe(obj)} "
                             f"(supported: {FAMILIES.supported()})")
     return family
+
+
+def family_named(name: str) -> DenoiserFamily:
+    """The registered family called ``name`` (:attr:`DenoiserFamily.name`, as plans and engines record it): what
+    decides for a denoiser that cannot say which pipeline it serves (FLUX Kontext's transformer has FLUX.1-dev's
+    configuration)."""
+    load_builtin()
+    for family in FAMILIES.adapters():
+        if family.name == name:
+            return family
+    raise SlimDiffError(f"no model family named {name!r} (known: "
+                        f"{', '.join(sorted({f.name for f in FAMILIES.adapters()}))})")
 
 
 def _describe(obj: Any) -> str:
@@ -185,6 +197,7 @@ __all__ = [
     "PENULTIMATE_HIDDEN_STATE", "POOLER_OUTPUT", "SIGMA", "ServedTextEncoder", "TEXT_EMBEDS", "TIMESTEP",
     "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
-    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "image_generators", "load_builtin", "module_sites",
+    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "family_named",
+    "image_generators", "load_builtin", "module_sites",
     "assemble_column_blocks", "site_adapter", "site_linears", "site_weights_fingerprint", "starting_latents", "stat_key", "transformer_blocks",
 ]

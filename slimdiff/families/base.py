@@ -856,12 +856,20 @@ CONTROLNET_RESIDUALS = "controlnet"
 NORMAL, TIMESTEP, SIGMA, KEEP_MASK = "normal", "timestep", "sigma", "keep_mask"
 
 
+#: Axes of a second latent an exported denoiser takes beside the latent (FLUX Kontext's reference image), each with the
+#: latent axis whose range it shares (:mod:`slimdiff.export.shapes`): an engine serves references of any size the
+#: latent's ranges allow, with no shape flags of their own.
+REFERENCE_HEIGHT, REFERENCE_WIDTH = "reference_height", "reference_width"
+PAIRED_AXES = {REFERENCE_HEIGHT: "height", REFERENCE_WIDTH: "width"}
+
+
 @dataclass(frozen=True)
 class ExportInput:
     """One positional input of an exported component (the denoiser's come from :meth:`DenoiserFamily.export_inputs`):
     its name in graphs and engines, ``dims`` (fixed sizes and the axis names ``batch``, ``height``, ``width``,
-    ``text_len``; a latent axis down-sampled: :func:`downsampled_axis`), ``dtype`` (:data:`MODEL_DTYPE` or a torch
-    dtype name), and how parity checks draw it (``draw``; ``high``: the bound of uniform draws and int64 token ids)."""
+    ``text_len`` and those of :data:`PAIRED_AXES`; a latent axis down-sampled: :func:`downsampled_axis`), ``dtype``
+    (:data:`MODEL_DTYPE` or a torch dtype name), and how parity checks draw it (``draw``; ``high``: the bound of
+    uniform draws and int64 token ids)."""
 
     name: str
     dims: tuple
@@ -904,6 +912,11 @@ class DenoiserFamily(ABC):
     #: Whether the cross-attentions read the tensor :meth:`text_context` returns unchanged (statistics size
     #: estimates count one shared text moment then, one per cross-attention otherwise).
     shares_text_context: bool = True
+
+    def kept_prediction(self, kwargs: dict, prediction: torch.Tensor) -> torch.Tensor:
+        """The part of one denoiser call's ``prediction`` (its keyword arguments ``kwargs``) the pipeline keeps: all
+        of it, but for FLUX Kontext's reference-image tokens."""
+        return prediction
 
     @abstractmethod
     def text_context(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -1065,6 +1078,12 @@ class DenoiserFamily(ABC):
     #: The images a request to the served pipeline carries beside the prompt (inpainting: ``image`` and
     #: ``mask_image``).
     serving_image_inputs: tuple[str, ...] = ()
+
+    @property
+    def noises_image(self) -> bool:
+        """Whether the pipeline starts from a request's ``image`` noised to a strength (inpainting, the refiner), not
+        from noise conditioned on its images (FLUX Control's control image, FLUX Kontext's reference ``image``)."""
+        return "image" in self.serving_image_inputs
 
     #: The request images the pipeline passes through the VAE's encoder (a VAE encoder is served when a request
     #: carries one): the image it starts from or paints in; FLUX Control's conditioning image too.

@@ -65,14 +65,15 @@ def _transformer_of(obj: Any):
     return obj if isinstance(obj, FluxTransformer2DModel) else getattr(obj, "transformer", None)
 
 
-def latent_ids(height: int, width: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
+def latent_ids(height: int, width: int, *, first: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
     """(height · width, 3) positions of packed latent tokens on a ``height`` × ``width`` grid, as the pipeline makes
-    them (``FluxPipeline._prepare_latent_image_ids``): (0, row, column), row-major."""
+    them (``FluxPipeline._prepare_latent_image_ids``): (first, row, column), row-major. ``first`` is 0 for the
+    latent's tokens, 1 for FLUX Kontext's reference image's (``FluxKontextPipeline.prepare_latents``)."""
     # broadcast, not repeat / repeat_interleave: an exported graph keeps these sizes symbolic only this way (the
     # exporter's repeat_interleave fixes the traced size, and a graph serving a range of image sizes breaks)
     rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
     columns = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
-    return torch.stack([torch.zeros_like(rows), rows, columns], 1).float()
+    return torch.stack([torch.full_like(rows, first), rows, columns], 1).float()
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -90,19 +91,41 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, features // (PACK * PACK), height, width)
 
 
-def packed_grid(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int) -> tuple[int, int]:
-    """(rows, columns) of the grid of ``tokens`` packed latent tokens whose positions ``img_ids`` are, as the
-    text-to-image pipeline makes them (:func:`latent_ids`; ``txt_ids`` zeros for ``text_len`` text tokens) — the
-    positions an exported graph builds itself — or a one-line error for any other positions."""
+def _grid(ids: torch.Tensor, first: int) -> tuple[int, int] | None:
+    """(rows, columns) of the row-major grid whose positions (:func:`latent_ids` with ``first``) ``ids`` are, or
+    None."""
+    if not len(ids):
+        return None
+    rows, columns = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if rows * columns == len(ids) and torch.equal(ids.float().cpu(), latent_ids(rows, columns, first=first)):
+        return rows, columns
+    return None
+
+
+def packed_grids(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int, *,
+                 reference: bool = False) -> list[tuple[int, int]]:
+    """The (rows, columns) of the grids of ``tokens`` packed tokens whose positions ``img_ids`` are, as the pipeline
+    makes them (``txt_ids`` zeros for ``text_len`` text tokens) — the positions an exported graph builds itself: the
+    latent's grid (:func:`latent_ids`), then with ``reference`` FLUX Kontext's reference image's (first coordinate
+    1) — or a one-line error for any other positions."""
     img_ids, txt_ids = (ids[0] if ids.ndim == 3 else ids for ids in (img_ids, txt_ids))  # the deprecated 3-D form
-    if img_ids.ndim == 2 and img_ids.shape == (tokens, 3) and tokens:
-        rows, columns = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
-        if (rows * columns == tokens and torch.equal(img_ids.float().cpu(), latent_ids(rows, columns))
-                and tuple(txt_ids.shape) == (text_len, 3) and not txt_ids.any()):
-            return rows, columns
-    raise SlimDiffError("exported FLUX transformers take the text-to-image pipeline's positions (img_ids a row-major "
-                        f"grid of the {tokens} packed tokens, zero txt_ids for the {text_len} text tokens): got "
-                        f"img_ids {tuple(img_ids.shape)} and txt_ids {tuple(txt_ids.shape)} of other positions")
+    if img_ids.ndim == 2 and img_ids.shape == (tokens, 3) and tokens and tuple(txt_ids.shape) == (text_len, 3) \
+            and not txt_ids.any():
+        latent = int((img_ids[:, 0] == 0).sum())  # the latent's tokens come first, the reference's after them
+        grids = [_grid(img_ids[:latent], 0)] + ([_grid(img_ids[latent:], 1)] if reference else [])
+        if None not in grids and (reference or latent == tokens):
+            return grids
+    what = ("FLUX Kontext pipeline's positions (img_ids a row-major grid of the latent's packed tokens, then one of "
+            "the reference image's with first coordinate 1" if reference else
+            "text-to-image pipeline's positions (img_ids a row-major grid")
+    raise SlimDiffError(f"exported FLUX transformers take the {what} of the {tokens} packed tokens, zero txt_ids for "
+                        f"the {text_len} text tokens): got img_ids {tuple(img_ids.shape)} and txt_ids "
+                        f"{tuple(txt_ids.shape)} of other positions")
+
+
+def packed_grid(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int) -> tuple[int, int]:
+    """(rows, columns) of the latent's grid of a text-to-image call (:func:`packed_grids`)."""
+    return packed_grids(img_ids, txt_ids, tokens, text_len)[0]
 
 
 def rotary_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +183,24 @@ def calibration_size(pipe: Any, config: Any) -> tuple[int, int, tuple[int, int]]
     return height, width, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
 
 
+def packed_call(transformer: nn.Module, tokens: torch.Tensor, img_ids: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+                guidance: torch.Tensor | None) -> torch.Tensor:
+    """The transformer's packed prediction for packed ``tokens`` at positions ``img_ids`` (zero ``txt_ids``), with
+    the rotary table in float32 (:func:`rotary_table`): what exported graphs compute once they have packed their
+    inputs."""
+    pos_embed = transformer.pos_embed
+    transformer.pos_embed = Float32RotaryEmbedding(pos_embed)  # for this call only: see rotary_table
+    try:
+        return transformer(hidden_states=tokens, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                           pooled_projections=pooled_projections, img_ids=img_ids,
+                           txt_ids=encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3,
+                                                                   dtype=torch.float32),
+                           guidance=guidance, return_dict=False)[0]
+    finally:
+        transformer.pos_embed = pos_embed
+
+
 @FAMILIES.register({FluxPipeline: "flux", FluxTransformer2DModel: "flux"})
 class FluxFamily(DenoiserFamily):
     """``transformer(hidden_states, encoder_hidden_states=…, pooled_projections=…, timestep=…, img_ids=…,
@@ -193,17 +234,9 @@ class FluxFamily(DenoiserFamily):
                     encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
                     guidance: torch.Tensor | None = None) -> torch.Tensor:
         height, width = hidden_states.shape[-2:]
-        pos_embed = transformer.pos_embed
-        transformer.pos_embed = Float32RotaryEmbedding(pos_embed)  # for this call only: see rotary_table
-        try:
-            out = transformer(hidden_states=pack_latents(hidden_states), timestep=timestep,
-                              encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
-                              img_ids=latent_ids(height // PACK, width // PACK, device=hidden_states.device),
-                              txt_ids=encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3,
-                                                                      dtype=torch.float32),
-                              guidance=guidance, return_dict=False)[0]
-        finally:
-            transformer.pos_embed = pos_embed
+        out = packed_call(transformer, pack_latents(hidden_states),
+                          latent_ids(height // PACK, width // PACK, device=hidden_states.device), timestep,
+                          encoder_hidden_states, pooled_projections, guidance)
         return unpack_latents(out, height, width)
 
     def latent_multiple(self, config: Any) -> int:
@@ -258,6 +291,15 @@ class FluxFamily(DenoiserFamily):
 
     def text_context(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return None
+
+    def kept_prediction(self, kwargs: dict, prediction: torch.Tensor) -> torch.Tensor:
+        # the latent's tokens (first position coordinate 0) come first; FLUX Kontext's pipeline drops the reference
+        # image's after them. Told by the call, not the family: a Kontext transformer is FLUX.1-dev's to family_for
+        img_ids = kwargs.get("img_ids")
+        if img_ids is None:
+            return prediction
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # the deprecated 3-D form
+        return prediction[:, :int((ids[:, 0] == 0).sum())]
 
     def dummy_call(self, config: Any, batch: int, latent: tuple[int, int], text_tokens: int | None = None, *,
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:

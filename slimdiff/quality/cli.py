@@ -43,9 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call (default 8)")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="inpainting models, FLUX Control and the SDXL refiner: a folder of images (PNG/JPEG/WebP) "
-                        "image i starts from or is conditioned on, in turn (inpainting: with calibration's seeded "
-                        "holes); default: one synthetic image")
+                   help="inpainting models, FLUX Control, FLUX Kontext and the SDXL refiner: a folder of images "
+                        "(PNG/JPEG/WebP) image i starts from, is conditioned on or edits, in turn (inpainting: with "
+                        "calibration's seeded holes); default: one synthetic image")
     p.add_argument("--strength", type=float, default=None,
                    help="with an inpainting model or the SDXL refiner: its pipeline's strength (default: inpainting "
                         "1.0, the refiner's pipeline's 0.3)")
@@ -116,9 +116,9 @@ def _starting_images(args, pipe) -> tuple:
                  if value is not None]
         if given:
             raise SlimDiffError(f"{' and '.join(given)}: {type(pipe).__name__} takes no image (only inpainting "
-                                "models, FLUX Control and the SDXL refiner take one)")
+                                "models, FLUX Control, FLUX Kontext and the SDXL refiner take one)")
         return ()
-    if args.strength is not None and "image" not in family.serving_image_inputs:
+    if args.strength is not None and not family.noises_image:
         raise SlimDiffError(f"--strength: {type(pipe).__name__} noises no image (it samples from noise, conditioned on "
                             "its images)")
     if args.strength is not None and not 0 < args.strength <= 1:

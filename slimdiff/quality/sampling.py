@@ -64,7 +64,8 @@ class NoiseErrorProbe:
         if any(unet is dense_unet for unet in slims.values()):  # its hook would call itself forever
             raise SlimDiffError("a slim model is the dense denoiser object itself: pass a copy to compare it")
         self.dense_unet, self.slims = dense_unet, slims
-        self._timestep = family_for(dense_unet).timestep
+        family = family_for(dense_unet)
+        self._timestep, self._kept = family.timestep, family.kept_prediction
         self.batches: dict[str, list[np.ndarray]] = {name: [] for name in slims}
         self.timesteps: list[int] | None = None
         self._images = 0
@@ -72,7 +73,7 @@ class NoiseErrorProbe:
         self._steps: list[int] = []
 
     def _hook(self, _module, args, kwargs, output):
-        dense = _prediction(output).detach()
+        dense = self._kept(kwargs, _prediction(output).detach())
         t = self._timestep(args, kwargs)
         self._steps.append(int(torch.as_tensor(t).flatten()[0]))
         rows = dense.shape[0]
@@ -82,7 +83,7 @@ class NoiseErrorProbe:
         dense64 = dense.double().reshape(rows // self._images, self._images, -1)
         den = dense64.pow(2).sum(dim=(0, 2))
         for name, unet in self.slims.items():
-            slim = _prediction(unet(*args, **kwargs)).detach().double()
+            slim = self._kept(kwargs, _prediction(unet(*args, **kwargs))).detach().double()
             num = (slim.reshape_as(dense64) - dense64).pow(2).sum(dim=(0, 2))
             self._calls[name].append((num / den.clamp_min(1e-300)).sqrt().cpu().numpy())
 
@@ -156,7 +157,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
         if family.measures_from_latents and base is None:
             start.update(starting_latents(start.get("strength", 1.0), lambda: family.seeded_latents(
                 unet.config, (latent, latent), generators).to(device=device, dtype=dtype)))
-        call = lambda: pipe(chunk_p, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
+        call = lambda: pipe(prompt=chunk_p, num_inference_steps=steps, guidance_scale=guidance,  # noqa: E731
                             output_type="np", generator=generators, **start).images
         if probe is None:
             drawn = call()

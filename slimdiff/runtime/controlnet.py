@@ -61,7 +61,7 @@ class EngineControlNet(EngineDenoiser, ControlNetModel):
         return ControlNetOutput(down_block_res_samples=tuple(down), mid_block_res_sample=mid)
 
     @classmethod
-    def exported_component(cls, module, meta: dict):
+    def exported_component(cls, module, meta: dict, family=None):
         from ..export.modules import controlnet_component
 
         return controlnet_component(module)

@@ -15,6 +15,7 @@ import torch
 from ..engines import load_engine_meta, open_engine
 from ..errors import SlimDiffError
 from ..export.shapes import Profile
+from ..families.base import REFERENCE_HEIGHT, REFERENCE_WIDTH
 
 
 #: The model family of engines whose metadata does not record one (written before SD3 engines existed): every
@@ -57,12 +58,13 @@ class EngineDenoiser(torch.nn.Module):
         self.load_seconds = 0.0
 
     @classmethod
-    def exported_component(cls, module, meta: dict):
+    def exported_component(cls, module, meta: dict, family=None):
         """The component engines of this class are exported from, for the PyTorch ``module`` they replace (an engine
-        with optional inputs, ControlNet residuals, is compared with the denoiser taking them too)."""
+        with optional inputs, ControlNet residuals, is compared with the denoiser taking them too) in a pipeline of
+        ``family`` (default: the module's own)."""
         from ..export.modules import denoiser_component
 
-        return denoiser_component(module, meta.get("export_options", ()))
+        return denoiser_component(module, meta.get("export_options", ()), family)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | None = None, cuda_graphs: bool = True):
@@ -126,28 +128,35 @@ class EngineDenoiser(torch.nn.Module):
             raise SlimDiffError(f"this {self.engine} engine runs on {self.device}; it cannot move to {device}")
         return self
 
-    def check_shapes(self, batch: int, height: int, width: int, text_len: int) -> None:
-        """Raise unless (batch, latent height, latent width, tokens) fit the engine: one TensorRT profile, or
-        the dynamic range of an ONNX Runtime / AOTInductor graph."""
+    def check_shapes(self, batch: int, height: int, width: int, text_len: int,
+                     reference: tuple[int, int] | None = None) -> None:
+        """Raise unless (batch, latent height, latent width, tokens) — and the latent ``reference`` = (height,
+        width) of a reference image, for an engine taking one (FLUX Kontext's) — fit the engine: one TensorRT
+        profile, or the dynamic range of an ONNX Runtime / AOTInductor graph."""
         axes = self.meta["axes"]
         wanted = {"batch": batch, "height": height, "width": width, "text_len": text_len}
+        if reference is not None:
+            wanted.update(zip((REFERENCE_HEIGHT, REFERENCE_WIDTH), reference))
         if self.engine == "trt":
             ok = any(all(v in p.axis(a) for a, v in wanted.items()) for p in self._profiles)
         else:
             ok = all(axes[a]["min"] <= v <= axes[a]["max"] for a, v in wanted.items())
         multiple = axes["height"]["multiple"]
-        if not ok or height % multiple or width % multiple:
+        sides = (height, width, *(reference or ()))
+        if not ok or any(side % multiple for side in sides):
             boxes = "; ".join(p.describe() for p in self._profiles)
+            of_reference = "" if reference is None else f", reference latent {reference[0]}x{reference[1]}"
             raise SlimDiffError(
-                f"{self.component} input (batch {batch}, latent {height}x{width}, {text_len} tokens) is outside this "
-                f"engine's shapes ({boxes}; latent sizes multiples of {multiple}); rebuild with wider --batch/"
-                "--height/--width/--text-len ranges")
+                f"{self.component} input (batch {batch}, latent {height}x{width}{of_reference}, {text_len} tokens) is "
+                f"outside this engine's shapes ({boxes}; latent sizes multiples of {multiple}); rebuild with wider "
+                "--batch/--height/--width/--text-len ranges")
 
     def check_pooled_call(self, hidden_states, features: int, unit: str, encoder_hidden_states,
                           pooled_projections) -> None:
         """One line unless a DiT call with pooled text projections (SD3, FLUX) fits the engine: ``features`` of the
         latent (its ``unit``: channels, packed features), the pooled width, one batch for all three."""
-        batch, pooled = hidden_states.shape[0], self.meta["inputs"][3]["dims"][1]
+        batch = hidden_states.shape[0]
+        pooled = next(i["dims"][1] for i in self.meta["inputs"] if i["name"] == "pooled_projections")
         if (features != self.in_channels or encoder_hidden_states.shape[0] != batch
                 or tuple(pooled_projections.shape) != (batch, pooled)):
             raise SlimDiffError(f"hidden_states {tuple(hidden_states.shape)} / encoder_hidden_states "

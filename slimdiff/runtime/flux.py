@@ -1,6 +1,6 @@
 """``EngineFluxTransformer``: an engine-backed FLUX transformer that drops into a ``FluxPipeline`` (or FLUX Fill's
-``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``) as ``pipe.transformer``
-(``slimdiff.use_engine(pipe, folder)``).
+``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``, FLUX Kontext's ``FluxKontextPipeline``) as
+``pipe.transformer`` (``slimdiff.use_engine(pipe, folder)``).
 
 It takes the pipeline's call (``transformer(hidden_states=…, timestep=…, guidance=…, pooled_projections=…,
 encoder_hidden_states=…, txt_ids=…, img_ids=…, joint_attention_kwargs=…, return_dict=False)``) on packed latents and
@@ -8,11 +8,15 @@ returns them packed, as ``Transformer2DModelOutput`` or a tuple (Fill's and Cont
 conditioning beside the latent: packed in, the latent's features out). The engine takes the latent unpacked and builds the
 positions itself (:meth:`slimdiff.families.flux.FluxFamily.export_call`): the call's ``img_ids`` must be those of a
 row-major grid of packed tokens and its ``txt_ids`` zeros, as the text-to-image pipeline makes them; the latent's
-size is read off ``img_ids``. The timestep is the flow-matching sigma in [0, 1]; ``guidance`` the embedded guidance
-scale of a guidance-distilled model (FLUX.1-dev), none for FLUX.1-schnell.
+size is read off ``img_ids``. A FLUX Kontext engine (exported from a ``FluxKontextPipeline``) takes the reference
+image's latent too: the call's tokens are split where ``img_ids`` turn from the latent's grid to the reference's
+(first coordinate 1), and it returns the latent's tokens alone — all the pipeline keeps. The timestep is the
+flow-matching sigma in [0, 1]; ``guidance`` the embedded guidance scale of a guidance-distilled model (FLUX.1-dev),
+none for FLUX.1-schnell.
 
-Not supported by engines (a clear error): other positions (FLUX Kontext's reference image, …), ControlNet residuals
-and ``joint_attention_kwargs`` (IP-Adapter embeddings, LoRA scales).
+Not supported by engines (a clear error): other positions (a reference image's tokens given to an engine exported
+without one, or none given to a Kontext engine, …), ControlNet residuals and ``joint_attention_kwargs`` (IP-Adapter
+embeddings, LoRA scales).
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ import contextlib
 import torch
 
 from ..errors import SlimDiffError
-from ..families.flux import PACK, latent_features, latent_ids, pack_latents, packed_grid, unpack_latents
+from ..families.flux import PACK, latent_features, latent_ids, pack_latents, packed_grids, unpack_latents
+from ..families.flux_kontext import REFERENCE_LATENTS
 from .denoiser import EngineDenoiser
 
 
 class EngineFluxTransformer(EngineDenoiser):
     component = "transformer"
-    families = ("flux", "flux-fill", "flux-control")
+    families = ("flux", "flux-fill", "flux-control", "flux-kontext")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.meta["inputs"]]
 
     @property
     def out_channels(self) -> int:
@@ -59,13 +68,18 @@ class EngineFluxTransformer(EngineDenoiser):
                                 + ", ".join(map(str, shapes)))
         batch, tokens, features = hidden_states.shape
         self.check_pooled_call(hidden_states, features, "packed features", encoder_hidden_states, pooled_projections)
-        rows, columns = packed_grid(img_ids, txt_ids, tokens, encoder_hidden_states.shape[1])
-        height, width = rows * PACK, columns * PACK
-        self.check_shapes(batch, height, width, encoder_hidden_states.shape[1])
-        inputs = [unpack_latents(hidden_states, height, width).to(self.device, self.dtype).contiguous(),
-                  self.timesteps(timestep, batch), encoder_hidden_states.to(self.device, self.dtype).contiguous(),
+        reference = REFERENCE_LATENTS in self.input_names
+        grids = packed_grids(img_ids, txt_ids, tokens, encoder_hidden_states.shape[1], reference=reference)
+        (height, width), *reference_size = [(rows * PACK, columns * PACK) for rows, columns in grids]
+        self.check_shapes(batch, height, width, encoder_hidden_states.shape[1], *reference_size)
+        latent = (height // PACK) * (width // PACK)
+        unpacked = [unpack_latents(hidden_states[:, :latent], height, width)]
+        if reference:  # the reference image's tokens follow the latent's
+            unpacked.append(unpack_latents(hidden_states[:, latent:], *reference_size[0]))
+        inputs = [*(t.to(self.device, self.dtype).contiguous() for t in unpacked), self.timesteps(timestep, batch),
+                  encoder_hidden_states.to(self.device, self.dtype).contiguous(),
                   pooled_projections.to(self.device, self.dtype).contiguous()]
-        if len(self.meta["inputs"]) > 4:
+        if "guidance" in self.input_names:
             if guidance is None:
                 raise SlimDiffError("this engine embeds a guidance scale (FLUX.1-dev's guidance_embeds): pass guidance")
             inputs.append(self.timesteps(guidance, batch))
@@ -79,10 +93,15 @@ class EngineFluxTransformer(EngineDenoiser):
     def call_exported(self, inputs):
         """The pipeline's call on the exported inputs (``denoiser_component(...).random_inputs``), as
         ``slimdiff-export`` verifies an engine."""
-        latents, timestep, text, pooled, *guidance = inputs
+        named = dict(zip(self.input_names, inputs))
+        latents, text = named["hidden_states"], named["encoder_hidden_states"]
         height, width = latents.shape[-2:]
-        out = self(hidden_states=pack_latents(latents), timestep=timestep, encoder_hidden_states=text,
-                   pooled_projections=pooled, img_ids=latent_ids(height // PACK, width // PACK),
-                   txt_ids=torch.zeros(text.shape[1], 3), guidance=guidance[0] if guidance else None,
-                   return_dict=False)[0]
+        tokens, img_ids = [pack_latents(latents)], [latent_ids(height // PACK, width // PACK)]
+        if REFERENCE_LATENTS in named:  # as the Kontext pipeline appends its reference image
+            reference = named[REFERENCE_LATENTS]
+            tokens.append(pack_latents(reference))
+            img_ids.append(latent_ids(reference.shape[-2] // PACK, reference.shape[-1] // PACK, first=1))
+        out = self(hidden_states=torch.cat(tokens, 1), timestep=named["timestep"], encoder_hidden_states=text,
+                   pooled_projections=named["pooled_projections"], img_ids=torch.cat(img_ids),
+                   txt_ids=torch.zeros(text.shape[1], 3), guidance=named.get("guidance"), return_dict=False)[0]
         return unpack_latents(out, height, width)

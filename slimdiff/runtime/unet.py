@@ -154,9 +154,10 @@ def _describe_signature(signature) -> str:
     return ", ".join(f"{i['name']} ({i['dtype']}, rank {i['rank']})" for i in signature) if signature else "none recorded"
 
 
-def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
-    """Refuse an engine whose input signature or config fingerprint differs from the pipeline's denoiser: one line
-    naming both sides (and the first differing config keys)."""
+def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path, family=None) -> None:
+    """Refuse an engine whose input signature or config fingerprint differs from the pipeline's denoiser (called as
+    the pipeline's ``family`` calls it, where one is registered for it: FLUX Kontext's transformer takes the
+    reference image too): one line naming both sides (and the first differing config keys)."""
     from ..engines import architecture_fingerprint, input_signature
     from ..engines.base import SLIM_CONFIG_KEYS
 
@@ -164,7 +165,7 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path) -> None:
         expected = pipe_denoiser.meta.get("signature")
         kind = pipe_denoiser.component
     else:
-        component = engine_class(meta).exported_component(pipe_denoiser, meta)
+        component = engine_class(meta).exported_component(pipe_denoiser, meta, family)
         expected, kind = input_signature(component), component.name
     what = "UNet" if kind == "unet" else kind
     found = meta.get("signature")
@@ -215,7 +216,12 @@ def use_engine(pipe, folder: str | Path, device: str | None = None, cuda_graphs:
         raise SlimDiffError(f"the engine in {str(folder)!r} replaces a pipeline's {cls.component}; "
                             f"{type(pipe).__name__} has none")
     if check_model:
-        check_engine_belongs(getattr(pipe, cls.component), meta, folder)
+        from ..families import FAMILIES, load_builtin
+
+        load_builtin()
+        family = FAMILIES.get(pipe)  # None for the pipelines no family is registered for (ControlNet pipelines)
+        check_engine_belongs(getattr(pipe, cls.component), meta, folder,
+                             family if family is not None and family.component == cls.component else None)
     denoiser = cls.from_folder(folder, device=device, cuda_graphs=cuda_graphs)
     setattr(pipe, cls.component, denoiser)
     return denoiser
