@@ -71,7 +71,7 @@ def write_tiny_repository(pipe, root, *, image_to_image: bool = False, refiner=N
     rows = family.guided_rows_per_image(denoiser.config)
     (root / family.component).mkdir()
     build_denoiser_engine(denoiser, "ort", root / family.component, **build(rows),
-                          export_options=(CONTROLNET_RESIDUALS,) if served.controlnet else ())
+                          export_options=(CONTROLNET_RESIDUALS,) if served.controlnet else (), family=family)
     folders = build_serving_engines(pipe, root, "ort", image_to_image=image_to_image, **build(1))
     if served.controlnet:
         folders[CONTROLNET] = root / CONTROLNET

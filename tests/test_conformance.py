@@ -688,9 +688,9 @@ class TestFlux(FamilyConformance):
         image = run()
         assert image.shape == reference.shape and np.abs(image - reference).max() < 1e-3
         assert np.abs(reference - reference.mean()).max() > 1e-3  # not a flat image: the comparison has content
-        self.check_positions(engine, transformer)
+        self.check_positions(engine, transformer, pipe)
 
-    def check_positions(self, engine, transformer):
+    def check_positions(self, engine, transformer, pipe):
         """The engine in the pipeline refuses positions its graph does not build."""
         from slimdiff.errors import SlimDiffError
         from slimdiff.export.modules import denoiser_component
@@ -743,11 +743,14 @@ class TestFluxKontext(_FluxWithImages):
     denoiser_family = "flux"
     builtin = "builtin:tiny-flux-kontext"
 
-    def check_positions(self, engine, transformer):
+    def check_positions(self, engine, transformer, pipe):
         """The engine serves a reference of another size than the latent's (the Kontext call's prediction, the
         latent's tokens, within the parity tolerance) and refuses a call without reference tokens; a Triton model
-        config gives the reference's axes as dynamic."""
+        config gives the reference's axes as dynamic; a text-to-image pipeline refuses the engine."""
+        from diffusers import FluxPipeline
+
         from slimdiff.engines.triton import batch_dims
+        from slimdiff.runtime import use_engine
         from slimdiff.errors import SlimDiffError
         from slimdiff.export.onnx import FP32_TOLERANCE
         from slimdiff.families.flux import latent_ids, pack_latents
@@ -767,3 +770,6 @@ class TestFluxKontext(_FluxWithImages):
         with pytest.raises(SlimDiffError, match="take the FLUX Kontext pipeline's positions"):
             engine(hidden_states=pack_latents(latents), img_ids=latent_ids(8, 8), **call)
         assert batch_dims(engine.meta)[1]["reference_latents"] == [16, -1, -1]
+        components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+        with pytest.raises(SlimDiffError, match="was not built for this pipeline's transformer: inputs hidden_states"):
+            use_engine(FluxPipeline(**{**components, "transformer": transformer}), engine.folder)

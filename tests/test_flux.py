@@ -576,7 +576,11 @@ def test_the_family_declares_the_transformer_export(flux):
 
 def test_the_engine_takes_only_the_positions_its_graph_builds():
     from slimdiff.families.flux import latent_ids
-    from slimdiff.families.flux import packed_grid as grid
+    from slimdiff.families.flux import packed_grids
+
+    def grid(*args):  # the text-to-image call's one grid
+        [latent] = packed_grids(*args)
+        return latent
 
     assert grid(latent_ids(8, 12), torch.zeros(20, 3), 96, 20) == (8, 12)
     assert grid(latent_ids(8, 12)[None], torch.zeros(1, 20, 3), 96, 20) == (8, 12)  # diffusers' deprecated 3-D ids
@@ -586,6 +590,14 @@ def test_the_engine_takes_only_the_positions_its_graph_builds():
                              (latent_ids(8, 11), torch.zeros(20, 3))):  # fewer positions than tokens
         with pytest.raises(SlimDiffError, match="take the text-to-image pipeline's positions"):
             grid(img_ids, txt_ids, 96, 20)
+    # FLUX Kontext's call: the latent's grid, then the reference's (first coordinate 1), of its own size
+    kontext = torch.cat([latent_ids(8, 12), latent_ids(4, 6, first=1)])
+    with pytest.raises(SlimDiffError, match="take the text-to-image pipeline's positions"):
+        grid(kontext, torch.zeros(20, 3), 120, 20)
+    assert packed_grids(kontext, torch.zeros(20, 3), 120, 20, reference=True) == [(8, 12), (4, 6)]
+    for img_ids in (latent_ids(8, 12), torch.cat([latent_ids(4, 6, first=1), latent_ids(8, 12)])):
+        with pytest.raises(SlimDiffError, match="take the FLUX Kontext pipeline's positions"):
+            packed_grids(img_ids, torch.zeros(20, 3), len(img_ids), 20, reference=True)
 
 
 def test_closed_form_errors_of_the_single_stream_sites_equal_the_measured_ones(flux, observed):

@@ -180,3 +180,53 @@ def test_the_reference_axes_reach_every_shape_table(kontext):
     trt, = optimization_profiles(sidecar)
     assert trt["reference_latents"] == ((1, 16, 8, 16), (2, 16, 16, 16), (2, 16, 24, 16))
 
+
+def test_served_kontext_is_diffusers_pipeline_with_the_engine(kontext, tmp_path):
+    """The Triton repository (python mode, in this process over its ONNX Runtime engines) serves the VAE encoder (the
+    reference's latent) and takes the image to edit, no strength; it draws what diffusers' FluxKontextPipeline with
+    the transformer engine draws at the request's size, within one grey level, and the image decides what."""
+    import numpy as np
+    from serving_support import SIZE as SERVED, noise_image, write_tiny_repository
+
+    from slimdiff.engines.triton import _pb, read_config
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    pytest.importorskip("tritonclient.grpc")
+    write_tiny_repository(kontext, tmp_path)
+    repo = tmp_path / "repo"
+    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2", "transformer",
+                                                      "vae_decoder", "vae_encoder"]
+    spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+    assert spec["pipeline_class"] == "FluxKontextPipeline" and spec["image_inputs"] == ["image"]
+    pb, _ = _pb()
+    inputs = {t.name: (t.data_type, list(t.dims)) for t in read_config(repo / "pipeline" / "config.pbtxt").input}
+    assert inputs["image"] == (pb.TYPE_UINT8, [-1, -1, 3]) and "strength" not in inputs
+    served = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
+    reference = type(kontext)(**kontext.components)
+    reference.set_progress_bar_config(disable=True)
+    use_engine(reference, tmp_path / "transformer")
+    options = dict(seed=3, steps=2, image=noise_image(1))
+    got = generate(served, "a red circle", **options)
+    assert got.shape == (SERVED, SERVED, 3) and got.std() > 1  # the image's size, not the pipeline's 1 MP
+    assert np.abs(got.astype(int) - generate(reference, "a red circle", **options).astype(int)).max() <= 1
+    assert not np.array_equal(got, generate(served, "a red circle", **{**options, "image": noise_image(2)}))
+    with pytest.raises(SlimDiffError, match=r"request takes image, got none$"):
+        generate(served, "a red circle", **{**options, "image": None})
+    with pytest.raises(SlimDiffError, match=r"request takes no strength$"):
+        generate(served, "a red circle", **options, strength=0.5)
+
+
+def test_the_export_takes_the_call_from_the_pipeline_or_the_slim_plan(kontext):
+    """``slimdiff-export`` exports the Kontext call from a Kontext pipeline, or from a slim folder alone by the family
+    its plan records; a transformer that says nothing exports FLUX's text-to-image call."""
+    from types import SimpleNamespace
+
+    from slimdiff.cli.export import _family
+
+    transformer = kontext.transformer
+    assert _family(kontext, transformer, None).name == "flux-kontext"
+    assert _family(None, transformer, SimpleNamespace(info={"family": "flux-kontext"})).name == "flux-kontext"
+    assert _family(None, transformer, SimpleNamespace(info={})).name == "flux"
+    with pytest.raises(SlimDiffError, match="no model family named 'kontext'"):
+        _family(None, transformer, SimpleNamespace(info={"family": "kontext"}))

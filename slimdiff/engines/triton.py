@@ -159,10 +159,17 @@ class ServedPipeline:
         return any(image in self.request_images for image in self.family.serving_encoded_images)
 
     @property
+    def noises_image(self) -> bool:
+        """Whether a request's ``image`` is noised to a strength: an inpainting pipeline's, the refiner's, an
+        image-to-image request's — not FLUX Kontext's, which only conditions the sampling."""
+        return "image" in self.request_images and (self.image_to_image_class is not None or self.role != TEXT_TO_IMAGE
+                                                   or self.family.noises_image)
+
+    @property
     def options(self) -> dict[str, str]:
         """The request's optional inputs with their Triton types (``strength`` where a request's image is noised)."""
         return {**PIPELINE_OPTIONS, **(CONTROLNET_OPTIONS if self.controlnet else {}),
-                **(IMAGE_OPTIONS if "image" in self.request_images else {}),
+                **(IMAGE_OPTIONS if self.noises_image else {}),
                 **(REFINER_OPTIONS if self.refiner_class else {})}
 
 

@@ -1021,6 +1021,12 @@ class DenoiserFamily(ABC):
     #: start is an image the pipeline noises (an image-to-image family).
     measures_from_latents: bool = True
 
+    def sized_options(self, height: int, width: int) -> dict:
+        """What a pipeline call drawing a ``height`` × ``width`` px image passes beside ``height`` and ``width``
+        (measuring runs, served requests): nothing, but FLUX Kontext's ``max_area`` (its pipeline would scale the
+        image to 1 MP)."""
+        return {}
+
     def measuring_call(self, height: int, width: int, images: Sequence | None = None,
                        seeds: Sequence[int] = ()) -> dict:
         """The arguments of a pipeline call of the benchmark's end-to-end runs and of evaluation that fix what it

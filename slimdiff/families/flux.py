@@ -123,11 +123,6 @@ def packed_grids(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text
                         f"{tuple(txt_ids.shape)} of other positions")
 
 
-def packed_grid(img_ids: torch.Tensor, txt_ids: torch.Tensor, tokens: int, text_len: int) -> tuple[int, int]:
-    """(rows, columns) of the latent's grid of a text-to-image call (:func:`packed_grids`)."""
-    return packed_grids(img_ids, txt_ids, tokens, text_len)[0]
-
-
 def rotary_table(ids: torch.Tensor, axes_dim: Sequence[int], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """FLUX's rotary (cos, sin) tables for positions ``ids`` (tokens, axes), as diffusers' ``FluxPosEmbed`` computes
     them but in float32 throughout: diffusers computes the angles in float64, which TensorRT has no type for. The
@@ -181,6 +176,21 @@ def calibration_size(pipe: Any, config: Any) -> tuple[int, int, tuple[int, int]]
     default = pipe.default_sample_size * pipe.vae_scale_factor
     height, width = config.height or default, config.width or default
     return height, width, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+
+def split_packed_call(call: dict[str, Any], pipeline: str, *, reference: bool = False
+                      ) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """A copy of ``pipeline``'s packed transformer call without its positions (``img_ids``, ``txt_ids``) and its
+    empty ``joint_attention_kwargs``, and the grids those positions are (:func:`packed_grids`, with ``reference``)."""
+    call = dict(call)
+    if not call.get("joint_attention_kwargs"):  # the FLUX pipelines pass {} when they have none
+        call.pop("joint_attention_kwargs", None)
+    packed, text = call["hidden_states"], call.get("encoder_hidden_states")
+    img_ids, txt_ids = call.pop("img_ids", None), call.pop("txt_ids", None)
+    if packed.ndim != 3 or text is None or img_ids is None or txt_ids is None:
+        raise SlimDiffError(f"expected {pipeline}'s call: packed hidden_states (B,N,C), encoder_hidden_states, "
+                            "img_ids and txt_ids")
+    return call, packed_grids(img_ids, txt_ids, packed.shape[1], text.shape[1], reference=reference)
 
 
 def packed_call(transformer: nn.Module, tokens: torch.Tensor, img_ids: torch.Tensor, timestep: torch.Tensor,
@@ -265,16 +275,8 @@ class FluxFamily(DenoiserFamily):
 
     def exported_from_call(self, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
         # the pipeline's packed call, unpacked as the exported graph takes it; its positions are the graph's own
-        call = dict(call)
-        if not call.get("joint_attention_kwargs"):  # FluxPipeline passes {} when it has none
-            call.pop("joint_attention_kwargs", None)
-        packed, text = call["hidden_states"], call.get("encoder_hidden_states")
-        img_ids, txt_ids = call.pop("img_ids", None), call.pop("txt_ids", None)
-        if packed.ndim != 3 or text is None or img_ids is None or txt_ids is None:
-            raise SlimDiffError("expected FluxPipeline's call: packed hidden_states (B,N,C), encoder_hidden_states, "
-                                "img_ids and txt_ids")
-        rows, columns = packed_grid(img_ids, txt_ids, packed.shape[1], text.shape[1])
-        call["hidden_states"] = unpack_latents(packed, rows * PACK, columns * PACK)
+        call, ((rows, columns),) = split_packed_call(call, "FluxPipeline")
+        call["hidden_states"] = unpack_latents(call["hidden_states"], rows * PACK, columns * PACK)
         return call, pack_latents
 
     def accepts(self, obj: Any) -> bool:

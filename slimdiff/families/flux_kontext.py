@@ -19,7 +19,9 @@ output to ``max_area`` (1 MP) whatever ``height`` and ``width`` say. Calibration
 at the size asked for (``max_area`` = height × width) and resize the reference to that size themselves (the
 pipeline's ``_auto_resize`` off): a 1024² calibration equals the pipeline's default for square images, and the
 tiny models stay tiny. Calibration conditions on the images of ``--images`` (one per prompt in turn); the
-benchmark's end-to-end runs and ``slimdiff eval`` on a colour ramp or the given images.
+benchmark's end-to-end runs and ``slimdiff eval`` on a colour ramp or the given images. A served request (a Triton
+repository's ``FluxKontextPipeline``) draws at its ``height`` and ``width`` (default: its image's size), the image
+at its own size (the pipeline's resizing off: it rounds the size down to its multiple).
 
 Exported graphs take the latent unpacked, (batch, 16, height, width), and the reference image's latent unpacked,
 (batch, 16, reference height, reference width) on axes of its own (:data:`~slimdiff.families.base.PAIRED_AXES`),
@@ -34,7 +36,6 @@ import torch
 from diffusers import FluxKontextPipeline
 from torch import nn
 
-from ..errors import SlimDiffError
 from .base import FAMILIES, MODEL_DTYPE, REFERENCE_HEIGHT, REFERENCE_WIDTH, ExportInput, image_generators
 from .flux import (
     PACK,
@@ -44,7 +45,7 @@ from .flux import (
     latent_ids,
     pack_latents,
     packed_call,
-    packed_grids,
+    split_packed_call,
     unpack_latents,
 )
 from .images import calibration_images, colour_ramp, read_image
@@ -57,7 +58,7 @@ REFERENCE_LATENTS = "reference_latents"
 
 
 #: What every call passes: the pipeline's own resizing of the reference to a preferred resolution off (calibration
-#: and the measuring runs resize it to the image size).
+#: and the measuring runs resize it to the image size; a served request's is taken at its own size).
 KONTEXT_OPTIONS = {"_auto_resize": False}
 
 
@@ -101,7 +102,7 @@ class FluxKontextFamily(FluxFamily):
     image."""
 
     name = "flux-kontext"
-    serving_pipeline = None  # not served yet
+    serving_pipeline = "FluxKontextPipeline"
     serving_img2img_pipeline = None
     serving_image_inputs = serving_encoded_images = (REFERENCE,)
     noises_image = False  # the reference conditions the sampling, which starts from noise
@@ -109,6 +110,9 @@ class FluxKontextFamily(FluxFamily):
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return kontext_loop(self, pipe, config)
+
+    def sized_options(self, height: int, width: int) -> dict:
+        return area(height, width)
 
     def measuring_call(self, height: int, width: int, images: Sequence | None = None,
                        seeds: Sequence[int] = ()) -> dict:
@@ -137,17 +141,9 @@ class FluxKontextFamily(FluxFamily):
     def exported_from_call(self, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:
         # the pipeline's packed call split into the latent and the reference, unpacked; the prediction the
         # exported call returns is the latent's, which is all the pipeline keeps of the transformer's
-        call = dict(call)
-        if not call.get("joint_attention_kwargs"):  # the pipeline passes {} when it has none
-            call.pop("joint_attention_kwargs", None)
-        packed, text = call["hidden_states"], call.get("encoder_hidden_states")
-        img_ids, txt_ids = call.pop("img_ids", None), call.pop("txt_ids", None)
-        if packed.ndim != 3 or text is None or img_ids is None or txt_ids is None:
-            raise SlimDiffError("expected FluxKontextPipeline's call: packed hidden_states (B,N,C), "
-                                "encoder_hidden_states, img_ids and txt_ids")
-        (rows, columns), (ref_rows, ref_columns) = packed_grids(img_ids, txt_ids, packed.shape[1], text.shape[1],
-                                                                reference=True)
-        latent = rows * columns
+        call, ((rows, columns), (ref_rows, ref_columns)) = split_packed_call(call, "FluxKontextPipeline",
+                                                                             reference=True)
+        packed, latent = call["hidden_states"], rows * columns
         call["hidden_states"] = unpack_latents(packed[:, :latent], rows * PACK, columns * PACK)
         call[REFERENCE_LATENTS] = unpack_latents(packed[:, latent:], ref_rows * PACK, ref_columns * PACK)
         return call, pack_latents

@@ -310,6 +310,8 @@ def generate(pipe, prompt: str, refiner=None, **options) -> np.ndarray:
         # model's native size, resizing the images), rounded down to the VAE's scale as diffusers' image processor does
         default = (None, None) if size is None else tuple(x - x % pipe.vae_scale_factor for x in size)
         extra.update(height=o["height"] or default[0], width=o["width"] or default[1])
+        if extra["height"] and extra["width"]:
+            extra.update(served.family.sized_options(extra["height"], extra["width"]))
     elif (o["height"], o["width"]) not in ((None, None), size):  # SD's and SDXL's image-to-image: the image's size
         raise SlimDiffError(f"a {type(pipe).__name__} request draws at its image's size ({size[0]}x{size[1]}): leave "
                             f"out height and width, or send an image of {o['height']}x{o['width']}")
@@ -318,9 +320,9 @@ def generate(pipe, prompt: str, refiner=None, **options) -> np.ndarray:
     call = dict(**negative, num_inference_steps=int(o["steps"]), guidance_scale=float(o["guidance_scale"]),
                 generator=torch.Generator().manual_seed(int(o["seed"])))
     if refiner is None:
-        image = pipe(prompt, **call, output_type="np", **extra).images[0]
+        image = pipe(prompt=prompt, **call, output_type="np", **extra).images[0]
     else:  # diffusers' ensemble of expert denoisers: the base's high-noise steps, then the refiner's
-        latents = pipe(prompt, **call, denoising_end=start, output_type="latent", **extra).images
+        latents = pipe(prompt=prompt, **call, denoising_end=start, output_type="latent", **extra).images
         image = refiner(prompt, **call, image=latents, denoising_start=start, output_type="np").images[0]
     return (image * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
