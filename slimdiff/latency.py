@@ -28,7 +28,7 @@ from torch import nn
 
 from .allocate import AllocationItem, allocate
 from .errors import SlimDiffError
-from .families import ATTENTION, FFN, family_for, module_sites, transformer_blocks
+from .families import ATTENTION, FFN, DenoiserFamily, family_for, family_named, module_sites, transformer_blocks
 
 TABLE_FORMAT = "slimdiff-latency-table/1"
 
@@ -54,10 +54,12 @@ class Geometry:
                 f":H{self.heads}:W{self.width}")
 
 
-def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None = None) -> dict[str, Geometry]:
-    """Geometry of every site of a (dense, meta or real) denoiser, read off one meta-device forward pass
-    (``text_len`` None: the family's default text length)."""
-    family = family_for(unet)
+def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None = None,
+                  family: DenoiserFamily | None = None) -> dict[str, Geometry]:
+    """Geometry of every site of a (dense, meta or real) denoiser, read off one meta-device forward pass as
+    ``family`` calls it (default the denoiser's own; FLUX Kontext's pipeline adds the reference image's tokens;
+    ``text_len`` None: the family's default text length)."""
+    family = family or family_for(unet)
     with torch.device("meta"):
         meta = family.build(unet.config)
     # sub-layer → (channels, query tokens, context tokens, context width), per sample
@@ -154,7 +156,9 @@ class LatencyModel:
         groups = {g["key"]: g for g in table["groups"]}
         self.sites = module_sites(unet)
         self.width = {s.name: s.width for s in self.sites}
-        geometry = site_geometry(unet, latent, table["text_len"])
+        # the call the table was measured on (tables from before this field: the denoiser's own family's)
+        family = family_named(table["family"]) if "family" in table else None
+        geometry = site_geometry(unet, latent, table["text_len"], family)
         # One entry per sub-layer: (FFN site,) or (QK site, VO site) of one attention.
         self.layers: dict[str, tuple[dict, tuple[str, ...]]] = {}
         for s in self.sites:

@@ -58,6 +58,8 @@ Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``, FLUX Kontex
 * ``builtin:tiny-flux-kontext`` — builtin:tiny-flux's components as a ``FluxKontextPipeline``: a transformer of
   builtin:tiny-flux's configuration (Kontext's is FLUX.1-dev's) with seeded weights of its own, called with the
   reference image's tokens after the latent's.
+* ``builtin:flux-kontext-shape`` — FLUX.1-dev's shapes (FLUX.1-Kontext-dev's transformer has its configuration) as a
+  ``FluxKontextPipeline``, seeded random weights; build it on the meta device where only shapes matter.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
 * a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
@@ -137,7 +139,7 @@ BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny
             "builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape",
             "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
             "builtin:tiny-flux", "builtin:flux-dev-shape", "builtin:tiny-flux-fill", "builtin:flux-fill-shape",
-            "builtin:tiny-flux-control", "builtin:tiny-flux-kontext")
+            "builtin:tiny-flux-control", "builtin:tiny-flux-kontext", "builtin:flux-kontext-shape")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,6 +162,7 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:flux-fill-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_FILL_DEV_TRANSFORMER},
     "builtin:tiny-flux-control": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_CONTROL_TRANSFORMER},
     "builtin:tiny-flux-kontext": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER},
+    "builtin:flux-kontext-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_DEV_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 XL_REFINER_BUILTINS = ("builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape")
@@ -168,7 +171,7 @@ SD3_BUILTINS = ("builtin:tiny-sd3", "builtin:sd3-medium-shape")
 FLUX_BUILTINS = ("builtin:tiny-flux", "builtin:flux-dev-shape")
 FLUX_FILL_BUILTINS = ("builtin:tiny-flux-fill", "builtin:flux-fill-shape")
 FLUX_CONTROL_BUILTINS = ("builtin:tiny-flux-control",)
-FLUX_KONTEXT_BUILTINS = ("builtin:tiny-flux-kontext",)
+FLUX_KONTEXT_BUILTINS = ("builtin:tiny-flux-kontext", "builtin:flux-kontext-shape")
 
 
 def _seeded(seed: int, build):
@@ -343,6 +346,7 @@ def _build_flux_builtin(name: str, device):
         "builtin:flux-fill-shape": (FLUX_FILL_DEV_TRANSFORMER, 5, FluxFillPipeline),
         "builtin:tiny-flux-control": (TINY_FLUX_CONTROL_TRANSFORMER, 6, FluxControlPipeline),
         "builtin:tiny-flux-kontext": (TINY_FLUX_TRANSFORMER, 7, FluxKontextPipeline),
+        "builtin:flux-kontext-shape": (FLUX_DEV_TRANSFORMER, 7, FluxKontextPipeline),
     }[name]
     with _build_device(device):
         # each kind of transformer draws from its own seed: different models, not one model in several pipelines

@@ -159,6 +159,33 @@ def test_bench_times_the_kontext_call_end_to_end():
     assert report["models"][0]["macs"]["1"]["transformer"] == kontext > count_macs(shapes, 1, (16, 16), text).transformer
 
 
+def test_mac_and_latency_tables_count_the_reference_tokens(kontext, tmp_path, monkeypatch):
+    """``bench --macs-only`` (no weights loaded) and ``bench --latency-table`` call a Kontext model as its pipeline
+    does: FLUX.1-dev's transformer configuration alone cannot say so. The latency table records the family, so
+    ``slim --speedup`` prices the same sequence (a Kontext table read as FLUX's has no entry for its sites)."""
+    from slimdiff.bench import latency_table
+    from slimdiff.bench.macs import ideal_table
+    from slimdiff.bench.memory import pipeline_family, unet_config
+    from slimdiff.latency import LatencyModel
+
+    kontext.save_pretrained(tmp_path / "kontext")
+    for source in ("builtin:tiny-flux-kontext", str(tmp_path / "kontext")):
+        assert pipeline_family(source, unet_config(source)).name == "flux-kontext"
+    config = unet_config("builtin:tiny-flux-kontext")
+    assert pipeline_family("builtin:tiny-flux", config).name == "flux"
+    (flux,), (edit,) = (ideal_table(config, [0.0], [1], (16, 16), family=family_named(name))
+                        for name in ("flux", "flux-kontext"))
+    assert edit["macs"]["transformer"] > flux["macs"]["transformer"]  # the reference tokens: 64 beside 64 + 512
+
+    monkeypatch.setattr(latency_table, "_time_module", lambda fn, device, warmup, iters: (fn(), 1.0)[1])
+    table = latency_table.measure_latency_table(kontext.transformer, (16, 16), 1, max_points=2, warmup=1, iters=1,
+                                                family=family_for(kontext))
+    assert table["family"] == "flux-kontext"
+    LatencyModel(table, kontext.transformer)  # every site found at the Kontext call's token counts
+    with pytest.raises(SlimDiffError, match="no entry"):
+        LatencyModel({**table, "family": "flux"}, kontext.transformer)
+
+
 def test_the_reference_axes_reach_every_shape_table(kontext):
     """The exported call's reference axes are axes of their own (their own torch.export symbols) with the ranges of
     the latent's flags, in the ONNX / ONNX Runtime / AOTInductor axis table and TensorRT's optimisation profiles."""

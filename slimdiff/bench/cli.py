@@ -153,7 +153,7 @@ def _command_line() -> str:
 
 def run_macs_only(args) -> None:
     from .macs import counter_notes, ideal_table
-    from .memory import latent_size, unet_config
+    from .memory import latent_size, pipeline_family, unet_config
 
     config = unet_config(args.model)
     if config is None:
@@ -161,12 +161,14 @@ def run_macs_only(args) -> None:
                             f"found none at {args.model!r}")
     latent = latent_size(args.model, config, args.resolution)
     budgets = _floats(args.budgets or "0,0.2,0.4,0.6", "--budgets")
+    family = pipeline_family(args.model, config)
     rows = ideal_table(config, budgets, _ints(args.batch, "--batch"), latent,
-                       align=args.align, r_min=args.r_min, unit=args.budget_unit)
+                       align=args.align, r_min=args.r_min, unit=args.budget_unit, family=family)
     dense = next((r["macs"] for r in rows if r["budget"] == 0), None)
     share = dense["transformer"] / dense["total"] if dense else None
     unit = "transformer-block MACs" if args.budget_unit == "macs" else "compressible parameters"
-    body = {"schema": "slimdiff-macs/1", "model": args.model, "latent": list(latent), "align": args.align,
+    body = {"schema": "slimdiff-macs/1", "model": args.model, "family": family.name, "latent": list(latent),
+            "align": args.align,
             "r_min": args.r_min, "plans": f"synthetic: the real allocator on uniform scores; budgets are "
                                           f"fractions of the {unit}",
             "budget_unit": args.budget_unit, "transformer_share": share,
@@ -218,7 +220,7 @@ def run_latency_table(args) -> None:
     size = (args.resolution or family.sample_size(denoiser.config)[0] * factor) // factor
     batch = _ints(args.batch, "--batch")[0]
     table = measure_latency_table(denoiser, (size, size), batch, device=device, dtype=dtype, align=args.align,
-                                  warmup=args.warmup, iters=args.iters,
+                                  warmup=args.warmup, iters=args.iters, family=family,
                                   log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table["model"] = args.model
     save_table(table, args.latency_table)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimDiffError
-from ..families import FFN, QK, VO, ModuleSite, block_adapter, family_for, module_sites
+from ..families import FFN, QK, VO, DenoiserFamily, ModuleSite, block_adapter, family_for, module_sites
 from ..families.base import ColumnBlock
 
 # The reading side moved to the core (slim --speedup uses it); these names stay importable from here.
@@ -110,10 +110,10 @@ def module_sites_of_block(unet: nn.Module, site: ModuleSite) -> list[ModuleSite]
     return [s for s in module_sites(unet) if s.sublayer_path == site.sublayer_path]
 
 
-def _sublayer_calls(meta: nn.Module, paths: set[str], batch: int, latent: tuple[int, int], text_len: int
-                    ) -> dict[str, tuple[tuple, dict]]:
-    """The arguments each sub-layer in ``paths`` gets in the denoiser's own forward pass at ``batch``, as meta
-    tensors (shapes only)."""
+def _sublayer_calls(meta: nn.Module, family: DenoiserFamily, paths: set[str], batch: int, latent: tuple[int, int],
+                    text_len: int) -> dict[str, tuple[tuple, dict]]:
+    """The arguments each sub-layer in ``paths`` gets in the denoiser's forward pass at ``batch`` as ``family``
+    calls it, as meta tensors (shapes only)."""
     calls: dict[str, tuple[tuple, dict]] = {}
     handles = []
     for path in paths:
@@ -121,7 +121,7 @@ def _sublayer_calls(meta: nn.Module, paths: set[str], batch: int, latent: tuple[
             calls.setdefault(path, (args, kwargs))
 
         handles.append(meta.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
-    call = family_for(meta).dummy_call(meta.config, batch, latent, text_len, device="meta")
+    call = family.dummy_call(meta.config, batch, latent, text_len, device="meta")
     try:
         with torch.no_grad():
             meta(**call)
@@ -167,19 +167,20 @@ def _time_module(fn, device, warmup: int, iters: int) -> float:
 def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int = 1, *, device="cpu",
                           dtype=torch.float32, align: int = 8, max_points: int = 8, warmup: int = 3,
                           iters: int = 20, text_len: int | None = None, ffn_align: int | None = None,
-                          log=None) -> dict:
+                          family: DenoiserFamily | None = None, log=None) -> dict:
     """Measure the table for ``unet``'s architecture on ``device``/``dtype`` at UNet batch ``batch`` (eager
     PyTorch, each call replayed from a CUDA graph on a GPU), with ``text_len`` text tokens (default: the family's,
-    e.g. FLUX's 512 T5 tokens). ``ffn_align`` (default ``8 * align``) spaces the FFN widths, which are 32× wider
-    than heads."""
+    e.g. FLUX's 512 T5 tokens), called as ``family`` calls it (default the denoiser's own; FLUX Kontext's pipeline
+    adds the reference image's tokens: the table records the family). ``ffn_align`` (default ``8 * align``) spaces
+    the FFN widths, which are 32× wider than heads."""
     log = log or (lambda msg: None)
-    family = family_for(unet)
+    family = family or family_for(unet)
     text_len = text_len or family.text_tokens
     with torch.device("meta"):
         meta = family.build(unet.config)
     sites = {s.name: s for s in module_sites(meta)}
     with_qk = {s.sublayer_path for s in sites.values() if s.kind == QK}
-    geometry = site_geometry(unet, latent, text_len)
+    geometry = site_geometry(unet, latent, text_len, family)
     groups: dict[str, dict] = {}
     for name, geo in geometry.items():
         site = sites[name]
@@ -187,8 +188,8 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
             continue  # measured with its QK partner, one attention sub-layer
         g = groups.setdefault(geo.key, {"key": geo.key, **geo.__dict__, "sites": [], "representative": name})
         g["sites"].append(site.sublayer_path)
-    calls = _sublayer_calls(meta, {sites[g["representative"]].sublayer_path for g in groups.values()}, batch,
-                            latent, text_len)
+    calls = _sublayer_calls(meta, family, {sites[g["representative"]].sublayer_path for g in groups.values()},
+                            batch, latent, text_len)
     gen = torch.Generator().manual_seed(0)
     for g in groups.values():
         site = sites[g["representative"]]
@@ -218,17 +219,17 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
             curves[curve] = {"ranks": grid, "ms": ms}
         g["curves"] = curves
         log(f"latency table: {g['key']} ({len(g['sites'])} sites) measured")
-    dense = _dense_unet_ms(unet, latent, batch, device, dtype, warmup, iters, text_len)
+    dense = _dense_unet_ms(unet, family, latent, batch, device, dtype, warmup, iters, text_len)
     from .env import device_info
 
-    return {"format": TABLE_FORMAT, "device": device_info(device), "dtype": str(dtype).removeprefix("torch."),
+    return {"format": TABLE_FORMAT, "family": family.name, "device": device_info(device), "dtype": str(dtype).removeprefix("torch."),
             "batch": batch, "latent": list(latent), "text_len": text_len,
             "engine": "cudagraph" if is_cuda(device) else "eager",
             "dense_unet_ms": dense, "groups": list(groups.values())}
 
 
-def _dense_unet_ms(unet, latent, batch, device, dtype, warmup, iters, text_len) -> float:
-    call = family_for(unet).dummy_call(unet.config, batch, latent, text_len)
+def _dense_unet_ms(unet, family, latent, batch, device, dtype, warmup, iters, text_len) -> float:
+    call = family.dummy_call(unet.config, batch, latent, text_len)
     gen = torch.Generator().manual_seed(0)
 
     def drawn(t):  # seeded normal values for every floating input (the timestep and absent conditions as they are)

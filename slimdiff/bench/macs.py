@@ -171,11 +171,12 @@ def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text
 
 
 def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: tuple[int, int], *,
-                align: int = 8, r_min: int = 8, unit: str = "params") -> list[dict]:
+                align: int = 8, r_min: int = 8, unit: str = "params", family=None) -> list[dict]:
     """Parameters, MACs and ideal speed-up (dense MACs / slim MACs) of synthetic plans (the real allocator on
     uniform scores) at each budget — shapes only, nothing is run but a meta-device forward. ``unit``: budgets
     are fractions of the compressible parameters (``params``) or of the transformer-block MACs at ``latent``
-    (``macs``)."""
+    (``macs``). ``family`` calls the denoiser (default its own: a FLUX Kontext pipeline's adds the reference
+    image's tokens)."""
     from .plans import synthetic_plan, transformer_mac_plan
 
     dense_unet = meta_unet(config)
@@ -184,12 +185,12 @@ def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: 
         if budget <= 0:
             plan = None
         elif unit == "macs":
-            plan = transformer_mac_plan(dense_unet, budget, latent, align=align, r_min=r_min)
+            plan = transformer_mac_plan(dense_unet, budget, latent, align=align, r_min=r_min, family=family)
         else:
             plan = synthetic_plan(dense_unet, budget, align=align, r_min=r_min)
         unet = meta_unet(config, plan)
         for batch in batches:
-            dense, slim = count_macs(dense_unet, batch, latent), count_macs(unet, batch, latent)
+            dense, slim = (count_macs(m, batch, latent, family=family) for m in (dense_unet, unet))
             rows.append({"budget": budget, "batch": batch, "params": slim.params,
                          "params_removed": dense.params - slim.params, "macs": slim.to_dict(),
                          "ideal_speedup": dense.total / slim.total,

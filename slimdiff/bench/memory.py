@@ -36,6 +36,35 @@ def unet_config(source: str) -> dict | None:
     return None
 
 
+def pipeline_family(source: str, config: dict):
+    """The family whose pipeline calls the denoiser of ``source`` (a built-in or a diffusers folder), read without
+    loading: the pipeline's, where ``model_index.json`` (or the built-in) names one the denoiser fits — FLUX Kontext's
+    transformer has FLUX.1-dev's configuration, and only its pipeline adds the reference image's tokens — else the
+    denoiser's own."""
+    from ..families import FAMILIES, family_for, family_named
+    from ..models import FLUX_KONTEXT_BUILTINS
+    from .macs import meta_unet
+
+    denoiser = meta_unet(config)
+    index = Path(source) / "model_index.json"
+    if source in FLUX_KONTEXT_BUILTINS:
+        pipeline = "FluxKontextPipeline"
+    elif index.is_file():
+        try:
+            pipeline = json.loads(index.read_text()).get("_class_name")
+        except json.JSONDecodeError as exc:
+            raise SlimDiffError(f"{index}: not valid JSON ({exc})") from exc
+    else:
+        pipeline = None
+    for cls, names in FAMILIES.registered().items():
+        if cls.__name__ == pipeline:
+            for name in reversed(names):  # the latest registered wins, as for a loaded pipeline
+                family = family_named(name)
+                if family.accepts(denoiser):
+                    return family
+    return family_for(denoiser)
+
+
 def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int, int]:
     """The latent a UNet call sees at ``resolution`` pixels (None: the size its pipeline samples at by default, the
     family's :meth:`~slimdiff.families.DenoiserFamily.sample_size`)."""
@@ -44,8 +73,7 @@ def latent_size(source: str, config: dict, resolution: int | None) -> tuple[int,
         from .macs import meta_unet
 
         return family_for(meta_unet(config)).sample_size(config)
-    tiny = ("builtin:tiny", "builtin:tiny-xl", "builtin:tiny-pixart", "builtin:tiny-sd3", "builtin:tiny-flux")
-    factor = 2 if source in tiny else 8  # the tiny VAEs downsample by 2
+    factor = 2 if source.startswith("builtin:tiny") else 8  # the tiny VAEs downsample by 2
     return resolution // factor, resolution // factor
 
 

@@ -78,11 +78,12 @@ def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int
 
 
 def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, int], text_len: int | None = None, *,
-                         align: int = 8, r_min: int = 8) -> RankPlan:
+                         align: int = 8, r_min: int = 8, family=None) -> RankPlan:
     """Ranks that remove ``fraction`` of the transformer-block MACs of one denoiser call at ``latent`` (uniform
     scores: every module loses the same share of its width — the plan the ideal speed-up
     1 / (1 − share · fraction) assumes). Each site is priced by its block adapter (MACs per sample removed per
-    rank: projections and attention products) with the token counts of a meta-device forward at ``latent``."""
+    rank: projections and attention products) with the token counts of a meta-device forward at ``latent``, called as
+    ``family`` calls it (default the denoiser's own)."""
     from .. import allocate as alloc
     from ..families import site_adapter
     from ..latency import site_geometry
@@ -90,7 +91,7 @@ def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, in
     if not 0 < fraction < 1:
         raise SlimDiffError(f"the fraction of transformer MACs to remove must be in (0, 1), got {fraction}")
     sites = module_sites(unet)
-    geometry = site_geometry(unet, latent, text_len)
+    geometry = site_geometry(unet, latent, text_len, family)
     # (query, key/value) tokens per sample of every sub-layer (an FFN's: its tokens twice)
     tokens = {s.sublayer_path: (geometry[s.name].tokens, geometry[s.name].context_tokens) for s in sites}
     items = []
