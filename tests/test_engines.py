@@ -165,6 +165,22 @@ def test_aoti_engine_compiles_and_matches_eager(tmp_path):
     with pytest.raises(SlimDiffError, match="outside this engine's shapes"):
         call(engine, {"batch": 8, "height": 16, "width": 16, "text_len": 77}, 2)
 
+    # New weights in place, no compile (tests/test_engine_weights.py has the other backends): a fine-tune of the same
+    # plan. Inductor folds some parameters into constants of its own (on CPU, torch 2.13: conv_out's bias); the engine
+    # records them fixed and refuses weights that change them.
+    values = {"batch": 2, "height": 16, "width": 16, "text_len": 77}
+    fixed = json.loads((tmp_path / meta["weights"]["file"]).read_text())["fixed"]
+    tuned, _ = slim_tiny_unet(seed=7, config=TWO_LEVEL_XL_UNET)
+    for name in fixed:
+        with pytest.raises(SlimDiffError, match=f"change {name}, which this engine cannot take new values of"):
+            engine.load_weights_from(tuned)
+        with torch.no_grad():
+            tuned.get_parameter(name.removeprefix("denoiser.")).copy_(unet.get_parameter(name.removeprefix("denoiser.")))
+    engine.load_weights_from(tuned)
+    ref = call(tuned, values, 0)
+    assert (call(engine, values, 0) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert (call(unet, values, 0) - ref).abs().max().item() > 1e-2 * ref.abs().max().item()
+
 
 def test_aoti_package_for_another_torch_is_refused(tmp_path):
     here = device_info("cpu")

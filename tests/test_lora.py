@@ -246,6 +246,23 @@ def test_export_of_a_slim_folder_with_lora_maps_fuses_a_mapped_lora_into_the_eng
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
     assert (expected - plain(sample, 500, encoder_hidden_states=text).sample).abs().max() > 1e-3
 
+    # Switching LoRAs on that engine without exporting it again: the LoRA loaded into the PyTorch slim model (mapped
+    # by --lora-maps) at another scale and fused there, the fused weights handed to the engine; then none
+    pipe = load_pipeline(str(out))
+    pipe.load_lora_weights(str(unet_only), adapter_name="style")
+    with pytest.raises(SlimDiffError, match="holds LoRA adapter 'style' unfused"):
+        engine.load_weights_from(pipe.unet)
+    pipe.fuse_lora(lora_scale=1.5)
+    engine.load_weights_from(pipe.unet)
+    expected = load_pipeline(str(out), loras=[LoraSpec(str(unet_only), 1.5)]).unet(
+        sample, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(engine(sample, 500, encoder_hidden_states=text).sample, expected, rtol=0,
+                               atol=1e-4 * float(expected.abs().max()))
+    engine.load_weights_from(plain)
+    expected = plain(sample, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(engine(sample, 500, encoder_hidden_states=text).sample, expected, rtol=0,
+                               atol=1e-4 * float(expected.abs().max()))
+
 
 def _sgm_name(name: str, layers_per_block: int) -> str:
     """The original (SGM) name of a diffusers UNet attention module — what kohya's SDXL LoRAs are keyed by."""

@@ -145,7 +145,8 @@ def test_a_lora_is_refused_by_an_engine_in_one_line(dense_engine, tmp_path):
     save_file({f"{key}.lora_down.weight": torch.zeros(4, width), f"{key}.lora_up.weight": torch.zeros(width, 4)},
               str(tmp_path / "style.safetensors"))
     use_engine(pipe, dense_engine[0])
-    with pytest.raises(SlimDiffError, match="weights were fixed when it was built"):
+    with pytest.raises(SlimDiffError, match=r"a LoRA cannot be loaded into it\. Load and fuse the LoRA into a PyTorch "
+                                            r"copy of the unet .* `pipe\.unet\.load_weights_from\(module\)`"):
         pipe.load_lora_weights(str(tmp_path / "style.safetensors"))
 
 

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     trt.add_argument("--timing-cache", default=None,
                      help="timing cache file, reused across builds (default: ~/.cache/slimdiff/tensorrt/)")
     trt.add_argument("--no-cuda-graphs", action="store_true", help="verify without CUDA graphs")
+    trt.add_argument("--trt-refittable", action="store_true",
+                     help="build refittable engines (BuilderFlag.REFIT): they take new weights later "
+                          "(pipe.unet.load_weights_from) without a rebuild")
     return p
 
 
@@ -453,8 +456,8 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
     denoiser = denoiser.to(device).eval()
     if next(denoiser.parameters()).dtype != torch.float32:
         denoiser = denoiser.float()  # the PyTorch reference and the export source stay float32; fp16 is cast per export
-    options = ({"opt_level": args.trt_opt_level, "timing_cache": Path(args.timing_cache) if args.timing_cache else None}
-               if kind == "trt" else {})
+    options = ({"opt_level": args.trt_opt_level, "timing_cache": Path(args.timing_cache) if args.timing_cache else None,
+                "refittable": args.trt_refittable} if kind == "trt" else {})
     meta, sidecar = build_denoiser_engine(denoiser, kind, folder, profiles=profiles, dtype=dtype, device=device,
                                           multiple=multiple, opset=opset, variant=variant, plan=plan, options=options,
                                           export_options=_export_options(args), family=family)

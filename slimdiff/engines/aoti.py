@@ -4,6 +4,10 @@ with ``torch._inductor.aoti_compile_and_package`` into one ``.pt2`` file.
 The package holds compiled kernels and weights; :func:`load_aoti_package` runs it through
 ``torch._inductor.aoti_load_package`` without diffusers or any slimdiff model code. A package is tied to the
 torch build that compiled it (and, on CUDA, to the GPU architecture), which its metadata records and checks.
+
+New weights go into the loaded package in place (:meth:`AotiRunner.update_weights`: the package's
+``load_constants`` on its constants, named as the exported module's state dict). Inductor folds some parameters into
+constants of its own when it compiles (a convolution's bias); the engine records those as fixed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ..errors import SlimDiffError
 from ..export.meta import status
 from ..export.modules import Component, example_values, torch_dynamic_shapes
 from .base import Backend, register
+from .weights import NOT_A_WEIGHT, checked_state, load_weights_record
 
 
 def device_info(device: str) -> dict:
@@ -88,7 +93,15 @@ class AotiRunner:
     def __init__(self, meta: dict, folder: Path, device: str):
         self.device = torch.device(device)
         self.dtype = getattr(torch, meta["dtype"])
-        self.fn = load_aoti_package(Path(folder) / meta["file"], meta["runtime"], device)
+        self.meta, self.folder = meta, Path(folder)
+        self.fn = load_aoti_package(self.folder / meta["file"], meta["runtime"], device)
+
+    def update_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """The package's constants replaced by ``state``'s values (copied: the caller's tensors stay its own)."""
+        arrays = checked_state(load_weights_record(self.meta, self.folder), state, self.dtype)
+        constants = {name: torch.from_numpy(arrays[name]).to(self.device) for name in self.fn.get_constant_fqns()
+                     if name in arrays}
+        self.fn.load_constants(constants, check_full_update=False)
 
     def run(self, inputs: list[torch.Tensor], out_shape: tuple) -> torch.Tensor:
         out = self.fn(*inputs)
@@ -101,6 +114,12 @@ class AotiBackend(Backend):
     description = "AOTInductor package (torch.export + ahead-of-time Inductor)"
     file_pattern = "{name}.pt2"
     from_onnx = False
+    updates_weights = True
+
+    def weight_record(self, target, onnx_path, state):
+        # The compiled package's constants: what it takes new values of; the rest was folded in at compile time
+        names = set(torch._inductor.aoti_load_package(str(target)).get_constant_fqns())
+        return None, {name: NOT_A_WEIGHT for name in state if name not in names}
 
     def unavailable(self, device):
         if str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -6,6 +6,8 @@ A backend is one class in one file (:mod:`.ort`, :mod:`.trt`, :mod:`.aoti`), reg
 * **build** an engine for one exported component into a folder (from the ONNX export, or from the module),
   returning the runtime facts recorded in the metadata (versions, GPU, provider, files);
 * **open** a built engine as a :class:`Runner` (``run(inputs, out_shape) -> Tensor`` on torch tensors);
+* **take new weights** where it can (:attr:`Backend.updates_weights`: ``Runner.update_weights``, the weights of a model
+  of the same architecture and shapes, without building again), by the record :mod:`.weights` writes at build time;
 * **describe** itself: its engine file name, why it cannot run on a device here, the ONNX opset it wants;
 * say how **Triton** serves it (:meth:`Backend.triton_model`), which :mod:`slimdiff.engines.triton` turns into
   a ``config.pbtxt``.
@@ -34,6 +36,7 @@ from ..export.meta import files_size, read_json, write_json_atomic
 from ..export.modules import Component
 from ..export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, load_sidecar
 from ..fingerprint import config_fingerprint
+from .weights import exported_state, write_weights_record
 
 ENGINE_FORMAT = "slimdiff-engine/1"
 
@@ -47,6 +50,15 @@ class Runner(Protocol):
     dtype: torch.dtype
 
     def run(self, inputs: list[torch.Tensor], out_shape: tuple | None) -> torch.Tensor: ...
+
+
+class WeightUpdatingRunner(Runner, Protocol):
+    """A runner of a backend whose :attr:`Backend.updates_weights` holds: ``update_weights`` puts ``state`` (the
+    exported module's state dict: every floating-point tensor, by its names there) into the engine in place of the
+    weights it was built with, checked first against the engine's weights record (:func:`.weights.checked_state`).
+    Not thread-safe with ``run``: callers hold the same lock."""
+
+    def update_weights(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 class MultiOutputRunner(Runner, Protocol):
@@ -79,6 +91,9 @@ class Backend:
     #: slimdiff's runner of these engines returns every output of an engine with several (``run_outputs``); the
     #: others run single-output engines only (Triton's own backends serve any).
     runs_several_outputs: ClassVar[bool] = False
+    #: Its runners take new weights without a new build (:class:`WeightUpdatingRunner`); the engine records how it
+    #: holds them at build time (:meth:`weight_record`).
+    updates_weights: ClassVar[bool] = False
 
     def unavailable(self, device: str) -> str | None:
         """Why engines of this kind cannot be built or run on ``device`` here; None when they can."""
@@ -110,6 +125,18 @@ class Backend:
     def open(self, meta: dict, folder: Path, device: str, **options) -> Runner:
         """A runner for the engine described by ``meta`` in ``folder`` (refusing one built for another runtime)."""
         raise NotImplementedError
+
+    def weight_record(self, target: Path, onnx_path: Path | None, state: dict) -> tuple[dict | None, dict[str, str]]:
+        """How the built engine ``target`` holds the exported module's ``state`` (name → array in the engine's
+        precision): ``(initializers, fixed)`` as :mod:`.weights` records them (initializers None for engines not
+        built from ONNX)."""
+        raise NotImplementedError
+
+    def cannot_update_weights(self, meta: dict) -> str | None:
+        """Why the engine of ``meta`` cannot take new weights (one line); None when it can."""
+        if not self.updates_weights:
+            return f"{self.description} engines cannot take new weights: re-export the engine from the new model"
+        return None
 
     def polygraphy_runner(self, meta: dict, folder: Path):
         """A Polygraphy runner over the built engine (compared with its source ONNX after a build); None when
@@ -228,6 +255,12 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
                 (folder / f).unlink(missing_ok=True)
             raise SlimDiffError(f"the {kind} engine of {component.name} differs from its ONNX graph by "
                                 f"{check['max_rel_error']:.2e} (relative; tolerance {FP32_TOLERANCE:.0e})")
+    # Denoisers and ControlNets (with a config) are the models whose weights users swap: another LoRA fused, a fine-tune
+    if "unet_config" in meta and backend.updates_weights:
+        state = exported_state(component.module, dtype)
+        initializers, fixed = backend.weight_record(target, onnx_path, state)
+        meta["weights"] = write_weights_record(folder, component.name, state, dtype, initializers=initializers,
+                                               fixed=fixed)
     write_json_atomic(engine_meta_path(folder, component.name), meta)
     return meta
 

@@ -4,6 +4,11 @@ The "engine" is ONNX Runtime's own optimized graph (``<name>.ort.onnx``), writte
 metadata by a session that optimizes the portable export once; loading it later skips graph optimization.
 ONNX Runtime's transformer fusion script (``onnxruntime.transformers.optimizer``) is deliberately not used: it
 crashes on these opset-23 graphs, which already carry native fused ``Attention`` ops.
+
+New weights (:meth:`OrtRunner.update_weights`): ONNX Runtime cannot change a session's weights in place, so the runner
+opens a new session on the unoptimised export the engine folder keeps (``<name>.onnx``), its initializers overridden
+with the new values (``SessionOptions.add_initializer``; the optimized graph has folded and renamed them), and drops
+the old one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from ..errors import SlimDiffError
 from ..export.ort_session import make_session, ort_unavailable
 from .base import Backend, TritonModel, engine_outputs, register
+from .weights import checked_state, initializer_arrays, load_weights_record, onnx_initializers
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, *, device: str = "cpu") -> dict:
@@ -45,11 +51,28 @@ class OrtRunner:
     def __init__(self, meta: dict, folder: Path, device: str):
         self.device = torch.device(device)
         self.dtype = getattr(torch, meta["dtype"])
-        self.session = make_session(Path(folder) / meta["file"], device=device, already_optimized=True)
+        self.meta, self.folder = meta, Path(folder)
+        self.session = make_session(self.folder / meta["file"], device=device, already_optimized=True)
         self.names = [i["name"] for i in meta["inputs"]]
         self.output_names = [o["name"] for o in engine_outputs(meta)]
         self.output_name = self.output_names[0]
         self._key = None
+
+    def update_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """A new session from the engine's source export with ``state``'s values as its initializers."""
+        import onnxruntime as ort
+
+        record = load_weights_record(self.meta, self.folder)
+        source = self.folder / self.meta["source_onnx"]["file"]
+        if not source.is_file():
+            raise SlimDiffError(f"the engine folder {str(self.folder)!r} lacks its source export {source.name!r}, "
+                                "which ONNX Runtime rebuilds a session with new weights from: re-export the engine")
+        arrays = initializer_arrays(record, checked_state(record, state, self.dtype))
+        # ONNX Runtime reads these buffers for as long as the session lives: the runner keeps them
+        values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        self.session = make_session(source, device=str(self.device), initializers=values)
+        self._initializers = (arrays, values)
+        self._key = None  # the old session's binding
 
     def _bind(self, key, inputs, out_shape):
         kind = self.device.type
@@ -101,9 +124,13 @@ class OrtBackend(Backend):
     description = "ONNX Runtime (opset-23 export, saved optimized graph; CPU or CUDA)"
     file_pattern = "{name}.ort.onnx"
     runs_several_outputs = True
+    updates_weights = True
 
     def unavailable(self, device):
         return ort_unavailable(device)
+
+    def weight_record(self, target, onnx_path, state):
+        return onnx_initializers(onnx_path, state)
 
     def build(self, component, target, *, onnx_path, sidecar, axes, dtype, device, options):
         return build_ort_engine(onnx_path, target, device=device)

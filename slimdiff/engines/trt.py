@@ -19,6 +19,10 @@ Polygraphy's code, not ours.
 * Opset 23's native ``Attention`` needs TensorRT ≥ 10.14; older versions get the opset-18 export
   (:func:`opset_for_tensorrt`).
 
+* **Refittable engines** (``options={"refittable": True}``, ``slimdiff-export --trt-refittable``: TensorRT's
+  ``BuilderFlag.REFIT``) take new weights without a build (:meth:`TrtRunner.update_weights`): a ``trt.Refitter`` sets
+  them by the ONNX initializer names the parser gave them, from the map :mod:`.weights` records at build time.
+
 Everything that does not need TensorRT itself (profiles, metadata checks, opset choice) is plain Python and
 is tested without a GPU.
 """
@@ -41,6 +45,7 @@ from ..export.meta import status
 from ..export.onnx import DEFAULT_OPSET, FALLBACK_OPSET
 from ..export.shapes import Profile, tensor_profile
 from .base import Backend, TritonModel, engine_outputs, register
+from .weights import checked_state, initializer_arrays, load_weights_record, onnx_initializers
 
 NO_TENSORRT = ("TensorRT is not installed here (it needs an NVIDIA GPU and `pip install slimdiff[trt]`); "
                "use --engine ort or --engine aoti instead")
@@ -131,10 +136,12 @@ def _logger(trt):
 
 
 def engine_loader(onnx_path: Path, profiles: list[dict], engine_path: Path, *, opt_level: int,
-                  timing_cache: Path, strongly_typed: bool, workspace_bytes: int | None = None):
+                  timing_cache: Path, strongly_typed: bool, workspace_bytes: int | None = None,
+                  refittable: bool = False):
     """Polygraphy's lazy loader chain that, when called, parses ``onnx_path`` (external data is found next to
     it), builds with one optimization profile per entry of ``profiles`` (input name → (min, opt, max)), reuses
-    and extends ``timing_cache``, and saves the engine to ``engine_path``. Nothing runs until it is called."""
+    and extends ``timing_cache``, and saves the engine to ``engine_path`` (``refittable``: with
+    ``BuilderFlag.REFIT``). Nothing runs until it is called."""
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
     from polygraphy.backend.trt import Profile as TrtProfile
 
@@ -151,15 +158,16 @@ def engine_loader(onnx_path: Path, profiles: list[dict], engine_path: Path, *, o
         limits = {trt.MemoryPoolType.WORKSPACE: workspace_bytes}
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
     config = CreateConfig(profiles=trt_profiles, load_timing_cache=str(timing_cache),
-                          builder_optimization_level=opt_level, memory_pool_limits=limits)
+                          builder_optimization_level=opt_level, memory_pool_limits=limits, refittable=refittable)
     return SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)),
                       path=str(engine_path))
 
 
 def build_trt_engine(onnx_path: Path, sidecar: dict, engine_path: Path, *, opt_level: int = 3,
-                     timing_cache: Path | None = None, workspace_gib: float | None = None) -> dict:
-    """Build a serialized engine at ``engine_path`` from ``onnx_path`` and its sidecar's profiles; returns
-    the runtime part of the engine metadata."""
+                     timing_cache: Path | None = None, workspace_gib: float | None = None,
+                     refittable: bool = False) -> dict:
+    """Build a serialized engine at ``engine_path`` from ``onnx_path`` and its sidecar's profiles (``refittable``:
+    one that takes new weights later); returns the runtime part of the engine metadata."""
     trt = require_tensorrt()
     if opt_level not in OPT_LEVELS:
         raise SlimDiffError(f"builder optimization level must be 0..5, got {opt_level}")
@@ -179,7 +187,8 @@ def build_trt_engine(onnx_path: Path, sidecar: dict, engine_path: Path, *, opt_l
     tmp = engine_path.with_name(f".{engine_path.name}.tmp{os.getpid()}")
     loader = engine_loader(onnx_path, profiles, tmp, opt_level=opt_level, timing_cache=timing_cache,
                            strongly_typed=strongly_typed,
-                           workspace_bytes=int(workspace_gib * 2**30) if workspace_gib else None)
+                           workspace_bytes=int(workspace_gib * 2**30) if workspace_gib else None,
+                           refittable=refittable)
     status(f"building TensorRT engine from {Path(onnx_path).name} ({len(profiles)} profile(s), "
            f"optimization level {opt_level}); this takes minutes")
     t0 = time.perf_counter()
@@ -198,11 +207,29 @@ def build_trt_engine(onnx_path: Path, sidecar: dict, engine_path: Path, *, opt_l
         **env,
         "builder_optimization_level": opt_level,
         "strongly_typed": strongly_typed,
+        "refittable": refittable,
         "timing_cache": str(timing_cache),
         "tensor_profiles": [{n: [list(s) for s in v] for n, v in p.items()} for p in profiles],
         "build_seconds": round(seconds, 1),
         "files": [engine_path.name],
     }
+
+
+def refit_arrays(record: dict, state: dict, dtype: torch.dtype, refittable: list[str],
+                 exported: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a refit of an engine with the weights ``refittable`` (the Refitter's names) sets: each mapped initializer's
+    new value, in the graph's layout and precision, and the graph's own value (``exported``: initializer name → the
+    ONNX file's array) for the refittable weights no parameter holds — TensorRT asks for every weight it combined with
+    a changed one. One line when new values would go to an initializer TensorRT holds no refittable weight of (folded
+    into others at build)."""
+    arrays = initializer_arrays(record, checked_state(record, state, dtype))
+    names = set(refittable)
+    lost = [name for name, a in arrays.items() if name not in names and not np.array_equal(a, exported[name])]
+    if lost:
+        param = record["initializers"][lost[0]][0]
+        raise SlimDiffError(f"these weights change {param}, which TensorRT folded into other weights when it built "
+                            "this engine: rebuild the engine from the new model")
+    return {name: arrays[name] if name in arrays else exported[name] for name in refittable}
 
 
 def load_trt_engine(engine_path: Path, runtime_meta: dict):
@@ -244,7 +271,8 @@ class TrtRunner:
             raise SlimDiffError("TensorRT engines run on cuda devices only")
         torch.cuda.set_device(self.device)
         self.dtype = getattr(torch, meta["dtype"])
-        self.runtime, self.engine = load_trt_engine(Path(folder) / meta["file"], meta["runtime"])
+        self.meta, self.folder = meta, Path(folder)
+        self.runtime, self.engine = load_trt_engine(self.folder / meta["file"], meta["runtime"])
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
         self.names = [i["name"] for i in meta["inputs"]]
@@ -302,6 +330,38 @@ class TrtRunner:
         self._slots[key] = slot
         return slot
 
+    def update_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Refit the engine with ``state`` (it must have been built refittable)."""
+        import onnx
+        from onnx import numpy_helper
+
+        require_tensorrt()
+        import tensorrt as trt
+
+        record = load_weights_record(self.meta, self.folder)
+        source = self.folder / self.meta["source_onnx"]["file"]
+        refitter = trt.Refitter(self.engine, _logger(trt))
+        refittable = refitter.get_all_weights()
+        # the graph's own values, read for the names refit_arrays compares or fills in only (a UNet's are gigabytes)
+        needed = set(refittable) ^ set(record["initializers"] or {})
+        graph = onnx.load(str(source), load_external_data=False).graph
+        exported = {init.name: numpy_helper.to_array(init, base_dir=str(self.folder))
+                    for init in graph.initializer if init.name in needed}
+        arrays = refit_arrays(record, state, self.dtype, refittable, exported)
+        for name, array in arrays.items():  # the arrays stay alive until the refit below returns
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise SlimDiffError(f"TensorRT refused new weights for {name} (shape {array.shape}, {array.dtype})")
+        missing = refitter.get_missing_weights()
+        if missing:
+            raise SlimDiffError(f"TensorRT needs weights it was not given to refit this engine: {', '.join(missing[:3])}")
+        torch.cuda.current_stream(self.device).synchronize()
+        self.stream.synchronize()  # no launch may be pending while the engine is refitted
+        if not refitter.refit_cuda_engine():
+            raise SlimDiffError("TensorRT failed to refit the engine (see its log above)")
+        # CUDA graphs captured before may hold the old weights' addresses: captured again on their next call
+        self._slots.clear()
+        self._active = None
+
     def run(self, inputs: list[torch.Tensor], out_shape: tuple) -> torch.Tensor:
         key = tuple(tuple(t.shape) for t in inputs)
         slot = self._slots.get(key) or self._new_slot(key, inputs)
@@ -324,6 +384,7 @@ class TrtBackend(Backend):
     name = "trt"
     description = "TensorRT FP16 engine from the ONNX export (NVIDIA GPU)"
     file_pattern = "{name}.plan"
+    updates_weights = True  # engines built refittable (cannot_update_weights)
 
     def unavailable(self, device):
         on_cuda = str(device).startswith("cuda")
@@ -338,6 +399,15 @@ class TrtBackend(Backend):
 
     def needs_aligned_heads(self, device):
         return True  # TensorRT's fused MHA wants equal head widths, multiples of 8
+
+    def weight_record(self, target, onnx_path, state):
+        return onnx_initializers(onnx_path, state)
+
+    def cannot_update_weights(self, meta):
+        if not meta["runtime"].get("refittable"):
+            return ("this TensorRT engine was built without refitting, so it cannot take new weights: rebuild it "
+                    "with slimdiff-export --trt-refittable (or options={'refittable': True})")
+        return None
 
     def build(self, component, target, *, onnx_path, sidecar, axes, dtype, device, options):
         # Looked up at call time, so tests can stand in for the builder (the only part that needs a GPU).

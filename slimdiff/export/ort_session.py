@@ -42,9 +42,10 @@ def providers_for(device: str) -> list:
 
 
 def make_session(model_path: Path, *, device: str = "cpu", optimized_out: Path | None = None,
-                 already_optimized: bool = False):
+                 already_optimized: bool = False, initializers: dict | None = None):
     """An ``InferenceSession`` for ``model_path``; with ``optimized_out`` ONNX Runtime also writes its optimized
-    graph there (weights as external data when the source has them)."""
+    graph there (weights as external data when the source has them). ``initializers`` (name → ``OrtValue``, which the
+    caller keeps alive as long as the session) replace the graph's initializers of those names."""
     import onnxruntime as ort
 
     model_path = Path(model_path)
@@ -57,6 +58,8 @@ def make_session(model_path: Path, *, device: str = "cpu", optimized_out: Path |
     else:
         # EXTENDED, not ALL: ALL adds CPU-layout (NCHWc) rewrites that tie the saved graph to this CPU.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     if optimized_out is not None:
         options.optimized_model_filepath = str(optimized_out)
         if model_path.with_name(model_path.name + ".data").exists():

@@ -5,6 +5,7 @@ engine run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -26,6 +27,40 @@ _UNRECORDED_FAMILY = {"unet": "sd", "transformer": "pixart"}
 def engine_family(meta: dict) -> str | None:
     """The model family (:attr:`slimdiff.families.DenoiserFamily.name`) an engine was exported from."""
     return meta.get("family") or _UNRECORDED_FAMILY.get(meta.get("component"))
+
+
+def config_differences(engine_config: dict, config) -> list[str]:
+    """``"key engine-value vs value"`` for each architecture key (a slim model's rank plan left out) where an engine's
+    recorded config and a model's differ."""
+    from ..engines.base import SLIM_CONFIG_KEYS
+
+    keys = [k for k in sorted(set(engine_config) | set(config))
+            if not k.startswith("_") and k not in SLIM_CONFIG_KEYS
+            and json.dumps(engine_config.get(k), default=str) != json.dumps(config.get(k), default=str)]
+    return [f"{k} {engine_config.get(k)!r} vs {config.get(k)!r}" for k in keys]
+
+
+def without_lora_layers(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with the LoRA layers peft wraps around its Linears (``load_lora_weights``) replaced by the Linears
+    they wrap — a copy, where there are any — once every active adapter is fused into them (``fuse_lora``): an engine
+    holds the fused weights under the Linears' own names. One line naming the first layer with an adapter unfused."""
+    # peft's tuner layers, known by what they hold (peft is an optional extra, not imported for this)
+    wrapped = [name for name, m in module.named_modules() if hasattr(m, "base_layer") and hasattr(m, "merged_adapters")]
+    if not wrapped:
+        return module
+    for name in wrapped:
+        layer = module.get_submodule(name)
+        held = getattr(layer, "lora_A", None)  # the adapters of this layer (active_adapters are the model's)
+        unfused = [a for a in layer.active_adapters if a not in layer.merged_adapters and (held is None or a in held)]
+        if unfused:
+            raise SlimDiffError(f"{name} holds LoRA adapter {unfused[0]!r} unfused: an engine takes fused weights, so "
+                                "fuse it first (pipe.fuse_lora(...)) and hand the model over then")
+    plain = copy.deepcopy(module)
+    for name in wrapped:
+        parent, _, child = name.rpartition(".")
+        owner = plain.get_submodule(parent)
+        setattr(owner, child, getattr(owner, child).get_base_layer())
+    return plain
 
 
 class EngineDenoiser(torch.nn.Module):
@@ -77,10 +112,53 @@ class EngineDenoiser(torch.nn.Module):
         return denoiser
 
     def load_lora_adapter(self, *args, **kwargs):
-        """Refused (``pipe.load_lora_weights`` lands here): an engine's weights were fixed when it was built."""
-        raise SlimDiffError(f"{type(self).__name__} runs an engine whose weights were fixed when it was built: "
-                            "a LoRA cannot be loaded into it. Fuse the LoRA before exporting: "
-                            "`slimdiff-export --lora FILE[:SCALE]` (dense) or `slimdiff slim --lora` (slim)")
+        """Refused (``pipe.load_lora_weights`` lands here): an engine holds no LoRA layers, only fused weights."""
+        raise SlimDiffError(f"{type(self).__name__} runs an engine, which holds no LoRA layers: a LoRA cannot be "
+                            f"loaded into it. Load and fuse the LoRA into a PyTorch copy of the {self.component} (a "
+                            f"slim one made with --lora-maps) and hand that to `pipe.{self.component}."
+                            "load_weights_from(module)`, or fuse it before exporting: "
+                            "`slimdiff-export --lora FILE[:SCALE]`")
+
+    def load_weights_from(self, module: torch.nn.Module) -> None:
+        """Put the weights of ``module`` into the engine without exporting it again: a PyTorch denoiser of the
+        architecture the engine was exported from (a slim engine's: a slim model of the same rank plan) — the same
+        model with another LoRA fused, or a fine-tune of the same shapes. ONNX Runtime opens a new session with
+        them, AOTInductor replaces its constants in place, TensorRT refits an engine built refittable.
+
+        Refused in one line before the engine is touched: a backend or engine that cannot take new weights,
+        another architecture (the first differing config key), the first tensor of another shape, and a change to a
+        weight the engine holds no tensor of its own for (see :mod:`slimdiff.engines.weights`)."""
+        from ..engines import architecture_fingerprint, get
+        from ..engines.build import aligned
+        from ..engines.weights import load_weights_record
+        from ..export.align import planned_head_widths
+
+        reason = get(self.engine).cannot_update_weights(self.meta)
+        if reason:
+            raise SlimDiffError(reason)
+        load_weights_record(self.meta, self.folder)  # an engine exported without one is refused before any work
+        config = getattr(module, "config", None)
+        if not isinstance(module, torch.nn.Module) or config is None:
+            raise SlimDiffError(f"load_weights_from takes a PyTorch {self.component} (a diffusers model), "
+                                f"not a {type(module).__name__}")
+        if architecture_fingerprint(config) != self.meta.get("config_fingerprint"):
+            differing = config_differences(self.meta["unet_config"], config)
+            raise SlimDiffError(f"this {self.component} is not of the architecture the engine was exported from"
+                                + (f": {'; '.join(differing[:3])}" if differing else ""))
+        module = without_lora_layers(module)
+        recorded = self.meta.get("head_alignment") or {}
+        if recorded:  # the engine was built from a copy with zero-padded heads: the new weights are padded alike
+            planned = {path: [list(a), list(b)] for path, (a, b) in planned_head_widths(module).items()}
+            if planned != recorded:
+                path = next(p for p in sorted(set(planned) | set(recorded)) if planned.get(p) != recorded.get(p))
+                raise SlimDiffError(f"this {self.component}'s attention {path} has (q·k, v) head widths "
+                                    f"{planned[path][0] if path in planned else 'needing no padding'}, the engine's "
+                                    f"{recorded[path][0] if path in recorded else 'needed none'}: it takes a model "
+                                    "of the rank plan it was exported from")
+            module = aligned(module)[0]
+        state = type(self).exported_component(module, self.meta).module.state_dict()
+        with self._lock, torch.no_grad():
+            self.runner.update_weights(state)
 
     # -- what diffusers pipelines read ------------------------------------------------------------------
     @property

@@ -27,7 +27,6 @@ was not exported with (IP-Adapter image embeddings).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,7 +38,7 @@ from ..export.shapes import tensor_shapes
 from ..families.base import CONTROLNET_RESIDUALS
 from ..families.sd import DOWN_RESIDUAL, GUIDANCE_EMBEDDING
 from .controlnet import EngineControlNet
-from .denoiser import EngineDenoiser, engine_family
+from .denoiser import EngineDenoiser, config_differences, engine_family
 from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
 from .sd3 import EngineSD3Transformer
@@ -159,7 +158,6 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path, family=None) -
     the pipeline's ``family`` calls it, where one is registered for it: FLUX Kontext's transformer takes the
     reference image too): one line naming both sides (and the first differing config keys)."""
     from ..engines import architecture_fingerprint, input_signature
-    from ..engines.base import SLIM_CONFIG_KEYS
 
     if isinstance(pipe_denoiser, EngineDenoiser):
         expected = pipe_denoiser.meta.get("signature")
@@ -176,11 +174,7 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path, family=None) -
     config = pipe_denoiser.config
     fingerprint = architecture_fingerprint(config)
     if meta.get("config_fingerprint") != fingerprint:
-        engine_cfg = meta.get("unet_config", {})
-        keys = [k for k in sorted(set(engine_cfg) | set(config))
-                if not k.startswith("_") and k not in SLIM_CONFIG_KEYS
-                and json.dumps(engine_cfg.get(k), default=str) != json.dumps(config.get(k), default=str)]
-        differing = "; ".join(f"{k} {engine_cfg.get(k)!r} vs {config.get(k)!r}" for k in keys[:3])
+        differing = "; ".join(config_differences(meta.get("unet_config", {}), config)[:3])
         problems.append(f"{what} config fingerprint {str(meta.get('config_fingerprint'))[:12]} (the pipeline's is "
                         f"{fingerprint[:12]}{': ' + differing if differing else ''})")
     if problems:
