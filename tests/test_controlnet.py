@@ -260,6 +260,13 @@ def test_controlnet_pipeline_with_the_slim_engine_draws_the_pytorch_image(contro
     # guess mode's per-level scales and the conditioning scale, applied after the engine as after the network
     assert np.abs(generate(pipe, guess_mode=True, controlnet_conditioning_scale=0.5) - guessed).max() < 1e-3
     assert np.abs(guessed - image).max() > 1e-2
+    # the ControlNet engine takes the weights of another ControlNet of its architecture without an export
+    other = seeded_controlnet(load_unet("builtin:tiny"), seed=1)
+    engine_controlnet.load_weights_from(other)
+    with_other = generate(pipe)
+    pipe.controlnet = other
+    assert np.abs(with_other - generate(pipe)).max() < 1e-3
+    assert np.abs(with_other - image).max() > 1e-2
 
 
 def controlnet_engine(controlnet, folder, batch: str = "1:2:2"):
