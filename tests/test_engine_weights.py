@@ -11,16 +11,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_support import TWO_LEVEL_UNET, seeded_unet, slim_tiny_unet
+from export_support import TWO_LEVEL_UNET, default_ranks, seeded_unet, slim_tiny_unet, tiny_profiles
 from onnx import numpy_helper
 
 from slimdiff import engines
 from slimdiff.engines import build_engine, engine_meta_path
 from slimdiff.engines import trt as trtmod
+from slimdiff.engines.build import build_denoiser_engine
+from slimdiff.engines.ort import OrtBackend
 from slimdiff.engines.weights import SHARED_VALUE, exported_state, onnx_initializers, weights_path
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.modules import denoiser_component
 from slimdiff.export.onnx import sidecar_path
+from slimdiff.models import module_sites
 from slimdiff.runtime import EngineUNet
 
 VALUES = {"batch": 2, "height": 16, "width": 16, "text_len": 77}
@@ -145,6 +148,31 @@ def test_new_weights_are_refused_in_one_line(dense, ort_folder, tmp_path):
     # TensorRT engines take new weights when built refittable
     assert "--trt-refittable" in engines.get("trt").cannot_update_weights({"runtime": {"refittable": False}})
     assert engines.get("trt").cannot_update_weights({"runtime": {"refittable": True}}) is None
+
+
+def test_a_head_padded_engine_takes_new_weights_padded_alike(tmp_path, monkeypatch):
+    """Engines for GPUs (TensorRT always, ONNX Runtime on CUDA) are built from a copy of a slim model with zero-padded
+    heads; new weights are padded alike. Padding is forced here on a CPU ONNX Runtime engine: the same path."""
+    monkeypatch.setattr(OrtBackend, "needs_aligned_heads", lambda self, device: True)
+    unet, plan = slim_tiny_unet(seed=3, config=TWO_LEVEL_UNET)
+    meta, _ = build_denoiser_engine(unet, "ort", tmp_path, profiles=tiny_profiles(batch="2", height="32", width="32",
+                                                                                 text_len="77"),
+                                    dtype=torch.float32, device="cpu", multiple=8, plan=plan)
+    assert meta["head_alignment"]  # the mid block's heads: q·k 16, v 24 wide, both padded to 24
+    engine = EngineUNet.from_folder(tmp_path)
+    tuned, _ = slim_tiny_unet(seed=5, config=TWO_LEVEL_UNET)  # the same plan, other weights
+    component = denoiser_component(tuned)
+    expected = call(tuned, component)
+    assert rel(call(unet, component), expected) > 1e-2
+    engine.load_weights_from(tuned)
+    assert rel(call(engine, component), expected) <= 1e-4
+    # another plan whose heads pad to the same widths (20 and 20, padded to 24): refused by its widths, not padded to fit
+    ranks = default_ranks(module_sites(seeded_unet(TWO_LEVEL_UNET)))
+    other, _ = slim_tiny_unet(config=TWO_LEVEL_UNET, ranks={
+        n: 20 if n.startswith("mid_block") and n.endswith((".qk", ".vo")) else r for n, r in ranks.items()})
+    with pytest.raises(SlimDiffError, match=r"mid_block\.attentions\.0\.transformer_blocks\.0\.attn1 has \(q·k, v\) "
+                                            r"head widths \[20, 20\], the engine's \[16, 24\]"):
+        engine.load_weights_from(other)
 
 
 def test_tensorrt_refit_arrays(dense, ort_folder):
