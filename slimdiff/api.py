@@ -84,4 +84,5 @@ def slim_pipeline(
         stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress, on_batch)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
-    return slim_unet(family_for(pipe).denoiser(pipe), stats, config, progress)
+    family = family_for(pipe)
+    return slim_unet(family.denoiser(pipe), stats, config, progress, family=family)

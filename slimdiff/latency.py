@@ -28,7 +28,7 @@ from torch import nn
 
 from .allocate import AllocationItem, allocate
 from .errors import SlimDiffError
-from .families import ATTENTION, FFN, DenoiserFamily, family_for, family_named, module_sites, transformer_blocks
+from .families import ATTENTION, FFN, DenoiserFamily, family_for, module_sites, transformer_blocks
 
 TABLE_FORMAT = "slimdiff-latency-table/1"
 
@@ -147,7 +147,8 @@ class LatencyModel:
     """Predicted UNet latency for any ranks of the table's architecture: the dense UNet's measured latency
     minus what each FFN and attention sub-layer saves at its ranks, read off its group's measurements."""
 
-    def __init__(self, table: dict, unet: nn.Module, latent: tuple[int, int] | None = None):
+    def __init__(self, table: dict, unet: nn.Module, latent: tuple[int, int] | None = None,
+                 family: DenoiserFamily | None = None):
         latent = tuple(latent or table["latent"])
         if list(latent) != list(table["latent"]):
             raise SlimDiffError(f"the latency table was measured at latent {table['latent']}, not {list(latent)}")
@@ -156,8 +157,12 @@ class LatencyModel:
         groups = {g["key"]: g for g in table["groups"]}
         self.sites = module_sites(unet)
         self.width = {s.name: s.width for s in self.sites}
-        # the call the table was measured on (tables from before this field: the denoiser's own family's)
-        family = family_named(table["family"]) if "family" in table else None
+        # the table prices the call it was measured on: that of the family calling ``unet`` (default the denoiser's
+        # own; a FLUX Kontext pipeline's adds the reference image's tokens). Tables from before the field: unchecked
+        family = family or family_for(unet)
+        if table.get("family", family.name) != family.name:
+            raise SlimDiffError(f"the latency table was measured on a {table['family']} model's call, not a "
+                                f"{family.name} model's: measure one for this model (`slimdiff bench --latency-table`)")
         geometry = site_geometry(unet, latent, table["text_len"], family)
         # One entry per sub-layer: (FFN site,) or (QK site, VO site) of one attention.
         self.layers: dict[str, tuple[dict, tuple[str, ...]]] = {}

@@ -30,6 +30,7 @@ from .families import (
     QKLinears,
     ResidualEnergies,
     VOLinears,
+    family_for,
     module_sites,
     site_adapter,
     site_linears,
@@ -285,17 +286,18 @@ def _excluded(site: ModuleSite, patterns: tuple[str, ...]) -> bool:
     return any(p == site.kind or p in site.name for p in patterns)
 
 
-def _latency_model(unet, config: SlimConfig) -> LatencyModel:
-    return LatencyModel(load_table(config.latency_table), unet)
+def _latency_model(unet, config: SlimConfig, family=None) -> LatencyModel:
+    return LatencyModel(load_table(config.latency_table), unet, family=family)
 
 
-def check_budget(unet, config: SlimConfig) -> None:
-    """Refuse a parameter budget the pool cannot give, or a latency table of another architecture, before a
-    calibration that can take hours (a MAC budget needs statistics, so it is checked later)."""
+def check_budget(unet, config: SlimConfig, family=None) -> None:
+    """Refuse a parameter budget the pool cannot give, or a latency table of another architecture or call (``family``
+    calls ``unet``: default its own), before a calibration that can take hours (a MAC budget needs statistics, so it
+    is checked later)."""
     if config.speedup is not None:
         # Whether the target is reachable depends on the table alone (every module at its floor), not on the
         # error curves that calibration would bring.
-        latency_budget_ranks(proxy_items(unet), _latency_model(unet, config), config.speedup, r_min=config.r_min,
+        latency_budget_ranks(proxy_items(unet), _latency_model(unet, config, family), config.speedup, r_min=config.r_min,
                              align=config.align)
         return
     if config.budget_unit != "params":
@@ -378,15 +380,21 @@ def apply_ranks(unet, stats: Statistics, ranks: dict[str, int], config: SlimConf
     return SlimReport(plan, before, after, errors, {}, time.perf_counter() - start)
 
 
-def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progress: bool = True) -> SlimReport:
-    """Slim ``unet`` in place to ``config.budget`` using calibration ``stats``; returns the plan and a report."""
+def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progress: bool = True,
+              family=None) -> SlimReport:
+    """Slim ``unet`` in place to ``config.budget`` using calibration ``stats``; returns the plan and a report.
+    ``family`` calls ``unet`` in its pipeline (default the denoiser's own): a latency budget prices its call, and the
+    plan records it — what an export of the slim folder alone takes the call from (FLUX Kontext's transformer has
+    FLUX.1-dev's configuration)."""
+    family = family or family_for(unet)
     start = time.perf_counter()
     latency = config.speedup is not None
     items, analyses = allocation_items(unet, stats, config, with_curves=config.allocator == "greedy" or latency,
                                        progress=progress)
     total = sum(item.unit_cost * item.width for item in items)
     if latency:
-        ranks, info = latency_budget_ranks(items, _latency_model(unet, config), config.speedup, r_min=config.r_min,
+        ranks, info = latency_budget_ranks(items, _latency_model(unet, config, family), config.speedup,
+                                           r_min=config.r_min,
                                            align=config.align, temperature=config.resolved_temperature())
         info = {"latency_budget": info, "latency_table": str(config.latency_table)}
     else:
@@ -400,7 +408,7 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
         except ValueError as exc:
             raise SlimDiffError(f"cannot meet the budget: {exc}") from exc
         info = {"budget_resolved": budget, "budget_total": total}
-    report = apply_ranks(unet, stats, ranks, config, info, analyses, progress)
+    report = apply_ranks(unet, stats, ranks, config, {**info, "family": family.name}, analyses, progress)
     report.scores = {item.name: item.score for item in items}
     report.seconds = time.perf_counter() - start
     return report

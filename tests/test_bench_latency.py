@@ -161,6 +161,7 @@ def test_slim_unet_with_a_latency_budget(tiny_pipe, tiny_stats, tmp_path):
     ranks = {n: e.rank for n, e in report.plan.modules.items()}
     assert model.predict_speedup(ranks) >= 1.3
     assert report.plan.info["latency_budget"]["predicted_speedup"] == pytest.approx(model.predict_speedup(ranks))
+    assert report.plan.info["family"] == "sd"  # what an export of the slim folder alone takes the call from
     assert before - sum(p.numel() for p in unet.parameters()) == report.plan.params_removed > 0
     assert isinstance(RankPlan.from_json(report.plan.to_json()), RankPlan)
     unreachable = SlimConfig(speedup=50.0, latency_table=str(path))
@@ -210,10 +211,22 @@ def test_dit_tables_time_every_sublayer_as_the_denoiser_calls_it(model, monkeypa
     assert table["text_len"] == family.text_tokens
     model_ = LatencyModel(table, denoiser)  # every site has an entry
     assert model_.predict_ms({}) == pytest.approx(table["dense_unet_ms"])
+    with pytest.raises(SlimDiffError, match=f"measured on a sd model's call, not a {family.name} model's"):
+        LatencyModel({**table, "family": "sd"}, denoiser)  # one line, not a failing meta-device forward
     sites = module_sites(denoiser)
     with_qk = {s.sublayer_path for s in sites if s.kind == QK}
     assert {s.sublayer_path for s in sites if s.kind == VO} - with_qk == (
         {s.sublayer_path for s in sites if s.kind == VO} if model == "builtin:tiny-flux" else set())
+    if model == "builtin:tiny-flux":  # the shared proj_out's column blocks follow the sites' ranks
+        with torch.device("meta"):
+            meta = family.build(denoiser.config)
+        dim = denoiser.config["num_attention_heads"] * denoiser.config["attention_head_dim"]
+        for kind in (FFN, VO):
+            site = next(s for s in sites if s.block.startswith("single_transformer_blocks") and s.kind == kind)
+            per_rank = site.heads if kind == VO else 1
+            shared = [latency_table._resized_module(meta, site, {kind: r}, "cpu", torch.float32)[1]
+                      for r in (site.width, site.width // 2)]
+            assert shared == [[(per_rank * site.width, dim)], [(per_rank * (site.width // 2), dim)]], kind
     for group in table["groups"]:
         (curve,) = group["curves"].values()
         shares = 2 if model == "builtin:tiny-flux" and "single_transformer_blocks" in group["sites"][0] else 1

@@ -181,9 +181,19 @@ def test_mac_and_latency_tables_count_the_reference_tokens(kontext, tmp_path, mo
     table = latency_table.measure_latency_table(kontext.transformer, (16, 16), 1, max_points=2, warmup=1, iters=1,
                                                 family=family_for(kontext))
     assert table["family"] == "flux-kontext"
-    LatencyModel(table, kontext.transformer)  # every site found at the Kontext call's token counts
-    with pytest.raises(SlimDiffError, match="no entry"):
-        LatencyModel({**table, "family": "flux"}, kontext.transformer)
+    LatencyModel(table, kontext.transformer, family=family_for(kontext))  # every site at the Kontext call's tokens
+    # the transformer alone is FLUX.1-dev's: a Kontext table does not price its text-to-image call, nor the reverse
+    with pytest.raises(SlimDiffError, match="measured on a flux-kontext model's call, not a flux model's"):
+        LatencyModel(table, kontext.transformer)
+    with pytest.raises(SlimDiffError, match="measured on a flux model's call, not a flux-kontext model's"):
+        LatencyModel({**table, "family": "flux"}, kontext.transformer, family=family_for(kontext))
+    # slimming records the family calling the denoiser in the plan (what an export of the slim folder reads)
+    from slimdiff.slim import SlimConfig, check_budget
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(SlimDiffError, match="not a flux model's"):
+        check_budget(kontext.transformer, SlimConfig(speedup=1.01, latency_table=str(path)))
 
 
 def test_the_reference_axes_reach_every_shape_table(kontext):

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--macs-only 0,0.2,0.4,0.6)")
     p.add_argument("--budget-unit", default="params", choices=["params", "macs"],
                    help="budgets are fractions of the compressible parameters (default) or of the transformer-block "
-                        "MACs of one denoiser call at the resolution (the share the ideal speed-up is computed from)")
+                        "MACs of one denoiser call at the resolution that ranks can remove (the ideal speed-up is the "
+                        "ratio of the counted MACs)")
     p.add_argument("--batch", default="1,2", help="denoiser batch sizes (default 1,2); even sizes also run end to "
                                                   "end with batch/2 images under classifier-free guidance (FLUX: "
                                                   "every size, batch images: its guidance is embedded)")

@@ -79,9 +79,9 @@ def synthetic_plan(unet: nn.Module, budget: float, *, align: int = 8, r_min: int
 
 def transformer_mac_plan(unet: nn.Module, fraction: float, latent: tuple[int, int], text_len: int | None = None, *,
                          align: int = 8, r_min: int = 8, family=None) -> RankPlan:
-    """Ranks that remove ``fraction`` of the transformer-block MACs of one denoiser call at ``latent`` (uniform
-    scores: every module loses the same share of its width — the plan the ideal speed-up
-    1 / (1 − share · fraction) assumes). Each site is priced by its block adapter (MACs per sample removed per
+    """Ranks that remove ``fraction`` of the transformer-block MACs that ranks can remove — each site's MACs per rank
+    times its width: nearly all of a UNet's block MACs, not the q·k FLUX keeps dense — of one denoiser call at
+    ``latent`` (uniform scores: every module loses the same share of its width). Each site is priced by its block adapter (MACs per sample removed per
     rank: projections and attention products) with the token counts of a meta-device forward at ``latent``, called as
     ``family`` calls it (default the denoiser's own)."""
     from .. import allocate as alloc

@@ -114,17 +114,15 @@ def cmd_slim(args) -> None:
         if base_statistics:
             print("statistics of the model without the LoRA(s): the factors are fitted to its activations "
                   "(calibrate with --lora for the fused model's own)")
-    denoiser = family_for(pipe).denoiser(pipe)
-    check_budget(denoiser, config)  # before a calibration that could take hours
+    family = family_for(pipe)
+    denoiser = family.denoiser(pipe)
+    check_budget(denoiser, config, family)  # before a calibration that could take hours
     if stats is None:
         stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration,
                                    on_batch=calibration_clock("slimdiff", pipe, len(prompts), args))
-    report = slim_unet(denoiser, stats, config)
+    report = slim_unet(denoiser, stats, config, family=family)
     source = args.model if args.model.startswith("builtin:") else str(Path(args.model).resolve())
     report.plan.info["source_model"] = source
-    # the family of the pipeline it was slimmed in: what an export of the slim folder alone takes the denoiser's call
-    # from (FLUX Kontext's transformer has FLUX.1-dev's configuration)
-    report.plan.info["family"] = family_for(pipe).name
     # What it takes to load the source again (a slim folder reopens its pipeline from these).
     if args.config is not None:
         report.plan.info["source_config"] = str(Path(args.config).resolve())

@@ -55,8 +55,6 @@ from .sd import guidance
 REFERENCE = "image"
 #: The exported input carrying the reference image's latent, unpacked.
 REFERENCE_LATENTS = "reference_latents"
-
-
 #: What every call passes: the pipeline's own resizing of the reference to a preferred resolution off (calibration
 #: and the measuring runs resize it to the image size; a served request's is taken at its own size).
 KONTEXT_OPTIONS = {"_auto_resize": False}

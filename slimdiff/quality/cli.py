@@ -223,8 +223,8 @@ def evaluate_to(args, folder: Path) -> dict:
         "format": "slimdiff-quality/1",
         "label": model_label(args.model),
         # MACs at the family's text length (CLIP's 77 tokens; PixArt-Σ's T5: 300; SD3: 77 + 256)
-        "dense": {"source": args.model, **unet_cost(dense_unet)},
-        "slim": {"source": args.slim, "made_from": made_from, **unet_cost(slim_unet)},
+        "dense": {"source": args.model, **unet_cost(dense_unet, family=family_for(dense))},
+        "slim": {"source": args.slim, "made_from": made_from, **unet_cost(slim_unet, family=family_for(dense))},
         "settings": {"prompts": args.prompts or f"proxy held-out compositions (seed {HELDOUT_PROMPT_SEED})",
                      "num_prompts": len(prompts), "steps": settings.steps,
                      "guidance": settings.guidance, "seeds": f"{settings.seed}..{settings.seed + len(prompts) - 1}",

@@ -92,15 +92,16 @@ def model_label(source: str) -> str:
     return "user-supplied weights"
 
 
-def unet_cost(unet: torch.nn.Module, text_tokens: int | None = None) -> dict:
-    """Parameters and MACs of one denoiser call (batch 1, native latent size, ``text_tokens``: default the family's
+def unet_cost(unet: torch.nn.Module, text_tokens: int | None = None, family=None) -> dict:
+    """Parameters and MACs of one denoiser call as ``family`` calls it (default the denoiser's own; FLUX Kontext's
+    pipeline adds the reference image's tokens) (batch 1, native latent size, ``text_tokens``: default the family's
     text length), counted on the meta device."""
     params = sum(p.numel() for p in unet.parameters())
     try:
         from ..bench.macs import count_macs, meta_unet
     except ImportError as exc:
         return {"params": params, "macs": None, "macs_skipped": f"slimdiff.bench.macs is not importable ({exc})"}
-    count = count_macs(meta_unet(unet, getattr(unet, "slim_plan", None)), text_tokens=text_tokens)
+    count = count_macs(meta_unet(unet, getattr(unet, "slim_plan", None)), text_tokens=text_tokens, family=family)
     return {"params": params, "macs": count.total, "macs_transformer": count.transformer}
 
 

@@ -118,7 +118,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
              base=None, refiner_start: float = REFINER_START) -> np.ndarray:
     """Sample ``prompts[i]`` from seed ``seeds[i]``; returns (N, H, W, 3) float32 images in [0, 1].
 
-    ``images``: for a pipeline that takes an image (inpainting, the SDXL refiner, FLUX Control), the files image
+    ``images``: for a pipeline that takes an image (inpainting, the SDXL refiner, FLUX Control, FLUX Kontext), the files image
     ``i`` starts from or is conditioned on, ``images[seeds[i] mod count]`` (as calibration takes them), instead of
     the family's synthetic one;
     ``strength``: its pipeline's strength (default: the family's measuring task's, else the pipeline's).

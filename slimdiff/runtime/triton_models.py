@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from ..engines import Runner, engine_outputs, load_engine_meta, open_engine
+from ..engines.triton_engine_model import _pb_utils
 # repositories written before the engine model moved to slimdiff.engines name it here in their model.py
-from ..engines.triton_engine_model import EngineModel, _pb_utils  # noqa: F401
+from ..engines.triton_engine_model import EngineModel  # noqa: F401
 from ..engines.triton import (
     CONTROLNET_OPTIONS,
     IMAGE_INPUTS,
