@@ -202,6 +202,9 @@ def test_tensorrt_refit_arrays(dense, ort_folder):
         trtmod.refit_arrays(record, state, torch.float32, [n for n in graph if n != moved], graph)
     kept = next(init for init in record["initializers"] if np.array_equal(arrays[init], graph[init]))
     assert kept not in trtmod.refit_arrays(record, state, torch.float32, [n for n in graph if n != kept], graph)
+    # a weight the parser made of no initializer is not set (TensorRT keeps it unless it reports it missing)
+    assert "made-by-the-parser" not in trtmod.refit_arrays(record, state, torch.float32, [*graph, "made-by-the-parser"],
+                                                           graph)
 
 
 def test_refittable_tensorrt_builds_set_the_refit_flag(dense, tmp_path):

@@ -220,8 +220,9 @@ def refit_arrays(record: dict, state: dict, dtype: torch.dtype, refittable: list
     """What a refit of an engine with the weights ``refittable`` (the Refitter's names) sets: each mapped initializer's
     new value, in the graph's layout and precision, and the graph's own value (``exported``: initializer name → the
     ONNX file's array) for the refittable weights no parameter holds — TensorRT asks for every weight it combined with
-    a changed one. One line when new values would go to an initializer TensorRT holds no refittable weight of (folded
-    into others at build)."""
+    a changed one (weights the parser made of no initializer are left as they are: should TensorRT need one, its
+    missing weights say so). One line when new values would go to an initializer TensorRT holds no refittable weight
+    of (folded into others at build)."""
     arrays = initializer_arrays(record, checked_state(record, state, dtype))
     names = set(refittable)
     lost = [name for name, a in arrays.items() if name not in names and not np.array_equal(a, exported[name])]
@@ -229,7 +230,8 @@ def refit_arrays(record: dict, state: dict, dtype: torch.dtype, refittable: list
         param = record["initializers"][lost[0]][0]
         raise SlimDiffError(f"these weights change {param}, which TensorRT folded into other weights when it built "
                             "this engine: rebuild the engine from the new model")
-    return {name: arrays[name] if name in arrays else exported[name] for name in refittable}
+    return {name: arrays[name] if name in arrays else exported[name] for name in refittable
+            if name in arrays or name in exported}
 
 
 def load_trt_engine(engine_path: Path, runtime_meta: dict):
