@@ -19,7 +19,7 @@ from slimdiff.engines import build_engine, engine_meta_path
 from slimdiff.engines import trt as trtmod
 from slimdiff.engines.build import build_denoiser_engine
 from slimdiff.engines.ort import OrtBackend
-from slimdiff.engines.weights import SHARED_VALUE, exported_state, onnx_initializers, weights_path
+from slimdiff.engines.weights import SHARED_VALUE, exported_tensors, onnx_initializers, weights_path
 from slimdiff.errors import SlimDiffError
 from slimdiff.export.modules import denoiser_component
 from slimdiff.export.onnx import sidecar_path
@@ -65,6 +65,12 @@ def ort_folder(dense, tmp_path_factory):
     return folder
 
 
+def exported_state(module, dtype) -> dict:
+    """The module's floating-point tensors as the engine holds them (its precision, on the host)."""
+    return {name: t.detach().to("cpu", dtype).contiguous().numpy()
+            for name, t in module.state_dict().items() if t.is_floating_point()}
+
+
 def test_the_record_maps_renamed_and_transposed_initializers(dense, ort_folder):
     _, _, unet = dense
     meta = json.loads(engine_meta_path(ort_folder).read_text())
@@ -84,11 +90,11 @@ def test_the_record_maps_renamed_and_transposed_initializers(dense, ort_folder):
     assert record["fixed"][norm]["reason"] == SHARED_VALUE
     # An fp16 graph (a TensorRT export) maps alike: its initializers are the fp16 parameters, transposed alike.
     half = {k: v.astype(np.float16) for k, v in graph.items() if v.dtype == np.float32}
-    assert onnx_initializers_of(half, exported_state(denoiser_component(unet).module, torch.float16), ort_folder) == (
+    assert onnx_initializers_of(half, exported_tensors(denoiser_component(unet).module, torch.float16), ort_folder) == (
         record["initializers"], {k: v["reason"] for k, v in record["fixed"].items()})
 
 
-def onnx_initializers_of(values: dict, state: dict, folder):
+def onnx_initializers_of(values: dict, tensors: dict, folder):
     """``onnx_initializers`` on a copy of the folder's graph whose float initializers are ``values``."""
     model = onnx.load(str(folder / "unet.onnx"))
     for init in model.graph.initializer:
@@ -97,7 +103,7 @@ def onnx_initializers_of(values: dict, state: dict, folder):
     path = folder / "half" / "unet.onnx"
     path.parent.mkdir(exist_ok=True)
     onnx.save_model(model, str(path))
-    return onnx_initializers(path, state)
+    return onnx_initializers(path, tensors)
 
 
 def test_ort_engine_takes_a_fused_lora_and_switches_back(dense, ort_folder):

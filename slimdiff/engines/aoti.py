@@ -116,10 +116,10 @@ class AotiBackend(Backend):
     from_onnx = False
     updates_weights = True
 
-    def weight_record(self, target, onnx_path, state):
+    def weight_record(self, target, onnx_path, tensors):
         # The compiled package's constants: what it takes new values of; the rest was folded in at compile time
         names = set(torch._inductor.aoti_load_package(str(target)).get_constant_fqns())
-        return None, {name: NOT_A_WEIGHT for name in state if name not in names}
+        return None, {name: NOT_A_WEIGHT for name in tensors if name not in names}
 
     def unavailable(self, device):
         if str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -36,7 +36,7 @@ from ..export.meta import files_size, read_json, write_json_atomic
 from ..export.modules import Component
 from ..export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, load_sidecar
 from ..fingerprint import config_fingerprint
-from .weights import exported_state, write_weights_record
+from .weights import exported_tensors, write_weights_record
 
 ENGINE_FORMAT = "slimdiff-engine/1"
 
@@ -126,10 +126,10 @@ class Backend:
         """A runner for the engine described by ``meta`` in ``folder`` (refusing one built for another runtime)."""
         raise NotImplementedError
 
-    def weight_record(self, target: Path, onnx_path: Path | None, state: dict) -> tuple[dict | None, dict[str, str]]:
-        """How the built engine ``target`` holds the exported module's ``state`` (name → array in the engine's
-        precision): ``(initializers, fixed)`` as :mod:`.weights` records them (initializers None for engines not
-        built from ONNX)."""
+    def weight_record(self, target: Path, onnx_path: Path | None, tensors: dict) -> tuple[dict | None, dict[str, str]]:
+        """How the built engine ``target`` holds the exported module's ``tensors`` (name →
+        :class:`~.weights.ExportedTensor`): ``(initializers, fixed)`` as :mod:`.weights` records them (initializers
+        None for engines not built from ONNX)."""
         raise NotImplementedError
 
     def cannot_update_weights(self, meta: dict) -> str | None:
@@ -257,9 +257,9 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
                                 f"{check['max_rel_error']:.2e} (relative; tolerance {FP32_TOLERANCE:.0e})")
     # Denoisers and ControlNets (with a config) are the models whose weights users swap: another LoRA fused, a fine-tune
     if "unet_config" in meta and backend.updates_weights:
-        state = exported_state(component.module, dtype)
-        initializers, fixed = backend.weight_record(target, onnx_path, state)
-        meta["weights"] = write_weights_record(folder, component.name, state, dtype, initializers=initializers,
+        tensors = exported_tensors(component.module, dtype)
+        initializers, fixed = backend.weight_record(target, onnx_path, tensors)
+        meta["weights"] = write_weights_record(folder, component.name, tensors, dtype, initializers=initializers,
                                                fixed=fixed)
     write_json_atomic(engine_meta_path(folder, component.name), meta)
     return meta

@@ -129,8 +129,8 @@ class OrtBackend(Backend):
     def unavailable(self, device):
         return ort_unavailable(device)
 
-    def weight_record(self, target, onnx_path, state):
-        return onnx_initializers(onnx_path, state)
+    def weight_record(self, target, onnx_path, tensors):
+        return onnx_initializers(onnx_path, tensors)
 
     def build(self, component, target, *, onnx_path, sidecar, axes, dtype, device, options):
         return build_ort_engine(onnx_path, target, device=device)

@@ -402,8 +402,8 @@ class TrtBackend(Backend):
     def needs_aligned_heads(self, device):
         return True  # TensorRT's fused MHA wants equal head widths, multiples of 8
 
-    def weight_record(self, target, onnx_path, state):
-        return onnx_initializers(onnx_path, state)
+    def weight_record(self, target, onnx_path, tensors):
+        return onnx_initializers(onnx_path, tensors)
 
     def cannot_update_weights(self, meta):
         if not meta["runtime"].get("refittable"):

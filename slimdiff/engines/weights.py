@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,28 +41,44 @@ def weights_path(folder: Path, component: str) -> Path:
     return Path(folder) / f"{component}.weights.json"
 
 
-def exported_state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """The module's floating-point state as the engine holds it: cast to its precision, on the CPU."""
-    return {name: t.detach().to("cpu", dtype).contiguous().numpy()
-            for name, t in module.state_dict().items() if t.is_floating_point()}
+@dataclass(frozen=True)
+class ExportedTensor:
+    """A floating-point tensor of the exported module as the engine holds it (cast to its precision), by digest."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy's dtype string
+    sha256: str
+    sha256_transposed: str | None  # a 2-D tensor's transpose: the exporter stores some MatMul weights transposed
+
+
+def exported_tensors(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, ExportedTensor]:
+    """The module's floating-point state as the engine holds it, digested one tensor at a time on the host (an SDXL
+    or FLUX denoiser is never copied there whole)."""
+    tensors = {}
+    for name, t in module.state_dict().items():
+        if t.is_floating_point():
+            array = t.detach().to("cpu", dtype).contiguous().numpy()
+            tensors[name] = ExportedTensor(array.shape, array.dtype.str, _digest(array),
+                                           _digest(array.T) if array.ndim == 2 else None)
+    return tensors
 
 
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def onnx_initializers(onnx_path: Path, state: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    """``(initializers, fixed)`` of an ONNX graph exported from a module of ``state``: each initializer whose value
+def onnx_initializers(onnx_path: Path, tensors: dict[str, ExportedTensor]) -> tuple[dict, dict]:
+    """``(initializers, fixed)`` of an ONNX graph exported from a module of ``tensors``: each initializer whose value
     one parameter has, as is or transposed, → ``[parameter, transposed]``; the parameters no such initializer holds
     → the reason (their values shared with other parameters, or folded away)."""
     import onnx
     from onnx import numpy_helper
 
     by_value: dict[tuple, list[tuple[str, bool]]] = defaultdict(list)
-    for name, array in state.items():
-        by_value[(array.shape, array.dtype.str, _digest(array))].append((name, False))
-        if array.ndim == 2:  # the exporter stores some MatMul weights transposed
-            by_value[(array.T.shape, array.dtype.str, _digest(array.T))].append((name, True))
+    for name, t in tensors.items():
+        by_value[(t.shape, t.dtype, t.sha256)].append((name, False))
+        if t.sha256_transposed is not None:
+            by_value[(t.shape[::-1], t.dtype, t.sha256_transposed)].append((name, True))
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers: dict[str, list] = {}
     shared: set[str] = set()
@@ -73,11 +90,11 @@ def onnx_initializers(onnx_path: Path, state: dict[str, np.ndarray]) -> tuple[di
         else:  # no parameter (a constant of the graph), or several: the graph cannot say whose it is
             shared.update(name for name, _ in found)
     held = {name for name, _ in initializers.values()}
-    fixed = {name: SHARED_VALUE if name in shared else NOT_A_WEIGHT for name in state if name not in held}
+    fixed = {name: SHARED_VALUE if name in shared else NOT_A_WEIGHT for name in tensors if name not in held}
     return initializers, fixed
 
 
-def write_weights_record(folder: Path, component: str, state: dict[str, np.ndarray], dtype: torch.dtype, *,
+def write_weights_record(folder: Path, component: str, tensors: dict[str, ExportedTensor], dtype: torch.dtype, *,
                          initializers: dict | None, fixed: dict[str, str]) -> dict:
     """Write ``<component>.weights.json``; returns what the engine metadata declares (``{"file": ...}``)."""
     path = weights_path(folder, component)
@@ -85,9 +102,9 @@ def write_weights_record(folder: Path, component: str, state: dict[str, np.ndarr
         "format": WEIGHTS_FORMAT,
         "component": component,
         "dtype": str(dtype).removeprefix("torch."),
-        "shapes": {name: list(a.shape) for name, a in state.items()},
+        "shapes": {name: list(t.shape) for name, t in tensors.items()},
         "initializers": initializers,
-        "fixed": {name: {"reason": reason, "sha256": _digest(state[name])} for name, reason in fixed.items()},
+        "fixed": {name: {"reason": reason, "sha256": tensors[name].sha256} for name, reason in fixed.items()},
     })
     return {"file": path.name}
 
