@@ -623,7 +623,6 @@ def run(args) -> list[dict]:
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming, calibration_loop)
-            plan.info["family"] = family.name  # what a later export of the slim folder alone takes the call from
             calibration_loop = None  # a refiner's base pipeline is no longer needed
             slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
         rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", family=family, **build))
