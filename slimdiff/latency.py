@@ -81,13 +81,7 @@ def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None
             module, read = (tap.attention, tap.read_inputs) if tap.kind == ATTENTION else \
                 (block.get_submodule(tap.sublayer), _first_input)
             handles.append(module.register_forward_pre_hook(hook(f"{path}.{tap.sublayer}", read), with_kwargs=True))
-    call = family.dummy_call(meta.config, 1, latent, text_len, device="meta")
-    try:
-        with torch.no_grad():
-            meta(**call)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_meta_forward(meta, family, 1, latent, text_len, handles)
     out = {}
     for site in module_sites(meta):
         channels, lq, lk, ck = seen[site.sublayer_path]
@@ -96,6 +90,19 @@ def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None
         else:
             out[site.name] = Geometry(site.attn, channels, lq, lk, ck, site.heads, site.width)
     return out
+
+
+def hooked_meta_forward(meta: nn.Module, family: DenoiserFamily, batch: int, latent: tuple[int, int],
+                        text_len: int | None, handles: list) -> None:
+    """One forward pass of the meta-device denoiser ``meta`` as ``family`` calls it, for the hooks whose ``handles``
+    are given: they are removed after it, whatever happens."""
+    call = family.dummy_call(meta.config, batch, latent, text_len, device="meta")
+    try:
+        with torch.no_grad():
+            meta(**call)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _first_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, None]:

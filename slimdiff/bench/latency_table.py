@@ -60,6 +60,7 @@ from ..latency import (  # noqa: F401
     proxy_items,
     site_geometry,
 )
+from ..latency import hooked_meta_forward
 from .timing import cuda_graphed, is_cuda, time_calls
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,13 +122,7 @@ def _sublayer_calls(meta: nn.Module, family: DenoiserFamily, paths: set[str], ba
             calls.setdefault(path, (args, kwargs))
 
         handles.append(meta.get_submodule(path).register_forward_pre_hook(record, with_kwargs=True))
-    call = family.dummy_call(meta.config, batch, latent, text_len, device="meta")
-    try:
-        with torch.no_grad():
-            meta(**call)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_meta_forward(meta, family, batch, latent, text_len, handles)
     return calls
 
 
