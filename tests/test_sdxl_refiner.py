@@ -404,7 +404,7 @@ def test_eval_refuses_starting_images_for_a_text_to_image_model(tmp_path, images
                  "--num", "1", "--images", str(images), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("--images: StableDiffusionXLPipeline takes no image (only inpainting models, FLUX "
-                            "Control and the SDXL refiner take one)"), err
+                            "Control, FLUX Kontext and the SDXL refiner take one)"), err
     assert not (tmp_path / "eval").exists()
 
 
