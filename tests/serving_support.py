@@ -84,3 +84,19 @@ def write_tiny_repository(pipe, root, *, image_to_image: bool = False, refiner=N
     write_repository(root / "repo", pipe, root / family.component, folders, "python", pipeline_instances=1,
                      image_to_image=image_to_image, refiner=refiner, refiner_folder=root / "refiner")
     return root / "repo"
+
+
+def served_beside_diffusers(pipe, root):
+    """:func:`write_tiny_repository` of ``pipe`` and two pipelines over its engines: the repository's own, run in
+    this process, and diffusers' (``pipe``'s components, the denoiser engine). Returns (repository, the repository's
+    pipeline, diffusers' pipeline)."""
+    from slimdiff.families import family_for
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import local_runners, repository_pipeline
+
+    repo = write_tiny_repository(pipe, root)
+    in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
+    reference = type(pipe)(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    use_engine(reference, root / family_for(pipe).component)
+    return repo, in_process, reference

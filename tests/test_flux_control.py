@@ -90,15 +90,13 @@ def test_served_control_is_diffusers_pipeline_with_the_engine(control, tmp_path)
     """The Triton repository (python mode, in this process over its ONNX Runtime engines) serves the VAE encoder (the
     control image's latent) and takes the control image, no strength; it draws what diffusers' FluxControlPipeline
     with the transformer engine draws, within one grey level, and the control image decides what."""
-    from serving_support import SIZE as SERVED, noise_image, write_tiny_repository
+    from serving_support import SIZE as SERVED, noise_image, served_beside_diffusers
 
     from slimdiff.engines.triton import _pb, read_config
-    from slimdiff.runtime import use_engine
-    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+    from slimdiff.runtime.triton_models import generate
 
     pytest.importorskip("tritonclient.grpc")
-    write_tiny_repository(control, tmp_path)
-    repo = tmp_path / "repo"
+    repo, served, reference = served_beside_diffusers(control, tmp_path)
     assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2", "transformer",
                                                       "vae_decoder", "vae_encoder"]
     spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
@@ -106,10 +104,6 @@ def test_served_control_is_diffusers_pipeline_with_the_engine(control, tmp_path)
     pb, _ = _pb()
     inputs = {t.name: (t.data_type, list(t.dims)) for t in read_config(repo / "pipeline" / "config.pbtxt").input}
     assert inputs["control_image"] == (pb.TYPE_UINT8, [-1, -1, 3]) and "strength" not in inputs
-    served = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
-    reference = type(control)(**control.components)
-    reference.set_progress_bar_config(disable=True)
-    use_engine(reference, tmp_path / "transformer")
     options = dict(seed=3, steps=2, height=SERVED, width=SERVED, control_image=noise_image(1))
     got = generate(served, "a red circle", **options)
     assert got.shape == (SERVED, SERVED, 3) and got.std() > 1

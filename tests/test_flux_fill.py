@@ -123,22 +123,16 @@ def test_served_fill_is_diffusers_pipeline_with_the_engine(fill, tmp_path):
     """The Triton repository (python mode, in this process over its ONNX Runtime engines) serves the VAE encoder
     beside the decoder and takes the image and the mask; it fills what diffusers' FluxFillPipeline with the
     transformer engine fills, within one grey level, and the mask decides where."""
-    from serving_support import SIZE as SERVED, noise_image, write_tiny_repository
+    from serving_support import SIZE as SERVED, noise_image, served_beside_diffusers
 
-    from slimdiff.runtime import use_engine
-    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+    from slimdiff.runtime.triton_models import generate
 
     pytest.importorskip("tritonclient.grpc")
-    write_tiny_repository(fill, tmp_path)
-    repo = tmp_path / "repo"
+    repo, served, reference = served_beside_diffusers(fill, tmp_path)
     assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2", "transformer",
                                                       "vae_decoder", "vae_encoder"]
     spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
     assert spec["pipeline_class"] == "FluxFillPipeline" and spec["image_inputs"] == ["image", "mask_image"]
-    served = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
-    reference = type(fill)(**fill.components)
-    reference.set_progress_bar_config(disable=True)
-    use_engine(reference, tmp_path / "transformer")
     mask = np.zeros((SERVED, SERVED), dtype=np.uint8)
     mask[4:12, 4:12] = 255
     options = dict(seed=3, steps=2, height=SERVED, width=SERVED, image=noise_image(1), mask_image=mask)

@@ -178,6 +178,27 @@ def calibration_size(pipe: Any, config: Any) -> tuple[int, int, tuple[int, int]]
     return height, width, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
 
 
+def seeded_sampling_loop(family: FluxFamily, pipe: Any, config: Any,
+                         image_call: Callable[[Sequence[int], int, int], dict[str, Any]] | None = None
+                         ) -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: a FLUX pipeline's own sampling of one batch at the calibration size, from seeded
+    packed latents to latents. ``image_call(seeds, height, width)`` gives the call's size and image arguments
+    (default: the size alone)."""
+    height, width, latent = calibration_size(pipe, config)
+    transformer = pipe.transformer
+
+    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        generators = image_generators(seeds)
+        latents = family.seeded_latents(transformer.config, latent, generators)
+        sized = {"height": height, "width": width} if image_call is None else image_call(seeds, height, width)
+        # prompts by name: FluxKontextPipeline takes its image first
+        pipe(prompt=list(prompts), num_inference_steps=config.steps, **guidance(config),
+             latents=latents.to(device=transformer.device, dtype=transformer.dtype), generator=generators,
+             output_type="latent", **sized)
+
+    return run
+
+
 def split_packed_call(call: dict[str, Any], pipeline: str, *, reference: bool = False
                       ) -> tuple[dict[str, Any], list[tuple[int, int]]]:
     """A copy of ``pipeline``'s packed transformer call without its positions (``img_ids``, ``txt_ids``) and its
@@ -326,17 +347,7 @@ class FluxFamily(DenoiserFamily):
         return str(self.text_tokens)
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        height, width, latent = calibration_size(pipe, config)
-        transformer = pipe.transformer
-
-        def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-            generators = image_generators(seeds)
-            latents = self.seeded_latents(transformer.config, latent, generators)
-            pipe(list(prompts), num_inference_steps=config.steps, **guidance(config), height=height, width=width,
-                 latents=latents.to(device=transformer.device, dtype=transformer.dtype), generator=generators,
-                 output_type="latent")
-
-        return run
+        return seeded_sampling_loop(self, pipe, config)
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
         return [TextTower(pipe.tokenizer, pipe.text_encoder), TextTower(pipe.tokenizer_2, pipe.text_encoder_2)]

@@ -20,10 +20,9 @@ from typing import Any, Callable, Sequence
 
 from diffusers import FluxControlPipeline, FluxTransformer2DModel
 
-from .base import FAMILIES, image_generators
-from .flux import FluxFamily, _transformer_of, calibration_size, input_features, latent_features
-from .images import calibration_images, colour_ramp, read_image
-from .sd import guidance
+from .base import FAMILIES
+from .flux import FluxFamily, _transformer_of, input_features, latent_features, seeded_sampling_loop
+from .images import calibration_images, colour_ramp, images_of_seeds
 
 CONTROL_IMAGE = "control_image"
 
@@ -36,22 +35,12 @@ def is_control_transformer(config: Any) -> bool:
 
 def control_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: ``FluxControlPipeline``'s own sampling of one batch — prompt ``i`` conditioned on
-    ``images[seed mod count]`` — from seeded packed latents to latents."""
+    ``images[seed mod count]`` — from seeded packed latents to latents (the control image's latent is a sample of
+    the VAE's posterior: drawn by each prompt's generator as well)."""
     files = calibration_images(config.images, "FLUX Control is calibrated on control images",
                                example="a few hundred depth or edge maps, of the kind the model serves")
-    height, width, latent = calibration_size(pipe, config)
-    transformer = pipe.transformer
-
-    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-        # the control image's latent is a sample of the VAE's posterior: drawn by each prompt's generator as well
-        generators = image_generators(seeds)
-        latents = family.seeded_latents(transformer.config, latent, generators)
-        controls = [read_image(files[int(s) % len(files)]) for s in seeds]
-        pipe(list(prompts), control_image=controls, num_inference_steps=config.steps, **guidance(config),
-             height=height, width=width, latents=latents.to(device=transformer.device, dtype=transformer.dtype),
-             generator=generators, output_type="latent")
-
-    return run
+    return seeded_sampling_loop(family, pipe, config, lambda seeds, height, width: {
+        CONTROL_IMAGE: images_of_seeds(files, seeds), "height": height, "width": width})
 
 
 @FAMILIES.register({FluxControlPipeline: "flux-control", FluxTransformer2DModel: "flux-control"})

@@ -23,7 +23,7 @@ from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
 from .base import FAMILIES, image_generators, starting_latents
 from .flux import PACK, FluxFamily, _transformer_of, calibration_size, input_features, latent_features
-from .images import calibration_images, read_image
+from .images import calibration_images, images_of_seeds
 from .inpaint import InpaintingTask, seeded_hole
 from .sd import guidance
 
@@ -49,7 +49,7 @@ def fill_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Sequence[
         generators = image_generators(seeds)
         start = starting_latents(strength, lambda: family.seeded_latents(transformer.config, latent, generators).to(
             device=transformer.device, dtype=transformer.dtype))
-        images = [read_image(files[int(s) % len(files)]) for s in seeds]
+        images = images_of_seeds(files, seeds)
         masks = [seeded_hole(int(s), height, width) for s in seeds]
         pipe(list(prompts), image=images, mask_image=masks, num_inference_steps=config.steps, **guidance(config),
              height=height, width=width, strength=strength, generator=generators, output_type="latent", **start)

@@ -36,20 +36,19 @@ import torch
 from diffusers import FluxKontextPipeline
 from torch import nn
 
-from .base import FAMILIES, MODEL_DTYPE, REFERENCE_HEIGHT, REFERENCE_WIDTH, ExportInput, image_generators
+from .base import FAMILIES, MODEL_DTYPE, REFERENCE_HEIGHT, REFERENCE_WIDTH, ExportInput
 from .flux import (
     PACK,
     FluxFamily,
-    calibration_size,
     latent_features,
     latent_ids,
     pack_latents,
     packed_call,
+    seeded_sampling_loop,
     split_packed_call,
     unpack_latents,
 )
-from .images import calibration_images, colour_ramp, read_image
-from .sd import guidance
+from .images import calibration_images, colour_ramp, images_of_seeds
 
 #: The pipeline's argument for the image to edit (and the served request's input).
 REFERENCE = "image"
@@ -80,18 +79,8 @@ def kontext_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Sequen
     ``images[seed mod count]`` — from seeded packed latents to latents."""
     files = calibration_images(config.images, "FLUX Kontext is calibrated on the images it edits",
                                example="a few hundred COCO photographs, of the kind the model edits")
-    height, width, latent = calibration_size(pipe, config)
-    transformer = pipe.transformer
-
-    def run(prompts: Sequence[str], seeds: Sequence[int]) -> None:
-        generators = image_generators(seeds)
-        latents = family.seeded_latents(transformer.config, latent, generators)
-        references = [read_image(files[int(s) % len(files)]) for s in seeds]
-        pipe(prompt=list(prompts), num_inference_steps=config.steps, **guidance(config),
-             latents=latents.to(device=transformer.device, dtype=transformer.dtype), generator=generators,
-             output_type="latent", **sized_call(height, width, references))
-
-    return run
+    return seeded_sampling_loop(family, pipe, config, lambda seeds, height, width: sized_call(
+        height, width, images_of_seeds(files, seeds)))
 
 
 @FAMILIES.register({FluxKontextPipeline: "flux-kontext"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import SlimDiffError
 
@@ -38,6 +39,12 @@ def colour_ramp():
     pixels = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), 255 - np.tile(ramp, (64, 1))],
                       axis=-1)
     return Image.fromarray(pixels.round().astype(np.uint8))
+
+
+def images_of_seeds(files: Sequence[Path], seeds: Sequence[int]) -> list:
+    """The calibration images of a batch: seed ``s`` takes ``files[s mod count]``, so each prompt keeps its image
+    whatever the batch size."""
+    return [read_image(files[int(seed) % len(files)]) for seed in seeds]
 
 
 def read_image(path: Path):

@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 
 from .base import FAMILIES, image_generators, starting_latents
-from .images import calibration_images, read_image
+from .images import calibration_images, images_of_seeds
 from .sd import StableDiffusionFamily, _unet_of, guidance
 from .sdxl import StableDiffusionXLFamily
 
@@ -69,7 +69,7 @@ def inpainting_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence
         generators = image_generators(seeds)
         start = starting_latents(strength, lambda: _latents(unet.config, (height // scale, width // scale),
                                                             generators).to(device=unet.device, dtype=unet.dtype))
-        images = [read_image(files[int(s) % len(files)]) for s in seeds]
+        images = images_of_seeds(files, seeds)
         masks = [seeded_hole(int(s), height, width) for s in seeds]
         pipe(list(prompts), image=images, mask_image=masks, num_inference_steps=config.steps, **guidance(config),
              height=height, width=width, strength=strength, generator=generators, output_type="latent", **start)

@@ -39,7 +39,7 @@ from .base import (
     image_generators,
     pipeline_call_default,
 )
-from .images import calibration_images, colour_ramp, read_image
+from .images import calibration_images, colour_ramp, images_of_seeds
 from .sd import _unet_of, guidance
 from .sdxl import (
     REFINER_TIME_IDS,
@@ -90,8 +90,7 @@ def refiner_loop(pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[in
 
         # the pipeline draws each image's latent sample and its noise by the image's generator
         generators = image_generators(seeds)
-        images = [read_image(files[int(s) % len(files)]).resize((width, height), Image.Resampling.BICUBIC)
-                  for s in seeds]
+        images = [image.resize((width, height), Image.Resampling.BICUBIC) for image in images_of_seeds(files, seeds)]
         pipe(list(prompts), image=images, strength=strength, num_inference_steps=config.steps, **guidance(config),
              generator=generators, output_type="latent")
 
