@@ -173,6 +173,15 @@ def test_mac_and_latency_tables_count_the_reference_tokens(kontext, tmp_path, mo
         assert pipeline_family(source, unet_config(source)).name == "flux-kontext"
     config = unet_config("builtin:tiny-flux-kontext")
     assert pipeline_family("builtin:tiny-flux", config).name == "flux"
+    # a slim transformer folder alone: the family its plan records, else the transformer's own
+    from slimdiff.plan import RankPlan
+    from slimdiff.serialization import PLAN_FILE
+
+    slim = tmp_path / "slim-transformer"
+    kontext.transformer.save_pretrained(slim)
+    for recorded, family in (({"family": "flux-kontext"}, "flux-kontext"), ({}, "flux")):
+        (slim / PLAN_FILE).write_text(RankPlan({}, recorded).to_json())
+        assert pipeline_family(str(slim), unet_config(str(slim))).name == family
     (flux,), (edit,) = (ideal_table(config, [0.0], [1], (16, 16), family=family_named(name))
                         for name in ("flux", "flux-kontext"))
     assert edit["macs"]["transformer"] > flux["macs"]["transformer"]  # the reference tokens: 64 beside 64 + 512
@@ -223,15 +232,13 @@ def test_served_kontext_is_diffusers_pipeline_with_the_engine(kontext, tmp_path)
     reference's latent) and takes the image to edit, no strength; it draws what diffusers' FluxKontextPipeline with
     the transformer engine draws at the request's size, within one grey level, and the image decides what."""
     import numpy as np
-    from serving_support import SIZE as SERVED, noise_image, write_tiny_repository
+    from serving_support import SIZE as SERVED, noise_image, served_beside_diffusers
 
     from slimdiff.engines.triton import _pb, read_config
-    from slimdiff.runtime import use_engine
-    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+    from slimdiff.runtime.triton_models import generate
 
     pytest.importorskip("tritonclient.grpc")
-    write_tiny_repository(kontext, tmp_path)
-    repo = tmp_path / "repo"
+    repo, served, reference = served_beside_diffusers(kontext, tmp_path)
     assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "text_encoder_2", "transformer",
                                                       "vae_decoder", "vae_encoder"]
     spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
@@ -239,10 +246,6 @@ def test_served_kontext_is_diffusers_pipeline_with_the_engine(kontext, tmp_path)
     pb, _ = _pb()
     inputs = {t.name: (t.data_type, list(t.dims)) for t in read_config(repo / "pipeline" / "config.pbtxt").input}
     assert inputs["image"] == (pb.TYPE_UINT8, [-1, -1, 3]) and "strength" not in inputs
-    served = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
-    reference = type(kontext)(**kontext.components)
-    reference.set_progress_bar_config(disable=True)
-    use_engine(reference, tmp_path / "transformer")
     options = dict(seed=3, steps=2, image=noise_image(1))
     got = generate(served, "a red circle", **options)
     assert got.shape == (SERVED, SERVED, 3) and got.std() > 1  # the image's size, not the pipeline's 1 MP

@@ -39,12 +39,17 @@ def unet_config(source: str) -> dict | None:
 def pipeline_family(source: str, config: dict):
     """The family whose pipeline calls the denoiser of ``source`` (a built-in or a diffusers folder), read without
     loading: the pipeline's, where ``model_index.json`` (or the built-in) names one the denoiser fits — FLUX Kontext's
-    transformer has FLUX.1-dev's configuration, and only its pipeline adds the reference image's tokens — else the
-    denoiser's own."""
+    transformer has FLUX.1-dev's configuration, and only its pipeline adds the reference image's tokens — or, for a
+    slim denoiser folder, the family its plan records; else the denoiser's own."""
     from ..families import FAMILIES, family_for, family_named
     from ..models import FLUX_KONTEXT_BUILTINS
+    from ..serialization import is_slim_folder, load_plan
     from .macs import meta_unet
 
+    if not source.startswith("builtin:") and is_slim_folder(source):
+        recorded = load_plan(source).info.get("family")
+        if recorded:
+            return family_named(recorded)
     denoiser = meta_unet(config)
     index = Path(source) / "model_index.json"
     if source in FLUX_KONTEXT_BUILTINS:
