@@ -58,6 +58,9 @@ Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``, FLUX Kontex
 * ``builtin:tiny-flux-kontext`` — builtin:tiny-flux's components as a ``FluxKontextPipeline``: a transformer of
   builtin:tiny-flux's configuration (Kontext's is FLUX.1-dev's) with seeded weights of its own, called with the
   reference image's tokens after the latent's.
+* ``builtin:tiny-flux-controlnet`` — builtin:tiny-flux as a ``FluxControlNetPipeline`` (its transformer, the same
+  weights) with a seeded ``FluxControlNetModel`` of one double- and one single-stream block: ``from_transformer``'s
+  weights, its zero-initialised projections drawn at random so that its samples move the image.
 * ``builtin:flux-kontext-shape`` — FLUX.1-dev's shapes (FLUX.1-Kontext-dev's transformer has its configuration) as a
   ``FluxKontextPipeline``, seeded random weights; build it on the meta device where only shapes matter.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
@@ -139,7 +142,8 @@ BUILTINS = ("builtin:tiny", "builtin:sd15-shape", "builtin:proxy", "builtin:tiny
             "builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape",
             "builtin:tiny-pixart", "builtin:pixart-sigma-shape", "builtin:tiny-sd3", "builtin:sd3-medium-shape",
             "builtin:tiny-flux", "builtin:flux-dev-shape", "builtin:tiny-flux-fill", "builtin:flux-fill-shape",
-            "builtin:tiny-flux-control", "builtin:tiny-flux-kontext", "builtin:flux-kontext-shape")
+            "builtin:tiny-flux-control", "builtin:tiny-flux-kontext", "builtin:flux-kontext-shape",
+            "builtin:tiny-flux-controlnet")
 ASSETS = Path(__file__).parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ BUILTIN_DENOISER_CONFIGS = {
     "builtin:tiny-flux-control": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_CONTROL_TRANSFORMER},
     "builtin:tiny-flux-kontext": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER},
     "builtin:flux-kontext-shape": {"_class_name": "FluxTransformer2DModel", **FLUX_DEV_TRANSFORMER},
+    "builtin:tiny-flux-controlnet": {"_class_name": "FluxTransformer2DModel", **TINY_FLUX_TRANSFORMER},
 }
 XL_BUILTINS = ("builtin:tiny-xl", "builtin:sdxl-shape")
 XL_REFINER_BUILTINS = ("builtin:tiny-xl-refiner", "builtin:sdxl-refiner-shape")
@@ -172,6 +177,7 @@ FLUX_BUILTINS = ("builtin:tiny-flux", "builtin:flux-dev-shape")
 FLUX_FILL_BUILTINS = ("builtin:tiny-flux-fill", "builtin:flux-fill-shape")
 FLUX_CONTROL_BUILTINS = ("builtin:tiny-flux-control",)
 FLUX_KONTEXT_BUILTINS = ("builtin:tiny-flux-kontext", "builtin:flux-kontext-shape")
+FLUX_CONTROLNET_BUILTINS = ("builtin:tiny-flux-controlnet",)
 
 
 def _seeded(seed: int, build):
@@ -187,7 +193,7 @@ def build_builtin(name: str, device: str | torch.device | None = None):
     ``PixArtSigmaPipeline`` for :data:`PIXART_BUILTINS`, ``StableDiffusion3Pipeline`` for :data:`SD3_BUILTINS`,
     ``FluxPipeline`` for :data:`FLUX_BUILTINS`, ``FluxFillPipeline`` for :data:`FLUX_FILL_BUILTINS`,
     ``FluxControlPipeline`` for :data:`FLUX_CONTROL_BUILTINS`, ``FluxKontextPipeline`` for
-    :data:`FLUX_KONTEXT_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
+    :data:`FLUX_KONTEXT_BUILTINS`, ``FluxControlNetPipeline`` for :data:`FLUX_CONTROLNET_BUILTINS`), eval mode. ``device="meta"`` builds it without weights (shapes only)."""
     if name in XL_BUILTINS:
         return _build_xl_builtin(name, device)
     if name in XL_REFINER_BUILTINS:
@@ -198,6 +204,8 @@ def build_builtin(name: str, device: str | torch.device | None = None):
         return _build_sd3_builtin(name, device)
     if name in (*FLUX_BUILTINS, *FLUX_FILL_BUILTINS, *FLUX_CONTROL_BUILTINS, *FLUX_KONTEXT_BUILTINS):
         return _build_flux_builtin(name, device)
+    if name in FLUX_CONTROLNET_BUILTINS:
+        return _build_flux_controlnet_builtin(device)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -367,6 +375,29 @@ def _build_flux_builtin(name: str, device):
     return pipe
 
 
+def _build_flux_controlnet_builtin(device):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    pipe = _build_flux_builtin("builtin:tiny-flux", device)
+    config = pipe.transformer.config
+
+    def controlnet():
+        net = FluxControlNetModel.from_transformer(pipe.transformer, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=config.attention_head_dim,
+                                                   num_attention_heads=config.num_attention_heads)
+        # diffusers zero-initialises the projections a ControlNet is trained from: drawn here, so its samples count
+        for linear in (net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks):
+            torch.nn.init.normal_(linear.weight, std=0.2)
+        return net
+
+    with _build_device(device):
+        net = _seeded(8, controlnet)
+    net.eval().requires_grad_(False)
+    pipe = FluxControlNetPipeline(controlnet=net, **pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
@@ -489,8 +520,10 @@ FLUX_PIPELINE = "FluxPipeline"
 FLUX_FILL_PIPELINE = "FluxFillPipeline"
 FLUX_CONTROL_PIPELINE = "FluxControlPipeline"
 FLUX_KONTEXT_PIPELINE = "FluxKontextPipeline"
-#: Pipelines that load as themselves: their transformers are called with inputs of their own.
-FLUX_OWN_PIPELINES = (FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE, FLUX_KONTEXT_PIPELINE)
+FLUX_CONTROLNET_PIPELINE = "FluxControlNetPipeline"
+#: Pipelines that load as themselves: their transformers are called with inputs of their own (a FLUX ControlNet
+#: pipeline's with its ControlNet's samples).
+FLUX_OWN_PIPELINES = (FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE, FLUX_KONTEXT_PIPELINE, FLUX_CONTROLNET_PIPELINE)
 #: Folders of these classes hold the same components and load as the text-to-image pipeline, except FLUX Fill's,
 #: FLUX Control's and FLUX Kontext's (:data:`FLUX_OWN_PIPELINES`), which load as themselves (other FLUX pipelines —
 #: the Control image-to-image and inpainting ones — feed their transformers inputs no family samples).
@@ -528,7 +561,8 @@ def _check_flux_input(config: dict, source: str, cls_name: str, kind: str) -> No
     kinds = {FLUX_FILL_PIPELINE: ("a FLUX Fill transformer", is_fill_transformer),
              FLUX_CONTROL_PIPELINE: ("a FLUX Control transformer", is_control_transformer),
              FLUX_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer),
-             FLUX_KONTEXT_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer)}
+             FLUX_KONTEXT_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer),
+             FLUX_CONTROLNET_PIPELINE: ("a text-to-image transformer", is_text_to_image_transformer)}
     if kinds[kind][1](config):
         return
     found = next((what for what, fits in kinds.values() if fits(config)), "a transformer of unknown input")
@@ -599,15 +633,16 @@ def _pipeline_class(path: Path, source: str):
         return getattr(diffusers, cls_name)
     if cls_name.startswith("Flux") and cls_name not in FLUX_PIPELINES:
         raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates FLUX through its text-to-image, "
-                            f"Fill, Control and Kontext pipelines: pass a {' or '.join(FLUX_PIPELINES)} folder")
+                            f"Fill, Control, Kontext and ControlNet pipelines: pass a {' or '.join(FLUX_PIPELINES)} "
+                            "folder")
     if cls_name in FLUX_PIPELINES:
         # calibration runs the pipeline on prompts: the transformer and both text towers are needed
-        missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-                   if not present(c)]
+        missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                               *(("controlnet",) if cls_name == FLUX_CONTROLNET_PIPELINE else ())) if not present(c)]
         if missing:
             raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
-                                "the transformer, the CLIP and T5 text encoders and their tokenizers): the folder is "
-                                "incomplete")
+                                "the transformer, the CLIP and T5 text encoders and their tokenizers, and a "
+                                "ControlNet pipeline its ControlNet): the folder is incomplete")
         kind = cls_name if cls_name in FLUX_OWN_PIPELINES else FLUX_PIPELINE
         _check_flux_input(_component_config(path, "transformer"), source, cls_name, kind)
         return getattr(diffusers, kind)

@@ -61,7 +61,7 @@ from .base import (
 
 # Modules that register the built-in adapters, in registration order (later ones win among equals).
 _BUILTIN = (".blocks", ".mmdit", ".flux_blocks", ".sd", ".sdxl", ".inpaint", ".refiner", ".pixart", ".sd3", ".flux",
-            ".flux_fill", ".flux_control", ".flux_kontext")
+            ".flux_fill", ".flux_control", ".flux_kontext", ".flux_controlnet")
 _loaded = False
 
 

@@ -1,0 +1,84 @@
+"""FLUX ControlNets: ``FluxControlNetPipeline`` around FLUX.1's ``FluxTransformer2DModel`` and a ``FluxControlNetModel``.
+
+The transformer is the text-to-image one (64 features in and out); the ControlNet — a few FLUX blocks of its own —
+reads the latent and the control image's packed latent and returns one sample per block of its own,
+``controlnet_block_samples`` (double-stream) and ``controlnet_single_block_samples``, which the transformer adds to
+its hidden states after its blocks (``FluxTransformer2DModel.forward``: sample ``i // interval`` after block ``i``, or
+XLabs' ``i mod count`` when the pipeline passes ``controlnet_blocks_repeat``). Slimming narrows Linears inside the
+transformer's blocks and keeps their hidden width, so a slim transformer takes the samples as the dense one does;
+the ControlNet stays as it is.
+
+As FLUX Kontext's, the transformer has FLUX.1-dev's configuration, so a bare transformer stays ``flux`` and the
+family is registered for the pipeline class only; a slim folder slimmed in the pipeline records it in its plan.
+Calibration runs ``FluxControlNetPipeline`` from seeded packed latents on the control images of ``--images`` (one per
+prompt in turn; the pipeline resizes them and encodes them with the VAE, drawn by the prompt's generator); the
+measuring runs condition on a colour ramp (or ``slimdiff eval --images``). ControlNet-Union models (a control mode
+per image) and several ControlNets (``FluxMultiControlNetModel``: one control image each) are refused for calibration
+in one line: no flag says which mode or which image of each kind a prompt takes.
+
+Engines: ``slimdiff-export --controlnet-inputs`` builds transformer engines taking the ControlNet's samples too, as
+many as it outputs (:class:`~slimdiff.families.flux.ControlNetSamples`, :meth:`FluxFamily.export_inputs`). Triton
+serving of the pipeline is not done (``serving_pipeline`` None: ``--triton-repo`` refuses it).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+from diffusers import FluxControlNetPipeline
+
+from ..errors import SlimDiffError
+from .base import FAMILIES
+from .flux import FluxFamily, seeded_sampling_loop
+from .flux_control import CONTROL_IMAGE
+from .images import calibration_images, colour_ramp, images_of_seeds
+
+
+def check_calibrated_controlnet(pipe: Any) -> None:
+    """One line for a ControlNet calibration cannot condition: several (one control image each) or a Union model
+    (a control mode per image)."""
+    controlnet = pipe.controlnet
+    if type(controlnet).__name__ == "FluxMultiControlNetModel":
+        raise SlimDiffError(f"{type(pipe).__name__} with {len(controlnet.nets)} ControlNets (FluxMultiControlNetModel): "
+                            "calibrate with one ControlNet (each takes its own kind of control image)")
+    if getattr(controlnet, "union", False):
+        raise SlimDiffError(f"{type(pipe).__name__} with a ControlNet-Union model (num_mode "
+                            f"{controlnet.config.num_mode}): calibration cannot say which control mode each image is; "
+                            "calibrate with a single-mode ControlNet")
+
+
+def controlnet_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: ``FluxControlNetPipeline``'s own sampling of one batch — prompt ``i`` conditioned on
+    ``images[seed mod count]`` — from seeded packed latents to latents."""
+    check_calibrated_controlnet(pipe)
+    files = calibration_images(config.images, "a FLUX ControlNet pipeline is calibrated on control images",
+                               example="a few hundred depth or edge maps, of the kind the ControlNet takes")
+    return seeded_sampling_loop(family, pipe, config, lambda seeds, height, width: {
+        CONTROL_IMAGE: images_of_seeds(files, seeds), "height": height, "width": width})
+
+
+@FAMILIES.register({FluxControlNetPipeline: "flux-controlnet"})
+class FluxControlNetFamily(FluxFamily):
+    """FLUX's call and blocks, the ControlNet's samples added after the blocks; sampling conditioned on a control
+    image through the ControlNet."""
+
+    name = "flux-controlnet"
+    serving_pipeline = None  # not served yet: --triton-repo refuses the pipeline
+    serving_img2img_pipeline = None
+    serving_image_inputs = (CONTROL_IMAGE,)  # what calibration (--images) and eval (--images) condition on
+    serving_encoded_images = ()
+
+    def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
+        return controlnet_loop(self, pipe, config)
+
+    @cached_property
+    def pipeline_options(self) -> dict:
+        return {CONTROL_IMAGE: colour_ramp()}  # the measuring runs' control image (the pipeline resizes it)
+
+    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
+                       seeds: Sequence[int] = ()) -> dict:
+        call = super().measuring_call(height, width)
+        if images is not None:  # the given control images, one per image drawn
+            call[CONTROL_IMAGE] = list(images)
+        return call
