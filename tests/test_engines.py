@@ -303,7 +303,8 @@ def test_missing_tensorrt_is_one_clear_error(monkeypatch):
 
 
 def test_trt_fp16_engine_builds_and_matches(tmp_path):
-    pytest.importorskip("tensorrt")
+    if not trtmod.tensorrt_available():  # TensorRT itself: its type stubs alone import as an empty package
+        pytest.skip("TensorRT is not installed here")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
     from slimdiff.export.align import align_head_widths

@@ -1,7 +1,6 @@
 """``slimdiff-export`` end to end (in-process ``main``), and its answers to bad input: one error line, a
 non-zero exit, nothing half-written."""
 
-import importlib.util
 import json
 import multiprocessing
 
@@ -11,6 +10,7 @@ from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, cached_cli_export, 
 
 from slimdiff.errors import SlimDiffError
 from slimdiff.cli import export as cli
+from slimdiff.engines.trt import tensorrt_available
 from slimdiff.runtime import EngineUNet
 from slimdiff.serialization import load_plan, load_slim, save_slim, verify_slim_folder
 
@@ -119,7 +119,7 @@ def test_existing_output_is_refused_without_force(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_trt_without_tensorrt_is_one_line_naming_the_alternatives(tmp_path, capsys):
     out = tmp_path / "engines"
     rc = cli.main(["--model", "builtin:tiny", "--engine", "trt", "--out", str(out)])

@@ -41,7 +41,8 @@ def test_module_imports(name):
 @pytest.mark.parametrize("extra", sorted(LAZY_EXTRAS))
 def test_optional_extra_fails_with_one_line(extra):
     package, target, words = LAZY_EXTRAS[extra]
-    if importlib.util.find_spec(package) is not None:
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.origin is not None:  # a folder of type stubs alone is a namespace: no origin
         pytest.skip(f"{package} is installed here")
     module, func = target.split(":")
     with pytest.raises(SlimDiffError) as err:
@@ -59,3 +60,18 @@ def test_building_the_parsers_imports_no_heavy_module():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_tensorrt_type_stubs_are_not_tensorrt(tmp_path, monkeypatch):
+    """``tensorrt-stubs`` (mypy's view of TensorRT) installs a ``tensorrt`` folder of stubs: not TensorRT."""
+    from slimdiff.engines.trt import require_tensorrt, tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("class Builder: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec("tensorrt") is not None and not tensorrt_available()
+    with pytest.raises(SlimDiffError, match="TensorRT is not installed here"):
+        require_tensorrt()

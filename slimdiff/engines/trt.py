@@ -56,7 +56,10 @@ ENV_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
 
 
 def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    """Whether TensorRT itself is installed. Its type stubs (``tensorrt-stubs``, for mypy) install a ``tensorrt``
+    folder of ``.pyi`` files only, which Python imports as an empty namespace package: no origin."""
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
 
 
 def require_tensorrt():
