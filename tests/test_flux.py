@@ -312,7 +312,7 @@ def test_other_flux_pipeline_folders(flux, cls_name, tmp_path):
         assert type(load_pipeline(str(folder))) is type(flux)
         return
     with pytest.raises(SlimDiffError, match=f"is a {cls_name} folder; slimdiff calibrates FLUX through its "
-                                            "text-to-image, Fill, Control and Kontext pipelines"):
+                                            "text-to-image, Fill, Control, Kontext and ControlNet pipelines"):
         load_pipeline(str(folder))
 
 

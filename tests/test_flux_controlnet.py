@@ -146,3 +146,131 @@ def test_calibration_refusals(pipe, folder, noise_images, tmp_path, capsys):
                                       "controlnet": FluxMultiControlNetModel([pipe.controlnet, pipe.controlnet])})
     with pytest.raises(SlimDiffError, match=r"with 2 ControlNets \(FluxMultiControlNetModel\): calibrate with one"):
         pipeline_loop(multi, CalibrationConfig(steps=2, height=SIZE, width=SIZE, images=str(noise_images)))
+
+
+# -- transformer engines taking the ControlNet's samples (slimdiff-export --controlnet-inputs) ----------------------
+
+
+@pytest.mark.parametrize("layout", [(1, 1, False), (2, 0, True), (3, 2, False)])
+def test_exported_call_adds_the_samples_as_diffusers_forward(pipe, layout):
+    """The exported call (what the graph computes) with a ControlNet's samples on the packed grid equals the
+    transformer's own call with them as token sequences: fewer samples than blocks (each after a run of blocks),
+    XLabs' repeated ones, more samples than blocks."""
+    from slimdiff.families.flux import ControlNetSamples, pack_latents
+
+    samples = ControlNetSamples(*layout)
+    family = family_for(pipe).with_export_options([samples.option])
+    transformer, latent = pipe.transformer, SIZE // pipe.vae_scale_factor
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 16, latent, latent, generator=gen), torch.rand(2, generator=gen),
+              torch.randn(2, 7, 96, generator=gen), torch.randn(2, 64, generator=gen), torch.full((2,), 3.5),
+              *(torch.randn(2, latent // 2, latent // 2, width, generator=gen) for _ in samples.names)]
+    assert [i.name for i in family.export_inputs(transformer.config)][5:] == samples.names
+    got = family.export_call(transformer, *inputs)
+    call = family.dummy_call(transformer.config, 2, (latent, latent), 7)
+    tokens = [s.reshape(2, -1, width) for s in inputs[5:]]
+    want = transformer(**{**call, "hidden_states": pack_latents(inputs[0]), "timestep": inputs[1],
+                          "encoder_hidden_states": inputs[2], "pooled_projections": inputs[3], "guidance": inputs[4]},
+                       controlnet_block_samples=tokens[:layout[0]] or None,
+                       controlnet_single_block_samples=tokens[layout[0]:] or None,
+                       controlnet_blocks_repeat=layout[2], return_dict=False)[0]
+    plain = family_for(pipe.transformer).export_call(transformer, *inputs[:5])
+    assert torch.allclose(pack_latents(got), want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def exported(noise_images, tmp_path_factory):
+    """`slimdiff-export --controlnet-inputs` of the pipeline (calibrated and slimmed on the control images; the slim
+    engine alone): the output folder."""
+    out = tmp_path_factory.mktemp("flux-controlnet-export") / "engines"
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    from slimdiff.cli.export import main as export
+
+    assert export(["--model", "builtin:tiny-flux-controlnet", "--engine", "ort", "--slim-only", "--controlnet-inputs",
+                   "--height", str(SIZE), "--width", str(SIZE), "--batch", "1:1:2", "--images", str(noise_images),
+                   "--prompts", str(prompts), "--num-prompts", "2", "--steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def draw(p, **options):
+    from slimdiff.families.images import colour_ramp
+
+    if type(p).__name__ == "FluxControlNetPipeline":
+        options = {"control_image": colour_ramp(), **options}
+    return p(prompt=PROMPTS[:1], num_inference_steps=2, height=SIZE, width=SIZE,
+             generator=torch.Generator().manual_seed(0), output_type="np", **options).images
+
+
+def test_engine_takes_the_samples_in_the_pipeline(exported):
+    """The export's own check passed (its table); the slim engine in FluxControlNetPipeline draws the slim PyTorch
+    transformer's image within 1e-3, where the ControlNet moves the image; without ControlNet (a FluxPipeline) it
+    adds zeros and draws the slim transformer's text-to-image image."""
+    from diffusers import FluxPipeline
+
+    from slimdiff.runtime import EngineFluxTransformer, use_engine
+
+    meta = json.loads((exported / "slim" / "transformer.engine.json").read_text())
+    assert meta["export_options"] == ["controlnet-samples:1:1"] and meta["family"] == "flux-controlnet"
+    assert [i["name"] for i in meta["inputs"]][-2:] == ["controlnet_block_sample_0", "controlnet_single_block_sample_0"]
+    row = json.loads((exported / "export.json").read_text())["rows"][0]
+    assert row["variant"] == "slim" and row["max_rel_error"] <= 1e-4
+    slim = load_pipeline(str(exported / "slim-unet"))
+    reference, uncontrolled = draw(slim), draw(slim, controlnet_conditioning_scale=0.0)
+    assert abs(reference - uncontrolled).max() > 0.05
+    text_to_image = FluxPipeline(**{k: v for k, v in slim.components.items() if k != "controlnet"})
+    text_to_image.set_progress_bar_config(disable=True)
+    plain = draw(text_to_image)
+    use_engine(slim, exported / "slim")
+    assert isinstance(slim.transformer, EngineFluxTransformer)
+    assert abs(draw(slim) - reference).max() < 1e-3
+    text_to_image.transformer = slim.transformer
+    assert abs(draw(text_to_image) - plain).max() < 1e-3
+
+
+def test_engine_refusals(pipe, exported, tmp_path):
+    """An engine built without sample inputs refuses samples; samples of another ControlNet's layout or shape are
+    refused; one line each."""
+    from slimdiff.engines.build import build_denoiser_engine
+    from slimdiff.export.shapes import parse_profiles
+    from slimdiff.runtime import EngineFluxTransformer
+
+    engine = EngineFluxTransformer.from_folder(exported / "slim")
+    latent, width = SIZE // pipe.vae_scale_factor, 32
+    call = family_for(pipe).dummy_call(pipe.transformer.config, 1, (latent, latent))
+    sample = torch.zeros(1, (latent // 2) ** 2, width)
+    for samples, message in ((dict(controlnet_block_samples=[sample, sample], controlnet_single_block_samples=[sample]),
+                              r"got ControlNet samples 2 double- \+ 1 single-stream; this engine takes 1 double- \+ "
+                              r"1 single-stream \(the ControlNet it was exported for\)"),
+                             (dict(controlnet_block_samples=[sample[:, :4]], controlnet_single_block_samples=[sample]),
+                              r"ControlNet samples of shape \(1, 4, 32\) do not fit")):
+        with pytest.raises(SlimDiffError, match=message):
+            engine(**call, **samples)
+    (tmp_path / "plain").mkdir()
+    profiles = parse_profiles(batch="1", height=str(SIZE), width=str(SIZE), text_len="512", vae_scale=2, multiple=2)
+    build_denoiser_engine(pipe.transformer, "ort", tmp_path / "plain", profiles=profiles, dtype=torch.float32,
+                          device="cpu", multiple=2)
+    plain = EngineFluxTransformer.from_folder(tmp_path / "plain")
+    with pytest.raises(SlimDiffError, match=r"was built without ControlNet sample inputs, so it cannot take "
+                                            r"controlnet_block_samples: rebuild it with slimdiff-export "
+                                            r"--controlnet-inputs"):
+        plain(**call, controlnet_block_samples=[sample], controlnet_single_block_samples=[sample])
+
+
+@pytest.mark.parametrize("model, flags, message", [
+    ("builtin:tiny-flux", ["--controlnet-inputs"], "a flux transformer takes as many ControlNet samples as its "
+                                                   "ControlNet gives: export --controlnet-inputs from a "
+                                                   "FluxControlNetPipeline"),
+    ("builtin:tiny-flux-controlnet", ["--triton-repo", "REPO"], "--triton-repo serves"),
+])
+def test_export_refusals(model, flags, message, tmp_path, capsys):
+    from slimdiff.cli.export import main as export
+
+    flags = [str(tmp_path / "repo") if f == "REPO" else f for f in flags]
+    code = export(["--model", model, "--engine", "ort", "--height", str(SIZE), "--width", str(SIZE),
+                   "--out", str(tmp_path / "out"), *flags])
+    err = one_error_line(capsys)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert "FluxControlNetPipeline" in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "repo").exists()

@@ -268,7 +268,7 @@ def _save_slim_unet(unet, plan, folder: Path, args) -> None:
     save_slim(unet, plan, folder)
 
 
-def _dense_variant_in_process(args, folder: Path, build: dict, threads: int) -> dict:
+def _dense_variant_in_process(args, folder: Path, build: dict, export_options: tuple[str, ...], threads: int) -> dict:
     """The dense variant built in a second process (``--jobs 2``), from the dense model loaded again from its source:
     the first process slims its own copy in place meanwhile."""
     import torch
@@ -278,7 +278,8 @@ def _dense_variant_in_process(args, folder: Path, build: dict, threads: int) -> 
     meta.STATUS_TAG = "slimdiff-export, dense"
     torch.set_num_threads(threads)
     pipe, dense, _, _ = _load_model(args.model, args.config, args.variant, lora_specs(args))
-    return _build_variant(args, "dense", dense, None, folder, family=_family(pipe, dense, None), **build)
+    return _build_variant(args, "dense", dense, None, folder, family=_family(pipe, dense, None),
+                          export_options=export_options, **build)
 
 
 def _call_and_send(send, fn, fn_args) -> None:
@@ -328,11 +329,24 @@ class _SecondProcess:
         self._receive.close()
 
 
-def _export_options(args) -> tuple[str, ...]:
-    """The denoiser family's optional input groups the engines take (:attr:`DenoiserFamily.export_options`)."""
-    from ..families.base import CONTROLNET_RESIDUALS
+def _export_options(args, family, controlnet, pipe) -> tuple[str, ...]:
+    """The denoiser family's optional input groups the engines take (:attr:`DenoiserFamily.export_options`): with
+    ``--controlnet-inputs`` (or ``--controlnet``), the family's for the ControlNet the engines serve — ``--controlnet``'s
+    (``controlnet``), the pipeline's, or that of the pipeline a slim folder was slimmed in (loaded only if the family
+    asks: FLUX's sample inputs follow the ControlNet's layout)."""
+    if not (args.controlnet_inputs or args.controlnet):
+        return ()
 
-    return (CONTROLNET_RESIDUALS,) if args.controlnet_inputs or args.controlnet else ()
+    def served_controlnet():
+        if controlnet is not None:
+            return controlnet
+        if pipe is None:
+            from ..models import load_pipeline
+
+            return getattr(load_pipeline(args.model), "controlnet", None)
+        return getattr(pipe, "controlnet", None)
+
+    return (family.controlnet_export_option(served_controlnet),)
 
 
 def _check_controlnet_folder(folder: str, kind: str) -> None:
@@ -446,7 +460,7 @@ def _family(pipe, denoiser, plan):
 
 
 def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, kind: str, device: str, dtype, opset,
-                   multiple: int, family=None) -> dict:
+                   multiple: int, family=None, export_options: tuple[str, ...] = ()) -> dict:
     import torch
 
     from ..engines.build import build_denoiser_engine
@@ -460,8 +474,8 @@ def _build_variant(args, variant: str, denoiser, plan, folder: Path, profiles, k
                 "refittable": args.trt_refittable} if kind == "trt" else {})
     meta, sidecar = build_denoiser_engine(denoiser, kind, folder, profiles=profiles, dtype=dtype, device=device,
                                           multiple=multiple, opset=opset, variant=variant, plan=plan, options=options,
-                                          export_options=_export_options(args), family=family)
-    return _verified_row(args, variant, variant, denoiser_component(denoiser, _export_options(args), family), folder,
+                                          export_options=export_options, family=family)
+    return _verified_row(args, variant, variant, denoiser_component(denoiser, export_options, family), folder,
                          meta, sidecar, device, dtype)
 
 
@@ -600,8 +614,9 @@ def run(args) -> list[dict]:
                 raise SlimDiffError(f"--text-len {narrow[0]} leaves out the {served} text tokens the served "
                                     f"{type(pipe).__name__} passes its {family.component}: include {served}, or "
                                     "leave --text-len out")
+        export_options = _export_options(args, family, controlnet, pipe)
         # what the denoiser's graph can serve, before any slow work
-        component_axes(denoiser_component(reference, _export_options(args), family), union(profiles),
+        component_axes(denoiser_component(reference, export_options, family), union(profiles),
                        {"height": multiple, "width": multiple})
         # the sampling calibration will run, made (and so checked: a refiner's --base loads here) after the cheap
         # shape checks, before any engine is built
@@ -614,18 +629,20 @@ def run(args) -> list[dict]:
             if args.jobs == 2:
                 threads = torch.get_num_threads()  # shared between the two processes while both run
                 status("building the dense engine in a second process (--jobs 2)")
-                dense_process = _SecondProcess(_dense_variant_in_process, args, tmp / "dense", build,
+                dense_process = _SecondProcess(_dense_variant_in_process, args, tmp / "dense", build, export_options,
                                                max(1, threads // 2))
                 torch.set_num_threads(max(1, threads - threads // 2))
             else:
-                rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", family=family, **build))
+                rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", family=family,
+                                           export_options=export_options, **build))
         slim_folder = Path(args.model).resolve()
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming, calibration_loop)
             calibration_loop = None  # a refiner's base pipeline is no longer needed
             slim, slim_folder = family.denoiser(pipe), tmp / "slim-unet"
-        rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", family=family, **build))
+        rows.append(_build_variant(args, "slim", slim, plan, tmp / "slim", family=family,
+                                   export_options=export_options, **build))
         if dense_process is not None:
             rows.insert(0, dense_process.result())
             torch.set_num_threads(threads)
@@ -633,7 +650,7 @@ def run(args) -> list[dict]:
             rows.append(_build_controlnet(args, controlnet, tmp / "controlnet", **build))
         if refiner is not None:
             rows.append(_build_variant(args, "refiner", refiner.unet, refiner_plan, tmp / "refiner",
-                                       **{**build, **refiner_build}))
+                                       export_options=export_options, **{**build, **refiner_build}))
         if slim_folder == tmp / "slim-unet":
             _save_slim_unet(slim, plan, slim_folder, args)
         if repo_tmp is not None:

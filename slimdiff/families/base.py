@@ -993,6 +993,13 @@ class DenoiserFamily(ABC):
         variant.exporting = frozenset(options)
         return variant
 
+    def controlnet_export_option(self, controlnet: Callable[[], Any]) -> str:
+        """The export option of engines that also take a ControlNet's outputs (``slimdiff-export
+        --controlnet-inputs``): :data:`CONTROLNET_RESIDUALS`, inputs laid out as the denoiser's own skip connections.
+        ``controlnet()`` gives the ControlNet the engines serve (None without one), for a family whose inputs follow
+        the ControlNet's layout instead (FLUX's block samples)."""
+        return CONTROLNET_RESIDUALS
+
     def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
         """The denoiser's exported inputs, in the order :meth:`export_call` takes them."""
         raise SlimDiffError(f"the {self.name!r} family declares no export inputs: its denoiser cannot be exported")

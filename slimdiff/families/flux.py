@@ -30,6 +30,8 @@ The blocks' adapters live in :mod:`slimdiff.families.flux_blocks`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,6 +40,7 @@ from torch import nn
 
 from ..errors import SlimDiffError
 from .base import (
+    CONTROLNET_RESIDUALS,
     FAMILIES,
     LAST_HIDDEN_STATE,
     MODEL_DTYPE,
@@ -47,6 +50,7 @@ from .base import (
     ExportInput,
     ServedTextEncoder,
     TextTower,
+    downsampled_axis,
     image_generators,
     pipeline_call_default,
 )
@@ -216,10 +220,10 @@ def split_packed_call(call: dict[str, Any], pipeline: str, *, reference: bool = 
 
 def packed_call(transformer: nn.Module, tokens: torch.Tensor, img_ids: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
-                guidance: torch.Tensor | None) -> torch.Tensor:
+                guidance: torch.Tensor | None, **controlnet: Any) -> torch.Tensor:
     """The transformer's packed prediction for packed ``tokens`` at positions ``img_ids`` (zero ``txt_ids``), with
     the rotary table in float32 (:func:`rotary_table`): what exported graphs compute once they have packed their
-    inputs."""
+    inputs. ``controlnet``: a ControlNet's samples, as :meth:`ControlNetSamples.call` passes them."""
     pos_embed = transformer.pos_embed
     transformer.pos_embed = Float32RotaryEmbedding(pos_embed)  # for this call only: see rotary_table
     try:
@@ -227,9 +231,83 @@ def packed_call(transformer: nn.Module, tokens: torch.Tensor, img_ids: torch.Ten
                            pooled_projections=pooled_projections, img_ids=img_ids,
                            txt_ids=encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3,
                                                                    dtype=torch.float32),
-                           guidance=guidance, return_dict=False)[0]
+                           guidance=guidance, return_dict=False, **controlnet)[0]
     finally:
         transformer.pos_embed = pos_embed
+
+
+#: The export option (:attr:`DenoiserFamily.export_options`) of FLUX transformers that also take a ControlNet's block
+#: samples; recorded with their layout (:attr:`ControlNetSamples.option`).
+CONTROLNET_SAMPLES = "controlnet-samples"
+#: Names of the exported sample inputs: the double-stream blocks' samples, then the single-stream blocks'.
+BLOCK_SAMPLE = "controlnet_block_sample_{}"
+SINGLE_BLOCK_SAMPLE = "controlnet_single_block_sample_{}"
+
+
+@dataclass(frozen=True)
+class ControlNetSamples:
+    """What a FLUX ControlNet (``FluxControlNetModel``) gives the transformer: one sample per double-stream block of its
+    own (``double``), one per single-stream block (``single``), each (batch, packed tokens, hidden width); and whether
+    the transformer adds them in turn after every block (``repeat``: XLabs' ControlNets, with a conditioning
+    embedding, for which the pipeline passes ``controlnet_blocks_repeat``) or each after a run of consecutive blocks
+    (``FluxTransformer2DModel.forward``'s interval). Exported graphs take the samples on the latent's packed grid,
+    (batch, height/2, width/2, hidden width) — the pipeline's tokens, row-major, viewed as the grid — and do what the
+    transformer's forward does with them."""
+
+    double: int
+    single: int
+    repeat: bool = False
+
+    @classmethod
+    def of(cls, controlnet: Any) -> ControlNetSamples:
+        """The samples ``controlnet`` gives (a ``FluxMultiControlNetModel`` sums its nets' samples: one line unless
+        they give the same)."""
+        layouts = {cls(net.config["num_layers"], net.config["num_single_layers"],
+                       net.config.get("conditioning_embedding_channels") is not None)
+                   for net in getattr(controlnet, "nets", [controlnet])}
+        if len(layouts) > 1:
+            raise SlimDiffError(f"the ControlNets of {type(controlnet).__name__} give samples of different layouts "
+                                f"({', '.join(sorted(layout.option for layout in layouts))}): the pipeline cannot sum "
+                                "them")
+        return layouts.pop()
+
+    @property
+    def option(self) -> str:
+        """The export option recording this layout: ``controlnet-samples:<double>:<single>[:repeat]``."""
+        return f"{CONTROLNET_SAMPLES}:{self.double}:{self.single}" + (":repeat" if self.repeat else "")
+
+    @classmethod
+    def parse(cls, option: str) -> ControlNetSamples | None:
+        """The layout an export option records, None for another option; one line for a malformed one."""
+        kind, *fields = option.split(":")
+        if kind != CONTROLNET_SAMPLES:
+            return None
+        if len(fields) in (2, 3) and all(f.isdigit() for f in fields[:2]) and fields[2:] in ([], ["repeat"]):
+            return cls(int(fields[0]), int(fields[1]), fields[2:] == ["repeat"])
+        raise SlimDiffError(f"export option {option!r}: expected {CONTROLNET_SAMPLES}:<double>:<single>[:repeat]")
+
+    def describe(self) -> str:
+        return f"{self.double} double- + {self.single} single-stream" + (", repeated over the blocks" if self.repeat
+                                                                           else "")
+
+    @property
+    def names(self) -> list[str]:
+        return [BLOCK_SAMPLE.format(i) for i in range(self.double)] + \
+            [SINGLE_BLOCK_SAMPLE.format(i) for i in range(self.single)]
+
+    def inputs(self, config: Any) -> tuple[ExportInput, ...]:
+        """The samples as exported inputs of a transformer of ``config`` (whose hidden width they have)."""
+        dims = ("batch", downsampled_axis("height", PACK), downsampled_axis("width", PACK),
+                config["num_attention_heads"] * config["attention_head_dim"])
+        return tuple(ExportInput(name, dims, MODEL_DTYPE) for name in self.names)
+
+    def call(self, samples: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """The transformer's keyword arguments passing ``samples`` (this layout's, on the packed grid) as the pipeline
+        passes them: token sequences, None for a kind the ControlNet gives none of."""
+        tokens = [s.reshape(s.shape[0], -1, s.shape[-1]) for s in samples]
+        return {"controlnet_block_samples": tokens[:self.double] or None,
+                "controlnet_single_block_samples": tokens[self.double:] or None,
+                "controlnet_blocks_repeat": self.repeat}
 
 
 @FAMILIES.register({FluxPipeline: "flux", FluxTransformer2DModel: "flux"})
@@ -250,6 +328,29 @@ class FluxFamily(DenoiserFamily):
     # packed call after checking that its positions are the ones the graph builds.
     static_axes = ()
 
+    # A ControlNet's block samples as inputs too (slimdiff-export --controlnet-inputs), their layout the ControlNet's
+    export_options = (CONTROLNET_SAMPLES,)
+    controlnet_samples: ControlNetSamples | None = None
+
+    def with_export_options(self, options: Collection[str]) -> DenoiserFamily:
+        if CONTROLNET_RESIDUALS in options:
+            raise SlimDiffError(f"{self.name} transformers take a ControlNet's block samples, not a UNet's residuals: "
+                                "their layout is the ControlNet's (controlnet_export_option)")
+        layouts = [layout for layout in map(ControlNetSamples.parse, options) if layout is not None]
+        variant = super().with_export_options([CONTROLNET_SAMPLES if ControlNetSamples.parse(o) else o
+                                               for o in options])
+        if layouts:
+            variant.controlnet_samples = layouts[0]
+        return variant
+
+    def controlnet_export_option(self, controlnet: Callable[[], Any]) -> str:
+        net = controlnet()
+        if net is None:
+            raise SlimDiffError(f"a {self.name} transformer takes as many ControlNet samples as its ControlNet gives: "
+                                "export --controlnet-inputs from a FluxControlNetPipeline (a folder, "
+                                "builtin:tiny-flux-controlnet, or a slim folder slimmed in one)")
+        return ControlNetSamples.of(net).option
+
     def export_inputs(self, config: Any) -> tuple[ExportInput, ...]:
         inputs = [
             ExportInput("hidden_states", ("batch", config["in_channels"] // PACK**2, "height", "width"), MODEL_DTYPE),
@@ -259,15 +360,21 @@ class FluxFamily(DenoiserFamily):
         ]
         if config.get("guidance_embeds"):  # FLUX.1-dev; FLUX.1-schnell takes none
             inputs.append(ExportInput("guidance", ("batch",), "float32", high=10.0))
+        if self.controlnet_samples is not None:
+            inputs += self.controlnet_samples.inputs(config)
         return tuple(inputs)
 
     def export_call(self, transformer: nn.Module, hidden_states: torch.Tensor, timestep: torch.Tensor,
                     encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
-                    guidance: torch.Tensor | None = None) -> torch.Tensor:
+                    *rest: torch.Tensor) -> torch.Tensor:
+        # rest: the guidance (FLUX.1-dev), then a ControlNet's samples (exported with them)
+        guided = bool(transformer.config.get("guidance_embeds"))
+        guidance, samples = (rest[0] if guided else None), rest[int(guided):]
+        controlnet = {} if self.controlnet_samples is None else self.controlnet_samples.call(samples)
         height, width = hidden_states.shape[-2:]
         out = packed_call(transformer, pack_latents(hidden_states),
                           latent_ids(height // PACK, width // PACK, device=hidden_states.device), timestep,
-                          encoder_hidden_states, pooled_projections, guidance)
+                          encoder_hidden_states, pooled_projections, guidance, **controlnet)
         return unpack_latents(out, height, width)
 
     def latent_multiple(self, config: Any) -> int:

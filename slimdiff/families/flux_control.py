@@ -49,6 +49,7 @@ class FluxControlFamily(FluxFamily):
     a control image."""
 
     name = "flux-control"
+    export_options = ()  # its pipeline takes no ControlNet
     serving_pipeline = "FluxControlPipeline"
     serving_img2img_pipeline = None
     serving_image_inputs = serving_encoded_images = (CONTROL_IMAGE,)

@@ -63,6 +63,7 @@ class FluxFillFamily(InpaintingTask, FluxFamily):
     task's sampling."""
 
     name = "flux-fill"
+    export_options = ()  # its pipeline takes no ControlNet
     serving_pipeline = "FluxFillPipeline"
 
     def accepts(self, obj: Any) -> bool:

@@ -89,6 +89,7 @@ class FluxKontextFamily(FluxFamily):
     image."""
 
     name = "flux-kontext"
+    export_options = ()  # its pipeline takes no ControlNet
     serving_pipeline = "FluxKontextPipeline"
     serving_img2img_pipeline = None
     serving_image_inputs = serving_encoded_images = (REFERENCE,)

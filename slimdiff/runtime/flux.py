@@ -14,9 +14,15 @@ image's latent too: the call's tokens are split where ``img_ids`` turn from the 
 flow-matching sigma in [0, 1]; ``guidance`` the embedded guidance scale of a guidance-distilled model (FLUX.1-dev),
 none for FLUX.1-schnell.
 
+An engine built with a ControlNet's sample inputs (``slimdiff-export --controlnet-inputs`` on a
+``FluxControlNetPipeline``: :class:`~slimdiff.families.flux.ControlNetSamples`) takes the
+``controlnet_block_samples`` and ``controlnet_single_block_samples`` ``FluxControlNetPipeline`` passes (the packed
+tokens viewed as the latent's packed grid); called without them (a pipeline without ControlNet) it gets zeros, which
+the transformer adds to nothing.
+
 Not supported by engines (a clear error): other positions (a reference image's tokens given to an engine exported
-without one, or none given to a Kontext engine, …), ControlNet residuals and ``joint_attention_kwargs`` (IP-Adapter
-embeddings, LoRA scales).
+without one, or none given to a Kontext engine, …), ControlNet samples given to an engine built without them or of
+another ControlNet's layout, and ``joint_attention_kwargs`` (IP-Adapter embeddings, LoRA scales).
 """
 
 from __future__ import annotations
@@ -26,14 +32,22 @@ import contextlib
 import torch
 
 from ..errors import SlimDiffError
-from ..families.flux import PACK, latent_features, latent_ids, pack_latents, packed_grids, unpack_latents
+from ..families.flux import (
+    PACK,
+    ControlNetSamples,
+    latent_features,
+    latent_ids,
+    pack_latents,
+    packed_grids,
+    unpack_latents,
+)
 from ..families.flux_kontext import REFERENCE_LATENTS
 from .denoiser import EngineDenoiser
 
 
 class EngineFluxTransformer(EngineDenoiser):
     component = "transformer"
-    families = ("flux", "flux-fill", "flux-control", "flux-kontext")
+    families = ("flux", "flux-fill", "flux-control", "flux-kontext", "flux-controlnet")
 
     @property
     def input_names(self) -> list[str]:
@@ -42,6 +56,12 @@ class EngineFluxTransformer(EngineDenoiser):
     @property
     def out_channels(self) -> int:
         return latent_features(self._config)
+
+    @property
+    def controlnet_samples(self) -> ControlNetSamples | None:
+        """The layout of the ControlNet samples the engine takes (``slimdiff-export --controlnet-inputs``), or None."""
+        layouts = [ControlNetSamples.parse(option) for option in self.meta.get("export_options", ())]
+        return next((layout for layout in layouts if layout is not None), None)
 
     def cache_context(self, name: str):
         """What ``FluxPipeline`` wraps each call in (diffusers' cache hooks): engines cache nothing between calls."""
@@ -52,13 +72,9 @@ class EngineFluxTransformer(EngineDenoiser):
                 controlnet_single_block_samples=None, return_dict: bool = True, controlnet_blocks_repeat: bool = False):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        unsupported = [k for k, v in {"joint_attention_kwargs": joint_attention_kwargs or None,
-                                      "controlnet_block_samples": controlnet_block_samples,
-                                      "controlnet_single_block_samples": controlnet_single_block_samples}.items()
-                       if v is not None]
-        if unsupported:
-            raise SlimDiffError(f"engine transformers do not support {', '.join(unsupported)} (ControlNet, IP-Adapter "
-                                "and LoRA scales need the PyTorch transformer)")
+        if joint_attention_kwargs:
+            raise SlimDiffError("engine transformers do not support joint_attention_kwargs (IP-Adapter and LoRA scales "
+                                "need the PyTorch transformer)")
         if (hidden_states.ndim != 3 or encoder_hidden_states is None or encoder_hidden_states.ndim != 3
                 or pooled_projections is None or pooled_projections.ndim != 2 or img_ids is None or txt_ids is None):
             shapes = [None if t is None else tuple(t.shape)
@@ -86,9 +102,38 @@ class EngineFluxTransformer(EngineDenoiser):
         elif guidance is not None:
             raise SlimDiffError("this engine's transformer has no guidance embedding (FLUX.1-schnell): it takes no "
                                 "guidance")
+        inputs += self._samples(controlnet_block_samples, controlnet_single_block_samples, controlnet_blocks_repeat,
+                                (batch, height // PACK, width // PACK))
         out = self.run(inputs, (batch, self.out_channels // PACK**2, height, width))
         out = pack_latents(out).to(device=hidden_states.device, dtype=hidden_states.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _samples(self, block_samples, single_block_samples, repeat: bool, grid: tuple[int, int, int]
+                 ) -> list[torch.Tensor]:
+        """The ControlNet sample inputs of the call: the samples given, checked against the engine's layout and viewed
+        on the packed ``grid`` = (batch, rows, columns), or zeros (no ControlNet: the transformer adds nothing)."""
+        layout, given = self.controlnet_samples, [*(block_samples or ()), *(single_block_samples or ())]
+        passed = block_samples is not None or single_block_samples is not None
+        if layout is None:
+            if passed:
+                raise SlimDiffError(f"this transformer engine ({self.folder}) was built without ControlNet sample "
+                                    "inputs, so it cannot take controlnet_block_samples: rebuild it with slimdiff-export "
+                                    "--controlnet-inputs from the FluxControlNetPipeline, or keep the PyTorch transformer")
+            return []
+        width = self._config["num_attention_heads"] * self._config["attention_head_dim"]
+        if not passed:
+            return [torch.zeros((*grid, width), device=self.device, dtype=self.dtype) for _ in layout.names]
+        got = ControlNetSamples(len(block_samples or ()), len(single_block_samples or ()), bool(repeat))
+        if got != layout:
+            raise SlimDiffError(f"got ControlNet samples {got.describe()}; this engine takes {layout.describe()} (the "
+                                "ControlNet it was exported for): rebuild it for this ControlNet")
+        batch, rows, columns = grid
+        expected = (batch, rows * columns, width)
+        wrong = [tuple(s.shape) for s in given if tuple(s.shape) != expected]
+        if wrong:
+            raise SlimDiffError(f"ControlNet samples of shape {wrong[0]} do not fit this transformer's call: it takes "
+                                f"{expected} (batch, packed tokens, hidden width)")
+        return [s.reshape(*grid, width).to(self.device, self.dtype).contiguous() for s in given]
 
     def call_exported(self, inputs):
         """The pipeline's call on the exported inputs (``denoiser_component(...).random_inputs``), as
@@ -101,7 +146,10 @@ class EngineFluxTransformer(EngineDenoiser):
             reference = named[REFERENCE_LATENTS]
             tokens.append(pack_latents(reference))
             img_ids.append(latent_ids(reference.shape[-2] // PACK, reference.shape[-1] // PACK, first=1))
+        layout = self.controlnet_samples
+        controlnet = {} if layout is None else layout.call([named[name] for name in layout.names])
         out = self(hidden_states=torch.cat(tokens, 1), timestep=named["timestep"], encoder_hidden_states=text,
                    pooled_projections=named["pooled_projections"], img_ids=torch.cat(img_ids),
-                   txt_ids=torch.zeros(text.shape[1], 3), guidance=named.get("guidance"), return_dict=False)[0]
+                   txt_ids=torch.zeros(text.shape[1], 3), guidance=named.get("guidance"), return_dict=False,
+                   **controlnet)[0]
         return unpack_latents(out, height, width)
