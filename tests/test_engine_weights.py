@@ -121,6 +121,26 @@ def test_ort_engine_takes_a_fused_lora_and_switches_back(dense, ort_folder):
     assert rel(call(engine, component), before) <= 1e-6
 
 
+def test_an_engine_is_written_with_new_weights_without_an_export(dense, ort_folder, tmp_path):
+    """What a served repository's next model version holds (``add_weights_version``): the engine written again with
+    a fused LoRA's weights from its folder's source export and weights record alone, the folder left as it was."""
+    _, _, unet = dense
+    component = denoiser_component(unet)
+    styled = fused_lora(unet, seed=2)
+    meta = json.loads(engine_meta_path(ort_folder).read_text())
+    out = tmp_path / "written"
+    out.mkdir()
+    runtime = engines.get("ort").write_with_weights(meta, ort_folder, EngineUNet.exported_state(meta, ort_folder, styled),
+                                                    out)
+    assert runtime["files"] == [meta["file"]] and [p.name for p in out.iterdir()] == [meta["file"]]  # nothing staged
+    written = EngineUNet(engines.open_engine(meta, out), meta, out)
+    assert rel(call(written, component), call(styled, component)) <= 1e-4
+    assert rel(call(EngineUNet.from_folder(ort_folder), component), call(unet, component)) <= 1e-4
+    # AOTInductor swaps the constants of a loaded package; it writes none
+    with pytest.raises(SlimDiffError, match="AOTInductor .*take new weights in a running process only"):
+        engines.get("aoti").write_with_weights({"engine": "aoti"}, ort_folder, {}, out)
+
+
 def test_new_weights_are_refused_in_one_line(dense, ort_folder, tmp_path):
     _, _, unet = dense
     engine = EngineUNet.from_folder(ort_folder)
@@ -223,7 +243,8 @@ def test_refittable_tensorrt_builds_set_the_refit_flag(dense, tmp_path):
 
 def test_tensorrt_engine_refits(dense, tmp_path):
     """The refit itself (TensorRT and a GPU only): a refittable engine takes a fused LoRA."""
-    pytest.importorskip("tensorrt")
+    if not trtmod.tensorrt_available():  # TensorRT itself: its type stubs alone import as an empty package
+        pytest.skip("TensorRT is not installed here")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
     path, sidecar, unet = dense
@@ -239,3 +260,11 @@ def test_tensorrt_engine_refits(dense, tmp_path):
     engine.load_weights_from(styled)
     assert rel(call(engine, component), call(styled, component)) <= 1e-2  # TF32 tactics
     assert rel(call(engine, component), before) > 1e-2
+    # written refitted into a folder of its own (a served repository's next version)
+    written = tmp_path / "written"
+    written.mkdir()
+    runtime = engines.get("trt").write_with_weights(engine.meta, tmp_path,
+                                                    EngineUNet.exported_state(engine.meta, tmp_path, styled), written)
+    assert runtime["files"] == [engine.meta["file"]]
+    refitted = EngineUNet(engines.open_engine(engine.meta, written), engine.meta, written)
+    assert rel(call(refitted, component), call(styled, component)) <= 1e-2

@@ -94,6 +94,53 @@ def test_a_slim_folder_exports_the_repository_of_its_pipeline(exported, tmp_path
     assert images[0].std() > 1 and np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
 
 
+def test_new_weights_become_the_next_version_of_a_served_engine(exported, tmp_path):
+    """``add_weights_version``: the slim UNet's engine with a fused LoRA's weights (the slim folder's UNet, its
+    attention and FFN Linears changed) becomes version 2 of the repository's ``unet``, the version Triton serves;
+    the repository's pipeline then draws what diffusers' pipeline draws around the changed PyTorch UNet. Mistakes
+    are refused in one line, nothing written."""
+    import shutil
+
+    import torch
+
+    from slimdiff.engines.triton import model_versions
+    from slimdiff.models import load_pipeline
+    from slimdiff.runtime import add_weights_version
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+    from slimdiff.serialization import load_slim
+
+    engines, repo = exported / "engines", tmp_path / "repo"
+    shutil.copytree(exported / "repo", repo)
+    styled = load_slim(engines / "slim-unet")
+    with torch.no_grad():
+        for name, param in styled.named_parameters():
+            if ".transformer_blocks." in name and name.endswith(("to_q.weight", "ff.net.2.weight")):
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    version = add_weights_version(repo, "unet", engines / "slim", styled)
+    assert version == repo / "unet" / "2" and model_versions(repo / "unet") == [1, 2]
+    assert sorted(p.name for p in version.iterdir()) == ["model.py", "unet.engine.json", "unet.ort.onnx"]
+    assert not [p for p in (repo / "unet").iterdir() if p.name.startswith(".")]  # nothing staged is left
+
+    def image(repository):
+        return generate(repository_pipeline(repository / "pipeline" / "1", local_runners(repository)), "a red circle",
+                        seed=3, steps=2)
+
+    pipe = load_pipeline("builtin:tiny")
+    pipe.unet = styled
+    pipe.set_progress_bar_config(disable=True)
+    served, expected = image(repo), generate(pipe, "a red circle", seed=3, steps=2)
+    assert served.std() > 1 and np.abs(served.astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(served, image(exported / "repo"))  # version 1: the slim UNet's own weights
+    for folder, model, module, message in [
+            (engines / "dense", "unet", styled, "holds another engine than model 'unet'"),
+            (version, "unet", styled, "a repository's version folder holds the engine alone"),
+            (engines / "slim", "unet", load_pipeline("builtin:tiny").unet, "has shape"),  # the dense UNet's weights
+            (engines / "slim", "pipeline", styled, "no engine model of a slimdiff Triton repository")]:
+        with pytest.raises(SlimDiffError, match=message):
+            add_weights_version(repo, model, folder, module)
+    assert model_versions(repo / "unet") == [1, 2] and not [p for p in (repo / "unet").iterdir() if p.name[0] == "."]
+
+
 def test_bad_repository_requests_fail_early(tmp_path):
     from slimdiff.engines import triton
 

@@ -7,7 +7,8 @@ A backend is one class in one file (:mod:`.ort`, :mod:`.trt`, :mod:`.aoti`), reg
   returning the runtime facts recorded in the metadata (versions, GPU, provider, files);
 * **open** a built engine as a :class:`Runner` (``run(inputs, out_shape) -> Tensor`` on torch tensors);
 * **take new weights** where it can (:attr:`Backend.updates_weights`: ``Runner.update_weights``, the weights of a model
-  of the same architecture and shapes, without building again), by the record :mod:`.weights` writes at build time;
+  of the same architecture and shapes, without building again), by the record :mod:`.weights` writes at build time,
+  and write the engine with them (:meth:`Backend.write_with_weights`: a served repository's next model version);
 * **describe** itself: its engine file name, why it cannot run on a device here, the ONNX opset it wants;
 * say how **Triton** serves it (:meth:`Backend.triton_model`), which :mod:`slimdiff.engines.triton` turns into
   a ``config.pbtxt``.
@@ -137,6 +138,15 @@ class Backend:
         if not self.updates_weights:
             return f"{self.description} engines cannot take new weights: re-export the engine from the new model"
         return None
+
+    def write_with_weights(self, meta: dict, folder: Path, state: dict[str, torch.Tensor], out: Path) -> dict:
+        """Write the engine of ``meta`` in ``folder`` with ``state``'s weights (the exported module's names, as
+        :meth:`Runner.update_weights <WeightUpdatingRunner.update_weights>` takes them) into the empty folder ``out``,
+        under the engine's file names, without an export; returns the runtime facts with ``files``. One line for an
+        engine that cannot be written so."""
+        reason = self.cannot_update_weights(meta)
+        raise SlimDiffError(reason or f"{self.description} engines take new weights in a running process only; they "
+                                      "cannot be written with them: re-export the engine from the new model")
 
     def polygraphy_runner(self, meta: dict, folder: Path):
         """A Polygraphy runner over the built engine (compared with its source ONNX after a build); None when

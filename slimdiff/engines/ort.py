@@ -8,7 +8,8 @@ crashes on these opset-23 graphs, which already carry native fused ``Attention``
 New weights (:meth:`OrtRunner.update_weights`): ONNX Runtime cannot change a session's weights in place, so the runner
 opens a new session on the unoptimised export the engine folder keeps (``<name>.onnx``), its initializers overridden
 with the new values (``SessionOptions.add_initializer``; the optimized graph has folded and renamed them), and drops
-the old one.
+the old one. Written with new weights (:meth:`OrtBackend.write_with_weights`), the engine is built again from a copy
+of that export holding them: ONNX Runtime saves an optimized graph with its source's values, not a session's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,46 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, *, device: str = "cpu")
     }
 
 
+def build_ort_engine_with(source: Path, initializers: dict[str, np.ndarray], engine_path: Path, *,
+                          device: str = "cpu") -> dict:
+    """:func:`build_ort_engine` of the export ``source`` with the ``initializers`` named there replaced (name → array
+    in the graph's layout): ONNX Runtime saves its optimized graph with the source's initializers, not those a
+    session overrides, so the new values go into a copy of the source first (its weights file too, for a large
+    graph; deleted after the build). Holds the whole graph in memory once, like the export did."""
+    import onnx
+    from onnx import numpy_helper
+
+    source, engine_path = Path(source), Path(engine_path)
+    model = onnx.load(str(source))  # with its external weights: each initializer is either replaced or written back
+    for init in model.graph.initializer:
+        if init.name in initializers:
+            init.CopyFrom(numpy_helper.from_array(initializers[init.name], init.name))
+    staged = engine_path.with_name(f".{source.stem}.new-weights.onnx")
+    external = source.with_name(source.name + ".data").exists()
+    try:
+        onnx.save_model(model, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=staged.name + ".data")
+        del model
+        return build_ort_engine(staged, engine_path, device=device)
+    finally:
+        staged.unlink(missing_ok=True)
+        staged.with_name(staged.name + ".data").unlink(missing_ok=True)
+
+
+def _source_export(meta: dict, folder: Path) -> Path:
+    """The unoptimised export an ONNX Runtime engine folder keeps: new weights are built from it."""
+    source = Path(folder) / meta["source_onnx"]["file"]
+    if not source.is_file():
+        raise SlimDiffError(f"the engine folder {str(folder)!r} lacks its source export {source.name!r}, which "
+                            "ONNX Runtime builds an engine with new weights from: re-export the engine")
+    return source
+
+
+def _new_initializers(meta: dict, folder: Path, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    record = load_weights_record(meta, folder)
+    return initializer_arrays(record, checked_state(record, state, getattr(torch, meta["dtype"])))
+
+
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
@@ -62,12 +103,8 @@ class OrtRunner:
         """A new session from the engine's source export with ``state``'s values as its initializers."""
         import onnxruntime as ort
 
-        record = load_weights_record(self.meta, self.folder)
-        source = self.folder / self.meta["source_onnx"]["file"]
-        if not source.is_file():
-            raise SlimDiffError(f"the engine folder {str(self.folder)!r} lacks its source export {source.name!r}, "
-                                "which ONNX Runtime rebuilds a session with new weights from: re-export the engine")
-        arrays = initializer_arrays(record, checked_state(record, state, self.dtype))
+        source = _source_export(self.meta, self.folder)
+        arrays = _new_initializers(self.meta, self.folder, state)
         # ONNX Runtime reads these buffers for as long as the session lives: the runner keeps them
         values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
         self.session = make_session(source, device=str(self.device), initializers=values)
@@ -137,6 +174,11 @@ class OrtBackend(Backend):
 
     def open(self, meta, folder, device, **options):
         return OrtRunner(meta, folder, device)
+
+    def write_with_weights(self, meta, folder, state, out):
+        source = _source_export(meta, folder)
+        return build_ort_engine_with(source, _new_initializers(meta, folder, state), Path(out) / meta["file"],
+                                     device=meta["device"])
 
     def polygraphy_runner(self, meta, folder):
         import onnxruntime as ort

@@ -71,7 +71,7 @@ from pathlib import Path
 
 from ..errors import SlimDiffError
 from ..export.meta import status
-from .base import engine_outputs, get, load_engine_meta
+from .base import engine_meta_path, engine_outputs, get, load_engine_meta
 
 MODES = ("native", "python")
 PIPELINE = "pipeline"
@@ -346,23 +346,68 @@ def read_config(path: Path):
         raise SlimDiffError(f"{str(path)!r} is not a valid Triton model configuration: {exc}") from None
 
 
-def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str, mode: str, *,
-                     dynamic_batching: bool = True, instances: int = 1) -> dict:
-    """Add model ``name`` serving the ``component`` engine in ``engine_folder``; returns its metadata."""
-    meta, folder = load_engine_meta(engine_folder, component)
-    model = Path(repo) / name
-    version = model / "1"
+def _write_version(version: Path, meta: dict, folder: Path, mode: str) -> None:
+    """The version folder of a model serving the engine of ``meta`` in ``folder``."""
     version.mkdir(parents=True)
     if mode == "python":
         for f in meta["files"]:
             shutil.copy2(folder / f, version / f)
-        shutil.copy2(folder / f"{component}.engine.json", version / f"{component}.engine.json")
+        shutil.copy2(engine_meta_path(folder, meta["component"]), engine_meta_path(version, meta["component"]))
         (version / "model.py").write_text(_MODEL_PY["engine"], encoding="utf-8")
     else:
         native = get(meta["engine"]).triton_model(meta)
         shutil.copy2(folder / meta["file"], version / native.model_file)
         for f in meta["files"][1:]:  # external data keeps the name the graph refers to
             shutil.copy2(folder / f, version / f)
+
+
+def model_versions(model: Path) -> list[int]:
+    """The version numbers of a repository's model folder, in order (Triton ignores folders not named by one)."""
+    return sorted(int(p.name) for p in Path(model).iterdir() if p.is_dir() and p.name.isdecimal())
+
+
+def latest_version(model: Path) -> Path:
+    """The version folder Triton serves of a model whose config sets no version policy: the newest."""
+    versions = model_versions(model)
+    if not versions:
+        raise SlimDiffError(f"{str(model)!r} holds no model version (a folder named 1, 2, ...)")
+    return Path(model) / str(versions[-1])
+
+
+def served_engine_meta(repo: Path, name: str) -> dict:
+    """The engine metadata of model ``name`` of a repository :func:`write_repository` wrote."""
+    path = Path(repo) / name / "engine.json"
+    if not path.is_file():
+        raise SlimDiffError(f"{str(Path(repo) / name)!r} is no engine model of a slimdiff Triton repository "
+                            "(no engine.json)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def add_engine_version(repo: Path, name: str, meta: dict, folder: Path) -> Path:
+    """Add the engine of ``meta`` in ``folder`` to model ``name`` as its next version — the newest, which Triton
+    serves (loaded by a server polling the repository, or on an explicit load) — in the serving mode of its
+    versions before; returns the version folder. Written beside it and renamed, so a server never loads half a
+    version."""
+    model = Path(repo) / name
+    latest = latest_version(model)
+    mode = "python" if (latest / "model.py").is_file() else "native"
+    version = model / str(int(latest.name) + 1)
+    staged = model / f".{version.name}.partial-{os.getpid()}"  # not a number: Triton ignores it
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        _write_version(staged, meta, folder, mode)
+        staged.rename(version)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return version
+
+
+def add_engine_model(repo: Path, name: str, engine_folder: Path, component: str, mode: str, *,
+                     dynamic_batching: bool = True, instances: int = 1) -> dict:
+    """Add model ``name`` serving the ``component`` engine in ``engine_folder``; returns its metadata."""
+    meta, folder = load_engine_meta(engine_folder, component)
+    model = Path(repo) / name
+    _write_version(model / "1", meta, folder, mode)
     (model / "engine.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     write_config(model / "config.pbtxt", model_config(name, meta, mode, dynamic_batching=dynamic_batching,
                                                       instances=instances))

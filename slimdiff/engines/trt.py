@@ -36,6 +36,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from ..export.onnx import DEFAULT_OPSET, FALLBACK_OPSET
 from ..export.shapes import Profile, tensor_profile
 from .base import Backend, TritonModel, engine_outputs, register
 from .weights import checked_state, initializer_arrays, load_weights_record, onnx_initializers
+
+if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls below; TensorRT itself is imported at run time
+    import tensorrt as trt
 
 NO_TENSORRT = ("TensorRT is not installed here (it needs an NVIDIA GPU and `pip install slimdiff[trt]`); "
                "use --engine ort or --engine aoti instead")
@@ -237,6 +241,35 @@ def refit_arrays(record: dict, state: dict, dtype: torch.dtype, refittable: list
             if name in arrays or name in exported}
 
 
+def refit_engine(engine: trt.ICudaEngine, meta: dict, folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refit the deserialized ``engine`` of ``meta`` in ``folder`` (built refittable) with ``state``; nothing may run
+    on it meanwhile."""
+    import onnx
+    from onnx import numpy_helper
+
+    require_tensorrt()
+    import tensorrt as trt
+
+    record = load_weights_record(meta, folder)
+    source = Path(folder) / meta["source_onnx"]["file"]
+    refitter = trt.Refitter(engine, _logger(trt))
+    refittable = refitter.get_all_weights()
+    # the graph's own values, read for the names refit_arrays compares or fills in only (a UNet's are gigabytes)
+    needed = set(refittable) ^ set(record["initializers"] or {})
+    graph = onnx.load(str(source), load_external_data=False).graph
+    exported = {init.name: numpy_helper.to_array(init, base_dir=str(folder))
+                for init in graph.initializer if init.name in needed}
+    arrays = refit_arrays(record, state, getattr(torch, meta["dtype"]), refittable, exported)
+    for name, array in arrays.items():  # the arrays stay alive until the refit below returns
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise SlimDiffError(f"TensorRT refused new weights for {name} (shape {array.shape}, {array.dtype})")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise SlimDiffError(f"TensorRT needs weights it was not given to refit this engine: {', '.join(missing[:3])}")
+    if not refitter.refit_cuda_engine():
+        raise SlimDiffError("TensorRT failed to refit the engine (see its log above)")
+
+
 def load_trt_engine(engine_path: Path, runtime_meta: dict):
     """``(runtime, engine)`` for a serialized engine whose metadata matches this TensorRT and GPU."""
     engine_path = Path(engine_path)
@@ -337,32 +370,9 @@ class TrtRunner:
 
     def update_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Refit the engine with ``state`` (it must have been built refittable)."""
-        import onnx
-        from onnx import numpy_helper
-
-        require_tensorrt()
-        import tensorrt as trt
-
-        record = load_weights_record(self.meta, self.folder)
-        source = self.folder / self.meta["source_onnx"]["file"]
-        refitter = trt.Refitter(self.engine, _logger(trt))
-        refittable = refitter.get_all_weights()
-        # the graph's own values, read for the names refit_arrays compares or fills in only (a UNet's are gigabytes)
-        needed = set(refittable) ^ set(record["initializers"] or {})
-        graph = onnx.load(str(source), load_external_data=False).graph
-        exported = {init.name: numpy_helper.to_array(init, base_dir=str(self.folder))
-                    for init in graph.initializer if init.name in needed}
-        arrays = refit_arrays(record, state, self.dtype, refittable, exported)
-        for name, array in arrays.items():  # the arrays stay alive until the refit below returns
-            if not refitter.set_named_weights(name, trt.Weights(array)):
-                raise SlimDiffError(f"TensorRT refused new weights for {name} (shape {array.shape}, {array.dtype})")
-        missing = refitter.get_missing_weights()
-        if missing:
-            raise SlimDiffError(f"TensorRT needs weights it was not given to refit this engine: {', '.join(missing[:3])}")
         torch.cuda.current_stream(self.device).synchronize()
         self.stream.synchronize()  # no launch may be pending while the engine is refitted
-        if not refitter.refit_cuda_engine():
-            raise SlimDiffError("TensorRT failed to refit the engine (see its log above)")
+        refit_engine(self.engine, self.meta, self.folder, state)
         # CUDA graphs captured before may hold the old weights' addresses: captured again on their next call
         self._slots.clear()
         self._active = None
@@ -420,6 +430,15 @@ class TrtBackend(Backend):
 
     def open(self, meta, folder, device, cuda_graphs: bool = True, **options):
         return TrtRunner(meta, folder, device, cuda_graphs=cuda_graphs)
+
+    def write_with_weights(self, meta, folder, state, out):
+        reason = self.cannot_update_weights(meta)
+        if reason:
+            raise SlimDiffError(reason)
+        _, engine = load_trt_engine(Path(folder) / meta["file"], meta["runtime"])
+        refit_engine(engine, meta, folder, state)
+        (Path(out) / meta["file"]).write_bytes(engine.serialize())
+        return {**meta["runtime"], "files": [meta["file"]]}
 
     def polygraphy_runner(self, meta, folder):
         from polygraphy.backend.common import BytesFromPath

@@ -128,37 +128,43 @@ class EngineDenoiser(torch.nn.Module):
         Refused in one line before the engine is touched: a backend or engine that cannot take new weights,
         another architecture (the first differing config key), the first tensor of another shape, and a change to a
         weight the engine holds no tensor of its own for (see :mod:`slimdiff.engines.weights`)."""
+        state = type(self).exported_state(self.meta, self.folder, module)
+        with self._lock, torch.no_grad():
+            self.runner.update_weights(state)
+
+    @classmethod
+    def exported_state(cls, meta: dict, folder: Path, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The weights of ``module`` as the engine of ``meta`` in ``folder`` takes them (its exported module's state:
+        heads zero-padded as the engine's were), after the checks :meth:`load_weights_from` makes."""
         from ..engines import architecture_fingerprint, get
         from ..engines.build import aligned
         from ..engines.weights import load_weights_record
         from ..export.align import planned_head_widths
 
-        reason = get(self.engine).cannot_update_weights(self.meta)
+        reason = get(meta["engine"]).cannot_update_weights(meta)
         if reason:
             raise SlimDiffError(reason)
-        load_weights_record(self.meta, self.folder)  # an engine exported without one is refused before any work
+        load_weights_record(meta, folder)  # an engine exported without one is refused before any work
         config = getattr(module, "config", None)
         if not isinstance(module, torch.nn.Module) or config is None:
-            raise SlimDiffError(f"load_weights_from takes a PyTorch {self.component} (a diffusers model), "
-                                f"not a {type(module).__name__}")
-        if architecture_fingerprint(config) != self.meta.get("config_fingerprint"):
-            differing = config_differences(self.meta["unet_config"], config)
-            raise SlimDiffError(f"this {self.component} is not of the architecture the engine was exported from"
+            raise SlimDiffError(f"an engine's new weights come from a model: it takes a PyTorch {cls.component} "
+                                f"(a diffusers model), not a {type(module).__name__}")
+        if architecture_fingerprint(config) != meta.get("config_fingerprint"):
+            differing = config_differences(meta["unet_config"], config)
+            raise SlimDiffError(f"this {cls.component} is not of the architecture the engine was exported from"
                                 + (f": {'; '.join(differing[:3])}" if differing else ""))
         module = without_lora_layers(module)
-        recorded = self.meta.get("head_alignment") or {}
+        recorded = meta.get("head_alignment") or {}
         if recorded:  # the engine was built from a copy with zero-padded heads: the new weights are padded alike
             planned = {path: [list(a), list(b)] for path, (a, b) in planned_head_widths(module).items()}
             if planned != recorded:
                 path = next(p for p in sorted(set(planned) | set(recorded)) if planned.get(p) != recorded.get(p))
-                raise SlimDiffError(f"this {self.component}'s attention {path} has (q·k, v) head widths "
+                raise SlimDiffError(f"this {cls.component}'s attention {path} has (q·k, v) head widths "
                                     f"{planned[path][0] if path in planned else 'needing no padding'}, the engine's "
                                     f"{recorded[path][0] if path in recorded else 'needed none'}: it takes a model "
                                     "of the rank plan it was exported from")
             module = aligned(module)[0]
-        state = type(self).exported_component(module, self.meta).module.state_dict()
-        with self._lock, torch.no_grad():
-            self.runner.update_weights(state)
+        return cls.exported_component(module, meta).module.state_dict()
 
     # -- what diffusers pipelines read ------------------------------------------------------------------
     @property

@@ -39,6 +39,7 @@ from ..engines.triton import (
     batch_dims,
     check_pipeline,
     image_to_image_pipeline,
+    latest_version,
 )
 from ..export.modules import CONTROLNET, VAE_ENCODER
 from ..errors import SlimDiffError
@@ -259,9 +260,10 @@ def repository_refiner(version: Path, runner_for: Callable[[str, dict], Runner],
 
 
 def local_runners(repo: Path) -> Callable[[str, dict], Runner]:
-    """Runners over a ``python``-mode repository's engine folders, in this process."""
+    """Runners over a ``python``-mode repository's engine folders, in this process: each model's newest version, as
+    Triton serves it."""
     def runner_for(name: str, meta: dict) -> Runner:
-        return open_engine(*load_engine_meta(Path(repo) / name / "1", meta["component"]))
+        return open_engine(*load_engine_meta(latest_version(Path(repo) / name), meta["component"]))
 
     return runner_for
 
