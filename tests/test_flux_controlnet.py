@@ -30,6 +30,17 @@ def folder(pipe, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def union_controlnet(pipe, tmp_path_factory):
+    """A ControlNet-Union model's folder (three control modes) of the pipeline's ControlNet configuration."""
+    from diffusers import FluxControlNetModel
+
+    path = tmp_path_factory.mktemp("flux-controlnet-union") / "controlnet"
+    config = {k: v for k, v in pipe.controlnet.config.items() if not k.startswith("_")}  # not its defaults' record
+    FluxControlNetModel.from_config({**config, "num_mode": 3}).save_pretrained(path)
+    return path
+
+
 def one_error_line(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[transformers]")]
 
@@ -124,14 +135,14 @@ def test_slim_folder_draws_the_in_memory_image(pipe, noise_images, tmp_path):
     assert not (draw(pipe) == image).all()  # the dense transformer draws another image
 
 
-def test_calibration_refusals(pipe, folder, noise_images, tmp_path, capsys):
+def test_calibration_refusals(pipe, folder, union_controlnet, noise_images, tmp_path, capsys):
     """No control images, a Union ControlNet, several ControlNets: one line, exit 2, nothing written."""
-    from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxMultiControlNetModel
+    from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
 
     union = tmp_path / "union"
     shutil.copytree(folder, union)
-    config = json.loads((union / "controlnet" / "config.json").read_text())
-    FluxControlNetModel.from_config({**config, "num_mode": 3}).save_pretrained(union / "controlnet")
+    shutil.rmtree(union / "controlnet")
+    shutil.copytree(union_controlnet, union / "controlnet")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     for model, flags, message in (
@@ -180,15 +191,17 @@ def test_exported_call_adds_the_samples_as_diffusers_forward(pipe, layout):
 
 
 @pytest.fixture(scope="module")
-def exported(noise_images, tmp_path_factory):
-    """`slimdiff-export --controlnet-inputs` of the pipeline (calibrated and slimmed on the control images; the slim
-    engine alone): the output folder."""
+def exported(folder, noise_images, tmp_path_factory):
+    """`slimdiff-export --controlnet DIR` (implying --controlnet-inputs) of the pipeline with its own ControlNet's
+    folder (calibrated and slimmed on the control images; the slim transformer's engine and the ControlNet's): the
+    output folder."""
     out = tmp_path_factory.mktemp("flux-controlnet-export") / "engines"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     from slimdiff.cli.export import main as export
 
-    assert export(["--model", "builtin:tiny-flux-controlnet", "--engine", "ort", "--slim-only", "--controlnet-inputs",
+    assert export(["--model", "builtin:tiny-flux-controlnet", "--engine", "ort", "--slim-only",
+                   "--controlnet", str(folder / "controlnet"),
                    "--height", str(SIZE), "--width", str(SIZE), "--batch", "1:1:2", "--images", str(noise_images),
                    "--prompts", str(prompts), "--num-prompts", "2", "--steps", "2", "--out", str(out)]) == 0
     return out
@@ -203,28 +216,35 @@ def draw(p, **options):
              generator=torch.Generator().manual_seed(0), output_type="np", **options).images
 
 
-def test_engine_takes_the_samples_in_the_pipeline(exported):
-    """The export's own check passed (its table); the slim engine in FluxControlNetPipeline draws the slim PyTorch
-    transformer's image within 1e-3, where the ControlNet moves the image; without ControlNet (a FluxPipeline) it
+def test_engines_in_the_pipeline(exported):
+    """The export's own checks passed (its table); the slim transformer's engine in FluxControlNetPipeline draws the
+    slim PyTorch transformer's image within 1e-3, where the ControlNet moves the image, and so does it with the
+    ControlNet's engine too, also at conditioning scale 0.5; without ControlNet (a FluxPipeline) the transformer engine
     adds zeros and draws the slim transformer's text-to-image image."""
     from diffusers import FluxPipeline
 
     from slimdiff.runtime import EngineFluxTransformer, use_engine
+    from slimdiff.runtime.controlnet import EngineFluxControlNet
 
     meta = json.loads((exported / "slim" / "transformer.engine.json").read_text())
     assert meta["export_options"] == ["controlnet-samples:1:1"] and meta["family"] == "flux-controlnet"
     assert [i["name"] for i in meta["inputs"]][-2:] == ["controlnet_block_sample_0", "controlnet_single_block_sample_0"]
-    row = json.loads((exported / "export.json").read_text())["rows"][0]
-    assert row["variant"] == "slim" and row["max_rel_error"] <= 1e-4
+    rows = json.loads((exported / "export.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["slim", "controlnet"] and all(r["max_rel_error"] <= 1e-4 for r in rows)
     slim = load_pipeline(str(exported / "slim-unet"))
-    reference, uncontrolled = draw(slim), draw(slim, controlnet_conditioning_scale=0.0)
-    assert abs(reference - uncontrolled).max() > 0.05
+    reference, half = draw(slim), draw(slim, controlnet_conditioning_scale=0.5)
+    assert abs(reference - draw(slim, controlnet_conditioning_scale=0.0)).max() > 0.05
+    assert abs(reference - half).max() > 0.01
     text_to_image = FluxPipeline(**{k: v for k, v in slim.components.items() if k != "controlnet"})
     text_to_image.set_progress_bar_config(disable=True)
     plain = draw(text_to_image)
     use_engine(slim, exported / "slim")
     assert isinstance(slim.transformer, EngineFluxTransformer)
     assert abs(draw(slim) - reference).max() < 1e-3
+    use_engine(slim, exported / "controlnet")
+    assert isinstance(slim.controlnet, EngineFluxControlNet)
+    assert abs(draw(slim) - reference).max() < 1e-3
+    assert abs(draw(slim, controlnet_conditioning_scale=0.5) - half).max() < 1e-3
     text_to_image.transformer = slim.transformer
     assert abs(draw(text_to_image) - plain).max() < 1e-3
 
@@ -259,18 +279,20 @@ def test_engine_refusals(pipe, exported, tmp_path):
 
 
 @pytest.mark.parametrize("model, flags, message", [
+    ("builtin:tiny-flux-controlnet", ["--controlnet", "UNION"], "is a ControlNet-Union model (num_mode 3): its engine "
+                                                                "is not built yet"),
     ("builtin:tiny-flux", ["--controlnet-inputs"], "a flux transformer takes as many ControlNet samples as its "
                                                    "ControlNet gives: export --controlnet-inputs from a "
                                                    "FluxControlNetPipeline"),
     ("builtin:tiny-flux-controlnet", ["--triton-repo", "REPO"], "--triton-repo serves"),
 ])
-def test_export_refusals(model, flags, message, tmp_path, capsys):
+def test_export_refusals(model, flags, message, union_controlnet, tmp_path, capsys):
     from slimdiff.cli.export import main as export
 
-    flags = [str(tmp_path / "repo") if f == "REPO" else f for f in flags]
+    flags = [{"REPO": str(tmp_path / "repo"), "UNION": str(union_controlnet)}.get(f, f) for f in flags]
     code = export(["--model", model, "--engine", "ort", "--height", str(SIZE), "--width", str(SIZE),
                    "--out", str(tmp_path / "out"), *flags])
     err = one_error_line(capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
-    assert "FluxControlNetPipeline" in err[0]
+    assert "FluxControlNetPipeline" in err[0] or "ControlNet-Union" in err[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "repo").exists()

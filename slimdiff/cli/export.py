@@ -11,8 +11,9 @@ size, parameters, max abs error, load time) ends the run. The text encoders and 
 (``export.json`` lists them) unless ``--triton-repo`` serves the pipeline (SD-1.x/2.x, SDXL, PixArt-Σ, SD3, FLUX).
 
 ``--controlnet-inputs`` builds UNet engines (SD-1.x/2.x, SDXL) that also take a ControlNet's residuals
-(``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines; ``--controlnet
-DIR`` builds the ControlNet's engine too (``OUT/controlnet``), which returns those residuals; with ``--triton-repo``
+(``down_block_additional_residuals``, ``mid_block_additional_residual``), for ControlNet pipelines — FLUX transformer
+engines that take a FLUX ControlNet's block samples; ``--controlnet DIR`` builds the ControlNet's engine too
+(``OUT/controlnet``), which returns those residuals (samples); with ``--triton-repo``
 the repository then serves the family's ControlNet pipeline (prompt and conditioning image in). ``--refiner MODEL``
 (SDXL base, with ``--triton-repo``) builds the refiner's UNet engine too and serves the ensemble of expert
 denoisers: the base's steps up to a request's ``refiner_start``, the refiner's after.
@@ -84,11 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 engine (default on CPU)")
     p.add_argument("--controlnet-inputs", action="store_true",
                    help="UNet engines that also take ControlNet residuals (down_block_additional_residuals, "
-                        "mid_block_additional_residual), for StableDiffusion(XL)ControlNetPipeline; verified with "
-                        "random residuals")
+                        "mid_block_additional_residual), for StableDiffusion(XL)ControlNetPipeline; FLUX transformer "
+                        "engines that take the ControlNet's block samples, for FluxControlNetPipeline (as many as its "
+                        "ControlNet gives); verified with random residuals / samples")
     p.add_argument("--controlnet", default=None, metavar="DIR",
-                   help="a ControlNet made for the model (a diffusers ControlNetModel folder, safetensors) built as an "
-                        "engine too, into OUT/controlnet (ONNX Runtime); implies --controlnet-inputs")
+                   help="a ControlNet made for the model (a diffusers ControlNetModel folder, or a FluxControlNetModel "
+                        "one for FLUX; safetensors) built as an engine too, into OUT/controlnet (ONNX Runtime); "
+                        "implies --controlnet-inputs")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset: 23 = native fused Attention/GroupNormalization (default), "
                         "18 = decomposed attention for TensorRT < 10.14 (chosen automatically there)")
@@ -331,9 +334,9 @@ class _SecondProcess:
 
 def _export_options(args, family, controlnet, pipe) -> tuple[str, ...]:
     """The denoiser family's optional input groups the engines take (:attr:`DenoiserFamily.export_options`): with
-    ``--controlnet-inputs`` (or ``--controlnet``), the family's for the ControlNet the engines serve — ``--controlnet``'s
-    (``controlnet``), the pipeline's, or that of the pipeline a slim folder was slimmed in (loaded only if the family
-    asks: FLUX's sample inputs follow the ControlNet's layout)."""
+    ``--controlnet-inputs`` (or ``--controlnet``), the family's for the ControlNet the engines serve —
+    ``--controlnet``'s (``controlnet``), the pipeline's, or that of the pipeline a slim folder was slimmed in (loaded
+    only if the family asks: FLUX's sample inputs follow the ControlNet's layout)."""
     if not (args.controlnet_inputs or args.controlnet):
         return ()
 
@@ -359,9 +362,9 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
         cls_name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, json.JSONDecodeError):
         cls_name = None
-    if cls_name != "ControlNetModel":
+    if cls_name not in CONTROLNET_CLASSES:
         raise SlimDiffError(f"--controlnet {folder!r} is not a ControlNet folder (a config.json of a ControlNetModel, "
-                            "as diffusers' save_pretrained writes it)")
+                            "or a FluxControlNetModel, as diffusers' save_pretrained writes it)")
     if not list(path.glob("*.safetensors")):
         found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".ckpt", ".pt"}))
         raise SlimDiffError(f"--controlnet {folder!r} holds no .safetensors weights"
@@ -371,14 +374,22 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
                             "runner returns one output: build it with --engine ort")
 
 
-def _load_controlnet(folder: str, unet_config):
-    """The ControlNet of ``folder``, refused in one line unless it was made for a UNet of ``unet_config``."""
-    from diffusers import ControlNetModel
+#: The diffusers ControlNet classes ``--controlnet`` takes: SD's and SDXL's, FLUX's.
+CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")
 
+
+def _load_controlnet(folder: str, unet_config):
+    """The ControlNet of ``folder``, refused in one line unless it was made for a UNet of ``unet_config`` (a FLUX
+    ControlNet: for a transformer of that config)."""
+    import diffusers
+
+    cls_name = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["_class_name"]
     try:
-        controlnet = ControlNetModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        controlnet = getattr(diffusers, cls_name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises many types; the user needs one line
         raise SlimDiffError(f"could not load the ControlNet in {folder!r}: {exc}") from exc
+    if cls_name == "FluxControlNetModel":
+        return _checked_flux_controlnet(controlnet, folder, unet_config)
     # what its residuals' shapes and its text conditioning follow (an LCM UNet's guidance embedding is the UNet's
     # alone: the pipelines pass no timestep_cond to the ControlNet)
     keys = ("block_out_channels", "down_block_types", "layers_per_block", "transformer_layers_per_block",
@@ -392,6 +403,26 @@ def _load_controlnet(folder: str, unet_config):
     if controlnet.config.get("in_channels") != latent:
         raise SlimDiffError(f"the ControlNet in {folder!r} takes {controlnet.config.get('in_channels')} input "
                             f"channels; its pipeline passes it the {latent}-channel latent")
+    return controlnet.eval().requires_grad_(False)
+
+
+def _checked_flux_controlnet(controlnet, folder: str, transformer_config):
+    """A FLUX ControlNet, refused in one line unless its samples and inputs fit a transformer of
+    ``transformer_config`` (hidden width, text and pooled widths, latent features) and its engine can be built."""
+    from ..families.flux_controlnet import check_engine_controlnet
+
+    if "joint_attention_dim" not in transformer_config:
+        raise SlimDiffError(f"the ControlNet in {folder!r} is a FLUX ControlNet: export it with a FLUX model")
+    config = controlnet.config
+    keys = ("joint_attention_dim", "pooled_projection_dim", "in_channels")
+    differ = [f"{k} {config.get(k)!r} vs the transformer's {transformer_config.get(k)!r}" for k in keys
+              if config.get(k) != transformer_config.get(k)]
+    width, own = (c["num_attention_heads"] * c["attention_head_dim"] for c in (config, transformer_config))
+    if width != own:
+        differ.insert(0, f"hidden width {width} vs the transformer's {own}")
+    if differ:
+        raise SlimDiffError(f"the ControlNet in {folder!r} was not made for this transformer: {'; '.join(differ[:2])}")
+    check_engine_controlnet(controlnet, f"the ControlNet in {folder!r}")
     return controlnet.eval().requires_grad_(False)
 
 

@@ -231,12 +231,67 @@ class _ControlNet(nn.Module):
         return (*down, mid)
 
 
+class _FluxControlNet(nn.Module):
+    """A FLUX ControlNet's block samples at conditioning scale 1 (the engine-backed ControlNet scales them) for the
+    transformer call's exported inputs with the control image's latent beside the latent, both unpacked; packed
+    and positioned as the transformer's exported call does, the samples returned on the packed grid, as a transformer
+    engine built with ``--controlnet-inputs`` takes them."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+        self.guided = bool(controlnet.config.get("guidance_embeds"))
+
+    def forward(self, *inputs):  # one parameter, as the denoiser's wrapper
+        from ..families.flux import PACK, float32_rotary, latent_ids, pack_latents, text_ids
+
+        hidden_states, controlnet_cond, timestep, encoder_hidden_states, pooled_projections, *rest = inputs
+        batch, _, height, width = hidden_states.shape
+        with float32_rotary(self.controlnet):
+            blocks, singles = self.controlnet(
+                hidden_states=pack_latents(hidden_states), controlnet_cond=pack_latents(controlnet_cond),
+                timestep=timestep, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                img_ids=latent_ids(height // PACK, width // PACK, device=hidden_states.device),
+                txt_ids=text_ids(encoder_hidden_states), guidance=rest[0] if self.guided else None,
+                conditioning_scale=1.0, return_dict=False)
+        return tuple(s.reshape(batch, height // PACK, width // PACK, s.shape[-1])
+                     for s in (*(blocks or ()), *(singles or ())))
+
+
+#: The exported input of a FLUX ControlNet engine carrying the control image's latent, unpacked.
+CONTROL_LATENTS = "controlnet_cond"
+
+
+def flux_controlnet_component(controlnet) -> Component:
+    """A FLUX ControlNet (``FluxControlNetModel``, InstantX's layout: the control image's packed latent beside the
+    latent) as an engine component: the transformer call's exported inputs with ``controlnet_cond`` (the control
+    image's latent, unpacked) after the latent; out: its block samples, under the names a transformer engine built
+    with ``--controlnet-inputs`` takes them."""
+    from ..families.flux import ControlNetSamples
+    from ..families.flux_controlnet import check_engine_controlnet
+
+    check_engine_controlnet(controlnet, "this FLUX ControlNet")
+    latent, *rest = family_for(controlnet).export_inputs(controlnet.config)  # the transformer call's, no samples
+    names = ControlNetSamples.of(controlnet).names
+    return Component(
+        CONTROLNET, _FluxControlNet(controlnet).eval(),
+        inputs=[latent, ExportInput(CONTROL_LATENTS, latent.dims, latent.dtype), *rest],
+        output=names[0], more_outputs=tuple(names[1:]),
+        attention_modules=count_attention(controlnet),
+    )
+
+
 def controlnet_component(controlnet) -> Component:
-    """A ControlNet (SD-1.x/2.x, SDXL) as an engine component: the UNet call's inputs as its family declares them,
-    then ``folded_controlnet_cond`` (the conditioning image, 3·s² channels at the latent's size); out: the residuals a
-    UNet engine built with ``--controlnet-inputs`` takes, under the same names."""
+    """A ControlNet (SD-1.x/2.x, SDXL; FLUX's: :func:`flux_controlnet_component`) as an engine component: the UNet
+    call's inputs as its family declares them, then ``folded_controlnet_cond`` (the conditioning image, 3·s² channels
+    at the latent's size); out: the residuals a UNet engine built with ``--controlnet-inputs`` takes, under the same
+    names."""
+    from diffusers import FluxControlNetModel
+
     from ..families.sd import controlnet_residual_inputs
 
+    if isinstance(controlnet, FluxControlNetModel):
+        return flux_controlnet_component(controlnet)
     config, family = controlnet.config, family_for(controlnet)
     sd_inputs = family.export_inputs(config)
     residuals = [r.name for r in controlnet_residual_inputs(config)]
@@ -301,7 +356,7 @@ def torch_dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
                    for spec in component.inputs)
     # torch.export matches these to forward's parameters: the denoiser's and the ControlNet's wrappers have one,
     # ``*inputs``
-    return (shapes,) if isinstance(component.module, (_Denoiser, _ControlNet)) else shapes
+    return (shapes,) if isinstance(component.module, (_Denoiser, _ControlNet, _FluxControlNet)) else shapes
 
 
 def example_values(axes: dict[str, dict]) -> dict[str, int]:

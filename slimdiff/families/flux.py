@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Collection
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -224,16 +225,28 @@ def packed_call(transformer: nn.Module, tokens: torch.Tensor, img_ids: torch.Ten
     """The transformer's packed prediction for packed ``tokens`` at positions ``img_ids`` (zero ``txt_ids``), with
     the rotary table in float32 (:func:`rotary_table`): what exported graphs compute once they have packed their
     inputs. ``controlnet``: a ControlNet's samples, as :meth:`ControlNetSamples.call` passes them."""
-    pos_embed = transformer.pos_embed
-    transformer.pos_embed = Float32RotaryEmbedding(pos_embed)  # for this call only: see rotary_table
-    try:
+    with float32_rotary(transformer):
         return transformer(hidden_states=tokens, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                            pooled_projections=pooled_projections, img_ids=img_ids,
-                           txt_ids=encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3,
-                                                                   dtype=torch.float32),
-                           guidance=guidance, return_dict=False, **controlnet)[0]
+                           txt_ids=text_ids(encoder_hidden_states), guidance=guidance, return_dict=False,
+                           **controlnet)[0]
+
+
+def text_ids(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """The zero positions of the text tokens, as the pipelines make them."""
+    return encoder_hidden_states.new_zeros(encoder_hidden_states.shape[1], 3, dtype=torch.float32)
+
+
+@contextmanager
+def float32_rotary(module: nn.Module):
+    """``module`` (a FLUX transformer or ControlNet) computing its rotary table in float32 (:func:`rotary_table`)
+    while the context lasts: exported graphs compute it so."""
+    pos_embed = module.pos_embed
+    module.pos_embed = Float32RotaryEmbedding(pos_embed)
+    try:
+        yield module
     finally:
-        transformer.pos_embed = pos_embed
+        module.pos_embed = pos_embed
 
 
 #: The export option (:attr:`DenoiserFamily.export_options`) of FLUX transformers that also take a ControlNet's block
@@ -251,7 +264,7 @@ class ControlNetSamples:
     the transformer adds them in turn after every block (``repeat``: XLabs' ControlNets, with a conditioning
     embedding, for which the pipeline passes ``controlnet_blocks_repeat``) or each after a run of consecutive blocks
     (``FluxTransformer2DModel.forward``'s interval). Exported graphs take the samples on the latent's packed grid,
-    (batch, height/2, width/2, hidden width) — the pipeline's tokens, row-major, viewed as the grid — and do what the
+    (batch, height/2, width/2, hidden width) — the pipeline's tokens, row-major, viewed as the grid — and do what
     transformer's forward does with them."""
 
     double: int

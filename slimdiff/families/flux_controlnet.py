@@ -1,4 +1,5 @@
-"""FLUX ControlNets: ``FluxControlNetPipeline`` around FLUX.1's ``FluxTransformer2DModel`` and a ``FluxControlNetModel``.
+"""FLUX ControlNets: ``FluxControlNetPipeline`` around FLUX.1's ``FluxTransformer2DModel`` and a
+``FluxControlNetModel``.
 
 The transformer is the text-to-image one (64 features in and out); the ControlNet — a few FLUX blocks of its own —
 reads the latent and the control image's packed latent and returns one sample per block of its own,
@@ -17,8 +18,10 @@ per image) and several ControlNets (``FluxMultiControlNetModel``: one control im
 in one line: no flag says which mode or which image of each kind a prompt takes.
 
 Engines: ``slimdiff-export --controlnet-inputs`` builds transformer engines taking the ControlNet's samples too, as
-many as it outputs (:class:`~slimdiff.families.flux.ControlNetSamples`, :meth:`FluxFamily.export_inputs`). Triton
-serving of the pipeline is not done (``serving_pipeline`` None: ``--triton-repo`` refuses it).
+many as it outputs (:class:`~slimdiff.families.flux.ControlNetSamples`, :meth:`FluxFamily.export_inputs`);
+``--controlnet DIR`` the ControlNet's engine too (:func:`slimdiff.export.modules.controlnet_component`), but for Union
+and XLabs ControlNets (:func:`check_engine_controlnet`). Triton serving of the pipeline is not done
+(``serving_pipeline`` None: ``--triton-repo`` refuses it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
-from diffusers import FluxControlNetPipeline
+from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
 from ..errors import SlimDiffError
 from .base import FAMILIES
@@ -40,8 +43,9 @@ def check_calibrated_controlnet(pipe: Any) -> None:
     (a control mode per image)."""
     controlnet = pipe.controlnet
     if type(controlnet).__name__ == "FluxMultiControlNetModel":
-        raise SlimDiffError(f"{type(pipe).__name__} with {len(controlnet.nets)} ControlNets (FluxMultiControlNetModel): "
-                            "calibrate with one ControlNet (each takes its own kind of control image)")
+        raise SlimDiffError(f"{type(pipe).__name__} with {len(controlnet.nets)} ControlNets "
+                            "(FluxMultiControlNetModel): calibrate with one ControlNet (each takes its own kind of "
+                            "control image)")
     if getattr(controlnet, "union", False):
         raise SlimDiffError(f"{type(pipe).__name__} with a ControlNet-Union model (num_mode "
                             f"{controlnet.config.num_mode}): calibration cannot say which control mode each image is; "
@@ -58,10 +62,27 @@ def controlnet_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Seq
         CONTROL_IMAGE: images_of_seeds(files, seeds), "height": height, "width": width})
 
 
-@FAMILIES.register({FluxControlNetPipeline: "flux-controlnet"})
+def check_engine_controlnet(controlnet: Any, what: str) -> None:
+    """One line for a FLUX ControlNet not built as an engine: a Union model (its control mode is one more input) or
+    XLabs' (the control image through a conditioning embedding of its own, at the image's size)."""
+    if controlnet.config.get("num_mode") is not None:
+        raise SlimDiffError(f"{what} is a ControlNet-Union model (num_mode {controlnet.config['num_mode']}): its "
+                            "engine is not built yet (it takes a control mode); keep it in PyTorch beside a "
+                            "transformer engine built with --controlnet-inputs")
+    if controlnet.config.get("conditioning_embedding_channels") is not None:
+        raise SlimDiffError(f"{what} embeds the control image itself (XLabs' layout, conditioning_embedding_channels): "
+                            "its engine is not built yet; keep it in PyTorch beside a transformer engine built with "
+                            "--controlnet-inputs")
+
+
+@FAMILIES.register({FluxControlNetPipeline: "flux-controlnet", FluxControlNetModel: "flux-controlnet"})
 class FluxControlNetFamily(FluxFamily):
     """FLUX's call and blocks, the ControlNet's samples added after the blocks; sampling conditioned on a control
-    image through the ControlNet."""
+    image through the ControlNet. Registered for ``FluxControlNetModel`` too (as SD's family for ``ControlNetModel``):
+    its engine is recorded as this family's."""
+
+    def accepts(self, obj: Any) -> bool:
+        return isinstance(obj, FluxControlNetModel) or super().accepts(obj)
 
     name = "flux-controlnet"
     serving_pipeline = None  # not served yet: --triton-repo refuses the pipeline

@@ -117,8 +117,9 @@ class EngineFluxTransformer(EngineDenoiser):
         if layout is None:
             if passed:
                 raise SlimDiffError(f"this transformer engine ({self.folder}) was built without ControlNet sample "
-                                    "inputs, so it cannot take controlnet_block_samples: rebuild it with slimdiff-export "
-                                    "--controlnet-inputs from the FluxControlNetPipeline, or keep the PyTorch transformer")
+                                    "inputs, so it cannot take controlnet_block_samples: rebuild it with "
+                                    "slimdiff-export --controlnet-inputs from the FluxControlNetPipeline, or keep the "
+                                    "PyTorch transformer")
             return []
         width = self._config["num_attention_heads"] * self._config["attention_head_dim"]
         if not passed:

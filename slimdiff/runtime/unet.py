@@ -37,7 +37,7 @@ from ..errors import SlimDiffError
 from ..export.shapes import tensor_shapes
 from ..families.base import CONTROLNET_RESIDUALS
 from ..families.sd import DOWN_RESIDUAL, GUIDANCE_EMBEDDING
-from .controlnet import EngineControlNet
+from .controlnet import EngineControlNet, EngineFluxControlNet
 from .denoiser import EngineDenoiser, config_differences, engine_family
 from .flux import EngineFluxTransformer
 from .pixart import EnginePixArtTransformer
@@ -184,7 +184,7 @@ def check_engine_belongs(pipe_denoiser, meta: dict, folder: Path, family=None) -
 
 
 ENGINE_CLASSES: tuple[type[EngineDenoiser], ...] = (EngineUNet, EnginePixArtTransformer, EngineSD3Transformer,
-                                                    EngineFluxTransformer, EngineControlNet)
+                                                    EngineFluxTransformer, EngineControlNet, EngineFluxControlNet)
 
 
 def engine_class(meta: dict) -> type[EngineDenoiser]:
