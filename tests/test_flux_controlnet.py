@@ -296,3 +296,24 @@ def test_export_refusals(model, flags, message, union_controlnet, tmp_path, caps
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert "FluxControlNetPipeline" in err[0] or "ControlNet-Union" in err[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "repo").exists()
+
+
+def test_measured_call_carries_the_samples(pipe):
+    """What `slimdiff bench` times (`calling(pipe)`: the ControlNet's layout): the timed call's inputs carry the
+    ControlNet's samples on the colour ramp, and the pipeline's own transformer call mapped onto the exported inputs
+    gives the transformer's prediction (its samples included)."""
+    from slimdiff.families.flux import pack_latents
+
+    family = family_for(pipe).calling(pipe)
+    assert family.controlnet_samples.option == "controlnet-samples:1:1"
+    inputs = family.prompt_inputs(pipe, PROMPTS[0], (SIZE, SIZE), "cpu")
+    latent = SIZE // pipe.vae_scale_factor
+    assert inputs["controlnet_block_sample_0"].shape == (1, latent // 2, latent // 2, 32)
+    call = first_transformer_call(pipe, lambda: draw(pipe))
+    call.pop("return_dict")  # the bench's routing takes it out too
+    with torch.no_grad():
+        want = pipe.transformer(**call, return_dict=False)[0]
+        named, to_prediction = family.exported_from_call(call)
+        got = to_prediction(family.export_call(pipe.transformer, *(named[i.name] for i in
+                                                                   family.export_inputs(pipe.transformer.config))))
+    assert torch.allclose(got, want, atol=1e-5) and got.shape == pack_latents(torch.zeros(1, 16, latent, latent)).shape

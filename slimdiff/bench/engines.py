@@ -153,9 +153,11 @@ class ExportedEngine(Engine):
         device, dtype = str(param.device), param.dtype
         profile = Profile(Range(min(batches), max(batches), max(batches)), Range(latent[0], latent[0], latent[0]),
                           Range(latent[1], latent[1], latent[1]), Range(text_len, text_len, text_len))
+        family = self.options.get("family")
         _, sidecar = build_denoiser_engine(denoiser, self.kind, Path(workdir), profiles=[profile], dtype=dtype,
                                           device=device, multiple=latent_multiple(denoiser.config),
-                                          plan=getattr(denoiser, "slim_plan", None), family=self.options.get("family"))
+                                          plan=getattr(denoiser, "slim_plan", None), family=family,
+                                          export_options=tuple(family.exporting) if family is not None else ())
         return self._opened(workdir, device, onnx_opset=sidecar["opset"] if sidecar else None)
 
     def open(self, folder, device):

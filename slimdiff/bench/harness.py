@@ -337,7 +337,7 @@ class Bench:
         check_fits(cfg.model, cfg.budgets, cfg.budget_unit, cfg.resolution, self.device, self.dtype, align=cfg.align,
                    r_min=cfg.r_min)
         self.pipe = pipe = self._load()
-        self.family = family = family_for(pipe)
+        self.family = family = family_for(pipe).calling(pipe)  # a FLUX ControlNet pipeline's: with its samples
         dense = family.denoiser(pipe)
         self._check_drivable(family.export_inputs, dense.config)
         factor = pipe.vae_scale_factor

@@ -993,6 +993,12 @@ class DenoiserFamily(ABC):
         variant.exporting = frozenset(options)
         return variant
 
+    def calling(self, pipe: Any) -> DenoiserFamily:
+        """This family as ``pipe`` calls its denoiser, where the pipeline's other models decide the call (a FLUX
+        ControlNet pipeline's samples, as many as its ControlNet gives: :meth:`with_export_options`); itself by
+        default. What ``slimdiff bench`` times and builds engines of."""
+        return self
+
     def controlnet_export_option(self, controlnet: Callable[[], Any]) -> str:
         """The export option of engines that also take a ControlNet's outputs (``slimdiff-export
         --controlnet-inputs``): :data:`CONTROLNET_RESIDUALS`, inputs laid out as the denoiser's own skip connections.

@@ -314,6 +314,18 @@ class ControlNetSamples:
                 config["num_attention_heads"] * config["attention_head_dim"])
         return tuple(ExportInput(name, dims, MODEL_DTYPE) for name in self.names)
 
+    def named(self, call: dict[str, Any], rows: int, columns: int) -> dict[str, torch.Tensor]:
+        """The exported sample inputs by name of a pipeline's transformer ``call`` (its ``controlnet_block_samples``,
+        ``controlnet_single_block_samples`` and ``controlnet_blocks_repeat`` taken out of it) on a ``rows`` ×
+        ``columns`` packed grid; one line for samples of another layout."""
+        blocks, singles = call.pop("controlnet_block_samples", None), call.pop("controlnet_single_block_samples", None)
+        repeat = bool(call.pop("controlnet_blocks_repeat", False))
+        given = ControlNetSamples(len(blocks or ()), len(singles or ()), repeat)
+        if given != self:
+            raise SlimDiffError(f"got ControlNet samples {given.describe()}; the exported call takes {self.describe()}")
+        return {name: s.reshape(s.shape[0], rows, columns, s.shape[-1])
+                for name, s in zip(self.names, (*(blocks or ()), *(singles or ())))}
+
     def call(self, samples: Sequence[torch.Tensor]) -> dict[str, Any]:
         """The transformer's keyword arguments passing ``samples`` (this layout's, on the packed grid) as the pipeline
         passes them: token sequences, None for a kind the ControlNet gives none of."""
@@ -352,8 +364,8 @@ class FluxFamily(DenoiserFamily):
         layouts = [layout for layout in map(ControlNetSamples.parse, options) if layout is not None]
         variant = super().with_export_options([CONTROLNET_SAMPLES if ControlNetSamples.parse(o) else o
                                                for o in options])
-        if layouts:
-            variant.controlnet_samples = layouts[0]
+        if layouts:  # the options as given: the layout is recorded with an engine built from the variant
+            variant.controlnet_samples, variant.exporting = layouts[0], frozenset(options)
         return variant
 
     def controlnet_export_option(self, controlnet: Callable[[], Any]) -> str:
@@ -418,6 +430,8 @@ class FluxFamily(DenoiserFamily):
         # the pipeline's packed call, unpacked as the exported graph takes it; its positions are the graph's own
         call, ((rows, columns),) = split_packed_call(call, "FluxPipeline")
         call["hidden_states"] = unpack_latents(call["hidden_states"], rows * PACK, columns * PACK)
+        if self.controlnet_samples is not None:  # a ControlNet's samples, on the packed grid
+            call.update(self.controlnet_samples.named(call, rows, columns))
         return call, pack_latents
 
     def accepts(self, obj: Any) -> bool:

@@ -29,11 +29,12 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any, Callable, Sequence
 
+import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
 from ..errors import SlimDiffError
 from .base import FAMILIES
-from .flux import FluxFamily, seeded_sampling_loop
+from .flux import PACK, ControlNetSamples, FluxFamily, latent_ids, pack_latents, seeded_sampling_loop, text_ids
 from .flux_control import CONTROL_IMAGE
 from .images import calibration_images, colour_ramp, images_of_seeds
 
@@ -92,6 +93,33 @@ class FluxControlNetFamily(FluxFamily):
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return controlnet_loop(self, pipe, config)
+
+    def calling(self, pipe: Any) -> FluxFamily:
+        return self.with_export_options([ControlNetSamples.of(pipe.controlnet).option])
+
+    def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
+                      ) -> dict[str, torch.Tensor]:
+        # the timed calls' samples: the pipeline's ControlNet on the measuring runs' colour ramp, encoded and packed
+        # as the pipeline does, at mid-schedule (sigma 0.5) on a seeded latent
+        inputs = super().prompt_inputs(pipe, prompt, size, device)
+        if self.controlnet_samples is None:
+            return inputs
+        height, width = size
+        vae, controlnet = pipe.vae, pipe.controlnet
+        image = pipe.prepare_image(colour_ramp(), width, height, 1, 1, vae.device, vae.dtype)
+        latent = (vae.encode(image).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        packed = pack_latents(latent)
+        rows, columns = latent.shape[-2] // PACK, latent.shape[-1] // PACK
+        noise = torch.randn(packed.shape, generator=torch.Generator().manual_seed(0)).to(packed)
+        call = {"controlnet_blocks_repeat": self.controlnet_samples.repeat}
+        call["controlnet_block_samples"], call["controlnet_single_block_samples"] = controlnet(
+            hidden_states=noise, controlnet_cond=packed, timestep=torch.full((1,), 0.5, device=vae.device),
+            encoder_hidden_states=inputs["encoder_hidden_states"], pooled_projections=inputs["pooled_projections"],
+            guidance=inputs.get("guidance") if controlnet.config.guidance_embeds else None,
+            img_ids=latent_ids(rows, columns, device=vae.device), txt_ids=text_ids(inputs["encoder_hidden_states"]),
+            return_dict=False)
+        return {**inputs, **{name: s.to(device) for name, s in self.controlnet_samples.named(call, rows,
+                                                                                            columns).items()}}
 
     @cached_property
     def pipeline_options(self) -> dict:
