@@ -671,9 +671,12 @@ class TestFlux(FamilyConformance):
         sizes = f"{self.image_px // 2}:{self.image_px}:{self.image_px}"
         profiles = parse_profiles(batch="1:2:2", height=sizes, width=sizes,
                                   text_len=str(family_for(transformer).text_tokens), vae_scale=2, multiple=8)
-        family = family_for(pipe)  # FLUX Kontext's call is its pipeline's: its transformer is FLUX.1-dev's
+        # the pipeline's call: FLUX Kontext's is its pipeline's (its transformer is FLUX.1-dev's), a FLUX ControlNet
+        # pipeline's carries its ControlNet's samples
+        family = family_for(pipe).calling(pipe)
         meta, sidecar = build_denoiser_engine(transformer, "ort", tmp_path, profiles=profiles, dtype=torch.float32,
-                                              device="cpu", multiple=8, plan=report.plan, family=family)
+                                              device="cpu", multiple=8, plan=report.plan, family=family,
+                                              export_options=tuple(family.exporting))
         assert sidecar["parity"]["max_rel_error"] <= FP32_TOLERANCE and len(sidecar["parity"]["shapes"]) == 2
         assert meta["family"] == self.family and sidecar["fused"]["Attention"] == sidecar["attention_modules"] == 4
 
@@ -730,6 +733,17 @@ class TestFluxControl(_FluxWithImages):
 
     family = "flux-control"
     builtin = "builtin:tiny-flux-control"
+
+
+class TestFluxControlNet(_FluxWithImages):
+    """FLUX ControlNet: builtin:tiny-flux-controlnet — FluxControlNetPipeline around builtin:tiny-flux's transformer
+    (whose family alone is FLUX's), its seeded ControlNet's samples added after the blocks; calibrated on noise images
+    as control images; the shared image checks condition on a colour ramp. tests/test_flux_controlnet.py checks the
+    engines taking the samples."""
+
+    family = "flux-controlnet"
+    denoiser_family = "flux"
+    builtin = "builtin:tiny-flux-controlnet"
 
 
 class TestFluxKontext(_FluxWithImages):
