@@ -33,18 +33,36 @@ def is_control_transformer(config: Any) -> bool:
     return input_features(config) == 2 * latent_features(config)
 
 
-def control_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-    """``loop(prompts, seeds)``: ``FluxControlPipeline``'s own sampling of one batch — prompt ``i`` conditioned on
-    ``images[seed mod count]`` — from seeded packed latents to latents (the control image's latent is a sample of
-    the VAE's posterior: drawn by each prompt's generator as well)."""
-    files = calibration_images(config.images, "FLUX Control is calibrated on control images",
-                               example="a few hundred depth or edge maps, of the kind the model serves")
+def control_loop(family: FluxFamily, pipe: Any, config: Any, model: str = "FLUX Control",
+                 kind: str = "the model serves") -> Callable[[Sequence[str], Sequence[int]], None]:
+    """``loop(prompts, seeds)``: a FLUX pipeline's own sampling of one batch conditioned on a control image — prompt
+    ``i`` on ``images[seed mod count]`` — from seeded packed latents to latents (the control image's latent is a
+    sample of the VAE's posterior: drawn by each prompt's generator as well). ``model`` and ``kind`` name what is
+    calibrated in the line that asks for ``--images``."""
+    files = calibration_images(config.images, f"{model} is calibrated on control images",
+                               example=f"a few hundred depth or edge maps, of the kind {kind}")
     return seeded_sampling_loop(family, pipe, config, lambda seeds, height, width: {
         CONTROL_IMAGE: images_of_seeds(files, seeds), "height": height, "width": width})
 
 
+class ControlImageTask:
+    """A family whose pipeline is conditioned on a control image: its measuring runs' control image, a colour ramp,
+    or the images given to ``slimdiff eval --images``, one per image drawn."""
+
+    @cached_property
+    def pipeline_options(self) -> dict:
+        return {CONTROL_IMAGE: colour_ramp()}  # the pipeline resizes it
+
+    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
+                       seeds: Sequence[int] = ()) -> dict:
+        call = super().measuring_call(height, width)  # the family this task is mixed into
+        if images is not None:
+            call[CONTROL_IMAGE] = list(images)
+        return call
+
+
 @FAMILIES.register({FluxControlPipeline: "flux-control", FluxTransformer2DModel: "flux-control"})
-class FluxControlFamily(FluxFamily):
+class FluxControlFamily(ControlImageTask, FluxFamily):
     """FLUX's call and blocks with the latent and the control image's latent in each token; sampling conditioned on
     a control image."""
 
@@ -61,13 +79,3 @@ class FluxControlFamily(FluxFamily):
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return control_loop(self, pipe, config)
 
-    @cached_property
-    def pipeline_options(self) -> dict:
-        return {CONTROL_IMAGE: colour_ramp()}  # the measuring runs' control image (the pipeline resizes it)
-
-    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
-                       seeds: Sequence[int] = ()) -> dict:
-        call = super().measuring_call(height, width)
-        if images is not None:  # the given control images, one per image drawn
-            call[CONTROL_IMAGE] = list(images)
-        return call

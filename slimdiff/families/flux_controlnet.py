@@ -26,7 +26,6 @@ and XLabs ControlNets (:func:`check_engine_controlnet`). Triton serving of the p
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,9 +33,9 @@ from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
 from ..errors import SlimDiffError
 from .base import FAMILIES
-from .flux import PACK, ControlNetSamples, FluxFamily, latent_ids, pack_latents, seeded_sampling_loop, text_ids
-from .flux_control import CONTROL_IMAGE
-from .images import calibration_images, colour_ramp, images_of_seeds
+from .flux import PACK, ControlNetSamples, FluxFamily, latent_ids, pack_latents, text_ids
+from .flux_control import CONTROL_IMAGE, ControlImageTask, control_loop
+from .images import colour_ramp
 
 
 def check_calibrated_controlnet(pipe: Any) -> None:
@@ -57,10 +56,7 @@ def controlnet_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Seq
     """``loop(prompts, seeds)``: ``FluxControlNetPipeline``'s own sampling of one batch — prompt ``i`` conditioned on
     ``images[seed mod count]`` — from seeded packed latents to latents."""
     check_calibrated_controlnet(pipe)
-    files = calibration_images(config.images, "a FLUX ControlNet pipeline is calibrated on control images",
-                               example="a few hundred depth or edge maps, of the kind the ControlNet takes")
-    return seeded_sampling_loop(family, pipe, config, lambda seeds, height, width: {
-        CONTROL_IMAGE: images_of_seeds(files, seeds), "height": height, "width": width})
+    return control_loop(family, pipe, config, "a FLUX ControlNet pipeline", "the ControlNet takes")
 
 
 def check_engine_controlnet(controlnet: Any, what: str) -> None:
@@ -77,7 +73,7 @@ def check_engine_controlnet(controlnet: Any, what: str) -> None:
 
 
 @FAMILIES.register({FluxControlNetPipeline: "flux-controlnet", FluxControlNetModel: "flux-controlnet"})
-class FluxControlNetFamily(FluxFamily):
+class FluxControlNetFamily(ControlImageTask, FluxFamily):
     """FLUX's call and blocks, the ControlNet's samples added after the blocks; sampling conditioned on a control
     image through the ControlNet. Registered for ``FluxControlNetModel`` too (as SD's family for ``ControlNetModel``):
     its engine is recorded as this family's."""
@@ -121,13 +117,3 @@ class FluxControlNetFamily(FluxFamily):
         return {**inputs, **{name: s.to(device) for name, s in self.controlnet_samples.named(call, rows,
                                                                                             columns).items()}}
 
-    @cached_property
-    def pipeline_options(self) -> dict:
-        return {CONTROL_IMAGE: colour_ramp()}  # the measuring runs' control image (the pipeline resizes it)
-
-    def measuring_call(self, height: int, width: int, images: Sequence | None = None,
-                       seeds: Sequence[int] = ()) -> dict:
-        call = super().measuring_call(height, width)
-        if images is not None:  # the given control images, one per image drawn
-            call[CONTROL_IMAGE] = list(images)
-        return call
