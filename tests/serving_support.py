@@ -45,17 +45,16 @@ def served_images_match(client, repo, pipe) -> list[np.ndarray]:
 def write_tiny_repository(pipe, root, *, image_to_image: bool = False, refiner=None):
     """What ``slimdiff-export --triton-repo`` (python mode) writes for ``pipe``, without its slimming (a rank plan
     does not change what is served), at SIZE px: ONNX Runtime engines of the denoiser at the rows one image takes
-    (``root/unet`` or ``root/transformer``; with ControlNet residual inputs, and the ControlNet's engine in
-    ``root/controlnet``, for a ControlNet pipeline; the ``refiner``'s UNet in ``root/refiner`` when given), of the
-    text encoders and the VAE at batch 1, and the repository ``root/repo`` serving them (image-to-image requests too
-    when ``image_to_image``); returns the repository."""
+    (``root/unet`` or ``root/transformer``; with the ControlNet's residual or sample inputs, and the ControlNet's
+    engine in ``root/controlnet``, for a ControlNet pipeline; the ``refiner``'s UNet in ``root/refiner`` when given),
+    of the text encoders and the VAE at batch 1, and the repository ``root/repo`` serving them (image-to-image
+    requests too when ``image_to_image``); returns the repository."""
     import torch
 
     from slimdiff.engines.build import build_controlnet_engine, build_denoiser_engine
     from slimdiff.engines.triton import build_serving_engines, check_pipeline, write_repository
     from slimdiff.export.modules import CONTROLNET
     from slimdiff.export.shapes import Range, latent_multiple, parse_profiles
-    from slimdiff.families.base import CONTROLNET_RESIDUALS
 
     served = check_pipeline(pipe)
     family = served.family
@@ -70,8 +69,10 @@ def write_tiny_repository(pipe, root, *, image_to_image: bool = False, refiner=N
 
     rows = family.guided_rows_per_image(denoiser.config)
     (root / family.component).mkdir()
-    build_denoiser_engine(denoiser, "ort", root / family.component, **build(rows),
-                          export_options=(CONTROLNET_RESIDUALS,) if served.controlnet else (), family=family)
+    # a ControlNet pipeline's denoiser takes the ControlNet's outputs: SD's residuals, FLUX's block samples
+    controlnet_inputs = (family.controlnet_export_option(lambda: pipe.controlnet),) if served.controlnet else ()
+    build_denoiser_engine(denoiser, "ort", root / family.component, **build(rows), export_options=controlnet_inputs,
+                          family=family)
     folders = build_serving_engines(pipe, root, "ort", image_to_image=image_to_image, **build(1))
     if served.controlnet:
         folders[CONTROLNET] = root / CONTROLNET

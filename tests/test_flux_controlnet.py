@@ -1,6 +1,8 @@
 """FLUX ControlNets (FluxControlNetPipeline around FLUX.1's transformer and a FluxControlNetModel): the pipeline is its
 own family (its transformer alone stays ``flux``), calibrated on the control images given; a slim transformer runs
-in it from a slim folder; the refusals. builtin:tiny-flux-controlnet, seeded weights, CPU."""
+in it from a slim folder; its engines (the transformer's taking the ControlNet's samples, the ControlNet's) run in it
+and are served by a Triton repository whose requests carry the control image; the refusals.
+builtin:tiny-flux-controlnet, seeded weights, CPU."""
 
 import json
 import shutil
@@ -192,9 +194,9 @@ def test_exported_call_adds_the_samples_as_diffusers_forward(pipe, layout):
 
 @pytest.fixture(scope="module")
 def exported(folder, noise_images, tmp_path_factory):
-    """`slimdiff-export --controlnet DIR` (implying --controlnet-inputs) of the pipeline with its own ControlNet's
-    folder (calibrated and slimmed on the control images; the slim transformer's engine and the ControlNet's): the
-    output folder."""
+    """`slimdiff-export --controlnet DIR --triton-repo` (--controlnet implying --controlnet-inputs) of the pipeline
+    with its own ControlNet's folder (calibrated and slimmed on the control images; the slim transformer's engine and
+    the ControlNet's, and the python-mode repository serving them beside ``engines``): the output folder."""
     out = tmp_path_factory.mktemp("flux-controlnet-export") / "engines"
     prompts = out.parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -202,6 +204,7 @@ def exported(folder, noise_images, tmp_path_factory):
 
     assert export(["--model", "builtin:tiny-flux-controlnet", "--engine", "ort", "--slim-only",
                    "--controlnet", str(folder / "controlnet"),
+                   "--triton-repo", str(out.parent / "repo"), "--triton-mode", "python",
                    "--height", str(SIZE), "--width", str(SIZE), "--batch", "1:1:2", "--images", str(noise_images),
                    "--prompts", str(prompts), "--num-prompts", "2", "--steps", "2", "--out", str(out)]) == 0
     return out
@@ -284,12 +287,16 @@ def test_engine_refusals(pipe, exported, tmp_path):
     ("builtin:tiny-flux", ["--controlnet-inputs"], "a flux transformer takes as many ControlNet samples as its "
                                                    "ControlNet gives: export --controlnet-inputs from a "
                                                    "FluxControlNetPipeline"),
-    ("builtin:tiny-flux-controlnet", ["--triton-repo", "REPO"], "--triton-repo serves"),
+    ("builtin:tiny-flux-controlnet", ["--triton-repo", "REPO"], "--triton-repo serves FluxControlNetPipeline with its "
+                                                                "ControlNet's engine: give --controlnet DIR"),
+    ("builtin:tiny-flux-controlnet", ["--controlnet", "CONTROLNET", "--triton-repo", "REPO", "--triton-img2img"],
+     "--triton-img2img serves"),
 ])
-def test_export_refusals(model, flags, message, union_controlnet, tmp_path, capsys):
+def test_export_refusals(model, flags, message, folder, union_controlnet, tmp_path, capsys):
     from slimdiff.cli.export import main as export
 
-    flags = [{"REPO": str(tmp_path / "repo"), "UNION": str(union_controlnet)}.get(f, f) for f in flags]
+    flags = [{"REPO": str(tmp_path / "repo"), "UNION": str(union_controlnet),
+              "CONTROLNET": str(folder / "controlnet")}.get(f, f) for f in flags]
     code = export(["--model", model, "--engine", "ort", "--height", str(SIZE), "--width", str(SIZE),
                    "--out", str(tmp_path / "out"), *flags])
     err = one_error_line(capsys)
@@ -317,3 +324,86 @@ def test_measured_call_carries_the_samples(pipe):
         got = to_prediction(family.export_call(pipe.transformer, *(named[i.name] for i in
                                                                    family.export_inputs(pipe.transformer.config))))
     assert torch.allclose(got, want, atol=1e-5) and got.shape == pack_latents(torch.zeros(1, 16, latent, latent)).shape
+
+
+# -- Triton serving (slimdiff-export --controlnet DIR --triton-repo) -------------------------------------------------
+
+
+def test_served_controlnet_pipeline_is_diffusers_pipeline_with_the_engines(pipe, tmp_path):
+    """The Triton repository (python mode, in this process over its ONNX Runtime engines) serves the ControlNet's
+    engine, the transformer's taking its samples by name, and the VAE encoder (the control image's latent); a request
+    carries the control image and may carry the conditioning scale, not a strength. It draws what diffusers'
+    FluxControlNetPipeline with the transformer and ControlNet engines draws, within one grey level, and the control
+    image and its scale decide what; several ControlNets and a request without a control image are refused in one
+    line."""
+    from diffusers import FluxControlNetPipeline, FluxMultiControlNetModel
+    from serving_support import SIZE as SERVED, noise_image, served_beside_diffusers
+
+    from slimdiff.engines.triton import _pb, check_pipeline, read_config
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.controlnet import EngineFluxControlNet
+    from slimdiff.runtime.triton_models import generate
+
+    pytest.importorskip("tritonclient.grpc")
+    repo, served, reference = served_beside_diffusers(pipe, tmp_path)
+    use_engine(reference, tmp_path / "controlnet")
+    assert isinstance(served.controlnet, EngineFluxControlNet) and isinstance(reference.controlnet,
+                                                                              EngineFluxControlNet)
+    assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "text_encoder_2",
+                                                      "transformer", "vae_decoder", "vae_encoder"]
+    spec = json.loads((repo / "pipeline" / "1" / "pipeline.json").read_text())
+    assert spec["pipeline_class"] == "FluxControlNetPipeline" and spec["image_inputs"] == ["control_image"]
+    assert spec["controlnet"] is True and spec["vae_encoder"] is True and spec["image_to_image"] is None
+    pb, _ = _pb()
+    inputs = {t.name: (t.data_type, list(t.dims), t.optional)
+              for t in read_config(repo / "pipeline" / "config.pbtxt").input}
+    assert inputs["control_image"] == (pb.TYPE_UINT8, [-1, -1, 3], False)
+    assert inputs["controlnet_conditioning_scale"] == (pb.TYPE_FP32, [1], True)
+    assert "image" not in inputs and "strength" not in inputs
+    samples = [t.name for t in read_config(repo / "controlnet" / "config.pbtxt").output]
+    transformer_inputs = [t.name for t in read_config(repo / "transformer" / "config.pbtxt").input]
+    assert samples == ["controlnet_block_sample_0", "controlnet_single_block_sample_0"]
+    assert transformer_inputs[-2:] == samples
+
+    options = dict(seed=3, steps=2, height=SERVED, width=SERVED, control_image=noise_image(1))
+
+    def grey_levels(a, b) -> int:
+        return int(abs(a.astype(int) - b.astype(int)).max())
+
+    got = generate(served, "a red circle", **options)
+    assert got.shape == (SERVED, SERVED, 3) and got.std() > 1
+    assert grey_levels(got, generate(reference, "a red circle", **options)) <= 1
+    assert grey_levels(got, generate(served, "a red circle", **{**options, "control_image": noise_image(2)})) > 8
+    half = {**options, "controlnet_conditioning_scale": 0.5}
+    assert grey_levels(generate(served, "a red circle", **half), generate(reference, "a red circle", **half)) <= 1
+    assert grey_levels(got, generate(served, "a red circle", **half)) > 8
+    for request, message in (({"control_image": None}, r"request takes control_image, got none$"),
+                             ({"strength": 0.5}, r"request takes no strength$")):
+        with pytest.raises(SlimDiffError, match=message):
+            generate(served, "a red circle", **{**options, **request})
+    several = FluxControlNetPipeline(**{**pipe.components,
+                                        "controlnet": FluxMultiControlNetModel([pipe.controlnet, pipe.controlnet])})
+    with pytest.raises(SlimDiffError, match=r"not FluxControlNetPipeline with several ControlNets$"):
+        check_pipeline(several)
+
+
+def test_exported_repository_serves_the_slim_engines(exported):
+    """`slimdiff-export --controlnet DIR --triton-repo`: the repository serves the slim transformer's engine and the
+    ControlNet's with the text encoders' and the VAE's; its pipeline, run in this process, draws what the slim
+    pipeline with the two engines draws, within one grey level."""
+    from serving_support import noise_image
+
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    repo = exported.parent / "repo"
+    assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "text_encoder_2",
+                                                      "transformer", "vae_decoder", "vae_encoder"]
+    served = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
+    slim = load_pipeline(str(exported / "slim-unet"))
+    slim.set_progress_bar_config(disable=True)
+    use_engine(slim, exported / "slim")
+    use_engine(slim, exported / "controlnet")
+    options = dict(seed=5, steps=2, height=SIZE, width=SIZE, control_image=noise_image(4, SIZE))
+    got, want = generate(served, PROMPTS[0], **options), generate(slim, PROMPTS[0], **options)
+    assert got.shape == (SIZE, SIZE, 3) and got.std() > 1 and abs(got.astype(int) - want.astype(int)).max() <= 1

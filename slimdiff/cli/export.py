@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "VAE decoder engines and a python-backend pipeline model (prompt in, image out); serves "
                              "SD-1.x/2.x, SDXL (base or refiner), PixArt-Σ, SD3 and FLUX pipelines, SD's and SDXL's "
                              "inpainting pipelines, FLUX Fill and FLUX Control, and with --controlnet SD's and SDXL's "
-                             "ControlNet (inpainting) pipelines")
+                             "ControlNet (inpainting) pipelines and FLUX's FluxControlNetPipeline")
     triton.add_argument("--triton-img2img", action="store_true",
                         help="the pipeline model also takes image-to-image requests (an image and a strength; SD, "
                              "SDXL, SD3, FLUX; with --controlnet, ControlNet image-to-image): a VAE encoder engine "
@@ -608,9 +608,12 @@ def run(args) -> list[dict]:
         if repo_tmp is not None:
             from ..engines.triton import check_pipeline, controlnet_pipeline
 
-            check_pipeline(pipe, args.engine, args.triton_mode,
-                           image_to_image=args.triton_img2img and controlnet is None,
-                           refiner=refiner if controlnet is None else None)
+            serving = check_pipeline(pipe, args.engine, args.triton_mode,
+                                     image_to_image=args.triton_img2img and controlnet is None,
+                                     refiner=refiner if controlnet is None else None)
+            if serving.controlnet and controlnet is None:  # a FluxControlNetPipeline: its transformer takes samples
+                raise SlimDiffError(f"--triton-repo serves {serving.pipeline_class} with its ControlNet's engine: give "
+                                    "--controlnet DIR (the pipeline's controlnet folder)")
             if controlnet is not None:
                 check_pipeline(controlnet_pipeline(pipe, controlnet), args.engine, args.triton_mode,
                                image_to_image=args.triton_img2img, refiner=refiner)

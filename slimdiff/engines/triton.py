@@ -9,9 +9,10 @@ Layout written by :func:`write_repository` (``slimdiff-export ... --triton-repo 
     DIR/text_encoder/...             the same for each text encoder the family serves (SDXL, FLUX: text_encoder_2
                                      too; SD3: text_encoder_2 and text_encoder_3)
     DIR/vae_decoder/...              the same for the VAE decoder
-    DIR/vae_encoder/...              inpainting pipelines, FLUX Control and --triton-img2img: the VAE encoder too
-                                     (an image's latent)
-    DIR/controlnet/...               ControlNet pipelines: the ControlNet's engine (its residuals feed the UNet's)
+    DIR/vae_encoder/...              inpainting pipelines, FLUX Control and ControlNet, --triton-img2img: the VAE
+                                     encoder too (an image's latent)
+    DIR/controlnet/...               ControlNet pipelines: the ControlNet's engine (its residuals feed the UNet's;
+                                     FLUX's: its block samples feed the transformer's)
     DIR/refiner_unet/...             --refiner: the SDXL refiner's UNet engine, run after the base on its latents
     DIR/pipeline/config.pbtxt        python backend: prompt (inpainting: and image, mask; ControlNet, FLUX Control:
                                      and control_image; --triton-img2img: and an optional image; --refiner: and an
@@ -26,7 +27,7 @@ What differs per model family comes from its :class:`~slimdiff.families.Denoiser
 ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``, PixArt-Σ: ``PixArtSigmaPipeline``, SD3:
 ``StableDiffusion3Pipeline``, FLUX: ``FluxPipeline`` (FLUX Fill: ``FluxFillPipeline``, FLUX Control:
 ``FluxControlPipeline``); with a ControlNet engine, SD's and SDXL's ControlNet pipelines
-(their ControlNet inpainting pipelines for inpainting models):
+(their ControlNet inpainting pipelines for inpainting models) and FLUX's ``FluxControlNetPipeline``:
 :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`; for requests carrying an image, with
 ``--triton-img2img``, SD's, SDXL's, SD3's and FLUX's image-to-image pipelines:
 :attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`, and SD's and SDXL's ControlNet ones:
@@ -135,16 +136,25 @@ class ServedPipeline:
     @property
     def image_inputs(self) -> tuple[str, ...]:
         """The images every request of this pipeline carries (a ControlNet inpainting one: the image, its mask and
-        the conditioning image)."""
-        return {WITH_CONTROLNET: (*self.family.serving_image_inputs, "control_image"), IMAGE_TO_IMAGE: ("image",),
+        the conditioning image; a FLUX ControlNet one the conditioning image, which its family's calibration takes
+        too)."""
+        with_controlnet = tuple(dict.fromkeys((*self.family.serving_image_inputs, "control_image")))
+        return {WITH_CONTROLNET: with_controlnet, IMAGE_TO_IMAGE: ("image",),
                 CONTROLNET_IMAGE_TO_IMAGE: ("image", "control_image")}.get(self.role, self.family.serving_image_inputs)
 
     def call_argument(self, image: str) -> str:
-        """The diffusers call argument a request image is passed as: a ControlNet text-to-image pipeline takes the
-        conditioning image as ``image`` (its image-to-image and inpainting siblings as ``control_image``, beside
-        ``image``)."""
-        conditioning_as_image = self.role == WITH_CONTROLNET and "image" not in self.family.serving_image_inputs
-        return "image" if image == "control_image" and conditioning_as_image else image
+        """The diffusers call argument a request image is passed as: the conditioning image as ``control_image``
+        where the pipeline's call takes one (SD's ControlNet image-to-image and inpainting pipelines, beside
+        ``image``; FLUX's ControlNet and Control pipelines), else as ``image`` (SD's and SDXL's ControlNet
+        text-to-image pipelines)."""
+        import inspect
+
+        import diffusers
+
+        if image != "control_image":
+            return image
+        call = inspect.signature(getattr(diffusers, self.pipeline_class).__call__).parameters
+        return "control_image" if "control_image" in call else "image"
 
     @property
     def request_images(self) -> dict[str, bool]:
@@ -173,20 +183,24 @@ class ServedPipeline:
                 **(REFINER_OPTIONS if self.refiner_class else {})}
 
 
+def several_controlnets(pipe) -> bool:
+    """Whether ``pipe`` holds several ControlNets (diffusers' ``MultiControlNetModel``, ``FluxMultiControlNetModel``...:
+    their ``nets``), which no repository serves."""
+    return hasattr(getattr(pipe, "controlnet", None), "nets")
+
+
 def served_pipeline(pipe) -> ServedPipeline | None:
     """How a repository serves ``pipe``, or None when it cannot: a pipeline whose class is its family's
     :attr:`~slimdiff.families.DenoiserFamily.serving_pipeline`, or with one ControlNet its
     :attr:`~slimdiff.families.DenoiserFamily.serving_controlnet_pipeline`, or its
-    :attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`. ControlNet and image-to-image pipelines are
-    no family's own (the families are registered for their text-to-image classes): the family whose class it is and
-    that accepts the pipeline's UNet serves it."""
-    from diffusers import ControlNetModel
-
+    :attr:`~slimdiff.families.DenoiserFamily.serving_img2img_pipeline`. SD's ControlNet and image-to-image pipelines
+    are no family's own (those families are registered for their text-to-image classes): the family whose class it
+    is and that accepts the pipeline's UNet serves it. ``FluxControlNetPipeline`` is its family's own, served as its
+    ControlNet pipeline."""
     from ..families import FAMILIES, load_builtin
 
-    controlnet = getattr(pipe, "controlnet", None)
-    if controlnet is not None and not isinstance(controlnet, ControlNetModel):
-        return None  # several ControlNets (a MultiControlNetModel)
+    if several_controlnets(pipe):
+        return None
     load_builtin()
     for family in FAMILIES.adapters():
         for role, attribute in ROLE_PIPELINE.items():
@@ -474,8 +488,7 @@ def check_pipeline(pipe, kind: str | None = None, mode: str | None = None, *,
         raise SlimDiffError("--triton-repo needs the whole pipeline, not a denoiser alone")
     served = served_pipeline(pipe)
     if served is None:
-        multi = " with several ControlNets" if type(getattr(pipe, "controlnet", None)).__name__ == \
-            "MultiControlNetModel" else ""
+        multi = " with several ControlNets" if several_controlnets(pipe) else ""
         raise SlimDiffError(f"--triton-repo serves {', '.join(served_pipelines())} so far, not "
                             f"{type(pipe).__name__}{multi}")
     family = served.family

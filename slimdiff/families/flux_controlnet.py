@@ -20,8 +20,9 @@ in one line: no flag says which mode or which image of each kind a prompt takes.
 Engines: ``slimdiff-export --controlnet-inputs`` builds transformer engines taking the ControlNet's samples too, as
 many as it outputs (:class:`~slimdiff.families.flux.ControlNetSamples`, :meth:`FluxFamily.export_inputs`);
 ``--controlnet DIR`` the ControlNet's engine too (:func:`slimdiff.export.modules.controlnet_component`), but for Union
-and XLabs ControlNets (:func:`check_engine_controlnet`). Triton serving of the pipeline is not done
-(``serving_pipeline`` None: ``--triton-repo`` refuses it).
+and XLabs ControlNets (:func:`check_engine_controlnet`). With ``--triton-repo`` a repository serves the pipeline as
+SD's ControlNet pipelines are served (``serving_controlnet_pipeline``): the transformer engine taking the samples, the
+ControlNet's engine, and the VAE encoder, since the pipeline encodes the request's control image.
 """
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ class FluxControlNetFamily(ControlImageTask, FluxFamily):
         return isinstance(obj, FluxControlNetModel) or super().accepts(obj)
 
     name = "flux-controlnet"
-    serving_pipeline = None  # not served yet: --triton-repo refuses the pipeline
+    # served only with the ControlNet's engine (slimdiff-export --controlnet DIR): the transformer's engine takes its
+    # samples, which nothing in a repository makes without it
+    serving_pipeline = None
+    serving_controlnet_pipeline = "FluxControlNetPipeline"
     serving_img2img_pipeline = None
     serving_image_inputs = (CONTROL_IMAGE,)  # what calibration (--images) and eval (--images) condition on
-    serving_encoded_images = ()
+    serving_encoded_images = (CONTROL_IMAGE,)  # the pipeline packs the VAE's latent of it for the ControlNet
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return controlnet_loop(self, pipe, config)

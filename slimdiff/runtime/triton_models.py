@@ -3,7 +3,8 @@ pipelines in-process.
 
 * :class:`PipelineModel` is prompt in, image out: diffusers' own pipeline loop — the class ``pipeline.json`` names
   (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``,
-  ``FluxPipeline``; SD's and SDXL's inpainting and ControlNet pipelines; the image-to-image pipelines):
+  ``FluxPipeline``; SD's and SDXL's inpainting and ControlNet pipelines, ``FluxControlNetPipeline``; the
+  image-to-image pipelines):
   tokenizers, scheduler, classifier-free guidance, SDXL's micro-conditioning, PixArt's T5 padding mask, SD3's and
   FLUX's VAE shift, FLUX's packed latents and embedded guidance — whose text encoders, denoiser and VAE are stand-ins
   that call the repository's models through Triton's BLS (business logic scripting); the denoiser's (and a
