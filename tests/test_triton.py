@@ -139,6 +139,19 @@ def test_new_weights_become_the_next_version_of_a_served_engine(exported, tmp_pa
         with pytest.raises(SlimDiffError, match=message):
             add_weights_version(repo, model, folder, module)
     assert model_versions(repo / "unet") == [1, 2] and not [p for p in (repo / "unet").iterdir() if p.name[0] == "."]
+    # a native-mode model (Triton's onnxruntime backend: model.onnx) takes its next version in its own layout, the
+    # very graph the python-mode version holds
+    from slimdiff.engines.triton import add_engine_model
+
+    add_engine_model(tmp_path / "native", "unet", engines / "slim", "unet", "native")
+    native = add_weights_version(tmp_path / "native", "unet", engines / "slim", styled)
+    assert sorted(p.name for p in native.iterdir()) == ["model.onnx"]
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [{i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+               for path in (native / "model.onnx", version / "unet.ort.onnx")]
+    assert weights[0].keys() == weights[1].keys() and all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_bad_repository_requests_fail_early(tmp_path):
