@@ -305,6 +305,27 @@ def test_export_refusals(model, flags, message, folder, union_controlnet, tmp_pa
     assert not (tmp_path / "out").exists() and not (tmp_path / "repo").exists()
 
 
+def test_a_slim_folder_reads_its_controlnet_layout_without_loading_the_pipeline(pipe, folder, tmp_path, monkeypatch):
+    """`--controlnet-inputs` on a slim transformer folder alone takes the samples' layout from the configuration of
+    the ControlNet of the pipeline folder it was slimmed in, without loading that pipeline (FLUX.1's is tens of GB);
+    the FLUX families whose pipelines take no ControlNet refuse the flag in one line."""
+    from slimdiff.cli import export as cli
+    from slimdiff.families import family_named
+    from slimdiff.families.flux import ControlNetSamples
+    from slimdiff.plan import RankPlan
+    from slimdiff.serialization import PLAN_FILE
+
+    slim = tmp_path / "slim-transformer"
+    pipe.transformer.save_pretrained(slim)
+    (slim / PLAN_FILE).write_text(RankPlan({}, {"source_model": str(folder), "family": "flux-controlnet"}).to_json())
+    monkeypatch.setattr("slimdiff.models.load_pipeline", lambda *a, **k: pytest.fail("the pipeline was loaded"))
+    controlnet = cli._slimmed_in_controlnet(str(slim))
+    assert ControlNetSamples.of(controlnet) == ControlNetSamples.of(pipe.controlnet)
+    for name in ("flux-fill", "flux-control", "flux-kontext"):
+        with pytest.raises(SlimDiffError, match=f"{name} transformers take no ControlNet"):
+            family_named(name).controlnet_export_option(lambda: controlnet)
+
+
 def test_measured_call_carries_the_samples(pipe):
     """What `slimdiff bench` times (`calling(pipe)`: the ControlNet's layout): the timed call's inputs carry the
     ControlNet's samples on the colour ramp, and the pipeline's own transformer call mapped onto the exported inputs

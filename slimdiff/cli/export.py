@@ -344,12 +344,29 @@ def _export_options(args, family, controlnet, pipe) -> tuple[str, ...]:
         if controlnet is not None:
             return controlnet
         if pipe is None:
-            from ..models import load_pipeline
-
-            return getattr(load_pipeline(args.model), "controlnet", None)
+            return _slimmed_in_controlnet(args.model)
         return getattr(pipe, "controlnet", None)
 
     return (family.controlnet_export_option(served_controlnet),)
+
+
+def _slimmed_in_controlnet(model: str):
+    """The ControlNet of the pipeline ``model`` (a slim folder) was slimmed in, as far as its configuration goes: a
+    folder's ``controlnet/config.json`` read alone (beside a FLUX pipeline's T5 and transformer, tens of GB, loading
+    the pipeline would double the memory the export holds); a built-in or anything else loaded."""
+    from types import SimpleNamespace
+
+    from ..models import load_pipeline
+    from ..serialization import is_slim_folder, load_plan
+
+    source = (load_plan(model).info.get("source_model") or "") if is_slim_folder(model) else ""
+    config = Path(source) / "controlnet" / "config.json"
+    if source and not source.startswith("builtin:") and config.is_file():
+        try:
+            return SimpleNamespace(config=json.loads(config.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise SlimDiffError(f"{config}: not valid JSON ({exc})") from exc
+    return getattr(load_pipeline(model), "controlnet", None)
 
 
 def _check_controlnet_folder(folder: str, kind: str) -> None:

@@ -360,8 +360,10 @@ class FluxFamily(DenoiserFamily):
     def with_export_options(self, options: Collection[str]) -> DenoiserFamily:
         if CONTROLNET_RESIDUALS in options:
             raise SlimDiffError(f"{self.name} transformers take a ControlNet's block samples, not a UNet's residuals: "
-                                "their layout is the ControlNet's (controlnet_export_option)")
+                                "their layout is the ControlNet's")
         layouts = [layout for layout in map(ControlNetSamples.parse, options) if layout is not None]
+        if len(set(layouts)) > 1:
+            raise SlimDiffError(f"{self.name} engines take one ControlNet's samples, not {len(set(layouts))} layouts")
         variant = super().with_export_options([CONTROLNET_SAMPLES if ControlNetSamples.parse(o) else o
                                                for o in options])
         if layouts:  # the options as given: the layout is recorded with an engine built from the variant
@@ -369,6 +371,9 @@ class FluxFamily(DenoiserFamily):
         return variant
 
     def controlnet_export_option(self, controlnet: Callable[[], Any]) -> str:
+        if CONTROLNET_SAMPLES not in self.export_options:  # FLUX Fill, Control, Kontext
+            raise SlimDiffError(f"{self.name} transformers take no ControlNet (their pipeline passes none): leave out "
+                                "--controlnet-inputs and --controlnet")
         net = controlnet()
         if net is None:
             raise SlimDiffError(f"a {self.name} transformer takes as many ControlNet samples as its ControlNet gives: "
