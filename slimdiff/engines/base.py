@@ -95,6 +95,9 @@ class Backend:
     #: Its runners take new weights without a new build (:class:`WeightUpdatingRunner`); the engine records how it
     #: holds them at build time (:meth:`weight_record`).
     updates_weights: ClassVar[bool] = False
+    #: It writes a built engine again with new weights, without an export (:meth:`write_with_weights`: a served
+    #: repository's next model version).
+    writes_with_weights: ClassVar[bool] = False
 
     def unavailable(self, device: str) -> str | None:
         """Why engines of this kind cannot be built or run on ``device`` here; None when they can."""
@@ -139,14 +142,21 @@ class Backend:
             return f"{self.description} engines cannot take new weights: re-export the engine from the new model"
         return None
 
+    def cannot_write_with_weights(self, meta: dict) -> str | None:
+        """Why the engine of ``meta`` cannot be written with new weights (:meth:`write_with_weights`; one line); None
+        when it can."""
+        reason = self.cannot_update_weights(meta)
+        if reason is None and not self.writes_with_weights:
+            reason = (f"{self.description} engines take new weights in a running process only; they cannot be "
+                      "written with them: re-export the engine from the new model")
+        return reason
+
     def write_with_weights(self, meta: dict, folder: Path, state: dict[str, torch.Tensor], out: Path) -> dict:
         """Write the engine of ``meta`` in ``folder`` with ``state``'s weights (the exported module's names, as
         :meth:`Runner.update_weights <WeightUpdatingRunner.update_weights>` takes them) into the empty folder ``out``,
-        under the engine's file names, without an export; returns the runtime facts with ``files``. One line for an
-        engine that cannot be written so."""
-        reason = self.cannot_update_weights(meta)
-        raise SlimDiffError(reason or f"{self.description} engines take new weights in a running process only; they "
-                                      "cannot be written with them: re-export the engine from the new model")
+        under the engine's file names, without an export; returns the runtime facts with ``files``. Backends whose
+        :attr:`writes_with_weights` holds implement it."""
+        raise SlimDiffError(self.cannot_write_with_weights(meta) or f"{self.name} engines are not written with weights")
 
     def polygraphy_runner(self, meta: dict, folder: Path):
         """A Polygraphy runner over the built engine (compared with its source ONNX after a build); None when

@@ -46,7 +46,8 @@ def build_ort_engine_with(source: Path, initializers: dict[str, np.ndarray], eng
     """:func:`build_ort_engine` of the export ``source`` with the ``initializers`` named there replaced (name → array
     in the graph's layout): ONNX Runtime saves its optimized graph with the source's initializers, not those a
     session overrides, so the new values go into a copy of the source first (its weights file too, for a large
-    graph; deleted after the build). Holds the whole graph in memory once, like the export did."""
+    graph; deleted after the build). The graph is in memory whole beside the new values and the model they came from:
+    several times its size at the peak."""
     import onnx
     from onnx import numpy_helper
 
@@ -161,7 +162,7 @@ class OrtBackend(Backend):
     description = "ONNX Runtime (opset-23 export, saved optimized graph; CPU or CUDA)"
     file_pattern = "{name}.ort.onnx"
     runs_several_outputs = True
-    updates_weights = True
+    updates_weights = writes_with_weights = True
 
     def unavailable(self, device):
         return ort_unavailable(device)

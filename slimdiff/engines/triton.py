@@ -217,7 +217,11 @@ def controlnet_pipeline(pipe, controlnet):
     served = check_pipeline(pipe)
     name = served.family.serving_controlnet_pipeline
     if name is None:
-        raise SlimDiffError(f"--triton-repo serves no ControlNet pipeline for {type(pipe).__name__} so far")
+        from ..families import FAMILIES
+
+        served_with = sorted({f.serving_controlnet_pipeline for f in FAMILIES.adapters() if f.serving_controlnet_pipeline})
+        raise SlimDiffError(f"--triton-repo serves no ControlNet pipeline for {type(pipe).__name__} so far (it serves "
+                            f"{', '.join(served_with)}: export such a pipeline's folder)")
     return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
 
 
@@ -410,7 +414,12 @@ def add_engine_version(repo: Path, name: str, meta: dict, folder: Path) -> Path:
     shutil.rmtree(staged, ignore_errors=True)
     try:
         _write_version(staged, meta, folder, mode)
-        staged.rename(version)
+        try:
+            if version.exists():  # a rename onto an empty folder would replace it
+                raise FileExistsError(version)
+            staged.rename(version)
+        except OSError as exc:
+            raise SlimDiffError(f"{str(version)!r} was written by someone else meanwhile: add the version again") from exc
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return version

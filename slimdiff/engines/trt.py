@@ -399,7 +399,7 @@ class TrtBackend(Backend):
     name = "trt"
     description = "TensorRT FP16 engine from the ONNX export (NVIDIA GPU)"
     file_pattern = "{name}.plan"
-    updates_weights = True  # engines built refittable (cannot_update_weights)
+    updates_weights = writes_with_weights = True  # engines built refittable (cannot_update_weights)
 
     def unavailable(self, device):
         on_cuda = str(device).startswith("cuda")
@@ -432,12 +432,13 @@ class TrtBackend(Backend):
         return TrtRunner(meta, folder, device, cuda_graphs=cuda_graphs)
 
     def write_with_weights(self, meta, folder, state, out):
-        reason = self.cannot_update_weights(meta)
+        reason = self.cannot_write_with_weights(meta)
         if reason:
             raise SlimDiffError(reason)
-        _, engine = load_trt_engine(Path(folder) / meta["file"], meta["runtime"])
+        runtime, engine = load_trt_engine(Path(folder) / meta["file"], meta["runtime"])  # the runtime outlives it
         refit_engine(engine, meta, folder, state)
         (Path(out) / meta["file"]).write_bytes(engine.serialize())
+        del engine, runtime
         return {**meta["runtime"], "files": [meta["file"]]}
 
     def polygraphy_runner(self, meta, folder):

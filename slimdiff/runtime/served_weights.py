@@ -43,6 +43,9 @@ def add_weights_version(repo: str | Path, model: str, engine_folder: str | Path,
     if meta.get("weights") and not weights_path(folder, meta["component"]).is_file():
         raise SlimDiffError(f"{str(engine_folder)!r} lacks the engine's weights record: give the engine folder "
                             "slimdiff-export built (a repository's version folder holds the engine alone)")
+    reason = get(meta["engine"]).cannot_write_with_weights(meta)
+    if reason:
+        raise SlimDiffError(reason)
     state = engine_class(meta).exported_state(meta, folder, module)
     # inside the model folder: a folder not named by a number is no version to Triton (beside it, one more model)
     staged = Path(tempfile.mkdtemp(prefix=".new-weights-", dir=Path(repo) / model))
