@@ -525,7 +525,7 @@ FLUX_CONTROLNET_PIPELINE = "FluxControlNetPipeline"
 #: pipeline's with its ControlNet's samples).
 FLUX_OWN_PIPELINES = (FLUX_FILL_PIPELINE, FLUX_CONTROL_PIPELINE, FLUX_KONTEXT_PIPELINE, FLUX_CONTROLNET_PIPELINE)
 #: Folders of these classes hold the same components and load as the text-to-image pipeline, except FLUX Fill's,
-#: FLUX Control's and FLUX Kontext's (:data:`FLUX_OWN_PIPELINES`), which load as themselves (other FLUX pipelines —
+#: FLUX Control's, FLUX Kontext's and the FLUX ControlNet one (:data:`FLUX_OWN_PIPELINES`), which load as themselves (other FLUX pipelines —
 #: the Control image-to-image and inpainting ones — feed their transformers inputs no family samples).
 FLUX_PIPELINES = (FLUX_PIPELINE, "FluxImg2ImgPipeline", *FLUX_OWN_PIPELINES)
 #: Folders of these classes hold the same components and load as the text-to-image pipeline.
