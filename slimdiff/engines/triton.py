@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -116,6 +117,16 @@ ROLE_PIPELINE = {TEXT_TO_IMAGE: "serving_pipeline", WITH_CONTROLNET: "serving_co
 IMAGE_TO_IMAGE_BESIDE = {TEXT_TO_IMAGE: IMAGE_TO_IMAGE, WITH_CONTROLNET: CONTROLNET_IMAGE_TO_IMAGE}
 
 
+@functools.lru_cache(maxsize=None)
+def _call_takes(pipeline_class: str, argument: str) -> bool:
+    """Whether diffusers' ``pipeline_class`` takes ``argument`` in its call (read once per class: asked per request)."""
+    import inspect
+
+    import diffusers
+
+    return argument in inspect.signature(getattr(diffusers, pipeline_class).__call__).parameters
+
+
 @dataclasses.dataclass(frozen=True)
 class ServedPipeline:
     """What a repository's ``pipeline`` model serves for a diffusers pipeline: its family, the class it runs and its
@@ -147,14 +158,9 @@ class ServedPipeline:
         where the pipeline's call takes one (SD's ControlNet image-to-image and inpainting pipelines, beside
         ``image``; FLUX's ControlNet and Control pipelines), else as ``image`` (SD's and SDXL's ControlNet
         text-to-image pipelines)."""
-        import inspect
-
-        import diffusers
-
         if image != "control_image":
             return image
-        call = inspect.signature(getattr(diffusers, self.pipeline_class).__call__).parameters
-        return "control_image" if "control_image" in call else "image"
+        return "control_image" if _call_takes(self.pipeline_class, "control_image") else "image"
 
     @property
     def request_images(self) -> dict[str, bool]:
