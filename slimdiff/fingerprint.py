@@ -23,7 +23,9 @@ def architecture_config(config: Mapping) -> dict:
     return {str(k): v for k, v in dict(config).items() if not str(k).startswith("_")}
 
 
-def _canonical_json(value) -> str:
+def canonical_json(value) -> str:
+    """``value`` as JSON with sorted keys and no spaces (sets sorted, dtypes and other objects as text): one text
+    per value in every process."""
     def fallback(obj):
         if isinstance(obj, (set, frozenset)):
             return sorted(obj, key=repr)
@@ -36,7 +38,7 @@ def _canonical_json(value) -> str:
 
 def config_fingerprint(config: Mapping) -> str:
     """sha256 of the architecture part of ``config`` (see :func:`architecture_config`)."""
-    return hashlib.sha256(_canonical_json(architecture_config(config)).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(architecture_config(config)).encode()).hexdigest()
 
 
 def model_fingerprint(model: torch.nn.Module, parameters: Iterable[str] | None = None) -> str:

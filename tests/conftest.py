@@ -4,6 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
+from slimdiff.export.cache import CACHE_VARIABLE
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest-xdist runs one process per worker: they share the CPUs instead of each taking all of them.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -50,6 +52,19 @@ def pytest_xdist_make_scheduler(config, log):
             return _work_unit(super()._split_scope(nodeid))
 
     return SharedExportScheduling(config, log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory):
+    """One ONNX export cache for the whole test run (``SLIMDIFF_EXPORT_CACHE``; commands the tests start inherit
+    it): many tests export the same seeded component — builtin:tiny's text encoder and VAE in every repository — and
+    each export costs tens of seconds. Each distinct export still runs once; ``test_export_cache.py`` tests the cache."""
+    from export_support import shared_folder
+
+    folder = shared_folder(tmp_path_factory) / "export-cache"
+    os.environ[CACHE_VARIABLE] = str(folder)
+    yield folder
+    os.environ.pop(CACHE_VARIABLE, None)
 
 
 @pytest.fixture

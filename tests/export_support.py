@@ -93,7 +93,7 @@ def seeded_controlnet(unet, seed: int = 0) -> ControlNetModel:
 _CACHE: dict = {}
 
 
-def _shared_folder(tmp_path_factory):
+def shared_folder(tmp_path_factory):
     """The folder every pytest-xdist worker of this run sees (their base folders' parent)."""
     shared = tmp_path_factory.getbasetemp()
     return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
@@ -106,7 +106,7 @@ def cached_export(tmp_path_factory, variant: str, opset: int = 23):
     key = (variant, opset)
     if key not in _CACHE:
         unet = load_unet("builtin:tiny") if variant == "dense" else slim_tiny_unet()[0]
-        folder = _shared_folder(tmp_path_factory) / f"export-{variant}{opset}"
+        folder = shared_folder(tmp_path_factory) / f"export-{variant}{opset}"
         path = folder / "unet.onnx"
         with FileLock(str(folder) + ".lock"):
             if sidecar_path(path).is_file():
@@ -131,7 +131,7 @@ def cached_cli_export(tmp_path_factory):
     if "cli" not in _CACHE:
         from slimdiff.cli import export as cli
 
-        root = _shared_folder(tmp_path_factory) / "slimdiff-export-tiny"
+        root = shared_folder(tmp_path_factory) / "slimdiff-export-tiny"
         printed = root / "stdout.txt"
         with FileLock(str(root) + ".lock"):
             if not printed.is_file():

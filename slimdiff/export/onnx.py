@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimDiffError
+from .cache import cache_folder, export_key, keep, reuse
 from .meta import read_json, sha256_files, status, write_json_atomic
 from .modules import (
     MODEL_DTYPE,
@@ -112,10 +113,20 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         if a in axes and any(axes[a][k] % axes[a]["multiple"] for k in ("min", "opt", "max")):
             raise SlimDiffError(f"{component.name}: latent {a} {axes[a]} must be multiples of {axes[a]['multiple']}")
     reference = component.module
+    # the weights' bytes as exported: float16 exports convert a copy of the reference first
+    n_bytes = sum(p.numel() * (p.element_size() if dtype == torch.float32 else dtype.itemsize)
+                  for p in reference.parameters())
+    cache = cache_folder() if n_bytes <= EXTERNAL_DATA_BYTES else None
+    key = export_key(component, axes, opset, dtype, parity_device) if cache else None
+    if cache and (stored := reuse(cache, key, out_path)) is not None:
+        sidecar = {**stored, "file": out_path.name, "files": [out_path.name], "reused_export": key, **(extra or {})}
+        write_json_atomic(sidecar_path(out_path), sidecar)
+        status(f"{component.name}: an identical export reused from {cache} (parity max abs error "
+               f"{sidecar['parity']['max_abs_error']:.2e} when it was made)")
+        return sidecar
     device = next(reference.parameters()).device
     module = copy.deepcopy(reference).to(dtype) if dtype != torch.float32 else reference
     example = component.random_inputs(example_values(axes), dtype, seed=0, device=device)
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     raw = out_path.with_name(f".{out_path.stem}.raw.onnx")
 
     status(f"exporting {component.name} to ONNX (opset {opset}, {str(dtype).removeprefix('torch.')}, "
@@ -180,7 +191,6 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         "parameters": sum(p.numel() for p in reference.parameters()),
         "export_seconds": round(seconds, 1),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxslim": onnxslim.__version__},
-        **(extra or {}),
     }
     if opset >= 23 and counts.get("Attention", 0) < component.attention_modules:
         status(f"note: only {counts.get('Attention', 0)} of {component.attention_modules} attentions "
@@ -192,6 +202,9 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         for p in onnx_files(out_path):  # a graph that failed its check is not left behind
             p.unlink()
         raise
+    if cache:
+        keep(cache, key, out_path, sidecar)
+    sidecar.update(extra or {})
     write_json_atomic(sidecar_path(out_path), sidecar)
     status(f"{component.name}: {sidecar['ops']['total']} ONNX nodes, fused {sidecar['fused']}, "
            f"parity max abs error {sidecar['parity']['max_abs_error']:.2e} "

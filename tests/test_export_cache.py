@@ -1,0 +1,76 @@
+"""The ONNX export cache (``SLIMDIFF_EXPORT_CACHE``): an identical export is copied, anything that decides the graph
+makes another."""
+
+import copy
+
+import onnxruntime as ort
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+from export_support import tiny_profiles
+
+from slimdiff.export.cache import CACHE_VARIABLE, export_key
+from slimdiff.export.modules import component_axes, denoiser_component, text_encoder_component
+from slimdiff.export.onnx import export_onnx, load_sidecar
+from slimdiff.export.shapes import union
+from slimdiff.families.base import CONTROLNET_RESIDUALS
+from slimdiff.models import build_builtin
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_builtin("builtin:tiny")
+
+
+def _exported(component, path, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_onnx(component, tiny_profiles(), path, **kwargs)
+
+
+def test_an_identical_export_is_copied_and_a_changed_one_is_exported(tiny, tmp_path, monkeypatch, capfd):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_VARIABLE, str(cache))
+    first = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "a" / "text_encoder.onnx")
+    assert "reused_export" not in first and len(list(cache.iterdir())) == 1
+    capfd.readouterr()
+
+    again = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "b" / "te.onnx", extra={"variant": "x"})
+    assert "exporting" not in capfd.readouterr().err
+    assert again["reused_export"] and again["file"] == "te.onnx" and again["variant"] == "x"
+    assert again["sha256"] == first["sha256"] and again["parity"] == first["parity"]
+    assert load_sidecar(tmp_path / "b" / "te.onnx") == again
+    assert (tmp_path / "b" / "te.onnx").read_bytes() == (tmp_path / "a" / "text_encoder.onnx").read_bytes()
+    session = ort.InferenceSession(str(tmp_path / "b" / "te.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+
+    changed = copy.deepcopy(tiny.text_encoder)
+    with torch.no_grad():
+        next(changed.parameters())[0, 0] += 1.0
+    other = _exported(text_encoder_component(changed), tmp_path / "c" / "text_encoder.onnx")
+    assert "reused_export" not in other and other["sha256"] != first["sha256"]
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+    monkeypatch.delenv(CACHE_VARIABLE)
+    plain = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "d" / "text_encoder.onnx")
+    assert "reused_export" not in plain and len(list(cache.iterdir())) == 2
+
+
+def test_the_key_follows_what_decides_the_graph(tiny):
+    def key(component, opset=23, dtype=torch.float32, **profile):
+        axes = component_axes(component, union(tiny_profiles(**profile)), {"height": 8, "width": 8})
+        return export_key(component, axes, opset, dtype, "cpu")
+
+    unet = tiny.unet
+    base = key(denoiser_component(unet))
+    assert key(denoiser_component(copy.deepcopy(unet))) == base  # same weights and call, another object
+    assert key(denoiser_component(unet), opset=18) != base
+    assert key(denoiser_component(unet), dtype=torch.float16) != base
+    assert key(denoiser_component(unet), height="16:32:64") != base
+    assert key(denoiser_component(unet, export_options=[CONTROLNET_RESIDUALS])) != base
+    changed = copy.deepcopy(unet)
+    with torch.no_grad():
+        changed.conv_out.bias[0] += 1e-3
+    assert key(denoiser_component(changed)) != base
+    processor = copy.deepcopy(unet)  # what a module calls, beyond its weights: another attention processor
+    processor.set_attn_processor(AttnProcessor())
+    assert key(denoiser_component(processor)) != base
