@@ -16,6 +16,7 @@ from slimdiff.cli import main
 from slimdiff.errors import SlimDiffError
 from slimdiff.families import family_for, image_generators
 from slimdiff.models import build_builtin, load_pipeline
+from slimdiff.quality.sampling import generate
 
 SIZE = 32
 PROMPTS = ["a red circle", "two green triangles"]
@@ -160,8 +161,15 @@ def test_calibration_refusals(pipe, folder, union_controlnet, noise_images, tmp_
         assert not (tmp_path / "stats").exists()
     multi = FluxControlNetPipeline(**{**pipe.components,
                                       "controlnet": FluxMultiControlNetModel([pipe.controlnet, pipe.controlnet])})
-    with pytest.raises(SlimDiffError, match=r"with 2 ControlNets \(FluxMultiControlNetModel\): calibrate with one"):
+    with pytest.raises(SlimDiffError, match=r"with 2 ControlNets \(FluxMultiControlNetModel\): calibrate, measure "
+                                            r"and time with one"):
         pipeline_loop(multi, CalibrationConfig(steps=2, height=SIZE, width=SIZE, images=str(noise_images)))
+    # what eval draws and bench times runs the pipeline's sampling too: the same line, not diffusers' own error
+    union_pipe = load_pipeline(str(union))
+    for refused in (lambda: family_for(union_pipe).calling(union_pipe),
+                    lambda: generate(union_pipe, ["a red circle"], [0], steps=2, guidance=3.5, size=SIZE)):
+        with pytest.raises(SlimDiffError, match=r"with a ControlNet-Union model \(num_mode 3\): slimdiff cannot say"):
+            refused()
 
 
 # -- transformer engines taking the ControlNet's samples (slimdiff-export --controlnet-inputs) ----------------------
@@ -348,6 +356,29 @@ def test_measured_call_carries_the_samples(pipe):
         got = to_prediction(family.export_call(pipe.transformer, *(named[i.name] for i in
                                                                    family.export_inputs(pipe.transformer.config))))
     assert torch.allclose(got, want, atol=1e-5) and got.shape == pack_latents(torch.zeros(1, 16, latent, latent)).shape
+
+
+def test_a_guided_controlnet_beside_an_unguided_transformer_is_timed_with_the_pipelines_guidance(pipe):
+    """The pipeline embeds its guidance scale in a ControlNet with guidance_embeds whatever its transformer takes:
+    the timed call's samples are that ControlNet's at the pipeline's default scale (diffusers raises without one)."""
+    import inspect
+
+    from diffusers import FluxControlNetPipeline, FluxTransformer2DModel
+
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    unguided = FluxTransformer2DModel.from_config({**config, "guidance_embeds": False})
+    mixed = FluxControlNetPipeline(**{**pipe.components, "transformer": unguided})
+    assert mixed.controlnet.config.guidance_embeds
+    seen = []
+    hook = mixed.controlnet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["guidance"]),
+                                                      with_kwargs=True)
+    try:
+        inputs = family_for(mixed).calling(mixed).prompt_inputs(mixed, PROMPTS[0], (SIZE, SIZE), "cpu")
+    finally:
+        hook.remove()
+    scale = inspect.signature(FluxControlNetPipeline.__call__).parameters["guidance_scale"].default
+    assert "guidance" not in inputs and "controlnet_block_sample_0" in inputs
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((1,), float(scale)))
 
 
 # -- Triton serving (slimdiff-export --controlnet DIR --triton-repo) -------------------------------------------------

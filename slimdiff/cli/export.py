@@ -373,15 +373,16 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
     """One line, before any work, for a ``--controlnet`` that is not a ControlNet folder slimdiff loads, or an engine
     kind whose runner cannot return a ControlNet's many outputs."""
     from ..engines import get
+    from ..families import controlnet_class_names
 
     path = Path(folder)
     try:
         cls_name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, json.JSONDecodeError):
         cls_name = None
-    if cls_name not in CONTROLNET_CLASSES:
-        raise SlimDiffError(f"--controlnet {folder!r} is not a ControlNet folder (a config.json of a ControlNetModel, "
-                            "or a FluxControlNetModel, as diffusers' save_pretrained writes it)")
+    if cls_name not in controlnet_class_names():
+        raise SlimDiffError(f"--controlnet {folder!r} is not a ControlNet folder (a config.json of a "
+                            f"{' or '.join(controlnet_class_names())}, as diffusers' save_pretrained writes it)")
     if not list(path.glob("*.safetensors")):
         found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".ckpt", ".pt"}))
         raise SlimDiffError(f"--controlnet {folder!r} holds no .safetensors weights"
@@ -391,55 +392,21 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
                             "runner returns one output: build it with --engine ort")
 
 
-#: The diffusers ControlNet classes ``--controlnet`` takes: SD's and SDXL's, FLUX's.
-CONTROLNET_CLASSES = ("ControlNetModel", "FluxControlNetModel")
-
-
-def _load_controlnet(folder: str, unet_config):
-    """The ControlNet of ``folder``, refused in one line unless it was made for a UNet of ``unet_config`` (a FLUX
-    ControlNet: for a transformer of that config)."""
+def _load_controlnet(folder: str, denoiser_config):
+    """The ControlNet of ``folder``, refused in one line unless its kind's adapter says it was made for a denoiser
+    of ``denoiser_config`` and its engine can be built."""
     import diffusers
+
+    from ..families import controlnet_adapter
 
     cls_name = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["_class_name"]
     try:
         controlnet = getattr(diffusers, cls_name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises many types; the user needs one line
         raise SlimDiffError(f"could not load the ControlNet in {folder!r}: {exc}") from exc
-    if cls_name == "FluxControlNetModel":
-        return _checked_flux_controlnet(controlnet, folder, unet_config)
-    # what its residuals' shapes and its text conditioning follow (an LCM UNet's guidance embedding is the UNet's
-    # alone: the pipelines pass no timestep_cond to the ControlNet)
-    keys = ("block_out_channels", "down_block_types", "layers_per_block", "transformer_layers_per_block",
-            "cross_attention_dim", "addition_embed_type")
-    differ = [f"{k} {controlnet.config.get(k)!r} vs the UNet's {unet_config.get(k)!r}" for k in keys
-              if json.dumps(controlnet.config.get(k)) != json.dumps(unet_config.get(k))]
-    if differ:
-        raise SlimDiffError(f"the ControlNet in {folder!r} was not made for this UNet: {'; '.join(differ[:2])}")
-    # the pipelines pass it the latent alone, also beside an inpainting UNet's mask and masked-image channels
-    latent = unet_config.get("out_channels")
-    if controlnet.config.get("in_channels") != latent:
-        raise SlimDiffError(f"the ControlNet in {folder!r} takes {controlnet.config.get('in_channels')} input "
-                            f"channels; its pipeline passes it the {latent}-channel latent")
-    return controlnet.eval().requires_grad_(False)
-
-
-def _checked_flux_controlnet(controlnet, folder: str, transformer_config):
-    """A FLUX ControlNet, refused in one line unless its samples and inputs fit a transformer of
-    ``transformer_config`` (hidden width, text and pooled widths, latent features) and its engine can be built."""
-    from ..families.flux_controlnet import check_engine_controlnet
-
-    if "joint_attention_dim" not in transformer_config:
-        raise SlimDiffError(f"the ControlNet in {folder!r} is a FLUX ControlNet: export it with a FLUX model")
-    config = controlnet.config
-    keys = ("joint_attention_dim", "pooled_projection_dim", "in_channels")
-    differ = [f"{k} {config.get(k)!r} vs the transformer's {transformer_config.get(k)!r}" for k in keys
-              if config.get(k) != transformer_config.get(k)]
-    width, own = (c["num_attention_heads"] * c["attention_head_dim"] for c in (config, transformer_config))
-    if width != own:
-        differ.insert(0, f"hidden width {width} vs the transformer's {own}")
-    if differ:
-        raise SlimDiffError(f"the ControlNet in {folder!r} was not made for this transformer: {'; '.join(differ[:2])}")
-    check_engine_controlnet(controlnet, f"the ControlNet in {folder!r}")
+    adapter, what = controlnet_adapter(controlnet), f"the ControlNet in {folder!r}"
+    adapter.check_made_for(controlnet, denoiser_config, what)
+    adapter.check_engine(controlnet, what)
     return controlnet.eval().requires_grad_(False)
 
 

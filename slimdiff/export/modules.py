@@ -25,6 +25,7 @@ from ..families import (
     TEXT_EMBEDS,
     TIMESTEP,
     ExportInput,
+    controlnet_adapter,
     family_for,
 )
 from .shapes import ENGINE_AXES, PAIRED_AXES, Profile, Range, split_axis, tensor_shapes
@@ -204,105 +205,27 @@ VAE_ENCODER = "vae_encoder"
 CONTROLNET = "controlnet"
 
 
-def controlnet_scale(config) -> int:
-    """How much smaller the latent is than a ControlNet's conditioning image: its conditioning embedding halves the
-    image between each of its widths (SD's (16, 32, 96, 256): 8, the VAE's scale)."""
-    return 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
-
-
 class _ControlNet(nn.Module):
-    """A ControlNet's residuals at conditioning scale 1 — the scale and guess mode's per-level scales multiply every
-    residual afterwards, which the engine-backed ControlNet does — for the UNet call's inputs (the family's) and the
-    conditioning image folded onto the latent grid (``pixel_unshuffle``, undone here, as for the VAE encoder)."""
+    """A ControlNet called positionally as its kind's :meth:`~slimdiff.families.ControlNetAdapter.export_call`."""
 
-    def __init__(self, controlnet, family):
-        super().__init__()
-        self.controlnet, self.family = controlnet, family
-        self.conditions = family.condition_inputs(controlnet.config)
-        self.scale = controlnet_scale(controlnet.config)
-
-    def forward(self, *inputs):  # one parameter, as the denoiser's wrapper: the conditions vary with the family
-        sample, timestep, encoder_hidden_states, *conditions, folded = inputs
-        call = self.family.condition_call(self.controlnet.config,
-                                          {c.name: t for c, t in zip(self.conditions, conditions)})
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states,
-                                    controlnet_cond=nn.functional.pixel_shuffle(folded, self.scale),
-                                    conditioning_scale=1.0, return_dict=False, **call)
-        return (*down, mid)
-
-
-class _FluxControlNet(nn.Module):
-    """A FLUX ControlNet's block samples at conditioning scale 1 (the engine-backed ControlNet scales them) for the
-    transformer call's exported inputs with the control image's latent beside the latent, both unpacked; packed
-    and positioned as the transformer's exported call does, the samples returned on the packed grid, as a transformer
-    engine built with ``--controlnet-inputs`` takes them."""
-
-    def __init__(self, controlnet):
+    def __init__(self, controlnet, adapter):
         super().__init__()
         self.controlnet = controlnet
-        self.guided = bool(controlnet.config.get("guidance_embeds"))
+        self._call = adapter.export_call
 
-    def forward(self, *inputs):  # one parameter, as the denoiser's wrapper
-        from ..families.flux import PACK, float32_rotary, latent_ids, pack_latents, text_ids
-
-        hidden_states, controlnet_cond, timestep, encoder_hidden_states, pooled_projections, *rest = inputs
-        batch, _, height, width = hidden_states.shape
-        with float32_rotary(self.controlnet):
-            blocks, singles = self.controlnet(
-                hidden_states=pack_latents(hidden_states), controlnet_cond=pack_latents(controlnet_cond),
-                timestep=timestep, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
-                img_ids=latent_ids(height // PACK, width // PACK, device=hidden_states.device),
-                txt_ids=text_ids(encoder_hidden_states), guidance=rest[0] if self.guided else None,
-                conditioning_scale=1.0, return_dict=False)
-        return tuple(s.reshape(batch, height // PACK, width // PACK, s.shape[-1])
-                     for s in (*(blocks or ()), *(singles or ())))
-
-
-#: The exported input of a FLUX ControlNet engine carrying the control image's latent, unpacked.
-CONTROL_LATENTS = "controlnet_cond"
-
-
-def flux_controlnet_component(controlnet) -> Component:
-    """A FLUX ControlNet (``FluxControlNetModel``, InstantX's layout: the control image's packed latent beside the
-    latent) as an engine component: the transformer call's exported inputs with ``controlnet_cond`` (the control
-    image's latent, unpacked) after the latent; out: its block samples, under the names a transformer engine built
-    with ``--controlnet-inputs`` takes them."""
-    from ..families.flux import ControlNetSamples
-    from ..families.flux_controlnet import check_engine_controlnet
-
-    check_engine_controlnet(controlnet, "this FLUX ControlNet")
-    latent, *rest = family_for(controlnet).export_inputs(controlnet.config)  # the transformer call's, no samples
-    names = ControlNetSamples.of(controlnet).names
-    return Component(
-        CONTROLNET, _FluxControlNet(controlnet).eval(),
-        inputs=[latent, ExportInput(CONTROL_LATENTS, latent.dims, latent.dtype), *rest],
-        output=names[0], more_outputs=tuple(names[1:]),
-        attention_modules=count_attention(controlnet),
-    )
+    def forward(self, *inputs):
+        return self._call(self.controlnet, *inputs)
 
 
 def controlnet_component(controlnet) -> Component:
-    """A ControlNet (SD-1.x/2.x, SDXL; FLUX's: :func:`flux_controlnet_component`) as an engine component: the UNet
-    call's inputs as its family declares them, then ``folded_controlnet_cond`` (the conditioning image, 3·s² channels
-    at the latent's size); out: the residuals a UNet engine built with ``--controlnet-inputs`` takes, under the same
-    names."""
-    from diffusers import FluxControlNetModel
-
-    from ..families.sd import controlnet_residual_inputs
-
-    if isinstance(controlnet, FluxControlNetModel):
-        return flux_controlnet_component(controlnet)
-    config, family = controlnet.config, family_for(controlnet)
-    sd_inputs = family.export_inputs(config)
-    residuals = [r.name for r in controlnet_residual_inputs(config)]
-    channels = config["conditioning_channels"] * controlnet_scale(config) ** 2
-    return Component(
-        CONTROLNET, _ControlNet(controlnet, family).eval(),
-        inputs=[*sd_inputs, ExportInput("folded_controlnet_cond", ("batch", channels, "height", "width"),
-                                        MODEL_DTYPE)],
-        output=residuals[0], more_outputs=tuple(residuals[1:]),
-        attention_modules=count_attention(controlnet),
-    )
+    """A ControlNet as an engine component, as its kind's adapter declares it (:func:`~slimdiff.families.
+    controlnet_adapter`): the denoiser call's inputs and the control image; out: what a denoiser engine built with
+    ``--controlnet-inputs`` takes, under the same names. One line for a ControlNet whose engine is not built."""
+    adapter = controlnet_adapter(controlnet)
+    adapter.check_engine(controlnet, f"this {type(controlnet).__name__}")
+    outputs = adapter.export_outputs(controlnet)
+    return Component(CONTROLNET, _ControlNet(controlnet, adapter).eval(), inputs=list(adapter.export_inputs(controlnet)),
+                     output=outputs[0], more_outputs=tuple(outputs[1:]), attention_modules=count_attention(controlnet))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,7 +279,7 @@ def torch_dynamic_shapes(component: Component, axes: dict[str, dict]) -> dict:
                    for spec in component.inputs)
     # torch.export matches these to forward's parameters: the denoiser's and the ControlNet's wrappers have one,
     # ``*inputs``
-    return (shapes,) if isinstance(component.module, (_Denoiser, _ControlNet, _FluxControlNet)) else shapes
+    return (shapes,) if isinstance(component.module, (_Denoiser, _ControlNet)) else shapes
 
 
 def example_values(axes: dict[str, dict]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from ..errors import SlimDiffError
 from .base import (
     ATTENTION,
     BLOCKS,
+    CONTROLNETS,
     CROSS,
     MODEL_DTYPE,
     FAMILIES,
@@ -32,6 +33,7 @@ from .base import (
     AttentionStatistics,
     BlockAdapter,
     ConditionInput,
+    ControlNetAdapter,
     DenoiserFamily,
     ExportInput,
     FFNEnergies,
@@ -94,6 +96,22 @@ def family_named(name: str) -> DenoiserFamily:
             return family
     raise SlimDiffError(f"no model family named {name!r} (known: "
                         f"{', '.join(sorted({f.name for f in FAMILIES.adapters()}))})")
+
+
+def controlnet_adapter(controlnet: Any) -> ControlNetAdapter:
+    """The adapter of ``controlnet``'s kind, or a :class:`SlimDiffError` naming the kinds slimdiff knows."""
+    load_builtin()
+    adapter = CONTROLNETS.get(controlnet)
+    if adapter is None:
+        raise SlimDiffError(f"slimdiff does not know {type(controlnet).__name__} ControlNets (it knows "
+                            f"{CONTROLNETS.supported()})")
+    return adapter
+
+
+def controlnet_class_names() -> tuple[str, ...]:
+    """The diffusers ControlNet classes slimdiff knows, by name (as a ``config.json``'s ``_class_name``)."""
+    load_builtin()
+    return tuple(sorted(cls.__name__ for cls in CONTROLNETS.registered()))
 
 
 def _describe(obj: Any) -> str:
@@ -191,13 +209,13 @@ def assemble_column_blocks(denoiser: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 __all__ = [
-    "ATTENTION", "BLOCKS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
+    "ATTENTION", "BLOCKS", "CONTROLNETS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter",
-    "ColumnBlock", "ConditionInput", "DenoiserFamily", "ExportInput", "KEEP_MASK", "LAST_HIDDEN_STATE", "NORMAL",
+    "ColumnBlock", "ConditionInput", "ControlNetAdapter", "DenoiserFamily", "ExportInput", "KEEP_MASK", "LAST_HIDDEN_STATE", "NORMAL",
     "PENULTIMATE_HIDDEN_STATE", "POOLER_OUTPUT", "SIGMA", "ServedTextEncoder", "TEXT_EMBEDS", "TIMESTEP",
     "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
-    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "family_for", "family_named",
+    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "controlnet_adapter", "controlnet_class_names", "family_for", "family_named",
     "image_generators", "load_builtin", "module_sites",
     "assemble_column_blocks", "site_adapter", "site_linears", "site_weights_fingerprint", "starting_latents", "stat_key", "transformer_blocks",
 ]

@@ -932,6 +932,10 @@ class DenoiserFamily(ABC):
         (MAC counting, geometry, timing; the family's extra conditioning inputs included; any device, meta
         too): ``denoiser(**call)``. ``text_tokens`` None: the family's :attr:`text_tokens`."""
 
+    def check_sampling(self, pipe: Any) -> None:
+        """One line for a pipeline whose sampling slimdiff cannot drive — calibration, the measuring runs of
+        ``slimdiff eval`` and the timed calls of ``slimdiff bench`` all run it; none by default."""
+
     @abstractmethod
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         """``loop(prompts, seeds)``: the pipeline's own sampling for one batch of prompts, one seeded
@@ -1140,6 +1144,35 @@ class DenoiserFamily(ABC):
         return {}
 
 
+class ControlNetAdapter(ABC):
+    """What slimdiff knows of one kind of ControlNet (a diffusers ControlNet class): whether one was made for a
+    denoiser, and its engine — the inputs it takes, the outputs a denoiser engine built with ``--controlnet-inputs``
+    takes from it, and its call on them at conditioning scale 1 (the engine-backed ControlNet applies the scale
+    afterwards, as diffusers' ControlNets do after their networks). Registered in :data:`CONTROLNETS` under its
+    class, as families are in :data:`FAMILIES`; the ControlNet's own family (the one registered for its class too)
+    gives the denoiser's side."""
+
+    @abstractmethod
+    def check_made_for(self, controlnet: Any, denoiser_config: Any, what: str) -> None:
+        """One line unless ``controlnet`` (``what`` names it) was made for a denoiser of ``denoiser_config``: the
+        outputs it gives and the inputs the pipeline passes it fit."""
+
+    def check_engine(self, controlnet: Any, what: str) -> None:
+        """One line for a ControlNet whose engine is not built (yet); none by default."""
+
+    @abstractmethod
+    def export_inputs(self, controlnet: Any) -> tuple[ExportInput, ...]:
+        """The engine's inputs, in the order :meth:`export_call` takes them."""
+
+    @abstractmethod
+    def export_outputs(self, controlnet: Any) -> tuple[str, ...]:
+        """The engine's outputs: the names of the inputs of a denoiser engine built to take them."""
+
+    @abstractmethod
+    def export_call(self, controlnet: Any, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``controlnet`` on the exported inputs, at conditioning scale 1: the exported outputs in order."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Registries
 # ----------------------------------------------------------------------------------------------------------
@@ -1189,3 +1222,4 @@ class Registry(Generic[A]):
 
 BLOCKS: Registry[BlockAdapter] = Registry("transformer block")
 FAMILIES: Registry[DenoiserFamily] = Registry("model family")
+CONTROLNETS: Registry[ControlNetAdapter] = Registry("ControlNet")

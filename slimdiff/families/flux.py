@@ -258,6 +258,12 @@ SINGLE_BLOCK_SAMPLE = "controlnet_single_block_sample_{}"
 
 
 @dataclass(frozen=True)
+def default_guidance(pipe: Any, device: str | torch.device) -> torch.Tensor:
+    """The guidance scale ``pipe`` embeds when given none (its ``guidance_scale`` default), as a denoiser's input."""
+    scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    return torch.full((1,), float(scale), device=device)
+
+
 class ControlNetSamples:
     """What a FLUX ControlNet (``FluxControlNetModel``) gives the transformer: one sample per double-stream block of its
     own (``double``), one per single-stream block (``single``), each (batch, packed tokens, hidden width); and whether
@@ -426,9 +432,8 @@ class FluxFamily(DenoiserFamily):
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
                                                max_sequence_length=self.text_tokens)
         inputs = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-        if pipe.transformer.config.get("guidance_embeds"):  # the scale the pipeline embeds when given none
-            scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
-            inputs["guidance"] = torch.full((1,), float(scale), device=device)
+        if pipe.transformer.config.get("guidance_embeds"):
+            inputs["guidance"] = default_guidance(pipe, device)
         return inputs
 
     def exported_from_call(self, call: dict[str, Any]) -> tuple[dict[str, Any], Callable[[torch.Tensor], torch.Tensor]]:

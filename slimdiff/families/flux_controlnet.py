@@ -20,7 +20,7 @@ in one line: no flag says which mode or which image of each kind a prompt takes.
 Engines: ``slimdiff-export --controlnet-inputs`` builds transformer engines taking the ControlNet's samples too, as
 many as it outputs (:class:`~slimdiff.families.flux.ControlNetSamples`, :meth:`FluxFamily.export_inputs`);
 ``--controlnet DIR`` the ControlNet's engine too (:func:`slimdiff.export.modules.controlnet_component`), but for Union
-and XLabs ControlNets (:func:`check_engine_controlnet`). With ``--triton-repo`` a repository serves the pipeline as
+and XLabs ControlNets (:class:`FluxControlNet`). With ``--triton-repo`` a repository serves the pipeline as
 SD's ControlNet pipelines are served (``serving_controlnet_pipeline``): the transformer engine taking the samples, the
 ControlNet's engine, and the VAE encoder, since the pipeline encodes the request's control image.
 """
@@ -33,44 +33,75 @@ import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
 from ..errors import SlimDiffError
-from .base import FAMILIES
-from .flux import PACK, ControlNetSamples, FluxFamily, latent_ids, pack_latents, text_ids
+from .base import CONTROLNETS, FAMILIES, ControlNetAdapter, ExportInput
+from .flux import PACK, ControlNetSamples, FluxFamily, default_guidance, float32_rotary, latent_ids, pack_latents, text_ids
 from .flux_control import CONTROL_IMAGE, ControlImageTask, control_loop
 from .images import colour_ramp
-
-
-def check_calibrated_controlnet(pipe: Any) -> None:
-    """One line for a ControlNet calibration cannot condition: several (one control image each) or a Union model
-    (a control mode per image)."""
-    controlnet = pipe.controlnet
-    if type(controlnet).__name__ == "FluxMultiControlNetModel":
-        raise SlimDiffError(f"{type(pipe).__name__} with {len(controlnet.nets)} ControlNets "
-                            "(FluxMultiControlNetModel): calibrate with one ControlNet (each takes its own kind of "
-                            "control image)")
-    if getattr(controlnet, "union", False):
-        raise SlimDiffError(f"{type(pipe).__name__} with a ControlNet-Union model (num_mode "
-                            f"{controlnet.config.num_mode}): calibration cannot say which control mode each image is; "
-                            "calibrate with a single-mode ControlNet")
 
 
 def controlnet_loop(family: FluxFamily, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
     """``loop(prompts, seeds)``: ``FluxControlNetPipeline``'s own sampling of one batch — prompt ``i`` conditioned on
     ``images[seed mod count]`` — from seeded packed latents to latents."""
-    check_calibrated_controlnet(pipe)
+    family.check_sampling(pipe)
     return control_loop(family, pipe, config, "a FLUX ControlNet pipeline", "the ControlNet takes")
 
 
-def check_engine_controlnet(controlnet: Any, what: str) -> None:
-    """One line for a FLUX ControlNet not built as an engine: a Union model (its control mode is one more input) or
-    XLabs' (the control image through a conditioning embedding of its own, at the image's size)."""
-    if controlnet.config.get("num_mode") is not None:
-        raise SlimDiffError(f"{what} is a ControlNet-Union model (num_mode {controlnet.config['num_mode']}): its "
-                            "engine is not built yet (it takes a control mode); keep it in PyTorch beside a "
-                            "transformer engine built with --controlnet-inputs")
-    if controlnet.config.get("conditioning_embedding_channels") is not None:
-        raise SlimDiffError(f"{what} embeds the control image itself (XLabs' layout, conditioning_embedding_channels): "
-                            "its engine is not built yet; keep it in PyTorch beside a transformer engine built with "
-                            "--controlnet-inputs")
+#: The exported input of a FLUX ControlNet engine carrying the control image's latent, unpacked.
+CONTROL_LATENTS = "controlnet_cond"
+
+
+@CONTROLNETS.register({FluxControlNetModel: "flux-controlnet"})
+class FluxControlNet(ControlNetAdapter):
+    """FLUX's ``FluxControlNetModel`` (InstantX's layout: the control image's packed latent beside the latent): the
+    transformer call's exported inputs with :data:`CONTROL_LATENTS` (the control image's latent, unpacked) after the
+    latent, both packed and positioned in the call as the transformer's exported call does; out: its block samples on
+    the packed grid, under the names a transformer engine built with ``--controlnet-inputs`` takes them
+    (:class:`~slimdiff.families.flux.ControlNetSamples`)."""
+
+    def check_made_for(self, controlnet: Any, denoiser_config: Any, what: str) -> None:
+        if "joint_attention_dim" not in denoiser_config:
+            raise SlimDiffError(f"{what} is a FLUX ControlNet: export it with a FLUX model")
+        config = controlnet.config
+        keys = ("joint_attention_dim", "pooled_projection_dim", "in_channels")
+        differ = [f"{k} {config.get(k)!r} vs the transformer's {denoiser_config.get(k)!r}" for k in keys
+                  if config.get(k) != denoiser_config.get(k)]
+        width, own = (c["num_attention_heads"] * c["attention_head_dim"] for c in (config, denoiser_config))
+        if width != own:
+            differ.insert(0, f"hidden width {width} vs the transformer's {own}")
+        if differ:
+            raise SlimDiffError(f"{what} was not made for this transformer: {'; '.join(differ[:2])}")
+
+    def check_engine(self, controlnet: Any, what: str) -> None:
+        # a Union model's control mode is one more input; XLabs' embeds the control image itself, at its size
+        if controlnet.config.get("num_mode") is not None:
+            raise SlimDiffError(f"{what} is a ControlNet-Union model (num_mode {controlnet.config['num_mode']}): its "
+                                "engine is not built yet (it takes a control mode); keep it in PyTorch beside a "
+                                "transformer engine built with --controlnet-inputs")
+        if controlnet.config.get("conditioning_embedding_channels") is not None:
+            raise SlimDiffError(f"{what} embeds the control image itself (XLabs' layout, "
+                                "conditioning_embedding_channels): its engine is not built yet; keep it in PyTorch "
+                                "beside a transformer engine built with --controlnet-inputs")
+
+    def export_inputs(self, controlnet: Any) -> tuple[ExportInput, ...]:
+        latent, *rest = FAMILIES.get(controlnet).export_inputs(controlnet.config)  # the transformer's, no samples
+        return (latent, ExportInput(CONTROL_LATENTS, latent.dims, latent.dtype), *rest)
+
+    def export_outputs(self, controlnet: Any) -> tuple[str, ...]:
+        return tuple(ControlNetSamples.of(controlnet).names)
+
+    def export_call(self, controlnet: Any, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden_states, controlnet_cond, timestep, encoder_hidden_states, pooled_projections, *rest = inputs
+        batch, _, height, width = hidden_states.shape
+        with float32_rotary(controlnet):
+            blocks, singles = controlnet(
+                hidden_states=pack_latents(hidden_states), controlnet_cond=pack_latents(controlnet_cond),
+                timestep=timestep, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                img_ids=latent_ids(height // PACK, width // PACK, device=hidden_states.device),
+                txt_ids=text_ids(encoder_hidden_states),
+                guidance=rest[0] if controlnet.config.get("guidance_embeds") else None,
+                conditioning_scale=1.0, return_dict=False)
+        return tuple(s.reshape(batch, height // PACK, width // PACK, s.shape[-1])
+                     for s in (*(blocks or ()), *(singles or ())))
 
 
 @FAMILIES.register({FluxControlNetPipeline: "flux-controlnet", FluxControlNetModel: "flux-controlnet"})
@@ -91,10 +122,23 @@ class FluxControlNetFamily(ControlImageTask, FluxFamily):
     serving_image_inputs = (CONTROL_IMAGE,)  # what calibration (--images) and eval (--images) condition on
     serving_encoded_images = (CONTROL_IMAGE,)  # the pipeline packs the VAE's latent of it for the ControlNet
 
+    def check_sampling(self, pipe: Any) -> None:
+        # several ControlNets take one control image each, a Union model a control mode per image: no flag says which
+        controlnet = pipe.controlnet
+        if type(controlnet).__name__ == "FluxMultiControlNetModel":
+            raise SlimDiffError(f"{type(pipe).__name__} with {len(controlnet.nets)} ControlNets "
+                                "(FluxMultiControlNetModel): calibrate, measure and time with one ControlNet (each "
+                                "takes its own kind of control image)")
+        if getattr(controlnet, "union", False):
+            raise SlimDiffError(f"{type(pipe).__name__} with a ControlNet-Union model (num_mode "
+                                f"{controlnet.config.num_mode}): slimdiff cannot say which control mode each image "
+                                "is; calibrate, measure and time with a single-mode ControlNet")
+
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
         return controlnet_loop(self, pipe, config)
 
     def calling(self, pipe: Any) -> FluxFamily:
+        self.check_sampling(pipe)  # what bench times: the ControlNet's samples on the measuring image
         return self.with_export_options([ControlNetSamples.of(pipe.controlnet).option])
 
     def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
@@ -115,7 +159,8 @@ class FluxControlNetFamily(ControlImageTask, FluxFamily):
         call["controlnet_block_samples"], call["controlnet_single_block_samples"] = controlnet(
             hidden_states=noise, controlnet_cond=packed, timestep=torch.full((1,), 0.5, device=vae.device),
             encoder_hidden_states=inputs["encoder_hidden_states"], pooled_projections=inputs["pooled_projections"],
-            guidance=inputs.get("guidance") if controlnet.config.guidance_embeds else None,
+            # the pipeline embeds its guidance scale in a guided ControlNet, also beside a transformer without
+            guidance=default_guidance(pipe, vae.device) if controlnet.config.guidance_embeds else None,
             img_ids=latent_ids(rows, columns, device=vae.device), txt_ids=text_ids(inputs["encoder_hidden_states"]),
             return_dict=False)
         return {**inputs, **{name: s.to(device) for name, s in self.controlnet_samples.named(call, rows,

@@ -3,6 +3,7 @@ conditioning: SDXL's ``text_time`` embeddings belong to the SDXL family)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Sequence
 
 import torch
@@ -12,11 +13,13 @@ from torch import nn
 from ..errors import SlimDiffError
 from .base import (
     CONTROLNET_RESIDUALS,
+    CONTROLNETS,
     FAMILIES,
     LAST_HIDDEN_STATE,
     MODEL_DTYPE,
     TIMESTEP,
     ConditionInput,
+    ControlNetAdapter,
     DenoiserFamily,
     ExportInput,
     ServedTextEncoder,
@@ -110,6 +113,61 @@ def controlnet_residual_inputs(config: Any) -> tuple[ExportInput, ...]:
     names = [DOWN_RESIDUAL.format(i) for i in range(len(levels) - 1)] + [MID_RESIDUAL]
     return tuple(ExportInput(name, ("batch", width, downsampled_axis("height", f), downsampled_axis("width", f)),
                              MODEL_DTYPE) for name, (width, f) in zip(names, levels))
+
+
+def controlnet_scale(config: Any) -> int:
+    """How much smaller the latent is than a ControlNet's conditioning image: its conditioning embedding halves the
+    image between each of its widths (SD's (16, 32, 96, 256): 8, the VAE's scale)."""
+    return 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
+
+
+#: The exported input of a ControlNet engine carrying the conditioning image, folded onto the latent grid.
+FOLDED_CONTROLNET_COND = "folded_controlnet_cond"
+
+
+@CONTROLNETS.register({ControlNetModel: "controlnet"})
+class UNetControlNet(ControlNetAdapter):
+    """SD's and SDXL's ``ControlNetModel``: the UNet's call (its family's inputs and conditions) and the conditioning
+    image, folded onto the latent grid (``pixel_unshuffle``, undone in the call, as for the VAE encoder); out: one
+    residual per skip connection of the UNet and the mid block's (:func:`controlnet_residual_inputs`)."""
+
+    # what its residuals' shapes and its text conditioning follow (an LCM UNet's guidance embedding is the UNet's
+    # alone: the pipelines pass no timestep_cond to the ControlNet)
+    _SHARED_CONFIG = ("block_out_channels", "down_block_types", "layers_per_block", "transformer_layers_per_block",
+                      "cross_attention_dim", "addition_embed_type")
+
+    def check_made_for(self, controlnet: Any, denoiser_config: Any, what: str) -> None:
+        if "block_out_channels" not in denoiser_config:
+            raise SlimDiffError(f"{what} is a UNet's ControlNet ({type(controlnet).__name__}): export it with an SD or "
+                                "SDXL model")
+        config = controlnet.config
+        differ = [f"{k} {config.get(k)!r} vs the UNet's {denoiser_config.get(k)!r}" for k in self._SHARED_CONFIG
+                  if json.dumps(config.get(k)) != json.dumps(denoiser_config.get(k))]
+        if differ:
+            raise SlimDiffError(f"{what} was not made for this UNet: {'; '.join(differ[:2])}")
+        # the pipelines pass it the latent alone, also beside an inpainting UNet's mask and masked-image channels
+        latent = denoiser_config.get("out_channels")
+        if config.get("in_channels") != latent:
+            raise SlimDiffError(f"{what} takes {config.get('in_channels')} input channels; its pipeline passes it the "
+                                f"{latent}-channel latent")
+
+    def export_inputs(self, controlnet: Any) -> tuple[ExportInput, ...]:
+        config = controlnet.config
+        channels = config["conditioning_channels"] * controlnet_scale(config) ** 2
+        return (*FAMILIES.get(controlnet).export_inputs(config),
+                ExportInput(FOLDED_CONTROLNET_COND, ("batch", channels, "height", "width"), MODEL_DTYPE))
+
+    def export_outputs(self, controlnet: Any) -> tuple[str, ...]:
+        return tuple(r.name for r in controlnet_residual_inputs(controlnet.config))
+
+    def export_call(self, controlnet: Any, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        family, config = FAMILIES.get(controlnet), controlnet.config
+        sample, timestep, encoder_hidden_states, *conditions, folded = inputs
+        call = family.condition_call(config, {c.name: t for c, t in zip(family.condition_inputs(config), conditions)})
+        down, mid = controlnet(sample, timestep, encoder_hidden_states,
+                               controlnet_cond=nn.functional.pixel_shuffle(folded, controlnet_scale(config)),
+                               conditioning_scale=1.0, return_dict=False, **call)
+        return (*down, mid)
 
 
 @FAMILIES.register({StableDiffusionPipeline: "sd", UNet2DConditionModel: "sd", ControlNetModel: "sd"})

@@ -132,6 +132,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
     if len(prompts) != len(seeds) or not prompts:
         raise SlimDiffError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     family = family_for(pipe)
+    family.check_sampling(pipe)
     unet = family.denoiser(pipe)
     if probe is not None and probe.dense_unet is not unet:
         raise SlimDiffError("the noise-error probe must be attached to the pipeline's own (dense) denoiser")

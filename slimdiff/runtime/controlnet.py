@@ -21,9 +21,10 @@ import torch
 from diffusers import ControlNetModel, FluxControlNetModel
 
 from ..errors import SlimDiffError
-from ..export.modules import CONTROL_LATENTS, CONTROLNET, controlnet_scale
+from ..export.modules import CONTROLNET
 from ..families.flux import PACK, ControlNetSamples, latent_ids, pack_latents, packed_grids, unpack_latents
-from ..families.sd import GUIDANCE_EMBEDDING
+from ..families.flux_controlnet import CONTROL_LATENTS
+from ..families.sd import GUIDANCE_EMBEDDING, controlnet_scale
 from .denoiser import EngineDenoiser
 
 
