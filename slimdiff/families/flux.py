@@ -257,13 +257,13 @@ BLOCK_SAMPLE = "controlnet_block_sample_{}"
 SINGLE_BLOCK_SAMPLE = "controlnet_single_block_sample_{}"
 
 
-@dataclass(frozen=True)
 def default_guidance(pipe: Any, device: str | torch.device) -> torch.Tensor:
     """The guidance scale ``pipe`` embeds when given none (its ``guidance_scale`` default), as a denoiser's input."""
     scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
     return torch.full((1,), float(scale), device=device)
 
 
+@dataclass(frozen=True)
 class ControlNetSamples:
     """What a FLUX ControlNet (``FluxControlNetModel``) gives the transformer: one sample per double-stream block of its
     own (``double``), one per single-stream block (``single``), each (batch, packed tokens, hidden width); and whether
