@@ -58,13 +58,18 @@ def pytest_xdist_make_scheduler(config, log):
 def export_cache(tmp_path_factory):
     """One ONNX export cache for the whole test run (``SLIMDIFF_EXPORT_CACHE``; commands the tests start inherit
     it): many tests export the same seeded component — builtin:tiny's text encoder and VAE in every repository — and
-    each export costs tens of seconds. Each distinct export still runs once; ``test_export_cache.py`` tests the cache."""
+    each export costs tens of seconds. Each distinct export still runs once; ``test_export_cache.py`` tests the
+    cache."""
     from export_support import shared_folder
 
     folder = shared_folder(tmp_path_factory) / "export-cache"
+    own = os.environ.get(CACHE_VARIABLE)  # a developer's own cache: not used by the tests, set again after
     os.environ[CACHE_VARIABLE] = str(folder)
     yield folder
-    os.environ.pop(CACHE_VARIABLE, None)
+    if own is None:
+        os.environ.pop(CACHE_VARIABLE, None)
+    else:
+        os.environ[CACHE_VARIABLE] = own
 
 
 @pytest.fixture

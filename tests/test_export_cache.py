@@ -22,9 +22,9 @@ def tiny():
     return build_builtin("builtin:tiny")
 
 
-def _exported(component, path, **kwargs):
+def _exported(component, path, profiles=None, **kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
-    return export_onnx(component, tiny_profiles(), path, **kwargs)
+    return export_onnx(component, profiles or tiny_profiles(), path, **kwargs)
 
 
 def test_an_identical_export_is_copied_and_a_changed_one_is_exported(tiny, tmp_path, monkeypatch, capfd):
@@ -34,9 +34,13 @@ def test_an_identical_export_is_copied_and_a_changed_one_is_exported(tiny, tmp_p
     assert "reused_export" not in first and len(list(cache.iterdir())) == 1
     capfd.readouterr()
 
-    again = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "b" / "te.onnx", extra={"variant": "x"})
+    # another split of the same shapes into TensorRT profiles: the same graph, this run's profiles in its sidecar
+    split = [*tiny_profiles(), *tiny_profiles(batch="1:1:2")]
+    again = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "b" / "te.onnx", split,
+                      extra={"variant": "x"})
     assert "exporting" not in capfd.readouterr().err
     assert again["reused_export"] and again["file"] == "te.onnx" and again["variant"] == "x"
+    assert again["profiles"] == [p.to_json() for p in split] != first["profiles"]
     assert again["sha256"] == first["sha256"] and again["parity"] == first["parity"]
     assert load_sidecar(tmp_path / "b" / "te.onnx") == again
     assert (tmp_path / "b" / "te.onnx").read_bytes() == (tmp_path / "a" / "text_encoder.onnx").read_bytes()
@@ -49,6 +53,13 @@ def test_an_identical_export_is_copied_and_a_changed_one_is_exported(tiny, tmp_p
     other = _exported(text_encoder_component(changed), tmp_path / "c" / "text_encoder.onnx")
     assert "reused_export" not in other and other["sha256"] != first["sha256"]
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+    # a damaged entry is exported again and stored anew
+    (entry,) = [p for p in cache.iterdir() if p.name == again["reused_export"]]
+    (entry / "graph.onnx").write_bytes(b"not a graph")
+    repaired = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "e" / "text_encoder.onnx")
+    assert "reused_export" not in repaired and repaired["sha256"] == first["sha256"]
+    assert (entry / "graph.onnx").read_bytes() == (tmp_path / "a" / "text_encoder.onnx").read_bytes()
 
     monkeypatch.delenv(CACHE_VARIABLE)
     plain = _exported(text_encoder_component(tiny.text_encoder), tmp_path / "d" / "text_encoder.onnx")
@@ -71,6 +82,15 @@ def test_the_key_follows_what_decides_the_graph(tiny):
     with torch.no_grad():
         changed.conv_out.bias[0] += 1e-3
     assert key(denoiser_component(changed)) != base
+    text = copy.deepcopy(tiny.text_encoder)
+    text.name_or_path = "/elsewhere/text_encoder"  # where it was read from is no part of the graph
+    assert key(text_encoder_component(text)) == key(text_encoder_component(tiny.text_encoder)) is not None
+    hooked = copy.deepcopy(unet)  # what the key cannot describe by value: no key, the export runs uncached
+    hooked.conv_in.register_forward_hook(lambda module, args, out: out * 2)
+    assert key(denoiser_component(hooked)) is None
+    patched = copy.deepcopy(unet)
+    patched.conv_out.forward = lambda x: x
+    assert key(denoiser_component(patched)) is None
     processor = copy.deepcopy(unet)  # what a module calls, beyond its weights: another attention processor
     processor.set_attn_processor(AttnProcessor())
     assert key(denoiser_component(processor)) != base

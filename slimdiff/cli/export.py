@@ -373,16 +373,16 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
     """One line, before any work, for a ``--controlnet`` that is not a ControlNet folder slimdiff loads, or an engine
     kind whose runner cannot return a ControlNet's many outputs."""
     from ..engines import get
-    from ..families import controlnet_class_names
+    from ..families import controlnet_classes
 
     path = Path(folder)
     try:
         cls_name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, json.JSONDecodeError):
         cls_name = None
-    if cls_name not in controlnet_class_names():
+    if cls_name not in controlnet_classes():
         raise SlimDiffError(f"--controlnet {folder!r} is not a ControlNet folder (a config.json of a "
-                            f"{' or '.join(controlnet_class_names())}, as diffusers' save_pretrained writes it)")
+                            f"{' or '.join(controlnet_classes())}, as diffusers' save_pretrained writes it)")
     if not list(path.glob("*.safetensors")):
         found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".ckpt", ".pt"}))
         raise SlimDiffError(f"--controlnet {folder!r} holds no .safetensors weights"
@@ -395,13 +395,12 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
 def _load_controlnet(folder: str, denoiser_config):
     """The ControlNet of ``folder``, refused in one line unless its kind's adapter says it was made for a denoiser
     of ``denoiser_config`` and its engine can be built."""
-    import diffusers
-
-    from ..families import controlnet_adapter
+    from ..families import controlnet_adapter, controlnet_classes
 
     cls_name = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["_class_name"]
     try:
-        controlnet = getattr(diffusers, cls_name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        controlnet = controlnet_classes()[cls_name].from_pretrained(folder, use_safetensors=True,
+                                                                   local_files_only=True)
     except Exception as exc:  # diffusers raises many types; the user needs one line
         raise SlimDiffError(f"could not load the ControlNet in {folder!r}: {exc}") from exc
     adapter, what = controlnet_adapter(controlnet), f"the ControlNet in {folder!r}"

@@ -224,8 +224,9 @@ def controlnet_component(controlnet) -> Component:
     adapter = controlnet_adapter(controlnet)
     adapter.check_engine(controlnet, f"this {type(controlnet).__name__}")
     outputs = adapter.export_outputs(controlnet)
-    return Component(CONTROLNET, _ControlNet(controlnet, adapter).eval(), inputs=list(adapter.export_inputs(controlnet)),
-                     output=outputs[0], more_outputs=tuple(outputs[1:]), attention_modules=count_attention(controlnet))
+    return Component(CONTROLNET, _ControlNet(controlnet, adapter).eval(),
+                     inputs=list(adapter.export_inputs(controlnet)), output=outputs[0],
+                     more_outputs=tuple(outputs[1:]), attention_modules=count_attention(controlnet))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -118,11 +118,13 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
                   for p in reference.parameters())
     cache = cache_folder() if n_bytes <= EXTERNAL_DATA_BYTES else None
     key = export_key(component, axes, opset, dtype, parity_device) if cache else None
-    if cache and (stored := reuse(cache, key, out_path)) is not None:
-        sidecar = {**stored, "file": out_path.name, "files": [out_path.name], "reused_export": key, **(extra or {})}
+    if cache and key and (stored := reuse(cache, key, out_path)) is not None:
+        # the graph follows the profiles' union (the key's axes); TensorRT builds this run's profiles from the sidecar
+        sidecar = {**stored, "file": out_path.name, "files": [out_path.name], "reused_export": key,
+                   "profiles": [p.to_json() for p in profiles], **(extra or {})}
         write_json_atomic(sidecar_path(out_path), sidecar)
-        status(f"{component.name}: an identical export reused from {cache} (parity max abs error "
-               f"{sidecar['parity']['max_abs_error']:.2e} when it was made)")
+        status(f"{component.name}: an identical export reused from {cache}: {sidecar['ops']['total']} ONNX nodes, "
+               f"fused {sidecar['fused']}, parity max abs error {sidecar['parity']['max_abs_error']:.2e} when made")
         return sidecar
     device = next(reference.parameters()).device
     module = copy.deepcopy(reference).to(dtype) if dtype != torch.float32 else reference
@@ -202,7 +204,7 @@ def export_onnx(component: Component, profiles: list[Profile], out_path: Path, *
         for p in onnx_files(out_path):  # a graph that failed its check is not left behind
             p.unlink()
         raise
-    if cache:
+    if cache and key:
         keep(cache, key, out_path, sidecar)
     sidecar.update(extra or {})
     write_json_atomic(sidecar_path(out_path), sidecar)

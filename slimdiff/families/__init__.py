@@ -108,10 +108,10 @@ def controlnet_adapter(controlnet: Any) -> ControlNetAdapter:
     return adapter
 
 
-def controlnet_class_names() -> tuple[str, ...]:
-    """The diffusers ControlNet classes slimdiff knows, by name (as a ``config.json``'s ``_class_name``)."""
+def controlnet_classes() -> dict[str, type]:
+    """The diffusers ControlNet classes slimdiff knows, by name (as a ``config.json``'s ``_class_name`` says)."""
     load_builtin()
-    return tuple(sorted(cls.__name__ for cls in CONTROLNETS.registered()))
+    return {cls.__name__: cls for cls in sorted(CONTROLNETS.registered(), key=lambda c: c.__name__)}
 
 
 def _describe(obj: Any) -> str:
@@ -209,13 +209,16 @@ def assemble_column_blocks(denoiser: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 __all__ = [
-    "ATTENTION", "BLOCKS", "CONTROLNETS", "CROSS", "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
+    "ATTENTION", "BLOCKS", "CONTROLNETS", "CROSS",
+    "FAMILIES", "FFN", "MODEL_DTYPE", "QK", "SELF", "TEXT_CONTEXT", "VO", "AttentionGrams", "AttentionStatistics",
     "BlockAdapter",
-    "ColumnBlock", "ConditionInput", "ControlNetAdapter", "DenoiserFamily", "ExportInput", "KEEP_MASK", "LAST_HIDDEN_STATE", "NORMAL",
+    "ColumnBlock", "ConditionInput",
+    "ControlNetAdapter", "DenoiserFamily", "ExportInput", "KEEP_MASK", "LAST_HIDDEN_STATE", "NORMAL",
     "PENULTIMATE_HIDDEN_STATE", "POOLER_OUTPUT", "SIGMA", "ServedTextEncoder", "TEXT_EMBEDS", "TIMESTEP",
     "FFNEnergies", "FFNLinears",
     "FFNStatistics", "ModuleSite", "QKLinears", "ResidualEnergies",
-    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter", "controlnet_adapter", "controlnet_class_names", "family_for", "family_named",
+    "SublayerTaps", "TextContextMoment", "TextTower", "VOLinears", "block_adapter",
+    "controlnet_adapter", "controlnet_classes", "family_for", "family_named",
     "image_generators", "load_builtin", "module_sites",
     "assemble_column_blocks", "site_adapter", "site_linears", "site_weights_fingerprint", "starting_latents", "stat_key", "transformer_blocks",
 ]

@@ -1160,6 +1160,13 @@ class ControlNetAdapter(ABC):
     def check_engine(self, controlnet: Any, what: str) -> None:
         """One line for a ControlNet whose engine is not built (yet); none by default."""
 
+    @staticmethod
+    def family(controlnet: Any) -> DenoiserFamily:
+        """The family registered for ``controlnet``'s class too: the denoiser call it shares."""
+        from . import family_for
+
+        return family_for(controlnet)
+
     @abstractmethod
     def export_inputs(self, controlnet: Any) -> tuple[ExportInput, ...]:
         """The engine's inputs, in the order :meth:`export_call` takes them."""

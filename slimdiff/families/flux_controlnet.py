@@ -14,8 +14,9 @@ family is registered for the pipeline class only; a slim folder slimmed in the p
 Calibration runs ``FluxControlNetPipeline`` from seeded packed latents on the control images of ``--images`` (one per
 prompt in turn; the pipeline resizes them and encodes them with the VAE, drawn by the prompt's generator); the
 measuring runs condition on a colour ramp (or ``slimdiff eval --images``). ControlNet-Union models (a control mode
-per image) and several ControlNets (``FluxMultiControlNetModel``: one control image each) are refused for calibration
-in one line: no flag says which mode or which image of each kind a prompt takes.
+per image) and several ControlNets (``FluxMultiControlNetModel``: one control image each) are refused in one line for
+calibration, ``slimdiff eval`` and ``slimdiff bench`` (:meth:`FluxControlNetFamily.check_sampling`): no flag says
+which mode or which image of each kind a prompt takes.
 
 Engines: ``slimdiff-export --controlnet-inputs`` builds transformer engines taking the ControlNet's samples too, as
 many as it outputs (:class:`~slimdiff.families.flux.ControlNetSamples`, :meth:`FluxFamily.export_inputs`);
@@ -34,7 +35,16 @@ from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
 from ..errors import SlimDiffError
 from .base import CONTROLNETS, FAMILIES, ControlNetAdapter, ExportInput
-from .flux import PACK, ControlNetSamples, FluxFamily, default_guidance, float32_rotary, latent_ids, pack_latents, text_ids
+from .flux import (
+    PACK,
+    ControlNetSamples,
+    FluxFamily,
+    default_guidance,
+    float32_rotary,
+    latent_ids,
+    pack_latents,
+    text_ids,
+)
 from .flux_control import CONTROL_IMAGE, ControlImageTask, control_loop
 from .images import colour_ramp
 
@@ -83,7 +93,7 @@ class FluxControlNet(ControlNetAdapter):
                                 "beside a transformer engine built with --controlnet-inputs")
 
     def export_inputs(self, controlnet: Any) -> tuple[ExportInput, ...]:
-        latent, *rest = FAMILIES.get(controlnet).export_inputs(controlnet.config)  # the transformer's, no samples
+        latent, *rest = self.family(controlnet).export_inputs(controlnet.config)  # the transformer's, no samples
         return (latent, ExportInput(CONTROL_LATENTS, latent.dims, latent.dtype), *rest)
 
     def export_outputs(self, controlnet: Any) -> tuple[str, ...]:

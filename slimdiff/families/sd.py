@@ -154,14 +154,14 @@ class UNetControlNet(ControlNetAdapter):
     def export_inputs(self, controlnet: Any) -> tuple[ExportInput, ...]:
         config = controlnet.config
         channels = config["conditioning_channels"] * controlnet_scale(config) ** 2
-        return (*FAMILIES.get(controlnet).export_inputs(config),
+        return (*self.family(controlnet).export_inputs(config),
                 ExportInput(FOLDED_CONTROLNET_COND, ("batch", channels, "height", "width"), MODEL_DTYPE))
 
     def export_outputs(self, controlnet: Any) -> tuple[str, ...]:
         return tuple(r.name for r in controlnet_residual_inputs(controlnet.config))
 
     def export_call(self, controlnet: Any, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        family, config = FAMILIES.get(controlnet), controlnet.config
+        family, config = self.family(controlnet), controlnet.config
         sample, timestep, encoder_hidden_states, *conditions, folded = inputs
         call = family.condition_call(config, {c.name: t for c, t in zip(family.condition_inputs(config), conditions)})
         down, mid = controlnet(sample, timestep, encoder_hidden_states,
