@@ -47,6 +47,7 @@ from .base import (
     POOLER_OUTPUT,
     QKLinears,
     ColumnBlock,
+    Registry,
     ResidualEnergies,
     SIGMA,
     SublayerTaps,
@@ -78,12 +79,7 @@ def load_builtin() -> None:
 def family_for(obj: Any) -> DenoiserFamily:
     """The family serving ``obj`` — a pipeline or a denoiser — or a :class:`SlimDiffError` naming what is
     supported."""
-    load_builtin()
-    family = FAMILIES.get(obj)
-    if family is None:
-        raise SlimDiffError(f"slimdiff has no model family for {_describe(obj)} "
-                            f"(supported: {FAMILIES.supported()})")
-    return family
+    return _registered(FAMILIES, obj, f"slimdiff has no model family for {_describe(obj)}")
 
 
 def family_named(name: str) -> DenoiserFamily:
@@ -100,11 +96,15 @@ def family_named(name: str) -> DenoiserFamily:
 
 def controlnet_adapter(controlnet: Any) -> ControlNetAdapter:
     """The adapter of ``controlnet``'s kind, or a :class:`SlimDiffError` naming the kinds slimdiff knows."""
+    return _registered(CONTROLNETS, controlnet, f"slimdiff does not know {type(controlnet).__name__} ControlNets")
+
+
+def _registered(registry: Registry, obj: Any, missing: str):
+    """``registry``'s adapter for ``obj``; ``missing``, then what the registry supports, as one line without one."""
     load_builtin()
-    adapter = CONTROLNETS.get(controlnet)
+    adapter = registry.get(obj)
     if adapter is None:
-        raise SlimDiffError(f"slimdiff does not know {type(controlnet).__name__} ControlNets (it knows "
-                            f"{CONTROLNETS.supported()})")
+        raise SlimDiffError(f"{missing} (supported: {registry.supported()})")
     return adapter
 
 
