@@ -380,9 +380,10 @@ def _check_controlnet_folder(folder: str, kind: str) -> None:
         cls_name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, json.JSONDecodeError):
         cls_name = None
-    if cls_name not in controlnet_classes():
+    known = controlnet_classes()
+    if cls_name not in known:
         raise SlimDiffError(f"--controlnet {folder!r} is not a ControlNet folder (a config.json of a "
-                            f"{' or '.join(controlnet_classes())}, as diffusers' save_pretrained writes it)")
+                            f"{' or '.join(known)}, as diffusers' save_pretrained writes it)")
     if not list(path.glob("*.safetensors")):
         found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".ckpt", ".pt"}))
         raise SlimDiffError(f"--controlnet {folder!r} holds no .safetensors weights"
