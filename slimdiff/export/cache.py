@@ -1,17 +1,16 @@
 """Reusing an identical earlier ONNX export (opt-in: ``SLIMDIFF_EXPORT_CACHE=DIR``).
 
-Every ``slimdiff-export`` run exports the text encoders and the VAE again, although only the denoiser differs
-between a dense and a slim run, or between slim runs at several budgets (SDXL's second text encoder alone takes
-minutes). With the variable set, :func:`~slimdiff.export.onnx.export_onnx` looks an export up by a digest of
-everything that decides its graph — the component's inputs and outputs, its modules' classes, configs and plain
-attributes (a family's export options, an attention processor's widths), the values of every parameter and buffer,
-the axes, opset and dtype, the versions of torch, diffusers, transformers and the exporters, and slimdiff's own source
-— and copies the graph and its sidecar instead of exporting when the digest is known. It fails closed: a module with
-hooks, or an attribute it cannot describe by value (a function, an object without attributes of its own), makes the
-export uncacheable, and it runs as without the cache. Graphs with external data (over 2 GB) are not kept: their
-weights file is named inside the graph. Entries are written whole (a staged folder renamed) and checked against
-their recorded digest when read, so a run cut short, a damaged entry or a second process never gives a wrong graph:
-at worst the export runs again.
+Every ``slimdiff-export`` run exports the text encoders and the VAE again, although only the denoiser differs between
+a dense and a slim run, or between slim runs at several budgets. With the variable set,
+:func:`~slimdiff.export.onnx.export_onnx` looks an export up by a digest of everything that decides its graph — the
+component's inputs and outputs, its modules' classes, configs and plain attributes (a family's export options, an
+attention processor's widths), the values of every parameter and buffer, the axes, opset and dtype, the versions of
+torch, diffusers, transformers and the exporters, and slimdiff's own source — and copies the graph and its sidecar
+instead of exporting when the digest is known. It fails closed: a module with hooks, or an attribute it cannot
+describe by value (a function, an object without attributes of its own), makes the export uncacheable, and it runs as
+without the cache. Graphs with external data (over 2 GB) are not kept: their weights file is named inside the graph.
+Entries are written whole (a staged folder renamed) and checked against their recorded digest when read, so a run cut
+short, a damaged entry or a second process never gives a wrong graph: at worst the export runs again.
 """
 
 from __future__ import annotations
