@@ -6,6 +6,7 @@ import copy
 import onnxruntime as ort
 import pytest
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import AttnProcessor
 from export_support import tiny_profiles
 
@@ -91,6 +92,27 @@ def test_the_key_follows_what_decides_the_graph(tiny):
     patched = copy.deepcopy(unet)
     patched.conv_out.forward = lambda x: x
     assert key(denoiser_component(patched)) is None
+    # diffusers' hook registry: an empty one (a pipeline's cache context leaves one on FLUX and SD3 models) changes
+    # nothing; a hook in it does
+    registered = copy.deepcopy(unet)
+    HookRegistry.check_if_exists_or_initialize(registered)
+    assert key(denoiser_component(registered)) == base
+    HookRegistry.check_if_exists_or_initialize(registered).register_hook(ModelHook(), "hook")
+    assert key(denoiser_component(registered)) is None
     processor = copy.deepcopy(unet)  # what a module calls, beyond its weights: another attention processor
     processor.set_attn_processor(AttnProcessor())
     assert key(denoiser_component(processor)) != base
+
+
+def test_a_text_tower_calling_a_compiled_function_has_a_key():
+    """SDXL's second CLIP calls ``F.gelu``, a compiled function: named by what it is, it keys the tower's exports,
+    and another activation gives another key."""
+    second = build_builtin("builtin:tiny-xl").text_encoder_2
+    activation = second.text_model.encoder.layers[0].mlp.activation_fn
+    assert activation.act is torch.nn.functional.gelu  # the case: a builtin function as a module attribute
+    axes = component_axes(text_encoder_component(second), union(tiny_profiles()), {})
+    key = export_key(text_encoder_component(second), axes, 23, torch.float32, "cpu")
+    assert key is not None
+    activation.act = torch.relu  # another compiled function
+    assert export_key(text_encoder_component(second), axes, 23, torch.float32, "cpu") not in (key, None)
+

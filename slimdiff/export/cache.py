@@ -75,9 +75,9 @@ def _code_digest() -> str:
 
 def _described(value, depth: int = 0):
     """A module attribute by value: plain values and containers of them, tensors and arrays by digest, a bound
-    method by its function and what it is bound to, another object by its class and its own attributes (a family
-    with its export options); :class:`Uncacheable` for what has no value to describe (a function, a closure, an
-    object without attributes) or lies deeper than :data:`_DEPTH`."""
+    method by its function and what it is bound to, a compiled library function by its name, another object by its
+    class and its own attributes (a family with its export options); :class:`Uncacheable` for what has no value to
+    describe (a Python function, a closure, an object without attributes) or lies deeper than :data:`_DEPTH`."""
     if depth > _DEPTH:
         raise Uncacheable("attributes nested too deep")
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -94,6 +94,9 @@ def _described(value, depth: int = 0):
         return _tensor_digest(torch.as_tensor(value))
     if inspect.ismethod(value):  # what it is bound to decides what it does
         return {"method": value.__func__.__qualname__, "of": _described(value.__self__, depth + 1)}
+    if inspect.isbuiltin(value) and (value.__self__ is None or inspect.ismodule(value.__self__)):
+        # a compiled library function (a CLIP's `F.gelu`): its name says what it does at the versions in the key
+        return {"builtin": f"{getattr(value, '__module__', None) or value.__self__.__name__}.{value.__qualname__}"}
     if inspect.isfunction(value) or isinstance(value, (functools.partial, type, nn.Module)) or \
             not hasattr(value, "__dict__"):
         raise Uncacheable(f"a {type(value).__name__} attribute")
@@ -109,8 +112,13 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_diffusers_hook"))
+    # diffusers gives a model an empty hook registry when a pipeline opens its cache context (FLUX's, SD3's):
+    # that one holds no hook
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and getattr(registry, "hooks", True):
+        return True
+    return any(getattr(module, name, None)
+               for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
 def _modules_description(module: nn.Module) -> list:
