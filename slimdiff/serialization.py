@@ -32,9 +32,9 @@ PLAN_FILE = "slimdiff_plan.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-def _config(path: Path) -> dict | None:
+def _config(path: Path, name: str = "config.json") -> dict | None:
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return json.loads((path / name).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -48,6 +48,15 @@ def _slim_classes() -> dict[str, type]:
 def is_slim_folder(path: str | os.PathLike) -> bool:
     path = Path(path)
     return (path / PLAN_FILE).is_file() or (_config(path) or {}).get("_class_name") in _slim_classes()
+
+
+def slim_pipeline_component(path: str | os.PathLike) -> str | None:
+    """The component of a slim pipeline folder (:func:`save_slim_pipeline`, ``slimdiff slim --save-pipeline``)
+    whose class is a slim one, read from its ``model_index.json`` (no weight is loaded); None for any other path."""
+    index = _config(Path(path), "model_index.json")
+    slim = [name for name, entry in (index or {}).items()
+            if isinstance(entry, list) and len(entry) == 2 and entry[1] in _slim_classes()]
+    return slim[0] if slim else None
 
 
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Path:

@@ -74,6 +74,19 @@ def slim_tiny_unet(seed: int = 0, ranks: dict[str, int] | None = None, model: st
     return unet.eval(), plan
 
 
+def write_slim_pipeline(out, model: str = "builtin:tiny", seed: int = 0):
+    """``model``'s pipeline around :func:`slim_tiny_unet`'s UNet, written as a slim pipeline folder (what ``slimdiff
+    slim --save-pipeline`` writes) at ``out``: a slim model for the export command with no calibration to run. Seeded:
+    every call writes the same weights, so the exports of every test that uses one are one export (the cache)."""
+    from slimdiff.models import load_pipeline
+    from slimdiff.serialization import save_slim_pipeline
+
+    pipe = load_pipeline(model)
+    unet, plan = slim_tiny_unet(seed, model=model)
+    pipe.unet = unet
+    return save_slim_pipeline(pipe, plan, out)
+
+
 def seeded_controlnet(unet, seed: int = 0) -> ControlNetModel:
     """A ControlNet made from ``unet``'s architecture and weights (diffusers' ``from_unet``, no hub), its
     conditioning embedding down-sampling once (8 -> 16 channels: the tiny VAE's factor 2, where SD's VAE needs 8).

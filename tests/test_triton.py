@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from export_support import cached_cli_export
+from export_support import cached_cli_export, write_slim_pipeline
 
 from slimdiff.engines import engine_meta_path
 from slimdiff.errors import SlimDiffError
@@ -92,6 +92,44 @@ def test_a_slim_folder_exports_the_repository_of_its_pipeline(exported, tmp_path
     images = [generate(repository_pipeline(repo / "pipeline" / "1", local_runners(repo)), "a red circle", seed=3,
                        steps=2) for repo in (tmp_path / "repo", exported / "repo")]
     assert images[0].std() > 1 and np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 1
+
+
+def test_a_slim_pipeline_folder_exports_its_slim_unet_and_serves_one_prompt_at_a_static_batch(tmp_path):
+    """`slimdiff-export --model DIR` of a slim pipeline folder (`slimdiff slim --save-pipeline`): slim already, so
+    its UNet is exported as it is — no dense engine, no calibration (it used to be taken for a dense model and
+    slimmed again). `--batch 2` is the UNet's batch under guidance: the text encoder and VAE engines still take one
+    prompt's single image, so the repository answers a one-image request (it used to refuse it)."""
+    import contextlib
+    import io
+
+    from slimdiff.cli.export import main
+    from slimdiff.engines import load_engine_meta
+    from slimdiff.models import load_pipeline
+    from slimdiff.runtime import use_engine
+    from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
+
+    folder = write_slim_pipeline(tmp_path / "slim-pipeline")
+    out, repo = tmp_path / "engines", tmp_path / "repo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        rc = main(["--model", str(folder), "--engine", "ort", "--out", str(out), "--triton-repo", str(repo),
+                   "--triton-mode", "python", "--batch", "2", "--height", "32", "--width", "32", "--text-len", "77"])
+    assert rc == 0, printed.getvalue()
+    assert "calibration" not in printed.getvalue() and "slimming" not in printed.getvalue()
+    export = json.loads((out / "export.json").read_text())
+    pipe = load_pipeline(str(folder))
+    assert [r["variant"] for r in export["rows"]] == ["slim"] and export["dense_model"] is None
+    assert export["rows"][0]["parameters"] == sum(p.numel() for p in pipe.unet.parameters())
+    assert export["slim_model"] == str((folder / "unet").resolve())
+    for name, batch in (("unet", [2, 2]), ("text_encoder", [1, 2]), ("vae_decoder", [1, 2])):
+        meta, _ = load_engine_meta(out / ("slim" if name == "unet" else name), name)
+        assert [meta["axes"]["batch"][k] for k in ("min", "max")] == batch, name
+    served = generate(repository_pipeline(repo / "pipeline" / "1", local_runners(repo)), "a red circle", seed=3,
+                      steps=2, height=32, width=32)
+    use_engine(pipe, out / "slim")
+    pipe.set_progress_bar_config(disable=True)
+    drawn = generate(pipe, "a red circle", seed=3, steps=2, height=32, width=32)
+    assert served.std() > 1 and np.abs(served.astype(int) - drawn.astype(int)).max() <= 1
 
 
 def test_new_weights_become_the_next_version_of_a_served_engine(exported, tmp_path):

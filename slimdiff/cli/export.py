@@ -150,12 +150,24 @@ def _device(args) -> str:
     return args.device
 
 
+def _slim_source(model: str) -> Path | None:
+    """The slim denoiser folder ``model`` names: itself (``slimdiff slim``'s folder), or the slim component of a slim
+    pipeline folder (``slimdiff slim --save-pipeline``); None for a dense model."""
+    from ..serialization import is_slim_folder, slim_pipeline_component
+
+    if is_slim_folder(model):
+        return Path(model)
+    component = slim_pipeline_component(model)
+    return Path(model) / component if component else None
+
+
 def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=(),
                 whole_pipeline: bool = False):
     """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``; ``loras`` are fused into
     a dense model, or mapped onto a slim folder's denoiser and fused (:func:`run` refuses them for a slim folder
     without LoRA maps). A slim folder's pipeline — the model it was slimmed from, around the slim denoiser — is
-    loaded when ``whole_pipeline`` (a Triton repository serves it all) or for its LoRAs."""
+    loaded when ``whole_pipeline`` (a Triton repository serves it all) or for its LoRAs; a slim pipeline folder is
+    its own pipeline."""
     from ..families import family_for
     from ..lora import fuse_loras
     from ..models import load_pipeline
@@ -179,6 +191,8 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
     except SlimDiffError as exc:
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
+    if (slim := _slim_source(source)) is not None:  # a slim pipeline folder: slim already, nothing to calibrate
+        return pipe if whole_pipeline else None, None, getattr(pipe, slim.name), load_plan(slim)
     return pipe, family_for(pipe).denoiser(pipe), None, None
 
 
@@ -186,10 +200,10 @@ def _load_refiner(source: str):
     """``(refiner pipeline, its slim plan or None)``: a slim refiner folder loads the refiner it was slimmed from with
     the slim UNet in it; any other model loads as it is (served dense)."""
     from ..models import load_pipeline
-    from ..serialization import is_slim_folder, load_plan
+    from ..serialization import load_plan
 
     try:
-        return load_pipeline(source), load_plan(source) if is_slim_folder(source) else None
+        return load_pipeline(source), load_plan(slim) if (slim := _slim_source(source)) is not None else None
     except SlimDiffError as exc:
         raise SlimDiffError(f"--refiner: {exc}") from None
 
@@ -536,7 +550,7 @@ def run(args) -> list[dict]:
     import torch
 
     from .. import engines
-    from ..serialization import atomic_output_dir, commit_output_dir, is_slim_folder
+    from ..serialization import atomic_output_dir, commit_output_dir
     from ..export.onnx import OPSETS
     from ..export.modules import component_axes, denoiser_component
     from ..export.shapes import Range, check_static, default_flags, latent_multiple, parse_profiles, union
@@ -546,7 +560,8 @@ def run(args) -> list[dict]:
     backend = engines.get(args.engine)
     device = _device(args)
     backend.require(device)  # before any slow work: one line naming the alternatives
-    if args.lora and is_slim_folder(args.model) and not (Path(args.model) / MAPS_FILE).is_file():
+    slim_source = _slim_source(args.model)
+    if args.lora and slim_source is not None and not (slim_source / MAPS_FILE).is_file():
         raise SlimDiffError(f"{args.model!r} is a slim folder made without --lora-maps, whose weights a LoRA of the "
                             "dense model does not fit: leave out --lora, slim with --lora-maps, or fuse the LoRA into "
                             "the dense model before slimming (`slimdiff slim --lora`)")
@@ -567,7 +582,7 @@ def run(args) -> list[dict]:
                                 "--controlnet DIR, or leave out --controlnet-inputs")
     if args.controlnet:
         _check_controlnet_folder(args.controlnet, args.engine)
-    if args.stats or is_slim_folder(args.model):
+    if args.stats or slim_source is not None:
         refuse_sampling_flags(args, "--stats gives statistics collected already" if args.stats else
                               f"{args.model!r} is slim already")
     out = Path(args.out)
@@ -583,7 +598,7 @@ def run(args) -> list[dict]:
     try:
         # with --stats, the LoRAs are fused by _slimming_inputs, which fingerprints the model before and after (a
         # slim folder takes no statistics)
-        loras = () if args.stats and not is_slim_folder(args.model) else lora_specs(args)
+        loras = () if args.stats and slim_source is None else lora_specs(args)
         pipe, dense, slim, plan = _load_model(args.model, args.config, args.variant, loras,
                                               whole_pipeline=args.triton_repo is not None)
         controlnet = _load_controlnet(args.controlnet, (dense or slim).config) if args.controlnet else None
@@ -653,7 +668,7 @@ def run(args) -> list[dict]:
             else:
                 rows.append(_build_variant(args, "dense", dense, None, tmp / "dense", family=family,
                                            export_options=export_options, **build))
-        slim_folder = Path(args.model).resolve()
+        slim_folder = (slim_source or Path(args.model)).resolve()
         if slim is None:
             status(f"slimming the {family.component} (budget {args.budget})")
             plan = _slim_dense_model(pipe, args, slimming, calibration_loop)

@@ -579,18 +579,22 @@ def build_serving_engines(pipe, out: Path, kind: str, *, image_to_image: bool = 
 
     served = check_pipeline(pipe, image_to_image=image_to_image)
     family = served.family
+    # The shape flags are the denoiser's, whose batch guidance doubles: the text encoders and the VAE take a
+    # request's images, from half the denoiser's smallest batch (one prompt where the UNet takes two) to its largest
+    per_image = [dataclasses.replace(p, batch=Range(-(-p.batch.min // 2), p.batch.opt, p.batch.max))
+                 for p in build["profiles"]]
     components = []
     for tower in family.served_text_encoders(pipe):
-        profiles = build["profiles"]
+        profiles = per_image
         if tower.tokens is not None:  # the one prompt length the pipeline pads this encoder's prompts to
             fixed = Range(tower.tokens, tower.tokens, tower.tokens)
             profiles = [dataclasses.replace(p, text_len=fixed) for p in profiles]
         components.append((text_encoder_component(getattr(pipe, tower.name), tower.name, tower.outputs,
                                                   attention_mask=tower.attention_mask), profiles, build["dtype"]))
     vae_dtype = vae_engine_dtype(family, pipe.vae, build["dtype"])
-    components.append((vae_decoder_component(pipe.vae), build["profiles"], vae_dtype))
+    components.append((vae_decoder_component(pipe.vae), per_image, vae_dtype))
     if served.vae_encoder:
-        components.append((vae_encoder_component(pipe.vae, pipe.vae_scale_factor), build["profiles"], vae_dtype))
+        components.append((vae_encoder_component(pipe.vae, pipe.vae_scale_factor), per_image, vae_dtype))
     folders = {}
     for component, profiles, dtype in components:
         folders[component.name] = Path(out) / component.name
