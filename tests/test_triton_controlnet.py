@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_controlnet, seeded_unet
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_controlnet, seeded_unet, write_slim_pipeline
 from serving_support import SIZE, noise_image, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
@@ -144,7 +144,7 @@ def test_several_controlnets_are_refused_in_one_line(repository):
 
 @pytest.mark.slow
 def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
-    """``slimdiff-export --controlnet DIR --triton-repo --triton-img2img`` of builtin:tiny (slimmed, python mode): the
+    """``slimdiff-export --controlnet DIR --triton-repo --triton-img2img`` of a slim builtin:tiny (python mode): the
     bundled tritonserver serves the in-process repository pipeline's image bit for bit, which is diffusers' ControlNet
     pipeline's with the command's two engines within one grey level, and a ControlNet image-to-image request the
     in-process image-to-image pipeline's; a request without its conditioning image is answered with an error naming
@@ -163,10 +163,10 @@ def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
     out, repo = tmp_path / "engines", tmp_path / "repo"
     stderr = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
-        rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--slim-only",
-                       "--controlnet", str(tmp_path / "controlnet-model"), "--triton-repo", str(repo),
+        rc = cli.main(["--model", str(write_slim_pipeline(tmp_path / "slim-pipeline")), "--engine", "ort", "--out",
+                       str(out), "--controlnet", str(tmp_path / "controlnet-model"), "--triton-repo", str(repo),
                        "--triton-mode", "python", "--triton-img2img", "--batch", "1:2:2", "--height", "32",
-                       "--width", "32", "--text-len", "77", *FAST_CALIBRATION])
+                       "--width", "32", "--text-len", "77"])
     assert rc == 0, stderr.getvalue()
     assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "unet", "vae_decoder",
                                                       "vae_encoder"]

@@ -228,7 +228,10 @@ def controlnet_pipeline(pipe, controlnet):
         served_with = sorted({f.serving_controlnet_pipeline for f in FAMILIES.adapters() if f.serving_controlnet_pipeline})
         raise SlimDiffError(f"--triton-repo serves no ControlNet pipeline for {type(pipe).__name__} so far (it serves "
                             f"{', '.join(served_with)}: export such a pipeline's folder)")
-    return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
+    # from_pipe keeps a model component only when its class is the new pipeline's type hint exactly: a slim
+    # denoiser (a subclass) is handed over by name
+    denoiser = served.family.component
+    return getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet, **{denoiser: getattr(pipe, denoiser)})
 
 
 def image_to_image_pipeline(pipe):
@@ -237,10 +240,10 @@ def image_to_image_pipeline(pipe):
     import diffusers
 
     served = check_pipeline(pipe, image_to_image=True)
-    # from_pipe keeps a model component only when its class is the new pipeline's type hint: the engine-backed
-    # ControlNet (a ControlNetModel subclass) is handed over by name
-    controlnet = {"controlnet": pipe.controlnet} if served.controlnet else {}
-    return getattr(diffusers, served.image_to_image_class).from_pipe(pipe, **controlnet)
+    # from_pipe keeps a model component only when its class is the new pipeline's type hint exactly: the denoiser (a
+    # slim one is a subclass) and the engine-backed ControlNet (a ControlNetModel subclass) are handed over by name
+    models = [served.family.component, *(["controlnet"] if served.controlnet else [])]
+    return getattr(diffusers, served.image_to_image_class).from_pipe(pipe, **{m: getattr(pipe, m) for m in models})
 
 
 def _pb():
