@@ -1,17 +1,14 @@
 """Image-to-image requests to a Triton repository (``--triton-img2img``): the pipeline model runs the family's
 text-to-image pipeline for a prompt and its image-to-image pipeline (StableDiffusionImg2ImgPipeline,
 StableDiffusionXLImg2ImgPipeline) for a prompt with an image, over the same engines plus a VAE encoder. Checked in
-this process against diffusers' pipelines around the same UNet engine, and a repository written by
-``slimdiff-export --triton-img2img`` through the real ``tritonserver`` bundled in nvidia-pytriton (python backend,
-CPU, loopback). Seeded tiny models, ONNX Runtime."""
+this process against diffusers' pipelines around the same UNet engine, and through the real ``tritonserver`` bundled
+in nvidia-pytriton (python backend, CPU, loopback). Seeded tiny models, ONNX Runtime."""
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
-from export_support import FAST_CALIBRATION, TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
+from export_support import TWO_LEVEL_UNET, TWO_LEVEL_XL_UNET, seeded_unet
 from serving_support import SIZE, noise_image, write_tiny_repository
 
 from slimdiff.errors import SlimDiffError
@@ -157,32 +154,25 @@ def test_img2img_without_a_repository_is_refused_before_any_work(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_export_writes_a_repository_tritonserver_serves_both_requests_from(tmp_path):
-    """``slimdiff-export --triton-repo --triton-img2img`` of builtin:tiny (slimmed, python mode): the bundled
-    tritonserver answers a text-to-image and an image-to-image request with the in-process images, bit for bit."""
+@pytest.mark.parametrize("repository", ["sd"], indirect=True)
+def test_tritonserver_serves_both_requests_from_the_repository(repository, tmp_path):
+    """The bundled tritonserver answers a text-to-image and an image-to-image request to the repository with the
+    in-process images, bit for bit. (``slimdiff-export --triton-img2img`` writes such a repository and the server
+    serves it in tests/test_triton_controlnet.py, with a ControlNet.)"""
     import tritonclient.http as httpclient
 
-    from slimdiff.cli import export as cli
-    from slimdiff.engines.triton import image_to_image_pipeline, local_server
-    from slimdiff.engines.triton import request_image
+    from slimdiff.engines.triton import image_to_image_pipeline, local_server, request_image
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline
 
     pytest.importorskip("pytriton")
-    out, repo = tmp_path / "engines", tmp_path / "repo"
-    stderr = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
-        rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), "--slim-only",
-                       "--triton-repo", str(repo), "--triton-mode", "python", "--triton-img2img", "--batch", "1:2:2",
-                       "--height", "32", "--width", "32", "--text-len", "77", *FAST_CALIBRATION])
-    assert rc == 0, stderr.getvalue()
-    assert sorted(p.name for p in repo.iterdir()) == ["pipeline", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    repo = repository[0] / "repo"
     in_process = repository_pipeline(repo / "pipeline" / "1", local_runners(repo))
-    start = noise_image(4, size=32)
-    expected_text = generate(in_process, PROMPT, seed=5, steps=STEPS, height=32, width=32)
+    start = noise_image(4)
+    expected_text = generate(in_process, PROMPT, seed=5, steps=STEPS, height=SIZE, width=SIZE)
     expected_image = generate(image_to_image_pipeline(in_process), PROMPT, seed=5, steps=STEPS, image=start,
                               strength=0.7)
     assert not np.array_equal(expected_text, expected_image)
     with local_server(repo, timeout_s=180, log=tmp_path / "server.log") as urls:
         client = httpclient.InferenceServerClient(urls["http"], network_timeout=120)
-        assert np.array_equal(request_image(client, PROMPT, 5, STEPS, height=32, width=32), expected_text)
+        assert np.array_equal(request_image(client, PROMPT, 5, STEPS, height=SIZE, width=SIZE), expected_text)
         assert np.array_equal(request_image(client, PROMPT, 5, STEPS, image=start, strength=0.7), expected_image)

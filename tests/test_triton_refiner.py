@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from export_support import FAST_CALIBRATION, TWO_LEVEL_XL_REFINER_UNET, TWO_LEVEL_XL_UNET, seeded_unet
+from export_support import TWO_LEVEL_XL_REFINER_UNET, TWO_LEVEL_XL_UNET, seeded_unet, write_slim_pipeline
 from serving_support import SIZE, write_tiny_repository
 
 from slimdiff.cli.export import main as export_main
@@ -146,19 +146,19 @@ def test_the_command_refuses_a_refiner_without_a_repository_or_that_is_missing(t
 
 @pytest.mark.slow
 def test_tritonserver_serves_the_ensemble_written_by_the_command(tmp_path):
-    """`slimdiff-export --model builtin:tiny-xl --refiner builtin:tiny-xl-refiner --triton-repo` (python mode):
-    the refiner's engine is built and verified beside the slim base's, and the real tritonserver answers a request
-    with the in-process ensemble's image bit for bit."""
+    """`slimdiff-export --model SLIM --refiner builtin:tiny-xl-refiner --triton-repo` (python mode; SLIM: a slim
+    pipeline folder of builtin:tiny-xl): the refiner's engine is built and verified beside the slim base's, and the
+    real tritonserver answers a request with the in-process ensemble's image bit for bit."""
     import tritonclient.http as httpclient
 
     from slimdiff.engines.triton import local_server, request_image
     from slimdiff.runtime.triton_models import generate, local_runners, repository_pipeline, repository_refiner
 
     out, repo = tmp_path / "engines", tmp_path / "repo"
-    assert export_main(["--model", "builtin:tiny-xl", "--refiner", "builtin:tiny-xl-refiner", *FAST_CALIBRATION,
-                        "--engine", "ort", "--slim-only", "--out", str(out), "--triton-repo", str(repo),
-                        "--triton-mode", "python", "--batch", "1:2:2", "--height", "32", "--width", "32",
-                        "--device", "cpu", "--fp32"]) == 0
+    base = write_slim_pipeline(tmp_path / "slim-xl", model="builtin:tiny-xl")
+    assert export_main(["--model", str(base), "--refiner", "builtin:tiny-xl-refiner", "--engine", "ort",
+                        "--out", str(out), "--triton-repo", str(repo), "--triton-mode", "python", "--batch", "1:2:2",
+                        "--height", "32", "--width", "32", "--text-len", "77", "--device", "cpu", "--fp32"]) == 0
     rows = {r["variant"]: r for r in json.loads((out / "export.json").read_text())["rows"]}
     assert rows["refiner"]["max_rel_error"] <= 1e-4 and rows["refiner"]["parameters"] > 0
     version = repo / "pipeline" / "1"
