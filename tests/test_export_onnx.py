@@ -115,7 +115,9 @@ def test_opset18_fallback_decomposes_attention_and_matches(tmp_path):
 def test_fp16_export_reports_its_error(tmp_path):
     unet = seeded_unet(TWO_LEVEL_UNET)
     path = tmp_path / "unet.onnx"
-    sidecar = export_onnx(denoiser_component(unet), tiny_profiles(), path, dtype=torch.float16)
+    # one shape: what is checked is the precision, not the axes (a static export takes a third of the time)
+    sidecar = export_onnx(denoiser_component(unet), tiny_profiles(batch="2", height="32", width="32", text_len="77"),
+                          path, dtype=torch.float16)
     assert sidecar["dtype"] == "float16"
     assert [i["dtype"] for i in sidecar["inputs"]] == ["float16", "float32", "float16"]
     parity = sidecar["parity"]
