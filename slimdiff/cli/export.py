@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="dense model (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:sd15-shape, "
-                        "builtin:sdxl-shape, a diffusers folder, a .safetensors file) or a slim folder written by "
-                        "`slimdiff slim`")
+                        "builtin:sdxl-shape, a diffusers folder, a .safetensors file), a slim folder written by "
+                        "`slimdiff slim`, or a slim pipeline folder (`slimdiff slim --save-pipeline`)")
     p.add_argument("--engine", required=True, choices=engines.names(),
                    help="; ".join(f"{n}: {engines.get(n).description}" for n in engines.names()))
     p.add_argument("--config", default=None, metavar="DIR",
