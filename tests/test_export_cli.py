@@ -97,7 +97,7 @@ def test_slim_folder_gives_slim_engine_and_force_replaces_output(tmp_path, capsy
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
     rc = cli.main(["--model", str(tmp_path / "slim-unet"), "--engine", "ort", "--out", str(out), "--force",
-                   "--batch", "1:2:2", "--text-len", "77"])
+                   "--batch", "1:2:2", "--height", "64", "--width", "64", "--text-len", "77"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert not (out / "stale.txt").exists() and not (out / "dense").exists()

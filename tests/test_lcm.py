@@ -107,7 +107,7 @@ def _engine(pipe, folder):
     from slimdiff.export.shapes import parse_profiles
 
     folder.mkdir()
-    profiles = parse_profiles("1:1:2", "16", "16", "77", vae_scale=pipe.vae_scale_factor, multiple=4)
+    profiles = parse_profiles("1", "16", "16", "77", vae_scale=pipe.vae_scale_factor, multiple=4)
     build_denoiser_engine(pipe.unet, "ort", folder, profiles=profiles, dtype=torch.float32, device="cpu",
                           multiple=4)
     return folder
@@ -175,7 +175,7 @@ def test_slimdiff_export_serves_an_lcm_folder_with_the_repository_inside_out(sd,
     out = tmp_path / "engines"
     rc = export_cli.main(["--model", str(tmp_path / "lcm"), "--engine", "ort", "--out", str(out),
                           "--triton-repo", str(out / "repo"), "--triton-mode", "python", "--height", "16",
-                          "--width", "16", "--batch", "1:1:2", "--text-len", "77", "--num-prompts", "3", "--pass1-prompts", "1",
+                          "--width", "16", "--batch", "1", "--text-len", "77", "--num-prompts", "3", "--pass1-prompts", "1",
                           "--steps", "2", "--budget", "0.3", "--device", "cpu"])
     assert rc == 0
     for variant in ("dense", "slim"):

@@ -165,7 +165,7 @@ def test_export_writes_a_controlnet_repository_tritonserver_serves(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
         rc = cli.main(["--model", str(write_slim_pipeline(tmp_path / "slim-pipeline")), "--engine", "ort", "--out",
                        str(out), "--controlnet", str(tmp_path / "controlnet-model"), "--triton-repo", str(repo),
-                       "--triton-mode", "python", "--triton-img2img", "--batch", "1:2:2", "--height", "32",
+                       "--triton-mode", "python", "--triton-img2img", "--batch", "2", "--height", "32",
                        "--width", "32", "--text-len", "77"])
     assert rc == 0, stderr.getvalue()
     assert sorted(p.name for p in repo.iterdir()) == ["controlnet", "pipeline", "text_encoder", "unet", "vae_decoder",

@@ -157,7 +157,7 @@ def test_tritonserver_serves_the_ensemble_written_by_the_command(tmp_path):
     out, repo = tmp_path / "engines", tmp_path / "repo"
     base = write_slim_pipeline(tmp_path / "slim-xl", model="builtin:tiny-xl")
     assert export_main(["--model", str(base), "--refiner", "builtin:tiny-xl-refiner", "--engine", "ort",
-                        "--out", str(out), "--triton-repo", str(repo), "--triton-mode", "python", "--batch", "1:2:2",
+                        "--out", str(out), "--triton-repo", str(repo), "--triton-mode", "python", "--batch", "2",
                         "--height", "32", "--width", "32", "--text-len", "77", "--device", "cpu", "--fp32"]) == 0
     rows = {r["variant"]: r for r in json.loads((out / "export.json").read_text())["rows"]}
     assert rows["refiner"]["max_rel_error"] <= 1e-4 and rows["refiner"]["parameters"] > 0
