@@ -207,6 +207,31 @@ def test_bad_repository_requests_fail_early(tmp_path):
         triton.read_config(tmp_path / "config.pbtxt")
 
 
+def test_a_repository_whose_unet_cannot_take_a_request_is_said_before_any_work(tmp_path, capsys, monkeypatch):
+    """A request draws one image, a UNet batch of 2 under classifier-free guidance or 1 at guidance_scale <= 1.
+    `--batch 1 --triton-repo`: only unguided requests could be served (a guidance-free model's, SDXL-Turbo's: a note,
+    not a refusal); `--batch 4`: none (refused); both said before calibration starts. A batch reaching 2: no note."""
+    from slimdiff.cli import export as cli
+
+    def stop(*_, **__):
+        raise SlimDiffError("stopped before calibration")
+
+    monkeypatch.setattr(cli, "_calibration_loop", stop)
+    note = ("note: --batch 1 leaves out the 2 unet rows the served StableDiffusionPipeline runs per image under "
+            "classifier-free guidance: the repository answers only requests with guidance_scale <= 1 (a request's "
+            "default is 7.5); give --batch 2 to serve guided requests")
+    refusal = ("--batch 4: the served StableDiffusionPipeline draws one image a request, a unet batch of 2 (guided) "
+               "or 1: give a --batch that takes 2")
+    for batch, noted, last_line in (("1", True, "stopped before calibration"), ("1:1:2", False,
+                                    "stopped before calibration"), ("4", False, refusal)):
+        rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(tmp_path / "engines"),
+                       "--triton-repo", str(tmp_path / "repo"), "--triton-mode", "python", "--batch", batch])
+        err = capsys.readouterr().err
+        assert rc != 0 and err.strip().splitlines()[-1].endswith(last_line), err
+        assert (note.replace("--batch 1", f"--batch {batch}") in err) is noted, err
+        assert not (tmp_path / "engines").exists() and not (tmp_path / "repo").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A real tritonserver
 # ---------------------------------------------------------------------------------------------------------

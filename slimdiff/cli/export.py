@@ -647,6 +647,26 @@ def run(args) -> list[dict]:
                 raise SlimDiffError(f"--text-len {narrow[0]} leaves out the {served} text tokens the served "
                                     f"{type(pipe).__name__} passes its {family.component}: include {served}, or "
                                     "leave --text-len out")
+            # A request draws one image: its denoiser call has the guided rows per image, or one row at
+            # guidance_scale <= 1. Engines taking neither would answer no request; engines taking only one row are
+            # a guidance-free model's (SDXL-Turbo is served at guidance_scale 0): a note, not a refusal.
+            from ..runtime.triton_models import DEFAULTS as REQUEST_DEFAULTS
+
+            rows_per_image = family.guided_rows_per_image(reference.config)
+            batch_flag = args.batch or defaults["batch"]
+            takes = ((lambda rows: any(rows in p.batch for p in profiles)) if args.engine == "trt"
+                     else (lambda rows: rows in union(profiles).batch))  # one graph over the profiles' union
+            if not takes(rows_per_image) and not takes(1):
+                guided = f"{rows_per_image} (guided) or 1" if rows_per_image > 1 else "1"
+                raise SlimDiffError(f"--batch {batch_flag}: the served {type(pipe).__name__} draws one image a "
+                                    f"request, a {family.component} batch of {guided}: give a --batch that takes "
+                                    f"{rows_per_image}")
+            if not takes(rows_per_image):
+                status(f"note: --batch {batch_flag} leaves out the {rows_per_image} {family.component} rows the "
+                       f"served {type(pipe).__name__} runs per image under classifier-free guidance: the repository "
+                       "answers only requests with guidance_scale <= 1 (a request's default is "
+                       f"{REQUEST_DEFAULTS['guidance_scale']}); give --batch {rows_per_image} to serve guided "
+                       "requests")
         export_options = _export_options(args, family, controlnet, pipe)
         # what the denoiser's graph can serve, before any slow work
         component_axes(denoiser_component(reference, export_options, family), union(profiles),
