@@ -28,16 +28,20 @@ def stats_dir(tmp_path_factory):
 def test_slim_inspect_and_budget(stats_dir, tmp_path, capsys):
     out = tmp_path / "slim"
     assert main(["slim", "--model", "builtin:tiny", "--stats", str(stats_dir), "--budget", "0.4",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--save-pipeline", str(tmp_path / "pipe")]) == 0
     report = json.loads((out / "slim_report.json").read_text())
     plan = json.loads((out / "slimdiff_plan.json").read_text())
     compressible = sum(m["width"] * m["unit_params"] for m in plan["modules"].values())
     removed = report["params_removed"]
     step = max(8 * m["unit_params"] for m in plan["modules"].values())
     assert abs(removed - 0.4 * compressible) <= step
+    capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "down_blocks.0.attentions.0.transformer_blocks.0.ff" in table and f"removed {removed:,}" in table
+    # the pipeline folder's plan is its slim UNet's, the same table under a line naming the component
+    assert main(["inspect", str(tmp_path / "pipe")]) == 0
+    assert capsys.readouterr().out == f"slim unet of the pipeline folder {tmp_path / 'pipe'}\n{table}"
 
 
 def test_bad_inputs(stats_dir, tmp_path, capsys):

@@ -173,10 +173,15 @@ def _print_summary(summary: dict, out: Path, model: str) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from ..serialization import load_plan, verify_slim_folder
+    from ..serialization import is_slim_folder, load_plan, slim_pipeline_component, verify_slim_folder
 
-    plan = load_plan(args.dir)
-    verify_slim_folder(args.dir)  # the plan alone would print fine over a truncated weights file
+    folder = Path(args.dir)
+    component = None if is_slim_folder(folder) else slim_pipeline_component(folder)
+    if component is not None:  # `slimdiff slim --save-pipeline`'s folder: the plan is its slim component's
+        folder = folder / component
+        print(f"slim {component} of the pipeline folder {args.dir}")
+    plan = load_plan(folder)
+    verify_slim_folder(folder)  # the plan alone would print fine over a truncated weights file
     rows = [(name, e.kind, e.width, e.rank, (e.rank * e.unit_params)) for name, e in plan.modules.items()]
     width = max(len(r[0]) for r in rows)
     print(f"{'module':<{width}}  {'type':<4}  {'width':>6}  {'rank':>6}  {'params kept':>12}")
@@ -235,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the FFN maps are about as large as the slim FFN down projections)")
     p.set_defaults(func=cmd_slim)
 
-    p = sub.add_parser("inspect", help="print the rank plan of a slim folder")
-    p.add_argument("dir")
+    p = sub.add_parser("inspect", help="print the rank plan of a slim folder or a slim pipeline folder")
+    p.add_argument("dir", help="`slimdiff slim --out` or `--save-pipeline` folder")
     p.set_defaults(func=cmd_inspect)
 
     from ..bench.cli import add_parser as add_bench_parser
