@@ -425,17 +425,25 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     return pipe
 
 
-def _load_pipeline(source: str, dtype: torch.dtype, config: str | None, variant: str | None):
+def dense_source(slim_folder: str) -> dict:
+    """The model a slim denoiser folder was slimmed from, as :func:`load_pipeline`'s arguments (``source``,
+    ``config``, ``variant`` and the ``loras`` fused into it then), from the folder's plan."""
     from .lora import records_to_specs
-    from .serialization import is_slim_folder, load_plan, load_slim
+    from .serialization import load_plan
+
+    info = load_plan(slim_folder).info
+    if not info.get("source_model"):
+        raise SlimDiffError(f"slim folder {slim_folder!r} does not record the model it came from")
+    return {"source": info["source_model"], "config": info.get("source_config"),
+            "variant": info.get("source_variant"),
+            "loras": records_to_specs(info.get("source_loras", []), f"slim folder {slim_folder!r}")}
+
+
+def _load_pipeline(source: str, dtype: torch.dtype, config: str | None, variant: str | None):
+    from .serialization import is_slim_folder, load_slim
 
     if not source.startswith("builtin:") and is_slim_folder(source):
-        info = load_plan(source).info
-        base = info.get("source_model")
-        if not base:
-            raise SlimDiffError(f"slim folder {source!r} does not record the model it came from")
-        loras = records_to_specs(info.get("source_loras", []), f"slim folder {source!r}")
-        pipe = load_pipeline(base, dtype, info.get("source_config"), info.get("source_variant"), loras)
+        pipe = load_pipeline(dtype=dtype, **dense_source(source))
         setattr(pipe, family_for(pipe).component, load_slim(source, dtype=dtype))
         return pipe
     if source == "builtin:proxy":

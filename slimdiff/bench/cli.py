@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, "
                         "builtin:tiny-xl-refiner, builtin:sdxl-refiner-shape, builtin:tiny-pixart, "
                         "builtin:pixart-sigma-shape, builtin:tiny-sd3, builtin:sd3-medium-shape, a diffusers pipeline "
-                        "folder, a .safetensors checkpoint, or a slimdiff-export folder (its dense source, slim "
-                        "denoiser and engines are timed as they are: nothing is calibrated or built again)")
+                        "folder, a .safetensors checkpoint; or a slim folder (`slimdiff slim`, also --save-pipeline), "
+                        "timed against the model it was slimmed from, or a slimdiff-export folder, its dense source, "
+                        "slim denoiser and engines: these are timed as they are, nothing calibrated or built again")
     p.add_argument("--engines", default="eager", help=f"comma-separated, from {','.join(names())} (default eager)")
     p.add_argument("--budgets", default=None,
                    help="fractions of the compressible mass to remove; 0 = dense (default 0,0.4; with "
@@ -123,13 +124,13 @@ def _model_source(model: str) -> str:
 
 def config_from_args(args):
     from .engines import parse_engines
-    from .harness import BenchConfig, is_export_folder
+    from .harness import BenchConfig, brings_models
 
-    exported = is_export_folder(args.model)  # its own models: no budgets, no calibration by default
+    given = brings_models(args.model)  # its own dense and slim models: no budgets, no calibration by default
     calib = args.calib_prompts
     if calib is None:
-        calib = 0 if args.stats or exported or args.model not in ("builtin:tiny", "builtin:proxy") else 8
-    budgets = _floats(args.budgets or ("0" if exported else "0,0.4"), "--budgets")
+        calib = 0 if args.stats or given or args.model not in ("builtin:tiny", "builtin:proxy") else 8
+    budgets = _floats(args.budgets or ("0" if given else "0,0.4"), "--budgets")
     return BenchConfig(
         model=args.model, engines=parse_engines(args.engines), budgets=budgets,
         budget_unit=args.budget_unit,

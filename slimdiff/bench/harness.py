@@ -116,9 +116,10 @@ class BenchConfig:
                                 "--base too")
         if self.calib_base is not None and not self.calib_prompts:
             raise SlimDiffError("--base and --refiner-start are calibration's: give --calib-prompts N too")
-        if is_export_folder(self.model) and (self.budgets != [0.0] or self.stats or self.calib_prompts):
-            raise SlimDiffError("an export folder brings its dense and slim models: leave out budgets, statistics "
-                                "and calibration prompts (--budgets, --stats, --calib-prompts)")
+        if brings_models(self.model) and (self.budgets != [0.0] or self.stats or self.calib_prompts):
+            raise SlimDiffError(f"{self.model} brings its dense and slim models (an export folder, a slim folder): "
+                                "leave out budgets, statistics and calibration prompts (--budgets, --stats, "
+                                "--calib-prompts)")
         if self.budget_unit not in ("params", "macs"):
             raise SlimDiffError(f"budget unit must be params or macs, got {self.budget_unit!r}")
         if self.pad_heads is not None and self.pad_heads < 1:
@@ -128,6 +129,56 @@ class BenchConfig:
 def is_export_folder(source: str) -> bool:
     """Whether ``source`` is a ``slimdiff-export`` folder (read by :func:`read_export`)."""
     return (Path(source) / "export.json").is_file()
+
+
+@dataclass(frozen=True)
+class GivenModels:
+    """The dense and the slim model a benchmark source brings, timed as they are: nothing calibrated or slimmed,
+    and the engines of ``engine`` (an export's kind) opened from ``engine_root``, not built again."""
+
+    dense: dict  # load_pipeline's arguments for the dense model
+    slim_folder: Path
+    engine: str | None
+    engine_root: Path | None
+    note: str
+
+
+def _slim_folder_in(source: str) -> Path | None:
+    """``source`` itself when it is a slim denoiser folder (``slimdiff slim``), its slim component when it is a slim
+    pipeline folder (``--save-pipeline``); None otherwise."""
+    from ..serialization import is_slim_folder, slim_pipeline_component
+
+    if source.startswith("builtin:"):
+        return None
+    if is_slim_folder(source):
+        return Path(source)
+    component = slim_pipeline_component(source)
+    return Path(source) / component if component else None
+
+
+def brings_models(source: str) -> bool:
+    """Whether ``source`` brings its own dense and slim models (:func:`given_models`), read without loading."""
+    return is_export_folder(source) or _slim_folder_in(source) is not None
+
+
+def given_models(source: str) -> GivenModels | None:
+    """What ``source`` brings to be timed: a ``slimdiff-export`` folder its dense source, slim UNet folder and
+    engines; a slim folder or slim pipeline folder its slim denoiser, against the model it was slimmed from (with
+    the LoRAs fused then); None for a model the benchmark slims itself."""
+    from ..models import dense_source
+
+    export = read_export(source)
+    if export is not None:
+        root = Path(source)
+        dense = {"source": export["dense_model"], **{k: export["arguments"].get(k) for k in ("config", "variant")}}
+        return GivenModels(dense, root / export["slim_model"], export["engine"], root,  # slim_model: or absolute
+                           f"the slim UNet and the engines of the export folder {source} (slimdiff-export)")
+    folder = _slim_folder_in(source)
+    if folder is None:
+        return None
+    dense = dense_source(str(folder))
+    return GivenModels(dense, folder, None, None,
+                       f"the slim folder {folder}, against {dense['source']} it was slimmed from")
 
 
 def read_export(source: str) -> dict | None:
@@ -267,7 +318,7 @@ class Bench:
         self.observed_build: dict[str, float] = {}
         #: engine → the dense model's runner on it, kept while that engine's slim models are timed against it.
         self.dense_runs: dict[str, object] = {}
-        self.export = read_export(config.model)
+        self.given = given_models(config.model)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -286,18 +337,15 @@ class Bench:
     def _load(self):
         from ..models import load_pipeline
 
-        source, options = self.cfg.model, {}
-        if self.export is not None:
-            source = self.export["dense_model"]
-            options = {k: self.export["arguments"].get(k) for k in ("config", "variant")}
-        self.log(f"loading {source} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
-        pipe = load_pipeline(source, self.dtype, **options).to(self.device)
+        options = {"source": self.cfg.model} if self.given is None else self.given.dense
+        self.log(f"loading {options['source']} ({str(self.dtype).removeprefix('torch.')}, {self.device})")
+        pipe = load_pipeline(dtype=self.dtype, **options).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def _statistics(self, pipe):
-        if self.export is not None:
-            return None, f"the slim UNet and the engines of the export folder {self.cfg.model} (slimdiff-export)"
+        if self.given is not None:
+            return None, self.given.note
         if self.cfg.stats:
             from ..calibrate import Statistics
 
@@ -355,7 +403,7 @@ class Bench:
             from ..slim import SlimConfig
 
             self.slim_config = SlimConfig(budget=0.4, allocator=cfg.allocator, align=cfg.align, r_min=cfg.r_min)
-        self.log(f"opening the slim UNet of {cfg.model}" if self.export is not None else
+        self.log(f"opening the slim {family.component} of {cfg.model}" if self.given is not None else
                  f"building {len(cfg.budgets)} models (budgets {', '.join(f'{b:g}' for b in cfg.budgets)})")
         self.e2e = cfg.e2e
         if not self.e2e:  # denoiser-only from here: SDXL's text encoders and VAE hold 3.6 GB in fp32, SD3's T5 19 GB
@@ -363,8 +411,8 @@ class Bench:
                 if getattr(pipe, name, None) is not None:
                     setattr(pipe, name, None)
             _free(self.device)
-        if self.export is not None:
-            self.models = self._exported_models(dense)
+        if self.given is not None:
+            self.models = self._given_models(dense)
         else:
             self.models = make_models(dense, cfg.budgets, stats=self.stats, slim_config=self.slim_config,
                                       seed=cfg.seed, align=cfg.align, r_min=cfg.r_min, unit=cfg.budget_unit,
@@ -395,20 +443,22 @@ class Bench:
         except SlimDiffError as exc:
             raise SlimDiffError(f"slimdiff bench times a denoiser through its family's exported call: {exc}") from None
 
-    def _exported_models(self, dense: torch.nn.Module) -> list[SlimModel]:
-        """The export's dense model and its slim UNet folder, each with its engine folder for the export's engine
-        kind; the slim model's key is the fraction of the compressible parameters its plan removed."""
+    def _given_models(self, dense: torch.nn.Module) -> list[SlimModel]:
+        """The source's dense model and slim folder — with an export's engine folders for its engine kind; the slim
+        model's key is the fraction of the compressible parameters its plan removed."""
         from ..serialization import load_plan, load_slim
 
-        root, kind = Path(self.cfg.model), self.export["engine"]
-        slim_folder = root / self.export["slim_model"]  # relative to the export, or absolute
-        plan = load_plan(slim_folder)
-        slim = load_slim(slim_folder, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
+        given = self.given
+        plan = load_plan(given.slim_folder)
+        slim = load_slim(given.slim_folder, dtype=self.dtype, device=self.device).eval().requires_grad_(False)
         budget = round(plan.params_removed / plan.compressible_params, 4)
-        dense_engine = {kind: root / "dense"} if (root / "dense").is_dir() else {}
+        dense_engine, slim_engine, label = {}, {}, f"slim ({given.slim_folder})"
+        if given.engine is not None:
+            root = given.engine_root
+            dense_engine = {given.engine: root / "dense"} if (root / "dense").is_dir() else {}
+            slim_engine, label = {given.engine: root / "slim"}, f"exported slim ({given.slim_folder})"
         return [SlimModel(dense, 0.0, None, "dense", {"engine_folders": dense_engine}),
-                SlimModel(slim, budget, plan, CALIBRATED, {"engine_folders": {kind: root / "slim"},
-                                                           "label": f"exported slim ({slim_folder})"})]
+                SlimModel(slim, budget, plan, CALIBRATED, {"engine_folders": slim_engine, "label": label})]
 
     def _pad_heads(self, models: list[SlimModel]) -> None:
         from ..export.align import align_head_widths
@@ -520,7 +570,7 @@ class Bench:
                 "weights": self._weights_kind(), "dtype": str(self.dtype).removeprefix("torch."),
                 "resolution": self.resolution, "latent": list(self.latent), "dense_params": self.dense_params,
                 "budget_unit": BUDGET_UNITS[cfg.budget_unit],
-                "plan_source": "calibrated" if self.stats is not None or self.export is not None else SYNTHETIC,
+                "plan_source": "calibrated" if self.stats is not None or self.given is not None else SYNTHETIC,
                 "plan_note": self.stats_note or (
                     "synthetic plans: the real allocator on uniform scores (no calibration statistics) and seeded "
                     "random values in the resized layers — latency is real, outputs and errors of slim models are "
@@ -541,8 +591,8 @@ class Bench:
     def _weights_kind(self) -> str:
         from ..serialization import is_slim_folder, load_plan
 
-        source = self.export["dense_model"] if self.export is not None else self.cfg.model
-        if not source.startswith("builtin:") and is_slim_folder(source):
+        source = self.given.dense["source"] if self.given is not None else self.cfg.model
+        if not source.startswith("builtin:") and is_slim_folder(source):  # slimmed from a slim model
             source = load_plan(source).info.get("source_model", source)
         return weights_kind(source)
 
