@@ -223,3 +223,9 @@ def test_a_slim_folder_is_timed_against_the_model_it_was_slimmed_from(tiny_stats
         assert cells[slim["budget"]]["error_vs_dense"] > 0  # the slim model against another, dense one
     assert main(["--model", str(tmp_path / "pipe"), "--device", "cpu", "--budgets", "0,0.4"]) == 2
     assert "brings its dense and slim models" in capsys.readouterr().err
+    # --macs-only counts the folder's own plan against the dense shapes (it counted synthetic plans of the folder)
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "slim"), "--macs-only", "--batch", "1", "--json"]) == 0
+    dense_row, folder_row = json.loads(capsys.readouterr().out)["rows"]
+    assert (dense_row["plan"], dense_row["params"]) == (None, dense_params)
+    assert (folder_row["plan"], folder_row["params"]) == ("given", slim_params) and folder_row["ideal_speedup"] > 1

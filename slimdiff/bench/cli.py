@@ -154,6 +154,8 @@ def _command_line() -> str:
 
 
 def run_macs_only(args) -> None:
+    from ..serialization import load_plan
+    from .harness import slim_folder_in
     from .macs import counter_notes, ideal_table
     from .memory import latent_size, pipeline_family, unet_config
 
@@ -162,25 +164,32 @@ def run_macs_only(args) -> None:
         raise SlimDiffError(f"--macs-only needs a built-in model or a diffusers folder with a UNet config; "
                             f"found none at {args.model!r}")
     latent = latent_size(args.model, config, args.resolution)
-    budgets = _floats(args.budgets or "0,0.2,0.4,0.6", "--budgets")
+    slim_folder = slim_folder_in(args.model)  # its own plan is counted, against the dense shapes it came from
+    given = load_plan(slim_folder) if slim_folder is not None else None
+    budgets = _floats(args.budgets or ("0" if given else "0,0.2,0.4,0.6"), "--budgets")
     family = pipeline_family(args.model, config)
     rows = ideal_table(config, budgets, _ints(args.batch, "--batch"), latent,
-                       align=args.align, r_min=args.r_min, unit=args.budget_unit, family=family)
+                       align=args.align, r_min=args.r_min, unit=args.budget_unit, family=family, given=given)
     dense = next((r["macs"] for r in rows if r["budget"] == 0), None)
     share = dense["transformer"] / dense["total"] if dense else None
     unit = "transformer-block MACs" if args.budget_unit == "macs" else "compressible parameters"
+    plans = f"synthetic: the real allocator on uniform scores; budgets are fractions of the {unit}"
+    if given is not None:
+        plans += (f"; rows with plan 'given': the plan of {slim_folder} (budget: the fraction of the compressible "
+                  "parameters it removed)")
     body = {"schema": "slimdiff-macs/1", "model": args.model, "family": family.name, "latent": list(latent),
-            "align": args.align,
-            "r_min": args.r_min, "plans": f"synthetic: the real allocator on uniform scores; budgets are "
-                                          f"fractions of the {unit}",
+            "align": args.align, "r_min": args.r_min, "plans": plans,
             "budget_unit": args.budget_unit, "transformer_share": share,
             "weights": "shapes only (meta device): no weights are built or read",
             "mac_counter": counter_notes(), "rows": rows}
     if args.json:
         print(json.dumps(body, indent=1))
     else:
-        print(f"{args.model}, latent {latent[0]}×{latent[1]}, synthetic plans (uniform scores), budgets = "
-              f"fractions of the {unit}, align {args.align}; shapes only (meta device)")
+        synthetic = (f"synthetic plans (uniform scores), budgets = fractions of the {unit}, align {args.align}"
+                     if any(b > 0 for b in budgets) else "dense")
+        print(f"{args.model}, latent {latent[0]}×{latent[1]}, {synthetic}; shapes only (meta device)")
+        if given is not None:
+            print(f"marked 'this folder': the plan of {slim_folder}, against the dense shapes it was slimmed from")
         if share is not None:
             print(f"transformer blocks (FFNs and attentions; 'self': self- or joint attention): {100 * share:.1f} % "
                   f"of the dense denoiser's {dense['total'] / 1e9:.1f} GMAC per call at batch {rows[0]['batch']}")
@@ -191,7 +200,8 @@ def run_macs_only(args) -> None:
             print(f"{r['budget']:>6g} {r['batch']:>5} {r['params'] / 1e6:>9.2f} {r['params_removed'] / 1e6:>9.2f} "
                   f"{m['total'] / 1e9:>9.2f} {m['ffn'] / 1e9:>7.2f} {m['attn1_proj'] / 1e9:>9.2f} "
                   f"{m['attn1_products'] / 1e9:>10.2f} {(m['attn2_proj'] + m['attn2_products']) / 1e9:>7.2f} "
-                  f"{m['other'] / 1e9:>8.2f} {r['ideal_speedup']:>8.3f}")
+                  f"{m['other'] / 1e9:>8.2f} {r['ideal_speedup']:>8.3f}" + ("  this folder" if r["plan"] == "given"
+                                                                              else ""))
     if args.out:
         from pathlib import Path
 

@@ -143,7 +143,7 @@ class GivenModels:
     note: str
 
 
-def _slim_folder_in(source: str) -> Path | None:
+def slim_folder_in(source: str) -> Path | None:
     """``source`` itself when it is a slim denoiser folder (``slimdiff slim``), its slim component when it is a slim
     pipeline folder (``--save-pipeline``); None otherwise."""
     from ..serialization import is_slim_folder, slim_pipeline_component
@@ -158,7 +158,7 @@ def _slim_folder_in(source: str) -> Path | None:
 
 def brings_models(source: str) -> bool:
     """Whether ``source`` brings its own dense and slim models (:func:`given_models`), read without loading."""
-    return is_export_folder(source) or _slim_folder_in(source) is not None
+    return is_export_folder(source) or slim_folder_in(source) is not None
 
 
 def given_models(source: str) -> GivenModels | None:
@@ -173,7 +173,7 @@ def given_models(source: str) -> GivenModels | None:
         dense = {"source": export["dense_model"], **{k: export["arguments"].get(k) for k in ("config", "variant")}}
         return GivenModels(dense, root / export["slim_model"], export["engine"], root,  # slim_model: or absolute
                            f"the slim UNet and the engines of the export folder {source} (slimdiff-export)")
-    folder = _slim_folder_in(source)
+    folder = slim_folder_in(source)
     if folder is None:
         return None
     dense = dense_source(str(folder))

@@ -171,28 +171,36 @@ def count_macs(unet, batch: int = 1, latent: tuple[int, int] | None = None, text
 
 
 def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: tuple[int, int], *,
-                align: int = 8, r_min: int = 8, unit: str = "params", family=None) -> list[dict]:
+                align: int = 8, r_min: int = 8, unit: str = "params", family=None, given=None) -> list[dict]:
     """Parameters, MACs and ideal speed-up (dense MACs / slim MACs) of synthetic plans (the real allocator on
     uniform scores) at each budget — shapes only, nothing is run but a meta-device forward. ``unit``: budgets
     are fractions of the compressible parameters (``params``) or of the transformer-block MACs at ``latent``
     (``macs``). ``family`` calls the denoiser (default its own: a FLUX Kontext pipeline's adds the reference
-    image's tokens)."""
+    image's tokens). ``given``: a slim folder's own plan, counted after the budgets; its rows' budget is the
+    fraction of the compressible parameters it removed, and ``plan`` says it is the folder's."""
     from .plans import synthetic_plan, transformer_mac_plan
 
     dense_unet = meta_unet(config)
-    rows = []
+    plans = []
     for budget in budgets:
         if budget <= 0:
-            plan = None
+            plans.append((budget, None))
         elif unit == "macs":
-            plan = transformer_mac_plan(dense_unet, budget, latent, align=align, r_min=r_min, family=family)
+            plans.append((budget, transformer_mac_plan(dense_unet, budget, latent, align=align, r_min=r_min,
+                                                       family=family)))
         else:
-            plan = synthetic_plan(dense_unet, budget, align=align, r_min=r_min)
+            plans.append((budget, synthetic_plan(dense_unet, budget, align=align, r_min=r_min)))
+    if given is not None:
+        plans.append((round(given.params_removed / given.compressible_params, 4), given))
+    rows = []
+    for budget, plan in plans:
         unet = meta_unet(config, plan)
         for batch in batches:
             dense, slim = (count_macs(m, batch, latent, family=family) for m in (dense_unet, unet))
             rows.append({"budget": budget, "batch": batch, "params": slim.params,
                          "params_removed": dense.params - slim.params, "macs": slim.to_dict(),
                          "ideal_speedup": dense.total / slim.total,
-                         "removed_by_kind": plan.removed_by_kind() if plan else {}})
+                         "removed_by_kind": plan.removed_by_kind() if plan else {},
+                         "plan": "given" if plan is given and plan is not None else
+                                 ("synthetic" if plan is not None else None)})
     return rows
