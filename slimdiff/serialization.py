@@ -50,13 +50,24 @@ def is_slim_folder(path: str | os.PathLike) -> bool:
     return (path / PLAN_FILE).is_file() or (_config(path) or {}).get("_class_name") in _slim_classes()
 
 
-def slim_pipeline_component(path: str | os.PathLike) -> str | None:
+def _slim_pipeline_component(path: str | os.PathLike) -> str | None:
     """The component of a slim pipeline folder (:func:`save_slim_pipeline`, ``slimdiff slim --save-pipeline``)
     whose class is a slim one, read from its ``model_index.json`` (no weight is loaded); None for any other path."""
     index = _config(Path(path), "model_index.json")
     slim = [name for name, entry in (index or {}).items()
             if isinstance(entry, list) and len(entry) == 2 and entry[1] in _slim_classes()]
     return slim[0] if slim else None
+
+
+def slim_denoiser_folder(source: str | os.PathLike) -> Path | None:
+    """The slim denoiser folder a model source holds: itself (``slimdiff slim``'s output), or the slim component of
+    a slim pipeline folder (``--save-pipeline``); None for a built-in name or a dense model. Reads no weight."""
+    if str(source).startswith("builtin:"):
+        return None
+    if is_slim_folder(source):
+        return Path(source)
+    component = _slim_pipeline_component(source)
+    return Path(source) / component if component else None
 
 
 def atomic_output_dir(out: Path, overwrite: bool = False) -> Path:

@@ -68,6 +68,21 @@ def test_eval_writes_report_and_refuses_an_existing_folder(tmp_path, prompt_file
     assert not (out / "marker").exists() and (out / "report.json").exists()
 
 
+def test_a_slim_pipeline_folder_is_compared_as_the_slim_model_it_holds(tmp_path, prompt_file, tiny_pipe, tiny_stats):
+    """`--slim` a `slimdiff slim --save-pipeline` folder: its slim UNet is compared, and the report names the model
+    it was slimmed from, as for a slim folder (it was taken for some other pipeline, its origin unrecorded)."""
+    from slimdiff.serialization import save_slim_pipeline
+    from slimdiff.slim import SlimConfig, slim_unet
+
+    plan = slim_unet(tiny_pipe.unet, tiny_stats, SlimConfig(budget=0.4), progress=False).plan
+    plan.info["source_model"] = "builtin:tiny"
+    save_slim_pipeline(tiny_pipe, plan, tmp_path / "pipe")
+    _eval("--model", "builtin:tiny", "--slim", str(tmp_path / "pipe"), "--prompts", str(prompt_file), "--num", "1",
+          "--steps", "2", "--out", str(tmp_path / "report"))
+    slim = json.loads((tmp_path / "report" / "report.json").read_text())["slim"]
+    assert slim["made_from"] == "builtin:tiny" and slim["params"] == sum(p.numel() for p in tiny_pipe.unet.parameters())
+
+
 def test_dense_model_against_itself(tmp_path, prompt_file):
     out = tmp_path / "self"
     _eval("--model", "builtin:tiny", "--slim", "builtin:tiny", "--prompts", str(prompt_file), "--num", "2",

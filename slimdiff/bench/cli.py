@@ -154,8 +154,7 @@ def _command_line() -> str:
 
 
 def run_macs_only(args) -> None:
-    from ..serialization import load_plan
-    from .harness import slim_folder_in
+    from ..serialization import load_plan, slim_denoiser_folder
     from .macs import counter_notes, ideal_table
     from .memory import latent_size, pipeline_family, unet_config
 
@@ -164,7 +163,7 @@ def run_macs_only(args) -> None:
         raise SlimDiffError(f"--macs-only needs a built-in model or a diffusers folder with a UNet config; "
                             f"found none at {args.model!r}")
     latent = latent_size(args.model, config, args.resolution)
-    slim_folder = slim_folder_in(args.model)  # its own plan is counted, against the dense shapes it came from
+    slim_folder = slim_denoiser_folder(args.model)  # its own plan is counted, against the dense shapes it came from
     given = load_plan(slim_folder) if slim_folder is not None else None
     budgets = _floats(args.budgets or ("0" if given else "0,0.2,0.4,0.6"), "--budgets")
     family = pipeline_family(args.model, config)

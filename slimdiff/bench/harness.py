@@ -143,22 +143,11 @@ class GivenModels:
     note: str
 
 
-def slim_folder_in(source: str) -> Path | None:
-    """``source`` itself when it is a slim denoiser folder (``slimdiff slim``), its slim component when it is a slim
-    pipeline folder (``--save-pipeline``); None otherwise."""
-    from ..serialization import is_slim_folder, slim_pipeline_component
-
-    if source.startswith("builtin:"):
-        return None
-    if is_slim_folder(source):
-        return Path(source)
-    component = slim_pipeline_component(source)
-    return Path(source) / component if component else None
-
-
 def brings_models(source: str) -> bool:
     """Whether ``source`` brings its own dense and slim models (:func:`given_models`), read without loading."""
-    return is_export_folder(source) or slim_folder_in(source) is not None
+    from ..serialization import slim_denoiser_folder
+
+    return is_export_folder(source) or slim_denoiser_folder(source) is not None
 
 
 def given_models(source: str) -> GivenModels | None:
@@ -166,6 +155,7 @@ def given_models(source: str) -> GivenModels | None:
     engines; a slim folder or slim pipeline folder its slim denoiser, against the model it was slimmed from (with
     the LoRAs fused then); None for a model the benchmark slims itself."""
     from ..models import dense_source
+    from ..serialization import slim_denoiser_folder
 
     export = read_export(source)
     if export is not None:
@@ -173,7 +163,7 @@ def given_models(source: str) -> GivenModels | None:
         dense = {"source": export["dense_model"], **{k: export["arguments"].get(k) for k in ("config", "variant")}}
         return GivenModels(dense, root / export["slim_model"], export["engine"], root,  # slim_model: or absolute
                            f"the slim UNet and the engines of the export folder {source} (slimdiff-export)")
-    folder = slim_folder_in(source)
+    folder = slim_denoiser_folder(source)
     if folder is None:
         return None
     dense = dense_source(str(folder))

@@ -173,13 +173,11 @@ def _print_summary(summary: dict, out: Path, model: str) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from ..serialization import is_slim_folder, load_plan, slim_pipeline_component, verify_slim_folder
+    from ..serialization import load_plan, slim_denoiser_folder, verify_slim_folder
 
-    folder = Path(args.dir)
-    component = None if is_slim_folder(folder) else slim_pipeline_component(folder)
-    if component is not None:  # `slimdiff slim --save-pipeline`'s folder: the plan is its slim component's
-        folder = folder / component
-        print(f"slim {component} of the pipeline folder {args.dir}")
+    folder = slim_denoiser_folder(args.dir) or Path(args.dir)  # not slim: load_plan says so
+    if folder != Path(args.dir):  # `slimdiff slim --save-pipeline`'s folder: the plan is its slim component's
+        print(f"slim {folder.name} of the pipeline folder {args.dir}")
     plan = load_plan(folder)
     verify_slim_folder(folder)  # the plan alone would print fine over a truncated weights file
     rows = [(name, e.kind, e.width, e.rank, (e.rank * e.unit_params)) for name, e in plan.modules.items()]

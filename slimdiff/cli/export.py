@@ -150,17 +150,6 @@ def _device(args) -> str:
     return args.device
 
 
-def _slim_source(model: str) -> Path | None:
-    """The slim denoiser folder ``model`` names: itself (``slimdiff slim``'s folder), or the slim component of a slim
-    pipeline folder (``slimdiff slim --save-pipeline``); None for a dense model."""
-    from ..serialization import is_slim_folder, slim_pipeline_component
-
-    if is_slim_folder(model):
-        return Path(model)
-    component = slim_pipeline_component(model)
-    return Path(model) / component if component else None
-
-
 def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=(),
                 whole_pipeline: bool = False):
     """``(pipeline or None, dense denoiser or None, slim denoiser or None, plan or None)``; ``loras`` are fused into
@@ -171,7 +160,7 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
     from ..families import family_for
     from ..lora import fuse_loras
     from ..models import load_pipeline
-    from ..serialization import is_slim_folder, load_plan, load_slim
+    from ..serialization import is_slim_folder, load_plan, load_slim, slim_denoiser_folder
 
     if is_slim_folder(source):
         if not loras and not whole_pipeline:
@@ -191,7 +180,7 @@ def _load_model(source: str, config: str | None = None, variant: str | None = No
     except SlimDiffError as exc:
         raise SlimDiffError(f"{source!r} is neither a dense model (built-in, diffusers pipeline folder, "
                             f".safetensors) nor a slim folder (with slimdiff_plan.json): {exc}") from None
-    if (slim := _slim_source(source)) is not None:  # a slim pipeline folder: slim already, nothing to calibrate
+    if (slim := slim_denoiser_folder(source)) is not None:  # a slim pipeline folder: slim already, nothing to calibrate
         return pipe if whole_pipeline else None, None, getattr(pipe, slim.name), load_plan(slim)
     return pipe, family_for(pipe).denoiser(pipe), None, None
 
@@ -200,10 +189,10 @@ def _load_refiner(source: str):
     """``(refiner pipeline, its slim plan or None)``: a slim refiner folder loads the refiner it was slimmed from with
     the slim UNet in it; any other model loads as it is (served dense)."""
     from ..models import load_pipeline
-    from ..serialization import load_plan
+    from ..serialization import load_plan, slim_denoiser_folder
 
     try:
-        return load_pipeline(source), load_plan(slim) if (slim := _slim_source(source)) is not None else None
+        return load_pipeline(source), load_plan(slim) if (slim := slim_denoiser_folder(source)) is not None else None
     except SlimDiffError as exc:
         raise SlimDiffError(f"--refiner: {exc}") from None
 
@@ -550,7 +539,7 @@ def run(args) -> list[dict]:
     import torch
 
     from .. import engines
-    from ..serialization import atomic_output_dir, commit_output_dir
+    from ..serialization import atomic_output_dir, commit_output_dir, slim_denoiser_folder
     from ..export.onnx import OPSETS
     from ..export.modules import component_axes, denoiser_component
     from ..export.shapes import Range, check_static, default_flags, latent_multiple, parse_profiles, union
@@ -560,7 +549,7 @@ def run(args) -> list[dict]:
     backend = engines.get(args.engine)
     device = _device(args)
     backend.require(device)  # before any slow work: one line naming the alternatives
-    slim_source = _slim_source(args.model)
+    slim_source = slim_denoiser_folder(args.model)
     if args.lora and slim_source is not None and not (slim_source / MAPS_FILE).is_file():
         raise SlimDiffError(f"{args.model!r} is a slim folder made without --lora-maps, whose weights a LoRA of the "
                             "dense model does not fit: leave out --lora, slim with --lora-maps, or fuse the LoRA into "

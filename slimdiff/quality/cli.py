@@ -74,10 +74,10 @@ def _load_slim(source: str, dense_unet, dtype, device):
     """The denoiser to compare: a slim folder's, or the denoiser of any other pipeline (dense baselines)."""
     from ..families import family_for
     from ..models import load_pipeline
-    from ..serialization import is_slim_folder, load_plan, load_slim
+    from ..serialization import load_plan, load_slim, slim_denoiser_folder
 
-    if not source.startswith("builtin:") and is_slim_folder(source):
-        unet, made_from = load_slim(source, dtype=dtype), load_plan(source).info.get("source_model")
+    if (folder := slim_denoiser_folder(source)) is not None:  # also a slim pipeline folder's denoiser
+        unet, made_from = load_slim(folder, dtype=dtype), load_plan(folder).info.get("source_model")
     else:
         pipe = load_pipeline(source, dtype)
         unet, made_from = family_for(pipe).denoiser(pipe), None
@@ -95,12 +95,12 @@ def _dense_loras(args) -> list:
     """The LoRAs fused into the dense model: ``--lora``, else those the slim folder was made with (its dense model
     is the source with them fused)."""
     from ..lora import LoraSpec, records_to_specs
-    from ..serialization import is_slim_folder, load_plan
+    from ..serialization import load_plan, slim_denoiser_folder
 
     if args.lora:
         return [LoraSpec.parse(text) for text in args.lora]
-    if not args.slim.startswith("builtin:") and is_slim_folder(args.slim):
-        return records_to_specs(load_plan(args.slim).info.get("source_loras", []), f"slim folder {args.slim!r}")
+    if (folder := slim_denoiser_folder(args.slim)) is not None:
+        return records_to_specs(load_plan(folder).info.get("source_loras", []), f"slim folder {args.slim!r}")
     return []
 
 
