@@ -108,6 +108,12 @@ SLIMDIFF_ROWS = [
                                         *FAST, "--out", "{tmp}/stats"], "latin1", "is not UTF-8 text"),
     ("calibrate-onnx-as-model", ["calibrate", "--model", "{tmp}/unet.onnx", *FAST, "--out", "{tmp}/stats"],
      "onnx", "is an ONNX model"),
+    ("calibrate-export-output-as-model", ["calibrate", "--model", "{tmp}/engines", *FAST, "--out", "{tmp}/stats"],
+     "export-output", "'{tmp}/engines' is the output of slimdiff-export (export.json), not a source model: pass the "
+                      "model it was exported from (builtin:tiny) or its slim folder ({tmp}/engines/slim-unet)"),
+    ("eval-engine-folder-as-slim", ["eval", "--model", "builtin:tiny", "--slim", "{tmp}/engines/slim", "--out",
+                                    "{tmp}/eval"], "export-output",
+     "'{tmp}/engines/slim' is an engine folder (unet.engine.json, written by slimdiff-export), not a source model"),
     ("calibrate-pickle-as-model", ["calibrate", "--model", "{tmp}/model.ckpt", *FAST, "--out", "{tmp}/stats"],
      "ckpt", "pickle checkpoint"),
     ("calibrate-missing-model", ["calibrate", "--model", "{tmp}/nowhere", *FAST, "--out", "{tmp}/stats"],
@@ -227,6 +233,12 @@ def _setup(kind: str | None, tmp: Path, inputs: Path, monkeypatch) -> None:
         (tmp / "latin1.txt").write_bytes("une tête de chat\n".encode("latin-1"))
     elif kind == "onnx":
         (tmp / "unet.onnx").write_bytes(b"\x08\x07")
+    elif kind == "export-output":  # what slimdiff-export writes, as far as a model loader looks
+        (tmp / "engines" / "slim").mkdir(parents=True)
+        (tmp / "engines" / "export.json").write_text(json.dumps({"format": "slimdiff-export/1",
+                                                                 "dense_model": "builtin:tiny",
+                                                                 "slim_model": "slim-unet"}))
+        (tmp / "engines" / "slim" / "unet.engine.json").write_text("{}")
     elif kind == "ckpt":
         (tmp / "model.ckpt").write_bytes(b"PK\x03\x04")
     elif kind == "lora":
