@@ -84,6 +84,19 @@ def test_corrupt_and_missing_engine_files(dense, tmp_path):
         EngineUNet.from_folder(tmp_path / "nowhere")
 
 
+def test_a_folder_that_is_not_the_engine_says_where_the_engines_are(tmp_path):
+    """An export's output folder names its engine folders; another component's engine folder names its component."""
+    (tmp_path / "export.json").write_text("{}")
+    for name in ("dense", "slim", "text_encoder"):
+        (tmp_path / name).mkdir()
+        engine_meta_path(tmp_path / name, "unet" if name != "text_encoder" else name).write_text("{}")
+    with pytest.raises(SlimDiffError, match=r"no unet.engine.json\): it is a slimdiff-export output folder, whose "
+                                            r"unet engines are in its dense and slim folders$"):
+        EngineUNet.from_folder(tmp_path)
+    with pytest.raises(SlimDiffError, match=r"it holds the text_encoder engine, not the unet's$"):
+        EngineUNet.from_folder(tmp_path / "text_encoder")
+
+
 @pytest.mark.slow
 def test_external_data_path_exports_builds_and_runs(tmp_path, monkeypatch):
     """The >2 GB path (weights in unet.onnx.data, ORT's optimized weights in unet.ort.onnx.data), forced on the

@@ -290,13 +290,26 @@ def engine_outputs(meta: dict) -> list[dict]:
     return meta.get("outputs") or [{"name": meta["output"], "dims": meta.get("output_dims")}]
 
 
+def _what_is_there(folder: Path, component: str) -> str:
+    """The hint after "not an engine folder": the engine folders of a ``slimdiff-export`` output folder, another
+    component's engine, or how to build one."""
+    if (folder / "export.json").is_file():
+        inside = [sub.name for sub in sorted(folder.iterdir()) if engine_meta_path(sub, component).is_file()]
+        return (f"it is a slimdiff-export output folder, whose {component} engines are in its "
+                f"{' and '.join(inside) or 'no'} folder{'s' if len(inside) != 1 else ''}")
+    others = sorted(p.name.removesuffix(".engine.json") for p in folder.glob("*.engine.json"))
+    if others:
+        return f"it holds the {', '.join(others)} engine, not the {component}'s"
+    return "build one with slimdiff-export"
+
+
 def load_engine_meta(path: Path, component: str = "unet") -> tuple[dict, Path]:
     """``(metadata, folder)`` from an engine folder or its ``.engine.json``; every listed file must exist."""
     path = Path(path)
     meta_file = path if path.suffix == ".json" else engine_meta_path(path, component)
     if meta_file is not path and not meta_file.is_file():
-        raise SlimDiffError(f"{str(path)!r} is not an engine folder (no {meta_file.name}); "
-                            "build one with slimdiff-export")
+        raise SlimDiffError(f"{str(path)!r} is not an engine folder (no {meta_file.name}): "
+                            f"{_what_is_there(path, component)}")
     meta = read_json(meta_file, "engine metadata", ENGINE_FORMAT)
     folder = meta_file.parent
     if meta.get("engine") not in _REGISTRY:
