@@ -198,6 +198,7 @@ def test_a_slim_folder_is_timed_against_the_model_it_was_slimmed_from(tiny_stats
     model the plan records it was slimmed from — it was the slim model itself, labelled dense — and the slim row is
     the folder's denoiser, timed interleaved against it; nothing is slimmed again."""
     from slimdiff.bench.cli import main
+    from slimdiff.bench.harness import given_models
     from slimdiff.models import build_builtin
     from slimdiff.serialization import save_slim, save_slim_pipeline
     from slimdiff.slim import SlimConfig, slim_unet
@@ -209,22 +210,22 @@ def test_a_slim_folder_is_timed_against_the_model_it_was_slimmed_from(tiny_stats
     save_slim(pipe.unet, plan, tmp_path / "slim")
     save_slim_pipeline(pipe, plan, tmp_path / "pipe")
     slim_params = sum(p.numel() for p in pipe.unet.parameters())
-    for folder, slim_folder in ((tmp_path / "slim", tmp_path / "slim"),
-                                (tmp_path / "pipe", tmp_path / "pipe" / "unet")):
-        report = run_bench(BenchConfig(model=str(folder), engines=["eager"], budgets=[0.0], batches=[1],
-                                       device="cpu", warmup=0, iters=2, e2e=False), log=lambda msg: None)
-        dense, slim = report["models"]
-        assert (dense["params"], slim["params"]) == (dense_params, slim_params) and dense_params > slim_params
-        assert slim["budget"] == round(plan.params_removed / plan.compressible_params, 4)
-        assert slim["label"] == f"slim ({slim_folder})"
-        assert report["model"]["plan_source"] == "calibrated" and "against builtin:tiny" in report["model"]["plan_note"]
-        cells = {r["budget"]: r for r in report["results"]}
-        assert cells[slim["budget"]]["status"] == "ok" and cells[slim["budget"]]["interleaved"] is not None
-        assert cells[slim["budget"]]["error_vs_dense"] > 0  # the slim model against another, dense one
+    report = run_bench(BenchConfig(model=str(tmp_path / "slim"), engines=["eager"], budgets=[0.0], batches=[1],
+                                   device="cpu", warmup=0, iters=2, e2e=False), log=lambda msg: None)
+    dense, slim = report["models"]
+    assert (dense["params"], slim["params"]) == (dense_params, slim_params) and dense_params > slim_params
+    assert slim["budget"] == round(plan.params_removed / plan.compressible_params, 4)
+    assert slim["label"] == f"slim ({tmp_path / 'slim'})"
+    assert report["model"]["plan_source"] == "calibrated" and "against builtin:tiny" in report["model"]["plan_note"]
+    cells = {r["budget"]: r for r in report["results"]}
+    assert cells[slim["budget"]]["status"] == "ok" and cells[slim["budget"]]["interleaved"] is not None
+    assert cells[slim["budget"]]["error_vs_dense"] > 0  # the slim model against another, dense one
+    # a pipeline folder brings the same two models: its slim UNet, and the model its plan records
+    given = given_models(str(tmp_path / "pipe"))
+    assert given.slim_folder == tmp_path / "pipe" / "unet" and given.dense["source"] == "builtin:tiny"
     assert main(["--model", str(tmp_path / "pipe"), "--device", "cpu", "--budgets", "0,0.4"]) == 2
     assert "brings its dense and slim models" in capsys.readouterr().err
     # --macs-only counts the folder's own plan against the dense shapes (it counted synthetic plans of the folder)
-    capsys.readouterr()
     assert main(["--model", str(tmp_path / "slim"), "--macs-only", "--batch", "1", "--json"]) == 0
     dense_row, folder_row = json.loads(capsys.readouterr().out)["rows"]
     assert (dense_row["plan"], dense_row["params"]) == (None, dense_params)
