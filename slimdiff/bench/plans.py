@@ -152,26 +152,6 @@ def calibrated_slim_copy(unet: nn.Module, stats, config) -> tuple[nn.Module, Ran
     return slim.eval().requires_grad_(False), report.plan, report
 
 
-def calibrated_items(unet: nn.Module, stats, config) -> list:
-    """Allocation items with the driver's module scores and closed-form error curves (for the latency
-    allocator), in parameter units."""
-    from ..slim import allocation_items
-
-    return allocation_items(unet, stats, replace(config, budget_unit="params"), with_curves=True,
-                            progress=False)[0]
-
-
-@torch.no_grad()
-def calibrated_copy_from_ranks(unet: nn.Module, stats, ranks: dict[str, int], config,
-                               info: dict | None = None) -> tuple[nn.Module, RankPlan]:
-    """Decompose every site of ``unet`` at the given ranks (closed form, as the driver does) into a copy."""
-    from ..slim import apply_ranks
-
-    slim = copy.deepcopy(unet)
-    report = apply_ranks(slim, stats, ranks, config, {"source": CALIBRATED, **(info or {})}, progress=False)
-    return slim.eval().requires_grad_(False), report.plan
-
-
 def make_models(unet: nn.Module, budgets: list[float], *, stats=None, slim_config=None, seed: int = 0,
                 align: int = 8, r_min: int = 8, unit: str = "params", latent: tuple[int, int] | None = None,
                 text_len: int = 77) -> list[SlimModel]:

@@ -103,10 +103,6 @@ def _f(value, fmt: str, missing: str = "–") -> str:
     return missing if value is None else format(value, fmt)
 
 
-def _mb(n) -> str:
-    return "–" if n is None else f"{n / 2**20:.1f}"
-
-
 def speedup_text(r: dict) -> str:
     """A cell's speed-up as it may be read: with its interval, and flagged when it is noise."""
     status = r.get("speedup_status")

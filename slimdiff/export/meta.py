@@ -20,14 +20,6 @@ def write_json_atomic(path: Path, body: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_bytes_atomic(path: Path, data) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 #: ``export.json`` of a ``slimdiff-export`` folder (read back by ``slimdiff bench --model OUT``).
 EXPORT_FORMAT = "slimdiff-export/1"
 
