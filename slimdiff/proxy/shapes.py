@@ -346,16 +346,3 @@ def train_captions(n_scenes: int = 2000, seed: int = 777) -> list[str]:
 def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     """``n`` captions of held-out compositions (random sizes and phrasing), deterministic in ``seed``."""
     return [sample_scene(seed, i, "heldout").caption for i in range(n)]
-
-
-def save_examples_grid(path, n: int = 16, seed: int = 0, split: str = "train") -> None:
-    """Write a PNG grid of ``n`` samples (for eyeballing the data)."""
-    ds = ShapesDataset(n, seed, split)
-    imgs, _, _ = ds.batch(0, n)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * 66, cols * 66, 3), 128, np.uint8)
-    for k, im in enumerate(imgs):
-        r, c = divmod(k, cols)
-        grid[r * 66 + 1:r * 66 + 65, c * 66 + 1:c * 66 + 65] = im
-    Image.fromarray(grid).save(path)
