@@ -173,6 +173,10 @@ SLIMDIFF_ROWS = [
                                "{in}/prompts.txt", "--out", "{tmp}/file/report"], "file", "is a file, not a folder"),
     ("eval-non-utf8-prompt-file", ["eval", "--model", "builtin:tiny", "--slim", "{in}/slim", "--prompts",
                                    "{tmp}/latin1.txt", "--out", "{tmp}/report"], "latin1", "is not UTF-8 text"),
+    ("eval-slim-and-dense-swapped", ["eval", "--model", "{in}/slim", "--slim", "builtin:tiny", "--prompts",
+                                     "{in}/prompts.txt", "--out", "{tmp}/report"], None,
+     "--model '{in}/slim' is a slim model: --model takes the dense model (this one was slimmed from builtin:tiny), "
+     "--slim the slim one"),
     ("eval-strength-for-a-control-model", ["eval", "--model", "builtin:tiny-flux-control", "--slim",
                                            "builtin:tiny-flux-control", "--prompts", "{in}/prompts.txt", "--strength",
                                            "0.5", "--out", "{tmp}/report"], None, "noises no image"),
@@ -293,7 +297,7 @@ def _check_row(main, prog, argv, kind, fragment, files, tmp_path, monkeypatch, c
     lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
     assert code == 2, err[-3000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert fragment.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
+    assert fragment.replace("{tmp}", str(tmp_path)).replace("{in}", str(files)) in lines[0], lines[0]
     assert _snapshot(tmp_path) == before, "the failed run left something behind"
     assert _snapshot(files) == shared_before
 

@@ -182,6 +182,12 @@ def evaluate_to(args, folder: Path) -> dict:
     from .metrics import fidelity, noise_error_summary
     from .report import eval_markdown, save_grid, save_images, write_json
 
+    from ..serialization import load_plan, slim_denoiser_folder
+
+    if (given := slim_denoiser_folder(args.model)) is not None:  # the arguments swapped, most often
+        origin = load_plan(given).info.get("source_model")
+        raise SlimDiffError(f"--model {args.model!r} is a slim model: --model takes the dense model"
+                            f"{f' (this one was slimmed from {origin})' if origin else ''}, --slim the slim one")
     start = time.perf_counter()
     device = resolve_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
