@@ -48,7 +48,9 @@ def test_a_cached_call_runs_only_what_deepcache_keeps_and_slimming_shrinks_only_
 
 def test_dry_run_writes_the_report(bench, tmp_path):
     out = tmp_path / "report"
-    rc = bench.main(["--calib-prompts", "4", "--eval-prompts", "2", "--steps", "4", "--intervals", "2", "--pairs", "2",
+    # builtin:tiny (seeded weights) for the report's structure: the proxy's figures are the script's own runs
+    rc = bench.main(["--model", "builtin:tiny", "--calib-prompts", "4", "--eval-prompts", "2", "--steps", "4",
+                     "--intervals", "2", "--pairs", "2",
                      "--warmup", "0", "--ideal-models", "builtin:sd15-shape", "--ideal-fractions", "0.4",
                      "--ideal-steps", "10", "--out", str(out)])
     assert rc == 0
@@ -74,7 +76,8 @@ def test_int8_linears_take_a_quarter_of_the_bytes_and_the_dry_run_writes_the_rep
     assert dense_bytes / 4 <= bench.linear_weight_bytes(int8) < dense_bytes / 3
     assert bench.linear_weight_bytes(model) == dense_bytes
     out = tmp_path / "report"
-    assert bench.main(["--calib-prompts", "4", "--eval-prompts", "2", "--steps", "3", "--out", str(out)]) == 0
+    assert bench.main(["--model", "builtin:tiny", "--calib-prompts", "4", "--eval-prompts", "2", "--steps", "3",
+                       "--out", str(out)]) == 0
     variants = json.loads((out / "quantization_composition.json").read_text())["variants"]
     assert list(variants) == ["dense", "slim", "dense + INT8 weight-only", "slim + INT8 weight-only",
                               "dense + INT8 W8A8 dynamic", "slim + INT8 W8A8 dynamic"]
