@@ -526,21 +526,25 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
 def _refuse_export_output(path: Path, source: str) -> None:
     """One line naming what ``slimdiff-export`` wrote, given where a source model goes: its output folder (with
     the models it came from) or one of its engine folders."""
+    from .engines.base import engine_components, engine_meta_path
+    from .export.meta import EXPORT_FILE
+
     try:
-        export = json.loads((path / "export.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        export = json.loads((path / EXPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no export, or one too damaged to name its models: not a source model either way
         export = None
     if isinstance(export, dict):
         dense, slim = export.get("dense_model"), export.get("slim_model")
         models = [f"the model it was exported from ({dense})" if dense else "the model it was exported from",
                   *([f"its slim folder ({path / slim})"] if slim else [])]
-        raise SlimDiffError(f"{source!r} is the output of slimdiff-export (export.json), not a source model: pass "
+        raise SlimDiffError(f"{source!r} is the output of slimdiff-export ({EXPORT_FILE}), not a source model: pass "
                             f"{' or '.join(models)}; `slimdiff bench --model {source}` times its models and engines "
                             "as they are")
-    engines = sorted(path.glob("*.engine.json"))
-    if engines:
-        raise SlimDiffError(f"{source!r} is an engine folder ({engines[0].name}, written by slimdiff-export), not a "
-                            "source model: run it in a pipeline with slimdiff.runtime.use_engine(pipe, folder)")
+    components = engine_components(path)
+    if components:
+        raise SlimDiffError(f"{source!r} is an engine folder ({engine_meta_path(path, components[0]).name}, written by "
+                            "slimdiff-export), not a source model: run it in a pipeline with "
+                            "slimdiff.runtime.use_engine(pipe, folder)")
 
 
 PIXART_PIPELINES = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")

@@ -38,6 +38,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import SlimDiffError
+from ..export.meta import EXPORT_FILE, EXPORT_FORMAT, is_export_folder, read_json
 from ..families import MODEL_DTYPE, SIGMA, TIMESTEP, family_for
 from . import engines as engine_registry
 from .env import device_info, git_commit, library_versions, machine_info, weights_kind
@@ -126,11 +127,6 @@ class BenchConfig:
             raise SlimDiffError(f"--pad-heads must be a positive multiple, got {self.pad_heads}")
 
 
-def is_export_folder(source: str) -> bool:
-    """Whether ``source`` is a ``slimdiff-export`` folder (read by :func:`read_export`)."""
-    return (Path(source) / "export.json").is_file()
-
-
 @dataclass(frozen=True)
 class GivenModels:
     """The dense and the slim model a benchmark source brings, timed as they are: nothing calibrated or slimmed,
@@ -174,11 +170,9 @@ def given_models(source: str) -> GivenModels | None:
 def read_export(source: str) -> dict | None:
     """The ``export.json`` of a ``slimdiff-export`` folder — its dense source, slim UNet folder and engines are
     what the benchmark then times, nothing rebuilt — or None for any other model source."""
-    from ..export.meta import EXPORT_FORMAT, read_json
-
     if not is_export_folder(source):
         return None
-    body = read_json(Path(source) / "export.json", "export metadata", EXPORT_FORMAT)
+    body = read_json(Path(source) / EXPORT_FILE, "export metadata", EXPORT_FORMAT)
     if not body.get("dense_model") or not body.get("slim_model"):
         raise SlimDiffError(f"{source}: this export holds no dense source or no slim UNet folder to time (made from "
                             f"a slim folder, or by an older slimdiff-export); export from the dense model again")

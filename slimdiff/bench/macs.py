@@ -181,19 +181,19 @@ def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: 
     from .plans import synthetic_plan, transformer_mac_plan
 
     dense_unet = meta_unet(config)
-    plans = []
+    plans = []  # (budget, plan, what made it)
     for budget in budgets:
         if budget <= 0:
-            plans.append((budget, None))
+            plans.append((budget, None, None))
         elif unit == "macs":
             plans.append((budget, transformer_mac_plan(dense_unet, budget, latent, align=align, r_min=r_min,
-                                                       family=family)))
+                                                       family=family), "synthetic"))
         else:
-            plans.append((budget, synthetic_plan(dense_unet, budget, align=align, r_min=r_min)))
+            plans.append((budget, synthetic_plan(dense_unet, budget, align=align, r_min=r_min), "synthetic"))
     if given is not None:
-        plans.append((round(given.params_removed / given.compressible_params, 4), given))
+        plans.append((round(given.params_removed / given.compressible_params, 4), given, "given"))
     rows = []
-    for budget, plan in plans:
+    for budget, plan, made_by in plans:
         unet = meta_unet(config, plan)
         for batch in batches:
             dense, slim = (count_macs(m, batch, latent, family=family) for m in (dense_unet, unet))
@@ -201,6 +201,5 @@ def ideal_table(config: dict, budgets: list[float], batches: list[int], latent: 
                          "params_removed": dense.params - slim.params, "macs": slim.to_dict(),
                          "ideal_speedup": dense.total / slim.total,
                          "removed_by_kind": plan.removed_by_kind() if plan else {},
-                         "plan": "given" if plan is given and plan is not None else
-                                 ("synthetic" if plan is not None else None)})
+                         "plan": made_by})
     return rows

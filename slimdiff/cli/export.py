@@ -48,7 +48,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import SlimDiffError
-from ..export.meta import EXPORT_FORMAT, status, write_json_atomic
+from ..export.meta import EXPORT_FILE, EXPORT_FORMAT, status, write_json_atomic
 from .arguments import lora_specs, refuse_sampling_flags
 
 DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
@@ -703,7 +703,7 @@ def run(args) -> list[dict]:
             dense_p, slim_p = by_variant["dense"]["parameters"], by_variant["slim"]["parameters"]
             print(f"slim {family.component}: {slim_p:,} of {dense_p:,} parameters "
                   f"({100 * (1 - slim_p / dense_p):.1f} % fewer)")
-        write_json_atomic(tmp / "export.json", {
+        write_json_atomic(tmp / EXPORT_FILE, {
             "format": EXPORT_FORMAT, "model": args.model, "engine": args.engine, "device": device,
             # what `slimdiff bench --model OUT` times: the dense source, and the slim UNet beside its engine
             "dense_model": None if dense is None else _source(args.model),

@@ -33,7 +33,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..errors import SlimDiffError
-from ..export.meta import files_size, read_json, write_json_atomic
+from ..export.meta import files_size, is_export_folder, read_json, write_json_atomic
 from ..export.modules import Component
 from ..export.onnx import DEFAULT_OPSET, FP32_TOLERANCE, load_sidecar
 from ..fingerprint import config_fingerprint
@@ -195,8 +195,11 @@ def names() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+ENGINE_META_SUFFIX = ".engine.json"
+
+
 def engine_meta_path(folder: Path, component: str = "unet") -> Path:
-    return Path(folder) / f"{component}.engine.json"
+    return Path(folder) / f"{component}{ENGINE_META_SUFFIX}"
 
 
 #: Config keys a slim UNet adds to its dense architecture: a slim engine belongs to the dense pipeline it drops into.
@@ -290,14 +293,19 @@ def engine_outputs(meta: dict) -> list[dict]:
     return meta.get("outputs") or [{"name": meta["output"], "dims": meta.get("output_dims")}]
 
 
+def engine_components(folder: Path) -> list[str]:
+    """The components whose engine metadata ``folder`` holds (:func:`engine_meta_path`), sorted."""
+    return sorted(p.name.removesuffix(ENGINE_META_SUFFIX) for p in Path(folder).glob(f"*{ENGINE_META_SUFFIX}"))
+
+
 def _what_is_there(folder: Path, component: str) -> str:
     """The hint after "not an engine folder": the engine folders of a ``slimdiff-export`` output folder, another
     component's engine, or how to build one."""
-    if (folder / "export.json").is_file():
+    if is_export_folder(folder):
         inside = [sub.name for sub in sorted(folder.iterdir()) if engine_meta_path(sub, component).is_file()]
         return (f"it is a slimdiff-export output folder, whose {component} engines are in its "
                 f"{' and '.join(inside) or 'no'} folder{'s' if len(inside) != 1 else ''}")
-    others = sorted(p.name.removesuffix(".engine.json") for p in folder.glob("*.engine.json"))
+    others = engine_components(folder)
     if others:
         return f"it holds the {', '.join(others)} engine, not the {component}'s"
     return "build one with slimdiff-export"

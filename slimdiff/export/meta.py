@@ -20,8 +20,14 @@ def write_json_atomic(path: Path, body: dict) -> None:
     os.replace(tmp, path)
 
 
-#: ``export.json`` of a ``slimdiff-export`` folder (read back by ``slimdiff bench --model OUT``).
+#: What a ``slimdiff-export`` output folder holds beside its engine folders (read back by ``slimdiff bench --model OUT``).
+EXPORT_FILE = "export.json"
 EXPORT_FORMAT = "slimdiff-export/1"
+
+
+def is_export_folder(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is a ``slimdiff-export`` output folder."""
+    return (Path(source) / EXPORT_FILE).is_file()
 
 
 def read_json(path: Path, what: str, expected_format: str) -> dict:
