@@ -65,7 +65,9 @@ Fill's ``FluxFillPipeline``, FLUX Control's ``FluxControlPipeline``, FLUX Kontex
   ``FluxKontextPipeline``, seeded random weights; build it on the meta device where only shapes matter.
 * a local diffusers folder (a pipeline folder with ``unet/`` or ``transformer/``, or a UNet folder with
   ``config.json``);
-* a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``).
+* a single ``.safetensors`` checkpoint (original SD layout, via ``from_single_file``);
+* a Hugging Face Hub id (``owner/name``) of a model already in this machine's Hugging Face cache
+  (:mod:`slimdiff.hub_cache`).
 
 Nothing here reaches for a model hub.
 """
@@ -133,6 +135,7 @@ from .errors import SlimDiffError
 
 # The map of compressible modules moved to the block adapters; these names stay importable from here.
 from .families import FFN, QK, VO, ModuleSite, family_for, module_sites  # noqa: F401
+from .hub_cache import missing_model_message, resolve_model_source
 from .tokenization import builtin_tokenizer
 
 if TYPE_CHECKING:
@@ -420,7 +423,8 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, config: str |
     from .lora import check_loras, fuse_loras
 
     check_loras(loras)
-    pipe = _load_pipeline(source, dtype, config, variant)
+    pipe = _load_pipeline(resolve_model_source(source), dtype,
+                          None if config is None else resolve_model_source(config), variant)
     fuse_loras(pipe, loras)
     return pipe
 
@@ -459,7 +463,7 @@ def _load_pipeline(source: str, dtype: torch.dtype, config: str | None, variant:
         raise SlimDiffError(f"unknown built-in model {source!r}; choose one of {', '.join(BUILTINS)}")
     path = Path(source)
     if not path.exists():
-        raise SlimDiffError(f"model path {source!r} does not exist")
+        raise SlimDiffError(missing_model_message(source))
     try:
         with _quiet_loading():
             pipe = _load_local_pipeline(path, source, dtype, config, variant)
@@ -517,6 +521,11 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         return pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
                                             use_safetensors=True, variant=chosen, **options)
     _refuse_export_output(path, source)
+    # A checkpoint kept in a folder (a Hub snapshot of a single-file repository, a download folder): name the file
+    checkpoints = sorted(p.name for p in path.glob("*.safetensors"))
+    if checkpoints:
+        raise SlimDiffError(f"{source!r} is no diffusers pipeline folder (no model_index.json) but holds "
+                            f"{', '.join(checkpoints)}: pass the checkpoint file itself")
     raise SlimDiffError(
         f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
         "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
@@ -720,6 +729,7 @@ def load_unet(source: str, dtype: torch.dtype = torch.float32):
     """Load only a UNet: a built-in, a pipeline folder, a UNet folder or a ``.safetensors`` checkpoint."""
     from diffusers import UNet2DConditionModel
 
+    source = resolve_model_source(source)
     path = Path(source)
     if not source.startswith("builtin:") and path.is_dir() and not (path / "model_index.json").exists():
         config = path / "config.json"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SlimDiffError
+from ..hub_cache import resolve_model_source
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -36,7 +37,7 @@ def _ints(text: str, what: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .engines import names
 
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, type=resolve_model_source,
                    help="builtin:tiny, builtin:tiny-xl, builtin:sd15-shape, builtin:sdxl-shape, "
                         "builtin:tiny-xl-refiner, builtin:sdxl-refiner-shape, builtin:tiny-pixart, "
                         "builtin:pixart-sigma-shape, builtin:tiny-sd3, builtin:sd3-medium-shape, a diffusers pipeline "
@@ -76,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "`slimdiff slim --images`)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: their pipeline's strength (as `slimdiff slim --strength`)")
-    p.add_argument("--base", default=None, metavar="MODEL",
+    p.add_argument("--base", default=None, metavar="MODEL", type=resolve_model_source,
                    help="with --calib-prompts, for the SDXL refiner instead of --images: the SDXL base whose latents "
                         "calibration refines, as in diffusers' ensemble of expert denoisers (as `slimdiff slim "
                         "--base`)")

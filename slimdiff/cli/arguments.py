@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..hub_cache import resolve_model_source
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, type=resolve_model_source,
                    help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:tiny-pixart, "
                         "builtin:tiny-sd3, builtin:tiny-flux, the *-shape models...), a diffusers pipeline folder "
-                        "(SD, SDXL base or refiner, PixArt, SD3, FLUX) or a .safetensors checkpoint")
+                        "(SD, SDXL base or refiner, PixArt, SD3, FLUX), a .safetensors checkpoint, or the Hub id of a "
+                        "model in this machine's Hugging Face cache (nothing is downloaded)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--config", default=None, metavar="DIR",
+    p.add_argument("--config", default=None, metavar="DIR", type=resolve_model_source,
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration "
                         "(default: the shipped SD-1.x / SD-2.x configuration matching the checkpoint)")
     p.add_argument("--variant", default=None,
@@ -46,7 +49,7 @@ def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=None,
                    help="with --images: the fraction of the schedule re-run over each image (default: inpainting "
                         "1.0, the SDXL refiner its pipeline's 0.3; the refiner runs int(steps × strength) steps)")
-    p.add_argument("--base", default=None, metavar="MODEL",
+    p.add_argument("--base", default=None, metavar="MODEL", type=resolve_model_source,
                    help="the SDXL refiner, instead of --images: an SDXL base model (built-in, pipeline folder, "
                         ".safetensors or slim folder, as --model) whose latents the refiner refines in calibration, "
                         "as in diffusers' ensemble of expert denoisers: each prompt is sampled by the base to "

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from ..errors import SlimDiffError
 from ..export.meta import EXPORT_FILE, EXPORT_FORMAT, status, write_json_atomic
+from ..hub_cache import resolve_model_source
 from .arguments import lora_specs, refuse_sampling_flags
 
 DEFAULT_BUDGET = "0.4"  # the paper's ~40 % of the compressible mass
@@ -61,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, type=resolve_model_source,
                    help="dense model (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:sd15-shape, "
                         "builtin:sdxl-shape, a diffusers folder, a .safetensors file), a slim folder written by "
                         "`slimdiff slim`, or a slim pipeline folder (`slimdiff slim --save-pipeline`)")
     p.add_argument("--engine", required=True, choices=engines.names(),
                    help="; ".join(f"{n}: {engines.get(n).description}" for n in engines.names()))
-    p.add_argument("--config", default=None, metavar="DIR",
+    p.add_argument("--config", default=None, metavar="DIR", type=resolve_model_source,
                    help="for a single-file .safetensors checkpoint: a diffusers folder with its configuration")
     p.add_argument("--variant", default=None, help="weight variant of a pipeline folder, e.g. fp16")
     add_lora_argument(p)
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mid_block_additional_residual), for StableDiffusion(XL)ControlNetPipeline; FLUX transformer "
                         "engines that take the ControlNet's block samples, for FluxControlNetPipeline (as many as its "
                         "ControlNet gives); verified with random residuals / samples")
-    p.add_argument("--controlnet", default=None, metavar="DIR",
+    p.add_argument("--controlnet", default=None, metavar="DIR", type=resolve_model_source,
                    help="a ControlNet made for the model (a diffusers ControlNetModel folder, or a FluxControlNetModel "
                         "one for FLUX; safetensors) built as an engine too, into OUT/controlnet (ONNX Runtime); "
                         "implies --controlnet-inputs")
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the pipeline model also takes image-to-image requests (an image and a strength; SD, "
                              "SDXL, SD3, FLUX; with --controlnet, ControlNet image-to-image): a VAE encoder engine "
                              "is served too")
-    triton.add_argument("--refiner", default=None, metavar="MODEL",
+    triton.add_argument("--refiner", default=None, metavar="MODEL", type=resolve_model_source,
                         help="SDXL base: a refiner the repository runs after the base on its latents (diffusers' "
                              "ensemble of expert denoisers; requests take refiner_start, default 0.8) — a refiner "
                              "pipeline folder or built-in (served dense), or a slim refiner folder from `slimdiff "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import SlimDiffError
+from ..hub_cache import resolve_model_source
 
 # The proxy's own evaluation (python -m slimdiff.proxy.evaluate) draws held-out prompts with this seed.
 HELDOUT_PROMPT_SEED = 12345
@@ -26,8 +27,9 @@ SD_GUIDANCE = 7.5
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="compare a slim model with its dense model (fidelity, noise error, "
                                            "adherence, optional CLIP/FID)")
-    p.add_argument("--model", required=True, help="dense model: built-in name, pipeline folder or .safetensors")
-    p.add_argument("--slim", required=True,
+    p.add_argument("--model", required=True, type=resolve_model_source,
+                   help="dense model: built-in name, pipeline folder, .safetensors or a Hub id in the Hugging Face cache")
+    p.add_argument("--slim", required=True, type=resolve_model_source,
                    help="slim UNet / transformer folder from `slimdiff slim`, or any other pipeline to compare against "
                         "the dense one")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
@@ -49,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="with an inpainting model or the SDXL refiner: its pipeline's strength (default: inpainting "
                         "1.0, the refiner's pipeline's 0.3)")
-    p.add_argument("--base", default=None, metavar="MODEL",
+    p.add_argument("--base", default=None, metavar="MODEL", type=resolve_model_source,
                    help="the SDXL refiner: compare it as served after this SDXL base (diffusers' ensemble of expert "
                         "denoisers): the dense base samples each prompt to --refiner-start, the dense and the slim "
                         "refiner denoise its latents from there")

@@ -1,0 +1,60 @@
+"""Models named by their Hugging Face Hub id, read from the Hugging Face cache on this machine.
+
+slimdiff downloads nothing. But whoever has run diffusers on a machine has models in the Hub's cache
+(``~/.cache/huggingface/hub``; ``HF_HUB_CACHE`` or ``HF_HOME`` move it), and types the id they know them by:
+``--model stabilityai/stable-diffusion-xl-base-1.0``. Such an id, where no path of that name exists, is read as the
+cached snapshot its ``main`` ref points at — a plain folder of symbolic links that every path-based check and loader
+here takes as it is — and recorded as that folder, so statistics and slim folders name the files they came from.
+An id the cache does not hold is said in one line, with what the cache does hold and how to bring the model.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+#: ``owner/name`` as the Hub spells repository ids: one slash, no leading ``/`` or ``.`` (a path would have them).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``source`` names no existing path and is spelled as a Hub repository id."""
+    return bool(_HUB_ID.match(source)) and not source.startswith("builtin:") and not Path(source).exists()
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a Hub model (its ``main`` revision), or ``None`` when the cache lacks it."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError is an OSError), or not a valid id
+        return None
+
+
+def resolve_model_source(source: str) -> str:
+    """``source`` itself, unless it is a Hub id the cache holds: then that snapshot's folder (one line on stderr
+    says so, as the id alone does not say which revision was read)."""
+    if not looks_like_hub_id(source):
+        return source
+    snapshot = cached_snapshot(source)
+    if snapshot is None:
+        return source
+    print(f"slimdiff: {source}: the Hugging Face cache's snapshot {snapshot}", file=sys.stderr)
+    return str(snapshot)
+
+
+def missing_model_message(source: str) -> str:
+    """Why ``source`` names no model: the path does not exist, and — where it reads as a Hub id — the cache does not
+    hold it either (naming the models it does hold, which catches a misspelt id)."""
+    message = f"model path {source!r} does not exist"
+    if not looks_like_hub_id(source):
+        return message
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    held = sorted(folder.name[len("models--"):].replace("--", "/") for folder in cache.glob("models--*--*"))
+    holds = f"it holds {', '.join(held[:8])}{' …' if len(held) > 8 else ''}" if held else "it holds no model"
+    return (f"{message}, and the Hugging Face cache ({cache}) has no snapshot of it ({holds}); slimdiff downloads "
+            f"nothing: fetch it where there is a network (`hf download {source} --local-dir DIR`) and pass DIR")
