@@ -1,7 +1,8 @@
 """What a model folder holds on disk: which weight variant to load, and the dtype its denoiser was stored in.
 
 Pipeline folders as downloaded from a hub often carry only variant files (``diffusion_pytorch_model.fp16.
-safetensors``, ``model.fp16.safetensors``); diffusers loads them only when asked for the variant by name. A folder
+safetensors``, ``model.fp16.safetensors``); diffusers loads them only when asked for the variant by name. Large
+denoisers come in shards behind an index file. A folder
 with exactly one variant and no plain files is loaded as that variant without being asked. The dtype the
 denoiser (``unet/``, or ``transformer/`` for PixArt, SD3 and FLUX) was stored in is what a slim denoiser is saved in by
 default, so an fp16 model does not come back twice its size.
@@ -31,11 +32,42 @@ def denoiser_folder(folder: Path) -> str:
     return "transformer" if isinstance(index, dict) and "transformer" in index else "unet"
 
 
+# diffusers' names for a denoiser's weights: one file, or shards listed by an index (what `save_pretrained` writes
+# above its 10 GB shard size — FLUX.1-dev's and SD3.5-large's transformers, an SDXL UNet saved in float32), each
+# with an optional variant: ``diffusion_pytorch_model[.fp16].safetensors``, ``diffusion_pytorch_model.safetensors.
+# index[.fp16].json`` over ``diffusion_pytorch_model[.fp16]-00001-of-00003.safetensors``.
+_VARIANT_FILE = re.compile(rf"{UNET_WEIGHTS}\.(\w+)\.safetensors$")
+_VARIANT_INDEX = re.compile(rf"{UNET_WEIGHTS}\.safetensors\.index\.(\w+)\.json$")
+
+
+def _weights_name(variant: str | None) -> str:
+    return f"{UNET_WEIGHTS}.{variant}.safetensors" if variant else f"{UNET_WEIGHTS}.safetensors"
+
+
+def _index_name(variant: str | None) -> str:
+    return f"{UNET_WEIGHTS}.safetensors.index.{variant}.json" if variant else f"{UNET_WEIGHTS}.safetensors.index.json"
+
+
+def denoiser_weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The files that hold a pipeline folder's denoiser weights of ``variant`` (``None``: the plain ones): the
+    single file, or the shards its index lists; empty when there are neither."""
+    denoiser = folder / denoiser_folder(folder)
+    single = denoiser / _weights_name(variant)
+    if single.is_file():
+        return [single]
+    try:
+        index = json.loads((denoiser / _index_name(variant)).read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no index, or none diffusers could read
+        return []
+    return [denoiser / shard for shard in shards]
+
+
 def available_variants(folder: Path) -> list[str]:
-    """Variant names of the denoiser's safetensors files in a pipeline folder (``fp16``, ``bf16``...)."""
-    pattern = re.compile(rf"{UNET_WEIGHTS}\.([\w-]+)\.safetensors$")
-    return sorted({m[1] for p in (folder / denoiser_folder(folder)).glob(f"{UNET_WEIGHTS}.*.safetensors")
-                   if (m := pattern.match(p.name))})
+    """Variant names of the denoiser's safetensors files in a pipeline folder (``fp16``, ``bf16``...), single or
+    sharded."""
+    names = [p.name for p in (folder / denoiser_folder(folder)).glob(f"{UNET_WEIGHTS}.*")]
+    return sorted({m[1] for name in names if (m := _VARIANT_FILE.match(name) or _VARIANT_INDEX.match(name))})
 
 
 def choose_variant(folder: str | Path, requested: str | None) -> str | None:
@@ -44,14 +76,13 @@ def choose_variant(folder: str | Path, requested: str | None) -> str | None:
     folder = Path(folder)
     denoiser = denoiser_folder(folder)
     variants = available_variants(folder)
-    plain = (folder / denoiser / f"{UNET_WEIGHTS}.safetensors").is_file()
     if requested is not None:
         if requested not in variants:
             have = ", ".join(variants) or "none"
             raise SlimDiffError(f"--variant {requested}: {str(folder)!r} has no {denoiser}/{UNET_WEIGHTS}."
                                 f"{requested}.safetensors (variants present: {have})")
         return requested
-    if plain:
+    if denoiser_weight_files(folder, None):
         return None
     if len(variants) == 1:
         return variants[0]
@@ -88,7 +119,6 @@ def source_unet_dtype(source: str, variant: str | None = None) -> torch.dtype:
     elif is_slim_folder(path):
         found = stored_dtype(path / WEIGHTS_FILE)
     else:
-        chosen = choose_variant(path, variant)
-        weights = f"{UNET_WEIGHTS}.{chosen}.safetensors" if chosen else f"{UNET_WEIGHTS}.safetensors"
-        found = stored_dtype(path / denoiser_folder(path) / weights)
+        files = denoiser_weight_files(path, choose_variant(path, variant))
+        found = stored_dtype(files[0]) if files else None
     return found or torch.float32

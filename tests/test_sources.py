@@ -62,3 +62,18 @@ def test_missing_or_ambiguous_variants_are_one_line(fp16_folder, tmp_path, capsy
     finally:
         (fp16_folder / "unet" / "diffusion_pytorch_model.bf16.safetensors").unlink()
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_sharded_denoiser_weights_load_and_keep_their_dtype(variant, tmp_path, capsys):
+    """Weights above save_pretrained's shard size come as shards behind an index (FLUX.1-dev's transformer, an
+    SDXL UNet saved in float32): the folder is a model like any other, and its slim UNet keeps the stored dtype."""
+    folder = tmp_path / "sharded"
+    build_builtin("builtin:tiny").to(torch.bfloat16).save_pretrained(folder, variant=variant, max_shard_size="200KB")
+    index = "diffusion_pytorch_model.safetensors.index" + (f".{variant}" if variant else "") + ".json"
+    assert (folder / "unet" / index).is_file() and len(list((folder / "unet").glob("*.safetensors"))) > 2
+    assert choose_variant(folder, None) == variant
+    out = tmp_path / "slim"
+    assert main(["slim", "--model", str(folder), *FAST, "--out", str(out)]) == 0
+    assert stored_dtype(out / "diffusion_pytorch_model.safetensors") == torch.bfloat16
+    assert load_pipeline(str(out), torch.bfloat16).unet.slim_plan.params_removed > 0  # reopens its sharded source
