@@ -175,9 +175,50 @@ def input_channels(shapes: dict[str, tuple[int, ...]]) -> int | None:
     return None if conv_in is None else conv_in[1]
 
 
+# What FLUX.1's first input layer takes, per token: the packed latent, with the masked image and mask (Fill) or the
+# control image (Depth / Canny) beside it.
+_FLUX_INPUT_FEATURES = {64: "text-to-image: FLUX.1-dev or schnell", 128: "FLUX.1 Control", 384: "FLUX.1 Fill"}
+
+
+def _block_count(keys: set[str], prefix: str) -> int:
+    return len({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
+
+
+def _refuse_denoiser_alone(shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """One line naming a checkpoint that holds a denoiser without the rest of its pipeline — how FLUX and SD3
+    fine-tunes are shared (Black Forest Labs' and Stability's layouts), or a diffusers weights file taken out of
+    its folder — and how to bring it to a pipeline folder, which is what slimdiff samples with."""
+    keys = {k.removeprefix(UNET_PREFIX) for k in shapes}
+    if "double_blocks.0.img_attn.qkv.weight" in keys:
+        features = next((shape[1] for k, shape in shapes.items() if k.endswith("img_in.weight")), None)
+        kind = _FLUX_INPUT_FEATURES.get(features, f"{features} input features per token")
+        what = (f"a FLUX transformer alone (Black Forest Labs' layout: {_block_count(keys, 'double_blocks.')} double- "
+                f"and {_block_count(keys, 'single_blocks.')} single-stream blocks; {kind})")
+        model_class = "FluxTransformer2DModel"
+    elif "joint_blocks.0.x_block.attn.qkv.weight" in keys:
+        what = f"an SD3 checkpoint (Stability's layout: {_block_count(keys, 'joint_blocks.')} MMDiT blocks)"
+        model_class = "SD3Transformer2DModel"
+    elif "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
+        what = "a UNet's weights in diffusers' layout (unet/diffusion_pytorch_model.safetensors)"
+        model_class = None
+    elif any(k.startswith(("transformer_blocks.0.attn.to_q.", "single_transformer_blocks.")) for k in keys):
+        what = "a transformer's weights in diffusers' layout (transformer/diffusion_pytorch_model.safetensors)"
+        model_class = None
+    else:
+        return
+    if model_class is None:
+        raise SlimDiffError(f"{source!r} is not an original-layout Stable Diffusion checkpoint but {what}: pass the "
+                            "diffusers pipeline folder it belongs to")
+    raise SlimDiffError(f"{source!r} is {what}; slimdiff samples with the whole pipeline: pass the model's diffusers "
+                        f"pipeline folder, these weights saved into its transformer/ with diffusers "
+                        f"({model_class}.from_single_file(FILE, config=FOLDER, subfolder='transformer')"
+                        f".save_pretrained(FOLDER/transformer))")
+
+
 def detect_family(shapes: dict[str, tuple[int, ...]], source: str) -> str:
     """``sd1`` / ``sd2`` / ``sdxl`` / ``sdxl-refiner`` from the checkpoint's keys; one line naming what was found
     otherwise."""
+    _refuse_denoiser_alone(shapes, source)
     if not any(k.startswith(UNET_PREFIX) for k in shapes):
         example = next(iter(sorted(shapes)), "none")
         raise SlimDiffError(f"{source!r} is not an original-layout Stable Diffusion checkpoint (no {UNET_PREFIX}* "

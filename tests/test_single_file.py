@@ -340,6 +340,28 @@ def test_checkpoints_that_cannot_be_loaded_say_why(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # as Black Forest Labs ship it; as ComfyUI saves it
+def test_a_denoiser_without_its_pipeline_is_named_with_the_way_to_one(prefix, tmp_path, capsys):
+    out = ["--budget", "0.3", "--out", str(tmp_path / "never")]
+    flux = {f"{prefix}double_blocks.{i}.img_attn.qkv.weight": torch.zeros(6, 2) for i in range(3)}
+    flux.update({f"{prefix}single_blocks.{i}.linear1.weight": torch.zeros(6, 2) for i in range(5)})
+    flux[f"{prefix}img_in.weight"] = torch.zeros(2, 384)
+    save_file(flux, str(tmp_path / "flux1-fill-dev.safetensors"))
+    _fails(["slim", "--model", str(tmp_path / "flux1-fill-dev.safetensors"), *out], capsys,
+           "is a FLUX transformer alone (Black Forest Labs' layout: 3 double- and 5 single-stream blocks; FLUX.1 Fill); "
+           "slimdiff samples with the whole pipeline: pass the model's diffusers pipeline folder, these weights saved "
+           "into its transformer/ with diffusers (FluxTransformer2DModel.from_single_file(")
+    sd3 = {f"model.diffusion_model.joint_blocks.{i}.x_block.attn.qkv.weight": torch.zeros(6, 2) for i in range(4)}
+    save_file(sd3, str(tmp_path / "sd3_medium.safetensors"))
+    _fails(["slim", "--model", str(tmp_path / "sd3_medium.safetensors"), *out], capsys,
+           "is an SD3 checkpoint (Stability's layout: 4 MMDiT blocks)")
+    transformer = build_builtin("builtin:tiny-flux").transformer.state_dict()
+    save_file({f"{prefix}{k}": v.contiguous() for k, v in transformer.items()}, str(tmp_path / "transformer.safetensors"))
+    _fails(["slim", "--model", str(tmp_path / "transformer.safetensors"), *out], capsys,
+           "not an original-layout Stable Diffusion checkpoint but a transformer's weights in diffusers' layout")
+    assert not (tmp_path / "never").exists()
+
+
 def test_sdxl_checkpoints_the_shipped_configurations_do_not_fit_say_why(tmp_path, capsys):
     out = ["--budget", "0.3", "--out", str(tmp_path / "never")]
     # builtin:tiny-xl's two text encoders are equally wide: diffusers would load the first into both
