@@ -5,7 +5,8 @@ slimdiff downloads nothing. But whoever has run diffusers on a machine has model
 ``--model stabilityai/stable-diffusion-xl-base-1.0``. Such an id, where no path of that name exists, is read as the
 cached snapshot its ``main`` ref points at — a plain folder of symbolic links that every path-based check and loader
 here takes as it is — and recorded as that folder, so statistics and slim folders name the files they came from.
-An id the cache does not hold is said in one line, with what the cache does hold and how to bring the model.
+An id the cache does not hold is said in one line, with what the cache does hold and how to bring the model. LoRAs
+are named the same way: ``owner/name`` (the repository's one ``.safetensors`` file) or ``owner/name/FILE``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+
+from .errors import SlimDiffError
 
 #: ``owner/name`` as the Hub spells repository ids: one slash, no leading ``/`` or ``.`` (a path would have them).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -45,16 +48,47 @@ def resolve_model_source(source: str) -> str:
     return str(snapshot)
 
 
-def missing_model_message(source: str) -> str:
-    """Why ``source`` names no model: the path does not exist, and — where it reads as a Hub id — the cache does not
-    hold it either (naming the models it does hold, which catches a misspelt id)."""
-    message = f"model path {source!r} does not exist"
-    if not looks_like_hub_id(source):
+def resolve_file_source(source: str, kind: str) -> str:
+    """A file named as ``owner/name`` (the repository's one ``.safetensors`` file) or ``owner/name/path/in/repo``,
+    read from the cached snapshot; ``source`` itself when it is a path, or not in the cache (its loader then says it
+    does not exist). ``kind`` names the file in errors (``LoRA``): a repository with several checkpoints is refused
+    in one line naming them."""
+    parts = source.split("/")
+    if len(parts) < 2 or Path(source).exists() or not looks_like_hub_id("/".join(parts[:2])):
+        return source
+    repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
+    snapshot = cached_snapshot(repo_id)
+    if snapshot is None:
+        return source
+    if inner:
+        found = snapshot / inner
+        if not found.is_file():
+            raise SlimDiffError(f"{kind} {source!r}: the Hugging Face cache's snapshot of {repo_id} ({snapshot}) has "
+                                f"no {inner}")
+    else:
+        files = sorted(snapshot.rglob("*.safetensors"))
+        names = [str(f.relative_to(snapshot)) for f in files]
+        if len(files) != 1:
+            holds = f"holds {', '.join(names)}" if files else "holds no .safetensors file"
+            raise SlimDiffError(f"{kind} {source!r}: the Hugging Face cache's snapshot of {repo_id} {holds}; name "
+                                f"the file as {repo_id}/FILE")
+        found = files[0]
+    print(f"slimdiff: {source}: the Hugging Face cache's {found}", file=sys.stderr)
+    return str(found)
+
+
+def missing_message(source: str, what: str = "model path") -> str:
+    """Why ``source`` names nothing: the path does not exist, and — where it reads as a Hub id, or a file in one — the
+    cache does not hold that repository either (naming the ones it does hold, which catches a misspelt id)."""
+    message = f"{what} {source!r} does not exist"
+    repo_id = "/".join(source.split("/")[:2])
+    if not looks_like_hub_id(repo_id):
         return message
     from huggingface_hub import constants
 
     cache = Path(constants.HF_HUB_CACHE)
     held = sorted(folder.name[len("models--"):].replace("--", "/") for folder in cache.glob("models--*--*"))
     holds = f"it holds {', '.join(held[:8])}{' …' if len(held) > 8 else ''}" if held else "it holds no model"
-    return (f"{message}, and the Hugging Face cache ({cache}) has no snapshot of it ({holds}); slimdiff downloads "
-            f"nothing: fetch it where there is a network (`hf download {source} --local-dir DIR`) and pass DIR")
+    return (f"{message}, and the Hugging Face cache ({cache}) has no snapshot of {repo_id} ({holds}); slimdiff "
+            f"downloads nothing: fetch it where there is a network (`hf download {repo_id} --local-dir DIR`) and "
+            "pass DIR" + ("" if repo_id == source else " and the file in it"))

@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SlimDiffError
+from .hub_cache import missing_message, resolve_file_source
 
 
 @dataclass(frozen=True)
@@ -34,18 +36,21 @@ class LoraSpec:
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
-        """``FILE`` or ``FILE:SCALE`` (``style.safetensors:0.8``)."""
+        """``FILE`` or ``FILE:SCALE`` (``style.safetensors:0.8``); ``FILE`` may name a LoRA in the Hugging Face
+        cache: ``owner/name`` or ``owner/name/FILE`` (:func:`slimdiff.hub_cache.resolve_file_source`)."""
+        path, scale = text, 1.0
         head, sep, tail = text.rpartition(":")
         if sep and head:
             try:
-                return cls(head, float(tail))
+                path, scale = head, float(tail)
             except ValueError:
                 pass  # a colon inside the path
-        return cls(text)
+        return cls(resolve_file_source(path, "LoRA"), scale)
 
     def to_record(self) -> dict:
         """What a slim folder records to fuse the same LoRA again (the file's digest tells a changed file)."""
-        path = Path(self.path).resolve()
+        # absolute, links kept: a LoRA in the Hugging Face cache is a link to a blob named by its hash, no suffix
+        path = Path(os.path.abspath(self.path))
         return {"path": str(path), "scale": self.scale, "sha256": _sha256(path)}
 
 
@@ -64,7 +69,7 @@ def check_loras(specs: Sequence[LoraSpec]) -> None:
         if not math.isfinite(spec.scale):
             raise SlimDiffError(f"LoRA scale of {spec.path!r} must be a finite number, got {spec.scale}")
         if not path.is_file():
-            raise SlimDiffError(f"LoRA file {spec.path!r} does not exist")
+            raise SlimDiffError(missing_message(spec.path, "LoRA file"))
         if path.suffix != ".safetensors":
             raise SlimDiffError(f"LoRA {spec.path!r} is not a .safetensors file (pickled LoRAs are not read: "
                                 "convert it to safetensors)")

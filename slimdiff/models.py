@@ -135,7 +135,7 @@ from .errors import SlimDiffError
 
 # The map of compressible modules moved to the block adapters; these names stay importable from here.
 from .families import FFN, QK, VO, ModuleSite, family_for, module_sites  # noqa: F401
-from .hub_cache import missing_model_message, resolve_model_source
+from .hub_cache import missing_message, resolve_model_source
 from .tokenization import builtin_tokenizer
 
 if TYPE_CHECKING:
@@ -463,7 +463,7 @@ def _load_pipeline(source: str, dtype: torch.dtype, config: str | None, variant:
         raise SlimDiffError(f"unknown built-in model {source!r}; choose one of {', '.join(BUILTINS)}")
     path = Path(source)
     if not path.exists():
-        raise SlimDiffError(missing_model_message(source))
+        raise SlimDiffError(missing_message(source))
     try:
         with _quiet_loading():
             pipe = _load_local_pipeline(path, source, dtype, config, variant)

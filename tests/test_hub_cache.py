@@ -11,8 +11,12 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
+from test_lora import _kohya_lora
+
 from slimdiff import cli
+from slimdiff.errors import SlimDiffError
 from slimdiff.hub_cache import looks_like_hub_id
+from slimdiff.lora import LoraSpec, check_loras, fuse_loras
 from slimdiff.models import build_builtin, load_pipeline
 from slimdiff.serialization import load_plan
 
@@ -46,6 +50,14 @@ def hub_cache(tmp_path_factory):
     (root / "single").mkdir()
     save_file({"model.diffusion_model.out.0.weight": torch.zeros(4)}, str(root / "single" / "v1-5.safetensors"))
     _cache_as_the_hub_does(root / "single", cache, "someone/single-file")
+    (root / "lora").mkdir()
+    _kohya_lora(build_builtin("builtin:tiny"), root / "lora" / "style.safetensors")
+    (root / "lora" / "README.md").write_text("a LoRA repository")
+    _cache_as_the_hub_does(root / "lora", cache, "someone/style-lora")
+    (root / "loras" / "v2").mkdir(parents=True)
+    for seed, name in enumerate(("a.safetensors", "v2/b.safetensors")):
+        _kohya_lora(build_builtin("builtin:tiny"), root / "loras" / name, seed=seed)
+    _cache_as_the_hub_does(root / "loras", cache, "someone/two-loras")
     return cache
 
 
@@ -85,7 +97,7 @@ def test_an_id_the_cache_lacks_is_one_line_naming_what_it_holds(use_cache, tmp_p
     assert cli.main(["slim", "--model", "someone/tiny-sdxl", *FAST, "--budget", "0.3", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slimdiff: error: model path 'someone/tiny-sdxl' does not exist"), err
-    assert f"({use_cache})" in err[0] and "it holds someone/single-file, someone/tiny-sd" in err[0], err
+    assert f"({use_cache})" in err[0] and "it holds someone/single-file, someone/style-lora" in err[0], err
     assert "hf download someone/tiny-sdxl --local-dir DIR" in err[0]
     assert not out.exists()
 
@@ -103,8 +115,38 @@ def test_the_cache_layout_is_the_hubs(hub_cache):
     report = scan_cache_dir(hub_cache)
     assert not report.warnings
     repos = {repo.repo_id: repo for repo in report.repos}
-    assert sorted(repos) == ["someone/single-file", "someone/tiny-sd"]
+    assert sorted(repos) == ["someone/single-file", "someone/style-lora", "someone/tiny-sd", "someone/two-loras"]
     revision, = repos["someone/tiny-sd"].revisions
     assert revision.refs == frozenset({"main"})
     index = json.loads((revision.snapshot_path / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_loras_are_named_by_hub_id_too(use_cache, tmp_path, capsys):
+    snapshot = use_cache / "models--someone--style-lora" / "snapshots" / REVISION
+    spec = LoraSpec.parse("someone/style-lora:0.5")  # the repository's one .safetensors file
+    assert spec == LoraSpec(str(snapshot / "style.safetensors"), 0.5)
+    assert "the Hugging Face cache's" in capsys.readouterr().err
+    from_cache, from_file = build_builtin("builtin:tiny"), build_builtin("builtin:tiny")
+    fuse_loras(from_cache, [spec])
+    fuse_loras(from_file, [LoraSpec(str(snapshot / "style.safetensors"), 0.5)])
+    changed, base = from_cache.unet.state_dict(), build_builtin("builtin:tiny").unet.state_dict()
+    assert all(torch.equal(v, changed[k]) for k, v in from_file.unet.state_dict().items())
+    assert any(not torch.equal(v, changed[k]) for k, v in base.items())
+    # a slim folder records the LoRA by its path in the snapshot (the blob it links to has no .safetensors suffix)
+    out = tmp_path / "slim"
+    assert cli.main(["slim", "--model", "someone/tiny-sd", "--lora", "someone/style-lora:0.5", *FAST, "--budget", "0.3",
+                     "--out", str(out)]) == 0
+    record, = load_plan(out).info["source_loras"]
+    assert record["path"] == str(snapshot / "style.safetensors") and record["scale"] == 0.5
+    assert load_pipeline(str(out)).unet.slim_plan.params_removed > 0  # reopened with the LoRA fused again
+    two = use_cache / "models--someone--two-loras" / "snapshots" / REVISION
+    assert LoraSpec.parse("someone/two-loras/v2/b.safetensors").path == str(two / "v2" / "b.safetensors")
+    with pytest.raises(SlimDiffError, match=r"snapshot of someone/two-loras holds a.safetensors, v2/b.safetensors; "
+                                            r"name the file as someone/two-loras/FILE"):
+        LoraSpec.parse("someone/two-loras")
+    with pytest.raises(SlimDiffError, match="has no c.safetensors"):
+        LoraSpec.parse("someone/two-loras/c.safetensors:0.8")
+    with pytest.raises(SlimDiffError, match=r"LoRA file 'someone/elsewhere/x.safetensors' does not exist, and the "
+                                            r"Hugging Face cache .* has no snapshot of someone/elsewhere"):
+        check_loras([LoraSpec.parse("someone/elsewhere/x.safetensors:0.8")])
