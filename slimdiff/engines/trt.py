@@ -49,7 +49,7 @@ from .base import Backend, TritonModel, engine_outputs, register
 from .weights import checked_state, initializer_arrays, load_weights_record, onnx_initializers
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) type-check the calls below; TensorRT itself is imported at run time
-    import tensorrt as trt
+    import tensorrt as trt  # functions import it again once require_tensorrt() has passed: mypy reads the stubs there
 
 NO_TENSORRT = ("TensorRT is not installed here (it needs an NVIDIA GPU and `pip install slimdiff[trt]`); "
                "use --engine ort or --engine aoti instead")
@@ -66,13 +66,10 @@ def tensorrt_available() -> bool:
     return spec is not None and spec.origin is not None
 
 
-def require_tensorrt():
-    """The ``tensorrt`` module, or the one-line error naming the alternatives."""
+def require_tensorrt() -> None:
+    """The one-line error naming the alternatives, where TensorRT is not installed."""
     if not tensorrt_available():
         raise SlimDiffError(NO_TENSORRT)
-    import tensorrt
-
-    return tensorrt
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -109,8 +106,8 @@ def profile_for_shapes(profiles: list[dict], shapes: dict[str, tuple[int, ...]])
 
 def current_environment() -> dict:
     """TensorRT version and GPU of this process (needs TensorRT and a CUDA device)."""
-    trt = require_tensorrt()
-    import torch
+    require_tensorrt()
+    import tensorrt as trt
 
     if not torch.cuda.is_available():
         raise SlimDiffError("TensorRT engines need a CUDA GPU, and torch sees none here")
@@ -137,8 +134,10 @@ def default_timing_cache(env: dict) -> Path:
 
 
 @functools.cache
-def _logger(trt):
+def _logger() -> trt.ILogger:
     """One process-wide logger: TensorRT objects keep a raw pointer to it, so it must outlive them all."""
+    import tensorrt as trt
+
     return trt.Logger(trt.Logger.WARNING)
 
 
@@ -175,7 +174,9 @@ def build_trt_engine(onnx_path: Path, sidecar: dict, engine_path: Path, *, opt_l
                      refittable: bool = False) -> dict:
     """Build a serialized engine at ``engine_path`` from ``onnx_path`` and its sidecar's profiles (``refittable``:
     one that takes new weights later); returns the runtime part of the engine metadata."""
-    trt = require_tensorrt()
+    require_tensorrt()
+    import tensorrt as trt
+
     if opt_level not in OPT_LEVELS:
         raise SlimDiffError(f"builder optimization level must be 0..5, got {opt_level}")
     env = current_environment()
@@ -252,7 +253,7 @@ def refit_engine(engine: trt.ICudaEngine, meta: dict, folder: Path, state: dict[
 
     record = load_weights_record(meta, folder)
     source = Path(folder) / meta["source_onnx"]["file"]
-    refitter = trt.Refitter(engine, _logger(trt))
+    refitter = trt.Refitter(engine, _logger())
     refittable = refitter.get_all_weights()
     # the graph's own values, read for the names refit_arrays compares or fills in only (a UNet's are gigabytes)
     needed = set(refittable) ^ set(record["initializers"] or {})
@@ -270,14 +271,16 @@ def refit_engine(engine: trt.ICudaEngine, meta: dict, folder: Path, state: dict[
         raise SlimDiffError("TensorRT failed to refit the engine (see its log above)")
 
 
-def load_trt_engine(engine_path: Path, runtime_meta: dict):
+def load_trt_engine(engine_path: Path, runtime_meta: dict) -> tuple[trt.Runtime, trt.ICudaEngine]:
     """``(runtime, engine)`` for a serialized engine whose metadata matches this TensorRT and GPU."""
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise SlimDiffError(f"TensorRT engine {str(engine_path)!r} is missing")
-    trt = require_tensorrt()
+    require_tensorrt()
     check_environment(runtime_meta, current_environment(), engine_path)
-    runtime = trt.Runtime(_logger(trt))
+    import tensorrt as trt
+
+    runtime = trt.Runtime(_logger())
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise SlimDiffError(f"TensorRT could not deserialize {str(engine_path)!r}: the file is corrupt")
@@ -289,9 +292,9 @@ class _TrtSlot:
     """Everything bound for one set of input shapes: static buffers and, optionally, a CUDA graph."""
 
     profile: int
-    inputs: list
-    output: torch.Tensor | None
-    graph: object = None
+    inputs: list[torch.Tensor]
+    output: torch.Tensor | None  # set once the input shapes are bound (the output's follows from them)
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 class TrtRunner:
@@ -322,10 +325,10 @@ class TrtRunner:
                          for p in meta["runtime"]["tensor_profiles"]]
         self.cuda_graphs = cuda_graphs
         self._slots: dict[tuple, _TrtSlot] = {}
-        self._active = None
+        self._active: tuple | None = None
 
     def _torch_dtype(self, name: str) -> torch.dtype:
-        import tensorrt as trt
+        import tensorrt as trt  # loaded by __init__
 
         return torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
 
@@ -354,7 +357,8 @@ class TrtRunner:
         slot = _TrtSlot(profile, bufs, None)
         self._active = None
         self._activate(key, slot)  # input shapes first: the output shape follows from them
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        dims = self.context.get_tensor_shape(self.output_name)
+        out_shape = tuple(dims[i] for i in range(len(dims)))  # Dims indexes like a tuple (its stub declares no __iter__)
         slot.output = torch.empty(out_shape, dtype=self._torch_dtype(self.output_name), device=self.device)
         self._activate(key, slot)
         # One plain launch applies the new shapes inside TensorRT; only then is the launch capturable.
@@ -389,6 +393,7 @@ class TrtRunner:
                 slot.graph.replay()
             else:
                 self._launch()
+            assert slot.output is not None  # bound by _new_slot
             out = slot.output.clone()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return out
@@ -410,7 +415,10 @@ class TrtBackend(Backend):
         return None
 
     def onnx_opset(self):
-        return opset_for_tensorrt(require_tensorrt().__version__)
+        require_tensorrt()
+        import tensorrt as trt
+
+        return opset_for_tensorrt(trt.__version__)
 
     def needs_aligned_heads(self, device):
         return True  # TensorRT's fused MHA wants equal head widths, multiples of 8
