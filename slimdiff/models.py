@@ -521,6 +521,7 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         return pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True,
                                             use_safetensors=True, variant=chosen, **options)
     _refuse_export_output(path, source)
+    _refuse_component_folder(path, source)
     # A checkpoint kept in a folder (a Hub snapshot of a single-file repository, a download folder): name the file
     checkpoints = sorted(p.name for p in path.glob("*.safetensors"))
     if checkpoints:
@@ -530,6 +531,23 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
         f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
         "pass a pipeline folder, a .safetensors checkpoint or a built-in name"
     )
+
+
+def _refuse_component_folder(path: Path, source: str) -> None:
+    """One line for a component of a pipeline folder given as the model (``sdxl/unet``, ``flux/transformer``): what it
+    holds, and the pipeline folder above it, which slimdiff samples with."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    cls_name = config.get("_class_name") if isinstance(config, dict) else None
+    if not cls_name:
+        return
+    above = path.resolve().parent
+    where = (f"pass the pipeline folder it belongs to ({str(above)!r})" if (above / "model_index.json").is_file()
+             else "pass the pipeline folder it belongs to (the folder with model_index.json)")
+    raise SlimDiffError(f"{source!r} holds a {cls_name} alone (config.json), not a pipeline: slimdiff samples with the "
+                        f"whole pipeline; {where}")
 
 
 def _refuse_export_output(path: Path, source: str) -> None:

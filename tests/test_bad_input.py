@@ -98,6 +98,10 @@ def _swap_weights(slim: Path) -> None:
 # (id, argv builder, setup on the per-row folder, expected fragment of the one error line).
 # In argv: {in} = shared inputs folder, {tmp} = this row's folder (checked to be unchanged afterwards).
 SLIMDIFF_ROWS = [
+    ("calibrate-a-pipelines-unet-folder", ["calibrate", "--model", "{in}/other-model/unet", *FAST, "--out",
+                                           "{tmp}/stats"], None,
+     "holds a UNet2DConditionModel alone (config.json), not a pipeline: slimdiff samples with the whole pipeline; "
+     "pass the pipeline folder it belongs to ('{in}/other-model')"),
     ("calibrate-out-under-a-file", ["calibrate", "--model", "builtin:tiny", *FAST, "--out", "{tmp}/file/stats"],
      "file", "'{tmp}/file' is a file, not a folder"),
     ("calibrate-out-is-a-file", ["calibrate", "--model", "builtin:tiny", *FAST, "--out", "{tmp}/file"],
