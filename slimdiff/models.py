@@ -504,10 +504,11 @@ def _load_local_pipeline(path: Path, source: str, dtype: torch.dtype, config: st
                                StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
                                StableDiffusionXLPipeline)
 
-        from .sources import choose_variant
+        from .sources import choose_variant, refuse_pickled_components
 
         pipeline_cls = _pipeline_class(path, source)  # first: one line for an incomplete folder
         chosen = choose_variant(path, variant)
+        refuse_pickled_components(path)
         options = {}
         if pipeline_cls.__name__ == SD3_PIPELINE and not _has_component(path, "text_encoder_3"):
             # SD3 without its T5 (the documented way to save memory): the pipeline conditions on zeros in its place

@@ -94,6 +94,29 @@ def choose_variant(folder: str | Path, requested: str | None) -> str | None:
     raise SlimDiffError(f"{str(folder)!r} has no {denoiser}/{UNET_WEIGHTS}.safetensors{found}")
 
 
+_PICKLES = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+#: Components slimdiff never loads (models.py passes None for them), so their files do not matter.
+_NOT_LOADED = ("safety_checker", "feature_extractor")
+
+
+def refuse_pickled_components(folder: Path) -> None:
+    """One line naming a component of a pipeline folder whose weights exist only as pickles (``pytorch_model.bin``,
+    as older hub folders ship text encoders): they are never unpickled, and diffusers would say only that a
+    safetensors file is missing."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the loader reports an unreadable index
+    for name, entry in sorted(index.items()) if isinstance(index, dict) else ():
+        component = folder / name
+        if name.startswith("_") or name in _NOT_LOADED or not isinstance(entry, list) or not component.is_dir():
+            continue
+        pickles = sorted(p.name for pattern in _PICKLES for p in component.glob(pattern))
+        if pickles and not any(component.glob("*.safetensors")):
+            raise SlimDiffError(f"{str(folder)!r}: {name}/ holds its weights only as pickles ({', '.join(pickles)}), "
+                                "which are not loaded (unpickling can run code): convert them to safetensors")
+
+
 def stored_dtype(weights: str | Path, prefix: str = "") -> torch.dtype | None:
     """The floating-point dtype of the first tensor under ``prefix`` in a safetensors file (header only)."""
     from safetensors import safe_open

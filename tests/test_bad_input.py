@@ -98,6 +98,8 @@ def _swap_weights(slim: Path) -> None:
 # (id, argv builder, setup on the per-row folder, expected fragment of the one error line).
 # In argv: {in} = shared inputs folder, {tmp} = this row's folder (checked to be unchanged afterwards).
 SLIMDIFF_ROWS = [
+    ("calibrate-pickled-text-encoder", ["calibrate", "--model", "{tmp}/pickled", *FAST, "--out", "{tmp}/stats"],
+     "pickled-component", "text_encoder/ holds its weights only as pickles (pytorch_model.bin), which are not loaded"),
     ("calibrate-a-pipelines-unet-folder", ["calibrate", "--model", "{in}/other-model/unet", *FAST, "--out",
                                            "{tmp}/stats"], None,
      "holds a UNet2DConditionModel alone (config.json), not a pipeline: slimdiff samples with the whole pipeline; "
@@ -247,6 +249,10 @@ def _setup(kind: str | None, tmp: Path, inputs: Path, monkeypatch) -> None:
                                                                  "dense_model": "builtin:tiny",
                                                                  "slim_model": "slim-unet"}))
         (tmp / "engines" / "slim" / "unet.engine.json").write_text("{}")
+    elif kind == "pickled-component":  # an older hub folder: the text encoder as pytorch_model.bin only
+        text_encoder = _copy_tree(inputs / "other-model", tmp / "pickled") / "text_encoder"
+        (text_encoder / "model.safetensors").unlink()
+        (text_encoder / "pytorch_model.bin").write_bytes(b"PK\x03\x04")  # never opened
     elif kind == "ckpt":
         (tmp / "model.ckpt").write_bytes(b"PK\x03\x04")
     elif kind == "lora":
