@@ -547,8 +547,8 @@ def _refuse_component_folder(path: Path, source: str) -> None:
     above = path.resolve().parent
     where = (f"pass the pipeline folder it belongs to ({str(above)!r})" if (above / "model_index.json").is_file()
              else "pass the pipeline folder it belongs to (the folder with model_index.json)")
-    raise SlimDiffError(f"{source!r} holds a {cls_name} alone (config.json), not a pipeline: slimdiff samples with the "
-                        f"whole pipeline; {where}")
+    raise SlimDiffError(f"{source!r} is one component of a pipeline ({cls_name}, config.json), not a pipeline: "
+                        f"slimdiff samples with the whole pipeline; {where}")
 
 
 def _refuse_export_output(path: Path, source: str) -> None:

@@ -102,7 +102,8 @@ SLIMDIFF_ROWS = [
      "pickled-component", "text_encoder/ holds its weights only as pickles (pytorch_model.bin), which are not loaded"),
     ("calibrate-a-pipelines-unet-folder", ["calibrate", "--model", "{in}/other-model/unet", *FAST, "--out",
                                            "{tmp}/stats"], None,
-     "holds a UNet2DConditionModel alone (config.json), not a pipeline: slimdiff samples with the whole pipeline; "
+     "is one component of a pipeline (UNet2DConditionModel, config.json), not a pipeline: slimdiff samples with the "
+     "whole pipeline; "
      "pass the pipeline folder it belongs to ('{in}/other-model')"),
     ("calibrate-out-under-a-file", ["calibrate", "--model", "builtin:tiny", *FAST, "--out", "{tmp}/file/stats"],
      "file", "'{tmp}/file' is a file, not a folder"),

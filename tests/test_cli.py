@@ -50,7 +50,8 @@ def test_bad_inputs(stats_dir, tmp_path, capsys):
     _fails(capsys, [*slim, "--model", str(tmp_path / "missing"), "--budget", "0.4"], "does not exist")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    _fails(capsys, [*slim, "--model", str(tmp_path / "vae"), "--budget", "0.4"], "not a diffusers pipeline")
+    _fails(capsys, [*slim, "--model", str(tmp_path / "vae"), "--budget", "0.4"],
+           "is one component of a pipeline (AutoencoderKL, config.json), not a pipeline")
     _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "0"], "budget")
     _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "-3"], "budget")
     _fails(capsys, [*slim, "--model", "builtin:tiny", "--budget", "100M"], "budget")
