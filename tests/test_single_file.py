@@ -71,6 +71,23 @@ def test_sd1_checkpoint_loads_offline_with_the_shipped_configuration(tmp_path):
     assert loaded.tokenizer("a cat").input_ids == source.tokenizer("a cat").input_ids
 
 
+def test_an_fp8_checkpoint_loads_upcast_and_slims_to_its_other_precision(tmp_path):
+    """UNets shared in float8 (F8_E4M3, with norms and biases in fp16) load upcast, value for value; the dtype a slim
+    UNet made from one is saved in (source_unet_dtype) is the checkpoint's other floating dtype: no float8 is written."""
+    from slimdiff.sources import source_unet_dtype
+
+    source = build_builtin("builtin:tiny")
+    stored = {k: v.to(torch.float8_e4m3fn if k.startswith(UNET_PREFIX) and v.ndim >= 2 else torch.float16)
+              for k, v in to_original_layout(source).items()}
+    ckpt = tmp_path / "tiny-fp8.safetensors"
+    save_file(stored, str(ckpt))
+    loaded = load_pipeline(str(ckpt)).unet.state_dict()
+    for name, value in source.unet.state_dict().items():  # a UNet tensor has the same rank in both layouts
+        expected = value.to(torch.float8_e4m3fn if value.ndim >= 2 else torch.float16).float()
+        assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], expected), name
+    assert source_unet_dtype(str(ckpt)) == torch.float16
+
+
 def test_an_inpainting_checkpoint_loads_offline_as_the_inpainting_pipeline(tmp_path):
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
