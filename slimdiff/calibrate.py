@@ -129,6 +129,7 @@ def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     latents; one line for images or a strength given to a pipeline that takes no image, or a base model given
     to one that refines no base's latents."""
     family = family_for(pipe)
+    family.check_image_size(pipe, config.height, config.width)
     given = [name for name, value in (("images", config.images), ("strength", config.strength)) if value is not None]
     if given and not family.serving_image_inputs:  # the images a request carries are those its sampling starts from
         raise SlimDiffError(f"{' and '.join(given)} given, but {type(pipe).__name__} takes no image (only "

@@ -98,6 +98,11 @@ def _swap_weights(slim: Path) -> None:
 # (id, argv builder, setup on the per-row folder, expected fragment of the one error line).
 # In argv: {in} = shared inputs folder, {tmp} = this row's folder (checked to be unchanged afterwards).
 SLIMDIFF_ROWS = [
+    ("calibrate-resolution-off-the-grid", ["calibrate", "--model", "builtin:tiny", *FAST, "--resolution", "100",
+                                           "--out", "{tmp}/stats"], None,
+     "image height 100 px: StableDiffusionPipeline takes positive multiples of 8 px (VAE scale 2 × latent multiple 4)"),
+    ("slim-resolution-zero", ["slim", "--model", "builtin:tiny", *FAST, "--resolution", "0", "--budget", "0.3",
+                              "--out", "{tmp}/slim"], None, "image height 0 px"),
     ("calibrate-pickled-text-encoder", ["calibrate", "--model", "{tmp}/pickled", *FAST, "--out", "{tmp}/stats"],
      "pickled-component", "text_encoder/ holds its weights only as pickles (pytorch_model.bin), which are not loaded"),
     ("calibrate-a-pipelines-unet-folder", ["calibrate", "--model", "{in}/other-model/unet", *FAST, "--out",

@@ -252,11 +252,11 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_packed_latents(flux):
 
 
 def test_an_image_size_the_pipeline_cannot_pack_is_refused_before_calibration(flux, tmp_path, capsys):
-    from slimdiff.calibrate import CalibrationConfig
+    from slimdiff.calibrate import CalibrationConfig, pipeline_loop
     from slimdiff.cli import main
 
-    with pytest.raises(SlimDiffError, match=r"image width 34 px: FluxPipeline takes multiples of 4 px"):
-        family_for(flux).calibration_loop(flux, CalibrationConfig(height=32, width=34))
+    with pytest.raises(SlimDiffError, match=r"image width 34 px: FluxPipeline takes positive multiples of 4 px"):
+        pipeline_loop(flux, CalibrationConfig(height=32, width=34))
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     assert main(["calibrate", "--model", "builtin:tiny-flux", "--prompts", str(tmp_path / "prompts.txt"),
                  "--num-prompts", "2", "--pass1-prompts", "1", "--steps", "2", "--resolution", "30",

@@ -193,7 +193,8 @@ def test_bench_times_the_tiny_transformer_dense_vs_slim(capsys):
     # a size off the patch grid is refused in one line (VAE factor 2 × patch size 2)
     assert main(["--model", "builtin:tiny-pixart", "--device", "cpu", "--resolution", "34"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # after the loading line, before any model is built
-    assert err[-1] == "slimdiff bench: error: resolution 34 must be a multiple of 4 for this model"
+    assert err[-1] == ("slimdiff bench: error: image height 34 px: PixArtSigmaPipeline takes positive multiples of 4 px "
+                       "(VAE scale 2 × latent multiple 2)")
     assert not [line for line in err if "building" in line or "Traceback" in line]
 
 

@@ -168,11 +168,12 @@ def test_the_calibration_loop_runs_the_pipeline_on_seeded_latents(sd3, guidance_
 
 
 def test_an_image_size_the_pipeline_cannot_sample_is_refused_before_calibration(sd3, tmp_path, capsys):
-    from slimdiff.calibrate import CalibrationConfig
+    from slimdiff.calibrate import CalibrationConfig, pipeline_loop
     from slimdiff.cli import main
 
-    with pytest.raises(SlimDiffError, match=r"image width 34 px: StableDiffusion3Pipeline takes multiples of 4 px"):
-        family_for(sd3).calibration_loop(sd3, CalibrationConfig(height=32, width=34))
+    with pytest.raises(SlimDiffError,
+                       match=r"image width 34 px: StableDiffusion3Pipeline takes positive multiples of 4 px"):
+        pipeline_loop(sd3, CalibrationConfig(height=32, width=34))
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:3]))
     assert main(["calibrate", "--model", "builtin:tiny-sd3", "--prompts", str(tmp_path / "prompts.txt"),
                  "--num-prompts", "2", "--pass1-prompts", "1", "--steps", "2", "--resolution", "30",

@@ -373,10 +373,8 @@ class Bench:
         dense = family.denoiser(pipe)
         self._check_drivable(family.export_inputs, dense.config)
         factor = pipe.vae_scale_factor
+        family.check_image_size(pipe, cfg.resolution, cfg.resolution)
         self.resolution = cfg.resolution or family.sample_size(dense.config)[0] * factor
-        multiple = factor * family.latent_multiple(dense.config)
-        if self.resolution % multiple:
-            raise SlimDiffError(f"resolution {self.resolution} must be a multiple of {multiple} for this model")
         self.latent = latent = (self.resolution // factor, self.resolution // factor)
         # before any calibration: a family that declares no prompt inputs is refused here
         self.inputs = self._check_drivable(_Inputs, pipe, family, latent, self.resolution, self.device, self.dtype,

@@ -1085,6 +1085,17 @@ class DenoiserFamily(ABC):
         levels, a DiT's patch size)."""
         return 1
 
+    def check_image_size(self, pipe: Any, height: int | None, width: int | None) -> None:
+        """One line, before any work, for an image size (px; None: the pipeline's default) the denoiser cannot be
+        sampled, exported or timed at: sizes are positive multiples of the VAE scale × :meth:`latent_multiple`
+        (diffusers' pipelines check only the VAE scale, and only once they sample)."""
+        vae = pipe.vae_scale_factor
+        latent = self.latent_multiple(self.denoiser(pipe).config)
+        for axis, size in (("height", height), ("width", width)):
+            if size is not None and (size <= 0 or size % (vae * latent)):
+                raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes positive multiples of "
+                                    f"{vae * latent} px (VAE scale {vae} × latent multiple {latent})")
+
     def prompt_inputs(self, pipe: Any, prompt: str, size: tuple[int, int], device: str | torch.device
                       ) -> dict[str, torch.Tensor]:
         """The exported inputs (named as in :meth:`export_inputs`) of one denoiser call of ``pipe`` for ``prompt``

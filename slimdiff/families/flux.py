@@ -171,13 +171,9 @@ def is_text_to_image_transformer(config: Any) -> bool:
 
 
 def calibration_size(pipe: Any, config: Any) -> tuple[int, int, tuple[int, int]]:
-    """(height, width, latent size) a FLUX pipeline calibrates at: the configuration's, else the pipeline's default;
-    one line for a size the pipeline cannot pack (it would round it down with a warning), before any work."""
-    multiple = pipe.vae_scale_factor * PACK
-    for axis, size in (("height", config.height), ("width", config.width)):
-        if size is not None and size % multiple:
-            raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes multiples of {multiple} px "
-                                f"(VAE scale {pipe.vae_scale_factor} × {PACK}×{PACK} latent packing)")
+    """(height, width, latent size) a FLUX pipeline calibrates at: the configuration's (checked by
+    :meth:`~.base.DenoiserFamily.check_image_size`: the pipeline would round a size it cannot pack down, with a
+    warning), else the pipeline's default."""
     default = pipe.default_sample_size * pipe.vae_scale_factor
     height, width = config.height or default, config.width or default
     return height, width, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)

@@ -24,7 +24,6 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import nn
 
-from ..errors import SlimDiffError
 from .base import (
     FAMILIES,
     LAST_HIDDEN_STATE,
@@ -122,12 +121,6 @@ class SD3Family(DenoiserFamily):
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def calibration_loop(self, pipe: Any, config: Any) -> Callable[[Sequence[str], Sequence[int]], None]:
-        # the pipeline checks the image size only once it samples: refused here, before any work
-        vae, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size
-        for axis, size in (("height", config.height), ("width", config.width)):
-            if size is not None and size % (vae * patch):
-                raise SlimDiffError(f"image {axis} {size} px: {type(pipe).__name__} takes multiples of {vae * patch} "
-                                    f"px (VAE scale {vae} × patch size {patch})")
         return sampling_loop(pipe, pipe.transformer, config)
 
     def text_towers(self, pipe: Any) -> list[TextTower]:
