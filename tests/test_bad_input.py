@@ -345,6 +345,23 @@ def test_bench_main_refuses_before_measuring(files, tmp_path, monkeypatch, capsy
                "is a file, not a folder", files, tmp_path, monkeypatch, capsys)
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--iters", "1"], "timed calls ≥ 2 (a speed-up interval needs pairs)"),
+    (["--batch", "0"], "batch sizes must be positive"),
+    (["--pad-heads", "0"], "--pad-heads must be a positive multiple, got 0"),
+    (["--deadline", "-5"], "the deadline is seconds from the start, and must be positive: got -5.0"),
+    (["--calib-prompts", "-1"], "calibration prompts must be ≥ 0 (0: synthetic plans) and calibration steps ≥ 1"),
+    (["--calib-steps", "0"], "calibration prompts must be ≥ 0"),
+], ids=["iters", "batch", "pad-heads", "deadline", "calib-prompts", "calib-steps"])
+def test_bench_settings_out_of_range_are_refused_before_loading(flags, fragment, files, tmp_path, monkeypatch,
+                                                                 capsys):
+    from slimdiff.bench import harness
+
+    monkeypatch.setattr(harness.Bench, "_load", lambda self: pytest.fail("the model loaded before the check"))
+    _check_row(bench_cli.main, "slimdiff bench", ["--model", "builtin:tiny", "--no-e2e", *flags], None, fragment,
+               files, tmp_path, monkeypatch, capsys)
+
+
 def test_fewer_prompts_than_asked_is_one_warning_line(files, tmp_path, capsys):
     assert cli.main(["calibrate", "--model", "builtin:tiny", "--prompts", str(files / "prompts.txt"),
                      *FAST[:-4], "--num-prompts", "500", "--steps", "2", "--out", str(tmp_path / "stats")]) == 0

@@ -108,6 +108,10 @@ class BenchConfig:
         if self.warmup < 0 or self.iters < 2 or self.e2e_runs < 1 or self.e2e_steps < 1:
             raise SlimDiffError("warm-up must be ≥ 0, timed calls ≥ 2 (a speed-up interval needs pairs), "
                                 "end-to-end runs and steps ≥ 1")
+        if self.calib_prompts < 0 or self.calib_steps < 1:
+            raise SlimDiffError("calibration prompts must be ≥ 0 (0: synthetic plans) and calibration steps ≥ 1")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise SlimDiffError(f"the deadline is seconds from the start, and must be positive: got {self.deadline_s}")
         if self.stats and self.calib_prompts:
             raise SlimDiffError("give either calibration statistics or a number of prompts to calibrate, not both")
         if (self.calib_images is not None or self.calib_strength is not None) and not self.calib_prompts:
