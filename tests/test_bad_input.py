@@ -185,6 +185,12 @@ SLIMDIFF_ROWS = [
                                "{in}/prompts.txt", "--out", "{tmp}/file/report"], "file", "is a file, not a folder"),
     ("eval-non-utf8-prompt-file", ["eval", "--model", "builtin:tiny", "--slim", "{in}/slim", "--prompts",
                                    "{tmp}/latin1.txt", "--out", "{tmp}/report"], "latin1", "is not UTF-8 text"),
+    ("eval-resolution-off-the-grid", ["eval", "--model", "builtin:tiny", "--slim", "{in}/slim", "--prompts",
+                                      "{in}/prompts.txt", "--resolution", "100", "--out", "{tmp}/report"], None,
+     "image height 100 px: StableDiffusionPipeline takes positive multiples of 8 px"),
+    ("eval-grid-of-no-columns", ["eval", "--model", "builtin:tiny", "--slim", "{in}/slim", "--prompts",
+                                 "{in}/prompts.txt", "--grid", "0", "--out", "{tmp}/report"], None,
+     "--grid is the grid's number of columns, at least 1: got 0"),
     ("eval-slim-and-dense-swapped", ["eval", "--model", "{in}/slim", "--slim", "builtin:tiny", "--prompts",
                                      "{in}/prompts.txt", "--out", "{tmp}/report"], None,
      "--model '{in}/slim' is a slim model: --model takes the dense model (this one was slimmed from builtin:tiny), "

@@ -186,6 +186,8 @@ def evaluate_to(args, folder: Path) -> dict:
 
     from ..serialization import load_plan, slim_denoiser_folder
 
+    if args.grid < 1:
+        raise SlimDiffError(f"--grid is the grid's number of columns, at least 1: got {args.grid}")
     if (given := slim_denoiser_folder(args.model)) is not None:  # the arguments swapped, most often
         origin = load_plan(given).info.get("source_model")
         raise SlimDiffError(f"--model {args.model!r} is a slim model: --model takes the dense model"

@@ -136,9 +136,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, gui
     unet = family.denoiser(pipe)
     if probe is not None and probe.dense_unet is not unet:
         raise SlimDiffError("the noise-error probe must be attached to the pipeline's own (dense) denoiser")
+    family.check_image_size(pipe, size, size)  # before any sampling: the pipeline checks less, and only once it samples
     size = size or image_size(pipe)
-    if size % pipe.vae_scale_factor:
-        raise SlimDiffError(f"image size {size} is not a multiple of the VAE factor {pipe.vae_scale_factor}")
     latent = size // pipe.vae_scale_factor
     device, dtype = unet.device, unet.dtype
     out = []
