@@ -286,6 +286,18 @@ def _excluded(site: ModuleSite, patterns: tuple[str, ...]) -> bool:
     return any(p == site.kind or p in site.name for p in patterns)
 
 
+def _pool(unet, exclude: tuple[str, ...]) -> list[ModuleSite]:
+    """The sites slimming may resize: all but the excluded; one line for a pattern that excludes nothing (a typo
+    would silently slim what the user meant to keep)."""
+    sites = module_sites(unet)
+    for pattern in exclude:
+        if not any(_excluded(s, (pattern,)) for s in sites):
+            raise SlimDiffError(f"exclude pattern {pattern!r} matches no compressible module: give a kind ("
+                                f"{', '.join(sorted({s.kind for s in sites}))}) or a fragment of a module name such as "
+                                f"{sites[0].name!r}")
+    return [s for s in sites if not _excluded(s, exclude)]
+
+
 def _latency_model(unet, config: SlimConfig, family=None) -> LatencyModel:
     return LatencyModel(load_table(config.latency_table), unet, family=family)
 
@@ -294,6 +306,7 @@ def check_budget(unet, config: SlimConfig, family=None) -> None:
     """Refuse a parameter budget the pool cannot give, or a latency table of another architecture or call (``family``
     calls ``unet``: default its own), before a calibration that can take hours (a MAC budget needs statistics, so it
     is checked later)."""
+    pool = _pool(unet, config.exclude)
     if config.speedup is not None:
         # Whether the target is reachable depends on the table alone (every module at its floor), not on the
         # error curves that calibration would bring.
@@ -302,7 +315,6 @@ def check_budget(unet, config: SlimConfig, family=None) -> None:
         return
     if config.budget_unit != "params":
         return
-    pool = [s for s in module_sites(unet) if not _excluded(s, config.exclude)]
     total = sum(s.params for s in pool)
     budget = config.budget * total if config.budget < 1 else config.budget
     check_budget_range(budget, [(s.width, s.unit_params) for s in pool], config.r_min, config.align)
@@ -327,7 +339,7 @@ def allocation_items(unet, stats: Statistics, config: SlimConfig, with_curves: b
                      progress: bool = True) -> tuple[list[alloc.AllocationItem], dict[str, SiteAnalysis]]:
     """The allocation pool (sites not excluded) with module scores, costs and, optionally, error curves."""
     stats.check_model(unet)
-    pool = [s for s in module_sites(unet) if not _excluded(s, config.exclude)]
+    pool = _pool(unet, config.exclude)
     if not pool:
         raise SlimDiffError("every module is excluded: nothing to slim")
     analyses = analyze_sites(unet, stats, pool)

@@ -98,6 +98,10 @@ def _swap_weights(slim: Path) -> None:
 # (id, argv builder, setup on the per-row folder, expected fragment of the one error line).
 # In argv: {in} = shared inputs folder, {tmp} = this row's folder (checked to be unchanged afterwards).
 SLIMDIFF_ROWS = [
+    ("slim-exclude-matches-nothing", ["slim", "--model", "builtin:tiny", *FAST, "--budget", "0.3", "--exclude", "ffn",
+                                      "atn2", "--out", "{tmp}/slim"], None,
+     "exclude pattern 'atn2' matches no compressible module: give a kind (ffn, qk, vo) or a fragment of a module name "
+     "such as 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.qk'"),
     ("calibrate-resolution-off-the-grid", ["calibrate", "--model", "builtin:tiny", *FAST, "--resolution", "100",
                                            "--out", "{tmp}/stats"], None,
      "image height 100 px: StableDiffusionPipeline takes positive multiples of 8 px (VAE scale 2 × latent multiple 4)"),
