@@ -50,6 +50,8 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None, model
     if path is None:
         path = PROXY_POOL if model == "builtin:proxy" else DEFAULT_POOL
     path = Path(path)
+    if path.is_dir():
+        raise SlimDiffError(f"prompt file {str(path)!r} is a folder: give a .txt, .csv/.tsv or COCO captions .json file")
     if not path.is_file():
         raise SlimDiffError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()

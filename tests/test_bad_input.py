@@ -98,6 +98,9 @@ def _swap_weights(slim: Path) -> None:
 # (id, argv builder, setup on the per-row folder, expected fragment of the one error line).
 # In argv: {in} = shared inputs folder, {tmp} = this row's folder (checked to be unchanged afterwards).
 SLIMDIFF_ROWS = [
+    ("calibrate-prompts-is-a-folder", ["calibrate", "--model", "builtin:tiny", "--prompts", "{in}", *FAST,
+                                       "--out", "{tmp}/stats"], None,
+     "prompt file '{in}' is a folder: give a .txt, .csv/.tsv or COCO captions .json file"),
     ("slim-exclude-matches-nothing", ["slim", "--model", "builtin:tiny", *FAST, "--budget", "0.3", "--exclude", "ffn",
                                       "atn2", "--out", "{tmp}/slim"], None,
      "exclude pattern 'atn2' matches no compressible module: give a kind (ffn, qk, vo) or a fragment of a module name "
