@@ -60,6 +60,17 @@ def test_calibration_without_images_is_refused_before_sampling(inputs, tmp_path,
     code = main(["calibrate", "--model", str(root / "model"), "--images", str(root / "model"), *FAST,
                  "--out", str(tmp_path / "stats")])
     assert code == 2 and "holds no .png" in capsys.readouterr().err
+    # an image that cannot be read is named before calibration starts, not when its prompt comes up
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (40, 90, 200)).save(images / name)
+    (images / "c.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    code = main(["calibrate", "--model", str(root / "model"), "--images", str(images), *FAST,
+                 "--out", str(tmp_path / "stats")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"slimdiff: error: calibration image '{images / 'c.jpg'}' cannot be read")
+    assert not (tmp_path / "stats").exists()
 
 
 def test_an_inpainting_model_calibrates_slims_and_runs_as_an_engine(inputs, tmp_path):

@@ -25,7 +25,19 @@ def calibration_images(folder: str | None, model: str, example: str = "a few hun
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SlimDiffError(f"--images {folder!r} holds no {', '.join(IMAGE_SUFFIXES)} images")
+    for file in files:  # all of them now (headers and checksums, no decoding): not at prompt 300 of 500
+        _check_image(file)
     return files
+
+
+def _check_image(path: Path) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises several types for a file that is not an image
+        raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
 
 
 @lru_cache(maxsize=1)
