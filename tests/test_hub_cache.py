@@ -79,11 +79,17 @@ def test_what_reads_as_a_hub_id(tmp_path, monkeypatch):
 
 def test_a_cached_hub_id_slims_and_its_folder_reloads_from_the_cache(use_cache, tmp_path, capsys):
     snapshot = use_cache / "models--someone--tiny-sd" / "snapshots" / REVISION
+    lora = use_cache / "models--someone--style-lora" / "snapshots" / REVISION / "style.safetensors"
     out = tmp_path / "slim"
-    assert cli.main(["slim", "--model", "someone/tiny-sd", *FAST, "--budget", "0.3", "--out", str(out)]) == 0
+    assert cli.main(["slim", "--model", "someone/tiny-sd", "--lora", "someone/style-lora:0.5", *FAST, "--budget", "0.3",
+                     "--out", str(out)]) == 0
     assert f"someone/tiny-sd: the Hugging Face cache's snapshot {snapshot}" in capsys.readouterr().err
-    assert load_plan(out).info["source_model"] == str(snapshot)  # the files it came from, revision and all
-    reloaded = load_pipeline(str(out))  # the dense pipeline read again from the snapshot, the slim UNet in it
+    info = load_plan(out).info
+    assert info["source_model"] == str(snapshot)  # the files it came from, revision and all
+    # the LoRA by its path in the snapshot (the blob it links to has no .safetensors suffix)
+    record, = info["source_loras"]
+    assert record["path"] == str(lora) and record["scale"] == 0.5
+    reloaded = load_pipeline(str(out))  # the dense pipeline read again from the snapshot, the LoRA fused, slim UNet
     size = sum(p.numel() for p in reloaded.unet.parameters())
     assert size < sum(p.numel() for p in build_builtin("builtin:tiny").unet.parameters())
     # the API takes the id too, and reads the same weights as the model that was cached
@@ -133,13 +139,6 @@ def test_loras_are_named_by_hub_id_too(use_cache, tmp_path, capsys):
     changed, base = from_cache.unet.state_dict(), build_builtin("builtin:tiny").unet.state_dict()
     assert all(torch.equal(v, changed[k]) for k, v in from_file.unet.state_dict().items())
     assert any(not torch.equal(v, changed[k]) for k, v in base.items())
-    # a slim folder records the LoRA by its path in the snapshot (the blob it links to has no .safetensors suffix)
-    out = tmp_path / "slim"
-    assert cli.main(["slim", "--model", "someone/tiny-sd", "--lora", "someone/style-lora:0.5", *FAST, "--budget", "0.3",
-                     "--out", str(out)]) == 0
-    record, = load_plan(out).info["source_loras"]
-    assert record["path"] == str(snapshot / "style.safetensors") and record["scale"] == 0.5
-    assert load_pipeline(str(out)).unet.slim_plan.params_removed > 0  # reopened with the LoRA fused again
     two = use_cache / "models--someone--two-loras" / "snapshots" / REVISION
     assert LoraSpec.parse("someone/two-loras/v2/b.safetensors").path == str(two / "v2" / "b.safetensors")
     with pytest.raises(SlimDiffError, match=r"snapshot of someone/two-loras holds a.safetensors, v2/b.safetensors; "

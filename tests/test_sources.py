@@ -7,7 +7,7 @@ import torch
 
 from slimdiff.cli import main
 from slimdiff.models import build_builtin, load_pipeline
-from slimdiff.sources import choose_variant, stored_dtype
+from slimdiff.sources import choose_variant, source_unet_dtype, stored_dtype
 
 FAST = ["--num-prompts", "2", "--steps", "2", "--pass1-prompts", "1", "--budget", "0.3"]
 
@@ -64,15 +64,24 @@ def test_missing_or_ambiguous_variants_are_one_line(fp16_folder, tmp_path, capsy
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("variant", [None, "fp16"])
-def test_sharded_denoiser_weights_load_and_keep_their_dtype(variant, tmp_path, capsys):
-    """Weights above save_pretrained's shard size come as shards behind an index (FLUX.1-dev's transformer, an
-    SDXL UNet saved in float32): the folder is a model like any other, and its slim UNet keeps the stored dtype."""
-    folder = tmp_path / "sharded"
+def _sharded(folder, variant):
+    """builtin:tiny in bf16 saved in shards behind an index, as save_pretrained writes weights above its shard size
+    (FLUX.1-dev's transformer as published, an SDXL UNet saved in float32)."""
     build_builtin("builtin:tiny").to(torch.bfloat16).save_pretrained(folder, variant=variant, max_shard_size="200KB")
     index = "diffusion_pytorch_model.safetensors.index" + (f".{variant}" if variant else "") + ".json"
     assert (folder / "unet" / index).is_file() and len(list((folder / "unet").glob("*.safetensors"))) > 2
+    return folder
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_sharded_denoiser_weights_are_found_with_their_dtype(variant, tmp_path):
+    folder = _sharded(tmp_path / "sharded", variant)
     assert choose_variant(folder, None) == variant
+    assert source_unet_dtype(str(folder)) == torch.bfloat16  # what a slim UNet of it is saved in
+
+
+def test_a_sharded_folder_slims_and_its_slim_folder_reopens_it(tmp_path, capsys):
+    folder = _sharded(tmp_path / "sharded", None)
     out = tmp_path / "slim"
     assert main(["slim", "--model", str(folder), *FAST, "--out", str(out)]) == 0
     assert stored_dtype(out / "diffusion_pytorch_model.safetensors") == torch.bfloat16
