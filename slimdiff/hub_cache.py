@@ -84,10 +84,13 @@ def missing_message(source: str, what: str = "model path") -> str:
     repo_id = "/".join(source.split("/")[:2])
     if not looks_like_hub_id(repo_id):
         return message
-    from huggingface_hub import constants
+    from huggingface_hub import constants, scan_cache_dir
 
     cache = Path(constants.HF_HUB_CACHE)
-    held = sorted(folder.name[len("models--"):].replace("--", "/") for folder in cache.glob("models--*--*"))
+    try:
+        held = sorted(repo.repo_id for repo in scan_cache_dir(cache).repos if repo.repo_type == "model")
+    except Exception:  # no cache folder (CacheNotFound), or one it cannot read: nothing to name
+        held = []
     holds = f"it holds {', '.join(held[:8])}{' …' if len(held) > 8 else ''}" if held else "it holds no model"
     return (f"{message}, and the Hugging Face cache ({cache}) has no snapshot of {repo_id} ({holds}); slimdiff "
             f"downloads nothing: fetch it where there is a network (`hf download {repo_id} --local-dir DIR`) and "

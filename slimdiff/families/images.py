@@ -3,6 +3,7 @@ maps, images to refine), read one per prompt in turn, and the measuring runs' st
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -26,16 +27,19 @@ def calibration_images(folder: str | None, model: str, example: str = "a few hun
     if not files:
         raise SlimDiffError(f"--images {folder!r} holds no {', '.join(IMAGE_SUFFIXES)} images")
     for file in files:  # all of them now (headers and checksums, no decoding): not at prompt 300 of 500
-        _check_image(file)
+        with _opened(file) as image:
+            image.verify()
     return files
 
 
-def _check_image(path: Path) -> None:
+@contextmanager
+def _opened(path: Path):
+    """The image at ``path``, opened by PIL; one line for a file PIL cannot read, when opened or when read."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.verify()
+            yield image
     except Exception as exc:  # PIL raises several types for a file that is not an image
         raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
 
@@ -60,10 +64,5 @@ def images_of_seeds(files: Sequence[Path], seeds: Sequence[int]) -> list:
 
 
 def read_image(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # PIL raises several types for a file that is not an image
-        raise SlimDiffError(f"calibration image {str(path)!r} cannot be read: {exc}") from exc
+    with _opened(path) as image:
+        return image.convert("RGB")
