@@ -1,5 +1,5 @@
 """How a command ends and talks: user errors as one line and an exit status, SIGTERM handled like Ctrl-C,
-warnings as single lines.
+warnings as single lines, and the libraries' lines about things slimdiff does not use left out.
 
 A job scheduler cancels with SIGTERM; Python's default handler would end the process without running any
 ``finally`` block, so a half-written ``.OUT.partial-PID`` folder would stay behind. Turned into an exception,
@@ -58,12 +58,48 @@ def one_line_warnings(prog: str) -> Iterator[None]:
         yield
 
 
+# (logger, part of the message): lines the libraries print on every command, at import or export, about things
+# slimdiff does not use. One filter drops one message, so a logger's other warnings still show.
+_LIBRARY_NOISE = (
+    # transformers ≥ 5, importing diffusers' SD pipelines without torchvision: their CLIP image processor (which
+    # slimdiff never loads) falls back to PIL
+    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    # diffusers and transformers import torchao whenever it is installed (slimdiff[bench], so every checkout that
+    # runs the tests): its wheel's C++ kernels (float8, CUTLASS: GPU-only, built for another Python) fail to load,
+    # and it registers enums with torch's pytree in a way torch now calls deprecated
+    ("torchao", "Failed to load "),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+    # the ONNX exporter lists each torchvision operator it cannot register
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.part not in record.getMessage()
+
+
+def quiet_library_noise() -> None:
+    """Leave out of this process's output the library lines in ``_LIBRARY_NOISE``, and torch's deprecation warning
+    about its own pytree classes that ONNX export raises. Process-wide: for the commands and their second process,
+    not for the Python API, whose user owns the process's logging."""
+    for name, part in _LIBRARY_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.part == part for f in logger.filters):
+            logger.addFilter(_DropMessage(part))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
 def run_command(prog: str, func, args) -> int:
     """Run one command; a user error or an interrupt becomes one line on stderr and an exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
-    # transformers ≥ 5 warns on importing diffusers' SD pipelines that their CLIP image processor falls back to PIL
-    # without torchvision: two lines on every command about a component slimdiff never loads
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    quiet_library_noise()
     try:
         with sigterm_as_interrupt(), one_line_warnings(prog):
             func(args)

@@ -47,6 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..console import quiet_library_noise, run_command
 from ..errors import SlimDiffError
 from ..export.meta import EXPORT_FILE, EXPORT_FORMAT, status, write_json_atomic
 from ..hub_cache import resolve_model_source
@@ -291,6 +292,7 @@ def _dense_variant_in_process(args, folder: Path, build: dict, export_options: t
 
 def _call_and_send(send, fn, fn_args) -> None:
     """The second process's body: ``fn(*fn_args)``'s result or exception, sent back through ``send``."""
+    quiet_library_noise()
     try:
         send.send((True, fn(*fn_args)))
     except BaseException as exc:  # noqa: BLE001 — every failure goes back to the first process
@@ -732,8 +734,6 @@ def run(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..console import run_command
-
     return run_command("slimdiff-export", run, build_parser().parse_args(argv))
 
 
