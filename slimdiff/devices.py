@@ -6,13 +6,26 @@ from .errors import SlimDiffError
 
 
 def resolve_device(name: str | None) -> str:
-    """``None`` means CUDA when available, else the CPU; an explicit CUDA device must exist."""
+    """``None`` means CUDA when available, else the CPU. An explicit device must be the CPU or a CUDA device this
+    machine has: calibration keeps float64 moments, and the engines run on CUDA or the CPU, so no other torch
+    device (``mps``, ``xpu``) would get through a command."""
     import torch
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SlimDiffError(f"--device {name!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SlimDiffError(f"--device {name} was asked for, but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise SlimDiffError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise SlimDiffError(f"--device {name}: slimdiff runs on cpu or cuda (calibration keeps float64 moments, "
+                            "and the engines run on CUDA or the CPU)")
     return name
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from .errors import SlimDiffError
 
+# "utf-8-sig": UTF-8 that may start with a byte-order mark, as Notepad and Excel's "CSV UTF-8" save it; read as
+# plain UTF-8, the mark would stay in the first prompt or hide a CSV's first column name.
+_ENCODING = "utf-8-sig"
 DEFAULT_POOL = Path(__file__).parent / "assets" / "prompts" / "coco_val2017_captions.txt"
 # The proxy model's closed vocabulary cannot read COCO captions: it calibrates on its own training captions,
 # shipped as a file so that prompt reading never imports the proxy package.
@@ -26,7 +29,7 @@ def _clean(text: str) -> str:
 
 
 def _from_table(path: Path, delimiter: str) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding=_ENCODING) as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         columns = {c.lower().strip(): c for c in (reader.fieldnames or [])}
         column = next((columns[c] for c in _PROMPT_COLUMNS if c in columns), None)
@@ -37,7 +40,7 @@ def _from_table(path: Path, delimiter: str) -> list[str]:
 
 def _from_coco(path: Path) -> list[str]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=_ENCODING))
         annotations = sorted(data["annotations"], key=lambda a: (a["image_id"], a["id"]))
         return [a["caption"] for a in annotations]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -61,7 +64,7 @@ def read_prompts(path: str | Path | None = None, limit: int | None = None, model
         elif suffix in (".csv", ".tsv"):
             raw = _from_table(path, "\t" if suffix == ".tsv" else ",")
         else:
-            raw = path.read_text(encoding="utf-8").splitlines()
+            raw = path.read_text(encoding=_ENCODING).splitlines()
     except UnicodeDecodeError as exc:
         raise SlimDiffError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
                             f"offset {exc.start}); save it as UTF-8") from None

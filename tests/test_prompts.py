@@ -27,6 +27,19 @@ def test_formats(tmp_path):
     assert read_prompts(tmp_path / "a.txt", limit=1) == ["a cat"]
 
 
+def test_files_saved_with_a_byte_order_mark(tmp_path):
+    """Notepad and Excel ("CSV UTF-8") start UTF-8 files with a byte-order mark: it is no part of the first prompt,
+    nor of a table's first column name."""
+    bom = "\ufeff"
+    (tmp_path / "a.txt").write_text(f"{bom}a cat\r\na dog\r\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "a.txt") == ["a cat", "a dog"]
+    (tmp_path / "b.csv").write_text(f"{bom}prompt,id\r\nred,1\r\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "b.csv") == ["red"]
+    coco = {"annotations": [{"image_id": 1, "id": 1, "caption": "only"}]}
+    (tmp_path / "c.json").write_text(bom + json.dumps(coco), encoding="utf-8")
+    assert read_prompts(tmp_path / "c.json") == ["only"]
+
+
 @pytest.mark.parametrize("content,suffix", [("\n \n", ".txt"), ("id,other\n1,x\n", ".csv"), ("{}", ".json")])
 def test_bad_prompt_files(tmp_path, content, suffix):
     path = tmp_path / f"p{suffix}"

@@ -48,6 +48,7 @@ import traceback
 from pathlib import Path
 
 from ..console import quiet_library_noise, run_command
+from ..devices import resolve_device
 from ..errors import SlimDiffError
 from ..export.meta import EXPORT_FILE, EXPORT_FORMAT, status, write_json_atomic
 from ..hub_cache import resolve_model_source
@@ -138,18 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build refittable engines (BuilderFlag.REFIT): they take new weights later "
                           "(pipe.unet.load_weights_from) without a rebuild")
     return p
-
-
-def _device(args) -> str:
-    import torch
-
-    if args.device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimDiffError("--device cuda was asked for, but no CUDA device is available")
-    if not (args.device == "cpu" or args.device.startswith("cuda")):
-        raise SlimDiffError(f"--device must be cpu or cuda, not {args.device!r}")
-    return args.device
 
 
 def _load_model(source: str, config: str | None = None, variant: str | None = None, loras=(),
@@ -550,7 +539,7 @@ def run(args) -> list[dict]:
 
     start = time.perf_counter()
     backend = engines.get(args.engine)
-    device = _device(args)
+    device = resolve_device(args.device)
     backend.require(device)  # before any slow work: one line naming the alternatives
     slim_source = slim_denoiser_folder(args.model)
     if args.lora and slim_source is not None and not (slim_source / MAPS_FILE).is_file():
