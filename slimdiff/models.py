@@ -683,6 +683,11 @@ def _pipeline_class(path: Path, source: str):
     def present(component: str) -> bool:
         return _has_component(path, component, index)
 
+    # Every family samples through its VAE and scheduler; diffusers would name only the first file it missed.
+    missing = [c for c in ("vae", "scheduler") if not present(c)]
+    if missing:
+        raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder without {', '.join(missing)} "
+                            "(calibration samples images through the pipeline): the folder is incomplete")
     if cls_name in PIXART_PIPELINES:
         # diffusers lists PixArt's tokenizer and text encoder as optional (prompt embeddings can be passed in),
         # but calibration runs the pipeline on prompts.
@@ -722,9 +727,15 @@ def _pipeline_class(path: Path, source: str):
                                 "the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
                                 "may be left out, with its tokenizer): the folder is incomplete")
         return diffusers.StableDiffusion3Pipeline
+    if not present("unet"):
+        raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder without unet: the folder is incomplete")
     unet_config = _component_config(path)
     inpainting = _check_unet_input(unet_config, source, cls_name)
     if not cls_name.startswith("StableDiffusionXL"):
+        missing = [c for c in ("text_encoder", "tokenizer") if not present(c)]
+        if missing:
+            raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder without {', '.join(missing)} "
+                                "(calibration runs the pipeline on prompts): the folder is incomplete")
         return diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):
         # the refiner: the second text tower only, aesthetic-score time ids; an image-to-image pipeline
@@ -738,9 +749,10 @@ def _pipeline_class(path: Path, source: str):
         _check_time_ids(unet_config, source, refiner=True)
         return diffusers.StableDiffusionXLImg2ImgPipeline
     _check_time_ids(unet_config, source, refiner=False)
-    if not present("text_encoder_2"):
-        raise SlimDiffError(f"{source!r} is an SDXL pipeline without text_encoder_2 (both text encoders are "
-                            "needed): the folder is incomplete")
+    missing = [c for c in ("tokenizer", "text_encoder_2", "tokenizer_2") if not present(c)]
+    if missing:
+        raise SlimDiffError(f"{source!r} is an SDXL pipeline without {', '.join(missing)} (both text encoders are "
+                            "needed, with their tokenizers): the folder is incomplete")
     return diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
 
 

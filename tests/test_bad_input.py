@@ -112,6 +112,13 @@ SLIMDIFF_ROWS = [
                               "--out", "{tmp}/slim"], None, "image height 0 px"),
     ("calibrate-pickled-text-encoder", ["calibrate", "--model", "{tmp}/pickled", *FAST, "--out", "{tmp}/stats"],
      "pickled-component", "text_encoder/ holds its weights only as pickles (pytorch_model.bin), which are not loaded"),
+    ("calibrate-pipeline-without-its-vae", ["calibrate", "--model", "{tmp}/incomplete", *FAST, "--out",
+                                            "{tmp}/stats"], "no-vae",
+     "is a StableDiffusionPipeline folder without vae (calibration samples images through the pipeline): the folder "
+     "is incomplete"),
+    ("slim-pipeline-without-its-tokenizer", ["slim", "--model", "{tmp}/incomplete", *FAST, "--budget", "0.3",
+                                             "--out", "{tmp}/slim"], "no-tokenizer",
+     "is a StableDiffusionPipeline folder without tokenizer"),
     ("calibrate-a-pipelines-unet-folder", ["calibrate", "--model", "{in}/other-model/unet", *FAST, "--out",
                                            "{tmp}/stats"], None,
      "is one component of a pipeline (UNet2DConditionModel, config.json), not a pipeline: slimdiff samples with the "
@@ -283,6 +290,10 @@ def _setup(kind: str | None, tmp: Path, inputs: Path, monkeypatch) -> None:
         text_encoder = _copy_tree(inputs / "other-model", tmp / "pickled") / "text_encoder"
         (text_encoder / "model.safetensors").unlink()
         (text_encoder / "pytorch_model.bin").write_bytes(b"PK\x03\x04")  # never opened
+    elif kind in ("no-vae", "no-tokenizer"):  # a component folder deleted or never copied; the index still lists it
+        import shutil
+
+        shutil.rmtree(_copy_tree(inputs / "other-model", tmp / "incomplete") / kind.removeprefix("no-"))
     elif kind == "ckpt":
         (tmp / "model.ckpt").write_bytes(b"PK\x03\x04")
     elif kind == "lora":
