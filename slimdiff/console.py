@@ -103,9 +103,14 @@ def run_command(prog: str, func, args) -> int:
     try:
         with sigterm_as_interrupt(), one_line_warnings(prog):
             func(args)
+            sys.stdout.flush()  # a reader that left shows here, not as a traceback at exit
     except SlimDiffError as exc:
         print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader left (`slimdiff inspect DIR | head`): end quietly, as cat does
+        # Later writes (Python flushes stdout at exit) go nowhere instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # the file system refused (disk full, permissions): no traceback, outputs cleaned up
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """What a command prints besides its own lines: the libraries' warnings about things slimdiff does not use are left
-out (torchao's kernels, torchvision's absence), their other warnings are not."""
+out (torchao's kernels, torchvision's absence), their other warnings are not; and how it ends when its reader
+leaves (``slimdiff inspect DIR | head``)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,3 +29,21 @@ def test_commands_leave_out_the_libraries_lines_about_what_slimdiff_does_not_use
     printed = done.stderr
     assert not [part for part in _NOISE if part in printed], printed
     assert "another torchao warning" in printed  # one message is dropped, not the logger
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
+    """As ``cat`` does when ``head`` has read enough: exit status 128 + SIGPIPE, nothing on stderr (it said
+    ``slimdiff: error: Broken pipe`` and exited 2)."""
+    from export_support import slim_tiny_unet
+
+    from slimdiff.serialization import save_slim
+
+    save_slim(*slim_tiny_unet(), tmp_path / "slim")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command prints its first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "slimdiff", "inspect", str(tmp_path / "slim")], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
