@@ -1,14 +1,15 @@
 """Prompt files: ``.txt`` (one per line), ``.csv``/``.tsv`` with a prompt column, COCO captions JSON.
 
-The packaged default pool is the first caption of each MS-COCO val2017 image (4,958 unique captions,
-CC BY 4.0 per COCO's terms of use) — evaluation prompts should come from other files (PartiPrompts,
-DrawBench, COCO-30k in ``shared/data``).
+The packaged calibration pool is the first caption of each MS-COCO val2017 image (4,958 unique captions, CC BY 4.0
+per COCO's terms of use); the packaged evaluation pool is PartiPrompts (Apache-2.0), no prompt of which is a COCO
+caption (``assets/prompts/NOTICE.txt``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 import re
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from .errors import SlimDiffError
 # plain UTF-8, the mark would stay in the first prompt or hide a CSV's first column name.
 _ENCODING = "utf-8-sig"
 DEFAULT_POOL = Path(__file__).parent / "assets" / "prompts" / "coco_val2017_captions.txt"
+# `slimdiff eval`'s default: PartiPrompts (Apache-2.0, assets/prompts/NOTICE.txt), 1,632 prompts over 12 categories
+# and 11 challenges, written apart from COCO, so that evaluation does not reuse calibration's prompts.
+EVALUATION_POOL = Path(__file__).parent / "assets" / "prompts" / "PartiPrompts.tsv"
 # The proxy model's closed vocabulary cannot read COCO captions: it calibrates on its own training captions,
 # shipped as a file so that prompt reading never imports the proxy package.
 PROXY_POOL = Path(__file__).parent / "assets" / "proxy" / "calibration_prompts.txt"
@@ -45,6 +49,15 @@ def _from_coco(path: Path) -> list[str]:
         return [a["caption"] for a in annotations]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise SlimDiffError(f"{path}: not a COCO captions JSON file ({exc})") from exc
+
+
+def evaluation_prompts(num: int, seed: int = 0) -> list[str]:
+    """``num`` prompts of :data:`EVALUATION_POOL`, a seeded sample in file order: the file runs category by category
+    (its first prompts are single words), so its first N would test one kind of prompt."""
+    pool = read_prompts(EVALUATION_POOL)
+    if num >= len(pool):
+        return pool
+    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), num))]
 
 
 def read_prompts(path: str | Path | None = None, limit: int | None = None, model: str | None = None) -> list[str]:

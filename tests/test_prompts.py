@@ -3,7 +3,7 @@ import json
 import pytest
 
 from slimdiff.errors import SlimDiffError
-from slimdiff.prompts import DEFAULT_POOL, read_prompts
+from slimdiff.prompts import DEFAULT_POOL, EVALUATION_POOL, evaluation_prompts, read_prompts
 
 
 def test_packaged_pool_is_clean_and_unique():
@@ -48,6 +48,16 @@ def test_bad_prompt_files(tmp_path, content, suffix):
         read_prompts(path)
     with pytest.raises(SlimDiffError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_evaluation_prompts_are_a_fixed_sample_of_partiprompts_apart_from_the_calibration_pool():
+    pool = read_prompts(EVALUATION_POOL)
+    assert len(pool) == 1632 and not set(pool) & set(read_prompts())  # no COCO caption among them
+    sample = evaluation_prompts(32)
+    assert sample == evaluation_prompts(32) and sample != evaluation_prompts(32, seed=1)
+    assert set(sample) <= set(pool) and len(set(sample)) == 32
+    assert sample != pool[:32] and sample == sorted(sample, key=pool.index)  # spread over the file, in its order
+    assert evaluation_prompts(5000) == pool
 
 
 def test_shared_prompt_sets_parse():

@@ -92,10 +92,16 @@ def test_dense_model_against_itself(tmp_path, prompt_file):
     assert m["fidelity"]["psnr_db"]["identical_pairs"] == 2 and m["fidelity"]["ssim"]["mean"] == pytest.approx(1)
 
 
+def test_without_prompts_a_model_is_evaluated_on_the_packaged_partiprompts(tmp_path):
+    from slimdiff.prompts import evaluation_prompts
+
+    _eval("--model", "builtin:tiny", "--slim", "builtin:tiny", "--num", "2", "--steps", "2", "--out",
+          str(tmp_path / "report"))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["prompts"] == evaluation_prompts(2) and report["settings"]["prompts"].startswith("PartiPrompts")
+
+
 def test_user_errors(tmp_path):
-    with pytest.raises(SlimDiffError, match="--prompts is required"):
-        _eval("--model", "builtin:tiny", "--slim", "builtin:tiny", "--out", str(tmp_path / "a"))
-    assert not (tmp_path / "a").exists()
     from diffusers import UNet2DConditionModel
 
     from slimdiff.configs import TINY_UNET

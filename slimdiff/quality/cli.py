@@ -20,6 +20,8 @@ from ..hub_cache import resolve_model_source
 
 # The proxy's own evaluation (python -m slimdiff.proxy.evaluate) draws held-out prompts with this seed.
 HELDOUT_PROMPT_SEED = 12345
+# Which PartiPrompts `slimdiff eval` samples when no --prompts are given: fixed, so reports compare across runs.
+EVALUATION_PROMPT_SEED = 0
 PROXY_GUIDANCE = 5.0  # the guidance the proxy model is trained and evaluated for
 SD_GUIDANCE = 7.5
 
@@ -36,8 +38,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a LoRA fused into the dense model (repeat for several); default: the LoRAs a slim folder "
                         "was made with")
     p.add_argument("--prompts", default=None,
-                   help="prompt file (.txt, .csv/.tsv, COCO JSON); default for the proxy model: its held-out prompts")
-    p.add_argument("--num", type=int, default=32, help="number of prompts (first N of the file; default 32)")
+                   help="prompt file (.txt, .csv/.tsv, COCO JSON); default: a fixed sample of the packaged "
+                        "PartiPrompts (other prompts than calibration's COCO captions), for the proxy model its "
+                        "held-out prompts")
+    p.add_argument("--num", type=int, default=32,
+                   help="number of prompts (of a --prompts file its first N; default 32)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"CFG scale (default {PROXY_GUIDANCE} for the proxy model, {SD_GUIDANCE} otherwise)")
@@ -159,18 +164,21 @@ def _ensemble_base(args, refiner, dtype, device) -> tuple:
     return base.to(device), config.refiner_start
 
 
-def _prompts(args, proxy: bool) -> list[str]:
-    from ..prompts import read_prompts
+def _prompts(args, proxy: bool) -> tuple[list[str], str]:
+    """The evaluation prompts, and where they come from (for the report)."""
+    from ..prompts import evaluation_prompts, read_prompts
 
     if args.num < 1:
         raise SlimDiffError(f"--num must be positive, got {args.num}")
     if args.prompts:
-        return read_prompts(args.prompts, limit=args.num)
+        return read_prompts(args.prompts, limit=args.num), args.prompts
     if proxy:
         from ..proxy.shapes import heldout_prompts
 
-        return heldout_prompts(args.num, seed=HELDOUT_PROMPT_SEED)
-    raise SlimDiffError("--prompts is required for models other than the proxy (e.g. ../shared/data/PartiPrompts.tsv)")
+        return (heldout_prompts(args.num, seed=HELDOUT_PROMPT_SEED),
+                f"proxy held-out compositions (seed {HELDOUT_PROMPT_SEED})")
+    return (evaluation_prompts(args.num, seed=EVALUATION_PROMPT_SEED),
+            f"PartiPrompts, packaged (a sample, seed {EVALUATION_PROMPT_SEED})")
 
 
 def evaluate_to(args, folder: Path) -> dict:
@@ -194,14 +202,14 @@ def evaluate_to(args, folder: Path) -> dict:
                             f"{f' (this one was slimmed from {origin})' if origin else ''}, --slim the slim one")
     start = time.perf_counter()
     device = resolve_device(args.device)
+    proxy = is_proxy(args.model)
+    prompts, prompt_source = _prompts(args, proxy)  # before any model loads: a bad prompt file is one line at once
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     dense = load_pipeline(args.model, dtype, loras=_dense_loras(args)).to(device)
     dense_unet = family_for(dense).denoiser(dense)
     slim_unet, made_from = _load_slim(args.slim, dense_unet, dtype, device)
-    proxy = is_proxy(args.model)
     if args.adherence == "on" and not proxy:
         print("note: --adherence on with a model that is not the proxy: the analyzer reads shapes only")
-    prompts = _prompts(args, proxy)
     images = _starting_images(args, dense)
     base, refiner_start = _ensemble_base(args, dense, dtype, device)
     settings = EvalSettings(steps=args.steps, seed=args.seed, size=args.resolution, batch_size=args.batch_size,
@@ -235,7 +243,7 @@ def evaluate_to(args, folder: Path) -> dict:
         # MACs at the family's text length (CLIP's 77 tokens; PixArt-Σ's T5: 300; SD3: 77 + 256)
         "dense": {"source": args.model, **unet_cost(dense_unet, family=family_for(dense))},
         "slim": {"source": args.slim, "made_from": made_from, **unet_cost(slim_unet, family=family_for(dense))},
-        "settings": {"prompts": args.prompts or f"proxy held-out compositions (seed {HELDOUT_PROMPT_SEED})",
+        "settings": {"prompts": prompt_source,
                      "num_prompts": len(prompts), "steps": settings.steps,
                      "guidance": settings.guidance, "seeds": f"{settings.seed}..{settings.seed + len(prompts) - 1}",
                      "size": comp.dense.shape[1], "scheduler": type(dense.scheduler).__name__, "device": device,
