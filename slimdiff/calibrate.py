@@ -835,6 +835,42 @@ def calibrate(
     if group.is_leader:
         _warn_if_step_distilled(unet, config)
     folder = Path(out) if out is not None else None
+    with _sole_writer(folder if group.is_leader else None):
+        return _calibrate_into(unet, prompts, folder, config, loop, progress, on_batch, group, site_shards)
+
+
+@contextmanager
+def _sole_writer(folder: Path | None) -> Iterator[None]:
+    """Hold ``folder`` for one calibration at a time (an exclusive ``flock`` on the folder itself, released when
+    the process ends however it ends): a second run into it — a scheduler's retry while the first still runs —
+    would checkpoint over the first one's files. A folder made here and left empty is removed again."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no advisory locks to take
+        fcntl = None
+    if folder is None or fcntl is None:
+        yield
+        return
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SlimDiffError(f"{str(folder)!r} is being written by another calibration now: wait for it to end "
+                                "(rerun then to resume it, if it stopped), or use another --out") from None
+        yield
+    finally:
+        os.close(handle)
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _calibrate_into(unet, prompts: Sequence[str], folder: Path | None, config: CalibrationConfig, loop: BatchLoop,
+                    progress: bool, on_batch: Callable[[str, int], None] | None, group: Group,
+                    site_shards: int | str) -> Statistics | None:
+    """:func:`calibrate` once the folder is this run's: unsharded, or site shard after site shard."""
     plan = site_shards_for(unet, config.steps, site_shards, group.size)
     if plan is None:
         if folder is not None and group.is_leader and _read_shards(folder) is not None:

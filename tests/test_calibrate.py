@@ -1,4 +1,6 @@
+import fcntl
 import json
+import os
 
 import pytest
 import torch
@@ -33,6 +35,18 @@ def test_resumed_calibration_is_bit_identical(tmp_path):
     for field in ("base", "refiner_start"):
         del manifest["config"][field]
     (tmp_path / "resumed" / "manifest.json").write_text(json.dumps(manifest))
+    # While another calibration holds the folder (its lock is on its own open of the folder, as another process's
+    # would be), a second one is refused before it samples or writes anything.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir() if p.is_file()}
+    other = os.open(tmp_path / "resumed", os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SlimDiffError, match="is being written by another calibration now"):
+            calibrate(pipe, prompts, tmp_path / "resumed", CONFIG, progress=False,
+                      on_batch=lambda s, d: pytest.fail("sampled under another calibration's lock"))
+    finally:
+        os.close(other)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir() if p.is_file()} == before
     seen = []
     calibrate(pipe, prompts, tmp_path / "resumed", CONFIG, progress=False, on_batch=lambda s, d: seen.append((s, d)))
     assert seen == [("pass2", 3), ("pass2", 4)]  # only the unfinished batches ran again
