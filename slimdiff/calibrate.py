@@ -860,6 +860,8 @@ def _sole_writer(folder: Path | None) -> Iterator[None]:
         except BlockingIOError:
             raise SlimDiffError(f"{str(folder)!r} is being written by another calibration now: wait for it to end "
                                 "(rerun then to resume it, if it stopped), or use another --out") from None
+        except OSError:  # a file system without locks (some network and FUSE mounts): calibrate unguarded
+            pass
         yield
     finally:
         os.close(handle)
