@@ -713,6 +713,28 @@ def check_statistics_fit(unet, timesteps: int, processes: int = 1,
         f"sites), with fewer --steps (the per-timestep parts scale with them) or on a machine with more memory")
 
 
+def check_disk_room(unet, folder: Path, timesteps: int, shards: list[list[str]] | None = None,
+                    processes: int = 1) -> None:
+    """Refuse, before the first prompt, a calibration whose checkpoints will not fit on ``folder``'s file system
+    (a full disk would otherwise end it at its first large checkpoint, after the sampling it spent). On disk: each
+    shard's pass-1 Grams and statistics; while a checkpoint replaces the last one, both (the larger shard's); under
+    torchrun, the other ranks' finished chunks (each as large) until rank 0 folds them. A resumed run's checkpoints
+    count as room, as it replaces them."""
+    need, largest = 0, 0
+    for group in [None] if shards is None else shards:
+        sizes = statistics_bytes(unet, timesteps, group)
+        total = sum(sizes.values())
+        need += sizes["attention_grams_per_timestep"] + total
+        largest = max(largest, total)
+    need += largest * processes  # the checkpoint being replaced, and the other ranks' chunks
+    held = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    free = shutil.disk_usage(folder).free
+    if need > free + held:
+        raise SlimDiffError(f"calibration checkpoints need about {need / 1e9:.1f} GB on the file system of "
+                            f"{str(folder)!r} at their peak, and it has {(free + held) / 1e9:.1f} GB free: free some "
+                            "space, --out on another disk, or fewer --steps (the per-timestep Grams scale with them)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Site shards: statistics too large for one machine's memory, collected a share of the sub-layers at a time
 # ----------------------------------------------------------------------------------------------------------
@@ -874,6 +896,8 @@ def _calibrate_into(unet, prompts: Sequence[str], folder: Path | None, config: C
                     site_shards: int | str) -> Statistics | None:
     """:func:`calibrate` once the folder is this run's: unsharded, or site shard after site shard."""
     plan = site_shards_for(unet, config.steps, site_shards, group.size)
+    if folder is not None and group.is_leader:
+        check_disk_room(unet, folder, config.steps, plan, group.size)
     if plan is None:
         if folder is not None and group.is_leader and _read_shards(folder) is not None:
             raise SlimDiffError(f"{str(folder)!r} holds site shards ({SHARDS_FILE}): rerun with the same "

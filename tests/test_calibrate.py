@@ -227,3 +227,19 @@ def test_statistics_of_another_format_version_are_refused_with_what_to_do(tmp_pa
         Statistics.load(tmp_path)
     with pytest.raises(SlimDiffError, match="another slimdiff version"):  # and a resume into it
         calibrate(build_builtin("builtin:tiny"), ["a cat"], tmp_path, CONFIG, progress=False)
+
+
+def test_a_calibration_whose_checkpoints_will_not_fit_on_disk_is_refused_before_the_first_prompt(
+        tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import slimdiff.calibrate as calibration
+
+    pipe = build_builtin("builtin:tiny")
+    need = 2 * sum(calibration.statistics_bytes(pipe.unet, CONFIG.steps).values())  # at least: statistics twice
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(calibration.shutil, "disk_usage", lambda path: usage(10 * need, 9 * need, need // 2))
+    with pytest.raises(SlimDiffError, match=r"calibration checkpoints need about .* GB on the file system of"):
+        calibrate(pipe, read_prompts(limit=2), tmp_path / "stats", CONFIG, progress=False,
+                  on_batch=lambda s, d: pytest.fail("sampled although the checkpoints cannot be written"))
+    assert not (tmp_path / "stats").exists()  # the folder made for the run is not left behind
