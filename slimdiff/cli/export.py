@@ -719,6 +719,10 @@ def run(args) -> list[dict]:
         if repo_tmp is not None:
             shutil.rmtree(repo_tmp, ignore_errors=True)
     status(f"engines written to {out} in {time.perf_counter() - start:.0f} s")
+    if args.triton_repo:
+        status(f"serve the Triton repository with `tritonserver --model-repository {Path(args.triton_repo).resolve()}`"
+               " (its python models import slimdiff: the server's Python needs it; README: Serve with Triton "
+               "Inference Server)")
     return rows
 
 
