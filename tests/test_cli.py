@@ -91,3 +91,19 @@ def test_slim_writes_a_diffusers_pipeline_folder(stats_dir, tmp_path, capsys):
     assert index["unet"] == ["slimdiff.slim_models", "SlimUNet2DConditionModel"]
     config = json.loads((pipe_dir / "unet" / "config.json").read_text())
     assert config["rank_plan"] == json.loads((out / "slimdiff_plan.json").read_text())
+
+
+@pytest.mark.parametrize("command", ["slimdiff", "slimdiff-export"])
+def test_version_is_the_packages(command, capsys):
+    """``--version`` prints the version pyproject.toml gives the package (the two must not drift apart)."""
+    import re
+    from pathlib import Path
+
+    from slimdiff.cli import export
+
+    # the [project] table's version line (tomllib would need Python 3.11; the project takes 3.10)
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    declared = re.search(r'^version = "([^"]+)"', pyproject, re.MULTILINE).group(1)
+    with pytest.raises(SystemExit) as exit_:
+        (main if command == "slimdiff" else export.main)(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"slimdiff {declared}"

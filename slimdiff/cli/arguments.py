@@ -8,6 +8,12 @@ from pathlib import Path
 from ..hub_cache import resolve_model_source
 
 
+def add_version_argument(p: argparse.ArgumentParser) -> None:
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"slimdiff {__version__}")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=resolve_model_source,
                    help="a built-in (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:tiny-pixart, "

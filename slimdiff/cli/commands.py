@@ -17,6 +17,7 @@ from ..errors import SlimDiffError
 from .arguments import (
     add_calibration_arguments,
     add_model_arguments,
+    add_version_argument,
     calibration_clock,
     calibration_config_from_args,
     lora_specs,
@@ -194,6 +195,7 @@ def cmd_inspect(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimdiff", description="Training-free slimming of diffusion denoisers (UNets, DiTs).")
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics (resumable)")

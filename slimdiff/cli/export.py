@@ -60,10 +60,11 @@ FP32_ENGINE_TOLERANCE = 1e-4  # relative, as for the ONNX parity check
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import engines
-    from .arguments import add_calibration_arguments, add_lora_argument  # the same flags as `slimdiff slim`
+    from .arguments import add_calibration_arguments, add_lora_argument, add_version_argument  # as `slimdiff slim`'s
 
     p = argparse.ArgumentParser(prog="slimdiff-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(p)
     p.add_argument("--model", required=True, type=resolve_model_source,
                    help="dense model (builtin:tiny, builtin:tiny-xl, builtin:tiny-xl-refiner, builtin:sd15-shape, "
                         "builtin:sdxl-shape, a diffusers folder, a .safetensors file), a slim folder written by "
