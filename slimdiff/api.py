@@ -23,7 +23,7 @@ from .distributed import Group
 from .errors import SlimDiffError, SlimDiffWarning
 from .families import family_for
 from .prompts import read_prompts
-from .slim import SlimConfig, SlimReport, slim_unet
+from .slim import SlimConfig, SlimReport, check_budget, slim_unet
 from .slimset import SlimSet, text_embedder, select_slimset
 
 
@@ -79,10 +79,11 @@ def slim_pipeline(
     on_batch: Callable[[str, int], None] | None = None,
 ) -> SlimReport:
     """Slim the pipeline's denoiser (``pipe.unet``, ``pipe.transformer``) in place. Uses ``stats`` if given (object
-    or directory), else calibrates first."""
+    or directory), else calibrates first — after the checks that need no statistics (:func:`check_budget`)."""
+    family = family_for(pipe)
+    check_budget(family.denoiser(pipe), config, family)
     if stats is None:
         stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress, on_batch)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
-    family = family_for(pipe)
     return slim_unet(family.denoiser(pipe), stats, config, progress, family=family)

@@ -302,10 +302,25 @@ def _latency_model(unet, config: SlimConfig, family=None) -> LatencyModel:
     return LatencyModel(load_table(config.latency_table), unet, family=family)
 
 
+def refuse_slim_denoiser(unet) -> None:
+    """A denoiser slimdiff has slimmed (a slim folder's, or one slimmed in place) is not slimmed again: its plan
+    and its source's provenance would not describe the result (the saved folder failed to reopen), and new
+    factors fitted to the first ones' approximations lose more than one plan at the total budget."""
+    plan = getattr(unet, "slim_plan", None)
+    if plan is None:
+        return
+    origin = plan.info.get("source_model")
+    raise SlimDiffError(f"this {type(unet).__name__} is slim already"
+                        f"{f' (slimmed from {origin})' if origin else ''}: slim "
+                        f"{origin if origin else 'the dense model it came from'} instead, with the budget you want in "
+                        "all (its statistics serve again: --stats)")
+
+
 def check_budget(unet, config: SlimConfig, family=None) -> None:
-    """Refuse a parameter budget the pool cannot give, or a latency table of another architecture or call (``family``
-    calls ``unet``: default its own), before a calibration that can take hours (a MAC budget needs statistics, so it
-    is checked later)."""
+    """Refuse a slim denoiser, a parameter budget the pool cannot give, or a latency table of another architecture or
+    call (``family`` calls ``unet``: default its own), before a calibration that can take hours (a MAC budget needs
+    statistics, so it is checked later)."""
+    refuse_slim_denoiser(unet)
     pool = _pool(unet, config.exclude)
     if config.speedup is not None:
         # Whether the target is reachable depends on the table alone (every module at its floor), not on the
@@ -398,6 +413,7 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
     ``family`` calls ``unet`` in its pipeline (default the denoiser's own): a latency budget prices its call, and the
     plan records it — what an export of the slim folder alone takes the call from (FLUX Kontext's transformer has
     FLUX.1-dev's configuration)."""
+    refuse_slim_denoiser(unet)
     family = family or family_for(unet)
     start = time.perf_counter()
     latency = config.speedup is not None

@@ -108,6 +108,8 @@ SLIMDIFF_ROWS = [
     ("calibrate-resolution-off-the-grid", ["calibrate", "--model", "builtin:tiny", *FAST, "--resolution", "100",
                                            "--out", "{tmp}/stats"], None,
      "image height 100 px: StableDiffusionPipeline takes positive multiples of 8 px (VAE scale 2 × latent multiple 4)"),
+    ("slim-a-slim-folder-again", ["slim", "--model", "{in}/slim", *FAST, "--budget", "0.3", "--out", "{tmp}/slim"],
+     None, "this SlimUNet2DConditionModel is slim already (slimmed from builtin:tiny): slim builtin:tiny instead"),
     ("slim-resolution-zero", ["slim", "--model", "builtin:tiny", *FAST, "--resolution", "0", "--budget", "0.3",
                               "--out", "{tmp}/slim"], None, "image height 0 px"),
     ("calibrate-pickled-text-encoder", ["calibrate", "--model", "{tmp}/pickled", *FAST, "--out", "{tmp}/stats"],
@@ -417,6 +419,14 @@ def test_api_raises_slimdiff_errors(files, tmp_path):
         load_pipeline(str(tmp_path / "unet.onnx"))
     with pytest.raises(SlimDiffError, match="different model"):
         Statistics.load(files / "stats").check_model(load_pipeline(str(files / "other-model")).unet)
+    # a denoiser slimmed in place is not slimmed again, before any calibration
+    from slimdiff import SlimConfig, slim_pipeline
+
+    pipe = load_pipeline("builtin:tiny")
+    slim_pipeline(pipe, SlimConfig(budget=0.3), stats=files / "stats", progress=False)
+    with pytest.raises(SlimDiffError, match="this UNet2DConditionModel is slim already: slim the dense model it came from"):
+        slim_pipeline(pipe, SlimConfig(budget=0.3), prompts=["a red cube"], num_prompts=1,
+                      on_batch=lambda stage, done: pytest.fail("calibrated a slim model"))
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
