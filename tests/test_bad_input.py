@@ -268,6 +268,9 @@ EXPORT_ROWS = [
     ("export-device-torch-has-but-slimdiff-does-not-run-on", ["--model", "builtin:tiny", "--engine", "ort",
                                                               "--device", "xpu", "--out", "{tmp}/engines"], None,
      "--device xpu: slimdiff runs on cpu or cuda"),
+    ("export-a-slim-folder-with-a-budget", ["--model", "{in}/slim", "--engine", "ort", "--budget", "0.2", "--out",
+                                           "{tmp}/engines"], None,
+     "is slim already and is exported as it is: leave out --budget (another budget: slim its dense model"),
     ("export-onnx-as-model", ["--model", "{tmp}/unet.onnx", "--engine", "ort", "--out", "{tmp}/engines"], "onnx",
      "is an ONNX model"),
 ]

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--width", default=None, help="image width in pixels (default as --height)")
     shapes.add_argument("--text-len", default=None, help="tokens of the text embedding (default 77:77:154)")
     slim = p.add_argument_group("slimming (dense models)")
-    slim.add_argument("--budget", default=DEFAULT_BUDGET,
-                      help="fraction of the compressible parameters to remove (0.4) or an amount (100M)")
+    slim.add_argument("--budget", default=None,
+                      help=f"fraction of the compressible parameters to remove (default {DEFAULT_BUDGET}) or an "
+                           "amount (100M)")
     slim.add_argument("--stats", default=None, help="statistics directory from `slimdiff calibrate`")
     add_calibration_arguments(slim)
     triton = p.add_argument_group("Triton Inference Server")
@@ -564,6 +565,14 @@ def run(args) -> list[dict]:
                                 "--controlnet DIR, or leave out --controlnet-inputs")
     if args.controlnet:
         _check_controlnet_folder(args.controlnet, args.engine)
+    if slim_source is not None:
+        given = [flag for flag, value in (("--budget", args.budget), ("--stats", args.stats)) if value is not None]
+        if given:  # they would be ignored: the folder's plan is what is exported
+            raise SlimDiffError(f"{args.model!r} is slim already and is exported as it is: leave out "
+                                f"{' and '.join(given)} (another budget: slim its dense model with `slimdiff slim`, "
+                                "or export the dense model)")
+    elif args.budget is None:
+        args.budget = DEFAULT_BUDGET
     if args.stats or slim_source is not None:
         refuse_sampling_flags(args, "--stats gives statistics collected already" if args.stats else
                               f"{args.model!r} is slim already")
