@@ -108,6 +108,8 @@ SLIMDIFF_ROWS = [
     ("calibrate-resolution-off-the-grid", ["calibrate", "--model", "builtin:tiny", *FAST, "--resolution", "100",
                                            "--out", "{tmp}/stats"], None,
      "image height 100 px: StableDiffusionPipeline takes positive multiples of 8 px (VAE scale 2 × latent multiple 4)"),
+    ("calibrate-a-slim-folder", ["calibrate", "--model", "{in}/slim", *FAST, "--out", "{tmp}/stats"], None,
+     "is slim already: calibrate the dense model it was slimmed from (builtin:tiny); slimming takes dense models"),
     ("slim-a-slim-folder-again", ["slim", "--model", "{in}/slim", *FAST, "--budget", "0.3", "--out", "{tmp}/slim"],
      None, "this SlimUNet2DConditionModel is slim already (slimmed from builtin:tiny): slim builtin:tiny instead"),
     ("slim-resolution-zero", ["slim", "--model", "builtin:tiny", *FAST, "--resolution", "0", "--budget", "0.3",

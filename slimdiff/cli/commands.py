@@ -50,9 +50,14 @@ def cmd_calibrate(args) -> None:
     from ..checks import check_resumable_dir
     from ..distributed import process_group, rank_device
     from ..prompts import read_prompts
+    from ..serialization import load_plan, slim_denoiser_folder
 
     start = time.perf_counter()
     check_resumable_dir(args.out)
+    if (folder := slim_denoiser_folder(args.model)) is not None:  # its statistics would slim nothing (see slim)
+        origin = load_plan(folder).info.get("source_model")
+        raise SlimDiffError(f"{args.model!r} is slim already: calibrate the dense model it was slimmed from"
+                            f"{f' ({origin})' if origin else ''}; slimming takes dense models")
     config = calibration_config_from_args(args)
     pool = read_prompts(args.prompts, model=args.model)
     # Under torchrun every rank loads the model on its own device and samples its share of the prompts.
