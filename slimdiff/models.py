@@ -470,7 +470,8 @@ def _load_pipeline(source: str, dtype: torch.dtype, config: str | None, variant:
     except SlimDiffError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one line
-        raise SlimDiffError(f"could not load a diffusion pipeline from {source!r}: {exc}") from exc
+        raise SlimDiffError(f"could not load a diffusion pipeline from {source!r}: {exc}{_damaged_file_note(exc)}") \
+            from exc
     pipe.set_progress_bar_config(disable=True)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -754,6 +755,17 @@ def _pipeline_class(path: Path, source: str):
         raise SlimDiffError(f"{source!r} is an SDXL pipeline without {', '.join(missing)} (both text encoders are "
                             "needed, with their tokenizers): the folder is incomplete")
     return diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
+
+
+def _damaged_file_note(exc: BaseException) -> str:
+    """What safetensors found wrong with a file, where diffusers' error hides it behind its causes (a truncated
+    copy or download: 'Unable to load weights from checkpoint file …' alone does not say why)."""
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if type(cause).__name__ == "SafetensorError":
+            return f" — the file is damaged or cut short ({cause}): copy or download it again"
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 def load_unet(source: str, dtype: torch.dtype = torch.float32):

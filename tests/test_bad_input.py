@@ -123,6 +123,9 @@ SLIMDIFF_ROWS = [
     ("slim-pipeline-without-its-tokenizer", ["slim", "--model", "{tmp}/incomplete", *FAST, "--budget", "0.3",
                                              "--out", "{tmp}/slim"], "no-tokenizer",
      "is a StableDiffusionPipeline folder without tokenizer"),
+    ("calibrate-pipeline-with-truncated-unet-weights", ["calibrate", "--model", "{tmp}/truncated", *FAST, "--out",
+                                                        "{tmp}/stats"], "truncated-unet",
+     "the file is damaged or cut short (Error while deserializing header"),
     ("calibrate-a-pipelines-unet-folder", ["calibrate", "--model", "{in}/other-model/unet", *FAST, "--out",
                                            "{tmp}/stats"], None,
      "is one component of a pipeline (UNet2DConditionModel, config.json), not a pipeline: slimdiff samples with the "
@@ -301,6 +304,8 @@ def _setup(kind: str | None, tmp: Path, inputs: Path, monkeypatch) -> None:
         import shutil
 
         shutil.rmtree(_copy_tree(inputs / "other-model", tmp / "incomplete") / kind.removeprefix("no-"))
+    elif kind == "truncated-unet":  # a copy or download cut short
+        _truncate(_copy_tree(inputs / "other-model", tmp / "truncated") / "unet" / "diffusion_pytorch_model.safetensors")
     elif kind == "ckpt":
         (tmp / "model.ckpt").write_bytes(b"PK\x03\x04")
     elif kind == "lora":
