@@ -81,9 +81,10 @@ def slim_pipeline(
     """Slim the pipeline's denoiser (``pipe.unet``, ``pipe.transformer``) in place. Uses ``stats`` if given (object
     or directory), else calibrates first — after the checks that need no statistics (:func:`check_budget`)."""
     family = family_for(pipe)
-    check_budget(family.denoiser(pipe), config, family)
+    denoiser = family.denoiser(pipe)
+    check_budget(denoiser, config, family)
     if stats is None:
         stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress, on_batch)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
-    return slim_unet(family.denoiser(pipe), stats, config, progress, family=family)
+    return slim_unet(denoiser, stats, config, progress, family=family)

@@ -684,19 +684,22 @@ def _pipeline_class(path: Path, source: str):
     def present(component: str) -> bool:
         return _has_component(path, component, index)
 
-    # Every family samples through its VAE and scheduler; diffusers would name only the first file it missed.
-    missing = [c for c in ("vae", "scheduler") if not present(c)]
-    if missing:
-        raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder without {', '.join(missing)} "
-                            "(calibration samples images through the pipeline): the folder is incomplete")
+    def require(components: Sequence[str], why: str | None, what: str = f"a {cls_name or 'pipeline'} folder",
+                also_missing: Sequence[str] = ()) -> None:
+        """One line naming every one of ``components`` the folder lacks (diffusers would name only the first file
+        it missed), and ``also_missing``."""
+        missing = [c for c in components if not present(c)] + list(also_missing)
+        if missing:
+            raise SlimDiffError(f"{source!r} is {what} without {', '.join(missing)}{f' ({why})' if why else ''}: "
+                                "the folder is incomplete")
+
+    # every family samples through its VAE and scheduler
+    require(("vae", "scheduler"), "calibration samples images through the pipeline")
     if cls_name in PIXART_PIPELINES:
         # diffusers lists PixArt's tokenizer and text encoder as optional (prompt embeddings can be passed in),
         # but calibration runs the pipeline on prompts.
-        missing = [c for c in ("transformer", "text_encoder", "tokenizer") if not present(c)]
-        if missing:
-            raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration "
-                                "needs the transformer, the T5 text encoder and its tokenizer): the folder is "
-                                "incomplete")
+        require(("transformer", "text_encoder", "tokenizer"),
+                "calibration needs the transformer, the T5 text encoder and its tokenizer")
         return getattr(diffusers, cls_name)
     if cls_name.startswith("Flux") and cls_name not in FLUX_PIPELINES:
         raise SlimDiffError(f"{source!r} is a {cls_name} folder; slimdiff calibrates FLUX through its text-to-image, "
@@ -704,12 +707,10 @@ def _pipeline_class(path: Path, source: str):
                             "folder")
     if cls_name in FLUX_PIPELINES:
         # calibration runs the pipeline on prompts: the transformer and both text towers are needed
-        missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                               *(("controlnet",) if cls_name == FLUX_CONTROLNET_PIPELINE else ())) if not present(c)]
-        if missing:
-            raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
-                                "the transformer, the CLIP and T5 text encoders and their tokenizers, and a "
-                                "ControlNet pipeline its ControlNet): the folder is incomplete")
+        require(("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                 *(("controlnet",) if cls_name == FLUX_CONTROLNET_PIPELINE else ())),
+                "calibration needs the transformer, the CLIP and T5 text encoders and their tokenizers, and a "
+                "ControlNet pipeline its ControlNet")
         kind = cls_name if cls_name in FLUX_OWN_PIPELINES else FLUX_PIPELINE
         _check_flux_input(_component_config(path, "transformer"), source, cls_name, kind)
         return getattr(diffusers, kind)
@@ -719,41 +720,30 @@ def _pipeline_class(path: Path, source: str):
     if cls_name in SD3_PIPELINES:
         # Calibration runs the pipeline on prompts: the transformer and both CLIP towers are needed. The T5 tower
         # may be left out (the pipeline then conditions on zeros in its place), but not half of it.
-        missing = [c for c in ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-                   if not present(c)]
-        if present("text_encoder_3") != present("tokenizer_3"):
-            missing.append("tokenizer_3" if present("text_encoder_3") else "text_encoder_3")
-        if missing:
-            raise SlimDiffError(f"{source!r} is a {cls_name} folder without {', '.join(missing)} (calibration needs "
-                                "the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
-                                "may be left out, with its tokenizer): the folder is incomplete")
+        half_t5 = [] if present("text_encoder_3") == present("tokenizer_3") else [
+            "tokenizer_3" if present("text_encoder_3") else "text_encoder_3"]
+        require(("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+                "calibration needs the transformer and both CLIP text encoders with their tokenizers; the T5 encoder "
+                "may be left out, with its tokenizer", also_missing=half_t5)
         return diffusers.StableDiffusion3Pipeline
-    if not present("unet"):
-        raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder without unet: the folder is incomplete")
+    require(("unet",), None)
     unet_config = _component_config(path)
     inpainting = _check_unet_input(unet_config, source, cls_name)
     if not cls_name.startswith("StableDiffusionXL"):
-        missing = [c for c in ("text_encoder", "tokenizer") if not present(c)]
-        if missing:
-            raise SlimDiffError(f"{source!r} is a {cls_name or 'pipeline'} folder without {', '.join(missing)} "
-                                "(calibration runs the pipeline on prompts): the folder is incomplete")
+        require(("text_encoder", "tokenizer"), "calibration runs the pipeline on prompts")
         return diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     if index.get("requires_aesthetics_score") or not present("text_encoder"):
         # the refiner: the second text tower only, aesthetic-score time ids; an image-to-image pipeline
-        missing = [c for c in ("text_encoder_2", "tokenizer_2") if not present(c)]
-        if missing:
-            raise SlimDiffError(f"{source!r} is an SDXL refiner folder without {', '.join(missing)} (calibration "
-                                "runs the refiner on prompts and images): the folder is incomplete")
+        require(("text_encoder_2", "tokenizer_2"), "calibration runs the refiner on prompts and images",
+                what="an SDXL refiner folder")
         if inpainting:
             raise SlimDiffError(f"{source!r} is an SDXL refiner folder with an inpainting UNet; slimdiff knows the "
                                 "refiner as an image-to-image model only")
         _check_time_ids(unet_config, source, refiner=True)
         return diffusers.StableDiffusionXLImg2ImgPipeline
     _check_time_ids(unet_config, source, refiner=False)
-    missing = [c for c in ("tokenizer", "text_encoder_2", "tokenizer_2") if not present(c)]
-    if missing:
-        raise SlimDiffError(f"{source!r} is an SDXL pipeline without {', '.join(missing)} (both text encoders are "
-                            "needed, with their tokenizers): the folder is incomplete")
+    require(("tokenizer", "text_encoder_2", "tokenizer_2"), "both text encoders are needed, with their tokenizers",
+            what="an SDXL pipeline")
     return diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
 
 
