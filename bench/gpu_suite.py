@@ -95,7 +95,16 @@ def parse_args(argv=None):
                    help="assumed seconds of a first compile of the headline model")
     p.add_argument("--engines", default=None,
                    help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
-    p.add_argument("--skip", default="", help="comma-separated phases to leave out (1-7), e.g. 4,5")
+    p.add_argument("--skip", default="", help="comma-separated phases to leave out (2-8), e.g. 4,5")
+    p.add_argument("--batches", default="2,1", help="headline denoiser batches (default 2,1: CFG first)")
+    p.add_argument("--mac-fractions", default=",".join(map(str, MAC_FRACTIONS)),
+                   help="headline plans removing these fractions of the transformer-block MACs (empty: none)")
+    p.add_argument("--speedups", default=",".join(map(str, SPEEDUPS)),
+                   help="headline latency-budget plans (--speedup targets; empty: none)")
+    p.add_argument("--latency-table", default=None,
+                   help="a latency table this GPU measured before (an earlier suite's latency_table.json): phase 2 "
+                        "is not measured again and the latency-budget plans use it — for a rerun that spends its "
+                        "device time on the compiled engine")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)
@@ -167,6 +176,9 @@ def main(argv=None) -> int:
     args.deadline = args.deadline or (600.0 if dry else 450.0)
     args.hard_limit = args.hard_limit or (900.0 if dry else 480.0)
     args.skip_phases = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    args.mac_fractions = [float(f) for f in args.mac_fractions.split(",") if f.strip()]
+    args.speedups = [float(t) for t in args.speedups.split(",") if t.strip()]
     threads = args.threads or (1 if dry else None)
     if threads:
         torch.set_num_threads(threads)
@@ -179,6 +191,14 @@ def main(argv=None) -> int:
     if out.exists() and not (args.force or os.environ.get("OUT")):
         print(f"gpu_suite: error: {out} exists (use --force)", file=sys.stderr)
         return 2
+    if args.latency_table:  # read before anything is written or built, so that a wrong path fails at once
+        from slimdiff.latency import load_table
+
+        try:
+            state_table = load_table(args.latency_table)
+        except SlimDiffError as exc:
+            print(f"gpu_suite: error: {exc}", file=sys.stderr)
+            return 2
     suite = Suite(args, out)
 
     def stop(signum, frame):
@@ -186,7 +206,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGALRM, stop)
     signal.alarm(max(1, int(args.hard_limit - (time.perf_counter() - T0))))
-    state: dict = {}
+    state: dict = {"table": state_table} if args.latency_table else {}
     try:
         run_phases(suite, state, args, device, dry)
     except HardStop as exc:
@@ -216,10 +236,10 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
     n = dict(warmup=1 if dry else 3, iters=3 if dry else 20)
     resolution = None if dry else (1024 if sdxl else 512)
     suite.body["headline"] = {"model": model, "engines": engines, "resolution": resolution or "model default",
-                              "dtype": "float32" if dry else "float16", "batches": [2, 1],
+                              "dtype": "float32" if dry else "float16", "batches": args.batches,
                               "note": None if sdxl or dry else "builtin:sdxl-shape is not in this checkout: the "
                               "headline ran on SD-1.5 shapes at 512²"}
-    config = BenchConfig(model=model, engines=engines, budgets=[0.0], batches=[2, 1], resolution=resolution,
+    config = BenchConfig(model=model, engines=engines, budgets=[0.0], batches=args.batches, resolution=resolution,
                          device=device, dtype=None if dry else "float16", e2e=False, deadline_s=args.deadline,
                          build_estimates_s={"compile": args.compile_estimate}, command=suite.body["command"], **n)
     bench = Bench(config, log=_log)
@@ -242,7 +262,7 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
 
         bench.prepare()
         result = {}
-        for fraction in MAC_FRACTIONS:
+        for fraction in args.mac_fractions:
             plan = transformer_mac_plan(bench.pipe.unet, fraction, bench.latent)
             got = transformer_macs_removed(bench.pipe.unet, plan, bench.latent, batch=2)
             key = add_plan(plan, f"transformer MACs −{100 * fraction:.0f} %", {"transformer_macs_removed": got})
@@ -280,7 +300,7 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
         unet = bench.pipe.unet
         latency = LatencyModel(state["table"], unet, bench.latent)
         result, before = {}, len(bench.models)
-        for target in SPEEDUPS:
+        for target in args.speedups:
             try:
                 ranks, info = latency_budget_ranks(proxy_items(unet), latency, target, r_min=8, align=8)
             except Exception as exc:  # noqa: BLE001 — an unreachable target is a finding, not a crash
@@ -371,10 +391,16 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
                 headline_mac_plans)
     if suite.body["phases"]["p1a_headline_mac_plans"]["status"] != "ok":
         return  # without the headline model nothing else is worth the device time
-    suite.phase("p2_latency_table", "per-module latency table and predicted ceiling", 40, latency_table)
-    suite.phase("p1b_latency_plans", "headline: latency-budget plans (--speedup 1.3 / 1.5)", 20, latency_plans)
-    # The compiled headline may take what is left except a reserve for the short phases after it.
-    reserve = 90.0
+    if "table" in state:
+        suite.body["phases"]["p2_latency_table"] = {
+            "title": "per-module latency table and predicted ceiling", "status": "skipped",
+            "reason": f"not measured again: the latency-budget plans use {args.latency_table}"}
+    else:
+        suite.phase("p2_latency_table", "per-module latency table and predicted ceiling", 40, latency_table)
+    suite.phase("p1b_latency_plans", "headline: latency-budget plans (--speedup "
+                + " / ".join(f"{t:g}" for t in args.speedups) + ")", 20, latency_plans)
+    # The compiled headline may take what is left except a reserve for the short phases after it, if any run.
+    reserve = 0.0 if {"3", "4", "5"} <= args.skip_phases else 90.0
     deadline = args.deadline
     bench.cfg.deadline_s = deadline - reserve
     suite.phase("p1c_compiled_headline", "headline: dense vs slim on torch.compile (reduce-overhead)",
