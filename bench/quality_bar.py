@@ -53,6 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--speedup", type=float, default=TARGET_SPEEDUP)
     p.add_argument("--share", type=float, default=SDXL_TRANSFORMER_MAC_SHARE,
                    help="transformer-block share of the target model's UNet MACs (default 0.75, SDXL at 1024²)")
+    p.add_argument("--fraction", type=float, default=None,
+                   help="remove this fraction of the compressible MACs instead of the MAC-bound depth of "
+                        "--speedup: a depth a GPU measured, e.g. 0.78 (the transformer-block MACs SDXL's fastest "
+                        "measured plan removes)")
+    p.add_argument("--fraction-source", default=None, help="where --fraction comes from (goes into the report)")
     p.add_argument("--calib-prompts", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-prompts", type=int, default=200)
@@ -87,7 +92,17 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    fraction = removal_fraction(args.speedup, args.share)
+    if args.fraction is not None and not 0 < args.fraction < 1:
+        print(f"quality_bar: error: --fraction must lie strictly between 0 and 1, not {args.fraction}",
+              file=sys.stderr)
+        return 2
+    fraction = removal_fraction(args.speedup, args.share) if args.fraction is None else args.fraction
+    depth = (f"(1 − 1/{args.speedup}) / {args.share} = {100 * fraction:.1f} % of the compressible "
+             f"(transformer-block) MACs; share: " + ("assumed 0.75 (issue 12: SDXL-base at 1024², flop counter on "
+                                                     "its public config)" if args.share == SDXL_TRANSFORMER_MAC_SHARE
+                                                     else "given with --share")
+             if args.fraction is None else f"{100 * fraction:.1f} % of the compressible (transformer-block) MACs, "
+             f"given with --fraction ({args.fraction_source or 'source not stated'})")
     out = Path(args.out)
     if out.exists() and not args.force:
         print(f"quality_bar: error: {out} exists (use --force)", file=sys.stderr)
@@ -172,9 +187,8 @@ def main(argv=None) -> int:
                                          "stderr": delta["stderr_points"],
                                          "met": delta["points"] >= -BAR_ADHERENCE_POINTS}
     body = {"format": "slimdiff-quality-bar/1", "model": args.model, "unet_weights_sha256": sha,
-            "git_commit": commit, "target_speedup": args.speedup, "transformer_mac_share": args.share,
-            "share_source": "assumed 0.75 (issue 12: SDXL-base at 1024², flop counter on its public config)"
-            if args.share == SDXL_TRANSFORMER_MAC_SHARE else "given with --share",
+            "git_commit": commit, "target_speedup": args.speedup,
+            "transformer_mac_share": args.share if args.fraction is None else None, "depth": depth,
             "budget_fraction_of_compressible_macs": fraction,
             "settings": {"calibration_prompts": len(calib), "steps": args.steps, "guidance": guidance,
                          "eval_prompts": len(evals), "seeds": "held-out prompt i is sampled with seed i",
@@ -194,9 +208,9 @@ def main(argv=None) -> int:
         header += ["adherence dense", "adherence slim", "Δ points ± paired s.e."]
         cells[0] += [row["adherence_dense"], row["adherence_slim"],
                      f"{row['adherence_delta_points']:+.2f} ± {row['adherence_delta_stderr']:.2f}"]
-    md = [f"# Quality bar at the depth of a {args.speedup}× SDXL plan — `{args.model}`", "",
-          f"Removal: (1 − 1/{args.speedup}) / {args.share} = {100 * fraction:.1f} % of the compressible "
-          f"(transformer-block) MACs; share: {body['share_source']}.", "",
+    title = (f"the depth of a {args.speedup}× SDXL plan" if args.fraction is None
+             else f"{100 * fraction:.1f} % of the transformer-block MACs")
+    md = [f"# Quality bar at {title} — `{args.model}`", "", f"Removal: {depth}.", "",
           "Settings: " + "; ".join(f"{k} = {v}" for k, v in body["settings"].items()), "",
           markdown_table(header, cells), "",
           markdown_table(["check", "measured", "target", "met"],
