@@ -271,7 +271,7 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
         return result
 
     def latency_table():
-        from slimdiff.bench.latency_table import LatencyModel, measure_latency_table, separability
+        from slimdiff.bench.latency_table import LatencyModel, measure_latency_table, separability, time_breakdown
 
         unet = bench.pipe.unet
         table = measure_latency_table(unet, bench.latent, batch=2, device=device, dtype=bench.dtype, align=8,
@@ -289,7 +289,8 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
                            "predicted_ms": latency.predict_ms(ranks) if ranks else latency.dense_ms})
         return {"dense_ms": latency.dense_ms, "predicted_ceiling": latency.predict_speedup(floor),
                 "ceiling_means": "every compressible module at its smallest rank (8), the rest of the UNet as is",
-                "separability": separability(table), "predicted_vs_measured": checks}
+                "separability": separability(table), "predicted_vs_measured": checks,
+                "time_breakdown": time_breakdown(table)}
 
     def latency_plans():
         from slimdiff.bench.latency_table import LatencyModel, latency_budget_ranks, proxy_items
@@ -588,6 +589,12 @@ def suite_markdown(body: dict, report: dict | None) -> str:
                   "| plan | predicted ms | measured ms |", "|---|---|---|"]
         for c in table["predicted_vs_measured"]:
             lines.append(f"| {c['plan']} | {_f(c['predicted_ms'])} | {_f(c['measured_ms'])} |")
+        lines += ["", "Where the time goes (each slimmable sub-layer timed alone, summed per group; the rest is the "
+                      "dense call minus those sums):", "",
+                  "| group | sub-layers | dense ms | share | ms at the smallest rank |", "|---|---|---|---|---|"]
+        for r in table.get("time_breakdown", []):
+            lines.append(f"| {r['group']} | {r['sublayers'] or '–'} | {r['dense_ms']:.2f} | "
+                         f"{100 * r['dense_share']:.1f} % | {r['smallest_ms']:.2f} |")
     attn = body["phases"].get("p3_attention_kernels", {}).get("result")
     if attn:
         lines += ["", f"### Attention kernels per slim head shape ({attn['plan']})", "",

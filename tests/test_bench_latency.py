@@ -7,7 +7,8 @@ import torch
 
 from slimdiff.allocate import AllocationItem
 from slimdiff.bench.latency_table import (TABLE_FORMAT, LatencyModel, latency_budget_ranks, load_table, proxy_items,
-                                          rank_grid, save_table, separability, site_geometry)
+                                          rank_grid, save_table, separability, site_geometry,
+                                          time_breakdown)
 from slimdiff.bench.timing import summarize
 from slimdiff.errors import SlimDiffError
 from slimdiff.models import FFN, module_sites
@@ -43,7 +44,8 @@ def _table(unet, ffn_ms_per_unit, attn_ms_per_unit, other_ms=10.0, untied_penalt
             dense += b * s.width
         else:
             continue
-        groups.setdefault(g.key, {"key": g.key, "kind": g.kind, "curves": curve, "sites": []})
+        groups.setdefault(g.key, {"key": g.key, "kind": g.kind, "tokens": g.tokens, "curves": curve,
+                                  "sites": []})["sites"].append(s.sublayer_path)
     return {"format": TABLE_FORMAT, "latent": list(LATENT), "text_len": TEXT_LEN, "batch": 1, "engine": "eager",
             "dense_unet_ms": dense, "groups": list(groups.values())}
 
@@ -233,3 +235,70 @@ def test_dit_tables_time_every_sublayer_as_the_denoiser_calls_it(model, monkeypa
         values = [v for row in curve["ms"] for v in (row if isinstance(row, list) else [row])]
         assert values == [float(shares)] * len(values), group["key"]
 
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-flux"])
+def test_time_breakdown_splits_the_dense_call_and_gives_the_ceiling(model):
+    from slimdiff.models import build_builtin
+
+    pipe = build_builtin(model)
+    unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 2e-3 * g.tokens, other_ms=10.0)
+    rows = time_breakdown(table)
+    *groups, rest = rows
+    assert rest["kind"] == "rest" and rest["dense_ms"] == pytest.approx(10.0)
+    assert sum(r["dense_ms"] for r in rows) == pytest.approx(table["dense_unet_ms"])
+    assert sum(r["dense_share"] for r in rows) == pytest.approx(1.0)
+    assert {g["kind"] for g in groups} >= {"ffn"}
+    assert sum(g["sublayers"] for g in groups) == len({s.sublayer_path for s in module_sites(unet)})
+    # every sub-layer at its group's smallest measured rank: the latency model's own prediction
+    smallest = {}
+    for s in module_sites(unet):
+        curve = next(g["curves"] for g in table["groups"] if s.sublayer_path in g["sites"])
+        smallest[s.name] = next(iter(curve.values()))["ranks"][0]
+    floor_ms = sum(r["smallest_ms"] for r in rows)
+    assert floor_ms == pytest.approx(LatencyModel(table, unet).predict_ms(smallest))
+    assert all(g["smallest_ms"] < g["dense_ms"] for g in groups)
+
+
+def test_bench_latency_table_says_where_the_time_goes(tmp_path, capsys, monkeypatch):
+    """``slimdiff bench --latency-table`` prints each kind's share of the dense call and the ceiling of any rank
+    plan: a user sees before slimming whether their model and GPU leave room for the speed-up they want."""
+    from slimdiff.bench import latency_table
+    from slimdiff.cli import main
+
+    def fake_time(fn, device, warmup, iters):  # no timing: a sub-layer "costs" the parameters it ran with
+        seen = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: seen.append(sum(p.numel() for p in m.parameters(recurse=False))))
+        try:
+            fn()
+        finally:
+            handle.remove()
+        return 1e-4 * sum(seen)
+
+    monkeypatch.setattr(latency_table, "_time_module", fake_time)
+    monkeypatch.setattr(latency_table, "_dense_unet_ms", lambda *a, **k: 1000.0)
+    out = tmp_path / "table.json"
+    assert main(["bench", "--model", "builtin:tiny", "--latency-table", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    rows = time_breakdown(load_table(out))
+    rest = rows[-1]["dense_ms"]
+    ceiling = 1000.0 / sum(r["smallest_ms"] for r in rows)
+    assert f"outside the slimmable sub-layers {100 * rest / 1000:.0f} %" in printed
+    assert f"no rank plan is predicted faster than {ceiling:.2f}×" in printed
+    assert "ffn " in printed and "(→ " in printed
+
+
+def test_bench_latency_table_flags_sublayers_that_outlast_the_call(tmp_path, capsys, monkeypatch):
+    """Sub-layers timed alone that add up to more than the whole call (a busy machine) are called noisy, not
+    printed as a negative share."""
+    from slimdiff.bench import latency_table
+    from slimdiff.cli import main
+
+    monkeypatch.setattr(latency_table, "_time_module", lambda fn, device, warmup, iters: 5.0)
+    monkeypatch.setattr(latency_table, "_dense_unet_ms", lambda *a, **k: 10.0)
+    assert main(["bench", "--model", "builtin:tiny", "--latency-table", str(tmp_path / "t.json"),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "the timings are noisy" in printed and "where the time goes" not in printed

@@ -217,7 +217,7 @@ def run_latency_table(args) -> None:
 
     from ..devices import resolve_device
     from .harness import _resolve_dtype
-    from .latency_table import measure_latency_table, save_table, separability
+    from .latency_table import measure_latency_table, save_table, separability, time_breakdown
     from ..families import family_for
     from ..models import load_pipeline
 
@@ -243,6 +243,22 @@ def run_latency_table(args) -> None:
     if gaps:
         print("largest gap between measured attention latency and an additive q·k + v model: "
               f"{100 * max(gaps.values()):.0f} %")
+    rows = time_breakdown(table)
+    by_kind: dict[str, list[float]] = {}
+    for r in rows:
+        dense_ms, smallest_ms = by_kind.setdefault(r["kind"], [0.0, 0.0])
+        by_kind[r["kind"]] = [dense_ms + r["dense_ms"], smallest_ms + r["smallest_ms"]]
+    dense = table["dense_unet_ms"]
+    floor = sum(r["smallest_ms"] for r in rows)
+    parts = [f"{kind} {100 * d / dense:.0f} % (→ {100 * m / dense:.0f} % at the smallest ranks)"
+             for kind, (d, m) in by_kind.items() if kind != "rest"]
+    if by_kind["rest"][0] < 0:  # isolated timings cannot add up to more than the whole call on a quiet machine
+        print(f"the sub-layers timed alone add up to {100 * (1 - by_kind['rest'][0] / dense):.0f} % of the dense "
+              "call: the timings are noisy (a busy machine?) — measure again before slimming to a latency budget")
+        return
+    print("where the time goes (sub-layers timed alone): " + ", ".join(parts)
+          + f", outside the slimmable sub-layers {100 * by_kind['rest'][0] / dense:.0f} %; "
+          f"no rank plan is predicted faster than {dense / floor:.2f}×")
 
 
 def run(args) -> None:

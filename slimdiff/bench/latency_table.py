@@ -265,3 +265,27 @@ def separability(table: dict) -> dict[str, float]:
     return out
 
 
+
+
+def time_breakdown(table: dict) -> list[dict]:
+    """Where the denoiser's time goes, read off a latency table: per module group, its sub-layers' summed time
+    dense and at the table's smallest ranks, and a last row for everything outside them (residual blocks,
+    convolutions, norms, the blocks' input and output projections) — the time no rank plan can shorten.
+
+    The group rows sum sub-layers timed in isolation, so the rest is the dense call's time minus that sum."""
+    rows = []
+    for g in table["groups"]:
+        curves = g["curves"]
+        curve = curves.get("ffn") or curves.get("attention") or curves["attention_vo"]
+        first, last = curve["ms"][0], curve["ms"][-1]
+        if isinstance(first, list):  # the q·k × v grid: both widths at once
+            first, last = first[0], last[-1]
+        n = len(g["sites"])
+        rows.append({"group": g["key"], "kind": g["kind"], "tokens": g["tokens"], "sublayers": n,
+                     "dense_ms": n * last, "smallest_ms": n * first, "smallest_rank": curve["ranks"][0]})
+    rest = table["dense_unet_ms"] - sum(r["dense_ms"] for r in rows)
+    rows.append({"group": "outside the slimmable sub-layers", "kind": "rest", "tokens": None, "sublayers": None,
+                 "dense_ms": rest, "smallest_ms": rest, "smallest_rank": None})
+    for r in rows:
+        r["dense_share"] = r["dense_ms"] / table["dense_unet_ms"]
+    return rows
