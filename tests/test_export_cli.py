@@ -198,3 +198,36 @@ def test_table_formatting():
                                 "time"]
     assert lines[2].split() == ["ort", "dense", "dense/unet.ort.onnx", "3.0", "MiB", "1,234,567", "1.50e-06",
                                 "0.12", "s"]
+
+
+def test_export_that_cannot_fit_is_refused_before_calibration(tmp_path, capsys, monkeypatch):
+    import collections
+
+    from slimdiff import api
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 10**4, 10**4))
+    monkeypatch.setattr(api, "collect_statistics", lambda *a, **k: pytest.fail("calibration started"))
+    out = tmp_path / "engines"
+    rc = cli.main(["--model", "builtin:tiny", "--engine", "ort", "--out", str(out), *FAST_CALIBRATION])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "the engines need at least" in line and "has 0.0 GB free" in line, line
+    assert _nothing_written(out)
+
+
+@pytest.mark.slow
+def test_export_room_estimate_is_a_lower_bound_of_what_is_written(tiny_export):
+    """The estimate the refusal above compares with the free space: never more than the export of builtin:tiny
+    wrote (a refusal must not stop an export that fits), and a good part of it (ONNX Runtime adds an optimized copy
+    of each ONNX file; the Triton repository brings the text encoder's and the VAE's engines)."""
+    import argparse
+
+    from slimdiff.models import build_builtin
+    from slimdiff.slim import SlimConfig
+
+    out, _ = tiny_export
+    args = argparse.Namespace(model="builtin:tiny", variant=None, slim_only=False, out=str(out))
+    dense = build_builtin("builtin:tiny").unet
+    need = cli.export_bytes_needed(args, dense, None, (SlimConfig(budget=0.4),), torch.float32, [])
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "repo" not in f.parts)
+    assert 0.4 * written < need <= written, (need, written)
