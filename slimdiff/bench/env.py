@@ -27,7 +27,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> dict:
-    """Commit of the checkout that holds this package, and whether the package's files differ from it."""
+    """Commit of the checkout that holds this package, and whether the package's or the benchmark scripts' files
+    differ from it."""
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -38,8 +39,10 @@ def git_commit() -> dict:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    # Dirty when the package's own code (untracked files included) differs from the commit.
-    status = git("status", "--porcelain", "--", "slimdiff")
+    # Dirty when the package's code or a benchmark script (untracked files included) differs from the commit: a
+    # device machine's copy can hold a newer working tree than its .git's HEAD, and a report must not name code
+    # it did not run.
+    status = git("status", "--porcelain", "--", "slimdiff", ":(glob)bench/*.py")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
