@@ -302,3 +302,23 @@ def test_bench_latency_table_flags_sublayers_that_outlast_the_call(tmp_path, cap
                  "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "the timings are noisy" in printed and "where the time goes" not in printed
+
+
+def test_committed_sdxl_table_prices_sdxl_base_at_1024():
+    """The H200 table committed for SDXL users (`slimdiff slim --speedup ... --latency-table` on SDXL-base at 1024²,
+    batch 2, fp16) still fits SDXL-base's sites as this version reads them, and gives the ceiling the README
+    states."""
+    from pathlib import Path
+
+    from slimdiff.bench.memory import unet_config
+    from slimdiff.families import family_named
+
+    table = load_table(Path(__file__).parents[1] / "bench/results/2026-12-04-h200/latency_table.json")
+    family = family_named("sdxl")
+    with torch.device("meta"):
+        unet = family.build(unet_config("builtin:sdxl-shape"))
+    model = LatencyModel(table, unet, (128, 128))
+    floor = {s.name: min(s.width, 8) for s in module_sites(unet)}
+    assert model.predict_speedup(floor) == pytest.approx(1.586, abs=5e-4)
+    rows = time_breakdown(table)
+    assert rows[-1]["dense_share"] == pytest.approx(0.406, abs=5e-4)
