@@ -218,8 +218,9 @@ def test_export_that_cannot_fit_is_refused_before_calibration(tmp_path, capsys, 
 @pytest.mark.slow
 def test_export_room_estimate_is_a_lower_bound_of_what_is_written(tiny_export):
     """The estimate the refusal above compares with the free space: never more than the export of builtin:tiny
-    wrote (a refusal must not stop an export that fits), and a good part of it (ONNX Runtime adds an optimized copy
-    of each ONNX file; the Triton repository brings the text encoder's and the VAE's engines)."""
+    wrote (a refusal must not stop an export that fits), and most of it (the rest: the text encoder's and the VAE's
+    engines a Triton repository brings, graph structure, the engines' JSON records)."""
+    from slimdiff import engines
     import argparse
 
     from slimdiff.models import build_builtin
@@ -228,6 +229,7 @@ def test_export_room_estimate_is_a_lower_bound_of_what_is_written(tiny_export):
     out, _ = tiny_export
     args = argparse.Namespace(model="builtin:tiny", variant=None, slim_only=False, out=str(out))
     dense = build_builtin("builtin:tiny").unet
-    need = cli.export_bytes_needed(args, dense, None, (SlimConfig(budget=0.4),), torch.float32, [])
+    need = cli.export_bytes_needed(args, engines.get("ort"), dense, None, (SlimConfig(budget=0.4),), torch.float32,
+                                   [])
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "repo" not in f.parts)
-    assert 0.4 * written < need <= written, (need, written)
+    assert 0.8 * written < need <= written, (need, written)

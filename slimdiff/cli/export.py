@@ -241,10 +241,11 @@ def _slim_dense_model(pipe, args, inputs, loop):
     return report.plan
 
 
-def export_bytes_needed(args, dense, slim, slimming, dtype, others) -> int:
-    """A lower bound of what an export writes: each engine's ONNX weights in the export ``dtype`` (dense unless
-    --slim-only, slim, ``others``: a ControlNet, a refiner) and, when it slims, the slim UNet folder in its source's
-    dtype. A backend may write more (a TensorRT plan or an AOTInductor package beside its ONNX)."""
+def export_bytes_needed(args, backend, dense, slim, slimming, dtype, others) -> int:
+    """A lower bound of what an export writes: each engine's weights in the export ``dtype`` (dense unless
+    --slim-only, slim, ``others``: a ControlNet, a refiner) — twice for a backend built from ONNX, whose ONNX file
+    stays beside the engine (ONNX Runtime's optimized graph, a TensorRT plan), once for an AOTInductor package —
+    and, when it slims, the slim UNet folder in its source's dtype."""
     import torch
 
     from ..families import module_sites
@@ -253,7 +254,7 @@ def export_bytes_needed(args, dense, slim, slimming, dtype, others) -> int:
     def params(module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    width = torch.finfo(dtype).bits // 8
+    width = torch.finfo(dtype).bits // 8 * (2 if backend.from_onnx else 1)
     need = params(dense) * width if dense is not None and not args.slim_only else 0
     if slim is not None:
         slim_params = params(slim)
@@ -265,14 +266,14 @@ def export_bytes_needed(args, dense, slim, slimming, dtype, others) -> int:
     return need + slim_params * width + sum(params(m) * width for m in others)
 
 
-def _check_room(folder: Path, args, dense, slim, slimming, dtype, others) -> None:
+def _check_room(folder: Path, args, backend, dense, slim, slimming, dtype, others) -> None:
     """Refuse, before calibration and the first build, an export whose files cannot fit on ``folder``'s file system:
     a full disk would otherwise end it after the calibration and the builds it spent."""
-    need = export_bytes_needed(args, dense, slim, slimming, dtype, others)
+    need = export_bytes_needed(args, backend, dense, slim, slimming, dtype, others)
     free = shutil.disk_usage(folder).free
     if need > free:
         raise SlimDiffError(f"the engines need at least {need / 1e9:.1f} GB on the file system of {str(args.out)!r} "
-                            f"(their ONNX weights{'' if slim is not None else ' and the slim UNet folder'}), and it "
+                            f"(their weights{'' if slim is not None else ' and the slim UNet folder'}), and it "
                             f"has {free / 1e9:.1f} GB free: free some space, or --out on another disk")
 
 
@@ -700,7 +701,7 @@ def run(args) -> list[dict]:
         # the sampling calibration will run, made (and so checked: a refiner's --base loads here) after the cheap
         # shape checks, before any engine is built
         calibration_loop = _calibration_loop(pipe, args, slimming)
-        _check_room(tmp, args, dense, slim, slimming, dtype,
+        _check_room(tmp, args, backend, dense, slim, slimming, dtype,
                     [m for m in (controlnet, refiner.unet if refiner is not None else None) if m is not None])
         status(f"{len(profiles)} shape profile(s): " + " | ".join(p.describe() for p in profiles))
         build = {"profiles": profiles, "kind": args.engine, "device": device, "dtype": dtype, "opset": opset,
