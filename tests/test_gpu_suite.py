@@ -69,6 +69,31 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert "Headline: dense vs slim" in text and "Dry run" in text and "builtin:tiny-sd3 transformer" in text
     assert "builtin:tiny-flux transformer (float32, 32², batch 1" in text
     assert "builtin:tiny-xl-refiner UNet (float32" in text
+    breakdown = phases["p2_latency_table"]["result"]["time_breakdown"]
+    assert breakdown[-1]["kind"] == "rest" and "Where the time goes" in text
+
+    # A rerun on the table measured above (how a second device call spends its time on the compiled engine):
+    # the table is not measured again, and only the asked batch and plans are built.
+    again = tmp_path / "rerun"
+    assert _suite_module().main(["--dry-run", "--engines", "eager", "--batches", "2", "--mac-fractions", "",
+                                 "--speedups", "1.01", "--skip", "3,4,5,6,7,8", "--latency-table",
+                                 str(out / "latency_table.json"), "--deadline", "1e6", "--hard-limit", "2e6",
+                                 "--out", str(again)]) == 0
+    rerun = json.loads((again / "suite.json").read_text())
+    assert rerun["phases"]["p2_latency_table"]["status"] == "skipped"
+    assert "not measured again" in rerun["phases"]["p2_latency_table"]["reason"]
+    assert list(rerun["phases"]["p1b_latency_plans"]["result"]) == ["--speedup 1.01"]
+    report = json.loads((again / "report.json").read_text())
+    assert {r["batch"] for r in report["results"]} == {2}
+    assert {m["label"] for m in report["models"] if m["budget"] > 0} == {"--speedup 1.01"}
+
+
+def test_rerun_with_an_unreadable_latency_table_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "suite"
+    assert _suite_module().main(["--dry-run", "--latency-table", str(tmp_path / "none.json"), "--out",
+                                 str(out)]) == 2
+    assert "cannot read latency table" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".suite.partial-*"))
 
 
 def test_transformer_mac_plan_removes_the_asked_fraction(tiny_pipe):
