@@ -78,6 +78,15 @@ def _log(msg: str) -> None:
     print(f"[gpu-suite {time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def _listed(kind):
+    """An argparse type: a comma-separated list of ``kind`` (empty: none); argparse names the option on a bad item."""
+    def parse(text: str) -> list:
+        return [kind(item) for item in text.split(",") if item.strip()]
+
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse's message: "invalid comma-separated int value"
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="report folder (default: $OUT/suite, else bench-out/gpu-suite)")
@@ -96,10 +105,10 @@ def parse_args(argv=None):
     p.add_argument("--engines", default=None,
                    help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
     p.add_argument("--skip", default="", help="comma-separated phases to leave out (2-8), e.g. 4,5")
-    p.add_argument("--batches", default="2,1", help="headline denoiser batches (default 2,1: CFG first)")
-    p.add_argument("--mac-fractions", default=",".join(map(str, MAC_FRACTIONS)),
+    p.add_argument("--batches", type=_listed(int), default=[2, 1], help="headline denoiser batches (default 2,1: CFG first)")
+    p.add_argument("--mac-fractions", type=_listed(float), default=list(MAC_FRACTIONS),
                    help="headline plans removing these fractions of the transformer-block MACs (empty: none)")
-    p.add_argument("--speedups", default=",".join(map(str, SPEEDUPS)),
+    p.add_argument("--speedups", type=_listed(float), default=list(SPEEDUPS),
                    help="headline latency-budget plans (--speedup targets; empty: none)")
     p.add_argument("--latency-table", default=None,
                    help="a latency table this GPU measured before (an earlier suite's latency_table.json): phase 2 "
@@ -176,9 +185,6 @@ def main(argv=None) -> int:
     args.deadline = args.deadline or (600.0 if dry else 450.0)
     args.hard_limit = args.hard_limit or (900.0 if dry else 480.0)
     args.skip_phases = {s.strip() for s in args.skip.split(",") if s.strip()}
-    args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    args.mac_fractions = [float(f) for f in args.mac_fractions.split(",") if f.strip()]
-    args.speedups = [float(t) for t in args.speedups.split(",") if t.strip()]
     threads = args.threads or (1 if dry else None)
     if threads:
         torch.set_num_threads(threads)
