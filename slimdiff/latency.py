@@ -248,9 +248,10 @@ def latency_budget_ranks(items: list, model: LatencyModel, target_speedup: float
 
     hi = removable * (1 - 1e-9)
     best = ranks_at(hi)
-    if model.predict_speedup(best) < target_speedup:
+    ceiling, floor_ms = model.predict_speedup(best), model.predict_ms(best)
+    if ceiling < target_speedup:
         raise SlimDiffError(f"target speed-up {target_speedup:.3f} is out of reach: the smallest ranks are "
-                            f"predicted at {model.predict_speedup(best):.3f}×")
+                            f"predicted at {ceiling:.3f}×")
     lo = 0.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
@@ -261,9 +262,12 @@ def latency_budget_ranks(items: list, model: LatencyModel, target_speedup: float
             lo = mid
         if hi - lo <= tolerance * removable:
             break
+    # How deep the plan goes: the share of the time rank plans can save at all (every module at r_min) it takes.
+    saved_share = (model.dense_ms - model.predict_ms(best)) / max(model.dense_ms - floor_ms, 1e-12)
     info = {"allocator": "latency", "target_speedup": target_speedup,
             "predicted_speedup": model.predict_speedup(best), "predicted_ms": model.predict_ms(best),
-            "dense_ms": model.dense_ms, "budget_ms": hi, "r_min": r_min, "align": align}
+            "dense_ms": model.dense_ms, "budget_ms": hi, "r_min": r_min, "align": align,
+            "predicted_ceiling": ceiling, "share_of_savable_time": saved_share}
     return best, info
 
 

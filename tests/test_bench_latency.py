@@ -163,6 +163,12 @@ def test_slim_unet_with_a_latency_budget(tiny_pipe, tiny_stats, tmp_path):
     ranks = {n: e.rank for n, e in report.plan.modules.items()}
     assert model.predict_speedup(ranks) >= 1.3
     assert report.plan.info["latency_budget"]["predicted_speedup"] == pytest.approx(model.predict_speedup(ranks))
+    info = report.plan.info["latency_budget"]
+    floor = {s.name: min(s.width, 8) for s in module_sites(unet)}
+    assert info["predicted_ceiling"] == pytest.approx(model.predict_speedup(floor))
+    saved = model.dense_ms - model.predict_ms(ranks)
+    assert info["share_of_savable_time"] == pytest.approx(saved / (model.dense_ms - model.predict_ms(floor)))
+    assert 0 < info["share_of_savable_time"] < 1
     assert report.plan.info["family"] == "sd"  # what an export of the slim folder alone takes the call from
     assert before - sum(p.numel() for p in unet.parameters()) == report.plan.params_removed > 0
     assert isinstance(RankPlan.from_json(report.plan.to_json()), RankPlan)
@@ -322,3 +328,30 @@ def test_committed_sdxl_table_prices_sdxl_base_at_1024():
     assert model.predict_speedup(floor) == pytest.approx(1.586, abs=5e-4)
     rows = time_breakdown(table)
     assert rows[-1]["dense_share"] == pytest.approx(0.406, abs=5e-4)
+
+
+def test_slim_with_a_latency_budget_says_how_deep_the_plan_goes(tmp_path, capsys):
+    """`slimdiff slim --speedup` prints the predicted speed-up against the table's ceiling, and a note when the
+    plan takes nearly all the time rank plans can save (every module near its floor: quality to be checked)."""
+    from slimdiff.cli import main
+    from slimdiff.models import build_builtin
+
+    unet = build_builtin("builtin:tiny").unet
+    table = _table(unet, lambda g: 1e-3 * g.tokens, lambda g: 4e-3 * g.tokens)
+    path = save_table(table, tmp_path / "table.json")
+    model = LatencyModel(table, unet)
+    floor_ms = model.predict_ms({s.name: min(s.width, 8) for s in module_sites(unet)})
+    stats = tmp_path / "stats"
+    assert main(["calibrate", "--model", "builtin:tiny", "--num-prompts", "4", "--steps", "3", "--pass1-prompts",
+                 "2", "--out", str(stats)]) == 0
+    depth = {}
+    for name, share in (("shallow", 0.3), ("deep", 0.97)):
+        target = model.dense_ms / (model.dense_ms - share * (model.dense_ms - floor_ms))
+        capsys.readouterr()
+        assert main(["slim", "--model", "builtin:tiny", "--stats", str(stats), "--speedup", f"{target:.4f}",
+                     "--latency-table", str(path), "--out", str(tmp_path / name)]) == 0
+        depth[name] = capsys.readouterr().out
+    for printed in depth.values():
+        assert f"of at most {model.dense_ms / floor_ms:.3f}× on this table (every module at rank 8)" in printed
+    assert "note: a plan this close to the ceiling" not in depth["shallow"]
+    assert "note: a plan this close to the ceiling" in depth["deep"]

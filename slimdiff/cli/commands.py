@@ -149,7 +149,7 @@ def cmd_slim(args) -> None:
         save_slim_pipeline(pipe, report.plan, args.save_pipeline, overwrite=args.force)
         print(f"slim pipeline written to {args.save_pipeline} (diffusers: DiffusionPipeline.from_pretrained, "
               f"after `from slimdiff import {slim_class_for(denoiser).__name__}`)")
-    _print_summary(summary, out, type(denoiser).__name__)
+    _print_summary(summary, out, type(denoiser).__name__, report.plan.info.get("latency_budget"))
 
 
 def _save_dtype(args):
@@ -162,7 +162,11 @@ def _save_dtype(args):
     return getattr(torch, args.save_dtype)
 
 
-def _print_summary(summary: dict, out: Path, model: str) -> None:
+#: A latency plan taking more of the savable time than this cuts nearly every module to its floor.
+DEEP_LATENCY_PLAN = 0.9
+
+
+def _print_summary(summary: dict, out: Path, model: str, latency: dict | None = None) -> None:
     from ..lora_maps import MAPS_FILE
 
     before, after = summary["params_before"], summary["params_after"]
@@ -171,6 +175,15 @@ def _print_summary(summary: dict, out: Path, model: str) -> None:
           f"{100 * (before - after) / before:.1f} %)")
     for kind, removed in sorted(summary["removed_by_kind"].items()):
         print(f"    {kind:<10} removed {removed / 1e6:.3f} M")
+    if latency is not None:
+        share = latency["share_of_savable_time"]
+        print(f"  latency: predicted {latency['predicted_speedup']:.3f}× (target {latency['target_speedup']:g}×) of "
+              f"at most {latency['predicted_ceiling']:.3f}× on this table (every module at rank {latency['r_min']}): "
+              f"the plan takes {100 * share:.0f} % of the time rank plans can save")
+        if share > DEEP_LATENCY_PLAN:
+            print("  note: a plan this close to the ceiling cuts nearly every slimmable module to its floor; check "
+                  "its quality with `slimdiff eval` before serving it (README, Performance: on the trained proxy "
+                  "the quality bar held at 44 % of the transformer-block MACs removed and failed at 60 %)")
     maps = out / MAPS_FILE
     if maps.is_file():
         print(f"  LoRA maps: {maps.stat().st_size / 1e6:.1f} MB ({MAPS_FILE}: pipe.load_lora_weights maps a LoRA of the "
