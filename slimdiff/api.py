@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate, pipeline_loop
+from .calibrate import BatchLoop, CalibrationConfig, Statistics, calibrate, calibration_call, pipeline_loop
 from .distributed import Group
 from .errors import SlimDiffError, SlimDiffWarning
 from .families import family_for
@@ -82,7 +82,9 @@ def slim_pipeline(
     or directory), else calibrates first — after the checks that need no statistics (:func:`check_budget`)."""
     family = family_for(pipe)
     denoiser = family.denoiser(pipe)
-    check_budget(denoiser, config, family)
+    # a MAC budget is priced before calibrating only where the default sampling loop says the calls' sizes
+    check_budget(denoiser, config, family,
+                 calibration_call(pipe, calibration) if stats is None and loop is None else None)
     if stats is None:
         stats = collect_statistics(pipe, prompts, num_prompts, None, calibration, loop, progress, on_batch)
     elif not isinstance(stats, Statistics):

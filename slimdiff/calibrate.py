@@ -124,6 +124,21 @@ class CalibrationConfig:
                                 "the base model's latents (--base) or on photographs (--images, --strength), not both")
 
 
+def calibration_call(pipe, config: CalibrationConfig) -> tuple[tuple[int, int], int] | None:
+    """(latent size, text tokens) of the denoiser calls the default text-to-image calibration of ``pipe`` makes
+    with ``config`` — what prices a MAC budget before calibrating (:func:`slimdiff.slim.check_budget`); None when
+    user images or a base model's latents decide the sizes."""
+    from .export.shapes import Range
+
+    if config.images is not None or config.base is not None:
+        return None
+    family = family_for(pipe)
+    height, width = family.sample_size(family.denoiser(pipe).config)
+    scale = pipe.vae_scale_factor
+    latent = (config.height // scale if config.height else height, config.width // scale if config.width else width)
+    return latent, Range.parse(family.default_text_len(pipe), "text length").opt
+
+
 def pipeline_loop(pipe, config: CalibrationConfig) -> BatchLoop:
     """The default calibration loop: the pipeline's own text-to-image sampling (its family's), stopping at
     latents; one line for images or a strength given to a pipeline that takes no image, or a base model given

@@ -36,7 +36,7 @@ from .families import (
     site_linears,
 )
 from .families.base import seq_key
-from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items
+from .latency import LatencyModel, latency_budget_ranks, load_table, proxy_items, site_geometry
 from .lora_maps import LinearMaps, column_map, row_map
 from .plan import RankPlan
 from .rebuild import apply_plan_shapes, load_slim_weights
@@ -316,10 +316,11 @@ def refuse_slim_denoiser(unet) -> None:
                         "all (its statistics serve again: --stats)")
 
 
-def check_budget(unet, config: SlimConfig, family=None) -> None:
+def check_budget(unet, config: SlimConfig, family=None, call: tuple[tuple[int, int], int] | None = None) -> None:
     """Refuse a slim denoiser, a parameter budget the pool cannot give, or a latency table of another architecture or
-    call (``family`` calls ``unet``: default its own), before a calibration that can take hours (a MAC budget needs
-    statistics, so it is checked later)."""
+    call (``family`` calls ``unet``: default its own), before a calibration that can take hours. A MAC budget is
+    priced by the token counts calibration sees: checked here when ``call`` = (latent size, text tokens) says what
+    they will be (:func:`mac_costs_of_call`), else only after calibration."""
     refuse_slim_denoiser(unet)
     pool = _pool(unet, config.exclude)
     if config.speedup is not None:
@@ -328,11 +329,38 @@ def check_budget(unet, config: SlimConfig, family=None) -> None:
         latency_budget_ranks(proxy_items(unet), _latency_model(unet, config, family), config.speedup, r_min=config.r_min,
                              align=config.align)
         return
+    if config.budget_unit == "macs" and call is not None:
+        costs = mac_costs_of_call(unet, pool, family, *call)
+        total = sum(width * cost for width, cost in costs)
+        removable = sum(cost * (width - min(config.r_min, width)) for width, cost in costs)
+        budget = config.budget * total if config.budget < 1 else config.budget
+        # 1 % of slack: the statistics' token counts decide in the end; this only spares a hopeless calibration
+        if budget >= 1.01 * removable:
+            raise SlimDiffError(f"budget of {budget:,.0f} MACs ({budget / total:.2%} of the {total:,.0f} compressible "
+                                f"MACs of a call at latent {call[0][0]}×{call[0][1]}) is not below the "
+                                f"{removable:,.0f} the compressible modules can give up with r_min={config.r_min} "
+                                f"({removable / total:.0%}): ask for less, before calibrating")
+        return
     if config.budget_unit != "params":
         return
     total = sum(s.params for s in pool)
     budget = config.budget * total if config.budget < 1 else config.budget
     check_budget_range(budget, [(s.width, s.unit_params) for s in pool], config.r_min, config.align)
+
+
+def mac_costs_of_call(unet, pool: list[ModuleSite], family, latent: tuple[int, int], text_len: int
+                      ) -> list[tuple[int, int]]:
+    """(width, MACs per sample per call removed per unit of rank) of every site in ``pool`` for a call of ``unet``
+    at ``latent`` with ``text_len`` text tokens, as ``family`` calls it: what :func:`unit_macs` reads off the
+    statistics, from the architecture alone (a meta-device forward)."""
+    geometry = site_geometry(unet, latent, text_len, family)
+    tokens_of = {s.sublayer_path: (geometry[s.name].tokens, geometry[s.name].context_tokens)
+                 for s in module_sites(unet)}
+    costs = []
+    for site in pool:
+        block, adapter = site_adapter(unet, site)
+        costs.append((site.width, adapter.unit_macs(block, site, lambda sub, b=site.block: tokens_of[f"{b}.{sub}"])))
+    return costs
 
 
 @dataclass

@@ -91,7 +91,7 @@ def _slim_config(args):
 
 def cmd_slim(args) -> None:
     from ..api import collect_statistics
-    from ..calibrate import Statistics
+    from ..calibrate import Statistics, calibration_call
     from ..checks import check_output_dir
     from ..families import family_for
     from ..lora import check_loras, fuse_loras_onto_statistics
@@ -122,7 +122,8 @@ def cmd_slim(args) -> None:
                   "(calibrate with --lora for the fused model's own)")
     family = family_for(pipe)
     denoiser = family.denoiser(pipe)
-    check_budget(denoiser, config, family)  # before a calibration that could take hours
+    # before a calibration that could take hours (a MAC budget priced at the calls it will make)
+    check_budget(denoiser, config, family, None if stats is not None else calibration_call(pipe, calibration))
     if stats is None:
         stats = collect_statistics(pipe, prompts, args.num_prompts, None, calibration,
                                    on_batch=calibration_clock("slimdiff", pipe, len(prompts), args))
