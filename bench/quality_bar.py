@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--exclude", default="",
                    help="comma-separated module kinds or name fragments left dense (SlimConfig.exclude), e.g. qk,vo "
                         "for an FFN-only plan like SDXL's --speedup 1.3 plan; the fraction is then of the rest's MACs")
+    p.add_argument("--r-min", type=int, default=8, help="the smallest rank a module may keep (SlimConfig.r_min)")
     p.add_argument("--fraction-source", default=None, help="where --fraction comes from (goes into the report)")
     p.add_argument("--calib-prompts", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
                                                          batch_size=8, pass1_prompts=16), progress=True)
     timings["calibration_s"] = round(time.perf_counter() - t0, 1)
     exclude = tuple(k.strip() for k in args.exclude.split(",") if k.strip())
-    config = SlimConfig(budget=fraction, budget_unit="macs", exclude=exclude)
+    config = SlimConfig(budget=fraction, budget_unit="macs", exclude=exclude, r_min=args.r_min)
     slim = copy.deepcopy(pipe.unet)
     rep = slim_unet(slim, stats, config, progress=False)
     dense_cost, slim_cost = unet_cost(pipe.unet), unet_cost(slim)
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
             "git_commit": commit, "target_speedup": args.speedup,
             "transformer_mac_share": args.share if args.fraction is None else None, "depth": depth,
             "budget_fraction_of_compressible_macs": fraction,
-            "settings": {"exclude": list(exclude), "calibration_prompts": len(calib), "steps": args.steps,
+            "settings": {"exclude": list(exclude), "r_min": args.r_min, "calibration_prompts": len(calib), "steps": args.steps,
                          "guidance": guidance,
                          "eval_prompts": len(evals), "seeds": "held-out prompt i is sampled with seed i",
                          "threads": args.threads,
