@@ -62,7 +62,10 @@ def collect_statistics(
     stats = calibrate(pipe, slimset.prompts, out, calibration, loop, progress, on_batch, group=group,
                       site_shards=site_shards)
     if out is not None and stats is not None:  # provenance of the prompt choice (calibration keeps prompts.txt)
-        (Path(out) / "slimset.json").write_text(slimset.to_json(), encoding="utf-8")
+        record, text = Path(out) / "slimset.json", slimset.to_json()
+        # statistics read again, maybe by several jobs at once, leave it as it is
+        if not record.is_file() or record.read_text(encoding="utf-8") != text:
+            record.write_text(text, encoding="utf-8")
     return stats
 
 

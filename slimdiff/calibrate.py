@@ -895,8 +895,10 @@ def _sole_writer(folder: Path | None) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SlimDiffError(f"{str(folder)!r} is being written by another calibration now: wait for it to end "
-                                "(rerun then to resume it, if it stopped), or use another --out") from None
+            # Complete statistics are only read again (two jobs reusing one folder at once): nothing to guard.
+            if not (_read_manifest(folder) or {}).get("complete"):
+                raise SlimDiffError(f"{str(folder)!r} is being written by another calibration now: wait for it to "
+                                    "end (rerun then to resume it, if it stopped), or use another --out") from None
         except OSError:  # a file system without locks (some network and FUSE mounts): calibrate unguarded
             pass
         yield
@@ -985,13 +987,13 @@ def _calibrate_sites(unet, prompts: Sequence[str], folder: Path | None, config: 
     weights = None
     if group.is_leader:
         weights = site_timestep_weights(pass1, unet, config, sublayers)
-        if folder is not None:
+        if folder is not None and not manifest.get("complete"):  # complete: another job may be reading it
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
     trajectory = group.broadcast_json(trajectory)
     weights = group.broadcast_tensors(weights)
     timesteps, visits = trajectory["timesteps"], trajectory["visits"]
     pass2, _ = run.one_pass("pass2", batches, manifest, timesteps, weights, visits)
-    if group.is_leader:
+    if group.is_leader and not manifest.get("complete"):  # complete statistics read again: nothing is written
         manifest["complete"] = True
         if folder is not None:
             _atomic_json(folder / MANIFEST, manifest)

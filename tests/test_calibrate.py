@@ -50,6 +50,19 @@ def test_resumed_calibration_is_bit_identical(tmp_path):
     seen = []
     calibrate(pipe, prompts, tmp_path / "resumed", CONFIG, progress=False, on_batch=lambda s, d: seen.append((s, d)))
     assert seen == [("pass2", 3), ("pass2", 4)]  # only the unfinished batches ran again
+    # Complete statistics are read again without the lock, and without a write: two jobs reusing one folder at
+    # once (the first one's lock held) both get them.
+    done = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "resumed").iterdir() if p.is_file()}
+    other = os.open(tmp_path / "resumed", os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        reused = calibrate(pipe, prompts, tmp_path / "resumed", CONFIG, progress=False,
+                           on_batch=lambda s, d: pytest.fail("complete statistics sampled again"))
+    finally:
+        os.close(other)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "resumed").iterdir()
+            if p.is_file()} == done
+    assert all(torch.equal(reused.tensors[k], v) for k, v in full.tensors.items())
     resumed = Statistics.load(tmp_path / "resumed")
     again = Statistics.load(tmp_path / "full")
     assert resumed.timesteps == full.timesteps == again.timesteps

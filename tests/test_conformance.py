@@ -298,7 +298,8 @@ class FamilyConformance:
             key = next(k for k in weights if k.startswith(f"{path}.") and k.endswith("weight") and "lora" not in k)
             delta = weights[key].detach() - base[key.replace(".base_layer", "")]
             expected = maps.weight(path, 0.5 * b @ a) if path in resized else 0.5 * b @ a
-            torch.testing.assert_close(delta, expected, rtol=0, atol=1e-5)
+            # float32 rounding of a fused weight grows with its magnitude: a delta of 13 carries ~1e-5 of it
+            torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
         slim_pipe.unfuse_lora()
         slim_pipe.unload_lora_weights()
         assert all(torch.allclose(p, base[n], rtol=1e-6, atol=1e-6) for n, p in loaded.named_parameters())
