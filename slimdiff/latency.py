@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None
     ``text_len`` None: the family's default text length)."""
     family = family or family_for(unet)
     with torch.device("meta"):
-        meta = family.build(unet.config)
+        meta = family.build(cast(dict, unet.config))  # diffusers' FrozenDict
     # sub-layer → (channels, query tokens, context tokens, context width), per sample
     seen: dict[str, tuple[int, int, int, int]] = {}
 
@@ -78,8 +79,11 @@ def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None
         for tap in adapter.taps(block):
             # an FFN's input is that of its sub-layer module (FLUX's single-stream MLP: proj_mlp, whose update is a
             # column block of the shared proj_out)
-            module, read = (tap.attention, tap.read_inputs) if tap.kind == ATTENTION else \
-                (block.get_submodule(tap.sublayer), _first_input)
+            if tap.kind == ATTENTION:
+                assert tap.attention is not None  # an attention tap names its module
+                module, read = tap.attention, tap.read_inputs
+            else:
+                module, read = block.get_submodule(tap.sublayer), _first_input
             handles.append(module.register_forward_pre_hook(hook(f"{path}.{tap.sublayer}", read), with_kwargs=True))
     hooked_meta_forward(meta, family, 1, latent, text_len, handles)
     out = {}
@@ -88,6 +92,7 @@ def site_geometry(unet: nn.Module, latent: tuple[int, int], text_len: int | None
         if site.kind == FFN:
             out[site.name] = Geometry("ffn", channels, lq, lq, channels, 1, site.width)
         else:
+            assert site.attn is not None  # an attention site names its attention
             out[site.name] = Geometry(site.attn, channels, lq, lk, ck, site.heads, site.width)
     return out
 

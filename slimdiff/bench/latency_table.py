@@ -41,6 +41,7 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -96,6 +97,7 @@ def _resized_module(meta_unet: nn.Module, site: ModuleSite, ranks: dict[str, int
         if rank < group.width:
             resize_site(holder, replace(group, block="block"), rank)
     adapter = block_adapter(block)
+    assert adapter is not None  # the block of a slimmable site has its adapter
     shared = [(linear.in_features, linear.out_features) for group in groups
               for linear in adapter.linears(block, replace(group, block="block")).modules().values()
               if isinstance(linear, ColumnBlock)]
@@ -172,7 +174,7 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
     family = family or family_for(unet)
     text_len = text_len or family.text_tokens
     with torch.device("meta"):
-        meta = family.build(unet.config)
+        meta = family.build(cast(dict, unet.config))  # diffusers' FrozenDict
     sites = {s.name: s for s in module_sites(meta)}
     with_qk = {s.sublayer_path for s in sites.values() if s.kind == QK}
     geometry = site_geometry(unet, latent, text_len, family)
@@ -191,6 +193,7 @@ def measure_latency_table(unet: nn.Module, latent: tuple[int, int], batch: int =
         args, kwargs = _drawn(calls[site.sublayer_path], gen, device, dtype)
         width = g["width"]
         curves = {}
+        series: dict[str, list]  # settings per curve: ranks, or rows of them (the q·k × v grid)
         if g["kind"] == "ffn":
             grid = rank_grid(width, ffn_align or 8 * align, max_points)
             series = {"ffn": [{FFN: r} for r in grid]}

@@ -271,6 +271,7 @@ def build_engine(kind: str, component: Component, folder: Path, *, axes: dict, p
     if runner is not None:
         from .compare import compare_with_onnx
 
+        assert onnx_path is not None  # a backend built from ONNX has its graph
         check = compare_with_onnx(runner, onnx_path, component, {a: r["opt"] for a, r in axes.items()}, dtype)
         meta["parity_vs_onnx"] = check
         if dtype == torch.float32 and check["max_rel_error"] > FP32_TOLERANCE:
