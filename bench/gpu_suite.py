@@ -27,6 +27,10 @@ partial report — ``suite.json`` — is rewritten after every phase, so a kille
 3. **Attention kernels** per slim head shape of the 60 % plan: the SDPA backend PyTorch dispatches to at native
    widths (q·k width ≠ v width leaves the flash kernel) and zero-padded to equal widths / 64-buckets, SDPA
    latency of each (interleaved), and the largest output difference (exactness check).
+9. **Attention core** (run right after phase 3, seconds): per dense attention shape, SDPA alone at the native head
+   width, at rank 8 and with half the heads at rank 8 — what the core keeps where rank plans stop (the H200 run
+   of 2026-12-04 found the attention sub-layers at 70 % of their time there), and the ceiling half the heads
+   would give instead of the rank plans' (slimdiff drops no heads: a measurement for deciding whether to).
 4. **Compiled SD-1.5**: ``builtin:sd15-shape`` fp16 512² batch 2, dense vs 0.4 on compile and AOTInductor.
 5. **Calibration on CUDA**: a measured subset of calibration on the headline model and on SD-1.5, extrapolated to
    500 prompts × 25 steps, with peak GPU and host memory (SDXL samples 10 steps to spend less device time: its
@@ -105,7 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--engines", default=None,
                    help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
     p.add_argument("--skip", default="", help="comma-separated phases to leave out (2-8), e.g. 4,5")
-    p.add_argument("--batches", type=_listed(int), default=[2, 1], help="headline denoiser batches (default 2,1: CFG first)")
+    p.add_argument("--batches", type=_listed(int), default=[2, 1],
+                   help="headline denoiser batches (default 2,1: CFG first)")
     p.add_argument("--mac-fractions", type=_listed(float), default=list(MAC_FRACTIONS),
                    help="headline plans removing these fractions of the transformer-block MACs (empty: none)")
     p.add_argument("--speedups", type=_listed(float), default=list(SPEEDUPS),
@@ -339,6 +344,21 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
         return {"plan": "transformer MACs −60 %", "shapes": attention_backend_study(
             slim, bench.latent, batch=2, device=device, log=_log, **n)}
 
+    def attention_core():
+        from slimdiff.bench.latency_table import time_breakdown
+        from slimdiff.bench.studies import attention_core_study
+
+        rows = attention_core_study(bench.pipe.unet, bench.latent, batch=2, device=device, log=_log, **n)
+        result = {"floor": 8, "shapes": rows,
+                  "core_at_floor_ms": sum(r["modules"] * r["floor_ms"] for r in rows),
+                  "half_heads_saving_ms": sum(r["modules"] * (r["floor_ms"] - r["half_heads_floor_ms"]) for r in rows)}
+        if "table" in state:  # the ceiling of rank plans, and what half the heads at the floor would move it to
+            dense = state["table"]["dense_unet_ms"]
+            floor_ms = sum(r["smallest_ms"] for r in time_breakdown(state["table"]))
+            result["predicted_ceiling"] = dense / floor_ms
+            result["predicted_ceiling_half_heads"] = dense / (floor_ms - result["half_heads_saving_ms"])
+        return result
+
     def compiled_sd15():
         sd15 = "builtin:tiny" if dry else "builtin:sd15-shape"
         cfg = BenchConfig(model=sd15, engines=["compile", "aoti"], budgets=[0.0, 0.4], batches=[2],
@@ -414,6 +434,8 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
                 est + reserve, compiled_headline)
     bench.cfg.deadline_s = deadline
     suite.phase("p3_attention_kernels", "SDPA backend per slim head shape, zero-padding", 20, attention_kernels)
+    suite.phase("p9_attention_core", "attention core alone: native, at rank 8, half the heads at rank 8", 20,
+                attention_core)
     suite.phase("p4_compiled_sd15", "compiled SD-1.5 slim and AOTInductor, dense vs 0.4", 150, compiled_sd15)
     suite.phase("p5_calibration", "calibration on CUDA, extrapolated to 500 × 25", 60, calibration)
     bench.release_dense()  # the headline's dense runners (CUDA graph pools) are not timed again
@@ -616,6 +638,20 @@ def suite_markdown(body: dict, report: dict | None) -> str:
                 lines.append(f"| {s['heads']} | {s['qk_width']} | {s['v_width']} | {s['query_tokens']}→"
                              f"{s['key_tokens']} | {s['modules']} | {s['native']['backend']} | {pad} | {backend} | "
                              f"{gain} | {diff} |")
+    core = body["phases"].get("p9_attention_core", {}).get("result")
+    if core:
+        lines += ["", "### Attention core alone (SDPA, batch 2, timed eagerly and interleaved)", "",
+                  f"At width {core['floor']} the cores still take {core['core_at_floor_ms']:.2f} ms a call; half the "
+                  f"heads at that width would save {core['half_heads_saving_ms']:.2f} ms"
+                  + (f" (rank-plan ceiling {core['predicted_ceiling']:.3f}× → "
+                     f"{core['predicted_ceiling_half_heads']:.3f}× with half the heads; slimdiff does not drop heads)"
+                     if "predicted_ceiling" in core else "")
+                  + ".", "",
+                  "| heads × width | tokens q→k | modules | native ms | at the floor ms | half the heads ms |",
+                  "|---|---|---|---|---|---|"]
+        for r in core["shapes"]:
+            lines.append(f"| {r['heads']} × {r['width']} | {r['query_tokens']}→{r['key_tokens']} | {r['modules']} | "
+                         f"{r['native_ms']:.3f} | {r['floor_ms']:.3f} | {r['half_heads_floor_ms']:.3f} |")
     sd = body["phases"].get("p4_compiled_sd15", {}).get("result")
     if sd:
         lines += ["", f"### Compiled {sd['model']} (batch 2)", ""] + _cells_table(sd["results"])

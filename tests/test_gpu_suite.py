@@ -34,7 +34,8 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     phases = suite["phases"]
     assert list(phases) == ["p1a_headline_mac_plans", "p2_latency_table", "p1b_latency_plans",
-                            "p1c_compiled_headline", "p3_attention_kernels", "p4_compiled_sd15", "p5_calibration",
+                            "p1c_compiled_headline", "p3_attention_kernels", "p9_attention_core", "p4_compiled_sd15",
+                            "p5_calibration",
                             "p8_sdxl_refiner", "p6_sd3_medium", "p7_flux_dev"]
     assert phases["p4_compiled_sd15"]["status"] == "skipped" and "--skip" in phases["p4_compiled_sd15"]["reason"]
     assert all(p["status"] == "ok" for k, p in phases.items() if k != "p4_compiled_sd15"), phases
@@ -69,6 +70,10 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     assert "Headline: dense vs slim" in text and "Dry run" in text and "builtin:tiny-sd3 transformer" in text
     assert "builtin:tiny-flux transformer (float32, 32², batch 1" in text
     assert "builtin:tiny-xl-refiner UNet (float32" in text
+    core = phases["p9_attention_core"]["result"]
+    assert core["shapes"] and all(r["modules"] > 0 and r["floor_ms"] > 0 for r in core["shapes"])
+    assert all(r["width"] > core["floor"] for r in core["shapes"]) and "predicted_ceiling_half_heads" in core
+    assert "Attention core alone" in text
     breakdown = phases["p2_latency_table"]["result"]["time_breakdown"]
     assert breakdown[-1]["kind"] == "rest" and "Where the time goes" in text
 

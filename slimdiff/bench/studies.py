@@ -133,3 +133,44 @@ def _attention_tokens(unet, latent, text_len: int = 77) -> dict[str, tuple[int, 
         for h in handles:
             h.remove()
     return found
+
+
+def attention_core_study(unet, latent, *, batch: int = 2, device="cpu", warmup: int = 3, iters: int = 20,
+                         floor: int = 8, seed: int = 0, log=None) -> list[dict]:
+    """Per distinct attention shape of the dense ``unet`` (heads, head width, query/key tokens): the latency of the
+    attention core alone (SDPA) at the native width, with q·k and v at ``floor`` — where rank plans stop — and with
+    half the heads at ``floor``, each pair timed interleaved. What the core keeps at the floor is what no rank plan
+    removes; what half the heads saves there is what dropping whole heads, which slimdiff does not do, could add."""
+    from diffusers.models.attention_processor import Attention
+
+    from .timing import speedup_interval, time_interleaved
+
+    log = log or (lambda msg: None)
+    dtype = next(unet.parameters()).dtype
+    geometry = _attention_tokens(unet, latent)
+    shapes: dict[tuple[int, int, int, int], int] = {}
+    for path, m in unet.named_modules():
+        if isinstance(m, Attention) and path in geometry:
+            key = (m.heads, m.to_q.out_features // m.heads, *geometry[path])
+            shapes[key] = shapes.get(key, 0) + 1
+    gen = torch.Generator().manual_seed(seed)
+
+    def call(heads: int, width: int, lq: int, lk: int):
+        q, k, v = (torch.randn(batch, heads, n, width, generator=gen).to(device, dtype) for n in (lq, lk, lk))
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    rows = []
+    for (heads, width, lq, lk), modules in sorted(shapes.items()):
+        native, narrow, halved = (call(heads, width, lq, lk), call(heads, floor, lq, lk),
+                                  call(max(1, heads // 2), floor, lq, lk))
+        native_ms, narrow_ms = time_interleaved(native, narrow, device, warmup, max(iters, 2))
+        narrow_again_ms, halved_ms = time_interleaved(narrow, halved, device, warmup, max(iters, 2))
+        row = {"heads": heads, "width": width, "query_tokens": lq, "key_tokens": lk, "modules": modules,
+               "native_ms": statistics.median(native_ms), "floor_ms": statistics.median(narrow_ms),
+               "half_heads_floor_ms": statistics.median(halved_ms),
+               "floor_vs_native": speedup_interval(native_ms, narrow_ms, seed=seed),
+               "half_heads_vs_floor": speedup_interval(narrow_again_ms, halved_ms, seed=seed)}
+        log(f"attention core {heads}×{width} {lq}→{lk} ({modules} modules): {row['native_ms']:.3f} ms, "
+            f"{row['floor_ms']:.3f} at width {floor}, {row['half_heads_floor_ms']:.3f} with {heads // 2} heads")
+        rows.append(row)
+    return rows
