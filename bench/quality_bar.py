@@ -86,13 +86,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ablation import _git_commit, _prompts, _weights_sha256
 
-    from slimdiff.calibrate import CalibrationConfig, calibrate
+    from slimdiff.calibrate import CalibrationConfig, calibrate, calibration_call
+    from slimdiff.errors import SlimDiffError
     from slimdiff.models import load_pipeline
     from slimdiff.quality import EvalSettings, adherence, compare, fidelity, noise_error_summary
     from slimdiff.quality.evaluate import is_proxy, paired_delta, unet_cost
     from slimdiff.quality.report import markdown_table, save_grid, write_json
     from slimdiff.serialization import atomic_output
-    from slimdiff.slim import SlimConfig, slim_unet
+    from slimdiff.slim import SlimConfig, check_budget, slim_unet
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -116,13 +117,18 @@ def main(argv=None) -> int:
     proxy = is_proxy(args.model)
     guidance = 5.0 if proxy else 7.5
     calib, evals, prompt_note = _prompts(args.model, pipe, args.calib_prompts, args.eval_prompts)
-    timings = {}
-    t0 = time.perf_counter()
-    stats = calibrate(pipe, calib, args.stats, CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0,
-                                                         batch_size=8, pass1_prompts=16), progress=True)
-    timings["calibration_s"] = round(time.perf_counter() - t0, 1)
     exclude = tuple(k.strip() for k in args.exclude.split(",") if k.strip())
     config = SlimConfig(budget=fraction, budget_unit="macs", exclude=exclude, r_min=args.r_min)
+    calibration = CalibrationConfig(steps=args.steps, guidance_scale=guidance, seed=0, batch_size=8, pass1_prompts=16)
+    try:  # a depth the model cannot give is refused before calibrating, at the calls the calibration makes
+        check_budget(pipe.unet, config, call=calibration_call(pipe, calibration))
+    except SlimDiffError as exc:
+        print(f"quality_bar: error: {exc}", file=sys.stderr)
+        return 2
+    timings = {}
+    t0 = time.perf_counter()
+    stats = calibrate(pipe, calib, args.stats, calibration, progress=True)
+    timings["calibration_s"] = round(time.perf_counter() - t0, 1)
     slim = copy.deepcopy(pipe.unet)
     rep = slim_unet(slim, stats, config, progress=False)
     dense_cost, slim_cost = unet_cost(pipe.unet), unet_cost(slim)
