@@ -72,13 +72,20 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def budget_amount(budget: float, total: float) -> float:
+    """What a budget removes: below 1 a fraction of ``total`` (the compressible parameters or MACs), from 1 up an
+    amount of them."""
+    return budget * total if budget < 1 else float(budget)
+
+
 def check_budget_range(budget: float, modules: list[tuple[int, float]], r_min: int, align: int,
-                       unit: str = "parameters") -> None:
+                       unit: str = "parameters", slack: float = 1.0) -> None:
     """Refuse a budget that removes nothing or more than the compressible modules can give up.
 
     ``modules``: (width, cost per unit of width) of every module in the pool. The smallest removal is one
     alignment step at the top of one module's width (the allocator rounds a smaller budget down to zero);
-    the largest leaves every module at ``r_min``.
+    the largest leaves every module at ``r_min``. ``slack`` > 1 lets a budget exceed that by the factor (for
+    costs estimated before the statistics that decide them).
     """
     total = sum(width * cost for width, cost in modules)
     removable = sum(cost * (width - min(r_min, width)) for width, cost in modules)
@@ -89,7 +96,7 @@ def check_budget_range(budget: float, modules: list[tuple[int, float]], r_min: i
         raise SlimDiffError(f"budget of {budget:,.0f} {unit} ({share}) is less than one alignment step: the smallest "
                             f"removal is {min(steps):,.0f} {unit} (align {align}); a budget from 1 up is an amount, "
                             f"a fraction is written below 1 (e.g. 0.4)")
-    if budget >= removable:
+    if budget >= removable * slack:
         raise SlimDiffError(f"budget of {budget:,.0f} {unit} ({share}) is not below the {removable:,.0f} the "
                             f"compressible modules can give up with r_min={r_min}")
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import allocate as alloc
 from . import analyze, decompose
 from .calibrate import Statistics, site_trq, weight64
-from .checks import check_budget_range
+from .checks import budget_amount, check_budget_range
 from .errors import SlimDiffError
 from .families import (
     FFN,
@@ -331,20 +331,16 @@ def check_budget(unet, config: SlimConfig, family=None, call: tuple[tuple[int, i
         return
     if config.budget_unit == "macs" and call is not None:
         costs = mac_costs_of_call(unet, pool, family, *call)
-        total = sum(width * cost for width, cost in costs)
-        removable = sum(cost * (width - min(config.r_min, width)) for width, cost in costs)
-        budget = config.budget * total if config.budget < 1 else config.budget
-        # 1 % of slack: the statistics' token counts decide in the end; this only spares a hopeless calibration
-        if budget >= 1.01 * removable:
-            raise SlimDiffError(f"budget of {budget:,.0f} MACs ({budget / total:.2%} of the {total:,.0f} compressible "
-                                f"MACs of a call at latent {call[0][0]}×{call[0][1]}) is not below the "
-                                f"{removable:,.0f} the compressible modules can give up with r_min={config.r_min} "
-                                f"({removable / total:.0%}): ask for less, before calibrating")
+        budget = budget_amount(config.budget, sum(width * cost for width, cost in costs))
+        try:  # 1 % of slack: the statistics' token counts decide in the end; this only spares a hopeless calibration
+            check_budget_range(budget, costs, config.r_min, config.align, unit="MACs", slack=1.01)
+        except SlimDiffError as exc:
+            raise SlimDiffError(f"{exc} (priced at a call at latent {call[0][0]}×{call[0][1]}, before "
+                                "calibrating)") from None
         return
     if config.budget_unit != "params":
         return
-    total = sum(s.params for s in pool)
-    budget = config.budget * total if config.budget < 1 else config.budget
+    budget = budget_amount(config.budget, sum(s.params for s in pool))
     check_budget_range(budget, [(s.width, s.unit_params) for s in pool], config.r_min, config.align)
 
 
@@ -454,7 +450,7 @@ def slim_unet(unet, stats: Statistics, config: SlimConfig = SlimConfig(), progre
                                            align=config.align, temperature=config.resolved_temperature())
         info = {"latency_budget": info, "latency_table": str(config.latency_table)}
     else:
-        budget = config.budget * total if config.budget < 1 else config.budget
+        budget = budget_amount(config.budget, total)
         check_budget_range(budget, [(item.width, item.unit_cost) for item in items], config.r_min, config.align,
                            unit=config.budget_unit.replace("params", "parameters").replace("macs", "MACs"))
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from ..errors import SlimDiffError
@@ -244,10 +245,10 @@ def run_latency_table(args) -> None:
         print("largest gap between measured attention latency and an additive q·k + v model: "
               f"{100 * max(gaps.values()):.0f} %")
     rows = time_breakdown(table)
-    by_kind: dict[str, list[float]] = {}
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind → [dense ms, ms at the floor]
     for r in rows:
-        dense_ms, smallest_ms = by_kind.setdefault(r["kind"], [0.0, 0.0])
-        by_kind[r["kind"]] = [dense_ms + r["dense_ms"], smallest_ms + r["smallest_ms"]]
+        by_kind[r["kind"]][0] += r["dense_ms"]
+        by_kind[r["kind"]][1] += r["smallest_ms"]
     dense = table["dense_unet_ms"]
     floor = sum(r["smallest_ms"] for r in rows)
     parts = [f"{kind} {100 * d / dense:.0f} % (→ {100 * m / dense:.0f} % at the smallest ranks)"

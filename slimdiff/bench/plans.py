@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..checks import budget_amount
 from ..errors import SlimDiffError
 from ..families import ColumnBlock, ModuleSite, module_sites, site_linears
 from ..plan import RankPlan
@@ -49,8 +50,7 @@ class SlimModel:
 
 def resolve_budget(budget: float, sites: list[ModuleSite]) -> float:
     """A fraction (< 1) of the compressible parameter mass, or an absolute number of parameters."""
-    total = sum(s.params for s in sites)
-    return budget * total if budget < 1 else float(budget)
+    return budget_amount(budget, sum(s.params for s in sites))
 
 
 def _uniform_plan(sites, items, amount: float, what: str, *, align: int, r_min: int, info: dict) -> RankPlan:

@@ -248,6 +248,7 @@ def export_bytes_needed(args, backend, dense, slim, slimming, dtype, others) -> 
     and, when it slims, the slim UNet folder in its source's dtype."""
     import torch
 
+    from ..checks import budget_amount
     from ..families import module_sites
     from ..sources import source_unet_dtype
 
@@ -259,8 +260,7 @@ def export_bytes_needed(args, backend, dense, slim, slimming, dtype, others) -> 
     if slim is not None:
         slim_params = params(slim)
     else:  # the budget's parameters leave; a folder of the slim UNet is written too
-        budget = slimming[0].budget
-        removed = budget * sum(s.params for s in module_sites(dense)) if budget < 1 else budget
+        removed = budget_amount(slimming[0].budget, sum(s.params for s in module_sites(dense)))
         slim_params = params(dense) - int(removed)
         need += slim_params * torch.finfo(source_unet_dtype(args.model, args.variant)).bits // 8
     return need + slim_params * width + sum(params(m) * width for m in others)
