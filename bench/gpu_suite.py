@@ -108,7 +108,7 @@ def parse_args(argv=None):
                    help="assumed seconds of a first compile of the headline model")
     p.add_argument("--engines", default=None,
                    help="headline engines (default cudagraph,compile; eager,compile with --dry-run)")
-    p.add_argument("--skip", default="", help="comma-separated phases to leave out (2-8), e.g. 4,5")
+    p.add_argument("--skip", default="", help="comma-separated phases to leave out (2-9), e.g. 4,5")
     p.add_argument("--batches", type=_listed(int), default=[2, 1],
                    help="headline denoiser batches (default 2,1: CFG first)")
     p.add_argument("--mac-fractions", type=_listed(float), default=list(MAC_FRACTIONS),
@@ -202,11 +202,12 @@ def main(argv=None) -> int:
     if out.exists() and not (args.force or os.environ.get("OUT")):
         print(f"gpu_suite: error: {out} exists (use --force)", file=sys.stderr)
         return 2
+    state: dict = {}
     if args.latency_table:  # read before anything is written or built, so that a wrong path fails at once
         from slimdiff.latency import load_table
 
         try:
-            state_table = load_table(args.latency_table)
+            state["table"] = load_table(args.latency_table)
         except SlimDiffError as exc:
             print(f"gpu_suite: error: {exc}", file=sys.stderr)
             return 2
@@ -217,7 +218,6 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGALRM, stop)
     signal.alarm(max(1, int(args.hard_limit - (time.perf_counter() - T0))))
-    state: dict = {"table": state_table} if args.latency_table else {}
     try:
         run_phases(suite, state, args, device, dry)
     except HardStop as exc:
@@ -348,8 +348,9 @@ def run_phases(suite: Suite, state: dict, args, device: str, dry: bool) -> None:
         from slimdiff.bench.latency_table import time_breakdown
         from slimdiff.bench.studies import attention_core_study
 
-        rows = attention_core_study(bench.pipe.unet, bench.latent, batch=2, device=device, log=_log, **n)
-        result = {"floor": 8, "shapes": rows,
+        floor = 8  # the rank plans' r_min
+        rows = attention_core_study(bench.pipe.unet, bench.latent, batch=2, device=device, floor=floor, log=_log, **n)
+        result = {"floor": floor, "shapes": rows,
                   "core_at_floor_ms": sum(r["modules"] * r["floor_ms"] for r in rows),
                   "half_heads_saving_ms": sum(r["modules"] * (r["floor_ms"] - r["half_heads_floor_ms"]) for r in rows)}
         if "table" in state:  # the ceiling of rank plans, and what half the heads at the floor would move it to
